@@ -112,8 +112,8 @@ impl ServiceId {
 
     /// Parses an ID written as 64 hex digits, or else as a name.
     ///
-    /// A 64-character string of hex digits is always read as hex; write a name with a trailing dot
-    /// to force the name reading.
+    /// The two readings never overlap: 64 characters without a dot would be a single label longer
+    /// than the 63 characters a label may have.
     pub fn parse(text: &str) -> Result<ServiceId, IdError> {
         if text.len() == 2 * SERVICE_ID_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
             ServiceId::from_hex(text)
