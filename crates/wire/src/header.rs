@@ -128,6 +128,10 @@ impl From<Protocol> for u8 {
 /// [`SalPacket::new_checked`]; after that no accessor panics and every extension is well-formed.
 /// With [`SalPacket::new_unchecked`] the base-header accessors panic on a buffer shorter than 20
 /// bytes or a header length beyond it (the extension accessors never panic).
+///
+/// The base-header accessors are constant-time field reads. Each extension accessor
+/// ([`control`](Self::control), [`service`](Self::service), …) walks the extensions to find its
+/// own; to read several, use [`SalRepr::parse`] or [`extensions`](Self::extensions) once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SalPacket<T: AsRef<[u8]>> {
     buffer: T,
