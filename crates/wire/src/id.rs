@@ -275,7 +275,8 @@ impl ServicePrefix {
                 .ok_or_else(|| IdError::BadLength(len.to_owned()))?;
             // Fewer digits than the length covers is a shortened form: missing digits are zero.
             let (id, _) = parse_hex_prefix(hex)?;
-            return ServicePrefix::new_strict(id, len).ok_or_else(|| IdError::HostBits(text.into()));
+            return ServicePrefix::new_strict(id, len)
+                .ok_or_else(|| IdError::HostBits(text.into()));
         }
         ServiceId::parse(text).map(ServicePrefix::exact)
     }
@@ -286,6 +287,8 @@ impl ServicePrefix {
     }
 
     /// The length in bits, 0..=256.
+    // A prefix's "emptiness" is `is_default`; an `is_empty` would mislead.
+    #[allow(clippy::len_without_is_empty)]
     pub const fn len(&self) -> u16 {
         self.len
     }
@@ -529,7 +532,10 @@ mod tests {
             ServicePrefix::parse("web.example.com").unwrap(),
             ServicePrefix::exact(id)
         );
-        assert!(matches!(ServiceId::from_hex("abc"), Err(IdError::BadHex(_))));
+        assert!(matches!(
+            ServiceId::from_hex("abc"),
+            Err(IdError::BadHex(_))
+        ));
     }
 
     #[test]

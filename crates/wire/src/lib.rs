@@ -26,9 +26,6 @@
 
 pub mod ext;
 pub mod header;
-// `ServicePrefix::len` is a length in bits and `is_default` its emptiness test; clippy's
-// `len_without_is_empty` would ask for a misleading `is_empty`.
-#[allow(clippy::len_without_is_empty)]
 pub mod id;
 pub mod locator;
 
