@@ -1,0 +1,12 @@
+//! The sans-IO Serval protocol engine.
+//!
+//! No sockets, no clock, no global random source: time comes in as an [`Instant`] argument and
+//! randomness from a source the caller provides. Being plain data, connection state can be
+//! exported and imported on another host.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod time;
+pub mod transport;
+
+pub use time::Instant;

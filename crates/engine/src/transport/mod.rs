@@ -1,0 +1,1 @@
+//! Transport building blocks (being written).
