@@ -9,40 +9,45 @@
 //!   bits every ID below it shares. Path compression: a child may sit any number of bytes deeper
 //!   than its parent; the bytes it skips are verified on arrival by one masked compare of the
 //!   node's four key words with the ID's (no per-byte loop, no separate skip buffer).
-//! * The node holds the prefix of length exactly `D` inline (`here`), and the prefixes of lengths
-//!   `D + 1 ..= D + 7` in a bitmap-indexed side set (see `stride.rs`): the longest of those that
-//!   contains the ID's byte at `D` is one AND, one leading-zero count and one popcount away. A
-//!   lookup remembers the best match so far and never backtracks.
-//! * **Children** are keyed by the ID's byte at `D`. Up to three sit inline in the node (sorted
-//!   keys, compared one by one); beyond that the node holds a 256-bit presence bitmap with
-//!   per-word popcount bases and an exactly-sized slot array, so a dense node costs 16 bytes per
-//!   child rather than 256 slots.
+//! * A node holds the prefixes of lengths `D ..= D + 7` under its key: a 255-bit presence bitmap
+//!   inline and the values out of line (see `prefixes.rs`). The longest of them that contains the
+//!   ID's byte at `D` is one AND, one leading-zero count and one popcount away, and only the
+//!   value's address is computed, so the value array is never touched on the way down. A lookup
+//!   remembers the best match so far and never backtracks.
+//! * **Children** are keyed by the ID's byte at `D` through a 256-bit bitmap with per-word
+//!   popcount bases, and live in the node's own allocation, in the smallest of 17 size classes
+//!   (0, 1, 2, 3, 4, 6, 8 … 192, 256) that holds them (see `node.rs`). One dependent load per
+//!   level reaches both the header and the child pointer, and a sparse node costs a few slots,
+//!   not 256.
 //! * A prefix with nothing else beneath it is a **leaf** (its full key, length and value) hung
-//!   directly in its parent's child slot, checked by one masked compare. Name-derived rule sets
-//!   are dominated by such leaves: an exact `/256` ID or a domain `/64` with no sub-rules costs
-//!   one small allocation, not a chain of nodes. Nodes exist only where two items diverge, so
-//!   there are fewer nodes than prefixes.
+//!   directly in its parent's child slot and checked by one masked compare. Name-derived rule sets
+//!   are dominated by such leaves: an exact `/256` ID or a domain `/64` with no sub-rules costs one
+//!   small allocation, not a chain of nodes. Nodes exist only where two items diverge, so there
+//!   are fewer nodes than prefixes.
 //!
-//! Every non-root node holds at least two items (prefixes or children); removals collapse nodes
-//! that fall below that, so the shape stays canonical and depth stays bounded by 33 steps.
+//! Every non-root node holds at least two items (prefixes or children) and sits in the size
+//! class its child count calls for; removals collapse or shrink nodes to keep that, so the shape
+//! stays canonical and a lookup takes at most 33 steps.
 //!
 //! # Persistence
 //!
-//! [`Clone`] copies one [`Arc`]. Mutations use [`Arc::make_mut`] down the path they touch: a node
-//! shared with another clone is copied (its inline fields, its values, and one reference-count
-//! increment per child), a node owned only by this map is changed in place. An insert or remove
-//! therefore copies at most the O(depth) nodes on its path and leaves every other clone unchanged,
-//! which is what lets the service table publish a new version while readers keep the old one.
-//! Values are cloned when the node holding them is copied, so `V` should be cheap to clone
-//! (an `Arc`, an index, a small `Copy` type).
+//! [`Clone`] copies one [`Arc`]. A mutation walks down its path and copies each node it finds
+//! shared with another clone (its header, its values, and one reference-count increment per
+//! child); a node owned by this map alone is changed in place. An insert or remove therefore
+//! copies at most the O(depth) nodes on its path and leaves every other clone unchanged, which is
+//! what lets the service table publish a new version while readers keep the old one. Values are
+//! cloned when the node holding them is copied, so `V` should be cheap to clone (an `Arc`, an
+//! index, a small `Copy` type).
 //!
 //! # Lookups
 //!
-//! [`PrefixMap::longest_match`] walks at most 33 nodes with no allocation, no recursion and one
-//! dependent load per step on sparse nodes (two on bitmap nodes: the node, then its slot array).
-//! [`PrefixMap::longest_match_batch`] runs groups of 16 lookups in lockstep: each round first
-//! touches every lane's next node, so that those independent cache misses are in flight together,
-//! then advances every lane one step.
+//! [`PrefixMap::longest_match`] allocates nothing, never recurses and makes one dependent load
+//! per level. [`PrefixMap::longest_match_batch`] advances groups of 16 lookups in lockstep: each
+//! round first touches every lane's next node (one load per cache line of its header, in a tight
+//! loop, so that those independent misses are in flight together), then advances every lane one
+//! level. (Interleaving lanes asynchronously, AMAC-style, measured slower: without a prefetch
+//! instruction, which safe Rust lacks, its touches are loads spread among the work and overlap
+//! less.)
 
 mod node;
 mod prefixes;
@@ -52,7 +57,7 @@ use std::sync::Arc;
 
 use serval_wire::{ServiceId, ServicePrefix};
 
-use node::{Builder, Child, Head, Leaf, View, class_for};
+use node::{Builder, Child, DynNode, Head, Leaf, Slot, View, class_for};
 use prefixes::{next_set, slot_prefix};
 
 /// A serviceID or prefix as four big-endian words (word 0 holds bits 0..64).
@@ -118,23 +123,15 @@ fn to_prefix(k: &Key, len: u16) -> ServicePrefix {
     ServicePrefix::new(ServiceId::from_words(*k), len)
 }
 
-/// Where one lookup stands: the next node or leaf to examine, or nothing.
-type Cursor<'a, V> = Option<&'a Child<V>>;
-
-/// Examines the node or leaf `c` for `w`: records any longer match in `best` and returns where to
-/// go next. A node's skipped bits are checked here, on arrival, so that a batch can start the
-/// loads of many lanes before any of them needs the data.
+/// Examines node `n` for `w` on arrival: checks the bits it skipped, records the longest of
+/// its own prefixes that contains `w` in `best`, and returns the slot to follow, if any.
 #[inline(always)]
-fn step<'a, V>(c: &'a Child<V>, w: &Key, best: &mut Option<(u16, &'a V)>) -> Cursor<'a, V> {
-    let h = match c {
-        Child::Node(n) => &n.head,
-        Child::Leaf(l) => {
-            if prefix_eq(&l.key, w, l.len) {
-                *best = Some((l.len, &l.value));
-            }
-            return None;
-        }
-    };
+fn visit_node<'a, V>(
+    n: &'a DynNode<V>,
+    w: &Key,
+    best: &mut Option<(u16, &'a V)>,
+) -> Option<&'a Slot<V>> {
+    let h = &n.head;
     if !prefix_eq(&h.key, w, h.depth) {
         return None;
     }
@@ -142,19 +139,86 @@ fn step<'a, V>(c: &'a Child<V>, w: &Key, best: &mut Option<(u16, &'a V)>) -> Cur
     if let Some((rel, v)) = h.prefixes.longest(b) {
         *best = Some((h.depth + rel, v));
     }
-    match c {
-        Child::Node(n) => n.slots.get(h.child_rank(b)?)?.as_ref(),
-        Child::Leaf(_) => None,
+    n.slots.get(h.child_rank(b)?)
+}
+
+/// Examines leaf `l` for `w`: records it in `best` if it contains `w`.
+#[inline(always)]
+fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
+    if prefix_eq(&l.key, w, l.len) {
+        *best = Some((l.len, &l.value));
     }
 }
 
-/// Loads the first line of a node or leaf, so that its cache miss starts now.
+/// Loads one word from each cache line of a node's header that [`visit_node`] will read, so
+/// that those misses start now.
 #[inline(always)]
-fn touch<V>(c: &Child<V>) {
-    match c {
-        Child::Leaf(l) => std::hint::black_box(l.len),
-        Child::Node(n) => std::hint::black_box(n.head.depth),
-    };
+fn touch_node<V>(n: &DynNode<V>) {
+    std::hint::black_box(n.head.key[0]);
+    std::hint::black_box(n.head.cbits[3]);
+    std::hint::black_box(n.head.prefixes.len());
+}
+
+/// Where one lookup of a batch stands: the next node or leaf to examine, or nothing.
+enum Cursor<'a, V> {
+    Node(&'a DynNode<V>),
+    Leaf(&'a Leaf<V>),
+    Done,
+}
+
+impl<V> Clone for Cursor<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Cursor<'_, V> {}
+
+/// Longest-prefix-match values of `ids` into `out` (same length), in groups of [`LANES`]
+/// lookups advanced in lockstep. Each round first touches the memory every lane will read next
+/// (a tight loop of independent loads, so their misses are in flight together), then advances
+/// every lane one level.
+fn batch<'a, V>(root: &'a DynNode<V>, ids: &[ServiceId], out: &mut [Option<&'a V>]) {
+    for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
+        let n = ids.len().min(LANES);
+        let mut words = [[0u64; 4]; LANES];
+        let mut cur = [Cursor::Done; LANES];
+        let mut best: [Option<(u16, &'a V)>; LANES] = [None; LANES];
+        for i in 0..n {
+            words[i] = ids[i].words();
+            cur[i] = Cursor::Node(root);
+        }
+        let mut live = n;
+        while live > 0 {
+            for c in &cur[..n] {
+                match *c {
+                    Cursor::Node(node) => touch_node(node),
+                    Cursor::Leaf(l) => {
+                        std::hint::black_box(l.len);
+                    }
+                    Cursor::Done => {}
+                }
+            }
+            live = 0;
+            for i in 0..n {
+                cur[i] = match cur[i] {
+                    Cursor::Node(node) => match visit_node(node, &words[i], &mut best[i]) {
+                        Some(Some(Child::Node(c))) => Cursor::Node(c),
+                        Some(Some(Child::Leaf(l))) => Cursor::Leaf(l),
+                        _ => Cursor::Done,
+                    },
+                    Cursor::Leaf(l) => {
+                        visit_leaf(l, &words[i], &mut best[i]);
+                        Cursor::Done
+                    }
+                    Cursor::Done => Cursor::Done,
+                };
+                live += usize::from(!matches!(cur[i], Cursor::Done));
+            }
+        }
+        for (o, b) in out.iter_mut().zip(&best[..n]) {
+            *o = b.map(|(_, v)| v);
+        }
+    }
 }
 
 /// A map from [`ServicePrefix`] to `V` with longest-prefix-match lookup.
@@ -248,11 +312,21 @@ impl<V> PrefixMap<V> {
     /// No allocation, no recursion; at most 33 steps.
     #[inline]
     pub fn longest_match(&self, id: &ServiceId) -> Option<(ServicePrefix, &V)> {
+        let Some(Child::Node(root)) = &self.root else {
+            return None;
+        };
+        let mut n: &DynNode<V> = root;
         let w = id.words();
         let mut best = None;
-        let mut cur = self.root.as_ref();
-        while let Some(c) = cur {
-            cur = step(c, &w, &mut best);
+        loop {
+            match visit_node(n, &w, &mut best) {
+                Some(Some(Child::Node(c))) => n = c,
+                Some(Some(Child::Leaf(l))) => {
+                    visit_leaf(l, &w, &mut best);
+                    break;
+                }
+                _ => break,
+            }
         }
         best.map(|(len, v)| (ServicePrefix::new(*id, len), v))
     }
@@ -260,8 +334,9 @@ impl<V> PrefixMap<V> {
     /// Longest-prefix-match values for many IDs: `out[i]` is the value of the longest prefix
     /// containing `ids[i]`, as [`longest_match`](Self::longest_match) would give.
     ///
-    /// Lookups run in groups of 16 advanced in lockstep, so that the cache misses of independent
-    /// lookups overlap instead of queueing one after another.
+    /// Lookups run in groups of 16 advanced in lockstep, one trie level per round, each round
+    /// starting with the loads of every lane, so that the cache misses of independent lookups
+    /// overlap instead of queueing one after another.
     ///
     /// # Panics
     /// If `out.len() != ids.len()`.
@@ -271,12 +346,9 @@ impl<V> PrefixMap<V> {
             out.len(),
             "longest_match_batch: ids and out differ in length"
         );
-        let Some(root) = &self.root else {
-            out.fill(None);
-            return;
-        };
-        for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
-            batch_group(root, ids, out);
+        match &self.root {
+            Some(Child::Node(root)) => batch(root, ids, out),
+            _ => out.fill(None),
         }
     }
 
@@ -399,33 +471,6 @@ impl<V> PrefixMap<V> {
             ));
         }
         Ok(())
-    }
-}
-
-fn batch_group<'a, V>(root: &'a Child<V>, ids: &[ServiceId], out: &mut [Option<&'a V>]) {
-    let n = ids.len().min(LANES);
-    let mut words = [[0u64; 4]; LANES];
-    let mut cur: [Cursor<'a, V>; LANES] = [None; LANES];
-    let mut best: [Option<(u16, &'a V)>; LANES] = [None; LANES];
-    for i in 0..n {
-        words[i] = ids[i].words();
-        cur[i] = Some(root);
-    }
-    let mut live = n;
-    while live > 0 {
-        for c in cur[..n].iter().flatten() {
-            touch(c);
-        }
-        live = 0;
-        for i in 0..n {
-            if let Some(c) = cur[i] {
-                cur[i] = step(c, &words[i], &mut best[i]);
-                live += usize::from(cur[i].is_some());
-            }
-        }
-    }
-    for (o, b) in out.iter_mut().zip(&best[..n]) {
-        *o = b.map(|(_, v)| v);
     }
 }
 
