@@ -277,6 +277,9 @@ impl ServiceTable {
     /// Applies the changes `f` makes through its [`TableTx`] and publishes them together: a
     /// snapshot sees all of them or none. Writers run one at a time; readers are never blocked.
     /// Nothing is published if `f` changes nothing, or if it panics.
+    ///
+    /// `f` runs with the writer lock held: it may take snapshots, but calling a mutating method
+    /// of the same table from inside it deadlocks.
     pub fn update<R>(&self, f: impl FnOnce(&mut TableTx) -> R) -> R {
         // The mutex guards no data (the map is behind the ArcSwap), so poisoning means nothing.
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);

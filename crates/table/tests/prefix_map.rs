@@ -363,6 +363,8 @@ fn dense_nodes_grow_and_shrink() {
             Some((16, b))
         );
     }
+    // Shrink a clone through every size class; the original keeps its dense root.
+    let full = m.clone();
     for b in (0..=255u8).rev() {
         let mut i = [0u8; 32];
         i[0] = b;
@@ -370,6 +372,13 @@ fn dense_nodes_grow_and_shrink() {
         assert_eq!(m.remove(&ServicePrefix::new(ServiceId(i), 16)), Some(b));
         m.check_invariants().unwrap();
     }
+    assert_eq!(m.len(), 32);
+    assert_eq!(full.len(), 256 + 32);
+    full.check_invariants().unwrap();
+    let mut i = [0u8; 32];
+    i[0] = 0x42;
+    i[1] = 1;
+    assert_eq!(full.get(&ServicePrefix::new(ServiceId(i), 16)), Some(&0x42));
 }
 
 #[test]

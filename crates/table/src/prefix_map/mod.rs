@@ -626,9 +626,12 @@ fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Opti
         let r = head.child_rank(b)?;
         let child = slots.get_mut(r)?;
         let out = match child.as_ref()?.view() {
-            View::Leaf(l) if l.len == len && l.key == *key => match child.take()?.into_builder() {
-                Err(l) => Arc::unwrap_or_clone(l).value,
-                Ok(_) => return None,
+            View::Leaf(l) if l.len == len && l.key == *key => match child.take() {
+                Some(Child::Leaf(l)) => Arc::unwrap_or_clone(l).value,
+                other => {
+                    *child = other;
+                    return None;
+                }
             },
             View::Node(h, _) if h.depth <= len && prefix_eq(&h.key, key, h.depth) => {
                 remove_in(child, key, len)?
