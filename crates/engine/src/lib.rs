@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod crypto;
 pub mod frame;
 pub mod time;
 pub mod transport;
