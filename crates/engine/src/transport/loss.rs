@@ -1,0 +1,546 @@
+//! Sent-packet tracking and loss detection (RFC 9002 §6, pseudocode in Appendix A).
+//!
+//! [`SentPackets<T>`] remembers every packet sent in the one packet-number space of a flow,
+//! with a caller-chosen payload `T` describing what the packet carried (the stream ranges to
+//! retransmit if it is lost, the ACK ranges it advertised, …). It decides when packets are
+//! acknowledged or lost, feeds RTT samples to an [`RttEstimator`], and computes the loss and
+//! probe timers.
+//!
+//! # Rules implemented
+//!
+//! - **Packet numbers** are assigned here, counting up from 0, never reused (RFC 9002 §2).
+//! - **RTT samples** (§5.1): taken from an ACK only if its largest acknowledged packet is
+//!   newly acknowledged and at least one newly acknowledged packet is ack-eliciting.
+//! - **Packet threshold** (§6.1.1): a packet is lost once a packet at least
+//!   [`PACKET_THRESHOLD`] (3) numbers later has been acknowledged.
+//! - **Time threshold** (§6.1.2): a packet older than a later acknowledged one is lost once it
+//!   was sent more than `max(9/8 × max(smoothed_rtt, latest_rtt), 1 ms)` ago; until then the
+//!   *loss timer* ([`loss_time`](SentPackets::loss_time)) is armed for it.
+//! - **Probe timeout** (§6.2): with ack-eliciting packets in flight and no loss timer armed,
+//!   the PTO fires `pto_period × 2^pto_count` after the last ack-eliciting packet was sent
+//!   ([`RttEstimator::pto_period`] includes the peer's `max_ack_delay`). Any ACK that newly
+//!   acknowledges something resets `pto_count` (the SAL handshake has validated the peer's
+//!   address, so the client exception of §6.2.1 does not apply).
+//! - **Persistent congestion** (§7.6): established when two ack-eliciting packets declared
+//!   lost in one detection pass were sent more than
+//!   `3 × (smoothed_rtt + max(4 × rttvar, 1 ms) + max_ack_delay)` apart, no packet sent
+//!   between them was acknowledged, and both were sent after the first RTT sample.
+//!
+//! # Call order
+//!
+//! 1. Before building a packet, read [`next_packet_number`](SentPackets::next_packet_number);
+//!    after sending it, call [`on_sent`](SentPackets::on_sent) (which returns that number).
+//! 2. For each received ACK frame, call [`on_ack`](SentPackets::on_ack) and act on the
+//!    [`AckOutcome`]: report the losses to the congestion controller, then the
+//!    acknowledgements (see [`cc`](super::cc)), and requeue lost payloads.
+//! 3. Arm a timer for [`next_timeout`](SentPackets::next_timeout); when it fires, call
+//!    [`on_timeout`](SentPackets::on_timeout).
+//!
+//! `now` must never go backwards.
+//!
+//! # Hostile ACKs
+//!
+//! ACK ranges come from the peer. Empty or inverted ranges are skipped. An ACK that
+//! acknowledges a packet number never sent is ignored **entirely** (RFC 9000 §13.1 makes it a
+//! PROTOCOL_VIOLATION; acting on the rest of it would let an optimistic-ACK attacker, RFC 9000
+//! §21.4, inflate the window): it is reported in [`AckOutcome::acked_unsent`] and counted in
+//! [`protocol_violations`](SentPackets::protocol_violations), never a panic. Work per ACK is
+//! bounded by the number of ranges plus the number of packets tracked.
+
+use core::ops::Range;
+use core::time::Duration;
+use std::collections::BTreeMap;
+
+use super::rtt::{GRANULARITY, RttEstimator};
+use crate::Instant;
+
+/// `kPacketThreshold` (RFC 9002 §6.1.1).
+pub const PACKET_THRESHOLD: u64 = 3;
+
+/// `kTimeThreshold` (RFC 9002 §6.1.2) as numerator / denominator: 9/8.
+pub const TIME_THRESHOLD: (u32, u32) = (9, 8);
+
+/// `kPersistentCongestionThreshold` (RFC 9002 §7.6.1).
+pub const PERSISTENT_CONGESTION_THRESHOLD: u32 = 3;
+
+/// The PTO backoff stops doubling after this many consecutive timeouts (2^16 × the period
+/// is already far beyond any idle timeout); it only keeps the arithmetic bounded.
+pub const MAX_PTO_BACKOFF_EXPONENT: u32 = 16;
+
+/// Most packets that are neither ack-eliciting nor in flight (pure ACKs) tracked at once.
+///
+/// The peer acknowledges such packets only incidentally, so a peer that never acknowledges
+/// could otherwise make the tracker grow with every ACK sent to it. Beyond this many, new ones
+/// still get packet numbers but are not tracked; nothing but their payload is lost, and ACK-only
+/// payloads are advisory (RFC 9000 §13.2.4).
+pub const MAX_UNTRACKED_ACK_ONLY: usize = 1024;
+
+/// What the loss detector knows about one sent packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentInfo {
+    /// When it was sent.
+    pub time_sent: Instant,
+    /// Its size in bytes, counted in bytes in flight.
+    pub size: u16,
+    /// Whether it elicits an acknowledgement (anything but ACK and PADDING frames).
+    pub ack_eliciting: bool,
+    /// Whether it counts towards bytes in flight (ack-eliciting or padded; RFC 9002 §2).
+    pub in_flight: bool,
+    /// Whether it is a path-MTU probe. Its loss says nothing about congestion (RFC 9000
+    /// §14.4), so it never starts a congestion event or counts for persistent congestion.
+    pub mtu_probe: bool,
+}
+
+impl SentInfo {
+    /// An ordinary ack-eliciting, in-flight packet of `size` bytes sent at `time_sent`.
+    pub fn data(time_sent: Instant, size: u16) -> SentInfo {
+        SentInfo {
+            time_sent,
+            size,
+            ack_eliciting: true,
+            in_flight: true,
+            mtu_probe: false,
+        }
+    }
+
+    /// A packet carrying only ACK frames: neither ack-eliciting nor in flight.
+    pub fn ack_only(time_sent: Instant, size: u16) -> SentInfo {
+        SentInfo {
+            time_sent,
+            size,
+            ack_eliciting: false,
+            in_flight: false,
+            mtu_probe: false,
+        }
+    }
+
+    /// Whether losing this packet is a congestion signal.
+    fn signals_congestion(&self) -> bool {
+        self.in_flight && !self.mtu_probe
+    }
+}
+
+/// A packet handed back by the detector, acknowledged or lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentPacket<T> {
+    /// Its packet number.
+    pub number: u64,
+    /// What was recorded when it was sent.
+    pub info: SentInfo,
+    /// The caller's payload.
+    pub payload: T,
+}
+
+/// Packets declared lost in one detection pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LossReport<T> {
+    /// The lost packets, by ascending packet number.
+    pub packets: Vec<SentPacket<T>>,
+    /// If the loss is a congestion event: the send time of the most recently sent lost packet
+    /// that was in flight and not an MTU probe. Pass it to
+    /// [`CongestionController::on_congestion_event`](super::cc::CongestionController::on_congestion_event)
+    /// (RFC 9002 Appendix B.8).
+    pub congestion_event: Option<Instant>,
+    /// Whether these losses establish persistent congestion (RFC 9002 §7.6).
+    pub persistent_congestion: bool,
+}
+
+impl<T> LossReport<T> {
+    fn empty() -> LossReport<T> {
+        LossReport {
+            packets: Vec::new(),
+            congestion_event: None,
+            persistent_congestion: false,
+        }
+    }
+
+    /// Whether nothing was lost.
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+}
+
+/// The result of [`SentPackets::on_ack`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckOutcome<T> {
+    /// Packets acknowledged for the first time, by ascending packet number.
+    pub newly_acked: Vec<SentPacket<T>>,
+    /// Packets declared lost because of this ACK.
+    pub lost: LossReport<T>,
+    /// Whether an RTT sample was fed to the estimator.
+    pub rtt_sample_taken: bool,
+    /// The ACK acknowledged a packet number that was never sent: it was ignored entirely.
+    /// The caller should close the connection with a protocol violation (RFC 9000 §13.1).
+    pub acked_unsent: bool,
+}
+
+impl<T> AckOutcome<T> {
+    fn empty() -> AckOutcome<T> {
+        AckOutcome {
+            newly_acked: Vec::new(),
+            lost: LossReport::empty(),
+            rtt_sample_taken: false,
+            acked_unsent: false,
+        }
+    }
+}
+
+/// What [`SentPackets::on_timeout`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Timeout<T> {
+    /// The loss timer fired and these packets are lost (RFC 9002 §6.1.2).
+    Lost(LossReport<T>),
+    /// The probe timeout fired (RFC 9002 §6.2.4): send one or two ack-eliciting packets now,
+    /// regardless of the congestion window (RFC 9002 §7.5) — new data if there is some,
+    /// otherwise a retransmission of the oldest outstanding data, otherwise a PING.
+    /// `pto_count` has been incremented.
+    Probe,
+}
+
+/// The sent packets of one flow and the loss-detection state derived from them (RFC 9002 §6).
+/// Plain data; see the [module documentation](self).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentPackets<T> {
+    /// Outstanding packets: neither acknowledged nor declared lost.
+    packets: BTreeMap<u64, (SentInfo, T)>,
+    /// The number the next packet gets.
+    next_pn: u64,
+    /// `largest_acked_packet`: the largest packet number the peer acknowledged.
+    largest_acked: Option<u64>,
+    /// `loss_time`: when the earliest outstanding packet becomes lost by the time threshold.
+    loss_time: Option<Instant>,
+    /// `time_of_last_ack_eliciting_packet`.
+    last_ack_eliciting_sent: Option<Instant>,
+    /// When the first RTT sample was taken (persistent congestion only counts later packets).
+    first_rtt_sample: Option<Instant>,
+    /// Number of outstanding ack-eliciting packets.
+    ack_eliciting_in_flight: u64,
+    /// Number of tracked packets that are neither ack-eliciting nor in flight.
+    ack_only_tracked: usize,
+    /// Sum of the sizes of outstanding in-flight packets.
+    bytes_in_flight: u64,
+    /// Consecutive probe timeouts without an acknowledgement.
+    pto_count: u32,
+    /// ACKs ignored because they acknowledged packets never sent.
+    protocol_violations: u64,
+}
+
+impl<T> Default for SentPackets<T> {
+    fn default() -> Self {
+        SentPackets::new()
+    }
+}
+
+impl<T> SentPackets<T> {
+    /// Nothing sent yet; the first packet number is 0.
+    pub fn new() -> SentPackets<T> {
+        SentPackets {
+            packets: BTreeMap::new(),
+            next_pn: 0,
+            largest_acked: None,
+            loss_time: None,
+            last_ack_eliciting_sent: None,
+            first_rtt_sample: None,
+            ack_eliciting_in_flight: 0,
+            ack_only_tracked: 0,
+            bytes_in_flight: 0,
+            pto_count: 0,
+            protocol_violations: 0,
+        }
+    }
+
+    /// The number [`on_sent`](Self::on_sent) will assign to the next packet.
+    pub fn next_packet_number(&self) -> u64 {
+        self.next_pn
+    }
+
+    /// The largest packet number the peer has acknowledged.
+    pub fn largest_acked(&self) -> Option<u64> {
+        self.largest_acked
+    }
+
+    /// Sum of the sizes of in-flight packets neither acknowledged nor declared lost.
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.bytes_in_flight
+    }
+
+    /// Whether any ack-eliciting packet is outstanding.
+    pub fn has_ack_eliciting_in_flight(&self) -> bool {
+        self.ack_eliciting_in_flight > 0
+    }
+
+    /// Consecutive probe timeouts since the last acknowledgement.
+    pub fn pto_count(&self) -> u32 {
+        self.pto_count
+    }
+
+    /// ACK frames ignored because they acknowledged packets never sent.
+    pub fn protocol_violations(&self) -> u64 {
+        self.protocol_violations
+    }
+
+    /// Number of outstanding (tracked) packets.
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    /// Whether no packet is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// Outstanding packets by ascending number, for example to choose what a PTO probe
+    /// retransmits.
+    pub fn outstanding(&self) -> impl DoubleEndedIterator<Item = (u64, &SentInfo, &T)> + '_ {
+        self.packets.iter().map(|(&pn, (info, p))| (pn, info, p))
+    }
+
+    /// Records a sent packet and returns its number (the previous
+    /// [`next_packet_number`](Self::next_packet_number)).
+    ///
+    /// Packets that are neither ack-eliciting nor in flight are not tracked beyond
+    /// [`MAX_UNTRACKED_ACK_ONLY`] outstanding ones.
+    pub fn on_sent(&mut self, info: SentInfo, payload: T) -> u64 {
+        let pn = self.next_pn;
+        // 2^64 packets cannot be sent; saturating keeps this total anyway.
+        self.next_pn = self.next_pn.saturating_add(1);
+        if info.ack_eliciting {
+            self.ack_eliciting_in_flight += 1;
+            self.last_ack_eliciting_sent = Some(info.time_sent);
+        }
+        if info.in_flight {
+            self.bytes_in_flight = self.bytes_in_flight.saturating_add(u64::from(info.size));
+        }
+        if !info.ack_eliciting && !info.in_flight {
+            if self.ack_only_tracked >= MAX_UNTRACKED_ACK_ONLY {
+                return pn;
+            }
+            self.ack_only_tracked += 1;
+        }
+        self.packets.insert(pn, (info, payload));
+        pn
+    }
+
+    /// Processes an ACK frame (RFC 9002 Appendix A.7 `OnAckReceived`).
+    ///
+    /// `acked` lists the acknowledged ranges, half-open, in any order (an ACK frame's
+    /// inclusive `(smallest, largest)` pairs become `smallest..largest + 1`). `ack_delay` is
+    /// the delay the peer reported. See the [module documentation](self) for the rules and
+    /// for what happens with hostile input.
+    pub fn on_ack<I>(
+        &mut self,
+        acked: I,
+        ack_delay: Duration,
+        now: Instant,
+        rtt: &mut RttEstimator,
+    ) -> AckOutcome<T>
+    where
+        I: IntoIterator<Item = Range<u64>>,
+        I::IntoIter: Clone,
+    {
+        let mut out = AckOutcome::empty();
+        let ranges = acked.into_iter();
+        let mut largest: Option<u64> = None;
+        for r in ranges.clone().filter(|r| r.start < r.end) {
+            if r.end > self.next_pn {
+                self.protocol_violations = self.protocol_violations.saturating_add(1);
+                out.acked_unsent = true;
+                return out;
+            }
+            largest = largest.max(Some(r.end - 1));
+        }
+        let Some(largest) = largest else {
+            return out;
+        };
+        self.largest_acked = self.largest_acked.max(Some(largest));
+
+        for r in ranges.filter(|r| r.start < r.end) {
+            let mut from = r.start;
+            while let Some(pn) = self.packets.range(from..r.end).next().map(|(&pn, _)| pn) {
+                if let Some(packet) = self.remove(pn) {
+                    out.newly_acked.push(packet);
+                }
+                from = pn + 1;
+            }
+        }
+        // A.7: "if (newly_acked_packets.empty()) return".
+        if out.newly_acked.is_empty() {
+            return out;
+        }
+        out.newly_acked.sort_unstable_by_key(|p| p.number);
+
+        // §5.1: sample only if the largest acknowledged is newly acknowledged and something
+        // ack-eliciting was newly acknowledged.
+        let newest = out.newly_acked.last().filter(|p| p.number == largest);
+        if let Some(newest) = newest {
+            if out.newly_acked.iter().any(|p| p.info.ack_eliciting) {
+                rtt.update(now - newest.info.time_sent, ack_delay);
+                self.first_rtt_sample.get_or_insert(now);
+                out.rtt_sample_taken = true;
+            }
+        }
+
+        out.lost = self.detect_lost(now, rtt);
+        self.pto_count = 0;
+        out
+    }
+
+    /// When the loss timer fires, if armed (RFC 9002 §6.1.2).
+    pub fn loss_time(&self) -> Option<Instant> {
+        self.loss_time
+    }
+
+    /// When the probe timeout fires, if armed: `pto_period × 2^pto_count` after the last
+    /// ack-eliciting packet was sent, while any is in flight (RFC 9002 §6.2.1).
+    pub fn pto_deadline(&self, rtt: &RttEstimator) -> Option<Instant> {
+        if self.ack_eliciting_in_flight == 0 {
+            return None;
+        }
+        let sent = self.last_ack_eliciting_sent?;
+        let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
+        Some(sent + rtt.pto_period().saturating_mul(backoff))
+    }
+
+    /// The deadline of the loss-detection timer: the loss timer if armed, otherwise the probe
+    /// timeout (RFC 9002 Appendix A.8 `SetLossDetectionTimer`).
+    pub fn next_timeout(&self, rtt: &RttEstimator) -> Option<Instant> {
+        self.loss_time.or_else(|| self.pto_deadline(rtt))
+    }
+
+    /// Handles the loss-detection timer (RFC 9002 Appendix A.9 `OnLossDetectionTimeout`).
+    /// Returns `None` if nothing was due at `now` (a stale or early wake-up).
+    pub fn on_timeout(&mut self, now: Instant, rtt: &RttEstimator) -> Option<Timeout<T>> {
+        if let Some(loss_time) = self.loss_time {
+            if now < loss_time {
+                return None;
+            }
+            return Some(Timeout::Lost(self.detect_lost(now, rtt)));
+        }
+        let deadline = self.pto_deadline(rtt)?;
+        if now < deadline {
+            return None;
+        }
+        self.on_pto();
+        Some(Timeout::Probe)
+    }
+
+    /// Bookkeeping for a probe timeout: increments `pto_count`, doubling the next PTO
+    /// period. [`on_timeout`](Self::on_timeout) calls it; call it directly only when
+    /// managing the PTO outside `on_timeout`.
+    pub fn on_pto(&mut self) {
+        self.pto_count = self.pto_count.saturating_add(1);
+    }
+
+    /// Removes every outstanding packet and returns them by ascending number, resetting the
+    /// timers and bytes in flight; packet numbering continues.
+    ///
+    /// For migration (DESIGN §4): after a freeze, whatever was in flight on the old path is
+    /// retransmitted on the new one *without* being treated as congestion, so the caller
+    /// requeues these payloads and does not report them to the congestion controller. An ACK
+    /// arriving later for one of them is simply a duplicate.
+    pub fn drain(&mut self) -> Vec<SentPacket<T>> {
+        let packets = core::mem::take(&mut self.packets);
+        self.loss_time = None;
+        self.ack_eliciting_in_flight = 0;
+        self.ack_only_tracked = 0;
+        self.bytes_in_flight = 0;
+        self.pto_count = 0;
+        packets
+            .into_iter()
+            .map(|(number, (info, payload))| SentPacket {
+                number,
+                info,
+                payload,
+            })
+            .collect()
+    }
+
+    /// `max(kTimeThreshold × max(smoothed_rtt, latest_rtt), kGranularity)` (RFC 9002 §6.1.2).
+    pub fn loss_delay(rtt: &RttEstimator) -> Duration {
+        let base = rtt.smoothed().max(rtt.latest());
+        let (n, d) = TIME_THRESHOLD;
+        (base.saturating_mul(n) / d).max(GRANULARITY)
+    }
+
+    /// RFC 9002 Appendix A.10 `DetectAndRemoveLostPackets`, plus the persistent-congestion
+    /// test of §7.6.2 over the packets it declares lost.
+    fn detect_lost(&mut self, now: Instant, rtt: &RttEstimator) -> LossReport<T> {
+        let mut report = LossReport::empty();
+        self.loss_time = None;
+        let Some(largest_acked) = self.largest_acked else {
+            return report;
+        };
+        let loss_delay = Self::loss_delay(rtt);
+        let congestion_period = rtt
+            .pto_period()
+            .saturating_mul(PERSISTENT_CONGESTION_THRESHOLD);
+
+        let mut lost_numbers = Vec::new();
+        // Persistent congestion: the send time of the first ack-eliciting loss in the current
+        // run of consecutive packet numbers with no acknowledged packet in between.
+        let mut run_start: Option<Instant> = None;
+        let mut previous: Option<u64> = None;
+        for (&pn, (info, _)) in self.packets.range(..=largest_acked) {
+            if previous.is_none_or(|p| p.saturating_add(1) != pn) {
+                // A gap: the packets in between were acknowledged (or lost earlier, or never
+                // tracked); either way the run is broken.
+                run_start = None;
+            }
+            previous = Some(pn);
+            let by_time = info
+                .time_sent
+                .checked_add(loss_delay)
+                .is_some_and(|t| t <= now);
+            let by_count = largest_acked - pn >= PACKET_THRESHOLD;
+            if !(by_time || by_count) {
+                let at = info.time_sent + loss_delay;
+                self.loss_time = Some(self.loss_time.map_or(at, |t| t.min(at)));
+                continue;
+            }
+            lost_numbers.push(pn);
+            if info.signals_congestion() {
+                report.congestion_event = report.congestion_event.max(Some(info.time_sent));
+            }
+            let counts = info.ack_eliciting
+                && !info.mtu_probe
+                && self.first_rtt_sample.is_some_and(|s| info.time_sent > s);
+            if counts {
+                match run_start {
+                    None => run_start = Some(info.time_sent),
+                    Some(start) if info.time_sent - start > congestion_period => {
+                        report.persistent_congestion = true;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        for pn in lost_numbers {
+            if let Some(packet) = self.remove(pn) {
+                report.packets.push(packet);
+            }
+        }
+        report
+    }
+
+    /// Removes an outstanding packet, keeping the counters in step.
+    fn remove(&mut self, pn: u64) -> Option<SentPacket<T>> {
+        let (info, payload) = self.packets.remove(&pn)?;
+        if info.ack_eliciting {
+            self.ack_eliciting_in_flight -= 1;
+        }
+        if info.in_flight {
+            self.bytes_in_flight = self.bytes_in_flight.saturating_sub(u64::from(info.size));
+        }
+        if !info.ack_eliciting && !info.in_flight {
+            self.ack_only_tracked -= 1;
+        }
+        Some(SentPacket {
+            number: pn,
+            info,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

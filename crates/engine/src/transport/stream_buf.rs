@@ -1,0 +1,547 @@
+//! Byte-stream buffers: [`SendBuffer`] (what the application wrote, until the peer
+//! acknowledges it) and [`RecvBuffer`] (what arrived, reassembled in order for the
+//! application).
+//!
+//! Stream data is addressed by offset, as in QUIC (RFC 9000 §2.2): every byte has a fixed
+//! offset in the stream, a STREAM frame carries a contiguous range of them, and the end of the
+//! stream is marked by a FIN at the *final size* (RFC 9000 §4.5). Frames may be lost,
+//! duplicated, reordered and re-cut differently when retransmitted; both buffers work on
+//! offset ranges only, so none of that matters to them.
+//!
+//! # Call order (sender)
+//!
+//! 1. [`SendBuffer::write`] what the application offers; it takes what fits
+//!    (backpressure) and [`finish`](SendBuffer::finish) ends the stream.
+//! 2. When building a packet, [`poll_transmit`](SendBuffer::poll_transmit) with the room left
+//!    for data; it returns the next [`StreamChunk`] (retransmissions first), whose bytes
+//!    [`get`](SendBuffer::get) returns. Record the chunk in the packet's loss-detection
+//!    payload.
+//! 3. When that packet is acknowledged, [`on_acked`](SendBuffer::on_acked); when it is
+//!    declared lost, [`on_lost`](SendBuffer::on_lost). Both take the chunk's range and FIN
+//!    flag.
+//! 4. On MAX_DATA from the peer, [`set_flow_limit`](SendBuffer::set_flow_limit).
+//!
+//! # Call order (receiver)
+//!
+//! 1. For each STREAM frame, [`RecvBuffer::write`]; an error other than
+//!    [`RecvError::TooFragmented`] is a protocol violation by the peer.
+//! 2. The application [`read`](RecvBuffer::read)s.
+//! 3. After reads, [`poll_window_update`](RecvBuffer::poll_window_update) says when to
+//!    advertise a larger limit (MAX_DATA).
+
+use core::ops::Range;
+use std::collections::VecDeque;
+
+use super::ranges::{DEFAULT_MAX_RANGES, RangeSet};
+
+/// Largest stream offset (RFC 9000 §4.5: "the largest value of a variable-length integer",
+/// 2^62 − 1); no stream can extend beyond it.
+pub const MAX_STREAM_OFFSET: u64 = (1 << 62) - 1;
+
+/// A range of stream bytes to put in one STREAM frame, chosen by
+/// [`SendBuffer::poll_transmit`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StreamChunk {
+    /// The stream offsets carried; may be empty when the chunk only carries the FIN.
+    pub range: Range<u64>,
+    /// Whether the frame carries the FIN (`range.end` is then the final size).
+    pub fin: bool,
+}
+
+/// Returned by [`SendBuffer::write`] after [`SendBuffer::finish`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stream already finished")]
+pub struct Finished;
+
+/// FIN state of a send stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SendFin {
+    /// The final size, once [`SendBuffer::finish`] was called.
+    offset: Option<u64>,
+    /// The FIN must be (re)sent.
+    pending: bool,
+    /// The peer acknowledged the FIN.
+    acked: bool,
+}
+
+/// The sending half of a stream: the application's bytes from the first unacknowledged one
+/// on, and which of them must be sent or resent. Plain data; see the
+/// [module docs](self) for the call order.
+///
+/// # Memory
+///
+/// Holds at most `capacity` bytes; [`write`](Self::write) takes no more. Memory is freed as
+/// soon as a *prefix* is acknowledged. The retransmission and acknowledgement sets are
+/// [`RangeSet`]s capped at [`DEFAULT_MAX_RANGES`]; if one fills, the buffer degrades by
+/// sending bytes more than once, never by losing any: a forgotten acknowledgement is
+/// treated as a loss (the bytes are resent and acknowledged again), and overflowing
+/// retransmissions are merged into one range covering them (resending some already
+/// acknowledged bytes, which the receiver discards as duplicates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendBuffer {
+    /// Bytes at offsets `base .. base + data.len()`.
+    data: VecDeque<u8>,
+    /// Every byte below `base` was acknowledged and freed.
+    base: u64,
+    /// Most bytes `data` may hold.
+    capacity: usize,
+    /// Offset of the first byte never sent.
+    unsent: u64,
+    /// The peer's flow-control limit: no byte at or beyond it may be sent.
+    flow_limit: u64,
+    /// Sent ranges declared lost and not yet resent; within `base..unsent`.
+    retransmit: RangeSet,
+    /// Acknowledged ranges above `base`; within `base..unsent`.
+    acked: RangeSet,
+    fin: SendFin,
+}
+
+impl SendBuffer {
+    /// An empty stream buffering at most `capacity` bytes, with no flow-control limit until
+    /// [`set_flow_limit`](Self::set_flow_limit) sets one.
+    pub fn new(capacity: usize) -> SendBuffer {
+        SendBuffer {
+            data: VecDeque::new(),
+            base: 0,
+            capacity,
+            unsent: 0,
+            flow_limit: MAX_STREAM_OFFSET,
+            retransmit: RangeSet::with_max_ranges(DEFAULT_MAX_RANGES),
+            acked: RangeSet::with_max_ranges(DEFAULT_MAX_RANGES),
+            fin: SendFin::default(),
+        }
+    }
+
+    /// Appends as much of `bytes` as fits and returns how much that was (0 when full: wait for
+    /// acknowledgements). Fails once [`finish`](Self::finish) was called.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<usize, Finished> {
+        if self.fin.offset.is_some() {
+            return Err(Finished);
+        }
+        let room = self.capacity.saturating_sub(self.data.len());
+        // Offsets are bounded by 2^62 - 1 (`end()` never exceeds it).
+        let offset_room = usize::try_from(MAX_STREAM_OFFSET - self.end()).unwrap_or(usize::MAX);
+        let n = bytes.len().min(room).min(offset_room);
+        self.data.extend(&bytes[..n]);
+        Ok(n)
+    }
+
+    /// Ends the stream after the bytes written so far; the FIN will be sent with the last
+    /// chunk (or alone, if everything was already sent). Idempotent.
+    pub fn finish(&mut self) {
+        if self.fin.offset.is_none() {
+            self.fin = SendFin {
+                offset: Some(self.end()),
+                pending: true,
+                acked: false,
+            };
+        }
+    }
+
+    /// Raises the flow-control limit to `max_offset` (MAX_DATA). Lower values are ignored
+    /// (RFC 9000 §4.1: frames "that do not increase flow control limits" are ignored); the
+    /// limit is capped at [`MAX_STREAM_OFFSET`].
+    pub fn set_flow_limit(&mut self, max_offset: u64) {
+        self.flow_limit = self.flow_limit.max(max_offset.min(MAX_STREAM_OFFSET));
+    }
+
+    /// Resets the flow-control limit to exactly `max_offset` (for the initial limit from the
+    /// handshake, which may be lower than the unlimited default).
+    pub fn set_initial_flow_limit(&mut self, max_offset: u64) {
+        self.flow_limit = max_offset.min(MAX_STREAM_OFFSET);
+    }
+
+    /// The current flow-control limit.
+    pub fn flow_limit(&self) -> u64 {
+        self.flow_limit
+    }
+
+    /// If new data is waiting but flow control forbids sending it, the limit it is blocked
+    /// at (worth telling the peer, as QUIC's DATA_BLOCKED does).
+    pub fn blocked(&self) -> Option<u64> {
+        (self.unsent < self.end() && self.unsent >= self.flow_limit).then_some(self.flow_limit)
+    }
+
+    /// Offset of the next byte the application writes: the stream's length so far.
+    pub fn end(&self) -> u64 {
+        self.base + self.data.len() as u64
+    }
+
+    /// Offset of the first byte never sent.
+    pub fn unsent_offset(&self) -> u64 {
+        self.unsent
+    }
+
+    /// Offset below which every byte was acknowledged (and freed).
+    pub fn acked_offset(&self) -> u64 {
+        self.base
+    }
+
+    /// Bytes held: written and not yet acknowledged as part of the prefix.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether no byte is held.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Bytes [`write`](Self::write) would take now.
+    pub fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.data.len())
+    }
+
+    /// The final size, once [`finish`](Self::finish) was called.
+    pub fn fin_offset(&self) -> Option<u64> {
+        self.fin.offset
+    }
+
+    /// Whether the stream is finished and every byte and the FIN were acknowledged.
+    pub fn is_fully_acked(&self) -> bool {
+        self.fin.acked && self.fin.offset == Some(self.base)
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) has something to send (given room).
+    pub fn has_pending(&self) -> bool {
+        self.retransmit
+            .iter()
+            .any(|r| self.acked.gaps(r).next().is_some())
+            || self.unsent < self.end().min(self.flow_limit)
+            || (self.fin.pending && self.fin.offset == Some(self.unsent))
+    }
+
+    /// The next chunk to send, at most `max_len` bytes long: the lowest range awaiting
+    /// retransmission, else new data within the flow-control limit, else a lone FIN. The
+    /// chunk is considered sent when returned.
+    pub fn poll_transmit(&mut self, max_len: usize) -> Option<StreamChunk> {
+        let max_len = max_len as u64;
+        if max_len > 0 {
+            while let Some(r) = self.retransmit.pop_min() {
+                // Skip what was acknowledged since it was queued.
+                let Some(gap) = self.acked.gaps(r.clone()).next() else {
+                    continue;
+                };
+                let end = gap.end.min(gap.start.saturating_add(max_len));
+                if end < r.end {
+                    // Put back the rest (one range for the one popped: the cap holds).
+                    self.retransmit.insert(end..r.end);
+                }
+                return Some(self.chunk(gap.start..end));
+            }
+            let limit = self.end().min(self.flow_limit);
+            if self.unsent < limit {
+                let start = self.unsent;
+                let end = limit.min(start.saturating_add(max_len));
+                self.unsent = end;
+                return Some(self.chunk(start..end));
+            }
+        }
+        if self.fin.pending && self.fin.offset == Some(self.unsent) {
+            return Some(self.chunk(self.unsent..self.unsent));
+        }
+        None
+    }
+
+    /// The bytes of `range`, as two slices (the buffer is a ring), or `None` if any of them
+    /// is no longer (or not yet) held.
+    pub fn get(&self, range: Range<u64>) -> Option<(&[u8], &[u8])> {
+        if range.start < self.base || range.end > self.end() || range.start > range.end {
+            return None;
+        }
+        let start = usize::try_from(range.start - self.base).ok()?;
+        let end = usize::try_from(range.end - self.base).ok()?;
+        let (a, b) = self.data.as_slices();
+        let split = a.len();
+        Some((
+            &a[start.min(split)..end.min(split)],
+            &b[start.saturating_sub(split)..end.saturating_sub(split)],
+        ))
+    }
+
+    /// The peer acknowledged a chunk: `range` and, if `fin`, the FIN. Parts already
+    /// acknowledged, or never sent, are ignored.
+    pub fn on_acked(&mut self, range: Range<u64>, fin: bool) {
+        if fin && self.fin.offset.is_some() {
+            self.fin.acked = true;
+            self.fin.pending = false;
+        }
+        let r = self.clamp_sent(range);
+        if r.start >= r.end {
+            return;
+        }
+        if r.start <= self.base {
+            self.advance_base(r.end);
+            return;
+        }
+        if self.acked.try_insert(r.clone()).is_err() {
+            // Forget the lowest acknowledgement instead, and resend those bytes so that
+            // they are acknowledged again.
+            if let Some(forgotten) = self.acked.pop_min() {
+                self.queue_retransmit(forgotten);
+            }
+            self.acked.insert(r);
+        }
+    }
+
+    /// A chunk was lost: queue the parts of `range` not acknowledged since for
+    /// retransmission and, if `fin` and the FIN is not acknowledged, the FIN.
+    pub fn on_lost(&mut self, range: Range<u64>, fin: bool) {
+        if fin && self.fin.offset.is_some() && !self.fin.acked {
+            self.fin.pending = true;
+        }
+        let r = self.clamp_sent(range);
+        let gaps: Vec<Range<u64>> = self.acked.gaps(r).collect();
+        for gap in gaps {
+            self.queue_retransmit(gap);
+        }
+    }
+
+    /// A chunk for `range`, attaching the FIN if the range ends at the final size.
+    fn chunk(&mut self, range: Range<u64>) -> StreamChunk {
+        let fin = !self.fin.acked && self.fin.offset == Some(range.end);
+        if fin {
+            self.fin.pending = false;
+        }
+        StreamChunk { range, fin }
+    }
+
+    /// `range` restricted to bytes that were sent and are still held.
+    fn clamp_sent(&self, range: Range<u64>) -> Range<u64> {
+        range.start.max(self.base)..range.end.min(self.unsent)
+    }
+
+    fn queue_retransmit(&mut self, r: Range<u64>) {
+        if self.retransmit.try_insert(r.clone()).is_err() {
+            // Merge everything into one covering range: resending a few acknowledged bytes
+            // is harmless, forgetting a lost one is not.
+            let lo = self.retransmit.min().map_or(r.start, |m| m.min(r.start));
+            let hi = self.retransmit.max().map_or(r.end, |m| (m + 1).max(r.end));
+            self.retransmit.clear();
+            self.retransmit.insert(lo..hi);
+        }
+    }
+
+    /// Everything below `to` is acknowledged: move `base` there (and over any acknowledged
+    /// ranges it now touches), freeing the memory.
+    fn advance_base(&mut self, to: u64) {
+        let mut base = to.max(self.base);
+        while let Some(first) = self.acked.first() {
+            if first.start > base {
+                break;
+            }
+            base = base.max(first.end);
+            self.acked.pop_min();
+        }
+        // `base <= unsent <= end()`, so the difference fits in the buffer's length.
+        let freed = usize::try_from(base - self.base).unwrap_or(usize::MAX);
+        self.data.drain(..freed.min(self.data.len()));
+        self.base = base;
+        self.retransmit.remove_below(base);
+    }
+}
+
+/// Why [`RecvBuffer::write`] rejected a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// Data beyond the advertised limit (RFC 9000 §4.1: FLOW_CONTROL_ERROR), or beyond the
+    /// largest possible stream offset.
+    #[error("stream data beyond the flow-control limit")]
+    FlowControl,
+    /// Data beyond the final size, a FIN at a different final size than before, or a FIN
+    /// below data already received (RFC 9000 §4.5: FINAL_SIZE_ERROR).
+    #[error("stream final size violated")]
+    FinalSize,
+    /// Not the peer's fault: accepting the segment would leave more separate gaps than the
+    /// buffer tracks. The segment was dropped whole; the packet carrying it must not be
+    /// acknowledged, so that the peer resends it.
+    #[error("too many gaps in the received stream data")]
+    TooFragmented,
+}
+
+impl RecvError {
+    /// Whether the peer broke the protocol (the connection should be closed).
+    pub fn is_protocol_violation(self) -> bool {
+        !matches!(self, RecvError::TooFragmented)
+    }
+}
+
+/// Most separate received ranges a [`RecvBuffer`] tracks (see
+/// [`RecvError::TooFragmented`]): enough for every packet of a megabyte window to arrive
+/// with a gap before it.
+pub const MAX_RECV_RANGES: usize = 1024;
+
+/// The receiving half of a stream: reassembles segments into the in-order byte stream.
+/// Plain data; see the [module docs](self) for the call order.
+///
+/// # Memory and trust
+///
+/// Bytes are accepted only below the advertised limit, so the buffer never holds more than
+/// one window (the limit minus the read offset). Overlapping segments must carry identical
+/// bytes (RFC 9000 §2.2); this is not trusted: the first copy of each byte wins and later
+/// copies are ignored, so a peer cannot rewrite buffered data. Lengths and offsets are
+/// checked, never trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecvBuffer {
+    /// Bytes at offsets `read .. read + buf.len()`; zeros where nothing arrived yet.
+    buf: VecDeque<u8>,
+    /// Offset of the next byte the application reads.
+    read: u64,
+    /// Received offsets at or above `read`.
+    received: RangeSet,
+    /// The limit advertised to the peer.
+    max_offset: u64,
+    /// How far beyond the read offset the limit is set.
+    window: u64,
+    /// The final size, once a FIN arrived.
+    fin: Option<u64>,
+    /// Highest offset received (end of the furthest segment).
+    highest: u64,
+}
+
+impl RecvBuffer {
+    /// An empty stream accepting `window` bytes beyond what the application has read (the
+    /// initial limit advertised to the peer is `window`).
+    pub fn new(window: u64) -> RecvBuffer {
+        let window = window.min(MAX_STREAM_OFFSET);
+        RecvBuffer {
+            buf: VecDeque::new(),
+            read: 0,
+            received: RangeSet::with_max_ranges(MAX_RECV_RANGES),
+            max_offset: window,
+            window,
+            fin: None,
+            highest: 0,
+        }
+    }
+
+    /// Accepts a segment: `data` at `offset`, with `fin` if it ends the stream. Returns how
+    /// many bytes were new.
+    ///
+    /// Checks, in order (nothing changes on error): the segment must end within the
+    /// advertised limit ([`RecvError::FlowControl`]); it must be consistent with any final
+    /// size ([`RecvError::FinalSize`]); and it must not fragment the buffer beyond
+    /// [`MAX_RECV_RANGES`] ([`RecvError::TooFragmented`]).
+    pub fn write(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<usize, RecvError> {
+        let end = u64::try_from(data.len())
+            .ok()
+            .and_then(|len| offset.checked_add(len))
+            .ok_or(RecvError::FlowControl)?;
+        if end > self.max_offset {
+            return Err(RecvError::FlowControl);
+        }
+        match self.fin {
+            Some(size) if end > size || (fin && end != size) => return Err(RecvError::FinalSize),
+            None if fin && end < self.highest => return Err(RecvError::FinalSize),
+            _ => {}
+        }
+        let start = offset.max(self.read);
+        let mut new = 0;
+        if start < end {
+            // Within the window: end - read <= max_offset - read, which the buffer may hold.
+            let needed = usize::try_from(end - self.read).map_err(|_| RecvError::FlowControl)?;
+            let gaps: Vec<Range<u64>> = self.received.gaps(start..end).collect();
+            if self.received.try_insert(start..end).is_err() {
+                return Err(RecvError::TooFragmented);
+            }
+            if self.buf.len() < needed {
+                self.buf.resize(needed, 0);
+            }
+            for gap in gaps {
+                // Offsets relative to `offset` and to `read` fit in usize: both are below
+                // `needed` or `data.len()`.
+                let src = &data[(gap.start - offset) as usize..(gap.end - offset) as usize];
+                copy_into(&mut self.buf, (gap.start - self.read) as usize, src);
+                new += src.len();
+            }
+        }
+        if fin {
+            self.fin = Some(end);
+        }
+        self.highest = self.highest.max(end);
+        Ok(new)
+    }
+
+    /// Copies the next in-order bytes into `out`; returns how many (0 if none are ready).
+    pub fn read(&mut self, out: &mut [u8]) -> usize {
+        let n = out
+            .len()
+            .min(usize::try_from(self.readable()).unwrap_or(usize::MAX));
+        if n == 0 {
+            return 0;
+        }
+        let (a, b) = self.buf.as_slices();
+        let from_a = n.min(a.len());
+        out[..from_a].copy_from_slice(&a[..from_a]);
+        out[from_a..n].copy_from_slice(&b[..n - from_a]);
+        self.buf.drain(..n);
+        self.read += n as u64;
+        self.received.remove_below(self.read);
+        n
+    }
+
+    /// Bytes [`read`](Self::read) can return now.
+    pub fn readable(&self) -> u64 {
+        match self.received.first() {
+            Some(r) if r.start <= self.read => r.end - self.read,
+            _ => 0,
+        }
+    }
+
+    /// Offset of the next byte to be read (bytes read so far).
+    pub fn read_offset(&self) -> u64 {
+        self.read
+    }
+
+    /// The final size, once the FIN arrived.
+    pub fn fin_offset(&self) -> Option<u64> {
+        self.fin
+    }
+
+    /// Whether the whole stream, up to the FIN, has been read.
+    pub fn is_finished(&self) -> bool {
+        self.fin == Some(self.read)
+    }
+
+    /// The flow-control limit currently advertised.
+    pub fn max_offset(&self) -> u64 {
+        self.max_offset
+    }
+
+    /// If the application has read at least half a window since the limit was last raised,
+    /// raises it to `read offset + window` and returns the new limit to advertise (MAX_DATA).
+    ///
+    /// Advertising on every read would cost a frame per read; waiting for half a window keeps
+    /// the sender from stalling (it always has at least half a window of credit) at one
+    /// update per half window. No update is needed once the final size is known (RFC 9000
+    /// §3.2: in the "Size Known" state the receiver "no longer needs to send" them).
+    pub fn poll_window_update(&mut self) -> Option<u64> {
+        if self.fin.is_some() {
+            return None;
+        }
+        let limit = (self.read + self.window).min(MAX_STREAM_OFFSET);
+        if limit.saturating_sub(self.max_offset) >= self.window.div_ceil(2).max(1) {
+            self.max_offset = limit;
+            Some(limit)
+        } else {
+            None
+        }
+    }
+}
+
+/// Copies `src` into `buf` starting at index `at`; the caller guarantees
+/// `at + src.len() <= buf.len()`.
+fn copy_into(buf: &mut VecDeque<u8>, at: usize, src: &[u8]) {
+    let (a, b) = buf.as_mut_slices();
+    if at < a.len() {
+        let in_a = (a.len() - at).min(src.len());
+        a[at..at + in_a].copy_from_slice(&src[..in_a]);
+        b[..src.len() - in_a].copy_from_slice(&src[in_a..]);
+    } else {
+        let at = at - a.len();
+        b[at..at + src.len()].copy_from_slice(src);
+    }
+}
+
+#[cfg(test)]
+mod tests;
