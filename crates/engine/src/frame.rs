@@ -210,24 +210,37 @@ impl AckFrame {
         })
     }
 
-    /// Appends the frame. `ranges` must be descending, disjoint and non-adjacent (as a
-    /// [`RangeSet`](crate::transport) iterated from the top yields them); at most
-    /// [`MAX_ACK_RANGES`] are written, the lowest dropped.
+    /// Appends the frame. `ranges` should be descending, disjoint and non-adjacent (as a
+    /// [`RangeSet`](crate::transport::ranges::RangeSet) iterated from the top yields them); a range
+    /// that is not is skipped. At most [`MAX_ACK_RANGES`] are written, the lowest dropped.
     pub fn write(&self, out: &mut Vec<u8>) {
         let Some(&(lo0, hi0)) = self.ranges.first() else {
             return;
         };
-        let n = self.ranges.len().min(MAX_ACK_RANGES);
+        if lo0 > hi0 {
+            return;
+        }
+        // Ranges that break the contract (inverted, overlapping or adjacent to the previous one)
+        // cannot be encoded; they are left out rather than written wrongly.
+        let mut rest = Vec::with_capacity(self.ranges.len().min(MAX_ACK_RANGES));
+        let mut prev_lo = lo0;
+        for &(lo, hi) in &self.ranges[1..] {
+            if rest.len() + 1 == MAX_ACK_RANGES {
+                break;
+            }
+            if lo <= hi && hi.checked_add(2).is_some_and(|h| h <= prev_lo) {
+                rest.push((prev_lo - hi - 2, hi - lo));
+                prev_lo = lo;
+            }
+        }
         out.push(TYPE_ACK);
         write_varint(out, hi0);
         write_varint(out, self.delay_micros);
-        write_varint(out, n as u64 - 1);
+        write_varint(out, rest.len() as u64);
         write_varint(out, hi0 - lo0);
-        let mut prev_lo = lo0;
-        for &(lo, hi) in &self.ranges[1..n] {
-            write_varint(out, prev_lo - hi - 2);
-            write_varint(out, hi - lo);
-            prev_lo = lo;
+        for (gap, len) in rest {
+            write_varint(out, gap);
+            write_varint(out, len);
         }
     }
 }
@@ -445,6 +458,24 @@ mod tests {
         let mut it = Frames::new(&[0x7f, TYPE_PING]);
         assert!(it.next().unwrap().is_err());
         assert_eq!(it.next(), None);
+    }
+
+    #[test]
+    fn ack_write_skips_ranges_it_cannot_encode() {
+        let mut out = Vec::new();
+        AckFrame {
+            ranges: vec![(10, 12), (9, 9), (3, 8), (5, 4), (0, 1)],
+            delay_micros: 0,
+        }
+        .write(&mut out);
+        let frames: Vec<_> = Frames::new(&out).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            frames,
+            vec![Frame::Ack(AckFrame {
+                ranges: vec![(10, 12), (3, 8), (0, 1)],
+                delay_micros: 0
+            })]
+        );
     }
 
     proptest! {

@@ -42,6 +42,24 @@ impl Instant {
     }
 }
 
+impl Instant {
+    /// `self - d`, or `None` before the origin.
+    pub fn checked_sub(self, d: Duration) -> Option<Instant> {
+        u64::try_from(d.as_nanos())
+            .ok()
+            .and_then(|n| self.0.checked_sub(n))
+            .map(Instant)
+    }
+}
+
+impl Sub<Duration> for Instant {
+    type Output = Instant;
+    /// Saturates at the origin instead of underflowing.
+    fn sub(self, d: Duration) -> Instant {
+        self.checked_sub(d).unwrap_or(Instant::ZERO)
+    }
+}
+
 impl Add<Duration> for Instant {
     type Output = Instant;
     /// Saturates at the end of the range instead of overflowing.
