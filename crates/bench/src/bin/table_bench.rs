@@ -139,7 +139,11 @@ fn serval_rules(
             (domain_prefix(&sub), name)
         } else if depth_roll < 0.90 {
             // deep exact names: a.b.c.example.com
-            let name = format!("x{}.y{}.{domain}", rng.random_range(0..4), rng.random_range(0..4));
+            let name = format!(
+                "x{}.y{}.{domain}",
+                rng.random_range(0..4),
+                rng.random_range(0..4)
+            );
             (ServicePrefix::exact(name_id(&name)), name)
         } else {
             // arbitrary length
@@ -171,7 +175,11 @@ fn domain_prefix(domain: &str) -> ServicePrefix {
 }
 
 /// IPv6 rules with a BGP-like length mix in 2000::/3, and keys: 90% under a rule, 10% random.
-fn ipv6_rules(rng: &mut SmallRng, n: usize, lookups: usize) -> (Vec<(Ipv6Net, u32)>, Vec<Ipv6Addr>) {
+fn ipv6_rules(
+    rng: &mut SmallRng,
+    n: usize,
+    lookups: usize,
+) -> (Vec<(Ipv6Net, u32)>, Vec<Ipv6Addr>) {
     const LENS: [(u8, f64); 7] = [
         (32, 0.10),
         (40, 0.10),
@@ -205,7 +213,9 @@ fn ipv6_rules(rng: &mut SmallRng, n: usize, lookups: usize) -> (Vec<(Ipv6Net, u3
             if rng.random_bool(0.9) {
                 let (net, _) = rules[rng.random_range(0..rules.len())];
                 let host: u128 = rng.random::<u128>()
-                    & u128::MAX.checked_shr(u32::from(net.prefix_len())).unwrap_or(0);
+                    & u128::MAX
+                        .checked_shr(u32::from(net.prefix_len()))
+                        .unwrap_or(0);
                 Ipv6Addr::from(u128::from(net.network()) | host)
             } else {
                 Ipv6Addr::from(rng.random::<u128>())
@@ -302,7 +312,10 @@ fn measure_prefix_trie(rules: &[(Ipv6Net, u32)], keys: &[Ipv6Addr], args: &Args)
     let host = |a: &Ipv6Addr| Ipv6Net::new(*a, 128).expect("/128 is valid");
     let hits = keys
         .iter()
-        .filter(|k| map.get_lpm(&host(k)).is_some_and(|(p, _)| p.prefix_len() > 0))
+        .filter(|k| {
+            map.get_lpm(&host(k))
+                .is_some_and(|(p, _)| p.prefix_len() > 0)
+        })
         .count();
     let single = rate(args, keys.len(), || {
         let mut sum = 0u64;
