@@ -26,6 +26,7 @@
 //! [`pacing::Pacer`].
 
 pub mod cc;
+pub mod conn;
 pub mod loss;
 pub mod mtu;
 pub mod pacing;

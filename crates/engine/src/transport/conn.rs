@@ -1,0 +1,1503 @@
+//! [`Transport`]: one connection's reliable byte stream (one stream each way) plus unreliable
+//! datagrams, assembled from the building blocks of this module's siblings.
+//!
+//! The SAL runs one `Transport` per established flow. Whatever follows the SAL header of a
+//! protocol-STREAM packet (a packet number, then [frames](crate::frame)) belongs to it:
+//!
+//! - [`handle_packet`](Transport::handle_packet) takes a received transport payload;
+//! - [`poll_transmit`](Transport::poll_transmit) appends the next payload to send (after the
+//!   SAL header the caller has already written);
+//! - [`poll_timeout`](Transport::poll_timeout) / [`handle_timeout`](Transport::handle_timeout)
+//!   drive the timers;
+//! - [`poll_event`](Transport::poll_event) reports what the application should react to.
+//!
+//! Like quinn-proto it contains no networking code and reads no clock: every input carries
+//! `now`, which **must never go backwards** between calls. The state is plain data
+//! (`Clone + Debug + PartialEq`, no trait objects) so that a connection can be exported and
+//! resumed on another host.
+//!
+//! # Driving a transport
+//!
+//! After any input (`handle_packet`, `handle_timeout`, `write`, `read`, `finish`,
+//! `send_datagram`, `close`, `set_frozen(false)`, `on_path_change`):
+//!
+//! 1. call `poll_transmit` until it returns 0, sending each packet;
+//! 2. drain `poll_event`;
+//! 3. arm one timer for `poll_timeout`; when it fires call `handle_timeout`, then go to 1.
+//!
+//! # What goes into a packet
+//!
+//! In this order: an ACK if one is due (or can ride along), MAX_DATA if the receive window
+//! must be advertised, STREAM frames (retransmissions first, then new data, at most
+//! [`MAX_STREAM_FRAMES`] per packet), then DATAGRAMs. Packets carrying stream data or
+//! datagrams are gated by the congestion window and the pacer; ACK, MAX_DATA, keepalive PING
+//! and CLOSE packets are not (they are small and withholding them can stall the peer). PMTU
+//! probes are separate packets: a PING padded to the probe size. After a probe timeout two
+//! probe packets are sent regardless of the window (RFC 9002 §7.5): new data if there is
+//! some, else the oldest unacknowledged data again, else a PING.
+//!
+//! # Sizes
+//!
+//! The path MTU is counted as a **UDP payload** (a whole SAL packet): it starts at
+//! [`TransportConfig::base_udp_payload`] and DPLPMTUD searches up to
+//! [`TransportConfig::max_udp_payload`]. A transport payload is at most the path MTU minus
+//! [`TransportConfig::sal_overhead`]. The congestion window, bytes in flight and the byte
+//! counters of [`TransportStats`] count whole SAL packets (transport payload + SAL overhead).
+//!
+//! # Peer input
+//!
+//! Nothing a peer sends makes this code panic. A payload that does not parse is rejected
+//! whole with [`TransportError::Malformed`] and changes nothing (the caller counts and drops
+//! it). A payload that parses but breaks the protocol (data beyond the advertised window, a
+//! changed final size, an ACK of a packet never sent) is a [fatal](TransportError::is_fatal)
+//! error: the transport closes itself, sending a CLOSE with one of the transport error codes
+//! ([`FLOW_CONTROL_ERROR`], [`FINAL_SIZE_ERROR`], [`PROTOCOL_VIOLATION`]). Every structure the
+//! peer can grow is bounded.
+//!
+//! # Flow control
+//!
+//! Each end advertises how far into its receive stream the peer may send. The initial limit
+//! is [`TransportConfig::receive_window`] and **both ends assume the other uses the same
+//! value**; if the SAL negotiates windows it passes the peer's with
+//! [`set_peer_receive_window`](Transport::set_peer_receive_window). Later raises travel in
+//! MAX_DATA frames, sent once the application has read half a window.
+//!
+//! # Migration
+//!
+//! While the SAL migrates the flow (RSYN), [`set_frozen(true)`](Transport::set_frozen) stops
+//! all sending; received packets are still processed, losses they reveal are retransmitted
+//! without a congestion response, and the loss-detection timer is suspended (so the probe
+//! timeout neither fires nor backs off). When the new path is in place,
+//! [`on_path_change`](Transport::on_path_change) treats everything in flight as lost *without*
+//! congestion response, resets the congestion controller, RTT estimator and pacer, and
+//! restarts the path MTU search; then `set_frozen(false)` resumes sending.
+
+use core::time::Duration;
+use std::collections::VecDeque;
+
+use super::cc::{CongestionAlgorithm, CongestionController};
+use super::loss::{LossReport, SentInfo, SentPackets, Timeout};
+use super::mtu::{MtuConfig, PathMtu};
+use super::pacing::Pacer;
+use super::ranges::RangeSet;
+use super::rtt::RttEstimator;
+use super::stream_buf::{RecvBuffer, RecvError, SendBuffer};
+use crate::Instant;
+use crate::frame::{self, AckFrame, Frame, FrameError, Frames, PN_LEN, VARINT_MAX, varint_len};
+
+/// Transport error codes sent in CLOSE frames are `TRANSPORT_ERROR_BASE | n`, with `n` the
+/// matching QUIC transport error code (RFC 9000 §20.1). Applications should use codes below
+/// this value for their own closes.
+pub const TRANSPORT_ERROR_BASE: u64 = 1 << 32;
+
+/// CLOSE code after the peer sent stream data beyond the advertised limit (QUIC's
+/// FLOW_CONTROL_ERROR, 0x03).
+pub const FLOW_CONTROL_ERROR: u64 = TRANSPORT_ERROR_BASE | 0x03;
+
+/// CLOSE code after the peer sent data beyond its final size or changed it (QUIC's
+/// FINAL_SIZE_ERROR, 0x06).
+pub const FINAL_SIZE_ERROR: u64 = TRANSPORT_ERROR_BASE | 0x06;
+
+/// CLOSE code after another protocol violation, such as an ACK of a packet never sent
+/// (QUIC's PROTOCOL_VIOLATION, 0x0a).
+pub const PROTOCOL_VIOLATION: u64 = TRANSPORT_ERROR_BASE | 0x0a;
+
+/// Most STREAM frames in one packet (a retransmitted range or two, then new data). Bounds the
+/// per-packet record kept for loss recovery.
+pub const MAX_STREAM_FRAMES: usize = 4;
+
+/// Most ACK ranges written in one ACK frame (the highest ones). Lower ranges the peer has
+/// not learnt about are eventually declared lost by it and their data resent: harmless.
+pub const MAX_ACK_FRAME_RANGES: usize = 32;
+
+/// Most separate ranges of received packet numbers remembered for duplicate detection.
+/// Beyond it the lowest range is forgotten and every packet number below what is still
+/// remembered is treated as a duplicate (such a packet is long overdue: its sender declared
+/// it lost and resent its data).
+pub const MAX_RECEIVED_RANGES: usize = 128;
+
+/// Probe packets sent when the probe timeout fires (RFC 9002 §6.2.4: "one or two").
+pub const PTO_PROBE_PACKETS: u8 = 2;
+
+/// Smallest transport payload the configuration may leave room for: base UDP payloads below
+/// `sal_overhead + MIN_TRANSPORT_PAYLOAD` are raised to it.
+pub const MIN_TRANSPORT_PAYLOAD: u16 = 128;
+
+/// Worst-case bytes of an ACK frame before its second range: type and four varints.
+const ACK_HEADER_MAX: usize = 1 + 4 * 8;
+
+/// Worst-case bytes of each further ACK range: two varints.
+const ACK_RANGE_MAX: usize = 2 * 8;
+
+/// Tunables of a [`Transport`]. [`Default`] gives the values listed on each field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Congestion controller. Default [`CongestionAlgorithm::Cubic`].
+    pub congestion: CongestionAlgorithm,
+    /// Bytes of application data accepted by [`Transport::write`] and not yet acknowledged
+    /// (sent or not): beyond it `write` returns `Ok(0)` (backpressure). Default 4 MiB.
+    pub send_buffer: usize,
+    /// Flow-control window: how far beyond what the application has read the peer may send.
+    /// Also the initial limit assumed for the peer (see the [module docs](self)). Default
+    /// 8 MiB.
+    pub receive_window: u64,
+    /// RTT assumed before the first sample. Default 333 ms (RFC 9002 §6.2.2).
+    pub initial_rtt: Duration,
+    /// Longest this end delays an acknowledgement, and the delay assumed for the peer's
+    /// (RFC 9000 §18.2 `max_ack_delay`). Default 25 ms.
+    pub max_ack_delay: Duration,
+    /// Acknowledge at once after this many ack-eliciting packets since the last ACK
+    /// (RFC 9000 §13.2.2 recommends 2). Out-of-order packets are acknowledged at once
+    /// regardless. Default 2; 0 is treated as 1.
+    pub ack_eliciting_threshold: u32,
+    /// Size of a whole SAL packet (UDP payload) every path is assumed to carry; the path MTU
+    /// starts here. Default 1200 (RFC 8899 `BASE_PLPMTU`, as QUIC).
+    pub base_udp_payload: u16,
+    /// Ceiling of the path MTU search (DPLPMTUD probes never exceed it). Default 1472
+    /// (Ethernet over IPv4); the runtime raises it from the interface MTU, up to 65 507 on
+    /// loopback. Values below `base_udp_payload` disable the search.
+    pub max_udp_payload: u16,
+    /// Bytes of SAL header in front of the transport payload of a data packet. Default 20.
+    pub sal_overhead: u16,
+    /// Send a PING when nothing was sent for this long, so that the peer's idle timer (and
+    /// middleboxes) see traffic. Default `None` (no keepalive).
+    pub keepalive: Option<Duration>,
+    /// Close the connection (with [`TransportEvent::IdleTimeout`], sending nothing) when
+    /// nothing was received for this long. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Most datagrams queued each way: sent but not yet transmitted, and received but not
+    /// yet read (more received are dropped). Default 256.
+    pub datagram_queue: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            congestion: CongestionAlgorithm::Cubic,
+            send_buffer: 4 << 20,
+            receive_window: 8 << 20,
+            initial_rtt: super::rtt::INITIAL_RTT,
+            max_ack_delay: super::rtt::DEFAULT_MAX_ACK_DELAY,
+            ack_eliciting_threshold: 2,
+            base_udp_payload: super::mtu::BASE_PLPMTU,
+            max_udp_payload: 1472,
+            sal_overhead: 20,
+            keepalive: None,
+            idle_timeout: Duration::from_secs(30),
+            datagram_queue: 256,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The configuration with out-of-range values brought into range.
+    fn normalized(&self) -> TransportConfig {
+        let mut c = self.clone();
+        let floor = c.sal_overhead.saturating_add(MIN_TRANSPORT_PAYLOAD);
+        c.base_udp_payload = c.base_udp_payload.max(floor);
+        c.max_udp_payload = c.max_udp_payload.max(c.base_udp_payload);
+        c.ack_eliciting_threshold = c.ack_eliciting_threshold.max(1);
+        c
+    }
+}
+
+/// Why [`Transport::handle_packet`] rejected a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The payload does not parse (or is shorter than a packet number). It was dropped and
+    /// changed nothing; not fatal.
+    #[error("malformed transport payload: {0}")]
+    Malformed(#[from] FrameError),
+    /// A packet number at or beyond 2^62. Dropped, changed nothing; not fatal.
+    #[error("packet number out of range")]
+    InvalidPacketNumber,
+    /// Stream data beyond the advertised flow-control limit. Fatal: the transport closed
+    /// with [`FLOW_CONTROL_ERROR`].
+    #[error("peer exceeded the flow-control limit")]
+    FlowControl,
+    /// Stream data beyond the final size, or a changed final size. Fatal: the transport
+    /// closed with [`FINAL_SIZE_ERROR`].
+    #[error("peer violated the stream's final size")]
+    FinalSize,
+    /// An ACK of a packet number never sent (RFC 9000 §13.1). Fatal: the transport closed
+    /// with [`PROTOCOL_VIOLATION`].
+    #[error("peer acknowledged a packet never sent")]
+    AckOfUnsentPacket,
+}
+
+impl TransportError {
+    /// Whether the error closed the transport (a protocol violation by the peer), as opposed
+    /// to a dropped malformed payload.
+    pub fn is_fatal(&self) -> bool {
+        self.close_code().is_some()
+    }
+
+    /// The CLOSE code sent for a fatal error.
+    pub fn close_code(&self) -> Option<u64> {
+        match self {
+            TransportError::Malformed(_) | TransportError::InvalidPacketNumber => None,
+            TransportError::FlowControl => Some(FLOW_CONTROL_ERROR),
+            TransportError::FinalSize => Some(FINAL_SIZE_ERROR),
+            TransportError::AckOfUnsentPacket => Some(PROTOCOL_VIOLATION),
+        }
+    }
+}
+
+/// Why [`Transport::write`] or [`Transport::finish`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// [`Transport::finish`] was called: nothing more may be written.
+    #[error("stream finished")]
+    Finished,
+    /// The connection is closed (by either end, on error or idle timeout).
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Why [`Transport::read`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The connection was closed locally or timed out before the peer finished its stream.
+    #[error("connection closed")]
+    Closed,
+    /// The peer closed the connection with `code` before finishing its stream.
+    #[error("connection reset by peer (code {code})")]
+    Reset {
+        /// The code of the peer's CLOSE.
+        code: u64,
+    },
+}
+
+/// Why [`Transport::send_datagram`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramError {
+    /// The datagram does not fit in one packet on the current path; `max` is the largest
+    /// that does ([`Transport::max_datagram_size`]).
+    #[error("datagram too large (at most {max} bytes on this path)")]
+    TooLarge {
+        /// Largest datagram that currently fits.
+        max: usize,
+    },
+    /// [`TransportConfig::datagram_queue`] datagrams are already waiting.
+    #[error("datagram queue full")]
+    QueueFull,
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Something the application may want to react to; see [`Transport::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// Stream bytes are ready to [`read`](Transport::read). Edge-triggered: raised again
+    /// only after a read found nothing more to return (`read` returned `Ok(None)` or
+    /// emptied what was ready).
+    Readable,
+    /// [`write`](Transport::write) returned `Ok(0)` earlier and the send buffer has room
+    /// again.
+    Writable,
+    /// The peer's FIN arrived and every byte before it has been received (it may not all
+    /// have been read yet). Raised once.
+    Finished,
+    /// Our stream is finished and every byte of it and the FIN were acknowledged. Raised
+    /// once.
+    AllAcked,
+    /// Datagrams are ready to [`recv_datagram`](Transport::recv_datagram). Edge-triggered:
+    /// raised again only after `recv_datagram` emptied the queue.
+    DatagramReceived,
+    /// The connection closed, by the peer's CLOSE (`by_peer`) or by ours (an explicit
+    /// [`close`](Transport::close) or a protocol violation by the peer).
+    Closed {
+        /// Whether the peer closed it.
+        by_peer: bool,
+        /// The CLOSE code (0 is a normal close; see [`TRANSPORT_ERROR_BASE`]).
+        code: u64,
+        /// The CLOSE reason.
+        reason: String,
+    },
+    /// Nothing was received for [`TransportConfig::idle_timeout`]; the connection is
+    /// closed and sends nothing more.
+    IdleTimeout,
+}
+
+/// Counters and current values of a [`Transport`]; see [`Transport::stats`]. Byte counts of
+/// packets include the SAL overhead (they count whole SAL packets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Bytes of packets sent.
+    pub bytes_sent: u64,
+    /// Packets received and accepted (duplicates included, malformed ones excluded).
+    pub packets_received: u64,
+    /// Bytes of packets received and accepted.
+    pub bytes_received: u64,
+    /// In-flight packets declared lost (PMTU probes and migration casualties excluded).
+    pub packets_lost: u64,
+    /// Bytes of those packets.
+    pub bytes_lost: u64,
+    /// Stream bytes sent, first transmissions and retransmissions.
+    pub stream_bytes_sent: u64,
+    /// Stream bytes sent that had been sent before.
+    pub retransmitted_bytes: u64,
+    /// Distinct stream bytes received.
+    pub stream_bytes_received: u64,
+    /// Packets received whose number had already been received.
+    pub duplicate_packets: u64,
+    /// Stream bytes received again (the peer's spurious retransmissions and network
+    /// duplicates of packets the duplicate filter no longer remembers).
+    pub duplicate_stream_bytes: u64,
+    /// Packets declared lost and acknowledged afterwards (spurious loss detections).
+    pub spurious_losses: u64,
+    /// Congestion events: recovery periods entered (RFC 9002 §7.3.2), each one window
+    /// reduction however many packets were lost in it.
+    pub congestion_events: u64,
+    /// Of those, the ones that established persistent congestion.
+    pub persistent_congestion: u64,
+    /// Probe timeouts.
+    pub probe_timeouts: u64,
+    /// PMTU probes sent.
+    pub mtu_probes_sent: u64,
+    /// PMTU probes lost.
+    pub mtu_probes_lost: u64,
+    /// PMTU black holes detected (fallbacks to the base size).
+    pub black_holes: u64,
+    /// Datagrams transmitted.
+    pub datagrams_sent: u64,
+    /// Datagrams received (queued for the application).
+    pub datagrams_received: u64,
+    /// Datagrams dropped: received with the queue full, or queued for sending and no
+    /// longer fitting the path.
+    pub datagrams_dropped: u64,
+    /// Payloads rejected as malformed.
+    pub malformed_packets: u64,
+    /// Protocol violations by the peer (each closed the transport).
+    pub protocol_violations: u64,
+    /// Packets received whose stream data could not be buffered without fragmenting the
+    /// receive buffer beyond its bound; they were not acknowledged.
+    pub fragmented_drops: u64,
+    /// The congestion window, bytes.
+    pub cwnd: u64,
+    /// Bytes in flight.
+    pub bytes_in_flight: u64,
+    /// Smoothed RTT.
+    pub srtt: Duration,
+    /// Minimum RTT.
+    pub min_rtt: Duration,
+    /// The current path MTU (UDP payload bytes).
+    pub pmtu: u16,
+}
+
+/// A stream range carried by a sent packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Chunk {
+    start: u64,
+    end: u64,
+    fin: bool,
+}
+
+/// What a sent packet carried that matters if it is acknowledged or lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SentPayload {
+    chunks: [Chunk; MAX_STREAM_FRAMES],
+    n_chunks: u8,
+    /// A MAX_DATA frame (resent, with the current limit, if lost).
+    max_data: bool,
+    /// The largest packet number of the ACK frame it carried (RFC 9000 §13.2.4: once this
+    /// packet is acknowledged, lower ranges need not be acknowledged again).
+    ack_largest: Option<u64>,
+}
+
+impl SentPayload {
+    fn chunks(&self) -> &[Chunk] {
+        &self.chunks[..usize::from(self.n_chunks)]
+    }
+}
+
+/// How the connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// We closed it with this code (the CLOSE has been sent or abandoned).
+    Local,
+    /// The peer's CLOSE, with its code.
+    Peer(u64),
+    /// Nothing received for the idle timeout.
+    Idle,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Closed locally; the CLOSE frame is still to be sent (it is abandoned at `deadline`
+    /// if the transport stays frozen).
+    Closing {
+        code: u64,
+        reason: String,
+        deadline: Instant,
+    },
+    Closed(Ended),
+}
+
+/// Acknowledgement state of the receive side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AckState {
+    /// Received packet numbers (at most [`MAX_RECEIVED_RANGES`] ranges).
+    received: RangeSet,
+    /// Packet numbers below this are treated as duplicates (their ranges were forgotten).
+    dedup_floor: u64,
+    /// Ranges entirely below this need not be acknowledged again (§13.2.4).
+    ack_floor: u64,
+    /// When the largest received packet arrived (for the ACK delay).
+    largest_at: Instant,
+    /// Something ack-eliciting arrived since the last ACK was sent.
+    pending: bool,
+    /// Ack-eliciting packets since the last ACK was sent.
+    eliciting_since: u32,
+    /// Send the ACK without waiting.
+    immediate: bool,
+    /// When the delayed ACK is due.
+    deadline: Option<Instant>,
+    /// Reused for building ACK frames.
+    frame: AckFrame,
+}
+
+/// One connection's stream and datagram transport. Plain data; see the
+/// [module documentation](self) for the call order and behaviour.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transport {
+    config: TransportConfig,
+    state: State,
+    frozen: bool,
+
+    // Sending.
+    send: SendBuffer,
+    sent: SentPackets<SentPayload>,
+    rtt: RttEstimator,
+    cc: CongestionController,
+    pacer: Pacer,
+    mtu: PathMtu,
+    /// When the pacer will next allow a packet that is waiting for it.
+    pacing_until: Option<Instant>,
+    /// Probe packets still to send after a probe timeout.
+    pto_probes: u8,
+    /// A keepalive PING is due.
+    ping_pending: bool,
+    /// MAX_DATA must be (re)sent.
+    max_data_pending: bool,
+    /// Highest stream offset ever sent (to count retransmitted bytes).
+    sent_high: u64,
+    /// Packet numbers declared lost recently (for spurious-loss counting).
+    lost_pns: RangeSet,
+    dgram_out: VecDeque<Vec<u8>>,
+    /// Reused to join the two halves of ring-buffer data into one STREAM frame.
+    scratch: Vec<u8>,
+
+    // Receiving.
+    recv: RecvBuffer,
+    ack: AckState,
+    dgram_in: VecDeque<Vec<u8>>,
+
+    // Timers.
+    last_received: Instant,
+    last_sent: Instant,
+
+    // Events.
+    events: VecDeque<TransportEvent>,
+    readable_armed: bool,
+    dgram_armed: bool,
+    write_blocked: bool,
+    finished_reported: bool,
+    all_acked_reported: bool,
+
+    stats: TransportStats,
+}
+
+/// What [`Transport::emit`] may put in a packet.
+#[derive(Clone, Copy, Debug, Default)]
+struct Emit {
+    /// Largest transport payload.
+    max_payload: usize,
+    stream: bool,
+    datagrams: bool,
+    /// Add a PING if nothing else ack-eliciting was written.
+    force_eliciting: bool,
+    /// Pad to exactly this payload size and mark as a PMTU probe of `mtu_probe` bytes.
+    mtu_probe: Option<u16>,
+}
+
+impl Transport {
+    /// A transport for a flow whose handshake completed at `now`: nothing sent or received,
+    /// packet numbers from 0, the path MTU at the base size with a search pending.
+    pub fn new(config: &TransportConfig, now: Instant) -> Transport {
+        let config = config.normalized();
+        let mut send = SendBuffer::new(config.send_buffer);
+        send.set_initial_flow_limit(config.receive_window);
+        let mtu = PathMtu::new(MtuConfig {
+            base: config.base_udp_payload,
+            ..MtuConfig::new(config.max_udp_payload)
+        });
+        Transport {
+            state: State::Open,
+            frozen: false,
+            send,
+            sent: SentPackets::new(),
+            rtt: RttEstimator::new(config.initial_rtt, config.max_ack_delay),
+            cc: CongestionController::new(config.congestion, config.base_udp_payload),
+            pacer: Pacer::new(now),
+            mtu,
+            pacing_until: None,
+            pto_probes: 0,
+            ping_pending: false,
+            max_data_pending: false,
+            sent_high: 0,
+            lost_pns: RangeSet::with_max_ranges(64),
+            dgram_out: VecDeque::new(),
+            scratch: Vec::new(),
+            recv: RecvBuffer::new(config.receive_window),
+            ack: AckState {
+                received: RangeSet::with_max_ranges(MAX_RECEIVED_RANGES + 1),
+                dedup_floor: 0,
+                ack_floor: 0,
+                largest_at: now,
+                pending: false,
+                eliciting_since: 0,
+                immediate: false,
+                deadline: None,
+                frame: AckFrame::default(),
+            },
+            dgram_in: VecDeque::new(),
+            last_received: now,
+            last_sent: now,
+            events: VecDeque::new(),
+            readable_armed: true,
+            dgram_armed: true,
+            write_blocked: false,
+            finished_reported: false,
+            all_acked_reported: false,
+            stats: TransportStats::default(),
+            config,
+        }
+    }
+
+    /// The configuration in force (after out-of-range values were adjusted).
+    pub fn config(&self) -> &TransportConfig {
+        &self.config
+    }
+
+    /// Sets the peer's initial flow-control limit exactly (for example from the SAL
+    /// handshake) instead of assuming it equals our own receive window. Call before sending
+    /// anything.
+    pub fn set_peer_receive_window(&mut self, window: u64) {
+        self.send.set_initial_flow_limit(window);
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Receiving.
+
+    /// Processes a received transport payload: the packet number and frames, everything
+    /// after the SAL header of a protocol-STREAM packet.
+    ///
+    /// Ignored (`Ok`) once the transport is closing or closed. A duplicate packet number is
+    /// acknowledged but its frames are not processed again. See [`TransportError`] for
+    /// which errors are fatal.
+    pub fn handle_packet(&mut self, now: Instant, payload: &[u8]) -> Result<(), TransportError> {
+        if self.state != State::Open {
+            return Ok(());
+        }
+        let Some((pn_bytes, body)) = payload.split_first_chunk::<PN_LEN>() else {
+            self.stats.malformed_packets += 1;
+            return Err(FrameError::Truncated.into());
+        };
+        let pn = u64::from_be_bytes(*pn_bytes);
+        if pn > VARINT_MAX {
+            self.stats.malformed_packets += 1;
+            return Err(TransportError::InvalidPacketNumber);
+        }
+        // Validate the whole payload before acting on any of it.
+        let mut eliciting = false;
+        for frame in Frames::new(body) {
+            match frame {
+                Err(e) => {
+                    self.stats.malformed_packets += 1;
+                    return Err(e.into());
+                }
+                Ok(Frame::Ack(_) | Frame::Padding(_)) => {}
+                Ok(_) => eliciting = true,
+            }
+        }
+        self.stats.packets_received += 1;
+        self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
+        self.last_received = now;
+
+        if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
+            self.stats.duplicate_packets += 1;
+            if eliciting {
+                self.on_eliciting_received(now, false);
+            }
+            return Ok(());
+        }
+
+        let mut fragmented = false;
+        for frame in Frames::new(body).flatten() {
+            match frame {
+                Frame::Padding(_) | Frame::Ping => {}
+                Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
+                Frame::Stream { offset, data, fin } => match self.recv.write(offset, data, fin) {
+                    Ok(new) => {
+                        self.stats.stream_bytes_received += new as u64;
+                        self.stats.duplicate_stream_bytes += (data.len() - new) as u64;
+                    }
+                    Err(RecvError::TooFragmented) => fragmented = true,
+                    Err(RecvError::FlowControl) => {
+                        return Err(self.violation(now, TransportError::FlowControl));
+                    }
+                    Err(RecvError::FinalSize) => {
+                        return Err(self.violation(now, TransportError::FinalSize));
+                    }
+                },
+                Frame::MaxData(max) => self.send.set_flow_limit(max),
+                Frame::Datagram(data) => {
+                    if self.dgram_in.len() < self.config.datagram_queue {
+                        self.dgram_in.push_back(data.to_vec());
+                        self.stats.datagrams_received += 1;
+                        if self.dgram_armed {
+                            self.dgram_armed = false;
+                            self.push_event(TransportEvent::DatagramReceived);
+                        }
+                    } else {
+                        self.stats.datagrams_dropped += 1;
+                    }
+                }
+                Frame::Close { code, reason } => {
+                    self.state = State::Closed(Ended::Peer(code));
+                    self.push_event(TransportEvent::Closed {
+                        by_peer: true,
+                        code,
+                        reason: reason.to_owned(),
+                    });
+                    self.update_stream_events();
+                    return Ok(());
+                }
+            }
+        }
+        self.update_stream_events();
+        if fragmented {
+            // The stream data was dropped: leave the packet unacknowledged so that the peer
+            // resends it.
+            self.stats.fragmented_drops += 1;
+            return Ok(());
+        }
+
+        let in_order = match self.ack.received.max() {
+            None => pn == 0,
+            Some(max) => pn == max + 1,
+        };
+        if self.ack.received.max().is_none_or(|max| pn > max) {
+            self.ack.largest_at = now;
+        }
+        self.ack.received.insert(pn..pn + 1);
+        while self.ack.received.len() > MAX_RECEIVED_RANGES {
+            if let Some(r) = self.ack.received.pop_min() {
+                self.ack.dedup_floor = self.ack.dedup_floor.max(r.end);
+            }
+        }
+        if eliciting {
+            self.on_eliciting_received(now, !in_order);
+        }
+        Ok(())
+    }
+
+    /// Acknowledgement bookkeeping for an ack-eliciting packet (RFC 9000 §13.2.1–§13.2.2).
+    fn on_eliciting_received(&mut self, now: Instant, out_of_order: bool) {
+        let ack = &mut self.ack;
+        ack.pending = true;
+        ack.eliciting_since = ack.eliciting_since.saturating_add(1);
+        if out_of_order || ack.eliciting_since >= self.config.ack_eliciting_threshold {
+            ack.immediate = true;
+        }
+        if ack.deadline.is_none() {
+            ack.deadline = Some(now + self.config.max_ack_delay);
+        }
+    }
+
+    /// Processes one ACK frame (RFC 9002 Appendix A.7).
+    fn on_ack_frame(&mut self, now: Instant, ack: &AckFrame) -> Result<(), TransportError> {
+        // Ranges are inclusive and below 2^62 (varints), so `hi + 1` cannot overflow.
+        let ranges = ack.ranges.iter().map(|&(lo, hi)| lo..hi.saturating_add(1));
+        let delay = Duration::from_micros(ack.delay_micros);
+        let in_flight_before = self.sent.bytes_in_flight();
+        let outcome = self.sent.on_ack(ranges.clone(), delay, now, &mut self.rtt);
+        if outcome.acked_unsent {
+            return Err(self.violation(now, TransportError::AckOfUnsentPacket));
+        }
+        if !self.lost_pns.is_empty() {
+            for r in ranges {
+                let missing: u64 = self.lost_pns.gaps(r.clone()).map(|g| g.end - g.start).sum();
+                let overlap = (r.end - r.start) - missing;
+                if overlap > 0 {
+                    self.stats.spurious_losses += overlap;
+                    self.lost_pns.remove(r);
+                }
+            }
+        }
+        self.on_lost(now, outcome.lost, !self.frozen);
+
+        // RFC 9002 §7.8: the window was not the limit if it was not full and there was
+        // nothing more to send.
+        let app_limited = in_flight_before.saturating_add(u64::from(self.mtu.current()))
+            < self.cc.window()
+            && !self.has_sendable();
+        for p in outcome.newly_acked {
+            if p.info.in_flight {
+                self.cc.on_ack(
+                    now,
+                    p.info.time_sent,
+                    u64::from(p.info.size),
+                    &self.rtt,
+                    app_limited,
+                );
+            }
+            if p.info.mtu_probe {
+                let before = self.mtu.current();
+                self.mtu.on_probe_acked(p.number);
+                if self.mtu.current() != before {
+                    self.cc.on_mtu_update(self.mtu.current());
+                }
+            } else {
+                self.mtu.on_packet_acked(p.number, p.info.size);
+            }
+            for c in p.payload.chunks() {
+                self.send.on_acked(c.start..c.end, c.fin);
+            }
+            if let Some(largest) = p.payload.ack_largest {
+                self.ack.ack_floor = self.ack.ack_floor.max(largest);
+            }
+        }
+        if self.write_blocked && self.send.free() > 0 {
+            self.write_blocked = false;
+            self.push_event(TransportEvent::Writable);
+        }
+        if !self.all_acked_reported && self.send.is_fully_acked() {
+            self.all_acked_reported = true;
+            self.push_event(TransportEvent::AllAcked);
+        }
+        Ok(())
+    }
+
+    /// Handles packets declared lost: requeues what they carried and, if `congestion`,
+    /// reports the congestion event.
+    fn on_lost(&mut self, now: Instant, report: LossReport<SentPayload>, congestion: bool) {
+        if report.is_empty() {
+            return;
+        }
+        let mut black_hole = false;
+        for p in &report.packets {
+            if p.info.mtu_probe {
+                self.mtu.on_probe_lost(p.number);
+                self.stats.mtu_probes_lost += 1;
+                continue;
+            }
+            if p.info.in_flight {
+                self.stats.packets_lost += 1;
+                self.stats.bytes_lost += u64::from(p.info.size);
+                self.lost_pns.insert(p.number..p.number + 1);
+                black_hole |= self.mtu.on_packet_lost(p.number, p.info.size);
+            }
+            self.requeue(&p.payload);
+        }
+        if black_hole {
+            self.stats.black_holes += 1;
+            self.cc.on_mtu_update(self.mtu.current());
+        }
+        if let Some(sent_time) = report.congestion_event.filter(|_| congestion) {
+            // Losses of packets sent before the current recovery period began do not start
+            // a new one (RFC 9002 §7.3.2); only new periods are counted.
+            if !self.cc.in_recovery(sent_time) || report.persistent_congestion {
+                self.stats.congestion_events += 1;
+            }
+            self.cc
+                .on_congestion_event(now, sent_time, report.persistent_congestion);
+            if report.persistent_congestion {
+                self.stats.persistent_congestion += 1;
+                self.rtt.on_persistent_congestion();
+            }
+        }
+    }
+
+    /// Queues again what a lost packet carried.
+    fn requeue(&mut self, payload: &SentPayload) {
+        for c in payload.chunks() {
+            self.send.on_lost(c.start..c.end, c.fin);
+        }
+        if payload.max_data && self.recv.fin_offset().is_none() {
+            self.max_data_pending = true;
+        }
+    }
+
+    /// Closes the transport after a protocol violation by the peer.
+    fn violation(&mut self, now: Instant, err: TransportError) -> TransportError {
+        self.stats.protocol_violations += 1;
+        let code = err.close_code().unwrap_or(PROTOCOL_VIOLATION);
+        self.close(now, code, &err.to_string());
+        err
+    }
+
+    /// Raises `Readable` and `Finished` as the receive buffer warrants.
+    fn update_stream_events(&mut self) {
+        let readable = self.recv.readable();
+        if readable > 0 && self.readable_armed {
+            self.readable_armed = false;
+            self.push_event(TransportEvent::Readable);
+        }
+        if !self.finished_reported
+            && self.recv.fin_offset() == Some(self.recv.read_offset() + readable)
+        {
+            self.finished_reported = true;
+            self.push_event(TransportEvent::Finished);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Sending.
+
+    /// Whether stream data or datagrams wait to be sent (flow control permitting).
+    fn has_sendable(&self) -> bool {
+        !self.dgram_out.is_empty() || self.send.has_pending()
+    }
+
+    /// Appends the next packet's transport payload (packet number and frames) to `out`,
+    /// after the SAL header the caller has already written there, and returns how many
+    /// bytes were appended: 0 if nothing may be sent now (nothing pending, congestion window
+    /// full, pacing delay, frozen, closed), in which case `out` is left as it was. Call
+    /// repeatedly until it returns 0; if it returned 0 because of pacing,
+    /// [`poll_timeout`](Self::poll_timeout) includes the pacing release.
+    ///
+    /// The payload never exceeds the current path MTU minus
+    /// [`TransportConfig::sal_overhead`] (a PMTU probe is exactly its probe size minus the
+    /// overhead).
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+        self.pacing_until = None;
+        if self.frozen {
+            return 0;
+        }
+        match &self.state {
+            State::Open => {}
+            State::Closing { .. } => return self.emit_close(now, out),
+            State::Closed(_) => return 0,
+        }
+        let sal = usize::from(self.config.sal_overhead);
+        let mtu = self.mtu.current();
+        let max_payload = usize::from(mtu) - sal;
+
+        if self.pto_probes > 0 {
+            self.pto_probes -= 1;
+            // RFC 8899 black-hole hint (see `PathMtu::on_packet_lost`): from the second
+            // consecutive timeout on, probe with base-size packets.
+            let limit = if self.sent.pto_count() >= 2 {
+                usize::from(self.config.base_udp_payload) - sal
+            } else {
+                max_payload
+            };
+            if !self.send.has_pending() {
+                self.requeue_oldest_for_probe();
+            }
+            return self.emit(
+                now,
+                out,
+                Emit {
+                    max_payload: limit,
+                    stream: true,
+                    datagrams: false,
+                    force_eliciting: true,
+                    mtu_probe: None,
+                },
+            );
+        }
+
+        let window = self.cc.window();
+        let in_flight = self.sent.bytes_in_flight();
+        let srtt = self.rtt.smoothed();
+        let wants = self.has_sendable();
+        let active = wants || self.send.acked_offset() < self.send.unsent_offset();
+
+        // Probe only while data moves (not for keepalives on an idle connection). The probe
+        // is gated like an ordinary packet (room for one more of the current size): a probe
+        // larger than the whole window, as the first one towards a jumbo MTU is, must still
+        // be able to go out.
+        let probe = if active {
+            self.mtu.next_probe_size(now)
+        } else {
+            None
+        };
+        if let Some(size) = probe.filter(|&s| s > mtu && in_flight + u64::from(mtu) <= window) {
+            match self.pacer.delay(now, u64::from(size), mtu, window, srtt) {
+                None => {
+                    return self.emit(
+                        now,
+                        out,
+                        Emit {
+                            max_payload: usize::from(size) - sal,
+                            mtu_probe: Some(size),
+                            ..Emit::default()
+                        },
+                    );
+                }
+                Some(t) => self.pacing_until = Some(t),
+            }
+        }
+
+        if wants && in_flight + u64::from(mtu) <= window {
+            match self.pacer.delay(now, u64::from(mtu), mtu, window, srtt) {
+                None => {
+                    let n = self.emit(
+                        now,
+                        out,
+                        Emit {
+                            max_payload,
+                            stream: true,
+                            datagrams: true,
+                            ..Emit::default()
+                        },
+                    );
+                    if n > 0 {
+                        self.pacing_until = None;
+                        return n;
+                    }
+                }
+                Some(t) => {
+                    self.pacing_until = Some(self.pacing_until.map_or(t, |p| p.min(t)));
+                }
+            }
+        }
+
+        let ack_due =
+            self.ack.pending && (self.ack.immediate || self.ack.deadline.is_some_and(|d| d <= now));
+        if ack_due || self.ping_pending || self.max_data_pending {
+            let n = self.emit(
+                now,
+                out,
+                Emit {
+                    max_payload,
+                    ..Emit::default()
+                },
+            );
+            if n > 0 {
+                return n;
+            }
+        }
+        0
+    }
+
+    /// For a PTO probe with no new data: queue the data of the oldest outstanding packet
+    /// that carried some for retransmission (RFC 9002 §6.2.4).
+    fn requeue_oldest_for_probe(&mut self) {
+        let oldest = self
+            .sent
+            .outstanding()
+            .find(|(_, _, p)| p.n_chunks > 0)
+            .map(|(_, _, p)| *p);
+        if let Some(payload) = oldest {
+            for c in payload.chunks() {
+                self.send.on_lost(c.start..c.end, c.fin);
+            }
+        }
+    }
+
+    /// Builds one packet into `out` per `opts` (plus whatever is pending: ACK, MAX_DATA,
+    /// keepalive PING) and records it. Returns its length, 0 if it would have been empty.
+    fn emit(&mut self, now: Instant, out: &mut Vec<u8>, opts: Emit) -> usize {
+        let start = out.len();
+        let end = start + opts.max_payload;
+        let pn = self.sent.next_packet_number();
+        out.extend_from_slice(&pn.to_be_bytes());
+        let mut payload = SentPayload::default();
+        let mut eliciting = false;
+
+        let probe = opts.mtu_probe.is_some();
+        if !probe && self.ack.pending {
+            payload.ack_largest = self.write_ack(now, out, end.saturating_sub(out.len()));
+        }
+        if !probe && self.max_data_pending && end.saturating_sub(out.len()) > 8 {
+            frame::write_max_data(out, self.recv.max_offset());
+            self.max_data_pending = false;
+            payload.max_data = true;
+            eliciting = true;
+        }
+        if self.ping_pending || probe {
+            frame::write_ping(out);
+            self.ping_pending = false;
+            eliciting = true;
+        }
+        if opts.stream {
+            eliciting |= self.write_stream_frames(out, end, &mut payload, opts.datagrams);
+        }
+        if opts.datagrams {
+            eliciting |= self.write_datagrams(out, end, opts.max_payload);
+        }
+        if opts.force_eliciting && !eliciting {
+            frame::write_ping(out);
+            eliciting = true;
+        }
+        if let Some(size) = opts.mtu_probe {
+            let target = start + usize::from(size) - usize::from(self.config.sal_overhead);
+            frame::write_padding(out, target.saturating_sub(out.len()));
+        }
+        let len = out.len() - start;
+        if len == PN_LEN {
+            out.truncate(start);
+            return 0;
+        }
+        let wire = len + usize::from(self.config.sal_overhead);
+        let size = u16::try_from(wire).unwrap_or(u16::MAX);
+        let info = SentInfo {
+            time_sent: now,
+            size,
+            ack_eliciting: eliciting,
+            in_flight: eliciting,
+            mtu_probe: opts.mtu_probe.is_some(),
+        };
+        if info.in_flight {
+            self.cc.on_packet_sent(now, u64::from(size));
+            self.pacer.on_sent(u64::from(size));
+        }
+        self.sent.on_sent(info, payload);
+        if let Some(probe) = opts.mtu_probe {
+            self.mtu.on_probe_sent(pn, probe);
+            self.stats.mtu_probes_sent += 1;
+        }
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += wire as u64;
+        self.last_sent = now;
+        len
+    }
+
+    /// Writes an ACK frame of the received packet numbers, fitting in `room` bytes, and
+    /// resets the acknowledgement state. Returns the largest acknowledged packet number.
+    fn write_ack(&mut self, now: Instant, out: &mut Vec<u8>, room: usize) -> Option<u64> {
+        let ack = &mut self.ack;
+        let largest = ack.received.max()?;
+        if room < ACK_HEADER_MAX {
+            return None;
+        }
+        let max_ranges = MAX_ACK_FRAME_RANGES.min(1 + (room - ACK_HEADER_MAX) / ACK_RANGE_MAX);
+        ack.frame.ranges.clear();
+        for r in ack.received.iter().rev() {
+            if ack.frame.ranges.len() >= max_ranges
+                || (!ack.frame.ranges.is_empty() && r.end <= ack.ack_floor)
+            {
+                break;
+            }
+            ack.frame.ranges.push((r.start, r.end - 1));
+        }
+        ack.frame.delay_micros = u64::try_from((now - ack.largest_at).as_micros()).unwrap_or(0);
+        ack.frame.write(out);
+        ack.pending = false;
+        ack.immediate = false;
+        ack.eliciting_since = 0;
+        ack.deadline = None;
+        Some(largest)
+    }
+
+    /// Writes STREAM frames up to `end`; returns whether any was written.
+    fn write_stream_frames(
+        &mut self,
+        out: &mut Vec<u8>,
+        end: usize,
+        payload: &mut SentPayload,
+        leave_room_for_datagram: bool,
+    ) -> bool {
+        // Keep room for the first queued datagram so that bulk data cannot starve them.
+        let reserve = match self.dgram_out.front() {
+            Some(d) if leave_room_for_datagram => datagram_frame_len(d.len()),
+            _ => 0,
+        };
+        let end = if end.saturating_sub(out.len()) > reserve + 64 {
+            end - reserve
+        } else {
+            end
+        };
+        let mut wrote = false;
+        while usize::from(payload.n_chunks) < MAX_STREAM_FRAMES {
+            let room = end.saturating_sub(out.len());
+            // Any chunk starts below `send.end()`, so this bounds the offset varint.
+            let overhead = 1 + varint_len(self.send.end()) + varint_len(room as u64);
+            if room < overhead {
+                break;
+            }
+            let Some(chunk) = self.send.poll_transmit(room - overhead) else {
+                break;
+            };
+            let range = chunk.range.clone();
+            let Some((a, b)) = self.send.get(range.clone()) else {
+                // Cannot happen (the buffer holds what it returns); requeue rather than lose.
+                self.send.on_lost(range, chunk.fin);
+                break;
+            };
+            if b.is_empty() {
+                frame::write_stream(out, range.start, a, chunk.fin);
+            } else {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(a);
+                self.scratch.extend_from_slice(b);
+                frame::write_stream(out, range.start, &self.scratch, chunk.fin);
+            }
+            let len = range.end - range.start;
+            self.stats.stream_bytes_sent += len;
+            self.stats.retransmitted_bytes +=
+                self.sent_high.min(range.end).saturating_sub(range.start);
+            self.sent_high = self.sent_high.max(range.end);
+            payload.chunks[usize::from(payload.n_chunks)] = Chunk {
+                start: range.start,
+                end: range.end,
+                fin: chunk.fin,
+            };
+            payload.n_chunks += 1;
+            wrote = true;
+            if len == 0 {
+                break;
+            }
+        }
+        wrote
+    }
+
+    /// Writes queued datagrams up to `end`; returns whether any was written. Datagrams that
+    /// no longer fit in any packet of `max_payload` bytes are dropped.
+    fn write_datagrams(&mut self, out: &mut Vec<u8>, end: usize, max_payload: usize) -> bool {
+        let mut wrote = false;
+        while let Some(d) = self.dgram_out.front() {
+            let need = datagram_frame_len(d.len());
+            if need > end.saturating_sub(out.len()) {
+                if need > max_payload.saturating_sub(PN_LEN) {
+                    self.dgram_out.pop_front();
+                    self.stats.datagrams_dropped += 1;
+                    continue;
+                }
+                break;
+            }
+            frame::write_datagram(out, d);
+            self.dgram_out.pop_front();
+            self.stats.datagrams_sent += 1;
+            wrote = true;
+        }
+        wrote
+    }
+
+    /// Sends the CLOSE frame of a local close (with an ACK if one is pending) and enters the
+    /// closed state.
+    fn emit_close(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+        let State::Closing { code, reason, .. } =
+            core::mem::replace(&mut self.state, State::Closed(Ended::Local))
+        else {
+            return 0;
+        };
+        let start = out.len();
+        let end = start + usize::from(self.mtu.current()) - usize::from(self.config.sal_overhead);
+        let pn = self.sent.next_packet_number();
+        out.extend_from_slice(&pn.to_be_bytes());
+        let mut payload = SentPayload::default();
+        if self.ack.pending {
+            payload.ack_largest = self.write_ack(now, out, end.saturating_sub(out.len()) / 2);
+        }
+        // Type, code and length take at most 1 + 8 + 8 bytes.
+        let room = end.saturating_sub(out.len() + 17);
+        let mut cut = reason.len().min(room);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        frame::write_close(out, code, &reason[..cut]);
+        let len = out.len() - start;
+        let wire = len + usize::from(self.config.sal_overhead);
+        let size = u16::try_from(wire).unwrap_or(u16::MAX);
+        self.sent.on_sent(SentInfo::ack_only(now, size), payload);
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += wire as u64;
+        self.last_sent = now;
+        len
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Timers.
+
+    /// The idle deadline.
+    fn idle_deadline(&self) -> Instant {
+        self.last_received + self.config.idle_timeout
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
+    /// the loss-detection (loss or probe) timer, the delayed-ACK timer, the pacing release,
+    /// the keepalive, the idle timeout and the PMTU raise timer. `None` once closed. While
+    /// frozen only the idle timeout runs.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = self.idle_deadline();
+        match &self.state {
+            State::Open => {}
+            State::Closing { deadline, .. } => return Some(idle.min(*deadline)),
+            State::Closed(_) => return None,
+        }
+        if self.frozen {
+            return Some(idle);
+        }
+        let mut t = idle;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = t.min(x);
+            }
+        };
+        consider(self.sent.next_timeout(&self.rtt));
+        if self.ack.pending && !self.ack.immediate {
+            consider(self.ack.deadline);
+        }
+        consider(self.pacing_until);
+        if !self.ping_pending {
+            consider(self.config.keepalive.map(|k| self.last_sent + k));
+        }
+        consider(self.mtu.next_timeout());
+        Some(t)
+    }
+
+    /// Handles whatever timers expired at `now` (calling it early or twice is harmless).
+    /// Then call [`poll_transmit`](Self::poll_transmit).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &self.state {
+            State::Open => {}
+            State::Closing { deadline, .. } => {
+                if now >= *deadline || now >= self.idle_deadline() {
+                    // The CLOSE could not be sent in time (frozen): give it up.
+                    self.state = State::Closed(Ended::Local);
+                }
+                return;
+            }
+            State::Closed(_) => return,
+        }
+        if now >= self.idle_deadline() {
+            self.state = State::Closed(Ended::Idle);
+            self.push_event(TransportEvent::IdleTimeout);
+            return;
+        }
+        if self.frozen {
+            return;
+        }
+        if self.sent.next_timeout(&self.rtt).is_some_and(|t| t <= now) {
+            match self.sent.on_timeout(now, &self.rtt) {
+                Some(Timeout::Lost(report)) => self.on_lost(now, report, true),
+                Some(Timeout::Probe) => {
+                    self.stats.probe_timeouts += 1;
+                    self.pto_probes = PTO_PROBE_PACKETS;
+                }
+                None => {}
+            }
+        }
+        if self.ack.pending && self.ack.deadline.is_some_and(|d| d <= now) {
+            self.ack.immediate = true;
+        }
+        if self
+            .config
+            .keepalive
+            .is_some_and(|k| self.last_sent + k <= now)
+        {
+            self.ping_pending = true;
+        }
+        if self.mtu.next_timeout().is_some_and(|t| t <= now) {
+            // Leaves `SearchComplete` (disarming the raise timer); the probe goes out with
+            // the next packet that may be sent.
+            let _ = self.mtu.next_probe_size(now);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Application interface.
+
+    /// Whether the transport no longer sends nor accepts anything (closed by either end,
+    /// timed out, or closing with the CLOSE still to send).
+    pub fn is_closed(&self) -> bool {
+        self.state != State::Open
+    }
+
+    /// Offers stream bytes; returns how many were taken: `Ok(0)` when the send buffer is full
+    /// ([`TransportEvent::Writable`] follows when it has room again).
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, WriteError> {
+        if self.is_closed() {
+            return Err(WriteError::Closed);
+        }
+        let n = self.send.write(data).map_err(|_| WriteError::Finished)?;
+        if n == 0 && !data.is_empty() {
+            self.write_blocked = true;
+        }
+        Ok(n)
+    }
+
+    /// Ends our direction of the stream after the bytes written so far (a FIN follows them).
+    /// Idempotent.
+    pub fn finish(&mut self) -> Result<(), WriteError> {
+        if self.is_closed() {
+            return Err(WriteError::Closed);
+        }
+        self.send.finish();
+        Ok(())
+    }
+
+    /// Reads received stream bytes in order into `buf`.
+    ///
+    /// `Ok(Some(n))` with `n > 0`: bytes read. `Ok(Some(0))`: the peer finished and everything
+    /// was read (also returned for an empty `buf`). `Ok(None)`: nothing ready yet (wait for
+    /// [`TransportEvent::Readable`]). Bytes received before the connection closed remain
+    /// readable; after them, `Err(Reset)` if the peer closed it, `Err(Closed)` otherwise.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, ReadError> {
+        if buf.is_empty() {
+            return Ok(Some(0));
+        }
+        let n = self.recv.read(buf);
+        if self.recv.readable() == 0 {
+            self.readable_armed = true;
+        }
+        if n > 0 {
+            if self.recv.poll_window_update().is_some() {
+                self.max_data_pending = true;
+            }
+            return Ok(Some(n));
+        }
+        if self.recv.is_finished() {
+            return Ok(Some(0));
+        }
+        match self.state {
+            State::Open => Ok(None),
+            State::Closed(Ended::Peer(code)) => Err(ReadError::Reset { code }),
+            State::Closing { .. } | State::Closed(_) => Err(ReadError::Closed),
+        }
+    }
+
+    /// Largest datagram [`send_datagram`](Self::send_datagram) accepts on the current path.
+    pub fn max_datagram_size(&self) -> usize {
+        let room =
+            usize::from(self.mtu.current()) - usize::from(self.config.sal_overhead) - PN_LEN - 1;
+        // Largest `n` with `n + varint_len(n) <= room`.
+        let mut n = room.saturating_sub(varint_len(room as u64));
+        while n + 1 + varint_len(n as u64 + 1) <= room {
+            n += 1;
+        }
+        n
+    }
+
+    /// Queues an unreliable datagram. It is sent once, when the congestion window allows, and
+    /// never retransmitted.
+    pub fn send_datagram(&mut self, data: &[u8]) -> Result<(), DatagramError> {
+        if self.is_closed() {
+            return Err(DatagramError::Closed);
+        }
+        let max = self.max_datagram_size();
+        if data.len() > max {
+            return Err(DatagramError::TooLarge { max });
+        }
+        if self.dgram_out.len() >= self.config.datagram_queue {
+            return Err(DatagramError::QueueFull);
+        }
+        self.dgram_out.push_back(data.to_vec());
+        Ok(())
+    }
+
+    /// The next received datagram, if any.
+    pub fn recv_datagram(&mut self) -> Option<Vec<u8>> {
+        let d = self.dgram_in.pop_front();
+        if self.dgram_in.is_empty() {
+            self.dgram_armed = true;
+        }
+        d
+    }
+
+    /// Closes the connection: the next [`poll_transmit`](Self::poll_transmit) sends a CLOSE
+    /// frame with `code` and `reason` (with an ACK if one is due; the reason is cut to fit),
+    /// and nothing is sent after it. Received packets are ignored from now on. If the
+    /// transport is frozen, the CLOSE waits for it to thaw, for at most three probe timeout
+    /// periods from `now`. Does nothing if already closed.
+    pub fn close(&mut self, now: Instant, code: u64, reason: &str) {
+        if self.state != State::Open {
+            return;
+        }
+        let deadline = now + self.rtt.pto_period().saturating_mul(3);
+        self.state = State::Closing {
+            code,
+            reason: reason.to_owned(),
+            deadline,
+        };
+        self.push_event(TransportEvent::Closed {
+            by_peer: false,
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// The next event, if any. Events are coalesced: an event equal to one still queued is
+    /// not queued again, so the queue stays a handful of entries long however long the
+    /// application leaves it.
+    pub fn poll_event(&mut self) -> Option<TransportEvent> {
+        self.events.pop_front()
+    }
+
+    fn push_event(&mut self, event: TransportEvent) {
+        if !self.events.contains(&event) {
+            self.events.push_back(event);
+        }
+    }
+
+    /// Whether both directions are complete: our FIN and every byte were acknowledged, and
+    /// the peer's FIN arrived and everything was read. The SAL may then close the flow.
+    pub fn is_drained(&self) -> bool {
+        self.send.is_fully_acked() && self.recv.is_finished()
+    }
+
+    /// Whether the transport is frozen (see [`set_frozen`](Self::set_frozen)).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Freezes (or thaws) the transport while the SAL migrates the flow: nothing is sent;
+    /// received packets are still processed (losses they reveal are requeued without a
+    /// congestion response); the loss-detection timer is suspended, so the probe timeout
+    /// neither fires nor backs off. The idle timeout keeps running.
+    pub fn set_frozen(&mut self, frozen: bool) {
+        self.frozen = frozen;
+    }
+
+    /// The flow now runs over a new path (migration completed): every packet in flight is
+    /// declared lost *without* congestion response and its data queued for retransmission;
+    /// the congestion controller restarts from the initial window, the RTT estimator from
+    /// the initial RTT, the pacer from a full bucket; the path MTU search restarts at the base
+    /// size. A pending ACK is sent at once.
+    pub fn on_path_change(&mut self, now: Instant) {
+        for p in self.sent.drain() {
+            self.requeue(&p.payload);
+        }
+        self.lost_pns.clear();
+        self.mtu = PathMtu::new(*self.mtu.config());
+        self.cc.on_mtu_update(self.mtu.current());
+        self.cc.on_path_change();
+        self.rtt.reset();
+        self.pacer = Pacer::new(now);
+        self.pacing_until = None;
+        self.pto_probes = 0;
+        if self.ack.pending {
+            self.ack.immediate = true;
+        }
+    }
+
+    /// Counters and current values.
+    pub fn stats(&self) -> TransportStats {
+        TransportStats {
+            cwnd: self.cc.window(),
+            bytes_in_flight: self.sent.bytes_in_flight(),
+            srtt: self.rtt.smoothed(),
+            min_rtt: self.rtt.min(),
+            pmtu: self.mtu.current(),
+            ..self.stats
+        }
+    }
+}
+
+/// Bytes of a DATAGRAM frame carrying `len` bytes.
+fn datagram_frame_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+#[cfg(test)]
+mod tests;
