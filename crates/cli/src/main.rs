@@ -4,6 +4,9 @@
 //! failures exit with status 1.
 #![deny(unsafe_code)]
 
+mod net;
+
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +22,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve a service: print what each connection sends (or echo it back with --echo).
+    ///
+    /// Keeps accepting connections until interrupted. Without --echo, each accepted stream's
+    /// bytes go to stdout; the listener sends nothing and closes its direction when the
+    /// client's ends. With --echo, everything is sent back, then the listener closes.
+    Listen {
+        /// The service: a name, `NAME/*` for a whole domain, a hex ID or `HEX/LEN`.
+        service: String,
+        /// Local UDP address to bind; repeat for several (IPv4 and IPv6).
+        #[arg(
+            long = "bind",
+            value_name = "ADDR",
+            env = "SERVAL_BIND",
+            value_delimiter = ',',
+            default_value = "0.0.0.0:54324"
+        )]
+        bind: Vec<SocketAddr>,
+        /// Echo each stream back instead of printing it.
+        #[arg(long)]
+        echo: bool,
+    },
+    /// Connect to a service by name, send stdin, print what comes back.
+    ///
+    /// Exits 0 once both directions have closed.
+    Cat {
+        /// The service name or hex ID.
+        service: String,
+        /// Next hop for the SYN: a service router, or the instance itself.
+        #[arg(long, value_name = "ADDR", env = "SERVAL_VIA")]
+        via: SocketAddr,
+        /// Local UDP address to bind (default: any address of the next hop's family).
+        #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
+        bind: Option<SocketAddr>,
+    },
     /// Print the serviceID of a name, or the prefix of a domain.
     ///
     /// `web.example.com` prints the 64-hex-digit serviceID; `example.com/*` prints the prefix that
@@ -41,6 +78,46 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Id { names } => id(&names),
+        Command::Listen {
+            service,
+            bind,
+            echo,
+        } => match ServicePrefix::parse(&service) {
+            Ok(prefix) => run(net::listen(&service, prefix, bind, echo)),
+            Err(e) => usage(&e),
+        },
+        Command::Cat { service, via, bind } => match ServiceId::parse(&service) {
+            Ok(id) => run(net::cat(&service, id, via, bind)),
+            Err(e) => usage(&e),
+        },
+    }
+}
+
+/// Reports bad input as one line, exit status 2.
+fn usage(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Runs a network command on a tokio runtime; a failure is one line on stderr, exit status 1.
+fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

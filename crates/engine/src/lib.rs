@@ -6,7 +6,9 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod connection;
 pub mod crypto;
+pub mod endpoint;
 pub mod frame;
 pub mod time;
 pub mod transport;

@@ -1451,6 +1451,13 @@ impl Transport {
         self.frozen
     }
 
+    /// The SAL received an authenticated control packet on this flow: the peer is alive, so the
+    /// idle timer restarts (control exchanges such as the closing FINs carry no transport
+    /// payload but are activity all the same).
+    pub fn on_peer_activity(&mut self, now: Instant) {
+        self.last_received = self.last_received.max(now);
+    }
+
     /// Freezes (or thaws) the transport while the SAL migrates the flow: nothing is sent;
     /// received packets are still processed (losses they reveal are requeued without a
     /// congestion response); the loss-detection timer is suspended, so the probe timeout

@@ -372,12 +372,12 @@ impl<T> SentPackets<T> {
         // §5.1: sample only if the largest acknowledged is newly acknowledged and something
         // ack-eliciting was newly acknowledged.
         let newest = out.newly_acked.last().filter(|p| p.number == largest);
-        if let Some(newest) = newest {
-            if out.newly_acked.iter().any(|p| p.info.ack_eliciting) {
-                rtt.update(now - newest.info.time_sent, ack_delay);
-                self.first_rtt_sample.get_or_insert(now);
-                out.rtt_sample_taken = true;
-            }
+        if let Some(newest) = newest
+            && out.newly_acked.iter().any(|p| p.info.ack_eliciting)
+        {
+            rtt.update(now - newest.info.time_sent, ack_delay);
+            self.first_rtt_sample.get_or_insert(now);
+            out.rtt_sample_taken = true;
         }
 
         out.lost = self.detect_lost(now, rtt);

@@ -1,0 +1,128 @@
+//! `serval listen` and `serval cat`.
+
+use std::net::SocketAddr;
+
+use serval::{Endpoint, ServiceId, ServicePrefix, Stream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Serves `prefix` (typed by the user as `name`) on `bind` until interrupted.
+pub async fn listen(
+    name: &str,
+    prefix: ServicePrefix,
+    bind: Vec<SocketAddr>,
+    echo: bool,
+) -> Result<(), String> {
+    let ep = Endpoint::bind(&bind)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", list(&bind)))?;
+    let mut listener = ep
+        .listen(prefix)
+        .map_err(|e| format!("cannot listen on {name}: {e}"))?;
+    eprintln!(
+        "serval: serving {name} ({prefix}) on {}{}",
+        list(&ep.local_locators()),
+        if echo { " (echo)" } else { "" }
+    );
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
+                tokio::spawn(async move {
+                    let peer = stream.peer_locator().map_or_else(|_| "?".into(), |p| p.to_string());
+                    let r = if echo { serve_echo(stream).await } else { serve_print(stream).await };
+                    if let Err(e) = r {
+                        eprintln!("serval: connection from {peer}: {e}");
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Copies the stream back to itself, then closes our direction.
+async fn serve_echo(mut stream: Stream) -> std::io::Result<()> {
+    let (mut r, mut w) = stream.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+/// Copies the stream to stdout; sends nothing and closes our direction at the client's end.
+async fn serve_print(mut stream: Stream) -> std::io::Result<()> {
+    let mut out = tokio::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).await?;
+    }
+    out.flush().await?;
+    stream.shutdown().await
+}
+
+/// Connects to `service` (typed by the user as `name`) through `via`, sends stdin, prints what
+/// comes back.
+pub async fn cat(
+    name: &str,
+    service: ServiceId,
+    via: SocketAddr,
+    bind: Option<SocketAddr>,
+) -> Result<(), String> {
+    let local = bind.unwrap_or_else(|| {
+        if via.is_ipv4() {
+            "0.0.0.0:0".parse()
+        } else {
+            "[::]:0".parse()
+        }
+        .unwrap_or(via)
+    });
+    let ep = Endpoint::bind(&[local])
+        .await
+        .map_err(|e| format!("cannot bind {local}: {e}"))?;
+    let mut stream = ep
+        .connect_via(service, via)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::HostUnreachable => {
+                format!("no route to service {name} (via {via})")
+            }
+            std::io::ErrorKind::TimedOut => {
+                format!("connect to service {name} via {via} timed out")
+            }
+            _ => format!("connect to service {name} via {via}: {e}"),
+        })?;
+    {
+        let (mut r, mut w) = stream.split();
+        let send = async {
+            let mut stdin = tokio::io::stdin();
+            tokio::io::copy(&mut stdin, &mut w).await?;
+            w.shutdown().await
+        };
+        let receive = async {
+            let mut stdout = tokio::io::stdout();
+            tokio::io::copy(&mut r, &mut stdout).await?;
+            stdout.flush().await
+        };
+        let (s, r) = tokio::join!(send, receive);
+        s.map_err(|e| format!("sending: {e}"))?;
+        r.map_err(|e| format!("receiving: {e}"))?;
+    }
+    // Both directions ended: let the FIN exchange finish so the peer sees a clean close.
+    match tokio::time::timeout(CLOSE_WAIT, stream.closed()).await {
+        Ok(serval::CloseReason::Finished) | Err(_) => Ok(()),
+        Ok(other) => Err(format!("connection ended badly: {other}")),
+    }
+}
+
+/// How long `cat` waits for the FIN exchange after both directions ended.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

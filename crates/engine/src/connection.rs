@@ -1,0 +1,814 @@
+//! One flow's SAL state: handshake, the reliable control channel, migration and close.
+//!
+//! The transport above (the byte stream) lives in [`Transport`]; this module decides when it may
+//! send, where packets go (the locators), and which control packets to exchange.
+//!
+//! # Control channel
+//!
+//! SYN, SYN-ACK, RSYN and FIN are *reliable*: each carries the sender's next control sequence
+//! number (`verno`), is retransmitted on a timer with exponential backoff (stop-and-wait: one
+//! outstanding at a time, later ones queue), and is answered by a packet whose `ackno` is that
+//! `verno + 1`. Pure ACKs, RSYN-ACKs and RST are not retransmitted themselves; a lost answer is
+//! repaired by the retransmission of what it answers. Every control packet after the SYN carries
+//! an AUTH tag (see [`crate::crypto`]); one that does not verify is dropped and counted.
+//!
+//! # States
+//!
+//! ```text
+//! client: SynSent --SYN-ACK--> Established --drained, FIN acked, peer FIN--> TimeWait --> Closed
+//! server: SynRcvd --ACK------> Established ---------------- " ------------> TimeWait --> Closed
+//! ```
+//!
+//! The application sees the flow closed on entering TIME-WAIT; the engine keeps it a while
+//! longer only to re-acknowledge a retransmitted FIN.
+//!
+//! # Migration
+//!
+//! The mover sends an RSYN from its new locator and freezes its transport; the peer verifies
+//! it, records the packet's source as the new peer locator, answers RSYN-ACK to it and resumes at
+//! once towards the new locator; the mover, on the RSYN-ACK, switches its local locator and
+//! resumes. Both ends then call [`Transport::on_path_change`], which retransmits whatever was in
+//! flight without treating it as congestion. Both ends migrating at once works because each
+//! end's retransmitted RSYN goes to the latest locator it has learnt; if both *lose* their old
+//! locators at the same instant, neither RSYN can arrive, and only re-resolution through a
+//! service router (a later layer) can save the flow.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serval_table::ListenerId;
+use serval_wire::ext::{AUTH_TAG_LEN, ControlFlags, ControlRepr, ServiceRepr};
+use serval_wire::header::BASE_HEADER_LEN;
+use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId};
+
+use crate::Instant;
+use crate::crypto::{Direction, FlowKeys};
+use crate::transport::conn::{Transport, TransportConfig, TransportEvent};
+
+/// Which end of the flow this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sent the SYN.
+    Client,
+    /// Answered it.
+    Server,
+}
+
+/// Where the flow is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// SYN sent, waiting for the SYN-ACK.
+    SynSent,
+    /// SYN-ACK sent, waiting for the handshake's ACK.
+    SynRcvd,
+    /// Data flows.
+    Established,
+    /// Both FINs exchanged and acknowledged; lingering to answer retransmitted FINs.
+    TimeWait,
+    /// Gone; the endpoint removes it.
+    Closed,
+}
+
+/// Why a flow ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    /// Both ends finished and the FIN exchange completed.
+    #[error("closed")]
+    Finished,
+    /// The peer (or this end) reset the flow.
+    #[error("connection reset")]
+    Reset,
+    /// A control packet went unanswered through every retransmission.
+    #[error("control exchange timed out")]
+    TimedOut,
+    /// Nothing was received for the idle timeout.
+    #[error("idle timeout")]
+    IdleTimeout,
+    /// The transport closed with a CLOSE frame.
+    #[error("closed by {} with code {code}: {reason}", if *by_peer { "peer" } else { "application" })]
+    Application {
+        /// Whether the peer sent it.
+        by_peer: bool,
+        /// Application error code.
+        code: u64,
+        /// Reason text.
+        reason: String,
+    },
+    /// The transport saw a protocol violation from the peer.
+    #[error("protocol violation by the peer")]
+    ProtocolViolation,
+}
+
+/// Why a connect failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// No rule matches the service, a DROP rule matched, or a router answered so (NACK).
+    #[error("no route to service {0}")]
+    NoRoute(ServiceId),
+    /// The SYN went unanswered through every retransmission.
+    #[error("connect to service {0} timed out")]
+    TimedOut(ServiceId),
+    /// The endpoint has no local address of the next hop's family.
+    #[error("no local address to reach {0}")]
+    NoLocalAddress(Locator),
+}
+
+/// Timing of the control channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    /// First retransmission timeout of a control packet (RFC 6298 §2.1 uses 1 s for TCP's SYN).
+    pub rto: Duration,
+    /// Retransmissions before giving up (so the last wait ends after rto × (2^(n+1) − 1)).
+    pub retries: u32,
+    /// How long a closed flow lingers to answer retransmitted FINs.
+    pub time_wait: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            rto: Duration::from_secs(1),
+            retries: 6,
+            time_wait: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A reliable control packet kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reliable {
+    Syn,
+    SynAck,
+    Rsyn,
+    Fin,
+}
+
+/// The outstanding reliable control packet.
+#[derive(Debug, Clone)]
+struct Pending {
+    kind: Reliable,
+    verno: u32,
+    /// When to (re)send; `None` until it has been sent once.
+    deadline: Option<Instant>,
+    rto: Duration,
+    retries: u32,
+}
+
+/// An answer to send once, not retransmitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A pure ACK of the peer's control packet `verno`.
+    Ack(u32),
+    /// RSYN-ACK of the peer's RSYN `verno`.
+    RsynAck(u32),
+    /// A NACK, before any flow exists, is the endpoint's; RST is ours.
+    Rst,
+}
+
+/// What a connection tells the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConnEvent {
+    Connected,
+    ConnectFailed(ConnectError),
+    Accepted,
+    Readable,
+    Writable,
+    Finished,
+    Datagram,
+    Migrated(Locator),
+    PeerMigrated(Locator),
+    Closed(CloseReason),
+}
+
+/// One flow.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    pub(crate) role: Role,
+    pub(crate) state: State,
+    pub(crate) service: ServiceId,
+    pub(crate) local_flow: FlowId,
+    pub(crate) peer_flow: FlowId,
+    local_nonce: Nonce,
+    peer_nonce: Nonce,
+    keys: Option<FlowKeys>,
+    pub(crate) local: Locator,
+    pub(crate) peer: Locator,
+    pub(crate) listener: Option<ListenerId>,
+    hop_limit: u8,
+    ctl: ControlConfig,
+    next_verno: u32,
+    pending: Option<Pending>,
+    queued: VecDeque<Reliable>,
+    answers: VecDeque<Answer>,
+    /// Highest peer control verno processed (SYN included), to spot retransmissions.
+    peer_verno: Option<u32>,
+    /// Our migration in progress: the new local locator.
+    moving_to: Option<Locator>,
+    fin_queued: bool,
+    fin_acked: bool,
+    peer_fin: bool,
+    time_wait_until: Option<Instant>,
+    pub(crate) transport: Transport,
+    pub(crate) events: VecDeque<ConnEvent>,
+    /// Packets dropped for a bad AUTH tag or a control packet out of place.
+    pub(crate) auth_failures: u64,
+}
+
+/// Everything a new connection needs from the endpoint.
+pub(crate) struct NewConnection {
+    pub role: Role,
+    pub service: ServiceId,
+    pub local_flow: FlowId,
+    pub local_nonce: Nonce,
+    pub local: Locator,
+    pub peer: Locator,
+    pub initial_verno: u32,
+    pub hop_limit: u8,
+    pub ctl: ControlConfig,
+    pub transport: TransportConfig,
+}
+
+impl Connection {
+    /// A client connection: queues the SYN towards `peer` (the next hop).
+    pub(crate) fn client(now: Instant, n: NewConnection) -> Connection {
+        let mut c = Connection::new(now, n, State::SynSent);
+        c.send_reliable(Reliable::Syn);
+        c
+    }
+
+    /// A server connection answering a SYN: derives the keys and queues the SYN-ACK.
+    pub(crate) fn server(
+        now: Instant,
+        n: NewConnection,
+        peer_flow: FlowId,
+        peer_nonce: Nonce,
+        peer_verno: u32,
+        listener: ListenerId,
+    ) -> Connection {
+        let mut c = Connection::new(now, n, State::SynRcvd);
+        c.peer_flow = peer_flow;
+        c.peer_nonce = peer_nonce;
+        c.peer_verno = Some(peer_verno);
+        c.listener = Some(listener);
+        c.keys = Some(FlowKeys::derive(
+            &peer_nonce,
+            &c.local_nonce,
+            peer_flow,
+            c.local_flow,
+            &c.service,
+        ));
+        c.send_reliable(Reliable::SynAck);
+        c
+    }
+
+    fn new(now: Instant, n: NewConnection, state: State) -> Connection {
+        Connection {
+            role: n.role,
+            state,
+            service: n.service,
+            local_flow: n.local_flow,
+            peer_flow: FlowId::NONE,
+            local_nonce: n.local_nonce,
+            peer_nonce: Nonce::default(),
+            keys: None,
+            local: n.local,
+            peer: n.peer,
+            listener: None,
+            hop_limit: n.hop_limit,
+            ctl: n.ctl,
+            next_verno: n.initial_verno,
+            pending: None,
+            queued: VecDeque::new(),
+            answers: VecDeque::new(),
+            peer_verno: None,
+            moving_to: None,
+            fin_queued: false,
+            fin_acked: false,
+            peer_fin: false,
+            time_wait_until: None,
+            transport: Transport::new(&n.transport, now),
+            events: VecDeque::new(),
+            auth_failures: 0,
+        }
+    }
+
+    /// The direction of packets this end sends.
+    fn tx_dir(&self) -> Direction {
+        match self.role {
+            Role::Client => Direction::ClientToServer,
+            Role::Server => Direction::ServerToClient,
+        }
+    }
+
+    fn rx_dir(&self) -> Direction {
+        match self.role {
+            Role::Client => Direction::ServerToClient,
+            Role::Server => Direction::ClientToServer,
+        }
+    }
+
+    /// The local nonce, which the endpoint uses to match a NACK to this connection.
+    pub(crate) fn local_nonce(&self) -> &Nonce {
+        &self.local_nonce
+    }
+
+    /// The peer's nonce (zero until known): with the peer's flowID, the key under which the
+    /// endpoint finds a half-open server connection.
+    pub(crate) fn peer_nonce_key(&self) -> &Nonce {
+        &self.peer_nonce
+    }
+
+    /// Sends the outstanding reliable control packet again now (a retransmitted SYN arrived,
+    /// so our SYN-ACK was probably lost). The retransmission timer is not backed off.
+    pub(crate) fn resend_reliable(&mut self) {
+        if let Some(p) = &mut self.pending {
+            p.deadline = None;
+        }
+    }
+
+    /// Queues a reliable control packet, sending it now if the channel is free.
+    fn send_reliable(&mut self, kind: Reliable) {
+        if self.pending.is_some() {
+            self.queued.push_back(kind);
+            return;
+        }
+        let verno = self.next_verno;
+        self.next_verno = self.next_verno.wrapping_add(1);
+        self.pending = Some(Pending {
+            kind,
+            verno,
+            deadline: None,
+            rto: self.ctl.rto,
+            retries: 0,
+        });
+    }
+
+    /// The pending packet of `kind` was acknowledged by `ackno`; frees the channel.
+    fn acked(&mut self, kind: Reliable, ackno: u32) -> bool {
+        match &self.pending {
+            Some(p) if p.kind == kind && p.verno.wrapping_add(1) == ackno => {
+                self.pending = None;
+                if let Some(next) = self.queued.pop_front() {
+                    self.send_reliable(next);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a peer control packet with `verno` is new (and records it).
+    fn fresh(&mut self, verno: u32) -> bool {
+        match self.peer_verno {
+            // Serial-number comparison (RFC 1982): newer if ahead by less than half the space.
+            Some(seen) if verno.wrapping_sub(seen) as i32 <= 0 => false,
+            _ => {
+                self.peer_verno = Some(verno);
+                true
+            }
+        }
+    }
+
+    /// Handles a packet for this flow. `pkt` has been validated; `remote` is its UDP source.
+    pub(crate) fn handle_packet(
+        &mut self,
+        now: Instant,
+        remote: Locator,
+        pkt: &SalPacket<&[u8]>,
+        repr: &SalRepr,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let Some(ctl) = repr.control {
+            self.handle_control(now, remote, pkt, repr, ctl);
+        }
+        // The client sends data only once it has our SYN-ACK, so data from it completes the
+        // handshake even if its ACK was lost (as a QUIC server treats the client's first
+        // 1-RTT packet). It has to name both flowIDs, which only the SYN-ACK carried.
+        if self.state == State::SynRcvd
+            && pkt.protocol() == Protocol::STREAM
+            && repr.src_flow == self.peer_flow
+            && let Some(p) = &self.pending
+            && p.kind == Reliable::SynAck
+        {
+            let ackno = p.verno.wrapping_add(1);
+            self.acked(Reliable::SynAck, ackno);
+            self.state = State::Established;
+            self.transport.on_peer_activity(now);
+            self.events.push_back(ConnEvent::Accepted);
+        }
+        if pkt.protocol() == Protocol::STREAM
+            && matches!(self.state, State::Established | State::TimeWait)
+            && !pkt.payload().is_empty()
+        {
+            if let Err(_e) = self.transport.handle_packet(now, pkt.payload()) {
+                self.close_now(CloseReason::ProtocolViolation);
+                return;
+            }
+            self.pump_transport(now);
+        }
+    }
+
+    fn handle_control(
+        &mut self,
+        now: Instant,
+        remote: Locator,
+        pkt: &SalPacket<&[u8]>,
+        repr: &SalRepr,
+        ctl: ControlRepr,
+    ) {
+        let f = ctl.flags;
+        // The SYN-ACK is the first packet the client can authenticate: derive the keys first.
+        if self.state == State::SynSent && f.contains(ControlFlags::SYN | ControlFlags::ACK) {
+            let Some(peer_nonce) = repr.nonce else {
+                self.auth_failures += 1;
+                return;
+            };
+            let keys = FlowKeys::derive(
+                &self.local_nonce,
+                &peer_nonce,
+                self.local_flow,
+                repr.src_flow,
+                &self.service,
+            );
+            if !keys.verify(Direction::ServerToClient, pkt) || !self.acked(Reliable::Syn, ctl.ackno)
+            {
+                self.auth_failures += 1;
+                return;
+            }
+            self.keys = Some(keys);
+            self.peer_nonce = peer_nonce;
+            self.peer_flow = repr.src_flow;
+            self.peer = remote;
+            self.peer_verno = Some(ctl.verno);
+            self.state = State::Established;
+            // The handshake may have taken several retransmissions: start the idle clock now.
+            self.transport.on_peer_activity(now);
+            self.answers.push_back(Answer::Ack(ctl.verno));
+            self.events.push_back(ConnEvent::Connected);
+            return;
+        }
+        let authentic = self
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.verify(self.rx_dir(), pkt));
+        if !authentic || repr.src_flow != self.peer_flow {
+            self.auth_failures += 1;
+            return;
+        }
+        self.transport.on_peer_activity(now);
+        if f.contains(ControlFlags::RST) {
+            self.close_now(CloseReason::Reset);
+            return;
+        }
+        if f.contains(ControlFlags::SYN | ControlFlags::ACK) {
+            // A retransmitted SYN-ACK: our ACK was lost.
+            if self.role == Role::Client {
+                self.answers.push_back(Answer::Ack(ctl.verno));
+            }
+            return;
+        }
+        if f.contains(ControlFlags::RSYN) {
+            if f.contains(ControlFlags::ACK) {
+                self.on_rsyn_ack(now, ctl);
+            } else {
+                self.on_rsyn(now, remote, ctl);
+            }
+            return;
+        }
+        if f.contains(ControlFlags::FIN) {
+            if self.fresh(ctl.verno) {
+                self.peer_fin = true;
+            }
+            self.answers.push_back(Answer::Ack(ctl.verno));
+            self.maybe_time_wait(now);
+            return;
+        }
+        if f.contains(ControlFlags::ACK) {
+            match self.pending.as_ref().map(|p| p.kind) {
+                Some(Reliable::SynAck) if self.acked(Reliable::SynAck, ctl.ackno) => {
+                    self.state = State::Established;
+                    self.transport.on_peer_activity(now);
+                    self.events.push_back(ConnEvent::Accepted);
+                }
+                Some(Reliable::Fin) if self.acked(Reliable::Fin, ctl.ackno) => {
+                    self.fin_acked = true;
+                    self.maybe_time_wait(now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_rsyn(&mut self, now: Instant, remote: Locator, ctl: ControlRepr) {
+        if self.state != State::Established {
+            return;
+        }
+        let fresh = self.fresh(ctl.verno);
+        if fresh || self.peer != remote {
+            self.peer = remote;
+            self.transport.on_path_change(now);
+            self.events.push_back(ConnEvent::PeerMigrated(remote));
+        }
+        self.answers.push_back(Answer::RsynAck(ctl.verno));
+    }
+
+    fn on_rsyn_ack(&mut self, now: Instant, ctl: ControlRepr) {
+        let Some(new_local) = self.moving_to else {
+            return;
+        };
+        if !self.acked(Reliable::Rsyn, ctl.ackno) {
+            return;
+        }
+        self.moving_to = None;
+        self.local = new_local;
+        self.transport.set_frozen(false);
+        self.transport.on_path_change(now);
+        self.events.push_back(ConnEvent::Migrated(new_local));
+    }
+
+    /// Starts moving this end to `new_local` (an RSYN from there).
+    pub(crate) fn migrate(&mut self, new_local: Locator) -> bool {
+        if self.state != State::Established || self.moving_to.is_some() {
+            return false;
+        }
+        self.moving_to = Some(new_local);
+        self.transport.set_frozen(true);
+        self.send_reliable(Reliable::Rsyn);
+        true
+    }
+
+    /// Aborts the flow: one RST, then gone.
+    pub(crate) fn abort(&mut self) {
+        if self.keys.is_some() && self.peer_flow != FlowId::NONE {
+            self.answers.push_back(Answer::Rst);
+        }
+        self.close_now(CloseReason::Reset);
+    }
+
+    /// Closes at once (no FIN exchange) and reports why.
+    pub(crate) fn close_now(&mut self, reason: CloseReason) {
+        if self.state == State::TimeWait {
+            // Closed for the application already; just stop lingering.
+            self.state = State::Closed;
+            self.time_wait_until = None;
+            return;
+        }
+        if self.state == State::Closed {
+            return;
+        }
+        self.state = State::Closed;
+        self.pending = None;
+        self.queued.clear();
+        self.events.push_back(ConnEvent::Closed(reason));
+    }
+
+    /// Whether both directions are complete: our FIN is only sent once the transport is drained
+    /// (our data and stream end acknowledged, the peer's all read), and the peer's FIN arrived.
+    /// Only the final acknowledgement of our SAL FIN may then be missing.
+    fn all_delivered(&self) -> bool {
+        self.fin_queued && self.peer_fin
+    }
+
+    /// Both FINs exchanged: the flow is closed for the application now; it lingers in
+    /// TIME-WAIT only to answer a retransmitted FIN (our ACK may have been lost).
+    fn maybe_time_wait(&mut self, now: Instant) {
+        if self.state == State::Established && self.fin_acked && self.peer_fin {
+            self.state = State::TimeWait;
+            self.time_wait_until = Some(now + self.ctl.time_wait);
+            self.events
+                .push_back(ConnEvent::Closed(CloseReason::Finished));
+        }
+    }
+
+    /// Moves transport events up and starts the FIN exchange once the stream is drained.
+    pub(crate) fn pump_transport(&mut self, now: Instant) {
+        while let Some(ev) = self.transport.poll_event() {
+            let mapped = match ev {
+                TransportEvent::Readable => ConnEvent::Readable,
+                TransportEvent::Writable => ConnEvent::Writable,
+                TransportEvent::Finished => ConnEvent::Finished,
+                TransportEvent::DatagramReceived => ConnEvent::Datagram,
+                TransportEvent::AllAcked => continue,
+                TransportEvent::Closed {
+                    by_peer,
+                    code,
+                    reason,
+                } => {
+                    self.close_now(CloseReason::Application {
+                        by_peer,
+                        code,
+                        reason,
+                    });
+                    return;
+                }
+                TransportEvent::IdleTimeout => {
+                    let reason = if self.all_delivered() {
+                        CloseReason::Finished
+                    } else {
+                        CloseReason::IdleTimeout
+                    };
+                    self.close_now(reason);
+                    return;
+                }
+            };
+            self.events.push_back(mapped);
+        }
+        if self.state == State::Established && !self.fin_queued && self.transport.is_drained() {
+            self.fin_queued = true;
+            self.send_reliable(Reliable::Fin);
+        }
+        self.maybe_time_wait(now);
+    }
+
+    /// The earliest time [`Connection::handle_timeout`] must run.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let ctl = self.pending.as_ref().and_then(|p| p.deadline);
+        let transport = match self.state {
+            State::Established | State::TimeWait => self.transport.poll_timeout(),
+            _ => None,
+        };
+        [ctl, transport, self.time_wait_until]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.time_wait_until.is_some_and(|t| t <= now) {
+            // Already reported closed on entering TIME-WAIT.
+            self.time_wait_until = None;
+            self.state = State::Closed;
+            self.pending = None;
+            self.queued.clear();
+            return;
+        }
+        if let Some(p) = &mut self.pending
+            && p.deadline.is_some_and(|d| d <= now)
+        {
+            if p.retries >= self.ctl.retries {
+                let kind = p.kind;
+                self.pending = None;
+                match kind {
+                    Reliable::Syn => {
+                        self.state = State::Closed;
+                        self.events
+                            .push_back(ConnEvent::ConnectFailed(ConnectError::TimedOut(
+                                self.service,
+                            )));
+                    }
+                    // Our FIN went unacknowledged (the peer may have left TIME-WAIT already),
+                    // but every byte each way was delivered: that is a clean close.
+                    _ if self.all_delivered() => self.close_now(CloseReason::Finished),
+                    _ => self.close_now(CloseReason::TimedOut),
+                }
+                return;
+            }
+            p.retries += 1;
+            p.rto = p.rto.saturating_mul(2);
+            p.deadline = None; // send again on the next poll_transmit
+        }
+        if matches!(self.state, State::Established | State::TimeWait) {
+            self.transport.handle_timeout(now);
+            self.pump_transport(now);
+        }
+    }
+
+    /// Writes the next packet for this flow into `out` (cleared first) and returns its source
+    /// and destination locators.
+    pub(crate) fn poll_transmit(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<(Locator, Locator)> {
+        out.clear();
+        if matches!(self.state, State::Established | State::TimeWait) {
+            // Reading or writing since the last call may have drained the stream (FIN due) or
+            // raised events.
+            self.pump_transport(now);
+        }
+        if let Some(a) = self.answers.pop_front() {
+            return self.emit_answer(a, out);
+        }
+        if let Some(p) = &self.pending
+            && p.deadline.is_none()
+        {
+            let (kind, verno, rto) = (p.kind, p.verno, p.rto);
+            let route = self.emit_reliable(kind, verno, out);
+            if let Some(p) = &mut self.pending {
+                p.deadline = Some(now + rto);
+            }
+            return route;
+        }
+        if self.state == State::Closed {
+            return None;
+        }
+        if matches!(self.state, State::Established | State::TimeWait) && self.moving_to.is_none() {
+            let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
+            out.resize(BASE_HEADER_LEN, 0);
+            header
+                .emit(&mut SalPacket::new_unchecked(&mut out[..]))
+                .ok()?;
+            if self.transport.poll_transmit(now, out) > 0 {
+                return Some((self.local, self.peer));
+            }
+            out.clear();
+        }
+        None
+    }
+
+    fn control_repr(&self, flags: ControlFlags, verno: u32, ackno: u32) -> SalRepr {
+        let mut r = SalRepr::new(Protocol::NONE, self.local_flow, self.peer_flow);
+        r.control = Some(ControlRepr {
+            flags,
+            verno,
+            ackno,
+        });
+        r.auth = Some([0; AUTH_TAG_LEN]);
+        r
+    }
+
+    /// Emits `repr` (sealing its AUTH tag if it has one) into `out`.
+    fn emit_sealed(&self, repr: &SalRepr, out: &mut Vec<u8>) -> bool {
+        out.resize(repr.buffer_len(), 0);
+        let mut pkt = SalPacket::new_unchecked(&mut out[..]);
+        if repr.emit(&mut pkt).is_err() {
+            out.clear();
+            return false;
+        }
+        if repr.auth.is_some() {
+            match &self.keys {
+                Some(k) => {
+                    k.seal(self.tx_dir(), &mut pkt);
+                }
+                None => {
+                    out.clear();
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn emit_reliable(
+        &mut self,
+        kind: Reliable,
+        verno: u32,
+        out: &mut Vec<u8>,
+    ) -> Option<(Locator, Locator)> {
+        let peer_verno_next = self.peer_verno.map_or(0, |v| v.wrapping_add(1));
+        let (repr, src) = match kind {
+            Reliable::Syn => {
+                let mut r = SalRepr::new(Protocol::NONE, self.local_flow, FlowId::NONE);
+                r.control = Some(ControlRepr {
+                    flags: ControlFlags::SYN,
+                    verno,
+                    ackno: 0,
+                });
+                r.service = Some(ServiceRepr {
+                    hop_limit: self.hop_limit,
+                    id: self.service,
+                });
+                r.nonce = Some(self.local_nonce);
+                r.source = vec![self.local];
+                (r, self.local)
+            }
+            Reliable::SynAck => {
+                let mut r = self.control_repr(
+                    ControlFlags::SYN | ControlFlags::ACK,
+                    verno,
+                    peer_verno_next,
+                );
+                r.nonce = Some(self.local_nonce);
+                (r, self.local)
+            }
+            Reliable::Rsyn => (
+                self.control_repr(ControlFlags::RSYN, verno, 0),
+                self.moving_to.unwrap_or(self.local),
+            ),
+            Reliable::Fin => (self.control_repr(ControlFlags::FIN, verno, 0), self.local),
+        };
+        self.emit_sealed(&repr, out).then_some((src, self.peer))
+    }
+
+    fn emit_answer(&mut self, a: Answer, out: &mut Vec<u8>) -> Option<(Locator, Locator)> {
+        let repr = match a {
+            Answer::Ack(v) => self.control_repr(ControlFlags::ACK, 0, v.wrapping_add(1)),
+            Answer::RsynAck(v) => {
+                self.control_repr(ControlFlags::RSYN | ControlFlags::ACK, 0, v.wrapping_add(1))
+            }
+            Answer::Rst => self.control_repr(ControlFlags::RST, 0, 0),
+        };
+        self.emit_sealed(&repr, out)
+            .then_some((self.local, self.peer))
+    }
+
+    /// Whether the endpoint may forget this flow.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.answers.is_empty()
+    }
+}

@@ -1,0 +1,739 @@
+//! The endpoint: one host's SAL. It owns the flows, answers and forwards SYNs by serviceID, and
+//! demultiplexes everything else by flowID.
+//!
+//! # Call order (sans-IO, as in quinn-proto)
+//!
+//! * Feed every received UDP datagram to [`Endpoint::handle_datagram`] with the local locator it
+//!   arrived on and its source.
+//! * After any input, drain [`Endpoint::poll_transmit`] until it returns `None` and send each
+//!   [`Transmit`]; drain [`Endpoint::poll_event`] for the application.
+//! * Arm a timer for [`Endpoint::poll_timeout`]; when it fires, call
+//!   [`Endpoint::handle_timeout`].
+//! * `now` must never go backwards between calls.
+//!
+//! # Bad input
+//!
+//! A datagram that does not parse is dropped and counted in [`EndpointStats`]; one for an
+//! unknown flow is dropped without a reply (a reply there could amplify or confirm a scan). A SYN
+//! no rule serves gets a NACK that is smaller than the SYN.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use serval_table::{Action, FlowTable, ListenerId, ServiceTable, Target};
+use serval_wire::ext::{ControlFlags, ControlRepr};
+use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId, ServicePrefix};
+
+use crate::Instant;
+pub use crate::connection::CloseReason;
+use crate::connection::{
+    ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
+};
+use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
+
+/// Handle of a connection inside its [`Endpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionHandle(pub usize);
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The local locator to send from.
+    pub src: Locator,
+    /// Where to send it.
+    pub dst: Locator,
+    /// The UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// What happened, for the application and the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A connect completed.
+    Connected(ConnectionHandle),
+    /// A connect failed.
+    ConnectFailed(ConnectionHandle, ConnectError),
+    /// A connection is waiting in the listener's accept queue.
+    Incoming(ListenerId),
+    /// The connection has bytes (or its end) to read.
+    Readable(ConnectionHandle),
+    /// The connection can take more bytes after having refused some.
+    Writable(ConnectionHandle),
+    /// The peer finished its direction.
+    Finished(ConnectionHandle),
+    /// A datagram arrived on the connection.
+    Datagram(ConnectionHandle),
+    /// This end moved to a new local locator.
+    Migrated(ConnectionHandle, Locator),
+    /// The peer moved to a new locator.
+    PeerMigrated(ConnectionHandle, Locator),
+    /// The connection is gone; its handle is no longer valid.
+    Closed(ConnectionHandle, CloseReason),
+    /// A listener bound a service: the control plane should register it ("active sockets").
+    Registered {
+        /// The listener.
+        listener: ListenerId,
+        /// What it serves.
+        prefix: ServicePrefix,
+    },
+    /// A listener closed: the control plane should unregister it.
+    Unregistered {
+        /// The listener.
+        listener: ListenerId,
+        /// What it served.
+        prefix: ServicePrefix,
+    },
+}
+
+/// Configuration of an [`Endpoint`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    /// The transport of each connection.
+    pub transport: TransportConfig,
+    /// The control channel's timers.
+    pub control: ControlConfig,
+    /// Hop limit of the SYNs this endpoint sends.
+    pub hop_limit: u8,
+    /// Most connections waiting in one listener's accept queue; SYNs beyond it are ignored.
+    pub accept_backlog: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            transport: TransportConfig::default(),
+            control: ControlConfig::default(),
+            hop_limit: 16,
+            accept_backlog: 1024,
+        }
+    }
+}
+
+/// Counters of an endpoint, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Datagrams received.
+    pub received: u64,
+    /// Dropped: did not parse as a SAL packet.
+    pub malformed: u64,
+    /// Dropped: for no flow of ours.
+    pub unknown_flow: u64,
+    /// Dropped: failed authentication or arrived out of place.
+    pub auth_failures: u64,
+    /// SYNs answered with a NACK (no rule, or DROP).
+    pub nacks_sent: u64,
+    /// SYNs forwarded to a next hop.
+    pub forwarded: u64,
+    /// SYNs dropped: hop limit reached or a forwarding loop.
+    pub hop_limit_drops: u64,
+    /// SYNs dropped: the listener's accept queue was full.
+    pub backlog_drops: u64,
+    /// SYNs matching a DELAY rule (held rules are a later layer; counted and dropped for now).
+    pub delayed: u64,
+    /// Connections accepted.
+    pub accepted: u64,
+}
+
+struct Listener {
+    prefix: ServicePrefix,
+    queue: VecDeque<ConnectionHandle>,
+}
+
+/// One host's SAL; see the [module docs](self).
+pub struct Endpoint {
+    config: EndpointConfig,
+    rng: ChaCha20Rng,
+    table: Arc<ServiceTable>,
+    locals: Vec<Locator>,
+    flows: FlowTable<ConnectionHandle>,
+    conns: Vec<Option<Connection>>,
+    free: Vec<usize>,
+    /// SYNs being answered, by (client flow, client nonce), so retransmitted SYNs find them.
+    half_open: HashMap<(FlowId, Nonce), ConnectionHandle>,
+    listeners: HashMap<ListenerId, Listener>,
+    next_listener: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: EndpointStats,
+    /// Round-robin position for fair transmission among connections.
+    cursor: usize,
+    scratch: Vec<u8>,
+}
+
+impl Endpoint {
+    /// An endpoint on `locals` with its random choices (flowIDs, nonces, sequence numbers) drawn
+    /// from `seed`, resolving services through `table` (which the caller may share and edit).
+    pub fn new(
+        config: EndpointConfig,
+        seed: [u8; 32],
+        table: Arc<ServiceTable>,
+        locals: Vec<Locator>,
+    ) -> Endpoint {
+        Endpoint {
+            config,
+            rng: ChaCha20Rng::from_seed(seed),
+            table,
+            locals,
+            flows: FlowTable::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            half_open: HashMap::new(),
+            listeners: HashMap::new(),
+            next_listener: 1,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: EndpointStats::default(),
+            cursor: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The service table this endpoint resolves through.
+    pub fn table(&self) -> &Arc<ServiceTable> {
+        &self.table
+    }
+
+    /// The local locators.
+    pub fn locals(&self) -> &[Locator] {
+        &self.locals
+    }
+
+    /// Adds a local locator.
+    pub fn add_local(&mut self, loc: Locator) {
+        if !self.locals.contains(&loc) {
+            self.locals.push(loc);
+        }
+    }
+
+    /// Removes a local locator; flows using it keep it until migrated.
+    pub fn remove_local(&mut self, loc: &Locator) {
+        self.locals.retain(|l| l != loc);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        let mut s = self.stats.clone();
+        s.auth_failures += self
+            .conns
+            .iter()
+            .flatten()
+            .map(|c| c.auth_failures)
+            .sum::<u64>();
+        s
+    }
+
+    /// A local locator of the same family as `dst`.
+    fn local_for(&self, dst: &Locator) -> Option<Locator> {
+        self.locals
+            .iter()
+            .find(|l| l.is_ipv4() == dst.is_ipv4())
+            .copied()
+    }
+
+    fn nonce(&mut self) -> Nonce {
+        let mut n = [0u8; 16];
+        self.rng.fill_bytes(&mut n);
+        Nonce(n)
+    }
+
+    fn insert_conn(&mut self, c: Connection) -> ConnectionHandle {
+        match self.free.pop() {
+            Some(i) => {
+                self.conns[i] = Some(c);
+                ConnectionHandle(i)
+            }
+            None => {
+                self.conns.push(Some(c));
+                ConnectionHandle(self.conns.len() - 1)
+            }
+        }
+    }
+
+    fn new_connection(
+        &mut self,
+        role: Role,
+        service: ServiceId,
+        local: Locator,
+        peer: Locator,
+    ) -> (FlowId, NewConnection) {
+        // The handle is patched in once known; allocate the flowID against a placeholder.
+        let flow = self
+            .flows
+            .allocate(&mut self.rng, ConnectionHandle(usize::MAX));
+        let n = NewConnection {
+            role,
+            service,
+            local_flow: flow,
+            local_nonce: self.nonce(),
+            local,
+            peer,
+            initial_verno: self.rng.next_u32(),
+            hop_limit: self.config.hop_limit,
+            ctl: self.config.control.clone(),
+            transport: self.config.transport.clone(),
+        };
+        (flow, n)
+    }
+
+    fn register_flow(&mut self, flow: FlowId, h: ConnectionHandle) {
+        if let Some(slot) = self.flows.get_mut(flow) {
+            *slot = h;
+        }
+    }
+
+    /// Connects to `service`, resolving it in the service table: a FORWARD rule sends the SYN to
+    /// that next hop, a DEMUX rule to this endpoint's own listener; no rule or DROP fails at once
+    /// with [`ConnectError::NoRoute`].
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        service: ServiceId,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        let flow_key = self.rng.next_u64();
+        let next_hop = match self.table.snapshot().resolve(&service, flow_key) {
+            Some(r) => match r.action {
+                Action::Forward(loc) => loc,
+                Action::Demux(_) => *self.locals.first().ok_or(ConnectError::NoRoute(service))?,
+                Action::Delay | Action::Drop => return Err(ConnectError::NoRoute(service)),
+            },
+            None => return Err(ConnectError::NoRoute(service)),
+        };
+        self.connect_via(now, service, next_hop)
+    }
+
+    /// Connects to `service` sending the SYN to `next_hop` (a router or the instance itself),
+    /// without consulting the service table.
+    pub fn connect_via(
+        &mut self,
+        now: Instant,
+        service: ServiceId,
+        next_hop: Locator,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        let local = self
+            .local_for(&next_hop)
+            .ok_or(ConnectError::NoLocalAddress(next_hop))?;
+        let (flow, n) = self.new_connection(Role::Client, service, local, next_hop);
+        let h = self.insert_conn(Connection::client(now, n));
+        self.register_flow(flow, h);
+        Ok(h)
+    }
+
+    /// Binds `prefix` to a new listener: adds a DEMUX rule (with `priority` and `weight`) to the
+    /// service table and emits [`Event::Registered`].
+    pub fn listen(&mut self, prefix: ServicePrefix, priority: u32, weight: u32) -> ListenerId {
+        let id = ListenerId(self.next_listener);
+        self.next_listener += 1;
+        // A zero weight is the only error the table can return; clamp it rather than fail.
+        let _ = self.table.add_target(
+            prefix,
+            Target::new(Action::Demux(id), priority, weight.max(1)),
+        );
+        self.listeners.insert(
+            id,
+            Listener {
+                prefix,
+                queue: VecDeque::new(),
+            },
+        );
+        self.events.push_back(Event::Registered {
+            listener: id,
+            prefix,
+        });
+        id
+    }
+
+    /// Closes a listener: removes its rule and emits [`Event::Unregistered`]. Connections it
+    /// accepted live on; ones still in its queue are reset.
+    pub fn close_listener(&mut self, id: ListenerId) {
+        let Some(l) = self.listeners.remove(&id) else {
+            return;
+        };
+        self.table.remove_target(&l.prefix, &Action::Demux(id));
+        for h in l.queue {
+            self.abort(h);
+        }
+        self.events.push_back(Event::Unregistered {
+            listener: id,
+            prefix: l.prefix,
+        });
+    }
+
+    /// The next established connection of a listener.
+    pub fn accept(&mut self, id: ListenerId) -> Option<ConnectionHandle> {
+        self.listeners.get_mut(&id)?.queue.pop_front()
+    }
+
+    fn conn(&mut self, h: ConnectionHandle) -> Option<&mut Connection> {
+        self.conns.get_mut(h.0)?.as_mut()
+    }
+
+    /// Writes stream bytes; `Ok(0)` means the send buffer is full (wait for
+    /// [`Event::Writable`]).
+    pub fn write(&mut self, h: ConnectionHandle, data: &[u8]) -> Result<usize, WriteError> {
+        match self.conn(h) {
+            Some(c) if c.state == State::Established => c.transport.write(data),
+            Some(c) if matches!(c.state, State::SynSent | State::SynRcvd) => Ok(0),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Ends this direction of the stream after what was written.
+    pub fn finish(&mut self, h: ConnectionHandle) -> Result<(), WriteError> {
+        match self.conn(h) {
+            Some(c) if c.state == State::Established => c.transport.finish(),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    /// Reads stream bytes: `Ok(None)` would block, `Ok(Some(0))` is the end of the stream.
+    pub fn read(
+        &mut self,
+        h: ConnectionHandle,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, ReadError> {
+        match self.conn(h) {
+            Some(c) => c.transport.read(buf),
+            None => Err(ReadError::Closed),
+        }
+    }
+
+    /// Moves a connection's local end to `new_local` (one of this endpoint's locators) with an
+    /// authenticated RSYN. Returns `false` if the connection is not established or already
+    /// moving.
+    pub fn migrate(&mut self, h: ConnectionHandle, new_local: Locator) -> bool {
+        self.conn(h).is_some_and(|c| c.migrate(new_local))
+    }
+
+    /// Resets a connection (one authenticated RST) and forgets it.
+    pub fn abort(&mut self, h: ConnectionHandle) {
+        if let Some(c) = self.conn(h) {
+            c.abort();
+        }
+    }
+
+    /// A connection's current local and peer locators.
+    pub fn locators(&self, h: ConnectionHandle) -> Option<(Locator, Locator)> {
+        let c = self.conns.get(h.0)?.as_ref()?;
+        Some((c.local, c.peer))
+    }
+
+    /// A connection's transport counters.
+    pub fn connection_stats(&self, h: ConnectionHandle) -> Option<TransportStats> {
+        Some(self.conns.get(h.0)?.as_ref()?.transport.stats())
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Handles one received UDP datagram.
+    pub fn handle_datagram(&mut self, now: Instant, local: Locator, remote: Locator, data: &[u8]) {
+        self.stats.received += 1;
+        let Ok(pkt) = SalPacket::new_checked(data) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let dst = pkt.dst_flow();
+        if dst.is_none() {
+            // Only a SYN travels without a destination flow.
+            match SalRepr::parse(&pkt) {
+                Ok(repr) => self.handle_syn(now, local, remote, data, repr),
+                Err(_) => self.stats.malformed += 1,
+            }
+            return;
+        }
+        let Some(&h) = self.flows.get(dst) else {
+            self.stats.unknown_flow += 1;
+            return;
+        };
+        let Ok(repr) = (if pkt.has_extensions() {
+            SalRepr::parse(&pkt)
+        } else {
+            Ok(SalRepr::new(pkt.protocol(), pkt.src_flow(), dst))
+        }) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let Some(c) = self.conns.get_mut(h.0).and_then(Option::as_mut) else {
+            self.stats.unknown_flow += 1;
+            return;
+        };
+        // A NACK answers our SYN before the peer has a flow: it proves itself by echoing our nonce.
+        if let Some(ctl) = repr.control
+            && ctl.flags.contains(ControlFlags::NACK)
+        {
+            if c.state == State::SynSent && repr.nonce.as_ref() == Some(c.local_nonce()) {
+                let service = c.service;
+                c.close_now(CloseReason::Reset);
+                c.events.clear();
+                self.events
+                    .push_back(Event::ConnectFailed(h, ConnectError::NoRoute(service)));
+                self.reap(h);
+            } else {
+                self.stats.auth_failures += 1;
+            }
+            return;
+        }
+        c.handle_packet(now, remote, &pkt, &repr);
+        self.collect_events(h);
+    }
+
+    fn handle_syn(
+        &mut self,
+        now: Instant,
+        local: Locator,
+        remote: Locator,
+        data: &[u8],
+        mut repr: SalRepr,
+    ) {
+        let (Some(ctl), Some(service), Some(nonce)) = (repr.control, repr.service, repr.nonce)
+        else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if ctl.flags != ControlFlags::SYN || repr.source.is_empty() || repr.src_flow.is_none() {
+            self.stats.malformed += 1;
+            return;
+        }
+        // The client's locator: as the first hop saw it. A SYN straight from the client has a
+        // one-entry SOURCE whose claim we replace by what we observe (it may be behind a NAT).
+        if repr.source.len() == 1 {
+            repr.source[0] = remote;
+        }
+        let client = repr.source[0];
+        if let Some(&h) = self.half_open.get(&(repr.src_flow, nonce)) {
+            // A retransmitted SYN: answer again.
+            if let Some(c) = self.conn(h) {
+                c.resend_reliable();
+            }
+            return;
+        }
+        // The flow key makes every router (and retransmission) choose the same instance.
+        let flow_key = flow_key(repr.src_flow, &nonce);
+        let action = self
+            .table
+            .snapshot()
+            .resolve(&service.id, flow_key)
+            .map(|r| r.action);
+        match action {
+            Some(Action::Demux(listener)) => {
+                self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
+            }
+            Some(Action::Forward(next)) => self.forward_syn(local, next, data, repr, service),
+            Some(Action::Delay) => self.stats.delayed += 1,
+            Some(Action::Drop) | None => self.nack(local, remote, &repr, ctl, nonce, data.len()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn accept_syn(
+        &mut self,
+        now: Instant,
+        local: Locator,
+        client: Locator,
+        repr: &SalRepr,
+        ctl: ControlRepr,
+        service: ServiceId,
+        nonce: Nonce,
+        listener: ListenerId,
+    ) {
+        let backlog = self.config.accept_backlog;
+        match self.listeners.get(&listener) {
+            Some(l) if l.queue.len() < backlog => {}
+            Some(_) => {
+                self.stats.backlog_drops += 1;
+                return;
+            }
+            None => {
+                self.stats.unknown_flow += 1;
+                return;
+            }
+        }
+        let (flow, n) = self.new_connection(Role::Server, service, local, client);
+        let c = Connection::server(now, n, repr.src_flow, nonce, ctl.verno, listener);
+        let h = self.insert_conn(c);
+        self.register_flow(flow, h);
+        self.half_open.insert((repr.src_flow, nonce), h);
+    }
+
+    fn forward_syn(
+        &mut self,
+        local: Locator,
+        next: Locator,
+        data: &[u8],
+        mut repr: SalRepr,
+        mut service: serval_wire::ServiceRepr,
+    ) {
+        if service.hop_limit == 0 || repr.source.contains(&local) {
+            self.stats.hop_limit_drops += 1;
+            return;
+        }
+        service.hop_limit -= 1;
+        repr.service = Some(service);
+        repr.source.push(local);
+        let Ok(pkt) = SalPacket::new_checked(data) else {
+            return;
+        };
+        match repr.to_bytes(pkt.payload()) {
+            Ok(payload) => {
+                self.stats.forwarded += 1;
+                let src = self.local_for(&next).unwrap_or(local);
+                self.transmits.push_back(Transmit {
+                    src,
+                    dst: next,
+                    payload,
+                });
+            }
+            // SOURCE full: the path is too long.
+            Err(_) => self.stats.hop_limit_drops += 1,
+        }
+    }
+
+    /// Answers a SYN no rule serves. The NACK echoes the client's nonce (so an off-path host
+    /// cannot forge one) and is never larger than the SYN (so it cannot amplify).
+    fn nack(
+        &mut self,
+        local: Locator,
+        remote: Locator,
+        repr: &SalRepr,
+        ctl: ControlRepr,
+        nonce: Nonce,
+        syn_len: usize,
+    ) {
+        let mut r = SalRepr::new(Protocol::NONE, FlowId::NONE, repr.src_flow);
+        r.control = Some(ControlRepr {
+            flags: ControlFlags::NACK,
+            verno: 0,
+            ackno: ctl.verno.wrapping_add(1),
+        });
+        r.nonce = Some(nonce);
+        // The NACK goes back the way the SYN came (the previous hop relays it if need be;
+        // for a SYN straight from the client that is the client).
+        if let Ok(payload) = r.to_bytes(&[])
+            && payload.len() <= syn_len
+        {
+            self.stats.nacks_sent += 1;
+            self.transmits.push_back(Transmit {
+                src: local,
+                dst: remote,
+                payload,
+            });
+        }
+    }
+
+    fn collect_events(&mut self, h: ConnectionHandle) {
+        let Some(c) = self.conns.get_mut(h.0).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut accepted = None;
+        while let Some(ev) = c.events.pop_front() {
+            let ev = match ev {
+                ConnEvent::Connected => Event::Connected(h),
+                ConnEvent::ConnectFailed(e) => Event::ConnectFailed(h, e),
+                ConnEvent::Accepted => {
+                    accepted = c.listener;
+                    continue;
+                }
+                ConnEvent::Readable => Event::Readable(h),
+                ConnEvent::Writable => Event::Writable(h),
+                ConnEvent::Finished => Event::Finished(h),
+                ConnEvent::Datagram => Event::Datagram(h),
+                ConnEvent::Migrated(l) => Event::Migrated(h, l),
+                ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
+                ConnEvent::Closed(r) => Event::Closed(h, r),
+            };
+            self.events.push_back(ev);
+        }
+        let key = (c.peer_flow, *c.peer_nonce_key());
+        if let Some(l) = accepted {
+            self.half_open.remove(&key);
+            self.stats.accepted += 1;
+            if let Some(listener) = self.listeners.get_mut(&l) {
+                listener.queue.push_back(h);
+                self.events.push_back(Event::Incoming(l));
+            }
+        }
+        self.reap(h);
+    }
+
+    /// Forgets a closed connection once it has nothing left to send.
+    fn reap(&mut self, h: ConnectionHandle) {
+        let Some(c) = self.conns.get(h.0).and_then(Option::as_ref) else {
+            return;
+        };
+        if !c.is_closed() {
+            return;
+        }
+        let (flow, key) = (c.local_flow, (c.peer_flow, *c.peer_nonce_key()));
+        self.flows.remove(flow);
+        self.half_open.remove(&key);
+        self.conns[h.0] = None;
+        self.free.push(h.0);
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(t) = self.transmits.pop_front() {
+            return Some(t);
+        }
+        let n = self.conns.len();
+        for i in 0..n {
+            let idx = (self.cursor + i) % n;
+            let Some(c) = self.conns[idx].as_mut() else {
+                continue;
+            };
+            let mut out = std::mem::take(&mut self.scratch);
+            let route = c.poll_transmit(now, &mut out);
+            self.collect_events(ConnectionHandle(idx));
+            if let Some((src, dst)) = route {
+                // Next time start after this connection, so one busy flow cannot starve others.
+                self.cursor = (idx + 1) % n;
+                return Some(Transmit {
+                    src,
+                    dst,
+                    payload: out,
+                });
+            }
+            self.scratch = out;
+        }
+        None
+    }
+
+    /// The earliest time [`Endpoint::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(Connection::poll_timeout)
+            .min()
+    }
+
+    /// Runs every timer that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_mut() else {
+                continue;
+            };
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+                self.collect_events(ConnectionHandle(i));
+            }
+        }
+    }
+}
+
+/// The key a SYN's instance choice is made with: the same for every router on the path and for
+/// every retransmission of the SYN.
+fn flow_key(client_flow: FlowId, nonce: &Nonce) -> u64 {
+    let mut k = client_flow.0;
+    for chunk in nonce.0.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        k = (k ^ u64::from_be_bytes(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        k ^= k >> 29;
+    }
+    k
+}

@@ -1,0 +1,570 @@
+//! The tokio endpoint: sockets, the driver task, and the glue to the sans-IO engine.
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::UdpSocket as StdUdpSocket;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use quinn_udp::{RecvMeta, Transmit as UdpTransmit, UdpSocketState};
+use serval_engine::Instant;
+use serval_engine::connection::ConnectError;
+use serval_engine::endpoint::{
+    CloseReason, ConnectionHandle, Endpoint as Engine, EndpointConfig, Event,
+};
+use serval_table::{Action, ListenerId, ServiceTable, Target};
+use serval_wire::{Locator, ServiceId, ServicePrefix};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, broadcast, oneshot};
+
+use crate::stream::Stream;
+
+/// A registration change, for the control plane ("active sockets"): a listener bound or
+/// released a service on these locators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// A listener now serves `prefix`.
+    Registered {
+        /// The service prefix.
+        prefix: ServicePrefix,
+        /// The endpoint's locators.
+        locators: Vec<Locator>,
+    },
+    /// A listener no longer serves `prefix`.
+    Unregistered {
+        /// The service prefix.
+        prefix: ServicePrefix,
+        /// The endpoint's locators.
+        locators: Vec<Locator>,
+    },
+}
+
+/// Per-connection state the runtime keeps beside the engine's.
+#[derive(Default)]
+pub(crate) struct ConnSlot {
+    pub(crate) read: Option<Waker>,
+    pub(crate) write: Option<Waker>,
+    pub(crate) close: Option<Waker>,
+    connect: Option<oneshot::Sender<Result<(), ConnectError>>>,
+    pub(crate) closed: Option<CloseReason>,
+    /// The application dropped every handle: events are no longer delivered.
+    pub(crate) detached: bool,
+}
+
+#[derive(Default)]
+struct ListenerSlot {
+    waker: Option<Waker>,
+}
+
+pub(crate) struct State {
+    pub(crate) engine: Engine,
+    epoch: std::time::Instant,
+    pub(crate) conns: HashMap<ConnectionHandle, ConnSlot>,
+    listeners: HashMap<ListenerId, ListenerSlot>,
+    registrations: broadcast::Sender<Registration>,
+    closed: bool,
+}
+
+impl State {
+    pub(crate) fn now(&self) -> Instant {
+        Instant::from_nanos(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// Delivers engine events to the tasks waiting on them.
+    pub(crate) fn dispatch(&mut self) {
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                Event::Connected(h) => {
+                    if let Some(tx) = self.conns.get_mut(&h).and_then(|c| c.connect.take()) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::ConnectFailed(h, e) => {
+                    if let Some(c) = self.conns.remove(&h)
+                        && let Some(tx) = c.connect
+                    {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+                Event::Incoming(l) => {
+                    if let Some(w) = self.listeners.get_mut(&l).and_then(|s| s.waker.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Readable(h) | Event::Finished(h) | Event::Datagram(h) => {
+                    if let Some(w) = self.conns.get_mut(&h).and_then(|c| c.read.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Writable(h) => {
+                    if let Some(w) = self.conns.get_mut(&h).and_then(|c| c.write.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Closed(h, reason) => {
+                    if let Some(c) = self.conns.get_mut(&h) {
+                        c.closed = Some(reason);
+                        if let Some(tx) = c.connect.take() {
+                            let _ = tx.send(Err(ConnectError::TimedOut(ServiceId::ZERO)));
+                        }
+                        for w in [c.read.take(), c.write.take(), c.close.take()]
+                            .into_iter()
+                            .flatten()
+                        {
+                            w.wake();
+                        }
+                        if c.detached {
+                            self.conns.remove(&h);
+                        }
+                    }
+                }
+                Event::Registered { prefix, .. } => {
+                    let locators = self.engine.locals().to_vec();
+                    let _ = self
+                        .registrations
+                        .send(Registration::Registered { prefix, locators });
+                }
+                Event::Unregistered { prefix, .. } => {
+                    let locators = self.engine.locals().to_vec();
+                    let _ = self
+                        .registrations
+                        .send(Registration::Unregistered { prefix, locators });
+                }
+                Event::Migrated(..) | Event::PeerMigrated(..) => {}
+            }
+        }
+    }
+}
+
+struct Socket {
+    io: UdpSocket,
+    udp: UdpSocketState,
+    local: Locator,
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Wakes the driver: there may be something to send, or the timer changed.
+    pub(crate) wake: Arc<Notify>,
+    sockets: Vec<Socket>,
+    table: Arc<ServiceTable>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug in this crate; the state is still the
+        // engine's own consistent data, so keep going rather than poison every caller.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A Serval endpoint: UDP sockets on one or more local addresses, and the protocol engine
+/// driving every connection on them. Cloning gives another handle to the same endpoint; the
+/// driver stops when every handle, stream and listener is gone.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("locals", &self.local_locators())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Binds UDP sockets on `addrs` (IPv4 and/or IPv6; port 0 picks one) with the default
+    /// configuration.
+    pub async fn bind(addrs: &[Locator]) -> io::Result<Endpoint> {
+        Endpoint::bind_with(addrs, EndpointConfig::default()).await
+    }
+
+    /// Binds with a configuration.
+    pub async fn bind_with(addrs: &[Locator], mut config: EndpointConfig) -> io::Result<Endpoint> {
+        if addrs.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an endpoint needs at least one local address",
+            ));
+        }
+        let mut sockets = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let std = StdUdpSocket::bind(addr)?;
+            let udp = UdpSocketState::new((&std).into())?;
+            // Large socket buffers absorb bursts between driver wake-ups.
+            let _ = udp.set_send_buffer_size((&std).into(), 4 << 20);
+            let _ = udp.set_recv_buffer_size((&std).into(), 4 << 20);
+            std.set_nonblocking(true)?;
+            let local = std.local_addr()?;
+            if local.ip().is_loopback() {
+                // Loopback carries 64 KiB datagrams: let path-MTU discovery find them.
+                config.transport.max_udp_payload = config.transport.max_udp_payload.max(65_000);
+            }
+            sockets.push(Socket {
+                io: UdpSocket::from_std(std)?,
+                udp,
+                local,
+            });
+        }
+        let locals: Vec<Locator> = sockets.iter().map(|s| s.local).collect();
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
+        let table = Arc::new(ServiceTable::new());
+        let engine = Engine::new(config, seed, table.clone(), locals);
+        let (registrations, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                engine,
+                epoch: std::time::Instant::now(),
+                conns: HashMap::new(),
+                listeners: HashMap::new(),
+                registrations,
+                closed: false,
+            }),
+            wake: Arc::new(Notify::new()),
+            sockets,
+            table,
+        });
+        for i in 0..shared.sockets.len() {
+            tokio::spawn(receive(Arc::downgrade(&shared), i));
+        }
+        tokio::spawn(drive(Arc::downgrade(&shared)));
+        Ok(Endpoint { shared })
+    }
+
+    /// The locators the endpoint's sockets are bound to.
+    pub fn local_locators(&self) -> Vec<Locator> {
+        self.shared.sockets.iter().map(|s| s.local).collect()
+    }
+
+    /// Sends SYNs for services with no more specific rule to `router` (a `/0` FORWARD rule).
+    pub fn set_default_route(&self, router: Locator) {
+        let _ = self.shared.table.add_target(
+            ServicePrefix::DEFAULT,
+            Target::new(Action::Forward(router), 0, 1),
+        );
+    }
+
+    /// Adds a rule to the endpoint's service table.
+    pub fn add_rule(&self, prefix: ServicePrefix, target: Target) -> io::Result<()> {
+        self.shared
+            .table
+            .add_target(prefix, target)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    }
+
+    /// The endpoint's service table.
+    pub fn table(&self) -> &Arc<ServiceTable> {
+        &self.shared.table
+    }
+
+    /// Registration changes of this endpoint's listeners, for the control plane.
+    pub fn registrations(&self) -> broadcast::Receiver<Registration> {
+        self.shared.lock().registrations.subscribe()
+    }
+
+    /// Connects to `service`, resolved through the endpoint's service table (see
+    /// [`Endpoint::set_default_route`]).
+    pub async fn connect(&self, service: ServiceId) -> io::Result<Stream> {
+        self.connect_inner(service, None).await
+    }
+
+    /// Connects to `service` sending the SYN to `next_hop` (a router or an instance).
+    pub async fn connect_via(&self, service: ServiceId, next_hop: Locator) -> io::Result<Stream> {
+        self.connect_inner(service, Some(next_hop)).await
+    }
+
+    async fn connect_inner(&self, service: ServiceId, via: Option<Locator>) -> io::Result<Stream> {
+        let (tx, rx) = oneshot::channel();
+        let h = {
+            let mut st = self.shared.lock();
+            let now = st.now();
+            let h = match via {
+                Some(hop) => st.engine.connect_via(now, service, hop),
+                None => st.engine.connect(now, service),
+            }
+            .map_err(connect_error)?;
+            st.conns.insert(
+                h,
+                ConnSlot {
+                    connect: Some(tx),
+                    ..ConnSlot::default()
+                },
+            );
+            h
+        };
+        self.shared.wake.notify_one();
+        let stream = Stream::new(self.shared.clone(), h);
+        match rx.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(connect_error(e)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "endpoint closed",
+            )),
+        }
+    }
+
+    /// Serves `prefix` on this endpoint: new connections to it are accepted from the returned
+    /// listener. Emits a [`Registration::Registered`].
+    pub fn listen(&self, prefix: ServicePrefix) -> io::Result<ServiceListener> {
+        self.listen_weighted(prefix, 0, 1)
+    }
+
+    /// [`Endpoint::listen`] with a priority and weight for the service table.
+    pub fn listen_weighted(
+        &self,
+        prefix: ServicePrefix,
+        priority: u32,
+        weight: u32,
+    ) -> io::Result<ServiceListener> {
+        let mut st = self.shared.lock();
+        let id = st.engine.listen(prefix, priority, weight);
+        st.listeners.insert(id, ListenerSlot::default());
+        st.dispatch();
+        Ok(ServiceListener {
+            shared: self.shared.clone(),
+            id,
+            prefix,
+        })
+    }
+}
+
+fn connect_error(e: ConnectError) -> io::Error {
+    let kind = match e {
+        ConnectError::NoRoute(_) => io::ErrorKind::HostUnreachable,
+        ConnectError::TimedOut(_) => io::ErrorKind::TimedOut,
+        ConnectError::NoLocalAddress(_) => io::ErrorKind::AddrNotAvailable,
+    };
+    io::Error::new(kind, e)
+}
+
+/// Accepts connections to a service, like `tokio::net::TcpListener`. Dropping it unregisters
+/// the service.
+pub struct ServiceListener {
+    shared: Arc<Shared>,
+    id: ListenerId,
+    prefix: ServicePrefix,
+}
+
+impl std::fmt::Debug for ServiceListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceListener")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl ServiceListener {
+    /// The service prefix served.
+    pub fn prefix(&self) -> ServicePrefix {
+        self.prefix
+    }
+
+    /// Waits for the next connection. Cancel-safe: a connection is taken from the queue only
+    /// when this returns it.
+    pub async fn accept(&mut self) -> io::Result<Stream> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+
+    /// Polls for the next connection.
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Stream>> {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "endpoint closed",
+            )));
+        }
+        match st.engine.accept(self.id) {
+            Some(h) => {
+                st.conns.insert(h, ConnSlot::default());
+                drop(st);
+                Poll::Ready(Ok(Stream::new(self.shared.clone(), h)))
+            }
+            None => {
+                if let Some(slot) = st.listeners.get_mut(&self.id) {
+                    slot.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for ServiceListener {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.engine.close_listener(self.id);
+        st.listeners.remove(&self.id);
+        st.dispatch();
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// Datagrams received per batch (GRO may pack several into one buffer).
+const RECV_BATCH: usize = 16;
+
+/// Receives on one socket and feeds the engine, until the endpoint is gone.
+async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
+    let Some(shared) = weak.upgrade() else { return };
+    let gro = shared.sockets[index].udp.gro_segments().max(1);
+    let buf_len = 65_536 * gro.min(4);
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
+    let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+    drop(shared);
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let sock = &shared.sockets[index];
+        let readable = tokio::select! {
+            r = sock.io.readable() => r,
+            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        };
+        if readable.is_err() {
+            return;
+        }
+        let res = {
+            let mut slices: Vec<IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .map(|b| IoSliceMut::new(&mut b[..]))
+                .collect();
+            sock.io.try_io(Interest::READABLE, || {
+                sock.udp.recv((&sock.io).into(), &mut slices, &mut meta)
+            })
+        };
+        let n = match res {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive failed");
+                continue;
+            }
+        };
+        {
+            let mut st = shared.lock();
+            let now = st.now();
+            for (m, buf) in meta.iter().zip(&bufs).take(n) {
+                let stride = m.stride.max(1);
+                for dgram in buf[..m.len].chunks(stride) {
+                    st.engine.handle_datagram(now, sock.local, m.addr, dgram);
+                }
+            }
+            st.dispatch();
+        }
+        shared.wake.notify_one();
+    }
+}
+
+/// Sends what the engine wants to send and runs its timers, until the endpoint is gone.
+async fn drive(weak: std::sync::Weak<Shared>) {
+    let mut batch: Vec<serval_engine::endpoint::Transmit> = Vec::new();
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        // Collect under the lock, send outside it.
+        let deadline = {
+            let mut st = shared.lock();
+            let now = st.now();
+            if st.engine.poll_timeout().is_some_and(|t| t <= now) {
+                st.engine.handle_timeout(now);
+            }
+            while batch.len() < 64 {
+                match st.engine.poll_transmit(now) {
+                    Some(t) => batch.push(t),
+                    None => break,
+                }
+            }
+            st.dispatch();
+            let epoch = st.epoch;
+            st.engine
+                .poll_timeout()
+                .map(|t| epoch + Duration::from_nanos(t.as_nanos()))
+        };
+        let sent_any = !batch.is_empty();
+        send_batch(&shared, &mut batch).await;
+        if sent_any {
+            // More may be ready (window opened, pacing released): loop without sleeping.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = shared.wake.clone();
+        let notified = wake.notified();
+        drop(shared);
+        tokio::select! {
+            () = sleep => {}
+            () = notified => {}
+            // Re-check liveness now and then so the task ends with the endpoint.
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Sends a batch, coalescing runs of same-route, same-size datagrams into GSO sends.
+async fn send_batch(shared: &Shared, batch: &mut Vec<serval_engine::endpoint::Transmit>) {
+    let mut i = 0;
+    let mut gso_buf = Vec::new();
+    while i < batch.len() {
+        let first = &batch[i];
+        let Some(sock) = shared.sockets.iter().find(|s| s.local == first.src) else {
+            i += 1;
+            continue;
+        };
+        let seg = first.payload.len();
+        let max_segments = sock.udp.max_gso_segments().max(1);
+        let mut j = i + 1;
+        while j < batch.len()
+            && j - i < max_segments
+            && batch[j].src == first.src
+            && batch[j].dst == first.dst
+            && batch[j].payload.len() <= seg
+            && batch[j - 1].payload.len() == seg
+            && (j - i + 1) * seg <= 65_000
+        {
+            j += 1;
+        }
+        let (contents, segment_size): (&[u8], Option<usize>) = if j - i > 1 {
+            gso_buf.clear();
+            for t in &batch[i..j] {
+                gso_buf.extend_from_slice(&t.payload);
+            }
+            (&gso_buf, Some(seg))
+        } else {
+            (&first.payload, None)
+        };
+        let tx = UdpTransmit {
+            destination: first.dst,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        loop {
+            if sock.io.writable().await.is_err() {
+                break;
+            }
+            match sock.io.try_io(Interest::WRITABLE, || {
+                sock.udp.try_send((&sock.io).into(), &tx)
+            }) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    // UDP is unreliable anyway: the transport retransmits.
+                    tracing::debug!(error = %e, dst = %first.dst, "UDP send failed");
+                    break;
+                }
+            }
+        }
+        i = j;
+    }
+    batch.clear();
+}

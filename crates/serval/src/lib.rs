@@ -1,0 +1,37 @@
+//! Serval in Rust: connect to services by name.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use serval::{Endpoint, ServiceId, ServicePrefix};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! let server = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()]).await?;
+//! let service = ServiceId::from_name("echo.example.com").unwrap();
+//! let mut listener = server.listen(ServicePrefix::exact(service))?;
+//!
+//! let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()]).await?;
+//! let mut stream = client.connect_via(service, server.local_locators()[0]).await?;
+//! stream.write_all(b"hello").await?;
+//! stream.shutdown().await?;
+//!
+//! let mut accepted = listener.accept().await?;
+//! let mut got = Vec::new();
+//! accepted.read_to_end(&mut got).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The [`Endpoint`] owns UDP sockets (batched with `quinn-udp`) and a task that drives the
+//! sans-IO [`serval_engine`] state machines; [`Stream`] is shaped like `tokio::net::TcpStream`,
+//! [`ServiceListener`] like `TcpListener`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod endpoint;
+mod stream;
+
+pub use endpoint::{Endpoint, Registration, ServiceListener};
+pub use serval_engine::connection::ConnectError;
+pub use serval_engine::endpoint::{CloseReason, EndpointConfig};
+pub use serval_table::{Action, Target};
+pub use serval_wire::{Locator, ServiceId, ServicePrefix};
+pub use stream::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, Stream, WriteHalf};

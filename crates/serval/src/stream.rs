@@ -1,0 +1,359 @@
+//! [`Stream`]: a connection to a service, shaped like `tokio::net::TcpStream`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use serval_engine::endpoint::{CloseReason, ConnectionHandle};
+use serval_engine::transport::conn::{ReadError, WriteError};
+use serval_wire::Locator;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::endpoint::Shared;
+
+/// What both halves of a stream share; dropping the last one releases the connection.
+struct Inner {
+    shared: Arc<Shared>,
+    handle: ConnectionHandle,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    /// Like closing a TCP socket: our direction is finished; if the peer's data was not read to
+    /// its end, the flow is reset instead (nobody is left to read it).
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let eof = {
+            let mut probe = [0u8; 0];
+            matches!(st.engine.read(self.handle, &mut probe), Ok(Some(0)))
+        };
+        let closed = st
+            .conns
+            .get(&self.handle)
+            .is_some_and(|c| c.closed.is_some());
+        if !closed {
+            if eof {
+                let _ = st.engine.finish(self.handle);
+            } else {
+                st.engine.abort(self.handle);
+            }
+        }
+        match st.conns.get_mut(&self.handle) {
+            Some(c) if !closed => c.detached = true,
+            _ => {
+                st.conns.remove(&self.handle);
+            }
+        }
+        st.dispatch();
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Inner {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        match st.engine.read(self.handle, buf.initialize_unfilled()) {
+            Ok(Some(n)) => {
+                buf.advance(n);
+                drop(st);
+                // Reading may open the flow-control window: let the driver send the update.
+                self.shared.wake.notify_one();
+                Poll::Ready(Ok(()))
+            }
+            Ok(None) => match st.conns.get_mut(&self.handle) {
+                Some(c) if c.closed.is_none() => {
+                    c.read = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Some(c) => Poll::Ready(Err(closed_error(c.closed.as_ref()))),
+                None => Poll::Ready(Err(closed_error(None))),
+            },
+            Err(ReadError::Reset { .. }) => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            Err(_) => {
+                let reason = st.conns.get(&self.handle).and_then(|c| c.closed.clone());
+                Poll::Ready(Err(closed_error(reason.as_ref())))
+            }
+        }
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut st = self.shared.lock();
+        match st.engine.write(self.handle, data) {
+            Ok(0) => match st.conns.get_mut(&self.handle) {
+                Some(c) if c.closed.is_none() => {
+                    c.write = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                c => Poll::Ready(Err(closed_error(c.and_then(|c| c.closed.as_ref())))),
+            },
+            Ok(n) => {
+                drop(st);
+                self.shared.wake.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(WriteError::Finished) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream already shut down for writing",
+            ))),
+            Err(_) => {
+                let reason = st.conns.get(&self.handle).and_then(|c| c.closed.clone());
+                Poll::Ready(Err(closed_error(reason.as_ref())))
+            }
+        }
+    }
+
+    fn poll_shutdown(&self) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        let r = st.engine.finish(self.handle);
+        drop(st);
+        self.shared.wake.notify_one();
+        match r {
+            Ok(()) | Err(WriteError::Finished) => Poll::Ready(Ok(())),
+            Err(_) => Poll::Ready(Err(closed_error(None))),
+        }
+    }
+
+    fn locators(&self) -> io::Result<(Locator, Locator)> {
+        self.shared
+            .lock()
+            .engine
+            .locators(self.handle)
+            .ok_or_else(|| closed_error(None))
+    }
+}
+
+fn closed_error(reason: Option<&CloseReason>) -> io::Error {
+    match reason {
+        Some(CloseReason::Reset) => io::ErrorKind::ConnectionReset.into(),
+        Some(CloseReason::TimedOut | CloseReason::IdleTimeout) => io::Error::new(
+            io::ErrorKind::TimedOut,
+            reason.map_or(String::new(), |r| r.to_string()),
+        ),
+        Some(r) => io::Error::new(io::ErrorKind::ConnectionAborted, r.to_string()),
+        None => io::ErrorKind::NotConnected.into(),
+    }
+}
+
+/// A connection to a service: a reliable, ordered byte stream in each direction, with
+/// half-close (`shutdown` ends our direction). Implements [`AsyncRead`] and [`AsyncWrite`].
+///
+/// Dropping it finishes our direction; if the peer's direction had not been read to its end,
+/// the flow is reset instead, as a TCP socket does.
+pub struct Stream {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("handle", &self.inner.handle)
+            .finish()
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(shared: Arc<Shared>, handle: ConnectionHandle) -> Stream {
+        Stream {
+            inner: Arc::new(Inner { shared, handle }),
+        }
+    }
+
+    /// The locator of the peer (the instance, for a client; the client, for a server) right
+    /// now; it changes when the peer migrates.
+    pub fn peer_locator(&self) -> io::Result<Locator> {
+        self.inner.locators().map(|l| l.1)
+    }
+
+    /// The local locator the connection uses right now.
+    pub fn local_locator(&self) -> io::Result<Locator> {
+        self.inner.locators().map(|l| l.0)
+    }
+
+    /// Moves this end of the connection to `new_local`, one of the endpoint's locators, with an
+    /// authenticated RSYN. The stream keeps working; bytes in flight are retransmitted.
+    pub fn migrate(&self, new_local: Locator) -> io::Result<()> {
+        let mut st = self.inner.shared.lock();
+        if !st.engine.locals().contains(&new_local) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("{new_local} is not a locator of this endpoint"),
+            ));
+        }
+        if !st.engine.migrate(self.inner.handle, new_local) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "connection not established or already migrating",
+            ));
+        }
+        drop(st);
+        self.inner.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Waits until the connection is closed — for a clean close, until both directions have
+    /// ended and the FIN exchange completed — and returns why.
+    pub async fn closed(&self) -> CloseReason {
+        std::future::poll_fn(|cx| {
+            let mut st = self.inner.shared.lock();
+            match st.conns.get_mut(&self.inner.handle) {
+                Some(c) => match &c.closed {
+                    Some(r) => Poll::Ready(r.clone()),
+                    None => {
+                        c.close = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                },
+                None => Poll::Ready(CloseReason::Reset),
+            }
+        })
+        .await
+    }
+
+    /// Splits into halves that can be used from different tasks.
+    pub fn into_split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        (
+            OwnedReadHalf {
+                inner: self.inner.clone(),
+            },
+            OwnedWriteHalf { inner: self.inner },
+        )
+    }
+
+    /// Borrows a read half and a write half, usable concurrently (for example in `select!`).
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        (
+            ReadHalf { inner: &self.inner },
+            WriteHalf { inner: &self.inner },
+        )
+    }
+}
+
+/// The borrowed reading half of a [`Stream`], from [`Stream::split`].
+#[derive(Debug)]
+pub struct ReadHalf<'a> {
+    inner: &'a Inner,
+}
+
+/// The borrowed writing half of a [`Stream`], from [`Stream::split`].
+#[derive(Debug)]
+pub struct WriteHalf<'a> {
+    inner: &'a Inner,
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_shutdown()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_shutdown()
+    }
+}
+
+/// The reading half of a [`Stream`], from [`Stream::into_split`].
+pub struct OwnedReadHalf {
+    inner: Arc<Inner>,
+}
+
+/// The writing half of a [`Stream`], from [`Stream::into_split`].
+pub struct OwnedWriteHalf {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for OwnedReadHalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedReadHalf").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for OwnedWriteHalf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedWriteHalf").finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for OwnedReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OwnedWriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_shutdown()
+    }
+}
