@@ -373,6 +373,7 @@ impl Connection {
     pub(crate) fn handle_packet(
         &mut self,
         now: Instant,
+        local: Locator,
         remote: Locator,
         pkt: &SalPacket<&[u8]>,
         repr: &SalRepr,
@@ -382,6 +383,14 @@ impl Connection {
         }
         if let Some(ctl) = repr.control {
             self.handle_control(now, remote, pkt, repr, ctl);
+        }
+        // The peer sends to our new locator only after it verified our RSYN, so its data
+        // arriving there completes our migration even if its RSYN-ACK was lost.
+        if self.moving_to == Some(local)
+            && pkt.protocol() == Protocol::STREAM
+            && repr.src_flow == self.peer_flow
+        {
+            self.finish_migration(now);
         }
         // The client sends data only once it has our SYN-ACK, so data from it completes the
         // handshake even if its ACK was lost (as a QUIC server treats the client's first
@@ -515,13 +524,27 @@ impl Connection {
     }
 
     fn on_rsyn_ack(&mut self, now: Instant, ctl: ControlRepr) {
-        let Some(new_local) = self.moving_to else {
-            return;
-        };
-        if !self.acked(Reliable::Rsyn, ctl.ackno) {
+        if self.moving_to.is_none() || !self.acked(Reliable::Rsyn, ctl.ackno) {
             return;
         }
-        self.moving_to = None;
+        self.finish_migration(now);
+    }
+
+    /// Our RSYN reached the peer: switch to the new locator and resume.
+    fn finish_migration(&mut self, now: Instant) {
+        let Some(new_local) = self.moving_to.take() else {
+            return;
+        };
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.kind == Reliable::Rsyn)
+        {
+            self.pending = None;
+            if let Some(next) = self.queued.pop_front() {
+                self.send_reliable(next);
+            }
+        }
         self.local = new_local;
         self.transport.set_frozen(false);
         self.transport.on_path_change(now);
@@ -564,11 +587,12 @@ impl Connection {
         self.events.push_back(ConnEvent::Closed(reason));
     }
 
-    /// Whether both directions are complete: our FIN is only sent once the transport is drained
-    /// (our data and stream end acknowledged, the peer's all read), and the peer's FIN arrived.
-    /// Only the final acknowledgement of our SAL FIN may then be missing.
+    /// Whether both directions are complete. Our SAL FIN is queued only once the transport is
+    /// drained — our data and stream end acknowledged, the peer's stream end received and
+    /// everything read — so from then on only the SAL teardown (the FINs and their ACKs) can be
+    /// missing, and losing it loses no data.
     fn all_delivered(&self) -> bool {
-        self.fin_queued && self.peer_fin
+        self.fin_queued
     }
 
     /// Both FINs exchanged: the flow is closed for the application now; it lingers in

@@ -477,7 +477,7 @@ impl Endpoint {
             }
             return;
         }
-        c.handle_packet(now, remote, &pkt, &repr);
+        c.handle_packet(now, local, remote, &pkt, &repr);
         self.collect_events(h);
     }
 

@@ -165,11 +165,55 @@ impl Host {
 
 impl Node for Host {
     fn handle_datagram(&mut self, now: Instant, d: Datagram) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let who = if matches!(self.app, App::Client { .. }) {
+                "client"
+            } else {
+                "server"
+            };
+            let what = serval_wire::SalPacket::new_checked(&d.payload[..])
+                .ok()
+                .and_then(|p| {
+                    serval_wire::SalRepr::parse(&p)
+                        .ok()
+                        .map(|r| (r, p.payload().len()))
+                })
+                .map(|(r, n)| {
+                    let pn = d
+                        .payload
+                        .get(20..28)
+                        .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+                    format!("{:?} payload {n} pn {pn:?}", r.control.map(|c| c.flags))
+                });
+            eprintln!("{now:?} {who} <- {} bytes {what:?}", d.payload.len());
+        }
         self.ep.handle_datagram(now, d.dst, d.src, &d.payload);
         self.run_app(now);
     }
     fn poll_transmit(&mut self, now: Instant) -> Option<Datagram> {
         self.run_app(now);
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let who = if matches!(self.app, App::Client { .. }) {
+                "client"
+            } else {
+                "server"
+            };
+            if let Some(t) = self.ep.poll_transmit(now) {
+                eprintln!(
+                    "{now:?} {who} -> {} bytes {} -> {}; next {:?}",
+                    t.payload.len(),
+                    t.src,
+                    t.dst,
+                    self.ep.poll_timeout()
+                );
+                return Some(Datagram {
+                    src: t.src,
+                    dst: t.dst,
+                    payload: t.payload,
+                });
+            }
+            return None;
+        }
         self.ep.poll_transmit(now).map(|t| Datagram {
             src: t.src,
             dst: t.dst,
@@ -181,6 +225,14 @@ impl Node for Host {
     }
     fn handle_timeout(&mut self, now: Instant) {
         self.ep.handle_timeout(now);
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let who = if matches!(self.app, App::Client { .. }) {
+                "client"
+            } else {
+                "server"
+            };
+            eprintln!("{now:?} {who} timeout; next {:?}", self.ep.poll_timeout());
+        }
         self.run_app(now);
     }
 }
@@ -305,6 +357,9 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
             break;
         }
         steps += 1;
+    }
+    if std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("network: {:?}, now {:?}", net.stats(), net.now());
     }
     assert!(
         steps < budget,
