@@ -39,8 +39,18 @@ fn pump(a: &mut Endpoint, b: &mut Endpoint, now: Instant) {
 fuzz_target!(|data: &[u8]| {
     let (la, lb) = (loc("10.0.0.1:54324"), loc("10.0.0.2:54324"));
     let service = ServiceId::from_name("echo.fuzz").expect("valid name");
-    let mut a = Endpoint::new(EndpointConfig::default(), [1; 32], Arc::new(ServiceTable::new()), vec![la]);
-    let mut b = Endpoint::new(EndpointConfig::default(), [2; 32], Arc::new(ServiceTable::new()), vec![lb]);
+    let mut a = Endpoint::new(
+        EndpointConfig::default(),
+        [1; 32],
+        Arc::new(ServiceTable::new()),
+        vec![la],
+    );
+    let mut b = Endpoint::new(
+        EndpointConfig::default(),
+        [2; 32],
+        Arc::new(ServiceTable::new()),
+        vec![lb],
+    );
     b.listen(ServicePrefix::exact(service), 0, 1);
     let now = Instant::ZERO;
     let h = a.connect_via(now, service, lb).expect("connect");
@@ -57,7 +67,11 @@ fuzz_target!(|data: &[u8]| {
             spliced.extend_from_slice(chunk);
             dgram = spliced;
         }
-        let (ep, local, remote) = if i % 2 == 0 { (&mut b, lb, la) } else { (&mut a, la, lb) };
+        let (ep, local, remote) = if i % 2 == 0 {
+            (&mut b, lb, la)
+        } else {
+            (&mut a, la, lb)
+        };
         ep.handle_datagram(t, local, remote, &dgram);
         while let Some(reply) = ep.poll_transmit(t) {
             // The spliced packet belongs to the live flow, which may answer with its own data;
