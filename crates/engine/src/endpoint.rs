@@ -65,6 +65,8 @@ pub enum Event {
     Finished(ConnectionHandle),
     /// A datagram arrived on the connection.
     Datagram(ConnectionHandle),
+    /// A datagram by name is waiting for the listener ([`Endpoint::recv_datagram`]).
+    NamedDatagram(ListenerId),
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
     /// The peer moved to a new locator.
@@ -98,6 +100,11 @@ pub struct EndpointConfig {
     pub hop_limit: u8,
     /// Most connections waiting in one listener's accept queue; SYNs beyond it are ignored.
     pub accept_backlog: usize,
+    /// Largest UDP payload of a datagram sent by name (header included). Such datagrams have no
+    /// path-MTU discovery, so the default, 1200 bytes, fits any IPv4 or IPv6 path.
+    pub max_datagram_packet: usize,
+    /// Most datagrams queued unread per listener; later ones are dropped and counted.
+    pub datagram_queue: usize,
 }
 
 impl Default for EndpointConfig {
@@ -107,6 +114,8 @@ impl Default for EndpointConfig {
             control: ControlConfig::default(),
             hop_limit: 16,
             accept_backlog: 1024,
+            max_datagram_packet: 1200,
+            datagram_queue: 1024,
         }
     }
 }
@@ -134,12 +143,54 @@ pub struct EndpointStats {
     pub delayed: u64,
     /// Connections accepted.
     pub accepted: u64,
+    /// Datagrams by name delivered to a local listener.
+    pub datagrams_received: u64,
+    /// Datagrams by name dropped: no rule, DROP, a full queue, or a bad payload.
+    pub datagrams_dropped: u64,
 }
 
 struct Listener {
     prefix: ServicePrefix,
+    /// Whether it takes connections (a datagram-only listener NACKs SYNs).
+    streams: bool,
     queue: VecDeque<ConnectionHandle>,
+    datagrams: VecDeque<NamedDatagram>,
 }
+
+/// A datagram received by service name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedDatagram {
+    /// The serviceID it was sent to.
+    pub to: ServiceId,
+    /// The sender's serviceID, if it sent from a bound service.
+    pub from: Option<ServiceId>,
+    /// The sender's locator (the first entry of SOURCE, as the first hop saw it).
+    pub from_locator: Locator,
+    /// The application data.
+    pub data: Vec<u8>,
+}
+
+/// Why a datagram by name could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramError {
+    /// No rule serves the destination, or a DROP rule matched.
+    #[error("no route to service {0}")]
+    NoRoute(ServiceId),
+    /// The packet would exceed [`EndpointConfig::max_datagram_packet`].
+    #[error("datagram of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Bytes of application data offered.
+        len: usize,
+        /// Most application data that fits.
+        max: usize,
+    },
+    /// The endpoint has no local address of the next hop's family.
+    #[error("no local address to reach {0}")]
+    NoLocalAddress(Locator),
+}
+
+/// Flags byte of a datagram-by-name payload: the sender's serviceID follows.
+const DGRAM_HAS_SOURCE_SERVICE: u8 = 0x01;
 
 /// One host's SAL; see the [module docs](self).
 pub struct Endpoint {
@@ -323,6 +374,27 @@ impl Endpoint {
     /// Binds `prefix` to a new listener: adds a DEMUX rule (with `priority` and `weight`) to the
     /// service table and emits [`Event::Registered`].
     pub fn listen(&mut self, prefix: ServicePrefix, priority: u32, weight: u32) -> ListenerId {
+        self.add_listener(prefix, priority, weight, true)
+    }
+
+    /// Like [`Endpoint::listen`], for datagrams by name only: SYNs that reach it are answered
+    /// with a NACK.
+    pub fn listen_datagrams(
+        &mut self,
+        prefix: ServicePrefix,
+        priority: u32,
+        weight: u32,
+    ) -> ListenerId {
+        self.add_listener(prefix, priority, weight, false)
+    }
+
+    fn add_listener(
+        &mut self,
+        prefix: ServicePrefix,
+        priority: u32,
+        weight: u32,
+        streams: bool,
+    ) -> ListenerId {
         let id = ListenerId(self.next_listener);
         self.next_listener += 1;
         // A zero weight is the only error the table can return; clamp it rather than fail.
@@ -334,7 +406,9 @@ impl Endpoint {
             id,
             Listener {
                 prefix,
+                streams,
                 queue: VecDeque::new(),
+                datagrams: VecDeque::new(),
             },
         );
         self.events.push_back(Event::Registered {
@@ -438,8 +512,11 @@ impl Endpoint {
         };
         let dst = pkt.dst_flow();
         if dst.is_none() {
-            // Only a SYN travels without a destination flow.
+            // Only a SYN or a datagram by name travels without a destination flow.
             match SalRepr::parse(&pkt) {
+                Ok(repr) if repr.protocol == Protocol::DATAGRAM && repr.control.is_none() => {
+                    self.handle_named_datagram(local, remote, &pkt, repr)
+                }
                 Ok(repr) => self.handle_syn(now, local, remote, data, repr),
                 Err(_) => self.stats.malformed += 1,
             }
@@ -519,12 +596,16 @@ impl Endpoint {
             .resolve(&service.id, flow_key)
             .map(|r| r.action);
         match action {
-            Some(Action::Demux(listener)) => {
+            Some(Action::Demux(listener))
+                if self.listeners.get(&listener).is_some_and(|l| l.streams) =>
+            {
                 self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
             }
-            Some(Action::Forward(next)) => self.forward_syn(local, next, data, repr, service),
+            Some(Action::Forward(next)) => self.forward_by_name(local, next, data, repr, service),
             Some(Action::Delay) => self.stats.delayed += 1,
-            Some(Action::Drop) | None => self.nack(local, remote, &repr, ctl, nonce, data.len()),
+            Some(Action::Drop | Action::Demux(_)) | None => {
+                self.nack(local, remote, &repr, ctl, nonce, data.len())
+            }
         }
     }
 
@@ -559,7 +640,7 @@ impl Endpoint {
         self.half_open.insert((repr.src_flow, nonce), h);
     }
 
-    fn forward_syn(
+    fn forward_by_name(
         &mut self,
         local: Locator,
         next: Locator,
@@ -621,6 +702,141 @@ impl Endpoint {
                 dst: remote,
                 payload,
             });
+        }
+    }
+
+    /// Sends a datagram to `to` by name, resolved through the service table like a SYN:
+    /// FORWARD sends it to the next hop, DEMUX delivers it to a local listener. `from` is the
+    /// sender's own serviceID, if it has one, so the receiver can answer by name.
+    pub fn send_datagram(
+        &mut self,
+        from: Option<ServiceId>,
+        to: ServiceId,
+        data: &[u8],
+    ) -> Result<(), DatagramError> {
+        let flow_key = self.rng.next_u64();
+        let next_hop = match self
+            .table
+            .snapshot()
+            .resolve(&to, flow_key)
+            .map(|r| r.action)
+        {
+            Some(Action::Forward(hop)) => hop,
+            Some(Action::Demux(_)) => *self.locals.first().ok_or(DatagramError::NoRoute(to))?,
+            _ => return Err(DatagramError::NoRoute(to)),
+        };
+        self.send_datagram_via(from, to, next_hop, data)
+    }
+
+    /// Sends a datagram to `to` by name through `next_hop`, without consulting the table.
+    pub fn send_datagram_via(
+        &mut self,
+        from: Option<ServiceId>,
+        to: ServiceId,
+        next_hop: Locator,
+        data: &[u8],
+    ) -> Result<(), DatagramError> {
+        let local = self
+            .local_for(&next_hop)
+            .ok_or(DatagramError::NoLocalAddress(next_hop))?;
+        let mut repr = SalRepr::new(Protocol::DATAGRAM, FlowId::NONE, FlowId::NONE);
+        repr.service = Some(serval_wire::ServiceRepr {
+            hop_limit: self.config.hop_limit,
+            id: to,
+        });
+        repr.source = vec![local];
+        let mut payload = Vec::with_capacity(1 + 32 + data.len());
+        match from {
+            Some(id) => {
+                payload.push(DGRAM_HAS_SOURCE_SERVICE);
+                payload.extend_from_slice(id.as_bytes());
+            }
+            None => payload.push(0),
+        }
+        let overhead = repr.buffer_len() + payload.len();
+        let max = self.config.max_datagram_packet.saturating_sub(overhead);
+        if data.len() > max {
+            return Err(DatagramError::TooLarge {
+                len: data.len(),
+                max,
+            });
+        }
+        payload.extend_from_slice(data);
+        let bytes = repr
+            .to_bytes(&payload)
+            .map_err(|_| DatagramError::TooLarge {
+                len: data.len(),
+                max,
+            })?;
+        self.transmits.push_back(Transmit {
+            src: local,
+            dst: next_hop,
+            payload: bytes,
+        });
+        Ok(())
+    }
+
+    /// The next datagram received by name for listener `id`.
+    pub fn recv_datagram(&mut self, id: ListenerId) -> Option<NamedDatagram> {
+        self.listeners.get_mut(&id)?.datagrams.pop_front()
+    }
+
+    fn handle_named_datagram(
+        &mut self,
+        local: Locator,
+        remote: Locator,
+        pkt: &SalPacket<&[u8]>,
+        mut repr: SalRepr,
+    ) {
+        let Some(service) = repr.service else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if repr.source.is_empty() {
+            self.stats.malformed += 1;
+            return;
+        }
+        if repr.source.len() == 1 {
+            repr.source[0] = remote;
+        }
+        let flow_key = self.rng.next_u64();
+        let action = self
+            .table
+            .snapshot()
+            .resolve(&service.id, flow_key)
+            .map(|r| r.action);
+        match action {
+            Some(Action::Demux(listener)) => {
+                let payload = pkt.payload();
+                let parsed = match payload.split_first() {
+                    Some((&0, data)) => Some((None, data)),
+                    Some((&DGRAM_HAS_SOURCE_SERVICE, rest)) if rest.len() >= 32 => {
+                        let mut id = [0u8; 32];
+                        id.copy_from_slice(&rest[..32]);
+                        Some((Some(ServiceId(id)), &rest[32..]))
+                    }
+                    _ => None,
+                };
+                let limit = self.config.datagram_queue;
+                match (parsed, self.listeners.get_mut(&listener)) {
+                    (Some((from, data)), Some(l)) if l.datagrams.len() < limit => {
+                        l.datagrams.push_back(NamedDatagram {
+                            to: service.id,
+                            from,
+                            from_locator: repr.source[0],
+                            data: data.to_vec(),
+                        });
+                        self.stats.datagrams_received += 1;
+                        self.events.push_back(Event::NamedDatagram(listener));
+                    }
+                    _ => self.stats.datagrams_dropped += 1,
+                }
+            }
+            Some(Action::Forward(next)) => {
+                let data = pkt.as_ref().to_vec();
+                self.forward_by_name(local, next, &data, repr, service)
+            }
+            _ => self.stats.datagrams_dropped += 1,
         }
     }
 

@@ -322,3 +322,53 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn datagrams_by_name_through_a_router_carry_the_sender() {
+    use serval_engine::endpoint::{DatagramError, NamedDatagram};
+    let now = Instant::ZERO;
+    let (mut a, mut r, mut b) = (endpoint(A, 1), endpoint(R, 3), endpoint(B, 2));
+    r.table()
+        .add_target(
+            ServicePrefix::from_domain("svc.test").unwrap(),
+            Target::new(Action::Forward(loc(B)), 0, 1),
+        )
+        .unwrap();
+    let l = b.listen_datagrams(ServicePrefix::exact(svc("dg.svc.test")), 0, 1);
+    a.send_datagram_via(Some(svc("me.test")), svc("dg.svc.test"), loc(R), b"hi")
+        .unwrap();
+    pump(&mut [(A, &mut a), (R, &mut r), (B, &mut b)], now);
+    assert!(events(&mut b).contains(&Event::NamedDatagram(l)));
+    assert_eq!(
+        b.recv_datagram(l),
+        Some(NamedDatagram {
+            to: svc("dg.svc.test"),
+            from: Some(svc("me.test")),
+            from_locator: loc(A),
+            data: b"hi".to_vec(),
+        })
+    );
+    // Anonymous sender; and a SYN to a datagram-only listener is refused.
+    a.send_datagram_via(None, svc("dg.svc.test"), loc(B), b"x")
+        .unwrap();
+    let h = a.connect_via(now, svc("dg.svc.test"), loc(B)).unwrap();
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert_eq!(b.recv_datagram(l).unwrap().from, None);
+    assert!(events(&mut a).contains(&Event::ConnectFailed(
+        h,
+        ConnectError::NoRoute(svc("dg.svc.test"))
+    )));
+    // Unknown name: dropped and counted; too large: refused before sending.
+    a.send_datagram_via(None, svc("nobody.test"), loc(B), b"x")
+        .unwrap();
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert_eq!(b.stats().datagrams_dropped, 1);
+    assert!(matches!(
+        a.send_datagram_via(None, svc("dg.svc.test"), loc(B), &[0; 2000]),
+        Err(DatagramError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        a.send_datagram(None, svc("dg.svc.test"), b"x"),
+        Err(DatagramError::NoRoute(_))
+    ));
+}

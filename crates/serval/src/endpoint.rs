@@ -19,6 +19,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, broadcast, oneshot};
 
+use crate::datagram::DatagramSocket;
 use crate::stream::Stream;
 
 /// A registration change, for the control plane ("active sockets"): a listener bound or
@@ -68,6 +69,12 @@ pub(crate) struct State {
 }
 
 impl State {
+    pub(crate) fn set_listener_waker(&mut self, id: ListenerId, waker: Waker) {
+        if let Some(slot) = self.listeners.get_mut(&id) {
+            slot.waker = Some(waker);
+        }
+    }
+
     pub(crate) fn now(&self) -> Instant {
         Instant::from_nanos(self.epoch.elapsed().as_nanos() as u64)
     }
@@ -88,7 +95,7 @@ impl State {
                         let _ = tx.send(Err(e));
                     }
                 }
-                Event::Incoming(l) => {
+                Event::Incoming(l) | Event::NamedDatagram(l) => {
                     if let Some(w) = self.listeners.get_mut(&l).and_then(|s| s.waker.take()) {
                         w.wake();
                     }
@@ -153,6 +160,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Closes a listener or datagram socket: its rule goes, the control plane hears of it.
+    pub(crate) fn release_listener(&self, id: ListenerId) {
+        let mut st = self.lock();
+        st.engine.close_listener(id);
+        st.listeners.remove(&id);
+        st.dispatch();
+        drop(st);
+        self.wake.notify_one();
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug in this crate; the state is still the
         // engine's own consistent data, so keep going rather than poison every caller.
@@ -315,6 +332,27 @@ impl Endpoint {
         self.listen_weighted(prefix, 0, 1)
     }
 
+    /// Binds a datagram socket to `prefix`: datagrams sent to it by name arrive there.
+    /// Emits a [`Registration::Registered`].
+    pub fn bind_datagram(&self, prefix: ServicePrefix) -> io::Result<DatagramSocket> {
+        let mut st = self.shared.lock();
+        let id = st.engine.listen_datagrams(prefix, 0, 1);
+        st.listeners.insert(id, ListenerSlot::default());
+        st.dispatch();
+        Ok(DatagramSocket {
+            shared: self.shared.clone(),
+            id,
+            prefix,
+        })
+    }
+
+    /// Sends a datagram to `to` by name from no particular service.
+    pub fn send_datagram(&self, to: ServiceId, data: &[u8]) -> io::Result<()> {
+        let r = self.shared.lock().engine.send_datagram(None, to, data);
+        self.shared.wake.notify_one();
+        r.map_err(crate::datagram::datagram_error)
+    }
+
     /// [`Endpoint::listen`] with a priority and weight for the service table.
     pub fn listen_weighted(
         &self,
@@ -398,12 +436,7 @@ impl ServiceListener {
 
 impl Drop for ServiceListener {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        st.engine.close_listener(self.id);
-        st.listeners.remove(&self.id);
-        st.dispatch();
-        drop(st);
-        self.shared.wake.notify_one();
+        self.shared.release_listener(self.id);
     }
 }
 

@@ -26,11 +26,14 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod datagram;
 mod endpoint;
 mod stream;
 
+pub use datagram::DatagramSocket;
 pub use endpoint::{Endpoint, Registration, ServiceListener};
 pub use serval_engine::connection::ConnectError;
+pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{CloseReason, EndpointConfig};
 pub use serval_table::{Action, Target};
 pub use serval_wire::{Locator, ServiceId, ServicePrefix};

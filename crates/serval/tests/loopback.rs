@@ -1,0 +1,208 @@
+//! The tokio API over real UDP sockets on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::time::Duration;
+
+use serval::{Endpoint, Registration, ServiceId, ServicePrefix};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+
+fn svc(name: &str) -> ServiceId {
+    ServiceId::from_name(name).unwrap()
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+async fn bind(addr: &str) -> Endpoint {
+    Endpoint::bind(&[addr.parse().unwrap()]).await.unwrap()
+}
+
+/// Bounds every test so a hang fails instead of stalling CI.
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_by_name_with_half_close() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("echo.test")))
+            .unwrap();
+        let server_loc = server.local_locators()[0];
+        tokio::spawn(async move {
+            let mut s = listener.accept().await.unwrap();
+            let (mut r, mut w) = s.split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+            s.closed().await;
+        });
+        let client = bind("127.0.0.1:0").await;
+        let stream = client
+            .connect_via(svc("echo.test"), server_loc)
+            .await
+            .unwrap();
+        assert_eq!(stream.peer_locator().unwrap(), server_loc);
+        let data = pattern(4 << 20, 7);
+        let (mut r, mut w) = stream.into_split();
+        let to_send = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&to_send).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut echo = Vec::new();
+        r.read_to_end(&mut echo).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(echo.len(), data.len());
+        assert!(echo == data);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_fails_fast() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let _listener = server
+            .listen(ServicePrefix::exact(svc("echo.test")))
+            .unwrap();
+        let client = bind("127.0.0.1:0").await;
+        let start = std::time::Instant::now();
+        let err = client
+            .connect_via(svc("nobody.test"), server.local_locators()[0])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable);
+        assert!(err.to_string().contains("no route to service"), "{err}");
+        // A NACK, not a timeout (the first retransmission would come after 1 s).
+        assert!(start.elapsed() < Duration::from_secs(1));
+        // No rule at all in the client's own table: refused without sending anything.
+        let err = client.connect(svc("nobody.test")).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_a_client_address_change() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let server_loc = server.local_locators()[0];
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("sink.test")))
+            .unwrap();
+        let accepted = tokio::spawn(async move {
+            let mut s = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            let mut peers = vec![s.peer_locator().unwrap()];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let p = s.peer_locator().unwrap();
+                if peers.last() != Some(&p) {
+                    peers.push(p);
+                }
+            }
+            s.shutdown().await.unwrap();
+            (got, peers)
+        });
+        let client = Endpoint::bind(&[
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.2:0".parse().unwrap(),
+        ])
+        .await
+        .unwrap();
+        let new_loc = client.local_locators()[1];
+        let mut stream = client
+            .connect_via(svc("sink.test"), server_loc)
+            .await
+            .unwrap();
+        let data = pattern(8 << 20, 3);
+        let (first, rest) = data.split_at(data.len() / 3);
+        stream.write_all(first).await.unwrap();
+        stream.migrate(new_loc).unwrap();
+        stream.write_all(rest).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        stream.read_to_end(&mut tail).await.unwrap();
+        assert_eq!(stream.local_locator().unwrap(), new_loc);
+        let (got, peers) = accepted.await.unwrap();
+        assert!(got == data, "bytes differ after migration");
+        assert_eq!(
+            peers.last(),
+            Some(&new_loc),
+            "server never saw the new locator"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_by_name_carry_the_sender_service() {
+    timeout(LIMIT, async {
+        let a = bind("127.0.0.1:0").await;
+        let b = bind("127.0.0.1:0").await;
+        let sock_b = b
+            .bind_datagram(ServicePrefix::exact(svc("b.test")))
+            .unwrap();
+        let sock_a = a
+            .bind_datagram(ServicePrefix::exact(svc("a.test")))
+            .unwrap();
+        sock_a
+            .send_to_via(svc("b.test"), b.local_locators()[0], b"ping")
+            .unwrap();
+        let d = sock_b.recv_from().await.unwrap();
+        assert_eq!(d.data, b"ping");
+        assert_eq!(d.from, Some(svc("a.test")));
+        assert_eq!(d.from_locator, a.local_locators()[0]);
+        // Answer by name and locator.
+        sock_b
+            .send_to_via(d.from.unwrap(), d.from_locator, b"pong")
+            .unwrap();
+        assert_eq!(sock_a.recv_from().await.unwrap().data, b"pong");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_registers_and_dropping_unregisters() {
+    timeout(LIMIT, async {
+        let ep = bind("127.0.0.1:0").await;
+        let mut reg = ep.registrations();
+        let prefix = ServicePrefix::from_domain("web.test").unwrap();
+        let listener = ep.listen(prefix).unwrap();
+        let locators = ep.local_locators();
+        assert_eq!(
+            reg.recv().await.unwrap(),
+            Registration::Registered {
+                prefix,
+                locators: locators.clone()
+            }
+        );
+        assert!(ep.table().snapshot().get(&prefix).is_some());
+        drop(listener);
+        assert_eq!(
+            reg.recv().await.unwrap(),
+            Registration::Unregistered { prefix, locators }
+        );
+        assert!(ep.table().snapshot().get(&prefix).is_none());
+    })
+    .await
+    .expect("test timed out");
+}
