@@ -212,6 +212,10 @@ pub(crate) struct Connection {
     pub(crate) events: VecDeque<ConnEvent>,
     /// Packets dropped for a bad AUTH tag or a control packet out of place.
     pub(crate) auth_failures: u64,
+    /// Stream packets dropped because their payload did not parse.
+    pub(crate) malformed: u64,
+    /// Closed, but the transport still has its CLOSE frame to send.
+    flush_transport: bool,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -289,6 +293,8 @@ impl Connection {
             transport: Transport::new(&n.transport, now),
             events: VecDeque::new(),
             auth_failures: 0,
+            malformed: 0,
+            flush_transport: false,
         }
     }
 
@@ -411,9 +417,16 @@ impl Connection {
             && matches!(self.state, State::Established | State::TimeWait)
             && !pkt.payload().is_empty()
         {
-            if let Err(_e) = self.transport.handle_packet(now, pkt.payload()) {
-                self.close_now(CloseReason::ProtocolViolation);
-                return;
+            if let Err(e) = self.transport.handle_packet(now, pkt.payload()) {
+                if e.is_fatal() {
+                    // The transport has closed itself with a CLOSE frame for the peer; let it
+                    // go out, then report the violation.
+                    self.flush_transport = true;
+                    self.close_now(CloseReason::ProtocolViolation);
+                    return;
+                }
+                // A malformed payload changed nothing: drop and count it.
+                self.malformed += 1;
             }
             self.pump_transport(now);
         }
@@ -620,6 +633,7 @@ impl Connection {
                     code,
                     reason,
                 } => {
+                    self.flush_transport = !by_peer;
                     self.close_now(CloseReason::Application {
                         by_peer,
                         code,
@@ -728,10 +742,13 @@ impl Connection {
             }
             return route;
         }
-        if self.state == State::Closed {
+        let flushing = self.state == State::Closed && self.flush_transport;
+        if self.state == State::Closed && !flushing {
             return None;
         }
-        if matches!(self.state, State::Established | State::TimeWait) && self.moving_to.is_none() {
+        if (flushing || matches!(self.state, State::Established | State::TimeWait))
+            && self.moving_to.is_none()
+        {
             let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
             out.resize(BASE_HEADER_LEN, 0);
             header
@@ -741,6 +758,7 @@ impl Connection {
                 return Some((self.local, self.peer));
             }
             out.clear();
+            self.flush_transport = false;
         }
         None
     }
@@ -833,6 +851,6 @@ impl Connection {
 
     /// Whether the endpoint may forget this flow.
     pub(crate) fn is_closed(&self) -> bool {
-        self.state == State::Closed && self.answers.is_empty()
+        self.state == State::Closed && self.answers.is_empty() && !self.flush_transport
     }
 }

@@ -266,12 +266,10 @@ impl Endpoint {
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
         let mut s = self.stats.clone();
-        s.auth_failures += self
-            .conns
-            .iter()
-            .flatten()
-            .map(|c| c.auth_failures)
-            .sum::<u64>();
+        for c in self.conns.iter().flatten() {
+            s.auth_failures += c.auth_failures;
+            s.malformed += c.malformed;
+        }
         s
     }
 
@@ -884,6 +882,9 @@ impl Endpoint {
             return;
         }
         let (flow, key) = (c.local_flow, (c.peer_flow, *c.peer_nonce_key()));
+        // Keep the closed flow's drop counters in the endpoint's totals.
+        self.stats.auth_failures += c.auth_failures;
+        self.stats.malformed += c.malformed;
         self.flows.remove(flow);
         self.half_open.remove(&key);
         self.conns[h.0] = None;

@@ -237,6 +237,20 @@ fn malformed_unknown_and_forged_packets_are_counted_and_unanswered() {
             .any(|e| matches!(e, Event::Closed(..)))
     );
     assert!(a.write(h, b"still open").is_ok());
+
+    // A stream packet of the live flow whose payload does not parse: counted, flow unharmed.
+    let garbage = SalRepr::new(serval_wire::Protocol::STREAM, a_flow.1, a_flow.0)
+        .to_bytes(&[0, 0, 0, 0, 0, 0, 0, 9, 0x7f, 0x7f])
+        .unwrap();
+    let before = a.stats().malformed;
+    a.handle_datagram(now, loc(A), loc(B), &garbage);
+    assert_eq!(a.stats().malformed, before + 1);
+    assert!(
+        !events(&mut a)
+            .iter()
+            .any(|e| matches!(e, Event::Closed(..)))
+    );
+    assert!(a.write(h, b"and still open").is_ok());
 }
 
 #[test]
