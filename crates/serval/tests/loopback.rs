@@ -206,3 +206,42 @@ async fn listening_registers_and_dropping_unregisters() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_ipv4_on_one_endpoint() {
+    timeout(LIMIT, async {
+        let server = Endpoint::bind(&["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()])
+            .await
+            .unwrap();
+        let locs = server.local_locators();
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("dual.test")))
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                let mut s = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                    s.closed().await;
+                });
+            }
+        });
+        for (client_addr, server_loc) in [("127.0.0.1:0", locs[0]), ("[::1]:0", locs[1])] {
+            let client = bind(client_addr).await;
+            let mut s = client
+                .connect_via(svc("dual.test"), server_loc)
+                .await
+                .unwrap();
+            assert_eq!(s.peer_locator().unwrap(), server_loc);
+            s.write_all(b"over both families").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"over both families");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
