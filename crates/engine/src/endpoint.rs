@@ -471,6 +471,14 @@ impl Endpoint {
         }
     }
 
+    /// Whether the peer's direction of the stream ended and the application read all of it.
+    pub fn read_finished(&self, h: ConnectionHandle) -> bool {
+        self.conns
+            .get(h.0)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.transport.read_finished())
+    }
+
     /// Moves a connection's local end to `new_local` (one of this endpoint's locators) with an
     /// authenticated RSYN. Returns `false` if the connection is not established or already
     /// moving.

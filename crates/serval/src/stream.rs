@@ -31,10 +31,7 @@ impl Drop for Inner {
     /// its end, the flow is reset instead (nobody is left to read it).
     fn drop(&mut self) {
         let mut st = self.shared.lock();
-        let eof = {
-            let mut probe = [0u8; 0];
-            matches!(st.engine.read(self.handle, &mut probe), Ok(Some(0)))
-        };
+        let eof = st.engine.read_finished(self.handle);
         let closed = st
             .conns
             .get(&self.handle)

@@ -245,3 +245,35 @@ async fn ipv6_and_ipv4_on_one_endpoint() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_with_unread_data_resets_the_peer() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("rude.test")))
+            .unwrap();
+        let server_loc = server.local_locators()[0];
+        tokio::spawn(async move {
+            let s = listener.accept().await.unwrap();
+            // Never reads the client's bytes: like closing a TCP socket with unread data.
+            drop(s);
+        });
+        let client = bind("127.0.0.1:0").await;
+        let mut s = client
+            .connect_via(svc("rude.test"), server_loc)
+            .await
+            .unwrap();
+        // The reset may arrive before or after the write: either call reports it.
+        let err = match s.write_all(b"nobody will read this").await {
+            Err(e) => e,
+            Ok(()) => {
+                let mut buf = [0u8; 16];
+                s.read(&mut buf).await.unwrap_err()
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1367,6 +1367,11 @@ impl Transport {
         }
     }
 
+    /// Whether the peer's direction has ended and every byte of it was read.
+    pub fn read_finished(&self) -> bool {
+        self.recv.is_finished()
+    }
+
     /// Largest datagram [`send_datagram`](Self::send_datagram) accepts on the current path.
     pub fn max_datagram_size(&self) -> usize {
         let room =
