@@ -20,6 +20,17 @@ use serval_wire::{Locator, ServiceId, ServicePrefix};
 const CLIENT: &str = "10.0.0.1:54324";
 const CLIENT_NEW: &str = "10.0.9.1:54324";
 const SERVER: &str = "10.0.0.2:54324";
+const SERVER_NEW: &str = "10.0.9.2:54324";
+
+/// Who changes address during the transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    Nobody,
+    /// The client moves once a third of the echo is back; its old address then disappears.
+    Client,
+    /// Both ends move at the same instant; old addresses disappear once both have moved.
+    Both,
+}
 
 /// What an application on a node does.
 enum App {
@@ -263,9 +274,13 @@ struct Outcome {
     steps: u64,
     client_moved: u32,
     server_saw_move: u32,
+    server_moved: u32,
+    client_saw_move: u32,
 }
 
-fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
+fn run(seed: u64, link: LinkConfig, len: usize, moves: Move) -> Outcome {
+    let migrate = moves != Move::Nobody;
+    let server_new: Locator = SERVER_NEW.parse().unwrap();
     let service = ServiceId::from_name("echo.example.com").unwrap();
     let client_loc: Locator = CLIENT.parse().unwrap();
     let new_loc: Locator = CLIENT_NEW.parse().unwrap();
@@ -284,6 +299,9 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
         vec![server_loc],
     );
     server_ep.listen(ServicePrefix::exact(service), 0, 1);
+    if moves == Move::Both {
+        server_ep.add_local(server_new);
+    }
 
     let mut client_ep = Endpoint::new(
         config,
@@ -306,7 +324,7 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
             finished: false,
             echo: Vec::new(),
             eof: false,
-            migrate_at: migrate.then_some((len / 3, new_loc)),
+            migrate_at: (moves == Move::Client).then_some((len / 3, new_loc)),
             migrated: false,
         },
         closed: None,
@@ -335,7 +353,11 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
     if migrate {
         net.add_address(c, new_loc);
     }
+    if moves == Move::Both {
+        net.add_address(s, server_new);
+    }
     let mut old_removed = false;
+    let mut both_started = false;
     let mut steps = 0;
     let budget = 2_000_000;
     while steps < budget {
@@ -345,13 +367,38 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
         }
         // Once the client has moved, its old address disappears (break before make is not
         // required: the RSYN already came from the new one).
-        if migrate
+        if moves == Move::Client
             && !old_removed
             && let App::Client { migrated: true, .. } = net.node(c).app
             && net.node(c).ep.locators(ConnectionHandle(0)).map(|l| l.0) == Some(new_loc)
         {
             net.remove_address(&client_loc);
             old_removed = true;
+        }
+        if moves == Move::Both {
+            let echoed = match &net.node(c).app {
+                App::Client { echo, .. } => echo.len(),
+                App::Server { .. } => 0,
+            };
+            let server_conn = match &net.node(s).app {
+                App::Server { conn, .. } => *conn,
+                App::Client { .. } => None,
+            };
+            if !both_started
+                && echoed >= len / 3
+                && let Some(sh) = server_conn
+            {
+                // Both RSYNs leave in the same instant, each to the other's old locator.
+                let a = net.node_mut(c).ep.migrate(ConnectionHandle(0), new_loc);
+                let b = net.node_mut(s).ep.migrate(sh, server_new);
+                assert!(a && b, "seed {seed}: migrate refused");
+                both_started = true;
+            }
+            if both_started && !old_removed && net.node(c).moved == 1 && net.node(s).moved == 1 {
+                net.remove_address(&client_loc);
+                net.remove_address(&server_loc);
+                old_removed = true;
+            }
         }
         if !net.step() {
             break;
@@ -380,6 +427,8 @@ fn run(seed: u64, link: LinkConfig, len: usize, migrate: bool) -> Outcome {
         steps,
         client_moved: net.node(c).moved,
         server_saw_move: net.node(s).peer_moved,
+        server_moved: net.node(s).moved,
+        client_saw_move: net.node(c).peer_moved,
     }
 }
 
@@ -394,11 +443,11 @@ fn seeds(default: u64) -> std::ops::Range<u64> {
     }
 }
 
-fn check(name: &str, link: LinkConfig, len: usize, migrate: bool, seeds: std::ops::Range<u64>) {
+fn check(name: &str, link: LinkConfig, len: usize, moves: Move, seeds: std::ops::Range<u64>) {
     let mut max_steps = 0;
     let n = seeds.end - seeds.start;
     for seed in seeds {
-        let o = run(seed, link.clone(), len, migrate);
+        let o = run(seed, link.clone(), len, moves);
         assert_eq!(o.echo.len(), o.sent.len(), "{name} seed {seed}: length");
         assert!(o.echo == o.sent, "{name} seed {seed}: bytes differ");
         assert_eq!(
@@ -411,7 +460,17 @@ fn check(name: &str, link: LinkConfig, len: usize, migrate: bool, seeds: std::op
             Some(CloseReason::Finished),
             "{name} seed {seed}: server close"
         );
-        if migrate {
+        if moves == Move::Both {
+            assert_eq!(
+                o.server_moved, 1,
+                "{name} seed {seed}: server did not migrate"
+            );
+            assert!(
+                o.client_saw_move >= 1,
+                "{name} seed {seed}: client saw no migration"
+            );
+        }
+        if moves != Move::Nobody {
             assert_eq!(
                 o.client_moved, 1,
                 "{name} seed {seed}: client did not migrate"
@@ -440,27 +499,44 @@ fn lossy(loss: f64) -> LinkConfig {
 
 #[test]
 fn clean_link() {
-    check("clean", LinkConfig::default(), 200_000, false, seeds(20));
+    check(
+        "clean",
+        LinkConfig::default(),
+        200_000,
+        Move::Nobody,
+        seeds(20),
+    );
 }
 
 #[test]
 fn ten_percent_loss_with_reordering_and_duplication() {
-    check("loss10", lossy(0.10), 100_000, false, seeds(100));
+    check("loss10", lossy(0.10), 100_000, Move::Nobody, seeds(100));
 }
 
 #[test]
 fn thirty_percent_loss_with_reordering_and_duplication() {
-    check("loss30", lossy(0.30), 30_000, false, seeds(100));
+    check("loss30", lossy(0.30), 30_000, Move::Nobody, seeds(100));
 }
 
 #[test]
 fn migration_in_the_middle() {
-    check("migrate", lossy(0.05), 100_000, true, seeds(100));
+    check("migrate", lossy(0.05), 100_000, Move::Client, seeds(100));
 }
 
 #[test]
 fn migration_under_heavy_loss() {
-    check("migrate-loss20", lossy(0.20), 40_000, true, seeds(60));
+    check(
+        "migrate-loss20",
+        lossy(0.20),
+        40_000,
+        Move::Client,
+        seeds(60),
+    );
+}
+
+#[test]
+fn both_ends_migrate_at_once() {
+    check("migrate-both", lossy(0.05), 60_000, Move::Both, seeds(60));
 }
 
 #[test]
@@ -470,5 +546,5 @@ fn bandwidth_limited_bulk() {
         queue_bytes: 64 * 1024,
         ..LinkConfig::default()
     };
-    check("bandwidth", link, 1_000_000, false, seeds(3));
+    check("bandwidth", link, 1_000_000, Move::Nobody, seeds(3));
 }
