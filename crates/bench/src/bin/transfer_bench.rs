@@ -30,6 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[path = "../engine_pair.rs"]
+#[allow(dead_code)]
+mod engine_pair;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Stream transfer benchmark: Serval vs kernel TCP vs quinn.
@@ -49,6 +53,22 @@ enum Cmd {
     Client(ClientArgs),
     /// Orchestrate servers and clients on the chosen topologies and print markdown tables.
     Run(RunArgs),
+    /// Profiling aid: a bulk transfer between two sans-IO Serval engines in one thread, no
+    /// sockets and no runtime — the engine's own cost per byte and per packet.
+    EngineLoop(EngineLoopArgs),
+}
+
+#[derive(Debug, Args)]
+struct EngineLoopArgs {
+    /// Bytes to transfer (suffixes K, M, G are binary).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    bytes: u64,
+    /// Ceiling of the path-MTU search (the runtime uses 65000 on loopback; 1472 is Ethernet).
+    #[arg(long, default_value_t = 1472)]
+    max_udp_payload: u16,
+    /// Write and read size.
+    #[arg(long, default_value_t = 128 << 10)]
+    chunk: usize,
 }
 
 /// Which transport.
@@ -119,6 +139,9 @@ struct ServerArgs {
     /// Runtime worker threads (1 = tokio current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Diagnostic: Serval's `ack_eliciting_threshold` (default: the engine's, 2).
+    #[arg(long)]
+    serval_ack_threshold: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +183,9 @@ struct ClientArgs {
     /// Echo: also print, per iteration, when each phase ended (µs since the iteration began).
     #[arg(long)]
     phases: bool,
+    /// Diagnostic: Serval's `ack_eliciting_threshold` (default: the engine's, 2).
+    #[arg(long)]
+    serval_ack_threshold: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +230,9 @@ struct RunArgs {
     /// Write/read size of servers and clients.
     #[arg(long, default_value_t = 128 << 10)]
     chunk: usize,
+    /// Diagnostic: Serval's `ack_eliciting_threshold` on both ends (default: the engine's, 2).
+    #[arg(long)]
+    serval_ack_threshold: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -235,6 +264,7 @@ fn main() {
         Cmd::Server(a) => runtime(a.threads).and_then(|rt| rt.block_on(server(a))),
         Cmd::Client(a) => runtime(a.threads).and_then(|rt| rt.block_on(client(a))),
         Cmd::Run(a) => run(a),
+        Cmd::EngineLoop(a) => engine_loop(&a),
     };
     if let Err(e) = res {
         eprintln!("transfer-bench: {e}");
@@ -335,7 +365,8 @@ async fn server(a: ServerArgs) -> Result<()> {
     let mode = a.mode;
     match a.stack {
         Stack::Serval => {
-            let ep = serval::Endpoint::bind(&[a.bind]).await?;
+            let ep = serval::Endpoint::bind_with(&[a.bind], serval_config(a.serval_ack_threshold))
+                .await?;
             let id = serval::ServiceId::from_name(mode.service())
                 .map_err(|e| format!("service name: {e:?}"))?;
             let mut listener = ep.listen(serval::ServicePrefix::exact(id))?;
@@ -396,6 +427,15 @@ async fn server(a: ServerArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The Serval endpoint configuration: the defaults, with the diagnostic override.
+fn serval_config(ack_threshold: Option<u32>) -> serval::EndpointConfig {
+    let mut c = serval::EndpointConfig::default();
+    if let Some(t) = ack_threshold {
+        c.transport.ack_eliciting_threshold = t;
+    }
+    c
 }
 
 fn ready(stack: Stack, mode: Mode, addr: SocketAddr) {
@@ -486,10 +526,16 @@ enum Dialer {
 }
 
 impl Dialer {
-    async fn new(stack: Stack, mode: Mode, bind: SocketAddr, cert: Option<&Path>) -> Result<Self> {
+    async fn new(
+        stack: Stack,
+        mode: Mode,
+        bind: SocketAddr,
+        cert: Option<&Path>,
+        config: serval::EndpointConfig,
+    ) -> Result<Self> {
         Ok(match stack {
             Stack::Serval => Dialer::Serval(
-                serval::Endpoint::bind(&[bind]).await?,
+                serval::Endpoint::bind_with(&[bind], config).await?,
                 serval::ServiceId::from_name(mode.service())
                     .map_err(|e| format!("service name: {e:?}"))?,
             ),
@@ -559,7 +605,14 @@ async fn client(a: ClientArgs) -> Result<()> {
         };
         SocketAddr::new(ip, 0)
     });
-    let dialer = Dialer::new(a.stack, a.mode, bind, a.cert_file.as_deref()).await?;
+    let dialer = Dialer::new(
+        a.stack,
+        a.mode,
+        bind,
+        a.cert_file.as_deref(),
+        serval_config(a.serval_ack_threshold),
+    )
+    .await?;
     match a.mode {
         Mode::Bulk => bulk_client(&a, &dialer).await,
         Mode::Echo => echo_client(&a, &dialer).await,
@@ -1097,6 +1150,9 @@ fn server_argv(
     if a.verify && mode == Mode::Bulk {
         v.extend(["--verify-seed".into(), "1".into()]);
     }
+    if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
+        v.extend(["--serval-ack-threshold".into(), t.to_string()]);
+    }
     v
 }
 
@@ -1126,6 +1182,9 @@ fn client_argv(p: &Placement, exe: &str, stack: Stack, mode: Mode, a: &RunArgs) 
     ]);
     if a.verify && mode == Mode::Bulk {
         v.push("--verify".into());
+    }
+    if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
+        v.extend(["--serval-ack-threshold".into(), t.to_string()]);
     }
     v
 }
@@ -1293,4 +1352,67 @@ fn echo_topology(
     }
     drop(servers);
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine alone.
+
+fn engine_loop(a: &EngineLoopArgs) -> Result<()> {
+    let id = serval::ServiceId::from_name(Mode::Bulk.service())
+        .map_err(|e| format!("service name: {e:?}"))?;
+    let mut config = serval::EndpointConfig::default();
+    config.transport.max_udp_payload = a.max_udp_payload;
+    let mut pair = engine_pair::Pair::new(config, id);
+    let (c, s) = pair.connect(id)?;
+    let pattern = Pattern::new(1);
+    let chunk = a.chunk.clamp(1, MAX_CHUNK);
+    let mut buf = vec![0u8; chunk];
+    let (mut sent, mut received, mut finished) = (0u64, 0u64, false);
+    let (d0, b0) = (pair.datagrams, pair.bytes);
+    let t0 = Instant::now();
+    while received < a.bytes {
+        while sent < a.bytes {
+            let n = ((a.bytes - sent) as usize).min(chunk);
+            let w = pair.client.write(c, pattern.slice(sent, n))?;
+            if w == 0 {
+                break;
+            }
+            sent += w as u64;
+        }
+        if sent == a.bytes && !finished {
+            pair.client.finish(c)?;
+            finished = true;
+        }
+        pair.pump();
+        while let Some(n) = pair.server.read(s, &mut buf)? {
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        pair.drain_events();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let dg = [pair.datagrams[0] - d0[0], pair.datagrams[1] - d0[1]];
+    let by = [pair.bytes[0] - b0[0], pair.bytes[1] - b0[1]];
+    let st = pair
+        .client
+        .connection_stats(c)
+        .ok_or("client connection gone")?;
+    println!(
+        "RESULT engine-loop bytes={} secs={secs:.6} gbps={:.4} data_datagrams={} avg_data_datagram={:.0} ack_datagrams={} avg_ack_datagram={:.0} ns_per_data_datagram={:.0} pmtu={} cwnd={} lost={} mtu_probes={} retransmitted={}",
+        a.bytes,
+        a.bytes as f64 * 8.0 / secs / 1e9,
+        dg[0],
+        by[0] as f64 / dg[0].max(1) as f64,
+        dg[1],
+        by[1] as f64 / dg[1].max(1) as f64,
+        secs * 1e9 / dg[0].max(1) as f64,
+        st.pmtu,
+        st.cwnd,
+        st.packets_lost,
+        st.mtu_probes_sent,
+        st.retransmitted_bytes,
+    );
+    Ok(())
 }
