@@ -931,10 +931,13 @@ impl Drop for Netns {
 }
 
 fn delete_namespaces() {
-    let names = std::mem::take(&mut *NAMESPACES.lock().unwrap_or_else(|e| e.into_inner()));
-    for ns in names {
-        let _ = run_cmd(&["ip", "netns", "del", &ns], Duration::from_secs(10));
+    // Hold the lock throughout, so that a signal arriving while the main thread cleans up
+    // (or the reverse) waits for the deletion instead of exiting half-way through it.
+    let mut names = NAMESPACES.lock().unwrap_or_else(|e| e.into_inner());
+    for ns in names.iter() {
+        let _ = run_cmd(&["ip", "netns", "del", ns], Duration::from_secs(10));
     }
+    names.clear();
 }
 
 /// On SIGINT/SIGTERM/SIGHUP: kill our children, delete our namespaces, exit.
