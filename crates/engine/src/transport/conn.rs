@@ -32,7 +32,9 @@
 //! [`MAX_STREAM_FRAMES`] per packet), then DATAGRAMs. Packets carrying stream data or
 //! datagrams are gated by the congestion window and the pacer; ACK, MAX_DATA, keepalive PING
 //! and CLOSE packets are not (they are small and withholding them can stall the peer). PMTU
-//! probes are separate packets: a PING padded to the probe size. After a probe timeout two
+//! probes are separate packets: a PING padded to the probe size, sent only when the congestion
+//! window has room for the whole probe without holding back data (see `poll_transmit`); the
+//! receiver acknowledges any packet with a PING at once. After a probe timeout two
 //! probe packets are sent regardless of the window (RFC 9002 §7.5): new data if there is
 //! some, else the oldest unacknowledged data again, else a PING.
 //!
@@ -123,6 +125,10 @@ pub const PTO_PROBE_PACKETS: u8 = 2;
 /// `sal_overhead + MIN_TRANSPORT_PAYLOAD` are raised to it.
 pub const MIN_TRANSPORT_PAYLOAD: u16 = 128;
 
+/// A PMTU probe may hold back application data (by its own size, until it is sent) only
+/// when the congestion window is at least this many probes large.
+const PROBE_WINDOW_FACTOR: u64 = 4;
+
 /// Worst-case bytes of an ACK frame before its second range: type and four varints.
 const ACK_HEADER_MAX: usize = 1 + 4 * 8;
 
@@ -147,8 +153,9 @@ pub struct TransportConfig {
     /// (RFC 9000 §18.2 `max_ack_delay`). Default 25 ms.
     pub max_ack_delay: Duration,
     /// Acknowledge at once after this many ack-eliciting packets since the last ACK
-    /// (RFC 9000 §13.2.2 recommends 2). Out-of-order packets are acknowledged at once
-    /// regardless. Default 2; 0 is treated as 1.
+    /// (RFC 9000 §13.2.2 recommends 2). Out-of-order packets and packets carrying a PING
+    /// (keepalives, probes) are acknowledged at once regardless. Default 2; 0 is treated as
+    /// 1.
     pub ack_eliciting_threshold: u32,
     /// Size of a whole SAL packet (UDP payload) every path is assumed to carry; the path MTU
     /// starts here. Default 1200 (RFC 8899 `BASE_PLPMTU`, as QUIC).
@@ -616,6 +623,9 @@ impl Transport {
         }
         // Validate the whole payload before acting on any of it.
         let mut eliciting = false;
+        // A PING (keepalive, PTO or PMTU probe) asks for an acknowledgement at once, so that
+        // a probe never waits for the delayed-ACK timer.
+        let mut ping = false;
         for frame in Frames::new(body) {
             match frame {
                 Err(e) => {
@@ -623,6 +633,10 @@ impl Transport {
                     return Err(e.into());
                 }
                 Ok(Frame::Ack(_) | Frame::Padding(_)) => {}
+                Ok(Frame::Ping) => {
+                    eliciting = true;
+                    ping = true;
+                }
                 Ok(_) => eliciting = true,
             }
         }
@@ -633,7 +647,7 @@ impl Transport {
         if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
             self.stats.duplicate_packets += 1;
             if eliciting {
-                self.on_eliciting_received(now, false);
+                self.on_eliciting_received(now, ping);
             }
             return Ok(());
         }
@@ -703,17 +717,18 @@ impl Transport {
             }
         }
         if eliciting {
-            self.on_eliciting_received(now, !in_order);
+            self.on_eliciting_received(now, !in_order || ping);
         }
         Ok(())
     }
 
     /// Acknowledgement bookkeeping for an ack-eliciting packet (RFC 9000 §13.2.1–§13.2.2).
-    fn on_eliciting_received(&mut self, now: Instant, out_of_order: bool) {
+    /// `at_once`: the packet was out of order or carried a PING.
+    fn on_eliciting_received(&mut self, now: Instant, at_once: bool) {
         let ack = &mut self.ack;
         ack.pending = true;
         ack.eliciting_since = ack.eliciting_since.saturating_add(1);
-        if out_of_order || ack.eliciting_since >= self.config.ack_eliciting_threshold {
+        if at_once || ack.eliciting_since >= self.config.ack_eliciting_threshold {
             ack.immediate = true;
         }
         if ack.deadline.is_none() {
@@ -921,33 +936,46 @@ impl Transport {
         let wants = self.has_sendable();
         let active = wants || self.send.acked_offset() < self.send.unsent_offset();
 
-        // Probe only while data moves (not for keepalives on an idle connection). The probe
-        // is gated like an ordinary packet (room for one more of the current size): a probe
-        // larger than the whole window, as the first one towards a jumbo MTU is, must still
-        // be able to go out.
+        // Probe only while data moves (not for keepalives on an idle connection). A probe
+        // never takes window room that application data could use: it goes out only when the
+        // window holds the whole probe on top of what is in flight, and either nothing waits
+        // to be sent, or the window also has room for a data packet after it, or the window is
+        // so large (at least `PROBE_WINDOW_FACTOR` probes) that setting the probe's share aside
+        // for it costs data little: then data stops short of that share until the probe is
+        // out, so that a window-limited bulk transfer still probes.
         let probe = if active {
-            self.mtu.next_probe_size(now)
+            self.mtu.next_probe_size(now).filter(|&s| s > mtu)
         } else {
             None
         };
-        if let Some(size) = probe.filter(|&s| s > mtu && in_flight + u64::from(mtu) <= window) {
-            match self.pacer.delay(now, u64::from(size), mtu, window, srtt) {
-                None => {
-                    return self.emit(
-                        now,
-                        out,
-                        Emit {
-                            max_payload: usize::from(size) - sal,
-                            mtu_probe: Some(size),
-                            ..Emit::default()
-                        },
-                    );
+        let mut reserve = 0;
+        if let Some(size) = probe {
+            let size64 = u64::from(size);
+            let large = window >= PROBE_WINDOW_FACTOR * size64;
+            let room = in_flight + size64 <= window;
+            let data_fits_too = in_flight + size64 + u64::from(mtu) <= window;
+            if room && (!wants || large || data_fits_too) {
+                match self.pacer.delay(now, size64, mtu, window, srtt) {
+                    None => {
+                        return self.emit(
+                            now,
+                            out,
+                            Emit {
+                                max_payload: usize::from(size) - sal,
+                                mtu_probe: Some(size),
+                                ..Emit::default()
+                            },
+                        );
+                    }
+                    Some(t) => self.pacing_until = Some(t),
                 }
-                Some(t) => self.pacing_until = Some(t),
+            }
+            if large {
+                reserve = size64;
             }
         }
 
-        if wants && in_flight + u64::from(mtu) <= window {
+        if wants && in_flight + reserve + u64::from(mtu) <= window {
             match self.pacer.delay(now, u64::from(mtu), mtu, window, srtt) {
                 None => {
                     let n = self.emit(
