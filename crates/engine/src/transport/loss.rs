@@ -49,7 +49,7 @@
 
 use core::ops::Range;
 use core::time::Duration;
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use super::rtt::{GRANULARITY, RttEstimator};
 use crate::Instant;
@@ -197,12 +197,28 @@ pub enum Timeout<T> {
     Probe,
 }
 
+/// One entry of [`SentPackets::packets`]: a tracked packet, or the tombstone it leaves once
+/// acknowledged or declared lost (until the tombstones before it are gone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot<T> {
+    pn: u64,
+    packet: Option<(SentInfo, T)>,
+}
+
 /// The sent packets of one flow and the loss-detection state derived from them (RFC 9002 §6).
 /// Plain data; see the [module documentation](self).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentPackets<T> {
-    /// Outstanding packets: neither acknowledged nor declared lost.
-    packets: BTreeMap<u64, (SentInfo, T)>,
+    /// Tracked packets by ascending number (packet numbers are assigned in order, so pushing
+    /// at the back keeps them sorted). Outstanding ones hold `Some`; acknowledged or lost
+    /// ones leave a `None` until they reach either end, where they are popped, so both ends
+    /// are always outstanding. Untracked ack-only packets have no slot, so numbers may skip.
+    /// Tombstones stay few: one sits behind an outstanding packet only if nothing more than
+    /// [`PACKET_THRESHOLD`] − 1 numbers above that packet was acknowledged, else the packet
+    /// would have been declared lost.
+    packets: VecDeque<Slot<T>>,
+    /// Number of `Some` slots in `packets`.
+    outstanding: usize,
     /// The number the next packet gets.
     next_pn: u64,
     /// `largest_acked_packet`: the largest packet number the peer acknowledged.
@@ -235,7 +251,8 @@ impl<T> SentPackets<T> {
     /// Nothing sent yet; the first packet number is 0.
     pub fn new() -> SentPackets<T> {
         SentPackets {
-            packets: BTreeMap::new(),
+            packets: VecDeque::new(),
+            outstanding: 0,
             next_pn: 0,
             largest_acked: None,
             loss_time: None,
@@ -281,18 +298,20 @@ impl<T> SentPackets<T> {
 
     /// Number of outstanding (tracked) packets.
     pub fn len(&self) -> usize {
-        self.packets.len()
+        self.outstanding
     }
 
     /// Whether no packet is outstanding.
     pub fn is_empty(&self) -> bool {
-        self.packets.is_empty()
+        self.outstanding == 0
     }
 
     /// Outstanding packets by ascending number, for example to choose what a PTO probe
     /// retransmits.
     pub fn outstanding(&self) -> impl DoubleEndedIterator<Item = (u64, &SentInfo, &T)> + '_ {
-        self.packets.iter().map(|(&pn, (info, p))| (pn, info, p))
+        self.packets
+            .iter()
+            .filter_map(|s| s.packet.as_ref().map(|(info, p)| (s.pn, info, p)))
     }
 
     /// Records a sent packet and returns its number (the previous
@@ -317,7 +336,11 @@ impl<T> SentPackets<T> {
             }
             self.ack_only_tracked += 1;
         }
-        self.packets.insert(pn, (info, payload));
+        self.packets.push_back(Slot {
+            pn,
+            packet: Some((info, payload)),
+        });
+        self.outstanding += 1;
         pn
     }
 
@@ -355,14 +378,15 @@ impl<T> SentPackets<T> {
         self.largest_acked = self.largest_acked.max(Some(largest));
 
         for r in ranges.filter(|r| r.start < r.end) {
-            let mut from = r.start;
-            while let Some(pn) = self.packets.range(from..r.end).next().map(|(&pn, _)| pn) {
-                if let Some(packet) = self.remove(pn) {
+            let mut i = self.packets.partition_point(|s| s.pn < r.start);
+            while self.packets.get(i).is_some_and(|s| s.pn < r.end) {
+                if let Some(packet) = self.take(i) {
                     out.newly_acked.push(packet);
                 }
-                from = pn + 1;
+                i += 1;
             }
         }
+        self.trim();
         // A.7: "if (newly_acked_packets.empty()) return".
         if out.newly_acked.is_empty() {
             return out;
@@ -440,6 +464,7 @@ impl<T> SentPackets<T> {
     /// arriving later for one of them is simply a duplicate.
     pub fn drain(&mut self) -> Vec<SentPacket<T>> {
         let packets = core::mem::take(&mut self.packets);
+        self.outstanding = 0;
         self.loss_time = None;
         self.ack_eliciting_in_flight = 0;
         self.ack_only_tracked = 0;
@@ -447,10 +472,12 @@ impl<T> SentPackets<T> {
         self.pto_count = 0;
         packets
             .into_iter()
-            .map(|(number, (info, payload))| SentPacket {
-                number,
-                info,
-                payload,
+            .filter_map(|s| {
+                s.packet.map(|(info, payload)| SentPacket {
+                    number: s.pn,
+                    info,
+                    payload,
+                })
             })
             .collect()
     }
@@ -475,12 +502,17 @@ impl<T> SentPackets<T> {
             .pto_period()
             .saturating_mul(PERSISTENT_CONGESTION_THRESHOLD);
 
-        let mut lost_numbers = Vec::new();
+        let mut lost_slots = Vec::new();
         // Persistent congestion: the send time of the first ack-eliciting loss in the current
         // run of consecutive packet numbers with no acknowledged packet in between.
         let mut run_start: Option<Instant> = None;
         let mut previous: Option<u64> = None;
-        for (&pn, (info, _)) in self.packets.range(..=largest_acked) {
+        let end = self.packets.partition_point(|s| s.pn <= largest_acked);
+        for (i, slot) in self.packets.range(..end).enumerate() {
+            let Some((info, _)) = &slot.packet else {
+                continue;
+            };
+            let pn = slot.pn;
             if previous.is_none_or(|p| p.saturating_add(1) != pn) {
                 // A gap: the packets in between were acknowledged (or lost earlier, or never
                 // tracked); either way the run is broken.
@@ -497,7 +529,7 @@ impl<T> SentPackets<T> {
                 self.loss_time = Some(self.loss_time.map_or(at, |t| t.min(at)));
                 continue;
             }
-            lost_numbers.push(pn);
+            lost_slots.push(i);
             if info.signals_congestion() {
                 report.congestion_event = report.congestion_event.max(Some(info.time_sent));
             }
@@ -514,17 +546,33 @@ impl<T> SentPackets<T> {
                 }
             }
         }
-        for pn in lost_numbers {
-            if let Some(packet) = self.remove(pn) {
+        for i in lost_slots {
+            if let Some(packet) = self.take(i) {
                 report.packets.push(packet);
             }
         }
+        self.trim();
         report
     }
 
-    /// Removes an outstanding packet, keeping the counters in step.
-    fn remove(&mut self, pn: u64) -> Option<SentPacket<T>> {
-        let (info, payload) = self.packets.remove(&pn)?;
+    /// Pops the tombstones at both ends of `packets`. Call after a batch of
+    /// [`take`](Self::take)s (it shifts the indices).
+    fn trim(&mut self) {
+        while self.packets.front().is_some_and(|s| s.packet.is_none()) {
+            self.packets.pop_front();
+        }
+        while self.packets.back().is_some_and(|s| s.packet.is_none()) {
+            self.packets.pop_back();
+        }
+    }
+
+    /// Removes the outstanding packet in slot `i` (leaving a tombstone), keeping the
+    /// counters in step.
+    fn take(&mut self, i: usize) -> Option<SentPacket<T>> {
+        let slot = self.packets.get_mut(i)?;
+        let pn = slot.pn;
+        let (info, payload) = slot.packet.take()?;
+        self.outstanding -= 1;
         if info.ack_eliciting {
             self.ack_eliciting_in_flight -= 1;
         }

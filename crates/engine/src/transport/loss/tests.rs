@@ -62,6 +62,16 @@ fn check_invariants(sp: &SentPackets<u64>) {
         assert_eq!(pn, payload);
         assert!(pn < sp.next_packet_number());
     }
+    // The slot ring: both ends outstanding, and few tombstones (bounded growth).
+    assert_eq!(sp.outstanding().count(), sp.len());
+    assert!(sp.packets.front().is_none_or(|s| s.packet.is_some()));
+    assert!(sp.packets.back().is_none_or(|s| s.packet.is_some()));
+    assert!(
+        sp.packets.len() <= sp.len() + PACKET_THRESHOLD as usize,
+        "{} slots for {} packets",
+        sp.packets.len(),
+        sp.len()
+    );
 }
 
 #[test]
