@@ -409,9 +409,7 @@ impl Connection {
         {
             let ackno = p.verno.wrapping_add(1);
             self.acked(Reliable::SynAck, ackno);
-            self.state = State::Established;
-            self.transport.on_peer_activity(now);
-            self.events.push_back(ConnEvent::Accepted);
+            self.server_established(now);
         }
         if pkt.protocol() == Protocol::STREAM
             && matches!(self.state, State::Established | State::TimeWait)
@@ -510,9 +508,7 @@ impl Connection {
         if f.contains(ControlFlags::ACK) {
             match self.pending.as_ref().map(|p| p.kind) {
                 Some(Reliable::SynAck) if self.acked(Reliable::SynAck, ctl.ackno) => {
-                    self.state = State::Established;
-                    self.transport.on_peer_activity(now);
-                    self.events.push_back(ConnEvent::Accepted);
+                    self.server_established(now);
                 }
                 Some(Reliable::Fin) if self.acked(Reliable::Fin, ctl.ackno) => {
                     self.fin_acked = true;
@@ -521,6 +517,14 @@ impl Connection {
                 _ => {}
             }
         }
+    }
+
+    /// The server's handshake completed (by the ACK, or by the client's first data).
+    fn server_established(&mut self, now: Instant) {
+        self.state = State::Established;
+        // The handshake may have taken several retransmissions: start the idle clock now.
+        self.transport.on_peer_activity(now);
+        self.events.push_back(ConnEvent::Accepted);
     }
 
     fn on_rsyn(&mut self, now: Instant, remote: Locator, ctl: ControlRepr) {
