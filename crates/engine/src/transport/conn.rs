@@ -544,11 +544,14 @@ impl Transport {
             base: config.base_udp_payload,
             ..MtuConfig::new(config.max_udp_payload)
         });
+        let mut sent = SentPackets::new();
+        // At least 8 probes per idle period, however long the run of losses.
+        sent.set_max_pto_interval(config.idle_timeout / 8);
         Transport {
             state: State::Open,
             frozen: false,
             send,
-            sent: SentPackets::new(),
+            sent,
             rtt: RttEstimator::new(config.initial_rtt, config.max_ack_delay),
             cc: CongestionController::new(config.congestion, config.base_udp_payload),
             pacer: Pacer::new(now),

@@ -237,6 +237,8 @@ pub struct SentPackets<T> {
     bytes_in_flight: u64,
     /// Consecutive probe timeouts without an acknowledgement.
     pto_count: u32,
+    /// Longest wait between probes, however many timed out.
+    max_pto_interval: Duration,
     /// ACKs ignored because they acknowledged packets never sent.
     protocol_violations: u64,
 }
@@ -262,8 +264,19 @@ impl<T> SentPackets<T> {
             ack_only_tracked: 0,
             bytes_in_flight: 0,
             pto_count: 0,
+            max_pto_interval: Duration::MAX,
             protocol_violations: 0,
         }
+    }
+
+    /// Caps the probe timeout's backoff at `interval` (never below the un-backed-off period).
+    ///
+    /// Without a cap the probes after a run of losses come at 2^n × the period, so a sender
+    /// whose acknowledgements are all lost for a while sends only a handful of probes before
+    /// the idle timeout ends the connection; with the cap at a fraction of the idle timeout
+    /// it keeps probing a few times per idle period.
+    pub fn set_max_pto_interval(&mut self, interval: Duration) {
+        self.max_pto_interval = interval;
     }
 
     /// The number [`on_sent`](Self::on_sent) will assign to the next packet.
@@ -422,7 +435,11 @@ impl<T> SentPackets<T> {
         }
         let sent = self.last_ack_eliciting_sent?;
         let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
-        Some(sent + rtt.pto_period().saturating_mul(backoff))
+        let period = rtt.pto_period();
+        let wait = period
+            .saturating_mul(backoff)
+            .min(self.max_pto_interval.max(period));
+        Some(sent + wait)
     }
 
     /// The deadline of the loss-detection timer: the loss timer if armed, otherwise the probe

@@ -213,6 +213,26 @@ fn pto_backoff_saturates() {
 }
 
 #[test]
+fn pto_backoff_stops_at_the_configured_cap_but_never_below_one_period() {
+    let rtt = settled(); // period 101 ms
+    let mut sp = SentPackets::new();
+    sp.set_max_pto_interval(ms(350));
+    send(&mut sp, 1, at(0), ms(1));
+    let period = rtt.pto_period();
+    let waits: Vec<Duration> = (0..5)
+        .map(|_| {
+            let w = sp.pto_deadline(&rtt).unwrap() - at(0);
+            sp.on_pto();
+            w
+        })
+        .collect();
+    assert_eq!(waits, [period, period * 2, ms(350), ms(350), ms(350)]);
+    // A cap shorter than one period does not make probes come faster than the period.
+    sp.set_max_pto_interval(ms(10));
+    assert_eq!(sp.pto_deadline(&rtt), Some(at(0) + period));
+}
+
+#[test]
 fn no_pto_without_ack_eliciting_packets_in_flight() {
     let rtt = settled();
     let mut sp = SentPackets::new();
