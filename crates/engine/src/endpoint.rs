@@ -31,6 +31,7 @@ pub use crate::connection::CloseReason;
 use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
 };
+use crate::schedule::Schedule;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
 
 /// Handle of a connection inside its [`Endpoint`].
@@ -208,9 +209,12 @@ pub struct Endpoint {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: EndpointStats,
-    /// Round-robin position for fair transmission among connections.
-    cursor: usize,
+    /// Which connections may have something to send, and their timers.
+    schedule: Schedule,
+    /// Reused for every packet a connection builds.
     scratch: Vec<u8>,
+    /// Reused by [`Endpoint::handle_timeout`].
+    due: Vec<usize>,
 }
 
 impl Endpoint {
@@ -236,8 +240,9 @@ impl Endpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
-            cursor: 0,
+            schedule: Schedule::default(),
             scratch: Vec::new(),
+            due: Vec::new(),
         }
     }
 
@@ -288,7 +293,7 @@ impl Endpoint {
     }
 
     fn insert_conn(&mut self, c: Connection) -> ConnectionHandle {
-        match self.free.pop() {
+        let h = match self.free.pop() {
             Some(i) => {
                 self.conns[i] = Some(c);
                 ConnectionHandle(i)
@@ -297,6 +302,31 @@ impl Endpoint {
                 self.conns.push(Some(c));
                 ConnectionHandle(self.conns.len() - 1)
             }
+        };
+        self.touch(h);
+        h
+    }
+
+    /// After anything happened to a connection (a packet, a timer, an application call): hands
+    /// its events on, forgets it if it is closed, and otherwise queues it for sending and
+    /// re-arms its timer.
+    fn touch(&mut self, h: ConnectionHandle) {
+        if self.settle(h) {
+            self.schedule.wake(h.0);
+        }
+    }
+
+    /// Hands a connection's events on, forgets it if it is closed, and re-arms its timer.
+    /// Returns whether it is still there.
+    fn settle(&mut self, h: ConnectionHandle) -> bool {
+        self.collect_events(h);
+        match self.conns.get(h.0).and_then(Option::as_ref) {
+            Some(c) => {
+                let deadline = c.poll_timeout();
+                self.schedule.arm(h.0, deadline);
+                true
+            }
+            None => false,
         }
     }
 
@@ -444,19 +474,27 @@ impl Endpoint {
     /// Writes stream bytes; `Ok(0)` means the send buffer is full (wait for
     /// [`Event::Writable`]).
     pub fn write(&mut self, h: ConnectionHandle, data: &[u8]) -> Result<usize, WriteError> {
-        match self.conn(h) {
+        let r = match self.conn(h) {
             Some(c) if c.state == State::Established => c.transport.write(data),
             Some(c) if matches!(c.state, State::SynSent | State::SynRcvd) => Ok(0),
             _ => Err(WriteError::Closed),
+        };
+        if matches!(r, Ok(n) if n > 0) {
+            self.touch(h);
         }
+        r
     }
 
     /// Ends this direction of the stream after what was written.
     pub fn finish(&mut self, h: ConnectionHandle) -> Result<(), WriteError> {
-        match self.conn(h) {
+        let r = match self.conn(h) {
             Some(c) if c.state == State::Established => c.transport.finish(),
             _ => Err(WriteError::Closed),
+        };
+        if r.is_ok() {
+            self.touch(h);
         }
+        r
     }
 
     /// Reads stream bytes: `Ok(None)` would block, `Ok(Some(0))` is the end of the stream.
@@ -465,10 +503,16 @@ impl Endpoint {
         h: ConnectionHandle,
         buf: &mut [u8],
     ) -> Result<Option<usize>, ReadError> {
-        match self.conn(h) {
+        let r = match self.conn(h) {
             Some(c) => c.transport.read(buf),
             None => Err(ReadError::Closed),
+        };
+        // Reading may open the flow-control window (MAX_DATA to send) or, at the end of the
+        // stream, let the close proceed.
+        if matches!(r, Ok(Some(_))) {
+            self.touch(h);
         }
+        r
     }
 
     /// Whether the peer's direction of the stream ended and the application read all of it.
@@ -483,13 +527,18 @@ impl Endpoint {
     /// authenticated RSYN. Returns `false` if the connection is not established or already
     /// moving.
     pub fn migrate(&mut self, h: ConnectionHandle, new_local: Locator) -> bool {
-        self.conn(h).is_some_and(|c| c.migrate(new_local))
+        let started = self.conn(h).is_some_and(|c| c.migrate(new_local));
+        if started {
+            self.touch(h);
+        }
+        started
     }
 
     /// Resets a connection (one authenticated RST) and forgets it.
     pub fn abort(&mut self, h: ConnectionHandle) {
         if let Some(c) = self.conn(h) {
             c.abort();
+            self.touch(h);
         }
     }
 
@@ -561,7 +610,7 @@ impl Endpoint {
             return;
         }
         c.handle_packet(now, local, remote, &pkt, &repr);
-        self.collect_events(h);
+        self.touch(h);
     }
 
     fn handle_syn(
@@ -591,6 +640,7 @@ impl Endpoint {
             // A retransmitted SYN: answer again.
             if let Some(c) = self.conn(h) {
                 c.resend_reliable();
+                self.touch(h);
             }
             return;
         }
@@ -896,57 +946,71 @@ impl Endpoint {
         self.flows.remove(flow);
         self.half_open.remove(&key);
         self.conns[h.0] = None;
+        self.schedule.forget(h.0);
         self.free.push(h.0);
     }
 
-    /// The next datagram to send.
+    /// The next datagram to send, in a new buffer (a convenience over
+    /// [`Endpoint::poll_transmit_into`], which does not allocate).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let mut payload = Vec::new();
+        let (src, dst) = self.poll_transmit_into(now, &mut payload)?;
+        Some(Transmit { src, dst, payload })
+    }
+
+    /// Appends the next datagram to send to `out` and returns its source and destination
+    /// locators; the datagram is what was appended. A caller can so build a batch of datagrams
+    /// in one reused buffer (for segmentation offload) without an allocation per packet.
+    ///
+    /// Connections take turns, one packet each, so one busy flow cannot starve the others;
+    /// only connections that something happened to since they last had nothing to send are
+    /// asked, so the cost does not grow with idle connections.
+    pub fn poll_transmit_into(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<(Locator, Locator)> {
         if let Some(t) = self.transmits.pop_front() {
-            return Some(t);
+            out.extend_from_slice(&t.payload);
+            return Some((t.src, t.dst));
         }
-        let n = self.conns.len();
-        for i in 0..n {
-            let idx = (self.cursor + i) % n;
-            let Some(c) = self.conns[idx].as_mut() else {
+        while let Some(i) = self.schedule.pop_ready() {
+            let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
                 continue;
             };
-            let mut out = std::mem::take(&mut self.scratch);
-            let route = c.poll_transmit(now, &mut out);
-            self.collect_events(ConnectionHandle(idx));
-            if let Some((src, dst)) = route {
-                // Next time start after this connection, so one busy flow cannot starve others.
-                self.cursor = (idx + 1) % n;
-                return Some(Transmit {
-                    src,
-                    dst,
-                    payload: out,
-                });
+            let route = c.poll_transmit(now, &mut self.scratch);
+            let h = ConnectionHandle(i);
+            if let Some(route) = route {
+                out.extend_from_slice(&self.scratch);
+                // It may have more: back of the queue.
+                self.touch(h);
+                return Some(route);
             }
-            self.scratch = out;
+            // Nothing to send: it stays out of the queue until something happens to it.
+            self.settle(h);
         }
         None
     }
 
     /// The earliest time [`Endpoint::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns
-            .iter()
-            .flatten()
-            .filter_map(Connection::poll_timeout)
-            .min()
+        self.schedule.next_deadline()
     }
 
-    /// Runs every timer that is due at `now`.
+    /// Runs every timer that is due at `now` (each connection's once per call, even if its
+    /// handling leaves a deadline at or before `now`, as a pacing release does until the next
+    /// [`Endpoint::poll_transmit`]).
     pub fn handle_timeout(&mut self, now: Instant) {
-        for i in 0..self.conns.len() {
-            let Some(c) = self.conns[i].as_mut() else {
-                continue;
-            };
-            if c.poll_timeout().is_some_and(|t| t <= now) {
+        let mut due = std::mem::take(&mut self.due);
+        self.schedule.pop_due(now, &mut due);
+        for &i in &due {
+            if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
                 c.handle_timeout(now);
-                self.collect_events(ConnectionHandle(i));
+                self.touch(ConnectionHandle(i));
             }
         }
+        due.clear();
+        self.due = due;
     }
 }
 
@@ -961,4 +1025,68 @@ fn flow_key(client_flow: FlowId, nonce: &Nonce) -> u64 {
         k ^= k >> 29;
     }
     k
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn loc(s: &str) -> Locator {
+        s.parse().unwrap()
+    }
+
+    fn endpoint(addr: &str, seed: u8) -> Endpoint {
+        Endpoint::new(
+            EndpointConfig::default(),
+            [seed; 32],
+            Arc::new(ServiceTable::new()),
+            vec![loc(addr)],
+        )
+    }
+
+    /// Delivers everything between `a` and `b` until both are quiet.
+    fn pump(a: &mut Endpoint, b: &mut Endpoint, now: Instant) {
+        fn deliver(from: &mut Endpoint, to: &mut Endpoint, now: Instant) -> bool {
+            let mut moved = false;
+            while let Some(t) = from.poll_transmit(now) {
+                moved = true;
+                to.handle_datagram(now, t.dst, t.src, &t.payload);
+            }
+            moved
+        }
+        while deliver(a, b, now) | deliver(b, a, now) {}
+    }
+
+    #[test]
+    fn idle_connections_are_not_asked_to_send() {
+        let now = Instant::ZERO;
+        let (mut a, mut b) = (endpoint("10.0.0.1:1", 1), endpoint("10.0.0.2:1", 2));
+        let svc = ServiceId::from_name("idle.test").unwrap();
+        b.listen(ServicePrefix::exact(svc), 0, 1);
+        let hs: Vec<_> = (0..200)
+            .map(|_| a.connect_via(now, svc, loc("10.0.0.2:1")).unwrap())
+            .collect();
+        pump(&mut a, &mut b, now);
+        while a.poll_event().is_some() {}
+        assert_eq!(a.conns.iter().flatten().count(), 200);
+        // Established and quiet: nobody is queued, but every timer (idle, keepalive) is armed.
+        assert_eq!(a.schedule.ready_len(), 0);
+        assert_eq!(b.schedule.ready_len(), 0);
+        let earliest = a
+            .conns
+            .iter()
+            .flatten()
+            .filter_map(Connection::poll_timeout)
+            .min();
+        assert_eq!(a.poll_timeout(), earliest);
+        // Writing on one connection queues that one only.
+        assert_eq!(a.write(hs[7], b"x").unwrap(), 1);
+        assert_eq!(a.schedule.ready_len(), 1);
+        let t = a.poll_transmit(now).unwrap();
+        assert_eq!(a.locators(hs[7]).unwrap(), (t.src, t.dst));
+        b.handle_datagram(now, t.dst, t.src, &t.payload);
+        pump(&mut a, &mut b, now);
+        assert_eq!(a.schedule.ready_len(), 0);
+    }
 }

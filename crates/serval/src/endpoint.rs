@@ -493,9 +493,24 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
     }
 }
 
+/// One datagram of a send batch: its route and where its bytes are in the batch buffer.
+struct Outgoing {
+    src: Locator,
+    dst: Locator,
+    start: usize,
+    len: usize,
+}
+
+/// Most datagrams, and most bytes, collected under the lock before sending.
+const SEND_BATCH: usize = 64;
+const SEND_BATCH_BYTES: usize = 1 << 20;
+
 /// Sends what the engine wants to send and runs its timers, until the endpoint is gone.
 async fn drive(weak: std::sync::Weak<Shared>) {
-    let mut batch: Vec<serval_engine::endpoint::Transmit> = Vec::new();
+    // Both reused for every batch: the engine writes datagrams straight into `buf`, and runs of
+    // same-route, same-size datagrams go out from it as single GSO sends.
+    let mut buf: Vec<u8> = Vec::with_capacity(SEND_BATCH_BYTES + 65_536);
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH);
     loop {
         let Some(shared) = weak.upgrade() else { return };
         // Collect under the lock, send outside it.
@@ -505,9 +520,15 @@ async fn drive(weak: std::sync::Weak<Shared>) {
             if st.engine.poll_timeout().is_some_and(|t| t <= now) {
                 st.engine.handle_timeout(now);
             }
-            while batch.len() < 64 {
-                match st.engine.poll_transmit(now) {
-                    Some(t) => batch.push(t),
+            while batch.len() < SEND_BATCH && buf.len() < SEND_BATCH_BYTES {
+                let start = buf.len();
+                match st.engine.poll_transmit_into(now, &mut buf) {
+                    Some((src, dst)) => batch.push(Outgoing {
+                        src,
+                        dst,
+                        start,
+                        len: buf.len() - start,
+                    }),
                     None => break,
                 }
             }
@@ -518,7 +539,9 @@ async fn drive(weak: std::sync::Weak<Shared>) {
                 .map(|t| epoch + Duration::from_nanos(t.as_nanos()))
         };
         let sent_any = !batch.is_empty();
-        send_batch(&shared, &mut batch).await;
+        send_batch(&shared, &buf, &batch).await;
+        buf.clear();
+        batch.clear();
         if sent_any {
             // More may be ready (window opened, pacing released): loop without sleeping.
             tokio::task::yield_now().await;
@@ -542,38 +565,33 @@ async fn drive(weak: std::sync::Weak<Shared>) {
     }
 }
 
-/// Sends a batch, coalescing runs of same-route, same-size datagrams into GSO sends.
-async fn send_batch(shared: &Shared, batch: &mut Vec<serval_engine::endpoint::Transmit>) {
+/// Sends a batch: each run of consecutive same-route datagrams of one size (the last may be
+/// shorter) as one GSO send, straight from the batch buffer.
+async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
     let mut i = 0;
-    let mut gso_buf = Vec::new();
     while i < batch.len() {
         let first = &batch[i];
         let Some(sock) = shared.sockets.iter().find(|s| s.local == first.src) else {
             i += 1;
             continue;
         };
-        let seg = first.payload.len();
+        let seg = first.len;
         let max_segments = sock.udp.max_gso_segments().max(1);
         let mut j = i + 1;
         while j < batch.len()
             && j - i < max_segments
             && batch[j].src == first.src
             && batch[j].dst == first.dst
-            && batch[j].payload.len() <= seg
-            && batch[j - 1].payload.len() == seg
+            && batch[j].len <= seg
+            && batch[j - 1].len == seg
             && (j - i + 1) * seg <= 65_000
         {
             j += 1;
         }
-        let (contents, segment_size): (&[u8], Option<usize>) = if j - i > 1 {
-            gso_buf.clear();
-            for t in &batch[i..j] {
-                gso_buf.extend_from_slice(&t.payload);
-            }
-            (&gso_buf, Some(seg))
-        } else {
-            (&first.payload, None)
-        };
+        // Datagrams lie back to back in `buf`, so the run is one slice.
+        let end = batch[j - 1].start + batch[j - 1].len;
+        let contents = &buf[first.start..end];
+        let segment_size = (j - i > 1).then_some(seg);
         let tx = UdpTransmit {
             destination: first.dst,
             ecn: None,
@@ -599,5 +617,4 @@ async fn send_batch(shared: &Shared, batch: &mut Vec<serval_engine::endpoint::Tr
         }
         i = j;
     }
-    batch.clear();
 }
