@@ -172,9 +172,19 @@ impl RangeSet {
     /// Returns whether any value was new. An insertion that merges with existing ranges, or
     /// adds nothing, always succeeds.
     pub fn try_insert(&mut self, range: Range<u64>) -> Result<bool, CapacityExceeded> {
+        if self.len_after_insert(range.clone()) > self.max_ranges {
+            return Err(CapacityExceeded {
+                max_ranges: self.max_ranges,
+            });
+        }
+        Ok(self.insert_unbounded(range))
+    }
+
+    /// How many ranges the set would hold after inserting `range` (ignoring the cap).
+    pub fn len_after_insert(&self, range: Range<u64>) -> usize {
         let Range { start, end } = range;
         if start >= end || self.contains_range(start..end) {
-            return Ok(false);
+            return self.map.len();
         }
         // Ranges that would merge with `start..end`: those starting at or before `end` and
         // ending at or after `start`. They are contiguous in the map, so walk down from `end`.
@@ -184,12 +194,7 @@ impl RangeSet {
             .rev()
             .take_while(|&(_, &e)| e >= start)
             .count();
-        if self.map.len() + 1 - merged > self.max_ranges {
-            return Err(CapacityExceeded {
-                max_ranges: self.max_ranges,
-            });
-        }
-        Ok(self.insert_unbounded(start..end))
+        self.map.len() + 1 - merged
     }
 
     /// Removes every value of `range`.

@@ -368,11 +368,22 @@ impl RecvError {
 
 /// Most separate received ranges a [`RecvBuffer`] tracks (see
 /// [`RecvError::TooFragmented`]): enough for every packet of a megabyte window to arrive
-/// with a gap before it.
+/// with a gap before it. The contiguous prefix (received, not yet read) counts as one range.
+/// Only an out-of-order segment that would add a range beyond this bound is refused. One that
+/// continues the contiguous prefix is always accepted, so the stream cannot stall on its next
+/// bytes (it adds no out-of-order range; at most the prefix itself, one beyond the bound).
 pub const MAX_RECV_RANGES: usize = 1024;
 
 /// The receiving half of a stream: reassembles segments into the in-order byte stream.
 /// Plain data; see the [module docs](self) for the call order.
+///
+/// # Fast path
+///
+/// The common case, a segment starting at or before the end of the contiguous data received
+/// so far while nothing out of order is held, appends its new bytes to the buffer and moves
+/// one offset: no range bookkeeping, no zero-filling. Out-of-order segments go through a
+/// [`RangeSet`] of the ranges received beyond the contiguous prefix; the gaps between them
+/// are zero-filled in the buffer until they arrive.
 ///
 /// # Memory and trust
 ///
@@ -383,12 +394,17 @@ pub const MAX_RECV_RANGES: usize = 1024;
 /// checked, never trusted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecvBuffer {
-    /// Bytes at offsets `read .. read + buf.len()`; zeros where nothing arrived yet.
+    /// Bytes at offsets `read .. read + buf.len()`: the contiguous prefix `read..contiguous`,
+    /// then, if out-of-order ranges are held, everything up to the end of the highest one
+    /// (zeros where nothing arrived yet). With no out-of-order range held,
+    /// `buf.len() == contiguous - read`.
     buf: VecDeque<u8>,
     /// Offset of the next byte the application reads.
     read: u64,
-    /// Received offsets at or above `read`.
-    received: RangeSet,
+    /// Every byte of `read..contiguous` was received (and none at `contiguous`).
+    contiguous: u64,
+    /// Received ranges beyond `contiguous`; none starts at or below it.
+    out_of_order: RangeSet,
     /// The limit advertised to the peer.
     max_offset: u64,
     /// How far beyond the read offset the limit is set.
@@ -407,11 +423,21 @@ impl RecvBuffer {
         RecvBuffer {
             buf: VecDeque::new(),
             read: 0,
-            received: RangeSet::with_max_ranges(MAX_RECV_RANGES),
+            contiguous: 0,
+            out_of_order: RangeSet::with_max_ranges(MAX_RECV_RANGES),
             max_offset: window,
             window,
             fin: None,
             highest: 0,
+        }
+    }
+
+    /// [`new`](Self::new) with another bound than [`MAX_RECV_RANGES`].
+    #[cfg(test)]
+    pub(crate) fn with_max_ranges(window: u64, max_ranges: usize) -> RecvBuffer {
+        RecvBuffer {
+            out_of_order: RangeSet::with_max_ranges(max_ranges),
+            ..RecvBuffer::new(window)
         }
     }
 
@@ -420,8 +446,8 @@ impl RecvBuffer {
     ///
     /// Checks, in order (nothing changes on error): the segment must end within the
     /// advertised limit ([`RecvError::FlowControl`]); it must be consistent with any final
-    /// size ([`RecvError::FinalSize`]); and it must not fragment the buffer beyond
-    /// [`MAX_RECV_RANGES`] ([`RecvError::TooFragmented`]).
+    /// size ([`RecvError::FinalSize`]); and, if it lies beyond the contiguous data, it must
+    /// not fragment the buffer beyond [`MAX_RECV_RANGES`] ([`RecvError::TooFragmented`]).
     pub fn write(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<usize, RecvError> {
         let end = u64::try_from(data.len())
             .ok()
@@ -435,31 +461,82 @@ impl RecvBuffer {
             None if fin && end < self.highest => return Err(RecvError::FinalSize),
             _ => {}
         }
-        let start = offset.max(self.read);
-        let mut new = 0;
-        if start < end {
-            // Within the window: end - read <= max_offset - read, which the buffer may hold.
-            let needed = usize::try_from(end - self.read).map_err(|_| RecvError::FlowControl)?;
-            let gaps: Vec<Range<u64>> = self.received.gaps(start..end).collect();
-            if self.received.try_insert(start..end).is_err() {
+        // The buffer holds offsets from `read` on, so they must fit in usize (within the
+        // window they always do where usize has 64 bits).
+        if usize::try_from(end.saturating_sub(self.read)).is_err() {
+            return Err(RecvError::FlowControl);
+        }
+        // Bytes below `contiguous` are duplicates.
+        let start = offset.max(self.contiguous);
+        let new = if start >= end {
+            0
+        } else if offset <= self.contiguous {
+            // In order. Indices into `data` are below `data.len()`, so they fit in usize.
+            let from = (start - offset) as usize;
+            if self.out_of_order.is_empty() {
+                // The fast path: the buffer ends at `contiguous`; append.
+                self.buf.extend(&data[from..]);
+                self.contiguous = end;
+                data.len() - from
+            } else {
+                let new = self.fill(offset, data, start..end);
+                self.contiguous = end;
+                // Absorb the out-of-order ranges the segment reached.
+                while let Some(r) = self.out_of_order.first() {
+                    if r.start > self.contiguous {
+                        break;
+                    }
+                    self.contiguous = self.contiguous.max(r.end);
+                    self.out_of_order.pop_min();
+                }
+                new
+            }
+        } else {
+            // Out of order: refused if it adds a range to track beyond the bound (the
+            // contiguous prefix, if not empty, counts as one). Duplicates and segments that
+            // merge with held ranges add none and are always accepted.
+            let prefix = usize::from(self.contiguous > self.read);
+            let after = self.out_of_order.len_after_insert(start..end);
+            if after > self.out_of_order.len() && after + prefix > self.out_of_order.max_ranges() {
                 return Err(RecvError::TooFragmented);
             }
-            if self.buf.len() < needed {
-                self.buf.resize(needed, 0);
-            }
-            for gap in gaps {
-                // Offsets relative to `offset` and to `read` fit in usize: both are below
-                // `needed` or `data.len()`.
-                let src = &data[(gap.start - offset) as usize..(gap.end - offset) as usize];
-                copy_into(&mut self.buf, (gap.start - self.read) as usize, src);
-                new += src.len();
-            }
-        }
+            let new = self.fill(offset, data, start..end);
+            // Cannot fail: the set's own bound was just checked (`prefix` only tightens it).
+            let _ = self.out_of_order.try_insert(start..end);
+            new
+        };
         if fin {
             self.fin = Some(end);
         }
         self.highest = self.highest.max(end);
         Ok(new)
+    }
+
+    /// Copies the bytes of `data` (at `offset`) that fall in `range` and were not received
+    /// yet into the buffer, growing it as needed; returns how many. `range` lies within
+    /// `contiguous..max_offset` and within the segment.
+    fn fill(&mut self, offset: u64, data: &[u8], range: Range<u64>) -> usize {
+        let mut new = 0;
+        // Offsets relative to `offset` are below `data.len()` and offsets relative to `read`
+        // below `end - read`, checked by `write`: both fit in usize.
+        for gap in self.out_of_order.gaps(range) {
+            let buf_end = self.read + self.buf.len() as u64;
+            if gap.start < buf_end {
+                let to = gap.end.min(buf_end);
+                let src = &data[(gap.start - offset) as usize..(to - offset) as usize];
+                copy_into(&mut self.buf, (gap.start - self.read) as usize, src);
+            }
+            if gap.end > buf_end {
+                // Beyond the buffer: zero-fill up to the gap (bytes not received yet), then
+                // append.
+                let from = gap.start.max(buf_end);
+                self.buf.resize((from - self.read) as usize, 0);
+                self.buf
+                    .extend(&data[(from - offset) as usize..(gap.end - offset) as usize]);
+            }
+            new += (gap.end - gap.start) as usize;
+        }
+        new
     }
 
     /// Copies the next in-order bytes into `out`; returns how many (0 if none are ready).
@@ -476,16 +553,12 @@ impl RecvBuffer {
         out[from_a..n].copy_from_slice(&b[..n - from_a]);
         self.buf.drain(..n);
         self.read += n as u64;
-        self.received.remove_below(self.read);
         n
     }
 
     /// Bytes [`read`](Self::read) can return now.
     pub fn readable(&self) -> u64 {
-        match self.received.first() {
-            Some(r) if r.start <= self.read => r.end - self.read,
-            _ => 0,
-        }
+        self.contiguous - self.read
     }
 
     /// Offset of the next byte to be read (bytes read so far).

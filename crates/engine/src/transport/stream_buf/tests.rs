@@ -451,3 +451,207 @@ proptest! {
         prop_assert!(sb.is_empty());
     }
 }
+
+// ---- RecvBuffer against a byte-level model ----
+
+/// The receive side specified byte by byte, the slow and obvious way: which offsets arrived
+/// (with the first copy's value), the read offset, the limits. The rules it encodes are
+/// those documented on [`RecvBuffer::write`] and [`MAX_RECV_RANGES`].
+#[derive(Clone, Debug)]
+struct RecvModel {
+    /// Received bytes at offsets at or above `read`.
+    bytes: std::collections::BTreeMap<u64, u8>,
+    read: u64,
+    max_offset: u64,
+    window: u64,
+    fin: Option<u64>,
+    highest: u64,
+    max_ranges: usize,
+}
+
+impl RecvModel {
+    fn new(window: u64, max_ranges: usize) -> RecvModel {
+        RecvModel {
+            bytes: Default::default(),
+            read: 0,
+            max_offset: window,
+            window,
+            fin: None,
+            highest: 0,
+            max_ranges,
+        }
+    }
+
+    fn contiguous(&self) -> u64 {
+        let mut c = self.read;
+        while self.bytes.contains_key(&c) {
+            c += 1;
+        }
+        c
+    }
+
+    /// Runs of consecutive received offsets, with `extra` added.
+    fn runs_with(&self, extra: Range<u64>) -> usize {
+        let mut all: Vec<u64> = self.bytes.keys().copied().chain(extra).collect();
+        all.sort_unstable();
+        all.dedup();
+        all.windows(2).filter(|w| w[1] != w[0] + 1).count() + usize::from(!all.is_empty())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<usize, RecvError> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(RecvError::FlowControl)?;
+        if end > self.max_offset {
+            return Err(RecvError::FlowControl);
+        }
+        match self.fin {
+            Some(size) if end > size || (fin && end != size) => return Err(RecvError::FinalSize),
+            None if fin && end < self.highest => return Err(RecvError::FinalSize),
+            _ => {}
+        }
+        let contiguous = self.contiguous();
+        if offset > contiguous && offset < end {
+            let before = self.runs_with(0..0);
+            let after = self.runs_with(offset..end);
+            if after > before && after > self.max_ranges {
+                return Err(RecvError::TooFragmented);
+            }
+        }
+        let mut new = 0;
+        for (i, &b) in data.iter().enumerate() {
+            let o = offset + i as u64;
+            if o >= self.read && !self.bytes.contains_key(&o) {
+                self.bytes.insert(o, b);
+                new += 1;
+            }
+        }
+        if fin {
+            self.fin = Some(end);
+        }
+        self.highest = self.highest.max(end);
+        Ok(new)
+    }
+
+    fn read(&mut self, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.bytes.remove(&self.read) {
+                Some(b) => {
+                    out.push(b);
+                    self.read += 1;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn poll_window_update(&mut self) -> Option<u64> {
+        if self.fin.is_some() {
+            return None;
+        }
+        let limit = self.read + self.window;
+        if limit - self.max_offset >= self.window.div_ceil(2).max(1) {
+            self.max_offset = limit;
+            Some(limit)
+        } else {
+            None
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random writes (in order, just ahead, overlapping the contiguous end, far ahead, beyond
+    /// the limit, duplicates with different bytes, FINs), reads and window updates: the
+    /// buffer (fast path and general path alike) returns exactly what the model does, byte
+    /// for byte, and an error leaves it unchanged.
+    #[test]
+    fn recv_buffer_matches_the_model(
+        seed in any::<u64>(),
+        window in 1u64..600,
+        max_ranges in prop_oneof![1usize..6, Just(MAX_RECV_RANGES)],
+        steps in 1usize..300,
+    ) {
+        let mut rng = Rng(seed | 1);
+        let mut rb = RecvBuffer::with_max_ranges(window, max_ranges);
+        let mut model = RecvModel::new(window, max_ranges);
+        for _ in 0..steps {
+            match rng.below(10) {
+                0..=6 => {
+                    let contiguous = model.contiguous();
+                    let offset = match rng.below(8) {
+                        // At the contiguous end (the fast path when nothing is out of order).
+                        0..=2 => contiguous,
+                        // Straddling it.
+                        3 => contiguous.saturating_sub(rng.below(20)),
+                        // Just ahead, leaving a gap.
+                        4 | 5 => contiguous + 1 + rng.below(40),
+                        // Anywhere in (or past) the window, or already read.
+                        6 => rng.below(model.max_offset + 20),
+                        _ => model.read.saturating_sub(rng.below(30)),
+                    };
+                    let len = match rng.below(6) {
+                        0 => 0,
+                        1 => 1 + rng.below(3),
+                        _ => rng.below(80),
+                    };
+                    // A FIN: sometimes at the limit, sometimes wherever the segment ends.
+                    let (offset, len, fin) = match rng.below(20) {
+                        0 => (offset, model.max_offset.saturating_sub(offset), true),
+                        1 => (offset, len, true),
+                        _ => (offset, len, false),
+                    };
+                    // The byte at offset o of copy c: duplicates carry different bytes, so the
+                    // model sees which copy won.
+                    let copy = rng.below(256);
+                    let data: Vec<u8> =
+                        (offset..offset + len).map(|o| (o.wrapping_mul(31) ^ copy) as u8).collect();
+                    let before = rb.clone();
+                    let got = rb.write(offset, &data, fin);
+                    prop_assert_eq!(got, model.write(offset, &data, fin));
+                    if got.is_err() {
+                        prop_assert_eq!(&rb, &before);
+                    }
+                }
+                7 | 8 => {
+                    let mut out = vec![0; rng.below(120) as usize];
+                    let n = rb.read(&mut out);
+                    prop_assert_eq!(&out[..n], &model.read(out.len())[..]);
+                }
+                _ => prop_assert_eq!(rb.poll_window_update(), model.poll_window_update()),
+            }
+            prop_assert_eq!(rb.readable(), model.contiguous() - model.read);
+            prop_assert_eq!(rb.read_offset(), model.read);
+            prop_assert_eq!(rb.fin_offset(), model.fin);
+            prop_assert_eq!(rb.is_finished(), model.fin == Some(model.read));
+            prop_assert_eq!(rb.max_offset(), model.max_offset);
+            // Never more out-of-order ranges than the bound, and the buffer within a window.
+            prop_assert!(rb.out_of_order.len() <= max_ranges);
+            prop_assert!(rb.buf.len() as u64 <= rb.max_offset - rb.read);
+        }
+    }
+}
+
+#[test]
+fn in_order_data_is_accepted_even_when_fragmented() {
+    // Two out-of-order ranges fill a bound of two; the application has read everything, so
+    // the next bytes in order start a new range. They are accepted (refusing them would
+    // stall the stream), and the ranges they reach are absorbed.
+    let mut rb = RecvBuffer::with_max_ranges(100, 2);
+    rb.write(0, b"ab", false).unwrap();
+    read_all(&mut rb);
+    assert_eq!(rb.write(10, b"k", false), Ok(1));
+    assert_eq!(rb.write(20, b"u", false), Ok(1));
+    assert_eq!(rb.write(30, b"!", false), Err(RecvError::TooFragmented));
+    assert_eq!(rb.write(2, b"cd", false), Ok(2));
+    // Prefix plus two ranges: out-of-order segments that add a range are refused, ones that
+    // merge are not.
+    assert_eq!(rb.write(30, b"!", false), Err(RecvError::TooFragmented));
+    assert_eq!(rb.write(11, b"l", false), Ok(1));
+    assert_eq!(rb.write(4, b"efghij", false), Ok(6));
+    assert_eq!(read_all(&mut rb), b"cdefghijkl");
+    assert_eq!(rb.write(30, b"!", false), Ok(1));
+}
