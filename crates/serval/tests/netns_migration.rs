@@ -1,0 +1,566 @@
+//! A stream by name survives the client losing its network link mid-transfer: two hosts in
+//! their own network namespaces, joined by two veth links, and the client moves its end of a
+//! live echo stream from the first link to the second after that first link went down.
+//!
+//! ```text
+//!   client ns                                    server ns
+//!   10.78.1.1/24  vm1c<pid> ==== link 1 ==== vm1s<pid>  10.78.1.2/24
+//!   10.78.2.1/24  vm2c<pid> ==== link 2 ==== vm2s<pid>  10.78.2.2/24
+//!                                                      lo: 10.78.0.1/32 (the service's address)
+//! ```
+//!
+//! The client routes by source address (`ip rule from 10.78.N.1 table 10N`), as a multihomed
+//! host does: what its link-1 socket sends goes over link 1 only, so once link 1 is down every
+//! packet on the old path is really lost (the kernel has no route for it any more) rather than
+//! quietly taking link 2. The server's address sits on its loopback, reachable over either link.
+//!
+//! The server and the client run in this process, each on its own thread that first enters its
+//! namespace with `setns(2)` and then builds a current-thread tokio runtime there, so every socket
+//! the endpoint opens lives in that namespace. The client connects by name and streams 32 MiB of
+//! a seeded pattern while reading the echo; once a third has come back it takes link 1 down,
+//! goes on using it for [`DETECTION_DELAY`] (a host rarely learns of a lost link at once), and
+//! then migrates to its link-2 address. The test checks that packets were really lost on link 1
+//! (the server veth's drop counter, the client kernel's `OutNoRoutes`), that the server received,
+//! and the client got back, every byte exactly once and in order, that the client's stream uses
+//! the new locator, that the server saw its peer move to it, and that the flow closed cleanly.
+//! It prints how long the transfer took and how long the flow stalled around the migration.
+//!
+//! Needs root and `ip` (iproute2), as CI has; skipped with a message otherwise, or when
+//! `SERVAL_SKIP_NETNS` is set. The namespaces (`svm<c|s><pid>`) are deleted when the test ends,
+//! pass or fail, and every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::fs::File;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use serval::{CloseReason, Endpoint, ServiceId, ServicePrefix, Stream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::timeout;
+
+/// Bytes the client sends (and gets back).
+const TOTAL: usize = 32 << 20;
+/// Bounds the whole transfer, migration included, so a hang fails instead of stalling CI.
+const LIMIT: Duration = Duration::from_secs(60);
+/// How long the client goes on using the dead link before it migrates, as a host that learns
+/// late of its link's loss: long enough for both ends to lose data and probes on the old path.
+const DETECTION_DELAY: Duration = Duration::from_millis(200);
+/// Bounds the FIN exchange after the transfer.
+const CLOSE_LIMIT: Duration = Duration::from_secs(15);
+const SERVICE: &str = "migrate.test";
+const SERVER_ADDR: &str = "10.78.0.1:54324";
+const CLIENT_LINK1: &str = "10.78.1.1";
+const CLIENT_LINK2: &str = "10.78.2.1";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The two hosts and the links between them; deleted on drop.
+struct Hosts {
+    client: String,
+    server: String,
+    /// The client's end of link 1.
+    link1: String,
+    /// The server's end of link 1, whose transmit drops count what the server sent into the
+    /// dead link.
+    server_link1: String,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let id = std::process::id();
+        let hosts = Hosts {
+            client: format!("svmc{id}"),
+            server: format!("svms{id}"),
+            link1: format!("vm1c{id}"),
+            server_link1: format!("vm1s{id}"),
+        };
+        // `hosts` exists before the first `ip` call: a step failing part-way panics, which drops
+        // it and deletes whatever was made.
+        ip(&["netns", "add", &hosts.client]);
+        ip(&["netns", "add", &hosts.server]);
+        let (c, s) = (hosts.client.as_str(), hosts.server.as_str());
+        for ns in [c, s] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", s, "addr", "add", "10.78.0.1/32", "dev", "lo"]);
+        for link in 1..=2 {
+            let (vc, vs) = (format!("vm{link}c{id}"), format!("vm{link}s{id}"));
+            // Both ends born inside the namespaces: nothing is ever left in the root namespace.
+            ip(&[
+                "link", "add", &vc, "netns", c, "type", "veth", "peer", "name", &vs, "netns", s,
+            ]);
+            let (ac, as_) = (format!("10.78.{link}.1"), format!("10.78.{link}.2"));
+            ip(&["-n", c, "addr", "add", &format!("{ac}/24"), "dev", &vc]);
+            ip(&["-n", s, "addr", "add", &format!("{as_}/24"), "dev", &vs]);
+            ip(&["-n", c, "link", "set", &vc, "up"]);
+            ip(&["-n", s, "link", "set", &vs, "up"]);
+            // Source routing on the client: each address reaches the server over its own link.
+            let table = format!("10{link}");
+            ip(&["-n", c, "rule", "add", "from", &ac, "table", &table]);
+            ip(&[
+                "-n",
+                c,
+                "route",
+                "add",
+                "10.78.0.1/32",
+                "via",
+                &as_,
+                "dev",
+                &vc,
+                "table",
+                &table,
+            ]);
+        }
+        hosts
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its ends of the veth pairs, which deletes the pairs.
+        for ns in [&self.client, &self.server] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Packets `dev` in namespace `ns` dropped on transmit (a veth drops what it sends while its
+/// peer is down).
+fn tx_dropped(ns: &str, dev: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j", "-s", "link", "show", dev])
+        .output()
+        .expect("run ip");
+    let json = String::from_utf8_lossy(&out.stdout);
+    let tx = &json[json.find("\"tx\":{").expect("tx statistics")..];
+    let n = &tx[tx.find("\"dropped\":").expect("tx dropped") + "\"dropped\":".len()..];
+    n[..n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len())]
+        .parse()
+        .expect("a count")
+}
+
+/// Datagrams the kernel of the calling thread's namespace could not route (`OutNoRoutes`): what
+/// the client still sends from its link-1 address once link 1 and its route are gone.
+fn out_no_routes() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().expect("Ip names"), ip.next().expect("Ip values"));
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "OutNoRoutes")
+        .expect("OutNoRoutes");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// Whether this machine can build the hosts; says why not when it cannot.
+fn netns_usable() -> bool {
+    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
+        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
+        return false;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        eprintln!("SKIPPED: network namespaces need root");
+        return false;
+    }
+    let has_ip = Command::new("ip")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_ip {
+        eprintln!("SKIPPED: `ip` (iproute2) is not installed");
+        return false;
+    }
+    true
+}
+
+/// Runs `task` on a new thread inside network namespace `ns`, on a current-thread runtime of
+/// its own: every socket it opens belongs to that namespace.
+fn in_netns<T, F, Fut>(ns: &str, task: F) -> JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
+    let path = format!("/run/netns/{ns}");
+    std::thread::Builder::new()
+        .name(ns.to_string())
+        .spawn(move || {
+            let f = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // setns(CLONE_NEWNET) moves only the calling thread.
+            setns(f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(task())
+        })
+        .unwrap()
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Index of the first byte of `got` that differs from `want`.
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+/// What the server saw.
+#[derive(Debug)]
+struct ServerReport {
+    received: usize,
+    /// The client's locator as the server knew it, each change appended.
+    peers: Vec<SocketAddr>,
+    closed: CloseReason,
+}
+
+/// Accepts one stream, checks what arrives against the pattern as it comes, echoes it back.
+async fn serve(
+    ready: std::sync::mpsc::Sender<()>,
+    data: Arc<Vec<u8>>,
+) -> Result<ServerReport, String> {
+    let ep = Endpoint::bind(&[SERVER_ADDR.parse().unwrap()])
+        .await
+        .map_err(|e| format!("server bind: {e}"))?;
+    let mut listener = ep
+        .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
+        .map_err(|e| format!("listen: {e}"))?;
+    let _ = ready.send(());
+    let mut received = 0usize;
+    let mut peers = Vec::new();
+    let echo = async {
+        let mut s = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        peers.push(s.peer_locator().map_err(|e| e.to_string())?);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = s
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("server read: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            let want = data
+                .get(received..received + n)
+                .ok_or_else(|| format!("server got {} bytes, more than sent", received + n))?;
+            if let Some(i) = first_difference(&buf[..n], want) {
+                return Err(format!("server: byte {} differs", received + i));
+            }
+            received += n;
+            let p = s.peer_locator().map_err(|e| e.to_string())?;
+            if peers.last() != Some(&p) {
+                peers.push(p);
+            }
+            s.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("server write: {e}"))?;
+        }
+        s.shutdown()
+            .await
+            .map_err(|e| format!("server shutdown: {e}"))?;
+        Ok::<_, String>(s)
+    };
+    let s = timeout(LIMIT, echo)
+        .await
+        .map_err(|_| format!("server timed out: received {received}, peers {peers:?}"))??;
+    let closed = timeout(CLOSE_LIMIT, s.closed())
+        .await
+        .map_err(|_| "server: the flow did not close".to_string())?;
+    Ok(ServerReport {
+        received,
+        peers,
+        closed,
+    })
+}
+
+/// What the client saw.
+#[derive(Debug, Default)]
+struct ClientProgress {
+    sent: usize,
+    echoed: usize,
+    /// When link 1 went down.
+    link_down_at: Option<Instant>,
+    /// When the client migrated ([`DETECTION_DELAY`] later).
+    migrated_at: Option<Instant>,
+    /// How long after the migration the stream reported the new local locator.
+    switched_after: Option<Duration>,
+    /// Bytes written and echoed when link 1 went down.
+    sent_at_link_down: usize,
+    echoed_at_link_down: usize,
+    /// Bytes echoed when the client migrated.
+    echoed_at_migration: usize,
+    /// When the first echoed byte after the migration arrived.
+    resumed_after: Option<Duration>,
+    /// Datagrams the client sent into the dead link, between link down and the migration.
+    unroutable: u64,
+}
+
+#[derive(Debug)]
+struct ClientReport {
+    old: SocketAddr,
+    new: SocketAddr,
+    local_after: SocketAddr,
+    progress: ClientProgress,
+    closed: CloseReason,
+    elapsed: Duration,
+}
+
+/// Writes `data` and reads its echo on one stream at once, checking every echoed byte. Once a
+/// third has come back (both directions busy, the window wide open) it calls `link_down`, goes
+/// on pumping into the dead path for [`DETECTION_DELAY`], then migrates to `new`.
+async fn pump(
+    stream: &mut Stream,
+    data: &[u8],
+    new: SocketAddr,
+    link_down: &dyn Fn(),
+    p: &mut ClientProgress,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut shut = false;
+    let mut detect: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut no_routes_before = 0;
+    std::future::poll_fn(|cx| {
+        loop {
+            let mut progress = false;
+            if p.sent < data.len() {
+                let end = (p.sent + (64 << 10)).min(data.len());
+                match Pin::new(&mut *stream).poll_write(cx, &data[p.sent..end]) {
+                    Poll::Ready(Ok(n)) => {
+                        p.sent += n;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("client write: {e}"))),
+                    Poll::Pending => {}
+                }
+            } else if !shut {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_shutdown(cx) {
+                    return Poll::Ready(Err(format!("client shutdown: {e}")));
+                }
+                shut = true;
+            }
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Poll::Ready(if p.echoed == data.len() {
+                        Ok(())
+                    } else {
+                        Err(format!("echo ended after {} bytes", p.echoed))
+                    });
+                }
+                Poll::Ready(Ok(())) => {
+                    let got = rb.filled();
+                    let Some(want) = data.get(p.echoed..p.echoed + got.len()) else {
+                        return Poll::Ready(Err("more bytes echoed than sent".into()));
+                    };
+                    if let Some(i) = first_difference(got, want) {
+                        return Poll::Ready(Err(format!("echoed byte {} differs", p.echoed + i)));
+                    }
+                    p.echoed += got.len();
+                    progress = true;
+                    if let Some(at) = p.migrated_at
+                        && p.resumed_after.is_none()
+                        && p.echoed > p.echoed_at_migration
+                    {
+                        p.resumed_after = Some(at.elapsed());
+                    }
+                    if p.link_down_at.is_none() && p.echoed >= data.len() / 3 {
+                        link_down();
+                        no_routes_before = out_no_routes();
+                        p.link_down_at = Some(Instant::now());
+                        p.sent_at_link_down = p.sent;
+                        p.echoed_at_link_down = p.echoed;
+                        detect = Some(Box::pin(tokio::time::sleep(DETECTION_DELAY)));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("client read: {e}"))),
+                Poll::Pending => {}
+            }
+            if let Some(d) = detect.as_mut()
+                && d.as_mut().poll(cx).is_ready()
+            {
+                detect = None;
+                p.unroutable = out_no_routes() - no_routes_before;
+                if let Err(e) = stream.migrate(new) {
+                    return Poll::Ready(Err(format!("migrate: {e}")));
+                }
+                p.migrated_at = Some(Instant::now());
+                p.echoed_at_migration = p.echoed;
+                progress = true;
+            }
+            if let Some(at) = p.migrated_at
+                && p.switched_after.is_none()
+                && stream.local_locator().is_ok_and(|l| l == new)
+            {
+                p.switched_after = Some(at.elapsed());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await
+}
+
+async fn client(link1: String, client_ns: String, data: Arc<Vec<u8>>) -> ClientReport {
+    let service = ServiceId::from_name(SERVICE).unwrap();
+    let server: SocketAddr = SERVER_ADDR.parse().unwrap();
+    let ep = Endpoint::bind(&[
+        format!("{CLIENT_LINK1}:0").parse().unwrap(),
+        format!("{CLIENT_LINK2}:0").parse().unwrap(),
+    ])
+    .await
+    .expect("client bind");
+    let (old, new) = (ep.local_locators()[0], ep.local_locators()[1]);
+    let start = Instant::now();
+    let mut stream = timeout(Duration::from_secs(20), ep.connect_via(service, server))
+        .await
+        .expect("connect timed out")
+        .expect("connect by name");
+    assert_eq!(
+        stream.local_locator().unwrap(),
+        old,
+        "connected over link 1"
+    );
+    assert_eq!(stream.peer_locator().unwrap(), server);
+    let link_down = || {
+        // The old path dies first: whatever is in flight on it, or still sent on it, is lost.
+        ip(&["-n", &client_ns, "link", "set", &link1, "down"]);
+    };
+    let mut progress = ClientProgress::default();
+    match timeout(
+        LIMIT,
+        pump(&mut stream, &data, new, &link_down, &mut progress),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e} ({progress:?})"),
+        Err(_) => panic!(
+            "transfer timed out after {LIMIT:?} ({progress:?}, local locator {:?})",
+            stream.local_locator()
+        ),
+    }
+    let elapsed = start.elapsed();
+    let local_after = stream.local_locator().unwrap();
+    let closed = timeout(CLOSE_LIMIT, stream.closed())
+        .await
+        .expect("client: the flow did not close");
+    ClientReport {
+        old,
+        new,
+        local_after,
+        progress,
+        closed,
+        elapsed,
+    }
+}
+
+#[test]
+fn stream_survives_client_link_loss_across_namespaces() {
+    if !netns_usable() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let data = Arc::new(pattern(TOTAL, 0x5e12_7a1d));
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let data = data.clone();
+        in_netns(&hosts.server, move || serve(ready_tx, data))
+    };
+    match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(()) => {}
+        Err(_) => panic!("server did not start: {:?}", server.join()),
+    }
+    let client = {
+        let (link1, ns, data) = (hosts.link1.clone(), hosts.client.clone(), data.clone());
+        in_netns(&hosts.client, move || client(link1, ns, data))
+    };
+    // A thread's panic is re-raised here with its own message; `hosts` is dropped either way.
+    let c = client
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    // What the server sent towards the client's old address after link 1 went down.
+    let lost = tx_dropped(&hosts.server, &hosts.server_link1);
+    let s = server
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pr = &c.progress;
+    eprintln!(
+        "{} MiB echoed in {:.2?}; link 1 down at {} MiB sent / {} MiB echoed; migrated {:?} \
+         later; new locator in use {:?} and echo flowing again {:?} after the migration; \
+         lost on the dead link: {lost} packets from the server, {} from the client",
+        TOTAL >> 20,
+        c.elapsed,
+        pr.sent_at_link_down >> 20,
+        pr.echoed_at_link_down >> 20,
+        pr.link_down_at.zip(pr.migrated_at).map(|(d, m)| m - d),
+        pr.switched_after,
+        pr.resumed_after,
+        pr.unroutable,
+    );
+
+    assert!(
+        lost + pr.unroutable > 0,
+        "nothing was lost on link 1: the test did not cut a live path"
+    );
+    assert_eq!(s.received, TOTAL, "server received every byte once");
+    assert_eq!(pr.echoed, TOTAL, "client got every byte back once");
+    assert!(
+        pr.echoed_at_migration < TOTAL,
+        "the migration happened mid-transfer"
+    );
+    assert_eq!(c.local_after, c.new, "client stream moved to link 2");
+    assert!(
+        pr.switched_after.is_some(),
+        "client never saw its new locator in use"
+    );
+    assert_eq!(
+        s.peers,
+        vec![c.old, c.new],
+        "server saw the client move once"
+    );
+    assert_eq!(c.closed, CloseReason::Finished, "client closed cleanly");
+    assert_eq!(s.closed, CloseReason::Finished, "server closed cleanly");
+    drop(hosts);
+}
