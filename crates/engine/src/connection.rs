@@ -43,7 +43,8 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 
 use crate::Instant;
 use crate::crypto::{Direction, FlowKeys};
-use crate::transport::conn::{Transport, TransportConfig, TransportEvent};
+use crate::transport::OptInstant;
+use crate::transport::conn::{IDLE_RELEASE, Transport, TransportConfig, TransportEvent};
 
 /// Which end of the flow this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,10 +149,58 @@ enum Reliable {
 struct Pending {
     kind: Reliable,
     verno: u32,
-    /// When to (re)send; `None` until it has been sent once.
-    deadline: Option<Instant>,
-    rto: Duration,
+    /// When to (re)send; none until it has been sent once.
+    deadline: OptInstant,
+    /// The retransmission timeout, nanoseconds.
+    rto: u64,
     retries: u32,
+}
+
+/// The [`ControlConfig`] of a connection, compactly.
+#[derive(Debug, Clone, Copy)]
+struct ControlTiming {
+    /// [`ControlConfig::rto`], nanoseconds (saturated).
+    rto: u64,
+    /// [`ControlConfig::time_wait`], nanoseconds (saturated).
+    time_wait: u64,
+    retries: u32,
+}
+
+impl ControlTiming {
+    fn new(c: &ControlConfig) -> ControlTiming {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        ControlTiming {
+            rto: nanos(c.rto),
+            time_wait: nanos(c.time_wait),
+            retries: c.retries,
+        }
+    }
+}
+
+/// Reliable control packets waiting for the channel, in order; each kind at most once (one
+/// queued twice would say nothing new: its content is taken when it is sent).
+#[derive(Debug, Clone, Copy, Default)]
+struct ReliableQueue([Option<Reliable>; 4]);
+
+impl ReliableQueue {
+    fn push_back(&mut self, kind: Reliable) {
+        if self.0.contains(&Some(kind)) {
+            return;
+        }
+        if let Some(free) = self.0.iter_mut().find(|k| k.is_none()) {
+            *free = Some(kind);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Reliable> {
+        let first = self.0[0].take();
+        self.0.rotate_left(1);
+        first
+    }
+
+    fn clear(&mut self) {
+        *self = ReliableQueue::default();
+    }
 }
 
 /// An answer to send once, not retransmitted.
@@ -195,19 +244,19 @@ pub(crate) struct Connection {
     pub(crate) peer: Locator,
     pub(crate) listener: Option<ListenerId>,
     hop_limit: u8,
-    ctl: ControlConfig,
+    ctl: ControlTiming,
     next_verno: u32,
     pending: Option<Pending>,
-    queued: VecDeque<Reliable>,
+    queued: ReliableQueue,
     answers: VecDeque<Answer>,
     /// Highest peer control verno processed (SYN included), to spot retransmissions.
     peer_verno: Option<u32>,
     /// Our migration in progress: the new local locator.
-    moving_to: Option<Locator>,
+    moving_to: Option<Box<Locator>>,
     fin_queued: bool,
     fin_acked: bool,
     peer_fin: bool,
-    time_wait_until: Option<Instant>,
+    time_wait_until: OptInstant,
     pub(crate) transport: Transport,
     pub(crate) events: VecDeque<ConnEvent>,
     /// Packets dropped for a bad AUTH tag or a control packet out of place.
@@ -279,17 +328,17 @@ impl Connection {
             peer: n.peer,
             listener: None,
             hop_limit: n.hop_limit,
-            ctl: n.ctl,
+            ctl: ControlTiming::new(&n.ctl),
             next_verno: n.initial_verno,
             pending: None,
-            queued: VecDeque::new(),
+            queued: ReliableQueue::default(),
             answers: VecDeque::new(),
             peer_verno: None,
             moving_to: None,
             fin_queued: false,
             fin_acked: false,
             peer_fin: false,
-            time_wait_until: None,
+            time_wait_until: OptInstant::NONE,
             transport: Transport::new(&n.transport, now),
             events: VecDeque::new(),
             auth_failures: 0,
@@ -328,7 +377,7 @@ impl Connection {
     /// so our SYN-ACK was probably lost). The retransmission timer is not backed off.
     pub(crate) fn resend_reliable(&mut self) {
         if let Some(p) = &mut self.pending {
-            p.deadline = None;
+            p.deadline = OptInstant::NONE;
         }
     }
 
@@ -343,7 +392,7 @@ impl Connection {
         self.pending = Some(Pending {
             kind,
             verno,
-            deadline: None,
+            deadline: OptInstant::NONE,
             rto: self.ctl.rto,
             retries: 0,
         });
@@ -392,7 +441,7 @@ impl Connection {
         }
         // The peer sends to our new locator only after it verified our RSYN, so its data
         // arriving there completes our migration even if its RSYN-ACK was lost.
-        if self.moving_to == Some(local)
+        if self.moving_to.as_deref() == Some(&local)
             && pkt.protocol() == Protocol::STREAM
             && repr.src_flow == self.peer_flow
         {
@@ -549,7 +598,7 @@ impl Connection {
 
     /// Our RSYN reached the peer: switch to the new locator and resume.
     fn finish_migration(&mut self, now: Instant) {
-        let Some(new_local) = self.moving_to.take() else {
+        let Some(&new_local) = self.moving_to.take().as_deref() else {
             return;
         };
         if self
@@ -573,7 +622,7 @@ impl Connection {
         if self.state != State::Established || self.moving_to.is_some() {
             return false;
         }
-        self.moving_to = Some(new_local);
+        self.moving_to = Some(Box::new(new_local));
         self.transport.set_frozen(true);
         self.send_reliable(Reliable::Rsyn);
         true
@@ -592,7 +641,7 @@ impl Connection {
         if self.state == State::TimeWait {
             // Closed for the application already; just stop lingering.
             self.state = State::Closed;
-            self.time_wait_until = None;
+            self.time_wait_until = OptInstant::NONE;
             return;
         }
         if self.state == State::Closed {
@@ -617,7 +666,7 @@ impl Connection {
     fn maybe_time_wait(&mut self, now: Instant) {
         if self.state == State::Established && self.fin_acked && self.peer_fin {
             self.state = State::TimeWait;
-            self.time_wait_until = Some(now + self.ctl.time_wait);
+            self.time_wait_until = (now + Duration::from_nanos(self.ctl.time_wait)).into();
             self.events
                 .push_back(ConnEvent::Closed(CloseReason::Finished));
         }
@@ -669,28 +718,52 @@ impl Connection {
         if self.state == State::Closed {
             return None;
         }
-        let ctl = self.pending.as_ref().and_then(|p| p.deadline);
+        let ctl = self.pending.as_ref().and_then(|p| p.deadline.get());
         let transport = match self.state {
             State::Established | State::TimeWait => self.transport.poll_timeout(),
             _ => None,
         };
-        [ctl, transport, self.time_wait_until]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            ctl,
+            transport,
+            self.time_wait_until.get(),
+            self.release_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When to give back the memory of the empty control and event queues: once the flow has
+    /// been idle for [`IDLE_RELEASE`], as the transport does with its own.
+    fn release_deadline(&self) -> Option<Instant> {
+        let spare = |cap: usize, len: usize| len == 0 && cap > 0;
+        let any = spare(self.events.capacity(), self.events.len())
+            || spare(self.answers.capacity(), self.answers.len());
+        (any && self.state == State::Established)
+            .then(|| self.transport.last_activity() + IDLE_RELEASE)
+    }
+
+    fn release_memory(&mut self) {
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        if self.answers.is_empty() {
+            self.answers = VecDeque::new();
+        }
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        if self.time_wait_until.is_some_and(|t| t <= now) {
+        if self.time_wait_until.get().is_some_and(|t| t <= now) {
             // Already reported closed on entering TIME-WAIT.
-            self.time_wait_until = None;
+            self.time_wait_until = OptInstant::NONE;
             self.state = State::Closed;
             self.pending = None;
             self.queued.clear();
             return;
         }
         if let Some(p) = &mut self.pending
-            && p.deadline.is_some_and(|d| d <= now)
+            && p.deadline.get().is_some_and(|d| d <= now)
         {
             if p.retries >= self.ctl.retries {
                 let kind = p.kind;
@@ -712,11 +785,14 @@ impl Connection {
             }
             p.retries += 1;
             p.rto = p.rto.saturating_mul(2);
-            p.deadline = None; // send again on the next poll_transmit
+            p.deadline = OptInstant::NONE; // send again on the next poll_transmit
         }
         if matches!(self.state, State::Established | State::TimeWait) {
             self.transport.handle_timeout(now);
             self.pump_transport(now);
+        }
+        if self.release_deadline().is_some_and(|t| t <= now) {
+            self.release_memory();
         }
     }
 
@@ -742,7 +818,7 @@ impl Connection {
             let (kind, verno, rto) = (p.kind, p.verno, p.rto);
             let route = self.emit_reliable(kind, verno, out);
             if let Some(p) = &mut self.pending {
-                p.deadline = Some(now + rto);
+                p.deadline = (now + Duration::from_nanos(rto)).into();
             }
             return route;
         }
@@ -834,7 +910,7 @@ impl Connection {
             }
             Reliable::Rsyn => (
                 self.control_repr(ControlFlags::RSYN, verno, 0),
-                self.moving_to.unwrap_or(self.local),
+                self.moving_to.as_deref().copied().unwrap_or(self.local),
             ),
             Reliable::Fin => (self.control_repr(ControlFlags::FIN, verno, 0), self.local),
         };
@@ -856,5 +932,34 @@ impl Connection {
     /// Whether the endpoint may forget this flow.
     pub(crate) fn is_closed(&self) -> bool {
         self.state == State::Closed && self.answers.is_empty() && !self.flush_transport
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reliable_queue_is_in_order_and_holds_each_kind_once() {
+        let mut q = ReliableQueue::default();
+        assert_eq!(q.pop_front(), None);
+        q.push_back(Reliable::Rsyn);
+        q.push_back(Reliable::Fin);
+        q.push_back(Reliable::Rsyn);
+        assert_eq!(q.pop_front(), Some(Reliable::Rsyn));
+        q.push_back(Reliable::Rsyn);
+        assert_eq!(q.pop_front(), Some(Reliable::Fin));
+        assert_eq!(q.pop_front(), Some(Reliable::Rsyn));
+        assert_eq!(q.pop_front(), None);
+        for k in [
+            Reliable::Syn,
+            Reliable::SynAck,
+            Reliable::Rsyn,
+            Reliable::Fin,
+        ] {
+            q.push_back(k);
+        }
+        q.clear();
+        assert_eq!(q.pop_front(), None);
     }
 }

@@ -379,9 +379,10 @@ async fn measure_quinn(args: &Args) -> Result<Sample> {
 }
 
 /// Heap of one bare `Transport` (the stream/ACK/congestion state of a flow, without the SAL
-/// connection around it): (right after `new`, after one byte each way), per transport.
-fn transport_heap() -> Result<(f64, f64)> {
-    use serval_engine::transport::conn::{Transport, TransportConfig};
+/// connection around it): (right after `new`, after one byte each way, once idle for
+/// `IDLE_RELEASE`), per transport.
+fn transport_heap() -> Result<(f64, f64, f64)> {
+    use serval_engine::transport::conn::{IDLE_RELEASE, Transport, TransportConfig};
     let cfg = TransportConfig::default();
     let t0 = Instant::now();
     let now = || serval_engine::Instant::from_nanos(t0.elapsed().as_nanos() as u64);
@@ -418,9 +419,16 @@ fn transport_heap() -> Result<(f64, f64)> {
         }
     }
     let used = (live_heap() - h1) as f64 / (2 * N) as f64;
+    // The transports give back the memory of empty buffers once idle for `IDLE_RELEASE`.
+    let later = now() + IDLE_RELEASE + Duration::from_millis(1);
+    for (a, b) in &mut ends {
+        a.handle_timeout(later);
+        b.handle_timeout(later);
+    }
+    let idle = (live_heap() - h1) as f64 / (2 * N) as f64;
     drop(ends);
     let _ = h0;
-    Ok((fresh, used))
+    Ok((fresh, used, idle))
 }
 
 /// The engine alone: `--conns` connections between two in-memory endpoints, one byte each way.
@@ -460,11 +468,11 @@ fn measure_engine(args: &Args) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let idle = (live_heap() - base) as f64 / ends;
-    let (fresh, used) = transport_heap()?;
+    let (fresh, used, released) = transport_heap()?;
     eprintln!(
         "  engine: size_of::<Transport>() = {} B inline; a bare Transport owns {fresh:.0} B of \
-         heap when new and {used:.0} B after one byte each way (heap only, excluding its inline \
-         size); PMTU of the last connection {:?}",
+         heap when new, {used:.0} B after one byte each way and {released:.0} B once idle (heap \
+         only, excluding its inline size); PMTU of the last connection {:?}",
         std::mem::size_of::<serval_engine::transport::conn::Transport>(),
         handles
             .last()

@@ -46,6 +46,17 @@
 //! [`TransportConfig::sal_overhead`]. The congestion window, bytes in flight and the byte
 //! counters of [`TransportStats`] count whole SAL packets (transport payload + SAL overhead).
 //!
+//! # Memory
+//!
+//! A transport is kept small because a host holds one per connection, most of them idle. The
+//! state is packed (compact timestamps, counters and configuration; rare state such as a
+//! pending CLOSE, datagram queues and the range sets boxed), nothing is allocated until data
+//! flows, and once nothing has been sent, received, written or read for [`IDLE_RELEASE`] a
+//! timer gives back the memory of empty buffers and queues: the stream buffers, the
+//! sent-packet ring (forgetting pure ACKs that are still tracked: their acknowledgement is
+//! advisory), spare room in the range sets, the datagram queues. An idle transport then owns
+//! about fifty bytes of heap (the received packet-number range).
+//!
 //! # Peer input
 //!
 //! Nothing a peer sends makes this code panic. A payload that does not parse is rejected
@@ -74,16 +85,18 @@
 //! congestion response, resets the congestion controller, RTT estimator and pacer, and
 //! restarts the path MTU search; then `set_frozen(false)` resumes sending.
 
+use core::ops::Range;
 use core::time::Duration;
 use std::collections::VecDeque;
 
+use super::OptInstant;
 use super::cc::{CongestionAlgorithm, CongestionController};
 use super::loss::{LossReport, SentInfo, SentPackets, Timeout};
 use super::mtu::{MtuConfig, PathMtu};
 use super::pacing::Pacer;
 use super::ranges::RangeSet;
-use super::rtt::RttEstimator;
-use super::stream_buf::{RecvBuffer, RecvError, SendBuffer};
+use super::rtt::{MAX_MAX_ACK_DELAY, RttEstimator};
+use super::stream_buf::{MAX_STREAM_OFFSET, RecvBuffer, RecvError, SendBuffer};
 use crate::Instant;
 use crate::frame::{self, AckFrame, Frame, FrameError, Frames, PN_LEN, VARINT_MAX, varint_len};
 
@@ -128,6 +141,14 @@ pub const MIN_TRANSPORT_PAYLOAD: u16 = 128;
 /// A PMTU probe may hold back application data (by its own size, until it is sent) only
 /// when the congestion window is at least this many probes large.
 const PROBE_WINDOW_FACTOR: u64 = 4;
+
+/// How long a transport must be idle (nothing sent, received, written or read) before it gives
+/// back the memory of its empty buffers and queues: the stream buffers, the sent-packet ring
+/// (forgetting pure ACKs still tracked), spare room in its range sets, the event and datagram
+/// queues. A timer in [`Transport::poll_timeout`] fires once per idle period for it. They
+/// regrow on the next activity, so reallocation churn is bounded to one regrowth per idle
+/// period of at least this length.
+pub const IDLE_RELEASE: Duration = Duration::from_millis(250);
 
 /// Worst-case bytes of an ACK frame before its second range: type and four varints.
 const ACK_HEADER_MAX: usize = 1 + 4 * 8;
@@ -204,7 +225,67 @@ impl TransportConfig {
         c.base_udp_payload = c.base_udp_payload.max(floor);
         c.max_udp_payload = c.max_udp_payload.max(c.base_udp_payload);
         c.ack_eliciting_threshold = c.ack_eliciting_threshold.max(1);
+        c.receive_window = c.receive_window.min(MAX_STREAM_OFFSET);
+        c.max_ack_delay = c.max_ack_delay.min(MAX_MAX_ACK_DELAY);
+        // Durations are kept in 64-bit nanoseconds (584 years): longer ones saturate, and
+        // a keepalive that long is none.
+        c.idle_timeout = Duration::from_nanos(nanos(c.idle_timeout));
+        c.keepalive = c.keepalive.filter(|&k| nanos(k) < u64::MAX);
+        c.datagram_queue = c.datagram_queue.min(u32::MAX as usize);
         c
+    }
+}
+
+/// `d` in nanoseconds, saturating.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a running transport needs of its [`TransportConfig`] beyond what the parts it
+/// configured keep (see [`Transport::config`]), compactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Settings {
+    /// [`TransportConfig::idle_timeout`], nanoseconds.
+    idle_timeout: u64,
+    /// [`TransportConfig::keepalive`], nanoseconds; `u64::MAX` for none.
+    keepalive: u64,
+    /// [`TransportConfig::max_ack_delay`], nanoseconds.
+    max_ack_delay: u64,
+    /// [`TransportConfig::datagram_queue`].
+    datagram_queue: u32,
+    /// [`TransportConfig::ack_eliciting_threshold`].
+    ack_eliciting_threshold: u32,
+    /// [`TransportConfig::sal_overhead`].
+    sal_overhead: u16,
+}
+
+impl Settings {
+    /// Of a normalized configuration.
+    fn new(c: &TransportConfig) -> Settings {
+        Settings {
+            idle_timeout: nanos(c.idle_timeout),
+            keepalive: c.keepalive.map_or(u64::MAX, nanos),
+            max_ack_delay: nanos(c.max_ack_delay),
+            datagram_queue: u32::try_from(c.datagram_queue).unwrap_or(u32::MAX),
+            ack_eliciting_threshold: c.ack_eliciting_threshold,
+            sal_overhead: c.sal_overhead,
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_nanos(self.idle_timeout)
+    }
+
+    fn keepalive(&self) -> Option<Duration> {
+        (self.keepalive != u64::MAX).then(|| Duration::from_nanos(self.keepalive))
+    }
+
+    fn max_ack_delay(&self) -> Duration {
+        Duration::from_nanos(self.max_ack_delay)
+    }
+
+    fn datagram_queue(&self) -> usize {
+        self.datagram_queue as usize
     }
 }
 
@@ -396,6 +477,36 @@ pub struct TransportStats {
     pub pmtu: u16,
 }
 
+/// The counters of [`TransportStats`] (its other fields are read from the live state). Those
+/// of rare events (at most one per round trip or probe) are 32-bit and saturate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counters {
+    packets_sent: u64,
+    bytes_sent: u64,
+    packets_received: u64,
+    bytes_received: u64,
+    packets_lost: u64,
+    bytes_lost: u64,
+    stream_bytes_sent: u64,
+    retransmitted_bytes: u64,
+    stream_bytes_received: u64,
+    duplicate_packets: u64,
+    duplicate_stream_bytes: u64,
+    spurious_losses: u64,
+    datagrams_sent: u64,
+    datagrams_received: u64,
+    datagrams_dropped: u64,
+    malformed_packets: u64,
+    fragmented_drops: u64,
+    congestion_events: u32,
+    persistent_congestion: u32,
+    probe_timeouts: u32,
+    mtu_probes_sent: u32,
+    mtu_probes_lost: u32,
+    black_holes: u32,
+    protocol_violations: u32,
+}
+
 /// A stream range carried by a sent packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Chunk {
@@ -404,21 +515,51 @@ struct Chunk {
     fin: bool,
 }
 
-/// What a sent packet carried that matters if it is acknowledged or lost.
+/// What a sent packet carried that matters if it is acknowledged or lost. One is kept per
+/// packet in flight, so it is packed: 56 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct SentPayload {
-    chunks: [Chunk; MAX_STREAM_FRAMES],
+    /// Start offsets of the stream chunks carried.
+    starts: [u64; MAX_STREAM_FRAMES],
+    /// Their lengths (a chunk fits in a packet, whose size is a `u16`).
+    lens: [u16; MAX_STREAM_FRAMES],
+    /// Bit `i`: chunk `i` carries the FIN.
+    fins: u8,
     n_chunks: u8,
     /// A MAX_DATA frame (resent, with the current limit, if lost).
     max_data: bool,
-    /// The largest packet number of the ACK frame it carried (RFC 9000 §13.2.4: once this
-    /// packet is acknowledged, lower ranges need not be acknowledged again).
-    ack_largest: Option<u64>,
+    /// Whether it carried an ACK frame, whose largest packet number is `ack_largest`
+    /// (RFC 9000 §13.2.4: once this packet is acknowledged, lower ranges need not be
+    /// acknowledged again).
+    has_ack: bool,
+    ack_largest: u64,
 }
 
 impl SentPayload {
-    fn chunks(&self) -> &[Chunk] {
-        &self.chunks[..usize::from(self.n_chunks)]
+    fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {
+        (0..usize::from(self.n_chunks)).map(|i| Chunk {
+            start: self.starts[i],
+            end: self.starts[i] + u64::from(self.lens[i]),
+            fin: self.fins & (1 << i) != 0,
+        })
+    }
+
+    /// Records a chunk (at most [`MAX_STREAM_FRAMES`]; `range` is at most a packet long).
+    fn push_chunk(&mut self, range: Range<u64>, fin: bool) {
+        let i = usize::from(self.n_chunks);
+        self.starts[i] = range.start;
+        self.lens[i] = u16::try_from(range.end - range.start).unwrap_or(u16::MAX);
+        self.fins |= u8::from(fin) << i;
+        self.n_chunks += 1;
+    }
+
+    fn set_ack(&mut self, largest: Option<u64>) {
+        self.has_ack = largest.is_some();
+        self.ack_largest = largest.unwrap_or(0);
+    }
+
+    fn ack_largest(&self) -> Option<u64> {
+        self.has_ack.then_some(self.ack_largest)
     }
 }
 
@@ -433,16 +574,20 @@ enum Ended {
     Idle,
 }
 
+/// A local close whose CLOSE frame is still to be sent (it is abandoned at `deadline` if the
+/// transport stays frozen).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Closing {
+    code: u64,
+    reason: String,
+    deadline: Instant,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
     Open,
-    /// Closed locally; the CLOSE frame is still to be sent (it is abandoned at `deadline`
-    /// if the transport stays frozen).
-    Closing {
-        code: u64,
-        reason: String,
-        deadline: Instant,
-    },
+    /// Closed locally; the CLOSE frame is still to be sent.
+    Closing(Box<Closing>),
     Closed(Ended),
 }
 
@@ -464,16 +609,16 @@ struct AckState {
     /// Send the ACK without waiting.
     immediate: bool,
     /// When the delayed ACK is due.
-    deadline: Option<Instant>,
-    /// Reused for building ACK frames.
-    frame: AckFrame,
+    deadline: OptInstant,
+    /// Reused for building ACK frames' ranges.
+    ranges: Vec<(u64, u64)>,
 }
 
 /// One connection's stream and datagram transport. Plain data; see the
 /// [module documentation](self) for the call order and behaviour.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transport {
-    config: TransportConfig,
+    config: Settings,
     state: State,
     frozen: bool,
 
@@ -485,7 +630,7 @@ pub struct Transport {
     pacer: Pacer,
     mtu: PathMtu,
     /// When the pacer will next allow a packet that is waiting for it.
-    pacing_until: Option<Instant>,
+    pacing_until: OptInstant,
     /// Probe packets still to send after a probe timeout.
     pto_probes: u8,
     /// A keepalive PING is due.
@@ -496,28 +641,131 @@ pub struct Transport {
     sent_high: u64,
     /// Packet numbers declared lost recently (for spurious-loss counting).
     lost_pns: RangeSet,
-    dgram_out: VecDeque<Vec<u8>>,
-    /// Reused to join the two halves of ring-buffer data into one STREAM frame.
-    scratch: Vec<u8>,
+    /// Datagram queues, allocated on first use and freed when idle and empty.
+    dgrams: Option<Box<Datagrams>>,
 
     // Receiving.
     recv: RecvBuffer,
     ack: AckState,
-    dgram_in: VecDeque<Vec<u8>>,
 
     // Timers.
     last_received: Instant,
     last_sent: Instant,
 
     // Events.
-    events: VecDeque<TransportEvent>,
+    events: EventQueue,
     readable_armed: bool,
     dgram_armed: bool,
     write_blocked: bool,
     finished_reported: bool,
     all_acked_reported: bool,
+    /// The memory of empty buffers and queues was given back since the last activity (see
+    /// [`IDLE_RELEASE`]).
+    memory_released: bool,
 
-    stats: TransportStats,
+    stats: Counters,
+}
+
+/// The kinds of [`TransportEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventKind {
+    Readable,
+    Writable,
+    Finished,
+    AllAcked,
+    DatagramReceived,
+    Closed,
+    IdleTimeout,
+}
+
+/// The contents of a [`TransportEvent::Closed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClosedEvent {
+    by_peer: bool,
+    code: u64,
+    reason: String,
+}
+
+/// Events not yet polled, in order, coalesced: an event equal to one still queued is not
+/// queued again. Every kind but `Closed` carries nothing, and a transport closes once, so the
+/// queue never holds more than one event of each kind: it fits in a fixed array, plus the
+/// `Closed` event's contents (boxed: rare, and it carries a string).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct EventQueue {
+    kinds: [Option<EventKind>; 7],
+    closed: Option<Box<ClosedEvent>>,
+}
+
+impl EventQueue {
+    fn push(&mut self, event: TransportEvent) {
+        let kind = match event {
+            TransportEvent::Readable => EventKind::Readable,
+            TransportEvent::Writable => EventKind::Writable,
+            TransportEvent::Finished => EventKind::Finished,
+            TransportEvent::AllAcked => EventKind::AllAcked,
+            TransportEvent::DatagramReceived => EventKind::DatagramReceived,
+            TransportEvent::IdleTimeout => EventKind::IdleTimeout,
+            TransportEvent::Closed {
+                by_peer,
+                code,
+                reason,
+            } => {
+                if self.closed.is_some() {
+                    // Cannot happen (a transport closes once); keep the first.
+                    return;
+                }
+                self.closed = Some(Box::new(ClosedEvent {
+                    by_peer,
+                    code,
+                    reason,
+                }));
+                EventKind::Closed
+            }
+        };
+        if self.kinds.contains(&Some(kind)) {
+            return;
+        }
+        if let Some(free) = self.kinds.iter_mut().find(|k| k.is_none()) {
+            *free = Some(kind);
+        }
+    }
+
+    fn pop(&mut self) -> Option<TransportEvent> {
+        let kind = self.kinds[0].take()?;
+        self.kinds.rotate_left(1);
+        Some(match kind {
+            EventKind::Readable => TransportEvent::Readable,
+            EventKind::Writable => TransportEvent::Writable,
+            EventKind::Finished => TransportEvent::Finished,
+            EventKind::AllAcked => TransportEvent::AllAcked,
+            EventKind::DatagramReceived => TransportEvent::DatagramReceived,
+            EventKind::IdleTimeout => TransportEvent::IdleTimeout,
+            EventKind::Closed => {
+                let c = self.closed.take().map_or_else(
+                    || ClosedEvent {
+                        by_peer: false,
+                        code: 0,
+                        reason: String::new(),
+                    },
+                    |b| *b,
+                );
+                TransportEvent::Closed {
+                    by_peer: c.by_peer,
+                    code: c.code,
+                    reason: c.reason,
+                }
+            }
+        })
+    }
+}
+
+/// Unreliable datagrams waiting each way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Datagrams {
+    /// Queued by the application, not yet transmitted.
+    out: VecDeque<Vec<u8>>,
+    /// Received, not yet taken by the application.
+    inbound: VecDeque<Vec<u8>>,
 }
 
 /// What [`Transport::emit`] may put in a packet.
@@ -556,14 +804,13 @@ impl Transport {
             cc: CongestionController::new(config.congestion, config.base_udp_payload),
             pacer: Pacer::new(now),
             mtu,
-            pacing_until: None,
+            pacing_until: OptInstant::NONE,
             pto_probes: 0,
             ping_pending: false,
             max_data_pending: false,
             sent_high: 0,
             lost_pns: RangeSet::with_max_ranges(64),
-            dgram_out: VecDeque::new(),
-            scratch: Vec::new(),
+            dgrams: None,
             recv: RecvBuffer::new(config.receive_window),
             ack: AckState {
                 received: RangeSet::with_max_ranges(MAX_RECEIVED_RANGES + 1),
@@ -573,26 +820,40 @@ impl Transport {
                 pending: false,
                 eliciting_since: 0,
                 immediate: false,
-                deadline: None,
-                frame: AckFrame::default(),
+                deadline: OptInstant::NONE,
+                ranges: Vec::new(),
             },
-            dgram_in: VecDeque::new(),
             last_received: now,
             last_sent: now,
-            events: VecDeque::new(),
+            events: EventQueue::default(),
             readable_armed: true,
             dgram_armed: true,
             write_blocked: false,
             finished_reported: false,
             all_acked_reported: false,
-            stats: TransportStats::default(),
-            config,
+            memory_released: true,
+            stats: Counters::default(),
+            config: Settings::new(&config),
         }
     }
 
     /// The configuration in force (after out-of-range values were adjusted).
-    pub fn config(&self) -> &TransportConfig {
-        &self.config
+    pub fn config(&self) -> TransportConfig {
+        let mtu = self.mtu.config();
+        TransportConfig {
+            congestion: self.cc.algorithm(),
+            send_buffer: self.send.capacity(),
+            receive_window: self.recv.window(),
+            initial_rtt: self.rtt.initial(),
+            max_ack_delay: self.config.max_ack_delay(),
+            ack_eliciting_threshold: self.config.ack_eliciting_threshold,
+            base_udp_payload: mtu.base,
+            max_udp_payload: mtu.max,
+            sal_overhead: self.config.sal_overhead,
+            keepalive: self.config.keepalive(),
+            idle_timeout: self.config.idle_timeout(),
+            datagram_queue: self.config.datagram_queue(),
+        }
     }
 
     /// Sets the peer's initial flow-control limit exactly (for example from the SAL
@@ -646,6 +907,7 @@ impl Transport {
         self.stats.packets_received += 1;
         self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
         self.last_received = now;
+        self.memory_released = false;
 
         if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
             self.stats.duplicate_packets += 1;
@@ -675,8 +937,9 @@ impl Transport {
                 },
                 Frame::MaxData(max) => self.send.set_flow_limit(max),
                 Frame::Datagram(data) => {
-                    if self.dgram_in.len() < self.config.datagram_queue {
-                        self.dgram_in.push_back(data.to_vec());
+                    let queue = &mut self.dgrams.get_or_insert_default().inbound;
+                    if queue.len() < self.config.datagram_queue() {
+                        queue.push_back(data.to_vec());
                         self.stats.datagrams_received += 1;
                         if self.dgram_armed {
                             self.dgram_armed = false;
@@ -735,7 +998,7 @@ impl Transport {
             ack.immediate = true;
         }
         if ack.deadline.is_none() {
-            ack.deadline = Some(now + self.config.max_ack_delay);
+            ack.deadline = (now + self.config.max_ack_delay()).into();
         }
     }
 
@@ -788,7 +1051,7 @@ impl Transport {
             for c in p.payload.chunks() {
                 self.send.on_acked(c.start..c.end, c.fin);
             }
-            if let Some(largest) = p.payload.ack_largest {
+            if let Some(largest) = p.payload.ack_largest() {
                 self.ack.ack_floor = self.ack.ack_floor.max(largest);
             }
         }
@@ -813,7 +1076,7 @@ impl Transport {
         for p in &report.packets {
             if p.info.mtu_probe {
                 self.mtu.on_probe_lost(p.number);
-                self.stats.mtu_probes_lost += 1;
+                self.stats.mtu_probes_lost = self.stats.mtu_probes_lost.saturating_add(1);
                 continue;
             }
             if p.info.in_flight {
@@ -825,19 +1088,20 @@ impl Transport {
             self.requeue(&p.payload);
         }
         if black_hole {
-            self.stats.black_holes += 1;
+            self.stats.black_holes = self.stats.black_holes.saturating_add(1);
             self.cc.on_mtu_update(self.mtu.current());
         }
         if let Some(sent_time) = report.congestion_event.filter(|_| congestion) {
             // Losses of packets sent before the current recovery period began do not start
             // a new one (RFC 9002 §7.3.2); only new periods are counted.
             if !self.cc.in_recovery(sent_time) || report.persistent_congestion {
-                self.stats.congestion_events += 1;
+                self.stats.congestion_events = self.stats.congestion_events.saturating_add(1);
             }
             self.cc
                 .on_congestion_event(now, sent_time, report.persistent_congestion);
             if report.persistent_congestion {
-                self.stats.persistent_congestion += 1;
+                self.stats.persistent_congestion =
+                    self.stats.persistent_congestion.saturating_add(1);
                 self.rtt.on_persistent_congestion();
             }
         }
@@ -855,7 +1119,7 @@ impl Transport {
 
     /// Closes the transport after a protocol violation by the peer.
     fn violation(&mut self, now: Instant, err: TransportError) -> TransportError {
-        self.stats.protocol_violations += 1;
+        self.stats.protocol_violations = self.stats.protocol_violations.saturating_add(1);
         let code = err.close_code().unwrap_or(PROTOCOL_VIOLATION);
         self.close(now, code, &err.to_string());
         err
@@ -881,7 +1145,7 @@ impl Transport {
 
     /// Whether stream data or datagrams wait to be sent (flow control permitting).
     fn has_sendable(&self) -> bool {
-        !self.dgram_out.is_empty() || self.send.has_pending()
+        self.dgrams.as_ref().is_some_and(|d| !d.out.is_empty()) || self.send.has_pending()
     }
 
     /// Appends the next packet's transport payload (packet number and frames) to `out`,
@@ -895,13 +1159,13 @@ impl Transport {
     /// [`TransportConfig::sal_overhead`] (a PMTU probe is exactly its probe size minus the
     /// overhead).
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
-        self.pacing_until = None;
+        self.pacing_until = OptInstant::NONE;
         if self.frozen {
             return 0;
         }
         match &self.state {
             State::Open => {}
-            State::Closing { .. } => return self.emit_close(now, out),
+            State::Closing(_) => return self.emit_close(now, out),
             State::Closed(_) => return 0,
         }
         let sal = usize::from(self.config.sal_overhead);
@@ -913,7 +1177,7 @@ impl Transport {
             // RFC 8899 black-hole hint (see `PathMtu::on_packet_lost`): from the second
             // consecutive timeout on, probe with base-size packets.
             let limit = if self.sent.pto_count() >= 2 {
-                usize::from(self.config.base_udp_payload) - sal
+                usize::from(self.mtu.config().base) - sal
             } else {
                 max_payload
             };
@@ -970,7 +1234,7 @@ impl Transport {
                             },
                         );
                     }
-                    Some(t) => self.pacing_until = Some(t),
+                    Some(t) => self.pacing_until = t.into(),
                 }
             }
             if large {
@@ -992,18 +1256,18 @@ impl Transport {
                         },
                     );
                     if n > 0 {
-                        self.pacing_until = None;
+                        self.pacing_until = OptInstant::NONE;
                         return n;
                     }
                 }
                 Some(t) => {
-                    self.pacing_until = Some(self.pacing_until.map_or(t, |p| p.min(t)));
+                    self.pacing_until = self.pacing_until.get().map_or(t, |p| p.min(t)).into();
                 }
             }
         }
 
-        let ack_due =
-            self.ack.pending && (self.ack.immediate || self.ack.deadline.is_some_and(|d| d <= now));
+        let ack_due = self.ack.pending
+            && (self.ack.immediate || self.ack.deadline.get().is_some_and(|d| d <= now));
         if ack_due || self.ping_pending || self.max_data_pending {
             let n = self.emit(
                 now,
@@ -1047,7 +1311,7 @@ impl Transport {
 
         let probe = opts.mtu_probe.is_some();
         if !probe && self.ack.pending {
-            payload.ack_largest = self.write_ack(now, out, end.saturating_sub(out.len()));
+            payload.set_ack(self.write_ack(now, out, end.saturating_sub(out.len())));
         }
         if !probe && self.max_data_pending && end.saturating_sub(out.len()) > 8 {
             frame::write_max_data(out, self.recv.max_offset());
@@ -1095,11 +1359,12 @@ impl Transport {
         self.sent.on_sent(info, payload);
         if let Some(probe) = opts.mtu_probe {
             self.mtu.on_probe_sent(pn, probe);
-            self.stats.mtu_probes_sent += 1;
+            self.stats.mtu_probes_sent = self.stats.mtu_probes_sent.saturating_add(1);
         }
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
         self.last_sent = now;
+        self.memory_released = false;
         len
     }
 
@@ -1112,21 +1377,25 @@ impl Transport {
             return None;
         }
         let max_ranges = MAX_ACK_FRAME_RANGES.min(1 + (room - ACK_HEADER_MAX) / ACK_RANGE_MAX);
-        ack.frame.ranges.clear();
+        let mut frame = AckFrame {
+            ranges: core::mem::take(&mut ack.ranges),
+            delay_micros: u64::try_from((now - ack.largest_at).as_micros()).unwrap_or(0),
+        };
+        frame.ranges.clear();
         for r in ack.received.iter().rev() {
-            if ack.frame.ranges.len() >= max_ranges
-                || (!ack.frame.ranges.is_empty() && r.end <= ack.ack_floor)
+            if frame.ranges.len() >= max_ranges
+                || (!frame.ranges.is_empty() && r.end <= ack.ack_floor)
             {
                 break;
             }
-            ack.frame.ranges.push((r.start, r.end - 1));
+            frame.ranges.push((r.start, r.end - 1));
         }
-        ack.frame.delay_micros = u64::try_from((now - ack.largest_at).as_micros()).unwrap_or(0);
-        ack.frame.write(out);
+        frame.write(out);
+        ack.ranges = frame.ranges;
         ack.pending = false;
         ack.immediate = false;
         ack.eliciting_since = 0;
-        ack.deadline = None;
+        ack.deadline = OptInstant::NONE;
         Some(largest)
     }
 
@@ -1139,7 +1408,7 @@ impl Transport {
         leave_room_for_datagram: bool,
     ) -> bool {
         // Keep room for the first queued datagram so that bulk data cannot starve them.
-        let reserve = match self.dgram_out.front() {
+        let reserve = match self.dgrams.as_ref().and_then(|d| d.out.front()) {
             Some(d) if leave_room_for_datagram => datagram_frame_len(d.len()),
             _ => 0,
         };
@@ -1168,22 +1437,17 @@ impl Transport {
             if b.is_empty() {
                 frame::write_stream(out, range.start, a, chunk.fin);
             } else {
-                self.scratch.clear();
-                self.scratch.extend_from_slice(a);
-                self.scratch.extend_from_slice(b);
-                frame::write_stream(out, range.start, &self.scratch, chunk.fin);
+                // The range spans the end of the ring (once per trip around it): join the
+                // halves.
+                let joined = [a, b].concat();
+                frame::write_stream(out, range.start, &joined, chunk.fin);
             }
             let len = range.end - range.start;
             self.stats.stream_bytes_sent += len;
             self.stats.retransmitted_bytes +=
                 self.sent_high.min(range.end).saturating_sub(range.start);
             self.sent_high = self.sent_high.max(range.end);
-            payload.chunks[usize::from(payload.n_chunks)] = Chunk {
-                start: range.start,
-                end: range.end,
-                fin: chunk.fin,
-            };
-            payload.n_chunks += 1;
+            payload.push_chunk(range, chunk.fin);
             wrote = true;
             if len == 0 {
                 break;
@@ -1196,18 +1460,21 @@ impl Transport {
     /// no longer fit in any packet of `max_payload` bytes are dropped.
     fn write_datagrams(&mut self, out: &mut Vec<u8>, end: usize, max_payload: usize) -> bool {
         let mut wrote = false;
-        while let Some(d) = self.dgram_out.front() {
+        let Some(dgrams) = &mut self.dgrams else {
+            return false;
+        };
+        while let Some(d) = dgrams.out.front() {
             let need = datagram_frame_len(d.len());
             if need > end.saturating_sub(out.len()) {
                 if need > max_payload.saturating_sub(PN_LEN) {
-                    self.dgram_out.pop_front();
+                    dgrams.out.pop_front();
                     self.stats.datagrams_dropped += 1;
                     continue;
                 }
                 break;
             }
             frame::write_datagram(out, d);
-            self.dgram_out.pop_front();
+            dgrams.out.pop_front();
             self.stats.datagrams_sent += 1;
             wrote = true;
         }
@@ -1217,18 +1484,19 @@ impl Transport {
     /// Sends the CLOSE frame of a local close (with an ACK if one is pending) and enters the
     /// closed state.
     fn emit_close(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
-        let State::Closing { code, reason, .. } =
+        let State::Closing(closing) =
             core::mem::replace(&mut self.state, State::Closed(Ended::Local))
         else {
             return 0;
         };
+        let Closing { code, reason, .. } = *closing;
         let start = out.len();
         let end = start + usize::from(self.mtu.current()) - usize::from(self.config.sal_overhead);
         let pn = self.sent.next_packet_number();
         out.extend_from_slice(&pn.to_be_bytes());
         let mut payload = SentPayload::default();
         if self.ack.pending {
-            payload.ack_largest = self.write_ack(now, out, end.saturating_sub(out.len()) / 2);
+            payload.set_ack(self.write_ack(now, out, end.saturating_sub(out.len()) / 2));
         }
         // Type, code and length take at most 1 + 8 + 8 bytes.
         let room = end.saturating_sub(out.len() + 17);
@@ -1244,6 +1512,7 @@ impl Transport {
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
         self.last_sent = now;
+        self.memory_released = false;
         len
     }
 
@@ -1252,7 +1521,7 @@ impl Transport {
 
     /// The idle deadline.
     fn idle_deadline(&self) -> Instant {
-        self.last_received + self.config.idle_timeout
+        self.last_received + self.config.idle_timeout()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
@@ -1263,7 +1532,7 @@ impl Transport {
         let idle = self.idle_deadline();
         match &self.state {
             State::Open => {}
-            State::Closing { deadline, .. } => return Some(idle.min(*deadline)),
+            State::Closing(c) => return Some(idle.min(c.deadline)),
             State::Closed(_) => return None,
         }
         if self.frozen {
@@ -1277,14 +1546,61 @@ impl Transport {
         };
         consider(self.sent.next_timeout(&self.rtt));
         if self.ack.pending && !self.ack.immediate {
-            consider(self.ack.deadline);
+            consider(self.ack.deadline.get());
         }
-        consider(self.pacing_until);
+        consider(self.pacing_until.get());
         if !self.ping_pending {
-            consider(self.config.keepalive.map(|k| self.last_sent + k));
+            consider(self.config.keepalive().map(|k| self.last_sent + k));
         }
         consider(self.mtu.next_timeout());
+        consider(self.memory_release_deadline());
         Some(t)
+    }
+
+    /// When to give back the memory of empty buffers and queues (see [`IDLE_RELEASE`]), if
+    /// there is any to give back.
+    fn memory_release_deadline(&self) -> Option<Instant> {
+        if self.memory_released || !self.has_spare_capacity() {
+            return None;
+        }
+        Some(self.last_activity() + IDLE_RELEASE)
+    }
+
+    /// Whether [`release_memory`](Self::release_memory) would give back anything.
+    fn has_spare_capacity(&self) -> bool {
+        self.send.has_spare_capacity()
+            || self.recv.has_spare_capacity()
+            || self.sent.has_spare_capacity()
+            || self.ack.received.has_spare_capacity()
+            || self.ack.ranges.capacity() > 0
+            || self.lost_pns.has_spare_capacity()
+            || self
+                .dgrams
+                .as_ref()
+                .is_some_and(|d| d.out.is_empty() && d.inbound.is_empty())
+    }
+
+    /// Gives back the memory of empty buffers and queues (idle for [`IDLE_RELEASE`]).
+    fn release_memory(&mut self) {
+        self.send.shrink_to_fit();
+        self.recv.shrink_to_fit();
+        self.sent.release_memory();
+        self.ack.received.shrink_to_fit();
+        self.ack.ranges = Vec::new();
+        self.lost_pns.shrink_to_fit();
+        if self
+            .dgrams
+            .as_ref()
+            .is_some_and(|d| d.out.is_empty() && d.inbound.is_empty())
+        {
+            self.dgrams = None;
+        }
+        self.memory_released = true;
+    }
+
+    /// When the transport last sent or received a packet.
+    pub fn last_activity(&self) -> Instant {
+        self.last_sent.max(self.last_received)
     }
 
     /// Handles whatever timers expired at `now` (calling it early or twice is harmless).
@@ -1292,8 +1608,8 @@ impl Transport {
     pub fn handle_timeout(&mut self, now: Instant) {
         match &self.state {
             State::Open => {}
-            State::Closing { deadline, .. } => {
-                if now >= *deadline || now >= self.idle_deadline() {
+            State::Closing(c) => {
+                if now >= c.deadline || now >= self.idle_deadline() {
                     // The CLOSE could not be sent in time (frozen): give it up.
                     self.state = State::Closed(Ended::Local);
                 }
@@ -1313,18 +1629,18 @@ impl Transport {
             match self.sent.on_timeout(now, &self.rtt) {
                 Some(Timeout::Lost(report)) => self.on_lost(now, report, true),
                 Some(Timeout::Probe) => {
-                    self.stats.probe_timeouts += 1;
+                    self.stats.probe_timeouts = self.stats.probe_timeouts.saturating_add(1);
                     self.pto_probes = PTO_PROBE_PACKETS;
                 }
                 None => {}
             }
         }
-        if self.ack.pending && self.ack.deadline.is_some_and(|d| d <= now) {
+        if self.ack.pending && self.ack.deadline.get().is_some_and(|d| d <= now) {
             self.ack.immediate = true;
         }
         if self
             .config
-            .keepalive
+            .keepalive()
             .is_some_and(|k| self.last_sent + k <= now)
         {
             self.ping_pending = true;
@@ -1333,6 +1649,9 @@ impl Transport {
             // Leaves `SearchComplete` (disarming the raise timer); the probe goes out with
             // the next packet that may be sent.
             let _ = self.mtu.next_probe_size(now);
+        }
+        if self.memory_release_deadline().is_some_and(|t| t <= now) {
+            self.release_memory();
         }
     }
 
@@ -1355,6 +1674,7 @@ impl Transport {
         if n == 0 && !data.is_empty() {
             self.write_blocked = true;
         }
+        self.memory_released = false;
         Ok(n)
     }
 
@@ -1382,6 +1702,8 @@ impl Transport {
         if self.recv.readable() == 0 {
             self.readable_armed = true;
         }
+        // Reading may have emptied the buffer: give it back once idle.
+        self.memory_released &= n == 0;
         if n > 0 {
             if self.recv.poll_window_update().is_some() {
                 self.max_data_pending = true;
@@ -1394,7 +1716,7 @@ impl Transport {
         match self.state {
             State::Open => Ok(None),
             State::Closed(Ended::Peer(code)) => Err(ReadError::Reset { code }),
-            State::Closing { .. } | State::Closed(_) => Err(ReadError::Closed),
+            State::Closing(_) | State::Closed(_) => Err(ReadError::Closed),
         }
     }
 
@@ -1425,17 +1747,19 @@ impl Transport {
         if data.len() > max {
             return Err(DatagramError::TooLarge { max });
         }
-        if self.dgram_out.len() >= self.config.datagram_queue {
+        let queue = &mut self.dgrams.get_or_insert_default().out;
+        if queue.len() >= self.config.datagram_queue() {
             return Err(DatagramError::QueueFull);
         }
-        self.dgram_out.push_back(data.to_vec());
+        queue.push_back(data.to_vec());
+        self.memory_released = false;
         Ok(())
     }
 
     /// The next received datagram, if any.
     pub fn recv_datagram(&mut self) -> Option<Vec<u8>> {
-        let d = self.dgram_in.pop_front();
-        if self.dgram_in.is_empty() {
+        let d = self.dgrams.as_mut().and_then(|d| d.inbound.pop_front());
+        if self.dgrams.as_ref().is_none_or(|d| d.inbound.is_empty()) {
             self.dgram_armed = true;
         }
         d
@@ -1451,11 +1775,11 @@ impl Transport {
             return;
         }
         let deadline = now + self.rtt.pto_period().saturating_mul(3);
-        self.state = State::Closing {
+        self.state = State::Closing(Box::new(Closing {
             code,
             reason: reason.to_owned(),
             deadline,
-        };
+        }));
         self.push_event(TransportEvent::Closed {
             by_peer: false,
             code,
@@ -1467,13 +1791,11 @@ impl Transport {
     /// not queued again, so the queue stays a handful of entries long however long the
     /// application leaves it.
     pub fn poll_event(&mut self) -> Option<TransportEvent> {
-        self.events.pop_front()
+        self.events.pop()
     }
 
     fn push_event(&mut self, event: TransportEvent) {
-        if !self.events.contains(&event) {
-            self.events.push_back(event);
-        }
+        self.events.push(event);
     }
 
     /// Whether both directions are complete: our FIN and every byte were acknowledged, and
@@ -1517,7 +1839,7 @@ impl Transport {
         self.cc.on_path_change();
         self.rtt.reset();
         self.pacer = Pacer::new(now);
-        self.pacing_until = None;
+        self.pacing_until = OptInstant::NONE;
         self.pto_probes = 0;
         if self.ack.pending {
             self.ack.immediate = true;
@@ -1526,13 +1848,37 @@ impl Transport {
 
     /// Counters and current values.
     pub fn stats(&self) -> TransportStats {
+        let c = &self.stats;
         TransportStats {
+            packets_sent: c.packets_sent,
+            bytes_sent: c.bytes_sent,
+            packets_received: c.packets_received,
+            bytes_received: c.bytes_received,
+            packets_lost: c.packets_lost,
+            bytes_lost: c.bytes_lost,
+            stream_bytes_sent: c.stream_bytes_sent,
+            retransmitted_bytes: c.retransmitted_bytes,
+            stream_bytes_received: c.stream_bytes_received,
+            duplicate_packets: c.duplicate_packets,
+            duplicate_stream_bytes: c.duplicate_stream_bytes,
+            spurious_losses: c.spurious_losses,
+            datagrams_sent: c.datagrams_sent,
+            datagrams_received: c.datagrams_received,
+            datagrams_dropped: c.datagrams_dropped,
+            malformed_packets: c.malformed_packets,
+            fragmented_drops: c.fragmented_drops,
+            congestion_events: u64::from(c.congestion_events),
+            persistent_congestion: u64::from(c.persistent_congestion),
+            probe_timeouts: u64::from(c.probe_timeouts),
+            mtu_probes_sent: u64::from(c.mtu_probes_sent),
+            mtu_probes_lost: u64::from(c.mtu_probes_lost),
+            black_holes: u64::from(c.black_holes),
+            protocol_violations: u64::from(c.protocol_violations),
             cwnd: self.cc.window(),
             bytes_in_flight: self.sent.bytes_in_flight(),
             srtt: self.rtt.smoothed(),
             min_rtt: self.rtt.min(),
             pmtu: self.mtu.current(),
-            ..self.stats
         }
     }
 }

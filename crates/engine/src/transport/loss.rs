@@ -52,6 +52,7 @@ use core::time::Duration;
 use std::collections::VecDeque;
 
 use super::rtt::{GRANULARITY, RttEstimator};
+use super::{Nanos, OptInstant, OptU64};
 use crate::Instant;
 
 /// `kPacketThreshold` (RFC 9002 §6.1.1).
@@ -218,27 +219,27 @@ pub struct SentPackets<T> {
     /// would have been declared lost.
     packets: VecDeque<Slot<T>>,
     /// Number of `Some` slots in `packets`.
-    outstanding: usize,
+    outstanding: u32,
     /// The number the next packet gets.
     next_pn: u64,
     /// `largest_acked_packet`: the largest packet number the peer acknowledged.
-    largest_acked: Option<u64>,
+    largest_acked: OptU64,
     /// `loss_time`: when the earliest outstanding packet becomes lost by the time threshold.
-    loss_time: Option<Instant>,
+    loss_time: OptInstant,
     /// `time_of_last_ack_eliciting_packet`.
-    last_ack_eliciting_sent: Option<Instant>,
+    last_ack_eliciting_sent: OptInstant,
     /// When the first RTT sample was taken (persistent congestion only counts later packets).
-    first_rtt_sample: Option<Instant>,
+    first_rtt_sample: OptInstant,
     /// Number of outstanding ack-eliciting packets.
-    ack_eliciting_in_flight: u64,
+    ack_eliciting_in_flight: u32,
     /// Number of tracked packets that are neither ack-eliciting nor in flight.
-    ack_only_tracked: usize,
+    ack_only_tracked: u32,
     /// Sum of the sizes of outstanding in-flight packets.
     bytes_in_flight: u64,
     /// Consecutive probe timeouts without an acknowledgement.
     pto_count: u32,
     /// Longest wait between probes, however many timed out.
-    max_pto_interval: Duration,
+    max_pto_interval: Nanos,
     /// ACKs ignored because they acknowledged packets never sent.
     protocol_violations: u64,
 }
@@ -256,15 +257,15 @@ impl<T> SentPackets<T> {
             packets: VecDeque::new(),
             outstanding: 0,
             next_pn: 0,
-            largest_acked: None,
-            loss_time: None,
-            last_ack_eliciting_sent: None,
-            first_rtt_sample: None,
+            largest_acked: OptU64::NONE,
+            loss_time: OptInstant::NONE,
+            last_ack_eliciting_sent: OptInstant::NONE,
+            first_rtt_sample: OptInstant::NONE,
             ack_eliciting_in_flight: 0,
             ack_only_tracked: 0,
             bytes_in_flight: 0,
             pto_count: 0,
-            max_pto_interval: Duration::MAX,
+            max_pto_interval: Nanos::of(Duration::MAX),
             protocol_violations: 0,
         }
     }
@@ -276,7 +277,7 @@ impl<T> SentPackets<T> {
     /// the idle timeout ends the connection; with the cap at a fraction of the idle timeout
     /// it keeps probing a few times per idle period.
     pub fn set_max_pto_interval(&mut self, interval: Duration) {
-        self.max_pto_interval = interval;
+        self.max_pto_interval = Nanos::of(interval);
     }
 
     /// The number [`on_sent`](Self::on_sent) will assign to the next packet.
@@ -286,7 +287,7 @@ impl<T> SentPackets<T> {
 
     /// The largest packet number the peer has acknowledged.
     pub fn largest_acked(&self) -> Option<u64> {
-        self.largest_acked
+        self.largest_acked.get()
     }
 
     /// Sum of the sizes of in-flight packets neither acknowledged nor declared lost.
@@ -311,7 +312,7 @@ impl<T> SentPackets<T> {
 
     /// Number of outstanding (tracked) packets.
     pub fn len(&self) -> usize {
-        self.outstanding
+        self.outstanding as usize
     }
 
     /// Whether no packet is outstanding.
@@ -338,13 +339,13 @@ impl<T> SentPackets<T> {
         self.next_pn = self.next_pn.saturating_add(1);
         if info.ack_eliciting {
             self.ack_eliciting_in_flight += 1;
-            self.last_ack_eliciting_sent = Some(info.time_sent);
+            self.last_ack_eliciting_sent = info.time_sent.into();
         }
         if info.in_flight {
             self.bytes_in_flight = self.bytes_in_flight.saturating_add(u64::from(info.size));
         }
         if !info.ack_eliciting && !info.in_flight {
-            if self.ack_only_tracked >= MAX_UNTRACKED_ACK_ONLY {
+            if self.ack_only_tracked as usize >= MAX_UNTRACKED_ACK_ONLY {
                 return pn;
             }
             self.ack_only_tracked += 1;
@@ -388,7 +389,7 @@ impl<T> SentPackets<T> {
         let Some(largest) = largest else {
             return out;
         };
-        self.largest_acked = self.largest_acked.max(Some(largest));
+        self.largest_acked = OptU64::new(self.largest_acked.get().max(Some(largest)));
 
         for r in ranges.filter(|r| r.start < r.end) {
             let mut i = self.packets.partition_point(|s| s.pn < r.start);
@@ -413,7 +414,9 @@ impl<T> SentPackets<T> {
             && out.newly_acked.iter().any(|p| p.info.ack_eliciting)
         {
             rtt.update(now - newest.info.time_sent, ack_delay);
-            self.first_rtt_sample.get_or_insert(now);
+            if self.first_rtt_sample.is_none() {
+                self.first_rtt_sample = now.into();
+            }
             out.rtt_sample_taken = true;
         }
 
@@ -424,7 +427,7 @@ impl<T> SentPackets<T> {
 
     /// When the loss timer fires, if armed (RFC 9002 §6.1.2).
     pub fn loss_time(&self) -> Option<Instant> {
-        self.loss_time
+        self.loss_time.get()
     }
 
     /// When the probe timeout fires, if armed: `pto_period × 2^pto_count` after the last
@@ -433,25 +436,25 @@ impl<T> SentPackets<T> {
         if self.ack_eliciting_in_flight == 0 {
             return None;
         }
-        let sent = self.last_ack_eliciting_sent?;
+        let sent = self.last_ack_eliciting_sent.get()?;
         let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
         let period = rtt.pto_period();
         let wait = period
             .saturating_mul(backoff)
-            .min(self.max_pto_interval.max(period));
+            .min(self.max_pto_interval.get().max(period));
         Some(sent + wait)
     }
 
     /// The deadline of the loss-detection timer: the loss timer if armed, otherwise the probe
     /// timeout (RFC 9002 Appendix A.8 `SetLossDetectionTimer`).
     pub fn next_timeout(&self, rtt: &RttEstimator) -> Option<Instant> {
-        self.loss_time.or_else(|| self.pto_deadline(rtt))
+        self.loss_time().or_else(|| self.pto_deadline(rtt))
     }
 
     /// Handles the loss-detection timer (RFC 9002 Appendix A.9 `OnLossDetectionTimeout`).
     /// Returns `None` if nothing was due at `now` (a stale or early wake-up).
     pub fn on_timeout(&mut self, now: Instant, rtt: &RttEstimator) -> Option<Timeout<T>> {
-        if let Some(loss_time) = self.loss_time {
+        if let Some(loss_time) = self.loss_time.get() {
             if now < loss_time {
                 return None;
             }
@@ -482,7 +485,7 @@ impl<T> SentPackets<T> {
     pub fn drain(&mut self) -> Vec<SentPacket<T>> {
         let packets = core::mem::take(&mut self.packets);
         self.outstanding = 0;
-        self.loss_time = None;
+        self.loss_time = OptInstant::NONE;
         self.ack_eliciting_in_flight = 0;
         self.ack_only_tracked = 0;
         self.bytes_in_flight = 0;
@@ -499,6 +502,26 @@ impl<T> SentPackets<T> {
             .collect()
     }
 
+    /// Gives back memory while the flow is idle: if every outstanding packet is an untracked
+    /// candidate anyway — neither ack-eliciting nor in flight (pure ACKs, whose own
+    /// acknowledgement is advisory, RFC 9000 §13.2.4) — forgets them and frees the ring.
+    /// Otherwise (something is in flight) changes nothing. An acknowledgement arriving later
+    /// for a forgotten packet is ignored, as for any packet not tracked.
+    pub fn release_memory(&mut self) {
+        if self.outstanding == self.ack_only_tracked {
+            self.packets = VecDeque::new();
+            self.outstanding = 0;
+            self.ack_only_tracked = 0;
+            // Only these packets could have armed it.
+            self.loss_time = OptInstant::NONE;
+        }
+    }
+
+    /// Whether [`release_memory`](Self::release_memory) would give back any memory.
+    pub fn has_spare_capacity(&self) -> bool {
+        self.packets.capacity() > 0 && self.outstanding == self.ack_only_tracked
+    }
+
     /// `max(kTimeThreshold × max(smoothed_rtt, latest_rtt), kGranularity)` (RFC 9002 §6.1.2).
     pub fn loss_delay(rtt: &RttEstimator) -> Duration {
         let base = rtt.smoothed().max(rtt.latest());
@@ -510,8 +533,8 @@ impl<T> SentPackets<T> {
     /// test of §7.6.2 over the packets it declares lost.
     fn detect_lost(&mut self, now: Instant, rtt: &RttEstimator) -> LossReport<T> {
         let mut report = LossReport::empty();
-        self.loss_time = None;
-        let Some(largest_acked) = self.largest_acked else {
+        self.loss_time = OptInstant::NONE;
+        let Some(largest_acked) = self.largest_acked.get() else {
             return report;
         };
         let loss_delay = Self::loss_delay(rtt);
@@ -543,7 +566,7 @@ impl<T> SentPackets<T> {
             let by_count = largest_acked - pn >= PACKET_THRESHOLD;
             if !(by_time || by_count) {
                 let at = info.time_sent + loss_delay;
-                self.loss_time = Some(self.loss_time.map_or(at, |t| t.min(at)));
+                self.loss_time = self.loss_time.get().map_or(at, |t| t.min(at)).into();
                 continue;
             }
             lost_slots.push(i);
@@ -552,7 +575,10 @@ impl<T> SentPackets<T> {
             }
             let counts = info.ack_eliciting
                 && !info.mtu_probe
-                && self.first_rtt_sample.is_some_and(|s| info.time_sent > s);
+                && self
+                    .first_rtt_sample
+                    .get()
+                    .is_some_and(|s| info.time_sent > s);
             if counts {
                 match run_start {
                     None => run_start = Some(info.time_sent),

@@ -33,3 +33,113 @@ pub mod pacing;
 pub mod ranges;
 pub mod rtt;
 pub mod stream_buf;
+
+/// An `Option<Instant>` in 8 bytes instead of 16 (per-connection state is kept small): the
+/// last representable instant, 584 years after the origin, stands for `None`. Instant
+/// arithmetic saturates at that instant, so a deadline that far away reads back as none: a
+/// timer that never fires either way.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct OptInstant(crate::Instant);
+
+impl OptInstant {
+    /// No instant.
+    pub(crate) const NONE: OptInstant = OptInstant(crate::Instant::from_nanos(u64::MAX));
+
+    /// `t` as an optional instant.
+    pub(crate) fn new(t: Option<crate::Instant>) -> OptInstant {
+        t.map_or(OptInstant::NONE, OptInstant)
+    }
+
+    /// The instant, if any.
+    pub(crate) fn get(self) -> Option<crate::Instant> {
+        (self != OptInstant::NONE).then_some(self.0)
+    }
+
+    /// Whether there is none.
+    pub(crate) fn is_none(self) -> bool {
+        self == OptInstant::NONE
+    }
+}
+
+impl Default for OptInstant {
+    fn default() -> Self {
+        OptInstant::NONE
+    }
+}
+
+impl core::fmt::Debug for OptInstant {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl From<Option<crate::Instant>> for OptInstant {
+    fn from(t: Option<crate::Instant>) -> OptInstant {
+        OptInstant::new(t)
+    }
+}
+
+impl From<crate::Instant> for OptInstant {
+    fn from(t: crate::Instant) -> OptInstant {
+        OptInstant::new(Some(t))
+    }
+}
+
+/// An `Option<u64>` in 8 bytes instead of 16, for stream offsets and packet numbers (both
+/// below 2^62): `u64::MAX` stands for `None`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct OptU64(u64);
+
+impl OptU64 {
+    /// No value.
+    pub(crate) const NONE: OptU64 = OptU64(u64::MAX);
+
+    /// `v` as an optional value (`u64::MAX` reads back as none).
+    pub(crate) fn new(v: Option<u64>) -> OptU64 {
+        v.map_or(OptU64::NONE, OptU64)
+    }
+
+    /// The value, if any.
+    pub(crate) fn get(self) -> Option<u64> {
+        (self != OptU64::NONE).then_some(self.0)
+    }
+}
+
+impl Default for OptU64 {
+    fn default() -> Self {
+        OptU64::NONE
+    }
+}
+
+impl core::fmt::Debug for OptU64 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+/// A [`Duration`](core::time::Duration) in 8 bytes instead of 16: whole nanoseconds up to
+/// about 584 years; longer ones saturate and read back as `Duration::MAX`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Nanos(u64);
+
+impl Nanos {
+    /// `d`, saturated.
+    pub(crate) fn of(d: core::time::Duration) -> Nanos {
+        Nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    /// The duration.
+    pub(crate) fn get(self) -> core::time::Duration {
+        if self.0 == u64::MAX {
+            core::time::Duration::MAX
+        } else {
+            core::time::Duration::from_nanos(self.0)
+        }
+    }
+}
+
+impl core::fmt::Debug for Nanos {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.get().fmt(f)
+    }
+}

@@ -43,6 +43,7 @@
 use core::time::Duration;
 
 use crate::Instant;
+use crate::transport::{OptInstant, OptU64};
 
 /// `BASE_PLPMTU` (RFC 8899 §5.1.2): the size assumed to work on every path, in SAL payload
 /// bytes.
@@ -132,7 +133,7 @@ pub enum MtuState {
 struct Probe {
     size: u16,
     /// Packet number of the copy in flight, if one is.
-    pn: Option<u64>,
+    pn: OptU64,
     /// Consecutive losses of this size.
     lost: u8,
 }
@@ -150,11 +151,11 @@ pub struct PathMtu {
     first_of_search: bool,
     probe: Option<Probe>,
     /// When the probe that completed (or will complete) the search was chosen.
-    probe_chosen_at: Option<Instant>,
+    probe_chosen_at: OptInstant,
     /// When the raise timer fires, in `SearchComplete`.
-    raise_at: Option<Instant>,
+    raise_at: OptInstant,
     /// Black-hole detection: the largest acknowledged full-size packet.
-    largest_full_acked: Option<u64>,
+    largest_full_acked: OptU64,
     /// Black-hole detection: loss bursts of full-size packets since one was acknowledged.
     loss_bursts: u8,
     /// Black-hole detection: whether the current burst is still open (no ACK since it began).
@@ -176,9 +177,9 @@ impl PathMtu {
             too_big: u32::from(config.max) + 1,
             first_of_search: true,
             probe: None,
-            probe_chosen_at: None,
-            raise_at: None,
-            largest_full_acked: None,
+            probe_chosen_at: OptInstant::NONE,
+            raise_at: OptInstant::NONE,
+            largest_full_acked: OptU64::NONE,
             loss_bursts: 0,
             in_burst: false,
             config,
@@ -203,7 +204,7 @@ impl PathMtu {
     /// When to call [`next_probe_size`](Self::next_probe_size) again although no probe is
     /// outstanding: the raise timer.
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.raise_at
+        self.raise_at.get()
     }
 
     /// The size of the probe to send now, or `None` (a probe is outstanding, or the search is
@@ -211,17 +212,17 @@ impl PathMtu {
     /// [`on_probe_sent`](Self::on_probe_sent) returns the same size.
     pub fn next_probe_size(&mut self, now: Instant) -> Option<u16> {
         if self.state == MtuState::SearchComplete {
-            if self.raise_at.is_none_or(|t| now < t) {
+            if self.raise_at.get().is_none_or(|t| now < t) {
                 return None;
             }
             // §5.1.1: the raise timer fired: look for a larger size again.
             self.state = MtuState::Searching;
-            self.raise_at = None;
+            self.raise_at = OptInstant::NONE;
             self.too_big = u32::from(self.config.max) + 1;
             self.first_of_search = true;
         }
         if let Some(probe) = self.probe {
-            if probe.pn.is_some() {
+            if probe.pn.get().is_some() {
                 return None;
             }
             return Some(probe.size);
@@ -242,10 +243,10 @@ impl PathMtu {
         let size = u16::try_from(size).unwrap_or(self.config.max);
         self.probe = Some(Probe {
             size,
-            pn: None,
+            pn: OptU64::NONE,
             lost: 0,
         });
-        self.probe_chosen_at = Some(now);
+        self.probe_chosen_at = now.into();
         Some(size)
     }
 
@@ -255,11 +256,11 @@ impl PathMtu {
     /// taken as a new probe of that size.
     pub fn on_probe_sent(&mut self, pn: u64, size: u16) {
         match &mut self.probe {
-            Some(probe) if probe.size == size => probe.pn = Some(pn),
+            Some(probe) if probe.size == size => probe.pn = OptU64::new(Some(pn)),
             _ => {
                 self.probe = Some(Probe {
                     size,
-                    pn: Some(pn),
+                    pn: OptU64::new(Some(pn)),
                     lost: 0,
                 });
             }
@@ -268,7 +269,7 @@ impl PathMtu {
 
     /// The probe sent as `pn` was acknowledged: its size fits. Unknown numbers are ignored.
     pub fn on_probe_acked(&mut self, pn: u64) {
-        let Some(probe) = self.probe.filter(|p| p.pn == Some(pn)) else {
+        let Some(probe) = self.probe.filter(|p| p.pn.get() == Some(pn)) else {
             return;
         };
         self.probe = None;
@@ -286,10 +287,10 @@ impl PathMtu {
     /// The probe sent as `pn` was declared lost. After [`MAX_PROBES`] consecutive losses of
     /// one size, the size is concluded not to fit. Unknown numbers are ignored.
     pub fn on_probe_lost(&mut self, pn: u64) {
-        let Some(probe) = self.probe.as_mut().filter(|p| p.pn == Some(pn)) else {
+        let Some(probe) = self.probe.as_mut().filter(|p| p.pn.get() == Some(pn)) else {
             return;
         };
-        probe.pn = None;
+        probe.pn = OptU64::NONE;
         probe.lost += 1;
         if probe.lost < self.config.max_probes {
             // Send the same size again.
@@ -311,7 +312,7 @@ impl PathMtu {
     pub fn on_black_hole(&mut self) -> bool {
         self.loss_bursts = 0;
         self.in_burst = false;
-        self.largest_full_acked = None;
+        self.largest_full_acked = OptU64::NONE;
         if self.current <= self.config.base {
             return false;
         }
@@ -320,7 +321,7 @@ impl PathMtu {
         self.state = MtuState::Searching;
         self.first_of_search = false;
         self.probe = None;
-        self.raise_at = None;
+        self.raise_at = OptInstant::NONE;
         true
     }
 
@@ -331,7 +332,7 @@ impl PathMtu {
         }
         self.in_burst = false;
         if size > self.config.base {
-            self.largest_full_acked = self.largest_full_acked.max(Some(pn));
+            self.largest_full_acked = OptU64::new(self.largest_full_acked.get().max(Some(pn)));
             self.loss_bursts = 0;
         }
     }
@@ -354,7 +355,7 @@ impl PathMtu {
         if self.is_probe(pn) || size <= self.config.base {
             return false;
         }
-        if self.largest_full_acked.is_some_and(|l| pn < l) {
+        if self.largest_full_acked.get().is_some_and(|l| pn < l) {
             return false;
         }
         if !self.in_burst {
@@ -365,7 +366,7 @@ impl PathMtu {
     }
 
     fn is_probe(&self, pn: u64) -> bool {
-        self.probe.is_some_and(|p| p.pn == Some(pn))
+        self.probe.is_some_and(|p| p.pn.get() == Some(pn))
     }
 
     fn search_done(&self) -> bool {
@@ -374,7 +375,7 @@ impl PathMtu {
 
     fn settle_if_done(&mut self) {
         if self.search_done() {
-            let anchor = self.probe_chosen_at.unwrap_or(Instant::ZERO);
+            let anchor = self.probe_chosen_at.get().unwrap_or(Instant::ZERO);
             self.complete(anchor);
         }
     }
@@ -383,7 +384,7 @@ impl PathMtu {
     fn complete(&mut self, anchor: Instant) {
         self.state = MtuState::SearchComplete;
         self.probe = None;
-        self.raise_at = Some(anchor + self.config.raise_interval);
+        self.raise_at = (anchor + self.config.raise_interval).into();
     }
 }
 

@@ -59,8 +59,9 @@ pub struct Pacer {
     /// When tokens were last added.
     last_refill: Instant,
     /// Remainder of the last refill, in units of `1 / (4 * srtt_ns)` bytes, so that frequent
-    /// small refills do not lose fractions of a byte.
-    fraction: u128,
+    /// small refills do not lose fractions of a byte. (Below `4 * srtt_ns`, so 64 bits hold it
+    /// for any RTT under a century; beyond, it saturates, costing a fraction of a byte.)
+    fraction: u64,
 }
 
 impl Pacer {
@@ -126,7 +127,7 @@ impl Pacer {
         // solve (elapsed * GAIN.0 * window + fraction) / (GAIN.1 * srtt) >= deficit.
         let deficit = u128::from(needed - self.tokens);
         let denominator = GAIN.1 * srtt.as_nanos();
-        let numerator_needed = (deficit * denominator).saturating_sub(self.fraction);
+        let numerator_needed = (deficit * denominator).saturating_sub(u128::from(self.fraction));
         let per_ns = GAIN.0 * u128::from(window);
         let wait_ns = numerator_needed.div_ceil(per_ns);
         let wait = u64::try_from(wait_ns).map_or(Duration::MAX, Duration::from_nanos);
@@ -151,7 +152,7 @@ impl Pacer {
         // rather than overflow: a saturated refill fills the bucket anyway.
         let numerator = elapsed
             .saturating_mul(GAIN.0 * u128::from(window))
-            .saturating_add(self.fraction);
+            .saturating_add(u128::from(self.fraction));
         let new = numerator / denominator;
         let room = u128::from(self.capacity - self.tokens);
         if new >= room {
@@ -160,7 +161,7 @@ impl Pacer {
         } else {
             // `new < room <= u64::MAX`.
             self.tokens += new as u64;
-            self.fraction = numerator % denominator;
+            self.fraction = u64::try_from(numerator % denominator).unwrap_or(u64::MAX);
         }
     }
 }

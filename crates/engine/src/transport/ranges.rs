@@ -29,15 +29,25 @@
 //! - [`RangeSet::try_insert`] **refuses** an insertion that would exceed the cap and leaves the
 //!   set unchanged. That is right where forgetting would lose information that cannot be
 //!   recovered, such as which stream bytes a receiver holds.
+//!
+//! # Memory
+//!
+//! The ranges are kept in order in a ring buffer (a [`VecDeque`]): the lowest and highest
+//! ranges, where sets change most (a new highest packet number, the lowest retransmission),
+//! are added and removed in constant time, a value is found by binary search, and a range in
+//! the middle costs a shift of the shorter side. The ring is boxed, so that a set takes 16
+//! bytes inline; a set owns no memory until its first insertion, and
+//! [`shrink_to_fit`](RangeSet::shrink_to_fit) gives back what it no longer needs.
 
 use core::fmt;
 use core::ops::Range;
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::collections::vec_deque;
 
 /// The default cap on stored ranges used by [`RangeSet::new`].
 ///
-/// 256 ranges cost a few kilobytes at most and exceed the number of ACK ranges any sensible
-/// peer sends (quinn keeps 64 per ACK frame).
+/// 256 ranges cost 4 KiB at most and exceed the number of ACK ranges any sensible peer sends
+/// (quinn keeps 64 per ACK frame).
 pub const DEFAULT_MAX_RANGES: usize = 256;
 
 /// A set of `u64` values stored as disjoint, coalesced, half-open ranges, with a cap on the
@@ -45,12 +55,24 @@ pub const DEFAULT_MAX_RANGES: usize = 256;
 ///
 /// Empty or inverted ranges (`start >= end`) given to any method are treated as empty: they
 /// never panic and never change the set.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Eq)]
 pub struct RangeSet {
-    /// `start -> end` for every stored range; ranges are disjoint and non-adjacent.
-    map: BTreeMap<u64, u64>,
-    /// Cap on `map.len()`; at least 1.
-    max_ranges: usize,
+    /// `(start, end)` of every stored range, ascending; ranges are disjoint, non-adjacent and
+    /// never empty. Boxed so that the many sets that are mostly empty (retransmissions,
+    /// out-of-order data, losses) take 8 bytes inline; `None` until the first insertion.
+    #[allow(clippy::box_collection)] // Deliberate, as said.
+    ranges: Option<Box<VecDeque<(u64, u64)>>>,
+    /// Cap on the number of ranges; at least 1.
+    max_ranges: u32,
+}
+
+/// What a set without storage holds.
+static NO_RANGES: VecDeque<(u64, u64)> = VecDeque::new();
+
+impl PartialEq for RangeSet {
+    fn eq(&self, other: &RangeSet) -> bool {
+        self.max_ranges == other.max_ranges && self.r() == other.r()
+    }
 }
 
 /// Returned by [`RangeSet::try_insert`] when inserting would exceed the cap on stored ranges.
@@ -79,40 +101,69 @@ impl RangeSet {
         RangeSet::with_max_ranges(DEFAULT_MAX_RANGES)
     }
 
-    /// An empty set holding at most `max_ranges` ranges (a cap of 0 is raised to 1).
+    /// An empty set holding at most `max_ranges` ranges (a cap of 0 is raised to 1, one
+    /// beyond `u32::MAX` lowered to it).
     pub fn with_max_ranges(max_ranges: usize) -> RangeSet {
         RangeSet {
-            map: BTreeMap::new(),
-            max_ranges: max_ranges.max(1),
+            ranges: None,
+            max_ranges: u32::try_from(max_ranges).unwrap_or(u32::MAX).max(1),
         }
     }
 
     /// The cap on stored ranges.
     pub fn max_ranges(&self) -> usize {
-        self.max_ranges
+        self.max_ranges as usize
+    }
+
+    /// The stored ranges.
+    fn r(&self) -> &VecDeque<(u64, u64)> {
+        self.ranges.as_deref().unwrap_or(&NO_RANGES)
     }
 
     /// Number of stored (disjoint, non-adjacent) ranges; not the number of values.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.r().len()
     }
 
     /// Whether the set holds no value.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.r().is_empty()
     }
 
-    /// Removes every value.
+    /// Removes every value (keeping the memory; see [`shrink_to_fit`](Self::shrink_to_fit)).
     pub fn clear(&mut self) {
-        self.map.clear();
+        if let Some(r) = &mut self.ranges {
+            r.clear();
+        }
+    }
+
+    /// Gives back memory the set does not need: all of it when empty.
+    pub fn shrink_to_fit(&mut self) {
+        match &mut self.ranges {
+            Some(r) if r.is_empty() => self.ranges = None,
+            Some(r) => r.shrink_to_fit(),
+            None => {}
+        }
+    }
+
+    /// Whether the set holds memory that [`shrink_to_fit`](Self::shrink_to_fit) would give
+    /// back.
+    pub fn has_spare_capacity(&self) -> bool {
+        self.ranges
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.capacity() > r.len())
+    }
+
+    /// Index of the first stored range starting above `value`; the range before it (if any)
+    /// is the only one that may contain `value`.
+    fn after(&self, value: u64) -> usize {
+        self.r().partition_point(|&(s, _)| s <= value)
     }
 
     /// Whether `value` is in the set.
     pub fn contains(&self, value: u64) -> bool {
-        self.map
-            .range(..=value)
-            .next_back()
-            .is_some_and(|(_, &end)| value < end)
+        let i = self.after(value);
+        i > 0 && value < self.r()[i - 1].1
     }
 
     /// Whether every value of `range` is in the set (true for an empty range).
@@ -120,38 +171,36 @@ impl RangeSet {
         if range.start >= range.end {
             return true;
         }
-        self.map
-            .range(..=range.start)
-            .next_back()
-            .is_some_and(|(_, &end)| range.end <= end)
+        let i = self.after(range.start);
+        i > 0 && range.end <= self.r()[i - 1].1
     }
 
     /// The smallest value in the set.
     pub fn min(&self) -> Option<u64> {
-        self.map.first_key_value().map(|(&start, _)| start)
+        self.r().front().map(|&(s, _)| s)
     }
 
     /// The largest value in the set.
     pub fn max(&self) -> Option<u64> {
         // Stored ranges are never empty, so `end - 1` cannot underflow.
-        self.map.last_key_value().map(|(_, &end)| end - 1)
+        self.r().back().map(|&(_, e)| e - 1)
     }
 
     /// The lowest stored range.
     pub fn first(&self) -> Option<Range<u64>> {
-        self.map.first_key_value().map(|(&s, &e)| s..e)
+        self.r().front().map(|&(s, e)| s..e)
     }
 
     /// The highest stored range.
     pub fn last(&self) -> Option<Range<u64>> {
-        self.map.last_key_value().map(|(&s, &e)| s..e)
+        self.r().back().map(|&(s, e)| s..e)
     }
 
     /// The stored ranges in ascending order; call `.rev()` for descending order (as an ACK
     /// frame lists them, RFC 9000 §19.3.1).
     pub fn iter(&self) -> Iter<'_> {
         Iter {
-            inner: self.map.iter(),
+            inner: self.r().iter(),
         }
     }
 
@@ -172,9 +221,9 @@ impl RangeSet {
     /// Returns whether any value was new. An insertion that merges with existing ranges, or
     /// adds nothing, always succeeds.
     pub fn try_insert(&mut self, range: Range<u64>) -> Result<bool, CapacityExceeded> {
-        if self.len_after_insert(range.clone()) > self.max_ranges {
+        if self.len_after_insert(range.clone()) > self.max_ranges() {
             return Err(CapacityExceeded {
-                max_ranges: self.max_ranges,
+                max_ranges: self.max_ranges(),
             });
         }
         Ok(self.insert_unbounded(range))
@@ -184,17 +233,18 @@ impl RangeSet {
     pub fn len_after_insert(&self, range: Range<u64>) -> usize {
         let Range { start, end } = range;
         if start >= end || self.contains_range(start..end) {
-            return self.map.len();
+            return self.len();
         }
-        // Ranges that would merge with `start..end`: those starting at or before `end` and
-        // ending at or after `start`. They are contiguous in the map, so walk down from `end`.
-        let merged = self
-            .map
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .count();
-        self.map.len() + 1 - merged
+        let (lo, hi) = self.touching(start, end);
+        self.len() + 1 - (hi - lo)
+    }
+
+    /// The indices `lo..hi` of the stored ranges that overlap or touch `start..end`: those
+    /// ending at or after `start` and starting at or before `end`.
+    fn touching(&self, start: u64, end: u64) -> (usize, usize) {
+        let lo = self.r().partition_point(|&(_, e)| e < start);
+        let hi = self.after(end);
+        (lo, hi.max(lo))
     }
 
     /// Removes every value of `range`.
@@ -207,23 +257,25 @@ impl RangeSet {
         if start >= end {
             return;
         }
-        // The overlapping ranges: start < `end` and end > `start`. At most one of them begins
-        // before `start`, and the rest begin inside `start..end`.
-        let overlapping: Vec<(u64, u64)> = self
-            .map
-            .range(..end)
-            .rev()
-            .take_while(|&(_, &e)| e > start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for &(s, e) in &overlapping {
-            self.map.remove(&s);
-            if s < start {
-                self.map.insert(s, start);
-            }
-            if e > end {
-                self.map.insert(end, e);
-            }
+        let Some(ranges) = &mut self.ranges else {
+            return;
+        };
+        // The overlapping ranges: those ending after `start` and starting before `end`.
+        let lo = ranges.partition_point(|&(_, e)| e <= start);
+        let hi = ranges.partition_point(|&(s, _)| s < end).max(lo);
+        if lo == hi {
+            return;
+        }
+        let (first_start, _) = ranges[lo];
+        let (_, last_end) = ranges[hi - 1];
+        ranges.drain(lo..hi);
+        let mut at = lo;
+        if first_start < start {
+            ranges.insert(at, (first_start, start));
+            at += 1;
+        }
+        if last_end > end {
+            ranges.insert(at, (end, last_end));
         }
         self.enforce_cap();
     }
@@ -231,17 +283,19 @@ impl RangeSet {
     /// Removes every value below `value` (used to forget packet numbers that no longer need
     /// acknowledging and stream offsets already delivered). Never increases the range count.
     pub fn remove_below(&mut self, value: u64) {
-        let upper = self.map.split_off(&value);
-        let straddling = self.map.last_key_value().map(|(_, &e)| e);
-        self.map = upper;
-        if let Some(end) = straddling.filter(|&e| e > value) {
-            self.map.insert(value, end);
+        let Some(ranges) = &mut self.ranges else {
+            return;
+        };
+        let below = ranges.partition_point(|&(_, e)| e <= value);
+        ranges.drain(..below);
+        if let Some(first) = ranges.front_mut() {
+            first.0 = first.0.max(value);
         }
     }
 
     /// Removes and returns the lowest stored range.
     pub fn pop_min(&mut self) -> Option<Range<u64>> {
-        self.map.pop_first().map(|(s, e)| s..e)
+        self.ranges.as_mut()?.pop_front().map(|(s, e)| s..e)
     }
 
     /// The parts of `within` that are *not* in the set, in ascending order.
@@ -250,14 +304,10 @@ impl RangeSet {
     /// segment still need retransmitting.
     pub fn gaps(&self, within: Range<u64>) -> Gaps<'_> {
         let Range { start, end } = within;
-        // Begin from the stored range containing `start`, if any, so it is skipped over.
-        let from = self
-            .map
-            .range(..=start)
-            .next_back()
-            .map_or(start, |(&s, _)| s);
+        // Begin from the first stored range ending after `start`.
+        let from = self.r().partition_point(|&(_, e)| e <= start);
         Gaps {
-            inner: self.map.range(from..end.max(from)),
+            inner: self.r().range(from..),
             cursor: start,
             end,
         }
@@ -265,31 +315,55 @@ impl RangeSet {
 
     /// Inserts without looking at the cap. Returns whether any value was new.
     fn insert_unbounded(&mut self, range: Range<u64>) -> bool {
-        let Range {
-            start: mut s,
-            end: mut e,
-        } = range;
-        if s >= e || self.contains_range(s..e) {
+        let Range { start, end } = range;
+        if start >= end {
             return false;
         }
-        // Absorb every range that overlaps or touches `s..e`. Because stored ranges are
-        // disjoint and non-adjacent, each merge can only widen `e` to an end that no other
-        // stored range reaches, so walking down from the current `e` finds them all.
-        while let Some((&rs, &re)) = self.map.range(..=e).next_back() {
-            if re < s {
-                break;
+        // The common case: above every stored range.
+        let ranges = self.ranges.get_or_insert_with(Box::default);
+        match ranges.back_mut() {
+            None => {
+                ranges.push_back((start, end));
+                return true;
             }
-            self.map.remove(&rs);
-            s = s.min(rs);
-            e = e.max(re);
+            Some(last) if last.1 < start => {
+                ranges.push_back((start, end));
+                return true;
+            }
+            Some(last) if last.0 <= start => {
+                if end <= last.1 {
+                    return false;
+                }
+                last.1 = end;
+                return true;
+            }
+            Some(_) => {}
         }
-        self.map.insert(s, e);
+        if self.contains_range(start..end) {
+            return false;
+        }
+        let (lo, hi) = self.touching(start, end);
+        let Some(ranges) = &mut self.ranges else {
+            return false; // Not reached: allocated above.
+        };
+        if lo == hi {
+            ranges.insert(lo, (start, end));
+        } else {
+            // Stored ranges are disjoint and non-adjacent, so all of `lo..hi` merge into one.
+            let merged = (start.min(ranges[lo].0), end.max(ranges[hi - 1].1));
+            ranges[lo] = merged;
+            ranges.drain(lo + 1..hi);
+        }
         true
     }
 
     fn enforce_cap(&mut self) {
-        while self.map.len() > self.max_ranges {
-            self.map.pop_first();
+        let cap = self.max_ranges();
+        if let Some(ranges) = &mut self.ranges
+            && ranges.len() > cap
+        {
+            let excess = ranges.len() - cap;
+            ranges.drain(..excess);
         }
     }
 }
@@ -305,13 +379,13 @@ impl<'a> IntoIterator for &'a RangeSet {
 /// Ascending (or, reversed, descending) iterator over the ranges of a [`RangeSet`].
 #[derive(Clone, Debug)]
 pub struct Iter<'a> {
-    inner: std::collections::btree_map::Iter<'a, u64, u64>,
+    inner: vec_deque::Iter<'a, (u64, u64)>,
 }
 
 impl Iterator for Iter<'_> {
     type Item = Range<u64>;
     fn next(&mut self) -> Option<Range<u64>> {
-        self.inner.next().map(|(&s, &e)| s..e)
+        self.inner.next().map(|&(s, e)| s..e)
     }
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.inner.size_hint()
@@ -320,7 +394,7 @@ impl Iterator for Iter<'_> {
 
 impl DoubleEndedIterator for Iter<'_> {
     fn next_back(&mut self) -> Option<Range<u64>> {
-        self.inner.next_back().map(|(&s, &e)| s..e)
+        self.inner.next_back().map(|&(s, e)| s..e)
     }
 }
 
@@ -329,7 +403,7 @@ impl ExactSizeIterator for Iter<'_> {}
 /// Iterator over the parts of a range missing from a [`RangeSet`]; see [`RangeSet::gaps`].
 #[derive(Clone, Debug)]
 pub struct Gaps<'a> {
-    inner: std::collections::btree_map::Range<'a, u64, u64>,
+    inner: vec_deque::Iter<'a, (u64, u64)>,
     /// Everything below `cursor` has been either yielded or found in the set.
     cursor: u64,
     end: u64,
@@ -340,7 +414,7 @@ impl Iterator for Gaps<'_> {
     fn next(&mut self) -> Option<Range<u64>> {
         while self.cursor < self.end {
             match self.inner.next() {
-                Some((&s, &e)) => {
+                Some(&(s, e)) => {
                     if e <= self.cursor {
                         continue;
                     }
@@ -481,6 +555,29 @@ mod tests {
         assert_eq!(g(2..4), vec![]);
         assert_eq!(g(5..6), vec![5..6]);
         assert_eq!(g(7..9), vec![8..9]);
+    }
+
+    #[test]
+    fn memory_is_given_back_and_does_not_affect_equality() {
+        let mut s = RangeSet::new();
+        assert!(!s.has_spare_capacity());
+        for i in 0..10 {
+            s.insert(i * 10..i * 10 + 5);
+        }
+        s.remove_below(82);
+        assert!(s.has_spare_capacity());
+        s.shrink_to_fit();
+        assert!(!s.has_spare_capacity());
+        assert_eq!(ranges(&s), vec![82..85, 90..95]);
+        s.clear();
+        // An emptied set equals a fresh one, and gives all its memory back.
+        assert_eq!(s, RangeSet::new());
+        assert!(s.has_spare_capacity());
+        s.shrink_to_fit();
+        assert!(!s.has_spare_capacity());
+        assert_eq!(s.pop_min(), None);
+        assert!(s.insert(3..4));
+        assert_eq!(ranges(&s), vec![3..4]);
     }
 
     // ---- property tests against a BTreeSet<u64> oracle ----

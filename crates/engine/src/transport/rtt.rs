@@ -24,6 +24,8 @@
 
 use core::time::Duration;
 
+use super::Nanos;
+
 /// Timer granularity, `kGranularity` in RFC 9002 §6.1.2: 1 ms.
 pub const GRANULARITY: Duration = Duration::from_millis(1);
 
@@ -38,20 +40,23 @@ pub const DEFAULT_MAX_ACK_DELAY: Duration = Duration::from_millis(25);
 pub const MAX_MAX_ACK_DELAY: Duration = Duration::from_millis(1 << 14);
 
 /// Round-trip time estimator (RFC 9002 §5). Plain data; see the [module docs](self).
+///
+/// Durations are kept in 64-bit nanoseconds (a connection keeps one estimator, so it is kept
+/// small); any of 584 years or more reads back as `Duration::MAX`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RttEstimator {
     /// RTT assumed before the first sample (`kInitialRtt`).
-    initial: Duration,
+    initial: Nanos,
     /// The peer's `max_ack_delay`, already clamped to [`MAX_MAX_ACK_DELAY`].
-    max_ack_delay: Duration,
+    max_ack_delay: Nanos,
     /// Most recent sample, not adjusted for ACK delay (§5.2).
-    latest: Duration,
+    latest: Nanos,
     /// Exponentially weighted moving average of adjusted samples (§5.3).
-    smoothed: Duration,
+    smoothed: Nanos,
     /// Mean deviation of the samples (§5.3).
-    var: Duration,
+    var: Nanos,
     /// Minimum sample seen, not adjusted for ACK delay (§5.2).
-    min: Duration,
+    min: Nanos,
     /// Whether any sample has been taken.
     has_sample: bool,
 }
@@ -68,12 +73,12 @@ impl RttEstimator {
     /// delay acknowledgements by at most `max_ack_delay` (clamped to [`MAX_MAX_ACK_DELAY`]).
     pub fn new(initial_rtt: Duration, max_ack_delay: Duration) -> RttEstimator {
         RttEstimator {
-            initial: initial_rtt,
-            max_ack_delay: max_ack_delay.min(MAX_MAX_ACK_DELAY),
-            latest: initial_rtt,
-            smoothed: initial_rtt,
-            var: initial_rtt / 2,
-            min: initial_rtt,
+            initial: Nanos::of(initial_rtt),
+            max_ack_delay: Nanos::of(max_ack_delay.min(MAX_MAX_ACK_DELAY)),
+            latest: Nanos::of(initial_rtt),
+            smoothed: Nanos::of(initial_rtt),
+            var: Nanos::of(initial_rtt / 2),
+            min: Nanos::of(initial_rtt),
             has_sample: false,
         }
     }
@@ -83,18 +88,23 @@ impl RttEstimator {
     /// RFC 9000 §9.4: on a new path "the endpoint MUST reset ... the RTT estimate" unless it
     /// knows the path's characteristics are unchanged.
     pub fn reset(&mut self) {
-        *self = RttEstimator::new(self.initial, self.max_ack_delay);
+        *self = RttEstimator::new(self.initial.get(), self.max_ack_delay.get());
     }
 
     /// Records the peer's `max_ack_delay` (for example from its handshake parameters), clamped
     /// to [`MAX_MAX_ACK_DELAY`].
     pub fn set_max_ack_delay(&mut self, max_ack_delay: Duration) {
-        self.max_ack_delay = max_ack_delay.min(MAX_MAX_ACK_DELAY);
+        self.max_ack_delay = Nanos::of(max_ack_delay.min(MAX_MAX_ACK_DELAY));
+    }
+
+    /// The RTT assumed before the first sample.
+    pub fn initial(&self) -> Duration {
+        self.initial.get()
     }
 
     /// The peer's `max_ack_delay`.
     pub fn max_ack_delay(&self) -> Duration {
-        self.max_ack_delay
+        self.max_ack_delay.get()
     }
 
     /// Whether at least one sample has been taken.
@@ -104,22 +114,22 @@ impl RttEstimator {
 
     /// `latest_rtt`: the most recent sample (the initial RTT before any).
     pub fn latest(&self) -> Duration {
-        self.latest
+        self.latest.get()
     }
 
     /// `smoothed_rtt` (the initial RTT before any sample).
     pub fn smoothed(&self) -> Duration {
-        self.smoothed
+        self.smoothed.get()
     }
 
     /// `rttvar` (half the initial RTT before any sample).
     pub fn var(&self) -> Duration {
-        self.var
+        self.var.get()
     }
 
     /// `min_rtt` (the initial RTT before any sample).
     pub fn min(&self) -> Duration {
-        self.min
+        self.min.get()
     }
 
     /// Feeds one RTT sample (RFC 9002 §5.1–§5.3).
@@ -137,25 +147,27 @@ impl RttEstimator {
     /// - `rttvar = 3/4 rttvar + 1/4 |smoothed_rtt − adjusted_rtt|`, then
     ///   `smoothed_rtt = 7/8 smoothed_rtt + 1/8 adjusted_rtt`.
     pub fn update(&mut self, latest_rtt: Duration, ack_delay: Duration) {
-        self.latest = latest_rtt;
+        self.latest = Nanos::of(latest_rtt);
         if !self.has_sample {
             // §5.3: "min_rtt = latest_rtt; smoothed_rtt = latest_rtt; rttvar = latest_rtt / 2".
             self.has_sample = true;
-            self.min = latest_rtt;
-            self.smoothed = latest_rtt;
-            self.var = latest_rtt / 2;
+            self.min = Nanos::of(latest_rtt);
+            self.smoothed = Nanos::of(latest_rtt);
+            self.var = Nanos::of(latest_rtt / 2);
             return;
         }
-        self.min = self.min.min(latest_rtt);
-        let ack_delay = ack_delay.min(self.max_ack_delay);
-        let adjusted = if latest_rtt >= self.min.saturating_add(ack_delay) {
+        let min = self.min().min(latest_rtt);
+        self.min = Nanos::of(min);
+        let ack_delay = ack_delay.min(self.max_ack_delay());
+        let adjusted = if latest_rtt >= min.saturating_add(ack_delay) {
             latest_rtt - ack_delay
         } else {
             latest_rtt
         };
-        let deviation = self.smoothed.abs_diff(adjusted);
-        self.var = weighted(self.var, 3, deviation, 1, 4);
-        self.smoothed = weighted(self.smoothed, 7, adjusted, 1, 8);
+        let smoothed = self.smoothed();
+        let deviation = smoothed.abs_diff(adjusted);
+        self.var = Nanos::of(weighted(self.var(), 3, deviation, 1, 4));
+        self.smoothed = Nanos::of(weighted(smoothed, 7, adjusted, 1, 8));
     }
 
     /// After persistent congestion, restarts `min_rtt` from the latest sample (RFC 9002 §5.2:
@@ -174,14 +186,14 @@ impl RttEstimator {
     /// `max_ack_delay` to 0 for the Initial and Handshake spaces). Data packets, whose
     /// acknowledgement the peer may delay, use [`pto_period`](Self::pto_period).
     pub fn pto_base(&self) -> Duration {
-        self.smoothed
-            .saturating_add(self.var.saturating_mul(4).max(GRANULARITY))
+        self.smoothed()
+            .saturating_add(self.var().saturating_mul(4).max(GRANULARITY))
     }
 
     /// `pto_base() + max_ack_delay`: the full probe timeout period of RFC 9002 §6.2.1, before
     /// exponential backoff. [`SentPackets`](super::loss::SentPackets) uses this one.
     pub fn pto_period(&self) -> Duration {
-        self.pto_base().saturating_add(self.max_ack_delay)
+        self.pto_base().saturating_add(self.max_ack_delay())
     }
 }
 

@@ -32,6 +32,7 @@
 use core::ops::Range;
 use std::collections::VecDeque;
 
+use super::OptU64;
 use super::ranges::{DEFAULT_MAX_RANGES, RangeSet};
 
 /// Largest stream offset (RFC 9000 §4.5: "the largest value of a variable-length integer",
@@ -57,7 +58,7 @@ pub struct Finished;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct SendFin {
     /// The final size, once [`SendBuffer::finish`] was called.
-    offset: Option<u64>,
+    offset: OptU64,
     /// The FIN must be (re)sent.
     pending: bool,
     /// The peer acknowledged the FIN.
@@ -115,7 +116,7 @@ impl SendBuffer {
     /// Appends as much of `bytes` as fits and returns how much that was (0 when full: wait for
     /// acknowledgements). Fails once [`finish`](Self::finish) was called.
     pub fn write(&mut self, bytes: &[u8]) -> Result<usize, Finished> {
-        if self.fin.offset.is_some() {
+        if self.fin.offset.get().is_some() {
             return Err(Finished);
         }
         let room = self.capacity.saturating_sub(self.data.len());
@@ -129,9 +130,9 @@ impl SendBuffer {
     /// Ends the stream after the bytes written so far; the FIN will be sent with the last
     /// chunk (or alone, if everything was already sent). Idempotent.
     pub fn finish(&mut self) {
-        if self.fin.offset.is_none() {
+        if self.fin.offset.get().is_none() {
             self.fin = SendFin {
-                offset: Some(self.end()),
+                offset: OptU64::new(Some(self.end())),
                 pending: true,
                 acked: false,
             };
@@ -187,6 +188,11 @@ impl SendBuffer {
         self.data.is_empty()
     }
 
+    /// Most bytes the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Bytes [`write`](Self::write) would take now.
     pub fn free(&self) -> usize {
         self.capacity.saturating_sub(self.data.len())
@@ -194,12 +200,29 @@ impl SendBuffer {
 
     /// The final size, once [`finish`](Self::finish) was called.
     pub fn fin_offset(&self) -> Option<u64> {
-        self.fin.offset
+        self.fin.offset.get()
+    }
+
+    /// Gives back memory not in use: the byte buffer if empty, spare room in the range sets.
+    /// For idle periods (the buffer regrows on the next write).
+    pub fn shrink_to_fit(&mut self) {
+        if self.data.is_empty() {
+            self.data = VecDeque::new();
+        }
+        self.retransmit.shrink_to_fit();
+        self.acked.shrink_to_fit();
+    }
+
+    /// Whether [`shrink_to_fit`](Self::shrink_to_fit) would give back any memory.
+    pub fn has_spare_capacity(&self) -> bool {
+        (self.data.is_empty() && self.data.capacity() > 0)
+            || self.retransmit.has_spare_capacity()
+            || self.acked.has_spare_capacity()
     }
 
     /// Whether the stream is finished and every byte and the FIN were acknowledged.
     pub fn is_fully_acked(&self) -> bool {
-        self.fin.acked && self.fin.offset == Some(self.base)
+        self.fin.acked && self.fin.offset.get() == Some(self.base)
     }
 
     /// Whether [`poll_transmit`](Self::poll_transmit) has something to send (given room).
@@ -208,7 +231,7 @@ impl SendBuffer {
             .iter()
             .any(|r| self.acked.gaps(r).next().is_some())
             || self.unsent < self.end().min(self.flow_limit)
-            || (self.fin.pending && self.fin.offset == Some(self.unsent))
+            || (self.fin.pending && self.fin.offset.get() == Some(self.unsent))
     }
 
     /// The next chunk to send, at most `max_len` bytes long: the lowest range awaiting
@@ -237,7 +260,7 @@ impl SendBuffer {
                 return Some(self.chunk(start..end));
             }
         }
-        if self.fin.pending && self.fin.offset == Some(self.unsent) {
+        if self.fin.pending && self.fin.offset.get() == Some(self.unsent) {
             return Some(self.chunk(self.unsent..self.unsent));
         }
         None
@@ -262,7 +285,7 @@ impl SendBuffer {
     /// The peer acknowledged a chunk: `range` and, if `fin`, the FIN. Parts already
     /// acknowledged, or never sent, are ignored.
     pub fn on_acked(&mut self, range: Range<u64>, fin: bool) {
-        if fin && self.fin.offset.is_some() {
+        if fin && self.fin.offset.get().is_some() {
             self.fin.acked = true;
             self.fin.pending = false;
         }
@@ -287,7 +310,7 @@ impl SendBuffer {
     /// A chunk was lost: queue the parts of `range` not acknowledged since for
     /// retransmission and, if `fin` and the FIN is not acknowledged, the FIN.
     pub fn on_lost(&mut self, range: Range<u64>, fin: bool) {
-        if fin && self.fin.offset.is_some() && !self.fin.acked {
+        if fin && self.fin.offset.get().is_some() && !self.fin.acked {
             self.fin.pending = true;
         }
         let r = self.clamp_sent(range);
@@ -299,7 +322,7 @@ impl SendBuffer {
 
     /// A chunk for `range`, attaching the FIN if the range ends at the final size.
     fn chunk(&mut self, range: Range<u64>) -> StreamChunk {
-        let fin = !self.fin.acked && self.fin.offset == Some(range.end);
+        let fin = !self.fin.acked && self.fin.offset.get() == Some(range.end);
         if fin {
             self.fin.pending = false;
         }
@@ -410,7 +433,7 @@ pub struct RecvBuffer {
     /// How far beyond the read offset the limit is set.
     window: u64,
     /// The final size, once a FIN arrived.
-    fin: Option<u64>,
+    fin: OptU64,
     /// Highest offset received (end of the furthest segment).
     highest: u64,
 }
@@ -427,7 +450,7 @@ impl RecvBuffer {
             out_of_order: RangeSet::with_max_ranges(MAX_RECV_RANGES),
             max_offset: window,
             window,
-            fin: None,
+            fin: OptU64::NONE,
             highest: 0,
         }
     }
@@ -456,7 +479,7 @@ impl RecvBuffer {
         if end > self.max_offset {
             return Err(RecvError::FlowControl);
         }
-        match self.fin {
+        match self.fin.get() {
             Some(size) if end > size || (fin && end != size) => return Err(RecvError::FinalSize),
             None if fin && end < self.highest => return Err(RecvError::FinalSize),
             _ => {}
@@ -506,7 +529,7 @@ impl RecvBuffer {
             new
         };
         if fin {
-            self.fin = Some(end);
+            self.fin = OptU64::new(Some(end));
         }
         self.highest = self.highest.max(end);
         Ok(new)
@@ -556,6 +579,20 @@ impl RecvBuffer {
         n
     }
 
+    /// Gives back memory not in use: the byte buffer if empty, spare room in the range set.
+    /// For idle periods (the buffer regrows when data arrives).
+    pub fn shrink_to_fit(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = VecDeque::new();
+        }
+        self.out_of_order.shrink_to_fit();
+    }
+
+    /// Whether [`shrink_to_fit`](Self::shrink_to_fit) would give back any memory.
+    pub fn has_spare_capacity(&self) -> bool {
+        (self.buf.is_empty() && self.buf.capacity() > 0) || self.out_of_order.has_spare_capacity()
+    }
+
     /// Bytes [`read`](Self::read) can return now.
     pub fn readable(&self) -> u64 {
         self.contiguous - self.read
@@ -568,12 +605,17 @@ impl RecvBuffer {
 
     /// The final size, once the FIN arrived.
     pub fn fin_offset(&self) -> Option<u64> {
-        self.fin
+        self.fin.get()
     }
 
     /// Whether the whole stream, up to the FIN, has been read.
     pub fn is_finished(&self) -> bool {
-        self.fin == Some(self.read)
+        self.fin.get() == Some(self.read)
+    }
+
+    /// How far beyond the read offset the limit is set.
+    pub fn window(&self) -> u64 {
+        self.window
     }
 
     /// The flow-control limit currently advertised.
@@ -589,7 +631,7 @@ impl RecvBuffer {
     /// update per half window. No update is needed once the final size is known (RFC 9000
     /// §3.2: in the "Size Known" state the receiver "no longer needs to send" them).
     pub fn poll_window_update(&mut self) -> Option<u64> {
-        if self.fin.is_some() {
+        if self.fin.get().is_some() {
             return None;
         }
         let limit = (self.read + self.window).min(MAX_STREAM_OFFSET);

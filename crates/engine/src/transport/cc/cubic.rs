@@ -25,6 +25,7 @@ use core::time::Duration;
 use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
 use crate::transport::rtt::RttEstimator;
+use crate::transport::{Nanos, OptInstant};
 
 /// `C` (RFC 9438 §4.1.1, chosen in §5.1): aggressiveness of the cubic curve, in segments
 /// per second³.
@@ -62,12 +63,12 @@ pub struct Cubic {
     restart_after_timeout: bool,
     /// When the current application-limited period began, if one is in progress; its length
     /// is excluded from `t` (§5.8).
-    app_limited_since: Option<Instant>,
+    app_limited_since: OptInstant,
     /// The latest send or ACK, to recognise idle periods (§5.8).
-    last_activity: Option<Instant>,
+    last_activity: OptInstant,
     /// The smoothed RTT at the latest ACK: a gap longer than this with neither sends nor ACKs
     /// counts as idle.
-    idle_threshold: Duration,
+    idle_threshold: Nanos,
 }
 
 /// A congestion avoidance stage.
@@ -93,9 +94,9 @@ impl Cubic {
             w_est: 0.0,
             epoch: None,
             restart_after_timeout: false,
-            app_limited_since: None,
-            last_activity: None,
-            idle_threshold: Duration::MAX,
+            app_limited_since: OptInstant::NONE,
+            last_activity: OptInstant::NONE,
+            idle_threshold: Nanos::of(Duration::MAX),
         }
     }
 
@@ -137,16 +138,16 @@ impl Cubic {
     /// nor ACKs shifts the stage's start forward by the quiet time.
     pub fn on_packet_sent(&mut self, now: Instant, _bytes: u64) {
         if let (Some(last), Some(epoch), None) = (
-            self.last_activity,
+            self.last_activity.get(),
             self.epoch.as_mut(),
-            self.app_limited_since,
+            self.app_limited_since.get(),
         ) {
             let quiet = now - last;
-            if quiet > self.idle_threshold {
+            if quiet > self.idle_threshold.get() {
                 epoch.start += quiet;
             }
         }
-        self.last_activity = Some(now);
+        self.last_activity = now.into();
     }
 
     /// See [`CongestionController::on_ack`](super::CongestionController::on_ack).
@@ -158,19 +159,20 @@ impl Cubic {
         rtt: &RttEstimator,
         app_limited: bool,
     ) {
-        self.last_activity = Some(now);
-        self.idle_threshold = rtt.smoothed();
+        self.last_activity = now.into();
+        self.idle_threshold = Nanos::of(rtt.smoothed());
         if self.recovery.contains(sent_time) {
             return;
         }
         if app_limited {
             // §5.8: no growth, and `t` must not include this period.
             if self.epoch.is_some() && self.app_limited_since.is_none() {
-                self.app_limited_since = Some(now);
+                self.app_limited_since = now.into();
             }
             return;
         }
-        if let (Some(since), Some(epoch)) = (self.app_limited_since.take(), self.epoch.as_mut()) {
+        let since = core::mem::take(&mut self.app_limited_since).get();
+        if let (Some(since), Some(epoch)) = (since, self.epoch.as_mut()) {
             epoch.start += now - since;
         }
         let acked = bytes as f64;
@@ -244,7 +246,7 @@ impl Cubic {
     pub fn on_congestion_event(&mut self, now: Instant, sent_time: Instant, persistent: bool) {
         let min = minimum_window(self.mss) as f64;
         if !self.recovery.contains(sent_time) {
-            self.recovery.start = Some(now);
+            self.recovery.start = now.into();
             // §4.7 fast convergence: a window that did not get back to W_max means the
             // available capacity shrank; release more of it.
             self.w_max = if self.cwnd < self.w_max {
@@ -260,15 +262,15 @@ impl Cubic {
             self.ssthresh = reduced as u64;
             self.cwnd = reduced;
             self.epoch = None;
-            self.app_limited_since = None;
+            self.app_limited_since = OptInstant::NONE;
             self.restart_after_timeout = false;
         }
         if persistent {
             // RFC 9002 §7.6.2 / Appendix B.8, and RFC 9438 §4.8 for the next stage.
             self.cwnd = min;
-            self.recovery.start = None;
+            self.recovery.start = OptInstant::NONE;
             self.epoch = None;
-            self.app_limited_since = None;
+            self.app_limited_since = OptInstant::NONE;
             self.restart_after_timeout = true;
         }
     }
@@ -279,7 +281,7 @@ impl Cubic {
         self.cwnd = self.cwnd.max(minimum_window(self.mss) as f64);
         // K was computed in the old segment size; start the stage afresh.
         if self.epoch.take().is_some() {
-            self.app_limited_since = None;
+            self.app_limited_since = OptInstant::NONE;
         }
     }
 

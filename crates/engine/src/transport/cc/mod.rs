@@ -54,6 +54,7 @@ pub use new_reno::NewReno;
 
 use super::rtt::RttEstimator;
 use crate::Instant;
+use crate::transport::OptInstant;
 
 /// Largest congestion window either controller grows to: 2^48 bytes (256 TiB). Unreachable on
 /// real paths; it keeps the window exactly representable as an `f64` and every sum in range.
@@ -214,12 +215,12 @@ impl CongestionController {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Recovery {
     /// `congestion_recovery_start_time`; `None` when no recovery period applies.
-    start: Option<Instant>,
+    start: OptInstant,
 }
 
 impl Recovery {
     fn contains(&self, sent_time: Instant) -> bool {
-        self.start.is_some_and(|start| sent_time <= start)
+        self.start.get().is_some_and(|start| sent_time <= start)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
+use crate::transport::OptInstant;
 use crate::transport::rtt::RttEstimator;
 
 /// NewReno: slow start, then additive increase of one datagram per window acknowledged,
@@ -92,7 +93,7 @@ impl NewReno {
     pub fn on_congestion_event(&mut self, now: Instant, sent_time: Instant, persistent: bool) {
         // Appendix B.6 OnCongestionEvent.
         if !self.recovery.contains(sent_time) {
-            self.recovery.start = Some(now);
+            self.recovery.start = now.into();
             self.ssthresh = self.window * LOSS_REDUCTION.0 / LOSS_REDUCTION.1;
             self.window = self.ssthresh.max(minimum_window(self.mss));
             self.bytes_acked = 0;
@@ -100,7 +101,7 @@ impl NewReno {
         // Appendix B.8: persistent congestion collapses the window and ends recovery.
         if persistent {
             self.window = minimum_window(self.mss);
-            self.recovery.start = None;
+            self.recovery.start = OptInstant::NONE;
             self.bytes_acked = 0;
         }
     }

@@ -16,6 +16,11 @@ use crate::transport::cc::initial_window;
 
 const SAL: usize = 20;
 
+/// Received datagrams not yet taken by the application.
+fn inbound_datagrams(t: &Transport) -> usize {
+    t.dgrams.as_ref().map_or(0, |d| d.inbound.len())
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -881,7 +886,7 @@ fn datagrams_are_delivered_unreliably_and_bounded() {
     assert_eq!(p.t[0].send_datagram(b"x"), Err(DatagramError::QueueFull));
     let max = p.t[0].max_datagram_size();
     assert_eq!(max, 1200 - SAL - PN_LEN - 1 - 2);
-    p.run_until(|p| p.t[1].dgram_in.len() == 8);
+    p.run_until(|p| inbound_datagrams(&p.t[1]) == 8);
     assert_eq!(p.app[1].count(&TransportEvent::DatagramReceived), 1);
     for n in 0..8u8 {
         assert_eq!(p.t[1].recv_datagram(), Some(vec![n; usize::from(n) * 100]));
@@ -894,7 +899,7 @@ fn datagrams_are_delivered_unreliably_and_bounded() {
         }
         p.run_for(ms(50));
     }
-    assert_eq!(p.t[1].dgram_in.len(), 8);
+    assert_eq!(inbound_datagrams(&p.t[1]), 8);
     assert_eq!(p.t[1].stats().datagrams_dropped, 16);
     assert_eq!(p.app[1].count(&TransportEvent::DatagramReceived), 2);
     // Datagrams share packets with a bulk transfer without starving.
@@ -905,7 +910,7 @@ fn datagrams_are_delivered_unreliably_and_bounded() {
     p.run_until(|p| p.t[0].stats().stream_bytes_sent > 50_000);
     p.t[0].send_datagram(b"urgent").unwrap();
     let sent_before = p.t[0].stats().stream_bytes_sent;
-    p.run_until(|p| !p.t[1].dgram_in.is_empty());
+    p.run_until(|p| inbound_datagrams(&p.t[1]) > 0);
     assert_eq!(p.t[1].recv_datagram(), Some(b"urgent".to_vec()));
     assert!(p.t[0].stats().stream_bytes_sent - sent_before < 100_000);
 }
@@ -1349,4 +1354,153 @@ fn soak() {
         }
     }
     assert_eq!(failed, 0);
+}
+
+/// A host keeps one transport per connection, most of them idle: it must stay small. (The
+/// bounds leave a little room; raise them knowingly.)
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn a_transport_stays_small() {
+    assert!(size_of::<Transport>() <= 1024, "{}", size_of::<Transport>());
+    assert!(
+        size_of::<SentPayload>() <= 56,
+        "{}",
+        size_of::<SentPayload>()
+    );
+    let c = size_of::<crate::connection::Connection>();
+    assert!(c <= 1440, "{c}");
+}
+
+/// After an exchange, once nothing happened for `IDLE_RELEASE`, both transports give back the
+/// memory of their empty buffers and queues, once (no timer stays armed for it), and the next
+/// exchange works as before.
+#[test]
+fn idle_transports_give_back_their_memory() {
+    let mut p = Pair::new(&TransportConfig::default(), Link::lossy(20), 7);
+    let reader = App {
+        read_chunk: usize::MAX,
+        ..App::default()
+    };
+    p.app = [reader.clone(), reader];
+    let mut rng = Rng::new(7);
+    for round in 1..=3 {
+        let request = rng.bytes(20_000);
+        let response = rng.bytes(50_000);
+        p.app[0].to_send.extend_from_slice(&request);
+        p.run_until(|p| p.app[1].received.len() == 20_000 * round);
+        p.app[1].to_send.extend_from_slice(&response);
+        p.run_until(|p| p.app[0].received.len() == 50_000 * round);
+        assert!(p.t.iter().any(Transport::has_spare_capacity));
+        // Let the last ACKs settle, then stay idle.
+        let quiet = p.now;
+        p.run_for(IDLE_RELEASE + ms(200));
+        for (i, t) in p.t.iter().enumerate() {
+            assert!(t.last_activity() < quiet + ms(100), "side {i} still busy");
+            assert!(t.memory_released, "side {i}");
+            assert!(!t.has_spare_capacity(), "side {i}: {t:?}");
+            assert!(t.sent.is_empty() && t.dgrams.is_none(), "side {i}");
+            assert_eq!(t.poll_timeout(), Some(t.idle_deadline()), "side {i}");
+        }
+        assert!(p.app[1].received.ends_with(&request));
+        assert!(p.app[0].received.ends_with(&response));
+    }
+    p.assert_no_errors();
+}
+
+#[test]
+fn config_reads_back_as_given() {
+    let configs = [
+        TransportConfig::default(),
+        TransportConfig {
+            congestion: CongestionAlgorithm::NewReno,
+            send_buffer: 12_345,
+            receive_window: 54_321,
+            initial_rtt: Duration::from_nanos(123_456_789),
+            max_ack_delay: Duration::from_micros(7),
+            ack_eliciting_threshold: 5,
+            base_udp_payload: 1300,
+            max_udp_payload: 9000,
+            sal_overhead: 36,
+            keepalive: Some(Duration::from_millis(1500)),
+            idle_timeout: Duration::from_secs(3),
+            datagram_queue: 3,
+        },
+    ];
+    for c in configs {
+        assert_eq!(Transport::new(&c, Instant::ZERO).config(), c);
+    }
+    // Out-of-range values are brought into range.
+    let odd = TransportConfig {
+        max_udp_payload: 10,
+        ack_eliciting_threshold: 0,
+        max_ack_delay: Duration::MAX,
+        keepalive: Some(Duration::MAX),
+        idle_timeout: Duration::MAX,
+        ..TransportConfig::default()
+    };
+    let got = Transport::new(&odd, Instant::ZERO).config();
+    assert_eq!(got.max_udp_payload, got.base_udp_payload);
+    assert_eq!(got.ack_eliciting_threshold, 1);
+    assert_eq!(got.max_ack_delay, super::super::rtt::MAX_MAX_ACK_DELAY);
+    assert_eq!(got.keepalive, None);
+    assert_eq!(got, Transport::new(&got, Instant::ZERO).config());
+}
+
+#[test]
+fn events_keep_their_order_and_coalesce() {
+    let mut q = EventQueue::default();
+    q.push(TransportEvent::Writable);
+    q.push(TransportEvent::Readable);
+    q.push(TransportEvent::Writable);
+    q.push(TransportEvent::Closed {
+        by_peer: true,
+        code: 7,
+        reason: "bye".into(),
+    });
+    q.push(TransportEvent::Readable);
+    assert_eq!(q.pop(), Some(TransportEvent::Writable));
+    // Once taken, an event can be queued again, behind the others.
+    q.push(TransportEvent::Writable);
+    assert_eq!(q.pop(), Some(TransportEvent::Readable));
+    assert_eq!(
+        q.pop(),
+        Some(TransportEvent::Closed {
+            by_peer: true,
+            code: 7,
+            reason: "bye".into(),
+        })
+    );
+    assert_eq!(q.pop(), Some(TransportEvent::Writable));
+    assert_eq!(q.pop(), None);
+    for e in [
+        TransportEvent::Readable,
+        TransportEvent::Writable,
+        TransportEvent::Finished,
+        TransportEvent::AllAcked,
+        TransportEvent::DatagramReceived,
+        TransportEvent::IdleTimeout,
+    ] {
+        q.push(e.clone());
+        assert_eq!(q.pop(), Some(e));
+    }
+    assert_eq!(q, EventQueue::default());
+}
+
+#[test]
+fn sent_payload_round_trips_its_chunks() {
+    let mut p = SentPayload::default();
+    assert_eq!(p.chunks().count(), 0);
+    assert_eq!(p.ack_largest(), None);
+    let chunks = [
+        (0, 1200, false),
+        (5000, 5000, true),
+        (1 << 61, (1 << 61) + 65_535, true),
+    ];
+    for &(s, e, fin) in &chunks {
+        p.push_chunk(s..e, fin);
+    }
+    p.set_ack(Some(0));
+    let got: Vec<_> = p.chunks().map(|c| (c.start, c.end, c.fin)).collect();
+    assert_eq!(got, chunks);
+    assert_eq!(p.ack_largest(), Some(0));
 }

@@ -450,3 +450,30 @@ proptest! {
         prop_assert_eq!(seen.len() + sp.len(), sp.next_packet_number() as usize);
     }
 }
+
+#[test]
+fn release_memory_forgets_only_pure_acks_and_only_when_nothing_else_is_out() {
+    let mut rtt = settled();
+    let mut sp = SentPackets::<u64>::new();
+    send(&mut sp, 2, at(0), ms(1));
+    sp.on_sent(SentInfo::ack_only(at(2), 50), 2);
+    // Data in flight: nothing changes.
+    assert!(!sp.has_spare_capacity());
+    let before = sp.clone();
+    sp.release_memory();
+    assert_eq!(sp, before);
+    // Once the data is acknowledged only the pure ACK is left: it is forgotten, the ring
+    // freed, and a late acknowledgement of it is harmless.
+    let out = ack(&mut sp, &[0..2], at(100), &mut rtt);
+    assert_eq!(numbers(&out.newly_acked), [0, 1]);
+    assert_eq!(sp.len(), 1);
+    assert!(sp.has_spare_capacity());
+    sp.release_memory();
+    check_invariants(&sp);
+    assert!(sp.is_empty() && !sp.has_spare_capacity());
+    assert_eq!((sp.loss_time(), sp.next_timeout(&rtt)), (None, None));
+    let out = ack(&mut sp, &[2..3], at(101), &mut rtt);
+    assert!(out.newly_acked.is_empty() && !out.acked_unsent);
+    // Numbering goes on.
+    assert_eq!(sp.next_packet_number(), 3);
+}
