@@ -1,0 +1,222 @@
+//! Where Serval service routers keep registrations ("this prefix is served at this locator,
+//! with this weight and priority"), as soft state with a time to live.
+//!
+//! A [`Registry`] is a handle on one store:
+//!
+//! * [`Registry::memory`]: inside this process, the single-machine default;
+//! * [`Registry::connect`] with an `etcd://` URL: registrations are etcd keys bound to leases,
+//!   and every router holding such a handle keeps a full local replica by listing and then
+//!   watching from the listed revision, so any router can die, restart or be added without a
+//!   registration being lost.
+//!
+//! Writers call [`Registry::put`] (create or refresh, for a time to live) and
+//! [`Registry::delete`]; readers [`Registry::subscribe`] and apply the [`Change`]s to their
+//! service table. Whatever the backend, a subscription starts with a [`Change::Reset`] holding
+//! every live registration, and a subscriber that falls behind, or a replica that had to list
+//! again, also gets a `Reset`: applying changes in order always yields the store's contents.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serval_wire::{Locator, ServicePrefix};
+use tokio::sync::broadcast;
+
+pub use memory::MemoryRegistry;
+
+/// What identifies a registration: a prefix served at a locator. A second registration with
+/// the same key replaces the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegistrationKey {
+    /// The service prefix served.
+    pub prefix: ServicePrefix,
+    /// Where it is served (an instance, or a child router for a hierarchy).
+    pub locator: Locator,
+}
+
+impl fmt::Display for RegistrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.prefix, self.locator)
+    }
+}
+
+/// One registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Registration {
+    /// The service prefix served.
+    pub prefix: ServicePrefix,
+    /// Where it is served.
+    pub locator: Locator,
+    /// Share of new flows among targets of the same priority (at least 1).
+    pub weight: u32,
+    /// Only the targets of the highest priority present receive flows.
+    pub priority: u32,
+}
+
+impl Registration {
+    /// Its key.
+    pub fn key(&self) -> RegistrationKey {
+        RegistrationKey {
+            prefix: self.prefix,
+            locator: self.locator,
+        }
+    }
+}
+
+/// A registration with the time it has left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leased {
+    /// The registration.
+    pub registration: Registration,
+    /// Time left before it expires unless refreshed (as of the snapshot).
+    pub expires_in: Duration,
+}
+
+/// A change to the set of registrations, in store order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The set is exactly this (first event of a subscription; also after a subscriber fell
+    /// behind or a replica listed again).
+    Reset(Vec<Registration>),
+    /// Created or replaced.
+    Put(Registration),
+    /// Removed: deleted by its owner, or expired.
+    Delete(RegistrationKey),
+}
+
+/// Whether the registry is serving fresh data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Up to date with the store.
+    Synced,
+    /// The store is unreachable: the replica keeps serving what it had, and catches up when
+    /// the store returns.
+    Degraded {
+        /// The last error seen.
+        error: String,
+    },
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry URL is not one this build understands.
+    #[error("unsupported registry URL {0:?} (expected memory:// or etcd://HOST:PORT[,HOST:PORT…])")]
+    BadUrl(String),
+    /// A registration's weight is zero.
+    #[error("weight must be at least 1")]
+    ZeroWeight,
+    /// The store could not be reached or refused the operation.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A handle on a registry; cheap to clone, every clone sees the same store.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Memory(Arc<MemoryRegistry>),
+}
+
+impl Registry {
+    /// A registry inside this process.
+    pub fn memory() -> Registry {
+        Registry {
+            backend: Backend::Memory(Arc::new(MemoryRegistry::new())),
+        }
+    }
+
+    /// Opens the registry at `url`: `memory://` (this process) or
+    /// `etcd://HOST:PORT[,HOST:PORT…]`.
+    pub async fn connect(url: &str) -> Result<Registry, RegistryError> {
+        match url.split_once("://") {
+            Some(("memory", "")) => Ok(Registry::memory()),
+            _ => Err(RegistryError::BadUrl(url.to_owned())),
+        }
+    }
+
+    /// Creates or refreshes `reg` for `ttl`: unless put again within `ttl`, it expires.
+    pub async fn put(&self, reg: Registration, ttl: Duration) -> Result<(), RegistryError> {
+        if reg.weight == 0 {
+            return Err(RegistryError::ZeroWeight);
+        }
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.put(reg, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a registration at once (no-op if absent).
+    pub async fn delete(&self, key: &RegistrationKey) -> Result<(), RegistryError> {
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.delete(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every live registration with its remaining time.
+    pub fn snapshot(&self) -> Vec<Leased> {
+        match &self.backend {
+            Backend::Memory(m) => m.snapshot(),
+        }
+    }
+
+    /// Changes from now on, starting with a [`Change::Reset`] of the current set.
+    pub fn subscribe(&self) -> Subscription {
+        match &self.backend {
+            Backend::Memory(m) => m.subscribe(self.clone()),
+        }
+    }
+
+    /// Whether the registry is serving fresh data.
+    pub fn health(&self) -> Health {
+        match &self.backend {
+            Backend::Memory(_) => Health::Synced,
+        }
+    }
+}
+
+/// A stream of [`Change`]s; see [`Registry::subscribe`].
+#[derive(Debug)]
+pub struct Subscription {
+    registry: Registry,
+    first: Option<Vec<Registration>>,
+    rx: broadcast::Receiver<Change>,
+}
+
+impl Subscription {
+    /// The next change; `None` once the registry is gone.
+    pub async fn next(&mut self) -> Option<Change> {
+        if let Some(all) = self.first.take() {
+            return Some(Change::Reset(all));
+        }
+        match self.rx.recv().await {
+            Ok(c) => Some(c),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Fell behind: start over from the current set.
+                self.rx = self.rx.resubscribe();
+                let all = self
+                    .registry
+                    .snapshot()
+                    .into_iter()
+                    .map(|l| l.registration)
+                    .collect();
+                Some(Change::Reset(all))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
