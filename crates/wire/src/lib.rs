@@ -3,7 +3,9 @@
 //! * [`id`]: serviceIDs (256 bits, with the name mapping), prefixes, flowIDs and nonces;
 //! * [`locator`]: IP address + UDP port, as carried in SOURCE lists;
 //! * [`header`]: the SAL header, version 1 ([`SalPacket`], [`SalRepr`]);
-//! * [`ext`]: its extensions (CONTROL, SERVICE, NONCE, SOURCE, AUTH, PAD).
+//! * [`ext`]: its extensions (CONTROL, SERVICE, NONCE, SOURCE, AUTH, PAD);
+//! * [`registration`]: the registration messages (protocol 3) between instances and service
+//!   routers.
 //!
 //! Every packet format is a zero-copy view over `T: AsRef<[u8]>` whose `new_checked` validates
 //! lengths once, after which no accessor panics, plus an owned `Repr` with symmetric
@@ -28,11 +30,13 @@ pub mod ext;
 pub mod header;
 pub mod id;
 pub mod locator;
+pub mod registration;
 
 pub use ext::{ControlFlags, ControlRepr, ExtType, Extension, ServiceRepr};
 pub use header::{MAX_PACKET_LEN, Protocol, SalPacket, SalRepr};
 pub use id::{FlowId, IdError, Nonce, ServiceId, ServicePrefix};
 pub use locator::Locator;
+pub use registration::{MessageType, RegError, RegistrationRepr, RejectReason};
 
 /// Why a packet could not be parsed (or a representation could not be emitted).
 ///
