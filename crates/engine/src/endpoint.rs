@@ -106,6 +106,11 @@ pub struct EndpointConfig {
     pub max_datagram_packet: usize,
     /// Most datagrams queued unread per listener; later ones are dropped and counted.
     pub datagram_queue: usize,
+    /// Most datagrams the endpoint itself queues to send (forwarded SYNs and datagrams by
+    /// name, NACKs, datagrams sent by name) before the caller drains them with
+    /// [`Endpoint::poll_transmit`]; beyond it new ones are dropped and counted, so a flood
+    /// arriving faster than it can be sent costs bounded memory.
+    pub max_queued_transmits: usize,
 }
 
 impl Default for EndpointConfig {
@@ -117,6 +122,7 @@ impl Default for EndpointConfig {
             accept_backlog: 1024,
             max_datagram_packet: 1200,
             datagram_queue: 1024,
+            max_queued_transmits: 4096,
         }
     }
 }
@@ -148,6 +154,8 @@ pub struct EndpointStats {
     pub datagrams_received: u64,
     /// Datagrams by name dropped: no rule, DROP, a full queue, or a bad payload.
     pub datagrams_dropped: u64,
+    /// Datagrams not queued because [`EndpointConfig::max_queued_transmits`] were waiting.
+    pub transmit_queue_drops: u64,
 }
 
 struct Listener {
@@ -188,6 +196,9 @@ pub enum DatagramError {
     /// The endpoint has no local address of the next hop's family.
     #[error("no local address to reach {0}")]
     NoLocalAddress(Locator),
+    /// [`EndpointConfig::max_queued_transmits`] datagrams are already waiting to be sent.
+    #[error("send queue full")]
+    QueueFull,
 }
 
 /// Flags byte of a datagram-by-name payload: the sender's serviceID follows.
@@ -716,13 +727,14 @@ impl Endpoint {
         };
         match repr.to_bytes(pkt.payload()) {
             Ok(payload) => {
-                self.stats.forwarded += 1;
                 let src = self.local_for(&next).unwrap_or(local);
-                self.transmits.push_back(Transmit {
+                if self.queue_transmit(Transmit {
                     src,
                     dst: next,
                     payload,
-                });
+                }) {
+                    self.stats.forwarded += 1;
+                }
             }
             // SOURCE full: the path is too long.
             Err(_) => self.stats.hop_limit_drops += 1,
@@ -751,13 +763,13 @@ impl Endpoint {
         // for a SYN straight from the client that is the client).
         if let Ok(payload) = r.to_bytes(&[])
             && payload.len() <= syn_len
-        {
-            self.stats.nacks_sent += 1;
-            self.transmits.push_back(Transmit {
+            && self.queue_transmit(Transmit {
                 src: local,
                 dst: remote,
                 payload,
-            });
+            })
+        {
+            self.stats.nacks_sent += 1;
         }
     }
 
@@ -824,11 +836,13 @@ impl Endpoint {
                 len: data.len(),
                 max,
             })?;
-        self.transmits.push_back(Transmit {
+        if !self.queue_transmit(Transmit {
             src: local,
             dst: next_hop,
             payload: bytes,
-        });
+        }) {
+            return Err(DatagramError::QueueFull);
+        }
         Ok(())
     }
 
@@ -950,6 +964,17 @@ impl Endpoint {
         self.free.push(h.0);
     }
 
+    /// Queues a datagram of the endpoint's own (not a connection's); `false` if the queue is
+    /// full and it was dropped.
+    fn queue_transmit(&mut self, t: Transmit) -> bool {
+        if self.transmits.len() >= self.config.max_queued_transmits {
+            self.stats.transmit_queue_drops += 1;
+            return false;
+        }
+        self.transmits.push_back(t);
+        true
+    }
+
     /// The next datagram to send, in a new buffer (a convenience over
     /// [`Endpoint::poll_transmit_into`], which does not allocate).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
@@ -1056,6 +1081,40 @@ mod tests {
             moved
         }
         while deliver(a, b, now) | deliver(b, a, now) {}
+    }
+
+    #[test]
+    fn a_syn_flood_faster_than_the_caller_sends_costs_bounded_memory() {
+        let now = Instant::ZERO;
+        let config = EndpointConfig {
+            max_queued_transmits: 10,
+            ..EndpointConfig::default()
+        };
+        let router_loc = loc("10.0.0.3:1");
+        let mut router = Endpoint::new(
+            config,
+            [3; 32],
+            Arc::new(ServiceTable::new()),
+            vec![router_loc],
+        );
+        let svc = ServiceId::from_name("flood.test").unwrap();
+        router
+            .table()
+            .add_target(
+                ServicePrefix::exact(svc),
+                Target::new(Action::Forward(loc("10.0.0.2:1")), 0, 1),
+            )
+            .unwrap();
+        let mut client = endpoint("10.0.0.1:1", 1);
+        for _ in 0..25 {
+            client.connect_via(now, svc, router_loc).unwrap();
+        }
+        while let Some(t) = client.poll_transmit(now) {
+            router.handle_datagram(now, t.dst, t.src, &t.payload);
+        }
+        let st = router.stats();
+        assert_eq!((st.forwarded, st.transmit_queue_drops), (10, 15));
+        assert_eq!(std::iter::from_fn(|| router.poll_transmit(now)).count(), 10);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) fn datagram_error(e: DatagramError) -> io::Error {
         DatagramError::NoRoute(_) => io::ErrorKind::HostUnreachable,
         DatagramError::TooLarge { .. } => io::ErrorKind::InvalidInput,
         DatagramError::NoLocalAddress(_) => io::ErrorKind::AddrNotAvailable,
+        DatagramError::QueueFull => io::ErrorKind::WouldBlock,
     };
     io::Error::new(kind, e)
 }
