@@ -28,11 +28,15 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 
 use crate::Instant;
 pub use crate::connection::CloseReason;
+use crate::registrar::{Registrar, RegistrarEvent};
+
+mod registration;
 use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
 };
 use crate::schedule::Schedule;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
+pub use registration::RegistrationRequest;
 
 /// Handle of a connection inside its [`Endpoint`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,6 +92,13 @@ pub enum Event {
         /// What it served.
         prefix: ServicePrefix,
     },
+    /// A REGISTER or UNREGISTER arrived at an endpoint that serves registrations
+    /// ([`Endpoint::set_serve_registrations`]); answer it with
+    /// [`Endpoint::answer_registration`].
+    RegistrationRequest(RegistrationRequest),
+    /// The registration of a prefix with this endpoint's router changed state
+    /// ([`Endpoint::set_router`]).
+    Registrar(RegistrarEvent),
 }
 
 /// Configuration of an [`Endpoint`].
@@ -154,12 +165,24 @@ pub struct EndpointStats {
     pub datagrams_received: u64,
     /// Datagrams by name dropped: no rule, DROP, a full queue, or a bad payload.
     pub datagrams_dropped: u64,
+    /// Registration messages that did not parse (also counted in `malformed`).
+    pub registrations_malformed: u64,
+    /// Registration requests handed to the application (an endpoint serving registrations).
+    pub registration_requests: u64,
+    /// Registration answers sent by the application.
+    pub registration_answers: u64,
+    /// Registration messages dropped as out of place: a request at an endpoint that serves
+    /// none, or an answer that matches no outstanding request of the registrar.
+    pub registrations_unexpected: u64,
     /// Datagrams not queued because [`EndpointConfig::max_queued_transmits`] were waiting.
     pub transmit_queue_drops: u64,
 }
 
 struct Listener {
     prefix: ServicePrefix,
+    /// Its weight and priority, which the registrar registers (summed per prefix).
+    weight: u32,
+    priority: u32,
     /// Whether it takes connections (a datagram-only listener NACKs SYNs).
     streams: bool,
     queue: VecDeque<ConnectionHandle>,
@@ -226,6 +249,10 @@ pub struct Endpoint {
     scratch: Vec<u8>,
     /// Reused by [`Endpoint::handle_timeout`].
     due: Vec<usize>,
+    /// Registers the listeners with a router, once one is set.
+    registrar: Option<Registrar>,
+    /// Whether registration requests go to the application (a router) or are dropped.
+    serve_registrations: bool,
 }
 
 impl Endpoint {
@@ -254,6 +281,8 @@ impl Endpoint {
             schedule: Schedule::default(),
             scratch: Vec::new(),
             due: Vec::new(),
+            registrar: None,
+            serve_registrations: false,
         }
     }
 
@@ -272,11 +301,13 @@ impl Endpoint {
         if !self.locals.contains(&loc) {
             self.locals.push(loc);
         }
+        self.locals_changed();
     }
 
     /// Removes a local locator; flows using it keep it until migrated.
     pub fn remove_local(&mut self, loc: &Locator) {
         self.locals.retain(|l| l != loc);
+        self.locals_changed();
     }
 
     /// Counters.
@@ -445,6 +476,8 @@ impl Endpoint {
             id,
             Listener {
                 prefix,
+                weight: weight.max(1),
+                priority,
                 streams,
                 queue: VecDeque::new(),
                 datagrams: VecDeque::new(),
@@ -454,6 +487,7 @@ impl Endpoint {
             listener: id,
             prefix,
         });
+        self.registration_changed(prefix);
         id
     }
 
@@ -471,6 +505,7 @@ impl Endpoint {
             listener: id,
             prefix: l.prefix,
         });
+        self.registration_changed(l.prefix);
     }
 
     /// The next established connection of a listener.
@@ -566,7 +601,9 @@ impl Endpoint {
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.events
+            .pop_front()
+            .or_else(|| self.poll_registrar_event())
     }
 
     /// Handles one received UDP datagram.
@@ -576,6 +613,10 @@ impl Endpoint {
             self.stats.malformed += 1;
             return;
         };
+        if pkt.protocol() == Protocol::REGISTRATION {
+            self.handle_registration(now, local, remote, &pkt);
+            return;
+        }
         let dst = pkt.dst_flow();
         if dst.is_none() {
             // Only a SYN or a datagram by name travels without a destination flow.
@@ -999,6 +1040,9 @@ impl Endpoint {
             out.extend_from_slice(&t.payload);
             return Some((t.src, t.dst));
         }
+        if let Some(route) = self.poll_registrar_transmit(now, out) {
+            return Some(route);
+        }
         while let Some(i) = self.schedule.pop_ready() {
             let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
                 continue;
@@ -1019,7 +1063,10 @@ impl Endpoint {
 
     /// The earliest time [`Endpoint::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.schedule.next_deadline()
+        match (self.schedule.next_deadline(), self.registrar_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs every timer that is due at `now` (each connection's once per call, even if its
@@ -1036,6 +1083,7 @@ impl Endpoint {
         }
         due.clear();
         self.due = due;
+        self.registrar_handle_timeout(now);
     }
 }
 

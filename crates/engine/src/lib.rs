@@ -10,6 +10,7 @@ pub mod connection;
 pub mod crypto;
 pub mod endpoint;
 pub mod frame;
+pub mod registrar;
 mod schedule;
 pub mod time;
 pub mod transport;

@@ -142,7 +142,10 @@ impl State {
                         .registrations
                         .send(Registration::Unregistered { prefix, locators });
                 }
-                Event::Migrated(..) | Event::PeerMigrated(..) => {}
+                Event::Migrated(..)
+                | Event::PeerMigrated(..)
+                | Event::RegistrationRequest(_)
+                | Event::Registrar(_) => {}
             }
         }
     }

@@ -1,0 +1,937 @@
+//! The registrar: an instance's side of registration with a service router (sans-IO).
+//!
+//! An endpoint that has a router registers every prefix it serves there, so that the router
+//! forwards SYNs for it (DESIGN.md §4, "active sockets"). The registrar keeps one entry per
+//! prefix and, driven by the caller's clock:
+//!
+//! * sends a REGISTER and retransmits it with exponential backoff ([`LeaseConfig::initial_rto`]
+//!   doubling up to [`LeaseConfig::max_rto`]) until the router answers;
+//! * on an ACK, refreshes the lease every [`LeaseConfig::refresh`] (but at least three times per
+//!   granted TTL, whatever the router granted), each refresh a new request retransmitted the
+//!   same way;
+//! * reports [`RegistrarEvent::Registered`], [`RegistrarEvent::Rejected`] (asking again after
+//!   [`LeaseConfig::retry_after_reject`]) and [`RegistrarEvent::Unreachable`] (no answer before
+//!   the lease, or the first request's TTL, ran out — it keeps trying at the backoff cap, and
+//!   reports `Registered` again when the router answers);
+//! * when the endpoint's locator changes, registers every prefix again from the new one (the
+//!   router replaces the old registration because the instance token matches);
+//! * on [`Registrar::unregister`] (a listener closed) sends an UNREGISTER, retransmitted up to
+//!   [`LeaseConfig::unregister_attempts`] times until acknowledged, then forgets it: best
+//!   effort, since the lease expires anyway.
+//!
+//! It never reads a clock: [`Registrar::poll_transmit`], [`Registrar::handle_timeout`] and
+//! [`Registrar::handle_answer`] take `now`, and [`Registrar::poll_timeout`] says when to call
+//! again. Answers are accepted only from the router, and only when they echo an outstanding
+//! request's ID, the instance token and the prefix (`docs/wire.md` §11.2).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
+use serval_wire::{Locator, ServicePrefix};
+
+use crate::Instant;
+
+/// Lease and retransmission settings of a [`Registrar`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// The lease asked for in each REGISTER (the router may clamp it). Default 3 s: a dead
+    /// instance stops receiving new connections within about that long.
+    pub ttl: Duration,
+    /// How often a registration is refreshed. Default 1 s. The registrar refreshes at least
+    /// three times per *granted* TTL, whatever this says.
+    pub refresh: Duration,
+    /// First retransmission timeout of a request; it doubles with each retransmission.
+    /// Default 250 ms.
+    pub initial_rto: Duration,
+    /// Largest retransmission timeout (also the retry period while the router is
+    /// unreachable). Default 500 ms: five tries fit in the two thirds of a lease left after a
+    /// refresh starts, so even at 30% loss a lease rarely lapses.
+    pub max_rto: Duration,
+    /// Sends of an UNREGISTER before giving up on its acknowledgement. Default 3.
+    pub unregister_attempts: u32,
+    /// After a REJECT, how long before asking again. Default 10 s.
+    pub retry_after_reject: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: Duration::from_secs(3),
+            refresh: Duration::from_secs(1),
+            initial_rto: Duration::from_millis(250),
+            max_rto: Duration::from_millis(500),
+            unregister_attempts: 3,
+            retry_after_reject: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shortest refresh period, whatever the router grants (guards against a router granting a
+/// TTL of a few milliseconds turning the instance into a packet generator).
+pub const MIN_REFRESH: Duration = Duration::from_millis(50);
+
+/// Where one prefix's registration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationState {
+    /// Asked, not answered yet (or no router / no local address to ask from).
+    Registering,
+    /// The router holds it.
+    Registered {
+        /// The TTL granted.
+        ttl: Duration,
+        /// When the lease runs out unless refreshed (counted, conservatively, from the first
+        /// send of the request the router acknowledged).
+        lease_end: Instant,
+    },
+    /// The router refused it.
+    Rejected(RejectReason),
+    /// The router did not answer in time; the registrar keeps asking.
+    Unreachable,
+}
+
+/// A change in a registration's state, for the application and its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrarEvent {
+    /// The router acknowledged the registration (first time, or again after a rejection,
+    /// an outage or a locator change).
+    Registered {
+        /// The prefix.
+        prefix: ServicePrefix,
+        /// The router.
+        router: Locator,
+        /// The TTL granted.
+        ttl: Duration,
+    },
+    /// The router refused it.
+    Rejected {
+        /// The prefix.
+        prefix: ServicePrefix,
+        /// The router.
+        router: Locator,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// No answer before the lease (or the first request's TTL) ran out.
+    Unreachable {
+        /// The prefix.
+        prefix: ServicePrefix,
+        /// The router.
+        router: Locator,
+    },
+}
+
+/// Counters of a [`Registrar`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrarStats {
+    /// REGISTER and UNREGISTER messages sent, retransmissions included.
+    pub sent: u64,
+    /// Of those, retransmissions.
+    pub retransmitted: u64,
+    /// Answers that matched an outstanding request.
+    pub answers: u64,
+    /// Answers ignored: from another host, or matching no outstanding request.
+    pub ignored: u64,
+    /// UNREGISTERs given up on without an acknowledgement.
+    pub unregisters_abandoned: u64,
+}
+
+/// A request in flight.
+#[derive(Debug, Clone)]
+struct Pending {
+    request: RegistrationRepr,
+    /// When it was first sent (`None`: not yet).
+    first_sent: Option<Instant>,
+    /// When to send it (again).
+    send_at: Instant,
+    rto: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    weight: u32,
+    priority: u32,
+    state: RegistrationState,
+    pending: Option<Pending>,
+    /// When to start the next request while none is pending (refresh, retry after reject).
+    next_request: Option<Instant>,
+    /// Whether this entry ever sent a REGISTER to the current router (so an UNREGISTER is
+    /// worth sending).
+    sent_any: bool,
+}
+
+/// An UNREGISTER in flight (the prefix is gone from the entries).
+#[derive(Debug, Clone)]
+struct Leaving {
+    dst: Locator,
+    request: RegistrationRepr,
+    send_at: Instant,
+    rto: Duration,
+    sends_left: u32,
+}
+
+/// The instance side of registration; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Registrar {
+    config: LeaseConfig,
+    instance: u64,
+    next_id: u32,
+    router: Option<Locator>,
+    local: Option<Locator>,
+    entries: BTreeMap<ServicePrefix, Entry>,
+    leaving: Vec<Leaving>,
+    out: VecDeque<(Locator, RegistrationRepr)>,
+    events: VecDeque<RegistrarEvent>,
+    /// The earliest deadline of anything above (`Instant::ZERO`: work to do at once).
+    wake_at: Option<Instant>,
+    stats: RegistrarStats,
+}
+
+impl Registrar {
+    /// A registrar with no router yet. `instance` is the token that identifies this instance
+    /// across locator changes and `first_request_id` the first request ID; both should come
+    /// from the caller's random source.
+    pub fn new(config: LeaseConfig, instance: u64, first_request_id: u32) -> Registrar {
+        Registrar {
+            config,
+            instance,
+            next_id: first_request_id,
+            router: None,
+            local: None,
+            entries: BTreeMap::new(),
+            leaving: Vec::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            wake_at: None,
+            stats: RegistrarStats::default(),
+        }
+    }
+
+    /// The lease settings.
+    pub fn config(&self) -> &LeaseConfig {
+        &self.config
+    }
+
+    /// Changes the lease settings; they apply from the next request.
+    pub fn set_config(&mut self, config: LeaseConfig) {
+        self.config = config;
+    }
+
+    /// The instance token.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The router registrations go to.
+    pub fn router(&self) -> Option<Locator> {
+        self.router
+    }
+
+    /// The local locator registrations are sent from (what the router will register).
+    pub fn local(&self) -> Option<Locator> {
+        self.local
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &RegistrarStats {
+        &self.stats
+    }
+
+    /// Where the registration of `prefix` stands, if it is registered here.
+    pub fn state(&self, prefix: &ServicePrefix) -> Option<RegistrationState> {
+        self.entries.get(prefix).map(|e| e.state)
+    }
+
+    /// Every prefix with its weight, priority and state.
+    pub fn registrations(
+        &self,
+    ) -> impl Iterator<Item = (ServicePrefix, u32, u32, RegistrationState)> {
+        self.entries
+            .iter()
+            .map(|(p, e)| (*p, e.weight, e.priority, e.state))
+    }
+
+    fn request_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    fn new_pending(&mut self, prefix: ServicePrefix, weight: u32, priority: u32) -> Pending {
+        let ttl_ms = u32::try_from(self.config.ttl.as_millis()).unwrap_or(u32::MAX);
+        let id = self.request_id();
+        Pending {
+            request: RegistrationRepr::register(
+                id,
+                self.instance,
+                prefix,
+                weight.max(1),
+                priority,
+                ttl_ms,
+            ),
+            first_sent: None,
+            send_at: Instant::ZERO,
+            rto: self.config.initial_rto,
+        }
+    }
+
+    /// Starts an UNREGISTER of `prefix` at `dst` (replacing one already under way there).
+    fn leave(&mut self, dst: Locator, prefix: ServicePrefix, weight: u32, priority: u32) {
+        self.leaving
+            .retain(|l| !(l.dst == dst && l.request.prefix == prefix));
+        let id = self.request_id();
+        let request =
+            RegistrationRepr::register(0, self.instance, prefix, weight.max(1), priority, 0)
+                .unregister(id);
+        self.leaving.push(Leaving {
+            dst,
+            request,
+            send_at: Instant::ZERO,
+            rto: self.config.initial_rto,
+            sends_left: self.config.unregister_attempts.max(1),
+        });
+        self.wake_at = Some(Instant::ZERO);
+    }
+
+    /// Registers `prefix` with `weight` (at least 1) and `priority`, or changes them. Sent at
+    /// the next [`poll_transmit`](Self::poll_transmit), if there is a router.
+    pub fn register(&mut self, prefix: ServicePrefix, weight: u32, priority: u32) {
+        let weight = weight.max(1);
+        // Registering again supersedes an UNREGISTER still under way at this router.
+        let router = self.router;
+        self.leaving
+            .retain(|l| !(Some(l.dst) == router && l.request.prefix == prefix));
+        if let Some(e) = self.entries.get(&prefix)
+            && e.weight == weight
+            && e.priority == priority
+        {
+            return;
+        }
+        let pending = self
+            .router
+            .is_some()
+            .then(|| self.new_pending(prefix, weight, priority));
+        let e = self.entries.entry(prefix).or_insert(Entry {
+            weight,
+            priority,
+            state: RegistrationState::Registering,
+            pending: None,
+            next_request: None,
+            sent_any: false,
+        });
+        e.weight = weight;
+        e.priority = priority;
+        e.pending = pending;
+        e.next_request = None;
+        self.wake_at = Some(Instant::ZERO);
+    }
+
+    /// Stops registering `prefix` and, if the router may hold it, unregisters it (best
+    /// effort).
+    pub fn unregister(&mut self, prefix: &ServicePrefix) {
+        let Some(e) = self.entries.remove(prefix) else {
+            return;
+        };
+        if let Some(router) = self.router
+            && e.sent_any
+        {
+            self.leave(router, *prefix, e.weight, e.priority);
+        }
+    }
+
+    /// Unregisters everything.
+    pub fn close(&mut self) {
+        let prefixes: Vec<ServicePrefix> = self.entries.keys().copied().collect();
+        for p in prefixes {
+            self.unregister(&p);
+        }
+    }
+
+    /// Registers with `router` from now on (`None`: with no router). What the previous router
+    /// held is unregistered there; every prefix is registered with the new one.
+    pub fn set_router(&mut self, router: Option<Locator>) {
+        if router == self.router {
+            return;
+        }
+        if let Some(old) = self.router {
+            let held: Vec<(ServicePrefix, u32, u32)> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.sent_any)
+                .map(|(p, e)| (*p, e.weight, e.priority))
+                .collect();
+            for (p, w, pr) in held {
+                self.leave(old, p, w, pr);
+            }
+        }
+        self.router = router;
+        self.restart_all();
+    }
+
+    /// The endpoint now sends to the router from `local` (`None`: it has no address of the
+    /// router's family). A change registers every prefix again from there.
+    pub fn set_local(&mut self, local: Option<Locator>) {
+        if local == self.local {
+            return;
+        }
+        self.local = local;
+        self.restart_all();
+    }
+
+    /// Every entry starts over with a fresh REGISTER (new router or new locator).
+    fn restart_all(&mut self) {
+        let prefixes: Vec<(ServicePrefix, u32, u32)> = self
+            .entries
+            .iter()
+            .map(|(p, e)| (*p, e.weight, e.priority))
+            .collect();
+        for (p, w, pr) in prefixes {
+            let pending = self.router.is_some().then(|| self.new_pending(p, w, pr));
+            if let Some(e) = self.entries.get_mut(&p) {
+                e.state = RegistrationState::Registering;
+                e.pending = pending;
+                e.next_request = None;
+                e.sent_any = false;
+            }
+        }
+        self.wake_at = Some(Instant::ZERO);
+    }
+
+    /// Handles an ACK or REJECT from `from`. Returns whether it answered an outstanding
+    /// request (anything else is ignored and counted).
+    pub fn handle_answer(
+        &mut self,
+        now: Instant,
+        from: Locator,
+        answer: &RegistrationRepr,
+    ) -> bool {
+        let accepted = self.answer(now, from, answer);
+        if accepted {
+            self.stats.answers += 1;
+            self.recompute_wake();
+        } else {
+            self.stats.ignored += 1;
+        }
+        accepted
+    }
+
+    fn answer(&mut self, now: Instant, from: Locator, answer: &RegistrationRepr) -> bool {
+        if answer.ty.is_request() {
+            return false;
+        }
+        if let Some(i) = self
+            .leaving
+            .iter()
+            .position(|l| l.dst == from && l.request.is_answered_by(answer))
+        {
+            self.leaving.swap_remove(i);
+            return true;
+        }
+        let Some(router) = self.router.filter(|r| *r == from) else {
+            return false;
+        };
+        let Some(e) = self.entries.get_mut(&answer.prefix) else {
+            return false;
+        };
+        let Some(p) = e
+            .pending
+            .as_ref()
+            .filter(|p| p.request.is_answered_by(answer))
+        else {
+            return false;
+        };
+        let first_sent = p.first_sent.unwrap_or(now);
+        e.pending = None;
+        let prefix = answer.prefix;
+        match answer.ty {
+            MessageType::Ack => {
+                let ttl = Duration::from_millis(u64::from(answer.ttl_ms));
+                let lease_end = first_sent.checked_add(ttl).unwrap_or(first_sent);
+                let period = self.config.refresh.min(ttl / 3).max(MIN_REFRESH);
+                e.next_request = now.checked_add(period);
+                let was_registered = matches!(e.state, RegistrationState::Registered { .. });
+                e.state = RegistrationState::Registered { ttl, lease_end };
+                if !was_registered {
+                    self.events.push_back(RegistrarEvent::Registered {
+                        prefix,
+                        router,
+                        ttl,
+                    });
+                }
+            }
+            MessageType::Reject(reason) => {
+                e.state = RegistrationState::Rejected(reason);
+                e.next_request = now.checked_add(self.config.retry_after_reject);
+                self.events.push_back(RegistrarEvent::Rejected {
+                    prefix,
+                    router,
+                    reason,
+                });
+            }
+            MessageType::Register | MessageType::Unregister => {}
+        }
+        true
+    }
+
+    /// The next message to send and where to (the router, or a previous router for an
+    /// UNREGISTER). Call until `None` after every input.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(Locator, RegistrationRepr)> {
+        if self.out.is_empty() && self.wake_at.is_some_and(|t| t <= now) {
+            self.process(now);
+        }
+        self.out.pop_front()
+    }
+
+    /// The earliest time [`handle_timeout`](Self::handle_timeout) (or
+    /// [`poll_transmit`](Self::poll_transmit)) has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wake_at
+    }
+
+    /// Runs what is due at `now`: retransmissions, refreshes, unreachable-router detection.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.wake_at.is_some_and(|t| t <= now) {
+            self.process(now);
+        }
+    }
+
+    /// The next state change.
+    pub fn poll_event(&mut self) -> Option<RegistrarEvent> {
+        self.events.pop_front()
+    }
+
+    fn process(&mut self, now: Instant) {
+        let (ttl, max_rto) = (self.config.ttl, self.config.max_rto);
+        let can_send = self.local.is_some();
+        if let Some(router) = self.router {
+            let prefixes: Vec<ServicePrefix> = self.entries.keys().copied().collect();
+            for prefix in prefixes {
+                // Start a refresh, or a retry after a rejection.
+                let start = self.entries.get(&prefix).is_some_and(|e| {
+                    e.pending.is_none() && e.next_request.is_some_and(|t| t <= now)
+                });
+                if start {
+                    let (w, p) = self
+                        .entries
+                        .get(&prefix)
+                        .map_or((1, 0), |e| (e.weight, e.priority));
+                    let pending = self.new_pending(prefix, w, p);
+                    if let Some(e) = self.entries.get_mut(&prefix) {
+                        e.pending = Some(pending);
+                        e.next_request = None;
+                    }
+                }
+                let Some(e) = self.entries.get_mut(&prefix) else {
+                    continue;
+                };
+                if let Some(p) = e.pending.as_mut() {
+                    if p.send_at <= now {
+                        if can_send {
+                            self.out.push_back((router, p.request));
+                            self.stats.sent += 1;
+                            if p.first_sent.is_some() {
+                                self.stats.retransmitted += 1;
+                            }
+                            e.sent_any = true;
+                        }
+                        p.first_sent.get_or_insert(now);
+                        p.send_at = now.checked_add(p.rto).unwrap_or(now);
+                        p.rto = p.rto.saturating_mul(2).min(max_rto);
+                    }
+                    // No answer before the lease (or the request's own TTL) ran out.
+                    let deadline = match e.state {
+                        RegistrationState::Registered { lease_end, .. } => Some(lease_end),
+                        RegistrationState::Registering => {
+                            p.first_sent.and_then(|t| t.checked_add(ttl))
+                        }
+                        RegistrationState::Rejected(_) | RegistrationState::Unreachable => None,
+                    };
+                    if deadline.is_some_and(|d| d <= now) {
+                        e.state = RegistrationState::Unreachable;
+                        self.events
+                            .push_back(RegistrarEvent::Unreachable { prefix, router });
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.leaving.len() {
+            let l = &mut self.leaving[i];
+            if l.send_at <= now {
+                if l.sends_left == 0 {
+                    self.stats.unregisters_abandoned += 1;
+                    self.leaving.swap_remove(i);
+                    continue;
+                }
+                // The caller picks a source of the right family (or drops it if it has none).
+                self.out.push_back((l.dst, l.request));
+                self.stats.sent += 1;
+                l.sends_left -= 1;
+                l.send_at = now.checked_add(l.rto).unwrap_or(now);
+                l.rto = l.rto.saturating_mul(2).min(max_rto);
+            }
+            i += 1;
+        }
+        self.recompute_wake();
+    }
+
+    fn recompute_wake(&mut self) {
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if self.router.is_some() {
+            for e in self.entries.values() {
+                match &e.pending {
+                    Some(p) => {
+                        at(p.send_at);
+                        if let RegistrationState::Registered { lease_end, .. } = e.state {
+                            at(lease_end);
+                        } else if let (RegistrationState::Registering, Some(t)) =
+                            (e.state, p.first_sent)
+                            && let Some(d) = t.checked_add(self.config.ttl)
+                        {
+                            at(d);
+                        }
+                    }
+                    None => {
+                        if let Some(t) = e.next_request {
+                            at(t);
+                        }
+                    }
+                }
+            }
+        }
+        for l in &self.leaving {
+            at(l.send_at);
+        }
+        self.wake_at = wake;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serval_wire::ServiceId;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn loc(s: &str) -> Locator {
+        s.parse().unwrap()
+    }
+
+    fn prefix(name: &str) -> ServicePrefix {
+        ServicePrefix::exact(ServiceId::from_name(name).unwrap())
+    }
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_nanos(ms * 1_000_000)
+    }
+
+    fn registrar() -> Registrar {
+        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
+        r.set_router(Some(loc("10.0.0.9:54324")));
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        r
+    }
+
+    fn sent(r: &mut Registrar, now: Instant) -> Vec<(Locator, RegistrationRepr)> {
+        std::iter::from_fn(|| r.poll_transmit(now)).collect()
+    }
+
+    fn events(r: &mut Registrar) -> Vec<RegistrarEvent> {
+        std::iter::from_fn(|| r.poll_event()).collect()
+    }
+
+    /// Advances to each deadline up to `until`, collecting what is sent.
+    fn run(r: &mut Registrar, from: Instant, until: Instant) -> Vec<(Instant, RegistrationRepr)> {
+        let mut out = Vec::new();
+        let mut now = from;
+        loop {
+            r.handle_timeout(now);
+            out.extend(sent(r, now).into_iter().map(|(_, m)| (now, m)));
+            match r.poll_timeout() {
+                Some(t) if t <= until => now = t.max(now),
+                _ => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn registers_at_once_and_backs_off_until_answered() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 3, 1);
+        assert_eq!(r.poll_timeout(), Some(Instant::ZERO));
+        let sends = run(&mut r, at(0), at(2999));
+        let times: Vec<u64> = sends
+            .iter()
+            .map(|(t, _)| t.as_nanos() / 1_000_000)
+            .collect();
+        // 250, then capped at 500 ms.
+        assert_eq!(times, [0, 250, 750, 1250, 1750, 2250, 2750]);
+        let req = sends[0].1;
+        assert!(sends.iter().all(|(_, m)| *m == req), "same request ID");
+        assert_eq!(req.ty, MessageType::Register);
+        assert_eq!((req.weight, req.priority, req.ttl_ms), (3, 1, 3000));
+        assert_eq!(req.instance, 0xabcd);
+        assert!(events(&mut r).is_empty());
+        // The first request's TTL has passed without an answer: the router is unreachable.
+        run(&mut r, at(2999), at(3000));
+        assert_eq!(
+            events(&mut r),
+            [RegistrarEvent::Unreachable {
+                prefix: p,
+                router: loc("10.0.0.9:54324")
+            }]
+        );
+        assert_eq!(r.state(&p), Some(RegistrationState::Unreachable));
+        // It keeps asking at the cap, and an answer brings it back.
+        let later = run(&mut r, at(3000), at(5000));
+        assert_eq!(later.len(), 4);
+        assert!(r.handle_answer(at(5000), loc("10.0.0.9:54324"), &req.ack(3000)));
+        assert!(matches!(
+            events(&mut r)[..],
+            [RegistrarEvent::Registered { ttl, .. }] if ttl == 3000 * MS
+        ));
+    }
+
+    #[test]
+    fn refreshes_at_the_period_with_a_new_request_each_time() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        assert!(r.handle_answer(at(10), loc("10.0.0.9:54324"), &req.ack(3000)));
+        assert_eq!(
+            r.state(&p),
+            Some(RegistrationState::Registered {
+                ttl: 3000 * MS,
+                lease_end: at(3000)
+            })
+        );
+        assert_eq!(r.poll_timeout(), Some(at(1010)));
+        let s = run(&mut r, at(10), at(1010));
+        assert_eq!(s.len(), 1);
+        assert_ne!(s[0].1.request_id, req.request_id);
+        // A late ACK of the old request is ignored.
+        assert!(!r.handle_answer(at(1011), loc("10.0.0.9:54324"), &req.ack(3000)));
+        assert!(r.handle_answer(at(1020), loc("10.0.0.9:54324"), &s[0].1.ack(3000)));
+        // No second Registered event for a refresh.
+        assert_eq!(events(&mut r).len(), 1);
+        assert_eq!(r.stats().ignored, 1);
+    }
+
+    #[test]
+    fn refresh_is_at_least_three_per_granted_ttl() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        // The router clamped the lease to 600 ms: refresh every 200 ms, not every second.
+        r.handle_answer(at(0), loc("10.0.0.9:54324"), &req.ack(600));
+        assert_eq!(r.poll_timeout(), Some(at(200)));
+        // A silly grant of 0 ms still refreshes no faster than MIN_REFRESH.
+        let s = run(&mut r, at(0), at(200));
+        r.handle_answer(at(200), loc("10.0.0.9:54324"), &s[0].1.ack(0));
+        assert_eq!(r.poll_timeout(), Some(at(200) + MIN_REFRESH));
+    }
+
+    #[test]
+    fn lost_refreshes_end_in_unreachable_when_the_lease_runs_out() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(at(5), loc("10.0.0.9:54324"), &req.ack(3000));
+        events(&mut r);
+        // Refreshes from 1005 ms on are never answered; the lease ends at 3000.
+        let s = run(&mut r, at(5), at(2999));
+        assert_eq!(s.len(), 5, "{s:?}");
+        assert!(events(&mut r).is_empty());
+        run(&mut r, at(2999), at(3000));
+        assert!(matches!(
+            events(&mut r)[..],
+            [RegistrarEvent::Unreachable { .. }]
+        ));
+    }
+
+    #[test]
+    fn reject_is_reported_and_retried_later() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(
+            at(1),
+            loc("10.0.0.9:54324"),
+            &req.reject(RejectReason::NOT_ACCEPTED),
+        );
+        assert_eq!(
+            events(&mut r),
+            [RegistrarEvent::Rejected {
+                prefix: p,
+                router: loc("10.0.0.9:54324"),
+                reason: RejectReason::NOT_ACCEPTED
+            }]
+        );
+        assert_eq!(r.poll_timeout(), Some(at(10_001)));
+        // No unreachable report while rejected, and the retry is a new REGISTER.
+        let s = run(&mut r, at(1), at(10_001));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].1.ty, MessageType::Register);
+        assert!(events(&mut r).is_empty());
+    }
+
+    #[test]
+    fn answers_must_come_from_the_router_and_echo_the_request() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        let router = loc("10.0.0.9:54324");
+        assert!(!r.handle_answer(at(1), loc("10.6.6.6:54324"), &req.ack(3000)));
+        let forged = [
+            RegistrationRepr {
+                request_id: req.request_id ^ 1,
+                ..req.ack(3000)
+            },
+            RegistrationRepr {
+                instance: 1,
+                ..req.ack(3000)
+            },
+            RegistrationRepr {
+                prefix: prefix("other.test"),
+                ..req.ack(3000)
+            },
+            req,
+        ];
+        for f in forged {
+            assert!(!r.handle_answer(at(1), router, &f), "{f}");
+        }
+        assert_eq!(r.stats().ignored, 5);
+        assert_eq!(r.state(&p), Some(RegistrationState::Registering));
+    }
+
+    #[test]
+    fn unregister_is_sent_at_once_and_retransmitted_a_few_times() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 2, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(at(1), loc("10.0.0.9:54324"), &req.ack(3000));
+        r.unregister(&p);
+        assert_eq!(r.state(&p), None);
+        let s = run(&mut r, at(2), at(60_000));
+        assert_eq!(s.len(), 3, "{s:?}");
+        let times: Vec<u64> = s.iter().map(|(t, _)| t.as_nanos() / 1_000_000).collect();
+        assert_eq!(times, [2, 252, 752]);
+        assert!(
+            s.iter()
+                .all(|(_, m)| m.ty == MessageType::Unregister && m.prefix == p && m.weight == 2)
+        );
+        assert_eq!(r.poll_timeout(), None);
+        assert_eq!(r.stats().unregisters_abandoned, 1);
+
+        // Acknowledged at once: no retransmission.
+        let mut r = registrar();
+        r.register(p, 2, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(at(1), loc("10.0.0.9:54324"), &req.ack(3000));
+        r.unregister(&p);
+        let unreg = sent(&mut r, at(2))[0].1;
+        assert!(r.handle_answer(at(3), loc("10.0.0.9:54324"), &unreg.ack(0)));
+        assert_eq!(r.poll_timeout(), None);
+    }
+
+    #[test]
+    fn nothing_is_unregistered_that_was_never_sent() {
+        let mut r = Registrar::new(LeaseConfig::default(), 1, 1);
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        r.unregister(&p);
+        assert!(sent(&mut r, at(0)).is_empty());
+        assert_eq!(r.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_new_locator_registers_again() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(at(1), loc("10.0.0.9:54324"), &req.ack(3000));
+        events(&mut r);
+        r.set_local(Some(loc("10.0.7.1:54324")));
+        assert_eq!(r.state(&p), Some(RegistrationState::Registering));
+        let s = sent(&mut r, at(500));
+        assert_eq!(s.len(), 1);
+        // Same instance token (so the router replaces the old locator), new request.
+        assert_eq!(s[0].1.instance, req.instance);
+        assert_ne!(s[0].1.request_id, req.request_id);
+        r.handle_answer(at(510), loc("10.0.0.9:54324"), &s[0].1.ack(3000));
+        assert_eq!(events(&mut r).len(), 1);
+    }
+
+    #[test]
+    fn a_new_router_gets_everything_and_the_old_one_unregisters() {
+        let mut r = registrar();
+        let (a, b) = (prefix("a.test"), prefix("b.test"));
+        r.register(a, 1, 0);
+        r.register(b, 1, 0);
+        let reqs = sent(&mut r, at(0));
+        assert_eq!(reqs.len(), 2);
+        r.set_router(Some(loc("10.0.0.8:54324")));
+        let s = sent(&mut r, at(1));
+        let to_old: Vec<_> = s
+            .iter()
+            .filter(|(d, _)| *d == loc("10.0.0.9:54324"))
+            .map(|(_, m)| m.ty)
+            .collect();
+        let to_new: Vec<_> = s
+            .iter()
+            .filter(|(d, _)| *d == loc("10.0.0.8:54324"))
+            .map(|(_, m)| m.ty)
+            .collect();
+        assert_eq!(to_old, [MessageType::Unregister; 2]);
+        assert_eq!(to_new, [MessageType::Register; 2]);
+        // Without a router nothing is sent, and the entries wait.
+        r.set_router(None);
+        let s = sent(&mut r, at(2));
+        assert!(
+            s.iter()
+                .all(|(d, m)| *d == loc("10.0.0.8:54324") && m.ty == MessageType::Unregister)
+        );
+        assert_eq!(r.state(&a), Some(RegistrationState::Registering));
+    }
+
+    #[test]
+    fn a_weight_change_sends_a_new_request_and_the_same_one_does_not() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(at(1), loc("10.0.0.9:54324"), &req.ack(3000));
+        r.register(p, 1, 0);
+        assert!(sent(&mut r, at(2)).is_empty());
+        r.register(p, 5, 0);
+        let s = sent(&mut r, at(3));
+        assert_eq!(s[0].1.weight, 5);
+        // Still registered (the old lease holds) while the change is acknowledged.
+        assert!(matches!(
+            r.state(&p),
+            Some(RegistrationState::Registered { .. })
+        ));
+    }
+
+    #[test]
+    fn without_a_local_address_nothing_goes_out_but_timers_run() {
+        let mut r = Registrar::new(LeaseConfig::default(), 1, 1);
+        r.set_router(Some(loc("10.0.0.9:54324")));
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        assert!(run(&mut r, at(0), at(5000)).is_empty());
+        assert_eq!(r.state(&p), Some(RegistrationState::Unreachable));
+        r.set_local(Some(loc("10.0.0.1:1")));
+        assert_eq!(sent(&mut r, at(5001)).len(), 1);
+    }
+}
