@@ -20,6 +20,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, broadcast, oneshot};
 
 use crate::datagram::DatagramSocket;
+use crate::registration::Hub;
 use crate::stream::Stream;
 
 /// A registration change, for the control plane ("active sockets"): a listener bound or
@@ -65,6 +66,8 @@ pub(crate) struct State {
     pub(crate) conns: HashMap<ConnectionHandle, ConnSlot>,
     listeners: HashMap<ListenerId, ListenerSlot>,
     registrations: broadcast::Sender<Registration>,
+    /// Registrar events and registration requests, for the application.
+    pub(crate) hub: Hub,
     closed: bool,
     /// The engine deadline the driver sleeps until (`None`: no timer). A receive task that
     /// moves the engine's deadline earlier wakes the driver; otherwise it need not.
@@ -142,10 +145,9 @@ impl State {
                         .registrations
                         .send(Registration::Unregistered { prefix, locators });
                 }
-                Event::Migrated(..)
-                | Event::PeerMigrated(..)
-                | Event::RegistrationRequest(_)
-                | Event::Registrar(_) => {}
+                Event::RegistrationRequest(r) => self.hub.request(r),
+                Event::Registrar(e) => self.hub.registrar_event(e),
+                Event::Migrated(..) | Event::PeerMigrated(..) => {}
             }
         }
     }
@@ -155,6 +157,9 @@ struct Socket {
     io: UdpSocket,
     udp: UdpSocketState,
     local: Locator,
+    /// The same socket as a plain blocking-API handle (non-blocking), to send the last
+    /// UNREGISTERs when the endpoint is dropped, with or without a runtime.
+    last_words: StdUdpSocket,
 }
 
 pub(crate) struct Shared {
@@ -180,6 +185,24 @@ impl Shared {
         // A panic while holding the lock is a bug in this crate; the state is still the
         // engine's own consistent data, so keep going rather than poison every caller.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Shared {
+    /// The endpoint is gone (every handle, listener and stream dropped): the driver can no
+    /// longer send, so send the registrar's UNREGISTERs once from here (best effort; the
+    /// router's lease expires anyway).
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        let now = st.now();
+        for _ in 0..1024 {
+            let Some(t) = st.engine.poll_registration_transmit(now) else {
+                break;
+            };
+            if let Some(s) = self.sockets.iter().find(|s| s.local == t.src) {
+                let _ = s.last_words.send_to(&t.payload, t.dst);
+            }
+        }
     }
 }
 
@@ -227,10 +250,12 @@ impl Endpoint {
                 // Loopback carries 64 KiB datagrams: let path-MTU discovery find them.
                 config.transport.max_udp_payload = config.transport.max_udp_payload.max(65_000);
             }
+            let last_words = std.try_clone()?;
             sockets.push(Socket {
                 io: UdpSocket::from_std(std)?,
                 udp,
                 local,
+                last_words,
             });
         }
         let locals: Vec<Locator> = sockets.iter().map(|s| s.local).collect();
@@ -246,6 +271,7 @@ impl Endpoint {
                 conns: HashMap::new(),
                 listeners: HashMap::new(),
                 registrations,
+                hub: Hub::new(),
                 closed: false,
                 driver_deadline: None,
             }),

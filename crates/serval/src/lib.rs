@@ -20,6 +20,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With a service router, neither side needs the other's address: the server calls
+//! [`Endpoint::set_router`], which registers its listeners there (and keeps the registrations
+//! alive, and withdraws them when a listener is dropped), and the client calls
+//! [`Endpoint::set_router`] or [`Endpoint::set_default_route`] and then
+//! [`Endpoint::connect`] by name. A router itself uses [`Endpoint::serve_registrations`].
+//!
 //! The [`Endpoint`] owns UDP sockets (batched with `quinn-udp`) and a task that drives the
 //! sans-IO [`serval_engine`] state machines; [`Stream`] is shaped like `tokio::net::TcpStream`,
 //! [`ServiceListener`] like `TcpListener`.
@@ -28,13 +34,18 @@
 
 mod datagram;
 mod endpoint;
+mod registration;
 mod stream;
 
 pub use datagram::DatagramSocket;
 pub use endpoint::{Endpoint, Registration, ServiceListener};
+pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{CloseReason, EndpointConfig};
+pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
+pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
 pub use serval_table::{Action, Target};
+pub use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
 pub use serval_wire::{Locator, ServiceId, ServicePrefix};
 pub use stream::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, Stream, WriteHalf};

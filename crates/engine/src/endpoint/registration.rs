@@ -96,6 +96,15 @@ impl Endpoint {
         queued
     }
 
+    /// The next registration message to send, and only those (an endpoint going away flushes
+    /// its last UNREGISTERs with this; [`Endpoint::poll_transmit`] sends them too, in turn with
+    /// everything else).
+    pub fn poll_registration_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let mut payload = Vec::new();
+        let (src, dst) = self.poll_registrar_transmit(now, &mut payload)?;
+        Some(Transmit { src, dst, payload })
+    }
+
     /// A packet with protocol REGISTRATION: a request for the application, or an answer for
     /// the registrar.
     pub(super) fn handle_registration(
