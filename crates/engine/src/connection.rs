@@ -445,7 +445,7 @@ impl Connection {
             && pkt.protocol() == Protocol::STREAM
             && repr.src_flow == self.peer_flow
         {
-            self.finish_migration(now);
+            self.finish_migration(now, None);
         }
         // The client sends data only once it has our SYN-ACK, so data from it completes the
         // handshake even if its ACK was lost (as a QUIC server treats the client's first
@@ -590,14 +590,24 @@ impl Connection {
     }
 
     fn on_rsyn_ack(&mut self, now: Instant, ctl: ControlRepr) {
-        if self.moving_to.is_none() || !self.acked(Reliable::Rsyn, ctl.ackno) {
+        if self.moving_to.is_none() {
             return;
         }
-        self.finish_migration(now);
+        // The RSYN's round trip is a sample of the new path, unless the RSYN was retransmitted
+        // (the answer may then be to an earlier copy: Karn's rule).
+        let rtt_sample = self.pending.as_ref().and_then(|p| {
+            let sent = p.deadline.get()?.checked_sub(Duration::from_nanos(p.rto))?;
+            (p.kind == Reliable::Rsyn && p.retries == 0 && now >= sent).then(|| now - sent)
+        });
+        if !self.acked(Reliable::Rsyn, ctl.ackno) {
+            return;
+        }
+        self.finish_migration(now, rtt_sample);
     }
 
-    /// Our RSYN reached the peer: switch to the new locator and resume.
-    fn finish_migration(&mut self, now: Instant) {
+    /// Our RSYN reached the peer: switch to the new locator and resume, starting the new
+    /// path's RTT estimate from `rtt_sample` if there is one.
+    fn finish_migration(&mut self, now: Instant, rtt_sample: Option<Duration>) {
         let Some(&new_local) = self.moving_to.take().as_deref() else {
             return;
         };
@@ -613,7 +623,7 @@ impl Connection {
         }
         self.local = new_local;
         self.transport.set_frozen(false);
-        self.transport.on_path_change(now);
+        self.transport.on_path_change_with_rtt(now, rtt_sample);
         self.events.push_back(ConnEvent::Migrated(new_local));
     }
 

@@ -1830,6 +1830,14 @@ impl Transport {
     /// the initial RTT, the pacer from a full bucket; the path MTU search restarts at the base
     /// size. A pending ACK is sent at once.
     pub fn on_path_change(&mut self, now: Instant) {
+        self.on_path_change_with_rtt(now, None);
+    }
+
+    /// [`on_path_change`](Self::on_path_change), with an RTT sample of the new path taken by
+    /// the layer below (the SAL times its RSYN until the RSYN-ACK). Starting from it instead
+    /// of the 333 ms initial guess keeps the pacer and the probe timeout at the new path's
+    /// pace from the first packet.
+    pub fn on_path_change_with_rtt(&mut self, now: Instant, rtt_sample: Option<Duration>) {
         for p in self.sent.drain() {
             self.requeue(&p.payload);
         }
@@ -1838,6 +1846,9 @@ impl Transport {
         self.cc.on_mtu_update(self.mtu.current());
         self.cc.on_path_change();
         self.rtt.reset();
+        if let Some(sample) = rtt_sample {
+            self.rtt.update(sample, Duration::ZERO);
+        }
         self.pacer = Pacer::new(now);
         self.pacing_until = OptInstant::NONE;
         self.pto_probes = 0;
