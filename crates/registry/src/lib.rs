@@ -4,10 +4,13 @@
 //! A [`Registry`] is a handle on one store:
 //!
 //! * [`Registry::memory`]: inside this process, the single-machine default;
-//! * [`Registry::connect`] with an `etcd://` URL: registrations are etcd keys bound to leases,
+//! * [`Registry::connect`] with an `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` URL (or
+//!   [`Registry::etcd`] with an [`EtcdConfig`]): registrations are etcd keys bound to leases,
 //!   and every router holding such a handle keeps a full local replica by listing and then
 //!   watching from the listed revision, so any router can die, restart or be added without a
-//!   registration being lost.
+//!   registration being lost. Key layout and value encoding: see the `codec` module source
+//!   (`<prefix>/v1/reg/<service prefix>/<locator>` = `v1 w=<weight> p=<priority> ttl=<secs>`);
+//!   replica states: the `etcd` module source.
 //!
 //! Writers call [`Registry::put`] (create or refresh, for a time to live) and
 //! [`Registry::delete`]; readers [`Registry::subscribe`] and apply the [`Change`]s to their
@@ -18,6 +21,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod codec;
+mod etcd;
 mod memory;
 
 use std::fmt;
@@ -27,6 +32,7 @@ use std::time::Duration;
 use serval_wire::{Locator, ServicePrefix};
 use tokio::sync::broadcast;
 
+pub use etcd::EtcdConfig;
 pub use memory::MemoryRegistry;
 
 /// What identifies a registration: a prefix served at a locator. A second registration with
@@ -73,7 +79,11 @@ impl Registration {
 pub struct Leased {
     /// The registration.
     pub registration: Registration,
-    /// Time left before it expires unless refreshed (as of the snapshot).
+    /// In memory: time left before it expires unless refreshed (as of the snapshot).
+    ///
+    /// With etcd: its time to live in whole seconds (the TTL it was put with, rounded up),
+    /// which bounds the time left. etcd alone knows the exact time left, since any router may
+    /// have refreshed the lease without the replica seeing it.
     pub expires_in: Duration,
 }
 
@@ -106,7 +116,9 @@ pub enum Health {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry URL is not one this build understands.
-    #[error("unsupported registry URL {0:?} (expected memory:// or etcd://HOST:PORT[,HOST:PORT…])")]
+    #[error(
+        "unsupported registry URL {0:?} (expected memory:// or etcd://HOST:PORT[,HOST:PORT…][/PREFIX])"
+    )]
     BadUrl(String),
     /// A registration's weight is zero.
     #[error("weight must be at least 1")]
@@ -125,6 +137,23 @@ pub struct Registry {
 #[derive(Clone, Debug)]
 enum Backend {
     Memory(Arc<MemoryRegistry>),
+    Etcd(Arc<etcd::EtcdRegistry>),
+}
+
+/// Counters of a registry's replica (all zero for the in-memory registry); monotonic, for
+/// metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    /// Records in the store that were skipped as malformed (a key not in the layout, a value
+    /// that does not parse). A record listed again after a resync counts again.
+    pub malformed: u64,
+    /// Times the replica listed everything again after its first list (etcd came back, a
+    /// watch fell behind compaction…); each gave subscribers a [`Change::Reset`].
+    pub relists: u64,
+    /// Times a broken watch was resumed from its last revision without listing again.
+    pub watch_resumes: u64,
+    /// Times a watch was cancelled because its revision had been compacted.
+    pub compactions: u64,
 }
 
 impl Registry {
@@ -136,15 +165,34 @@ impl Registry {
     }
 
     /// Opens the registry at `url`: `memory://` (this process) or
-    /// `etcd://HOST:PORT[,HOST:PORT…]`.
+    /// `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` (see [`EtcdConfig::from_url`]; default
+    /// timeouts).
+    ///
+    /// For etcd this lists the registrations before returning, so the handle starts with a
+    /// full replica; it fails with [`RegistryError::Unavailable`] if no member answers
+    /// within [`EtcdConfig::request_timeout`]. Must run inside a tokio runtime.
     pub async fn connect(url: &str) -> Result<Registry, RegistryError> {
         match url.split_once("://") {
             Some(("memory", "")) => Ok(Registry::memory()),
+            Some(("etcd", _)) => Registry::etcd(EtcdConfig::from_url(url)?).await,
             _ => Err(RegistryError::BadUrl(url.to_owned())),
         }
     }
 
+    /// Opens an etcd registry with this configuration; see [`Registry::connect`].
+    pub async fn etcd(config: EtcdConfig) -> Result<Registry, RegistryError> {
+        Ok(Registry {
+            backend: Backend::Etcd(Arc::new(etcd::EtcdRegistry::connect(config).await?)),
+        })
+    }
+
     /// Creates or refreshes `reg` for `ttl`: unless put again within `ttl`, it expires.
+    ///
+    /// With etcd, `ttl` is rounded up to whole seconds (at least 1; etcd itself raises a
+    /// lease shorter than its minimum, 2 s with its default election timeout). Putting a
+    /// registration again with the same weight, priority and TTL refreshes its lease, through
+    /// any handle; anything else writes it anew. Fails with [`RegistryError::Unavailable`]
+    /// within [`EtcdConfig::request_timeout`] when etcd cannot be reached.
     pub async fn put(&self, reg: Registration, ttl: Duration) -> Result<(), RegistryError> {
         if reg.weight == 0 {
             return Err(RegistryError::ZeroWeight);
@@ -154,6 +202,7 @@ impl Registry {
                 m.put(reg, ttl);
                 Ok(())
             }
+            Backend::Etcd(e) => e.put(reg, ttl).await,
         }
     }
 
@@ -164,13 +213,17 @@ impl Registry {
                 m.delete(key);
                 Ok(())
             }
+            Backend::Etcd(e) => e.delete(key).await,
         }
     }
 
-    /// Every live registration with its remaining time.
+    /// Every live registration with its remaining time (see [`Leased::expires_in`] for
+    /// what etcd can tell), sorted by key. With etcd this is the local replica: it keeps
+    /// serving while etcd is unreachable.
     pub fn snapshot(&self) -> Vec<Leased> {
         match &self.backend {
             Backend::Memory(m) => m.snapshot(),
+            Backend::Etcd(e) => e.snapshot(),
         }
     }
 
@@ -178,6 +231,7 @@ impl Registry {
     pub fn subscribe(&self) -> Subscription {
         match &self.backend {
             Backend::Memory(m) => m.subscribe(self.clone()),
+            Backend::Etcd(e) => e.subscribe(self.clone()),
         }
     }
 
@@ -185,6 +239,15 @@ impl Registry {
     pub fn health(&self) -> Health {
         match &self.backend {
             Backend::Memory(_) => Health::Synced,
+            Backend::Etcd(e) => e.health(),
+        }
+    }
+
+    /// The replica's counters.
+    pub fn stats(&self) -> RegistryStats {
+        match &self.backend {
+            Backend::Memory(_) => RegistryStats::default(),
+            Backend::Etcd(e) => e.stats(),
         }
     }
 }

@@ -1,0 +1,1051 @@
+//! The etcd backend: registrations are leased keys ([key layout](crate::codec)), and every
+//! handle keeps a full local replica by listing the key prefix and then watching it from the
+//! listed revision.
+//!
+//! # Replica states
+//!
+//! ```text
+//!            list ok (Reset)               stream broke after running
+//!  Listing ─────────────────▶ Watching ───────────────────────────────▶ Resuming
+//!     ▲  │ list failed            │ ▲                resume ok (no Reset) │
+//!     │  ▼                        │ └───────────────────────────────────┘
+//!  Degraded ◀──── watch could not be opened ──────────────────────────────┘
+//!     │  (backoff, then list again: Reset)
+//!     └─ a watch cancelled because its revision was compacted, or a different cluster
+//!        answering, also goes straight back to Listing.
+//! ```
+//!
+//! * **Listing**: paged reads of the prefix, all at the revision the first page returned, so
+//!   the pages form one consistent picture however long the list takes; the replica is
+//!   replaced at once and subscribers get a [`Change::Reset`]. Health becomes
+//!   [`Health::Synced`].
+//! * **Watching**: from the listed revision + 1, so no event between list and watch is lost.
+//! * **Resuming**: a stream that broke after running (a member died, a connection reset) is
+//!   reopened once, on the next member, from the revision after the last event applied —
+//!   nothing lost, no Reset. If that fails the replica is **Degraded**: health says so with the
+//!   error, a warning is logged, snapshots and subscriptions keep serving what the replica had,
+//!   and the handle retries with exponential backoff (with jitter), listing again when etcd
+//!   answers.
+//!
+//! # Writes
+//!
+//! Each registration has its own lease. [`put`](EtcdRegistry::put) of a registration the
+//! replica already holds with the same weight, priority and TTL sends one LeaseKeepAlive for
+//! the lease the replica saw on the key, so any router can refresh a registration whichever
+//! router wrote it. Otherwise (new, changed, or its lease gone) it grants a new lease, puts the
+//! key with it, and revokes the lease the key had before. [`delete`](EtcdRegistry::delete)
+//! revokes the key's lease when the key is the lease's only one (which deletes the key in the
+//! same step), and otherwise deletes the key alone. Every request is bounded by
+//! [`EtcdConfig::request_timeout`] and fails over to the next member on error; writes wait
+//! (boundedly) for the replica to reflect them, so a handle reads its own writes.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use etcd_client::proto::{PbEvent, PbKeyValue};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, LeaseClient,
+    LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::codec::{KeySpace, Value, ttl_secs};
+use crate::{
+    Change, Health, Leased, Registration, RegistrationKey, Registry, RegistryError, RegistryStats,
+    Subscription,
+};
+
+/// Changes buffered per subscriber before it must start over from a snapshot.
+const CHANGE_BUFFER: usize = 4096;
+/// The largest gRPC message accepted from etcd (a page of a list, a batch of watch events).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Distinct malformed keys remembered so that each is logged only once.
+const BAD_KEYS_LOGGED: usize = 1024;
+/// A watch that ran at least this long is resumed at once when it breaks; one that broke
+/// sooner waits a backoff first, so a flapping member cannot make the replica spin.
+const WATCH_HEALTHY_AFTER: Duration = Duration::from_secs(1);
+/// Default key prefix when the URL gives none.
+const DEFAULT_PREFIX: &str = "/serval";
+
+/// How to reach etcd, where registrations live in it, and how patient to be with it.
+///
+/// [`EtcdConfig::from_url`] gives the defaults listed on each field; change fields before
+/// [`Registry::etcd`] to tune them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdConfig {
+    /// Client addresses of the cluster's members, `HOST:PORT` (`[V6ADDR]:PORT` for IPv6).
+    /// Requests go to the member that last answered and move on to the next when it fails.
+    pub endpoints: Vec<String>,
+    /// Key prefix: registrations live under `<prefix>/v1/reg/` (default `/serval`; empty for
+    /// none).
+    pub prefix: String,
+    /// Longest one operation may take, retries on other members included (default 2 s).
+    /// `put` and `delete` return [`RegistryError::Unavailable`] after at most this long.
+    pub request_timeout: Duration,
+    /// Longest opening a connection to one member may take (default 1 s).
+    pub connect_timeout: Duration,
+    /// HTTP/2 ping interval, and how long a ping may go unanswered before the connection is
+    /// dropped (default 3 s): how soon a member that went silent without closing its
+    /// connections is noticed.
+    pub keepalive: Duration,
+    /// First pause before trying an unreachable etcd again (default 100 ms); doubles after
+    /// each failure up to [`retry_max`](EtcdConfig::retry_max).
+    pub retry_min: Duration,
+    /// Longest pause between tries (default 2 s).
+    pub retry_max: Duration,
+    /// Keys read per request when listing (default 10 000).
+    pub page_size: u32,
+}
+
+impl EtcdConfig {
+    /// The configuration an `etcd://` URL describes, with default timeouts.
+    ///
+    /// The form is `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`: one or more member client
+    /// addresses (IPv6 in brackets), then optionally a key prefix. `etcd://h:2379/serval`
+    /// and `etcd://h:2379` both keep registrations under `/serval/v1/reg/`;
+    /// `etcd://h:2379/lab/a` under `/lab/a/v1/reg/`; `etcd://h:2379/` under `/v1/reg/`.
+    /// Connections are plain HTTP/2 (no TLS, no authentication).
+    pub fn from_url(url: &str) -> Result<EtcdConfig, RegistryError> {
+        let bad = || RegistryError::BadUrl(url.to_owned());
+        let rest = url.strip_prefix("etcd://").ok_or_else(bad)?;
+        if rest
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b"?#@\\".contains(&b))
+        {
+            return Err(bad());
+        }
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, DEFAULT_PREFIX),
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            if !valid_endpoint(host) {
+                return Err(bad());
+            }
+            endpoints.push(host.to_owned());
+        }
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: prefix.to_owned(),
+            ..EtcdConfig::new(Vec::new())
+        })
+    }
+
+    /// A configuration for these member addresses (`HOST:PORT`), with the default prefix
+    /// and timeouts.
+    pub fn new(endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            keepalive: Duration::from_secs(3),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            page_size: 10_000,
+        }
+    }
+}
+
+/// `HOST:PORT` with a non-empty host (bracketed if it has colons) and a non-zero port.
+fn valid_endpoint(text: &str) -> bool {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty() && !host.contains(':') && !host.contains('[') && !host.contains(']')
+    };
+    port_ok && host_ok
+}
+
+/// A handle's connection to etcd and its replica. Dropping it stops the replica task.
+pub(crate) struct EtcdRegistry {
+    shared: Arc<Shared>,
+    task: tokio::task::AbortHandle,
+}
+
+impl fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.shared.config.endpoints)
+            .field("prefix", &self.shared.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One member's clients.
+#[derive(Clone)]
+struct Member {
+    addr: String,
+    kv: KvClient,
+    watch: WatchClient,
+    lease: LeaseClient,
+}
+
+/// What the replica task and the handle share.
+struct Shared {
+    config: EtcdConfig,
+    keys: KeySpace,
+    members: Vec<Member>,
+    /// The member tried first.
+    preferred: AtomicUsize,
+    replica: Mutex<Replica>,
+    changes: broadcast::Sender<Change>,
+    /// The store revision the replica reflects.
+    applied: watch::Sender<i64>,
+    bad: Mutex<BadKeys>,
+    malformed: AtomicU64,
+    relists: AtomicU64,
+    resumes: AtomicU64,
+    compactions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Replica {
+    regs: HashMap<RegistrationKey, Entry>,
+    health: Health,
+    /// The cluster the replica was listed from.
+    cluster_id: u64,
+}
+
+/// A registration as the replica holds it.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    value: Value,
+    registration: Registration,
+    lease: i64,
+}
+
+#[derive(Debug, Default)]
+struct BadKeys {
+    logged: HashSet<Vec<u8>>,
+    full: bool,
+}
+
+/// Why a request failed.
+#[derive(Debug)]
+enum OpError {
+    /// The revision asked for was compacted away.
+    Compacted,
+    /// The lease is gone (expired or revoked).
+    LeaseNotFound,
+    /// Anything else: unreachable, timed out, no leader…
+    Other(String),
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpError::Compacted => f.write_str("required revision has been compacted"),
+            OpError::LeaseNotFound => f.write_str("lease not found"),
+            OpError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<OpError> for RegistryError {
+    fn from(e: OpError) -> Self {
+        RegistryError::Unavailable(e.to_string())
+    }
+}
+
+impl OpError {
+    fn classify(addr: &str, e: &etcd_client::Error) -> OpError {
+        let text = e.to_string();
+        if text.contains("required revision has been compacted") {
+            OpError::Compacted
+        } else if text.contains("lease not found") {
+            OpError::LeaseNotFound
+        } else {
+            OpError::Other(format!("etcd {addr}: {text}"))
+        }
+    }
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// List again at once (compacted revision, or another cluster answered).
+    Relist(String),
+    /// The stream failed; `running` if it had been established first.
+    Broken { error: String, running: bool },
+}
+
+impl EtcdRegistry {
+    /// Connects and lists the registrations; fails if the first list cannot be made.
+    pub(crate) async fn connect(config: EtcdConfig) -> Result<EtcdRegistry, RegistryError> {
+        if config.endpoints.is_empty() || config.page_size == 0 {
+            return Err(RegistryError::BadUrl(format!(
+                "etcd configuration with no endpoints or a page size of 0: {config:?}"
+            )));
+        }
+        let options = ConnectOptions::new()
+            .with_timeout(config.request_timeout)
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(config.keepalive, config.keepalive)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let mut members = Vec::new();
+        for addr in &config.endpoints {
+            // Connections are made lazily: this does not fail for a member that is down.
+            let client = Client::connect([format!("http://{addr}")], Some(options.clone()))
+                .await
+                .map_err(|e| RegistryError::Unavailable(format!("etcd {addr}: {e}")))?;
+            members.push(Member {
+                addr: addr.clone(),
+                kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+                watch: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+                lease: client.lease_client(),
+            });
+        }
+        let shared = Arc::new(Shared {
+            keys: KeySpace::new(&config.prefix),
+            config,
+            members,
+            preferred: AtomicUsize::new(0),
+            replica: Mutex::new(Replica {
+                regs: HashMap::new(),
+                health: Health::Degraded {
+                    error: "not listed yet".into(),
+                },
+                cluster_id: 0,
+            }),
+            changes: broadcast::channel(CHANGE_BUFFER).0,
+            applied: watch::Sender::new(0),
+            bad: Mutex::new(BadKeys::default()),
+            malformed: AtomicU64::new(0),
+            relists: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
+        });
+        let (first_tx, first_rx) = oneshot::channel();
+        let task = tokio::spawn(run(shared.clone(), first_tx));
+        match first_rx.await {
+            Ok(Ok(())) => Ok(EtcdRegistry {
+                shared,
+                task: task.abort_handle(),
+            }),
+            Ok(Err(e)) => {
+                task.abort();
+                Err(RegistryError::Unavailable(format!(
+                    "cannot list registrations: {e}"
+                )))
+            }
+            Err(_) => Err(RegistryError::Unavailable("replica task ended".into())),
+        }
+    }
+
+    /// Creates, changes or refreshes `reg` for `ttl` (rounded up to whole seconds).
+    pub(crate) async fn put(&self, reg: Registration, ttl: Duration) -> Result<(), RegistryError> {
+        let s = &self.shared;
+        let value = Value {
+            weight: reg.weight,
+            priority: reg.priority,
+            ttl_secs: ttl_secs(ttl),
+        };
+        let key = reg.key();
+        let known = s.lock().regs.get(&key).copied();
+        if let Some(e) = known
+            && e.value == value
+            && e.lease != 0
+        {
+            let lease = e.lease;
+            let refreshed = s
+                .call(|m| async move {
+                    let mut c = m.lease;
+                    c.keep_alive(lease).await.map(drop)
+                })
+                .await;
+            match refreshed {
+                Ok(()) => return Ok(()),
+                // Expired or replaced meanwhile: write it anew.
+                Err(OpError::LeaseNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let secs = i64::try_from(value.ttl_secs).unwrap_or(i64::MAX);
+        let lease = s
+            .call(|m| async move {
+                let mut c = m.lease;
+                c.grant(secs, None).await
+            })
+            .await?
+            .id();
+        let (k, v) = (s.keys.key(&key), value.encode());
+        let resp = s
+            .call(|m| {
+                let (k, v) = (k.clone(), v.clone());
+                async move {
+                    let mut c = m.kv;
+                    c.put(
+                        k,
+                        v,
+                        Some(PutOptions::new().with_lease(lease).with_prev_key()),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        if let Some(prev) = resp.prev_key()
+            && prev.lease() != 0
+            && prev.lease() != lease
+        {
+            // The key's old lease carried only it: revoke it, so that a replica still
+            // holding the old lease ID cannot "refresh" a lease that no longer keeps
+            // anything alive.
+            let old = prev.lease();
+            if let Err(e) = s
+                .call(|m| async move {
+                    let mut c = m.lease;
+                    c.revoke(old).await
+                })
+                .await
+            {
+                tracing::debug!(lease = old, error = %e, "could not revoke a replaced lease");
+            }
+        }
+        if let Some(h) = resp.header() {
+            s.wait_applied(h.revision()).await;
+        }
+        Ok(())
+    }
+
+    /// Removes a registration (no-op if absent).
+    pub(crate) async fn delete(&self, key: &RegistrationKey) -> Result<(), RegistryError> {
+        let s = &self.shared;
+        let k = s.keys.key(key);
+        let got = s
+            .call(|m| {
+                let k = k.clone();
+                async move {
+                    let mut c = m.kv;
+                    c.get(k, None).await
+                }
+            })
+            .await?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(());
+        };
+        let (lease, mod_revision) = (kv.lease(), kv.mod_revision());
+        let mut sole_key = false;
+        if lease != 0 {
+            let ttl = s
+                .call(|m| async move {
+                    let mut c = m.lease;
+                    c.time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                        .await
+                })
+                .await?;
+            if ttl.ttl() < 0 {
+                // The lease expired meanwhile, taking the key with it.
+                return Ok(());
+            }
+            sole_key = ttl.keys().len() == 1 && ttl.keys()[0] == k.as_bytes();
+        }
+        let revision = if sole_key {
+            // Revoking deletes the key in the same step, so no replica can refresh the
+            // lease after the key is gone.
+            match s
+                .call(|m| async move {
+                    let mut c = m.lease;
+                    c.revoke(lease).await
+                })
+                .await
+            {
+                Ok(r) => r.header().map(|h| h.revision()),
+                Err(OpError::LeaseNotFound) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            // Not leased, or the lease is shared with keys that are not ours: delete the
+            // key alone, unless it was written again meanwhile (that write wins).
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    k.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::delete(k.clone(), None)]);
+            let r = s
+                .call(|m| {
+                    let txn = txn.clone();
+                    async move {
+                        let mut c = m.kv;
+                        c.txn(txn).await
+                    }
+                })
+                .await?;
+            r.header().map(|h| h.revision())
+        };
+        if let Some(rev) = revision {
+            s.wait_applied(rev).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<Leased> {
+        let mut v: Vec<Leased> = self
+            .shared
+            .lock()
+            .regs
+            .values()
+            .map(|e| Leased {
+                registration: e.registration,
+                expires_in: Duration::from_secs(e.value.ttl_secs),
+            })
+            .collect();
+        v.sort_by_key(|l| l.registration.key());
+        v
+    }
+
+    pub(crate) fn subscribe(&self, registry: Registry) -> Subscription {
+        // Subscribe and read the set under one lock, so no change falls between them.
+        let st = self.shared.lock();
+        let rx = self.shared.changes.subscribe();
+        let mut all: Vec<Registration> = st.regs.values().map(|e| e.registration).collect();
+        drop(st);
+        all.sort_by_key(Registration::key);
+        Subscription {
+            registry,
+            first: Some(all),
+            rx,
+        }
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        self.shared.lock().health.clone()
+    }
+
+    pub(crate) fn stats(&self) -> RegistryStats {
+        let s = &self.shared;
+        RegistryStats {
+            malformed: s.malformed.load(Ordering::Relaxed),
+            relists: s.relists.load(Ordering::Relaxed),
+            watch_resumes: s.resumes.load(Ordering::Relaxed),
+            compactions: s.compactions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Replica> {
+        // Nothing panics while holding the lock; recover the data if something ever did.
+        self.replica
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_degraded(&self) -> bool {
+        matches!(self.lock().health, Health::Degraded { .. })
+    }
+
+    /// Runs `op` on the preferred member, then on the next ones while it fails, until it
+    /// succeeds or [`EtcdConfig::request_timeout`] has passed; when etcd is already known to
+    /// be unreachable, gives up after one try per member instead. Errors that another member
+    /// would repeat (compacted revision, lease not found) are returned at once.
+    async fn call<T, F, Fut>(&self, mut op: F) -> Result<T, OpError>
+    where
+        F: FnMut(Member) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.len();
+        let deadline = Instant::now() + self.config.request_timeout;
+        // With several members, one silent member must not use the whole budget.
+        let per_try = if n > 1 {
+            self.config.request_timeout / 2
+        } else {
+            self.config.request_timeout
+        };
+        let one_round = self.is_degraded();
+        let mut idx = self.preferred.load(Ordering::Relaxed) % n;
+        let mut tries = 0;
+        loop {
+            let member = &self.members[idx];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let err = match timeout(left.min(per_try), op(member.clone())).await {
+                Ok(Ok(v)) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) => match OpError::classify(&member.addr, &e) {
+                    OpError::Other(s) => s,
+                    definite => return Err(definite),
+                },
+                Err(_) => format!(
+                    "etcd {}: no answer within {:?}",
+                    member.addr,
+                    left.min(per_try)
+                ),
+            };
+            tries += 1;
+            idx = (idx + 1) % n;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || (one_round && tries >= n) {
+                return Err(OpError::Other(err));
+            }
+            if tries % n == 0 {
+                // Every member failed once (no leader yet, say): pause before the next round.
+                sleep(left.min(Duration::from_millis(100))).await;
+            }
+        }
+    }
+
+    /// Waits (boundedly) until the replica reflects revision `rev`; not at all while the
+    /// replica is degraded, since it will not catch up before it lists again.
+    async fn wait_applied(&self, rev: i64) {
+        if self.is_degraded() {
+            return;
+        }
+        let mut rx = self.applied.subscribe();
+        let _ = timeout(self.config.request_timeout, rx.wait_for(|r| *r >= rev)).await;
+    }
+
+    fn degrade(&self, error: &str) {
+        let mut st = self.lock();
+        if st.health == Health::Synced {
+            tracing::warn!(
+                %error,
+                registrations = st.regs.len(),
+                "etcd unreachable: serving the last known registrations until it returns"
+            );
+        } else {
+            tracing::debug!(%error, "etcd still unreachable");
+        }
+        st.health = Health::Degraded {
+            error: error.to_owned(),
+        };
+    }
+
+    /// Counts a malformed record and logs its key the first time it is seen.
+    fn malformed(&self, key: &[u8], why: &str) {
+        self.malformed.fetch_add(1, Ordering::Relaxed);
+        let mut bad = self
+            .bad
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if bad.logged.len() < BAD_KEYS_LOGGED {
+            if bad.logged.insert(key.to_vec()) {
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(key),
+                    why,
+                    "skipping a malformed registration found in etcd"
+                );
+            }
+        } else if !bad.full {
+            bad.full = true;
+            tracing::warn!(
+                "more than {BAD_KEYS_LOGGED} malformed registration keys in etcd: \
+                 further ones are skipped and counted but not logged"
+            );
+        }
+    }
+
+    /// The registration a stored key-value holds; `Err` with the key if the key is ours
+    /// but its value is malformed; `Ok(None)` if the key itself is malformed.
+    fn decode(&self, kv: &PbKeyValue) -> Result<Option<(RegistrationKey, Entry)>, RegistrationKey> {
+        let Some(key) = self.keys.parse_key(&kv.key) else {
+            self.malformed(
+                &kv.key,
+                "key is not <prefix>/v1/reg/<service prefix>/<locator>",
+            );
+            return Ok(None);
+        };
+        let Some(value) = Value::decode(&kv.value) else {
+            self.malformed(
+                &kv.key,
+                "value is not `v1 w=<weight> p=<priority> ttl=<secs>`",
+            );
+            return Err(key);
+        };
+        Ok(Some((
+            key,
+            Entry {
+                value,
+                registration: value.registration(key),
+                lease: kv.lease,
+            },
+        )))
+    }
+
+    /// Lists every registration at one revision; returns it and the cluster's ID.
+    async fn list_once(&self) -> Result<(HashMap<RegistrationKey, Entry>, i64, u64), OpError> {
+        let prefix = self.keys.reg_prefix().as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let mut start = prefix;
+        let mut revision = 0;
+        let mut cluster_id = 0;
+        let mut regs = HashMap::new();
+        loop {
+            // Every page after the first reads at the first page's revision.
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(i64::from(self.config.page_size))
+                .with_revision(revision);
+            let page = self
+                .call(|m| {
+                    let (start, options) = (start.clone(), options.clone());
+                    async move {
+                        let mut c = m.kv;
+                        c.get(start, Some(options)).await
+                    }
+                })
+                .await?;
+            let page = page.0;
+            if revision == 0 {
+                let h = page.header.unwrap_or_default();
+                revision = h.revision;
+                cluster_id = h.cluster_id;
+            }
+            let Some(last) = page.kvs.last().map(|kv| kv.key.clone()) else {
+                break;
+            };
+            for kv in &page.kvs {
+                if let Ok(Some((key, entry))) = self.decode(kv) {
+                    regs.insert(key, entry);
+                }
+            }
+            if !page.more {
+                break;
+            }
+            start = last;
+            start.push(0);
+        }
+        Ok((regs, revision, cluster_id))
+    }
+
+    /// Lists and replaces the replica (a Reset for subscribers); returns the revision.
+    async fn list(&self) -> Result<i64, String> {
+        let mut tries = 0;
+        let (regs, revision, cluster_id) = loop {
+            match self.list_once().await {
+                Ok(listed) => break listed,
+                // Compacted between pages: start over at the newest revision.
+                Err(OpError::Compacted) if tries < 3 => tries += 1,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        let mut all: Vec<Registration> = regs.values().map(|e| e.registration).collect();
+        all.sort_by_key(Registration::key);
+        let mut st = self.lock();
+        if st.health != Health::Synced && st.cluster_id != 0 {
+            tracing::info!(
+                registrations = all.len(),
+                revision,
+                "etcd reachable again: registrations listed afresh"
+            );
+        }
+        st.regs = regs;
+        st.cluster_id = cluster_id;
+        st.health = Health::Synced;
+        let _ = self.changes.send(Change::Reset(all));
+        self.applied.send_replace(revision);
+        Ok(revision)
+    }
+
+    /// Applies watched events in order; returns the revision of the last one.
+    fn apply(&self, events: Vec<PbEvent>) -> Option<i64> {
+        let mut last = None;
+        let mut st = self.lock();
+        for ev in events {
+            let Some(kv) = ev.kv else { continue };
+            last = Some(kv.mod_revision);
+            let gone = match ev.r#type {
+                // Put
+                0 => match self.decode(&kv) {
+                    Ok(Some((key, entry))) => {
+                        let old = st.regs.insert(key, entry);
+                        // A new lease or TTL for the same registration is not a change.
+                        if old.map(|o| o.registration) != Some(entry.registration) {
+                            let _ = self.changes.send(Change::Put(entry.registration));
+                        }
+                        None
+                    }
+                    // Overwritten with garbage: the registration it held is gone.
+                    Err(key) => Some(key),
+                    Ok(None) => None,
+                },
+                // Delete (a malformed key's deletion is of nothing we hold).
+                1 => self.keys.parse_key(&kv.key),
+                other => {
+                    self.malformed(&kv.key, &format!("unknown watch event type {other}"));
+                    None
+                }
+            };
+            if let Some(key) = gone
+                && st.regs.remove(&key).is_some()
+            {
+                let _ = self.changes.send(Change::Delete(key));
+            }
+        }
+        drop(st);
+        if let Some(rev) = last {
+            self.applied.send_replace(rev);
+        }
+        last
+    }
+
+    /// Opens a watch from `start` on the preferred member (moving on while members fail).
+    async fn open_watch(&self, start: i64) -> Result<WatchStream, WatchEnd> {
+        let prefix = self.keys.reg_prefix().to_owned();
+        let options = WatchOptions::new().with_prefix().with_start_revision(start);
+        let cluster_id = self.lock().cluster_id;
+        let opened = self
+            .call(|m| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move {
+                    let mut c = m.watch;
+                    let mut stream = c.watch(prefix, Some(options)).await?;
+                    // Wait for etcd to confirm the watch.
+                    let first = stream.message().await?.ok_or_else(|| {
+                        etcd_client::Error::WatchError("stream closed before creation".into())
+                    })?;
+                    Ok((stream, first))
+                }
+            })
+            .await;
+        let (stream, first) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                return Err(WatchEnd::Broken {
+                    error: e.to_string(),
+                    running: false,
+                });
+            }
+        };
+        let first = first.0;
+        if first.canceled {
+            return Err(self.cancelled(first.compact_revision, &first.cancel_reason, false));
+        }
+        let h = first.header.unwrap_or_default();
+        if h.cluster_id != 0 && h.cluster_id != cluster_id {
+            return Err(WatchEnd::Relist(format!(
+                "cluster ID changed from {cluster_id:x} to {:x}",
+                h.cluster_id
+            )));
+        }
+        if h.revision < start - 1 {
+            return Err(WatchEnd::Relist(format!(
+                "etcd's revision {} is behind the replica's {}",
+                h.revision,
+                start - 1
+            )));
+        }
+        // Creation responses carry no events; apply any all the same.
+        self.apply(first.events);
+        Ok(stream)
+    }
+
+    fn cancelled(&self, compact_revision: i64, reason: &str, running: bool) -> WatchEnd {
+        if compact_revision > 0 {
+            self.compactions.fetch_add(1, Ordering::Relaxed);
+            WatchEnd::Relist(format!(
+                "watch revision compacted (etcd keeps history from revision {compact_revision})"
+            ))
+        } else {
+            WatchEnd::Broken {
+                error: format!("watch cancelled by etcd: {reason}"),
+                running,
+            }
+        }
+    }
+
+    /// Watches from `start` until the watch ends; returns why.
+    async fn watch_from(&self, start: i64) -> WatchEnd {
+        let mut stream = match self.open_watch(start).await {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r.0,
+                Ok(None) => {
+                    return WatchEnd::Broken {
+                        error: "watch stream closed by etcd".into(),
+                        running: true,
+                    };
+                }
+                Err(e) => {
+                    return WatchEnd::Broken {
+                        error: e.to_string(),
+                        running: true,
+                    };
+                }
+            };
+            if resp.canceled {
+                return self.cancelled(resp.compact_revision, &resp.cancel_reason, true);
+            }
+            self.apply(resp.events);
+        }
+    }
+
+    /// Moves the preferred member on to the next one.
+    fn rotate(&self) {
+        let n = self.members.len();
+        let _ = self
+            .preferred
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+    }
+}
+
+/// Keeps the replica: list, watch, resume, and back off while etcd is unreachable. Reports
+/// the outcome of the first list on `first` (and ends if it failed).
+async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
+    let mut first = Some(first);
+    let mut backoff = shared.config.retry_min;
+    // Where to resume watching without listing, after a running watch broke.
+    let mut resume: Option<i64> = None;
+    loop {
+        let start = match resume.take() {
+            Some(rev) => {
+                shared.resumes.fetch_add(1, Ordering::Relaxed);
+                rev
+            }
+            None => {
+                let listed = shared.list().await;
+                match (listed, first.take()) {
+                    (Ok(rev), first) => {
+                        if let Some(tx) = first {
+                            let _ = tx.send(Ok(()));
+                        } else {
+                            shared.relists.fetch_add(1, Ordering::Relaxed);
+                        }
+                        rev + 1
+                    }
+                    (Err(e), Some(tx)) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    (Err(e), None) => {
+                        shared.degrade(&e);
+                        sleep(jitter(backoff)).await;
+                        backoff = (backoff * 2).min(shared.config.retry_max);
+                        continue;
+                    }
+                }
+            }
+        };
+        let began = Instant::now();
+        let ran = match shared.watch_from(start).await {
+            WatchEnd::Relist(why) => {
+                tracing::info!(%why, "listing registrations again");
+                true
+            }
+            WatchEnd::Broken {
+                error,
+                running: true,
+            } => {
+                tracing::info!(%error, "registry watch broke; resuming it on the next member");
+                resume = Some(*shared.applied.borrow() + 1);
+                shared.rotate();
+                true
+            }
+            WatchEnd::Broken {
+                error,
+                running: false,
+            } => {
+                shared.degrade(&error);
+                shared.rotate();
+                false
+            }
+        };
+        // A watch that ran a while resets the backoff; one that could not open, or ended
+        // quickly (a flapping member, anything that keeps forcing a list), waits before the
+        // next try, longer each time, so the replica never spins.
+        if ran && began.elapsed() >= WATCH_HEALTHY_AFTER {
+            backoff = shared.config.retry_min;
+        } else {
+            sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(shared.config.retry_max);
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so that routers do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let r = RandomState::new().hash_one(Instant::now());
+    d.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
+}
+
+/// The end of the key range of keys starting with `prefix` (etcd's convention).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the key space.
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_members_and_a_prefix() {
+        let c = EtcdConfig::from_url("etcd://127.0.0.1:2379").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.endpoints, ["127.0.0.1:2379"]);
+        assert_eq!(c.prefix, "/serval");
+        let c = EtcdConfig::from_url("etcd://a:1,[::1]:2,b.example:3/lab/x/")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.endpoints, ["a:1", "[::1]:2", "b.example:3"]);
+        assert_eq!(c.prefix, "/lab/x");
+        let c = EtcdConfig::from_url("etcd://a:1/").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.prefix, "");
+        for bad in [
+            "etcd://",
+            "etcd://a",
+            "etcd://a:",
+            "etcd://a:0",
+            "etcd://a:99999",
+            "etcd://:1",
+            "etcd://a:1,",
+            "etcd://::1:2",
+            "etcd://[zz]:2",
+            "etcd://a:1/x y",
+            "etcd://u@a:1",
+            "etcd://a:1?x=1",
+            "http://a:1",
+        ] {
+            assert!(
+                matches!(EtcdConfig::from_url(bad), Err(RegistryError::BadUrl(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_ends_follow_etcd() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_one_and_a_half() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_millis(100));
+            assert!(j >= Duration::from_millis(50) && j < Duration::from_millis(150));
+        }
+    }
+}
