@@ -1,0 +1,532 @@
+//! The Serval service router.
+//!
+//! A router resolves the first packet of each connection (the SYN) by service name and forwards
+//! it to an instance, then steps off the data path: the instance answers the client directly
+//! and data never crosses the router (DESIGN.md §4). It learns instances from their
+//! registrations (`docs/wire.md` §11) and keeps them in a [`Registry`].
+//!
+//! ```text
+//!  instance ──REGISTER/UNREGISTER──▶ Router ──put/delete──▶ Registry (memory or etcd)
+//!           ◀──────ACK/REJECT───────   │                        │
+//!                                      │◀────── Subscription ───┘ (Reset / Put / Delete)
+//!                                      ▼
+//!  client ──SYN by name──▶ service table (FORWARD targets) ──SYN + SOURCE──▶ instance
+//! ```
+//!
+//! # Design
+//!
+//! The router is a [`serval::Endpoint`] with no listeners: the runtime gives it batched UDP
+//! I/O and timers, and the engine already forwards SYNs (and datagrams by name) by its
+//! service table — longest-prefix match, the table's consistent per-flow choice of instance,
+//! SOURCE appended, loops and exhausted hop limits dropped, unknown names NACKed so the client
+//! fails fast. That path runs entirely in the endpoint's receive task and never touches this
+//! crate. What the router adds is the control plane, in two tasks:
+//!
+//! * **requests**: registration requests from the endpoint
+//!   ([`serval::Endpoint::serve_registrations`]) are spread over a few workers by (prefix,
+//!   instance token), so one instance's requests stay in order while a slow registry write
+//!   does not hold up the others. Each is decided by the [`Policy`] (accepted prefixes, TTL
+//!   clamped to `[min_ttl, max_ttl]`, a registration limit), written to the registry
+//!   (`put` for the granted TTL, `delete`), and answered (ACK with the granted TTL, or REJECT).
+//!   A REGISTER carrying the instance token of a registration of the same prefix at another
+//!   locator replaces it: the instance moved.
+//! * **table**: the registry [`Subscription`](serval_registry::Subscription) is applied to the
+//!   endpoint's service table — a `Reset` rebuilds it in one batch, `Put`/`Delete` add or
+//!   remove one FORWARD target with its weight and priority — so the table always equals the
+//!   registry, whichever router wrote it (with etcd, any number of routers share it).
+//!
+//! Floods cost counters, not memory: requests beyond the queues are dropped and counted, and
+//! the engine bounds what it queues to send. Counters ([`Router::stats`]) and the registration
+//! list with leases ([`Router::registrations`]) are public, for an admin or metrics layer.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod policy;
+mod sync;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serval::{Endpoint, EndpointConfig, RegistrationRequest, RegistrationRequests};
+use serval_registry::{Change, Health, Leased, RegistrationKey, Registry};
+use serval_table::{Action, TableSnapshot, Target};
+use serval_wire::{Locator, RejectReason, ServicePrefix};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use policy::{Decision, Policy};
+
+use crate::sync::TableSync;
+
+/// Configuration of a [`Router`].
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// UDP addresses to listen on (port 0 picks one).
+    pub listen: Vec<Locator>,
+    /// Where registrations are kept.
+    pub registry: Registry,
+    /// What registrations are accepted, and for how long.
+    pub policy: Policy,
+    /// The endpoint's protocol settings.
+    pub endpoint: EndpointConfig,
+    /// Workers answering registration requests (each handles its share in order).
+    pub workers: usize,
+    /// Requests queued per worker before more are dropped and counted.
+    pub worker_queue: usize,
+}
+
+impl RouterConfig {
+    /// Listens on `listen` with an in-memory registry and the default policy.
+    pub fn new(listen: Vec<Locator>) -> RouterConfig {
+        RouterConfig {
+            listen,
+            registry: Registry::memory(),
+            policy: Policy::default(),
+            endpoint: EndpointConfig::default(),
+            workers: 4,
+            worker_queue: 1024,
+        }
+    }
+}
+
+/// Why a router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// No address to listen on.
+    #[error("a router needs at least one address to listen on")]
+    NoListenAddress,
+    /// A socket could not be bound.
+    #[error("cannot bind {addrs}: {source}")]
+    Bind {
+        /// The addresses asked for.
+        addrs: String,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// Counters of a [`Router`]; see [`Router::stats`]. Monotonic except `registrations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Registrations held now (as this router's replica of the registry knows them).
+    pub registrations: u64,
+    /// REGISTERs acknowledged, refreshes included.
+    pub registrations_accepted: u64,
+    /// Of those, the ones that created a registration (not a refresh).
+    pub registrations_created: u64,
+    /// REGISTERs refused: prefix not accepted here.
+    pub rejected_not_accepted: u64,
+    /// REGISTERs refused: the registration limit was reached.
+    pub rejected_limit: u64,
+    /// REGISTERs refused: the registry could not be written.
+    pub rejected_unavailable: u64,
+    /// UNREGISTERs handled.
+    pub unregistrations: u64,
+    /// Registrations replaced by one of the same instance at a new locator.
+    pub moved: u64,
+    /// Registrations that disappeared without an UNREGISTER or move through this router
+    /// (their lease ran out, or, with a shared registry, another router removed them).
+    pub expired: u64,
+    /// Registration requests dropped because the queues were full (a flood).
+    pub requests_dropped: u64,
+    /// Registration messages that did not parse.
+    pub registrations_malformed: u64,
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams that did not parse (registration messages included).
+    pub malformed: u64,
+    /// SYNs (and datagrams by name) forwarded to an instance.
+    pub syns_forwarded: u64,
+    /// SYNs answered with a NACK: no registration serves the name.
+    pub syns_nacked: u64,
+    /// SYNs dropped: hop limit reached, a forwarding loop, or the send queue full.
+    pub syns_dropped: u64,
+}
+
+impl RouterStats {
+    /// REGISTERs refused, for any reason.
+    pub fn registrations_rejected(&self) -> u64 {
+        self.rejected_not_accepted + self.rejected_limit + self.rejected_unavailable
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    created: AtomicU64,
+    rejected_not_accepted: AtomicU64,
+    rejected_limit: AtomicU64,
+    rejected_unavailable: AtomicU64,
+    unregistrations: AtomicU64,
+    moved: AtomicU64,
+    expired: AtomicU64,
+    dropped: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) -> u64 {
+    c.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// State the tasks share.
+struct Inner {
+    endpoint: Endpoint,
+    registry: Registry,
+    policy: Policy,
+    counters: Counters,
+    sync: Mutex<TableSync>,
+    /// (prefix, instance token) → where that instance registered the prefix, to recognise a
+    /// moved instance.
+    instances: Mutex<HashMap<(ServicePrefix, u64), Locator>>,
+    /// Registrations this router deleted and whose removal it has not seen yet (so that it is
+    /// not counted as an expiry).
+    deleting: Mutex<std::collections::HashSet<RegistrationKey>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; keep the data if something ever did.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running service router; see the [crate docs](crate). Dropping it stops it.
+pub struct Router {
+    inner: Arc<Inner>,
+    locators: Vec<Locator>,
+    /// Requests the runtime dropped before the dispatcher saw them (mirrored by it).
+    runtime_dropped: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("locators", &self.locators)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Binds the router's sockets and starts serving. Must run inside a tokio runtime.
+    pub async fn bind(config: RouterConfig) -> Result<Router, RouterError> {
+        if config.listen.is_empty() {
+            return Err(RouterError::NoListenAddress);
+        }
+        let endpoint = Endpoint::bind_with(&config.listen, config.endpoint.clone())
+            .await
+            .map_err(|source| RouterError::Bind {
+                addrs: config
+                    .listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                source,
+            })?;
+        let locators = endpoint.local_locators();
+        let requests = endpoint.serve_registrations();
+        let inner = Arc::new(Inner {
+            sync: Mutex::new(TableSync::new(endpoint.table().clone())),
+            endpoint,
+            registry: config.registry.clone(),
+            policy: config.policy.clone(),
+            counters: Counters::default(),
+            instances: Mutex::new(HashMap::new()),
+            deleting: Mutex::new(std::collections::HashSet::new()),
+        });
+        let mut tasks = Vec::new();
+        // The table follows the registry from its first Reset on.
+        let subscription = inner.registry.subscribe();
+        tasks.push(tokio::spawn(follow_registry(inner.clone(), subscription)));
+        let workers = config.workers.max(1);
+        let mut queues = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
+            queues.push(tx);
+            tasks.push(tokio::spawn(worker(inner.clone(), rx)));
+        }
+        let runtime_dropped = Arc::new(AtomicU64::new(0));
+        tasks.push(tokio::spawn(dispatch(
+            inner.clone(),
+            requests,
+            queues,
+            runtime_dropped.clone(),
+        )));
+        tracing::info!(
+            locators = %locators.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            "router listening"
+        );
+        Ok(Router {
+            inner,
+            locators,
+            runtime_dropped,
+            tasks,
+        })
+    }
+
+    /// The locators the router listens on (what instances and clients use as their router).
+    pub fn locators(&self) -> &[Locator] {
+        &self.locators
+    }
+
+    /// The router's endpoint (its service table, its engine counters).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The registry it writes and follows.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The registration policy.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// The service table as it is now.
+    pub fn table(&self) -> TableSnapshot {
+        self.inner.endpoint.table().snapshot()
+    }
+
+    /// Every live registration with the time left on its lease (from the registry; see
+    /// [`Leased::expires_in`] for what an etcd registry can tell).
+    pub fn registrations(&self) -> Vec<Leased> {
+        self.inner.registry.snapshot()
+    }
+
+    /// Whether the registry is serving fresh data.
+    pub fn registry_health(&self) -> Health {
+        self.inner.registry.health()
+    }
+
+    /// Counters, for logs and metrics.
+    pub fn stats(&self) -> RouterStats {
+        let c = &self.inner.counters;
+        let e = self.inner.endpoint.stats();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RouterStats {
+            registrations: lock(&self.inner.sync).len() as u64,
+            registrations_accepted: get(&c.accepted),
+            registrations_created: get(&c.created),
+            rejected_not_accepted: get(&c.rejected_not_accepted),
+            rejected_limit: get(&c.rejected_limit),
+            rejected_unavailable: get(&c.rejected_unavailable),
+            unregistrations: get(&c.unregistrations),
+            moved: get(&c.moved),
+            expired: get(&c.expired),
+            requests_dropped: get(&c.dropped) + get(&self.runtime_dropped),
+            registrations_malformed: e.registrations_malformed,
+            received: e.received,
+            malformed: e.malformed,
+            syns_forwarded: e.forwarded,
+            syns_nacked: e.nacks_sent,
+            syns_dropped: e.hop_limit_drops + e.transmit_queue_drops + e.delayed,
+        }
+    }
+
+    /// Adds a static rule beside the registrations (kept when the registry resets).
+    pub fn add_rule(&self, prefix: ServicePrefix, target: Target) -> Result<(), String> {
+        lock(&self.inner.sync)
+            .add_static(prefix, target)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Removes a static rule; `false` if there was none.
+    pub fn remove_rule(&self, prefix: ServicePrefix, action: Action) -> bool {
+        lock(&self.inner.sync).remove_static(prefix, action)
+    }
+
+    /// Stops the router: its tasks end and its sockets close. Established connections between
+    /// clients and instances are not affected (they never crossed the router).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Spreads requests over the workers by (prefix, instance), so each instance's requests for a
+/// prefix are handled in order.
+async fn dispatch(
+    inner: Arc<Inner>,
+    mut requests: RegistrationRequests,
+    queues: Vec<mpsc::Sender<RegistrationRequest>>,
+    runtime_dropped: Arc<AtomicU64>,
+) {
+    loop {
+        let next = tokio::select! {
+            r = requests.recv() => r,
+            // Mirror the runtime's drop count now and then even when idle.
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                runtime_dropped.store(requests.dropped(), Ordering::Relaxed);
+                continue;
+            }
+        };
+        runtime_dropped.store(requests.dropped(), Ordering::Relaxed);
+        let Some(req) = next else { return };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (req.request.prefix, req.request.instance).hash(&mut h);
+        let i = (h.finish() % queues.len() as u64) as usize;
+        if queues[i].try_send(req).is_err() {
+            let n = bump(&inner.counters.dropped);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "registration requests dropped: the router cannot keep up (flood?)"
+                );
+            }
+        }
+    }
+}
+
+/// Handles one share of the requests, in order.
+async fn worker(inner: Arc<Inner>, mut rx: mpsc::Receiver<RegistrationRequest>) {
+    while let Some(req) = rx.recv().await {
+        handle(&inner, req).await;
+    }
+}
+
+async fn handle(inner: &Inner, req: RegistrationRequest) {
+    let r = req.request;
+    let key = RegistrationKey {
+        prefix: r.prefix,
+        locator: req.from,
+    };
+    let (exists, held) = {
+        let s = lock(&inner.sync);
+        (s.contains(&key), s.len())
+    };
+    let answer = match inner.policy.decide(req.from, &r, exists, held) {
+        Decision::Reject(reason) => {
+            let (counter, what) = match reason {
+                RejectReason::LIMIT => {
+                    (&inner.counters.rejected_limit, "registration limit reached")
+                }
+                _ => (
+                    &inner.counters.rejected_not_accepted,
+                    "prefix not accepted by this router",
+                ),
+            };
+            let n = bump(counter);
+            // Every rejection is counted; the log shows the first ones and then one per power
+            // of two, so a flood cannot flood the log.
+            if n <= 16 || n.is_power_of_two() {
+                tracing::warn!(prefix = %r.prefix, from = %req.from, rejected = n, "registration rejected: {what}");
+            }
+            r.reject(reason)
+        }
+        Decision::Put { registration, ttl } => {
+            // The same instance registered this prefix elsewhere: it moved.
+            let old = lock(&inner.instances)
+                .get(&(r.prefix, r.instance))
+                .copied()
+                .filter(|l| *l != req.from);
+            if let Some(old) = old {
+                let old_key = RegistrationKey {
+                    prefix: r.prefix,
+                    locator: old,
+                };
+                match delete(inner, old_key).await {
+                    Ok(()) => {
+                        bump(&inner.counters.moved);
+                        tracing::info!(prefix = %r.prefix, from = %old, to = %req.from, "instance moved");
+                    }
+                    Err(e) => {
+                        tracing::warn!(registration = %old_key, error = %e, "cannot remove moved instance's old registration");
+                    }
+                }
+            }
+            match inner.registry.put(registration, ttl).await {
+                Ok(()) => {
+                    // Into the table now, not when the subscription gets there: the next SYN
+                    // (and the next limit check) sees it. The subscription's copy is a no-op.
+                    lock(&inner.sync).apply(Change::Put(registration));
+                    lock(&inner.instances).insert((r.prefix, r.instance), req.from);
+                    bump(&inner.counters.accepted);
+                    if exists {
+                        tracing::debug!(registration = %key, "registration refreshed");
+                    } else {
+                        bump(&inner.counters.created);
+                        tracing::info!(
+                            registration = %key,
+                            weight = registration.weight,
+                            priority = registration.priority,
+                            ttl_ms = ttl.as_millis() as u64,
+                            "registered"
+                        );
+                    }
+                    r.ack(policy::ttl_ms(ttl))
+                }
+                Err(e) => {
+                    let n = bump(&inner.counters.rejected_unavailable);
+                    if n <= 16 || n.is_power_of_two() {
+                        tracing::warn!(registration = %key, error = %e, rejected = n, "registration rejected: registry unavailable");
+                    }
+                    r.reject(RejectReason::UNAVAILABLE)
+                }
+            }
+        }
+        Decision::Delete(key) => {
+            lock(&inner.instances).retain(|(p, _), l| !(*p == key.prefix && *l == key.locator));
+            if let Err(e) = delete(inner, key).await {
+                // The lease expires anyway; the instance has nothing better to do than stop
+                // asking, so it is acknowledged regardless.
+                tracing::warn!(registration = %key, error = %e, "cannot delete registration; it will expire");
+            }
+            bump(&inner.counters.unregistrations);
+            if exists {
+                tracing::info!(registration = %key, "unregistered");
+            }
+            r.ack(0)
+        }
+    };
+    inner.endpoint.answer_registration(&req, &answer);
+}
+
+/// Deletes `key` from the registry and the table, so that its removal is not mistaken for an
+/// expiry when the subscription reports it (whichever gets there first).
+async fn delete(inner: &Inner, key: RegistrationKey) -> Result<(), serval_registry::RegistryError> {
+    lock(&inner.deleting).insert(key);
+    let r = inner.registry.delete(&key).await;
+    if r.is_ok() {
+        lock(&inner.sync).apply(Change::Delete(key));
+    }
+    lock(&inner.deleting).remove(&key);
+    r
+}
+
+/// Applies the registry's changes to the service table, for as long as the registry lives.
+async fn follow_registry(inner: Arc<Inner>, mut sub: serval_registry::Subscription) {
+    while let Some(change) = sub.next().await {
+        let reset = matches!(change, Change::Reset(_));
+        let removed = lock(&inner.sync).apply(change);
+        for key in removed {
+            let ours = lock(&inner.deleting).remove(&key);
+            lock(&inner.instances).retain(|(p, _), l| !(*p == key.prefix && *l == key.locator));
+            if !ours && !reset {
+                bump(&inner.counters.expired);
+                tracing::info!(registration = %key, "registration expired");
+            }
+        }
+        if reset {
+            tracing::info!(
+                registrations = lock(&inner.sync).len(),
+                "service table rebuilt from the registry"
+            );
+        }
+    }
+    tracing::error!("registry subscription ended: the service table no longer follows it");
+}

@@ -1,0 +1,209 @@
+//! Keeping the router's service table equal to the registry (plus static rules).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serval_registry::{Change, Registration, RegistrationKey};
+use serval_table::{Action, ServiceTable, TableTx, Target};
+use serval_wire::ServicePrefix;
+
+/// The registry's registrations as FORWARD targets in a service table, beside static rules.
+///
+/// A registration and a static rule with the same prefix and next hop share one target: the
+/// registration's weight and priority apply while it lives, the static rule's again once it
+/// is gone.
+#[derive(Debug)]
+pub(crate) struct TableSync {
+    table: Arc<ServiceTable>,
+    installed: HashMap<RegistrationKey, Registration>,
+    statics: HashMap<(ServicePrefix, Action), Target>,
+}
+
+fn target(r: &Registration) -> Target {
+    Target::new(Action::Forward(r.locator), r.priority, r.weight.max(1))
+}
+
+impl TableSync {
+    pub(crate) fn new(table: Arc<ServiceTable>) -> TableSync {
+        TableSync {
+            table,
+            installed: HashMap::new(),
+            statics: HashMap::new(),
+        }
+    }
+
+    /// Whether the registry holds `key` (as far as this replica knows).
+    pub(crate) fn contains(&self, key: &RegistrationKey) -> bool {
+        self.installed.contains_key(key)
+    }
+
+    /// Registrations installed.
+    pub(crate) fn len(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Removes the target of `key` in `tx`, putting back a static rule it shadowed.
+    fn uninstall(
+        statics: &HashMap<(ServicePrefix, Action), Target>,
+        tx: &mut TableTx,
+        key: &RegistrationKey,
+    ) {
+        let action = Action::Forward(key.locator);
+        match statics.get(&(key.prefix, action)) {
+            Some(t) => {
+                let _ = tx.add_target(key.prefix, *t);
+            }
+            None => {
+                tx.remove_target(&key.prefix, &action);
+            }
+        }
+    }
+
+    /// Applies one change; returns the registrations it removed.
+    pub(crate) fn apply(&mut self, change: Change) -> Vec<RegistrationKey> {
+        match change {
+            Change::Put(r) => {
+                self.installed.insert(r.key(), r);
+                let _ = self.table.add_target(r.prefix, target(&r));
+                Vec::new()
+            }
+            Change::Delete(key) => {
+                if self.installed.remove(&key).is_none() {
+                    return Vec::new();
+                }
+                let statics = &self.statics;
+                self.table
+                    .update(|tx| TableSync::uninstall(statics, tx, &key));
+                vec![key]
+            }
+            Change::Reset(all) => {
+                let new: HashMap<RegistrationKey, Registration> =
+                    all.into_iter().map(|r| (r.key(), r)).collect();
+                let gone: Vec<RegistrationKey> = self
+                    .installed
+                    .keys()
+                    .filter(|k| !new.contains_key(k))
+                    .copied()
+                    .collect();
+                let (statics, installed) = (&self.statics, &self.installed);
+                // One batch: lookups see the old set or the new one, never half of each.
+                self.table.update(|tx| {
+                    for k in &gone {
+                        TableSync::uninstall(statics, tx, k);
+                    }
+                    for (k, r) in &new {
+                        if installed.get(k) != Some(r) {
+                            let _ = tx.add_target(r.prefix, target(r));
+                        }
+                    }
+                });
+                self.installed = new;
+                gone
+            }
+        }
+    }
+
+    /// Adds a static rule (kept across registry resets).
+    pub(crate) fn add_static(
+        &mut self,
+        prefix: ServicePrefix,
+        t: Target,
+    ) -> Result<(), serval_table::TableError> {
+        let registered = matches!(t.action, Action::Forward(l)
+            if self.installed.contains_key(&RegistrationKey { prefix, locator: l }));
+        if !registered {
+            self.table.add_target(prefix, t)?;
+        } else if t.weight == 0 {
+            return Err(serval_table::TableError::ZeroWeight);
+        }
+        self.statics.insert((prefix, t.action), t);
+        Ok(())
+    }
+
+    /// Removes a static rule; `false` if there was none. A registration with the same next
+    /// hop keeps its target.
+    pub(crate) fn remove_static(&mut self, prefix: ServicePrefix, action: Action) -> bool {
+        if self.statics.remove(&(prefix, action)).is_none() {
+            return false;
+        }
+        let registered = matches!(action, Action::Forward(l)
+            if self.installed.contains_key(&RegistrationKey { prefix, locator: l }));
+        if !registered {
+            self.table.remove_target(&prefix, &action);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serval_wire::{Locator, ServiceId};
+
+    fn reg(name: &str, port: u16, weight: u32) -> Registration {
+        Registration {
+            prefix: ServicePrefix::exact(ServiceId::from_name(name).unwrap()),
+            locator: Locator::from(([127, 0, 0, 1], port)),
+            weight,
+            priority: 0,
+        }
+    }
+
+    fn targets(t: &ServiceTable, r: &Registration) -> Vec<Target> {
+        t.snapshot()
+            .get(&r.prefix)
+            .map(<[Target]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn puts_deletes_and_resets_keep_the_table_equal_to_the_registry() {
+        let table = Arc::new(ServiceTable::new());
+        let mut s = TableSync::new(table.clone());
+        let (a, b, c) = (
+            reg("a.test", 1, 1),
+            reg("a.test", 2, 3),
+            reg("c.test", 3, 1),
+        );
+        s.apply(Change::Put(a));
+        s.apply(Change::Put(b));
+        assert_eq!(targets(&table, &a).len(), 2);
+        // A new weight replaces the target.
+        s.apply(Change::Put(Registration { weight: 9, ..b }));
+        assert!(targets(&table, &a).iter().any(|t| t.weight == 9));
+        assert_eq!(s.apply(Change::Delete(a.key())), [a.key()]);
+        assert_eq!(targets(&table, &a).len(), 1);
+        // Deleting what is not there removes nothing.
+        assert!(s.apply(Change::Delete(a.key())).is_empty());
+        // A reset to {c}: b goes, c comes.
+        assert_eq!(s.apply(Change::Reset(vec![c])), [b.key()]);
+        assert!(targets(&table, &a).is_empty());
+        assert_eq!(targets(&table, &c).len(), 1);
+        assert_eq!(s.len(), 1);
+        assert!(s.contains(&c.key()));
+    }
+
+    #[test]
+    fn static_rules_survive_resets_and_come_back_after_a_registration_on_top() {
+        let table = Arc::new(ServiceTable::new());
+        let mut s = TableSync::new(table.clone());
+        let a = reg("a.test", 1, 5);
+        let fixed = Target::new(Action::Forward(a.locator), 0, 1);
+        s.add_static(a.prefix, fixed).unwrap();
+        s.apply(Change::Reset(vec![]));
+        assert_eq!(targets(&table, &a), [fixed]);
+        // A registration with the same next hop takes over, then gives it back.
+        s.apply(Change::Put(a));
+        assert_eq!(targets(&table, &a)[0].weight, 5);
+        s.apply(Change::Delete(a.key()));
+        assert_eq!(targets(&table, &a), [fixed]);
+        // Removing the static rule while registered leaves the registration's target.
+        s.apply(Change::Put(a));
+        assert!(s.remove_static(a.prefix, fixed.action));
+        assert_eq!(targets(&table, &a)[0].weight, 5);
+        assert!(!s.remove_static(a.prefix, fixed.action));
+        s.apply(Change::Reset(vec![]));
+        assert!(targets(&table, &a).is_empty());
+    }
+}
