@@ -225,6 +225,8 @@ struct Replica {
     health: Health,
     /// The cluster the replica was listed from.
     cluster_id: u64,
+    /// Whether it was listed at least once.
+    listed: bool,
 }
 
 /// A registration as the replica holds it.
@@ -327,6 +329,7 @@ impl EtcdRegistry {
                     error: "not listed yet".into(),
                 },
                 cluster_id: 0,
+                listed: false,
             }),
             changes: broadcast::channel(CHANGE_BUFFER).0,
             applied: watch::Sender::new(0),
@@ -561,7 +564,16 @@ impl Shared {
     /// succeeds or [`EtcdConfig::request_timeout`] has passed; when etcd is already known to
     /// be unreachable, gives up after one try per member instead. Errors that another member
     /// would repeat (compacted revision, lease not found) are returned at once.
-    async fn call<T, F, Fut>(&self, mut op: F) -> Result<T, OpError>
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, OpError>
+    where
+        F: FnMut(Member) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_with(self.is_degraded(), op).await
+    }
+
+    /// [`call`](Shared::call), giving up after one try per member if `one_round`.
+    async fn call_with<T, F, Fut>(&self, one_round: bool, mut op: F) -> Result<T, OpError>
     where
         F: FnMut(Member) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -574,7 +586,6 @@ impl Shared {
         } else {
             self.config.request_timeout
         };
-        let one_round = self.is_degraded();
         let mut idx = self.preferred.load(Ordering::Relaxed) % n;
         let mut tries = 0;
         loop {
@@ -745,13 +756,18 @@ impl Shared {
         let mut all: Vec<Registration> = regs.values().map(|e| e.registration).collect();
         all.sort_by_key(Registration::key);
         let mut st = self.lock();
-        if st.health != Health::Synced && st.cluster_id != 0 {
-            tracing::info!(
-                registrations = all.len(),
-                revision,
-                "etcd reachable again: registrations listed afresh"
-            );
+        if st.listed {
+            // Counted before subscribers hear of it.
+            self.relists.fetch_add(1, Ordering::Relaxed);
+            if st.health != Health::Synced {
+                tracing::info!(
+                    registrations = all.len(),
+                    revision,
+                    "etcd reachable again: registrations listed afresh"
+                );
+            }
         }
+        st.listed = true;
         st.regs = regs;
         st.cluster_id = cluster_id;
         st.health = Health::Synced;
@@ -803,12 +819,14 @@ impl Shared {
     }
 
     /// Opens a watch from `start` on the preferred member (moving on while members fail).
-    async fn open_watch(&self, start: i64) -> Result<WatchStream, WatchEnd> {
+    /// With `resuming`, one try per member: a resume that fails means etcd is unreachable,
+    /// and the replica should say so rather than retry for the whole request timeout.
+    async fn open_watch(&self, start: i64, resuming: bool) -> Result<WatchStream, WatchEnd> {
         let prefix = self.keys.reg_prefix().to_owned();
         let options = WatchOptions::new().with_prefix().with_start_revision(start);
         let cluster_id = self.lock().cluster_id;
         let opened = self
-            .call(|m| {
+            .call_with(resuming || self.is_degraded(), |m| {
                 let (prefix, options) = (prefix.clone(), options.clone());
                 async move {
                     let mut c = m.watch;
@@ -868,8 +886,8 @@ impl Shared {
     }
 
     /// Watches from `start` until the watch ends; returns why.
-    async fn watch_from(&self, start: i64) -> WatchEnd {
-        let mut stream = match self.open_watch(start).await {
+    async fn watch_from(&self, start: i64, resuming: bool) -> WatchEnd {
+        let mut stream = match self.open_watch(start, resuming).await {
             Ok(s) => s,
             Err(end) => return end,
         };
@@ -913,6 +931,7 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
     // Where to resume watching without listing, after a running watch broke.
     let mut resume: Option<i64> = None;
     loop {
+        let resuming = resume.is_some();
         let start = match resume.take() {
             Some(rev) => {
                 shared.resumes.fetch_add(1, Ordering::Relaxed);
@@ -924,8 +943,6 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
                     (Ok(rev), first) => {
                         if let Some(tx) = first {
                             let _ = tx.send(Ok(()));
-                        } else {
-                            shared.relists.fetch_add(1, Ordering::Relaxed);
                         }
                         rev + 1
                     }
@@ -943,7 +960,7 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
             }
         };
         let began = Instant::now();
-        let ran = match shared.watch_from(start).await {
+        let ran = match shared.watch_from(start, resuming).await {
             WatchEnd::Relist(why) => {
                 tracing::info!(%why, "listing registrations again");
                 true
