@@ -177,8 +177,24 @@ impl Shared {
         st.engine.close_listener(id);
         st.listeners.remove(&id);
         st.dispatch();
+        // The UNREGISTER goes out now, from here, rather than with the driver's next batch: a
+        // listener is often dropped as the program exits, when the driver may never run
+        // again. Its retransmissions, if any, are the driver's.
+        let now = st.now();
+        let unregisters: Vec<_> =
+            std::iter::from_fn(|| st.engine.poll_registration_transmit(now)).collect();
         drop(st);
+        self.send_now(&unregisters);
         self.wake.notify_one();
+    }
+
+    /// Sends datagrams at once through the sockets' plain handles (no runtime needed).
+    fn send_now(&self, transmits: &[serval_engine::endpoint::Transmit]) {
+        for t in transmits {
+            if let Some(s) = self.sockets.iter().find(|s| s.local == t.src) {
+                let _ = s.last_words.send_to(&t.payload, t.dst);
+            }
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -195,14 +211,11 @@ impl Drop for Shared {
     fn drop(&mut self) {
         let mut st = self.lock();
         let now = st.now();
-        for _ in 0..1024 {
-            let Some(t) = st.engine.poll_registration_transmit(now) else {
-                break;
-            };
-            if let Some(s) = self.sockets.iter().find(|s| s.local == t.src) {
-                let _ = s.last_words.send_to(&t.payload, t.dst);
-            }
-        }
+        let last: Vec<_> = std::iter::from_fn(|| st.engine.poll_registration_transmit(now))
+            .take(1024)
+            .collect();
+        drop(st);
+        self.send_now(&last);
     }
 }
 
