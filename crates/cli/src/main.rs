@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 mod net;
+mod router;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -42,20 +43,39 @@ enum Command {
         /// Echo each stream back instead of printing it.
         #[arg(long)]
         echo: bool,
+        /// Register the service with this service router (kept alive while serving,
+        /// withdrawn on exit), so clients reach it by name through the router.
+        #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
+        router: Option<SocketAddr>,
+        /// Share of new connections among instances of the same priority (at least 1).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        weight: u32,
+        /// Priority: only the instances of the highest priority registered get connections.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        priority: u32,
     },
     /// Connect to a service by name, send stdin, print what comes back.
     ///
     /// Exits 0 once both directions have closed.
+    #[command(group(clap::ArgGroup::new("next_hop").required(true).args(["via", "router"])))]
     Cat {
         /// The service name or hex ID.
         service: String,
         /// Next hop for the SYN: a service router, or the instance itself.
         #[arg(long, value_name = "ADDR", env = "SERVAL_VIA")]
-        via: SocketAddr,
+        via: Option<SocketAddr>,
+        /// The service router to resolve the name (the SYN's next hop; same as --via ADDR).
+        #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
+        router: Option<SocketAddr>,
         /// Local UDP address to bind (default: any address of the next hop's family).
         #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
         bind: Option<SocketAddr>,
     },
+    /// Run a service router: forward connections by name to the instances that register.
+    ///
+    /// Prints one line `READY ADDR…` to stdout once its sockets are bound, then serves until
+    /// interrupted. Logs go to stderr (RUST_LOG sets the level; default info).
+    Router(router::RouterArgs),
     /// Print the serviceID of a name, or the prefix of a domain.
     ///
     /// `web.example.com` prints the 64-hex-digit serviceID; `example.com/*` prints the prefix that
@@ -82,15 +102,68 @@ fn main() -> ExitCode {
             service,
             bind,
             echo,
+            router,
+            weight,
+            priority,
         } => match ServicePrefix::parse(&service) {
-            Ok(prefix) => run(net::listen(&service, prefix, bind, echo)),
+            Ok(prefix) => {
+                let opts = net::ListenOptions {
+                    echo,
+                    router,
+                    weight,
+                    priority,
+                };
+                run(net::listen(&service, prefix, bind, opts))
+            }
             Err(e) => usage(&e),
         },
-        Command::Cat { service, via, bind } => match ServiceId::parse(&service) {
-            Ok(id) => run(net::cat(&service, id, via, bind)),
-            Err(e) => usage(&e),
+        Command::Cat {
+            service,
+            via,
+            router,
+            bind,
+        } => match (ServiceId::parse(&service), via.or(router)) {
+            (Ok(id), Some(hop)) => run(net::cat(&service, id, hop, bind)),
+            (Err(e), _) => usage(&e),
+            // clap requires one of the two.
+            (Ok(_), None) => usage(&"--via or --router is required"),
         },
+        Command::Router(args) => {
+            if let Err(e) = router::validate(&args) {
+                return usage(&e);
+            }
+            init_logs("info");
+            match run_router(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(router::Failure::Usage(e)) => usage(&e),
+                Err(router::Failure::Runtime(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// Logs (tracing) to stderr, at `default` unless RUST_LOG says otherwise.
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the router on its own runtime.
+fn run_router(args: router::RouterArgs) -> Result<(), router::Failure> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| router::Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(router::run(args))
 }
 
 /// Reports bad input as one line, exit status 2.

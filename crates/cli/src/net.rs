@@ -2,29 +2,63 @@
 
 use std::net::SocketAddr;
 
-use serval::{Endpoint, ServiceId, ServicePrefix, Stream};
+use serval::{Endpoint, RegistrarEvent, ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How `serval listen` serves.
+pub struct ListenOptions {
+    /// Echo streams back instead of printing them.
+    pub echo: bool,
+    /// Register with this router.
+    pub router: Option<SocketAddr>,
+    /// Weight and priority of the registration (and of the local rule).
+    pub weight: u32,
+    /// See `weight`.
+    pub priority: u32,
+}
 
 /// Serves `prefix` (typed by the user as `name`) on `bind` until interrupted.
 pub async fn listen(
     name: &str,
     prefix: ServicePrefix,
     bind: Vec<SocketAddr>,
-    echo: bool,
+    opts: ListenOptions,
 ) -> Result<(), String> {
+    let echo = opts.echo;
     let ep = Endpoint::bind(&bind)
         .await
         .map_err(|e| format!("cannot bind {}: {e}", list(&bind)))?;
+    let mut events = ep.registrar_events();
+    if let Some(router) = opts.router {
+        ep.set_router(router);
+    }
     let mut listener = ep
-        .listen(prefix)
+        .listen_weighted(prefix, opts.priority, opts.weight)
         .map_err(|e| format!("cannot listen on {name}: {e}"))?;
     eprintln!(
-        "serval: serving {name} ({prefix}) on {}{}",
+        "serval: serving {name} ({prefix}) on {}{}{}",
         list(&ep.local_locators()),
-        if echo { " (echo)" } else { "" }
+        if echo { " (echo)" } else { "" },
+        opts.router
+            .map(|r| format!(", registering with router {r} (weight {})", opts.weight))
+            .unwrap_or_default()
     );
+    let stop = crate::router::wait_for_stop();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
+            Ok(ev) = events.recv() => match ev {
+                RegistrarEvent::Registered { router, ttl, .. } => eprintln!(
+                    "serval: registered {name} with router {router} (lease {} ms)",
+                    ttl.as_millis()
+                ),
+                RegistrarEvent::Rejected { router, reason, .. } => {
+                    eprintln!("serval: router {router} rejected {name}: {reason}")
+                }
+                RegistrarEvent::Unreachable { router, .. } => {
+                    eprintln!("serval: router {router} does not answer; still trying")
+                }
+            },
             accepted = listener.accept() => {
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 tokio::spawn(async move {
@@ -35,7 +69,7 @@ pub async fn listen(
                     }
                 });
             }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = &mut stop => return Ok(()),
         }
     }
 }

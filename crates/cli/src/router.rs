@@ -1,0 +1,146 @@
+//! `serval router`: a service router on this host.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use serval::ServicePrefix;
+use serval_registry::{Registry, RegistryError};
+use serval_router::{Policy, Router, RouterConfig};
+
+/// Flags of `serval router`.
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// UDP address to listen on; repeat for several (IPv4 and IPv6).
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:54324"
+    )]
+    listen: Vec<SocketAddr>,
+    /// Where registrations are kept: `memory://` (this process) or
+    /// `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]` (shared by routers).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SERVAL_REGISTRY",
+        default_value = "memory://"
+    )]
+    registry: String,
+    /// Accept registrations only for names under this prefix (a name, `NAME/*`, a hex ID,
+    /// `HEX/LEN` or `*`); repeat for several. Default: every prefix.
+    #[arg(long = "accept", value_name = "PREFIX")]
+    accept: Vec<String>,
+    /// Shortest lease granted to a registration, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    min_ttl_ms: u64,
+    /// Longest lease granted to a registration, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_ttl_ms: u64,
+    /// Most registrations held; new ones beyond it are rejected.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_registrations: usize,
+}
+
+/// The policy the flags describe, or a one-line reason they are bad.
+fn policy(args: &RouterArgs) -> Result<Policy, String> {
+    let mut accept = Vec::with_capacity(args.accept.len());
+    for text in &args.accept {
+        accept.push(
+            ServicePrefix::parse(text).map_err(|e| format!("invalid --accept {text:?}: {e}"))?,
+        );
+    }
+    if args.min_ttl_ms > args.max_ttl_ms {
+        return Err(format!(
+            "--min-ttl-ms ({}) is above --max-ttl-ms ({})",
+            args.min_ttl_ms, args.max_ttl_ms
+        ));
+    }
+    let (min_ttl, max_ttl) = (
+        Duration::from_millis(args.min_ttl_ms),
+        Duration::from_millis(args.max_ttl_ms),
+    );
+    Ok(Policy {
+        accept,
+        min_ttl,
+        max_ttl,
+        default_ttl: Policy::default().default_ttl.clamp(min_ttl, max_ttl),
+        max_registrations: args.max_registrations,
+    })
+}
+
+/// Checks the flags that can be checked without a runtime; a bad one is a usage error.
+pub fn validate(args: &RouterArgs) -> Result<(), String> {
+    policy(args).map(|_| ())
+}
+
+/// Why the router stopped.
+pub enum Failure {
+    /// Bad input (exit status 2).
+    Usage(String),
+    /// Anything else (exit status 1).
+    Runtime(String),
+}
+
+/// Runs the router until interrupted (SIGINT or SIGTERM).
+pub async fn run(args: RouterArgs) -> Result<(), Failure> {
+    let policy = policy(&args).map_err(Failure::Usage)?;
+    let registry = Registry::connect(&args.registry)
+        .await
+        .map_err(|e| match e {
+            RegistryError::BadUrl(_) => Failure::Usage(e.to_string()),
+            other => Failure::Runtime(format!("registry {}: {other}", args.registry)),
+        })?;
+    let mut config = RouterConfig::new(args.listen.clone());
+    config.registry = registry;
+    config.policy = policy;
+    let router = Router::bind(config)
+        .await
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    // One line for scripts and tests to wait on: the locators, as bound (port 0 resolved).
+    let ready = router
+        .locators()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "READY {ready}");
+    let _ = out.flush();
+    drop(out);
+    eprintln!(
+        "serval: router on {ready}, registry {} ({})",
+        args.registry,
+        if args.accept.is_empty() {
+            "accepting every prefix".to_owned()
+        } else {
+            format!("accepting {}", args.accept.join(", "))
+        }
+    );
+    wait_for_stop().await;
+    let st = router.stats();
+    eprintln!(
+        "serval: router stopping: {} registrations, {} SYNs forwarded, {} NACKed",
+        st.registrations, st.syns_forwarded, st.syns_nacked
+    );
+    router.shutdown();
+    Ok(())
+}
+
+/// Returns on SIGINT or SIGTERM (so that a service manager's stop unregisters cleanly).
+pub async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

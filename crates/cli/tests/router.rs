@@ -1,0 +1,242 @@
+//! `serval router`, `serval listen --router` and `serval cat --router`, end to end on loopback
+//! with the real binary; and their one-line usage errors. Every wait is bounded, and every
+//! process is killed when the test ends, pass or fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn serval() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_serval"))
+}
+
+/// Kills the process when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lines of a child's pipe, read on a thread.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line satisfying `f`.
+fn wait_line(rx: &mpsc::Receiver<String>, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if f(&l) => return l,
+            Ok(_) => {}
+            Err(_) => panic!("no {what} within 20 s"),
+        }
+    }
+}
+
+/// Starts a router on a loopback port; returns it and its address from the READY line.
+fn router(extra: &[&str]) -> (Guard, String) {
+    let mut child = serval()
+        .args(["router", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().unwrap());
+    let guard = Guard(child);
+    let ready = wait_line(&out, "READY line", |_| true);
+    let addr = ready
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("first line {ready:?}"))
+        .to_owned();
+    assert!(!addr.contains(' '), "one locator: {addr}");
+    (guard, addr)
+}
+
+/// `serval cat SERVICE --router R` with `input`; bounded.
+fn cat(service: &str, router: &str, input: &[u8]) -> Output {
+    let mut child = serval()
+        .args(["cat", service, "--router", router])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cat");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("serval cat {service} did not finish within 30 s")
+        })
+        .unwrap()
+}
+
+#[test]
+fn listen_and_cat_by_name_through_a_router() {
+    let (_router, addr) = router(&[]);
+    let mut listen = serval()
+        .args([
+            "listen",
+            "echo.test",
+            "--bind",
+            "127.0.0.1:0",
+            "--router",
+            &addr,
+            "--weight",
+            "2",
+            "--echo",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let err = lines(listen.stderr.take().unwrap());
+    let pid = listen.id();
+    let listen = Guard(listen);
+    let line = wait_line(&err, "registration", |l| l.contains("registered"));
+    assert!(line.contains(&addr), "{line}");
+
+    // By name, through the router; the echo comes straight from the instance.
+    let o = cat("echo.test", &addr, b"hello router\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"hello router\n");
+
+    // An unknown name: one line, exit 1, fast.
+    let t = Instant::now();
+    let o = cat("nobody.test", &addr, b"");
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with("error: no route to service nobody.test"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A stopped instance unregisters on its way out: the name is unknown at once, long
+    // before its 3 s lease could have run out.
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let stopped = Instant::now();
+    // Let it exit by itself (the guard's SIGKILL would cut the UNREGISTER short).
+    let mut listen = listen;
+    while listen.0.try_wait().unwrap().is_none() {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "listen ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    loop {
+        let o = cat("echo.test", &addr, b"");
+        if o.status.code() == Some(1) {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(e.contains("no route to service echo.test"), "{e}");
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "still routed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        stopped.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
+
+#[test]
+fn a_router_refuses_prefixes_it_does_not_accept() {
+    let (_router, addr) = router(&["--accept", "example.com/*"]);
+    let mut listen = serval()
+        .args([
+            "listen",
+            "web.example.org",
+            "--bind",
+            "127.0.0.1:0",
+            "--router",
+            &addr,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let err = lines(listen.stderr.take().unwrap());
+    let _listen = Guard(listen);
+    let line = wait_line(&err, "rejection", |l| l.contains("rejected"));
+    assert!(line.contains("not accepted"), "{line}");
+}
+
+#[test]
+fn bad_router_flags_are_one_line_and_exit_2() {
+    for args in [
+        &["router", "--min-ttl-ms", "5000", "--max-ttl-ms", "1000"][..],
+        &["router", "--min-ttl-ms", "0"],
+        &["router", "--accept", "bad..name"],
+        &["router", "--registry", "redis://localhost"],
+        &["router", "--listen", "nonsense"],
+        &["cat", "echo.test"],
+        &[
+            "cat",
+            "echo.test",
+            "--via",
+            "127.0.0.1:1",
+            "--router",
+            "127.0.0.1:2",
+        ],
+        &["listen", "echo.test", "--weight", "0"],
+        &["listen", "echo.test", "--router", "nowhere"],
+    ] {
+        let o = serval()
+            .args(args)
+            .env_remove("SERVAL_VIA")
+            .env_remove("SERVAL_ROUTER")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_router_that_cannot_bind_says_so_and_exits_1() {
+    // Another router holds the port.
+    let (_first, addr) = router(&[]);
+    let o = serval()
+        .args(["router", "--listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("error: cannot bind {addr}")),
+        "{err}"
+    );
+}
