@@ -147,7 +147,10 @@ fn listen_and_cat_by_name_through_a_router() {
     // Let it exit by itself (the guard's SIGKILL would cut the UNREGISTER short).
     let mut listen = listen;
     while listen.0.try_wait().unwrap().is_none() {
-        assert!(stopped.elapsed() < Duration::from_secs(10), "listen ignored SIGTERM");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "listen ignored SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     loop {
