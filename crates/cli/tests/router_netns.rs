@@ -1,0 +1,343 @@
+//! A service router and instances on separate hosts: each host is a network namespace with a
+//! veth to a bridge (a LAN, 10.79.0.0/24). Instances register with `serval listen --router`,
+//! clients connect by name with `serval cat --router`; the router forwards only the SYN.
+//!
+//! Needs root (CI runs as root). Everything is created here, used only inside these
+//! namespaces, and removed when the test ends, pass or fail. `SERVAL_SKIP_NETNS=1` skips.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 54324;
+
+/// Hosts on one bridged LAN; everything is deleted on drop.
+struct Lan {
+    bridge_ns: String,
+    hosts: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+impl Lan {
+    /// `n` hosts; host `i` gets 10.79.<net>.<i + 1>/24.
+    fn new(tag: &str, net: u8, n: usize) -> Lan {
+        let id = std::process::id();
+        let lan = Lan {
+            bridge_ns: format!("sv{tag}br{id}"),
+            hosts: (0..n).map(|i| format!("sv{tag}h{i}x{id}")).collect(),
+        };
+        ip(&["netns", "add", &lan.bridge_ns]);
+        ip(&["-n", &lan.bridge_ns, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.bridge_ns, "link", "set", "br0", "up"]);
+        for (i, h) in lan.hosts.iter().enumerate() {
+            ip(&["netns", "add", h]);
+            // Create the pair with each end already in its namespace: nothing is ever left in
+            // the root namespace.
+            let (port, eth) = (format!("p{i}"), "eth0");
+            ip(&[
+                "link",
+                "add",
+                &port,
+                "netns",
+                &lan.bridge_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                eth,
+                "netns",
+                h,
+            ]);
+            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
+            let cidr = format!("10.79.{net}.{}/24", i + 1);
+            ip(&["-n", h, "addr", "add", &cidr, "dev", eth]);
+            ip(&["-n", h, "link", "set", eth, "up"]);
+            ip(&["-n", h, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    fn serval(&self, host: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.hosts[host],
+            env!("CARGO_BIN_EXE_serval"),
+        ]);
+        c.args(args);
+        c
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Kills a child process on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn netns_usable() -> bool {
+    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
+        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
+        return false;
+    }
+    true
+}
+
+/// Waits (bounded) for a line starting with `READY` on a child's stdout.
+fn wait_ready(stdout: ChildStdout, what: &str) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} printed no READY line within 20 s"));
+    assert!(
+        line.starts_with("READY"),
+        "{what}: unexpected first line {line:?}"
+    );
+    rx
+}
+
+/// An instance: `serval listen SERVICE --router R --weight W` printing what clients send.
+/// Returns the process and a channel of its output lines.
+fn instance(
+    lan: &Lan,
+    host: usize,
+    net: u8,
+    service: &str,
+    weight: u32,
+    echo: bool,
+) -> (Guard, mpsc::Receiver<String>) {
+    let bind = format!("10.79.{net}.{}:{PORT}", host + 1);
+    let router = format!("10.79.{net}.1:{PORT}");
+    let w = weight.to_string();
+    let mut args = vec![
+        "listen", service, "--bind", &bind, "--router", &router, "--weight", &w,
+    ];
+    if echo {
+        args.push("--echo");
+    }
+    let mut child = lan
+        .serval(host, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn instance");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Guard(child), rx)
+}
+
+/// `serval cat SERVICE --router R` with `input`; returns (exit code, stdout, stderr).
+fn cat(lan: &Lan, host: usize, net: u8, service: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
+    let router = format!("10.79.{net}.1:{PORT}");
+    let mut child = lan
+        .serval(host, &["cat", service, "--router", &router])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cat");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("cat output");
+    w.join().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lines each instance printed so far.
+fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
+}
+
+/// Connects `n` times, each sending one tagged line; returns how many each instance printed.
+fn spread(
+    lan: &Lan,
+    net: u8,
+    client: usize,
+    n: usize,
+    rxs: &[&mpsc::Receiver<String>],
+) -> Vec<usize> {
+    for i in 0..n {
+        let (code, _, err) = cat(
+            lan,
+            client,
+            net,
+            "web.test",
+            format!("req-{i}\n").as_bytes(),
+        );
+        assert_eq!(code, 0, "connect {i} failed: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    rxs.iter()
+        .map(|rx| drain(rx).iter().filter(|l| l.starts_with("req-")).count())
+        .collect()
+}
+
+#[test]
+fn connections_by_name_through_a_router_spread_by_weight_and_fail_over() {
+    if !netns_usable() {
+        return;
+    }
+    let net = 1;
+    // Host 0: router; 1 and 2: instances of web.test (weights 1 and 3); 3: client.
+    let lan = Lan::new("r", net, 4);
+    let listen = format!("10.79.{net}.1:{PORT}");
+    let mut router = lan
+        .serval(0, &["router", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let _router_lines = wait_ready(router.stdout.take().unwrap(), "serval router");
+    let _router = Guard(router);
+    let (_a, a_rx) = instance(&lan, 1, net, "web.test", 1, false);
+    let (b, b_rx) = instance(&lan, 2, net, "web.test", 3, false);
+
+    // Until both instances have registered, connections may fail or all go to one; wait until
+    // one connect reached each of them.
+    let start = Instant::now();
+    let (mut seen_a, mut seen_b) = (false, false);
+    while !(seen_a && seen_b) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "instances never both received a connection"
+        );
+        let _ = cat(&lan, 3, net, "web.test", b"probe\n");
+        std::thread::sleep(Duration::from_millis(100));
+        seen_a |= drain(&a_rx).iter().any(|l| l == "probe");
+        seen_b |= drain(&b_rx).iter().any(|l| l == "probe");
+    }
+
+    // 1:3 weights: out of 120 connections, A's share is binomial(120, 1/4), mean 30, sd 4.7.
+    // Accept 12..=50 (about 4 sd either way): a fixed bound, not a timing.
+    let counts = spread(&lan, net, 3, 120, &[&a_rx, &b_rx]);
+    assert_eq!(
+        counts[0] + counts[1],
+        120,
+        "every request reached one instance: {counts:?}"
+    );
+    assert!(
+        (12..=50).contains(&counts[0]),
+        "weight 1 vs 3 gave {counts:?} connections"
+    );
+
+    // A SYN for a name nobody registered is refused at once, with one clear line.
+    let t = Instant::now();
+    let (code, _, err) = cat(&lan, 3, net, "nobody.test", b"x");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no route to service"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Kill B without letting it unregister: once its lease (3 s by default) ran out, every new
+    // connection goes to A.
+    drop(b);
+    std::thread::sleep(Duration::from_secs(4));
+    let counts = spread(&lan, net, 3, 20, &[&a_rx]);
+    assert_eq!(counts[0], 20, "after B died, A got {counts:?} of 20");
+}
+
+#[test]
+fn streams_never_cross_the_router_so_they_survive_its_death() {
+    if !netns_usable() {
+        return;
+    }
+    let net = 2;
+    // Host 0: router; 1: echo instance; 2: client.
+    let lan = Lan::new("s", net, 3);
+    let listen = format!("10.79.{net}.1:{PORT}");
+    let mut router = lan
+        .serval(0, &["router", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let _lines = wait_ready(router.stdout.take().unwrap(), "serval router");
+    let mut router = Guard(router);
+    let (_echo, _) = instance(&lan, 1, net, "echo.test", 1, true);
+
+    // Connect (retrying until the instance has registered), send half, kill the router, send
+    // the rest: all of it must come back.
+    let start = Instant::now();
+    let router_addr = format!("10.79.{net}.1:{PORT}");
+    let (mut child, mut stdin) = loop {
+        let mut child = lan
+            .serval(2, &["cat", "echo.test", "--router", &router_addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cat");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"first half\n").unwrap();
+        stdin.flush().unwrap();
+        // A connected cat echoes the first line back; a refused one exits.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        if line == "first half\n" {
+            child.stdout = Some(out.into_inner());
+            break (child, stdin);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(start.elapsed() < Duration::from_secs(30), "never connected");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = router.0.kill();
+    let _ = router.0.wait();
+    stdin.write_all(b"second half\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "second half\n");
+}
