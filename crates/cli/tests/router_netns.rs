@@ -305,7 +305,7 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
     // the rest: all of it must come back.
     let start = Instant::now();
     let router_addr = format!("10.79.{net}.1:{PORT}");
-    let (mut child, mut stdin) = loop {
+    let (child, mut stdin) = loop {
         let mut child = lan
             .serval(2, &["cat", "echo.test", "--router", &router_addr])
             .stdin(Stdio::piped())
