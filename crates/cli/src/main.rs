@@ -6,6 +6,7 @@
 
 mod net;
 mod router;
+mod table;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -76,6 +77,12 @@ enum Command {
     /// Prints one line `READY ADDR…` to stdout once its sockets are bound, then serves until
     /// interrupted. Logs go to stderr (RUST_LOG sets the level; default info).
     Router(router::RouterArgs),
+    /// Show a router's service table (one line per target) or edit its static rules, through
+    /// its admin address.
+    ///
+    /// `serval table --admin ADDR` lists; `serval table --admin ADDR add PREFIX forward
+    /// IP:PORT [--weight N] [--priority N]` (or `delay`, `drop`) adds a rule; `del` removes one.
+    Table(table::TableArgs),
     /// Print the serviceID of a name, or the prefix of a domain.
     ///
     /// `web.example.com` prints the 64-hex-digit serviceID; `example.com/*` prints the prefix that
@@ -89,7 +96,7 @@ enum Command {
 }
 
 /// Exit status for bad input (flags, names, config), as for clap's own usage errors.
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -128,6 +135,7 @@ fn main() -> ExitCode {
             // clap requires one of the two.
             (Ok(_), None) => usage(&"--via or --router is required"),
         },
+        Command::Table(args) => table::run(args),
         Command::Router(args) => {
             if let Err(e) = router::validate(&args) {
                 return usage(&e);

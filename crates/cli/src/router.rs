@@ -42,6 +42,10 @@ pub struct RouterArgs {
     /// Most registrations held; new ones beyond it are rejected.
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     max_registrations: usize,
+    /// TCP address of the HTTP admin API: the table as JSON (`/table`), Prometheus metrics
+    /// (`/metrics`), `/health`, and rule edits (`serval table --admin ADDR`). Off by default.
+    #[arg(long, value_name = "ADDR", env = "SERVAL_ADMIN")]
+    admin: Option<SocketAddr>,
 }
 
 /// The policy the flags describe, or a one-line reason they are bad.
@@ -96,9 +100,22 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
     let mut config = RouterConfig::new(args.listen.clone());
     config.registry = registry;
     config.policy = policy;
-    let router = Router::bind(config)
-        .await
-        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    let router = std::sync::Arc::new(
+        Router::bind(config)
+            .await
+            .map_err(|e| Failure::Runtime(e.to_string()))?,
+    );
+    let admin = match args.admin {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failure::Runtime(format!("cannot bind admin address {addr}: {e}")))?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            let source: std::sync::Arc<dyn serval_admin::AdminSource> = router.clone();
+            Some((bound, tokio::spawn(serval_admin::serve(listener, source))))
+        }
+        None => None,
+    };
     // One line for scripts and tests to wait on: the locators, as bound (port 0 resolved).
     let ready = router
         .locators()
@@ -111,13 +128,16 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
     let _ = out.flush();
     drop(out);
     eprintln!(
-        "serval: router on {ready}, registry {} ({})",
+        "serval: router on {ready}, registry {} ({}){}",
         args.registry,
         if args.accept.is_empty() {
             "accepting every prefix".to_owned()
         } else {
             format!("accepting {}", args.accept.join(", "))
-        }
+        },
+        admin
+            .as_ref()
+            .map_or(String::new(), |(a, _)| format!(", admin API on http://{a}"))
     );
     wait_for_stop().await;
     let st = router.stats();
@@ -125,7 +145,15 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
         "serval: router stopping: {} registrations, {} SYNs forwarded, {} NACKed",
         st.registrations, st.syns_forwarded, st.syns_nacked
     );
-    router.shutdown();
+    if let Some((_, task)) = admin {
+        task.abort();
+        let _ = task.await;
+    }
+    match std::sync::Arc::try_unwrap(router) {
+        Ok(router) => router.shutdown(),
+        // Dropping the last handle stops it too.
+        Err(router) => drop(router),
+    }
     Ok(())
 }
 

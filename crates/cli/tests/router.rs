@@ -243,3 +243,115 @@ fn a_router_that_cannot_bind_says_so_and_exits_1() {
         "{err}"
     );
 }
+
+/// A free loopback TCP port (bound and released; the router binds it right after).
+fn free_tcp_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// `serval table --admin ADMIN ARGS…`; bounded.
+fn table(admin: &str, args: &[&str]) -> Output {
+    serval()
+        .args(["table", "--admin", admin])
+        .args(args)
+        .output()
+        .expect("run serval table")
+}
+
+/// The body of `GET path` on `admin`, by hand (HTTP/1.0, so the server closes when done).
+fn http_get(admin: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn the_admin_api_shows_registrations_and_edits_static_rules() {
+    let admin = free_tcp_port();
+    let (_router, addr) = router(&["--admin", &admin]);
+    let mut listen = serval()
+        .args([
+            "listen",
+            "web.test",
+            "--bind",
+            "127.0.0.1:0",
+            "--router",
+            &addr,
+            "--weight",
+            "3",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let err = lines(listen.stderr.take().unwrap());
+    let _listen = Guard(listen);
+    wait_line(&err, "registration", |l| l.contains("registered"));
+
+    // The registration, with its lease.
+    let o = table(&admin, &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let web = serval_wire::ServicePrefix::parse("web.test")
+        .unwrap()
+        .to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&web))
+        .unwrap_or_else(|| panic!("no line for web.test in:\n{out}"));
+    assert!(line.contains("forward 127.0.0.1:"), "{line}");
+    assert!(line.contains("weight 3  priority 0  lease "), "{line}");
+
+    // A static rule: added, listed, removed; removing it again is an error.
+    let add = ["add", "api.test", "forward", "127.0.0.1:9", "--weight", "2"];
+    let o = table(&admin, &add);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&table(&admin, &[]).stdout).to_string();
+    assert!(
+        out.contains("forward 127.0.0.1:9  weight 2  priority 0  static"),
+        "{out}"
+    );
+    let del = ["del", "api.test", "forward", "127.0.0.1:9"];
+    assert!(table(&admin, &del).status.success());
+    let o = table(&admin, &del);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such rule"));
+
+    // A malformed rule is a usage error, caught before anything is sent: one line, exit 2.
+    let o = table(&admin, &["add", "api.test", "forward"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("needs a locator"), "{e}");
+
+    // Prometheus metrics count what happened.
+    let metrics = http_get(&admin, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"));
+    assert!(
+        metrics.contains("serval_router_registrations 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("serval_router_registrations_created_total 1"),
+        "{metrics}"
+    );
+    assert!(http_get(&admin, "/health").contains("synced"));
+}
+
+#[test]
+fn an_unreachable_admin_address_is_one_line_and_exit_1() {
+    let admin = free_tcp_port();
+    let o = table(&admin, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with(&format!("error: admin API at {admin}:")),
+        "{e}"
+    );
+}

@@ -1,0 +1,127 @@
+//! The router behind the admin API ([`serval_admin`]): its table, leases, health and counters.
+
+use serval_admin::{AdminSource, Metric};
+use serval_registry::{Health, Leased};
+use serval_table::{Action, TableSnapshot, Target};
+use serval_wire::ServicePrefix;
+
+use crate::Router;
+
+impl AdminSource for Router {
+    fn table(&self) -> TableSnapshot {
+        Router::table(self)
+    }
+
+    fn leases(&self) -> Vec<Leased> {
+        self.registrations()
+    }
+
+    fn registry_health(&self) -> Health {
+        Router::registry_health(self)
+    }
+
+    fn metrics(&self) -> Vec<Metric> {
+        let s = self.stats();
+        let healthy = matches!(Router::registry_health(self), Health::Synced);
+        vec![
+            Metric::gauge(
+                "router_registrations",
+                "Registrations held (this router's replica of the registry).",
+                s.registrations,
+            ),
+            Metric::gauge(
+                "router_table_prefixes",
+                "Prefixes in the service table (registered and static).",
+                Router::table(self).len() as u64,
+            ),
+            Metric::gauge(
+                "router_registry_synced",
+                "1 while the registry serves fresh data, 0 while degraded.",
+                u64::from(healthy),
+            ),
+            Metric::counter(
+                "router_registrations_accepted",
+                "REGISTERs acknowledged, refreshes included.",
+                s.registrations_accepted,
+            ),
+            Metric::counter(
+                "router_registrations_created",
+                "REGISTERs that created a registration.",
+                s.registrations_created,
+            ),
+            Metric::counter(
+                "router_registrations_rejected_not_accepted",
+                "REGISTERs refused: prefix not accepted here.",
+                s.rejected_not_accepted,
+            ),
+            Metric::counter(
+                "router_registrations_rejected_limit",
+                "REGISTERs refused: the registration limit was reached.",
+                s.rejected_limit,
+            ),
+            Metric::counter(
+                "router_registrations_rejected_unavailable",
+                "REGISTERs refused: the registry could not be written.",
+                s.rejected_unavailable,
+            ),
+            Metric::counter(
+                "router_unregistrations",
+                "UNREGISTERs handled.",
+                s.unregistrations,
+            ),
+            Metric::counter(
+                "router_registrations_moved",
+                "Registrations replaced by the same instance at a new locator.",
+                s.moved,
+            ),
+            Metric::counter(
+                "router_registrations_expired",
+                "Registrations gone without an UNREGISTER through this router.",
+                s.expired,
+            ),
+            Metric::counter(
+                "router_registration_requests_dropped",
+                "Registration requests dropped because the queues were full.",
+                s.requests_dropped,
+            ),
+            Metric::counter(
+                "router_registrations_malformed",
+                "Registration messages that did not parse.",
+                s.registrations_malformed,
+            ),
+            Metric::counter(
+                "router_datagrams_received",
+                "Datagrams received.",
+                s.received,
+            ),
+            Metric::counter(
+                "router_datagrams_malformed",
+                "Datagrams that did not parse.",
+                s.malformed,
+            ),
+            Metric::counter(
+                "router_syns_forwarded",
+                "SYNs (and datagrams by name) forwarded to an instance.",
+                s.syns_forwarded,
+            ),
+            Metric::counter(
+                "router_syns_nacked",
+                "SYNs answered with a NACK: no registration serves the name.",
+                s.syns_nacked,
+            ),
+            Metric::counter(
+                "router_syns_dropped",
+                "SYNs dropped: hop limit, forwarding loop or full send queue.",
+                s.syns_dropped,
+            ),
+        ]
+    }
+
+    fn add_rule(&self, prefix: ServicePrefix, target: Target) -> Result<(), String> {
+        Router::add_rule(self, prefix, target)
+    }
+
+    fn remove_rule(&self, prefix: ServicePrefix, action: Action) -> Result<bool, String> {
+        Ok(Router::remove_rule(self, prefix, action))
+    }
+}
