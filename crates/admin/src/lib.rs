@@ -255,14 +255,16 @@ fn target_view(prefix: ServicePrefix, t: &Target, leases: &[Leased]) -> TargetVi
 pub fn render_metrics(metrics: &[Metric]) -> String {
     let mut registry = prometheus_client::registry::Registry::with_prefix("serval");
     for m in metrics {
+        // The encoder ends each help text with a full stop itself.
+        let help = m.help.trim_end_matches('.');
         match m.kind {
             MetricKind::Counter => {
-                registry.register(&m.name, &m.help, ConstCounter::new(m.value));
+                registry.register(&m.name, help, ConstCounter::new(m.value));
             }
             MetricKind::Gauge => {
                 registry.register(
                     &m.name,
-                    &m.help,
+                    help,
                     ConstGauge::new(i64::try_from(m.value).unwrap_or(i64::MAX)),
                 );
             }
