@@ -189,5 +189,8 @@ fn metrics_render_counters_with_total_and_gauges_without() {
     assert!(text.contains("# TYPE serval_nacks_sent counter"), "{text}");
     assert!(text.contains("serval_nacks_sent_total 7"), "{text}");
     assert!(text.contains("serval_table_entries 2"), "{text}");
-    assert!(text.contains("# HELP serval_nacks_sent NACKs sent.\n"), "{text}");
+    assert!(
+        text.contains("# HELP serval_nacks_sent NACKs sent.\n"),
+        "{text}"
+    );
 }
