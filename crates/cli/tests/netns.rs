@@ -6,19 +6,18 @@
 //! fail. Set `SERVAL_SKIP_NETNS=1` to skip on a machine without root; the skip is printed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
+mod support;
+
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::{Guard, ip, netns_usable};
 
 /// A pair of namespaces joined by veth; deleted on drop.
 struct Netns {
     a: String,
     b: String,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip");
-    assert!(st.success(), "ip {args:?} failed");
 }
 
 impl Netns {
@@ -59,24 +58,6 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
-}
-
-/// Kills a child process on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn netns_usable() -> bool {
-    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
-        return false;
-    }
-    true
 }
 
 fn pattern(len: usize) -> Vec<u8> {

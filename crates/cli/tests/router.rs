@@ -3,51 +3,14 @@
 //! process is killed when the test ends, pass or fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn serval() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_serval"))
-}
-
-/// Kills the process when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a child's pipe, read on a thread.
-fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits (bounded) for a line satisfying `f`.
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, f: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if f(&l) => return l,
-            Ok(_) => {}
-            Err(_) => panic!("no {what} within 20 s"),
-        }
-    }
-}
+use support::{Guard, lines, serval, wait_line};
 
 /// Starts a router on a loopback port; returns it and its address from the READY line.
 fn router(extra: &[&str]) -> (Guard, String) {

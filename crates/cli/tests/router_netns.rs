@@ -6,10 +6,14 @@
 //! namespaces, and removed when the test ends, pass or fail. `SERVAL_SKIP_NETNS=1` skips.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use support::{Guard, ip, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
 
@@ -17,11 +21,6 @@ const PORT: u16 = 54324;
 struct Lan {
     bridge_ns: String,
     hosts: Vec<String>,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip");
-    assert!(st.success(), "ip {args:?} failed");
 }
 
 impl Lan {
@@ -85,43 +84,21 @@ impl Drop for Lan {
     }
 }
 
-/// Kills a child process on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn netns_usable() -> bool {
-    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
-        return false;
-    }
-    true
-}
-
-/// Waits (bounded) for a line starting with `READY` on a child's stdout.
-fn wait_ready(stdout: ChildStdout, what: &str) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+/// Starts `serval router` on host 0 (10.79.NET.1) and waits for its READY line.
+fn start_router(lan: &Lan, net: u8) -> Guard {
+    let listen = format!("10.79.{net}.1:{PORT}");
+    let mut router = lan
+        .serval(0, &["router", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(router.stdout.take().unwrap());
+    let router = Guard(router);
+    wait_line(&out, "READY line from serval router", |l| {
+        l.starts_with("READY")
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("{what} printed no READY line within 20 s"));
-    assert!(
-        line.starts_with("READY"),
-        "{what}: unexpected first line {line:?}"
-    );
-    rx
+    router
 }
 
 /// An instance: `serval listen SERVICE --router R --weight W` printing what clients send.
@@ -149,16 +126,7 @@ fn instance(
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn instance");
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines(child.stdout.take().unwrap());
     (Guard(child), rx)
 }
 
@@ -223,15 +191,7 @@ fn connections_by_name_through_a_router_spread_by_weight_and_fail_over() {
     let net = 1;
     // Host 0: router; 1 and 2: instances of web.test (weights 1 and 3); 3: client.
     let lan = Lan::new("r", net, 4);
-    let listen = format!("10.79.{net}.1:{PORT}");
-    let mut router = lan
-        .serval(0, &["router", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let _router_lines = wait_ready(router.stdout.take().unwrap(), "serval router");
-    let _router = Guard(router);
+    let _router = start_router(&lan, net);
     let (_a, a_rx) = instance(&lan, 1, net, "web.test", 1, false);
     let (b, b_rx) = instance(&lan, 2, net, "web.test", 3, false);
 
@@ -290,15 +250,7 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
     let net = 2;
     // Host 0: router; 1: echo instance; 2: client.
     let lan = Lan::new("s", net, 3);
-    let listen = format!("10.79.{net}.1:{PORT}");
-    let mut router = lan
-        .serval(0, &["router", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let _lines = wait_ready(router.stdout.take().unwrap(), "serval router");
-    let mut router = Guard(router);
+    let mut router = start_router(&lan, net);
     let (_echo, _) = instance(&lan, 1, net, "echo.test", 1, true);
 
     // Connect (retrying until the instance has registered), send half, kill the router, send
