@@ -46,6 +46,42 @@ pub struct RouterArgs {
     /// (`/metrics`), `/health`, and rule edits (`serval table --admin ADDR`). Off by default.
     #[arg(long, value_name = "ADDR", env = "SERVAL_ADMIN")]
     admin: Option<SocketAddr>,
+    /// A parent router (hierarchy): this router registers the prefixes it serves there
+    /// (`--announce`, by default its `--accept` prefixes) and sends it SYNs for names it has
+    /// no rule for.
+    #[arg(long, value_name = "ADDR", env = "SERVAL_PARENT")]
+    parent: Option<SocketAddr>,
+    /// A prefix this router serves and announces to its `--parent` (same syntax as
+    /// `--accept`); repeat for several. SYNs for names under it that no instance serves are
+    /// NACKed here. Default: the `--accept` prefixes.
+    #[arg(long = "announce", value_name = "PREFIX")]
+    announce: Vec<String>,
+}
+
+/// The `--announce` prefixes.
+fn announce(args: &RouterArgs) -> Result<Vec<ServicePrefix>, String> {
+    args.announce
+        .iter()
+        .map(|text| {
+            ServicePrefix::parse(text).map_err(|e| format!("invalid --announce {text:?}: {e}"))
+        })
+        .collect()
+}
+
+/// The router configuration the flags describe.
+fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
+    let mut config = RouterConfig::new(args.listen.clone());
+    config.policy = policy;
+    let announce = announce(args)?;
+    match args.parent {
+        Some(parent) => config
+            .with_parent(parent, announce)
+            .map_err(|e| e.to_string()),
+        None => {
+            config.announce = announce;
+            Ok(config)
+        }
+    }
 }
 
 /// The policy the flags describe, or a one-line reason they are bad.
@@ -77,7 +113,7 @@ fn policy(args: &RouterArgs) -> Result<Policy, String> {
 
 /// Checks the flags that can be checked without a runtime; a bad one is a usage error.
 pub fn validate(args: &RouterArgs) -> Result<(), String> {
-    policy(args).map(|_| ())
+    config(args, policy(args)?).map(|_| ())
 }
 
 /// Why the router stopped.
@@ -97,9 +133,8 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
             RegistryError::BadUrl(_) => Failure::Usage(e.to_string()),
             other => Failure::Runtime(format!("registry {}: {other}", args.registry)),
         })?;
-    let mut config = RouterConfig::new(args.listen.clone());
+    let mut config = config(&args, policy).map_err(Failure::Usage)?;
     config.registry = registry;
-    config.policy = policy;
     let router = std::sync::Arc::new(
         Router::bind(config)
             .await

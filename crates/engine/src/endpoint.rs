@@ -253,6 +253,9 @@ pub struct Endpoint {
     registrar: Option<Registrar>,
     /// Whether registration requests go to the application (a router) or are dropped.
     serve_registrations: bool,
+    /// Prefixes registered with the router beside the listeners' (a child router announcing
+    /// what it serves to its parent), with weight and priority.
+    announced: HashMap<ServicePrefix, (u32, u32)>,
 }
 
 impl Endpoint {
@@ -283,6 +286,7 @@ impl Endpoint {
             due: Vec::new(),
             registrar: None,
             serve_registrations: false,
+            announced: HashMap::new(),
         }
     }
 
@@ -712,7 +716,7 @@ impl Endpoint {
             Some(Action::Forward(next)) => self.forward_by_name(local, next, data, repr, service),
             Some(Action::Delay) => self.stats.delayed += 1,
             Some(Action::Drop | Action::Demux(_)) | None => {
-                self.nack(local, remote, &repr, ctl, nonce, data.len())
+                self.nack(local, client, &repr, ctl, nonce, data.len())
             }
         }
     }
@@ -787,7 +791,7 @@ impl Endpoint {
     fn nack(
         &mut self,
         local: Locator,
-        remote: Locator,
+        client: Locator,
         repr: &SalRepr,
         ctl: ControlRepr,
         nonce: Nonce,
@@ -800,13 +804,15 @@ impl Endpoint {
             ackno: ctl.verno.wrapping_add(1),
         });
         r.nonce = Some(nonce);
-        // The NACK goes back the way the SYN came (the previous hop relays it if need be;
-        // for a SYN straight from the client that is the client).
+        // The NACK goes to the client (SOURCE[0], as the first hop observed it), like the
+        // SYN-ACK would: a router several hops up has no way back through the hops below
+        // (they keep no state for the SYN), and the client accepts it from anywhere since it
+        // echoes the nonce. For a SYN straight from the client that is the UDP source.
         if let Ok(payload) = r.to_bytes(&[])
             && payload.len() <= syn_len
             && self.queue_transmit(Transmit {
                 src: local,
-                dst: remote,
+                dst: client,
                 payload,
             })
         {

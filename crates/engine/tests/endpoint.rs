@@ -135,6 +135,37 @@ fn connect_through_the_local_table() {
 }
 
 #[test]
+fn a_router_with_no_route_nacks_the_client_not_the_previous_hop() {
+    let now = Instant::ZERO;
+    let (mut a, mut r, mut b) = (endpoint(A, 1), endpoint(R, 3), endpoint(B, 2));
+    // R climbs to B (its parent), which has no rule at all.
+    r.table()
+        .add_target(
+            ServicePrefix::DEFAULT,
+            Target::new(Action::Forward(loc(B)), 0, 1),
+        )
+        .unwrap();
+    let h = a.connect_via(now, svc("nobody.test"), loc(R)).unwrap();
+    let syn = drain(&mut a, now);
+    r.handle_datagram(now, loc(R), loc(A), &syn[0].payload);
+    let fwd = drain(&mut r, now);
+    b.handle_datagram(now, loc(B), loc(R), &fwd[0].payload);
+    let nack = drain(&mut b, now);
+    assert_eq!(nack.len(), 1);
+    // To SOURCE[0]: R keeps no state for the SYN and could not relay it.
+    assert_eq!((nack[0].src, nack[0].dst), (loc(B), loc(A)));
+    assert!(nack[0].payload.len() <= fwd[0].payload.len());
+    a.handle_datagram(now, loc(A), loc(B), &nack[0].payload);
+    assert_eq!(
+        events(&mut a),
+        vec![Event::ConnectFailed(
+            h,
+            ConnectError::NoRoute(svc("nobody.test"))
+        )]
+    );
+}
+
+#[test]
 fn a_router_endpoint_forwards_the_syn_and_steps_off_the_path() {
     let now = Instant::ZERO;
     let (mut a, mut r, mut b) = (endpoint(A, 1), endpoint(R, 3), endpoint(B, 2));

@@ -334,3 +334,31 @@ fn endpoints_without_a_router_send_no_registrations() {
         .unwrap();
     assert_eq!(b.table().snapshot().len(), 2);
 }
+
+#[test]
+fn an_announced_prefix_registers_like_a_listener_and_merges_with_one() {
+    let now = at(0);
+    let mut b = endpoint(B, 2);
+    b.set_router(Some(loc(R)), LeaseConfig::default());
+    b.announce(prefix("example.test"), 2, 1);
+    let sent = drain(&mut b, now);
+    assert_eq!(sent.len(), 1);
+    let reg = registration(&sent[0]);
+    assert_eq!(reg.ty, MessageType::Register);
+    assert_eq!(
+        (reg.prefix, reg.weight, reg.priority),
+        (prefix("example.test"), 2, 1)
+    );
+    // A listener on the same prefix adds its weight to the one registration.
+    let l = b.listen(prefix("example.test"), 3, 5);
+    let reg = registration(&drain(&mut b, now)[0]);
+    assert_eq!((reg.weight, reg.priority), (7, 3));
+    // Withdrawn while the listener lives: the listener's share stays registered.
+    b.withdraw(&prefix("example.test"));
+    let reg = registration(&drain(&mut b, now)[0]);
+    assert_eq!((reg.ty, reg.weight), (MessageType::Register, 5));
+    // The listener goes too: unregistered.
+    b.close_listener(l);
+    let reg = registration(&drain(&mut b, now)[0]);
+    assert_eq!(reg.ty, MessageType::Unregister);
+}

@@ -78,6 +78,15 @@ pub struct RouterConfig {
     pub workers: usize,
     /// Requests queued per worker before more are dropped and counted.
     pub worker_queue: usize,
+    /// A parent router to register [`RouterConfig::announce`] with (hierarchy). It also
+    /// becomes this router's default route: SYNs for names no rule here covers climb to it.
+    pub parent: Option<Locator>,
+    /// The prefixes this router answers for. With a parent, each is registered there (from
+    /// this router's locator, leases refreshed like an instance's), so the parent forwards
+    /// their SYNs here. With or without one, a SYN for a name under them that no instance
+    /// serves is NACKed here rather than sent up (where it would come straight back).
+    /// [`RouterConfig::with_parent`] fills it from the policy's accepted prefixes.
+    pub announce: Vec<ServicePrefix>,
 }
 
 impl RouterConfig {
@@ -90,7 +99,31 @@ impl RouterConfig {
             endpoint: EndpointConfig::default(),
             workers: 4,
             worker_queue: 1024,
+            parent: None,
+            announce: Vec::new(),
         }
+    }
+
+    /// Registers with `parent`, announcing `announce`, or if that is empty the prefixes the
+    /// policy accepts (what this router's instances may register is what it routes for).
+    /// Announcing every name (`/0`: a policy accepting everything and no `announce`) would
+    /// make this router answer for the whole name space and never climb, so that is an error.
+    pub fn with_parent(
+        mut self,
+        parent: Locator,
+        announce: Vec<ServicePrefix>,
+    ) -> Result<RouterConfig, RouterError> {
+        let announce = if announce.is_empty() {
+            self.policy.accept.clone()
+        } else {
+            announce
+        };
+        if announce.is_empty() || announce.iter().any(ServicePrefix::is_default) {
+            return Err(RouterError::AnnounceEverything);
+        }
+        self.parent = Some(parent);
+        self.announce = announce;
+        Ok(self)
     }
 }
 
@@ -100,6 +133,11 @@ pub enum RouterError {
     /// No address to listen on.
     #[error("a router needs at least one address to listen on")]
     NoListenAddress,
+    /// A parent router was given but nothing to announce to it, or the whole name space.
+    #[error(
+        "a router with a parent must announce prefixes narrower than every name (--announce, or --accept)"
+    )]
+    AnnounceEverything,
     /// A socket could not be bound.
     #[error("cannot bind {addrs}: {source}")]
     Bind {
@@ -228,8 +266,24 @@ impl Router {
             })?;
         let locators = endpoint.local_locators();
         let requests = endpoint.serve_registrations();
+        let mut table_sync = TableSync::new(endpoint.table().clone());
+        for p in &config.announce {
+            table_sync.add_authoritative(*p);
+        }
+        if let Some(parent) = config.parent {
+            for p in &config.announce {
+                endpoint.announce(*p, 1, 0);
+            }
+            // Registers the announced prefixes there and makes it the default route.
+            endpoint.set_router(parent);
+            tracing::info!(
+                %parent,
+                announce = %config.announce.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                "registering with parent router"
+            );
+        }
         let inner = Arc::new(Inner {
-            sync: Mutex::new(TableSync::new(endpoint.table().clone())),
+            sync: Mutex::new(table_sync),
             endpoint,
             registry: config.registry.clone(),
             policy: config.policy.clone(),
@@ -296,6 +350,11 @@ impl Router {
     /// [`Leased::expires_in`] for what an etcd registry can tell).
     pub fn registrations(&self) -> Vec<Leased> {
         self.inner.registry.snapshot()
+    }
+
+    /// How this router's announcements fare at its parent router (empty without one).
+    pub fn parent_registrations(&self) -> Vec<serval::RegistrationStatus> {
+        self.inner.endpoint.registration_status()
     }
 
     /// Whether the registry is serving fresh data.

@@ -17,7 +17,15 @@ pub(crate) struct TableSync {
     table: Arc<ServiceTable>,
     installed: HashMap<RegistrationKey, Registration>,
     statics: HashMap<(ServicePrefix, Action), Target>,
+    /// Prefixes this router answers for (the ones it announces to a parent): while nothing
+    /// else is registered at exactly such a prefix, a DROP target there makes SYNs for names
+    /// under it that no instance serves get a NACK here, instead of climbing the default
+    /// route to the parent, which would send them straight back (a loop, dropped silently).
+    authoritative: std::collections::HashSet<ServicePrefix>,
 }
+
+/// The DROP target of an authoritative prefix.
+const AUTHORITY: Target = Target::new(Action::Drop, 0, 1);
 
 fn target(r: &Registration) -> Target {
     Target::new(Action::Forward(r.locator), r.priority, r.weight.max(1))
@@ -29,6 +37,38 @@ impl TableSync {
             table,
             installed: HashMap::new(),
             statics: HashMap::new(),
+            authoritative: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Makes this router answer for `prefix`: see [`TableSync::authoritative`].
+    pub(crate) fn add_authoritative(&mut self, prefix: ServicePrefix) {
+        self.authoritative.insert(prefix);
+        self.fix_authority(&prefix);
+    }
+
+    /// Keeps the DROP target of an authoritative `prefix` there exactly while no other
+    /// target is (a registration at exactly the prefix must not share its flows with a DROP).
+    fn fix_authority(&self, prefix: &ServicePrefix) {
+        if !self.authoritative.contains(prefix) {
+            return;
+        }
+        let others = self
+            .table
+            .snapshot()
+            .get(prefix)
+            .is_some_and(|ts| ts.iter().any(|t| t.action != Action::Drop));
+        if others {
+            if !self.statics.contains_key(&(*prefix, Action::Drop)) {
+                self.table.remove_target(prefix, &Action::Drop);
+            }
+        } else if self
+            .table
+            .snapshot()
+            .get(prefix)
+            .is_none_or(<[Target]>::is_empty)
+        {
+            let _ = self.table.add_target(*prefix, AUTHORITY);
         }
     }
 
@@ -65,6 +105,7 @@ impl TableSync {
             Change::Put(r) => {
                 self.installed.insert(r.key(), r);
                 let _ = self.table.add_target(r.prefix, target(&r));
+                self.fix_authority(&r.prefix);
                 Vec::new()
             }
             Change::Delete(key) => {
@@ -74,6 +115,7 @@ impl TableSync {
                 let statics = &self.statics;
                 self.table
                     .update(|tx| TableSync::uninstall(statics, tx, &key));
+                self.fix_authority(&key.prefix);
                 vec![key]
             }
             Change::Reset(all) => {
@@ -98,6 +140,9 @@ impl TableSync {
                     }
                 });
                 self.installed = new;
+                for p in &self.authoritative {
+                    self.fix_authority(p);
+                }
                 gone
             }
         }
@@ -117,6 +162,7 @@ impl TableSync {
             return Err(serval_table::TableError::ZeroWeight);
         }
         self.statics.insert((prefix, t.action), t);
+        self.fix_authority(&prefix);
         Ok(())
     }
 
@@ -131,6 +177,7 @@ impl TableSync {
         if !registered {
             self.table.remove_target(&prefix, &action);
         }
+        self.fix_authority(&prefix);
         true
     }
 }
@@ -182,6 +229,23 @@ mod tests {
         assert_eq!(targets(&table, &c).len(), 1);
         assert_eq!(s.len(), 1);
         assert!(s.contains(&c.key()));
+    }
+
+    #[test]
+    fn an_authoritative_prefix_drops_only_while_nothing_is_registered_at_it() {
+        let table = Arc::new(ServiceTable::new());
+        let mut s = TableSync::new(table.clone());
+        let a = reg("a.test", 1, 5);
+        s.add_authoritative(a.prefix);
+        assert_eq!(targets(&table, &a), [AUTHORITY]);
+        s.apply(Change::Put(a));
+        assert_eq!(targets(&table, &a), [target(&a)]);
+        s.apply(Change::Delete(a.key()));
+        assert_eq!(targets(&table, &a), [AUTHORITY]);
+        s.apply(Change::Reset(vec![a]));
+        assert_eq!(targets(&table, &a), [target(&a)]);
+        s.apply(Change::Reset(vec![]));
+        assert_eq!(targets(&table, &a), [AUTHORITY]);
     }
 
     #[test]

@@ -177,6 +177,20 @@ impl Endpoint {
         self.shared.wake.notify_one();
     }
 
+    /// Registers `prefix` with the router although no listener serves it on this endpoint
+    /// (a child router announcing to its parent what it routes for; see
+    /// `serval_engine::endpoint::Endpoint::announce`). Leases are refreshed like a listener's.
+    pub fn announce(&self, prefix: ServicePrefix, weight: u32, priority: u32) {
+        self.shared.lock().engine.announce(prefix, weight, priority);
+        self.shared.wake.notify_one();
+    }
+
+    /// Stops announcing `prefix`: it is unregistered at once unless a listener serves it.
+    pub fn withdraw(&self, prefix: &ServicePrefix) {
+        self.shared.lock().engine.withdraw(prefix);
+        self.shared.wake.notify_one();
+    }
+
     /// The router this endpoint registers with.
     pub fn router(&self) -> Option<Locator> {
         self.shared.lock().engine.router()

@@ -56,6 +56,28 @@ impl Endpoint {
         }
     }
 
+    /// Registers `prefix` with the router (weight and priority as a listener's) although no
+    /// listener serves it here: a child router announcing to its parent the prefixes it
+    /// routes for, so that the parent forwards their SYNs to it. Merged with the listeners'
+    /// registrations of the same prefix (weights summed); calling it again updates weight and
+    /// priority. Takes effect with or without a router set (it is registered once one is).
+    pub fn announce(&mut self, prefix: ServicePrefix, weight: u32, priority: u32) {
+        self.announced.insert(prefix, (weight.max(1), priority));
+        self.registration_changed(prefix);
+    }
+
+    /// Stops announcing `prefix` (unregistered at once unless a listener still serves it).
+    pub fn withdraw(&mut self, prefix: &ServicePrefix) {
+        if self.announced.remove(prefix).is_some() {
+            self.registration_changed(*prefix);
+        }
+    }
+
+    /// The prefixes announced with [`Endpoint::announce`].
+    pub fn announced(&self) -> impl Iterator<Item = (ServicePrefix, u32, u32)> + '_ {
+        self.announced.iter().map(|(p, (w, pr))| (*p, *w, *pr))
+    }
+
     /// The router this endpoint registers with.
     pub fn router(&self) -> Option<Locator> {
         self.registrar.as_ref().and_then(Registrar::router)
@@ -145,17 +167,23 @@ impl Endpoint {
         }
     }
 
-    /// Every served prefix once, with the sum of its listeners' weights and their highest
-    /// priority (the endpoint is one locator to the router, whatever it does locally).
+    /// Every served prefix once, with the sum of its listeners' (and announcement's) weights
+    /// and their highest priority (the endpoint is one locator to the router, whatever it does
+    /// locally).
     fn listener_prefixes(&self) -> Vec<(ServicePrefix, u32, u32)> {
         let mut out: Vec<(ServicePrefix, u32, u32)> = Vec::new();
-        for l in self.listeners.values() {
-            match out.iter_mut().find(|(p, ..)| *p == l.prefix) {
+        let served = self
+            .listeners
+            .values()
+            .map(|l| (l.prefix, l.weight, l.priority))
+            .chain(self.announced());
+        for (prefix, weight, priority) in served {
+            match out.iter_mut().find(|(p, ..)| *p == prefix) {
                 Some((_, w, p)) => {
-                    *w = w.saturating_add(l.weight);
-                    *p = (*p).max(l.priority);
+                    *w = w.saturating_add(weight);
+                    *p = (*p).max(priority);
                 }
-                None => out.push((l.prefix, l.weight, l.priority)),
+                None => out.push((prefix, weight, priority)),
             }
         }
         out

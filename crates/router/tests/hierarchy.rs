@@ -1,0 +1,229 @@
+//! Router hierarchy on loopback: a child router announces its prefix to a parent router, so a
+//! SYN for a name under it climbs from a client of the parent down to an instance registered
+//! at the child (late binding at each hop), and the instance answers the client directly.
+//! Names nobody serves fail fast with a NACK from the router that has no route, never a loop.
+//! Every wait is bounded; no assertion depends on tight timing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::future::Future;
+use std::time::Duration;
+
+use serval::{Endpoint, LeaseConfig, Locator, RegistrationState, ServiceId, ServicePrefix};
+use serval_router::{Policy, Router, RouterConfig, RouterError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout};
+
+fn svc(name: &str) -> ServiceId {
+    ServiceId::from_name(name).unwrap()
+}
+
+fn exact(name: &str) -> ServicePrefix {
+    ServicePrefix::exact(svc(name))
+}
+
+fn any_port() -> Locator {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn endpoint() -> Endpoint {
+    Endpoint::bind(&[any_port()]).await.unwrap()
+}
+
+async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn bounded<F: Future<Output = ()>>(f: F) {
+    timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test took over 60 s");
+}
+
+/// An instance serving `name` through `router`; echoes every stream.
+async fn instance(router: Locator, name: &str) -> Endpoint {
+    let ep = endpoint().await;
+    ep.set_router_with(router, LeaseConfig::default());
+    let mut listener = ep.listen(exact(name)).unwrap();
+    tokio::spawn(async move {
+        while let Ok(mut s) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    ep
+}
+
+fn registered(r: &Router, prefix: ServicePrefix) -> bool {
+    r.registrations()
+        .iter()
+        .any(|l| l.registration.prefix == prefix)
+}
+
+/// A parent router accepting everything, and a child accepting (and announcing, by default)
+/// `example.test` with the parent as its parent, once the parent holds the announcement.
+async fn parent_and_child() -> (Router, Router, ServicePrefix) {
+    let parent = Router::bind(RouterConfig::new(vec![any_port()]))
+        .await
+        .unwrap();
+    let domain = ServicePrefix::from_domain("example.test").unwrap();
+    let mut config = RouterConfig::new(vec![any_port()]);
+    config.policy = Policy {
+        accept: vec![domain],
+        ..Policy::default()
+    };
+    let config = config
+        .with_parent(parent.locators()[0], Vec::new())
+        .unwrap();
+    assert_eq!(config.announce, [domain]);
+    let child = Router::bind(config).await.unwrap();
+    wait_for(Duration::from_secs(5), "the child's announcement", || {
+        registered(&parent, domain)
+    })
+    .await;
+    // The parent sees the child router's locator as the target.
+    let at_parent: Vec<Locator> = parent
+        .registrations()
+        .iter()
+        .map(|l| l.registration.locator)
+        .collect();
+    assert_eq!(at_parent, child.locators());
+    assert!(
+        child
+            .parent_registrations()
+            .iter()
+            .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
+    );
+    (parent, child, domain)
+}
+
+async fn echo_once(client: &Endpoint, name: &str) -> Locator {
+    let mut s = client.connect(svc(name)).await.unwrap();
+    s.write_all(b"hop").await.unwrap();
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hop");
+    s.peer_locator().unwrap()
+}
+
+async fn fails_fast(client: &Endpoint, name: &str) {
+    let start = Instant::now();
+    let e = client.connect(svc(name)).await.unwrap_err();
+    assert!(e.to_string().contains("no route to service"), "{e}");
+    // A NACK, not the connect timeout.
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{name}: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syn_descends_from_the_parent_through_the_child_to_the_instance() {
+    bounded(async {
+        let (parent, child, _) = parent_and_child().await;
+        let server = instance(child.locators()[0], "web.example.test").await;
+        wait_for(Duration::from_secs(5), "the instance at the child", || {
+            registered(&child, exact("web.example.test"))
+        })
+        .await;
+        // Only the child's prefix climbed, not the instance.
+        assert!(!registered(&parent, exact("web.example.test")));
+        let client = endpoint().await;
+        client.set_default_route(parent.locators()[0]);
+        let peer = echo_once(&client, "web.example.test").await;
+        // The instance answered the client directly.
+        assert_eq!(peer, server.local_locators()[0]);
+        assert_eq!(parent.stats().syns_forwarded, 1);
+        assert_eq!(child.stats().syns_forwarded, 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_child_climbs_to_the_parent_for_other_names() {
+    bounded(async {
+        let (parent, child, _) = parent_and_child().await;
+        let server = instance(parent.locators()[0], "api.other.test").await;
+        wait_for(Duration::from_secs(5), "the instance at the parent", || {
+            registered(&parent, exact("api.other.test"))
+        })
+        .await;
+        let client = endpoint().await;
+        client.set_default_route(child.locators()[0]);
+        let peer = echo_once(&client, "api.other.test").await;
+        assert_eq!(peer, server.local_locators()[0]);
+        assert_eq!(child.stats().syns_forwarded, 1);
+        assert_eq!(parent.stats().syns_forwarded, 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_nobody_serves_are_nacked_by_the_router_without_a_route() {
+    bounded(async {
+        let (parent, child, _) = parent_and_child().await;
+        let via_child = endpoint().await;
+        via_child.set_default_route(child.locators()[0]);
+        let via_parent = endpoint().await;
+        via_parent.set_default_route(parent.locators()[0]);
+
+        // Outside the child's prefix: it climbs, and the parent (no route) NACKs the client.
+        fails_fast(&via_child, "nobody.other.test").await;
+        assert_eq!(
+            (child.stats().syns_forwarded, child.stats().syns_nacked),
+            (1, 0)
+        );
+        assert_eq!(parent.stats().syns_nacked, 1);
+
+        // Inside it, from a client of the child: the child answers for its prefix and does
+        // not send it up (where the parent would send it straight back).
+        fails_fast(&via_child, "nobody.example.test").await;
+        assert_eq!(child.stats().syns_nacked, 1);
+        assert_eq!(child.stats().syns_forwarded, 1);
+
+        // Inside it, from a client of the parent: down to the child, which NACKs.
+        fails_fast(&via_parent, "nobody.example.test").await;
+        assert_eq!(parent.stats().syns_forwarded, 1);
+        assert_eq!(child.stats().syns_nacked, 2);
+        // Nothing looped.
+        assert_eq!(parent.stats().syns_dropped, 0);
+        assert_eq!(child.stats().syns_dropped, 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_child_withdraws_its_prefix_within_the_lease() {
+    bounded(async {
+        let (parent, child, domain) = parent_and_child().await;
+        drop(child);
+        // Gone by UNREGISTER or, at the latest, when the default lease (3 s) runs out.
+        wait_for(
+            Duration::from_secs(10),
+            "the announcement to expire",
+            || !registered(&parent, domain),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[test]
+fn a_parent_needs_something_narrower_than_every_name_to_announce() {
+    let parent: Locator = "127.0.0.1:1".parse().unwrap();
+    let e = RouterConfig::new(vec![any_port()])
+        .with_parent(parent, Vec::new())
+        .unwrap_err();
+    assert!(matches!(e, RouterError::AnnounceEverything));
+    let e = RouterConfig::new(vec![any_port()])
+        .with_parent(parent, vec![ServicePrefix::DEFAULT])
+        .unwrap_err();
+    assert!(matches!(e, RouterError::AnnounceEverything));
+}
