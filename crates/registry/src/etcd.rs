@@ -89,6 +89,9 @@ pub struct EtcdConfig {
     /// Longest one operation may take, retries on other members included (default 2 s).
     /// `put` and `delete` return [`RegistryError::Unavailable`] after at most this long.
     pub request_timeout: Duration,
+    /// Longest reading one page of a list may take, retries included (default 30 s): etcd
+    /// 3.4 takes seconds for a large page when the prefix holds a million keys.
+    pub list_timeout: Duration,
     /// Longest opening a connection to one member may take (default 1 s).
     pub connect_timeout: Duration,
     /// HTTP/2 ping interval, and how long a ping may go unanswered before the connection is
@@ -100,7 +103,8 @@ pub struct EtcdConfig {
     pub retry_min: Duration,
     /// Longest pause between tries (default 2 s).
     pub retry_max: Duration,
-    /// Keys read per request when listing (default 10 000).
+    /// Keys read per request when listing (default 100 000: etcd 3.4 scans every key left
+    /// in the range for each page, so small pages make a long list quadratic).
     pub page_size: u32,
 }
 
@@ -146,11 +150,12 @@ impl EtcdConfig {
             endpoints,
             prefix: DEFAULT_PREFIX.to_owned(),
             request_timeout: Duration::from_secs(2),
+            list_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             keepalive: Duration::from_secs(3),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(2),
-            page_size: 10_000,
+            page_size: 100_000,
         }
     }
 }
@@ -300,7 +305,6 @@ impl EtcdRegistry {
             )));
         }
         let options = ConnectOptions::new()
-            .with_timeout(config.request_timeout)
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(config.keepalive, config.keepalive)
             .with_keep_alive_while_idle(true)
@@ -569,23 +573,26 @@ impl Shared {
         F: FnMut(Member) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.call_with(self.is_degraded(), op).await
+        self.call_with(self.is_degraded(), self.config.request_timeout, op)
+            .await
     }
 
-    /// [`call`](Shared::call), giving up after one try per member if `one_round`.
-    async fn call_with<T, F, Fut>(&self, one_round: bool, mut op: F) -> Result<T, OpError>
+    /// [`call`](Shared::call) within `budget`, giving up after one try per member if
+    /// `one_round`.
+    async fn call_with<T, F, Fut>(
+        &self,
+        one_round: bool,
+        budget: Duration,
+        mut op: F,
+    ) -> Result<T, OpError>
     where
         F: FnMut(Member) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let n = self.members.len();
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = Instant::now() + budget;
         // With several members, one silent member must not use the whole budget.
-        let per_try = if n > 1 {
-            self.config.request_timeout / 2
-        } else {
-            self.config.request_timeout
-        };
+        let per_try = if n > 1 { budget / 2 } else { budget };
         let mut idx = self.preferred.load(Ordering::Relaxed) % n;
         let mut tries = 0;
         loop {
@@ -700,46 +707,57 @@ impl Shared {
     async fn list_once(&self) -> Result<(HashMap<RegistrationKey, Entry>, i64, u64), OpError> {
         let prefix = self.keys.reg_prefix().as_bytes().to_vec();
         let end = prefix_end(&prefix);
-        let mut start = prefix;
-        let mut revision = 0;
-        let mut cluster_id = 0;
-        let mut regs = HashMap::new();
+        let mut page = self.page(prefix, &end, 0).await?;
+        let h = page.header.take().unwrap_or_default();
+        // Every page after the first reads at the first page's revision.
+        let (revision, cluster_id) = (h.revision, h.cluster_id);
+        let mut regs =
+            HashMap::with_capacity(usize::try_from(page.count).unwrap_or(0).min(1 << 24));
         loop {
-            // Every page after the first reads at the first page's revision.
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(i64::from(self.config.page_size))
-                .with_revision(revision);
-            let page = self
-                .call(|m| {
-                    let (start, options) = (start.clone(), options.clone());
-                    async move {
-                        let mut c = m.kv;
-                        c.get(start, Some(options)).await
+            let next_start = page.kvs.last().filter(|_| page.more).map(|kv| {
+                let mut k = kv.key.clone();
+                k.push(0);
+                k
+            });
+            let decode = async {
+                for kv in &page.kvs {
+                    if let Ok(Some((key, entry))) = self.decode(kv) {
+                        regs.insert(key, entry);
                     }
-                })
-                .await?;
-            let page = page.0;
-            if revision == 0 {
-                let h = page.header.unwrap_or_default();
-                revision = h.revision;
-                cluster_id = h.cluster_id;
-            }
-            let Some(last) = page.kvs.last().map(|kv| kv.key.clone()) else {
+                }
+            };
+            let Some(next_start) = next_start else {
+                decode.await;
                 break;
             };
-            for kv in &page.kvs {
-                if let Ok(Some((key, entry))) = self.decode(kv) {
-                    regs.insert(key, entry);
-                }
-            }
-            if !page.more {
-                break;
-            }
-            start = last;
-            start.push(0);
+            // Ask for the next page first, and decode this one while it comes.
+            let (next, ()) = tokio::join!(biased; self.page(next_start, &end, revision), decode);
+            page = next?;
         }
         Ok((regs, revision, cluster_id))
+    }
+
+    /// One page of the registration keys from `start`, at `revision` (0: the newest).
+    async fn page(
+        &self,
+        start: Vec<u8>,
+        end: &[u8],
+        revision: i64,
+    ) -> Result<etcd_client::proto::PbRangeResponse, OpError> {
+        let options = GetOptions::new()
+            .with_range(end)
+            .with_limit(i64::from(self.config.page_size))
+            .with_revision(revision);
+        let page = self
+            .call_with(self.is_degraded(), self.config.list_timeout, |m| {
+                let (start, options) = (start.clone(), options.clone());
+                async move {
+                    let mut c = m.kv;
+                    c.get(start, Some(options)).await
+                }
+            })
+            .await?;
+        Ok(page.0)
     }
 
     /// Lists and replaces the replica (a Reset for subscribers); returns the revision.
@@ -826,18 +844,22 @@ impl Shared {
         let options = WatchOptions::new().with_prefix().with_start_revision(start);
         let cluster_id = self.lock().cluster_id;
         let opened = self
-            .call_with(resuming || self.is_degraded(), |m| {
-                let (prefix, options) = (prefix.clone(), options.clone());
-                async move {
-                    let mut c = m.watch;
-                    let mut stream = c.watch(prefix, Some(options)).await?;
-                    // Wait for etcd to confirm the watch.
-                    let first = stream.message().await?.ok_or_else(|| {
-                        etcd_client::Error::WatchError("stream closed before creation".into())
-                    })?;
-                    Ok((stream, first))
-                }
-            })
+            .call_with(
+                resuming || self.is_degraded(),
+                self.config.request_timeout,
+                |m| {
+                    let (prefix, options) = (prefix.clone(), options.clone());
+                    async move {
+                        let mut c = m.watch;
+                        let mut stream = c.watch(prefix, Some(options)).await?;
+                        // Wait for etcd to confirm the watch.
+                        let first = stream.message().await?.ok_or_else(|| {
+                            etcd_client::Error::WatchError("stream closed before creation".into())
+                        })?;
+                        Ok((stream, first))
+                    }
+                },
+            )
             .await;
         let (stream, first) = match opened {
             Ok(o) => o,

@@ -169,8 +169,9 @@ impl Registry {
     /// timeouts).
     ///
     /// For etcd this lists the registrations before returning, so the handle starts with a
-    /// full replica; it fails with [`RegistryError::Unavailable`] if no member answers
-    /// within [`EtcdConfig::request_timeout`]. Must run inside a tokio runtime.
+    /// full replica; it fails with [`RegistryError::Unavailable`] if no member can be
+    /// reached (after one try each) or a page of the list takes longer than
+    /// [`EtcdConfig::list_timeout`]. Must run inside a tokio runtime.
     pub async fn connect(url: &str) -> Result<Registry, RegistryError> {
         match url.split_once("://") {
             Some(("memory", "")) => Ok(Registry::memory()),
