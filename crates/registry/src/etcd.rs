@@ -11,14 +11,16 @@
 //!     │  ▼                        │ └───────────────────────────────────┘
 //!  Degraded ◀──── watch could not be opened ──────────────────────────────┘
 //!     │  (backoff, then list again: Reset)
-//!     └─ a watch cancelled because its revision was compacted, or a different cluster
-//!        answering, also goes straight back to Listing.
+//!     └─ a watch cancelled because its revision was compacted, a different cluster
+//!        answering, or a member behind the replica's revision, goes straight back to
+//!        Listing (after a backoff if the watch ran for less than a second).
 //! ```
 //!
 //! * **Listing**: paged reads of the prefix, all at the revision the first page returned, so
-//!   the pages form one consistent picture however long the list takes; the replica is
-//!   replaced at once and subscribers get a [`Change::Reset`]. Health becomes
-//!   [`Health::Synced`].
+//!   the pages form one consistent picture however long the list takes (the next page is
+//!   requested while the last is decoded); the replica is replaced at once and subscribers
+//!   get a [`Change::Reset`]. Health becomes [`Health::Synced`]. Pages are large (100 000
+//!   keys) because etcd 3.4 scans every key left in the range for each page.
 //! * **Watching**: from the listed revision + 1, so no event between list and watch is lost.
 //! * **Resuming**: a stream that broke after running (a member died, a connection reset) is
 //!   reopened once, on the next member, from the revision after the last event applied —
@@ -36,8 +38,9 @@
 //! key with it, and revokes the lease the key had before. [`delete`](EtcdRegistry::delete)
 //! revokes the key's lease when the key is the lease's only one (which deletes the key in the
 //! same step), and otherwise deletes the key alone. Every request is bounded by
-//! [`EtcdConfig::request_timeout`] and fails over to the next member on error; writes wait
-//! (boundedly) for the replica to reflect them, so a handle reads its own writes.
+//! [`EtcdConfig::request_timeout`] ([`EtcdConfig::list_timeout`] for list pages) and fails
+//! over to the next member on error; writes wait (boundedly) for the replica to reflect them,
+//! so a handle reads its own writes.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

@@ -716,6 +716,16 @@ async fn a_watch_behind_compaction_lists_again() {
     );
     // A's watch is held back while B writes and etcd compacts its history past A.
     proxy.pause();
+    // Meanwhile A's etcd is silent (no reset, no answer): its writes still end, in about
+    // the request timeout (2 s), and write nothing.
+    let t0 = Instant::now();
+    let err = a.put(reg(3), Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Unavailable(_)), "{err:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t0.elapsed()
+    );
     b.put(r2, Duration::from_secs(60)).await.unwrap();
     b.delete(&r1.key()).await.unwrap();
     let mut direct = etcd.client(0).await;
@@ -1058,6 +1068,41 @@ async fn bench_convergence_and_cold_start() {
         visible.last().unwrap(),
         percentile(&acked, 0.5),
         percentile(&acked, 0.99),
+    );
+
+    // (1b) Refreshes (one LeaseKeepAlive each) of those registrations through another
+    // router: one at a time, then 64 at a time.
+    let written: Vec<Registration> = routers[1]
+        .snapshot()
+        .iter()
+        .map(|l| l.registration)
+        .collect();
+    let mut lat = Vec::new();
+    for r in &written {
+        let t0 = Instant::now();
+        routers[1].put(*r, Duration::from_secs(60)).await.unwrap();
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in written.chunks(written.len().div_ceil(64)) {
+        let (router, chunk) = (routers[2].clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for r in chunk {
+                router.put(r, Duration::from_secs(60)).await.unwrap();
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+    eprintln!(
+        "refresh through another router: p50 {:?} p99 {:?} one at a time; \
+         {:.0}/s with 64 in flight",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        written.len() as f64 / t0.elapsed().as_secs_f64()
     );
 
     // (2) Cold start: preload `regs` registrations straight into etcd (128 per transaction,
