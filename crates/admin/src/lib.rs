@@ -9,6 +9,8 @@
 //! | `GET /health` | `{"registry": "synced"}` or `{"registry": "degraded", "error": …}` (status 503 when degraded) |
 //! | `POST /rules` | adds a static rule ([`RuleEdit`] as JSON); 204, or 400 with `{"error": …}` |
 //! | `DELETE /rules` | removes a static rule ([`RuleEdit`] as JSON); `{"removed": true\|false}` |
+//! | `GET /delayed` | SYNs held by DELAY rules: `{"delayed": [`[`DelayedView`]`, …]}`, oldest first |
+//! | `POST /delayed/{id}` | answers a held SYN: `{"verdict": "resolve"}` (look it up again now) or `{"verdict": "drop"}` (NACK the client); 204, 404 if no SYN is held with that id, 400 for a bad verdict |
 //!
 //! [`Client`] is the other side, used by `serval table`; [`render_table`] prints a table view
 //! one target per line.
@@ -47,6 +49,70 @@ pub trait AdminSource: Send + Sync + 'static {
     fn add_rule(&self, prefix: ServicePrefix, target: Target) -> Result<(), String>;
     /// Removes a static rule; `Ok(false)` if there was none.
     fn remove_rule(&self, prefix: ServicePrefix, action: Action) -> Result<bool, String>;
+    /// SYNs held by DELAY rules, oldest first (none for a daemon that holds none).
+    fn delayed(&self) -> Vec<DelayedView> {
+        Vec::new()
+    }
+    /// Answers the held SYN `id`; `Ok(false)` if no SYN is held with that id.
+    fn release(&self, id: u64, verdict: DelayVerdict) -> Result<bool, String> {
+        let _ = (id, verdict);
+        Ok(false)
+    }
+}
+
+/// A SYN held by a DELAY rule: `GET /delayed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayedView {
+    /// What to answer in `POST /delayed/{id}`.
+    pub id: u64,
+    /// The serviceID asked for, in hex.
+    pub service: String,
+    /// The client's locator (where the SYN-ACK or NACK goes).
+    pub client: String,
+    /// Milliseconds it has been held.
+    pub held_ms: u64,
+    /// Milliseconds until it is dropped (and the client NACKed) without a verdict.
+    pub expires_in_ms: u64,
+}
+
+/// A controller's answer to a held SYN: `POST /delayed/{id}` with `{"verdict": …}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DelayVerdict {
+    /// Look the serviceID up again now and act on the result (a NACK if DELAY again).
+    Resolve,
+    /// NACK the client so that it fails fast.
+    Drop,
+}
+
+impl std::str::FromStr for DelayVerdict {
+    type Err = AdminError;
+
+    fn from_str(s: &str) -> Result<DelayVerdict, AdminError> {
+        match s {
+            "resolve" => Ok(DelayVerdict::Resolve),
+            "drop" => Ok(DelayVerdict::Drop),
+            other => Err(AdminError::BadRequest(format!(
+                "unknown verdict {other:?} (expected resolve or drop)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DelayVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DelayVerdict::Resolve => "resolve",
+            DelayVerdict::Drop => "drop",
+        })
+    }
+}
+
+/// The body of `POST /delayed/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictBody {
+    /// `resolve` or `drop`.
+    pub verdict: String,
 }
 
 /// One number for `/metrics`.
@@ -313,6 +379,8 @@ pub async fn serve(
         .route("/metrics", get(get_metrics))
         .route("/health", get(get_health))
         .route("/rules", axum::routing::post(post_rule).delete(delete_rule))
+        .route("/delayed", get(get_delayed))
+        .route("/delayed/{id}", axum::routing::post(post_verdict))
         .with_state(source);
     axum::serve(listener, app).await
 }
@@ -371,6 +439,35 @@ async fn delete_rule(State(s): Source, Json(edit): Json<RuleEdit>) -> Response {
     };
     match s.remove_rule(prefix, target.action) {
         Ok(removed) => Json(serde_json::json!({ "removed": removed })).into_response(),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn get_delayed(State(s): Source) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "delayed": s.delayed() }))
+}
+
+async fn post_verdict(
+    State(s): Source,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Json(body): Json<VerdictBody>,
+) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return bad_request(format!("bad held SYN id {id:?}"));
+    };
+    let verdict = match body.verdict.parse::<DelayVerdict>() {
+        Ok(v) => v,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    match s.release(id, verdict) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({
+                "error": format!("no SYN held with id {id} (answered already, or timed out)")
+            })),
+        )
+            .into_response(),
         Err(e) => bad_request(e),
     }
 }
@@ -448,5 +545,34 @@ impl Client {
         let v: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| self.err(format!("unexpected answer: {e}")))?;
         Ok(v.get("removed").and_then(serde_json::Value::as_bool) == Some(true))
+    }
+
+    /// `GET /delayed`.
+    pub fn delayed(&self) -> Result<Vec<DelayedView>, AdminError> {
+        let resp = self
+            .agent
+            .get(format!("http://{}/delayed", self.addr))
+            .call()
+            .map_err(|e| self.err(e))?;
+        let body = self.check(resp)?;
+        #[derive(Deserialize)]
+        struct List {
+            delayed: Vec<DelayedView>,
+        }
+        serde_json::from_str::<List>(&body)
+            .map(|l| l.delayed)
+            .map_err(|e| self.err(format!("unexpected answer: {e}")))
+    }
+
+    /// `POST /delayed/{id}`.
+    pub fn release(&self, id: u64, verdict: DelayVerdict) -> Result<(), AdminError> {
+        let resp = self
+            .agent
+            .post(format!("http://{}/delayed/{id}", self.addr))
+            .send_json(VerdictBody {
+                verdict: verdict.to_string(),
+            })
+            .map_err(|e| self.err(e))?;
+        self.check(resp).map(drop)
     }
 }

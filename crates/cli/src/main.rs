@@ -82,6 +82,7 @@ enum Command {
     ///
     /// `serval table --admin ADDR` lists; `serval table --admin ADDR add PREFIX forward
     /// IP:PORT [--weight N] [--priority N]` (or `delay`, `drop`) adds a rule; `del` removes one.
+    /// `delayed` lists the SYNs DELAY rules hold; `release ID resolve|drop` answers one.
     Table(table::TableArgs),
     /// Print the serviceID of a name, or the prefix of a domain.
     ///

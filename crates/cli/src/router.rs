@@ -56,6 +56,14 @@ pub struct RouterArgs {
     /// NACKed here. Default: the `--accept` prefixes.
     #[arg(long = "announce", value_name = "PREFIX")]
     announce: Vec<String>,
+    /// Most SYNs DELAY rules hold at once (waiting for `serval table release`); more are
+    /// dropped and counted.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    delay_queue: u64,
+    /// How long a SYN held by a DELAY rule waits for a verdict before its client is NACKed,
+    /// in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    delay_timeout_ms: u64,
 }
 
 /// The `--announce` prefixes.
@@ -72,6 +80,8 @@ fn announce(args: &RouterArgs) -> Result<Vec<ServicePrefix>, String> {
 fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
     let mut config = RouterConfig::new(args.listen.clone());
     config.policy = policy;
+    config.endpoint.delay_queue = usize::try_from(args.delay_queue).unwrap_or(usize::MAX);
+    config.endpoint.delay_timeout = Duration::from_millis(args.delay_timeout_ms);
     let announce = announce(args)?;
     match args.parent {
         Some(parent) => config

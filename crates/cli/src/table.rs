@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serval_admin::{AdminError, Client, RuleEdit, render_table};
+use serval_admin::{AdminError, Client, DelayVerdict, RuleEdit, render_table};
 
 /// Flags of `serval table`.
 #[derive(Debug, Args)]
@@ -23,6 +23,15 @@ enum TableEdit {
     Add(RuleArgs),
     /// Remove a static rule.
     Del(RuleArgs),
+    /// List the SYNs held by DELAY rules (one per line: id, serviceID, client, age, time left).
+    Delayed,
+    /// Answer a held SYN: `resolve` (look its name up again now) or `drop` (NACK the client).
+    Release {
+        /// The held SYN's id, as `delayed` lists it.
+        id: u64,
+        /// `resolve` or `drop`.
+        verdict: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +77,24 @@ pub fn run(args: TableArgs) -> ExitCode {
             }),
             Err(e) => Err(e),
         }),
+        Some(TableEdit::Delayed) => client.delayed().map(|list| {
+            if list.is_empty() {
+                println!("(no held SYNs)");
+            }
+            for d in list {
+                println!(
+                    "{}  {}  from {}  held {:.1}s  expires in {:.1}s",
+                    d.id,
+                    d.service,
+                    d.client,
+                    d.held_ms as f64 / 1000.0,
+                    d.expires_in_ms as f64 / 1000.0
+                );
+            }
+        }),
+        Some(TableEdit::Release { id, verdict }) => verdict
+            .parse::<DelayVerdict>()
+            .and_then(|v| client.release(*id, v)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,12 +30,14 @@ use crate::Instant;
 pub use crate::connection::CloseReason;
 use crate::registrar::{Registrar, RegistrarEvent};
 
+mod delay;
 mod registration;
 use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
 };
 use crate::schedule::Schedule;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
+pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use registration::RegistrationRequest;
 
 /// Handle of a connection inside its [`Endpoint`].
@@ -99,6 +101,8 @@ pub enum Event {
     /// The registration of a prefix with this endpoint's router changed state
     /// ([`Endpoint::set_router`]).
     Registrar(RegistrarEvent),
+    /// A SYN hit a DELAY rule and waits for [`Endpoint::release`] (or its deadline).
+    SynHeld(HeldSyn),
 }
 
 /// Configuration of an [`Endpoint`].
@@ -122,6 +126,11 @@ pub struct EndpointConfig {
     /// [`Endpoint::poll_transmit`]; beyond it new ones are dropped and counted, so a flood
     /// arriving faster than it can be sent costs bounded memory.
     pub max_queued_transmits: usize,
+    /// Most SYNs held by DELAY rules at once; more are dropped and counted.
+    pub delay_queue: usize,
+    /// How long a SYN held by a DELAY rule waits for a verdict before it is dropped (and the
+    /// client NACKed).
+    pub delay_timeout: std::time::Duration,
 }
 
 impl Default for EndpointConfig {
@@ -134,6 +143,8 @@ impl Default for EndpointConfig {
             max_datagram_packet: 1200,
             datagram_queue: 1024,
             max_queued_transmits: 4096,
+            delay_queue: 1024,
+            delay_timeout: DEFAULT_DELAY_TIMEOUT,
         }
     }
 }
@@ -157,8 +168,18 @@ pub struct EndpointStats {
     pub hop_limit_drops: u64,
     /// SYNs dropped: the listener's accept queue was full.
     pub backlog_drops: u64,
-    /// SYNs matching a DELAY rule (held rules are a later layer; counted and dropped for now).
+    /// SYNs held by a DELAY rule (retransmissions of a held SYN not included).
     pub delayed: u64,
+    /// Held SYNs released with [`Verdict::Resolve`] (looked up again).
+    pub delay_resolved: u64,
+    /// Held SYNs released with [`Verdict::Drop`] (client NACKed).
+    pub delay_dropped: u64,
+    /// Held SYNs that got no verdict in time (client NACKed).
+    pub delay_timeouts: u64,
+    /// SYNs a DELAY rule could not hold: the queue was full.
+    pub delay_overflows: u64,
+    /// Retransmissions of a SYN already held, ignored.
+    pub delay_retransmits: u64,
     /// Connections accepted.
     pub accepted: u64,
     /// Datagrams by name delivered to a local listener.
@@ -253,6 +274,10 @@ pub struct Endpoint {
     registrar: Option<Registrar>,
     /// Whether registration requests go to the application (a router) or are dropped.
     serve_registrations: bool,
+    /// SYNs held by DELAY rules.
+    delay: delay::DelayQueue,
+    /// Set while a held SYN is looked up again, so that DELAY does not hold it twice.
+    resolving_held: bool,
     /// Prefixes registered with the router beside the listeners' (a child router announcing
     /// what it serves to its parent), with weight and priority.
     announced: HashMap<ServicePrefix, (u32, u32)>,
@@ -287,6 +312,8 @@ impl Endpoint {
             registrar: None,
             serve_registrations: false,
             announced: HashMap::new(),
+            delay: delay::DelayQueue::default(),
+            resolving_held: false,
         }
     }
 
@@ -700,6 +727,9 @@ impl Endpoint {
             }
             return;
         }
+        if !self.resolving_held && self.syn_is_held(&(repr.src_flow, nonce)) {
+            return;
+        }
         // The flow key makes every router (and retransmission) choose the same instance.
         let flow_key = flow_key(repr.src_flow, &nonce);
         let action = self
@@ -714,7 +744,11 @@ impl Endpoint {
                 self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
             }
             Some(Action::Forward(next)) => self.forward_by_name(local, next, data, repr, service),
-            Some(Action::Delay) => self.stats.delayed += 1,
+            Some(Action::Delay) if !self.resolving_held => {
+                let key = (repr.src_flow, nonce);
+                self.hold_syn(now, local, remote, data, service.id, client, key)
+            }
+            Some(Action::Delay) => self.nack(local, client, &repr, ctl, nonce, data.len()),
             Some(Action::Drop | Action::Demux(_)) | None => {
                 self.nack(local, client, &repr, ctl, nonce, data.len())
             }
@@ -1069,10 +1103,14 @@ impl Endpoint {
 
     /// The earliest time [`Endpoint::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.schedule.next_deadline(), self.registrar_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.schedule.next_deadline(),
+            self.registrar_timeout(),
+            self.delay.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs every timer that is due at `now` (each connection's once per call, even if its
@@ -1090,6 +1128,7 @@ impl Endpoint {
         due.clear();
         self.due = due;
         self.registrar_handle_timeout(now);
+        self.expire_held(now);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The router behind the admin API ([`serval_admin`]): its table, leases, health and counters.
 
-use serval_admin::{AdminSource, Metric};
+use serval_admin::{AdminSource, DelayVerdict, DelayedView, Metric};
 use serval_registry::{Health, Leased};
 use serval_table::{Action, TableSnapshot, Target};
 use serval_wire::ServicePrefix;
@@ -114,6 +114,36 @@ impl AdminSource for Router {
                 "SYNs dropped: hop limit, forwarding loop or full send queue.",
                 s.syns_dropped,
             ),
+            Metric::gauge(
+                "router_delay_held",
+                "SYNs held by DELAY rules now, waiting for a verdict.",
+                s.syns_held_now,
+            ),
+            Metric::counter(
+                "router_delay_syns_held",
+                "SYNs a DELAY rule held.",
+                s.syns_held,
+            ),
+            Metric::counter(
+                "router_delay_resolved",
+                "Held SYNs released with a resolve verdict (looked up again).",
+                s.delay_resolved,
+            ),
+            Metric::counter(
+                "router_delay_dropped",
+                "Held SYNs released with a drop verdict (client NACKed).",
+                s.delay_dropped,
+            ),
+            Metric::counter(
+                "router_delay_timeouts",
+                "Held SYNs that got no verdict in time (client NACKed).",
+                s.delay_timeouts,
+            ),
+            Metric::counter(
+                "router_delay_overflows",
+                "SYNs a DELAY rule could not hold: the queue was full.",
+                s.delay_overflows,
+            ),
         ]
     }
 
@@ -123,5 +153,26 @@ impl AdminSource for Router {
 
     fn remove_rule(&self, prefix: ServicePrefix, action: Action) -> Result<bool, String> {
         Ok(Router::remove_rule(self, prefix, action))
+    }
+
+    fn delayed(&self) -> Vec<DelayedView> {
+        self.held_syns()
+            .into_iter()
+            .map(|d| DelayedView {
+                id: d.id.0,
+                service: d.service.to_string(),
+                client: d.client.to_string(),
+                held_ms: d.held_for.as_millis() as u64,
+                expires_in_ms: d.expires_in.as_millis() as u64,
+            })
+            .collect()
+    }
+
+    fn release(&self, id: u64, verdict: DelayVerdict) -> Result<bool, String> {
+        let verdict = match verdict {
+            DelayVerdict::Resolve => serval::Verdict::Resolve,
+            DelayVerdict::Drop => serval::Verdict::Drop,
+        };
+        Ok(Router::release(self, serval::HeldSynId(id), verdict).is_ok())
     }
 }

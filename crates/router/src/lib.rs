@@ -184,6 +184,18 @@ pub struct RouterStats {
     pub syns_nacked: u64,
     /// SYNs dropped: hop limit reached, a forwarding loop, or the send queue full.
     pub syns_dropped: u64,
+    /// SYNs held by a DELAY rule now.
+    pub syns_held_now: u64,
+    /// SYNs a DELAY rule has held (retransmissions of a held SYN not counted).
+    pub syns_held: u64,
+    /// Held SYNs released with a `resolve` verdict.
+    pub delay_resolved: u64,
+    /// Held SYNs released with a `drop` verdict (client NACKed).
+    pub delay_dropped: u64,
+    /// Held SYNs that got no verdict in time (client NACKed).
+    pub delay_timeouts: u64,
+    /// SYNs a DELAY rule could not hold because the queue was full (dropped silently).
+    pub delay_overflows: u64,
 }
 
 impl RouterStats {
@@ -383,8 +395,35 @@ impl Router {
             malformed: e.malformed,
             syns_forwarded: e.forwarded,
             syns_nacked: e.nacks_sent,
-            syns_dropped: e.hop_limit_drops + e.transmit_queue_drops + e.delayed,
+            syns_dropped: e.hop_limit_drops + e.transmit_queue_drops,
+            syns_held_now: e
+                .delayed
+                .saturating_sub(e.delay_resolved + e.delay_dropped + e.delay_timeouts),
+            syns_held: e.delayed,
+            delay_resolved: e.delay_resolved,
+            delay_dropped: e.delay_dropped,
+            delay_timeouts: e.delay_timeouts,
+            delay_overflows: e.delay_overflows,
         }
+    }
+
+    /// SYNs held by DELAY rules now, oldest first (see [`serval::Endpoint::held_syns`]).
+    pub fn held_syns(&self) -> Vec<serval::DelayedSyn> {
+        self.inner.endpoint.held_syns()
+    }
+
+    /// Answers a held SYN: `Resolve` looks its name up again now (after a rule was added or
+    /// an instance registered), `Drop` NACKs the client.
+    pub fn release(
+        &self,
+        id: serval::HeldSynId,
+        verdict: serval::Verdict,
+    ) -> Result<(), serval::ReleaseError> {
+        let r = self.inner.endpoint.release(id, verdict);
+        if r.is_ok() {
+            tracing::info!(%id, ?verdict, "held SYN released");
+        }
+        r
     }
 
     /// Adds a static rule beside the registrations (kept when the registry resets).

@@ -68,6 +68,8 @@ pub(crate) struct State {
     registrations: broadcast::Sender<Registration>,
     /// Registrar events and registration requests, for the application.
     pub(crate) hub: Hub,
+    /// SYNs held by DELAY rules, announced as they are held.
+    pub(crate) held: broadcast::Sender<crate::delay::DelayedSyn>,
     closed: bool,
     /// The engine deadline the driver sleeps until (`None`: no timer). A receive task that
     /// moves the engine's deadline earlier wakes the driver; otherwise it need not.
@@ -147,6 +149,11 @@ impl State {
                 }
                 Event::RegistrationRequest(r) => self.hub.request(r),
                 Event::Registrar(e) => self.hub.registrar_event(e),
+                Event::SynHeld(h) => {
+                    let d = crate::delay::DelayedSyn::new(&h, self.now());
+                    tracing::debug!(id = %d.id, service = %d.service, client = %d.client, "SYN held by a DELAY rule");
+                    let _ = self.held.send(d);
+                }
                 Event::Migrated(..) | Event::PeerMigrated(..) => {}
             }
         }
@@ -285,6 +292,7 @@ impl Endpoint {
                 listeners: HashMap::new(),
                 registrations,
                 hub: Hub::new(),
+                held: broadcast::channel(crate::delay::HELD_EVENTS).0,
                 closed: false,
                 driver_deadline: None,
             }),

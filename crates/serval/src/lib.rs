@@ -33,11 +33,13 @@
 #![warn(missing_docs)]
 
 mod datagram;
+mod delay;
 mod endpoint;
 mod registration;
 mod stream;
 
 pub use datagram::DatagramSocket;
+pub use delay::{DelayedSyn, HeldSynId, ReleaseError, Verdict};
 pub use endpoint::{Endpoint, Registration, ServiceListener};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
