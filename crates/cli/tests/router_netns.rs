@@ -86,9 +86,17 @@ impl Drop for Lan {
 
 /// Starts `serval router` on host 0 (10.79.NET.1) and waits for its READY line.
 fn start_router(lan: &Lan, net: u8) -> Guard {
-    let listen = format!("10.79.{net}.1:{PORT}");
+    start_router_on(lan, 0, net, &[])
+}
+
+/// Starts `serval router` on `host` (10.79.NET.<host + 1>) with `extra` flags and waits for
+/// its READY line.
+fn start_router_on(lan: &Lan, host: usize, net: u8, extra: &[&str]) -> Guard {
+    let listen = format!("10.79.{net}.{}:{PORT}", host + 1);
+    let mut args = vec!["router", "--listen", &listen];
+    args.extend_from_slice(extra);
     let mut router = lan
-        .serval(0, &["router", "--listen", &listen])
+        .serval(host, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -111,8 +119,21 @@ fn instance(
     weight: u32,
     echo: bool,
 ) -> (Guard, mpsc::Receiver<String>) {
+    instance_of(lan, host, net, 0, service, weight, echo)
+}
+
+/// [`instance`] registering with the router on host `router_host`.
+fn instance_of(
+    lan: &Lan,
+    host: usize,
+    net: u8,
+    router_host: usize,
+    service: &str,
+    weight: u32,
+    echo: bool,
+) -> (Guard, mpsc::Receiver<String>) {
     let bind = format!("10.79.{net}.{}:{PORT}", host + 1);
-    let router = format!("10.79.{net}.1:{PORT}");
+    let router = format!("10.79.{net}.{}:{PORT}", router_host + 1);
     let w = weight.to_string();
     let mut args = vec![
         "listen", service, "--bind", &bind, "--router", &router, "--weight", &w,
@@ -132,7 +153,19 @@ fn instance(
 
 /// `serval cat SERVICE --router R` with `input`; returns (exit code, stdout, stderr).
 fn cat(lan: &Lan, host: usize, net: u8, service: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
-    let router = format!("10.79.{net}.1:{PORT}");
+    cat_via(lan, host, net, 0, service, input)
+}
+
+/// [`cat`] through the router on host `router_host`.
+fn cat_via(
+    lan: &Lan,
+    host: usize,
+    net: u8,
+    router_host: usize,
+    service: &str,
+    input: &[u8],
+) -> (i32, Vec<u8>, String) {
+    let router = format!("10.79.{net}.{}:{PORT}", router_host + 1);
     let mut child = lan
         .serval(host, &["cat", service, "--router", &router])
         .stdin(Stdio::piped())
@@ -292,4 +325,85 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second half\n");
+}
+
+/// Runs `cat` and checks it fails at once with "no route to service" (a NACK, no timeout).
+fn refused_fast(lan: &Lan, host: usize, net: u8, router_host: usize, service: &str) {
+    let t = Instant::now();
+    let (code, _, err) = cat_via(lan, host, net, router_host, service, b"x");
+    assert_eq!(code, 1, "{service}: {err}");
+    assert!(err.contains("no route to service"), "{service}: {err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{service} took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
+    if !netns_usable() {
+        return;
+    }
+    let net = 3;
+    // Host 0: parent router; 1: child router announcing example.test/* to it; 2: echo instance
+    // of web.example.test registered at the child; 3: client of the parent.
+    let lan = Lan::new("h", net, 4);
+    let mut parent = start_router_on(&lan, 0, net, &[]);
+    let parent_addr = format!("10.79.{net}.1:{PORT}");
+    let mut child = start_router_on(
+        &lan,
+        1,
+        net,
+        &["--parent", &parent_addr, "--accept", "example.test/*"],
+    );
+    let (_echo, _) = instance_of(&lan, 2, net, 1, "web.example.test", 1, true);
+
+    // Client → parent → child → instance; retried until both registrations are in place.
+    let start = Instant::now();
+    let (client, mut stdin) = loop {
+        let mut c = lan
+            .serval(3, &["cat", "web.example.test", "--router", &parent_addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cat");
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(b"down two routers\n").unwrap();
+        stdin.flush().unwrap();
+        let mut out = BufReader::new(c.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        if line == "down two routers\n" {
+            c.stdout = Some(out.into_inner());
+            break (c, stdin);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        assert!(start.elapsed() < Duration::from_secs(30), "never connected");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Names nobody serves fail fast with a NACK from the router that has no route: under the
+    // child's prefix from a client of the parent (the child NACKs), and elsewhere from a
+    // client of the child (it climbs; the parent NACKs).
+    refused_fast(&lan, 3, net, 0, "nobody.example.test");
+    refused_fast(&lan, 3, net, 1, "nobody.other.test");
+    refused_fast(&lan, 3, net, 1, "nobody.example.test");
+
+    // The instance answered the client directly: with both routers gone the stream goes on.
+    for r in [&mut parent, &mut child] {
+        let _ = r.0.kill();
+        let _ = r.0.wait();
+    }
+    stdin.write_all(b"routers gone\n").unwrap();
+    drop(stdin);
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "routers gone\n");
 }
