@@ -7,13 +7,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, CompactionOptions, LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp};
@@ -61,14 +61,18 @@ fn etcd_binary() -> Option<PathBuf> {
 }
 
 /// A loopback port nothing listens on, outside the ephemeral range (so that a client
-/// connection cannot take it while a member is down and about to restart on it).
+/// connection cannot take it while a member is down and about to restart on it), and never
+/// handed out twice in this process (tests run in parallel).
 fn free_port() -> u16 {
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     static N: AtomicU32 = AtomicU32::new(0);
     loop {
         let r =
             RandomState::new().hash_one((std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let port = 20_000 + (r % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
