@@ -150,7 +150,8 @@ pub struct RegistryStats {
     /// Times the replica listed everything again after its first list (etcd came back, a
     /// watch fell behind compaction…); each gave subscribers a [`Change::Reset`].
     pub relists: u64,
-    /// Times a broken watch was resumed from its last revision without listing again.
+    /// Times a broken watch was reopened from its last revision instead of listing again
+    /// (attempts: one that fails leaves the replica degraded, to list when etcd returns).
     pub watch_resumes: u64,
     /// Times a watch was cancelled because its revision had been compacted.
     pub compactions: u64,
