@@ -174,6 +174,12 @@ fn bad_router_flags_are_one_line_and_exit_2() {
         ],
         &["listen", "echo.test", "--weight", "0"],
         &["listen", "echo.test", "--router", "nowhere"],
+        // A parent with nothing narrower than every name to announce.
+        &["router", "--parent", "127.0.0.1:1"],
+        &["router", "--parent", "127.0.0.1:1", "--announce", "*"],
+        &["router", "--announce", "bad..name"],
+        &["router", "--delay-timeout-ms", "0"],
+        &["router", "--delay-queue", "0"],
     ] {
         let o = serval()
             .args(args)
@@ -316,5 +322,60 @@ fn an_unreachable_admin_address_is_one_line_and_exit_1() {
     assert!(
         e.starts_with(&format!("error: admin API at {admin}:")),
         "{e}"
+    );
+}
+
+#[test]
+fn held_syns_are_listed_and_released_with_serval_table() {
+    let admin = free_tcp_port();
+    let (_router, addr) = router(&["--admin", &admin, "--delay-timeout-ms", "20000"]);
+    let o = table(&admin, &["add", "example.test/*", "delay"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = table(&admin, &["delayed"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "(no held SYNs)\n");
+
+    let waiting = std::thread::spawn(move || {
+        let t = Instant::now();
+        let o = cat("web.example.test", &addr, b"x");
+        (o, t)
+    });
+    let id = serval_wire::ServiceId::from_name("web.example.test")
+        .unwrap()
+        .to_string();
+    let start = Instant::now();
+    let line = loop {
+        let out = String::from_utf8_lossy(&table(&admin, &["delayed"]).stdout).to_string();
+        if let Some(l) = out.lines().find(|l| l.contains(&id)) {
+            break l.to_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never held:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains("from 127.0.0.1:"), "{line}");
+    let held = line.split_whitespace().next().unwrap().to_owned();
+
+    // A bad verdict is a usage error; `drop` fails the client at once, with one clear line.
+    let o = table(&admin, &["release", &held, "maybe"]);
+    assert_eq!(o.status.code(), Some(2));
+    let released = Instant::now();
+    let o = table(&admin, &["release", &held, "drop"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, _) = waiting.join().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no route to service"), "{err}");
+    // Long before the 20 s deadline.
+    assert!(released.elapsed() < Duration::from_secs(5));
+    // Answered once.
+    let o = table(&admin, &["release", &held, "drop"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("404"));
+    let metrics = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("serval_router_delay_dropped_total 1"),
+        "{metrics}"
     );
 }
