@@ -140,8 +140,9 @@ async fn a_syn_descends_from_the_parent_through_the_child_to_the_instance() {
         let peer = echo_once(&client, "web.example.test").await;
         // The instance answered the client directly.
         assert_eq!(peer, server.local_locators()[0]);
-        assert_eq!(parent.stats().syns_forwarded, 1);
-        assert_eq!(child.stats().syns_forwarded, 1);
+        // Each router forwarded it (twice only if the SYN was retransmitted).
+        assert!((1..=2).contains(&parent.stats().syns_forwarded));
+        assert!((1..=2).contains(&child.stats().syns_forwarded));
     })
     .await;
 }
@@ -159,8 +160,8 @@ async fn a_client_of_the_child_climbs_to_the_parent_for_other_names() {
         client.set_default_route(child.locators()[0]);
         let peer = echo_once(&client, "api.other.test").await;
         assert_eq!(peer, server.local_locators()[0]);
-        assert_eq!(child.stats().syns_forwarded, 1);
-        assert_eq!(parent.stats().syns_forwarded, 1);
+        assert!((1..=2).contains(&child.stats().syns_forwarded));
+        assert!((1..=2).contains(&parent.stats().syns_forwarded));
     })
     .await;
 }
@@ -174,24 +175,33 @@ async fn names_nobody_serves_are_nacked_by_the_router_without_a_route() {
         let via_parent = endpoint().await;
         via_parent.set_default_route(parent.locators()[0]);
 
+        // Counts are compared before and after each attempt; a SYN retransmitted on a loaded
+        // machine may be counted twice, so the checks are "moved" or "did not move".
+        let (p0, c0) = (parent.stats(), child.stats());
         // Outside the child's prefix: it climbs, and the parent (no route) NACKs the client.
         fails_fast(&via_child, "nobody.other.test").await;
-        assert_eq!(
-            (child.stats().syns_forwarded, child.stats().syns_nacked),
-            (1, 0)
-        );
-        assert_eq!(parent.stats().syns_nacked, 1);
+        let (p1, c1) = (parent.stats(), child.stats());
+        assert!(c1.syns_forwarded > c0.syns_forwarded);
+        assert_eq!(c1.syns_nacked, c0.syns_nacked);
+        assert!(p1.syns_nacked > p0.syns_nacked);
 
         // Inside it, from a client of the child: the child answers for its prefix and does
         // not send it up (where the parent would send it straight back).
         fails_fast(&via_child, "nobody.example.test").await;
-        assert_eq!(child.stats().syns_nacked, 1);
-        assert_eq!(child.stats().syns_forwarded, 1);
+        let (p2, c2) = (parent.stats(), child.stats());
+        assert!(c2.syns_nacked > c1.syns_nacked);
+        assert_eq!(c2.syns_forwarded, c1.syns_forwarded);
+        assert_eq!(
+            (p2.syns_nacked, p2.syns_forwarded),
+            (p1.syns_nacked, p1.syns_forwarded)
+        );
 
         // Inside it, from a client of the parent: down to the child, which NACKs.
         fails_fast(&via_parent, "nobody.example.test").await;
-        assert_eq!(parent.stats().syns_forwarded, 1);
-        assert_eq!(child.stats().syns_nacked, 2);
+        let (p3, c3) = (parent.stats(), child.stats());
+        assert!(p3.syns_forwarded > p2.syns_forwarded);
+        assert_eq!(p3.syns_nacked, p2.syns_nacked);
+        assert!(c3.syns_nacked > c2.syns_nacked);
         // Nothing looped.
         assert_eq!(parent.stats().syns_dropped, 0);
         assert_eq!(child.stats().syns_dropped, 0);
