@@ -44,7 +44,7 @@ pub struct HeldSyn {
     pub id: HeldSynId,
     /// The serviceID it asks for.
     pub service: ServiceId,
-    /// The client (SOURCE[0], as the first hop observed it).
+    /// The client (the first SOURCE entry, as the first hop observed it).
     pub client: Locator,
     /// When it arrived.
     pub held_at: Instant,
