@@ -11,7 +11,7 @@ mod table;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serval_wire::{ServiceId, ServicePrefix};
 
 /// Serval: connect to services by name, not by host and port.
@@ -100,7 +100,12 @@ enum Command {
 pub(crate) const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // Keep the matches: `serval router --config` needs to know which values were given.
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage_error(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
@@ -137,7 +142,11 @@ fn main() -> ExitCode {
             (Ok(_), None) => usage(&"--via or --router is required"),
         },
         Command::Table(args) => table::run(args),
-        Command::Router(args) => {
+        Command::Router(mut args) => {
+            let sub = matches.subcommand_matches("router");
+            if let Some(Err(e)) = sub.map(|m| router::apply_config_file(&mut args, m)) {
+                return usage(&e);
+            }
             if let Err(e) = router::validate(&args) {
                 return usage(&e);
             }

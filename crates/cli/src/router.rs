@@ -4,7 +4,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use serde::Deserialize;
 use serval::ServicePrefix;
 use serval_registry::{Registry, RegistryError};
 use serval_router::{Policy, Router, RouterConfig};
@@ -64,6 +66,100 @@ pub struct RouterArgs {
     /// in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     delay_timeout_ms: u64,
+    /// A TOML file whose keys are these flags' long names (`listen = ["0.0.0.0:54324"]`,
+    /// `registry = "etcd://…"`, `min-ttl-ms = 2000`, …). Flags and environment variables given
+    /// as well take precedence over it.
+    #[arg(long, value_name = "FILE", env = "SERVAL_ROUTER_CONFIG")]
+    config: Option<std::path::PathBuf>,
+}
+
+/// The `--config` file: every key is optional and mirrors a flag; an unknown key is an error
+/// (a typo must not be silently ignored).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RouterFile {
+    listen: Option<Vec<SocketAddr>>,
+    registry: Option<String>,
+    accept: Option<Vec<String>>,
+    min_ttl_ms: Option<u64>,
+    max_ttl_ms: Option<u64>,
+    max_registrations: Option<usize>,
+    admin: Option<SocketAddr>,
+    parent: Option<SocketAddr>,
+    announce: Option<Vec<String>>,
+    delay_queue: Option<u64>,
+    delay_timeout_ms: Option<u64>,
+}
+
+/// Reads `--config` (if given) into `args`: a key of the file sets a value that was neither
+/// given as a flag nor in the environment (`matches` tells which). A bad file is one line.
+pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<(), String> {
+    let Some(path) = args.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?;
+    let file: RouterFile = toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1);
+        let at = line.map_or(String::new(), |l| format!(" line {l}:"));
+        format!("--config {}:{at} {}", path.display(), e.message().trim())
+    })?;
+    // Only values that came from a default may be replaced.
+    let unset = |id: &str| {
+        !matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let positive = |key: &str, v: u64| -> Result<u64, String> {
+        if v == 0 {
+            Err(format!(
+                "--config {}: {key} must be at least 1",
+                path.display()
+            ))
+        } else {
+            Ok(v)
+        }
+    };
+    if let Some(v) = file.listen.filter(|_| unset("listen")) {
+        args.listen = v;
+    }
+    if let Some(v) = file.registry.filter(|_| unset("registry")) {
+        args.registry = v;
+    }
+    if let Some(v) = file.accept.filter(|_| unset("accept")) {
+        args.accept = v;
+    }
+    if let Some(v) = file.min_ttl_ms.filter(|_| unset("min_ttl_ms")) {
+        args.min_ttl_ms = positive("min-ttl-ms", v)?;
+    }
+    if let Some(v) = file.max_ttl_ms.filter(|_| unset("max_ttl_ms")) {
+        args.max_ttl_ms = positive("max-ttl-ms", v)?;
+    }
+    if let Some(v) = file
+        .max_registrations
+        .filter(|_| unset("max_registrations"))
+    {
+        args.max_registrations = v;
+    }
+    if let Some(v) = file.admin.filter(|_| unset("admin")) {
+        args.admin = Some(v);
+    }
+    if let Some(v) = file.parent.filter(|_| unset("parent")) {
+        args.parent = Some(v);
+    }
+    if let Some(v) = file.announce.filter(|_| unset("announce")) {
+        args.announce = v;
+    }
+    if let Some(v) = file.delay_queue.filter(|_| unset("delay_queue")) {
+        args.delay_queue = positive("delay-queue", v)?;
+    }
+    if let Some(v) = file.delay_timeout_ms.filter(|_| unset("delay_timeout_ms")) {
+        args.delay_timeout_ms = positive("delay-timeout-ms", v)?;
+    }
+    Ok(())
 }
 
 /// The `--announce` prefixes.

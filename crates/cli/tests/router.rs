@@ -379,3 +379,72 @@ fn held_syns_are_listed_and_released_with_serval_table() {
         "{metrics}"
     );
 }
+
+/// Writes `text` to a fresh file in the temporary directory and returns its path.
+fn config_file(name: &str, text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("serval-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_config_file_sets_what_flags_do_and_flags_win() {
+    // The file's keys are the flags' names; this one turns the admin API on.
+    let admin = free_tcp_port();
+    let file = config_file(
+        "ok",
+        &format!(
+            "# a router\nregistry = \"memory://\"\nadmin = \"{admin}\"\nmin-ttl-ms = 2000\naccept = [\"example.test/*\"]\n"
+        ),
+    );
+    let (_router, _addr) = router(&["--config", &file]);
+    let o = table(&admin, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // A flag given as well takes precedence: the file's bad registry URL is never used.
+    let bad = config_file("bad-registry", "registry = \"redis://x\"\n");
+    let (_router, _) = router(&["--config", &bad, "--registry", "memory://"]);
+    let o = serval()
+        .args(["router", "--listen", "127.0.0.1:0", "--config", &bad])
+        .env_remove("SERVAL_REGISTRY")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("unsupported registry URL"), "{e}");
+}
+
+#[test]
+fn a_bad_config_file_is_one_line_and_exit_2() {
+    let cases = [
+        ("typo", "registry = \"memory://\"\nmax-ttl = 5\n", "line 2"),
+        ("type", "min-ttl-ms = \"soon\"\n", "line 1"),
+        (
+            "zero",
+            "delay-queue = 0\n",
+            "delay-queue must be at least 1",
+        ),
+        ("syntax", "listen = [\n", "--config"),
+    ];
+    for (name, text, want) in cases {
+        let file = config_file(name, text);
+        let o = serval()
+            .args(["router", "--listen", "127.0.0.1:0", "--config", &file])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {e}");
+        assert_eq!(e.lines().count(), 1, "{name}: {e}");
+        assert!(e.contains(want), "{name}: {e}");
+    }
+    let o = serval()
+        .args(["router", "--config", "/nonexistent/serval.toml"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("cannot read --config /nonexistent/serval.toml"),
+        "{e}"
+    );
+}
