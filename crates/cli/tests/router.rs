@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -447,4 +447,160 @@ fn a_bad_config_file_is_one_line_and_exit_2() {
         e.contains("cannot read --config /nonexistent/serval.toml"),
         "{e}"
     );
+}
+
+/// A one-member etcd on free loopback ports with a temporary data directory; killed and
+/// removed on drop. `None` (the test skips, saying so) only when `SERVAL_SKIP_ETCD` is set;
+/// without an `etcd` binary the test fails, as CI installs one.
+struct Etcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl Etcd {
+    fn start() -> Option<Etcd> {
+        if std::env::var_os("SERVAL_SKIP_ETCD").is_some() {
+            eprintln!("SKIPPED: SERVAL_SKIP_ETCD is set");
+            return None;
+        }
+        let port = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (port(0), port(1));
+        let dir = std::env::temp_dir().join(format!("serval-cli-etcd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "m0", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("m0={p}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run etcd ({e}): install etcd-server"));
+        Some(Etcd {
+            child,
+            dir,
+            url: format!("etcd://127.0.0.1:{client}"),
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `serval router --listen LISTEN --registry URL --admin ADMIN`, retried until etcd answers
+/// (at most 30 s); returns it once it printed READY.
+fn router_on(listen: &str, registry: &str, admin: &str) -> Guard {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut child = serval()
+            .args(["router", "--listen", listen, "--registry", registry])
+            .args(["--admin", admin])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn router");
+        let out = lines(child.stdout.take().unwrap());
+        let mut guard = Guard(child);
+        match out.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.starts_with("READY") => return guard,
+            _ => {
+                let _ = guard.0.kill();
+                assert!(
+                    Instant::now() < deadline,
+                    "router on {registry} never started"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed() {
+    let Some(etcd) = Etcd::start() else { return };
+    let listen = format!(
+        "127.0.0.1:{}",
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let admin = free_tcp_port();
+    let mut first = router_on(&listen, &etcd.url, &admin);
+    let mut instance = serval()
+        .args([
+            "listen",
+            "echo.test",
+            "--bind",
+            "127.0.0.1:0",
+            "--router",
+            &listen,
+        ])
+        .arg("--echo")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let err = lines(instance.stderr.take().unwrap());
+    let _instance = Guard(instance);
+    wait_line(&err, "registration", |l| l.contains("registered"));
+
+    // A stream by name, open across the restart.
+    let mut stream = serval()
+        .args(["cat", "echo.test", "--router", &listen])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cat");
+    let mut stdin = stream.stdin.take().unwrap();
+    let echoed = lines(stream.stdout.take().unwrap());
+    let stream = Guard(stream);
+    writeln!(stdin, "before").unwrap();
+    wait_line(&echoed, "echo before the restart", |l| l == "before");
+
+    // The router dies without a word and a new process takes its place.
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    let admin = free_tcp_port();
+    let _second = router_on(&listen, &etcd.url, &admin);
+    // It knows the registration from etcd: it never had to create it from a REGISTER.
+    let out = String::from_utf8_lossy(&table(&admin, &[]).stdout).to_string();
+    assert!(out.contains("forward 127.0.0.1:"), "{out}");
+    let metrics = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("serval_router_registrations_created_total 0"),
+        "{metrics}"
+    );
+
+    // The stream never crossed the router; new connections go through the new one.
+    writeln!(stdin, "after").unwrap();
+    wait_line(&echoed, "echo after the restart", |l| l == "after");
+    drop(stdin);
+    drop(stream);
+    let o = cat("echo.test", &listen, b"new\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"new\n");
 }
