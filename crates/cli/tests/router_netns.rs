@@ -288,32 +288,8 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
 
     // Connect (retrying until the instance has registered), send half, kill the router, send
     // the rest: all of it must come back.
-    let start = Instant::now();
     let router_addr = format!("10.79.{net}.1:{PORT}");
-    let (child, mut stdin) = loop {
-        let mut child = lan
-            .serval(2, &["cat", "echo.test", "--router", &router_addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cat");
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"first half\n").unwrap();
-        stdin.flush().unwrap();
-        // A connected cat echoes the first line back; a refused one exits.
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let _ = out.read_line(&mut line);
-        if line == "first half\n" {
-            child.stdout = Some(out.into_inner());
-            break (child, stdin);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(start.elapsed() < Duration::from_secs(30), "never connected");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (child, mut stdin) = open_echo(&lan, 2, "echo.test", &router_addr, "first half\n");
     let _ = router.0.kill();
     let _ = router.0.wait();
     stdin.write_all(b"second half\n").unwrap();
@@ -325,6 +301,43 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second half\n");
+}
+
+/// Opens `serval cat SERVICE --router ROUTER` on `host` to an echo service and sends `first`,
+/// retrying (at most 30 s) until it comes back — until the instance (and any router between)
+/// has registered. Returns the running `cat` and its stdin, to go on with the stream.
+fn open_echo(
+    lan: &Lan,
+    host: usize,
+    service: &str,
+    router: &str,
+    first: &str,
+) -> (std::process::Child, std::process::ChildStdin) {
+    let start = Instant::now();
+    loop {
+        let mut child = lan
+            .serval(host, &["cat", service, "--router", router])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cat");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(first.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        // A connected cat echoes the first line back; a refused one exits.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        if line == first {
+            child.stdout = Some(out.into_inner());
+            return (child, stdin);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(start.elapsed() < Duration::from_secs(30), "never connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Runs `cat` and checks it fails at once with "no route to service" (a NACK, no timeout).
@@ -360,30 +373,13 @@ fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
     let (_echo, _) = instance_of(&lan, 2, net, 1, "web.example.test", 1, true);
 
     // Client → parent → child → instance; retried until both registrations are in place.
-    let start = Instant::now();
-    let (client, mut stdin) = loop {
-        let mut c = lan
-            .serval(3, &["cat", "web.example.test", "--router", &parent_addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cat");
-        let mut stdin = c.stdin.take().unwrap();
-        stdin.write_all(b"down two routers\n").unwrap();
-        stdin.flush().unwrap();
-        let mut out = BufReader::new(c.stdout.take().unwrap());
-        let mut line = String::new();
-        let _ = out.read_line(&mut line);
-        if line == "down two routers\n" {
-            c.stdout = Some(out.into_inner());
-            break (c, stdin);
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        assert!(start.elapsed() < Duration::from_secs(30), "never connected");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (client, mut stdin) = open_echo(
+        &lan,
+        3,
+        "web.example.test",
+        &parent_addr,
+        "down two routers\n",
+    );
 
     // Names nobody serves fail fast with a NACK from the router that has no route: under the
     // child's prefix from a client of the parent (the child NACKs), and elsewhere from a
