@@ -314,16 +314,7 @@ fn udp(c: &Common) -> Result<Rate, String> {
     let router = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = addr_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
+            let Some(rt) = runtime(&addr_tx) else { return };
             rt.block_on(async move {
                 let ep = match serval::Endpoint::bind(&[([127, 0, 0, 1], 0).into()]).await {
                     Ok(ep) => ep,
@@ -469,6 +460,22 @@ fn sink(socks: Vec<UdpSocket>, stop: &AtomicBool, received: &AtomicU64) -> Resul
     Ok(())
 }
 
+/// A tokio current-thread runtime for a measured thread; on failure the reason goes to `tx`.
+fn runtime(
+    tx: &std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            let _ = tx.send(Err(e.to_string()));
+            None
+        }
+    }
+}
+
 fn tcp_accept(c: &Common) -> Result<Rate, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
@@ -477,16 +484,7 @@ fn tcp_accept(c: &Common) -> Result<Rate, String> {
     let server = {
         let (stop, accepted) = (stop.clone(), accepted.clone());
         std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = addr_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
+            let Some(rt) = runtime(&addr_tx) else { return };
             rt.block_on(async move {
                 let l = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
                     Ok(l) => l,
