@@ -1,0 +1,336 @@
+//! Register→routable convergence across three routers sharing one etcd, end to end (issue:
+//! routers, item 9b), and the router's own share of a cold start (item 9c).
+//!
+//! **Convergence.** Starts an `etcd` (the binary on `PATH`, or `--etcd`) on free loopback
+//! ports with a temporary data directory, and three `serval_router::Router`s (one process,
+//! one tokio runtime with two worker threads) whose registry is that etcd. For each sample a
+//! REGISTER for a new prefix (`c{i}.conv`) is sent over UDP to router A; the clock starts at
+//! the send. The main thread then polls (every `--poll-us`) router B's and C's service tables
+//! until both resolve the prefix to the sender's locator, and also notes when A's ACK
+//! arrived. Reported: p50/p99/max of "routable at B and C" (the later of the two), of each
+//! router alone, and of A's ACK.
+//!
+//! **Router share of a cold start** (`--cold N`): `N` registrations (distinct prefixes) are put into an
+//! in-memory registry, then a router is bound on it and the time until its service table
+//! holds all `N` entries is measured. This is what the router adds to the registry's own
+//! connect (listing etcd), which `bench_convergence_and_cold_start` in
+//! `crates/registry/tests/etcd.rs` measures.
+//!
+//! ```sh
+//! cargo run --release -p serval-bench --bin router-conv-bench -- --samples 300 --cold 1000000
+//! ```
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serval_registry::{Registration, Registry};
+use serval_router::{Policy, Router, RouterConfig};
+use serval_table::Action;
+use serval_wire::{MessageType, RegistrationRepr, SalPacket, ServiceId, ServicePrefix};
+
+/// Register→routable latency across 3 routers sharing etcd; router share of a cold start.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Registrations timed (one at a time).
+    #[arg(long, default_value_t = 300)]
+    samples: usize,
+    /// Poll interval of the other routers' tables, in microseconds.
+    #[arg(long, default_value_t = 100)]
+    poll_us: u64,
+    /// The etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
+    /// Registrations for the router's cold start from an in-memory registry (0: skip).
+    #[arg(long, default_value_t = 0)]
+    cold: usize,
+    /// Repetitions of the cold start.
+    #[arg(long, default_value_t = 3)]
+    cold_reps: usize,
+    /// Skip the convergence measurement.
+    #[arg(long)]
+    no_convergence: bool,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("router-conv-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// An etcd child process, killed (and its data removed) on drop.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Etcd {
+    fn start(bin: &PathBuf) -> Result<Etcd> {
+        let (port, peer) = (free_port()?, free_port()?);
+        let dir = std::env::temp_dir().join(format!("router-conv-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let client = format!("http://127.0.0.1:{port}");
+        let peer = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log"))?)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        Ok(Etcd { child, dir, port })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(name: &str, mut v: Vec<Duration>) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "| {name} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+        v.len(),
+        ms(v[0]),
+        ms(percentile(&v, 0.5)),
+        ms(percentile(&v, 0.99)),
+        ms(v[v.len() - 1]),
+    );
+}
+
+fn run(args: &Args) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if !args.no_convergence {
+        convergence(&rt, args)?;
+    }
+    if args.cold > 0 {
+        cold(&rt, args)?;
+    }
+    Ok(())
+}
+
+fn convergence(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
+    let etcd = Etcd::start(&args.etcd)?;
+    let url = format!("etcd://127.0.0.1:{}/conv", etcd.port);
+    let t0 = Instant::now();
+    let mut routers = Vec::new();
+    for _ in 0..3 {
+        let registry = loop {
+            match rt.block_on(Registry::connect(&url)) {
+                Ok(r) => break r,
+                Err(e) if t0.elapsed() < Duration::from_secs(30) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(format!("etcd not ready: {e}").into()),
+            }
+        };
+        let mut config = RouterConfig::new(vec!["127.0.0.1:0".parse()?]);
+        config.registry = registry;
+        config.policy = Policy {
+            max_ttl: Duration::from_secs(3600),
+            ..Policy::default()
+        };
+        routers.push(rt.block_on(Router::bind(config))?);
+    }
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let me: SocketAddr = sock.local_addr()?;
+    sock.connect(routers[0].locators()[0])?;
+    sock.set_nonblocking(true)?;
+    let poll = Duration::from_micros(args.poll_us);
+    let (mut both, mut at_b, mut at_c, mut acked) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut buf = [0u8; 2048];
+    // A few unmeasured ones first (connections to etcd warm, lazily built state exists).
+    for i in 0..args.samples + 10 {
+        let prefix = ServicePrefix::from_domain(&format!("c{i}.conv"))?;
+        let request =
+            RegistrationRepr::register(i as u32, 1000 + i as u64, prefix, 1, 0, 3_600_000);
+        let routable = |r: &Router| {
+            r.table()
+                .get(&prefix)
+                .is_some_and(|t| t.iter().any(|t| t.action == Action::Forward(me)))
+        };
+        let t0 = Instant::now();
+        sock.send(&request.to_packet())?;
+        let (mut b, mut c, mut a) = (None, None, None);
+        while b.is_none() || c.is_none() || a.is_none() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!("sample {i}: not routable after 10 s").into());
+            }
+            if let (None, Ok(len)) = (a, sock.recv(&mut buf)) {
+                let answer = SalPacket::new_checked(&buf[..len])
+                    .ok()
+                    .and_then(|p| RegistrationRepr::parse_packet(&p).ok());
+                if let Some(answer) = answer.filter(|x| request.is_answered_by(x)) {
+                    if answer.ty != MessageType::Ack {
+                        return Err(format!("sample {i}: answered {}", answer.ty).into());
+                    }
+                    a = Some(t0.elapsed());
+                }
+            }
+            if b.is_none() && routable(&routers[1]) {
+                b = Some(t0.elapsed());
+            }
+            if c.is_none() && routable(&routers[2]) {
+                c = Some(t0.elapsed());
+            }
+            std::thread::sleep(poll);
+        }
+        if let (true, Some(b), Some(c), Some(a)) = (i >= 10, b, c, a) {
+            both.push(b.max(c));
+            at_b.push(b);
+            at_c.push(c);
+            acked.push(a);
+        }
+    }
+    println!(
+        "| register→routable (REGISTER to router A, etcd {}) | samples | min | p50 | p99 | max |",
+        etcd_version(&args.etcd)
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    summary("routable at both B and C", both);
+    summary("routable at B", at_b);
+    summary("routable at C", at_c);
+    summary("ACK from A received", acked);
+    for r in &routers {
+        let s = r.stats();
+        if s.registrations_rejected() != 0 || s.requests_dropped != 0 {
+            eprintln!(
+                "warning: {} rejected, {} dropped",
+                s.registrations_rejected(),
+                s.requests_dropped
+            );
+        }
+    }
+    drop(routers);
+    drop(etcd);
+    Ok(())
+}
+
+fn etcd_version(bin: &PathBuf) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.trim_start_matches("etcd Version: ").to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// The prefix of cold-start registration `i`: shaped like a two-label name's (32 bits per
+/// label, length 64), the first label's bits a bijective mix of `i` (murmur3's finaliser).
+/// Hashed names would do, but a million of them collide ~100 times in 32 bits, and colliding
+/// prefixes share one table entry, so the table would never reach `N` entries.
+fn cold_prefix(i: u32) -> ServicePrefix {
+    let mut h = i.wrapping_add(1);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    ServicePrefix::new(
+        ServiceId::from_words([0x636f_6c64_u64 << 32 | u64::from(h), 0, 0, 0]),
+        64,
+    )
+}
+
+fn cold(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
+    let n = args.cold;
+    let mut took = Vec::new();
+    for rep in 0..args.cold_reps {
+        let registry = Registry::memory();
+        let t0 = Instant::now();
+        rt.block_on(async {
+            for i in 0..n as u32 {
+                registry
+                    .put(
+                        Registration {
+                            prefix: cold_prefix(i),
+                            locator: SocketAddr::from((
+                                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                                5000,
+                            )),
+                            weight: 1,
+                            priority: 0,
+                        },
+                        Duration::from_secs(3600),
+                    )
+                    .await?;
+            }
+            Ok::<_, BoxError>(())
+        })?;
+        let loaded = t0.elapsed();
+        let mut config = RouterConfig::new(vec!["127.0.0.1:0".parse()?]);
+        config.registry = registry;
+        config.policy = Policy {
+            max_ttl: Duration::from_secs(3600),
+            max_registrations: 2 * n,
+            ..Policy::default()
+        };
+        let t0 = Instant::now();
+        let router = rt.block_on(Router::bind(config))?;
+        let bound = t0.elapsed();
+        while router.table().len() < n {
+            if t0.elapsed() > Duration::from_secs(120) {
+                return Err("cold start: table not filled after 120 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let filled = t0.elapsed();
+        eprintln!(
+            "cold rep {}: {n} registrations loaded in {:.2} s; bind {:.3} s; table full after {:.3} s",
+            rep + 1,
+            loaded.as_secs_f64(),
+            bound.as_secs_f64(),
+            filled.as_secs_f64()
+        );
+        took.push(filled);
+        drop(router);
+    }
+    took.sort();
+    println!(
+        "router cold start from a {n}-registration replica (bind → table full): median {:.3} s, \
+         min–max {:.3}–{:.3} s",
+        took[took.len() / 2].as_secs_f64(),
+        took[0].as_secs_f64(),
+        took[took.len() - 1].as_secs_f64()
+    );
+    Ok(())
+}
