@@ -54,11 +54,19 @@ enum Command {
         /// Priority: only the instances of the highest priority registered get connections.
         #[arg(long, value_name = "N", default_value_t = 0)]
         priority: u32,
+        /// Routerless mode: also answer SYNs for the service multicast on the local network
+        /// (group 239.255.86.76), so clients find it by name with no router (`cat --discover`).
+        /// Bind a specific address to choose the interface.
+        #[arg(long)]
+        discover: bool,
+        /// UDP port of the discovery group (with --discover).
+        #[arg(long, value_name = "PORT", env = "SERVAL_DISCOVER_PORT", default_value_t = serval::DEFAULT_DISCOVERY_PORT)]
+        discover_port: u16,
     },
     /// Connect to a service by name, send stdin, print what comes back.
     ///
     /// Exits 0 once both directions have closed.
-    #[command(group(clap::ArgGroup::new("next_hop").required(true).args(["via", "router"])))]
+    #[command(group(clap::ArgGroup::new("next_hop").required(true).args(["via", "router", "discover"])))]
     Cat {
         /// The service name or hex ID.
         service: String,
@@ -71,6 +79,17 @@ enum Command {
         /// Local UDP address to bind (default: any address of the next hop's family).
         #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
         bind: Option<SocketAddr>,
+        /// Routerless mode: find the service on the local network by multicasting the SYN
+        /// (group 239.255.86.76); fails after --discover-timeout if no instance answers. Bind
+        /// a specific address to choose the interface.
+        #[arg(long)]
+        discover: bool,
+        /// UDP port of the discovery group (with --discover).
+        #[arg(long, value_name = "PORT", env = "SERVAL_DISCOVER_PORT", default_value_t = serval::DEFAULT_DISCOVERY_PORT)]
+        discover_port: u16,
+        /// How long to wait for an instance to answer (with --discover), in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 3000)]
+        discover_timeout: u64,
     },
     /// Run a service router: forward connections by name to the instances that register.
     ///
@@ -118,6 +137,8 @@ fn main() -> ExitCode {
             router,
             weight,
             priority,
+            discover,
+            discover_port,
         } => match ServicePrefix::parse(&service) {
             Ok(prefix) => {
                 let opts = net::ListenOptions {
@@ -125,6 +146,10 @@ fn main() -> ExitCode {
                     router,
                     weight,
                     priority,
+                    discover: discover.then(|| serval::DiscoveryConfig {
+                        port: discover_port,
+                        ..serval::DiscoveryConfig::default()
+                    }),
                 };
                 run(net::listen(&service, prefix, bind, opts))
             }
@@ -135,12 +160,26 @@ fn main() -> ExitCode {
             via,
             router,
             bind,
-        } => match (ServiceId::parse(&service), via.or(router)) {
-            (Ok(id), Some(hop)) => run(net::cat(&service, id, hop, bind)),
-            (Err(e), _) => usage(&e),
-            // clap requires one of the two.
-            (Ok(_), None) => usage(&"--via or --router is required"),
-        },
+            discover,
+            discover_port,
+            discover_timeout,
+        } => {
+            let hop = match via.or(router) {
+                Some(hop) => Some(net::NextHop::Via(hop)),
+                None if discover => Some(net::NextHop::Discover(serval::DiscoveryConfig {
+                    port: discover_port,
+                    connect_timeout: std::time::Duration::from_millis(discover_timeout),
+                    ..serval::DiscoveryConfig::default()
+                })),
+                None => None,
+            };
+            match (ServiceId::parse(&service), hop) {
+                (Ok(id), Some(hop)) => run(net::cat(&service, id, hop, bind)),
+                (Err(e), _) => usage(&e),
+                // clap requires one of the three.
+                (Ok(_), None) => usage(&"--via, --router or --discover is required"),
+            }
+        }
         Command::Table(args) => table::run(args),
         Command::Router(mut args) => {
             let sub = matches.subcommand_matches("router");

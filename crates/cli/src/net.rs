@@ -15,6 +15,16 @@ pub struct ListenOptions {
     pub weight: u32,
     /// See `weight`.
     pub priority: u32,
+    /// Routerless mode: answer SYNs multicast on the local network.
+    pub discover: Option<serval::DiscoveryConfig>,
+}
+
+/// Where `serval cat` sends its SYN.
+pub enum NextHop {
+    /// A router or the instance.
+    Via(SocketAddr),
+    /// The discovery group: whichever instance on the local network answers first.
+    Discover(serval::DiscoveryConfig),
 }
 
 /// Serves `prefix` (typed by the user as `name`) on `bind` until interrupted.
@@ -32,6 +42,10 @@ pub async fn listen(
     if let Some(router) = opts.router {
         ep.set_router(router);
     }
+    if let Some(d) = &opts.discover {
+        ep.enable_discovery(d.clone())
+            .map_err(|e| format!("cannot join the discovery group: {e}"))?;
+    }
     let mut listener = ep
         .listen_weighted(prefix, opts.priority, opts.weight)
         .map_err(|e| format!("cannot listen on {name}: {e}"))?;
@@ -42,6 +56,11 @@ pub async fn listen(
         opts.router
             .map(|r| format!(", registering with router {r} (weight {})", opts.weight))
             .unwrap_or_default()
+            + &opts
+                .discover
+                .as_ref()
+                .map(|d| format!(", answering discovery on {}", d.locator()))
+                .unwrap_or_default()
     );
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
@@ -96,37 +115,52 @@ async fn serve_print(mut stream: Stream) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-/// Connects to `service` (typed by the user as `name`) through `via`, sends stdin, prints what
-/// comes back.
+/// Connects to `service` (typed by the user as `name`) through `hop`, sends stdin, prints
+/// what comes back.
 pub async fn cat(
     name: &str,
     service: ServiceId,
-    via: SocketAddr,
+    hop: NextHop,
     bind: Option<SocketAddr>,
 ) -> Result<(), String> {
+    let v4 = match &hop {
+        NextHop::Via(via) => via.is_ipv4(),
+        NextHop::Discover(_) => true,
+    };
     let local = bind.unwrap_or_else(|| {
-        if via.is_ipv4() {
-            "0.0.0.0:0".parse()
+        if v4 {
+            SocketAddr::from(([0, 0, 0, 0], 0))
         } else {
-            "[::]:0".parse()
+            SocketAddr::from(([0u16; 8], 0))
         }
-        .unwrap_or(via)
     });
     let ep = Endpoint::bind(&[local])
         .await
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
-    let mut stream = ep
-        .connect_via(service, via)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::HostUnreachable => {
-                format!("no route to service {name} (via {via})")
-            }
-            std::io::ErrorKind::TimedOut => {
-                format!("connect to service {name} via {via} timed out")
-            }
-            _ => format!("connect to service {name} via {via}: {e}"),
-        })?;
+    let connected = match &hop {
+        NextHop::Via(via) => ep.connect_via(service, *via).await,
+        NextHop::Discover(d) => {
+            ep.enable_discovery(d.clone())
+                .map_err(|e| format!("cannot join the discovery group: {e}"))?;
+            ep.connect(service).await
+        }
+    };
+    let mut stream = connected.map_err(|e| match (&hop, e.kind()) {
+        (NextHop::Discover(_), std::io::ErrorKind::HostUnreachable) => {
+            format!("no route to service {name} (no instance answered on the local network)")
+        }
+        (NextHop::Discover(d), _) => format!(
+            "connect to service {name} through discovery group {}: {e}",
+            d.locator()
+        ),
+        (NextHop::Via(via), std::io::ErrorKind::HostUnreachable) => {
+            format!("no route to service {name} (via {via})")
+        }
+        (NextHop::Via(via), std::io::ErrorKind::TimedOut) => {
+            format!("connect to service {name} via {via} timed out")
+        }
+        (NextHop::Via(via), _) => format!("connect to service {name} via {via}: {e}"),
+    })?;
     {
         let (mut r, mut w) = stream.split();
         let send = async {

@@ -31,6 +31,7 @@ pub use crate::connection::CloseReason;
 use crate::registrar::{Registrar, RegistrarEvent};
 
 mod delay;
+mod discovery;
 mod registration;
 use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
@@ -197,6 +198,18 @@ pub struct EndpointStats {
     pub registrations_unexpected: u64,
     /// Datagrams not queued because [`EndpointConfig::max_queued_transmits`] were waiting.
     pub transmit_queue_drops: u64,
+    /// Datagrams received on the discovery group ([`Endpoint::handle_discovery_datagram`];
+    /// also counted in `received`).
+    pub discovery_received: u64,
+    /// Discovery SYNs answered: a local listener serves the service (retransmissions not
+    /// included).
+    pub discovery_answered: u64,
+    /// Discovery datagrams dropped without a reply: no local listener serves the service, or
+    /// not a SYN.
+    pub discovery_ignored: u64,
+    /// SYN-ACKs dropped because the connection was already established with another instance
+    /// (two endpoints answered the same discovery SYN; the first answer won).
+    pub duplicate_syn_acks: u64,
 }
 
 struct Listener {
@@ -676,6 +689,18 @@ impl Endpoint {
             self.stats.unknown_flow += 1;
             return;
         };
+        // A SYN-ACK from a flow other than our peer's, once established: a second instance
+        // answered the same (multicast) SYN. The first answer won; this one is dropped, and
+        // the other instance's half-open state expires with its SYN-ACK retransmissions.
+        if let Some(ctl) = repr.control
+            && ctl.flags.contains(ControlFlags::SYN | ControlFlags::ACK)
+            && c.role == Role::Client
+            && c.state != State::SynSent
+            && repr.src_flow != c.peer_flow
+        {
+            self.stats.duplicate_syn_acks += 1;
+            return;
+        }
         // A NACK answers our SYN before the peer has a flow: it proves itself by echoing our nonce.
         if let Some(ctl) = repr.control
             && ctl.flags.contains(ControlFlags::NACK)

@@ -23,6 +23,11 @@ use crate::datagram::DatagramSocket;
 use crate::registration::Hub;
 use crate::stream::Stream;
 
+mod discovery;
+pub use discovery::{
+    DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_PORT, DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig,
+};
+
 /// A registration change, for the control plane ("active sockets"): a listener bound or
 /// released a service on these locators.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +79,8 @@ pub(crate) struct State {
     /// The engine deadline the driver sleeps until (`None`: no timer). A receive task that
     /// moves the engine's deadline earlier wakes the driver; otherwise it need not.
     driver_deadline: Option<Instant>,
+    /// Routerless mode: the discovery group and how long a connect through it waits.
+    pub(crate) discovery: Option<(Locator, Duration)>,
 }
 
 impl State {
@@ -295,6 +302,7 @@ impl Endpoint {
                 held: broadcast::channel(crate::delay::HELD_EVENTS).0,
                 closed: false,
                 driver_deadline: None,
+                discovery: None,
             }),
             wake: Arc::new(Notify::new()),
             sockets,
@@ -313,7 +321,13 @@ impl Endpoint {
     }
 
     /// Sends SYNs for services with no more specific rule to `router` (a `/0` FORWARD rule).
+    /// It replaces routerless mode's rule to the discovery group, if any: a router always wins.
     pub fn set_default_route(&self, router: Locator) {
+        if let Some((group, _)) = self.shared.lock().discovery {
+            self.shared
+                .table
+                .remove_target(&ServicePrefix::DEFAULT, &Action::Forward(group));
+        }
         let _ = self.shared.table.add_target(
             ServicePrefix::DEFAULT,
             Target::new(Action::Forward(router), 0, 1),
@@ -351,6 +365,7 @@ impl Endpoint {
 
     async fn connect_inner(&self, service: ServiceId, via: Option<Locator>) -> io::Result<Stream> {
         let (tx, rx) = oneshot::channel();
+        let mut deadline = None;
         let h = {
             let mut st = self.shared.lock();
             let now = st.now();
@@ -359,6 +374,12 @@ impl Endpoint {
                 None => st.engine.connect(now, service),
             }
             .map_err(connect_error)?;
+            // Through the discovery group, silence is the only "no": give up sooner.
+            if let Some((group, wait)) = st.discovery
+                && st.engine.locators(h).is_some_and(|(_, peer)| peer == group)
+            {
+                deadline = Some(wait);
+            }
             st.conns.insert(
                 h,
                 ConnSlot {
@@ -370,7 +391,22 @@ impl Endpoint {
         };
         self.shared.wake.notify_one();
         let stream = Stream::new(self.shared.clone(), h);
-        match rx.await {
+        let answer = match deadline {
+            Some(wait) => match tokio::time::timeout(wait, rx).await {
+                Ok(answer) => answer,
+                // Dropping the stream resets the half-open connection.
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::HostUnreachable,
+                        format!(
+                            "no route to service {service} (no instance answered on the local network)"
+                        ),
+                    ));
+                }
+            },
+            None => rx.await,
+        };
+        match answer {
             Ok(Ok(())) => Ok(stream),
             Ok(Err(e)) => Err(connect_error(e)),
             Err(_) => Err(io::Error::new(

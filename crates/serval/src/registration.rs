@@ -146,7 +146,13 @@ impl Endpoint {
         let mut st = self.shared.lock();
         let old = st.engine.router();
         st.engine.set_router(Some(router), lease);
+        let discovery = st.discovery;
         drop(st);
+        // A router always wins over routerless mode's rule to the discovery group.
+        if let Some((group, _)) = discovery {
+            self.table()
+                .remove_target(&ServicePrefix::DEFAULT, &Action::Forward(group));
+        }
         if let Some(old) = old.filter(|o| *o != router) {
             self.table()
                 .remove_target(&ServicePrefix::DEFAULT, &Action::Forward(old));

@@ -1,0 +1,209 @@
+//! Routerless mode across hosts: each host is a network namespace with a veth to one bridge
+//! (a LAN, 10.80.0.0/24) and no router anywhere. Instances answer with
+//! `serval listen --discover`, clients connect by name with `serval cat --discover`: the SYN is
+//! multicast to 239.255.86.76:54323, an instance answers from its own address, the rest of the
+//! connection is unicast.
+//!
+//! Needs root (CI runs as root). Everything is created here, used only inside these
+//! namespaces, and removed when the test ends, pass or fail. `SERVAL_SKIP_NETNS=1` skips.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::{Guard, ip, lines, netns_usable, wait_line};
+
+/// Hosts on one bridged LAN with multicast on; everything is deleted on drop.
+struct Lan {
+    bridge_ns: String,
+    hosts: Vec<String>,
+}
+
+impl Lan {
+    /// `n` hosts; host `i` gets 10.80.0.<i + 1>/24 and no other route.
+    fn new(n: usize) -> Lan {
+        let id = std::process::id();
+        let lan = Lan {
+            bridge_ns: format!("svdbr{id}"),
+            hosts: (0..n).map(|i| format!("svdh{i}x{id}")).collect(),
+        };
+        ip(&["netns", "add", &lan.bridge_ns]);
+        // No IGMP snooping: the bridge floods the group to every port, whatever the querier.
+        ip(&[
+            "-n",
+            &lan.bridge_ns,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        ip(&["-n", &lan.bridge_ns, "link", "set", "br0", "up"]);
+        for (i, h) in lan.hosts.iter().enumerate() {
+            ip(&["netns", "add", h]);
+            let port = format!("p{i}");
+            ip(&[
+                "link",
+                "add",
+                &port,
+                "netns",
+                &lan.bridge_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                h,
+            ]);
+            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
+            let cidr = format!("10.80.0.{}/24", i + 1);
+            ip(&["-n", h, "addr", "add", &cidr, "dev", "eth0"]);
+            ip(&["-n", h, "link", "set", "eth0", "multicast", "on", "up"]);
+            ip(&["-n", h, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    fn serval(&self, host: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.hosts[host],
+            env!("CARGO_BIN_EXE_serval"),
+        ]);
+        c.args(args);
+        c
+    }
+
+    fn addr(host: usize, port: u16) -> String {
+        format!("10.80.0.{}:{port}", host + 1)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `serval listen SERVICE --discover` on `host`, bound to its LAN address; waits until it
+/// serves. Returns the process and its stdout lines (what clients sent, unless `echo`).
+fn instance(
+    lan: &Lan,
+    host: usize,
+    port: u16,
+    service: &str,
+    echo: bool,
+) -> (Guard, mpsc::Receiver<String>) {
+    let bind = Lan::addr(host, port);
+    let mut args = vec!["listen", service, "--bind", &bind, "--discover"];
+    if echo {
+        args.push("--echo");
+    }
+    let mut child = lan
+        .serval(host, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn instance");
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let child = Guard(child);
+    wait_line(&err, "serving line", |l| l.contains("serving"));
+    (child, out)
+}
+
+/// `serval cat SERVICE --discover` from `host` with `input`; returns (exit code, stdout,
+/// stderr).
+fn cat(lan: &Lan, host: usize, service: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
+    let bind = Lan::addr(host, 0);
+    let mut child = lan
+        .serval(
+            host,
+            &[
+                "cat",
+                service,
+                "--discover",
+                "--bind",
+                &bind,
+                "--discover-timeout",
+                "2000",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cat");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("cat output");
+    w.join().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
+}
+
+#[test]
+fn two_instances_and_a_client_find_each_other_with_no_router() {
+    if !netns_usable() {
+        return;
+    }
+    // Hosts 0 and 1: instances of web.test (printing what they get); host 1 also serves
+    // echo.test; host 2: the client.
+    let lan = Lan::new(3);
+    let (_a, a_rx) = instance(&lan, 0, 54324, "web.test", false);
+    let (_b, b_rx) = instance(&lan, 1, 54324, "web.test", false);
+    let (_e, _) = instance(&lan, 1, 54325, "echo.test", true);
+
+    // Content echoed, by name, with no router and no address given.
+    let (code, out, err) = cat(&lan, 2, "echo.test", b"hello over the LAN\n");
+    assert_eq!(code, 0, "cat echo.test failed: {err}");
+    assert_eq!(out, b"hello over the LAN\n");
+
+    // Both instances answer every SYN: the first SYN-ACK wins and the connection never
+    // fails; each request reaches exactly one instance.
+    let n = 20;
+    for i in 0..n {
+        let (code, _, err) = cat(&lan, 2, "web.test", format!("req-{i}\n").as_bytes());
+        assert_eq!(code, 0, "connect {i} failed: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let count =
+        |rx: &mpsc::Receiver<String>| drain(rx).iter().filter(|l| l.starts_with("req-")).count();
+    let (ca, cb) = (count(&a_rx), count(&b_rx));
+    eprintln!("discovery spread over two instances: {ca} / {cb}");
+    assert_eq!(ca + cb, n, "every request reached exactly one instance");
+
+    // An unknown name: silence from the LAN, so the client gives up after its discovery
+    // timeout (2 s here) with one clear line, well before the SYN's own budget.
+    let t = Instant::now();
+    let (code, _, err) = cat(&lan, 2, "nobody.test", b"x");
+    let took = t.elapsed();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no route to service nobody.test (no instance answered on the local network)"),
+        "unexpected error: {err}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}
