@@ -939,6 +939,43 @@ impl Connection {
             .then_some((self.local, self.peer))
     }
 
+    /// An RST for a SYN-ACK that another server sent to this client connection's SYN (a SYN
+    /// multicast to several instances, after this connection settled on the first answer), so
+    /// that server frees its half-open flow at once. It is authenticated with the keys of the
+    /// flow the SYN-ACK proposed (our nonce and flow, its nonce and flow), as that server
+    /// requires of any RST; `None` if the SYN-ACK itself is not authentic for our SYN.
+    pub(crate) fn reset_for_stray_syn_ack(
+        &self,
+        pkt: &SalPacket<&[u8]>,
+        repr: &SalRepr,
+    ) -> Option<Vec<u8>> {
+        if self.role != Role::Client {
+            return None;
+        }
+        let peer_nonce = repr.nonce?;
+        let keys = FlowKeys::derive(
+            &self.local_nonce,
+            &peer_nonce,
+            self.local_flow,
+            repr.src_flow,
+            &self.service,
+        );
+        if !keys.verify(Direction::ServerToClient, pkt) {
+            return None;
+        }
+        let mut r = SalRepr::new(Protocol::NONE, self.local_flow, repr.src_flow);
+        r.control = Some(ControlRepr {
+            flags: ControlFlags::RST,
+            verno: 0,
+            ackno: 0,
+        });
+        r.auth = Some([0; AUTH_TAG_LEN]);
+        let mut out = vec![0u8; r.buffer_len()];
+        let mut p = SalPacket::new_unchecked(&mut out[..]);
+        r.emit(&mut p).ok()?;
+        keys.seal(Direction::ClientToServer, &mut p).then_some(out)
+    }
+
     /// Whether the endpoint may forget this flow.
     pub(crate) fn is_closed(&self) -> bool {
         self.state == State::Closed && self.answers.is_empty() && !self.flush_transport

@@ -210,6 +210,9 @@ pub struct EndpointStats {
     /// SYN-ACKs dropped because the connection was already established with another instance
     /// (two endpoints answered the same discovery SYN; the first answer won).
     pub duplicate_syn_acks: u64,
+    /// Authenticated RSTs sent for such SYN-ACKs, so the other instance frees its half-open
+    /// flow.
+    pub stray_resets: u64,
 }
 
 struct Listener {
@@ -690,8 +693,9 @@ impl Endpoint {
             return;
         };
         // A SYN-ACK from a flow other than our peer's, once established: a second instance
-        // answered the same (multicast) SYN. The first answer won; this one is dropped, and
-        // the other instance's half-open state expires with its SYN-ACK retransmissions.
+        // answered the same (multicast) SYN. The first answer won; this one is dropped and,
+        // if it is authentic, answered with an authenticated RST so that instance frees its
+        // half-open flow now rather than retransmitting its SYN-ACK until it gives up.
         if let Some(ctl) = repr.control
             && ctl.flags.contains(ControlFlags::SYN | ControlFlags::ACK)
             && c.role == Role::Client
@@ -699,6 +703,15 @@ impl Endpoint {
             && repr.src_flow != c.peer_flow
         {
             self.stats.duplicate_syn_acks += 1;
+            if let Some(payload) = c.reset_for_stray_syn_ack(&pkt, &repr)
+                && self.queue_transmit(Transmit {
+                    src: local,
+                    dst: remote,
+                    payload,
+                })
+            {
+                self.stats.stray_resets += 1;
+            }
             return;
         }
         // A NACK answers our SYN before the peer has a flow: it proves itself by echoing our nonce.

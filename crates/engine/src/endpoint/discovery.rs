@@ -220,10 +220,27 @@ mod tests {
             e => panic!("{e:?}"),
         };
         assert_eq!(client.locators(h).unwrap().1, la);
-        // B's SYN-ACK arrives second: dropped and counted, the stream is A's.
+        // B's SYN-ACK arrives second: dropped and counted, the stream is A's; B gets an RST
+        // it accepts, and frees its half-open flow.
         client.handle_datagram(now, from, sb.src, &sb.payload);
         assert_eq!(client.stats().duplicate_syn_acks, 1);
+        assert_eq!(client.stats().stray_resets, 1);
         assert_eq!(client.locators(h).unwrap().1, la);
+        let rst = client.poll_transmit(now).unwrap();
+        assert_eq!((rst.src, rst.dst), (from, lb));
+        assert_eq!(b.half_open.len(), 1);
+        b.handle_datagram(now, rst.dst, rst.src, &rst.payload);
+        assert_eq!(b.stats().auth_failures, 0);
+        assert!(b.half_open.is_empty());
+        assert_eq!(b.conns.iter().flatten().count(), 0);
+        while b.poll_transmit(now).is_some() {}
+        // A forged SYN-ACK (bad tag) gets no RST.
+        let mut forged = sb.payload.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        client.handle_datagram(now, from, sb.src, &forged);
+        assert_eq!(client.stats().duplicate_syn_acks, 2);
+        assert_eq!(client.stats().stray_resets, 1);
         // Data still flows to A and back.
         while let Some(t) = client.poll_transmit(now) {
             assert_eq!(t.dst, la);
