@@ -16,6 +16,11 @@
 //! connect (listing etcd), which `bench_convergence_and_cold_start` in
 //! `crates/registry/tests/etcd.rs` measures.
 //!
+//! **Whole cold start from etcd** (`--cold-etcd N`): `N` registrations are written straight
+//! into a fresh etcd (128 per transaction, 4 writers, one lease, keys as the registry writes
+//! them), then `--cold-reps` times: `Registry::connect` (lists and decodes every page) and
+//! `Router::bind` on it, timed until the router's service table holds all `N` entries.
+//!
 //! ```sh
 //! cargo run --release -p serval-bench --bin router-conv-bench -- --samples 300 --cold 1000000
 //! ```
@@ -49,6 +54,9 @@ struct Args {
     /// Repetitions of the cold start.
     #[arg(long, default_value_t = 3)]
     cold_reps: usize,
+    /// Registrations preloaded into etcd for a whole router cold start from etcd (0: skip).
+    #[arg(long, default_value_t = 0)]
+    cold_etcd: usize,
     /// Skip the convergence measurement.
     #[arg(long)]
     no_convergence: bool,
@@ -137,6 +145,9 @@ fn run(args: &Args) -> Result<()> {
     }
     if args.cold > 0 {
         cold(&rt, args)?;
+    }
+    if args.cold_etcd > 0 {
+        cold_etcd(&rt, args)?;
     }
     Ok(())
 }
@@ -332,5 +343,105 @@ fn cold(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
         took[0].as_secs_f64(),
         took[took.len() - 1].as_secs_f64()
     );
+    Ok(())
+}
+
+/// A router's whole cold start: registry connect to an etcd holding `n` registrations, then
+/// bind, until its table is full.
+fn cold_etcd(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
+    let n = args.cold_etcd;
+    let etcd = Etcd::start(&args.etcd)?;
+    let endpoint = format!("http://127.0.0.1:{}", etcd.port);
+    let url = format!("etcd://127.0.0.1:{}/cold", etcd.port);
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let mut client = loop {
+            if let Ok(mut c) = etcd_client::Client::connect([endpoint.clone()], None).await
+                && c.status().await.is_ok()
+            {
+                break c;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err::<(), BoxError>("etcd not ready".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let lease = client.lease_grant(24 * 3600, None).await?.id();
+        let per = n.div_ceil(4);
+        let mut writers = Vec::new();
+        for part in 0..4 {
+            let mut c = client.clone();
+            writers.push(tokio::spawn(async move {
+                let (lo, hi) = (part * per, ((part + 1) * per).min(n));
+                for chunk in (lo..hi).collect::<Vec<_>>().chunks(128) {
+                    let ops: Vec<etcd_client::TxnOp> = chunk
+                        .iter()
+                        .map(|&i| {
+                            let i = i as u32;
+                            let locator = SocketAddr::from((
+                                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                                5000,
+                            ));
+                            etcd_client::TxnOp::put(
+                                format!("/cold/v1/reg/{}/{locator}", cold_prefix(i)),
+                                "v1 w=1 p=0 ttl=86400",
+                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                            )
+                        })
+                        .collect();
+                    c.txn(etcd_client::Txn::new().and_then(ops)).await?;
+                }
+                Ok::<(), etcd_client::Error>(())
+            }));
+        }
+        for w in writers {
+            w.await??;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "preloaded {n} registrations into etcd in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut totals = Vec::new();
+    for rep in 0..args.cold_reps {
+        let t0 = Instant::now();
+        let registry = rt.block_on(Registry::connect(&url))?;
+        let connected = t0.elapsed();
+        let mut config = RouterConfig::new(vec!["127.0.0.1:0".parse()?]);
+        config.registry = registry;
+        config.policy = Policy {
+            max_ttl: Duration::from_secs(3600),
+            max_registrations: 2 * n,
+            ..Policy::default()
+        };
+        let router = rt.block_on(Router::bind(config))?;
+        while router.table().len() < n {
+            if t0.elapsed() > Duration::from_secs(300) {
+                return Err("cold start from etcd: table not filled after 300 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let total = t0.elapsed();
+        eprintln!(
+            "cold start from etcd #{}: registry connect {:.2} s, then table full after {:.2} s, \
+             total {:.2} s",
+            rep + 1,
+            connected.as_secs_f64(),
+            (total - connected).as_secs_f64(),
+            total.as_secs_f64()
+        );
+        totals.push(total);
+        drop(router);
+    }
+    totals.sort();
+    println!(
+        "router cold start from etcd with {n} registrations (connect → table full): median \
+         {:.2} s, min–max {:.2}–{:.2} s",
+        totals[totals.len() / 2].as_secs_f64(),
+        totals[0].as_secs_f64(),
+        totals[totals.len() - 1].as_secs_f64()
+    );
+    drop(etcd);
     Ok(())
 }
