@@ -206,4 +206,19 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
         "unexpected error: {err}"
     );
     assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    // Bound to 0.0.0.0 on a host with no route to the group: a clear error at once, not a
+    // silent timeout.
+    let mut child = lan
+        .serval(2, &["cat", "web.test", "--discover"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cat");
+    let err = lines(child.stderr.take().unwrap());
+    let child = Guard(child);
+    let line = wait_line(&err, "error line", |l| l.contains("discovery group"));
+    assert!(line.contains("no route to the discovery group"), "{line}");
+    drop(child);
 }

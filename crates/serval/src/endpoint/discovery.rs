@@ -90,6 +90,9 @@ impl Endpoint {
         for &(i, local) in &v4 {
             let SocketAddr::V4(a) = local else { continue };
             let iface = *a.ip();
+            if iface.is_unspecified() {
+                check_route(config.group, config.port)?;
+            }
             // Two sockets on one address share the membership.
             if !joined.contains(&iface) {
                 sock.join_multicast_v4(&config.group, &iface).map_err(|e| {
@@ -126,6 +129,21 @@ impl Endpoint {
         tokio::spawn(receive(Arc::downgrade(&self.shared), io, answer_from));
         Ok(())
     }
+}
+
+/// For a socket bound to `0.0.0.0`, the kernel picks the group's interface by route: fail now,
+/// clearly, if there is none (rather than time out on SYNs that can never leave).
+fn check_route(group: Ipv4Addr, port: u16) -> io::Result<()> {
+    let probe = StdUdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    probe.connect((group, port)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "no route to the discovery group {group} from 0.0.0.0 ({e}): bind a specific \
+                 address to choose the interface, or add a route to 224.0.0.0/4"
+            ),
+        )
+    })
 }
 
 /// Feeds what arrives on the group to the engine, until the endpoint is gone.
