@@ -671,7 +671,7 @@ impl Endpoint {
                 Ok(repr) if repr.protocol == Protocol::DATAGRAM && repr.control.is_none() => {
                     self.handle_named_datagram(local, remote, &pkt, repr)
                 }
-                Ok(repr) => self.handle_syn(now, local, remote, data, repr),
+                Ok(repr) => self.handle_syn(now, local, remote, data, repr, false),
                 Err(_) => self.stats.malformed += 1,
             }
             return;
@@ -741,6 +741,7 @@ impl Endpoint {
         remote: Locator,
         data: &[u8],
         mut repr: SalRepr,
+        discovery: bool,
     ) {
         let (Some(ctl), Some(service), Some(nonce)) = (repr.control, repr.service, repr.nonce)
         else {
@@ -765,7 +766,7 @@ impl Endpoint {
             }
             return;
         }
-        if !self.resolving_held && self.syn_is_held(&(repr.src_flow, nonce)) {
+        if !discovery && !self.resolving_held && self.syn_is_held(&(repr.src_flow, nonce)) {
             return;
         }
         // The flow key makes every router (and retransmission) choose the same instance.
@@ -779,8 +780,15 @@ impl Endpoint {
             Some(Action::Demux(listener))
                 if self.listeners.get(&listener).is_some_and(|l| l.streams) =>
             {
+                if discovery {
+                    self.stats.discovery_answered += 1;
+                }
                 self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
             }
+            // A SYN from the discovery group that no local listener serves: silence (a NACK
+            // from every host of the LAN would flood the client; forwarding would loop the
+            // SYN back into the group).
+            _ if discovery => self.stats.discovery_ignored += 1,
             Some(Action::Forward(next)) => self.forward_by_name(local, next, data, repr, service),
             Some(Action::Delay) if !self.resolving_held => {
                 let key = (repr.src_flow, nonce);

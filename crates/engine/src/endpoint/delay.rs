@@ -222,7 +222,7 @@ impl Endpoint {
             return;
         };
         self.resolving_held = true;
-        self.handle_syn(now, h.local, h.remote, &h.data, repr);
+        self.handle_syn(now, h.local, h.remote, &h.data, repr, false);
         self.resolving_held = false;
     }
 

@@ -8,7 +8,6 @@
 //! silent: a NACK from each host of the LAN would both flood the client and race the real
 //! answer, and forwarding a multicast SYN could loop it back into the group.
 
-use serval_table::Action;
 use serval_wire::ext::ControlFlags;
 use serval_wire::{Locator, Protocol, SalPacket, SalRepr};
 
@@ -49,8 +48,7 @@ impl Endpoint {
             self.stats.malformed += 1;
             return;
         };
-        let (Some(ctl), Some(service), Some(nonce)) = (repr.control, repr.service, repr.nonce)
-        else {
+        let (Some(ctl), Some(_), Some(_)) = (repr.control, repr.service, repr.nonce) else {
             self.stats.discovery_ignored += 1;
             return;
         };
@@ -58,28 +56,10 @@ impl Endpoint {
             self.stats.discovery_ignored += 1;
             return;
         }
-        // A retransmission of a SYN we answered: answer it again (our SYN-ACK may be lost).
-        let retransmit = self.half_open.contains_key(&(repr.src_flow, nonce));
-        let serves = retransmit || {
-            let key = super::flow_key(repr.src_flow, &nonce);
-            match self
-                .table
-                .snapshot()
-                .resolve(&service.id, key)
-                .map(|r| r.action)
-            {
-                Some(Action::Demux(l)) => self.listeners.get(&l).is_some_and(|l| l.streams),
-                _ => false,
-            }
-        };
-        if !serves {
-            self.stats.discovery_ignored += 1;
-            return;
-        }
-        if !retransmit {
-            self.stats.discovery_answered += 1;
-        }
-        self.handle_syn(now, local, remote, data, repr);
+        // Resolved (once, so a table edit in between cannot make it a FORWARD) and answered
+        // only for a local stream listener; a retransmission of a SYN we answered finds its
+        // half-open flow and gets the SYN-ACK again.
+        self.handle_syn(now, local, remote, data, repr, true);
     }
 }
 
@@ -89,7 +69,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use serval_table::{ServiceTable, Target};
+    use serval_table::{Action, ServiceTable, Target};
     use serval_wire::{ServiceId, ServicePrefix};
 
     use super::*;
@@ -162,7 +142,15 @@ mod tests {
             .unwrap();
         let mut dgram = endpoint("10.0.0.6:6000", 6);
         dgram.listen_datagrams(ServicePrefix::exact(svc()), 0, 1);
-        for ep in [&mut none, &mut fwd, &mut drop, &mut dgram] {
+        let mut delay = endpoint("10.0.0.7:6000", 7);
+        delay
+            .table()
+            .add_target(
+                ServicePrefix::exact(svc()),
+                Target::new(Action::Delay, 0, 1),
+            )
+            .unwrap();
+        for ep in [&mut none, &mut fwd, &mut drop, &mut dgram, &mut delay] {
             let local = ep.locals()[0];
             ep.handle_discovery_datagram(now, local, from, &syn);
             assert_eq!(ep.poll_transmit(now), None);
@@ -171,6 +159,7 @@ mod tests {
                 (st.discovery_ignored, st.nacks_sent, st.forwarded),
                 (1, 0, 0)
             );
+            assert_eq!((st.delayed, st.discovery_answered), (0, 0));
         }
     }
 
