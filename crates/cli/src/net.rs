@@ -59,7 +59,13 @@ pub async fn listen(
             + &opts
                 .discover
                 .as_ref()
-                .map(|d| format!(", answering discovery on {}", d.locator()))
+                .map(|d| {
+                    format!(
+                        ", answering discovery on {} and {}",
+                        d.locator(),
+                        d.locator_v6()
+                    )
+                })
                 .unwrap_or_default()
     );
     let stop = crate::router::wait_for_stop();

@@ -66,6 +66,9 @@ impl Lan {
             ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
             let cidr = format!("10.80.0.{}/24", i + 1);
             ip(&["-n", h, "addr", "add", &cidr, "dev", "eth0"]);
+            // IPv6 too, usable at once (no duplicate address detection).
+            let cidr6 = format!("fd80::{}/64", i + 1);
+            ip(&["-n", h, "addr", "add", &cidr6, "dev", "eth0", "nodad"]);
             ip(&["-n", h, "link", "set", "eth0", "multicast", "on", "up"]);
             ip(&["-n", h, "link", "set", "lo", "up"]);
         }
@@ -87,6 +90,10 @@ impl Lan {
     fn addr(host: usize, port: u16) -> String {
         format!("10.80.0.{}:{port}", host + 1)
     }
+
+    fn addr6(host: usize, port: u16) -> String {
+        format!("[fd80::{}]:{port}", host + 1)
+    }
 }
 
 impl Drop for Lan {
@@ -106,7 +113,8 @@ fn instance(
     service: &str,
     echo: bool,
 ) -> (Guard, mpsc::Receiver<String>) {
-    let bind = Lan::addr(host, port);
+    // Both families: the instance joins both groups.
+    let bind = format!("{},{}", Lan::addr(host, port), Lan::addr6(host, port));
     let mut args = vec!["listen", service, "--bind", &bind, "--discover"];
     if echo {
         args.push("--echo");
@@ -127,7 +135,17 @@ fn instance(
 /// `serval cat SERVICE --discover` from `host` with `input`; returns (exit code, stdout,
 /// stderr).
 fn cat(lan: &Lan, host: usize, service: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
-    let bind = Lan::addr(host, 0);
+    cat_from(lan, &Lan::addr(host, 0), host, service, input)
+}
+
+/// [`cat`] bound to `bind` (an IPv6 address sends the SYN to the IPv6 group).
+fn cat_from(
+    lan: &Lan,
+    bind: &str,
+    host: usize,
+    service: &str,
+    input: &[u8],
+) -> (i32, Vec<u8>, String) {
     let mut child = lan
         .serval(
             host,
@@ -136,7 +154,7 @@ fn cat(lan: &Lan, host: usize, service: &str, input: &[u8]) -> (i32, Vec<u8>, St
                 service,
                 "--discover",
                 "--bind",
-                &bind,
+                bind,
                 "--discover-timeout",
                 "2000",
             ],
@@ -180,6 +198,12 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     let (code, out, err) = cat(&lan, 2, "echo.test", b"hello over the LAN\n");
     assert_eq!(code, 0, "cat echo.test failed: {err}");
     assert_eq!(out, b"hello over the LAN\n");
+    // The same over IPv6: the SYN goes to ff02::5653.
+    let t6 = Instant::now();
+    let (code, out, err) = cat_from(&lan, &Lan::addr6(2, 0), 2, "echo.test", b"and over v6\n");
+    assert_eq!(code, 0, "cat echo.test over IPv6 failed: {err}");
+    assert_eq!(out, b"and over v6\n");
+    eprintln!("IPv6 echo by discovery took {:?}", t6.elapsed());
 
     // Both instances answer every SYN: the first SYN-ACK wins and the connection never
     // fails; each request reaches exactly one instance.

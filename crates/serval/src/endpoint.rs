@@ -25,7 +25,8 @@ use crate::stream::Stream;
 
 mod discovery;
 pub use discovery::{
-    DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_PORT, DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig,
+    DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_GROUP_V6, DEFAULT_DISCOVERY_PORT,
+    DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig,
 };
 
 /// A registration change, for the control plane ("active sockets"): a listener bound or

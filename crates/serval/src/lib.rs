@@ -41,8 +41,8 @@ mod stream;
 pub use datagram::DatagramSocket;
 pub use delay::{DelayedSyn, HeldSynId, ReleaseError, Verdict};
 pub use endpoint::{
-    DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_PORT, DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig,
-    Endpoint, Registration, ServiceListener,
+    DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_GROUP_V6, DEFAULT_DISCOVERY_PORT,
+    DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig, Endpoint, Registration, ServiceListener,
 };
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;

@@ -54,7 +54,7 @@ async fn the_group_is_the_default_until_a_router_is_set() {
 }
 
 #[tokio::test]
-async fn a_unicast_group_or_no_ipv4_address_is_refused() {
+async fn a_unicast_group_is_refused() {
     let ep = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
         .await
         .unwrap();
@@ -65,8 +65,19 @@ async fn a_unicast_group_or_no_ipv4_address_is_refused() {
     let e = ep.enable_discovery(bad).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     assert!(default_targets(&ep).is_empty());
-    if let Ok(v6) = Endpoint::bind(&["[::1]:0".parse().unwrap()]).await {
-        let e = v6.enable_discovery(config(54392)).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
-    }
+}
+
+#[tokio::test]
+async fn an_ipv6_only_endpoint_uses_the_ipv6_group() {
+    // Hosts without IPv6 loopback cannot run this.
+    let Ok(ep) = Endpoint::bind(&["[::1]:0".parse().unwrap()]).await else {
+        eprintln!("SKIPPED: no IPv6 loopback");
+        return;
+    };
+    let cfg = config(54393);
+    ep.enable_discovery(cfg.clone()).expect("enable discovery");
+    assert_eq!(
+        default_targets(&ep),
+        vec![Action::Forward(cfg.locator_v6())]
+    );
 }

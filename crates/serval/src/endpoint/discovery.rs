@@ -10,7 +10,7 @@
 //! everything after the SYN is unicast.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket as StdUdpSocket};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ use super::{Endpoint, Shared};
 
 /// The IPv4 discovery group (in the organisation-local scope, 239.255.0.0/16).
 pub const DEFAULT_DISCOVERY_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 86, 76);
+/// The IPv6 discovery group (link-local scope).
+pub const DEFAULT_DISCOVERY_GROUP_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x5653);
 /// The UDP port of the discovery group.
 pub const DEFAULT_DISCOVERY_PORT: u16 = 54323;
 /// How long a connect through the group waits for an instance to answer.
@@ -32,6 +34,8 @@ pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct DiscoveryConfig {
     /// The IPv4 multicast group SYNs are sent to.
     pub group: Ipv4Addr,
+    /// The IPv6 multicast group, for the endpoint's IPv6 addresses.
+    pub group_v6: Ipv6Addr,
     /// Its UDP port.
     pub port: u16,
     /// How long a connect resolved to the group waits for an instance's SYN-ACK before it
@@ -44,6 +48,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             group: DEFAULT_DISCOVERY_GROUP,
+            group_v6: DEFAULT_DISCOVERY_GROUP_V6,
             port: DEFAULT_DISCOVERY_PORT,
             connect_timeout: DEFAULT_DISCOVERY_TIMEOUT,
         }
@@ -51,43 +56,88 @@ impl Default for DiscoveryConfig {
 }
 
 impl DiscoveryConfig {
-    /// The group's locator.
+    /// The IPv4 group's locator.
     pub fn locator(&self) -> Locator {
         SocketAddr::from((self.group, self.port))
+    }
+
+    /// The IPv6 group's locator.
+    pub fn locator_v6(&self) -> Locator {
+        SocketAddr::V6(SocketAddrV6::new(self.group_v6, self.port, 0, 0))
     }
 }
 
 impl Endpoint {
     /// Turns on routerless mode (see the [module docs](self)): this endpoint answers SYNs
-    /// multicast to `config.group` for the services it listens on, and sends SYNs that no
-    /// other rule resolves to the group. Must be called within a Tokio runtime.
+    /// multicast to the discovery groups for the services it listens on — `config.group` on
+    /// its IPv4 addresses, `config.group_v6` on its IPv6 ones — and sends SYNs that no other
+    /// rule resolves to the group of its first family (IPv4 if it has an IPv4 address). Must
+    /// be called within a Tokio runtime.
     ///
     /// An endpoint bound to `0.0.0.0` joins the group and sends to it on the interface of the
-    /// host's route to the group (a default route or one to 224.0.0.0/4); bind a specific
-    /// address to choose the interface.
+    /// host's route to the group (a default route or one to 224.0.0.0/4), and fails at once if
+    /// there is none; bind a specific address to choose the interface. One bound to `[::]`
+    /// uses the kernel's default multicast interface.
     pub fn enable_discovery(&self, config: DiscoveryConfig) -> io::Result<()> {
-        if !config.group.is_multicast() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a multicast group", config.group),
-            ));
+        for g in [IpAddr::V4(config.group), IpAddr::V6(config.group_v6)] {
+            if !g.is_multicast() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{g} is not a multicast group"),
+                ));
+            }
         }
-        let v4: Vec<(usize, Locator)> = (self.shared.sockets.iter().enumerate())
-            .filter(|(_, s)| s.local.is_ipv4())
-            .map(|(i, s)| (i, s.local))
-            .collect();
-        let Some(&(_, answer_from)) = v4.first() else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "routerless mode needs an IPv4 address",
-            ));
+        let family = |v4: bool| -> Vec<(usize, Locator)> {
+            (self.shared.sockets.iter().enumerate())
+                .filter(|(_, s)| s.local.is_ipv4() == v4)
+                .map(|(i, s)| (i, s.local))
+                .collect()
         };
+        let (v4, v6) = (family(true), family(false));
+        let mut receivers = Vec::new();
+        if let Some(&(_, answer_from)) = v4.first() {
+            receivers.push((self.join_v4(&config, &v4)?, answer_from));
+        }
+        if let Some(&(_, answer_from)) = v6.first() {
+            receivers.push((self.join_v6(&config, &v6)?, answer_from));
+        }
+        let group = if v4.is_empty() {
+            config.locator_v6()
+        } else {
+            config.locator()
+        };
+        let table = &self.shared.table;
+        let routed = table
+            .snapshot()
+            .get(&ServicePrefix::DEFAULT)
+            .is_some_and(|t| !t.is_empty());
+        if !routed {
+            // Priority 0 is the lowest; `set_default_route` replaces this rule.
+            let _ = table.add_target(
+                ServicePrefix::DEFAULT,
+                Target::new(Action::Forward(group), 0, 1),
+            );
+        }
+        self.shared.lock().discovery = Some((group, config.connect_timeout));
+        for (io, answer_from) in receivers {
+            tokio::spawn(receive(Arc::downgrade(&self.shared), io, answer_from));
+        }
+        Ok(())
+    }
+
+    /// Binds the IPv4 group socket, joins the group on each address of `socks`, and sets
+    /// those sockets' multicast interface and TTL.
+    fn join_v4(
+        &self,
+        config: &DiscoveryConfig,
+        socks: &[(usize, Locator)],
+    ) -> io::Result<tokio::net::UdpSocket> {
         let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
         sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)).into())?;
         let mut joined: Vec<Ipv4Addr> = Vec::new();
-        for &(i, local) in &v4 {
+        for &(i, local) in socks {
             let SocketAddr::V4(a) = local else { continue };
             let iface = *a.ip();
             if iface.is_unspecified() {
@@ -111,24 +161,70 @@ impl Endpoint {
             }
         }
         sock.set_nonblocking(true)?;
-        let io = tokio::net::UdpSocket::from_std(StdUdpSocket::from(sock))?;
-        let group = config.locator();
-        let table = &self.shared.table;
-        let routed = table
-            .snapshot()
-            .get(&ServicePrefix::DEFAULT)
-            .is_some_and(|t| !t.is_empty());
-        if !routed {
-            // Priority 0 is the lowest; `set_default_route` replaces this rule.
-            let _ = table.add_target(
-                ServicePrefix::DEFAULT,
-                Target::new(Action::Forward(group), 0, 1),
-            );
-        }
-        self.shared.lock().discovery = Some((group, config.connect_timeout));
-        tokio::spawn(receive(Arc::downgrade(&self.shared), io, answer_from));
-        Ok(())
+        tokio::net::UdpSocket::from_std(StdUdpSocket::from(sock))
     }
+
+    /// [`Endpoint::join_v4`] for IPv6: the interface is named by index (found from the
+    /// address in `/proc/net/if_inet6`), and the hop limit is 1.
+    fn join_v6(
+        &self,
+        config: &DiscoveryConfig,
+        socks: &[(usize, Locator)],
+    ) -> io::Result<tokio::net::UdpSocket> {
+        let sock = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        sock.set_only_v6(true)?;
+        sock.set_reuse_address(true)?;
+        sock.set_reuse_port(true)?;
+        sock.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, config.port)).into())?;
+        let mut joined: Vec<u32> = Vec::new();
+        for &(i, local) in socks {
+            let SocketAddr::V6(a) = local else { continue };
+            let index = if a.ip().is_unspecified() {
+                0
+            } else {
+                interface_index(a.ip())?
+            };
+            if !joined.contains(&index) {
+                sock.join_multicast_v6(&config.group_v6, index)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("cannot join {} on {}: {e}", config.group_v6, a.ip()),
+                        )
+                    })?;
+                joined.push(index);
+            }
+            let s = SockRef::from(&self.shared.sockets[i].io);
+            s.set_multicast_hops_v6(1)?;
+            s.set_multicast_loop_v6(true)?;
+            if index != 0 {
+                s.set_multicast_if_v6(index)?;
+            }
+        }
+        sock.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(StdUdpSocket::from(sock))
+    }
+}
+
+/// The index of the interface that holds `addr`, from `/proc/net/if_inet6` (lines of the
+/// address in 32 hex digits, then the index in hex, …).
+fn interface_index(addr: &Ipv6Addr) -> io::Result<u32> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6")?;
+    let want: String = addr.octets().iter().map(|b| format!("{b:02x}")).collect();
+    table
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?, f.next()?))
+        })
+        .find(|(a, _)| a.eq_ignore_ascii_case(&want))
+        .and_then(|(_, index)| u32::from_str_radix(index, 16).ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("no interface holds {addr}"),
+            )
+        })
 }
 
 /// For a socket bound to `0.0.0.0`, the kernel picks the group's interface by route: fail now,
