@@ -68,11 +68,16 @@ impl DiscoveryConfig {
 }
 
 impl Endpoint {
-    /// Turns on routerless mode (see the [module docs](self)): this endpoint answers SYNs
+    /// Turns on routerless mode (DESIGN.md §4, "ad-hoc mode"; `docs/architecture.md`, "Routerless
+    /// mode"), so endpoints on one LAN find each other by name with no router: this endpoint
+    /// binds a shared socket (`SO_REUSEPORT`) on the group's port and answers SYNs
     /// multicast to the discovery groups for the services it listens on — `config.group` on
     /// its IPv4 addresses, `config.group_v6` on its IPv6 ones — and sends SYNs that no other
     /// rule resolves to the group of its first family (IPv4 if it has an IPv4 address). Must
-    /// be called within a Tokio runtime.
+    /// be called within a Tokio runtime. A connect through the group that no instance answers
+    /// within `config.connect_timeout` fails with [`io::ErrorKind::HostUnreachable`], "no route
+    /// to service … (no instance answered on the local network)". A router set before or after
+    /// ([`Endpoint::set_default_route`], `set_router`) replaces the group as the default.
     ///
     /// An endpoint bound to `0.0.0.0` joins the group and sends to it on the interface of the
     /// host's route to the group (a default route or one to 224.0.0.0/4), and fails at once if
