@@ -10,12 +10,11 @@
 
 mod support;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, ip, lines, netns_usable, wait_line};
+use support::{Guard, drain, ip, lines, netns_usable, wait_line};
 
 /// Hosts on one bridged LAN with multicast on; everything is deleted on drop.
 struct Lan {
@@ -146,40 +145,19 @@ fn cat_from(
     service: &str,
     input: &[u8],
 ) -> (i32, Vec<u8>, String) {
-    let mut child = lan
-        .serval(
-            host,
-            &[
-                "cat",
-                service,
-                "--discover",
-                "--bind",
-                bind,
-                "--discover-timeout",
-                "2000",
-            ],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cat");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().expect("cat output");
-    w.join().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
-    std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
+    let cmd = lan.serval(
+        host,
+        &[
+            "cat",
+            service,
+            "--discover",
+            "--bind",
+            bind,
+            "--discover-timeout",
+            "2000",
+        ],
+    );
+    support::run_with_input(cmd, input)
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, ip, lines, netns_usable, wait_line};
+use support::{Guard, drain, ip, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
 
@@ -166,30 +166,8 @@ fn cat_via(
     input: &[u8],
 ) -> (i32, Vec<u8>, String) {
     let router = format!("10.79.{net}.{}:{PORT}", router_host + 1);
-    let mut child = lan
-        .serval(host, &["cat", service, "--router", &router])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cat");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().expect("cat output");
-    w.join().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Lines each instance printed so far.
-fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
-    std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
+    let cmd = lan.serval(host, &["cat", service, "--router", &router]);
+    support::run_with_input(cmd, input)
 }
 
 /// Connects `n` times, each sending one tagged line; returns how many each instance printed.

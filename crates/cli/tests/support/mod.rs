@@ -2,8 +2,8 @@
 //! the namespace switch. Each test file includes it with `mod support;` and uses what it needs.
 #![allow(dead_code)] // not every test file uses every helper
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -62,4 +62,32 @@ pub fn netns_usable() -> bool {
         return false;
     }
     true
+}
+
+/// Runs `cmd` with `input` on its stdin (written from a thread, so a large input cannot
+/// deadlock against its output) and returns (exit code, stdout, stderr).
+pub fn run_with_input(mut cmd: Command, input: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("child output");
+    w.join().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines a reader has collected so far (waiting at most 50 ms for each).
+pub fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
 }
