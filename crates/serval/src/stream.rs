@@ -122,6 +122,14 @@ impl Inner {
         }
     }
 
+    fn abort(&self) {
+        let mut st = self.shared.lock();
+        st.engine.abort(self.handle);
+        st.dispatch();
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+
     fn locators(&self) -> io::Result<(Locator, Locator)> {
         self.shared
             .lock()
@@ -216,6 +224,13 @@ impl Stream {
             }
         })
         .await
+    }
+
+    /// Resets the connection at once, like closing a TCP socket with `SO_LINGER` 0: one
+    /// authenticated RST goes to the peer, whose reads and writes then fail with
+    /// [`io::ErrorKind::ConnectionReset`]; ours fail too. Data not yet delivered is discarded.
+    pub fn abort(&self) {
+        self.inner.abort();
     }
 
     /// Splits into halves that can be used from different tasks.
@@ -313,6 +328,20 @@ pub struct OwnedReadHalf {
 /// The writing half of a [`Stream`], from [`Stream::into_split`].
 pub struct OwnedWriteHalf {
     inner: Arc<Inner>,
+}
+
+impl OwnedReadHalf {
+    /// Resets the whole connection; see [`Stream::abort`].
+    pub fn abort(&self) {
+        self.inner.abort();
+    }
+}
+
+impl OwnedWriteHalf {
+    /// Resets the whole connection; see [`Stream::abort`].
+    pub fn abort(&self) {
+        self.inner.abort();
+    }
 }
 
 impl std::fmt::Debug for OwnedReadHalf {
