@@ -118,9 +118,14 @@ impl TableSync {
                 self.fix_authority(&key.prefix);
                 vec![key]
             }
-            Change::Reset(all) => {
+            Change::Reset(mut all) => {
+                // Installed in key order, so that consecutive inserts walk the same trie path:
+                // several times faster than hash order at 1M (etcd lists in key order already).
+                if !all.is_sorted_by_key(Registration::key) {
+                    all.sort_unstable_by_key(Registration::key);
+                }
                 let new: HashMap<RegistrationKey, Registration> =
-                    all.into_iter().map(|r| (r.key(), r)).collect();
+                    all.iter().map(|r| (r.key(), *r)).collect();
                 let gone: Vec<RegistrationKey> = self
                     .installed
                     .keys()
@@ -133,8 +138,8 @@ impl TableSync {
                     for k in &gone {
                         TableSync::uninstall(statics, tx, k);
                     }
-                    for (k, r) in &new {
-                        if installed.get(k) != Some(r) {
+                    for r in &all {
+                        if installed.get(&r.key()) != Some(r) {
                             let _ = tx.add_target(r.prefix, target(r));
                         }
                     }
