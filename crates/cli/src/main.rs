@@ -4,9 +4,21 @@
 //! failures exit with status 1.
 #![deny(unsafe_code)]
 
+/// `eprintln!` that never panics: a daemon whose stderr was closed goes on serving.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+mod bench;
+mod demo;
 mod net;
+mod ping;
 mod router;
 mod table;
+mod translate;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -62,35 +74,41 @@ enum Command {
         /// UDP port of the discovery group (with --discover).
         #[arg(long, value_name = "PORT", env = "SERVAL_DISCOVER_PORT", default_value_t = serval::DEFAULT_DISCOVERY_PORT)]
         discover_port: u16,
+        /// Lease to ask the router for, in milliseconds (default 3000; the router may clamp
+        /// it). Hidden: for `serval demo` and tests, which want quick failover.
+        #[arg(long, value_name = "MS", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+        lease_ms: Option<u64>,
     },
     /// Connect to a service by name, send stdin, print what comes back.
     ///
     /// Exits 0 once both directions have closed.
-    #[command(group(clap::ArgGroup::new("next_hop").required(true).args(["via", "router", "discover"])))]
     Cat {
         /// The service name or hex ID.
         service: String,
-        /// Next hop for the SYN: a service router, or the instance itself.
-        #[arg(long, value_name = "ADDR", env = "SERVAL_VIA")]
-        via: Option<SocketAddr>,
-        /// The service router to resolve the name (the SYN's next hop; same as --via ADDR).
-        #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
-        router: Option<SocketAddr>,
-        /// Local UDP address to bind (default: any address of the next hop's family).
-        #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
-        bind: Option<SocketAddr>,
-        /// Routerless mode: find the service on the local network by multicasting the SYN
-        /// (group 239.255.86.76); fails after --discover-timeout if no instance answers. Bind
-        /// a specific address to choose the interface.
-        #[arg(long)]
-        discover: bool,
-        /// UDP port of the discovery group (with --discover).
-        #[arg(long, value_name = "PORT", env = "SERVAL_DISCOVER_PORT", default_value_t = serval::DEFAULT_DISCOVERY_PORT)]
-        discover_port: u16,
-        /// How long to wait for an instance to answer (with --discover), in milliseconds.
-        #[arg(long, value_name = "MS", default_value_t = 3000)]
-        discover_timeout: u64,
+        #[command(flatten)]
+        hop: net::HopArgs,
     },
+    /// Translator: accept ordinary TCP connections and carry each to a service by name.
+    ///
+    /// Each accepted TCP connection becomes one Serval stream to SERVICE; bytes, half-close
+    /// and resets pass both ways. Serves until interrupted.
+    Proxy(translate::ProxyArgs),
+    /// Translator: register a service and carry each incoming stream to a TCP backend.
+    ///
+    /// Each accepted Serval stream becomes one TCP connection to --to; bytes, half-close and
+    /// resets pass both ways. Serves until interrupted.
+    Expose(translate::ExposeArgs),
+    /// Probe a service by name with request/response echoes, like ping.
+    ///
+    /// Each probe is a new connection resolved by name, so the output shows which instance
+    /// answered each one. Instances answer with `serval listen --echo` or `serval expose`.
+    Ping(ping::PingArgs),
+    /// Measure throughput and latency to a service by name.
+    Bench(bench::BenchArgs),
+    /// Show Serval working on loopback in one command: a router, instances and clients.
+    ///
+    /// Needs no root and no external service; exits 0 only if every step held.
+    Demo(demo::DemoArgs),
     /// Run a service router: forward connections by name to the instances that register.
     ///
     /// Prints one line `READY ADDR…` to stdout once its sockets are bound, then serves until
@@ -139,6 +157,7 @@ fn main() -> ExitCode {
             priority,
             discover,
             discover_port,
+            lease_ms,
         } => match ServicePrefix::parse(&service) {
             Ok(prefix) => {
                 let opts = net::ListenOptions {
@@ -150,36 +169,21 @@ fn main() -> ExitCode {
                         port: discover_port,
                         ..serval::DiscoveryConfig::default()
                     }),
+                    lease: lease_ms.map(std::time::Duration::from_millis),
                 };
                 run(net::listen(&service, prefix, bind, opts))
             }
             Err(e) => usage(&e),
         },
-        Command::Cat {
-            service,
-            via,
-            router,
-            bind,
-            discover,
-            discover_port,
-            discover_timeout,
-        } => {
-            let hop = match via.or(router) {
-                Some(hop) => Some(net::NextHop::Via(hop)),
-                None if discover => Some(net::NextHop::Discover(serval::DiscoveryConfig {
-                    port: discover_port,
-                    connect_timeout: std::time::Duration::from_millis(discover_timeout),
-                    ..serval::DiscoveryConfig::default()
-                })),
-                None => None,
-            };
-            match (ServiceId::parse(&service), hop) {
-                (Ok(id), Some(hop)) => run(net::cat(&service, id, hop, bind)),
-                (Err(e), _) => usage(&e),
-                // clap requires one of the three.
-                (Ok(_), None) => usage(&"--via, --router or --discover is required"),
-            }
-        }
+        Command::Cat { service, hop } => match ServiceId::parse(&service) {
+            Ok(id) => run(net::cat(&service, id, &hop)),
+            Err(e) => usage(&e),
+        },
+        Command::Proxy(args) => translate::proxy(args),
+        Command::Expose(args) => translate::expose(args),
+        Command::Ping(args) => ping::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Table(args) => table::run(args),
         Command::Router(mut args) => {
             let sub = matches.subcommand_matches("router");
@@ -194,7 +198,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(router::Failure::Usage(e)) => usage(&e),
                 Err(router::Failure::Runtime(e)) => {
-                    eprintln!("error: {e}");
+                    note!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -203,14 +207,30 @@ fn main() -> ExitCode {
 }
 
 /// Logs (tracing) to stderr, at `default` unless RUST_LOG says otherwise.
-fn init_logs(default: &str) {
+pub(crate) fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// Stderr for the logs, dropping what cannot be written: tracing-subscriber reports a failed
+/// write with `eprintln!`, which panics when stderr is closed.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Runs the router on its own runtime.
@@ -224,13 +244,13 @@ fn run_router(args: router::RouterArgs) -> Result<(), router::Failure> {
 }
 
 /// Reports bad input as one line, exit status 2.
-fn usage(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
+pub(crate) fn usage(e: &dyn std::fmt::Display) -> ExitCode {
+    note!("error: {e}");
     ExitCode::from(EXIT_USAGE)
 }
 
 /// Runs a network command on a tokio runtime; a failure is one line on stderr, exit status 1.
-fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+pub(crate) fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -238,14 +258,14 @@ fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            note!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -266,7 +286,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
                 .take_while(|l| !l.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            eprintln!("{} (see 'serval --help')", message.join(" "));
+            note!("{} (see 'serval --help')", message.join(" "));
             ExitCode::from(EXIT_USAGE)
         }
     }
@@ -279,7 +299,7 @@ fn id(names: &[String]) -> ExitCode {
         match id_line(name) {
             Ok(line) => lines.push(line),
             Err(e) => {
-                eprintln!("error: {e}");
+                note!("error: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         }

@@ -1,6 +1,8 @@
-//! `serval listen` and `serval cat`.
+//! `serval listen` and `serval cat`, and the client flags and connect step the other client
+//! commands share.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serval::{Endpoint, RegistrarEvent, ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +19,8 @@ pub struct ListenOptions {
     pub priority: u32,
     /// Routerless mode: answer SYNs multicast on the local network.
     pub discover: Option<serval::DiscoveryConfig>,
+    /// Lease to ask the router for (default: [`serval::LeaseConfig`]'s, 3 s).
+    pub lease: Option<Duration>,
 }
 
 /// Where `serval cat` sends its SYN.
@@ -40,7 +44,17 @@ pub async fn listen(
         .map_err(|e| format!("cannot bind {}: {e}", list(&bind)))?;
     let mut events = ep.registrar_events();
     if let Some(router) = opts.router {
-        ep.set_router(router);
+        match opts.lease {
+            Some(ttl) => ep.set_router_with(
+                router,
+                serval::LeaseConfig {
+                    ttl,
+                    refresh: ttl / 3,
+                    ..serval::LeaseConfig::default()
+                },
+            ),
+            None => ep.set_router(router),
+        }
     }
     if let Some(d) = &opts.discover {
         ep.enable_discovery(d.clone())
@@ -49,7 +63,7 @@ pub async fn listen(
     let mut listener = ep
         .listen_weighted(prefix, opts.priority, opts.weight)
         .map_err(|e| format!("cannot listen on {name}: {e}"))?;
-    eprintln!(
+    note!(
         "serval: serving {name} ({prefix}) on {}{}{}",
         list(&ep.local_locators()),
         if echo { " (echo)" } else { "" },
@@ -70,40 +84,100 @@ pub async fn listen(
     );
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
+    // Open connections, so that a stop lets them finish (graceful drain).
+    let mut open = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             Ok(ev) = events.recv() => match ev {
-                RegistrarEvent::Registered { router, ttl, .. } => eprintln!(
+                RegistrarEvent::Registered { router, ttl, .. } => note!(
                     "serval: registered {name} with router {router} (lease {} ms)",
                     ttl.as_millis()
                 ),
                 RegistrarEvent::Rejected { router, reason, .. } => {
-                    eprintln!("serval: router {router} rejected {name}: {reason}")
+                    note!("serval: router {router} rejected {name}: {reason}")
                 }
                 RegistrarEvent::Unreachable { router, .. } => {
-                    eprintln!("serval: router {router} does not answer; still trying")
+                    note!("serval: router {router} does not answer; still trying")
                 }
             },
             accepted = listener.accept() => {
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
-                tokio::spawn(async move {
+                open.spawn(async move {
                     let peer = stream.peer_locator().map_or_else(|_| "?".into(), |p| p.to_string());
                     let r = if echo { serve_echo(stream).await } else { serve_print(stream).await };
                     if let Err(e) = r {
-                        eprintln!("serval: connection from {peer}: {e}");
+                        note!("serval: connection from {peer}: {e}");
                     }
                 });
             }
-            () = &mut stop => return Ok(()),
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            () = &mut stop => break,
         }
+    }
+    // Stop accepting: dropping the listener unregisters the service at once, so the router
+    // sends new connections elsewhere, while the open ones finish (up to DRAIN_LIMIT, or
+    // until a second signal).
+    drop(listener);
+    let stopping = if opts.router.is_some() {
+        format!("serval: stopping: {name} withdrawn from the router, no new connections")
+    } else {
+        format!("serval: stopping: no new connections to {name}")
+    };
+    drain(&mut open, &stopping, DRAIN_LIMIT).await;
+    Ok(())
+}
+
+/// After a stop: says `stopping`, then lets the open connections finish, at most `limit` or
+/// until a second signal; then drops (and so resets) what is left, and gives the endpoint a
+/// moment to send those resets.
+pub async fn drain(open: &mut tokio::task::JoinSet<()>, stopping: &str, limit: Duration) {
+    if open.is_empty() {
+        note!("{stopping}, none open");
+        return;
+    }
+    note!(
+        "{stopping}; waiting for {} open connection(s) to finish (up to {} s; signal again \
+         to close them now)",
+        open.len(),
+        limit.as_secs()
+    );
+    let all_done = async { while open.join_next().await.is_some() {} };
+    tokio::select! {
+        () = all_done => note!("serval: every connection finished"),
+        () = tokio::time::sleep(limit) => note!(
+            "serval: {} connection(s) still open after {} s: closing them",
+            open.len(),
+            limit.as_secs()
+        ),
+        () = crate::router::wait_for_stop() => note!(
+            "serval: second signal: closing {} open connection(s)",
+            open.len()
+        ),
+    }
+    if !open.is_empty() {
+        open.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// How long a stopping `serval listen` lets open connections finish.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// Copies the stream back to itself, then closes our direction.
 async fn serve_echo(mut stream: Stream) -> std::io::Result<()> {
-    let (mut r, mut w) = stream.split();
-    tokio::io::copy(&mut r, &mut w).await?;
-    w.shutdown().await
+    {
+        let (mut r, mut w) = stream.split();
+        tokio::io::copy(&mut r, &mut w).await?;
+        w.shutdown().await?;
+    }
+    finish(&stream).await;
+    Ok(())
+}
+
+/// Waits (bounded) for the FIN exchange to complete, so that a stopping process does not
+/// drop the endpoint while our FIN is still unacknowledged.
+pub async fn finish(stream: &Stream) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, stream.closed()).await;
 }
 
 /// Copies the stream to stdout; sends nothing and closes our direction at the client's end.
@@ -118,18 +192,55 @@ async fn serve_print(mut stream: Stream) -> std::io::Result<()> {
         out.write_all(&buf[..n]).await?;
     }
     out.flush().await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    finish(&stream).await;
+    Ok(())
 }
 
-/// Connects to `service` (typed by the user as `name`) through `hop`, sends stdin, prints
-/// what comes back.
-pub async fn cat(
-    name: &str,
-    service: ServiceId,
-    hop: NextHop,
-    bind: Option<SocketAddr>,
-) -> Result<(), String> {
-    let v4 = match &hop {
+/// Where a client's SYN goes, as flags shared by `cat`, `proxy`, `ping` and `bench`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("next_hop").required(true).args(["via", "router", "discover"])))]
+pub struct HopArgs {
+    /// Next hop for the SYN: a service router, or the instance itself.
+    #[arg(long, value_name = "ADDR", env = "SERVAL_VIA")]
+    pub via: Option<SocketAddr>,
+    /// The service router to resolve the name (the SYN's next hop; same as --via ADDR).
+    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
+    pub router: Option<SocketAddr>,
+    /// Local UDP address to bind (default: any address of the next hop's family).
+    #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// Routerless mode: find the service on the local network by multicasting the SYN
+    /// (group 239.255.86.76); fails after --discover-timeout if no instance answers. Bind
+    /// a specific address to choose the interface.
+    #[arg(long)]
+    pub discover: bool,
+    /// UDP port of the discovery group (with --discover).
+    #[arg(long, value_name = "PORT", env = "SERVAL_DISCOVER_PORT", default_value_t = serval::DEFAULT_DISCOVERY_PORT)]
+    pub discover_port: u16,
+    /// How long to wait for an instance to answer (with --discover), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub discover_timeout: u64,
+}
+
+impl HopArgs {
+    /// The next hop the flags name (clap requires one of them).
+    pub fn next_hop(&self) -> NextHop {
+        match (self.via.or(self.router), self.discover) {
+            (Some(hop), _) => NextHop::Via(hop),
+            (None, _) => NextHop::Discover(serval::DiscoveryConfig {
+                port: self.discover_port,
+                connect_timeout: Duration::from_millis(self.discover_timeout),
+                ..serval::DiscoveryConfig::default()
+            }),
+        }
+    }
+}
+
+/// A client endpoint for reaching services through `hop`: bound to `bind` (default: any
+/// address of the next hop's family), in the discovery group if `hop` says so.
+pub async fn client(hop: &NextHop, bind: Option<SocketAddr>) -> Result<Endpoint, String> {
+    let v4 = match hop {
         NextHop::Via(via) => via.is_ipv4(),
         NextHop::Discover(_) => true,
     };
@@ -143,15 +254,26 @@ pub async fn cat(
     let ep = Endpoint::bind(&[local])
         .await
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
-    let connected = match &hop {
+    if let NextHop::Discover(d) = hop {
+        ep.enable_discovery(d.clone())
+            .map_err(|e| format!("cannot join the discovery group: {e}"))?;
+    }
+    Ok(ep)
+}
+
+/// Opens a stream to `service` (typed by the user as `name`) from `ep` through `hop`; a
+/// failure is one readable line.
+pub async fn connect(
+    ep: &Endpoint,
+    name: &str,
+    service: ServiceId,
+    hop: &NextHop,
+) -> Result<Stream, String> {
+    let connected = match hop {
         NextHop::Via(via) => ep.connect_via(service, *via).await,
-        NextHop::Discover(d) => {
-            ep.enable_discovery(d.clone())
-                .map_err(|e| format!("cannot join the discovery group: {e}"))?;
-            ep.connect(service).await
-        }
+        NextHop::Discover(_) => ep.connect(service).await,
     };
-    let mut stream = connected.map_err(|e| match (&hop, e.kind()) {
+    connected.map_err(|e| match (hop, e.kind()) {
         (NextHop::Discover(_), std::io::ErrorKind::HostUnreachable) => {
             format!("no route to service {name} (no instance answered on the local network)")
         }
@@ -166,7 +288,15 @@ pub async fn cat(
             format!("connect to service {name} via {via} timed out")
         }
         (NextHop::Via(via), _) => format!("connect to service {name} via {via}: {e}"),
-    })?;
+    })
+}
+
+/// Connects to `service` (typed by the user as `name`) through `hop`, sends stdin, prints
+/// what comes back.
+pub async fn cat(name: &str, service: ServiceId, hop: &HopArgs) -> Result<(), String> {
+    let next = hop.next_hop();
+    let ep = client(&next, hop.bind).await?;
+    let mut stream = connect(&ep, name, service, &next).await?;
     {
         let (mut r, mut w) = stream.split();
         let send = async {
@@ -191,12 +321,29 @@ pub async fn cat(
 }
 
 /// How long `cat` waits for the FIN exchange after both directions ended.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
-fn list(addrs: &[SocketAddr]) -> String {
+/// Addresses as one comma-separated list.
+pub fn list(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One line telling what the registrar did with the registration of `name`.
+pub fn describe_event(name: &str, ev: &RegistrarEvent) -> String {
+    match ev {
+        RegistrarEvent::Registered { router, ttl, .. } => format!(
+            "serval: registered {name} with router {router} (lease {} ms)",
+            ttl.as_millis()
+        ),
+        RegistrarEvent::Rejected { router, reason, .. } => {
+            format!("serval: router {router} rejected {name}: {reason}")
+        }
+        RegistrarEvent::Unreachable { router, .. } => {
+            format!("serval: router {router} does not answer; still trying")
+        }
+    }
 }

@@ -268,7 +268,7 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
     let _ = writeln!(out, "READY {ready}");
     let _ = out.flush();
     drop(out);
-    eprintln!(
+    note!(
         "serval: router on {ready}, registry {} ({}){}",
         args.registry,
         if args.accept.is_empty() {
@@ -282,9 +282,11 @@ pub async fn run(args: RouterArgs) -> Result<(), Failure> {
     );
     wait_for_stop().await;
     let st = router.stats();
-    eprintln!(
+    note!(
         "serval: router stopping: {} registrations, {} SYNs forwarded, {} NACKed",
-        st.registrations, st.syns_forwarded, st.syns_nacked
+        st.registrations,
+        st.syns_forwarded,
+        st.syns_nacked
     );
     if let Some((_, task)) = admin {
         task.abort();

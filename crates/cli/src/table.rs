@@ -99,11 +99,11 @@ pub fn run(args: TableArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ AdminError::BadRequest(_)) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             ExitCode::from(crate::EXIT_USAGE)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             ExitCode::FAILURE
         }
     }

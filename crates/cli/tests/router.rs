@@ -6,11 +6,11 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, lines, serval, wait_line};
+use support::{Etcd, Guard, lines, serval, wait_line};
 
 /// Starts a router on a loopback port; returns it and its address from the READY line.
 fn router(extra: &[&str]) -> (Guard, String) {
@@ -449,65 +449,6 @@ fn a_bad_config_file_is_one_line_and_exit_2() {
     );
 }
 
-/// A one-member etcd on free loopback ports with a temporary data directory; killed and
-/// removed on drop. `None` (the test skips, saying so) only when `SERVAL_SKIP_ETCD` is set;
-/// without an `etcd` binary the test fails, as CI installs one.
-struct Etcd {
-    child: Child,
-    dir: std::path::PathBuf,
-    url: String,
-}
-
-impl Etcd {
-    fn start() -> Option<Etcd> {
-        if std::env::var_os("SERVAL_SKIP_ETCD").is_some() {
-            eprintln!("SKIPPED: SERVAL_SKIP_ETCD is set");
-            return None;
-        }
-        let port = |_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (client, peer) = (port(0), port(1));
-        let dir = std::env::temp_dir().join(format!("serval-cli-etcd-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "m0", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("m0={p}")])
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run etcd ({e}): install etcd-server"));
-        Some(Etcd {
-            child,
-            dir,
-            url: format!("etcd://127.0.0.1:{client}"),
-        })
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// `serval router --listen LISTEN --registry URL --admin ADMIN`, retried until etcd answers
 /// (at most 30 s); returns it once it printed READY.
 fn router_on(listen: &str, registry: &str, admin: &str) -> Guard {
@@ -603,4 +544,42 @@ fn a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed()
     let o = cat("echo.test", &listen, b"new\n");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(o.stdout, b"new\n");
+}
+
+#[test]
+fn a_router_whose_stderr_is_closed_keeps_serving() {
+    // Its logs go to a pipe nobody reads from: every write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = serval()
+        .args(["router", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(writer)
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().unwrap());
+    let mut router = Guard(child);
+    let ready = wait_line(&out, "READY line", |_| true);
+    let addr = ready.strip_prefix("READY ").unwrap().to_owned();
+    // Registrations and SYNs make it log; it must go on answering.
+    let mut listen = serval()
+        .args([
+            "listen",
+            "closed.stderr.test",
+            "--bind",
+            "127.0.0.1:0",
+            "--echo",
+        ])
+        .args(["--router", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let err = lines(listen.stderr.take().unwrap());
+    let _listen = Guard(listen);
+    wait_line(&err, "registration", |l| l.contains("registered"));
+    let o = cat("closed.stderr.test", &addr, b"still here\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"still here\n");
+    assert!(router.0.try_wait().unwrap().is_none(), "the router died");
 }

@@ -22,15 +22,14 @@ impl Drop for Guard {
     }
 }
 
-/// Lines of a child's pipe, read on a thread.
+/// Lines of a child's pipe, read on a thread. The pipe is read to its end even after the
+/// receiver is dropped, so the child never writes into a closed pipe.
 pub fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -90,4 +89,108 @@ pub fn run_with_input(mut cmd: Command, input: &[u8]) -> (i32, Vec<u8>, String) 
 /// The lines a reader has collected so far (waiting at most 50 ms for each).
 pub fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
     std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(50)).ok()).collect()
+}
+
+/// Spawns `cmd` (a `serval` command that prints `READY ADDR…` on stdout once serving) and
+/// waits for that line. Returns the guard, the addresses after `READY`, and the lines of its
+/// stderr.
+pub fn spawn_ready(mut cmd: Command) -> (Guard, String, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let guard = Guard(child);
+    let ready = wait_line(&out, "READY line", |_| true);
+    let addrs = ready
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("first line {ready:?}"))
+        .to_owned();
+    (guard, addrs, err)
+}
+
+/// A one-member etcd with a temporary data directory, killed and removed on drop: on free
+/// loopback ports, or on 127.0.0.1:2379 inside network namespace `netns`. `None` (the test
+/// skips, saying so) only when `SERVAL_SKIP_ETCD` is set; without an `etcd` binary the test
+/// fails, as CI installs one.
+pub struct Etcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    /// The registry URL for `serval router --registry`.
+    pub url: String,
+}
+
+impl Etcd {
+    /// On free loopback ports of this namespace.
+    pub fn start() -> Option<Etcd> {
+        Etcd::start_in(None)
+    }
+
+    /// On loopback inside `netns` (its own ports), or of this namespace.
+    pub fn start_in(netns: Option<&str>) -> Option<Etcd> {
+        if std::env::var_os("SERVAL_SKIP_ETCD").is_some() {
+            eprintln!("SKIPPED: SERVAL_SKIP_ETCD is set");
+            return None;
+        }
+        let port = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = match netns {
+            Some(_) => (2379, 2380),
+            None => (port(0), port(1)),
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "serval-cli-etcd-{}-{}",
+            std::process::id(),
+            netns.unwrap_or("root")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                // `ip netns exec` execs etcd: the child is etcd itself, so kill() reaches it.
+                cmd.args(["netns", "exec", ns, "etcd"]);
+                cmd
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
+            .args(["--name", "m0", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("m0={p}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run etcd ({e}): install etcd-server"));
+        Some(Etcd {
+            child,
+            dir,
+            url: format!("etcd://127.0.0.1:{client}"),
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -1,0 +1,369 @@
+//! The translator between ordinary TCP programs and Serval services (DESIGN.md §4):
+//! `serval proxy` takes TCP connections in and carries each over a Serval stream to a service
+//! by name; `serval expose` takes Serval streams in and carries each to a TCP backend.
+//!
+//! Both splice the two byte streams with a fixed buffer per direction, so a slow side holds
+//! the other back instead of being buffered without bound. A FIN on one side becomes a FIN
+//! (half-close) on the other; an error or a reset on either side resets both, so neither
+//! program is left waiting on a connection that is already broken.
+
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serval::{Endpoint, ServiceId, ServicePrefix, Stream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::net::HopArgs;
+
+/// Flags of `serval proxy`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The service every connection is carried to: a name or hex ID.
+    pub service: String,
+    /// TCP address to accept connections on (port 0 picks one; the `READY` line says which).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub hop: HopArgs,
+    /// At most this many connections at once; further ones wait in the listen backlog.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// On SIGINT/SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub drain: u64,
+}
+
+/// Flags of `serval expose`.
+#[derive(Debug, clap::Args)]
+pub struct ExposeArgs {
+    /// The service to serve: a name, `NAME/*` for a whole domain, a hex ID or `HEX/LEN`.
+    pub service: String,
+    /// The TCP backend each stream is carried to (an IP or a host name, with the port;
+    /// host names are looked up for each connection).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// Local UDP address to bind; repeat for several (IPv4 and IPv6).
+    #[arg(
+        long = "bind",
+        value_name = "ADDR",
+        env = "SERVAL_BIND",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:54324"
+    )]
+    pub bind: Vec<SocketAddr>,
+    /// Register the service with this service router (kept alive while serving, withdrawn
+    /// on exit).
+    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
+    pub router: Option<SocketAddr>,
+    /// Share of new connections among instances of the same priority (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub weight: u32,
+    /// Priority: only the instances of the highest priority registered get connections.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub priority: u32,
+    /// At most this many connections at once; further streams wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long to wait for the backend to accept a connection, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub connect_timeout: u64,
+    /// On SIGINT/SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub drain: u64,
+}
+
+/// Runs `serval proxy`.
+pub fn proxy(args: ProxyArgs) -> ExitCode {
+    match ServiceId::parse(&args.service) {
+        Ok(id) => crate::run(run_proxy(id, args)),
+        Err(e) => crate::usage(&e),
+    }
+}
+
+/// Runs `serval expose`.
+pub fn expose(args: ExposeArgs) -> ExitCode {
+    let prefix = match ServicePrefix::parse(&args.service) {
+        Ok(p) => p,
+        Err(e) => return crate::usage(&e),
+    };
+    if !args.to.contains(':') {
+        return crate::usage(&format!(
+            "--to {}: expected HOST:PORT (the TCP backend)",
+            args.to
+        ));
+    }
+    crate::run(run_expose(prefix, args))
+}
+
+/// Counts what a translator did, for its closing line.
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counters {
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "serval: {what} stopping: {} connections, {} failed",
+            self.accepted.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
+async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    let hop = args.hop.next_hop();
+    let ep = Arc::new(crate::net::client(&hop, args.hop.bind).await?);
+    let hop = Arc::new(hop);
+    let name: Arc<str> = args.service.into();
+    note!("serval: proxy: TCP {local} → service {name} ({service})");
+    ready(&local.to_string());
+
+    let counters = Arc::new(Counters::default());
+    let permits = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
+    let mut conns = JoinSet::new();
+    let stop = crate::router::wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        // A free slot first, then a connection; a signal interrupts either wait.
+        let next = async {
+            let permit = permits.clone().acquire_owned().await;
+            (permit, listener.accept().await)
+        };
+        tokio::select! {
+            (permit, accepted) = next => {
+                let Ok(permit) = permit else { break };
+                let (tcp, client) = match accepted {
+                    Ok(a) => a,
+                    // Out of descriptors and the like: say so, back off, go on.
+                    Err(e) => {
+                        note!("serval: proxy: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                let (ep, hop, name, counters) = (ep.clone(), hop.clone(), name.clone(), counters.clone());
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let r = match crate::net::connect(&ep, &name, service, &hop).await {
+                        Ok(stream) => splice(tcp, stream).await,
+                        Err(e) => {
+                            reset_tcp(tcp);
+                            Err(e)
+                        }
+                    };
+                    if let Err(e) = r {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        note!("serval: proxy: connection from {client}: {e}");
+                    }
+                });
+            }
+            Some(_) = conns.join_next() => {}
+            () = &mut stop => break,
+        }
+    }
+    drop(listener);
+    let stopping = format!("serval: proxy stopping: no new connections on {local}");
+    crate::net::drain(&mut conns, &stopping, Duration::from_secs(args.drain)).await;
+    note!("{}", counters.summary("proxy"));
+    Ok(())
+}
+
+async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), String> {
+    let ep = Endpoint::bind(&args.bind)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", crate::net::list(&args.bind)))?;
+    let mut events = ep.registrar_events();
+    if let Some(router) = args.router {
+        ep.set_router(router);
+    }
+    let mut listener = ep
+        .listen_weighted(prefix, args.priority, args.weight)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.service))?;
+    let name = args.service.clone();
+    note!(
+        "serval: expose: service {name} ({prefix}) on {} → TCP {}{}",
+        crate::net::list(&ep.local_locators()),
+        args.to,
+        args.router
+            .map(|r| format!(", registering with router {r} (weight {})", args.weight))
+            .unwrap_or_default()
+    );
+    ready(&crate::net::list(&ep.local_locators()));
+
+    let backend: Arc<str> = args.to.into();
+    let connect_timeout = Duration::from_millis(args.connect_timeout);
+    let counters = Arc::new(Counters::default());
+    let permits = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
+    let mut conns = JoinSet::new();
+    let stop = crate::router::wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        // A free slot first, then a stream; a signal or a registrar event interrupts either.
+        let next = async {
+            let permit = permits.clone().acquire_owned().await;
+            (permit, listener.accept().await)
+        };
+        tokio::select! {
+            Ok(ev) = events.recv() => note!("{}", crate::net::describe_event(&name, &ev)),
+            (permit, accepted) = next => {
+                let Ok(permit) = permit else { break };
+                let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                let (backend, counters) = (backend.clone(), counters.clone());
+                conns.spawn(async move {
+                    let _permit = permit;
+                    let client = stream
+                        .peer_locator()
+                        .map_or_else(|_| "?".to_string(), |p| p.to_string());
+                    let r = match connect_backend(&backend, connect_timeout).await {
+                        Ok(tcp) => splice(tcp, stream).await,
+                        Err(e) => {
+                            stream.abort();
+                            Err(e)
+                        }
+                    };
+                    if let Err(e) = r {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        note!("serval: expose: stream from {client}: {e}");
+                    }
+                });
+            }
+            Some(_) = conns.join_next() => {}
+            () = &mut stop => break,
+        }
+    }
+    // Withdraw at once (the UNREGISTER leaves now), then let open connections finish.
+    drop(listener);
+    let stopping = format!("serval: expose stopping: {name} withdrawn, no new streams");
+    crate::net::drain(&mut conns, &stopping, Duration::from_secs(args.drain)).await;
+    note!("{}", counters.summary("expose"));
+    Ok(())
+}
+
+/// Prints the `READY` line scripts and tests wait for.
+fn ready(addrs: &str) {
+    use std::io::Write;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "READY {addrs}");
+    let _ = out.flush();
+}
+
+/// Connects to the backend, with a timeout; a failure is one readable line.
+async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(e)) => Err(format!("backend {backend}: {e}")),
+        Err(_) => Err(format!(
+            "backend {backend} did not accept within {} ms",
+            limit.as_millis()
+        )),
+    }
+}
+
+/// Resets a TCP connection (RST rather than FIN), as the translator's answer to a Serval
+/// side that failed or was reset.
+fn reset_tcp(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// How one direction of a splice ended badly.
+#[derive(Debug)]
+enum Broken {
+    /// The TCP side failed (reset, refused, …).
+    Tcp(io::Error),
+    /// The Serval side failed (reset, timed out, …).
+    Serval(io::Error),
+}
+
+/// Copies one direction until end of stream, then half-closes the writer. Reads into one
+/// fixed buffer, so at most `buf.len()` bytes are held here.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    buf: &mut [u8],
+    from_err: fn(io::Error) -> Broken,
+    to_err: fn(io::Error) -> Broken,
+) -> Result<u64, Broken>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    loop {
+        let n = from.read(buf).await.map_err(from_err)?;
+        if n == 0 {
+            to.shutdown().await.map_err(to_err)?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await.map_err(to_err)?;
+        total += n as u64;
+    }
+}
+
+/// Per-direction buffer: large enough to keep a bulk stream moving in few system calls,
+/// small enough for thousands of connections.
+const SPLICE_BUF: usize = 64 * 1024;
+
+/// Carries bytes between a TCP connection and a Serval stream until both directions have
+/// ended. A FIN on either side is passed on as a FIN; an error or reset on either side resets
+/// both and is returned.
+async fn splice(tcp: TcpStream, mut stream: Stream) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let mut tcp = tcp;
+    let outcome = {
+        let (tr, tw) = tcp.split();
+        let (sr, sw) = stream.split();
+        let mut up_buf = vec![0u8; SPLICE_BUF];
+        let mut down_buf = vec![0u8; SPLICE_BUF];
+        let up = pump(tr, sw, &mut up_buf, Broken::Tcp, Broken::Serval);
+        let down = pump(sr, tw, &mut down_buf, Broken::Serval, Broken::Tcp);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(_) => up_done = true,
+                    Err(b) => break Err(b),
+                },
+                r = &mut down, if !down_done => match r {
+                    Ok(_) => down_done = true,
+                    Err(b) => break Err(b),
+                },
+            }
+            if up_done && down_done {
+                break Ok(());
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            // Both directions ended: let the FIN exchange complete before the stream goes.
+            crate::net::finish(&stream).await;
+            Ok(())
+        }
+        Err(broken) => {
+            stream.abort();
+            reset_tcp(tcp);
+            Err(match broken {
+                Broken::Tcp(e) => format!("TCP side: {e}; reset the stream"),
+                Broken::Serval(e) => format!("Serval side: {e}; reset the TCP connection"),
+            })
+        }
+    }
+}
