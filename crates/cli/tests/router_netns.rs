@@ -381,3 +381,167 @@ fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "routers gone\n");
 }
+
+/// `serval router` on `host` with the etcd registry inside that host's namespace, retried
+/// until etcd answers (at most 30 s). Returns it once it printed READY, with its log lines.
+fn etcd_router(lan: &Lan, host: usize, net: u8, extra: &[&str]) -> (Guard, mpsc::Receiver<String>) {
+    let listen = format!("10.79.{net}.{}:{PORT}", host + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut args = vec!["router", "--listen", &listen];
+        args.extend_from_slice(&["--registry", "etcd://127.0.0.1:2379"]);
+        args.extend_from_slice(&["--admin", "127.0.0.1:9090"]);
+        args.extend_from_slice(extra);
+        let mut child = lan
+            .serval(host, &args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn router");
+        let out = lines(child.stdout.take().unwrap());
+        let log = lines(child.stderr.take().unwrap());
+        let mut guard = Guard(child);
+        match out.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.starts_with("READY") => return (guard, log),
+            _ => {
+                let _ = guard.0.kill();
+                assert!(Instant::now() < deadline, "router on etcd never started");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// `serval table --admin 127.0.0.1:9090` inside `host`: the lines of the router's table.
+fn table_lines(lan: &Lan, host: usize) -> Vec<String> {
+    let out = lan
+        .serval(host, &["table", "--admin", "127.0.0.1:9090"])
+        .output()
+        .expect("serval table");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Issue 4's whole topology: a client, a parent router, a child router on etcd and three
+/// instances (plus an echo instance for a long-lived stream), each host its own namespace.
+#[test]
+fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_restarts() {
+    if !netns_usable() {
+        return;
+    }
+    let net = 4;
+    // Host 0: parent router (in-memory); 1: child router on etcd (etcd in the same host),
+    // announcing example.test/* to the parent; 2, 3, 4: instances of web.example.test with
+    // weights 1, 1, 2; 5: echo.example.test; 6: client, using the parent only.
+    let lan = Lan::new("e", net, 7);
+    let Some(_etcd) = support::Etcd::start_in(Some(&lan.hosts[1])) else {
+        return;
+    };
+    let _parent = start_router_on(&lan, 0, net, &[]);
+    let parent_addr = format!("10.79.{net}.1:{PORT}");
+    let child_flags = ["--parent", &parent_addr, "--accept", "example.test/*"];
+    let (mut child, first_log) = etcd_router(&lan, 1, net, &child_flags);
+    let mut web: Vec<_> = [(2, 1), (3, 1), (4, 2)]
+        .into_iter()
+        .map(|(h, w)| instance_of(&lan, h, net, 1, "web.example.test", w, false))
+        .collect();
+    let (_echo, _) = instance_of(&lan, 5, net, 1, "echo.example.test", 1, true);
+
+    // Through both routers: wait until each instance received a connection, then spread.
+    let via_parent = |input: &[u8]| cat_via(&lan, 6, net, 0, "web.example.test", input);
+    let start = Instant::now();
+    let mut seen = [false; 3];
+    while !seen.iter().all(|&s| s) {
+        assert!(start.elapsed() < Duration::from_secs(30), "seen {seen:?}");
+        let _ = via_parent(b"probe\n");
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, (_, rx)) in web.iter().enumerate() {
+            seen[i] |= drain(rx).iter().any(|l| l == "probe");
+        }
+    }
+    let count = |web: &[(Guard, mpsc::Receiver<String>)], n: usize| {
+        for i in 0..n {
+            let (code, _, err) = via_parent(format!("req-{i}\n").as_bytes());
+            assert_eq!(code, 0, "connect {i} failed: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        web.iter()
+            .map(|(_, rx)| drain(rx).iter().filter(|l| l.starts_with("req-")).count())
+            .collect::<Vec<_>>()
+    };
+    // Weights 1:1:2: the third's share of 80 is binomial(80, 1/2), mean 40, sd 4.5; accept
+    // 22..=58 (4 sd). Each of the others gets binomial(80, 1/4): at least 5 (mean 20, sd 3.9).
+    let counts = count(&web, 80);
+    assert_eq!(counts.iter().sum::<usize>(), 80, "{counts:?}");
+    assert!(
+        (22..=58).contains(&counts[2]),
+        "weights 1:1:2 gave {counts:?}"
+    );
+    assert!(
+        counts[0] >= 5 && counts[1] >= 5,
+        "weights 1:1:2 gave {counts:?}"
+    );
+
+    // A stream by name through both routers, open across the child router's death.
+    let (stream, mut stdin) = open_echo(&lan, 6, "echo.example.test", &parent_addr, "before\n");
+
+    // The child router dies without a word; a new process takes its place on the same etcd.
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let (_child, log) = etcd_router(&lan, 1, net, &child_flags);
+    // Its table came from etcd before READY: all four instances, with no REGISTER needed.
+    let table = table_lines(&lan, 1);
+    let forwards = table
+        .iter()
+        .filter(|l| l.contains("forward 10.79.") && l.contains(" lease "))
+        .count();
+    assert_eq!(forwards, 4, "{table:#?}");
+    // Refreshes arrive every second; none of them has to create a registration anew.
+    std::thread::sleep(Duration::from_millis(2500));
+    // (The first router logged one such line per instance: the filter matches real lines.)
+    let created = |log: &mpsc::Receiver<String>| -> Vec<String> {
+        drain(log)
+            .into_iter()
+            .filter(|l| l.contains("serval_router") && l.contains(" registered "))
+            .collect()
+    };
+    assert_eq!(
+        created(&first_log).len(),
+        4,
+        "the first router created each"
+    );
+    let again = created(&log);
+    assert!(again.is_empty(), "the new router had to create {again:#?}");
+
+    // The stream never crossed a router.
+    stdin.write_all(b"after\n").unwrap();
+    drop(stdin);
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+
+    // An explicit close (SIGTERM) unregisters at once: well inside the 3 s lease, no new
+    // connection reaches the stopped instance.
+    let (mut stopped, _) = web.remove(2);
+    let st = Command::new("kill")
+        .args(["-TERM", &stopped.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _ = stopped.0.wait();
+    // Had it stayed registered, the connections it drew would time out (a failed `cat`).
+    let counts = count(&web, 20);
+    assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
+}
