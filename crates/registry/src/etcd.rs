@@ -707,35 +707,52 @@ impl Shared {
     }
 
     /// Lists every registration at one revision; returns it and the cluster's ID.
+    ///
+    /// The first page reads the whole key space. If more is left, the rest is not read page
+    /// after page: etcd 3.4 walks every key left in the range for each page, which makes a
+    /// long list quadratic. It is split instead ([`split_rest`]) into ranges cut where the
+    /// keys read so far start to differ, read at the same revision [`LIST_CONCURRENCY`] at a
+    /// time; a range that still has more is split again the same way. Each page read keeps
+    /// all its keys, so every request brings a page of new keys or ends a range.
     async fn list_once(&self) -> Result<(HashMap<RegistrationKey, Entry>, i64, u64), OpError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+
         let prefix = self.keys.reg_prefix().as_bytes().to_vec();
         let end = prefix_end(&prefix);
-        let mut page = self.page(prefix, &end, 0).await?;
-        let h = page.header.take().unwrap_or_default();
-        // Every page after the first reads at the first page's revision.
+        let mut first = self.page(prefix, &end, 0).await?;
+        let h = first.header.take().unwrap_or_default();
+        // Every later page reads at the first page's revision.
         let (revision, cluster_id) = (h.revision, h.cluster_id);
         let mut regs =
-            HashMap::with_capacity(usize::try_from(page.count).unwrap_or(0).min(1 << 24));
+            HashMap::with_capacity(usize::try_from(first.count).unwrap_or(0).min(1 << 24));
+        let mut todo = Vec::new();
+        let mut reading = FuturesUnordered::new();
+        let mut done = Some((first, end));
         loop {
-            let next_start = page.kvs.last().filter(|_| page.more).map(|kv| {
-                let mut k = kv.key.clone();
-                k.push(0);
-                k
-            });
-            let decode = async {
+            if let Some((page, end)) = done.take() {
+                if page.more
+                    && let (Some(lo), Some(hi)) = (page.kvs.first(), page.kvs.last())
+                {
+                    todo.extend(split_rest(&lo.key, &hi.key, &end));
+                }
                 for kv in &page.kvs {
                     if let Ok(Some((key, entry))) = self.decode(kv) {
                         regs.insert(key, entry);
                     }
                 }
-            };
-            let Some(next_start) = next_start else {
-                decode.await;
-                break;
-            };
-            // Ask for the next page first, and decode this one while it comes.
-            let (next, ()) = tokio::join!(biased; self.page(next_start, &end, revision), decode);
-            page = next?;
+            }
+            while reading.len() < LIST_CONCURRENCY
+                && let Some((start, end)) = todo.pop()
+            {
+                reading.push(async move {
+                    let page = self.page(start, &end, revision).await;
+                    page.map(|p| (p, end))
+                });
+            }
+            match reading.next().await {
+                Some(page) => done = Some(page?),
+                None => break,
+            }
         }
         Ok((regs, revision, cluster_id))
     }
@@ -1026,6 +1043,43 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
 }
 
+/// Requests in flight at once while listing: enough to keep etcd's and our cores busy.
+const LIST_CONCURRENCY: usize = 4;
+
+/// The characters registration keys branch on right after the registration prefix and
+/// within the service prefix's hex digits, in byte order.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Splits the keys after `last` and before `end` (`"\0"`: no end) into ranges that divide
+/// them where the keys `first ..= last` of one page start to differ: the page's keys share a
+/// prefix `q`, so the range is cut at `q` followed by each hex digit, and at the end of
+/// everything under `q`. The ranges are contiguous, cover exactly `(last, end)`, and come
+/// back in reverse key order (to be popped from the end of a list in key order).
+fn split_rest(first: &[u8], last: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let start = [last, &[0]].concat();
+    let shared = first.iter().zip(last).take_while(|(a, b)| a == b).count();
+    let q = &last[..shared];
+    let below_end = |k: &[u8]| end == [0] || k < end;
+    let mut cuts: Vec<Vec<u8>> = HEX
+        .iter()
+        .map(|&c| [q, &[c]].concat())
+        .chain([prefix_end(q)])
+        .filter(|k| k.as_slice() > start.as_slice() && below_end(k) && k != &[0])
+        .collect();
+    cuts.sort();
+    cuts.dedup();
+    let mut bounds = Vec::with_capacity(cuts.len() + 2);
+    bounds.push(start);
+    bounds.extend(cuts);
+    bounds.push(end.to_vec());
+    let mut ranges: Vec<_> = bounds
+        .windows(2)
+        .map(|w| (w[0].clone(), w[1].clone()))
+        .collect();
+    ranges.reverse();
+    ranges
+}
+
 /// The end of the key range of keys starting with `prefix` (etcd's convention).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -1074,6 +1128,71 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Whether `k` falls in `[lo, hi)`, with `"\0"` as no upper bound.
+    fn within(k: &[u8], lo: &[u8], hi: &[u8]) -> bool {
+        k >= lo && (hi == [0] || k < hi)
+    }
+
+    #[test]
+    fn the_rest_of_a_list_is_split_into_contiguous_ranges_covering_it() {
+        let cases: &[(&[u8], &[u8], &[u8])] = &[
+            // Spread keys: cut at the first digit after the registration prefix.
+            (b"/s/v1/reg/0a", b"/s/v1/reg/1f", b"/s/v1/reg0"),
+            // Clustered keys (one domain): cut where they start to differ.
+            (
+                b"/s/v1/reg/a0252ffe10",
+                b"/s/v1/reg/a0252ffe3c",
+                b"/s/v1/reg0",
+            ),
+            // A page of one key, and a range with no end.
+            (b"/r/77", b"/r/77", b"\0"),
+            // Keys past the hex digits (locators), and the last digit.
+            (b"/r/ff/64/10.0.0.1:1", b"/r/ff/64/10.0.0.9:1", b"/r/ff0"),
+        ];
+        for &(first, last, end) in cases {
+            let ranges = split_rest(first, last, end);
+            assert!(!ranges.is_empty());
+            // In reverse key order, contiguous, from just after `last` to `end`.
+            let fwd: Vec<_> = ranges.iter().rev().collect();
+            assert_eq!(fwd[0].0, [last, &[0]].concat());
+            assert_eq!(fwd[fwd.len() - 1].1, end);
+            for w in fwd.windows(2) {
+                assert_eq!(w[0].1, w[1].0, "contiguous");
+            }
+            for (lo, hi) in &fwd {
+                assert!(hi.as_slice() == [0] || lo < hi, "{lo:?}..{hi:?} is empty");
+            }
+            // Keys after `last` each land in exactly one range; `last` in none.
+            let mut probes: Vec<Vec<u8>> = vec![last.to_vec()];
+            for c in HEX.iter().chain(b"/:.\xff") {
+                for base in [first, last] {
+                    for cut in 0..=base.len() {
+                        probes.push([&base[..cut], &[*c]].concat());
+                        probes.push([&base[..cut], &[*c, b'5']].concat());
+                    }
+                }
+            }
+            for k in probes {
+                let after = k.as_slice() > last && (end == [0] || k.as_slice() < end);
+                let hits = fwd.iter().filter(|(lo, hi)| within(&k, lo, hi)).count();
+                assert_eq!(
+                    hits,
+                    usize::from(after),
+                    "{:?}",
+                    String::from_utf8_lossy(&k)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn clustered_keys_are_cut_where_they_differ() {
+        let ranges = split_rest(b"/r/a0252ffe10", b"/r/a0252ffe3c", b"/r0");
+        let cuts: Vec<_> = ranges.iter().rev().skip(1).map(|r| r.0.clone()).collect();
+        assert_eq!(cuts[0], b"/r/a0252ffe4");
+        assert_eq!(cuts.last().unwrap(), b"/r/a0252fff");
     }
 
     #[test]
