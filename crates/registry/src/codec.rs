@@ -70,14 +70,21 @@ impl KeySpace {
         if hex.len() != 64 || len.is_empty() || len.len() > 3 {
             return None;
         }
+        // Only canonical spellings are accepted, so two stored keys can never name the same
+        // registration: lower-case hex, a length without sign or leading zeros (the parse is
+        // strict, so bits past the length must be zero), the locator as Rust prints it.
+        // Checked without formatting the prefix: a cold start parses a million keys.
+        let lower_hex = hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let plain_len =
+            len.bytes().all(|b| b.is_ascii_digit()) && (len == "0" || !len.starts_with('0'));
+        if !lower_hex || !plain_len {
+            return None;
+        }
         let prefix = ServicePrefix::parse(&rest[..hex.len() + 1 + len.len()]).ok()?;
         let locator: Locator = loc.parse().ok()?;
-        let parsed = RegistrationKey { prefix, locator };
-        // Non-canonical spellings (upper-case hex, `010` for a length…) are refused, so two
-        // stored keys can never name the same registration.
-        let mut canonical = String::with_capacity(rest.len());
-        let _ = write!(canonical, "{prefix}/{locator}");
-        (canonical == rest).then_some(parsed)
+        let mut printed = String::with_capacity(loc.len());
+        let _ = write!(printed, "{locator}");
+        (printed == loc).then_some(RegistrationKey { prefix, locator })
     }
 }
 
@@ -195,6 +202,7 @@ mod tests {
         let bad = [
             text.replace(&hex, &hex.to_uppercase()),
             text.replace("/64/", "/064/"),
+            text.replace("/64/", "/+64/"),
             text.replace("10.0.0.7:5000", "10.0.0.7"),
             text.replace("10.0.0.7:5000", "010.0.0.7:5000"),
             text.replace("/64/", "/300/"),

@@ -532,7 +532,7 @@ impl EtcdRegistry {
         let rx = self.shared.changes.subscribe();
         let mut all: Vec<Registration> = st.regs.values().map(|e| e.registration).collect();
         drop(st);
-        all.sort_by_key(Registration::key);
+        all.sort_unstable_by_key(Registration::key);
         Subscription {
             registry,
             first: Some(all),
@@ -792,7 +792,7 @@ impl Shared {
             }
         };
         let mut all: Vec<Registration> = regs.values().map(|e| e.registration).collect();
-        all.sort_by_key(Registration::key);
+        all.sort_unstable_by_key(Registration::key);
         let mut st = self.lock();
         if st.listed {
             // Counted before subscribers hear of it.

@@ -111,7 +111,7 @@ impl MemoryRegistry {
         let rx = self.changes.subscribe();
         let mut all: Vec<Registration> = st.regs.values().map(|(r, _)| *r).collect();
         drop(st);
-        all.sort_by_key(Registration::key);
+        all.sort_unstable_by_key(Registration::key);
         Subscription {
             registry,
             first: Some(all),
