@@ -38,9 +38,11 @@ struct Cli {
 enum Command {
     /// Serve a service: print what each connection sends (or echo it back with --echo).
     ///
-    /// Keeps accepting connections until interrupted. Without --echo, each accepted stream's
-    /// bytes go to stdout; the listener sends nothing and closes its direction when the
-    /// client's ends. With --echo, everything is sent back, then the listener closes.
+    /// Keeps accepting connections until SIGINT/SIGTERM; then withdraws the service at once
+    /// and lets open connections finish (up to 10 s, or until a second signal). Without
+    /// --echo, each accepted stream's bytes go to stdout; the listener sends nothing and closes
+    /// its direction when the client's ends. With --echo, everything is sent back, then the
+    /// listener closes.
     Listen {
         /// The service: a name, `NAME/*` for a whole domain, a hex ID or `HEX/LEN`.
         service: String,
