@@ -43,16 +43,8 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 /// Runs `serval demo`: exit 0 only if every step held.
 pub fn run(args: DemoArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            note!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = crate::runtime() else {
+        return ExitCode::FAILURE;
     };
     let timeline = Arc::new(Timeline::new(!args.quiet && !args.json));
     let outcomes = rt.block_on(async {

@@ -20,7 +20,6 @@ mod router;
 mod table;
 mod translate;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -46,28 +45,11 @@ enum Command {
     Listen {
         /// The service: a name, `NAME/*` for a whole domain, a hex ID or `HEX/LEN`.
         service: String,
-        /// Local UDP address to bind; repeat for several (IPv4 and IPv6).
-        #[arg(
-            long = "bind",
-            value_name = "ADDR",
-            env = "SERVAL_BIND",
-            value_delimiter = ',',
-            default_value = "0.0.0.0:54324"
-        )]
-        bind: Vec<SocketAddr>,
+        #[command(flatten)]
+        instance: net::InstanceArgs,
         /// Echo each stream back instead of printing it.
         #[arg(long)]
         echo: bool,
-        /// Register the service with this service router (kept alive while serving,
-        /// withdrawn on exit), so clients reach it by name through the router.
-        #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
-        router: Option<SocketAddr>,
-        /// Share of new connections among instances of the same priority (at least 1).
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        weight: u32,
-        /// Priority: only the instances of the highest priority registered get connections.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        priority: u32,
         /// Routerless mode: also answer SYNs for the service multicast on the local network
         /// (group 239.255.86.76), so clients find it by name with no router (`cat --discover`).
         /// Bind a specific address to choose the interface.
@@ -152,11 +134,8 @@ fn main() -> ExitCode {
         Command::Id { names } => id(&names),
         Command::Listen {
             service,
-            bind,
+            instance,
             echo,
-            router,
-            weight,
-            priority,
             discover,
             discover_port,
             lease_ms,
@@ -164,16 +143,13 @@ fn main() -> ExitCode {
             Ok(prefix) => {
                 let opts = net::ListenOptions {
                     echo,
-                    router,
-                    weight,
-                    priority,
                     discover: discover.then(|| serval::DiscoveryConfig {
                         port: discover_port,
                         ..serval::DiscoveryConfig::default()
                     }),
                     lease: lease_ms.map(std::time::Duration::from_millis),
                 };
-                run(net::listen(&service, prefix, bind, opts))
+                run(net::listen(&service, prefix, instance, opts))
             }
             Err(e) => usage(&e),
         },
@@ -253,22 +229,30 @@ pub(crate) fn usage(e: &dyn std::fmt::Display) -> ExitCode {
 
 /// Runs a network command on a tokio runtime; a failure is one line on stderr, exit status 1.
 pub(crate) fn run(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            note!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             note!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The tokio runtime of a network command (two workers); `None`, with the reason printed,
+/// if it cannot be started.
+pub(crate) fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            note!("error: cannot start the runtime: {e}");
+            None
         }
     }
 }

@@ -4,19 +4,79 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serval::{Endpoint, RegistrarEvent, ServiceId, ServicePrefix, Stream};
+use serval::{Endpoint, RegistrarEvent, ServiceId, ServiceListener, ServicePrefix, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// How `serval listen` serves.
+/// Where and how an instance serves, as flags shared by `listen` and `expose`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstanceArgs {
+    /// Local UDP address to bind; repeat for several (IPv4 and IPv6).
+    #[arg(
+        long = "bind",
+        value_name = "ADDR",
+        env = "SERVAL_BIND",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:54324"
+    )]
+    pub bind: Vec<SocketAddr>,
+    /// Register the service with this service router (kept alive while serving, withdrawn on
+    /// exit), so clients reach it by name through the router.
+    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
+    pub router: Option<SocketAddr>,
+    /// Share of new connections among instances of the same priority (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub weight: u32,
+    /// Priority: only the instances of the highest priority registered get connections.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub priority: u32,
+}
+
+impl InstanceArgs {
+    /// Binds the endpoint and, with `--router`, starts registering there (with `lease`, or
+    /// the default lease of 3 s).
+    pub async fn endpoint(&self, lease: Option<Duration>) -> Result<Endpoint, String> {
+        let ep = Endpoint::bind(&self.bind)
+            .await
+            .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
+        if let Some(router) = self.router {
+            match lease {
+                Some(ttl) => ep.set_router_with(
+                    router,
+                    serval::LeaseConfig {
+                        ttl,
+                        refresh: ttl / 3,
+                        ..serval::LeaseConfig::default()
+                    },
+                ),
+                None => ep.set_router(router),
+            }
+        }
+        Ok(ep)
+    }
+
+    /// Listens for `prefix` (typed by the user as `name`) with this weight and priority.
+    pub fn listen(
+        &self,
+        ep: &Endpoint,
+        name: &str,
+        prefix: ServicePrefix,
+    ) -> Result<ServiceListener, String> {
+        ep.listen_weighted(prefix, self.priority, self.weight)
+            .map_err(|e| format!("cannot listen on {name}: {e}"))
+    }
+
+    /// `, registering with router R (weight W)` for a startup line, or nothing.
+    pub fn registering(&self) -> String {
+        self.router
+            .map(|r| format!(", registering with router {r} (weight {})", self.weight))
+            .unwrap_or_default()
+    }
+}
+
+/// How `serval listen` serves, beyond [`InstanceArgs`].
 pub struct ListenOptions {
     /// Echo streams back instead of printing them.
     pub echo: bool,
-    /// Register with this router.
-    pub router: Option<SocketAddr>,
-    /// Weight and priority of the registration (and of the local rule).
-    pub weight: u32,
-    /// See `weight`.
-    pub priority: u32,
     /// Routerless mode: answer SYNs multicast on the local network.
     pub discover: Option<serval::DiscoveryConfig>,
     /// Lease to ask the router for (default: [`serval::LeaseConfig`]'s, 3 s).
@@ -31,45 +91,26 @@ pub enum NextHop {
     Discover(serval::DiscoveryConfig),
 }
 
-/// Serves `prefix` (typed by the user as `name`) on `bind` until interrupted.
+/// Serves `prefix` (typed by the user as `name`) until interrupted.
 pub async fn listen(
     name: &str,
     prefix: ServicePrefix,
-    bind: Vec<SocketAddr>,
+    instance: InstanceArgs,
     opts: ListenOptions,
 ) -> Result<(), String> {
     let echo = opts.echo;
-    let ep = Endpoint::bind(&bind)
-        .await
-        .map_err(|e| format!("cannot bind {}: {e}", list(&bind)))?;
+    let ep = instance.endpoint(opts.lease).await?;
     let mut events = ep.registrar_events();
-    if let Some(router) = opts.router {
-        match opts.lease {
-            Some(ttl) => ep.set_router_with(
-                router,
-                serval::LeaseConfig {
-                    ttl,
-                    refresh: ttl / 3,
-                    ..serval::LeaseConfig::default()
-                },
-            ),
-            None => ep.set_router(router),
-        }
-    }
     if let Some(d) = &opts.discover {
         ep.enable_discovery(d.clone())
             .map_err(|e| format!("cannot join the discovery group: {e}"))?;
     }
-    let mut listener = ep
-        .listen_weighted(prefix, opts.priority, opts.weight)
-        .map_err(|e| format!("cannot listen on {name}: {e}"))?;
+    let mut listener = instance.listen(&ep, name, prefix)?;
     note!(
         "serval: serving {name} ({prefix}) on {}{}{}",
         list(&ep.local_locators()),
         if echo { " (echo)" } else { "" },
-        opts.router
-            .map(|r| format!(", registering with router {r} (weight {})", opts.weight))
-            .unwrap_or_default()
+        instance.registering()
             + &opts
                 .discover
                 .as_ref()
@@ -88,18 +129,7 @@ pub async fn listen(
     let mut open = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            Ok(ev) = events.recv() => match ev {
-                RegistrarEvent::Registered { router, ttl, .. } => note!(
-                    "serval: registered {name} with router {router} (lease {} ms)",
-                    ttl.as_millis()
-                ),
-                RegistrarEvent::Rejected { router, reason, .. } => {
-                    note!("serval: router {router} rejected {name}: {reason}")
-                }
-                RegistrarEvent::Unreachable { router, .. } => {
-                    note!("serval: router {router} does not answer; still trying")
-                }
-            },
+            Ok(ev) = events.recv() => note!("{}", describe_event(name, &ev)),
             accepted = listener.accept() => {
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 open.spawn(async move {
@@ -118,7 +148,7 @@ pub async fn listen(
     // sends new connections elsewhere, while the open ones finish (up to DRAIN_LIMIT, or
     // until a second signal).
     drop(listener);
-    let stopping = if opts.router.is_some() {
+    let stopping = if instance.router.is_some() {
         format!("serval: stopping: {name} withdrawn from the router, no new connections")
     } else {
         format!("serval: stopping: no new connections to {name}")

@@ -74,16 +74,8 @@ pub fn run(args: PingArgs) -> ExitCode {
         Err(e) => return crate::usage(&e),
     };
     let hop = args.hop.next_hop();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            note!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = crate::runtime() else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(ping(plan, hop)) {
         Ok(true) => ExitCode::SUCCESS,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serval::{Endpoint, ServiceId, ServicePrefix, Stream};
+use serval::{ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -48,25 +48,8 @@ pub struct ExposeArgs {
     /// host names are looked up for each connection).
     #[arg(long, value_name = "HOST:PORT")]
     pub to: String,
-    /// Local UDP address to bind; repeat for several (IPv4 and IPv6).
-    #[arg(
-        long = "bind",
-        value_name = "ADDR",
-        env = "SERVAL_BIND",
-        value_delimiter = ',',
-        default_value = "0.0.0.0:54324"
-    )]
-    pub bind: Vec<SocketAddr>,
-    /// Register the service with this service router (kept alive while serving, withdrawn
-    /// on exit).
-    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
-    pub router: Option<SocketAddr>,
-    /// Share of new connections among instances of the same priority (at least 1).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub weight: u32,
-    /// Priority: only the instances of the highest priority registered get connections.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub priority: u32,
+    #[command(flatten)]
+    pub instance: crate::net::InstanceArgs,
     /// At most this many connections at once; further streams wait to be accepted.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -184,24 +167,15 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
 }
 
 async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), String> {
-    let ep = Endpoint::bind(&args.bind)
-        .await
-        .map_err(|e| format!("cannot bind {}: {e}", crate::net::list(&args.bind)))?;
+    let ep = args.instance.endpoint(None).await?;
     let mut events = ep.registrar_events();
-    if let Some(router) = args.router {
-        ep.set_router(router);
-    }
-    let mut listener = ep
-        .listen_weighted(prefix, args.priority, args.weight)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.service))?;
+    let mut listener = args.instance.listen(&ep, &args.service, prefix)?;
     let name = args.service.clone();
     note!(
         "serval: expose: service {name} ({prefix}) on {} → TCP {}{}",
         crate::net::list(&ep.local_locators()),
         args.to,
-        args.router
-            .map(|r| format!(", registering with router {r} (weight {})", args.weight))
-            .unwrap_or_default()
+        args.instance.registering()
     );
     ready(&crate::net::list(&ep.local_locators()));
 

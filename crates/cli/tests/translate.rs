@@ -92,6 +92,20 @@ fn accept(l: &TcpListener) -> TcpStream {
     }
 }
 
+/// Serves `l` as an echo backend, a thread per connection: everything back, then FIN.
+fn echo_backend(l: TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
 /// A TCP reset instead of a FIN when `s` is dropped.
 fn reset(s: TcpStream) {
     socket2::SockRef::from(&s)
@@ -253,17 +267,7 @@ fn many_concurrent_connections_each_get_their_own_bytes() {
     let (l, baddr) = backend();
     let c = chain("many.translate.test", &baddr);
     const N: usize = 64;
-    // An echo backend with a thread per connection.
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    echo_backend(l);
     let clients: Vec<_> = (0..N)
         .map(|i| {
             let proxy = c.proxy.clone();
@@ -378,17 +382,7 @@ fn bad_translator_flags_are_one_line_and_exit_2() {
 fn beyond_max_connections_a_connection_waits_for_a_free_slot() {
     let (l, baddr) = backend();
     let c = chain_with("limit.translate.test", &baddr, &["--max-connections", "1"]);
-    // An echo backend.
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    echo_backend(l);
     let mut first = client(&c.proxy);
     first.write_all(b"one").unwrap();
     let mut buf = [0u8; 3];

@@ -200,7 +200,7 @@ async fn spread(tl: &Timeline, client: &Endpoint, hop: &NextHop, web: &Web) -> O
             let payload = format!("request {i}");
             async move { probe(client, "web.demo", web.id, hop, payload.as_bytes()).await }
         });
-        for r in futures_join_all(batch).await {
+        for r in futures_util::future::join_all(batch).await {
             match r {
                 Ok((_, instance)) => *counts.entry(instance).or_default() += 1,
                 Err(e) => failed.push(e),
@@ -225,30 +225,6 @@ async fn spread(tl: &Timeline, client: &Endpoint, hop: &NextHop, web: &Web) -> O
     } else {
         Outcome::fail(STEP_SPREAD, format!("{detail}, {} failed", failed.len()))
     }
-}
-
-/// Runs futures concurrently and collects their results in order.
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = futs.map(Box::pin).collect();
-    let mut results: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in pinned.iter_mut().zip(results.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    results.into_iter().flatten().collect()
 }
 
 /// One ping of the swap step.
