@@ -10,98 +10,11 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, drain, ip, lines, netns_usable, wait_line};
-
-/// Hosts on one bridged LAN with multicast on; everything is deleted on drop.
-struct Lan {
-    bridge_ns: String,
-    hosts: Vec<String>,
-}
-
-impl Lan {
-    /// `n` hosts; host `i` gets 10.80.0.<i + 1>/24 and no other route.
-    fn new(n: usize) -> Lan {
-        let id = std::process::id();
-        let lan = Lan {
-            bridge_ns: format!("svdbr{id}"),
-            hosts: (0..n).map(|i| format!("svdh{i}x{id}")).collect(),
-        };
-        ip(&["netns", "add", &lan.bridge_ns]);
-        // No IGMP snooping: the bridge floods the group to every port, whatever the querier.
-        ip(&[
-            "-n",
-            &lan.bridge_ns,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ]);
-        ip(&["-n", &lan.bridge_ns, "link", "set", "br0", "up"]);
-        for (i, h) in lan.hosts.iter().enumerate() {
-            ip(&["netns", "add", h]);
-            let port = format!("p{i}");
-            ip(&[
-                "link",
-                "add",
-                &port,
-                "netns",
-                &lan.bridge_ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                h,
-            ]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
-            let cidr = format!("10.80.0.{}/24", i + 1);
-            ip(&["-n", h, "addr", "add", &cidr, "dev", "eth0"]);
-            // IPv6 too, usable at once (no duplicate address detection).
-            let cidr6 = format!("fd80::{}/64", i + 1);
-            ip(&["-n", h, "addr", "add", &cidr6, "dev", "eth0", "nodad"]);
-            ip(&["-n", h, "link", "set", "eth0", "multicast", "on", "up"]);
-            ip(&["-n", h, "link", "set", "lo", "up"]);
-        }
-        lan
-    }
-
-    fn serval(&self, host: usize, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.hosts[host],
-            env!("CARGO_BIN_EXE_serval"),
-        ]);
-        c.args(args);
-        c
-    }
-
-    fn addr(host: usize, port: u16) -> String {
-        format!("10.80.0.{}:{port}", host + 1)
-    }
-
-    fn addr6(host: usize, port: u16) -> String {
-        format!("[fd80::{}]:{port}", host + 1)
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
+use support::{Guard, Lan, drain, lines, netns_usable, wait_line};
 
 /// `serval listen SERVICE --discover` on `host`, bound to its LAN address; waits until it
 /// serves. Returns the process and its stdout lines (what clients sent, unless `echo`).
@@ -113,7 +26,7 @@ fn instance(
     echo: bool,
 ) -> (Guard, mpsc::Receiver<String>) {
     // Both families: the instance joins both groups.
-    let bind = format!("{},{}", Lan::addr(host, port), Lan::addr6(host, port));
+    let bind = format!("{},{}", lan.addr(host, port), addr6(host, port));
     let mut args = vec!["listen", service, "--bind", &bind, "--discover"];
     if echo {
         args.push("--echo");
@@ -134,7 +47,7 @@ fn instance(
 /// `serval cat SERVICE --discover` from `host` with `input`; returns (exit code, stdout,
 /// stderr).
 fn cat(lan: &Lan, host: usize, service: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
-    cat_from(lan, &Lan::addr(host, 0), host, service, input)
+    cat_from(lan, &lan.addr(host, 0), host, service, input)
 }
 
 /// [`cat`] bound to `bind` (an IPv6 address sends the SYN to the IPv6 group).
@@ -167,7 +80,7 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     }
     // Hosts 0 and 1: instances of web.test (printing what they get); host 1 also serves
     // echo.test; host 2: the client.
-    let lan = Lan::new(3);
+    let lan = Lan::dual_stack("d", "10.80.0", "fd80", 3);
     let (_a, a_rx) = instance(&lan, 0, 54324, "web.test", false);
     let (_b, b_rx) = instance(&lan, 1, 54324, "web.test", false);
     let (_e, _) = instance(&lan, 1, 54325, "echo.test", true);
@@ -178,7 +91,7 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     assert_eq!(out, b"hello over the LAN\n");
     // The same over IPv6: the SYN goes to ff02::5653.
     let t6 = Instant::now();
-    let (code, out, err) = cat_from(&lan, &Lan::addr6(2, 0), 2, "echo.test", b"and over v6\n");
+    let (code, out, err) = cat_from(&lan, &addr6(2, 0), 2, "echo.test", b"and over v6\n");
     assert_eq!(code, 0, "cat echo.test over IPv6 failed: {err}");
     assert_eq!(out, b"and over v6\n");
     eprintln!("IPv6 echo by discovery took {:?}", t6.elapsed());
@@ -223,4 +136,9 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     let line = wait_line(&err, "error line", |l| l.contains("discovery group"));
     assert!(line.contains("no route to the discovery group"), "{line}");
     drop(child);
+}
+
+/// Host `host`'s IPv6 address (`fd80::<host + 1>`) with `port`.
+fn addr6(host: usize, port: u16) -> String {
+    format!("[fd80::{}]:{port}", host + 1)
 }

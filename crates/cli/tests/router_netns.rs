@@ -13,76 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, drain, ip, lines, netns_usable, wait_line};
+use support::{Guard, Lan, drain, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
-
-/// Hosts on one bridged LAN; everything is deleted on drop.
-struct Lan {
-    bridge_ns: String,
-    hosts: Vec<String>,
-}
-
-impl Lan {
-    /// `n` hosts; host `i` gets 10.79.<net>.<i + 1>/24.
-    fn new(tag: &str, net: u8, n: usize) -> Lan {
-        let id = std::process::id();
-        let lan = Lan {
-            bridge_ns: format!("sv{tag}br{id}"),
-            hosts: (0..n).map(|i| format!("sv{tag}h{i}x{id}")).collect(),
-        };
-        ip(&["netns", "add", &lan.bridge_ns]);
-        ip(&["-n", &lan.bridge_ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &lan.bridge_ns, "link", "set", "br0", "up"]);
-        for (i, h) in lan.hosts.iter().enumerate() {
-            ip(&["netns", "add", h]);
-            // Create the pair with each end already in its namespace: nothing is ever left in
-            // the root namespace.
-            let (port, eth) = (format!("p{i}"), "eth0");
-            ip(&[
-                "link",
-                "add",
-                &port,
-                "netns",
-                &lan.bridge_ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                eth,
-                "netns",
-                h,
-            ]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
-            let cidr = format!("10.79.{net}.{}/24", i + 1);
-            ip(&["-n", h, "addr", "add", &cidr, "dev", eth]);
-            ip(&["-n", h, "link", "set", eth, "up"]);
-            ip(&["-n", h, "link", "set", "lo", "up"]);
-        }
-        lan
-    }
-
-    fn serval(&self, host: usize, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.hosts[host],
-            env!("CARGO_BIN_EXE_serval"),
-        ]);
-        c.args(args);
-        c
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 /// Starts `serval router` on host 0 (10.79.NET.1) and waits for its READY line.
 fn start_router(lan: &Lan, net: u8) -> Guard {
@@ -201,7 +134,7 @@ fn connections_by_name_through_a_router_spread_by_weight_and_fail_over() {
     }
     let net = 1;
     // Host 0: router; 1 and 2: instances of web.test (weights 1 and 3); 3: client.
-    let lan = Lan::new("r", net, 4);
+    let lan = Lan::new("r", &format!("10.79.{net}"), 4);
     let _router = start_router(&lan, net);
     let (_a, a_rx) = instance(&lan, 1, net, "web.test", 1, false);
     let (b, b_rx) = instance(&lan, 2, net, "web.test", 3, false);
@@ -260,7 +193,7 @@ fn streams_never_cross_the_router_so_they_survive_its_death() {
     }
     let net = 2;
     // Host 0: router; 1: echo instance; 2: client.
-    let lan = Lan::new("s", net, 3);
+    let lan = Lan::new("s", &format!("10.79.{net}"), 3);
     let mut router = start_router(&lan, net);
     let (_echo, _) = instance(&lan, 1, net, "echo.test", 1, true);
 
@@ -339,7 +272,7 @@ fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
     let net = 3;
     // Host 0: parent router; 1: child router announcing example.test/* to it; 2: echo instance
     // of web.example.test registered at the child; 3: client of the parent.
-    let lan = Lan::new("h", net, 4);
+    let lan = Lan::new("h", &format!("10.79.{net}"), 4);
     let mut parent = start_router_on(&lan, 0, net, &[]);
     let parent_addr = format!("10.79.{net}.1:{PORT}");
     let mut child = start_router_on(
@@ -441,7 +374,7 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
     // Host 0: parent router (in-memory); 1: child router on etcd (etcd in the same host),
     // announcing example.test/* to the parent; 2, 3, 4: instances of web.example.test with
     // weights 1, 1, 2; 5: echo.example.test; 6: client, using the parent only.
-    let lan = Lan::new("e", net, 7);
+    let lan = Lan::new("e", &format!("10.79.{net}"), 7);
     let Some(_etcd) = support::Etcd::start_in(Some(&lan.hosts[1])) else {
         return;
     };

@@ -18,80 +18,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, drain, ip, lines, netns_usable, wait_line};
+use support::{Guard, Lan, drain, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
 const SERVICE: &str = "web.example.com";
 /// Pings sent, one every 50 ms.
 const PINGS: usize = 120;
-
-/// Hosts on one bridged LAN; everything is deleted on drop.
-struct Lan {
-    bridge_ns: String,
-    hosts: Vec<String>,
-}
-
-impl Lan {
-    /// `n` hosts; host `i` gets 10.81.0.<i + 1>/24.
-    fn new(n: usize) -> Lan {
-        let id = std::process::id();
-        let lan = Lan {
-            bridge_ns: format!("svswbr{id}"),
-            hosts: (0..n).map(|i| format!("svswh{i}x{id}")).collect(),
-        };
-        ip(&["netns", "add", &lan.bridge_ns]);
-        ip(&["-n", &lan.bridge_ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &lan.bridge_ns, "link", "set", "br0", "up"]);
-        for (i, h) in lan.hosts.iter().enumerate() {
-            ip(&["netns", "add", h]);
-            // Each end of the pair is created in its namespace: nothing is ever left in the
-            // root namespace.
-            let port = format!("p{i}");
-            ip(&[
-                "link",
-                "add",
-                &port,
-                "netns",
-                &lan.bridge_ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                h,
-            ]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &lan.bridge_ns, "link", "set", &port, "up"]);
-            let cidr = format!("10.81.0.{}/24", i + 1);
-            ip(&["-n", h, "addr", "add", &cidr, "dev", "eth0"]);
-            ip(&["-n", h, "link", "set", "eth0", "up"]);
-            ip(&["-n", h, "link", "set", "lo", "up"]);
-        }
-        lan
-    }
-
-    /// `serval ARGS…` on `host` (`ip netns exec` execs it, so the child's pid is serval's).
-    fn serval(&self, host: usize, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.hosts[host],
-            env!("CARGO_BIN_EXE_serval"),
-        ]);
-        c.args(args);
-        c
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 /// The address of host `i`, at the serval port.
 fn addr(host: usize) -> String {
@@ -165,7 +97,7 @@ fn swapping_the_instance_under_a_name_loses_no_ping() {
         return;
     }
     // Host 0: router; 1: client; 2: v1; 3: v2.
-    let lan = Lan::new(4);
+    let lan = Lan::new("sw", "10.81.0", 4);
     let router_addr = addr(0);
     let mut router = lan
         .serval(0, &["router", "--listen", &router_addr])

@@ -194,3 +194,91 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Hosts on one bridged LAN, each a network namespace with a veth to the bridge (which has a
+/// namespace of its own); everything is deleted on drop, pass or fail. Namespaces are named
+/// `sv<tag>br<pid>` and `sv<tag>h<i>x<pid>`, so concurrent tests and runs never collide.
+pub struct Lan {
+    bridge_ns: String,
+    /// The hosts' namespaces.
+    pub hosts: Vec<String>,
+    subnet: String,
+}
+
+impl Lan {
+    /// `n` hosts; host `i` gets `<subnet>.<i + 1>/24` (`subnet` like `10.79.1`).
+    pub fn new(tag: &str, subnet: &str, n: usize) -> Lan {
+        Lan::build(tag, subnet, None, n)
+    }
+
+    /// [`Lan::new`], and host `i` also gets `<v6>::<i + 1>/64` (`v6` like `fd80`, usable at
+    /// once: no duplicate address detection); the bridge floods multicast to every port (no
+    /// IGMP snooping).
+    pub fn dual_stack(tag: &str, subnet: &str, v6: &str, n: usize) -> Lan {
+        Lan::build(tag, subnet, Some(v6), n)
+    }
+
+    fn build(tag: &str, subnet: &str, v6: Option<&str>, n: usize) -> Lan {
+        let id = std::process::id();
+        let lan = Lan {
+            bridge_ns: format!("sv{tag}br{id}"),
+            hosts: (0..n).map(|i| format!("sv{tag}h{i}x{id}")).collect(),
+            subnet: subnet.to_owned(),
+        };
+        let br = lan.bridge_ns.as_str();
+        ip(&["netns", "add", br]);
+        let mut bridge = vec!["-n", br, "link", "add", "br0", "type", "bridge"];
+        if v6.is_some() {
+            bridge.extend(["mcast_snooping", "0"]);
+        }
+        ip(&bridge);
+        ip(&["-n", br, "link", "set", "br0", "up"]);
+        for (i, h) in lan.hosts.iter().enumerate() {
+            ip(&["netns", "add", h]);
+            // Each end of the pair is created in its namespace: nothing is ever left in the
+            // root namespace.
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", &port, "netns", br, "type", "veth", "peer", "name", "eth0", "netns",
+                h,
+            ]);
+            ip(&["-n", br, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", br, "link", "set", &port, "up"]);
+            let cidr = format!("{subnet}.{}/24", i + 1);
+            ip(&["-n", h, "addr", "add", &cidr, "dev", "eth0"]);
+            if let Some(v6) = v6 {
+                let cidr6 = format!("{v6}::{}/64", i + 1);
+                ip(&["-n", h, "addr", "add", &cidr6, "dev", "eth0", "nodad"]);
+            }
+            ip(&["-n", h, "link", "set", "eth0", "multicast", "on", "up"]);
+            ip(&["-n", h, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    /// `serval ARGS…` on `host` (`ip netns exec` execs it, so the child's pid is serval's).
+    pub fn serval(&self, host: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.hosts[host],
+            env!("CARGO_BIN_EXE_serval"),
+        ]);
+        c.args(args);
+        c
+    }
+
+    /// Host `host`'s IPv4 address with `port`.
+    pub fn addr(&self, host: usize, port: u16) -> String {
+        format!("{}.{}:{port}", self.subnet, host + 1)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain([&self.bridge_ns]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
