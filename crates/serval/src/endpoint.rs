@@ -277,6 +277,13 @@ impl Endpoint {
             if local.ip().is_loopback() {
                 // Loopback carries 64 KiB datagrams: let path-MTU discovery find them.
                 config.transport.max_udp_payload = config.transport.max_udp_payload.max(65_000);
+            } else if local.is_ipv6() {
+                // IPv6's header is 20 bytes longer: on 1500-byte Ethernet a UDP payload of
+                // 1472 (the IPv4 ceiling) is too big, and the kernel refuses it locally.
+                config.transport.max_udp_payload = config
+                    .transport
+                    .max_udp_payload
+                    .min(MAX_UDP_PAYLOAD_ETHERNET_V6);
             }
             let last_words = std.try_clone()?;
             sockets.push(Socket {
@@ -804,6 +811,16 @@ async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
             }) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if segment_size.is_some() => {
+                    // One datagram of the run can fail the whole GSO send (a path-MTU probe
+                    // larger than the interface takes EMSGSIZE): send them one by one, so
+                    // that only that one is lost.
+                    tracing::debug!(error = %e, dst = %first.dst, "GSO send failed; sending the run one by one");
+                    for d in &batch[i..j] {
+                        send_one(sock, &buf[d.start..d.start + d.len], d.dst).await;
+                    }
+                    break;
+                }
                 Err(e) => {
                     // UDP is unreliable anyway: the transport retransmits.
                     tracing::debug!(error = %e, dst = %first.dst, "UDP send failed");
@@ -814,6 +831,35 @@ async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
         i = j;
     }
 }
+
+/// Sends one datagram; a failure is logged and the datagram lost (the transport retransmits).
+async fn send_one(sock: &Socket, contents: &[u8], destination: Locator) {
+    let tx = UdpTransmit {
+        destination,
+        ecn: None,
+        contents,
+        segment_size: None,
+        src_ip: None,
+    };
+    loop {
+        if sock.io.writable().await.is_err() {
+            return;
+        }
+        match sock.io.try_io(Interest::WRITABLE, || {
+            sock.udp.try_send((&sock.io).into(), &tx)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, dst = %destination, "UDP send failed");
+                return;
+            }
+            Ok(()) => return,
+        }
+    }
+}
+
+/// The largest UDP payload 1500-byte Ethernet carries over IPv6 (1500 − 40 − 8).
+const MAX_UDP_PAYLOAD_ETHERNET_V6: u16 = 1452;
 
 #[cfg(test)]
 mod tests {

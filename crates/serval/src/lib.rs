@@ -50,6 +50,7 @@ pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{CloseReason, EndpointConfig};
 pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
 pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
+pub use serval_engine::transport::conn::TransportStats;
 pub use serval_table::{Action, Target};
 pub use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
 pub use serval_wire::{Locator, ServiceId, ServicePrefix};

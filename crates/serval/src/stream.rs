@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use serval_engine::endpoint::{CloseReason, ConnectionHandle};
-use serval_engine::transport::conn::{ReadError, WriteError};
+use serval_engine::transport::conn::{ReadError, TransportStats, WriteError};
 use serval_wire::Locator;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -224,6 +224,17 @@ impl Stream {
             }
         })
         .await
+    }
+
+    /// The transport's counters for this connection so far: packets and bytes sent,
+    /// received, lost and retransmitted, PTOs, path-MTU probes.
+    pub fn stats(&self) -> io::Result<TransportStats> {
+        self.inner
+            .shared
+            .lock()
+            .engine
+            .connection_stats(self.inner.handle)
+            .ok_or_else(|| closed_error(None))
     }
 
     /// Resets the connection at once, like closing a TCP socket with `SO_LINGER` 0: one

@@ -25,6 +25,10 @@
 //! the new locator, that the server saw its peer move to it, and that the flow closed cleanly.
 //! It prints how long the transfer took and how long the flow stalled around the migration.
 //!
+//! A second test sends over IPv6 on link 1 (1500-byte MTU) and checks path-MTU discovery
+//! settles without a lost probe: the runtime caps IPv6 probes at 1452 bytes of UDP payload, and
+//! a probe the kernel refuses no longer takes the datagrams batched with it down too.
+//!
 //! Needs root and `ip` (iproute2), as CI has; skipped with a message otherwise, or when
 //! `SERVAL_SKIP_NETNS` is set. The namespaces (`svm<c|s><pid>`) are deleted when the test ends,
 //! pass or fail, and every wait is bounded.
@@ -80,11 +84,13 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn new() -> Hosts {
+    /// The two hosts, named `svm<tag><c|s><pid>` so that the tests of this file can run
+    /// side by side. Link 1 also carries IPv6 (`fd78:1::1` and `fd78:1::2`).
+    fn new(tag: &str) -> Hosts {
         let id = std::process::id();
         let hosts = Hosts {
-            client: format!("svmc{id}"),
-            server: format!("svms{id}"),
+            client: format!("svm{tag}c{id}"),
+            server: format!("svm{tag}s{id}"),
             link1: format!("vm1c{id}"),
             server_link1: format!("vm1s{id}"),
         };
@@ -106,6 +112,11 @@ impl Hosts {
             let (ac, as_) = (format!("10.78.{link}.1"), format!("10.78.{link}.2"));
             ip(&["-n", c, "addr", "add", &format!("{ac}/24"), "dev", &vc]);
             ip(&["-n", s, "addr", "add", &format!("{as_}/24"), "dev", &vs]);
+            if link == 1 {
+                // Usable at once: no duplicate address detection.
+                ip(&["-n", c, "addr", "add", "fd78:1::1/64", "dev", &vc, "nodad"]);
+                ip(&["-n", s, "addr", "add", "fd78:1::2/64", "dev", &vs, "nodad"]);
+            }
             ip(&["-n", c, "link", "set", &vc, "up"]);
             ip(&["-n", s, "link", "set", &vs, "up"]);
             // Source routing on the client: each address reaches the server over its own link.
@@ -499,7 +510,7 @@ fn stream_survives_client_link_loss_across_namespaces() {
     if !netns_usable() {
         return;
     }
-    let hosts = Hosts::new();
+    let hosts = Hosts::new("");
     let data = Arc::new(pattern(TOTAL, 0x5e12_7a1d));
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -563,4 +574,81 @@ fn stream_survives_client_link_loss_across_namespaces() {
     assert_eq!(c.closed, CloseReason::Finished, "client closed cleanly");
     assert_eq!(s.closed, CloseReason::Finished, "server closed cleanly");
     drop(hosts);
+}
+
+/// Over IPv6 the largest UDP payload of a 1500-byte link is 1452, 20 bytes less than over IPv4.
+/// Path-MTU discovery must settle there without a lost probe: a probe sized for IPv4 is
+/// refused by the sending kernel (EMSGSIZE), and it used to take the FIN batched behind it
+/// down too, so every IPv6 close waited a second for a retransmission.
+#[test]
+fn ipv6_paths_settle_their_mtu_without_a_lost_probe() {
+    if !netns_usable() {
+        return;
+    }
+    let hosts = Hosts::new("6");
+    const SIX: usize = 4 << 20;
+    let data = Arc::new(pattern(SIX, 0x6606));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = in_netns(&hosts.server, move || async move {
+        let ep = Endpoint::bind(&["[fd78:1::2]:54324".parse().unwrap()])
+            .await
+            .unwrap();
+        let mut l = ep
+            .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut s = timeout(LIMIT, l.accept()).await.unwrap().unwrap();
+        let (mut r, mut w) = s.split();
+        timeout(LIMIT, tokio::io::copy(&mut r, &mut w))
+            .await
+            .unwrap()
+            .unwrap();
+        w.shutdown().await.unwrap();
+        let closed = timeout(CLOSE_LIMIT, s.closed()).await.unwrap();
+        (closed, s.stats())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let client = in_netns(&hosts.client, move || async move {
+        let ep = Endpoint::bind(&["[fd78:1::1]:0".parse().unwrap()])
+            .await
+            .unwrap();
+        let id = ServiceId::from_name(SERVICE).unwrap();
+        let mut s = timeout(
+            LIMIT,
+            ep.connect_via(id, "[fd78:1::2]:54324".parse().unwrap()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut back = Vec::with_capacity(SIX);
+        {
+            let (mut r, mut w) = s.split();
+            let send = async {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let recv = async { r.read_to_end(&mut back).await.unwrap() };
+            timeout(LIMIT, async { tokio::join!(send, recv) })
+                .await
+                .unwrap();
+        }
+        let stats = s.stats().unwrap();
+        let closed = timeout(CLOSE_LIMIT, s.closed()).await.unwrap();
+        (back == *data, stats, closed)
+    });
+    let (echoed, c, c_closed) = client
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let (s_closed, s_stats) = server
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    eprintln!("IPv6 client transport: {c:?}");
+    assert!(echoed, "every byte came back in order");
+    assert_eq!(c_closed, CloseReason::Finished);
+    assert_eq!(s_closed, CloseReason::Finished);
+    assert!(c.mtu_probes_sent >= 1, "the client searched the path MTU");
+    assert_eq!(c.mtu_probes_lost, 0, "a probe was lost: {c:?}");
+    if let Ok(s) = s_stats {
+        assert_eq!(s.mtu_probes_lost, 0, "a server probe was lost: {s:?}");
+    }
 }
