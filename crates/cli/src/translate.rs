@@ -64,7 +64,7 @@ pub struct ExposeArgs {
 /// Runs `serval proxy`.
 pub fn proxy(args: ProxyArgs) -> ExitCode {
     match ServiceId::parse(&args.service) {
-        Ok(id) => crate::run(run_proxy(id, args)),
+        Ok(id) => crate::run_single(run_proxy(id, args)),
         Err(e) => crate::usage(&e),
     }
 }
@@ -81,7 +81,7 @@ pub fn expose(args: ExposeArgs) -> ExitCode {
             args.to
         ));
     }
-    crate::run(run_expose(prefix, args))
+    crate::run_single(run_expose(prefix, args))
 }
 
 /// Counts what a translator did, for its closing line.
