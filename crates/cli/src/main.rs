@@ -238,7 +238,10 @@ pub(crate) fn run(fut: impl std::future::Future<Output = Result<(), String>>) ->
 /// [`run`] on a single-threaded runtime: every task (sockets, timers, the endpoint's driver)
 /// on one thread, so handing work from one task to another never wakes another thread.
 pub(crate) fn run_single(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => block_on(&rt, fut),
         Err(e) => {
             note!("error: cannot start the runtime: {e}");
