@@ -147,11 +147,16 @@ pub enum TableError {
 
 /// The targets of one prefix, highest priority first; within a priority, by identity (so the
 /// order never depends on insertion order). Never empty.
-#[derive(Clone, Debug)]
+///
+/// Boxed slices of exactly the right length, not `Vec`s: an entry is copied on every change
+/// anyway (the map is persistent), and a `Vec` grown by one insert keeps room for four. With
+/// one target per prefix, as a router's registrations are, that room was most of the table's
+/// memory.
+#[derive(Clone, Debug, Default)]
 struct Entry {
-    targets: Vec<Target>,
+    targets: Box<[Target]>,
     /// `targets[i].action.identity()`, computed once.
-    idents: Vec<u64>,
+    idents: Box<[u64]>,
 }
 
 impl Entry {
@@ -170,23 +175,26 @@ impl Entry {
     /// Adds `t`, or updates the priority and weight of the target with the same action.
     /// Returns whether anything changed.
     fn upsert(&mut self, t: Target) -> bool {
-        if let Some(i) = self.targets.iter().position(|x| x.action.same(&t.action)) {
-            if self.targets[i] == t {
+        let mut targets = self.targets.to_vec();
+        let mut idents = self.idents.to_vec();
+        if let Some(i) = targets.iter().position(|x| x.action.same(&t.action)) {
+            if targets[i] == t {
                 return false;
             }
-            self.targets.remove(i);
-            self.idents.remove(i);
+            targets.remove(i);
+            idents.remove(i);
         }
         let ident = t.action.identity();
         let key = |t: &Target, id: u64| (core::cmp::Reverse(t.priority), id, t.action.encode());
-        let at = self
-            .targets
+        let at = targets
             .iter()
-            .zip(&self.idents)
+            .zip(&idents)
             .position(|(x, xid)| key(x, *xid) > key(&t, ident))
-            .unwrap_or(self.targets.len());
-        self.targets.insert(at, t);
-        self.idents.insert(at, ident);
+            .unwrap_or(targets.len());
+        targets.insert(at, t);
+        idents.insert(at, ident);
+        self.targets = targets.into_boxed_slice();
+        self.idents = idents.into_boxed_slice();
         true
     }
 
@@ -194,8 +202,15 @@ impl Entry {
     fn remove(&mut self, action: &Action) -> bool {
         match self.targets.iter().position(|x| x.action.same(action)) {
             Some(i) => {
-                self.targets.remove(i);
-                self.idents.remove(i);
+                let keep = |j: &usize| *j != i;
+                self.targets = (0..self.targets.len())
+                    .filter(keep)
+                    .map(|j| self.targets[j])
+                    .collect();
+                self.idents = (0..self.idents.len())
+                    .filter(keep)
+                    .map(|j| self.idents[j])
+                    .collect();
                 true
             }
             None => false,
@@ -216,7 +231,7 @@ pub struct Resolution {
     pub weight: u32,
 }
 
-type Map = PrefixMap<Arc<Entry>>;
+type Map = PrefixMap<Entry>;
 
 /// The service table: a consistent, lock-free-to-read map from serviceID prefixes to targets.
 ///
@@ -327,13 +342,10 @@ impl TableTx {
         }
         let mut entry = match self.map.get(&prefix) {
             Some(e) => Entry::clone(e),
-            None => Entry {
-                targets: Vec::new(),
-                idents: Vec::new(),
-            },
+            None => Entry::default(),
         };
         if entry.upsert(target) {
-            self.map.insert(prefix, Arc::new(entry));
+            self.map.insert(prefix, entry);
             self.changed = true;
         }
         Ok(())
@@ -341,7 +353,7 @@ impl TableTx {
 
     /// As [`ServiceTable::remove_target`].
     pub fn remove_target(&mut self, prefix: &ServicePrefix, action: &Action) -> bool {
-        let Some(mut entry) = self.map.get(prefix).map(|e| Entry::clone(e)) else {
+        let Some(mut entry) = self.map.get(prefix).cloned() else {
             return false;
         };
         if !entry.remove(action) {
@@ -350,7 +362,7 @@ impl TableTx {
         if entry.targets.is_empty() {
             self.map.remove(prefix);
         } else {
-            self.map.insert(*prefix, Arc::new(entry));
+            self.map.insert(*prefix, entry);
         }
         self.changed = true;
         true
@@ -365,7 +377,7 @@ impl TableTx {
 
     /// The targets of exactly `prefix`, as changed so far.
     pub fn targets(&self, prefix: &ServicePrefix) -> Option<&[Target]> {
-        self.map.get(prefix).map(|e| e.targets.as_slice())
+        self.map.get(prefix).map(|e| &e.targets[..])
     }
 
     /// Number of entries, as changed so far.
@@ -406,19 +418,17 @@ impl TableSnapshot {
 
     /// The longest prefix containing `id` and all its targets.
     pub fn lookup(&self, id: &ServiceId) -> Option<(ServicePrefix, &[Target])> {
-        self.map
-            .longest_match(id)
-            .map(|(p, e)| (p, e.targets.as_slice()))
+        self.map.longest_match(id).map(|(p, e)| (p, &e.targets[..]))
     }
 
     /// The targets of exactly `prefix`.
     pub fn get(&self, prefix: &ServicePrefix) -> Option<&[Target]> {
-        self.map.get(prefix).map(|e| e.targets.as_slice())
+        self.map.get(prefix).map(|e| &e.targets[..])
     }
 
     /// Every entry in ascending prefix order, each with its targets, highest priority first.
     pub fn entries(&self) -> impl Iterator<Item = (ServicePrefix, &[Target])> {
-        self.map.iter().map(|(p, e)| (p, e.targets.as_slice()))
+        self.map.iter().map(|(p, e)| (p, &e.targets[..]))
     }
 
     /// Number of entries.
@@ -460,10 +470,7 @@ mod tests {
 
     #[test]
     fn entry_keeps_priority_then_identity_order() {
-        let mut e = Entry {
-            targets: Vec::new(),
-            idents: Vec::new(),
-        };
+        let mut e = Entry::default();
         let acts: Vec<Action> = (0..6).map(|i| Action::Demux(ListenerId(i))).collect();
         for (i, a) in acts.iter().enumerate() {
             assert!(e.upsert(Target::new(*a, (i % 3) as u32, 1)));
