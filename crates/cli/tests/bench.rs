@@ -10,53 +10,16 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{Guard, lines, serval, wait_line};
-
-/// Starts `serval listen NAME` (with `--echo` if `echo`) on a loopback port; returns it and
-/// its locator.
-fn instance(name: &str, echo: bool) -> (Guard, String) {
-    let mut cmd = serval();
-    cmd.args(["listen", name, "--bind", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if echo {
-        cmd.arg("--echo");
-    }
-    let mut child = cmd.spawn().expect("spawn listen");
-    let err = lines(child.stderr.take().unwrap());
-    let guard = Guard(child);
-    let serving = wait_line(&err, "serving line", |l| l.contains("serving"));
-    let addr = serving
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split([' ', ',']).next())
-        .unwrap_or_else(|| panic!("no locator in {serving:?}"))
-        .to_owned();
-    (guard, addr)
-}
+use support::{Guard, instance, lines, router, serval, wait_line};
 
 /// Runs `serval bench ARGS…` to its end (at most 60 s).
 fn bench(args: &[&str]) -> Output {
-    let child = serval()
-        .arg("bench")
+    let mut cmd = serval();
+    cmd.arg("bench")
         .args(args)
         .env_remove("SERVAL_VIA")
-        .env_remove("SERVAL_ROUTER")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bench");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("serval bench {args:?} did not finish within 60 s")
-        })
-        .unwrap()
+        .env_remove("SERVAL_ROUTER");
+    support::output_within(cmd, b"", Duration::from_secs(60))
 }
 
 /// The one JSON object a successful `--json` run prints.
@@ -76,7 +39,7 @@ fn f(v: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn throughput_for_a_second_as_json() {
-    let (_echo, addr) = instance("web.example.com", true);
+    let (_echo, addr) = instance("web.example.com", None, &["--echo"]);
     let o = bench(&[
         "web.example.com",
         "--via",
@@ -145,7 +108,7 @@ fn throughput_for_a_second_as_json() {
 
 #[test]
 fn latency_mode_reports_percentiles() {
-    let (_echo, addr) = instance("web.example.com", true);
+    let (_echo, addr) = instance("web.example.com", None, &["--echo"]);
     let o = bench(&[
         "web.example.com",
         "--via",
@@ -188,7 +151,7 @@ fn latency_mode_reports_percentiles() {
 
 #[test]
 fn text_summary_and_charts() {
-    let (_echo, addr) = instance("web.example.com", true);
+    let (_echo, addr) = instance("web.example.com", None, &["--echo"]);
     let dir = std::env::temp_dir().join(format!("serval-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let svg = dir.join("x.svg");
@@ -242,7 +205,7 @@ fn text_summary_and_charts() {
 
 #[test]
 fn an_instance_that_does_not_echo_fails_in_one_line() {
-    let (_sink, addr) = instance("sink.example.com", false);
+    let (_sink, addr) = instance("sink.example.com", None, &[]);
     for mode in ["throughput", "latency"] {
         let o = bench(&[
             "sink.example.com",
@@ -291,20 +254,6 @@ fn bad_bench_flags_are_one_line_and_exit_2() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(err.lines().count(), 1, "{extra:?}: {err}");
     }
-}
-
-/// Starts a router on a loopback port with 1-s leases; returns it and its address.
-fn router() -> (Guard, String) {
-    let mut child = serval()
-        .args(["router", "--listen", "127.0.0.1:0", "--max-ttl-ms", "1000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "READY line", |_| true);
-    (guard, ready.strip_prefix("READY ").unwrap().to_owned())
 }
 
 /// `serval listen NAME --echo` registered with `router`, once registered.
@@ -363,7 +312,7 @@ fn finish(pid: u32, rx: &mpsc::Receiver<std::io::Result<Output>>) -> Output {
 
 #[test]
 fn an_instance_dying_mid_run_fails_in_one_line() {
-    let (mut echo, addr) = instance("web.example.com", true);
+    let (mut echo, addr) = instance("web.example.com", None, &["--echo"]);
     let (pid, rx) = spawn_bench(&[
         "web.example.com",
         "--via",
@@ -388,7 +337,7 @@ fn an_instance_dying_mid_run_fails_in_one_line() {
 
 #[test]
 fn a_failover_with_reconnect_shows_the_gap_and_the_new_instance() {
-    let (_router, r) = router();
+    let (_router, r) = router(&["--max-ttl-ms", "1000"]);
     // Only the highest priority gets connections: the stream goes to `a` while it serves.
     let (mut a, a_addr) = registered(&r, "1");
     let (_b, b_addr) = registered(&r, "0");

@@ -6,71 +6,13 @@
 mod support;
 
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{Guard, lines, serval, wait_line};
-
-/// Starts a router on a loopback port; returns it and its address from the READY line.
-fn router() -> (Guard, String) {
-    let mut child = serval()
-        .args(["router", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "READY line", |_| true);
-    let addr = ready.strip_prefix("READY ").unwrap().to_owned();
-    (guard, addr)
-}
-
-/// Starts `serval listen NAME --echo` on a loopback port (registered with `router` if given,
-/// and then only returned once registered); returns it and its locator.
-fn echo(name: &str, router: Option<&str>, extra: &[&str]) -> (Guard, String) {
-    let mut cmd = serval();
-    cmd.args(["listen", name, "--echo", "--bind", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(r) = router {
-        cmd.args(["--router", r]);
-    }
-    let mut child = cmd.spawn().expect("spawn listen");
-    let err = lines(child.stderr.take().unwrap());
-    let guard = Guard(child);
-    let serving = wait_line(&err, "serving line", |l| l.contains("serving"));
-    let addr = serving
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split([' ', ',']).next())
-        .unwrap_or_else(|| panic!("no locator in {serving:?}"))
-        .to_owned();
-    if router.is_some() {
-        wait_line(&err, "registration", |l| l.contains("registered"));
-    }
-    (guard, addr)
-}
+use support::{Guard, instance, lines, router, serval, wait_line};
 
 /// Runs `cmd` to its end (at most 30 s).
-fn output(mut cmd: Command) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("serval did not finish within 30 s")
-        })
-        .unwrap()
+fn output(cmd: Command) -> Output {
+    support::output_within(cmd, b"", Duration::from_secs(30))
 }
 
 fn ping(args: &[&str]) -> Command {
@@ -84,7 +26,7 @@ fn ping(args: &[&str]) -> Command {
 
 #[test]
 fn ping_an_echo_instance_by_name() {
-    let (_echo, addr) = echo("web.example.com", None, &[]);
+    let (_echo, addr) = instance("web.example.com", None, &["--echo"]);
     let o = output(ping(&[
         "web.example.com",
         "--via",
@@ -150,7 +92,7 @@ fn ping_an_echo_instance_by_name() {
 
 #[test]
 fn probes_to_a_name_nobody_serves_are_lost() {
-    let (_router, r) = router();
+    let (_router, r) = router(&[]);
     let o = output(ping(&[
         "nobody.example.com",
         "--router",
@@ -205,10 +147,10 @@ fn probes_to_a_name_nobody_serves_are_lost() {
 
 #[test]
 fn the_instance_changing_behind_a_router_shows() {
-    let (_router, r) = router();
+    let (_router, r) = router(&[]);
     // Only the highest priority gets connections: everything goes to `a` while it serves.
-    let (a, a_addr) = echo("web.example.com", Some(&r), &["--priority", "1"]);
-    let (_b, b_addr) = echo("web.example.com", Some(&r), &[]);
+    let (a, a_addr) = instance("web.example.com", Some(&r), &["--echo", "--priority", "1"]);
+    let (_b, b_addr) = instance("web.example.com", Some(&r), &["--echo"]);
     let mut child = ping(&["web.example.com", "--router", &r, "-i", "0.05", "-W", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -16,12 +16,12 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use support::{Guard, drain, lines, serval, wait_line};
+use support::{Guard, drain, lines, output_within, router, serval, wait_line};
 
 // ---------------------------------------------------------------------------------------------
 // Programs, directories, ports
@@ -143,34 +143,6 @@ fn start_server(
     panic!("{what} never started:\n{log}");
 }
 
-/// Runs `cmd` (stdin from `input`, or empty) and returns its output, killing it if it takes
-/// longer than `limit`.
-fn output_within(mut cmd: Command, input: &[u8], limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            signal(pid, "KILL");
-            panic!("{cmd:?} did not finish within {limit:?}")
-        }
-    }
-}
-
 /// Sends `SIG` (a name such as "TERM") to a process.
 fn signal(pid: u32, sig: &str) {
     let st = Command::new("kill")
@@ -214,24 +186,6 @@ fn write_random_file(path: &Path, len: usize, seed: u64) {
 // ---------------------------------------------------------------------------------------------
 // Serval processes
 // ---------------------------------------------------------------------------------------------
-
-/// `serval router --listen 127.0.0.1:0`; returns it and its address from the READY line.
-fn router() -> (Guard, String) {
-    let mut child = serval()
-        .args(["router", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "router READY line", |_| true);
-    let addr = ready
-        .strip_prefix("READY ")
-        .unwrap_or_else(|| panic!("router's first line {ready:?}"))
-        .to_owned();
-    (guard, addr)
-}
 
 /// A running `serval expose`, registered with the router.
 struct Expose {
@@ -417,7 +371,7 @@ fn a_100_mb_download_through_proxy_and_expose_has_the_files_sha256() {
         write_random_file(&www.join("big.bin"), SIZE, 0x5e4a_1b00_c0ff_ee11);
     });
     let want = sha256(&web.dir.path().join("www/big.bin"));
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let _expose = expose("files.test", web.port, &raddr, &[]);
     let p = proxy("files.test", &raddr);
 
@@ -481,7 +435,7 @@ fn wrk_through_two_nginx_behind_one_name_reaches_both() {
     // and only 8, all 8 would land on one instance once in 128 runs.
     let a = Nginx::start(&nginx, 20, |_| {});
     let b = Nginx::start(&nginx, 20, |_| {});
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let _ea = expose("web.test", a.port, &raddr, &[]);
     let _eb = expose("web.test", b.port, &raddr, &[]);
     let p = proxy("web.test", &raddr);
@@ -593,7 +547,7 @@ fn two_instances(nginx: &Path) -> TwoInstances {
     let slow = |www: &Path| write_random_file(&www.join("slow.bin"), SLOW_LEN, 7);
     let a = Nginx::start(nginx, 100, slow);
     let b = Nginx::start(nginx, 100, slow);
-    let (router, raddr) = router();
+    let (router, raddr) = router(&[]);
     let ea = expose("web.test", a.port, &raddr, &[]);
     let eb = expose("web.test", b.port, &raddr, &[]);
     let proxy = proxy("web.test", &raddr);
@@ -776,7 +730,7 @@ fn iperf3_runs_through_proxy_and_expose() {
             .spawn()
             .expect("spawn iperf3 -s")
     });
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let _e = expose("iperf.test", port, &raddr, &[]);
     let p = proxy("iperf.test", &raddr);
     let (host, pport) = p.addr.rsplit_once(':').unwrap();
@@ -825,7 +779,7 @@ fn redis_cli_sets_and_gets_a_large_value_through_proxy_and_expose() {
             .spawn()
             .expect("spawn redis-server")
     });
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let _e = expose("kv.test", port, &raddr, &[]);
     let p = proxy("kv.test", &raddr);
     let (host, pport) = p.addr.rsplit_once(':').unwrap();
@@ -909,7 +863,7 @@ fn new_lines(rx: &mpsc::Receiver<String>, first: Duration) -> Vec<String> {
 fn a_backend_refusing_connections_closes_the_client_and_expose_carries_on() {
     // Nothing listens on this port.
     let closed = free_tcp_port();
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let mut e = expose("refused.test", closed, &raddr, &[]);
     let p = proxy("refused.test", &raddr);
     drain(&e.err);
@@ -928,7 +882,7 @@ fn a_backend_refusing_connections_closes_the_client_and_expose_carries_on() {
 
 #[test]
 fn a_name_with_no_instance_closes_the_client_and_the_proxy_carries_on() {
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let mut p = proxy("nobody.test", &raddr);
     drain(&p.err); // its start-up line
     for round in 0..2 {
@@ -1000,7 +954,7 @@ fn a_client_leaving_mid_stream_closes_the_backend_connection() {
         };
         let _ = tx.send((r.kind(), sent));
     });
-    let (_router, raddr) = router();
+    let (_router, raddr) = router(&[]);
     let _e = expose("stream.test", bport, &raddr, &[]);
     let p = proxy("stream.test", &raddr);
     let pport: u16 = p.addr.rsplit_once(':').unwrap().1.parse().unwrap();

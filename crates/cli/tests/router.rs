@@ -7,54 +7,15 @@ mod support;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Etcd, Guard, lines, serval, wait_line};
-
-/// Starts a router on a loopback port; returns it and its address from the READY line.
-fn router(extra: &[&str]) -> (Guard, String) {
-    let mut child = serval()
-        .args(["router", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "READY line", |_| true);
-    let addr = ready
-        .strip_prefix("READY ")
-        .unwrap_or_else(|| panic!("first line {ready:?}"))
-        .to_owned();
-    assert!(!addr.contains(' '), "one locator: {addr}");
-    (guard, addr)
-}
+use support::{Etcd, Guard, lines, router, serval, wait_line};
 
 /// `serval cat SERVICE --router R` with `input`; bounded.
 fn cat(service: &str, router: &str, input: &[u8]) -> Output {
-    let mut child = serval()
-        .args(["cat", service, "--router", router])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cat");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).unwrap();
-    drop(stdin);
-    let (tx, rx) = mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("serval cat {service} did not finish within 30 s")
-        })
-        .unwrap()
+    let mut cmd = serval();
+    cmd.args(["cat", service, "--router", router]);
+    support::output_within(cmd, input, Duration::from_secs(30))
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, serval, spawn_ready, wait_line};
+use support::{Guard, router, serval, spawn_ready, wait_line};
 
 /// A router, an expose of `name` to `backend`, and a proxy in front of it.
 struct Chain {
@@ -27,11 +27,7 @@ fn chain(name: &str, backend: &str) -> Chain {
 
 /// [`chain`] with `proxy_flags` added to the proxy's command line.
 fn chain_with(name: &str, backend: &str, proxy_flags: &[&str]) -> Chain {
-    let (router, raddr, _) = spawn_ready({
-        let mut c = serval();
-        c.args(["router", "--listen", "127.0.0.1:0"]);
-        c
-    });
+    let (router, raddr) = router(&[]);
     let (expose, _, expose_err) = spawn_ready({
         let mut c = serval();
         c.args(["expose", name, "--to", backend, "--bind", "127.0.0.1:0"])
@@ -315,11 +311,7 @@ fn a_refusing_backend_resets_the_client_and_expose_goes_on() {
 
 #[test]
 fn a_name_with_no_instance_resets_the_client_and_proxy_goes_on() {
-    let (router, raddr, _) = spawn_ready({
-        let mut c = serval();
-        c.args(["router", "--listen", "127.0.0.1:0"]);
-        c
-    });
+    let (router, raddr) = router(&[]);
     let (proxy, paddr, proxy_err) = spawn_ready({
         let mut c = serval();
         c.args(["proxy", "nobody.translate.test", "--listen", "127.0.0.1:0"])

@@ -282,3 +282,72 @@ impl Drop for Lan {
         }
     }
 }
+
+/// `serval router --listen 127.0.0.1:0 EXTRA…`; returns it and its address from the READY
+/// line.
+pub fn router(extra: &[&str]) -> (Guard, String) {
+    let mut cmd = serval();
+    cmd.args(["router", "--listen", "127.0.0.1:0"]).args(extra);
+    let (guard, addr, _) = spawn_ready(cmd);
+    assert!(!addr.contains(' '), "one locator: {addr}");
+    (guard, addr)
+}
+
+/// `serval listen NAME --bind 127.0.0.1:0 EXTRA…` (add `--echo` to `extra` for an echo
+/// instance), registered with `router` if given and then returned only once registered;
+/// returns it and its locator.
+pub fn instance(name: &str, router: Option<&str>, extra: &[&str]) -> (Guard, String) {
+    let mut cmd = serval();
+    cmd.args(["listen", name, "--bind", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(r) = router {
+        cmd.args(["--router", r]);
+    }
+    let mut child = cmd.spawn().expect("spawn listen");
+    let err = lines(child.stderr.take().unwrap());
+    let guard = Guard(child);
+    let serving = wait_line(&err, "serving line", |l| l.contains("serving"));
+    let addr = serving
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', ',']).next())
+        .unwrap_or_else(|| panic!("no locator in {serving:?}"))
+        .to_owned();
+    if router.is_some() {
+        wait_line(&err, "registration", |l| l.contains("registered"));
+    }
+    (guard, addr)
+}
+
+/// Runs `cmd` with `input` on its stdin (written from a thread, so a large input cannot
+/// deadlock against its output) and returns its output; kills it and fails the test if it
+/// takes longer than `limit`.
+pub fn output_within(mut cmd: Command, input: &[u8], limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not finish within {limit:?}")
+        }
+    }
+}
