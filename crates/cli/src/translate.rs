@@ -17,6 +17,7 @@ use std::time::Duration;
 use serval::{ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
 use crate::net::HopArgs;
@@ -84,20 +85,69 @@ pub fn expose(args: ExposeArgs) -> ExitCode {
     crate::run_single(run_expose(prefix, args))
 }
 
-/// Counts what a translator did, for its closing line.
-#[derive(Default)]
-struct Counters {
-    accepted: AtomicU64,
-    failed: AtomicU64,
+/// A translator's open connections: at most `--max-connections` at once, each a task, counted
+/// for the closing line.
+struct Connections {
+    /// `proxy` or `expose`, for log lines.
+    role: &'static str,
+    slots: Arc<tokio::sync::Semaphore>,
+    tasks: JoinSet<()>,
+    accepted: u64,
+    failed: Arc<AtomicU64>,
 }
 
-impl Counters {
-    fn summary(&self, what: &str) -> String {
-        format!(
-            "serval: {what} stopping: {} connections, {} failed",
-            self.accepted.load(Ordering::Relaxed),
+impl Connections {
+    fn new(role: &'static str, max: u32) -> Connections {
+        Connections {
+            role,
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            tasks: JoinSet::new(),
+            accepted: 0,
+            failed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Waits for a free slot (`None` never happens: the semaphore is never closed).
+    fn slot(&self) -> impl Future<Output = Option<OwnedSemaphorePermit>> + use<> {
+        let slots = self.slots.clone();
+        async move { slots.acquire_owned().await.ok() }
+    }
+
+    /// Runs one connection in its slot; a failure is counted and logged as `what: error`.
+    fn spawn(
+        &mut self,
+        slot: OwnedSemaphorePermit,
+        what: String,
+        conn: impl Future<Output = Result<(), String>> + Send + 'static,
+    ) {
+        self.accepted += 1;
+        let (role, failed) = (self.role, self.failed.clone());
+        self.tasks.spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                failed.fetch_add(1, Ordering::Relaxed);
+                note!("serval: {role}: {what}: {e}");
+            }
+        });
+    }
+
+    /// Reaps finished tasks (for a `select!` branch; pending while none runs).
+    async fn reap(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// After a stop: lets open connections finish (see [`crate::net::drain`]), then says
+    /// what was done.
+    async fn finish(mut self, stopping: &str, limit: Duration) {
+        crate::net::drain(&mut self.tasks, stopping, limit).await;
+        note!(
+            "serval: {} stopping: {} connections, {} failed",
+            self.role,
+            self.accepted,
             self.failed.load(Ordering::Relaxed)
-        )
+        );
     }
 }
 
@@ -115,20 +165,16 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
     note!("serval: proxy: TCP {local} → service {name} ({service})");
     ready(&local.to_string());
 
-    let counters = Arc::new(Counters::default());
-    let permits = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
-    let mut conns = JoinSet::new();
+    let mut conns = Connections::new("proxy", args.max_connections);
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
     loop {
         // A free slot first, then a connection; a signal interrupts either wait.
-        let next = async {
-            let permit = permits.clone().acquire_owned().await;
-            (permit, listener.accept().await)
-        };
+        let slot = conns.slot();
+        let next = async { (slot.await, listener.accept().await) };
         tokio::select! {
-            (permit, accepted) = next => {
-                let Ok(permit) = permit else { break };
+            (slot, accepted) = next => {
+                let Some(slot) = slot else { break };
                 let (tcp, client) = match accepted {
                     Ok(a) => a,
                     // Out of descriptors and the like: say so, back off, go on.
@@ -138,31 +184,26 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
                         continue;
                     }
                 };
-                counters.accepted.fetch_add(1, Ordering::Relaxed);
-                let (ep, hop, name, counters) = (ep.clone(), hop.clone(), name.clone(), counters.clone());
-                conns.spawn(async move {
-                    let _permit = permit;
-                    let r = match crate::net::connect(&ep, &name, service, &hop).await {
+                let (ep, hop, name) = (ep.clone(), hop.clone(), name.clone());
+                conns.spawn(slot, format!("connection from {client}"), async move {
+                    match crate::net::connect(&ep, &name, service, &hop).await {
                         Ok(stream) => splice(tcp, stream).await,
                         Err(e) => {
                             reset_tcp(tcp);
                             Err(e)
                         }
-                    };
-                    if let Err(e) = r {
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                        note!("serval: proxy: connection from {client}: {e}");
                     }
                 });
             }
-            Some(_) = conns.join_next() => {}
+            () = conns.reap() => {}
             () = &mut stop => break,
         }
     }
     drop(listener);
     let stopping = format!("serval: proxy stopping: no new connections on {local}");
-    crate::net::drain(&mut conns, &stopping, Duration::from_secs(args.drain)).await;
-    note!("{}", counters.summary("proxy"));
+    conns
+        .finish(&stopping, Duration::from_secs(args.drain))
+        .await;
     Ok(())
 }
 
@@ -181,51 +222,42 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
 
     let backend: Arc<str> = args.to.into();
     let connect_timeout = Duration::from_millis(args.connect_timeout);
-    let counters = Arc::new(Counters::default());
-    let permits = Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize));
-    let mut conns = JoinSet::new();
+    let mut conns = Connections::new("expose", args.max_connections);
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
     loop {
         // A free slot first, then a stream; a signal or a registrar event interrupts either.
-        let next = async {
-            let permit = permits.clone().acquire_owned().await;
-            (permit, listener.accept().await)
-        };
+        let slot = conns.slot();
+        let next = async { (slot.await, listener.accept().await) };
         tokio::select! {
             Ok(ev) = events.recv() => note!("{}", crate::net::describe_event(&name, &ev)),
-            (permit, accepted) = next => {
-                let Ok(permit) = permit else { break };
+            (slot, accepted) = next => {
+                let Some(slot) = slot else { break };
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
-                counters.accepted.fetch_add(1, Ordering::Relaxed);
-                let (backend, counters) = (backend.clone(), counters.clone());
-                conns.spawn(async move {
-                    let _permit = permit;
-                    let client = stream
-                        .peer_locator()
-                        .map_or_else(|_| "?".to_string(), |p| p.to_string());
-                    let r = match connect_backend(&backend, connect_timeout).await {
+                let client = stream
+                    .peer_locator()
+                    .map_or_else(|_| "?".to_string(), |p| p.to_string());
+                let backend = backend.clone();
+                conns.spawn(slot, format!("stream from {client}"), async move {
+                    match connect_backend(&backend, connect_timeout).await {
                         Ok(tcp) => splice(tcp, stream).await,
                         Err(e) => {
                             stream.abort();
                             Err(e)
                         }
-                    };
-                    if let Err(e) = r {
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                        note!("serval: expose: stream from {client}: {e}");
                     }
                 });
             }
-            Some(_) = conns.join_next() => {}
+            () = conns.reap() => {}
             () = &mut stop => break,
         }
     }
     // Withdraw at once (the UNREGISTER leaves now), then let open connections finish.
     drop(listener);
     let stopping = format!("serval: expose stopping: {name} withdrawn, no new streams");
-    crate::net::drain(&mut conns, &stopping, Duration::from_secs(args.drain)).await;
-    note!("{}", counters.summary("expose"));
+    conns
+        .finish(&stopping, Duration::from_secs(args.drain))
+        .await;
     Ok(())
 }
 
