@@ -62,6 +62,10 @@ enum Command {
         /// it). Hidden: for `serval demo` and tests, which want quick failover.
         #[arg(long, value_name = "MS", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
         lease_ms: Option<u64>,
+        /// Exit (SIGKILL, no unregistering) when the parent process dies. Hidden: for the
+        /// demo's instances, so that a demo killed outright leaves none behind.
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Connect to a service by name, send stdin, print what comes back.
     ///
@@ -139,8 +143,12 @@ fn main() -> ExitCode {
             discover,
             discover_port,
             lease_ms,
+            exit_with_parent,
         } => match ServicePrefix::parse(&service) {
             Ok(prefix) => {
+                if exit_with_parent && let Err(e) = die_with_parent() {
+                    return usage(&e);
+                }
                 let opts = net::ListenOptions {
                     echo,
                     discover: discover.then(|| serval::DiscoveryConfig {
@@ -182,6 +190,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Asks the kernel to SIGKILL this process when its parent dies (`PR_SET_PDEATHSIG`), then
+/// checks the parent did not die before that took effect.
+fn die_with_parent() -> Result<(), String> {
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("--exit-with-parent: {e}"))?;
+    if nix::unistd::getppid() != parent {
+        return Err("--exit-with-parent: the parent process is already gone".into());
+    }
+    Ok(())
 }
 
 /// Logs (tracing) to stderr, at `default` unless RUST_LOG says otherwise.

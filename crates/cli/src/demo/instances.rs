@@ -36,6 +36,8 @@ impl ChildInstance {
             .args(["--router", &router.to_string()])
             .args(["--weight", &weight.to_string()])
             .args(["--lease-ms", &lease.as_millis().to_string()])
+            // Even a demo killed outright (SIGKILL) leaves no instance behind.
+            .arg("--exit-with-parent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
