@@ -38,6 +38,9 @@ use crate::connection::{
 };
 use crate::schedule::Schedule;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
+
+/// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
+const IPV6_EXTRA_HEADER: u16 = 20;
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use registration::RegistrationRequest;
 
@@ -440,9 +443,21 @@ impl Endpoint {
             initial_verno: self.rng.next_u32(),
             hop_limit: self.config.hop_limit,
             ctl: self.config.control.clone(),
-            transport: self.config.transport.clone(),
+            transport: self.transport_for(local),
         };
         (flow, n)
+    }
+
+    /// The transport configuration of a connection from `local`. The path-MTU ceiling
+    /// ([`TransportConfig::max_udp_payload`]) is an IPv4 figure; a non-loopback IPv6 path gets
+    /// 20 bytes less, IPv6's header being 20 bytes longer (otherwise its first probe is one the
+    /// sending kernel refuses).
+    fn transport_for(&self, local: Locator) -> TransportConfig {
+        let mut t = self.config.transport.clone();
+        if local.is_ipv6() && !local.ip().is_loopback() {
+            t.max_udp_payload = t.max_udp_payload.saturating_sub(IPV6_EXTRA_HEADER);
+        }
+        t
     }
 
     fn register_flow(&mut self, flow: FlowId, h: ConnectionHandle) {

@@ -277,13 +277,6 @@ impl Endpoint {
             if local.ip().is_loopback() {
                 // Loopback carries 64 KiB datagrams: let path-MTU discovery find them.
                 config.transport.max_udp_payload = config.transport.max_udp_payload.max(65_000);
-            } else if local.is_ipv6() {
-                // IPv6's header is 20 bytes longer: on 1500-byte Ethernet a UDP payload of
-                // 1472 (the IPv4 ceiling) is too big, and the kernel refuses it locally.
-                config.transport.max_udp_payload = config
-                    .transport
-                    .max_udp_payload
-                    .min(MAX_UDP_PAYLOAD_ETHERNET_V6);
             }
             let last_words = std.try_clone()?;
             sockets.push(Socket {
@@ -857,9 +850,6 @@ async fn send_one(sock: &Socket, contents: &[u8], destination: Locator) {
         }
     }
 }
-
-/// The largest UDP payload 1500-byte Ethernet carries over IPv6 (1500 − 40 − 8).
-const MAX_UDP_PAYLOAD_ETHERNET_V6: u16 = 1452;
 
 #[cfg(test)]
 mod tests {

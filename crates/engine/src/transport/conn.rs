@@ -181,9 +181,10 @@ pub struct TransportConfig {
     /// Size of a whole SAL packet (UDP payload) every path is assumed to carry; the path MTU
     /// starts here. Default 1200 (RFC 8899 `BASE_PLPMTU`, as QUIC).
     pub base_udp_payload: u16,
-    /// Ceiling of the path MTU search (DPLPMTUD probes never exceed it). Default 1472
-    /// (Ethernet over IPv4); the runtime raises it from the interface MTU, up to 65 507 on
-    /// loopback. Values below `base_udp_payload` disable the search.
+    /// Ceiling of the path MTU search (DPLPMTUD probes never exceed it), for IPv4: the
+    /// endpoint gives connections over non-loopback IPv6 20 bytes less. Default 1472
+    /// (1500-byte Ethernet); the runtime raises it to 65 000 on loopback. Values below
+    /// `base_udp_payload` disable the search.
     pub max_udp_payload: u16,
     /// Bytes of SAL header in front of the transport payload of a data packet. Default 20.
     pub sal_overhead: u16,
