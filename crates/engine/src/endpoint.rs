@@ -44,9 +44,28 @@ const IPV6_EXTRA_HEADER: u16 = 20;
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use registration::RegistrationRequest;
 
-/// Handle of a connection inside its [`Endpoint`].
+/// Handle of a connection inside its [`Endpoint`]: the connection's slot (low 32 bits) and
+/// the slot's generation (high 32 bits), so that a handle kept after its connection was
+/// forgotten never reaches the next connection in the same slot (every call with it finds
+/// nothing, as for any closed connection). The first connection of an endpoint is
+/// `ConnectionHandle(0)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionHandle(pub usize);
+pub struct ConnectionHandle(pub u64);
+
+impl ConnectionHandle {
+    fn new(index: usize, generation: u32) -> ConnectionHandle {
+        ConnectionHandle(index as u64 | u64::from(generation) << 32)
+    }
+
+    /// The slot.
+    fn index(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
 
 /// A datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +294,8 @@ pub struct Endpoint {
     locals: Vec<Locator>,
     flows: FlowTable<ConnectionHandle>,
     conns: Vec<Option<Connection>>,
+    /// Each slot's generation, bumped when its connection is forgotten.
+    generations: Vec<u32>,
     free: Vec<usize>,
     /// SYNs being answered, by (client flow, client nonce), so retransmitted SYNs find them.
     half_open: HashMap<(FlowId, Nonce), ConnectionHandle>,
@@ -318,6 +339,7 @@ impl Endpoint {
             locals,
             flows: FlowTable::new(),
             conns: Vec::new(),
+            generations: Vec::new(),
             free: Vec::new(),
             half_open: HashMap::new(),
             listeners: HashMap::new(),
@@ -385,18 +407,30 @@ impl Endpoint {
     }
 
     fn insert_conn(&mut self, c: Connection) -> ConnectionHandle {
-        let h = match self.free.pop() {
+        let i = match self.free.pop() {
             Some(i) => {
                 self.conns[i] = Some(c);
-                ConnectionHandle(i)
+                i
             }
             None => {
                 self.conns.push(Some(c));
-                ConnectionHandle(self.conns.len() - 1)
+                self.generations.push(0);
+                self.conns.len() - 1
             }
         };
+        let h = self.handle_at(i);
         self.touch(h);
         h
+    }
+
+    /// The handle of the connection now in slot `i`.
+    fn handle_at(&self, i: usize) -> ConnectionHandle {
+        ConnectionHandle::new(i, self.generations.get(i).copied().unwrap_or(0))
+    }
+
+    /// The connection `h` names, if it is still there (not one that took its slot since).
+    fn conn_ref(&self, h: ConnectionHandle) -> Option<&Connection> {
+        slot(&self.conns, &self.generations, h)
     }
 
     /// After anything happened to a connection (a packet, a timer, an application call): hands
@@ -404,7 +438,7 @@ impl Endpoint {
     /// re-arms its timer.
     fn touch(&mut self, h: ConnectionHandle) {
         if self.settle(h) {
-            self.schedule.wake(h.0);
+            self.schedule.wake(h.index());
         }
     }
 
@@ -412,10 +446,10 @@ impl Endpoint {
     /// Returns whether it is still there.
     fn settle(&mut self, h: ConnectionHandle) -> bool {
         self.collect_events(h);
-        match self.conns.get(h.0).and_then(Option::as_ref) {
+        match self.conn_ref(h) {
             Some(c) => {
                 let deadline = c.poll_timeout();
-                self.schedule.arm(h.0, deadline);
+                self.schedule.arm(h.index(), deadline);
                 true
             }
             None => false,
@@ -432,7 +466,7 @@ impl Endpoint {
         // The handle is patched in once known; allocate the flowID against a placeholder.
         let flow = self
             .flows
-            .allocate(&mut self.rng, ConnectionHandle(usize::MAX));
+            .allocate(&mut self.rng, ConnectionHandle(u64::MAX));
         let n = NewConnection {
             role,
             service,
@@ -576,7 +610,7 @@ impl Endpoint {
     }
 
     fn conn(&mut self, h: ConnectionHandle) -> Option<&mut Connection> {
-        self.conns.get_mut(h.0)?.as_mut()
+        slot_mut(&mut self.conns, &self.generations, h)
     }
 
     /// Writes stream bytes; `Ok(0)` means the send buffer is full (wait for
@@ -625,9 +659,7 @@ impl Endpoint {
 
     /// Whether the peer's direction of the stream ended and the application read all of it.
     pub fn read_finished(&self, h: ConnectionHandle) -> bool {
-        self.conns
-            .get(h.0)
-            .and_then(Option::as_ref)
+        self.conn_ref(h)
             .is_some_and(|c| c.transport.read_finished())
     }
 
@@ -652,13 +684,13 @@ impl Endpoint {
 
     /// A connection's current local and peer locators.
     pub fn locators(&self, h: ConnectionHandle) -> Option<(Locator, Locator)> {
-        let c = self.conns.get(h.0)?.as_ref()?;
+        let c = self.conn_ref(h)?;
         Some((c.local, c.peer))
     }
 
     /// A connection's transport counters.
     pub fn connection_stats(&self, h: ConnectionHandle) -> Option<TransportStats> {
-        Some(self.conns.get(h.0)?.as_ref()?.transport.stats())
+        Some(self.conn_ref(h)?.transport.stats())
     }
 
     /// The next event.
@@ -703,7 +735,7 @@ impl Endpoint {
             self.stats.malformed += 1;
             return;
         };
-        let Some(c) = self.conns.get_mut(h.0).and_then(Option::as_mut) else {
+        let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {
             self.stats.unknown_flow += 1;
             return;
         };
@@ -1053,7 +1085,7 @@ impl Endpoint {
     }
 
     fn collect_events(&mut self, h: ConnectionHandle) {
-        let Some(c) = self.conns.get_mut(h.0).and_then(Option::as_mut) else {
+        let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {
             return;
         };
         let mut accepted = None;
@@ -1089,7 +1121,7 @@ impl Endpoint {
 
     /// Forgets a closed connection once it has nothing left to send.
     fn reap(&mut self, h: ConnectionHandle) {
-        let Some(c) = self.conns.get(h.0).and_then(Option::as_ref) else {
+        let Some(c) = slot(&self.conns, &self.generations, h) else {
             return;
         };
         if !c.is_closed() {
@@ -1101,9 +1133,12 @@ impl Endpoint {
         self.stats.malformed += c.malformed;
         self.flows.remove(flow);
         self.half_open.remove(&key);
-        self.conns[h.0] = None;
-        self.schedule.forget(h.0);
-        self.free.push(h.0);
+        let i = h.index();
+        self.conns[i] = None;
+        // Handles of the forgotten connection must not reach the slot's next one.
+        self.generations[i] = self.generations[i].wrapping_add(1);
+        self.schedule.forget(i);
+        self.free.push(i);
     }
 
     /// Queues a datagram of the endpoint's own (not a connection's); `false` if the queue is
@@ -1149,7 +1184,7 @@ impl Endpoint {
                 continue;
             };
             let route = c.poll_transmit(now, &mut self.scratch);
-            let h = ConnectionHandle(i);
+            let h = self.handle_at(i);
             if let Some(route) = route {
                 out.extend_from_slice(&self.scratch);
                 // It may have more: back of the queue.
@@ -1183,7 +1218,8 @@ impl Endpoint {
         for &i in &due {
             if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
                 c.handle_timeout(now);
-                self.touch(ConnectionHandle(i));
+                let h = self.handle_at(i);
+                self.touch(h);
             }
         }
         due.clear();
@@ -1191,6 +1227,30 @@ impl Endpoint {
         self.registrar_handle_timeout(now);
         self.expire_held(now);
     }
+}
+
+/// The connection `h` names in `conns`, if its slot still has `h`'s generation.
+fn slot<'a>(
+    conns: &'a [Option<Connection>],
+    generations: &[u32],
+    h: ConnectionHandle,
+) -> Option<&'a Connection> {
+    if generations.get(h.index()) != Some(&h.generation()) {
+        return None;
+    }
+    conns.get(h.index())?.as_ref()
+}
+
+/// [`slot`], mutably.
+fn slot_mut<'a>(
+    conns: &'a mut [Option<Connection>],
+    generations: &[u32],
+    h: ConnectionHandle,
+) -> Option<&'a mut Connection> {
+    if generations.get(h.index()) != Some(&h.generation()) {
+        return None;
+    }
+    conns.get_mut(h.index())?.as_mut()
 }
 
 /// The key a SYN's instance choice is made with: the same for every router on the path and for

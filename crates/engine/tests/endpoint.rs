@@ -80,6 +80,37 @@ fn connect_by_name_and_exchange_bytes() {
     assert_eq!(a.locators(h).unwrap().1, loc(B));
 }
 
+/// A handle kept after its connection was forgotten must never reach the connection that
+/// took the same slot: the runtime keeps handles in streams that may act late (an abort on
+/// drop reset the wrong connection when slots were reused without a generation).
+#[test]
+fn a_stale_handle_never_reaches_the_next_connection_in_its_slot() {
+    let now = Instant::ZERO;
+    let (mut a, mut b) = (endpoint(A, 1), endpoint(B, 2));
+    let l = b.listen(ServicePrefix::exact(svc("echo.test")), 0, 1);
+    let old = a.connect_via(now, svc("echo.test"), loc(B)).unwrap();
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert!(b.accept(l).is_some());
+    // Reset and forgotten on both sides.
+    a.abort(old);
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert!(a.locators(old).is_none(), "the old connection is gone");
+    // The next connection reuses the slot, under a new handle.
+    let new = a.connect_via(now, svc("echo.test"), loc(B)).unwrap();
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert!(events(&mut a).contains(&Event::Connected(new)));
+    assert_ne!(new, old);
+    assert!(b.accept(l).is_some());
+    // Everything done through the stale handle finds nothing and changes nothing.
+    a.abort(old);
+    assert!(a.write(old, b"x").is_err());
+    assert!(a.finish(old).is_err());
+    assert!(a.locators(old).is_none());
+    pump(&mut [(A, &mut a), (B, &mut b)], now);
+    assert!(a.locators(new).is_some(), "the new connection survived");
+    assert_eq!(a.write(new, b"still here").unwrap(), 10);
+}
+
 #[test]
 fn unknown_service_gets_a_small_nack_and_fails_fast() {
     let now = Instant::ZERO;
