@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use support::{Guard, drain, lines, output_within, router, serval, wait_line};
+use support::{Guard, drain, output_within, router, serval};
 
 // ---------------------------------------------------------------------------------------------
 // Programs, directories, ports
@@ -199,20 +199,9 @@ struct Expose {
 /// `serval expose SERVICE --to 127.0.0.1:PORT --router ROUTER --bind 127.0.0.1:0 EXTRA…`,
 /// once it is serving and registered.
 fn expose(service: &str, port: u16, router: &str, extra: &[&str]) -> Expose {
-    let mut child = serval()
-        .args(["expose", service, "--to", &format!("127.0.0.1:{port}")])
-        .args(["--router", router, "--bind", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn expose");
-    let out = lines(child.stdout.take().unwrap());
-    let err = lines(child.stderr.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "expose READY line", |_| true);
-    assert!(ready.starts_with("READY 127.0.0.1:"), "{ready}");
-    let line = wait_line(&err, "expose registration", |l| l.contains("registered"));
+    let to = format!("127.0.0.1:{port}");
+    let (guard, addrs, line, err) = support::expose(service, &to, router, extra);
+    assert!(addrs.starts_with("127.0.0.1:"), "READY {addrs}");
     assert!(
         line.contains(&format!("registered {service} with router {router}")),
         "{line}"
@@ -237,21 +226,7 @@ struct Proxy {
 /// `serval proxy --listen 127.0.0.1:0 SERVICE --router ROUTER --bind 127.0.0.1:0`, once it
 /// is listening.
 fn proxy(service: &str, router: &str) -> Proxy {
-    let mut child = serval()
-        .args(["proxy", "--listen", "127.0.0.1:0", service])
-        .args(["--router", router, "--bind", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let out = lines(child.stdout.take().unwrap());
-    let err = lines(child.stderr.take().unwrap());
-    let guard = Guard(child);
-    let ready = wait_line(&out, "proxy READY line", |_| true);
-    let addr = ready
-        .strip_prefix("READY ")
-        .unwrap_or_else(|| panic!("proxy's first line {ready:?}"))
-        .to_owned();
+    let (guard, addr, err) = support::proxy(service, router, &["--bind", "127.0.0.1:0"]);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     Proxy { guard, addr, err }
 }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Etcd, Guard, lines, router, serval, wait_line};
+use support::{Etcd, Guard, instance, lines, router, serval, wait_line};
 
 /// `serval cat SERVICE --router R` with `input`; bounded.
 fn cat(service: &str, router: &str, input: &[u8]) -> Output {
@@ -204,24 +204,7 @@ fn http_get(admin: &str, path: &str) -> String {
 fn the_admin_api_shows_registrations_and_edits_static_rules() {
     let admin = free_tcp_port();
     let (_router, addr) = router(&["--admin", &admin]);
-    let mut listen = serval()
-        .args([
-            "listen",
-            "web.test",
-            "--bind",
-            "127.0.0.1:0",
-            "--router",
-            &addr,
-            "--weight",
-            "3",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
-    let err = lines(listen.stderr.take().unwrap());
-    let _listen = Guard(listen);
-    wait_line(&err, "registration", |l| l.contains("registered"));
+    let (_listen, _) = instance("web.test", Some(&addr), &["--weight", "3"]);
 
     // The registration, with its lease.
     let o = table(&admin, &[]);
@@ -451,23 +434,7 @@ fn a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed()
     );
     let admin = free_tcp_port();
     let mut first = router_on(&listen, &etcd.url, &admin);
-    let mut instance = serval()
-        .args([
-            "listen",
-            "echo.test",
-            "--bind",
-            "127.0.0.1:0",
-            "--router",
-            &listen,
-        ])
-        .arg("--echo")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
-    let err = lines(instance.stderr.take().unwrap());
-    let _instance = Guard(instance);
-    wait_line(&err, "registration", |l| l.contains("registered"));
+    let (_instance, _) = instance("echo.test", Some(&listen), &["--echo"]);
 
     // A stream by name, open across the restart.
     let mut stream = serval()
@@ -523,22 +490,7 @@ fn a_router_whose_stderr_is_closed_keeps_serving() {
     let ready = wait_line(&out, "READY line", |_| true);
     let addr = ready.strip_prefix("READY ").unwrap().to_owned();
     // Registrations and SYNs make it log; it must go on answering.
-    let mut listen = serval()
-        .args([
-            "listen",
-            "closed.stderr.test",
-            "--bind",
-            "127.0.0.1:0",
-            "--echo",
-        ])
-        .args(["--router", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
-    let err = lines(listen.stderr.take().unwrap());
-    let _listen = Guard(listen);
-    wait_line(&err, "registration", |l| l.contains("registered"));
+    let (_listen, _) = instance("closed.stderr.test", Some(&addr), &["--echo"]);
     let o = cat("closed.stderr.test", &addr, b"still here\n");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(o.stdout, b"still here\n");

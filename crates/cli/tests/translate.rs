@@ -28,27 +28,8 @@ fn chain(name: &str, backend: &str) -> Chain {
 /// [`chain`] with `proxy_flags` added to the proxy's command line.
 fn chain_with(name: &str, backend: &str, proxy_flags: &[&str]) -> Chain {
     let (router, raddr) = router(&[]);
-    let (expose, _, expose_err) = spawn_ready({
-        let mut c = serval();
-        c.args(["expose", name, "--to", backend, "--bind", "127.0.0.1:0"])
-            .args(["--router", &raddr]);
-        c
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    loop {
-        match expose_err.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) if l.contains("registered") => break,
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("no registration within 20 s; expose said {seen:#?}"),
-        }
-    }
-    let (proxy, paddr, proxy_err) = spawn_ready({
-        let mut c = serval();
-        c.args(["proxy", name, "--listen", "127.0.0.1:0", "--router", &raddr])
-            .args(proxy_flags);
-        c
-    });
+    let (expose, _, _, expose_err) = support::expose(name, backend, &raddr, &[]);
+    let (proxy, paddr, proxy_err) = support::proxy(name, &raddr, proxy_flags);
     Chain {
         proxy: paddr,
         proxy_err,

@@ -351,3 +351,35 @@ pub fn output_within(mut cmd: Command, input: &[u8], limit: Duration) -> std::pr
         }
     }
 }
+
+/// `serval expose SERVICE --to TO --router ROUTER --bind 127.0.0.1:0 EXTRA…`, once it is
+/// serving and registered. Returns it, its locators (the READY line), the registration line
+/// and the rest of its stderr.
+pub fn expose(
+    service: &str,
+    to: &str,
+    router: &str,
+    extra: &[&str],
+) -> (Guard, String, String, mpsc::Receiver<String>) {
+    let mut cmd = serval();
+    cmd.args(["expose", service, "--to", to])
+        .args(["--router", router, "--bind", "127.0.0.1:0"])
+        .args(extra);
+    let (guard, addrs, err) = spawn_ready(cmd);
+    let registered = wait_line(&err, "expose registration", |l| l.contains("registered"));
+    (guard, addrs, registered, err)
+}
+
+/// `serval proxy SERVICE --listen 127.0.0.1:0 --router ROUTER EXTRA…`, once it is listening.
+/// Returns it, the TCP address it accepts on, and its stderr.
+pub fn proxy(
+    service: &str,
+    router: &str,
+    extra: &[&str],
+) -> (Guard, String, mpsc::Receiver<String>) {
+    let mut cmd = serval();
+    cmd.args(["proxy", service, "--listen", "127.0.0.1:0"])
+        .args(["--router", router])
+        .args(extra);
+    spawn_ready(cmd)
+}
