@@ -34,6 +34,20 @@ struct Web {
     b: ChildInstance,
 }
 
+/// Every step failed for one reason (the demo could not set up).
+fn all_failed(why: &str) -> Vec<Outcome> {
+    [
+        STEP_CONNECT,
+        STEP_SPREAD,
+        STEP_SWAP,
+        STEP_KILL,
+        STEP_MIGRATE,
+    ]
+    .into_iter()
+    .map(|s| Outcome::fail(s, why))
+    .collect()
+}
+
 /// Runs every step and returns their outcomes, in order.
 pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
     let mut config = RouterConfig::new(vec![loopback(1)]);
@@ -41,17 +55,7 @@ pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
     let router = match Router::bind(config).await {
         Ok(r) => r,
         Err(e) => {
-            let why = format!("no router: {e}");
-            return [
-                STEP_CONNECT,
-                STEP_SPREAD,
-                STEP_SWAP,
-                STEP_KILL,
-                STEP_MIGRATE,
-            ]
-            .into_iter()
-            .map(|s| Outcome::fail(s, why.clone()))
-            .collect();
+            return all_failed(&format!("no router: {e}"));
         }
     };
     let Some(&raddr) = router.locators().first() else {
@@ -65,17 +69,7 @@ pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
     let client = match Endpoint::bind(&[loopback(1)]).await {
         Ok(ep) => ep,
         Err(e) => {
-            let why = format!("cannot bind a client: {e}");
-            return [
-                STEP_CONNECT,
-                STEP_SPREAD,
-                STEP_SWAP,
-                STEP_KILL,
-                STEP_MIGRATE,
-            ]
-            .into_iter()
-            .map(|s| Outcome::fail(s, why.clone()))
-            .collect();
+            return all_failed(&format!("cannot bind a client: {e}"));
         }
     };
     let hop = NextHop::Via(raddr);
