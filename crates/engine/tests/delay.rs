@@ -3,7 +3,8 @@
 //! it exists.
 #![allow(clippy::unwrap_used)] // test harness
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
 use serval_engine::Instant;
@@ -11,37 +12,9 @@ use serval_engine::connection::ConnectError;
 use serval_engine::endpoint::{
     Endpoint, EndpointConfig, Event, HeldSyn, ReleaseError, Transmit, Verdict,
 };
-use serval_table::{Action, ServiceTable, Target};
-use serval_wire::{Locator, ServiceId, ServicePrefix};
-
-const A: &str = "10.0.0.1:54324";
-const B: &str = "10.0.0.2:54324";
-const R: &str = "10.0.0.3:54324";
-
-fn loc(s: &str) -> Locator {
-    s.parse().unwrap()
-}
-
-fn svc(name: &str) -> ServiceId {
-    ServiceId::from_name(name).unwrap()
-}
-
-fn at(ms: u64) -> Instant {
-    Instant::from_nanos(ms * 1_000_000)
-}
-
-fn endpoint_with(addr: &str, seed: u8, config: EndpointConfig) -> Endpoint {
-    Endpoint::new(
-        config,
-        [seed; 32],
-        Arc::new(ServiceTable::new()),
-        vec![loc(addr)],
-    )
-}
-
-fn endpoint(addr: &str, seed: u8) -> Endpoint {
-    endpoint_with(addr, seed, EndpointConfig::default())
-}
+use serval_table::{Action, Target};
+use serval_wire::ServicePrefix;
+use support::{A, B, R, at, drain, endpoint, endpoint_with, loc, svc};
 
 /// A router holding every SYN for `*.example.test`.
 fn delaying_router(config: EndpointConfig) -> Endpoint {
@@ -53,10 +26,6 @@ fn delaying_router(config: EndpointConfig) -> Endpoint {
         )
         .unwrap();
     r
-}
-
-fn drain(ep: &mut Endpoint, now: Instant) -> Vec<Transmit> {
-    std::iter::from_fn(|| ep.poll_transmit(now)).collect()
 }
 
 fn held(ep: &mut Endpoint) -> Vec<HeldSyn> {

@@ -2,45 +2,18 @@
 //! simulator in `serval-sim` covers lossy networks; these tests pin single decisions).
 #![allow(clippy::unwrap_used)] // test harness
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
 use proptest::prelude::*;
 use serval_engine::Instant;
 use serval_engine::connection::ConnectError;
-use serval_engine::endpoint::{Endpoint, EndpointConfig, Event, Transmit};
-use serval_table::{Action, ServiceTable, Target};
+use serval_engine::endpoint::{Endpoint, Event};
+use serval_table::{Action, Target};
 use serval_wire::ext::ControlFlags;
-use serval_wire::{FlowId, Locator, SalPacket, SalRepr, ServiceId, ServicePrefix};
-
-const A: &str = "10.0.0.1:54324";
-const B: &str = "10.0.0.2:54324";
-const R: &str = "10.0.0.3:54324";
-
-fn loc(s: &str) -> Locator {
-    s.parse().unwrap()
-}
-
-fn endpoint(addr: &str, seed: u8) -> Endpoint {
-    Endpoint::new(
-        EndpointConfig::default(),
-        [seed; 32],
-        Arc::new(ServiceTable::new()),
-        vec![loc(addr)],
-    )
-}
-
-fn svc(name: &str) -> ServiceId {
-    ServiceId::from_name(name).unwrap()
-}
-
-fn drain(ep: &mut Endpoint, now: Instant) -> Vec<Transmit> {
-    std::iter::from_fn(|| ep.poll_transmit(now)).collect()
-}
-
-fn events(ep: &mut Endpoint) -> Vec<Event> {
-    std::iter::from_fn(|| ep.poll_event()).collect()
-}
+use serval_wire::{FlowId, SalPacket, SalRepr, ServicePrefix};
+use support::{A, B, R, drain, endpoint, events, loc, svc};
 
 /// Delivers every datagram between the endpoints until both are quiet (no loss, no delay).
 fn pump(eps: &mut [(&str, &mut Endpoint)], now: Instant) {

@@ -1,6 +1,8 @@
 //! A migration's RSYN round trip seeds the new path's RTT estimate.
 #![allow(clippy::unwrap_used)] // test harness
 
+mod support;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +11,7 @@ use serval_engine::Instant;
 use serval_engine::endpoint::{Endpoint, EndpointConfig, Event};
 use serval_table::ServiceTable;
 use serval_wire::{Locator, ServiceId, ServicePrefix};
-
-fn loc(s: &str) -> Locator {
-    s.parse().unwrap()
-}
+use support::loc;
 
 /// Moves datagrams between `a` (at `a_locs`) and `b` with a fixed one-way delay, in virtual time,
 /// until nothing is in flight or `until` is reached; returns the time reached.

@@ -3,37 +3,21 @@
 //! registration messages dropped and counted. Time is explicit; no network.
 #![allow(clippy::unwrap_used)] // test harness
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
 use serval_engine::Instant;
-use serval_engine::endpoint::{Endpoint, EndpointConfig, Event, RegistrationRequest, Transmit};
+use serval_engine::endpoint::{Endpoint, Event, RegistrationRequest, Transmit};
 use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
-use serval_table::{Action, ServiceTable, Target};
+use serval_table::{Action, Target};
 use serval_wire::registration::{REGISTRATION_PACKET_LEN, RegistrationRepr};
 use serval_wire::{
-    FlowId, Locator, MessageType, Protocol, RejectReason, SalPacket, SalRepr, ServiceId,
-    ServicePrefix,
+    FlowId, MessageType, Protocol, RejectReason, SalPacket, SalRepr, ServiceId, ServicePrefix,
 };
+use support::{A, B, R, at, drain, endpoint, events, loc};
 
-const A: &str = "10.0.0.1:54324";
 const A2: &str = "10.0.5.1:54324";
-const B: &str = "10.0.0.2:54324";
-const R: &str = "10.0.0.3:54324";
-
-fn loc(s: &str) -> Locator {
-    s.parse().unwrap()
-}
-
-fn endpoint(addr: &str, seed: u8) -> Endpoint {
-    Endpoint::new(
-        EndpointConfig::default(),
-        [seed; 32],
-        Arc::new(ServiceTable::new()),
-        vec![loc(addr)],
-    )
-}
-
 fn router() -> Endpoint {
     let mut r = endpoint(R, 9);
     r.set_serve_registrations(true);
@@ -42,14 +26,6 @@ fn router() -> Endpoint {
 
 fn prefix(name: &str) -> ServicePrefix {
     ServicePrefix::exact(ServiceId::from_name(name).unwrap())
-}
-
-fn drain(ep: &mut Endpoint, now: Instant) -> Vec<Transmit> {
-    std::iter::from_fn(|| ep.poll_transmit(now)).collect()
-}
-
-fn events(ep: &mut Endpoint) -> Vec<Event> {
-    std::iter::from_fn(|| ep.poll_event()).collect()
 }
 
 fn requests(ep: &mut Endpoint) -> Vec<RegistrationRequest> {
@@ -64,10 +40,6 @@ fn requests(ep: &mut Endpoint) -> Vec<RegistrationRequest> {
 
 fn registration(t: &Transmit) -> RegistrationRepr {
     RegistrationRepr::parse_packet(&SalPacket::new_checked(&t.payload[..]).unwrap()).unwrap()
-}
-
-fn at(ms: u64) -> Instant {
-    Instant::from_nanos(ms * 1_000_000)
 }
 
 /// Delivers every transmit to its destination among `eps`.
