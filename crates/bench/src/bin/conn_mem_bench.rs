@@ -14,13 +14,11 @@
 //! cargo run --release -p serval-bench --bin conn-mem-bench -- --conns 2000
 //! ```
 
-use std::alloc::System;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -29,8 +27,9 @@ use tokio::task::JoinSet;
 #[allow(dead_code)]
 mod engine_pair;
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+#[path = "../heap.rs"]
+mod heap;
+use heap::live_heap;
 
 /// Heap bytes per idle established connection end: Serval vs tokio TCP vs quinn.
 #[derive(Debug, Parser)]
@@ -72,14 +71,6 @@ enum Stack {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
-
-/// Live heap bytes right now. (`stats_alloc` already adds a reallocation's growth to
-/// `bytes_allocated` and its shrinkage to `bytes_deallocated`; `bytes_reallocated` is the same
-/// change again and must not be added.)
-fn live_heap() -> i64 {
-    let s = GLOBAL.stats();
-    s.bytes_allocated as i64 - s.bytes_deallocated as i64
-}
 
 /// Result of one measurement.
 struct Sample {

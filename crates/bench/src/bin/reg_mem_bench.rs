@@ -22,7 +22,6 @@
 //! cargo run --release -p serval-bench --bin reg-mem-bench -- --regs 100000,1000000
 //! ```
 
-use std::alloc::System;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -31,10 +30,10 @@ use serval_registry::{Registration, Registry};
 use serval_router::{Policy, Router, RouterConfig};
 use serval_table::{Action, ServiceTable, Target};
 use serval_wire::{MessageType, RegistrationRepr, SalPacket, ServiceId, ServicePrefix};
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+#[path = "../heap.rs"]
+mod heap;
+use heap::live_heap;
 
 /// Heap bytes per registration: whole router, service table alone, registry alone.
 #[derive(Debug, Parser)]
@@ -68,12 +67,6 @@ enum Part {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
-
-/// Live heap bytes right now (see `conn-mem-bench` for why `bytes_reallocated` is left out).
-fn live_heap() -> i64 {
-    let s = GLOBAL.stats();
-    s.bytes_allocated as i64 - s.bytes_deallocated as i64
-}
 
 /// The prefix of registration `i` under `suffix`: shaped like the prefix of a two-label name
 /// `LABEL.SUFFIX` (`ServicePrefix::from_domain`: 32 bits per label, length 64), with the
