@@ -795,58 +795,41 @@ async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
             segment_size,
             src_ip: None,
         };
-        loop {
-            if sock.io.writable().await.is_err() {
-                break;
-            }
-            match sock.io.try_io(Interest::WRITABLE, || {
-                sock.udp.try_send((&sock.io).into(), &tx)
-            }) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if segment_size.is_some() => {
-                    // One datagram of the run can fail the whole GSO send (a path-MTU probe
-                    // larger than the interface takes EMSGSIZE): send them one by one, so
-                    // that only that one is lost.
-                    tracing::debug!(error = %e, dst = %first.dst, "GSO send failed; sending the run one by one");
-                    for d in &batch[i..j] {
-                        send_one(sock, &buf[d.start..d.start + d.len], d.dst).await;
+        match send(sock, &tx).await {
+            Ok(()) => {}
+            Err(e) if segment_size.is_some() => {
+                // One datagram of the run can fail the whole GSO send (a path-MTU probe
+                // larger than the interface takes EMSGSIZE): send them one by one, so that
+                // only that one is lost.
+                tracing::debug!(error = %e, dst = %first.dst, "GSO send failed; sending the run one by one");
+                for d in &batch[i..j] {
+                    let one = UdpTransmit {
+                        contents: &buf[d.start..d.start + d.len],
+                        segment_size: None,
+                        ..tx
+                    };
+                    if let Err(e) = send(sock, &one).await {
+                        tracing::debug!(error = %e, dst = %d.dst, "UDP send failed");
                     }
-                    break;
-                }
-                Err(e) => {
-                    // UDP is unreliable anyway: the transport retransmits.
-                    tracing::debug!(error = %e, dst = %first.dst, "UDP send failed");
-                    break;
                 }
             }
+            // UDP is unreliable anyway: the transport retransmits.
+            Err(e) => tracing::debug!(error = %e, dst = %first.dst, "UDP send failed"),
         }
         i = j;
     }
 }
 
-/// Sends one datagram; a failure is logged and the datagram lost (the transport retransmits).
-async fn send_one(sock: &Socket, contents: &[u8], destination: Locator) {
-    let tx = UdpTransmit {
-        destination,
-        ecn: None,
-        contents,
-        segment_size: None,
-        src_ip: None,
-    };
+/// Sends `tx` once the socket is writable; an error other than "would block" is returned (the
+/// datagrams are lost).
+async fn send(sock: &Socket, tx: &UdpTransmit<'_>) -> io::Result<()> {
     loop {
-        if sock.io.writable().await.is_err() {
-            return;
-        }
+        sock.io.writable().await?;
         match sock.io.try_io(Interest::WRITABLE, || {
-            sock.udp.try_send((&sock.io).into(), &tx)
+            sock.udp.try_send((&sock.io).into(), tx)
         }) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, dst = %destination, "UDP send failed");
-                return;
-            }
-            Ok(()) => return,
+            r => return r,
         }
     }
 }
