@@ -50,11 +50,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use etcd_client::proto::{PbEvent, PbKeyValue};
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, LeaseClient,
-    LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchClient, WatchOptions, WatchStream,
-};
+use serval_etcd::pb::{self, Event as PbEvent, KeyValue as PbKeyValue};
+use serval_etcd::{Client, Options, Watch, prefix_end};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -204,9 +201,7 @@ impl Drop for EtcdRegistry {
 #[derive(Clone)]
 struct Member {
     addr: String,
-    kv: KvClient,
-    watch: WatchClient,
-    lease: LeaseClient,
+    client: Client,
 }
 
 /// What the replica task and the handle share.
@@ -279,14 +274,13 @@ impl From<OpError> for RegistryError {
 }
 
 impl OpError {
-    fn classify(addr: &str, e: &etcd_client::Error) -> OpError {
-        let text = e.to_string();
-        if text.contains("required revision has been compacted") {
+    fn classify(addr: &str, e: &serval_etcd::Error) -> OpError {
+        if e.is_compacted() {
             OpError::Compacted
-        } else if text.contains("lease not found") {
+        } else if e.is_lease_not_found() {
             OpError::LeaseNotFound
         } else {
-            OpError::Other(format!("etcd {addr}: {text}"))
+            OpError::Other(format!("etcd {addr}: {e}"))
         }
     }
 }
@@ -307,22 +301,19 @@ impl EtcdRegistry {
                 "etcd configuration with no endpoints or a page size of 0: {config:?}"
             )));
         }
-        let options = ConnectOptions::new()
+        let options = Options::default()
             .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(config.keepalive, config.keepalive)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
+            .with_keepalive(config.keepalive)
+            .with_require_leader(true)
+            .with_max_message(MAX_MESSAGE);
         let mut members = Vec::new();
         for addr in &config.endpoints {
             // Connections are made lazily: this does not fail for a member that is down.
-            let client = Client::connect([format!("http://{addr}")], Some(options.clone()))
-                .await
-                .map_err(|e| RegistryError::Unavailable(format!("etcd {addr}: {e}")))?;
+            let client = Client::connect_lazy(addr, &options)
+                .map_err(|e| RegistryError::BadUrl(e.to_string()))?;
             members.push(Member {
                 addr: addr.clone(),
-                kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
-                watch: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
-                lease: client.lease_client(),
+                client,
             });
         }
         let shared = Arc::new(Shared {
@@ -379,10 +370,7 @@ impl EtcdRegistry {
         {
             let lease = e.lease;
             let refreshed = s
-                .call(|m| async move {
-                    let mut c = m.lease;
-                    c.keep_alive(lease).await.map(drop)
-                })
+                .call(|m| async move { m.client.lease_keep_alive(lease).await.map(drop) })
                 .await;
             match refreshed {
                 Ok(()) => return Ok(()),
@@ -393,47 +381,41 @@ impl EtcdRegistry {
         }
         let secs = i64::try_from(value.ttl_secs).unwrap_or(i64::MAX);
         let lease = s
-            .call(|m| async move {
-                let mut c = m.lease;
-                c.grant(secs, None).await
-            })
+            .call(|m| async move { m.client.lease_grant(secs).await })
             .await?
-            .id();
+            .id;
         let (k, v) = (s.keys.key(&key), value.encode());
         let resp = s
             .call(|m| {
                 let (k, v) = (k.clone(), v.clone());
                 async move {
-                    let mut c = m.kv;
-                    c.put(
-                        k,
-                        v,
-                        Some(PutOptions::new().with_lease(lease).with_prev_key()),
-                    )
-                    .await
+                    let req = pb::PutRequest {
+                        key: k.into_bytes(),
+                        value: v.into_bytes(),
+                        lease,
+                        prev_kv: true,
+                    };
+                    m.client.put(req).await
                 }
             })
             .await?;
-        if let Some(prev) = resp.prev_key()
-            && prev.lease() != 0
-            && prev.lease() != lease
+        if let Some(prev) = &resp.prev_kv
+            && prev.lease != 0
+            && prev.lease != lease
         {
             // The key's old lease carried only it: revoke it, so that a replica still
             // holding the old lease ID cannot "refresh" a lease that no longer keeps
             // anything alive.
-            let old = prev.lease();
+            let old = prev.lease;
             if let Err(e) = s
-                .call(|m| async move {
-                    let mut c = m.lease;
-                    c.revoke(old).await
-                })
+                .call(|m| async move { m.client.lease_revoke(old).await })
                 .await
             {
                 tracing::debug!(lease = old, error = %e, "could not revoke a replaced lease");
             }
         }
-        if let Some(h) = resp.header() {
-            s.wait_applied(h.revision()).await;
+        if let Some(h) = resp.header {
+            s.wait_applied(h.revision).await;
         }
         Ok(())
     }
@@ -445,65 +427,50 @@ impl EtcdRegistry {
         let got = s
             .call(|m| {
                 let k = k.clone();
-                async move {
-                    let mut c = m.kv;
-                    c.get(k, None).await
-                }
+                async move { m.client.get(k).await }
             })
             .await?;
-        let Some(kv) = got.kvs().first() else {
+        let Some(kv) = got.kvs.first() else {
             return Ok(());
         };
-        let (lease, mod_revision) = (kv.lease(), kv.mod_revision());
+        let (lease, mod_revision) = (kv.lease, kv.mod_revision);
         let mut sole_key = false;
         if lease != 0 {
             let ttl = s
-                .call(|m| async move {
-                    let mut c = m.lease;
-                    c.time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
-                        .await
-                })
+                .call(|m| async move { m.client.lease_time_to_live(lease, true).await })
                 .await?;
-            if ttl.ttl() < 0 {
+            if ttl.ttl < 0 {
                 // The lease expired meanwhile, taking the key with it.
                 return Ok(());
             }
-            sole_key = ttl.keys().len() == 1 && ttl.keys()[0] == k.as_bytes();
+            sole_key = ttl.keys.len() == 1 && ttl.keys[0] == k.as_bytes();
         }
         let revision = if sole_key {
             // Revoking deletes the key in the same step, so no replica can refresh the
             // lease after the key is gone.
             match s
-                .call(|m| async move {
-                    let mut c = m.lease;
-                    c.revoke(lease).await
-                })
+                .call(|m| async move { m.client.lease_revoke(lease).await })
                 .await
             {
-                Ok(r) => r.header().map(|h| h.revision()),
+                Ok(r) => r.header.map(|h| h.revision),
                 Err(OpError::LeaseNotFound) => None,
                 Err(e) => return Err(e.into()),
             }
         } else {
             // Not leased, or the lease is shared with keys that are not ours: delete the
             // key alone, unless it was written again meanwhile (that write wins).
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    k.clone(),
-                    CompareOp::Equal,
-                    mod_revision,
-                )])
-                .and_then([TxnOp::delete(k.clone(), None)]);
+            let txn = pb::TxnRequest {
+                compare: vec![pb::Compare::mod_revision_is(k.clone(), mod_revision)],
+                success: vec![pb::RequestOp::delete(k.clone())],
+                failure: Vec::new(),
+            };
             let r = s
                 .call(|m| {
                     let txn = txn.clone();
-                    async move {
-                        let mut c = m.kv;
-                        c.txn(txn).await
-                    }
+                    async move { m.client.txn(txn).await }
                 })
                 .await?;
-            r.header().map(|h| h.revision())
+            r.header.map(|h| h.revision)
         };
         if let Some(rev) = revision {
             s.wait_applied(rev).await;
@@ -574,7 +541,7 @@ impl Shared {
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, OpError>
     where
         F: FnMut(Member) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        Fut: Future<Output = Result<T, serval_etcd::Error>>,
     {
         self.call_with(self.is_degraded(), self.config.request_timeout, op)
             .await
@@ -590,7 +557,7 @@ impl Shared {
     ) -> Result<T, OpError>
     where
         F: FnMut(Member) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        Fut: Future<Output = Result<T, serval_etcd::Error>>,
     {
         let n = self.members.len();
         let deadline = Instant::now() + budget;
@@ -763,21 +730,19 @@ impl Shared {
         start: Vec<u8>,
         end: &[u8],
         revision: i64,
-    ) -> Result<etcd_client::proto::PbRangeResponse, OpError> {
-        let options = GetOptions::new()
-            .with_range(end)
-            .with_limit(i64::from(self.config.page_size))
-            .with_revision(revision);
-        let page = self
-            .call_with(self.is_degraded(), self.config.list_timeout, |m| {
-                let (start, options) = (start.clone(), options.clone());
-                async move {
-                    let mut c = m.kv;
-                    c.get(start, Some(options)).await
-                }
-            })
-            .await?;
-        Ok(page.0)
+    ) -> Result<pb::RangeResponse, OpError> {
+        let req = pb::RangeRequest {
+            key: start,
+            range_end: end.to_vec(),
+            limit: i64::from(self.config.page_size),
+            revision,
+            ..Default::default()
+        };
+        self.call_with(self.is_degraded(), self.config.list_timeout, |m| {
+            let req = req.clone();
+            async move { m.client.range(req).await }
+        })
+        .await
     }
 
     /// Lists and replaces the replica (a Reset for subscribers); returns the revision.
@@ -867,23 +832,25 @@ impl Shared {
     /// Opens a watch from `start` on the preferred member (moving on while members fail).
     /// With `resuming`, one try per member: a resume that fails means etcd is unreachable,
     /// and the replica should say so rather than retry for the whole request timeout.
-    async fn open_watch(&self, start: i64, resuming: bool) -> Result<WatchStream, WatchEnd> {
-        let prefix = self.keys.reg_prefix().to_owned();
-        let options = WatchOptions::new().with_prefix().with_start_revision(start);
+    async fn open_watch(&self, start: i64, resuming: bool) -> Result<Watch, WatchEnd> {
+        let prefix = self.keys.reg_prefix().as_bytes().to_vec();
+        let req = pb::WatchCreateRequest {
+            range_end: prefix_end(&prefix),
+            key: prefix,
+            start_revision: start,
+            ..Default::default()
+        };
         let cluster_id = self.lock().cluster_id;
         let opened = self
             .call_with(
                 resuming || self.is_degraded(),
                 self.config.request_timeout,
                 |m| {
-                    let (prefix, options) = (prefix.clone(), options.clone());
+                    let req = req.clone();
                     async move {
-                        let mut c = m.watch;
-                        let mut stream = c.watch(prefix, Some(options)).await?;
+                        let mut stream = m.client.watch(req).await?;
                         // Wait for etcd to confirm the watch.
-                        let first = stream.message().await?.ok_or_else(|| {
-                            etcd_client::Error::WatchError("stream closed before creation".into())
-                        })?;
+                        let first = stream.message().await?.ok_or(serval_etcd::Error::Closed)?;
                         Ok((stream, first))
                     }
                 },
@@ -898,7 +865,6 @@ impl Shared {
                 });
             }
         };
-        let first = first.0;
         if first.canceled {
             return Err(self.cancelled(first.compact_revision, &first.cancel_reason, false));
         }
@@ -943,7 +909,7 @@ impl Shared {
         };
         loop {
             let resp = match stream.message().await {
-                Ok(Some(r)) => r.0,
+                Ok(Some(r)) => r,
                 Ok(None) => {
                     return WatchEnd::Broken {
                         error: "watch stream closed by etcd".into(),
@@ -1088,19 +1054,6 @@ fn split_rest(first: &[u8], last: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> 
     ranges
 }
 
-/// The end of the key range of keys starting with `prefix` (etcd's convention).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte 0xff (or empty): to the end of the key space.
-    vec![0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1201,13 +1154,6 @@ mod tests {
         let cuts: Vec<_> = ranges.iter().rev().skip(1).map(|r| r.0.clone()).collect();
         assert_eq!(cuts[0], b"/r/a0252ffe4");
         assert_eq!(cuts.last().unwrap(), b"/r/a0252fff");
-    }
-
-    #[test]
-    fn prefix_ends_follow_etcd() {
-        assert_eq!(prefix_end(b"/a/"), b"/a0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff"), b"\0");
     }
 
     #[test]

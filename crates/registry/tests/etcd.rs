@@ -1,9 +1,10 @@
 //! The etcd backend against a real etcd: each test starts its own members on free loopback
 //! ports with a temporary data dir, and removes them when it ends, pass or fail.
 //!
-//! They need the `etcd` binary (Debian's `etcd-server`; CI installs it). Without it they
-//! fail, unless `SERVAL_SKIP_ETCD` is set, which makes them skip with a message.
-//! `SERVAL_ETCD_BIN` names another binary.
+//! They need the `etcd` binary (Debian's `etcd-server`; CI installs it). Without it, or with
+//! `SERVAL_SKIP_ETCD` set, each skips with one line saying so and how to install it; under
+//! `CI=true` both fail instead (serval-testkit's policy). `SERVAL_ETCD_BIN` names another
+//! binary.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, CompactionOptions, LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp};
+use serval_etcd::{Client, Options, pb};
 use serval_registry::{
     Change, EtcdConfig, Health, Registration, RegistrationKey, Registry, RegistryError,
     Subscription,
@@ -37,27 +38,12 @@ fn logs() {
 // ---------------------------------------------------------------------------------------
 // etcd processes
 
-/// The etcd binary, or `None` (after saying so) if it is missing and skipping is allowed.
+/// The etcd binary, or `None` after announcing the skip (only outside CI: see
+/// `serval_testkit::require_etcd`). Called from the test's own thread, which libtest names
+/// after the test.
 fn etcd_binary() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("SERVAL_ETCD_BIN") {
-        return Some(bin.into());
-    }
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("etcd"))
-            .find(|p| p.is_file())
-    });
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var_os("SERVAL_SKIP_ETCD").is_some() => {
-            eprintln!("SKIPPED: no `etcd` on PATH and SERVAL_SKIP_ETCD is set");
-            None
-        }
-        None => panic!(
-            "no `etcd` binary on PATH: install Debian's etcd-server (`apt-get install \
-             etcd-server`; CI's .ci/run does), or set SERVAL_SKIP_ETCD=1 to skip these tests"
-        ),
-    }
+    let thread = std::thread::current();
+    serval_testkit::require_etcd(thread.name().unwrap_or("an etcd test"))
 }
 
 /// A loopback port nothing listens on, outside the ephemeral range (so that a client
@@ -186,9 +172,7 @@ impl Cluster {
     }
 
     async fn client(&self, i: usize) -> Client {
-        Client::connect([format!("http://127.0.0.1:{}", self.port(i))], None)
-            .await
-            .unwrap()
+        direct_client(self.port(i))
     }
 
     /// Waits (at most 30 s) until member `i` answers a linearizable read.
@@ -206,13 +190,9 @@ impl Cluster {
                     self.log_tail(i)
                 );
             }
-            if let Ok(Ok(mut c)) = timeout(
-                Duration::from_secs(1),
-                Client::connect([format!("http://127.0.0.1:{}", self.port(i))], None),
-            )
-            .await
             {
-                match timeout(Duration::from_secs(2), c.get("/readiness-probe", None)).await {
+                let c = direct_client(self.port(i));
+                match timeout(Duration::from_secs(2), c.get("/readiness-probe")).await {
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) => last = e.to_string(),
                     Err(_) => last = "timed out".into(),
@@ -240,10 +220,10 @@ impl Cluster {
                 if self.members[i].child.is_none() {
                     continue;
                 }
-                let mut c = self.client(i).await;
+                let c = self.client(i).await;
                 if let Ok(Ok(st)) = timeout(Duration::from_secs(2), c.status()).await
-                    && st.leader() != 0
-                    && st.header().map(|h| h.member_id()) == Some(st.leader())
+                    && st.leader != 0
+                    && st.header.map(|h| h.member_id) == Some(st.leader)
                 {
                     return i;
                 }
@@ -455,23 +435,39 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
 }
 
 /// The lease and mod revision of a registration's key, straight from etcd.
-async fn stored(c: &mut Client, prefix: &str, r: &Registration) -> Option<(i64, i64, String)> {
+async fn stored(c: &Client, prefix: &str, r: &Registration) -> Option<(i64, i64, String)> {
     let key = format!("{prefix}/v1/reg/{}/{}", r.prefix, r.locator);
-    let got = c.get(key, None).await.unwrap();
-    got.kvs().first().map(|kv| {
+    let got = c.get(key).await.unwrap();
+    got.kvs.first().map(|kv| {
         (
-            kv.lease(),
-            kv.mod_revision(),
-            String::from_utf8_lossy(kv.value()).into_owned(),
+            kv.lease,
+            kv.mod_revision,
+            String::from_utf8_lossy(&kv.value).into_owned(),
         )
     })
 }
 
-async fn lease_ttl(c: &mut Client, lease: i64) -> i64 {
-    c.lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new()))
-        .await
-        .unwrap()
-        .ttl()
+async fn lease_ttl(c: &Client, lease: i64) -> i64 {
+    c.lease_time_to_live(lease, false).await.unwrap().ttl
+}
+
+/// A client straight to the member on `port`, bypassing the registry.
+fn direct_client(port: u16) -> Client {
+    Client::connect_lazy(
+        &format!("127.0.0.1:{port}"),
+        &Options::default().with_max_message(1 << 30),
+    )
+    .unwrap()
+}
+
+/// Writes `key` = `value` straight into etcd, with no lease.
+async fn put_raw(c: &Client, key: &str, value: &str) {
+    let req = pb::PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    };
+    c.put(req).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -484,7 +480,7 @@ async fn put_refresh_delete_and_expiry_reach_another_router() {
     };
     let ports = etcd.ports();
     let (a, b) = (open(&ports, "/t").await, open(&ports, "/t").await);
-    let mut direct = etcd.client(0).await;
+    let direct = etcd.client(0).await;
     let mut sub = b.subscribe();
     assert_eq!(
         next_change(&mut sub, Duration::from_secs(1), "first reset").await,
@@ -499,7 +495,7 @@ async fn put_refresh_delete_and_expiry_reach_another_router() {
         next_change(&mut sub, Duration::from_secs(5), "put").await,
         Change::Put(r1)
     );
-    let (lease1, rev1, value) = stored(&mut direct, "/t", &r1).await.unwrap();
+    let (lease1, rev1, value) = stored(&direct, "/t", &r1).await.unwrap();
     assert_ne!(lease1, 0);
     assert_eq!(value, "v1 w=1 p=0 ttl=3", "TTLs round up to whole seconds");
     // A handle reads its own writes; with etcd, expires_in is the TTL.
@@ -522,9 +518,9 @@ async fn put_refresh_delete_and_expiry_reach_another_router() {
         )
         .await;
     }
-    let (lease, rev, _) = stored(&mut direct, "/t", &r1).await.unwrap();
+    let (lease, rev, _) = stored(&direct, "/t", &r1).await.unwrap();
     assert_eq!((lease, rev), (lease1, rev1), "a refresh rewrote the key");
-    assert!(lease_ttl(&mut direct, lease1).await >= 1);
+    assert!(lease_ttl(&direct, lease1).await >= 1);
 
     // A new weight is a new write with a new lease; the old lease is revoked.
     let r1w = Registration { weight: 5, ..r1 };
@@ -533,20 +529,20 @@ async fn put_refresh_delete_and_expiry_reach_another_router() {
         next_change(&mut sub, Duration::from_secs(5), "reweight").await,
         Change::Put(r1w)
     );
-    let (lease2, _, value) = stored(&mut direct, "/t", &r1).await.unwrap();
+    let (lease2, _, value) = stored(&direct, "/t", &r1).await.unwrap();
     assert_ne!(lease2, lease1);
     assert_eq!(value, "v1 w=5 p=0 ttl=3");
     assert_eq!(
-        lease_ttl(&mut direct, lease1).await,
+        lease_ttl(&direct, lease1).await,
         -1,
         "old lease not revoked"
     );
     // A new TTL alone is a new lease too, but not a change to subscribers.
     a.put(r1w, Duration::from_secs(20)).await.unwrap();
-    let (lease3, _, value) = stored(&mut direct, "/t", &r1).await.unwrap();
+    let (lease3, _, value) = stored(&direct, "/t", &r1).await.unwrap();
     assert_ne!(lease3, lease2);
     assert_eq!(value, "v1 w=5 p=0 ttl=20");
-    assert!(lease_ttl(&mut direct, lease3).await > 10);
+    assert!(lease_ttl(&direct, lease3).await > 10);
 
     // Delete through A: gone from B, lease revoked.
     a.delete(&r1.key()).await.unwrap();
@@ -554,7 +550,7 @@ async fn put_refresh_delete_and_expiry_reach_another_router() {
         next_change(&mut sub, Duration::from_secs(5), "delete").await,
         Change::Delete(r1.key())
     );
-    assert_eq!(lease_ttl(&mut direct, lease3).await, -1);
+    assert_eq!(lease_ttl(&direct, lease3).await, -1);
     assert!(b.snapshot().is_empty() && a.snapshot().is_empty());
     a.delete(&r1.key()).await.unwrap(); // absent: a no-op
 
@@ -732,18 +728,9 @@ async fn a_watch_behind_compaction_lists_again() {
     );
     b.put(r2, Duration::from_secs(60)).await.unwrap();
     b.delete(&r1.key()).await.unwrap();
-    let mut direct = etcd.client(0).await;
-    let rev = direct
-        .get("x", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    direct
-        .compact(rev, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    let direct = etcd.client(0).await;
+    let rev = direct.get("x").await.unwrap().header.unwrap().revision;
+    direct.compact(rev, true).await.unwrap();
     // Cut A's connection: it resumes from its last revision, finds it compacted, and lists.
     proxy.reset();
     assert_eq!(
@@ -915,7 +902,7 @@ async fn malformed_records_in_etcd_are_skipped_and_counted() {
     let (good, victim) = (reg(1), reg(2));
     a.put(good, Duration::from_secs(60)).await.unwrap();
     a.put(victim, Duration::from_secs(60)).await.unwrap();
-    let mut direct = etcd.client(0).await;
+    let direct = etcd.client(0).await;
     let key = |r: &Registration| format!("/m/v1/reg/{}/{}", r.prefix, r.locator);
     let hex = good.prefix.id().to_string();
     let stray = [
@@ -931,7 +918,7 @@ async fn malformed_records_in_etcd_are_skipped_and_counted() {
         (key(&reg(5)), "v2 w=1 p=0 ttl=5".to_owned()),
     ];
     for (k, v) in &stray {
-        direct.put(k.as_str(), v.as_str(), None).await.unwrap();
+        put_raw(&direct, k, v).await;
     }
     // A new router lists them: only the valid ones, the others counted.
     let c = open(&ports, "/m").await;
@@ -944,22 +931,12 @@ async fn malformed_records_in_etcd_are_skipped_and_counted() {
     );
     assert_eq!(c.stats().malformed, 4);
     // Watched: garbage over a valid registration removes it; a stray key changes nothing.
-    direct
-        .put(key(&victim), "v1 w=0 p=0 ttl=5", None)
-        .await
-        .unwrap();
+    put_raw(&direct, &key(&victim), "v1 w=0 p=0 ttl=5").await;
     assert_eq!(
         next_change(&mut sub, Duration::from_secs(5), "victim gone").await,
         Change::Delete(victim.key())
     );
-    direct
-        .put(
-            "/m/v1/reg/more/garbage",
-            "\u{0}\u{1}",
-            Some(PutOptions::new()),
-        )
-        .await
-        .unwrap();
+    put_raw(&direct, "/m/v1/reg/more/garbage", "\u{0}\u{1}").await;
     let r6 = reg(6);
     a.put(r6, Duration::from_secs(60)).await.unwrap();
     assert_eq!(
@@ -969,8 +946,8 @@ async fn malformed_records_in_etcd_are_skipped_and_counted() {
     assert_eq!(c.stats().malformed, 6);
     assert_eq!(c.health(), Health::Synced);
     // Keys outside the layout's prefix are not looked at at all.
-    direct.put("/m/v2/other", "x", None).await.unwrap();
-    direct.put("/mx/v1/reg/x", "x", None).await.unwrap();
+    put_raw(&direct, "/m/v2/other", "x").await;
+    put_raw(&direct, "/mx/v1/reg/x", "x").await;
     let r7 = reg(7);
     a.put(r7, Duration::from_secs(60)).await.unwrap();
     assert_eq!(
@@ -1112,17 +1089,17 @@ async fn bench_convergence_and_cold_start() {
     // (2) Cold start: preload `regs` registrations straight into etcd (128 per transaction,
     // all on one long lease to load quickly), then time a new router's connect, which
     // returns with the full replica.
-    let mut direct = etcd.client(0).await;
-    let lease = direct.lease_grant(3600, None).await.unwrap().id();
+    let direct = etcd.client(0).await;
+    let lease = direct.lease_grant(3600).await.unwrap().id;
     let t0 = Instant::now();
     let mut loaders = Vec::new();
     let per = regs.div_ceil(4);
     for part in 0..4 {
-        let mut c = etcd.client(0).await;
+        let c = etcd.client(0).await;
         loaders.push(tokio::spawn(async move {
             let (lo, hi) = (part * per, ((part + 1) * per).min(regs));
             for chunk in (lo..hi).collect::<Vec<_>>().chunks(128) {
-                let ops: Vec<TxnOp> = chunk
+                let ops: Vec<pb::RequestOp> = chunk
                     .iter()
                     .map(|&i| {
                         let i = i as u32;
@@ -1135,14 +1112,18 @@ async fn bench_convergence_and_cold_start() {
                             weight: 1,
                             priority: 0,
                         };
-                        TxnOp::put(
+                        pb::RequestOp::put(
                             format!("/cold/v1/reg/{}/{}", r.prefix, r.locator),
                             "v1 w=1 p=0 ttl=3600",
-                            Some(PutOptions::new().with_lease(lease)),
+                            lease,
                         )
                     })
                     .collect();
-                c.txn(Txn::new().and_then(ops)).await.unwrap();
+                let txn = pb::TxnRequest {
+                    success: ops,
+                    ..Default::default()
+                };
+                c.txn(txn).await.unwrap();
             }
         }));
     }
@@ -1175,19 +1156,21 @@ async fn bench_convergence_and_cold_start() {
         let (mut start, mut n, mut requests) = (b"/cold/v1/reg/".to_vec(), 0, 0);
         let (end, mut rev) = (b"/cold/v1/reg0".to_vec(), 0);
         loop {
-            let opts = etcd_client::GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(page_size)
-                .with_revision(rev);
-            let mut kv = direct.kv_client().max_decoding_message_size(1 << 30);
-            let page = kv.get(start.clone(), Some(opts)).await.unwrap();
+            let req = pb::RangeRequest {
+                key: start.clone(),
+                range_end: end.clone(),
+                limit: page_size,
+                revision: rev,
+                ..Default::default()
+            };
+            let page = direct.range(req).await.unwrap();
             requests += 1;
-            rev = page.header().unwrap().revision();
-            n += page.kvs().len();
-            let Some(last) = page.kvs().last() else { break };
-            start = last.key().to_vec();
+            rev = page.header.unwrap().revision;
+            n += page.kvs.len();
+            let Some(last) = page.kvs.last() else { break };
+            start = last.key.clone();
             start.push(0);
-            if !page.more() {
+            if !page.more {
                 break;
             }
         }

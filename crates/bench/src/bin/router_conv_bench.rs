@@ -355,10 +355,9 @@ fn cold_etcd(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
     let url = format!("etcd://127.0.0.1:{}/cold", etcd.port);
     let t0 = Instant::now();
     rt.block_on(async {
-        let mut client = loop {
-            if let Ok(mut c) = etcd_client::Client::connect([endpoint.clone()], None).await
-                && c.status().await.is_ok()
-            {
+        let client = loop {
+            let c = serval_etcd::Client::connect_lazy(&endpoint, &Default::default())?;
+            if c.status().await.is_ok() {
                 break c;
             }
             if t0.elapsed() > Duration::from_secs(30) {
@@ -366,15 +365,15 @@ fn cold_etcd(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let lease = client.lease_grant(24 * 3600, None).await?.id();
+        let lease = client.lease_grant(24 * 3600).await?.id;
         let per = n.div_ceil(4);
         let mut writers = Vec::new();
         for part in 0..4 {
-            let mut c = client.clone();
+            let c = client.clone();
             writers.push(tokio::spawn(async move {
                 let (lo, hi) = (part * per, ((part + 1) * per).min(n));
                 for chunk in (lo..hi).collect::<Vec<_>>().chunks(128) {
-                    let ops: Vec<etcd_client::TxnOp> = chunk
+                    let ops: Vec<serval_etcd::pb::RequestOp> = chunk
                         .iter()
                         .map(|&i| {
                             let i = i as u32;
@@ -382,16 +381,20 @@ fn cold_etcd(rt: &tokio::runtime::Runtime, args: &Args) -> Result<()> {
                                 [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
                                 5000,
                             ));
-                            etcd_client::TxnOp::put(
+                            serval_etcd::pb::RequestOp::put(
                                 format!("/cold/v1/reg/{}/{locator}", cold_prefix(i)),
                                 "v1 w=1 p=0 ttl=86400",
-                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                                lease,
                             )
                         })
                         .collect();
-                    c.txn(etcd_client::Txn::new().and_then(ops)).await?;
+                    let txn = serval_etcd::pb::TxnRequest {
+                        success: ops,
+                        ..Default::default()
+                    };
+                    c.txn(txn).await?;
                 }
-                Ok::<(), etcd_client::Error>(())
+                Ok::<(), serval_etcd::Error>(())
             }));
         }
         for w in writers {
