@@ -5,7 +5,8 @@
 //! connection is unicast.
 //!
 //! Needs root (CI runs as root). Everything is created here, used only inside these
-//! namespaces, and removed when the test ends, pass or fail. `SERVAL_SKIP_NETNS=1` skips.
+//! namespaces, and removed when the test ends, pass or fail. Elsewhere they skip
+//! with one line (`serval_testkit::require_netns`); under `CI=true` they fail instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -14,7 +15,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, Lan, drain, lines, netns_usable, wait_line};
+use support::{Guard, Lan, count_lines, lines, netns_usable, wait_line};
 
 /// `serval listen SERVICE --discover` on `host`, bound to its LAN address; waits until it
 /// serves. Returns the process and its stdout lines (what clients sent, unless `echo`).
@@ -75,7 +76,7 @@ fn cat_from(
 
 #[test]
 fn two_instances_and_a_client_find_each_other_with_no_router() {
-    if !netns_usable() {
+    if !netns_usable("two_instances_and_a_client_find_each_other_with_no_router") {
         return;
     }
     // Hosts 0 and 1: instances of web.test (printing what they get); host 1 also serves
@@ -103,10 +104,8 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
         let (code, _, err) = cat(&lan, 2, "web.test", format!("req-{i}\n").as_bytes());
         assert_eq!(code, 0, "connect {i} failed: {err}");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let count =
-        |rx: &mpsc::Receiver<String>| drain(rx).iter().filter(|l| l.starts_with("req-")).count();
-    let (ca, cb) = (count(&a_rx), count(&b_rx));
+    let counts = count_lines(&[&a_rx, &b_rx], "req-", n, Duration::from_secs(10));
+    let (ca, cb) = (counts[0], counts[1]);
     eprintln!("discovery spread over two instances: {ca} / {cb}");
     assert_eq!(ca + cb, n, "every request reached exactly one instance");
 

@@ -3,7 +3,8 @@
 //!
 //! Needs root (CI runs as root). The namespaces, the veth pair and the 10.77.x addresses are
 //! created here, used only inside those namespaces, and removed when the test ends, pass or
-//! fail. Set `SERVAL_SKIP_NETNS=1` to skip on a machine without root; the skip is printed.
+//! fail. Without root or `ip` (or with `SERVAL_SKIP_NETNS=1`) each test skips with one line;
+//! under `CI=true` it fails instead (`serval_testkit::require_netns`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -74,7 +75,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn echo_by_name_across_namespaces() {
-    if !netns_usable() {
+    if !netns_usable("echo_by_name_across_namespaces") {
         return;
     }
     let n = Netns::new("e", 1);
@@ -121,7 +122,7 @@ fn echo_by_name_across_namespaces() {
 
 #[test]
 fn unknown_service_fails_fast_with_a_clear_error() {
-    if !netns_usable() {
+    if !netns_usable("unknown_service_fails_fast_with_a_clear_error") {
         return;
     }
     let n = Netns::new("n", 2);

@@ -423,7 +423,11 @@ fn router_on(listen: &str, registry: &str, admin: &str) -> Guard {
 
 #[test]
 fn a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed() {
-    let Some(etcd) = Etcd::start() else { return };
+    let Some(etcd) =
+        Etcd::start("a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed")
+    else {
+        return;
+    };
     let listen = format!(
         "127.0.0.1:{}",
         std::net::UdpSocket::bind("127.0.0.1:0")

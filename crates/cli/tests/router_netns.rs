@@ -3,7 +3,8 @@
 //! clients connect by name with `serval cat --router`; the router forwards only the SYN.
 //!
 //! Needs root (CI runs as root). Everything is created here, used only inside these
-//! namespaces, and removed when the test ends, pass or fail. `SERVAL_SKIP_NETNS=1` skips.
+//! namespaces, and removed when the test ends, pass or fail. Elsewhere they skip
+//! with one line (`serval_testkit::require_netns`); under `CI=true` they fail instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, Lan, drain, lines, netns_usable, wait_line};
+use support::{Guard, Lan, count_lines, drain, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
 
@@ -25,21 +26,34 @@ fn start_router(lan: &Lan, net: u8) -> Guard {
 /// Starts `serval router` on `host` (10.79.NET.<host + 1>) with `extra` flags and waits for
 /// its READY line.
 fn start_router_on(lan: &Lan, host: usize, net: u8, extra: &[&str]) -> Guard {
+    start_router_logged(lan, host, net, extra).0
+}
+
+/// [`start_router_on`], returning also the router's log lines (`RUST_LOG=info`: one line per
+/// registration created, unregistered or expired).
+fn start_router_logged(
+    lan: &Lan,
+    host: usize,
+    net: u8,
+    extra: &[&str],
+) -> (Guard, mpsc::Receiver<String>) {
     let listen = format!("10.79.{net}.{}:{PORT}", host + 1);
     let mut args = vec!["router", "--listen", &listen];
     args.extend_from_slice(extra);
     let mut router = lan
         .serval(host, &args)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn router");
     let out = lines(router.stdout.take().unwrap());
+    let log = lines(router.stderr.take().unwrap());
     let router = Guard(router);
     wait_line(&out, "READY line from serval router", |l| {
         l.starts_with("READY")
     });
-    router
+    (router, log)
 }
 
 /// An instance: `serval listen SERVICE --router R --weight W` printing what clients send.
@@ -121,21 +135,18 @@ fn spread(
         );
         assert_eq!(code, 0, "connect {i} failed: {err}");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    rxs.iter()
-        .map(|rx| drain(rx).iter().filter(|l| l.starts_with("req-")).count())
-        .collect()
+    count_lines(rxs, "req-", n, Duration::from_secs(10))
 }
 
 #[test]
 fn connections_by_name_through_a_router_spread_by_weight_and_fail_over() {
-    if !netns_usable() {
+    if !netns_usable("connections_by_name_through_a_router_spread_by_weight_and_fail_over") {
         return;
     }
     let net = 1;
     // Host 0: router; 1 and 2: instances of web.test (weights 1 and 3); 3: client.
     let lan = Lan::new("r", &format!("10.79.{net}"), 4);
-    let _router = start_router(&lan, net);
+    let (_router, log) = start_router_logged(&lan, 0, net, &[]);
     let (_a, a_rx) = instance(&lan, 1, net, "web.test", 1, false);
     let (b, b_rx) = instance(&lan, 2, net, "web.test", 3, false);
 
@@ -178,17 +189,21 @@ fn connections_by_name_through_a_router_spread_by_weight_and_fail_over() {
         t.elapsed()
     );
 
-    // Kill B without letting it unregister: once its lease (3 s by default) ran out, every new
-    // connection goes to A.
+    // Kill B without letting it unregister: once its lease (3 s by default) has run out (the
+    // router says so), every new connection goes to A.
     drop(b);
-    std::thread::sleep(Duration::from_secs(4));
+    let b_at = format!("at 10.79.{net}.3:{PORT}");
+    let expired = wait_line(&log, "B's registration to expire", |l| {
+        l.contains(&b_at) && (l.contains("registration expired") || l.contains("unregistered"))
+    });
+    assert!(expired.contains("registration expired"), "{expired}");
     let counts = spread(&lan, net, 3, 20, &[&a_rx]);
     assert_eq!(counts[0], 20, "after B died, A got {counts:?} of 20");
 }
 
 #[test]
 fn streams_never_cross_the_router_so_they_survive_its_death() {
-    if !netns_usable() {
+    if !netns_usable("streams_never_cross_the_router_so_they_survive_its_death") {
         return;
     }
     let net = 2;
@@ -266,7 +281,7 @@ fn refused_fast(lan: &Lan, host: usize, net: u8, router_host: usize, service: &s
 
 #[test]
 fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
-    if !netns_usable() {
+    if !netns_usable("a_syn_climbs_to_a_parent_router_and_descends_through_a_child") {
         return;
     }
     let net = 3;
@@ -367,7 +382,9 @@ fn table_lines(lan: &Lan, host: usize) -> Vec<String> {
 /// instances (plus an echo instance for a long-lived stream), each host its own namespace.
 #[test]
 fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_restarts() {
-    if !netns_usable() {
+    if !netns_usable(
+        "two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_restarts",
+    ) {
         return;
     }
     let net = 4;
@@ -375,7 +392,10 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
     // announcing example.test/* to the parent; 2, 3, 4: instances of web.example.test with
     // weights 1, 1, 2; 5: echo.example.test; 6: client, using the parent only.
     let lan = Lan::new("e", &format!("10.79.{net}"), 7);
-    let Some(_etcd) = support::Etcd::start_in(Some(&lan.hosts[1])) else {
+    let Some(_etcd) = support::Etcd::start_in(
+        "two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_restarts",
+        Some(&lan.hosts[1]),
+    ) else {
         return;
     };
     let _parent = start_router_on(&lan, 0, net, &[]);
@@ -405,10 +425,8 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
             let (code, _, err) = via_parent(format!("req-{i}\n").as_bytes());
             assert_eq!(code, 0, "connect {i} failed: {err}");
         }
-        std::thread::sleep(Duration::from_millis(300));
-        web.iter()
-            .map(|(_, rx)| drain(rx).iter().filter(|l| l.starts_with("req-")).count())
-            .collect::<Vec<_>>()
+        let rxs: Vec<_> = web.iter().map(|(_, rx)| rx).collect();
+        count_lines(&rxs, "req-", n, Duration::from_secs(10))
     };
     // Weights 1:1:2: the third's share of 80 is binomial(80, 1/2), mean 40, sd 4.5; accept
     // 22..=58 (4 sd). Each of the others gets binomial(80, 1/4): at least 5 (mean 20, sd 3.9).
@@ -465,16 +483,37 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
 
-    // An explicit close (SIGTERM) unregisters at once: well inside the 3 s lease, no new
-    // connection reaches the stopped instance.
+    // An explicit close (SIGTERM) unregisters at once. Without the UNREGISTER its last
+    // refresh would keep it (3 s lease, refreshed every second) for at least 2 s, and a SYN
+    // sent to it would still succeed later, re-resolved after the lease: so the router's own
+    // "unregistered" line (not "expired") must come, and its table must have dropped the
+    // instance, well inside the lease.
     let (mut stopped, _) = web.remove(2);
+    let stopped_at = format!("at 10.79.{net}.5:{PORT}");
+    let sigterm = Instant::now();
     let st = Command::new("kill")
         .args(["-TERM", &stopped.0.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
+    let gone = wait_line(&log, "the stopped instance's unregistration", |l| {
+        l.contains(&stopped_at) && (l.contains("unregistered") || l.contains("expired"))
+    });
+    let took = sigterm.elapsed();
+    assert!(gone.contains("unregistered"), "{gone}");
+    let table = table_lines(&lan, 1);
+    let within = sigterm.elapsed();
+    assert!(
+        !table.iter().any(|l| l.contains(&stopped_at[3..])),
+        "still in the table: {table:#?}"
+    );
+    assert!(
+        within < Duration::from_millis(1500),
+        "unregistered after {took:?}, table checked after {within:?}: not well inside the \
+         3 s lease"
+    );
     let _ = stopped.0.wait();
-    // Had it stayed registered, the connections it drew would time out (a failed `cat`).
+    // And new connections all succeed, on the two left.
     let counts = count(&web, 20);
     assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
 }

@@ -29,8 +29,8 @@
 //! settles without a lost probe: the runtime caps IPv6 probes at 1452 bytes of UDP payload, and
 //! a probe the kernel refuses no longer takes the datagrams batched with it down too.
 //!
-//! Needs root and `ip` (iproute2), as CI has; skipped with a message otherwise, or when
-//! `SERVAL_SKIP_NETNS` is set. The namespaces (`svm<c|s><pid>`) are deleted when the test ends,
+//! Needs root and `ip` (iproute2), as CI has. Elsewhere (or with `SERVAL_SKIP_NETNS` set) each
+//! test skips with one line (`serval_testkit::require_netns`); under `CI=true` it fails instead. The namespaces (`svm<c|s><pid>`) are deleted when the test ends,
 //! pass or fail, and every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
@@ -178,37 +178,6 @@ fn out_no_routes() -> u64 {
         .position(|n| n == "OutNoRoutes")
         .expect("OutNoRoutes");
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
-
-/// Whether this machine can build the hosts; says why not when it cannot.
-fn netns_usable() -> bool {
-    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
-        return false;
-    }
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|uids| uids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        eprintln!("SKIPPED: network namespaces need root");
-        return false;
-    }
-    let has_ip = Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_ip {
-        eprintln!("SKIPPED: `ip` (iproute2) is not installed");
-        return false;
-    }
-    true
 }
 
 /// Runs `task` on a new thread inside network namespace `ns`, on a current-thread runtime of
@@ -507,7 +476,7 @@ async fn client(link1: String, client_ns: String, data: Arc<Vec<u8>>) -> ClientR
 
 #[test]
 fn stream_survives_client_link_loss_across_namespaces() {
-    if !netns_usable() {
+    if !serval_testkit::require_netns("stream_survives_client_link_loss_across_namespaces") {
         return;
     }
     let hosts = Hosts::new("");
@@ -582,7 +551,7 @@ fn stream_survives_client_link_loss_across_namespaces() {
 /// down too, so every IPv6 close waited a second for a retransmission.
 #[test]
 fn ipv6_paths_settle_their_mtu_without_a_lost_probe() {
-    if !netns_usable() {
+    if !serval_testkit::require_netns("ipv6_paths_settle_their_mtu_without_a_lost_probe") {
         return;
     }
     let hosts = Hosts::new("6");

@@ -69,8 +69,15 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 /// Skips `test` because of `why` (e.g. "nginx is not installed"): writes
 /// `SKIPPED <test>: <why>; to run it: <APT_GET>` as one line straight to standard error, or,
 /// under `CI=true`, panics with the same text. The caller returns right after.
+#[track_caller]
 pub fn skip(test: &str, why: &str) {
-    let line = format!("SKIPPED {test}: {why}; to run it: {APT_GET}");
+    announce(test, &format!("{why}; to run it: {APT_GET}"));
+}
+
+/// Writes `SKIPPED <test>: <text>` (or panics with it under `CI=true`).
+#[track_caller]
+fn announce(test: &str, text: &str) {
+    let line = format!("SKIPPED {test}: {text}");
     if in_ci() {
         panic!("{line} (CI=true: nothing may be skipped)");
     }
@@ -89,8 +96,10 @@ pub fn skips() -> usize {
 static SKIPS: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether the environment variable `var` (e.g. `SERVAL_SKIP_ETCD`) asks to skip `test`.
-/// If it is set, the skip is announced as by [`skip`] and `true` returned; under `CI=true` a
-/// set variable fails the test instead (CI must never skip).
+/// If it is set, the skip is announced (`SKIPPED <test>: <var> is set; unset it to run it`)
+/// and `true` returned; under `CI=true` a set variable fails the test instead (CI must never
+/// skip).
+#[track_caller]
 pub fn skip_requested(test: &str, var: &str) -> bool {
     if std::env::var_os(var).is_none() {
         return false;
@@ -98,13 +107,14 @@ pub fn skip_requested(test: &str, var: &str) -> bool {
     if in_ci() {
         panic!("{test}: {var} is set, but CI=true runs every test: unset {var}");
     }
-    skip(test, &format!("{var} is set"));
+    announce(test, &format!("{var} is set; unset it to run it"));
     true
 }
 
 /// The path of `program`, or `None` after announcing that `test` skips because it is not
 /// installed (see [`skip`]; under `CI=true` the test fails instead). Looks in `PATH` and the
 /// sbin directories ([`find_program`]).
+#[track_caller]
 pub fn require_program(test: &str, program: &str) -> Option<PathBuf> {
     let found = find_program(program);
     if found.is_none() {
@@ -121,6 +131,7 @@ pub fn require_program(test: &str, program: &str) -> Option<PathBuf> {
 
 /// [`require_program`] for several programs: all their paths, or `None` after announcing the
 /// skip, naming every missing one.
+#[track_caller]
 pub fn require_programs<const N: usize>(test: &str, programs: [&str; N]) -> Option<[PathBuf; N]> {
     let found = programs.map(find_program);
     let missing: Vec<String> = programs
@@ -139,6 +150,7 @@ pub fn require_programs<const N: usize>(test: &str, programs: [&str; N]) -> Opti
 /// The `etcd` binary for `test`: `SERVAL_ETCD_BIN` if set, else `etcd` from `PATH` or the sbin
 /// directories. `None` after announcing the skip when `SERVAL_SKIP_ETCD` is set or etcd is not
 /// installed (Debian `etcd-server`); under `CI=true` both fail the test instead.
+#[track_caller]
 pub fn require_etcd(test: &str) -> Option<PathBuf> {
     if skip_requested(test, "SERVAL_SKIP_ETCD") {
         return None;
@@ -163,6 +175,7 @@ pub fn require_etcd(test: &str) -> Option<PathBuf> {
 /// `ip` (iproute2) is installed, and a namespace can really be created (root). Otherwise the
 /// skip is announced and `false` returned; under `CI=true` the test fails instead. The probe
 /// (creating and deleting one namespace) runs once per test binary.
+#[track_caller]
 pub fn require_netns(test: &str) -> bool {
     if skip_requested(test, "SERVAL_SKIP_NETNS") {
         return false;

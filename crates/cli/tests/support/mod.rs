@@ -54,13 +54,43 @@ pub fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?} failed");
 }
 
-/// Whether the namespace tests should run (`SERVAL_SKIP_NETNS` skips them, saying so).
-pub fn netns_usable() -> bool {
-    if std::env::var_os("SERVAL_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: SERVAL_SKIP_NETNS is set");
-        return false;
+/// Whether namespace test `test` can run (root, `ip`, a namespace can be created, and
+/// `SERVAL_SKIP_NETNS` unset). If not, the skip is announced in one line, or under `CI=true`
+/// the test fails (`serval_testkit::require_netns`).
+pub fn netns_usable(test: &str) -> bool {
+    serval_testkit::require_netns(test)
+}
+
+/// How many lines starting with `prefix` each of `rxs` has printed, waiting (at most `limit`)
+/// until they add up to `n`, then collecting stragglers for 200 ms more, so that a line
+/// printed twice or by two instances shows as a sum above `n`. Replaces a fixed sleep before
+/// an exact count, which flakes on a loaded machine.
+pub fn count_lines(
+    rxs: &[&mpsc::Receiver<String>],
+    prefix: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<usize> {
+    let tally = |counts: &mut [usize], wait: Duration| {
+        for (c, rx) in counts.iter_mut().zip(rxs) {
+            while let Ok(l) = rx.recv_timeout(wait) {
+                *c += usize::from(l.starts_with(prefix));
+            }
+        }
+    };
+    let mut counts = vec![0; rxs.len()];
+    let deadline = Instant::now() + limit;
+    loop {
+        tally(&mut counts, Duration::from_millis(10));
+        if counts.iter().sum::<usize>() >= n || Instant::now() >= deadline {
+            break;
+        }
     }
-    true
+    let stragglers = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < stragglers {
+        tally(&mut counts, Duration::from_millis(20));
+    }
+    counts
 }
 
 /// Runs `cmd` with `input` on its stdin (written from a thread, so a large input cannot
@@ -113,9 +143,9 @@ pub fn spawn_ready(mut cmd: Command) -> (Guard, String, mpsc::Receiver<String>) 
 }
 
 /// A one-member etcd with a temporary data directory, killed and removed on drop: on free
-/// loopback ports, or on 127.0.0.1:2379 inside network namespace `netns`. `None` (the test
-/// skips, saying so) only when `SERVAL_SKIP_ETCD` is set; without an `etcd` binary the test
-/// fails, as CI installs one.
+/// loopback ports, or on 127.0.0.1:2379 inside network namespace `netns`. `None` when the
+/// test skips (no `etcd` binary, or `SERVAL_SKIP_ETCD` set: one line says so); under
+/// `CI=true` both fail the test instead (`serval_testkit::require_etcd`).
 pub struct Etcd {
     child: Child,
     dir: std::path::PathBuf,
@@ -124,17 +154,14 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// On free loopback ports of this namespace.
-    pub fn start() -> Option<Etcd> {
-        Etcd::start_in(None)
+    /// On free loopback ports of this namespace, for test `test`.
+    pub fn start(test: &str) -> Option<Etcd> {
+        Etcd::start_in(test, None)
     }
 
-    /// On loopback inside `netns` (its own ports), or of this namespace.
-    pub fn start_in(netns: Option<&str>) -> Option<Etcd> {
-        if std::env::var_os("SERVAL_SKIP_ETCD").is_some() {
-            eprintln!("SKIPPED: SERVAL_SKIP_ETCD is set");
-            return None;
-        }
+    /// On loopback inside `netns` (its own ports), or of this namespace, for test `test`.
+    pub fn start_in(test: &str, netns: Option<&str>) -> Option<Etcd> {
+        let etcd = serval_testkit::require_etcd(test)?;
         let port = |_| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -158,10 +185,10 @@ impl Etcd {
             Some(ns) => {
                 let mut cmd = Command::new("ip");
                 // `ip netns exec` execs etcd: the child is etcd itself, so kill() reaches it.
-                cmd.args(["netns", "exec", ns, "etcd"]);
+                cmd.args(["netns", "exec", ns]).arg(&etcd);
                 cmd
             }
-            None => Command::new("etcd"),
+            None => Command::new(&etcd),
         };
         let child = cmd
             .args(["--name", "m0", "--data-dir"])
