@@ -21,6 +21,7 @@ mod table;
 mod translate;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serval_wire::{ServiceId, ServicePrefix};
@@ -75,6 +76,11 @@ enum Command {
         service: String,
         #[command(flatten)]
         hop: net::HopArgs,
+        /// Give up connecting after this many seconds without an answer (a next hop where
+        /// nothing listens, or an instance that died before its lease ran out). 0 waits for
+        /// the SYN's whole retransmission schedule (about two minutes, like TCP).
+        #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+        connect_timeout: f64,
     },
     /// Translator: accept ordinary TCP connections and carry each to a service by name.
     ///
@@ -161,9 +167,22 @@ fn main() -> ExitCode {
             }
             Err(e) => usage(&e),
         },
-        Command::Cat { service, hop } => match ServiceId::parse(&service) {
-            Ok(id) => run(net::cat(&service, id, &hop)),
-            Err(e) => usage(&e),
+        Command::Cat {
+            service,
+            hop,
+            connect_timeout,
+        } => match (
+            ServiceId::parse(&service),
+            Duration::try_from_secs_f64(connect_timeout),
+        ) {
+            (Ok(id), Ok(limit)) => {
+                let limit = (!limit.is_zero()).then_some(limit);
+                run(net::cat(&service, id, &hop, limit))
+            }
+            (Err(e), _) => usage(&e),
+            (_, Err(_)) => usage(&format!(
+                "--connect-timeout must be a number of seconds >= 0, not {connect_timeout}"
+            )),
         },
         Command::Proxy(args) => translate::proxy(args),
         Command::Expose(args) => translate::expose(args),

@@ -321,12 +321,32 @@ pub async fn connect(
     })
 }
 
-/// Connects to `service` (typed by the user as `name`) through `hop`, sends stdin, prints
-/// what comes back.
-pub async fn cat(name: &str, service: ServiceId, hop: &HopArgs) -> Result<(), String> {
+/// Connects to `service` (typed by the user as `name`) through `hop`, giving up after
+/// `connect_timeout` without an answer, sends stdin, prints what comes back.
+pub async fn cat(
+    name: &str,
+    service: ServiceId,
+    hop: &HopArgs,
+    connect_timeout: Option<Duration>,
+) -> Result<(), String> {
     let next = hop.next_hop();
     let ep = client(&next, hop.bind).await?;
-    let mut stream = connect(&ep, name, service, &next).await?;
+    let connecting = connect(&ep, name, service, &next);
+    let mut stream = match connect_timeout {
+        None => connecting.await?,
+        Some(limit) => tokio::time::timeout(limit, connecting)
+            .await
+            .map_err(|_| {
+                let hop = match &next {
+                    NextHop::Via(via) => format!("via {via}"),
+                    NextHop::Discover(d) => format!("through discovery group {}", d.locator()),
+                };
+                format!(
+                    "connect to service {name} {hop}: no answer within {limit:?} (nothing \
+                     listening there, or the instance died; --connect-timeout waits longer)"
+                )
+            })??,
+    };
     {
         let (mut r, mut w) = stream.split();
         let send = async {

@@ -65,3 +65,42 @@ fn bad_input_is_one_line_and_exit_2() {
         assert!(err.starts_with("error: "), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn cat_to_a_hop_where_nothing_listens_fails_after_its_connect_timeout() {
+    // A UDP port on loopback that nothing listens on: bound, then closed.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port();
+    let via = format!("127.0.0.1:{port}");
+    let t0 = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_serval"))
+        .args([
+            "cat",
+            "web.example.com",
+            "--via",
+            &via,
+            "--connect-timeout",
+            "0.5",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run serval");
+    let took = t0.elapsed();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: connect to service web.example.com via {via}: no answer within 500ms \
+             (nothing listening there, or the instance died; --connect-timeout waits longer)"
+        )
+    );
+    // It gave up at the timeout, not after the SYN's two-minute retransmission schedule.
+    assert!(took >= std::time::Duration::from_millis(500), "{took:?}");
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+    // A timeout that is not a number of seconds is a usage error.
+    let o = serval(&["cat", "x", "--via", &via, "--connect-timeout", "soon"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -62,7 +62,7 @@ pub enum Error {
         reason: String,
     },
     /// The call failed: etcd's error, or the connection's (unreachable, reset, timed out).
-    #[error("{:?}: {}", .0.code(), .0.message())]
+    #[error("{}", status_text(.0))]
     Status(#[from] tonic::Status),
     /// A keep-alive found no such lease (it expired or was revoked).
     #[error("lease {0:x} not found")]
@@ -70,6 +70,22 @@ pub enum Error {
     /// etcd ended a stream before answering the request sent on it.
     #[error("etcd closed the stream before answering")]
     Closed,
+}
+
+/// A status as one line: its code, its message, then the causes its message leaves out (a
+/// failed connection's message is only "tcp connect error"; the cause says "Connection
+/// refused").
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl Error {
@@ -438,5 +454,6 @@ mod tests {
         let e = c.get(b"k".to_vec()).await.unwrap_err();
         assert!(matches!(e, Error::Status(_)), "{e}");
         assert!(!e.is_compacted() && !e.is_lease_not_found());
+        assert!(e.to_string().contains("refused"), "the cause is kept: {e}");
     }
 }
