@@ -581,7 +581,10 @@ impl Connection {
             return;
         }
         let fresh = self.fresh(ctl.verno);
-        if fresh || self.peer != remote {
+        // A repeat of the latest RSYN from another address (its retransmission, rebound by a
+        // NAT) moves the peer too; an older one (delayed or replayed) never moves it back.
+        let latest = self.peer_verno == Some(ctl.verno);
+        if fresh || (latest && self.peer != remote) {
             self.peer = remote;
             self.transport.on_path_change(now);
             self.events.push_back(ConnEvent::PeerMigrated(remote));
