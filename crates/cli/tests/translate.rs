@@ -380,3 +380,89 @@ fn beyond_max_connections_a_connection_waits_for_a_free_slot() {
     second.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"two");
 }
+
+/// Waits (at most `limit`) for `child` to exit; its status, or `None` if it did not.
+fn wait_exit(child: &mut Guard, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_proxy_stopped_with_sigterm_refuses_new_connections_and_drains_open_ones() {
+    let (l, baddr) = backend();
+    let (_router, raddr) = router(&[]);
+    let (_expose, _, _, _expose_err) = support::expose("drain.translate.test", &baddr, &raddr, &[]);
+    let (mut proxy, paddr, perr) =
+        support::proxy("drain.translate.test", &raddr, &["--drain", "30"]);
+
+    // A connection open at the signal, in the middle of its exchange.
+    let mut s = client(&paddr);
+    s.write_all(b"before").unwrap();
+    let mut b = accept(&l);
+    let mut buf = [0u8; 6];
+    b.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"before");
+
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let line = wait_line(&perr, "the proxy's drain line", |l| {
+        l.contains("proxy stopping")
+    });
+    assert!(line.contains("waiting for 1 open connection(s)"), "{line}");
+    // No new connections: the listening socket is closed.
+    let refused = TcpStream::connect(&paddr).map(|_| ()).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy quit");
+
+    // The open connection goes on, both ways, after the signal: 1 MiB each way, then FINs.
+    let up = pattern(1 << 20, 3);
+    let down = pattern(1 << 20, 4);
+    let (up2, down2) = (up.clone(), down.clone());
+    let server = std::thread::spawn(move || {
+        let mut w = b.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&down2).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let got = read_to_eof(&mut b);
+        writer.join().unwrap();
+        assert!(
+            got == up2,
+            "backend got {} bytes, not the upload",
+            got.len()
+        );
+    });
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&up).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let got = read_to_eof(&mut s);
+    writer.join().unwrap();
+    server.join().unwrap();
+    assert!(
+        got == down,
+        "client got {} bytes, not the download",
+        got.len()
+    );
+
+    // Then the proxy exits, cleanly, having let the connection finish.
+    let st = wait_exit(&mut proxy, Duration::from_secs(20)).expect("the proxy never exited");
+    assert!(st.success(), "proxy exit {st}");
+    let rest = support::drain(&perr);
+    assert!(
+        rest.iter().any(|l| l.contains("every connection finished")),
+        "{rest:#?}"
+    );
+}
