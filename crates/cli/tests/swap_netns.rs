@@ -187,10 +187,13 @@ fn swapping_the_instance_under_a_name_loses_no_ping() {
         .status()
         .unwrap();
     assert!(st.success(), "kill -TERM v1");
-    wait_line(&v1_err, "v1 withdrawing", |l| l.contains("withdrawn"));
+    let withdrawn = wait_line(&v1_err, "v1 withdrawing", |l| l.contains("withdrawn"));
     let sigterm_at = seen.len();
-    // Still draining: the long-lived connection is open.
-    std::thread::sleep(Duration::from_millis(300));
+    // Still draining: the long-lived connection is open, and v1 says it waits for it.
+    assert!(
+        withdrawn.contains("waiting for 1 open connection(s)"),
+        "{withdrawn}"
+    );
     assert!(
         v1.0.try_wait().unwrap().is_none(),
         "v1 exited with a connection still open: {:?}",
