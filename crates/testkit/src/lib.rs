@@ -74,6 +74,13 @@ pub fn skip(test: &str, why: &str) {
     announce(test, &format!("{why}; to run it: {APT_GET}"));
 }
 
+/// [`skip`] for something no package provides (an IPv6 loopback, a kernel feature):
+/// `SKIPPED <test>: <why>; to run it: <to_run>`, or under `CI=true` a panic with that text.
+#[track_caller]
+pub fn skip_with(test: &str, why: &str, to_run: &str) {
+    announce(test, &format!("{why}; to run it: {to_run}"));
+}
+
 /// Writes `SKIPPED <test>: <text>` (or panics with it under `CI=true`).
 #[track_caller]
 fn announce(test: &str, text: &str) {
