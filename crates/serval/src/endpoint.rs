@@ -543,27 +543,45 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
     let mut out = SendQueue::new();
     drop(shared);
+    // One liveness timer for the task's life, re-armed when it fires: a timer created per
+    // receive would be registered (and often unpark the runtime) once per batch.
+    let liveness = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(liveness);
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let sock = &shared.sockets[index];
         let readable = tokio::select! {
             r = sock.io.readable() => r,
-            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            () = &mut liveness => {
+                liveness
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                continue;
+            }
         };
         if readable.is_err() {
             return;
         }
+        let mut got = 0;
         let res = {
             let mut slices: Vec<IoSliceMut<'_>> = bufs
                 .iter_mut()
                 .map(|b| IoSliceMut::new(&mut b[..]))
                 .collect();
             sock.io.try_io(Interest::READABLE, || {
-                sock.udp.recv((&sock.io).into(), &mut slices, &mut meta)
+                got = sock.udp.recv((&sock.io).into(), &mut slices, &mut meta)?;
+                // A short batch drained the socket: say "would block" now, so the readiness
+                // is cleared without another recvmmsg that would only find it empty (the
+                // edge-triggered poller reports the next datagram anyway).
+                if got < RECV_BATCH {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(got)
             })
         };
         let n = match res {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
@@ -716,47 +734,65 @@ impl SendQueue {
 }
 
 /// Sends what the engine wants to send and runs its timers, until the endpoint is gone.
+///
+/// The engine's deadline moves on almost every packet (a delayed ACK is armed by a request
+/// and cancelled by the response that carries it), so the driver keeps one timer and moves it
+/// only *earlier*: a deadline that moved later lets the timer fire early, once, and the loop
+/// re-arms it. Registering a fresh, earlier timer with tokio unparks the runtime (an eventfd
+/// write and an extra `epoll_wait`); doing that once per request cost more than the spurious
+/// wake-up per delayed-ACK period that replaces it.
 async fn drive(weak: std::sync::Weak<Shared>) {
     let mut out = SendQueue::new();
+    let timer = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(timer);
+    // The engine time the timer is armed for; `None` once it fired or when nothing is due.
+    let mut armed: Option<Instant> = None;
+    let liveness = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(liveness);
     loop {
         let Some(shared) = weak.upgrade() else { return };
         // Collect under the lock, send outside it.
-        let (deadline, sent_any) = {
+        let (full, sent_any) = {
             let mut st = shared.lock();
             let now = st.now();
             if st.engine.poll_timeout().is_some_and(|t| t <= now) {
                 st.engine.handle_timeout(now);
             }
-            out.collect(&mut st, now);
+            let full = out.collect(&mut st, now);
             st.dispatch();
-            let deadline = st.engine.poll_timeout();
-            st.driver_deadline = deadline;
-            let epoch = st.epoch;
-            (
-                deadline.map(|t| epoch + Duration::from_nanos(t.as_nanos())),
-                !out.batch.is_empty(),
-            )
+            if armed.is_some() && timer.is_elapsed() {
+                armed = None;
+            }
+            if let Some(t) = st.engine.poll_timeout()
+                && armed.is_none_or(|a| t < a)
+            {
+                armed = Some(t);
+                let at = st.epoch + Duration::from_nanos(t.as_nanos());
+                timer.as_mut().reset(at.into());
+            }
+            // The driver wakes at `armed` at the latest: receive tasks need to wake it only
+            // for a deadline earlier than that.
+            st.driver_deadline = armed;
+            (full, !out.batch.is_empty())
         };
         out.send(&shared).await;
-        if sent_any {
-            // More may be ready (window opened, pacing released): loop without sleeping.
+        if sent_any && full {
+            // The batch filled: more may be waiting. Loop, letting other tasks run first.
             tokio::task::yield_now().await;
             continue;
         }
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        // Anything that makes the engine want to send later notifies `wake` (a permit is kept
+        // if it happens before we wait) or moves the deadline.
         let wake = shared.wake.clone();
         let notified = wake.notified();
         drop(shared);
         tokio::select! {
-            () = sleep => {}
+            () = &mut timer, if armed.is_some() => armed = None,
             () = notified => {}
             // Re-check liveness now and then so the task ends with the endpoint.
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = &mut liveness => liveness
+                .as_mut()
+                .reset(tokio::time::Instant::now() + Duration::from_secs(1)),
         }
     }
 }
