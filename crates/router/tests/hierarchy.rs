@@ -94,12 +94,19 @@ async fn parent_and_child() -> (Router, Router, ServicePrefix) {
         .map(|l| l.registration.locator)
         .collect();
     assert_eq!(at_parent, child.locators());
-    assert!(
-        child
-            .parent_registrations()
-            .iter()
-            .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
-    );
+    // The parent's table has it as soon as the REGISTER arrives; the child knows only when the
+    // answer comes back, a moment later.
+    wait_for(
+        Duration::from_secs(5),
+        "the child's registration state",
+        || {
+            child
+                .parent_registrations()
+                .iter()
+                .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
+        },
+    )
+    .await;
     (parent, child, domain)
 }
 

@@ -3,19 +3,29 @@
 //! # Names
 //!
 //! Users type names (`web.example.com`); the wire carries 256-bit serviceIDs. The mapping
-//! ([`ServiceId::from_name`]) is deterministic and *prefix-preserving by domain*: the ID is split
-//! into [`NAME_LABELS_MAX`] chunks of [`NAME_LABEL_BITS`] bits, and the labels of the name fill the
-//! chunks from the top-level domain down. Chunk `i` holds
+//! ([`ServiceId::from_name`], version 2) is deterministic, *prefix-preserving by domain*, and
+//! spends every bit of the ID. Read the labels from the top-level domain down; the *path* `P(i)`
+//! is the first `i` of them (for `web.example.com`: `P(1)` = com, `P(2)` = com.example, `P(3)` =
+//! com.example.web), and its hash is
 //!
 //! ```text
-//! chunk(label) = first 4 bytes (big-endian) of SHA-256("serval-name-v1" || 0x00 || lowercase(label)),
-//!                replaced by 1 if that is 0
+//! H(P(i)) = SHA-256("serval-name-v2" || 0x00 || for each label of P(i): len u8 || lowercase(label))
 //! ```
 //!
-//! and unused chunks are zero. So `web.example.com` is `chunk(com) | chunk(example) | chunk(web) |
-//! 0 | 0 | 0 | 0 | 0`, and the prefix `example.com/*` is `chunk(com) | chunk(example)` with length
-//! 64, a bit-prefix of the ID of every name under `example.com` (and of `example.com` itself).
-//! Because a label's chunk is never zero, `example.com` and `x.example.com` never share an ID.
+//! A name of `k` labels takes the first [`NAME_LABEL_BITS`] (32) bits of `H(P(1))`, …,
+//! `H(P(k-1))`, then the first `256 − 32·(k−1)` bits of `H(P(k))`: the last label takes all the
+//! bits that are left. So `web.example.com` is `H(com)[..32] | H(com.example)[..32] |
+//! H(com.example.web)[..192]`, and the prefix `example.com/*` is `H(com)[..32] |
+//! H(com.example)[..32]` with length 64: a bit-prefix of the ID of every name under
+//! `example.com`, and of `example.com` itself (whose last chunk `H(com.example)[..224]` starts
+//! with the same 32 bits — the shorter chunk of a path is a prefix of its longer one).
+//!
+//! Each chunk hashes the whole path above it, so two names that differ anywhere differ in
+//! every chunk from that label down: they share an ID only if `256 − 32·(j−1)` hash bits
+//! collide, where `j` is the first label (from the top) at which they differ — at least 160
+//! bits for names of up to four labels, and never fewer than 32 (two 8-label names that differ
+//! only in their last label). Version 1 gave every label 32 bits and zero-filled the rest, so
+//! 300 000 names `svc{i}.test` held 8 colliding pairs.
 //!
 //! Names are case-insensitive (as in DNS), may end with one `.`, and are made of labels of 1 to 63
 //! characters from `a-z`, `0-9`, `-` and `_` (for service labels such as `_http`); a label may not
@@ -39,14 +49,15 @@ use sha2::{Digest, Sha256};
 pub const SERVICE_ID_BITS: u16 = 256;
 /// Width of a [`ServiceId`] in bytes.
 pub const SERVICE_ID_LEN: usize = 32;
-/// Bits contributed to a name-derived [`ServiceId`] by each DNS label.
+/// Bits contributed to a name-derived [`ServiceId`] by each DNS label but the last (which takes
+/// all the bits left), and so the width of one label in a domain prefix (`example.com/*` is 64).
 pub const NAME_LABEL_BITS: u16 = 32;
 /// Most labels a name may have (`SERVICE_ID_BITS / NAME_LABEL_BITS`).
 pub const NAME_LABELS_MAX: usize = (SERVICE_ID_BITS / NAME_LABEL_BITS) as usize;
 /// Longest label accepted in a name, as in DNS.
 pub const NAME_LABEL_LEN_MAX: usize = 63;
-/// Domain-separation tag hashed before each label.
-const NAME_HASH_TAG: &[u8] = b"serval-name-v1\0";
+/// Domain-separation tag hashed before the labels of a path.
+const NAME_HASH_TAG: &[u8] = b"serval-name-v2\0";
 
 /// Why a name, an ID or a prefix in text form was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -253,10 +264,7 @@ impl ServicePrefix {
     /// The prefix covering a whole domain: `example.com` gives `example.com/*`, 32 bits a label.
     pub fn from_domain(domain: &str) -> Result<ServicePrefix, IdError> {
         let (id, labels) = name_chunks(domain)?;
-        Ok(ServicePrefix {
-            id,
-            len: labels as u16 * NAME_LABEL_BITS,
-        })
+        Ok(ServicePrefix::new(id, labels as u16 * NAME_LABEL_BITS))
     }
 
     /// Parses any of the prefix text forms listed in the [module docs](self).
@@ -352,16 +360,32 @@ fn name_chunks(name: &str) -> Result<(ServiceId, usize), IdError> {
     if labels.len() > NAME_LABELS_MAX {
         return Err(IdError::TooManyLabels(labels.len()));
     }
+    let chunk = usize::from(NAME_LABEL_BITS / 8);
     let mut out = [0u8; SERVICE_ID_LEN];
+    // One running hash over the path from the top-level domain down: H(P(i)) is a snapshot of
+    // it after the i-th label.
+    let mut path = Sha256::new();
+    path.update(NAME_HASH_TAG);
     for (i, label) in labels.iter().rev().enumerate() {
-        let chunk = label_chunk(label, name)?;
-        out[i * 4..i * 4 + 4].copy_from_slice(&chunk.to_be_bytes());
+        check_label(label, name)?;
+        let lower = label.to_ascii_lowercase();
+        // A label is at most 63 bytes (checked above), so its length fits the byte.
+        path.update([lower.len() as u8]);
+        path.update(lower.as_bytes());
+        let h = path.clone().finalize();
+        let last = i + 1 == labels.len();
+        let end = if last {
+            SERVICE_ID_LEN
+        } else {
+            (i + 1) * chunk
+        };
+        out[i * chunk..end].copy_from_slice(&h[..end - i * chunk]);
     }
     Ok((ServiceId(out), labels.len()))
 }
 
-/// The never-zero 32-bit chunk of one label, after validating it.
-fn label_chunk(label: &str, name: &str) -> Result<u32, IdError> {
+/// Checks one label of `name` against the rules in the [module docs](self).
+fn check_label(label: &str, name: &str) -> Result<(), IdError> {
     if label.is_empty() {
         return Err(IdError::EmptyLabel(name.to_owned()));
     }
@@ -380,12 +404,7 @@ fn label_chunk(label: &str, name: &str) -> Result<u32, IdError> {
     if label.starts_with('-') || label.ends_with('-') {
         return Err(IdError::HyphenEdge(label.to_owned()));
     }
-    let mut h = Sha256::new();
-    h.update(NAME_HASH_TAG);
-    h.update(label.to_ascii_lowercase().as_bytes());
-    let d = h.finalize();
-    let chunk = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-    Ok(if chunk == 0 { 1 } else { chunk })
+    Ok(())
 }
 
 /// A flow identifier: chosen by each end for its own side of a flow, carried in every packet.
@@ -443,17 +462,51 @@ mod tests {
         let a = ServiceId::from_name("Web.Example.COM").unwrap();
         let b = ServiceId::from_name("web.example.com.").unwrap();
         assert_eq!(a, b);
-        // Fixture: pins the mapping so that a change to it cannot go unnoticed.
+        // Fixture: pins the mapping so that a change to it cannot go unnoticed. Each part is
+        // SHA-256 of the tag and the length-prefixed labels of the path (as `printf
+        // 'serval-name-v2\0\3com\7example' | sha256sum` gives for the second).
+        let h = |path: &[u8]| {
+            let mut d = Sha256::new();
+            d.update(b"serval-name-v2\0");
+            d.update(path);
+            d.finalize()
+        };
+        let mut want = Vec::new();
+        want.extend_from_slice(&h(b"\x03com")[..4]);
+        want.extend_from_slice(&h(b"\x03com\x07example")[..4]);
+        want.extend_from_slice(&h(b"\x03com\x07example\x03web")[..24]);
+        assert_eq!(a.0.as_slice(), want.as_slice());
         assert_eq!(
-            a.to_string()[..24],
-            format!(
-                "{:08x}{:08x}{:08x}",
-                label_chunk("com", "").unwrap(),
-                label_chunk("example", "").unwrap(),
-                label_chunk("web", "").unwrap()
-            )
+            a.to_string(),
+            "cf47db499cdbb2c24ecc10b325e6b79560947481c304c4b6af8f49c044938573",
+            "the published fixture in docs/wire.md §6"
         );
-        assert!(a.to_string()[24..].bytes().all(|c| c == b'0'));
+    }
+
+    #[test]
+    fn every_bit_is_used_and_depth_does_not_collide() {
+        // Version 1 left 160 zero bits after a 3-label name and gave a second-level label 32
+        // bits; now the last label fills the ID.
+        let a = ServiceId::from_name("web.example.com").unwrap();
+        assert!(a.0[12..].iter().any(|&b| b != 0));
+        let distinct: std::collections::HashSet<ServiceId> = [
+            "example.com",
+            "x.example.com",
+            "example.com.x",
+            "com",
+            "x.com",
+            "a.svc1.test",
+            "a.svc2.test",
+        ]
+        .iter()
+        .map(|n| ServiceId::from_name(n).unwrap())
+        .collect();
+        assert_eq!(distinct.len(), 7);
+        // Labels are length-prefixed, so moving a character across a dot changes the path.
+        assert_ne!(
+            ServiceId::from_name("ab.c").unwrap(),
+            ServiceId::from_name("a.bc").unwrap()
+        );
     }
 
     #[test]
