@@ -625,9 +625,15 @@ local function render_stream(tvb, off, limit, tree)
     return table.concat(summary, " ")
 end
 
--- Protocol 2: flags, optional sender serviceID, data.
-local function render_datagram(tvb, off, limit, tree)
+-- Protocol 2: a flags byte (0, or 1 when the sender's serviceID follows), then the data. A
+-- datagram travels by name, so it needs SERVICE and SOURCE (`info` says which were present);
+-- receivers drop one without them or with other flags.
+local function render_datagram(tvb, off, limit, tree, info)
     local t = tree:add(f.datagram, tvb(off, limit - off))
+    if not (info.service and info.source) then
+        t:add_proto_expert_info(e.dgram_malformed,
+            "a datagram without SERVICE and SOURCE extensions is dropped")
+    end
     if off >= limit then
         t:add_proto_expert_info(e.dgram_malformed, "Truncated: no flags byte")
         return
@@ -636,7 +642,12 @@ local function render_datagram(tvb, off, limit, tree)
     t:add(f.dgram_flags, tvb(off, 1))
     t:add(f.dgram_has_service, tvb(off, 1))
     local pos = off + 1
-    if flags % 2 == 1 then
+    if flags > 1 then
+        t:add_tvb_expert_info(e.dgram_malformed, tvb(off, 1),
+            string.format("flags 0x%02x: receivers take only 0 or 1 and drop the datagram", flags))
+        return
+    end
+    if flags == 1 then
         if pos + 32 > limit then
             t:add_tvb_expert_info(e.dgram_malformed, tvb(off, limit - off),
                 "Truncated: the sender's serviceID is cut short")
@@ -780,7 +791,7 @@ local function dissect_packet(tvb, tree, gso)
     if h.protocol == 1 and off < limit then
         text[#text + 1] = render_stream(tvb, off, limit, root)
     elseif h.protocol == 2 then
-        render_datagram(tvb, off, limit, root)
+        render_datagram(tvb, off, limit, root, info)
     elseif h.protocol == 3 then
         text[#text + 1] = render_registration(tvb, off, limit, root) or "(malformed registration)"
     elseif off < limit then
