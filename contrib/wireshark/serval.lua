@@ -15,7 +15,8 @@
 -- and as a heuristic dissector for UDP that claims a datagram only if the whole SAL header
 -- validates, so traffic on ephemeral ports decodes too. See README.md next to this file.
 --
--- Written for the Wireshark Lua API (Wireshark 3.x and 4.x, Lua 5.1 to 5.4): no bit operators.
+-- Written for the Wireshark Lua API of 3.x and later (tested with 4.0), in Lua that every version
+-- Wireshark embeds accepts: no bit operators, no integer division.
 
 local serval = Proto("serval", "Serval Service Access Layer")
 
