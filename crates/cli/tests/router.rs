@@ -479,6 +479,67 @@ fn a_router_restarted_on_etcd_has_every_registration_and_streams_never_noticed()
 }
 
 #[test]
+fn a_router_started_while_etcd_is_down_is_ready_degraded_then_serves_once_etcd_starts() {
+    const TEST: &str =
+        "a_router_started_while_etcd_is_down_is_ready_degraded_then_serves_once_etcd_starts";
+    if serval_testkit::require_etcd(TEST).is_none() {
+        return;
+    }
+    // etcd's port is chosen now; etcd starts there only later.
+    let etcd_port = support::free_port();
+    let admin = free_tcp_port();
+    let mut child = serval()
+        .args(["router", "--listen", "127.0.0.1:0", "--admin", &admin])
+        .args(["--registry", &format!("etcd://127.0.0.1:{etcd_port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let _router = Guard(child);
+    let ready = wait_line(&out, "READY with etcd down", |_| true);
+    let addr = ready
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("first line {ready:?}"))
+        .to_owned();
+    wait_line(&err, "the degraded start's warning", |l| {
+        l.contains("etcd unreachable at start")
+    });
+    let health = http_get(&admin, "/health");
+    assert!(
+        health.starts_with("HTTP/1.0 503") || health.starts_with("HTTP/1.1 503"),
+        "{health}"
+    );
+    assert!(health.contains("degraded"), "{health}");
+    // A name nobody could register yet has no route.
+    let o = cat("late.test", &addr, b"x\n");
+    assert!(!o.status.success());
+
+    // etcd starts; the same router process lists it, turns healthy and takes registrations.
+    let Some(_etcd) = support::Etcd::start_on(TEST, etcd_port) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = http_get(&admin, "/health");
+        if health.contains("synced") {
+            assert!(health.contains(" 200 "), "{health}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not synced within 30 s: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_instance, _) = instance("late.test", Some(&addr), &["--echo"]);
+    let o = cat("late.test", &addr, b"served\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, b"served\n");
+}
+
+#[test]
 fn a_router_whose_stderr_is_closed_keeps_serving() {
     // Its logs go to a pipe nobody reads from: every write fails with EPIPE.
     let (reader, writer) = std::io::pipe().unwrap();

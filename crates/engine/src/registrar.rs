@@ -50,7 +50,10 @@ pub struct LeaseConfig {
     pub max_rto: Duration,
     /// Sends of an UNREGISTER before giving up on its acknowledgement. Default 3.
     pub unregister_attempts: u32,
-    /// After a REJECT, how long before asking again. Default 10 s.
+    /// After a REJECT, how long before asking again. Default 10 s. A REJECT because the
+    /// router's registry is unavailable (its etcd is away: transient) is retried at the
+    /// [`refresh`](LeaseConfig::refresh) period instead, so a registration is back within a
+    /// second of etcd's return.
     pub retry_after_reject: Duration,
 }
 
@@ -461,7 +464,12 @@ impl Registrar {
             }
             MessageType::Reject(reason) => {
                 e.state = RegistrationState::Rejected(reason);
-                e.next_request = now.checked_add(self.config.retry_after_reject);
+                let wait = if reason == RejectReason::UNAVAILABLE {
+                    self.config.refresh.max(MIN_REFRESH)
+                } else {
+                    self.config.retry_after_reject
+                };
+                e.next_request = now.checked_add(wait);
                 self.events.push_back(RegistrarEvent::Rejected {
                     prefix,
                     router,
@@ -780,6 +788,31 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].1.ty, MessageType::Register);
         assert!(events(&mut r).is_empty());
+    }
+
+    #[test]
+    fn a_registry_unavailable_reject_is_retried_at_the_refresh_period() {
+        let mut r = registrar();
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        r.handle_answer(
+            at(1),
+            loc("10.0.0.9:54324"),
+            &req.reject(RejectReason::UNAVAILABLE),
+        );
+        assert!(matches!(
+            events(&mut r)[..],
+            [RegistrarEvent::Rejected {
+                reason: RejectReason::UNAVAILABLE,
+                ..
+            }]
+        ));
+        // Transient: asked again after the refresh period (1 s), not retry_after_reject.
+        assert_eq!(r.poll_timeout(), Some(at(1_001)));
+        let s = run(&mut r, at(1), at(1_001));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].1.ty, MessageType::Register);
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct EtcdConfig {
     /// Keys read per request when listing (default 100 000: etcd 3.4 scans every key left
     /// in the range for each page, so small pages make a long list quadratic).
     pub page_size: u32,
+    /// When etcd cannot be reached at start: `true` (the default) opens the registry anyway,
+    /// [`Health::Degraded`] and empty, and keeps trying in the background (the first list is
+    /// then a [`Change::Reset`]); `false` fails [`Registry::etcd`] instead.
+    pub start_degraded: bool,
 }
 
 impl EtcdConfig {
@@ -156,6 +160,7 @@ impl EtcdConfig {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(2),
             page_size: 100_000,
+            start_degraded: true,
         }
     }
 }
@@ -294,7 +299,8 @@ enum WatchEnd {
 }
 
 impl EtcdRegistry {
-    /// Connects and lists the registrations; fails if the first list cannot be made.
+    /// Connects and lists the registrations. If the first list cannot be made, opens degraded
+    /// and keeps trying ([`EtcdConfig::start_degraded`]), or fails.
     pub(crate) async fn connect(config: EtcdConfig) -> Result<EtcdRegistry, RegistryError> {
         if config.endpoints.is_empty() || config.page_size == 0 {
             return Err(RegistryError::BadUrl(format!(
@@ -946,6 +952,8 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
     let mut backoff = shared.config.retry_min;
     // Where to resume watching without listing, after a running watch broke.
     let mut resume: Option<i64> = None;
+    // Opened degraded, and not listed since (to say so once it is).
+    let mut unlisted_since_start = false;
     loop {
         let resuming = resume.is_some();
         let start = match resume.take() {
@@ -959,15 +967,32 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
                     (Ok(rev), first) => {
                         if let Some(tx) = first {
                             let _ = tx.send(Ok(()));
+                        } else if std::mem::take(&mut unlisted_since_start) {
+                            tracing::info!(
+                                registrations = shared.lock().regs.len(),
+                                revision = rev,
+                                "etcd reachable: registrations listed"
+                            );
                         }
                         rev + 1
                     }
-                    (Err(e), Some(tx)) => {
+                    (Err(e), Some(tx)) if !shared.config.start_degraded => {
                         let _ = tx.send(Err(e));
                         return;
                     }
-                    (Err(e), None) => {
-                        shared.degrade(&e);
+                    (Err(e), first) => {
+                        if let Some(tx) = first {
+                            unlisted_since_start = true;
+                            tracing::warn!(
+                                error = %e,
+                                "etcd unreachable at start: serving without its registrations \
+                                 until it answers"
+                            );
+                            shared.degrade(&e);
+                            let _ = tx.send(Ok(()));
+                        } else {
+                            shared.degrade(&e);
+                        }
                         sleep(jitter(backoff)).await;
                         backoff = (backoff * 2).min(shared.config.retry_max);
                         continue;

@@ -170,9 +170,11 @@ impl Registry {
     /// timeouts).
     ///
     /// For etcd this lists the registrations before returning, so the handle starts with a
-    /// full replica; it fails with [`RegistryError::Unavailable`] if no member can be
-    /// reached (after one try each) or a page of the list takes longer than
-    /// [`EtcdConfig::list_timeout`]. Must run inside a tokio runtime.
+    /// full replica. If no member can be reached (after one try each) or a page of the list
+    /// takes longer than [`EtcdConfig::list_timeout`], the handle opens anyway,
+    /// [`Health::Degraded`] and empty, and lists in the background once etcd answers (a
+    /// [`Change::Reset`] to subscribers); with [`EtcdConfig::start_degraded`] off it fails
+    /// with [`RegistryError::Unavailable`] instead. Must run inside a tokio runtime.
     pub async fn connect(url: &str) -> Result<Registry, RegistryError> {
         match url.split_once("://") {
             Some(("memory", "")) => Ok(Registry::memory()),

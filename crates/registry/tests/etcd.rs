@@ -958,14 +958,14 @@ async fn malformed_records_in_etcd_are_skipped_and_counted() {
 }
 
 #[tokio::test]
-async fn connecting_to_an_unreachable_etcd_fails_fast() {
+async fn connecting_to_an_unreachable_etcd_fails_fast_when_asked_to() {
     // Needs no etcd: nothing listens on the port.
     logs();
     let port = free_port();
     let t0 = Instant::now();
-    let err = Registry::connect(&format!("etcd://127.0.0.1:{port}"))
-        .await
-        .unwrap_err();
+    let mut c = config(&[port], "/f");
+    c.start_degraded = false;
+    let err = Registry::etcd(c).await.unwrap_err();
     assert!(matches!(err, RegistryError::Unavailable(_)), "{err:?}");
     assert!(
         t0.elapsed() < Duration::from_secs(5),
@@ -976,6 +976,59 @@ async fn connecting_to_an_unreachable_etcd_fails_fast() {
         Registry::connect("etcd://nohost").await,
         Err(RegistryError::BadUrl(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_opened_while_etcd_is_down_serves_degraded_and_converges_when_it_starts() {
+    let Some(mut etcd) = Cluster::start(1).await else {
+        return;
+    };
+    let ports = etcd.ports();
+    // Something is already stored; then etcd goes away before the router starts.
+    let r1 = reg(1);
+    open(&ports, "/s")
+        .await
+        .put(r1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    etcd.kill(0);
+
+    let t0 = Instant::now();
+    let a = Registry::etcd(config(&ports, "/s")).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(a.health(), Health::Degraded { .. }),
+        "{:?}",
+        a.health()
+    );
+    assert!(a.snapshot().is_empty());
+    let mut sub = a.subscribe();
+    assert_eq!(
+        next_change(&mut sub, Duration::from_secs(1), "first").await,
+        Change::Reset(vec![])
+    );
+    // Writes fail fast while etcd is away (the router rejects them as UNAVAILABLE).
+    let err = a.put(reg(2), Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Unavailable(_)), "{err:?}");
+
+    // etcd starts: the handle lists what is stored, without being reopened, and writes work.
+    etcd.spawn(0);
+    etcd.wait_ready(0).await;
+    assert_eq!(
+        next_change(&mut sub, Duration::from_secs(15), "reset once etcd is up").await,
+        Change::Reset(vec![r1])
+    );
+    assert_eq!(a.health(), Health::Synced);
+    let r2 = reg(2);
+    a.put(r2, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        next_change(&mut sub, Duration::from_secs(5), "put after").await,
+        Change::Put(r2)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -161,18 +161,20 @@ impl Etcd {
 
     /// On loopback inside `netns` (its own ports), or of this namespace, for test `test`.
     pub fn start_in(test: &str, netns: Option<&str>) -> Option<Etcd> {
+        match netns {
+            Some(_) => Etcd::launch(test, netns, 2379, 2380),
+            None => Etcd::launch(test, None, free_port(), free_port()),
+        }
+    }
+
+    /// On 127.0.0.1:`client` of this namespace (a port chosen earlier, for instance one a
+    /// router was already told to use), for test `test`.
+    pub fn start_on(test: &str, client: u16) -> Option<Etcd> {
+        Etcd::launch(test, None, client, free_port())
+    }
+
+    fn launch(test: &str, netns: Option<&str>, client: u16, peer: u16) -> Option<Etcd> {
         let etcd = serval_testkit::require_etcd(test)?;
-        let port = |_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (client, peer) = match netns {
-            Some(_) => (2379, 2380),
-            None => (port(0), port(1)),
-        };
         let dir = std::env::temp_dir().join(format!(
             "serval-cli-etcd-{}-{}",
             std::process::id(),
@@ -212,6 +214,15 @@ impl Etcd {
             url: format!("etcd://127.0.0.1:{client}"),
         })
     }
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Etcd {
