@@ -594,7 +594,7 @@ fn an_instance_stopped_with_sigterm_drains_its_downloads_and_loses_no_request() 
         "the drain was cut: {log:#?}"
     );
     // In-flight downloads through the stopped expose complete, byte for byte, and it exited
-    // only after the last one.
+    // only as the last one ended.
     let want = std::fs::read(a.dir.path().join("www/slow.bin")).unwrap();
     for (i, d) in downloads.into_iter().enumerate() {
         let ((ok, code, err), done, got) = d.join().unwrap();
@@ -605,9 +605,12 @@ fn an_instance_stopped_with_sigterm_drains_its_downloads_and_loses_no_request() 
             got.len()
         );
         assert!(done >= stopped, "download {i} ended before the stop");
+        // curl returns (and the thread takes the time) a little after expose delivered the
+        // last byte and closed; a cut drain would leave seconds of download behind.
         assert!(
-            done <= stopped + exited,
-            "expose exited before download {i}"
+            done <= stopped + exited + Duration::from_secs(1),
+            "expose exited {:?} before download {i} ended",
+            done - (stopped + exited)
         );
     }
     assert_eq!(logged(&a, "slow.bin"), 4, "the downloads were A's");

@@ -464,11 +464,16 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
             .filter(|l| l.contains("serval_router") && l.contains(" registered "))
             .collect()
     };
-    assert_eq!(
-        created(&first_log).len(),
-        4,
-        "the first router created each"
-    );
+    // (On a loaded machine a lease may lapse and be created again: so each instance at
+    // least once, not exactly four lines.)
+    let first = created(&first_log);
+    for h in 2..=5 {
+        let at = format!("at 10.79.{net}.{}:{PORT}", h + 1);
+        assert!(
+            first.iter().any(|l| l.contains(&at)),
+            "the first router never created {at}: {first:#?}"
+        );
+    }
     let again = created(&log);
     assert!(again.is_empty(), "the new router had to create {again:#?}");
 
@@ -501,16 +506,14 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
     });
     let took = sigterm.elapsed();
     assert!(gone.contains("unregistered"), "{gone}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "unregistered {took:?} after SIGTERM: not well inside the 3 s lease"
+    );
     let table = table_lines(&lan, 1);
-    let within = sigterm.elapsed();
     assert!(
         !table.iter().any(|l| l.contains(&stopped_at[3..])),
         "still in the table: {table:#?}"
-    );
-    assert!(
-        within < Duration::from_millis(1500),
-        "unregistered after {took:?}, table checked after {within:?}: not well inside the \
-         3 s lease"
     );
     let _ = stopped.0.wait();
     // And new connections all succeed, on the two left.
