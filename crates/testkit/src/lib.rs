@@ -180,8 +180,9 @@ pub fn require_etcd(test: &str) -> Option<PathBuf> {
 
 /// Whether `test` can build hosts in network namespaces: `SERVAL_SKIP_NETNS` is not set,
 /// `ip` (iproute2) is installed, and a namespace can really be created (root). Otherwise the
-/// skip is announced and `false` returned; under `CI=true` the test fails instead. The probe
-/// (creating and deleting one namespace) runs once per test binary.
+/// skip is announced and `false` returned (naming the apt-get line without `ip`, running as
+/// root without the permission); under `CI=true` the test fails instead. The probe (creating
+/// and deleting one namespace, `svtk<pid>`) runs once per test binary.
 #[track_caller]
 pub fn require_netns(test: &str) -> bool {
     if skip_requested(test, "SERVAL_SKIP_NETNS") {
@@ -189,8 +190,16 @@ pub fn require_netns(test: &str) -> bool {
     }
     match netns_probe() {
         Ok(()) => true,
-        Err(why) => {
+        Err(why) if find_program("ip").is_none() => {
             skip(test, why);
+            false
+        }
+        Err(why) => {
+            skip_with(
+                test,
+                why,
+                "run the tests as root (sudo -E cargo test), as CI does",
+            );
             false
         }
     }
@@ -219,7 +228,7 @@ fn netns_probe() -> Result<(), &'static str> {
                 Ok(())
             }
             Ok(o) => Err(format!(
-                "cannot create a network namespace (run as root): `ip netns add` said {:?}",
+                "cannot create a network namespace: `ip netns add` said {:?}",
                 String::from_utf8_lossy(&o.stderr).trim()
             )),
             Err(e) => Err(format!("cannot run {}: {e}", ip.display())),
