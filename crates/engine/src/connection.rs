@@ -123,6 +123,13 @@ pub struct ControlConfig {
     pub retries: u32,
     /// How long a closed flow lingers to answer retransmitted FINs.
     pub time_wait: Duration,
+    /// How long a client holds the handshake's ACK back, waiting for the application's first
+    /// data: a stream packet names both flowIDs and so completes the server's handshake on its
+    /// own, one packet (and one wake-up of the server) fewer than an ACK followed by data. The
+    /// ACK goes at once when the application reads before writing, and at the latest after
+    /// this delay. `None` (the default here) or zero sends it at once, always; the tokio
+    /// runtime (`serval`) uses 1 ms unless told otherwise.
+    pub handshake_ack_delay: Option<Duration>,
 }
 
 impl Default for ControlConfig {
@@ -131,6 +138,7 @@ impl Default for ControlConfig {
             rto: Duration::from_secs(1),
             retries: 6,
             time_wait: Duration::from_secs(3),
+            handshake_ack_delay: None,
         }
     }
 }
@@ -163,6 +171,8 @@ struct ControlTiming {
     rto: u64,
     /// [`ControlConfig::time_wait`], nanoseconds (saturated).
     time_wait: u64,
+    /// [`ControlConfig::handshake_ack_delay`], nanoseconds (saturated).
+    handshake_ack_delay: u64,
     retries: u32,
 }
 
@@ -172,6 +182,7 @@ impl ControlTiming {
         ControlTiming {
             rto: nanos(c.rto),
             time_wait: nanos(c.time_wait),
+            handshake_ack_delay: c.handshake_ack_delay.map_or(0, nanos),
             retries: c.retries,
         }
     }
@@ -257,6 +268,9 @@ pub(crate) struct Connection {
     fin_acked: bool,
     peer_fin: bool,
     time_wait_until: OptInstant,
+    /// Client: the handshake's ACK (of this SYN-ACK verno) is held back until this deadline,
+    /// for the first data packet to carry it (see [`ControlConfig::handshake_ack_delay`]).
+    held_ack: Option<(u32, Instant)>,
     pub(crate) transport: Transport,
     pub(crate) events: VecDeque<ConnEvent>,
     /// Packets dropped for a bad AUTH tag or a control packet out of place.
@@ -339,6 +353,7 @@ impl Connection {
             fin_acked: false,
             peer_fin: false,
             time_wait_until: OptInstant::NONE,
+            held_ack: None,
             transport: Transport::new(&n.transport, now),
             events: VecDeque::new(),
             auth_failures: 0,
@@ -514,7 +529,12 @@ impl Connection {
             self.state = State::Established;
             // The handshake may have taken several retransmissions: start the idle clock now.
             self.transport.on_peer_activity(now);
-            self.answers.push_back(Answer::Ack(ctl.verno));
+            if self.ctl.handshake_ack_delay == 0 {
+                self.answers.push_back(Answer::Ack(ctl.verno));
+            } else {
+                let due = now + Duration::from_nanos(self.ctl.handshake_ack_delay);
+                self.held_ack = Some((ctl.verno, due));
+            }
             self.events.push_back(ConnEvent::Connected);
             return;
         }
@@ -532,8 +552,9 @@ impl Connection {
             return;
         }
         if f.contains(ControlFlags::SYN | ControlFlags::ACK) {
-            // A retransmitted SYN-ACK: our ACK was lost.
+            // A retransmitted SYN-ACK: our ACK was lost (or never sent: answer now).
             if self.role == Role::Client {
+                self.held_ack = None;
                 self.answers.push_back(Answer::Ack(ctl.verno));
             }
             return;
@@ -549,8 +570,27 @@ impl Connection {
         if f.contains(ControlFlags::FIN) {
             if self.fresh(ctl.verno) {
                 self.peer_fin = true;
+                // The peer sends its FIN only once its transport is drained, which includes
+                // having received everything we sent: nothing of ours is left to acknowledge.
+                if self.state == State::Established {
+                    self.transport.on_peer_drained();
+                }
+            }
+            // FIN|ACK: the peer's FIN also answers ours.
+            if f.contains(ControlFlags::ACK)
+                && self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.kind == Reliable::Fin)
+                && self.acked(Reliable::Fin, ctl.ackno)
+            {
+                self.fin_acked = true;
             }
             self.answers.push_back(Answer::Ack(ctl.verno));
+            if self.state == State::Established {
+                // Our own FIN may be due now (the peer's acknowledged our stream end).
+                self.pump_transport(now);
+            }
             self.maybe_time_wait(now);
             return;
         }
@@ -641,6 +681,24 @@ impl Connection {
         true
     }
 
+    /// The application reads: if nothing it wrote is waiting to carry a held handshake ACK,
+    /// sends the ACK now (the server speaks first, or the client waits for something).
+    /// Returns whether it did.
+    pub(crate) fn on_read_blocked(&mut self) -> bool {
+        !self.transport.has_stream_to_send() && self.release_held_ack()
+    }
+
+    /// Sends a held handshake ACK now. Returns whether one was held.
+    fn release_held_ack(&mut self) -> bool {
+        match self.held_ack.take() {
+            Some((verno, _)) => {
+                self.answers.push_back(Answer::Ack(verno));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Aborts the flow: one RST, then gone.
     pub(crate) fn abort(&mut self) {
         if self.keys.is_some() && self.peer_flow != FlowId::NONE {
@@ -721,6 +779,8 @@ impl Connection {
         }
         if self.state == State::Established && !self.fin_queued && self.transport.is_drained() {
             self.fin_queued = true;
+            // The FIN says everything arrived: no separate delayed ACK for the peer's data.
+            self.transport.cancel_pending_ack();
             self.send_reliable(Reliable::Fin);
         }
         self.maybe_time_wait(now);
@@ -741,6 +801,7 @@ impl Connection {
             transport,
             self.time_wait_until.get(),
             self.release_deadline(),
+            self.held_ack.map(|(_, due)| due),
         ]
         .into_iter()
         .flatten()
@@ -774,6 +835,9 @@ impl Connection {
             self.pending = None;
             self.queued.clear();
             return;
+        }
+        if self.held_ack.is_some_and(|(_, due)| due <= now) {
+            self.release_held_ack();
         }
         if let Some(p) = &mut self.pending
             && p.deadline.get().is_some_and(|d| d <= now)
@@ -822,6 +886,29 @@ impl Connection {
             // raised events.
             self.pump_transport(now);
         }
+        // Our FIN about to go out answers the peer's FIN as well (FIN|ACK): one packet less
+        // in every close where the peer finished first.
+        if let (Some(Answer::Ack(peer_verno)), Some(p)) =
+            (self.answers.front().copied(), &self.pending)
+            && p.kind == Reliable::Fin
+            && p.deadline.is_none()
+            && self.peer_verno == Some(peer_verno)
+        {
+            self.answers.pop_front();
+            let (verno, rto) = (p.verno, p.rto);
+            let repr = self.control_repr(
+                ControlFlags::FIN | ControlFlags::ACK,
+                verno,
+                peer_verno.wrapping_add(1),
+            );
+            let route = self
+                .emit_sealed(&repr, out)
+                .then_some((self.local, self.peer));
+            if let Some(p) = &mut self.pending {
+                p.deadline = (now + Duration::from_nanos(rto)).into();
+            }
+            return route;
+        }
         if let Some(a) = self.answers.pop_front() {
             return self.emit_answer(a, out);
         }
@@ -848,6 +935,8 @@ impl Connection {
                 .emit(&mut SalPacket::new_unchecked(&mut out[..]))
                 .ok()?;
             if self.transport.poll_transmit(now, out) > 0 {
+                // A stream packet completes the server's handshake: the held ACK is not needed.
+                self.held_ack = None;
                 return Some((self.local, self.peer));
             }
             out.clear();

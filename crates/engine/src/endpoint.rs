@@ -645,16 +645,27 @@ impl Endpoint {
         h: ConnectionHandle,
         buf: &mut [u8],
     ) -> Result<Option<usize>, ReadError> {
-        let r = match self.conn(h) {
-            Some(c) => c.transport.read(buf),
-            None => Err(ReadError::Closed),
+        let (r, released) = match self.conn(h) {
+            Some(c) => {
+                let r = c.transport.read(buf);
+                // Reading before writing: no data is coming soon to carry the handshake's ACK.
+                let released = matches!(r, Ok(None)) && c.on_read_blocked();
+                (r, released)
+            }
+            None => (Err(ReadError::Closed), false),
         };
         // Reading may open the flow-control window (MAX_DATA to send) or, at the end of the
         // stream, let the close proceed.
-        if matches!(r, Ok(Some(_))) {
+        if released || matches!(r, Ok(Some(_))) {
             self.touch(h);
         }
         r
+    }
+
+    /// Whether a connection has something to send now (for a runtime deciding whether a call
+    /// that returned "would block" still needs a transmit pass).
+    pub fn has_ready(&self) -> bool {
+        !self.transmits.is_empty() || self.schedule.ready_len() > 0
     }
 
     /// Whether the peer's direction of the stream ended and the application read all of it.

@@ -72,7 +72,6 @@ impl Schedule {
     }
 
     /// How many slots are queued for sending.
-    #[cfg(test)]
     pub(crate) fn ready_len(&self) -> usize {
         self.ready.len()
     }

@@ -663,6 +663,11 @@ pub struct Transport {
     /// The memory of empty buffers and queues was given back since the last activity (see
     /// [`IDLE_RELEASE`]).
     memory_released: bool,
+    /// More than one packet's worth of data waited at once at some point: the flow moves
+    /// enough for a path-MTU search to pay off. A short exchange (a request and a response
+    /// that each fit in one packet) never probes: on a 1500-byte path the probes and their
+    /// immediate acknowledgements would double its packets.
+    bulk: bool,
 
     stats: Counters,
 }
@@ -833,6 +838,7 @@ impl Transport {
             finished_reported: false,
             all_acked_reported: false,
             memory_released: true,
+            bulk: false,
             stats: Counters::default(),
             config: Settings::new(&config),
         }
@@ -1211,7 +1217,12 @@ impl Transport {
         // so large (at least `PROBE_WINDOW_FACTOR` probes) that setting the probe's share aside
         // for it costs data little: then data stops short of that share until the probe is
         // out, so that a window-limited bulk transfer still probes.
-        let probe = if active {
+        if !self.bulk {
+            let waiting = self.send.end() - self.send.acked_offset();
+            let dgrams = self.dgrams.as_ref().map_or(0, |d| d.out.len());
+            self.bulk = waiting > max_payload as u64 || dgrams > 1;
+        }
+        let probe = if active && self.bulk {
             self.mtu.next_probe_size(now).filter(|&s| s > mtu)
         } else {
             None
@@ -1803,6 +1814,42 @@ impl Transport {
     /// the peer's FIN arrived and everything was read. The SAL may then close the flow.
     pub fn is_drained(&self) -> bool {
         self.send.is_fully_acked() && self.recv.is_finished()
+    }
+
+    /// The peer said, out of band, that it has everything we sent: the SAL received its FIN,
+    /// which an end sends only once its own transport is drained (our stream end and every
+    /// byte before it received). Every packet in flight stops being tracked — no more probe
+    /// timeouts or retransmissions for data that arrived — and the send side counts as fully
+    /// acknowledged, as if one ACK had covered it all (without an RTT sample or a congestion
+    /// window change: the flow is closing). Ignored unless our stream end and every byte were
+    /// sent at least once.
+    pub fn on_peer_drained(&mut self) {
+        if self.state != State::Open || !self.send.on_all_delivered() {
+            return;
+        }
+        drop(self.sent.drain());
+        self.pto_probes = 0;
+        self.lost_pns.clear();
+        if !self.all_acked_reported {
+            self.all_acked_reported = true;
+            self.push_event(TransportEvent::AllAcked);
+        }
+    }
+
+    /// Whether stream data (or the stream's end) waits to be sent, congestion and flow
+    /// control permitting.
+    pub fn has_stream_to_send(&self) -> bool {
+        self.send.has_pending()
+    }
+
+    /// The SAL is about to send its FIN, which tells the peer that everything it sent
+    /// arrived: an acknowledgement still waiting for its delay would say nothing more, so it
+    /// is not sent (a retransmission arriving later is acknowledged as usual).
+    pub fn cancel_pending_ack(&mut self) {
+        self.ack.pending = false;
+        self.ack.immediate = false;
+        self.ack.eliciting_since = 0;
+        self.ack.deadline = OptInstant::NONE;
     }
 
     /// Whether the transport is frozen (see [`set_frozen`](Self::set_frozen)).

@@ -307,6 +307,24 @@ impl SendBuffer {
         }
     }
 
+    /// The peer has every byte and the FIN (it said so out of band): acknowledges all of it,
+    /// freeing the buffer. Only once the stream is finished and every byte was sent at least
+    /// once; returns whether it did.
+    pub fn on_all_delivered(&mut self) -> bool {
+        let Some(end) = self.fin.offset.get() else {
+            return false;
+        };
+        if self.unsent != end {
+            return false;
+        }
+        self.fin.acked = true;
+        self.fin.pending = false;
+        self.acked.clear();
+        self.retransmit.clear();
+        self.advance_base(end);
+        true
+    }
+
     /// A chunk was lost: queue the parts of `range` not acknowledged since for
     /// retransmission and, if `fin` and the FIN is not acknowledged, the FIN.
     pub fn on_lost(&mut self, range: Range<u64>, fin: bool) {
