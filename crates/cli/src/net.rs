@@ -20,9 +20,16 @@ pub struct InstanceArgs {
     )]
     pub bind: Vec<SocketAddr>,
     /// Register the service with this service router (kept alive while serving, withdrawn on
-    /// exit), so clients reach it by name through the router.
-    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
-    pub router: Option<SocketAddr>,
+    /// exit), so clients reach it by name through the router. Give it several times (or
+    /// comma-separated) for routers that share one registry: the registration goes through
+    /// the first and moves to the next within a lease if it stops answering.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SERVAL_ROUTER",
+        value_delimiter = ','
+    )]
+    pub router: Vec<SocketAddr>,
     /// Share of new connections among instances of the same priority (at least 1).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub weight: u32,
@@ -38,18 +45,17 @@ impl InstanceArgs {
         let ep = Endpoint::bind(&self.bind)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
-        if let Some(router) = self.router {
-            match lease {
-                Some(ttl) => ep.set_router_with(
-                    router,
-                    serval::LeaseConfig {
-                        ttl,
-                        refresh: ttl / 3,
-                        ..serval::LeaseConfig::default()
-                    },
-                ),
-                None => ep.set_router(router),
-            }
+        if !self.router.is_empty() {
+            let routers = self.router.clone();
+            let lease = match lease {
+                Some(ttl) => serval::LeaseConfig {
+                    ttl,
+                    refresh: ttl / 3,
+                    ..serval::LeaseConfig::default()
+                },
+                None => serval::LeaseConfig::default(),
+            };
+            ep.set_routers_with(routers, lease);
         }
         Ok(ep)
     }
@@ -65,11 +71,18 @@ impl InstanceArgs {
             .map_err(|e| format!("cannot listen on {name}: {e}"))
     }
 
-    /// `, registering with router R (weight W)` for a startup line, or nothing.
+    /// `, registering with router R (weight W)` for a startup line (`routers R1, R2` with
+    /// several), or nothing.
     pub fn registering(&self) -> String {
-        self.router
-            .map(|r| format!(", registering with router {r} (weight {})", self.weight))
-            .unwrap_or_default()
+        match self.router.as_slice() {
+            [] => String::new(),
+            [r] => format!(", registering with router {r} (weight {})", self.weight),
+            rs => format!(
+                ", registering with routers {} (weight {})",
+                list(rs),
+                self.weight
+            ),
+        }
     }
 }
 
@@ -84,9 +97,13 @@ pub struct ListenOptions {
 }
 
 /// Where `serval cat` sends its SYN.
+#[derive(Clone)]
 pub enum NextHop {
     /// A router or the instance.
     Via(SocketAddr),
+    /// Routers that share one registry, tried in order: the next gets the SYN when the one
+    /// before does not answer within [`ROUTER_TRY`].
+    Routers(Vec<SocketAddr>),
     /// The discovery group: whichever instance on the local network answers first.
     Discover(serval::DiscoveryConfig),
 }
@@ -148,7 +165,7 @@ pub async fn listen(
     // sends new connections elsewhere, while the open ones finish (up to DRAIN_LIMIT, or
     // until a second signal).
     drop(listener);
-    let stopping = if instance.router.is_some() {
+    let stopping = if !instance.router.is_empty() {
         format!("serval: stopping: {name} withdrawn from the router, no new connections")
     } else {
         format!("serval: stopping: no new connections to {name}")
@@ -235,8 +252,15 @@ pub struct HopArgs {
     #[arg(long, value_name = "ADDR", env = "SERVAL_VIA")]
     pub via: Option<SocketAddr>,
     /// The service router to resolve the name (the SYN's next hop; same as --via ADDR).
-    #[arg(long, value_name = "ADDR", env = "SERVAL_ROUTER")]
-    pub router: Option<SocketAddr>,
+    /// Give it several times (or comma-separated) for routers that share one registry: each
+    /// connection's SYN goes to the first, and to the next if it does not answer.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SERVAL_ROUTER",
+        value_delimiter = ','
+    )]
+    pub router: Vec<SocketAddr>,
     /// Local UDP address to bind (default: any address of the next hop's family).
     #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
     pub bind: Option<SocketAddr>,
@@ -256,9 +280,10 @@ pub struct HopArgs {
 impl HopArgs {
     /// The next hop the flags name (clap requires one of them).
     pub fn next_hop(&self) -> NextHop {
-        match (self.via.or(self.router), self.discover) {
-            (Some(hop), _) => NextHop::Via(hop),
-            (None, _) => NextHop::Discover(serval::DiscoveryConfig {
+        match (self.via, self.router.as_slice()) {
+            (Some(hop), _) | (None, &[hop]) => NextHop::Via(hop),
+            (None, [_, _, ..]) => NextHop::Routers(self.router.clone()),
+            (None, []) => NextHop::Discover(serval::DiscoveryConfig {
                 port: self.discover_port,
                 connect_timeout: Duration::from_millis(self.discover_timeout),
                 ..serval::DiscoveryConfig::default()
@@ -272,6 +297,7 @@ impl HopArgs {
 pub async fn client(hop: &NextHop, bind: Option<SocketAddr>) -> Result<Endpoint, String> {
     let v4 = match hop {
         NextHop::Via(via) => via.is_ipv4(),
+        NextHop::Routers(rs) => rs.first().is_none_or(SocketAddr::is_ipv4),
         NextHop::Discover(_) => true,
     };
     let local = bind.unwrap_or_else(|| {
@@ -299,11 +325,30 @@ pub async fn connect(
     service: ServiceId,
     hop: &NextHop,
 ) -> Result<Stream, String> {
-    let connected = match hop {
-        NextHop::Via(via) => ep.connect_via(service, *via).await,
-        NextHop::Discover(_) => ep.connect(service).await,
+    let (connected, hop) = match hop {
+        NextHop::Via(via) => (ep.connect_via(service, *via).await, hop.clone()),
+        NextHop::Routers(routers) => {
+            // Each router but the last gets ROUTER_TRY to answer (a NACK is an answer: they
+            // share one registry, so the next would say the same); the last, the whole SYN
+            // schedule.
+            let mut routers = routers.iter().peekable();
+            loop {
+                let Some(router) = routers.next() else {
+                    return Err(format!("connect to service {name}: no router given"));
+                };
+                let connecting = ep.connect_via(service, *router);
+                if routers.peek().is_none() {
+                    break (connecting.await, NextHop::Via(*router));
+                }
+                if let Ok(done) = tokio::time::timeout(ROUTER_TRY, connecting).await {
+                    break (done, NextHop::Via(*router));
+                }
+                note!("serval: router {router} does not answer; trying the next");
+            }
+        }
+        NextHop::Discover(_) => (ep.connect(service).await, hop.clone()),
     };
-    connected.map_err(|e| match (hop, e.kind()) {
+    connected.map_err(|e| match (&hop, e.kind()) {
         (NextHop::Discover(_), std::io::ErrorKind::HostUnreachable) => {
             format!("no route to service {name} (no instance answered on the local network)")
         }
@@ -318,8 +363,13 @@ pub async fn connect(
             format!("connect to service {name} via {via} timed out")
         }
         (NextHop::Via(via), _) => format!("connect to service {name} via {via}: {e}"),
+        (NextHop::Routers(rs), _) => format!("connect to service {name} via {}: {e}", list(rs)),
     })
 }
+
+/// How long a router has to answer a SYN before the next of several gets it: the first SYN
+/// and one retransmission (the control RTO starts at 1 s).
+pub const ROUTER_TRY: Duration = Duration::from_millis(1500);
 
 /// Connects to `service` (typed by the user as `name`) through `hop`, giving up after
 /// `connect_timeout` without an answer, sends stdin, prints what comes back.
@@ -339,6 +389,7 @@ pub async fn cat(
             .map_err(|_| {
                 let hop = match &next {
                     NextHop::Via(via) => format!("via {via}"),
+                    NextHop::Routers(rs) => format!("via {}", list(rs)),
                     NextHop::Discover(d) => format!("through discovery group {}", d.locator()),
                 };
                 format!(
@@ -394,6 +445,9 @@ pub fn describe_event(name: &str, ev: &RegistrarEvent) -> String {
         }
         RegistrarEvent::Unreachable { router, .. } => {
             format!("serval: router {router} does not answer; still trying")
+        }
+        RegistrarEvent::FailedOver { from, to } => {
+            format!("serval: router {from} stopped answering; registering {name} with router {to}")
         }
     }
 }

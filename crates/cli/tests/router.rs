@@ -540,6 +540,84 @@ fn a_router_started_while_etcd_is_down_is_ready_degraded_then_serves_once_etcd_s
 }
 
 #[test]
+fn an_instance_given_two_routers_outlives_the_one_it_registered_through() {
+    const TEST: &str = "an_instance_given_two_routers_outlives_the_one_it_registered_through";
+    let Some(etcd) = Etcd::start(TEST) else {
+        return;
+    };
+    let free_udp = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (free_udp(), free_udp());
+    let (admin_a, admin_b) = (free_tcp_port(), free_tcp_port());
+    let mut router_a = router_on(&a, &etcd.url, &admin_a);
+    let _router_b = router_on(&b, &etcd.url, &admin_b);
+    // Registered through A (the first), refreshed through A; B sees it through etcd.
+    let (_instance, at) = instance("ha.test", Some(&format!("{a},{b}")), &["--echo"]);
+    let o = cat("ha.test", &b, b"via b\n");
+    assert_eq!(
+        o.stdout,
+        b"via b\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // A dies without a word. Past two leases (3 s each) the registration would be gone had
+    // the instance kept asking A only; it moved to B within one lease instead.
+    let _ = router_a.0.kill();
+    let _ = router_a.0.wait();
+    std::thread::sleep(Duration::from_millis(7000));
+    let out = String::from_utf8_lossy(&table(&admin_b, &[]).stdout).to_string();
+    assert!(out.contains(&format!("forward {at}")), "{out}");
+    for i in 0..5 {
+        let line = format!("after {i}\n");
+        let o = cat("ha.test", &b, line.as_bytes());
+        assert_eq!(
+            o.stdout,
+            line.as_bytes(),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A client given both routers, the dead one first, gets through the second.
+    let mut cmd = serval();
+    cmd.args(["cat", "ha.test", "--router", &format!("{a},{b}")]);
+    let o = support::output_within(cmd, b"either\n", Duration::from_secs(30));
+    assert_eq!(
+        o.stdout,
+        b"either\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("router {a} does not answer")),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // A comes back on the same address: it lists the one registration from etcd, and
+    // nothing is duplicated (one key per prefix and locator).
+    let admin_a = free_tcp_port();
+    let _router_a = router_on(&a, &etcd.url, &admin_a);
+    let out = String::from_utf8_lossy(&table(&admin_a, &[]).stdout).to_string();
+    assert_eq!(
+        out.matches("forward ").count(),
+        1,
+        "one registration, not two: {out}"
+    );
+    let o = cat("ha.test", &a, b"back\n");
+    assert_eq!(
+        o.stdout,
+        b"back\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
 fn a_router_whose_stderr_is_closed_keeps_serving() {
     // Its logs go to a pipe nobody reads from: every write fails with EPIPE.
     let (reader, writer) = std::io::pipe().unwrap();

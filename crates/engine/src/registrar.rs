@@ -15,6 +15,12 @@
 //!   reports `Registered` again when the router answers);
 //! * when the endpoint's locator changes, registers every prefix again from the new one (the
 //!   router replaces the old registration because the instance token matches);
+//! * with several routers ([`Registrar::set_routers`], routers that share one registry),
+//!   registers through the first and, when a request has gone unanswered for a refresh period
+//!   (a third of the lease), moves every registration to the next one
+//!   ([`RegistrarEvent::FailedOver`]) — well inside the lease, so a router's death loses no
+//!   registration. The router left behind gets no UNREGISTER: with a shared registry it would
+//!   delete what the next router just refreshed;
 //! * on [`Registrar::unregister`] (a listener closed) sends an UNREGISTER, retransmitted up to
 //!   [`LeaseConfig::unregister_attempts`] times until acknowledged, then forgets it: best
 //!   effort, since the lease expires anyway.
@@ -122,6 +128,14 @@ pub enum RegistrarEvent {
         /// The router.
         router: Locator,
     },
+    /// The router stopped answering and every registration moved to the next of the
+    /// routers given to [`Registrar::set_routers`].
+    FailedOver {
+        /// The router that did not answer.
+        from: Locator,
+        /// The router registrations go to now.
+        to: Locator,
+    },
 }
 
 /// Counters of a [`Registrar`].
@@ -137,6 +151,8 @@ pub struct RegistrarStats {
     pub ignored: u64,
     /// UNREGISTERs given up on without an acknowledgement.
     pub unregisters_abandoned: u64,
+    /// Moves to the next router after the current one stopped answering.
+    pub failovers: u64,
 }
 
 /// A request in flight.
@@ -180,6 +196,9 @@ pub struct Registrar {
     instance: u64,
     next_id: u32,
     router: Option<Locator>,
+    /// Every router registrations may go to, in order of preference (empty or one: no
+    /// failover).
+    routers: Vec<Locator>,
     local: Option<Locator>,
     entries: BTreeMap<ServicePrefix, Entry>,
     leaving: Vec<Leaving>,
@@ -200,6 +219,7 @@ impl Registrar {
             instance,
             next_id: first_request_id,
             router: None,
+            routers: Vec::new(),
             local: None,
             entries: BTreeMap::new(),
             leaving: Vec::new(),
@@ -228,6 +248,11 @@ impl Registrar {
     /// The router registrations go to.
     pub fn router(&self) -> Option<Locator> {
         self.router
+    }
+
+    /// Every router registrations may go to, in order (see [`Registrar::set_routers`]).
+    pub fn routers(&self) -> &[Locator] {
+        &self.routers
     }
 
     /// The local locator registrations are sent from (what the router will register).
@@ -353,6 +378,17 @@ impl Registrar {
     /// Registers with `router` from now on (`None`: with no router). What the previous router
     /// held is unregistered there; every prefix is registered with the new one.
     pub fn set_router(&mut self, router: Option<Locator>) {
+        self.set_routers(router.into_iter().collect());
+    }
+
+    /// Registers through the first of `routers` (which should share one registry), moving to
+    /// the next when the current one stops answering (see the [module docs](self)). If the
+    /// current router is still in the list, registrations stay with it; otherwise what it held
+    /// is unregistered there and everything is registered with the first. Empty: no router.
+    pub fn set_routers(&mut self, routers: Vec<Locator>) {
+        let keep = self.router.filter(|r| routers.contains(r));
+        let router = keep.or_else(|| routers.first().copied());
+        self.routers = routers;
         if router == self.router {
             return;
         }
@@ -508,7 +544,64 @@ impl Registrar {
         self.events.pop_front()
     }
 
+    /// Whether a request has gone unanswered for a refresh period (a third of the lease), so
+    /// that the next router should have it (only with more than one router).
+    fn current_router_is_silent(&self, now: Instant) -> bool {
+        self.local.is_some()
+            && self
+                .entries
+                .values()
+                .any(|e| self.failover_due(e).is_some_and(|t| t <= now))
+    }
+
+    /// When `e`'s request will have gone unanswered for a refresh period; `None` with fewer
+    /// than two routers or nothing in flight.
+    fn failover_due(&self, e: &Entry) -> Option<Instant> {
+        if self.routers.len() < 2 {
+            return None;
+        }
+        let granted = match e.state {
+            RegistrationState::Registered { ttl, .. } => ttl,
+            _ => self.config.ttl,
+        };
+        let period = self.config.refresh.min(granted / 3).max(MIN_REFRESH);
+        e.pending.as_ref()?.first_sent?.checked_add(period)
+    }
+
+    /// Moves every registration to the router after the current one: a fresh REGISTER each,
+    /// sent at once. Entries keep their state (a registration the last router held stays
+    /// Registered until its lease runs out unanswered). No UNREGISTER goes to the silent one.
+    fn fail_over(&mut self) {
+        let Some(from) = self.router else { return };
+        let next = self
+            .routers
+            .iter()
+            .position(|r| *r == from)
+            .map_or(0, |i| (i + 1) % self.routers.len());
+        let to = self.routers[next];
+        self.router = Some(to);
+        self.stats.failovers += 1;
+        self.events
+            .push_back(RegistrarEvent::FailedOver { from, to });
+        let prefixes: Vec<(ServicePrefix, u32, u32)> = self
+            .entries
+            .iter()
+            .map(|(p, e)| (*p, e.weight, e.priority))
+            .collect();
+        for (p, w, pr) in prefixes {
+            let pending = self.new_pending(p, w, pr);
+            if let Some(e) = self.entries.get_mut(&p) {
+                e.pending = Some(pending);
+                e.next_request = None;
+                e.sent_any = false;
+            }
+        }
+    }
+
     fn process(&mut self, now: Instant) {
+        if self.current_router_is_silent(now) {
+            self.fail_over();
+        }
         let (ttl, max_rto) = (self.config.ttl, self.config.max_rto);
         let can_send = self.local.is_some();
         if let Some(router) = self.router {
@@ -591,6 +684,9 @@ impl Registrar {
                 match &e.pending {
                     Some(p) => {
                         at(p.send_at);
+                        if let Some(t) = self.failover_due(e) {
+                            at(t);
+                        }
                         if let RegistrationState::Registered { lease_end, .. } = e.state {
                             at(lease_end);
                         } else if let (RegistrationState::Registering, Some(t)) =
@@ -935,6 +1031,92 @@ mod tests {
                 .all(|(d, m)| *d == loc("10.0.0.8:54324") && m.ty == MessageType::Unregister)
         );
         assert_eq!(r.state(&a), Some(RegistrationState::Registering));
+    }
+
+    /// Like [`run`], with each message's destination.
+    fn run_to(
+        r: &mut Registrar,
+        from: Instant,
+        until: Instant,
+    ) -> Vec<(Instant, Locator, RegistrationRepr)> {
+        let mut out = Vec::new();
+        let mut now = from;
+        loop {
+            r.handle_timeout(now);
+            out.extend(sent(r, now).into_iter().map(|(d, m)| (now, d, m)));
+            match r.poll_timeout() {
+                Some(t) if t <= until => now = t.max(now),
+                _ => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_router_hands_every_registration_to_the_next_within_the_lease() {
+        let (a, b) = (loc("10.0.0.9:54324"), loc("10.0.0.8:54324"));
+        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
+        r.set_routers(vec![a, b]);
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        let p = prefix("web.test");
+        r.register(p, 2, 0);
+        let req = sent(&mut r, at(0))[0];
+        assert_eq!(req.0, a);
+        r.handle_answer(at(1), a, &req.1.ack(3000));
+        events(&mut r);
+        // A dies: the refresh at 1001 ms goes unanswered (retransmitted to A), and one
+        // refresh period later everything is asked of B, long before the lease ends at 3000.
+        let s = run_to(&mut r, at(1), at(2500));
+        let first_to_b = s.iter().find(|(_, d, _)| *d == b).unwrap();
+        assert_eq!(first_to_b.0, at(2001));
+        assert_eq!(first_to_b.2.ty, MessageType::Register);
+        assert_eq!(first_to_b.2.weight, 2);
+        assert!(
+            s.iter()
+                .all(|(t, d, m)| m.ty == MessageType::Register && (*d == a) == (*t < at(2001)))
+        );
+        assert_eq!(
+            events(&mut r),
+            [RegistrarEvent::FailedOver { from: a, to: b }]
+        );
+        assert_eq!(r.router(), Some(b));
+        assert_eq!(r.stats().failovers, 1);
+        // Still registered (A's lease runs until 3000) while B answers; a late answer from A
+        // is ignored.
+        assert!(!r.handle_answer(at(2002), a, &first_to_b.2.ack(3000)));
+        assert!(r.handle_answer(at(2003), b, &first_to_b.2.ack(3000)));
+        assert!(matches!(
+            r.state(&p),
+            Some(RegistrationState::Registered { .. })
+        ));
+        assert!(events(&mut r).is_empty(), "no flap of the state");
+        // Refreshes go on at B; nothing goes back to A, and A never gets an UNREGISTER.
+        let s = run_to(&mut r, at(2003), at(3100));
+        assert!(!s.is_empty() && s.iter().all(|(_, d, _)| *d == b));
+    }
+
+    #[test]
+    fn with_every_router_silent_the_registrar_cycles_and_the_lease_runs_out() {
+        let (a, b) = (loc("10.0.0.9:54324"), loc("10.0.0.8:54324"));
+        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
+        r.set_routers(vec![a, b]);
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        let p = prefix("web.test");
+        r.register(p, 1, 0);
+        // Nobody answers from the start: A, then B after 1 s, then A again.
+        let s = run_to(&mut r, at(0), at(2500));
+        let dests: Vec<Locator> = s.iter().map(|(_, d, _)| *d).collect();
+        assert_eq!(dests.first(), Some(&a));
+        let switch: Vec<(Instant, Locator)> = s
+            .windows(2)
+            .filter(|w| w[0].1 != w[1].1)
+            .map(|w| (w[1].0, w[1].1))
+            .collect();
+        assert_eq!(switch, [(at(1000), b), (at(2000), a)]);
+        assert_eq!(r.stats().failovers, 2);
+        // The current router is kept when the list changes but still holds it.
+        r.set_routers(vec![b, a]);
+        assert_eq!(r.router(), Some(a));
+        assert!(sent(&mut r, at(2500)).iter().all(|(d, _)| *d == a));
     }
 
     #[test]

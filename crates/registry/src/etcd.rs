@@ -753,6 +753,24 @@ impl Shared {
 
     /// Lists and replaces the replica (a Reset for subscribers); returns the revision.
     async fn list(&self) -> Result<i64, String> {
+        if self.is_degraded() {
+            // A member that is still starting can accept a read and hold it until it is
+            // ready; a list page may take up to `list_timeout` (30 s), so first ask something
+            // small within `request_timeout`, and back off and retry if it does not answer.
+            let prefix = self.keys.reg_prefix().as_bytes().to_vec();
+            let probe = pb::RangeRequest {
+                range_end: prefix_end(&prefix),
+                key: prefix,
+                count_only: true,
+                ..Default::default()
+            };
+            self.call(|m| {
+                let probe = probe.clone();
+                async move { m.client.range(probe).await }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         let mut tries = 0;
         let (regs, revision, cluster_id) = loop {
             match self.list_once().await {

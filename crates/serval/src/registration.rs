@@ -5,6 +5,8 @@
 //! [`DatagramSocket`] of the endpoint is registered with the router, leases are refreshed in
 //! the background, dropping a listener unregisters it at once, and the router becomes the
 //! endpoint's default route. [`Endpoint::registrar_events`] reports how registrations fare.
+//! With [`Endpoint::set_routers`] (several routers sharing one registry), registrations move
+//! to the next router when the current one stops answering, and the default route with them.
 //!
 //! A router calls [`Endpoint::serve_registrations`] and answers each
 //! [`RegistrationRequest`] with [`Endpoint::answer_registration`].
@@ -32,6 +34,8 @@ pub(crate) struct Hub {
     events: broadcast::Sender<RegistrarEvent>,
     requests: Option<mpsc::Sender<RegistrationRequest>>,
     dropped: Arc<AtomicU64>,
+    /// Moves the default route when registrations fail over (with several routers).
+    route_follower: Option<tokio::task::AbortHandle>,
 }
 
 impl Hub {
@@ -40,6 +44,7 @@ impl Hub {
             events: broadcast::channel(256).0,
             requests: None,
             dropped: Arc::new(AtomicU64::new(0)),
+            route_follower: None,
         }
     }
 
@@ -58,6 +63,9 @@ impl Hub {
             } => tracing::warn!(%prefix, %router, %reason, "registration rejected"),
             RegistrarEvent::Unreachable { prefix, router } => {
                 tracing::warn!(%prefix, %router, "router unreachable; still trying")
+            }
+            RegistrarEvent::FailedOver { from, to } => {
+                tracing::warn!(%from, %to, "router stopped answering; registering with the next")
             }
         }
         let _ = self.events.send(e);
@@ -143,9 +151,44 @@ impl Endpoint {
     /// becomes the default route for connects by name (a `/0` FORWARD rule, replacing the
     /// previous router's). What a previous router held is unregistered there.
     pub fn set_router_with(&self, router: Locator, lease: LeaseConfig) {
+        self.set_routers_with(vec![router], lease);
+    }
+
+    /// Uses several routers that share one registry, with the default lease: see
+    /// [`Endpoint::set_routers_with`].
+    pub fn set_routers(&self, routers: Vec<Locator>) {
+        self.set_routers_with(routers, LeaseConfig::default());
+    }
+
+    /// Like [`Endpoint::set_router_with`] with several service routers that share one
+    /// registry (etcd): registrations go through the first and, when it stops answering for a
+    /// third of the lease, move to the next ([`RegistrarEvent::FailedOver`]), so a router's
+    /// death loses no registration. The default route follows the router registrations go to.
+    /// An empty list is [`Endpoint::clear_router`]. Following failovers needs a tokio runtime;
+    /// outside one, the default route stays on the first router.
+    pub fn set_routers_with(&self, routers: Vec<Locator>, lease: LeaseConfig) {
+        if routers.is_empty() {
+            self.clear_router();
+            return;
+        }
         let mut st = self.shared.lock();
         let old = st.engine.router();
-        st.engine.set_router(Some(router), lease);
+        // Subscribed before the engine can fail over, so no switch is missed.
+        let events = st.hub.events.subscribe();
+        if let Some(follower) = st.hub.route_follower.take() {
+            follower.abort();
+        }
+        if routers.len() > 1
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let table = self.table().clone();
+            let task = rt.spawn(follow_failovers(events, table));
+            st.hub.route_follower = Some(task.abort_handle());
+        }
+        st.engine.set_routers(routers, lease);
+        let Some(router) = st.engine.router() else {
+            return;
+        };
         let discovery = st.discovery;
         drop(st);
         // A router always wins over routerless mode's rule to the discovery group.
@@ -168,6 +211,9 @@ impl Endpoint {
     /// route removed.
     pub fn clear_router(&self) {
         let mut st = self.shared.lock();
+        if let Some(follower) = st.hub.route_follower.take() {
+            follower.abort();
+        }
         let old = st.engine.router();
         let lease = st
             .engine
@@ -197,9 +243,19 @@ impl Endpoint {
         self.shared.wake.notify_one();
     }
 
-    /// The router this endpoint registers with.
+    /// The router this endpoint registers with (with several, the one in use now).
     pub fn router(&self) -> Option<Locator> {
         self.shared.lock().engine.router()
+    }
+
+    /// Every router given to [`Endpoint::set_routers`] (or the one of
+    /// [`Endpoint::set_router`]).
+    pub fn routers(&self) -> Vec<Locator> {
+        let st = self.shared.lock();
+        st.engine
+            .registrar()
+            .map(|r| r.routers().to_vec())
+            .unwrap_or_default()
     }
 
     /// How registrations with the router fare (registered, rejected, router unreachable), as
@@ -261,5 +317,26 @@ impl Endpoint {
     /// The engine's counters (packets received, malformed, SYNs forwarded and NACKed, …).
     pub fn stats(&self) -> EndpointStats {
         self.shared.lock().engine.stats()
+    }
+}
+
+/// Moves the default route (a `/0` FORWARD rule) from a router that stopped answering to the
+/// one registrations failed over to, until the endpoint's router set changes or it closes.
+async fn follow_failovers(
+    mut events: broadcast::Receiver<RegistrarEvent>,
+    table: Arc<serval_table::ServiceTable>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(RegistrarEvent::FailedOver { from, to }) => {
+                table.remove_target(&ServicePrefix::DEFAULT, &Action::Forward(from));
+                let _ = table.add_target(
+                    ServicePrefix::DEFAULT,
+                    Target::new(Action::Forward(to), 0, 1),
+                );
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }

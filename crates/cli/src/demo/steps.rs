@@ -534,10 +534,7 @@ async fn kill(
             tick.tick().await;
             let at = killed.elapsed();
             let client = client.clone();
-            let hop = match hop {
-                NextHop::Via(v) => NextHop::Via(*v),
-                NextHop::Discover(d) => NextHop::Discover(d.clone()),
-            };
+            let hop = hop.clone();
             let id = web.id;
             let tl = tl.clone();
             running.push(tokio::spawn(async move {

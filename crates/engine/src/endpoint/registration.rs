@@ -8,7 +8,7 @@ use serval_wire::{Locator, SalPacket, ServicePrefix};
 
 use super::{Endpoint, Event, Transmit};
 use crate::Instant;
-use crate::registrar::{LeaseConfig, Registrar};
+use crate::registrar::{LeaseConfig, Registrar, RegistrarEvent};
 
 /// A registration request that reached an endpoint serving registrations (a service router),
 /// for the application to decide on and answer with [`Endpoint::answer_registration`].
@@ -32,8 +32,16 @@ impl Endpoint {
     /// This does not touch the service table: adding a default route to the router (so that
     /// connects by name go through it) is the caller's choice.
     pub fn set_router(&mut self, router: Option<Locator>, lease: LeaseConfig) {
+        self.set_routers(router.into_iter().collect(), lease);
+    }
+
+    /// [`Endpoint::set_router`] with several routers that share one registry: registrations
+    /// go through the first and move to the next when it stops answering (within a third of
+    /// the lease: [`RegistrarEvent::FailedOver`]). Empty:
+    /// no router.
+    pub fn set_routers(&mut self, routers: Vec<Locator>, lease: LeaseConfig) {
         if self.registrar.is_none() {
-            if router.is_none() {
+            if routers.is_empty() {
                 return;
             }
             // Drawn only now, so endpoints without a router keep their random sequence.
@@ -45,15 +53,12 @@ impl Endpoint {
             }
             self.registrar = Some(r);
         }
-        let local = router.and_then(|r| self.local_for(&r));
         if let Some(r) = self.registrar.as_mut() {
             r.set_config(lease);
-            r.set_router(router);
-            // With no router, the old locator stays for the UNREGISTERs still to send.
-            if router.is_some() {
-                r.set_local(local);
-            }
+            r.set_routers(routers);
         }
+        // With no router, the old locator stays for the UNREGISTERs still to send.
+        self.locals_changed();
     }
 
     /// Registers `prefix` with the router (weight and priority as a listener's) although no
@@ -247,7 +252,12 @@ impl Endpoint {
 
     /// The registrar's next event.
     pub(super) fn poll_registrar_event(&mut self) -> Option<Event> {
-        self.registrar.as_mut()?.poll_event().map(Event::Registrar)
+        let e = self.registrar.as_mut()?.poll_event()?;
+        if matches!(e, RegistrarEvent::FailedOver { .. }) {
+            // The next router may be of the other family: register from a local of its own.
+            self.locals_changed();
+        }
+        Some(Event::Registrar(e))
     }
 
     /// The registrar's deadline.
