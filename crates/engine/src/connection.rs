@@ -738,6 +738,10 @@ impl Connection {
         if self.state == State::Established && self.fin_acked && self.peer_fin {
             self.state = State::TimeWait;
             self.time_wait_until = (now + Duration::from_nanos(self.ctl.time_wait)).into();
+            // Nothing more will be sent or received on the stream: give its buffers back now
+            // rather than after the idle delay, since a churn of short connections keeps
+            // thousands of flows in TIME-WAIT.
+            self.transport.release_memory();
             self.events
                 .push_back(ConnEvent::Closed(CloseReason::Finished));
         }

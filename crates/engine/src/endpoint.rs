@@ -293,7 +293,11 @@ pub struct Endpoint {
     table: Arc<ServiceTable>,
     locals: Vec<Locator>,
     flows: FlowTable<ConnectionHandle>,
-    conns: Vec<Option<Connection>>,
+    /// Connection slots, reused through `free`. Boxed: the slot vector keeps the length of
+    /// the most connections ever open at once (TIME-WAIT flows included: a churn of short
+    /// connections holds thousands), and a free slot should cost a pointer, not a whole
+    /// connection's worth of memory for the life of the process.
+    conns: Vec<Option<Box<Connection>>>,
     /// Each slot's generation, bumped when its connection is forgotten.
     generations: Vec<u32>,
     free: Vec<usize>,
@@ -409,11 +413,11 @@ impl Endpoint {
     fn insert_conn(&mut self, c: Connection) -> ConnectionHandle {
         let i = match self.free.pop() {
             Some(i) => {
-                self.conns[i] = Some(c);
+                self.conns[i] = Some(Box::new(c));
                 i
             }
             None => {
-                self.conns.push(Some(c));
+                self.conns.push(Some(Box::new(c)));
                 self.generations.push(0);
                 self.conns.len() - 1
             }
@@ -1191,7 +1195,7 @@ impl Endpoint {
             return Some(route);
         }
         while let Some(i) = self.schedule.pop_ready() {
-            let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) else {
+            let Some(c) = self.conns.get_mut(i).and_then(Option::as_deref_mut) else {
                 continue;
             };
             let route = c.poll_transmit(now, &mut self.scratch);
@@ -1227,7 +1231,7 @@ impl Endpoint {
         let mut due = std::mem::take(&mut self.due);
         self.schedule.pop_due(now, &mut due);
         for &i in &due {
-            if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+            if let Some(c) = self.conns.get_mut(i).and_then(Option::as_deref_mut) {
                 c.handle_timeout(now);
                 let h = self.handle_at(i);
                 self.touch(h);
@@ -1242,26 +1246,26 @@ impl Endpoint {
 
 /// The connection `h` names in `conns`, if its slot still has `h`'s generation.
 fn slot<'a>(
-    conns: &'a [Option<Connection>],
+    conns: &'a [Option<Box<Connection>>],
     generations: &[u32],
     h: ConnectionHandle,
 ) -> Option<&'a Connection> {
     if generations.get(h.index()) != Some(&h.generation()) {
         return None;
     }
-    conns.get(h.index())?.as_ref()
+    conns.get(h.index())?.as_deref()
 }
 
 /// [`slot`], mutably.
 fn slot_mut<'a>(
-    conns: &'a mut [Option<Connection>],
+    conns: &'a mut [Option<Box<Connection>>],
     generations: &[u32],
     h: ConnectionHandle,
 ) -> Option<&'a mut Connection> {
     if generations.get(h.index()) != Some(&h.generation()) {
         return None;
     }
-    conns.get_mut(h.index())?.as_mut()
+    conns.get_mut(h.index())?.as_deref_mut()
 }
 
 /// The key a SYN's instance choice is made with: the same for every router on the path and for
@@ -1361,7 +1365,7 @@ mod tests {
             .conns
             .iter()
             .flatten()
-            .filter_map(Connection::poll_timeout)
+            .filter_map(|c| c.poll_timeout())
             .min();
         assert_eq!(a.poll_timeout(), earliest);
         // Writing on one connection queues that one only.

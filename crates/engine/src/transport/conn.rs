@@ -1592,8 +1592,9 @@ impl Transport {
                 .is_some_and(|d| d.out.is_empty() && d.inbound.is_empty())
     }
 
-    /// Gives back the memory of empty buffers and queues (idle for [`IDLE_RELEASE`]).
-    fn release_memory(&mut self) {
+    /// Gives back the memory of empty buffers and queues (idle for [`IDLE_RELEASE`], or at
+    /// once when the connection enters TIME-WAIT). Keeps any data still to be read.
+    pub(crate) fn release_memory(&mut self) {
         self.send.shrink_to_fit();
         self.recv.shrink_to_fit();
         self.sent.release_memory();
