@@ -265,6 +265,12 @@ impl Endpoint {
                 "an endpoint needs at least one local address",
             ));
         }
+        // Hold a client's handshake ACK for its first data to carry (one packet and one
+        // wake-up of the server fewer per connection), unless the configuration says otherwise.
+        config
+            .control
+            .handshake_ack_delay
+            .get_or_insert(HANDSHAKE_ACK_DELAY);
         let mut sockets = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let std = StdUdpSocket::bind(addr)?;
@@ -530,6 +536,12 @@ impl Drop for ServiceListener {
         self.shared.release_listener(self.id);
     }
 }
+
+/// How long a client holds the handshake's ACK for its first data to carry, unless the
+/// configuration sets [`serval_engine::connection::ControlConfig::handshake_ack_delay`]: long
+/// enough for the application task to run after the connect completes, short enough not to
+/// delay a server that speaks first by much (and a client that reads first sends it at once).
+const HANDSHAKE_ACK_DELAY: Duration = Duration::from_millis(1);
 
 /// Datagrams received per batch (GRO may pack several into one buffer).
 const RECV_BATCH: usize = 16;

@@ -69,6 +69,12 @@ impl Inner {
             Ok(None) => match st.conns.get_mut(&self.handle) {
                 Some(c) if c.closed.is_none() => {
                     c.read = Some(cx.waker().clone());
+                    // Reading before writing released the handshake's ACK, which was held for
+                    // data to carry it: the driver sends it.
+                    if st.engine.has_ready() {
+                        drop(st);
+                        self.shared.wake.notify_one();
+                    }
                     Poll::Pending
                 }
                 Some(c) => Poll::Ready(Err(closed_error(c.closed.as_ref()))),
