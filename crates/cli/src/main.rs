@@ -17,6 +17,7 @@ mod demo;
 mod net;
 mod ping;
 mod router;
+mod sys;
 mod table;
 mod translate;
 
@@ -293,6 +294,8 @@ fn block_on(
     rt: &tokio::runtime::Runtime,
     fut: impl std::future::Future<Output = Result<(), String>>,
 ) -> ExitCode {
+    // Daemons serve for days: give the memory of finished connections back to the system.
+    rt.spawn(sys::trim_heap_periodically());
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

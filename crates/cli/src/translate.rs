@@ -113,11 +113,13 @@ impl Connections {
         async move { slots.acquire_owned().await.ok() }
     }
 
-    /// Runs one connection in its slot; a failure is counted and logged as `what: error`.
+    /// Runs one connection in its slot; a failure is counted and logged as `what: error`
+    /// (`what` is formatted only then: nothing is allocated for the label of a connection
+    /// that goes well).
     fn spawn(
         &mut self,
         slot: OwnedSemaphorePermit,
-        what: String,
+        what: impl std::fmt::Display + Send + 'static,
         conn: impl Future<Output = Result<(), String>> + Send + 'static,
     ) {
         self.accepted += 1;
@@ -185,7 +187,7 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
                     }
                 };
                 let (ep, hop, name) = (ep.clone(), hop.clone(), name.clone());
-                conns.spawn(slot, format!("connection from {client}"), async move {
+                conns.spawn(slot, Label("connection from", client), async move {
                     match crate::net::connect(&ep, &name, service, &hop).await {
                         Ok(stream) => splice(tcp, stream).await,
                         Err(e) => {
@@ -234,11 +236,9 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
             (slot, accepted) = next => {
                 let Some(slot) = slot else { break };
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
-                let client = stream
-                    .peer_locator()
-                    .map_or_else(|_| "?".to_string(), |p| p.to_string());
+                let client = stream.peer_locator().ok();
                 let backend = backend.clone();
-                conns.spawn(slot, format!("stream from {client}"), async move {
+                conns.spawn(slot, Label("stream from", client), async move {
                     match connect_backend(&backend, connect_timeout).await {
                         Ok(tcp) => splice(tcp, stream).await,
                         Err(e) => {
@@ -259,6 +259,24 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         .finish(&stopping, Duration::from_secs(args.drain))
         .await;
     Ok(())
+}
+
+/// A connection's label for log lines, formatted only if one is written.
+struct Label<T>(&'static str, T);
+
+impl std::fmt::Display for Label<SocketAddr> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
+impl std::fmt::Display for Label<Option<serval::Locator>> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.1 {
+            Some(l) => write!(f, "{} {l}", self.0),
+            None => write!(f, "{} ?", self.0),
+        }
+    }
 }
 
 /// Prints the `READY` line scripts and tests wait for.
@@ -326,6 +344,34 @@ where
 /// small enough for thousands of connections.
 const SPLICE_BUF: usize = 64 * 1024;
 
+/// Splice buffers kept for reuse: at most this many (4 MiB) wait for the next connection.
+const POOLED_BUFFERS: usize = 64;
+
+/// Splice buffers of finished connections, reused by new ones: a short connection then costs
+/// no 64 KiB allocation (and zeroing) per direction, and a churn of connections does not
+/// walk the allocator through fresh memory.
+static BUFFERS: std::sync::Mutex<Vec<Box<[u8]>>> = std::sync::Mutex::new(Vec::new());
+
+/// A splice buffer from [`BUFFERS`], given back when dropped.
+struct PooledBuf(Box<[u8]>);
+
+impl PooledBuf {
+    fn take() -> PooledBuf {
+        let reused = BUFFERS.lock().ok().and_then(|mut pool| pool.pop());
+        PooledBuf(reused.unwrap_or_else(|| vec![0u8; SPLICE_BUF].into_boxed_slice()))
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = BUFFERS.lock()
+            && pool.len() < POOLED_BUFFERS
+        {
+            pool.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
 /// Carries bytes between a TCP connection and a Serval stream until both directions have
 /// ended. A FIN on either side is passed on as a FIN; an error or reset on either side resets
 /// both and is returned.
@@ -335,10 +381,9 @@ async fn splice(tcp: TcpStream, mut stream: Stream) -> Result<(), String> {
     let outcome = {
         let (tr, tw) = tcp.split();
         let (sr, sw) = stream.split();
-        let mut up_buf = vec![0u8; SPLICE_BUF];
-        let mut down_buf = vec![0u8; SPLICE_BUF];
-        let up = pump(tr, sw, &mut up_buf, Broken::Tcp, Broken::Serval);
-        let down = pump(sr, tw, &mut down_buf, Broken::Serval, Broken::Tcp);
+        let (mut up_buf, mut down_buf) = (PooledBuf::take(), PooledBuf::take());
+        let up = pump(tr, sw, &mut up_buf.0, Broken::Tcp, Broken::Serval);
+        let down = pump(sr, tw, &mut down_buf.0, Broken::Serval, Broken::Tcp);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
