@@ -24,14 +24,15 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+#[path = "../procs.rs"]
+mod procs;
+use procs::{Proc, Result, free_port, program, serval_ready, wait_listening};
 
 /// HTTP through Serval (proxy → router → expose) against HAProxy in TCP mode.
 #[derive(Debug, Parser)]
@@ -67,10 +68,11 @@ struct Args {
     /// Also measure wrk straight to one nginx (no balancer, one backend), for scale.
     #[arg(long)]
     direct: bool,
+    /// A new connection per request (wrk sends `Connection: close`): measures connection
+    /// set-up and tear-down through each balancer rather than keep-alive requests.
+    #[arg(long)]
+    close: bool,
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = BoxError> = std::result::Result<T, E>;
 
 fn main() {
     let args = Args::parse();
@@ -78,93 +80,6 @@ fn main() {
         eprintln!("lb-bench: {e}");
         std::process::exit(1);
     }
-}
-
-/// A child process, killed on drop; its name for reports.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .map_err(|e| format!("cannot run {name} ({:?}): {e}", cmd.get_program()))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// CPU time used so far, all threads (utime + stime).
-    fn cpu(&self) -> Result<Duration> {
-        cpu_time(self.pid())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// utime + stime of a process from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
-    let utime: u64 = fields[11].parse()?;
-    let stime: u64 = fields[12].parse()?;
-    Ok(Duration::from_secs_f64(
-        (utime + stime) as f64 / clock_ticks()?,
-    ))
-}
-
-/// The kernel's clock ticks per second (`getconf CLK_TCK`).
-fn clock_ticks() -> Result<f64> {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    if let Some(t) = TICKS.get() {
-        return Ok(*t);
-    }
-    let o = Command::new("getconf").arg("CLK_TCK").output()?;
-    let t: f64 = String::from_utf8_lossy(&o.stdout).trim().parse()?;
-    Ok(*TICKS.get_or_init(|| t))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Where an installed program is: `PATH`, then /usr/sbin and /sbin.
-fn program(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| format!("{name} is not installed (apt-get install {name})").into())
-}
-
-/// Waits (at most 20 s) for something to accept TCP connections on `port`.
-fn wait_listening(port: u16, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("{what} not listening on {port} within 20 s").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// One nginx serving `small.bin` and `large.bin`.
@@ -222,29 +137,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| b'a' + (i % 26) as u8).collect()
 }
 
-/// Spawns a serval subcommand and waits (at most 20 s) for its `READY …` line; returns the
-/// process and what follows `READY `. Later stdout lines are drained on a thread.
-fn serval_ready(bin: &Path, name: &str, args: &[&str], log: &Path) -> Result<(Proc, String)> {
-    let mut cmd = Command::new(bin);
-    cmd.args(args).stdout(Stdio::piped());
-    let mut proc = Proc::spawn(name, &mut cmd, log)?;
-    let out = proc.child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| format!("{name}: no READY line within 20 s (log: {})", log.display()))?;
-    let rest = line
-        .strip_prefix("READY ")
-        .ok_or_else(|| format!("{name}: first line {line:?}"))?;
-    Ok((proc, rest.to_owned()))
-}
-
 /// What one wrk run reported.
 #[derive(Debug, Clone, Copy, Default)]
 struct Wrk {
@@ -260,6 +152,11 @@ fn wrk(bin: &Path, url: &str, args: &Args, secs: u64) -> Result<Wrk> {
         .args(["-t", &args.threads.to_string(), "-c"])
         .arg(args.connections.to_string())
         .args(["-d", &format!("{secs}s"), "--timeout", "10s", url])
+        .args(if args.close {
+            &["-H", "Connection: close"][..]
+        } else {
+            &[]
+        })
         .output()?;
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     if !o.status.success() {
@@ -467,11 +364,16 @@ fn run_in(
     }
 
     println!(
-        "# lb-bench: wrk -t {} -c {} -d {}s; 2 nginx (1 worker each, keepalive_requests {}); \
+        "# lb-bench: wrk -t {} -c {} -d {}s{}; 2 nginx (1 worker each, keepalive_requests {}); \
          small {} B, large {} B; {} reps",
         args.threads,
         args.connections,
         args.duration,
+        if args.close {
+            " -H 'Connection: close'"
+        } else {
+            ""
+        },
         args.keepalive_requests,
         args.small,
         args.large,
@@ -515,12 +417,18 @@ fn run_in(
 
     println!();
     println!(
-        "| file | balancer | req/s | MiB/s | balancer CPU (s per s of run) | of which | balancer CPU per request | backends' CPU | socket errors / non-2xx |"
+        "| file | balancer | req/s (min–max) | MiB/s | balancer CPU (s per s of run) | of which | balancer CPU per request | backends' CPU | socket errors / non-2xx |"
     );
     println!("|---|---|---:|---:|---:|---|---:|---:|---:|");
     let mut medians: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
     for ((file, peer), v) in &samples {
         let rps = median(v.iter().map(|s| s.wrk.requests_per_s).collect());
+        let (lo, hi) = v
+            .iter()
+            .map(|s| s.wrk.requests_per_s)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                (lo.min(r), hi.max(r))
+            });
         let bps = median(v.iter().map(|s| s.wrk.bytes_per_s).collect());
         medians.insert((file.clone(), peer.clone()), (rps, bps));
         let per_s = |name: &str| {
@@ -559,7 +467,7 @@ fn run_in(
         let errors: u64 = v.iter().map(|s| s.wrk.socket_errors).sum();
         let non_2xx: u64 = v.iter().map(|s| s.wrk.non_2xx).sum();
         println!(
-            "| {file} | {peer} | {rps:.0} | {:.1} | {total} | {} | {per_request} | {:.2} | {errors} / {non_2xx} |",
+            "| {file} | {peer} | {rps:.0} ({lo:.0}–{hi:.0}) | {:.1} | {total} | {} | {per_request} | {:.2} | {errors} / {non_2xx} |",
             bps / (1 << 20) as f64,
             parts.join(", "),
             per_s("nginx"),
@@ -574,12 +482,33 @@ fn run_in(
                 .zip(&samples[&key("haproxy")])
                 .map(|(s, h)| format!("{:.2}", s.wrk.requests_per_s / h.wrk.requests_per_s))
                 .collect();
+            // Balancer CPU per request, per repetition (the router, proxy and exposes summed).
+            let cpu_per_request = |smp: &Sample| {
+                let cpu: f64 = smp
+                    .cpu
+                    .iter()
+                    .filter(|(k, _)| *k != "nginx")
+                    .map(|(_, c)| c)
+                    .sum();
+                cpu / (smp.wrk.requests_per_s * smp.wall)
+            };
+            let cpu_ratio: Vec<f64> = samples[&key("serval")]
+                .iter()
+                .zip(&samples[&key("haproxy")])
+                .map(|(s, h)| cpu_per_request(s) / cpu_per_request(h))
+                .collect();
             println!(
                 "ratio serval/haproxy, {file}: {:.2}x requests/s, {:.2}x bytes/s (medians); \
-                 per repetition {}",
+                 per repetition {}; balancer CPU per request {:.2}x (median; per repetition {})",
                 s.0 / h.0,
                 s.1 / h.1,
-                per_rep.join(", ")
+                per_rep.join(", "),
+                median(cpu_ratio.clone()),
+                cpu_ratio
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
