@@ -50,9 +50,10 @@ pub struct RouterArgs {
     admin: Option<SocketAddr>,
     /// A parent router (hierarchy): this router registers the prefixes it serves there
     /// (`--announce`, by default its `--accept` prefixes) and sends it SYNs for names it has
-    /// no rule for.
-    #[arg(long, value_name = "ADDR", env = "SERVAL_PARENT")]
-    parent: Option<SocketAddr>,
+    /// no rule for. Give it several times (or comma-separated) for parents sharing one
+    /// registry: the announcements move to the next when one stops answering.
+    #[arg(long, value_name = "ADDR", env = "SERVAL_PARENT", value_delimiter = ',')]
+    parent: Vec<SocketAddr>,
     /// A prefix this router serves and announces to its `--parent` (same syntax as
     /// `--accept`); repeat for several. SYNs for names under it that no instance serves are
     /// NACKed here. Default: the `--accept` prefixes.
@@ -85,10 +86,18 @@ struct RouterFile {
     max_ttl_ms: Option<u64>,
     max_registrations: Option<usize>,
     admin: Option<SocketAddr>,
-    parent: Option<SocketAddr>,
+    parent: Option<OneOrMany>,
     announce: Option<Vec<String>>,
     delay_queue: Option<u64>,
     delay_timeout_ms: Option<u64>,
+}
+
+/// `parent = "ADDR"` or `parent = ["ADDR", …]` in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(SocketAddr),
+    Many(Vec<SocketAddr>),
 }
 
 /// Reads `--config` (if given) into `args`: a key of the file sets a value that was neither
@@ -148,7 +157,10 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
         args.admin = Some(v);
     }
     if let Some(v) = file.parent.filter(|_| unset("parent")) {
-        args.parent = Some(v);
+        args.parent = match v {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(v) => v,
+        };
     }
     if let Some(v) = file.announce.filter(|_| unset("announce")) {
         args.announce = v;
@@ -179,14 +191,13 @@ fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
     config.endpoint.delay_queue = usize::try_from(args.delay_queue).unwrap_or(usize::MAX);
     config.endpoint.delay_timeout = Duration::from_millis(args.delay_timeout_ms);
     let announce = announce(args)?;
-    match args.parent {
-        Some(parent) => config
-            .with_parent(parent, announce)
-            .map_err(|e| e.to_string()),
-        None => {
-            config.announce = announce;
-            Ok(config)
-        }
+    if args.parent.is_empty() {
+        config.announce = announce;
+        Ok(config)
+    } else {
+        config
+            .with_parents(args.parent.clone(), announce)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -78,9 +78,11 @@ pub struct RouterConfig {
     pub workers: usize,
     /// Requests queued per worker before more are dropped and counted.
     pub worker_queue: usize,
-    /// A parent router to register [`RouterConfig::announce`] with (hierarchy). It also
-    /// becomes this router's default route: SYNs for names no rule here covers climb to it.
-    pub parent: Option<Locator>,
+    /// Parent routers to register [`RouterConfig::announce`] with (hierarchy): the first,
+    /// then the next if it stops answering (parents that share one registry). The one in use
+    /// is also this router's default route: SYNs for names no rule here covers climb to it.
+    /// Empty: no parent.
+    pub parents: Vec<Locator>,
     /// The prefixes this router answers for. With a parent, each is registered there (from
     /// this router's locator, leases refreshed like an instance's), so the parent forwards
     /// their SYNs here. With or without one, a SYN for a name under them that no instance
@@ -99,7 +101,7 @@ impl RouterConfig {
             endpoint: EndpointConfig::default(),
             workers: 4,
             worker_queue: 1024,
-            parent: None,
+            parents: Vec::new(),
             announce: Vec::new(),
         }
     }
@@ -109,8 +111,18 @@ impl RouterConfig {
     /// Announcing every name (`/0`: a policy accepting everything and no `announce`) would
     /// make this router answer for the whole name space and never climb, so that is an error.
     pub fn with_parent(
-        mut self,
+        self,
         parent: Locator,
+        announce: Vec<ServicePrefix>,
+    ) -> Result<RouterConfig, RouterError> {
+        self.with_parents(vec![parent], announce)
+    }
+
+    /// [`RouterConfig::with_parent`] with several parents that share one registry: announced
+    /// through the first, and through the next if it stops answering.
+    pub fn with_parents(
+        mut self,
+        parents: Vec<Locator>,
         announce: Vec<ServicePrefix>,
     ) -> Result<RouterConfig, RouterError> {
         let announce = if announce.is_empty() {
@@ -121,7 +133,7 @@ impl RouterConfig {
         if announce.is_empty() || announce.iter().any(ServicePrefix::is_default) {
             return Err(RouterError::AnnounceEverything);
         }
-        self.parent = Some(parent);
+        self.parents = parents;
         self.announce = announce;
         Ok(self)
     }
@@ -282,14 +294,14 @@ impl Router {
         for p in &config.announce {
             table_sync.add_authoritative(*p);
         }
-        if let Some(parent) = config.parent {
+        if !config.parents.is_empty() {
             for p in &config.announce {
                 endpoint.announce(*p, 1, 0);
             }
             // Registers the announced prefixes there and makes it the default route.
-            endpoint.set_router(parent);
+            endpoint.set_routers(config.parents.clone());
             tracing::info!(
-                %parent,
+                parent = %config.parents.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                 announce = %config.announce.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                 "registering with parent router"
             );

@@ -255,3 +255,50 @@ fn a_parent_needs_something_narrower_than_every_name_to_announce() {
         .unwrap_err();
     assert!(matches!(e, RouterError::AnnounceEverything));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_given_two_parents_announces_through_the_second_when_the_first_is_silent() {
+    let live = Router::bind(RouterConfig::new(vec![any_port()]))
+        .await
+        .unwrap();
+    // A port nothing answers on: bound, then closed.
+    let silent: Locator = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .unwrap();
+    let domain = ServicePrefix::from_domain("example.test").unwrap();
+    let mut config = RouterConfig::new(vec![any_port()]);
+    config.policy = Policy {
+        accept: vec![domain],
+        ..Policy::default()
+    };
+    let config = config
+        .with_parents(vec![silent, live.locators()[0]], Vec::new())
+        .unwrap();
+    assert_eq!(config.parents, [silent, live.locators()[0]]);
+    let t0 = Instant::now();
+    let child = Router::bind(config).await.unwrap();
+    // The first parent never answers; one refresh period (1 s) later the announcement goes
+    // to the second, well within the 3 s lease.
+    wait_for(
+        Duration::from_secs(3),
+        "the announcement at the live parent",
+        || registered(&live, domain),
+    )
+    .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    wait_for(
+        Duration::from_secs(2),
+        "the child's registration state",
+        || {
+            child
+                .parent_registrations()
+                .iter()
+                .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
+        },
+    )
+    .await;
+}
