@@ -247,6 +247,24 @@ struct Inner {
     /// Registrations this router deleted and whose removal it has not seen yet (so that it is
     /// not counted as an expiry).
     deleting: Mutex<std::collections::HashSet<RegistrationKey>>,
+    /// Whether this router announces its prefixes to a parent (with the weight it holds).
+    has_parents: bool,
+}
+
+/// Applies `change` to the table, then tells the parent (if any) the new aggregate weight and
+/// best priority of each announced prefix the change touched. Returns the removed keys.
+fn apply(inner: &Inner, change: Change) -> Vec<RegistrationKey> {
+    let (removed, announce) = {
+        let mut sync = lock(&inner.sync);
+        let removed = sync.apply(change);
+        (removed, sync.take_announcements())
+    };
+    if inner.has_parents {
+        for (prefix, weight, priority) in announce {
+            inner.endpoint.announce(prefix, weight, priority);
+        }
+    }
+    removed
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -314,6 +332,7 @@ impl Router {
             counters: Counters::default(),
             instances: Mutex::new(HashMap::new()),
             deleting: Mutex::new(std::collections::HashSet::new()),
+            has_parents: !config.parents.is_empty(),
         });
         let mut tasks = Vec::new();
         // The table follows the registry from its first Reset on.
@@ -564,7 +583,7 @@ async fn handle(inner: &Inner, req: RegistrationRequest) {
                 Ok(()) => {
                     // Into the table now, not when the subscription gets there: the next SYN
                     // (and the next limit check) sees it. The subscription's copy is a no-op.
-                    lock(&inner.sync).apply(Change::Put(registration));
+                    apply(inner, Change::Put(registration));
                     lock(&inner.instances).insert((r.prefix, r.instance), req.from);
                     bump(&inner.counters.accepted);
                     if exists {
@@ -613,7 +632,7 @@ async fn delete(inner: &Inner, key: RegistrationKey) -> Result<(), serval_regist
     lock(&inner.deleting).insert(key);
     let r = inner.registry.delete(&key).await;
     if r.is_ok() {
-        lock(&inner.sync).apply(Change::Delete(key));
+        apply(inner, Change::Delete(key));
     }
     lock(&inner.deleting).remove(&key);
     r
@@ -623,7 +642,7 @@ async fn delete(inner: &Inner, key: RegistrationKey) -> Result<(), serval_regist
 async fn follow_registry(inner: Arc<Inner>, mut sub: serval_registry::Subscription) {
     while let Some(change) = sub.next().await {
         let reset = matches!(change, Change::Reset(_));
-        let removed = lock(&inner.sync).apply(change);
+        let removed = apply(&inner, change);
         for key in removed {
             let ours = lock(&inner.deleting).remove(&key);
             lock(&inner.instances).retain(|(p, _), l| !(*p == key.prefix && *l == key.locator));

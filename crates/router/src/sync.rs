@@ -25,6 +25,12 @@ pub(crate) struct TableSync {
     /// under it that no instance serves get a NACK here, instead of climbing the default
     /// route to the parent, which would send them straight back (a loop, dropped silently).
     authoritative: std::collections::HashSet<ServicePrefix>,
+    /// For each authoritative prefix: the summed weight of the registrations under it, by
+    /// priority, so that a child router announces to its parent what it really holds.
+    below: HashMap<ServicePrefix, std::collections::BTreeMap<u32, u64>>,
+    /// Authoritative prefixes whose announcement (best priority, weight there) may have
+    /// changed since [`TableSync::take_announcements`].
+    announce_dirty: std::collections::HashSet<ServicePrefix>,
 }
 
 /// The registrations installed, by key.
@@ -44,12 +50,58 @@ impl TableSync {
             installed: Installed::default(),
             statics: HashMap::new(),
             authoritative: std::collections::HashSet::new(),
+            below: HashMap::new(),
+            announce_dirty: std::collections::HashSet::new(),
         }
+    }
+
+    /// Counts `r` (`sign` +1) or uncounts it (-1) in the aggregate of every authoritative
+    /// prefix that covers it (a registration at exactly the prefix included).
+    fn count(&mut self, r: &Registration, sign: i64) {
+        for p in &self.authoritative {
+            if !p.covers(&r.prefix) {
+                continue;
+            }
+            let sums = self.below.entry(*p).or_default();
+            let w = sums.entry(r.priority).or_insert(0);
+            *w = w.saturating_add_signed(sign * i64::from(r.weight.max(1)));
+            if *w == 0 {
+                sums.remove(&r.priority);
+            }
+            self.announce_dirty.insert(*p);
+        }
+    }
+
+    /// What to announce for each authoritative prefix whose aggregate changed since the last
+    /// call: `(prefix, weight, priority)`, the summed weight of the registrations under it at
+    /// their best priority (capped at `u32::MAX`), or weight 1 at priority 0 while it holds
+    /// none. A parent then spreads SYNs over its children as it would over their instances.
+    pub(crate) fn take_announcements(&mut self) -> Vec<(ServicePrefix, u32, u32)> {
+        let mut out: Vec<(ServicePrefix, u32, u32)> = self
+            .announce_dirty
+            .drain()
+            .map(
+                |p| match self.below.get(&p).and_then(|s| s.last_key_value()) {
+                    Some((&priority, &weight)) => {
+                        (p, u32::try_from(weight).unwrap_or(u32::MAX), priority)
+                    }
+                    None => (p, 1, 0),
+                },
+            )
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Makes this router answer for `prefix`: see [`TableSync::authoritative`].
     pub(crate) fn add_authoritative(&mut self, prefix: ServicePrefix) {
         self.authoritative.insert(prefix);
+        let mut sums = std::collections::BTreeMap::<u32, u64>::new();
+        for r in self.installed.values().filter(|r| prefix.covers(&r.prefix)) {
+            *sums.entry(r.priority).or_insert(0) += u64::from(r.weight.max(1));
+        }
+        self.below.insert(prefix, sums);
+        self.announce_dirty.insert(prefix);
         self.fix_authority(&prefix);
     }
 
@@ -109,15 +161,23 @@ impl TableSync {
     pub(crate) fn apply(&mut self, change: Change) -> Vec<RegistrationKey> {
         match change {
             Change::Put(r) => {
-                self.installed.insert(r.key(), r);
+                match self.installed.insert(r.key(), r) {
+                    Some(old) if old == r => {}
+                    Some(old) => {
+                        self.count(&old, -1);
+                        self.count(&r, 1);
+                    }
+                    None => self.count(&r, 1),
+                }
                 let _ = self.table.add_target(r.prefix, target(&r));
                 self.fix_authority(&r.prefix);
                 Vec::new()
             }
             Change::Delete(key) => {
-                if self.installed.remove(&key).is_none() {
+                let Some(old) = self.installed.remove(&key) else {
                     return Vec::new();
-                }
+                };
+                self.count(&old, -1);
                 let statics = &self.statics;
                 self.table
                     .update(|tx| TableSync::uninstall(statics, tx, &key));
@@ -150,8 +210,11 @@ impl TableSync {
                     }
                 });
                 self.installed = new;
-                for p in &self.authoritative {
-                    self.fix_authority(p);
+                let authoritative: Vec<ServicePrefix> =
+                    self.authoritative.iter().copied().collect();
+                for p in authoritative {
+                    // Recounted from the new set (and re-announced if that changed it).
+                    self.add_authoritative(p);
                 }
                 gone
             }
@@ -212,6 +275,35 @@ mod tests {
             .get(&r.prefix)
             .map(<[Target]>::to_vec)
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn announced_prefixes_carry_the_weight_held_at_the_best_priority() {
+        let mut s = TableSync::new(Arc::new(ServiceTable::new()));
+        let domain = ServicePrefix::from_domain("example.test").unwrap();
+        s.add_authoritative(domain);
+        assert_eq!(s.take_announcements(), [(domain, 1, 0)], "nothing held yet");
+        let (a, b) = (reg("a.example.test", 1, 3), reg("b.example.test", 2, 2));
+        s.apply(Change::Put(a));
+        s.apply(Change::Put(b));
+        s.apply(Change::Put(reg("other.test", 3, 50)));
+        assert_eq!(s.take_announcements(), [(domain, 5, 0)]);
+        // A refresh changes nothing; nothing to announce.
+        s.apply(Change::Put(a));
+        assert!(s.take_announcements().is_empty());
+        // A higher priority wins alone; a reweight counts once.
+        let hot = Registration {
+            priority: 7,
+            ..reg("c.example.test", 4, 4)
+        };
+        s.apply(Change::Put(hot));
+        s.apply(Change::Put(Registration { weight: 9, ..hot }));
+        assert_eq!(s.take_announcements(), [(domain, 9, 7)]);
+        s.apply(Change::Delete(hot.key()));
+        assert_eq!(s.take_announcements(), [(domain, 5, 0)]);
+        // A reset recounts from the new set.
+        s.apply(Change::Reset(vec![b]));
+        assert_eq!(s.take_announcements(), [(domain, 2, 0)]);
     }
 
     #[test]

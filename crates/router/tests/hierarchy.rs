@@ -302,3 +302,83 @@ async fn a_child_given_two_parents_announces_through_the_second_when_the_first_i
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_spreads_over_its_children_by_the_weight_they_hold() {
+    bounded(async {
+        let parent = Router::bind(RouterConfig::new(vec![any_port()]))
+            .await
+            .unwrap();
+        let domain = ServicePrefix::from_domain("example.test").unwrap();
+        let child = || async {
+            let mut config = RouterConfig::new(vec![any_port()]);
+            config.policy = Policy {
+                accept: vec![domain],
+                ..Policy::default()
+            };
+            let config = config
+                .with_parent(parent.locators()[0], Vec::new())
+                .unwrap();
+            Router::bind(config).await.unwrap()
+        };
+        let (a, b) = (child().await, child().await);
+        // One instance under each child: weight 3 under A, 1 under B (each echoes).
+        let serve = |router: Locator, weight: u32| async move {
+            let ep = endpoint().await;
+            ep.set_router_with(router, LeaseConfig::default());
+            let mut listener = ep
+                .listen_weighted(exact("web.example.test"), 0, weight)
+                .unwrap();
+            tokio::spawn(async move {
+                while let Ok(mut s) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+            });
+            ep
+        };
+        let heavy = serve(a.locators()[0], 3).await;
+        let light = serve(b.locators()[0], 1).await;
+        // Each child announces what it holds: the parent's entries for the domain carry
+        // weights 3 and 1 (not 1 and 1).
+        wait_for(
+            Duration::from_secs(10),
+            "the children's weights at the parent",
+            || {
+                let mut w: Vec<(Locator, u32)> = parent
+                    .registrations()
+                    .iter()
+                    .filter(|l| l.registration.prefix == domain)
+                    .map(|l| (l.registration.locator, l.registration.weight))
+                    .collect();
+                w.sort_unstable();
+                let mut want = vec![(a.locators()[0], 3), (b.locators()[0], 1)];
+                want.sort_unstable();
+                w == want
+            },
+        )
+        .await;
+        // And SYNs through the parent follow 3:1.
+        let client = endpoint().await;
+        client.set_default_route(parent.locators()[0]);
+        let n = 200;
+        let mut to_heavy = 0;
+        for _ in 0..n {
+            let peer = echo_once(&client, "web.example.test").await;
+            if peer == heavy.local_locators()[0] {
+                to_heavy += 1;
+            } else {
+                assert_eq!(peer, light.local_locators()[0]);
+            }
+        }
+        // Binomial(200, 3/4): mean 150, sd 6.1; ±4 sd.
+        assert!(
+            (125..=175).contains(&to_heavy),
+            "{to_heavy} of {n} to the weight-3 child"
+        );
+    })
+    .await;
+}
