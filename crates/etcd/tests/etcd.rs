@@ -166,3 +166,77 @@ async fn leases_watches_transactions_and_compaction_against_etcd() {
     assert!(e.is_compacted(), "{e}");
     assert!(!matches!(e, Error::LeaseNotFound(_)));
 }
+
+/// Measurement for the scale model (docs/scale.md), not a check: how many lease keep-alives
+/// and how many leased puts one local etcd member answers per second, with 64 requests in
+/// flight. Run in release:
+///
+/// ```sh
+/// cargo test --release -p serval-etcd --test etcd -- --ignored --nocapture measure_
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn measure_keepalive_and_put_rates_of_one_member() {
+    let Some((_etcd, c)) = start("measure_keepalive_and_put_rates_of_one_member").await else {
+        return;
+    };
+    const LEASES: usize = 10_000;
+    const IN_FLIGHT: usize = 64;
+    let secs = Duration::from_secs(5);
+    let mut leases = Vec::with_capacity(LEASES);
+    for _ in 0..LEASES {
+        leases.push(c.lease_grant(600).await.unwrap().id);
+    }
+    let leases = std::sync::Arc::new(leases);
+    // Keep-alives: each task refreshes leases round-robin.
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..IN_FLIGHT {
+        let (c, leases) = (c.clone(), leases.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut i = t;
+            while t0.elapsed() < secs {
+                c.lease_keep_alive(leases[i % LEASES]).await.unwrap();
+                n += 1;
+                i += IN_FLIGHT;
+            }
+            n
+        }));
+    }
+    let mut keepalives = 0;
+    for t in tasks {
+        keepalives += t.await.unwrap();
+    }
+    let ka_rate = keepalives as f64 / t0.elapsed().as_secs_f64();
+    // Puts with a lease (what a new registration costs besides its lease grant).
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..IN_FLIGHT {
+        let (c, leases) = (c.clone(), leases.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while t0.elapsed() < secs {
+                let key = format!("/m/v1/reg/{t}/{n}");
+                let req = pb::PutRequest {
+                    key: key.into_bytes(),
+                    value: b"v1 w=1 p=0 ttl=3".to_vec(),
+                    lease: leases[(t + 64 * n as usize) % LEASES],
+                    prev_kv: false,
+                };
+                c.put(req).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut puts = 0;
+    for t in tasks {
+        puts += t.await.unwrap();
+    }
+    let put_rate = puts as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "one etcd member, {IN_FLIGHT} in flight: {ka_rate:.0} lease keep-alives/s \
+         ({LEASES} leases), {put_rate:.0} leased puts/s"
+    );
+}
