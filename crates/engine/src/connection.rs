@@ -877,14 +877,14 @@ impl Connection {
         }
     }
 
-    /// Writes the next packet for this flow into `out` (cleared first) and returns its source
-    /// and destination locators.
+    /// Appends the next packet for this flow to `out` (a batch buffer: what is already there is
+    /// kept) and returns its source and destination locators; `out` is unchanged if there is
+    /// nothing to send.
     pub(crate) fn poll_transmit(
         &mut self,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Option<(Locator, Locator)> {
-        out.clear();
         if matches!(self.state, State::Established | State::TimeWait) {
             // Reading or writing since the last call may have drained the stream (FIN due) or
             // raised events.
@@ -934,16 +934,21 @@ impl Connection {
             && self.moving_to.is_none()
         {
             let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
-            out.resize(BASE_HEADER_LEN, 0);
-            header
-                .emit(&mut SalPacket::new_unchecked(&mut out[..]))
-                .ok()?;
+            let base = out.len();
+            out.resize(base + BASE_HEADER_LEN, 0);
+            if header
+                .emit(&mut SalPacket::new_unchecked(&mut out[base..]))
+                .is_err()
+            {
+                out.truncate(base);
+                return None;
+            }
             if self.transport.poll_transmit(now, out) > 0 {
                 // A stream packet completes the server's handshake: the held ACK is not needed.
                 self.held_ack = None;
                 return Some((self.local, self.peer));
             }
-            out.clear();
+            out.truncate(base);
             self.flush_transport = false;
         }
         None
@@ -960,12 +965,14 @@ impl Connection {
         r
     }
 
-    /// Emits `repr` (sealing its AUTH tag if it has one) into `out`.
+    /// Appends `repr` (sealing its AUTH tag if it has one) to `out`; on failure `out` is left
+    /// as it was.
     fn emit_sealed(&self, repr: &SalRepr, out: &mut Vec<u8>) -> bool {
-        out.resize(repr.buffer_len(), 0);
-        let mut pkt = SalPacket::new_unchecked(&mut out[..]);
+        let base = out.len();
+        out.resize(base + repr.buffer_len(), 0);
+        let mut pkt = SalPacket::new_unchecked(&mut out[base..]);
         if repr.emit(&mut pkt).is_err() {
-            out.clear();
+            out.truncate(base);
             return false;
         }
         if repr.auth.is_some() {
@@ -974,7 +981,7 @@ impl Connection {
                     k.seal(self.tx_dir(), &mut pkt);
                 }
                 None => {
-                    out.clear();
+                    out.truncate(base);
                     return false;
                 }
             }

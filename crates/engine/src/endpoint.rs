@@ -310,8 +310,6 @@ pub struct Endpoint {
     stats: EndpointStats,
     /// Which connections may have something to send, and their timers.
     schedule: Schedule,
-    /// Reused for every packet a connection builds.
-    scratch: Vec<u8>,
     /// Reused by [`Endpoint::handle_timeout`].
     due: Vec<usize>,
     /// Registers the listeners with a router, once one is set.
@@ -352,7 +350,6 @@ impl Endpoint {
             events: VecDeque::new(),
             stats: EndpointStats::default(),
             schedule: Schedule::default(),
-            scratch: Vec::new(),
             due: Vec::new(),
             registrar: None,
             serve_registrations: false,
@@ -1198,10 +1195,10 @@ impl Endpoint {
             let Some(c) = self.conns.get_mut(i).and_then(Option::as_deref_mut) else {
                 continue;
             };
-            let route = c.poll_transmit(now, &mut self.scratch);
+            // Straight into the caller's batch buffer: no copy per packet.
+            let route = c.poll_transmit(now, out);
             let h = self.handle_at(i);
             if let Some(route) = route {
-                out.extend_from_slice(&self.scratch);
                 // It may have more: back of the queue.
                 self.touch(h);
                 return Some(route);

@@ -267,6 +267,16 @@ pub fn write_stream(out: &mut Vec<u8>, offset: u64, data: &[u8], fin: bool) {
     out.extend_from_slice(data);
 }
 
+/// Appends a STREAM frame whose data is `a` then `b` (a range that wraps around a ring
+/// buffer), without joining them first.
+pub fn write_stream_parts(out: &mut Vec<u8>, offset: u64, a: &[u8], b: &[u8], fin: bool) {
+    out.push(if fin { TYPE_STREAM_FIN } else { TYPE_STREAM });
+    write_varint(out, offset);
+    write_varint(out, (a.len() + b.len()) as u64);
+    out.extend_from_slice(a);
+    out.extend_from_slice(b);
+}
+
 /// Appends a PING frame.
 pub fn write_ping(out: &mut Vec<u8>) {
     out.push(TYPE_PING);

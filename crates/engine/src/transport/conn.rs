@@ -1446,14 +1446,8 @@ impl Transport {
                 self.send.on_lost(range, chunk.fin);
                 break;
             };
-            if b.is_empty() {
-                frame::write_stream(out, range.start, a, chunk.fin);
-            } else {
-                // The range spans the end of the ring (once per trip around it): join the
-                // halves.
-                let joined = [a, b].concat();
-                frame::write_stream(out, range.start, &joined, chunk.fin);
-            }
+            // A range spanning the end of the ring (once per trip around it) is two slices.
+            frame::write_stream_parts(out, range.start, a, b, chunk.fin);
             let len = range.end - range.start;
             self.stats.stream_bytes_sent += len;
             self.stats.retransmitted_bytes +=
