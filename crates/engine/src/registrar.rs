@@ -748,16 +748,10 @@ mod tests {
 
     /// Advances to each deadline up to `until`, collecting what is sent.
     fn run(r: &mut Registrar, from: Instant, until: Instant) -> Vec<(Instant, RegistrationRepr)> {
-        let mut out = Vec::new();
-        let mut now = from;
-        loop {
-            r.handle_timeout(now);
-            out.extend(sent(r, now).into_iter().map(|(_, m)| (now, m)));
-            match r.poll_timeout() {
-                Some(t) if t <= until => now = t.max(now),
-                _ => return out,
-            }
-        }
+        run_to(r, from, until)
+            .into_iter()
+            .map(|(t, _, m)| (t, m))
+            .collect()
     }
 
     #[test]
@@ -1033,7 +1027,7 @@ mod tests {
         assert_eq!(r.state(&a), Some(RegistrationState::Registering));
     }
 
-    /// Like [`run`], with each message's destination.
+    /// [`run`] with each message's destination.
     fn run_to(
         r: &mut Registrar,
         from: Instant,

@@ -45,9 +45,14 @@ async fn bounded<F: Future<Output = ()>>(f: F) {
 
 /// An instance serving `name` through `router`; echoes every stream.
 async fn instance(router: Locator, name: &str) -> Endpoint {
+    weighted_instance(router, name, 1).await
+}
+
+/// [`instance`] registered with `weight`.
+async fn weighted_instance(router: Locator, name: &str, weight: u32) -> Endpoint {
     let ep = endpoint().await;
     ep.set_router_with(router, LeaseConfig::default());
-    let mut listener = ep.listen(exact(name)).unwrap();
+    let mut listener = ep.listen_weighted(exact(name), 0, weight).unwrap();
     tokio::spawn(async move {
         while let Ok(mut s) = listener.accept().await {
             tokio::spawn(async move {
@@ -94,20 +99,20 @@ async fn parent_and_child() -> (Router, Router, ServicePrefix) {
         .map(|l| l.registration.locator)
         .collect();
     assert_eq!(at_parent, child.locators());
-    // The parent's table has it as soon as the REGISTER arrives; the child knows only when the
-    // answer comes back, a moment later.
-    wait_for(
-        Duration::from_secs(5),
-        "the child's registration state",
-        || {
-            child
-                .parent_registrations()
-                .iter()
-                .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
-        },
-    )
-    .await;
+    wait_registered_at_parent(&child, Duration::from_secs(5)).await;
     (parent, child, domain)
+}
+
+/// Waits until `child` knows each of its announcements is registered at its parent (the
+/// parent's table has one as soon as the REGISTER arrives; the child when the answer does).
+async fn wait_registered_at_parent(child: &Router, within: Duration) {
+    wait_for(within, "the child's registration state", || {
+        child
+            .parent_registrations()
+            .iter()
+            .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
+    })
+    .await;
 }
 
 async fn echo_once(client: &Endpoint, name: &str) -> Locator {
@@ -290,17 +295,7 @@ async fn a_child_given_two_parents_announces_through_the_second_when_the_first_i
         "{:?}",
         t0.elapsed()
     );
-    wait_for(
-        Duration::from_secs(2),
-        "the child's registration state",
-        || {
-            child
-                .parent_registrations()
-                .iter()
-                .all(|s| matches!(s.state, RegistrationState::Registered { .. }))
-        },
-    )
-    .await;
+    wait_registered_at_parent(&child, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,25 +318,8 @@ async fn a_parent_spreads_over_its_children_by_the_weight_they_hold() {
         };
         let (a, b) = (child().await, child().await);
         // One instance under each child: weight 3 under A, 1 under B (each echoes).
-        let serve = |router: Locator, weight: u32| async move {
-            let ep = endpoint().await;
-            ep.set_router_with(router, LeaseConfig::default());
-            let mut listener = ep
-                .listen_weighted(exact("web.example.test"), 0, weight)
-                .unwrap();
-            tokio::spawn(async move {
-                while let Ok(mut s) = listener.accept().await {
-                    tokio::spawn(async move {
-                        let (mut r, mut w) = s.split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                        let _ = w.shutdown().await;
-                    });
-                }
-            });
-            ep
-        };
-        let heavy = serve(a.locators()[0], 3).await;
-        let light = serve(b.locators()[0], 1).await;
+        let heavy = weighted_instance(a.locators()[0], "web.example.test", 3).await;
+        let light = weighted_instance(b.locators()[0], "web.example.test", 1).await;
         // Each child announces what it holds: the parent's entries for the domain carry
         // weights 3 and 1 (not 1 and 1).
         wait_for(
