@@ -158,7 +158,7 @@ impl Endpoint {
                 })?;
                 joined.push(iface);
             }
-            let s = SockRef::from(&self.shared.sockets[i].io);
+            let s = SockRef::from(self.shared.sockets[i].io.get_ref());
             s.set_multicast_ttl_v4(1)?;
             s.set_multicast_loop_v4(true)?;
             if !iface.is_unspecified() {
@@ -199,7 +199,7 @@ impl Endpoint {
                     })?;
                 joined.push(index);
             }
-            let s = SockRef::from(&self.shared.sockets[i].io);
+            let s = SockRef::from(self.shared.sockets[i].io.get_ref());
             s.set_multicast_hops_v6(1)?;
             s.set_multicast_loop_v6(true)?;
             if index != 0 {
