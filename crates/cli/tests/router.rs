@@ -393,31 +393,31 @@ fn a_bad_config_file_is_one_line_and_exit_2() {
     );
 }
 
-/// `serval router --listen LISTEN --registry URL --admin ADMIN`, retried until etcd answers
-/// (at most 30 s); returns it once it printed READY.
+/// `serval router --listen LISTEN --registry URL --admin ADMIN`, returned once it printed READY
+/// and its registry is synced with etcd (`/health` 200; at most 30 s: etcd may be starting).
 fn router_on(listen: &str, registry: &str, admin: &str) -> Guard {
+    let mut child = serval()
+        .args(["router", "--listen", listen, "--registry", registry])
+        .args(["--admin", admin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().unwrap());
+    let guard = Guard(child);
+    let ready = wait_line(&out, "READY", |_| true);
+    assert!(ready.starts_with("READY"), "{ready}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut child = serval()
-            .args(["router", "--listen", listen, "--registry", registry])
-            .args(["--admin", admin])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn router");
-        let out = lines(child.stdout.take().unwrap());
-        let mut guard = Guard(child);
-        match out.recv_timeout(Duration::from_secs(10)) {
-            Ok(l) if l.starts_with("READY") => return guard,
-            _ => {
-                let _ = guard.0.kill();
-                assert!(
-                    Instant::now() < deadline,
-                    "router on {registry} never started"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
+        let health = http_get(admin, "/health");
+        if health.contains("synced") {
+            return guard;
         }
+        assert!(
+            Instant::now() < deadline,
+            "router on {registry} not synced within 30 s: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
