@@ -8,6 +8,10 @@
 //! * **echo** — connect-by-name plus one 64-byte request/response: per iteration a fresh
 //!   connection, 64 bytes written and the write side shut down, the 64-byte echo read to the
 //!   server's end of stream, the connection dropped. p50/p99 of the whole iteration.
+//! * **bidir** (`run --bidir`) — both directions at once over one connection: the server
+//!   writes back each chunk as it reads it while the client writes `--bytes` and reads the
+//!   echo; Gbit/s each way. With `--iperf3`, `iperf3 --bidir` (two flows, one each way) is the
+//!   kernel's row beside the tokio TCP echo.
 //!
 //! The pieces are separate subcommands so that the server and the client can run in different
 //! network namespaces (`ip netns exec`); `run` orchestrates them (loopback, and two namespaces
@@ -99,6 +103,9 @@ enum Mode {
     Bulk,
     /// Read to end of stream, write it back, end the stream.
     Echo,
+    /// Both directions at once over one connection: the server writes back every chunk as it
+    /// reads it; the client writes `--bytes` while it reads the echo.
+    Bidir,
 }
 
 impl Mode {
@@ -106,6 +113,7 @@ impl Mode {
         match self {
             Mode::Bulk => "bulk",
             Mode::Echo => "echo",
+            Mode::Bidir => "bidir",
         }
     }
 
@@ -114,6 +122,7 @@ impl Mode {
         match self {
             Mode::Bulk => "bulk.bench",
             Mode::Echo => "echo.bench",
+            Mode::Bidir => "bidir.bench",
         }
     }
 }
@@ -142,6 +151,10 @@ struct ServerArgs {
     /// Diagnostic: Serval's `ack_eliciting_threshold` (default: the engine's, 2).
     #[arg(long)]
     serval_ack_threshold: Option<u32>,
+    /// Diagnostic: Serval's send buffer in bytes (default: the engine's, 4 MiB; the runtime
+    /// uses 512 KiB on loopback).
+    #[arg(long)]
+    serval_send_buffer: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +199,10 @@ struct ClientArgs {
     /// Diagnostic: Serval's `ack_eliciting_threshold` (default: the engine's, 2).
     #[arg(long)]
     serval_ack_threshold: Option<u32>,
+    /// Diagnostic: Serval's send buffer in bytes (default: the engine's, 4 MiB; the runtime
+    /// uses 512 KiB on loopback).
+    #[arg(long)]
+    serval_send_buffer: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +238,10 @@ struct RunArgs {
     /// Skip the echo measurement.
     #[arg(long)]
     no_echo: bool,
+    /// Also measure both directions at once (an echo streaming `--bytes` over one
+    /// connection; with `--iperf3`, also `iperf3 --bidir`).
+    #[arg(long)]
+    bidir: bool,
     /// Longest one client run may take, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -233,6 +254,10 @@ struct RunArgs {
     /// Diagnostic: Serval's `ack_eliciting_threshold` on both ends (default: the engine's, 2).
     #[arg(long)]
     serval_ack_threshold: Option<u32>,
+    /// Diagnostic: Serval's send buffer in bytes (default: the engine's, 4 MiB; the runtime
+    /// uses 512 KiB on loopback).
+    #[arg(long)]
+    serval_send_buffer: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -365,8 +390,11 @@ async fn server(a: ServerArgs) -> Result<()> {
     let mode = a.mode;
     match a.stack {
         Stack::Serval => {
-            let ep = serval::Endpoint::bind_with(&[a.bind], serval_config(a.serval_ack_threshold))
-                .await?;
+            let ep = serval::Endpoint::bind_with(
+                &[a.bind],
+                serval_config(a.serval_ack_threshold, a.serval_send_buffer),
+            )
+            .await?;
             let id = serval::ServiceId::from_name(mode.service())
                 .map_err(|e| format!("service name: {e:?}"))?;
             let mut listener = ep.listen(serval::ServicePrefix::exact(id))?;
@@ -429,11 +457,14 @@ async fn server(a: ServerArgs) -> Result<()> {
     }
 }
 
-/// The Serval endpoint configuration: the defaults, with the diagnostic override.
-fn serval_config(ack_threshold: Option<u32>) -> serval::EndpointConfig {
+/// The Serval endpoint configuration: the defaults, with the diagnostic overrides.
+fn serval_config(ack_threshold: Option<u32>, send_buffer: Option<usize>) -> serval::EndpointConfig {
     let mut c = serval::EndpointConfig::default();
     if let Some(t) = ack_threshold {
         c.transport.ack_eliciting_threshold = t;
+    }
+    if let Some(b) = send_buffer {
+        c.transport.send_buffer = b;
     }
     c
 }
@@ -478,6 +509,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             let mut buf = Vec::with_capacity(64);
             s.read_to_end(&mut buf).await?;
             s.write_all(&buf).await?;
+            s.shutdown().await
+        }
+        Mode::Bidir => {
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).await?;
+            }
             s.shutdown().await
         }
     }
@@ -610,12 +652,13 @@ async fn client(a: ClientArgs) -> Result<()> {
         a.mode,
         bind,
         a.cert_file.as_deref(),
-        serval_config(a.serval_ack_threshold),
+        serval_config(a.serval_ack_threshold, a.serval_send_buffer),
     )
     .await?;
     match a.mode {
         Mode::Bulk => bulk_client(&a, &dialer).await,
         Mode::Echo => echo_client(&a, &dialer).await,
+        Mode::Bidir => bidir_client(&a, &dialer).await,
     }?;
     if let Dialer::Quinn(ep) = dialer {
         let _ = tokio::time::timeout(Duration::from_secs(3), ep.wait_idle()).await;
@@ -665,6 +708,93 @@ async fn bulk_client(a: &ClientArgs, dialer: &Dialer) -> Result<()> {
         a.verify,
     );
     Ok(())
+}
+
+/// Writes `--bytes` of the pattern while reading the echo, over one connection, each side in
+/// its own future on the one task (split halves, as an application would); checks the count
+/// and (with `--verify`) every echoed byte.
+async fn bidir_client(a: &ClientArgs, dialer: &Dialer) -> Result<()> {
+    let pattern = Pattern::new(a.seed);
+    let chunk = a.chunk.clamp(1, MAX_CHUNK);
+    let bytes = a.bytes;
+    let t0 = Instant::now();
+    let mut conn = dialer.connect(a.connect).await?;
+    let verify = a.verify;
+    let (got, bad) = match &mut conn {
+        Conn::Serval(s) => {
+            let (r, w) = s.split();
+            bidir_halves(r, w, &pattern, bytes, chunk, verify).await?
+        }
+        Conn::Tcp(s) => {
+            let (r, w) = s.split();
+            bidir_halves(r, w, &pattern, bytes, chunk, verify).await?
+        }
+        Conn::Quinn(_, s) => {
+            let (r, w) = tokio::io::split(s);
+            bidir_halves(r, w, &pattern, bytes, chunk, verify).await?
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    if let Conn::Serval(s) = &conn
+        && let Ok(st) = s.stats()
+    {
+        // For diagnosis: losses, probe timeouts, retransmissions of the client's direction.
+        eprintln!("STATS {st:?}");
+    }
+    conn.close().await;
+    if got != bytes {
+        return Err(format!("{got} bytes echoed, {bytes} were sent").into());
+    }
+    if let Some(at) = bad {
+        return Err(format!("echoed byte {at} differs from the pattern").into());
+    }
+    println!(
+        "RESULT bidir {} bytes={bytes} secs={secs:.6} gbps={:.4} verified={verify}",
+        a.stack.name(),
+        bytes as f64 * 8.0 / secs / 1e9,
+    );
+    Ok(())
+}
+
+/// The two directions of [`bidir_client`]: the count read and the first differing offset.
+async fn bidir_halves<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut r: R,
+    mut w: W,
+    pattern: &Pattern,
+    bytes: u64,
+    chunk: usize,
+    verify: bool,
+) -> io::Result<(u64, Option<u64>)> {
+    let write = async {
+        let mut off = 0u64;
+        while off < bytes {
+            let n = ((bytes - off) as usize).min(chunk);
+            w.write_all(pattern.slice(off, n)).await?;
+            off += n as u64;
+        }
+        w.shutdown().await
+    };
+    let read = async {
+        let mut buf = vec![0u8; chunk];
+        let mut got = 0u64;
+        let mut bad = None;
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if verify
+                && bad.is_none()
+                && let Some(i) = pattern.first_mismatch(got, &buf[..n])
+            {
+                bad = Some(got + i as u64);
+            }
+            got += n as u64;
+        }
+        Ok::<_, io::Error>((got, bad))
+    };
+    let ((), out) = tokio::try_join!(write, read)?;
+    Ok(out)
 }
 
 async fn echo_client(a: &ClientArgs, dialer: &Dialer) -> Result<()> {
@@ -1046,6 +1176,7 @@ fn run(a: RunArgs) -> Result<()> {
     let mut report = String::new();
     let mut bulk_all = Vec::new();
     let mut echo_all = Vec::new();
+    let mut bidir_all = Vec::new();
     for &t in &a.topology {
         let _netns = match t {
             Topology::Veth => Some(Netns::create()?),
@@ -1061,6 +1192,12 @@ fn run(a: RunArgs) -> Result<()> {
         }
         if !a.no_echo {
             echo_all.push((p.name().to_string(), echo_topology(&a, &p, &exe, limit)?));
+        }
+        if a.bidir {
+            bidir_all.push((
+                p.name().to_string(),
+                bidir_topology(&a, &p, &exe, &cert, limit)?,
+            ));
         }
     }
     let _ = std::fs::remove_file(&cert_file);
@@ -1112,6 +1249,28 @@ fn run(a: RunArgs) -> Result<()> {
             }
         }
     }
+    if !bidir_all.is_empty() {
+        report += &format!(
+            "\nBoth directions at once over one connection (an echo), {} each way, {} repetitions (Gbit/s each way: median, min–max):\n\n",
+            human_bytes(a.bytes),
+            a.reps
+        );
+        report += "| topology | stack | Gbit/s each way | min–max | Serval ÷ this |\n|---|---|---:|---:|---:|\n";
+        for (topo, rows) in &bidir_all {
+            let serval = rows
+                .iter()
+                .find(|(s, _)| s == "serval")
+                .map(|(_, v)| stats(v).0);
+            for (stack, v) in rows {
+                let (med, lo, hi) = stats(v);
+                let ratio = match serval {
+                    Some(s) if stack != "serval" => format!("{:.2}×", s / med),
+                    _ => "—".into(),
+                };
+                report += &format!("| {topo} | {stack} | {med:.2} | {lo:.2}–{hi:.2} | {ratio} |\n");
+            }
+        }
+    }
     println!("{report}");
     Ok(())
 }
@@ -1156,6 +1315,9 @@ fn server_argv(
     if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
         v.extend(["--serval-ack-threshold".into(), t.to_string()]);
     }
+    if let (Some(b), Stack::Serval) = (a.serval_send_buffer, stack) {
+        v.extend(["--serval-send-buffer".into(), b.to_string()]);
+    }
     v
 }
 
@@ -1183,11 +1345,14 @@ fn client_argv(p: &Placement, exe: &str, stack: Stack, mode: Mode, a: &RunArgs) 
         "--seed".into(),
         "1".into(),
     ]);
-    if a.verify && mode == Mode::Bulk {
+    if a.verify && matches!(mode, Mode::Bulk | Mode::Bidir) {
         v.push("--verify".into());
     }
     if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
         v.extend(["--serval-ack-threshold".into(), t.to_string()]);
+    }
+    if let (Some(b), Stack::Serval) = (a.serval_send_buffer, stack) {
+        v.extend(["--serval-send-buffer".into(), b.to_string()]);
     }
     v
 }
@@ -1288,6 +1453,103 @@ fn bulk_topology(
     drop(iperf_proc);
     drop(servers);
     Ok(rows)
+}
+
+/// Both directions at once: each stack's echo server streaming back `--bytes` over one
+/// connection, and `iperf3 --bidir` (two flows, one each way) for the kernel, interleaved.
+fn bidir_topology(
+    a: &RunArgs,
+    p: &Placement,
+    exe: &str,
+    cert: &str,
+    limit: Duration,
+) -> Result<Vec<(String, Vec<f64>)>> {
+    let mut servers = Vec::new();
+    for &stack in &a.stacks {
+        let argv = server_argv(p, exe, stack, Mode::Bidir, a, cert);
+        servers.push((stack, ServerProc::start(&argv, Duration::from_secs(20))?));
+    }
+    let port = 20_000 + (std::process::id() + 1) % 20_000;
+    let iperf_proc = if a.iperf3 {
+        let mut argv = p.server_prefix.clone();
+        argv.extend(
+            [
+                "iperf3",
+                "-s",
+                "-B",
+                p.server_bind.as_str(),
+                "-p",
+                &port.to_string(),
+            ]
+            .map(String::from),
+        );
+        Some(start_iperf(&argv)?)
+    } else {
+        None
+    };
+    let mut rows: Vec<(String, Vec<f64>)> = a
+        .stacks
+        .iter()
+        .map(|s| (s.name().to_string(), Vec::new()))
+        .collect();
+    if iperf_proc.is_some() {
+        rows.push(("iperf3 --bidir (kernel TCP, two flows)".into(), Vec::new()));
+    }
+    for rep in 0..a.reps {
+        eprintln!(" bidir repetition {}/{}", rep + 1, a.reps);
+        for (i, (stack, proc)) in servers.iter().enumerate() {
+            let mut argv = client_argv(p, exe, *stack, Mode::Bidir, a);
+            argv.extend(["--connect".into(), proc.addr.to_string()]);
+            if *stack == Stack::Quinn {
+                argv.extend(["--cert-file".into(), cert.to_string()]);
+            }
+            let line = run_client(&argv, limit)?;
+            rows[i]
+                .1
+                .push(field(&line, "gbps").ok_or("RESULT without gbps")?);
+        }
+        if iperf_proc.is_some() {
+            let mut argv = p.client_prefix.clone();
+            argv.extend(
+                [
+                    "iperf3",
+                    "-c",
+                    p.server_bind.as_str(),
+                    "-p",
+                    &port.to_string(),
+                    "-n",
+                    &a.bytes.to_string(),
+                    "--bidir",
+                    "-J",
+                ]
+                .map(String::from),
+            );
+            let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = run_cmd(&refs, limit)?;
+            let gbps = iperf_bidir_min_bps(&out).ok_or("no bidir sums in iperf3 output")? / 1e9;
+            eprintln!("  RESULT bidir iperf3 gbps={gbps:.4} (slower direction)");
+            if let Some(r) = rows.last_mut() {
+                r.1.push(gbps);
+            }
+        }
+    }
+    drop(iperf_proc);
+    drop(servers);
+    Ok(rows)
+}
+
+/// The slower direction of an `iperf3 --bidir` run, receiver side: the smaller of
+/// `end.sum_received.bits_per_second` and `end.sum_received_bidir_reverse.bits_per_second`.
+fn iperf_bidir_min_bps(json: &str) -> Option<f64> {
+    let get = |key: &str| -> Option<f64> {
+        let at = json.find(&format!("\"{key}\""))?;
+        let rest = &json[at..];
+        let k = rest.find("\"bits_per_second\"")?;
+        let v = rest[k + "\"bits_per_second\"".len()..].trim_start_matches([':', ' ', '\t', '\n']);
+        let end = v.find([',', '\n', '}'])?;
+        v[..end].trim().parse().ok()
+    };
+    Some(get("sum_received")?.min(get("sum_received_bidir_reverse")?))
 }
 
 /// Starts an iperf3 server; killed on drop.
