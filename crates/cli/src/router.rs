@@ -31,6 +31,11 @@ pub struct RouterArgs {
         default_value = "memory://"
     )]
     registry: String,
+    /// With an etcd registry: a local file the registrations are saved to and started from.
+    /// A restart loads it and catches up by watching etcd from the saved revision instead of
+    /// listing everything (it lists only if etcd no longer has that history).
+    #[arg(long, value_name = "FILE", env = "SERVAL_REGISTRY_CACHE")]
+    registry_cache: Option<std::path::PathBuf>,
     /// Accept registrations only for names under this prefix (a name, `NAME/*`, a hex ID,
     /// `HEX/LEN` or `*`); repeat for several. Default: every prefix.
     #[arg(long = "accept", value_name = "PREFIX")]
@@ -52,7 +57,12 @@ pub struct RouterArgs {
     /// (`--announce`, by default its `--accept` prefixes) and sends it SYNs for names it has
     /// no rule for. Give it several times (or comma-separated) for parents sharing one
     /// registry: the announcements move to the next when one stops answering.
-    #[arg(long, value_name = "ADDR", env = "SERVAL_PARENT", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SERVAL_PARENT",
+        value_delimiter = ','
+    )]
     parent: Vec<SocketAddr>,
     /// A prefix this router serves and announces to its `--parent` (same syntax as
     /// `--accept`); repeat for several. SYNs for names under it that no instance serves are
@@ -81,6 +91,7 @@ pub struct RouterArgs {
 struct RouterFile {
     listen: Option<Vec<SocketAddr>>,
     registry: Option<String>,
+    registry_cache: Option<std::path::PathBuf>,
     accept: Option<Vec<String>>,
     min_ttl_ms: Option<u64>,
     max_ttl_ms: Option<u64>,
@@ -137,6 +148,9 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
     }
     if let Some(v) = file.registry.filter(|_| unset("registry")) {
         args.registry = v;
+    }
+    if let Some(v) = file.registry_cache.filter(|_| unset("registry_cache")) {
+        args.registry_cache = Some(v);
     }
     if let Some(v) = file.accept.filter(|_| unset("accept")) {
         args.accept = v;
@@ -244,12 +258,27 @@ pub enum Failure {
 /// Runs the router until interrupted (SIGINT or SIGTERM).
 pub async fn run(args: RouterArgs) -> Result<(), Failure> {
     let policy = policy(&args).map_err(Failure::Usage)?;
-    let registry = Registry::connect(&args.registry)
-        .await
-        .map_err(|e| match e {
-            RegistryError::BadUrl(_) => Failure::Usage(e.to_string()),
-            other => Failure::Runtime(format!("registry {}: {other}", args.registry)),
-        })?;
+    let connected = match &args.registry_cache {
+        None => Registry::connect(&args.registry).await,
+        Some(cache) => {
+            if !args.registry.starts_with("etcd://") {
+                return Err(Failure::Usage(
+                    "--registry-cache needs an etcd registry (--registry etcd://…)".into(),
+                ));
+            }
+            match serval_registry::EtcdConfig::from_url(&args.registry) {
+                Ok(mut config) => {
+                    config.cache = Some(cache.clone());
+                    Registry::etcd(config).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let registry = connected.map_err(|e| match e {
+        RegistryError::BadUrl(_) => Failure::Usage(e.to_string()),
+        other => Failure::Runtime(format!("registry {}: {other}", args.registry)),
+    })?;
     let mut config = config(&args, policy).map_err(Failure::Usage)?;
     config.registry = registry;
     let router = std::sync::Arc::new(

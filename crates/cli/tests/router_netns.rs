@@ -330,34 +330,40 @@ fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "routers gone\n");
 }
 
-/// `serval router` on `host` with the etcd registry inside that host's namespace, retried
-/// until etcd answers (at most 30 s). Returns it once it printed READY, with its log lines.
+/// `serval router` on `host` with the etcd registry inside that host's namespace. Returns it,
+/// with its log lines, once it printed READY and logged its first list from etcd (at most 30 s:
+/// etcd may still be starting, and a router starts before etcd answers).
 fn etcd_router(lan: &Lan, host: usize, net: u8, extra: &[&str]) -> (Guard, mpsc::Receiver<String>) {
     let listen = format!("10.79.{net}.{}:{PORT}", host + 1);
+    let mut args = vec!["router", "--listen", &listen];
+    args.extend_from_slice(&["--registry", "etcd://127.0.0.1:2379"]);
+    args.extend_from_slice(&["--admin", "127.0.0.1:9090"]);
+    args.extend_from_slice(extra);
+    let mut child = lan
+        .serval(host, &args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().unwrap());
+    let log = lines(child.stderr.take().unwrap());
+    let guard = Guard(child);
+    let ready = out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("router printed nothing within 10 s");
+    assert!(ready.starts_with("READY"), "{ready}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut args = vec!["router", "--listen", &listen];
-        args.extend_from_slice(&["--registry", "etcd://127.0.0.1:2379"]);
-        args.extend_from_slice(&["--admin", "127.0.0.1:9090"]);
-        args.extend_from_slice(extra);
-        let mut child = lan
-            .serval(host, &args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn router");
-        let out = lines(child.stdout.take().unwrap());
-        let log = lines(child.stderr.take().unwrap());
-        let mut guard = Guard(child);
-        match out.recv_timeout(Duration::from_secs(10)) {
-            Ok(l) if l.starts_with("READY") => return (guard, log),
-            _ => {
-                let _ = guard.0.kill();
-                assert!(Instant::now() < deadline, "router on etcd never started");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+        match log.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("registrations listed from etcd") => return (guard, log),
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("router on etcd exited"),
         }
+        assert!(
+            Instant::now() < deadline,
+            "router never listed etcd within 30 s"
+        );
     }
 }
 

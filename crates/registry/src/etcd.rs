@@ -110,6 +110,13 @@ pub struct EtcdConfig {
     /// [`Health::Degraded`] and empty, and keeps trying in the background (the first list is
     /// then a [`Change::Reset`]); `false` fails [`Registry::etcd`] instead.
     pub start_degraded: bool,
+    /// A local file the replica is saved to (after each list, then every
+    /// [`cache_every`](EtcdConfig::cache_every) while it changes) and started from: a cold
+    /// start loads it and watches etcd from the saved revision on instead of listing
+    /// everything, and lists only if etcd no longer has that history. Default none.
+    pub cache: Option<std::path::PathBuf>,
+    /// How often a changed replica is saved to [`cache`](EtcdConfig::cache) (default 30 s).
+    pub cache_every: Duration,
 }
 
 impl EtcdConfig {
@@ -161,6 +168,8 @@ impl EtcdConfig {
             retry_max: Duration::from_secs(2),
             page_size: 100_000,
             start_degraded: true,
+            cache: None,
+            cache_every: Duration::from_secs(30),
         }
     }
 }
@@ -185,6 +194,8 @@ fn valid_endpoint(text: &str) -> bool {
 pub(crate) struct EtcdRegistry {
     shared: Arc<Shared>,
     task: tokio::task::AbortHandle,
+    /// Saves the replica to the cache file, if there is one.
+    saver: Option<tokio::task::AbortHandle>,
 }
 
 impl fmt::Debug for EtcdRegistry {
@@ -199,6 +210,9 @@ impl fmt::Debug for EtcdRegistry {
 impl Drop for EtcdRegistry {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(saver) = &self.saver {
+            saver.abort();
+        }
     }
 }
 
@@ -225,6 +239,9 @@ struct Shared {
     relists: AtomicU64,
     resumes: AtomicU64,
     compactions: AtomicU64,
+    lists: AtomicU64,
+    /// Told after each list, so the cache is saved at once.
+    listed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -342,16 +359,40 @@ impl EtcdRegistry {
             relists: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
+            lists: AtomicU64::new(0),
+            listed: tokio::sync::Notify::new(),
+        });
+        // From the cache, if there is a usable one: the watch then starts after its revision.
+        let cached = shared.config.cache.as_deref().and_then(|path| {
+            match crate::cache::load(path, &shared.config.prefix) {
+                Ok(saved) => Some(shared.adopt_cache(saved)),
+                Err(crate::cache::CacheError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(cache = %path.display(), error = %e, "registry cache not used; listing etcd");
+                    None
+                }
+            }
         });
         let (first_tx, first_rx) = oneshot::channel();
-        let task = tokio::spawn(run(shared.clone(), first_tx));
+        let task = tokio::spawn(run(shared.clone(), first_tx, cached));
+        let saver = shared
+            .config
+            .cache
+            .clone()
+            .map(|path| tokio::spawn(save_cache(shared.clone(), path)).abort_handle());
         match first_rx.await {
             Ok(Ok(())) => Ok(EtcdRegistry {
                 shared,
                 task: task.abort_handle(),
+                saver,
             }),
             Ok(Err(e)) => {
                 task.abort();
+                if let Some(saver) = saver {
+                    saver.abort();
+                }
                 Err(RegistryError::Unavailable(format!(
                     "cannot list registrations: {e}"
                 )))
@@ -524,11 +565,46 @@ impl EtcdRegistry {
             relists: s.relists.load(Ordering::Relaxed),
             watch_resumes: s.resumes.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
+            lists: s.lists.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Shared {
+    /// Fills the replica from a saved one; returns the revision to watch from. Health stays
+    /// degraded ("from cache") until the watch from there opens.
+    fn adopt_cache(&self, saved: crate::cache::Saved) -> i64 {
+        let mut regs = HashMap::with_capacity(saved.kvs.len());
+        for (key, value, lease) in saved.kvs {
+            let kv = PbKeyValue {
+                key,
+                value,
+                lease,
+                ..Default::default()
+            };
+            if let Ok(Some((key, entry))) = self.decode(&kv) {
+                regs.insert(key, entry);
+            }
+        }
+        tracing::info!(
+            registrations = regs.len(),
+            revision = saved.revision,
+            "registry replica loaded from its cache; catching up with etcd from there"
+        );
+        let mut st = self.lock();
+        st.regs = regs;
+        st.cluster_id = saved.cluster_id;
+        st.health = Health::Degraded {
+            error: format!(
+                "loaded from cache at revision {}, not yet confirmed by etcd",
+                saved.revision
+            ),
+        };
+        drop(st);
+        self.applied.send_replace(saved.revision);
+        saved.revision + 1
+    }
+
     fn lock(&self) -> MutexGuard<'_, Replica> {
         // Nothing panics while holding the lock; recover the data if something ever did.
         self.replica
@@ -789,6 +865,7 @@ impl Shared {
             all.sort_unstable_by_key(Registration::key);
             all
         });
+        self.lists.fetch_add(1, Ordering::Relaxed);
         if st.listed {
             // Counted before subscribers hear of it.
             self.relists.fetch_add(1, Ordering::Relaxed);
@@ -799,6 +876,12 @@ impl Shared {
                     "etcd reachable again: registrations listed afresh"
                 );
             }
+        } else {
+            tracing::info!(
+                registrations = regs.len(),
+                revision,
+                "registrations listed from etcd"
+            );
         }
         st.listed = true;
         st.regs = regs;
@@ -808,6 +891,7 @@ impl Shared {
             let _ = self.changes.send(Change::Reset(all));
         }
         self.applied.send_replace(revision);
+        self.listed.notify_one();
         Ok(revision)
     }
 
@@ -906,6 +990,18 @@ impl Shared {
                 start - 1
             )));
         }
+        // A watch from the replica's revision confirms it (this is how a replica loaded from
+        // the cache becomes Synced without a list).
+        {
+            let mut st = self.lock();
+            if st.health != Health::Synced {
+                st.health = Health::Synced;
+                tracing::info!(
+                    revision = start - 1,
+                    "registry replica confirmed by etcd's watch"
+                );
+            }
+        }
         // Creation responses carry no events; apply any all the same.
         self.apply(first.events);
         Ok(stream)
@@ -965,13 +1061,21 @@ impl Shared {
 
 /// Keeps the replica: list, watch, resume, and back off while etcd is unreachable. Reports
 /// the outcome of the first list on `first` (and ends if it failed).
-async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
+async fn run(
+    shared: Arc<Shared>,
+    first: oneshot::Sender<Result<(), String>>,
+    from_cache: Option<i64>,
+) {
     let mut first = Some(first);
     let mut backoff = shared.config.retry_min;
-    // Where to resume watching without listing, after a running watch broke.
-    let mut resume: Option<i64> = None;
-    // Opened degraded, and not listed since (to say so once it is).
-    let mut unlisted_since_start = false;
+    // Where to resume watching without listing: after a running watch broke, or after the
+    // revision of a replica loaded from the cache (which is served from at once).
+    let mut resume: Option<i64> = from_cache;
+    if from_cache.is_some()
+        && let Some(tx) = first.take()
+    {
+        let _ = tx.send(Ok(()));
+    }
     loop {
         let resuming = resume.is_some();
         let start = match resume.take() {
@@ -985,12 +1089,6 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
                     (Ok(rev), first) => {
                         if let Some(tx) = first {
                             let _ = tx.send(Ok(()));
-                        } else if std::mem::take(&mut unlisted_since_start) {
-                            tracing::info!(
-                                registrations = shared.lock().regs.len(),
-                                revision = rev,
-                                "etcd reachable: registrations listed"
-                            );
                         }
                         rev + 1
                     }
@@ -1000,7 +1098,6 @@ async fn run(shared: Arc<Shared>, first: oneshot::Sender<Result<(), String>>) {
                     }
                     (Err(e), first) => {
                         if let Some(tx) = first {
-                            unlisted_since_start = true;
                             tracing::warn!(
                                 error = %e,
                                 "etcd unreachable at start: serving without its registrations \
@@ -1095,6 +1192,47 @@ fn split_rest(first: &[u8], last: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> 
         .collect();
     ranges.reverse();
     ranges
+}
+
+/// Saves the replica to `path` after each list and then every `cache_every` while its
+/// revision moves, and only while it is synced (a degraded replica may be missing changes).
+async fn save_cache(shared: Arc<Shared>, path: std::path::PathBuf) {
+    let mut saved_rev = None;
+    loop {
+        tokio::select! {
+            () = shared.listed.notified() => {}
+            () = sleep(shared.config.cache_every) => {}
+        }
+        let saved = {
+            let st = shared.lock();
+            let revision = *shared.applied.borrow();
+            if saved_rev == Some(revision) || st.health != Health::Synced {
+                continue;
+            }
+            crate::cache::Saved {
+                cluster_id: st.cluster_id,
+                revision,
+                kvs: st
+                    .regs
+                    .iter()
+                    .map(|(k, e)| {
+                        let (key, value) = (shared.keys.key(k), e.value.encode());
+                        (key.into_bytes(), value.into_bytes(), e.lease)
+                    })
+                    .collect(),
+            }
+        };
+        let revision = saved.revision;
+        let (path2, prefix) = (path.clone(), shared.config.prefix.clone());
+        match tokio::task::spawn_blocking(move || crate::cache::save(&path2, &prefix, &saved)).await
+        {
+            Ok(Ok(())) => saved_rev = Some(revision),
+            Ok(Err(e)) => {
+                tracing::warn!(cache = %path.display(), error = %e, "cannot save the registry cache")
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod cache;
 mod codec;
 mod etcd;
 mod memory;
@@ -155,6 +156,9 @@ pub struct RegistryStats {
     pub watch_resumes: u64,
     /// Times a watch was cancelled because its revision had been compacted.
     pub compactions: u64,
+    /// Lists of everything, the first included; 0 for a replica that started from its cache
+    /// file ([`EtcdConfig::cache`]) and caught up by watching.
+    pub lists: u64,
 }
 
 impl Registry {

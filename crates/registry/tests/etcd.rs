@@ -1031,6 +1031,62 @@ async fn a_registry_opened_while_etcd_is_down_serves_degraded_and_converges_when
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_from_its_cache_catches_up_by_watching_not_listing() {
+    let Some(etcd) = Cluster::start(1).await else {
+        return;
+    };
+    let ports = etcd.ports();
+    let dir = std::env::temp_dir().join(format!("serval-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("replica.cache");
+    let cached = |prefix: &str| {
+        let mut c = config(&ports, prefix);
+        c.cache = Some(cache.clone());
+        c.cache_every = Duration::from_millis(100);
+        c
+    };
+    // A router with a cache: it lists (nothing to start from) and saves what it holds.
+    let (r1, r2, r3) = (reg(1), reg(2), reg(3));
+    let a = Registry::etcd(cached("/c")).await.unwrap();
+    assert_eq!(a.stats().lists, 1);
+    a.put(r1, Duration::from_secs(60)).await.unwrap();
+    a.put(r2, Duration::from_secs(60)).await.unwrap();
+    // Saved after the list, and again as the revision moves. Whichever revision the last
+    // save holds, the restart below must end in the same place: that is the point.
+    eventually(Duration::from_secs(5), "the cache saved", || cache.exists()).await;
+    drop(a);
+
+    // While it is down, the registry changes: one deleted, one added.
+    let b = open(&ports, "/c").await;
+    b.delete(&r1.key()).await.unwrap();
+    b.put(r3, Duration::from_secs(60)).await.unwrap();
+
+    // Restarted from the cache: it serves at once what it had, and catches up by watching
+    // from the saved revision (the deletion and the addition replayed), with no list.
+    let c = Registry::etcd(cached("/c")).await.unwrap();
+    eventually(Duration::from_secs(10), "caught up from the cache", || {
+        let mut have: Vec<Registration> =
+            c.snapshot().into_iter().map(|l| l.registration).collect();
+        have.sort_by_key(Registration::key);
+        have == [r2, r3] && c.health() == Health::Synced
+    })
+    .await;
+    let stats = c.stats();
+    assert_eq!(stats.lists, 0, "{stats:?}");
+
+    // A corrupt cache is not used: the next start lists, and is right all the same.
+    drop(c);
+    std::fs::write(&cache, b"SVRC garbage").unwrap();
+    let d = Registry::etcd(cached("/c")).await.unwrap();
+    assert_eq!(d.stats().lists, 1);
+    let mut have: Vec<Registration> = d.snapshot().into_iter().map(|l| l.registration).collect();
+    have.sort_by_key(Registration::key);
+    assert_eq!(have, [r2, r3]);
+    drop(d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Measurements (not run by default)
 
