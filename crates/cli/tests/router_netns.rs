@@ -526,3 +526,109 @@ fn two_routers_three_instances_and_etcd_lose_nothing_when_the_child_router_resta
     let counts = count(&web, 20);
     assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
 }
+
+/// Issue 14: instances that list two routers sharing one etcd outlive the router they
+/// registered through. Host 0 runs etcd and both routers (A on PORT, B on PORT + 1, separate
+/// processes); hosts 1–3 run instances of web.test given `--router A,B`; host 4 is a client.
+#[test]
+fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed() {
+    const TEST: &str =
+        "instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed";
+    if !netns_usable(TEST) {
+        return;
+    }
+    let net = 5;
+    let lan = Lan::new("f", &format!("10.79.{net}"), 5);
+    let Some(_etcd) = support::Etcd::start_in(TEST, Some(&lan.hosts[0])) else {
+        return;
+    };
+    let (a, b) = (
+        format!("10.79.{net}.1:{PORT}"),
+        format!("10.79.{net}.1:{}", PORT + 1),
+    );
+    // A router on etcd at `listen`, admin on `admin` (inside host 0), once it has listed etcd.
+    let router = |listen: &str, admin: &str| {
+        let args = [
+            "router",
+            "--listen",
+            listen,
+            "--registry",
+            "etcd://127.0.0.1:2379",
+            "--admin",
+            admin,
+        ];
+        let mut child = lan
+            .serval(0, &args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn router");
+        let log = lines(child.stderr.take().unwrap());
+        let guard = Guard(child);
+        wait_line(&log, "the router's first list from etcd", |l| {
+            l.contains("registrations listed from etcd")
+        });
+        (guard, log)
+    };
+    let (mut router_a, _) = router(&a, "127.0.0.1:9090");
+    let (_router_b, _) = router(&b, "127.0.0.1:9091");
+    let both = format!("{a},{b}");
+    let web: Vec<(Guard, mpsc::Receiver<String>)> = (1..=3)
+        .map(|h| {
+            let bind = format!("10.79.{net}.{}:{PORT}", h + 1);
+            let args = ["listen", "web.test", "--bind", &bind, "--router", &both];
+            let mut child = lan
+                .serval(h, &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn instance");
+            let rx = lines(child.stdout.take().unwrap());
+            (Guard(child), rx)
+        })
+        .collect();
+    let rxs: Vec<&mpsc::Receiver<String>> = web.iter().map(|(_, rx)| rx).collect();
+    let via_b = |tag: &str| {
+        let cmd = lan.serval(4, &["cat", "web.test", "--router", &b]);
+        support::run_with_input(cmd, format!("{tag}\n").as_bytes())
+    };
+    // Every instance reachable through B (registered through A, replicated by etcd).
+    let reach_all = |tag: &str, within: Duration| {
+        let start = Instant::now();
+        let mut seen = [false; 3];
+        let mut i = 0;
+        while !seen.iter().all(|&s| s) {
+            assert!(start.elapsed() < within, "{tag}: reached only {seen:?}");
+            let (code, _, err) = via_b(&format!("{tag}-{i}"));
+            assert_eq!(code, 0, "{tag}: connect {i} through B failed: {err}");
+            i += 1;
+            std::thread::sleep(Duration::from_millis(50));
+            for (k, rx) in rxs.iter().enumerate() {
+                seen[k] |= drain(rx).iter().any(|l| l.starts_with(tag));
+            }
+        }
+    };
+    reach_all("before", Duration::from_secs(30));
+
+    // A is killed outright. Past two leases (3 s each) every registration is still there,
+    // now refreshed through B, and every instance still gets connections through B.
+    let _ = router_a.0.kill();
+    let _ = router_a.0.wait();
+    std::thread::sleep(Duration::from_millis(7000));
+    reach_all("after", Duration::from_secs(10));
+
+    // A comes back on the same address and lists etcd: one registration per instance, none
+    // duplicated.
+    let (_router_a, _) = router(&a, "127.0.0.1:9090");
+    let out = lan
+        .serval(0, &["table", "--admin", "127.0.0.1:9090"])
+        .output()
+        .expect("serval table");
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let forwards = table
+        .lines()
+        .filter(|l| l.contains("forward 10.79."))
+        .count();
+    assert_eq!(forwards, 3, "{table}");
+}
