@@ -25,10 +25,13 @@ fn instance(
     port: u16,
     service: &str,
     echo: bool,
+    weight: u32,
 ) -> (Guard, mpsc::Receiver<String>) {
     // Both families: the instance joins both groups.
     let bind = format!("{},{}", lan.addr(host, port), addr6(host, port));
+    let weight = weight.to_string();
     let mut args = vec!["listen", service, "--bind", &bind, "--discover"];
+    args.extend_from_slice(&["--weight", &weight]);
     if echo {
         args.push("--echo");
     }
@@ -82,9 +85,10 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     // Hosts 0 and 1: instances of web.test (printing what they get); host 1 also serves
     // echo.test; host 2: the client.
     let lan = Lan::dual_stack("d", "10.80.0", "fd80", 3);
-    let (_a, a_rx) = instance(&lan, 0, 54324, "web.test", false);
-    let (_b, b_rx) = instance(&lan, 1, 54324, "web.test", false);
-    let (_e, _) = instance(&lan, 1, 54325, "echo.test", true);
+    // Weights 3 and 1: instances race to answer each SYN by weight.
+    let (_a, a_rx) = instance(&lan, 0, 54324, "web.test", false, 3);
+    let (_b, b_rx) = instance(&lan, 1, 54324, "web.test", false, 1);
+    let (_e, _) = instance(&lan, 1, 54325, "echo.test", true, 1);
 
     // Content echoed, by name, with no router and no address given.
     let (code, out, err) = cat(&lan, 2, "echo.test", b"hello over the LAN\n");
@@ -97,17 +101,21 @@ fn two_instances_and_a_client_find_each_other_with_no_router() {
     assert_eq!(out, b"and over v6\n");
     eprintln!("IPv6 echo by discovery took {:?}", t6.elapsed());
 
-    // Both instances answer every SYN: the first SYN-ACK wins and the connection never
-    // fails; each request reaches exactly one instance.
-    let n = 20;
+    // Both instances answer every SYN, each after a random wait of mean 10 ms / weight: the
+    // first SYN-ACK wins, the connection never fails, each request reaches exactly one
+    // instance, and the weight-3 instance wins about 3 in 4.
+    let n = 80;
     for i in 0..n {
         let (code, _, err) = cat(&lan, 2, "web.test", format!("req-{i}\n").as_bytes());
         assert_eq!(code, 0, "connect {i} failed: {err}");
     }
     let counts = count_lines(&[&a_rx, &b_rx], "req-", n, Duration::from_secs(10));
     let (ca, cb) = (counts[0], counts[1]);
-    eprintln!("discovery spread over two instances: {ca} / {cb}");
+    eprintln!("discovery spread over two instances (weights 3 and 1): {ca} / {cb}");
     assert_eq!(ca + cb, n, "every request reached exactly one instance");
+    // Binomial(80, 3/4): mean 60, sd 3.9; accept ±4 sd (timer granularity and the LAN's
+    // own delays blur the race a little).
+    assert!((44..=76).contains(&ca), "weights 3:1 gave {ca} / {cb}");
 
     // An unknown name: silence from the LAN, so the client gives up after its discovery
     // timeout (2 s here) with one clear line, well before the SYN's own budget.

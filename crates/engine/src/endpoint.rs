@@ -154,6 +154,12 @@ pub struct EndpointConfig {
     /// How long a SYN held by a DELAY rule waits for a verdict before it is dropped (and the
     /// client NACKed).
     pub delay_timeout: std::time::Duration,
+    /// Routerless mode: a SYN from the discovery group is answered after a random wait with
+    /// mean `discovery_answer_scale / weight` (exponential; the listener's weight), so that
+    /// among instances that all answer, the first to arrive — the one the client keeps — is
+    /// each one in proportion to its weight. Default 10 ms; zero answers at once (the nearest
+    /// instance wins).
+    pub discovery_answer_scale: std::time::Duration,
 }
 
 impl Default for EndpointConfig {
@@ -168,6 +174,7 @@ impl Default for EndpointConfig {
             max_queued_transmits: 4096,
             delay_queue: 1024,
             delay_timeout: DEFAULT_DELAY_TIMEOUT,
+            discovery_answer_scale: std::time::Duration::from_millis(10),
         }
     }
 }
@@ -318,8 +325,12 @@ pub struct Endpoint {
     serve_registrations: bool,
     /// SYNs held by DELAY rules.
     delay: delay::DelayQueue,
+    /// Discovery SYNs waiting for their weighted answer time.
+    answer_later: discovery::AnswerLater,
     /// Set while a held SYN is looked up again, so that DELAY does not hold it twice.
     resolving_held: bool,
+    /// Answering a discovery SYN whose weighted wait is over (so it is not queued again).
+    answering_discovery: bool,
     /// Prefixes registered with the router beside the listeners' (a child router announcing
     /// what it serves to its parent), with weight and priority.
     announced: HashMap<ServicePrefix, (u32, u32)>,
@@ -355,7 +366,9 @@ impl Endpoint {
             serve_registrations: false,
             announced: HashMap::new(),
             delay: delay::DelayQueue::default(),
+            answer_later: discovery::AnswerLater::default(),
             resolving_held: false,
+            answering_discovery: false,
         }
     }
 
@@ -830,16 +843,24 @@ impl Endpoint {
         }
         // The flow key makes every router (and retransmission) choose the same instance.
         let flow_key = flow_key(repr.src_flow, &nonce);
-        let action = self
-            .table
-            .snapshot()
-            .resolve(&service.id, flow_key)
-            .map(|r| r.action);
+        let resolved = self.table.snapshot().resolve(&service.id, flow_key);
+        let action = resolved.as_ref().map(|r| r.action);
         match action {
             Some(Action::Demux(listener))
                 if self.listeners.get(&listener).is_some_and(|l| l.streams) =>
             {
                 if discovery {
+                    let weight = resolved.map_or(1, |r| r.weight);
+                    if self.answer_discovery_later(
+                        now,
+                        local,
+                        remote,
+                        data,
+                        (repr.src_flow, nonce),
+                        weight,
+                    ) {
+                        return;
+                    }
                     self.stats.discovery_answered += 1;
                 }
                 self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
@@ -1215,6 +1236,7 @@ impl Endpoint {
             self.schedule.next_deadline(),
             self.registrar_timeout(),
             self.delay.next_deadline(),
+            self.answer_later.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -1238,6 +1260,7 @@ impl Endpoint {
         self.due = due;
         self.registrar_handle_timeout(now);
         self.expire_held(now);
+        self.answer_discovery_due(now);
     }
 }
 

@@ -8,11 +8,47 @@
 //! silent: a NACK from each host of the LAN would both flood the client and race the real
 //! answer, and forwarding a multicast SYN could loop it back into the group.
 
+use std::collections::{BTreeMap, HashSet};
+
+use rand_chacha::rand_core::Rng;
 use serval_wire::ext::ControlFlags;
-use serval_wire::{Locator, Protocol, SalPacket, SalRepr};
+use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr};
 
 use super::Endpoint;
 use crate::Instant;
+
+/// Most discovery SYNs waiting for their answer time; beyond it they are answered at once.
+const ANSWER_LATER_MAX: usize = 1024;
+
+/// Discovery SYNs this endpoint will answer, each at its weighted random time.
+///
+/// Every instance on the LAN that serves the name answers a multicast SYN, and the client
+/// keeps the first SYN-ACK. Each waits an exponential time of mean `scale / weight` first:
+/// the minimum of such waits falls to instance *i* with probability `wᵢ / Σw` (an exponential
+/// race), so routerless connections spread by weight as routed ones do, at the cost of that
+/// minimum (mean `scale / Σw`) added to the connect.
+#[derive(Debug, Default)]
+pub(crate) struct AnswerLater {
+    /// (answer time, sequence) → the SYN as received.
+    due: BTreeMap<(Instant, u64), Waiting>,
+    /// The SYNs waiting, so a retransmission is not queued twice.
+    keys: HashSet<(FlowId, Nonce)>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    local: Locator,
+    remote: Locator,
+    data: Vec<u8>,
+    key: (FlowId, Nonce),
+}
+
+impl AnswerLater {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.due.keys().next().map(|(t, _)| *t)
+    }
+}
 
 impl Endpoint {
     /// Handles one datagram received on the discovery group. `local` is this endpoint's own
@@ -61,6 +97,68 @@ impl Endpoint {
         // half-open flow and gets the SYN-ACK again.
         self.handle_syn(now, local, remote, data, repr, true);
     }
+
+    /// Queues the answer to a discovery SYN a listener of weight `weight` serves, to be sent
+    /// at its weighted random time ([`AnswerLater`]); `false` if it must be answered now (the
+    /// wait is over for this SYN, the scale is zero, or the queue is full).
+    pub(super) fn answer_discovery_later(
+        &mut self,
+        now: Instant,
+        local: Locator,
+        remote: Locator,
+        data: &[u8],
+        key: (FlowId, Nonce),
+        weight: u32,
+    ) -> bool {
+        let scale = self.config.discovery_answer_scale;
+        if self.answering_discovery || scale.is_zero() {
+            return false;
+        }
+        let q = &mut self.answer_later;
+        if q.keys.contains(&key) {
+            // A retransmission of a SYN already waiting: it will be answered once.
+            return true;
+        }
+        if q.due.len() >= ANSWER_LATER_MAX {
+            return false;
+        }
+        // Exponential with mean scale / weight: -ln(U) with U uniform in (0, 1].
+        let u = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let wait = scale.mul_f64(-u.ln() / f64::from(weight.max(1)));
+        let at = now.checked_add(wait).unwrap_or(now);
+        q.seq += 1;
+        q.keys.insert(key);
+        q.due.insert(
+            (at, q.seq),
+            Waiting {
+                local,
+                remote,
+                data: data.to_vec(),
+                key,
+            },
+        );
+        true
+    }
+
+    /// Answers the discovery SYNs whose time has come (as if they arrived now).
+    pub(super) fn answer_discovery_due(&mut self, now: Instant) {
+        while let Some(entry) = self.answer_later.due.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let w = entry.remove();
+            self.answer_later.keys.remove(&w.key);
+            let Ok(pkt) = SalPacket::new_checked(&w.data[..]) else {
+                continue;
+            };
+            let Ok(repr) = SalRepr::parse(&pkt) else {
+                continue;
+            };
+            self.answering_discovery = true;
+            self.handle_syn(now, w.local, w.remote, &w.data, repr, true);
+            self.answering_discovery = false;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -81,9 +179,19 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An endpoint that answers discovery SYNs at once (most tests here are about who
+    /// answers, not when).
     fn endpoint(addr: &str, seed: u8) -> Endpoint {
+        weighed_endpoint(addr, seed, Duration::ZERO)
+    }
+
+    /// An endpoint answering discovery SYNs after a wait of mean `scale / weight`.
+    fn weighed_endpoint(addr: &str, seed: u8, scale: Duration) -> Endpoint {
         Endpoint::new(
-            EndpointConfig::default(),
+            EndpointConfig {
+                discovery_answer_scale: scale,
+                ..EndpointConfig::default()
+            },
             [seed; 32],
             Arc::new(ServiceTable::new()),
             vec![loc(addr)],
@@ -161,6 +269,57 @@ mod tests {
             );
             assert_eq!((st.delayed, st.discovery_answered), (0, 0));
         }
+    }
+
+    #[test]
+    fn answers_race_by_weight_so_the_first_to_arrive_follows_the_weights() {
+        let scale = Duration::from_millis(10);
+        let now = Instant::ZERO;
+        let from = loc("10.0.0.1:5000");
+        let (la, lb) = (loc("10.0.0.2:6000"), loc("10.0.0.3:6000"));
+        let mut a = weighed_endpoint("10.0.0.2:6000", 2, scale);
+        let mut b = weighed_endpoint("10.0.0.3:6000", 3, scale);
+        a.listen(ServicePrefix::exact(svc()), 0, 3);
+        b.listen(ServicePrefix::exact(svc()), 0, 1);
+        let mut client = endpoint("10.0.0.1:5000", 1);
+        client
+            .table()
+            .add_target(
+                ServicePrefix::DEFAULT,
+                Target::new(Action::Forward(loc(GROUP)), 0, 1),
+            )
+            .unwrap();
+        let (n, mut a_first, mut first_total) = (2000u32, 0u32, Duration::ZERO);
+        for _ in 0..n {
+            client.connect(now, svc()).unwrap();
+            let syn = client.poll_transmit(now).unwrap().payload;
+            a.handle_discovery_datagram(now, la, from, &syn);
+            b.handle_discovery_datagram(now, lb, from, &syn);
+            // Nothing goes out at once; each answers at its own time, a retransmission of the
+            // SYN while waiting changes nothing.
+            assert_eq!(a.poll_transmit(now), None);
+            a.handle_discovery_datagram(now, la, from, &syn);
+            let (ta, tb) = (a.poll_timeout().unwrap(), b.poll_timeout().unwrap());
+            if ta <= tb {
+                a_first += 1;
+            }
+            first_total += ta.min(tb).saturating_duration_since(now);
+            for (ep, t) in [(&mut a, ta), (&mut b, tb)] {
+                ep.handle_timeout(t);
+                let answer = ep.poll_transmit(t).unwrap();
+                assert_eq!(answer.dst, from);
+                assert_eq!(ep.poll_transmit(t), None, "answered once");
+            }
+        }
+        assert_eq!(a.stats().discovery_answered, u64::from(n));
+        // P(A first) = 3/4: Binomial(2000, 3/4) has sd 19.4; accept ±4 sd.
+        assert!((1423..=1577).contains(&a_first), "A first {a_first} of {n}");
+        // The first answer waits scale / Σw = 2.5 ms on average.
+        let mean = first_total / n;
+        assert!(
+            mean > Duration::from_millis(2) && mean < Duration::from_millis(3),
+            "{mean:?}"
+        );
     }
 
     #[test]
