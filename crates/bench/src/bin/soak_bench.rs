@@ -53,8 +53,9 @@ struct Args {
     /// Connections open at once (at most).
     #[arg(long, default_value_t = 16)]
     concurrency: u64,
-    /// New connections per second, steady (0: as fast as they complete). A steady rate keeps
-    /// the number of flows in TIME-WAIT steady, so what remains is growth.
+    /// New connections per second, at most (0: as fast as they complete). A steady rate keeps
+    /// the number of flows in TIME-WAIT steady, so what remains is growth; after a stall the
+    /// rate does not burst to catch up.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
     /// Bytes each connection sends and reads back.
@@ -149,11 +150,15 @@ async fn run_in(args: &Args, root: &std::path::Path) -> Result<()> {
         .parse()?;
 
     // The echo listener prints no READY line: give it a port, then wait until it answers.
+    // Its service is given as the hex ID this process connects to, so that a serval binary
+    // of another version (another name mapping) can be measured too.
+    let echo_id = ServiceId::from_name("soak.echo")?;
+    let echo_hex = echo_id.to_string();
     let lport = free_udp_port()?;
     let listener = Proc::spawn(
         "listener",
         Command::new(s)
-            .args(["listen", "soak.echo", "--echo", "--router", &raddr])
+            .args(["listen", &echo_hex, "--echo", "--router", &raddr])
             .arg("--bind")
             .arg(format!("127.0.0.1:{lport}"))
             .stdout(Stdio::null()),
@@ -198,7 +203,6 @@ async fn run_in(args: &Args, root: &std::path::Path) -> Result<()> {
 
     let procs = [&router, &listener, &expose, &proxy];
     let client = Endpoint::bind(&["127.0.0.1:0".parse()?]).await?;
-    let echo_id = ServiceId::from_name("soak.echo")?;
     // Wait for both registrations (each a connection that must succeed).
     let ready_by = Instant::now() + Duration::from_secs(20);
     loop {
@@ -329,11 +333,12 @@ async fn run_phase(
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
+    let next_start = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     for _ in 0..args.concurrency {
         let (started, done, failed) = (started.clone(), done.clone(), failed.clone());
         let (client, count, payload) = (client.clone(), args.count, args.payload);
         let translator = phase == "translator";
-        let (rate, t0) = (args.rate, tokio::time::Instant::now());
+        let (rate, next) = (args.rate, next_start.clone());
         workers.spawn(async move {
             loop {
                 let n = started.fetch_add(1, Ordering::Relaxed);
@@ -341,8 +346,16 @@ async fn run_phase(
                     break;
                 }
                 if rate > 0 {
-                    tokio::time::sleep_until(t0 + Duration::from_secs_f64(n as f64 / rate as f64))
-                        .await;
+                    // Each start takes the next slot of the schedule, but never one in the
+                    // past: after a stall (a busy machine) the rate does not burst to catch
+                    // up, so the number of flows in TIME-WAIT never exceeds `rate × 3 s`.
+                    let at = {
+                        let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+                        let at = (*next).max(tokio::time::Instant::now());
+                        *next = at + Duration::from_secs_f64(1.0 / rate as f64);
+                        at
+                    };
+                    tokio::time::sleep_until(at).await;
                 }
                 let r = if translator {
                     tcp_once(proxy, payload).await
