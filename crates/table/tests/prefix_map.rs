@@ -225,6 +225,61 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Maps large enough that the hash directory doubles (more than 64 nodes per shard) and
+    /// halves again as they empty, with rules of every length (odd ones under shared chunk
+    /// prefixes, so markers are shared), the `/0` default, and removals in a random order,
+    /// against the oracle at every stage, including a clone taken at the largest size.
+    #[test]
+    fn large_maps_grow_shrink_and_agree(
+        prefixes in prop::collection::vec(any_prefix(), 300..1500),
+        order in any::<u64>(),
+        salt in any::<u64>(),
+    ) {
+        let mut map = PrefixMap::new();
+        let mut oracle = BitTrie::new();
+        map.insert(ServicePrefix::DEFAULT, u32::MAX);
+        oracle.insert(ServicePrefix::DEFAULT, u32::MAX);
+        for (i, p) in prefixes.iter().enumerate() {
+            prop_assert_eq!(map.insert(*p, i as u32), oracle.insert(*p, i as u32));
+        }
+        map.check_invariants().map_err(TestCaseError::fail)?;
+        let full = map.clone();
+        let stored: Vec<_> = oracle.iter().map(|(p, v)| (p, *v)).collect();
+        check_same(&map, &oracle, &probe_ids(&stored, &[], salt));
+
+        // Remove all but a few, in a scrambled order, checking along the way.
+        let mut keys: Vec<ServicePrefix> = stored.iter().map(|(p, _)| *p).collect();
+        let mut x = order | 1;
+        for i in (1..keys.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            keys.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            if i + 5 >= keys.len() {
+                break;
+            }
+            prop_assert_eq!(map.remove(k), oracle.remove(k));
+            if i % 97 == 0 {
+                map.check_invariants().map_err(TestCaseError::fail)?;
+            }
+        }
+        let left: Vec<_> = oracle.iter().map(|(p, v)| (p, *v)).collect();
+        check_same(&map, &oracle, &probe_ids(&left, &[], salt));
+
+        // The clone taken when full never changed.
+        let mut o = BitTrie::new();
+        for (p, v) in &stored {
+            o.insert(*p, *v);
+        }
+        check_same(&full, &o, &probe_ids(&stored, &[], salt ^ 1));
+    }
+}
+
 fn p(text: &str) -> ServicePrefix {
     ServicePrefix::parse(text).unwrap()
 }
