@@ -182,16 +182,25 @@ fn service(i: u32) -> ServiceId {
 /// A table with `n` services, each served by three weighted instances at `sinks`.
 fn table(n: u32, sinks: &[Locator; 3]) -> Result<Arc<ServiceTable>, String> {
     let t = Arc::new(ServiceTable::new());
-    for i in 0..n {
-        for (w, sink) in sinks.iter().enumerate() {
-            t.add_target(
-                ServicePrefix::exact(service(i)),
-                Target::new(Action::Forward(*sink), 0, w as u32 + 1),
-            )
-            .map_err(|e| e.to_string())?;
-        }
-    }
+    fill(&t, n, sinks)?;
     Ok(t)
+}
+
+/// Adds `n` services to `t`, each served by three weighted instances at `sinks`, in one update
+/// (one published version: building 1M services one change at a time would publish 3M).
+fn fill(t: &ServiceTable, n: u32, sinks: &[Locator; 3]) -> Result<(), String> {
+    t.update(|tx| {
+        for i in 0..n {
+            for (w, sink) in sinks.iter().enumerate() {
+                tx.add_target(
+                    ServicePrefix::exact(service(i)),
+                    Target::new(Action::Forward(*sink), 0, w as u32 + 1),
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `count` SYNs from `client` for random services below `services`, all of one size (so they
@@ -323,14 +332,9 @@ fn udp(c: &Common) -> Result<Rate, String> {
                         return;
                     }
                 };
-                for i in 0..services {
-                    for (w, sink) in sink_locs.iter().enumerate() {
-                        let target = Target::new(Action::Forward(*sink), 0, w as u32 + 1);
-                        if let Err(e) = ep.add_rule(ServicePrefix::exact(service(i)), target) {
-                            let _ = addr_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    }
+                if let Err(e) = fill(ep.table(), services, &sink_locs) {
+                    let _ = addr_tx.send(Err(e));
+                    return;
                 }
                 let _ = addr_tx.send(Ok(ep.local_locators()[0]));
                 let cpu0 = thread_cpu().unwrap_or(0.0);

@@ -48,6 +48,13 @@ struct Args {
     /// Seed of the rule and key generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Structures to measure (serval, serval-v6, prefix-trie-v6).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serval,serval-v6,prefix-trie-v6"
+    )]
+    structures: Vec<String>,
 }
 
 /// One measured structure at one size.
@@ -56,8 +63,8 @@ struct Row {
     rules: usize,
     build: Duration,
     bytes_per_rule: f64,
-    single: f64,
-    batched: Option<f64>,
+    single: Rate,
+    batched: Option<Rate>,
     /// Share of keys whose longest match is longer than the default rule, in percent.
     hit_pct: usize,
 }
@@ -65,15 +72,21 @@ struct Row {
 fn main() {
     let args = Args::parse();
     println!(
-        "| structure | rules | build | heap bytes/rule | single lookups/s | batched lookups/s (batch {}) | hit rate |",
+        "| structure | rules | build | heap bytes/rule | single lookups/s | batched lookups/s (batch {}) | single per CPU-s | batched per CPU-s | hit rate |",
         args.batch
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &args.sizes {
         let mut rng = SmallRng::seed_from_u64(args.seed ^ n as u64);
+        let want = |s: &str| args.structures.iter().any(|x| x == s);
         let (rules, keys) = serval_rules(&mut rng, n, args.lookups);
-        print_row(&measure_serval("serval", &rules, &keys, &args));
+        if want("serval") {
+            print_row(&measure_serval("serval", &rules, &keys, &args));
+        }
         drop((rules, keys));
+        if !want("serval-v6") && !want("prefix-trie-v6") {
+            continue;
+        }
 
         let (v6_rules, v6_keys) = ipv6_rules(&mut rng, n, args.lookups);
         let as_ids: Vec<(ServicePrefix, u32)> = v6_rules
@@ -81,24 +94,30 @@ fn main() {
             .map(|(net, v)| (v6_to_prefix(net), *v))
             .collect();
         let id_keys: Vec<ServiceId> = v6_keys.iter().map(|a| v6_to_id(*a)).collect();
-        print_row(&measure_serval("serval-v6", &as_ids, &id_keys, &args));
+        if want("serval-v6") {
+            print_row(&measure_serval("serval-v6", &as_ids, &id_keys, &args));
+        }
         drop((as_ids, id_keys));
-        print_row(&measure_prefix_trie(&v6_rules, &v6_keys, &args));
+        if want("prefix-trie-v6") {
+            print_row(&measure_prefix_trie(&v6_rules, &v6_keys, &args));
+        }
     }
 }
 
 fn print_row(r: &Row) {
-    let batched = r
-        .batched
-        .map_or_else(|| "—".to_owned(), |b| format!("{:.1} M", b / 1e6));
+    let m = |x: f64| format!("{:.1} M", x / 1e6);
+    let batched = r.batched.map_or_else(|| "—".to_owned(), |b| m(b.wall));
+    let batched_cpu = r.batched.map_or_else(|| "—".to_owned(), |b| m(b.cpu));
     println!(
-        "| {} | {} | {:.1} ms | {:.0} | {:.1} M | {} | {}% |",
+        "| {} | {} | {:.1} ms | {:.0} | {} | {} | {} | {} | {}% |",
         r.structure,
         r.rules,
         r.build.as_secs_f64() * 1e3,
         r.bytes_per_rule,
-        r.single / 1e6,
+        m(r.single.wall),
         batched,
+        m(r.single.cpu),
+        batched_cpu,
         r.hit_pct,
     );
 }
@@ -235,15 +254,38 @@ fn v6_to_prefix(net: &Ipv6Net) -> ServicePrefix {
     ServicePrefix::new(v6_to_id(net.network()), u16::from(net.prefix_len()))
 }
 
+/// Nanoseconds the calling thread has run on a CPU, from `/proc/thread-self/schedstat` (0 if
+/// unreadable). On a machine shared with other work this is the fairer clock: time spent
+/// waiting for a CPU is not counted.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A rate measured by wall clock and by the thread's CPU time (best pass of each).
+#[derive(Clone, Copy)]
+struct Rate {
+    wall: f64,
+    cpu: f64,
+}
+
 /// Best-of-`passes` lookups per second of `f`, which runs `lookups` lookups and returns a checksum.
-fn rate(args: &Args, lookups: usize, mut f: impl FnMut() -> u64) -> f64 {
+fn rate(args: &Args, lookups: usize, mut f: impl FnMut() -> u64) -> Rate {
     let mut best = Duration::MAX;
+    let mut best_cpu = u64::MAX;
     for _ in 0..args.passes {
+        let c = thread_cpu_ns();
         let t = Instant::now();
         black_box(f());
         best = best.min(t.elapsed());
+        best_cpu = best_cpu.min(thread_cpu_ns().saturating_sub(c).max(1));
     }
-    lookups as f64 / best.as_secs_f64()
+    Rate {
+        wall: lookups as f64 / best.as_secs_f64(),
+        cpu: lookups as f64 / (best_cpu as f64 / 1e9),
+    }
 }
 
 fn measure_serval(
