@@ -175,10 +175,14 @@ impl Etcd {
 
     fn launch(test: &str, netns: Option<&str>, client: u16, peer: u16) -> Option<Etcd> {
         let etcd = serval_testkit::require_etcd(test)?;
+        // One directory per member: tests of one binary run in parallel, and two members on
+        // one data directory fail (the second cannot lock it).
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "serval-cli-etcd-{}-{}",
+            "serval-cli-etcd-{}-{}-{}",
             std::process::id(),
-            netns.unwrap_or("root")
+            netns.unwrap_or("root"),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         let c = format!("http://127.0.0.1:{client}");
@@ -216,13 +220,23 @@ impl Etcd {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (free when this returns).
+/// A TCP port on 127.0.0.1 that is free when this returns and stays out of other sockets'
+/// way: it lies below the kernel's ephemeral range (32768 and up by default), so no outgoing
+/// connection can be given it as its source port while a server is yet to listen there (a
+/// router may be told etcd's port seconds before etcd starts). Never the same twice in one
+/// process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test binary starts at its own place in 20000..32000.
+    let base = 20_000 + std::process::id() % 12_000;
+    loop {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let port = port as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Drop for Etcd {
