@@ -17,8 +17,8 @@
 //! rule of another length hangs under a node (or value-less marker) at the chunk level above
 //! it, whose bitmap says which extra lengths to probe. The table is split into small
 //! open-addressed shards, and the directory of shards carries a 256-bit Bloom filter per shard
-//! that stays in cache, so probes for absent keys rarely leave it and a lookup costs about one
-//! miss for the slot it finds. A batch lookup reads the filters of 16 lookups, then loads the 16
+//! that stays in the last-level cache, so probes for absent keys rarely go past it and a lookup
+//! usually reads one shard slot beyond the filters (measured in `BENCHMARKS.md`, issue 14). A batch lookup reads the filters of 16 lookups, then loads the 16
 //! candidate slots, in two tight loops, so their misses overlap. Keys are hashed with a
 //! per-map random seed so crafted IDs cannot pile into one shard. See [`prefix_map`].
 //!

@@ -15,20 +15,22 @@
 //!   the node's own rule. So the odd lengths cost probes only under the prefixes that have them.
 //! * The table is split into **shards** by the top bits of the key's hash; a shard is a small
 //!   open-addressed array (linear probing, load at most 0.8) in its own allocation. The
-//!   **directory** of shards holds, beside each shard's pointer, a 128-bit Bloom filter of the
-//!   shard's keys (two bits per key in one word). The directory is ~32 bytes per 16 nodes and
-//!   stays in cache, so a probe for an absent key almost never leaves it; a present key costs
-//!   one cache miss, for the slot (key, length, value together). A lookup of a name under a
-//!   rule therefore costs about one DRAM miss whatever the table's size.
+//!   **directory** of shards holds, beside each shard's pointer, a 256-bit Bloom filter of the
+//!   shard's keys (two bits per key in one of four words): 48 bytes per 16–64 nodes, ~1 MB at
+//!   a million rules, small enough to stay in the last-level cache. A probe for an absent key
+//!   almost never goes past its filter; a present key costs one more miss, for the slot (key,
+//!   length and value together). The misses that remain are the filter reads (L2 or L3) and
+//!   the slot (DRAM, often with a TLB miss): measured in `BENCHMARKS.md`, issue 14.
 //! * Keys are hashed with a folded multiply keyed by a per-map random seed (std's
 //!   `RandomState`), so crafted IDs cannot aim at one shard; shards grow with their contents
-//!   and the directory doubles when shards average more than 16 nodes.
+//!   and the directory doubles when shards average more than 64 nodes.
 //!
 //! # Persistence
 //!
 //! [`Clone`] copies one [`Arc`] and a few counters. The directory is two levels of `Arc`ed
-//! arrays (at most 256 groups of 256 shards); a change copies the top array, one group and one
-//! shard when they are shared with a clone, and changes them in place when this map owns them.
+//! arrays (about √shards groups of √shards entries); a change copies the top array, one group
+//! and one shard when they are shared with a clone, and changes them in place when this map
+//! owns them.
 //! So the service table can publish a new version while readers keep the old one. Values are
 //! cloned when their shard is copied, so `V` should be cheap to clone.
 //!
@@ -42,10 +44,11 @@
 //!
 //! # Costs
 //!
-//! Per node: one slot (`48 + size_of::<V>()` bytes, rounded to 8) at a load of 0.64–0.8, plus a
-//! share of the directory (~2 bytes). An insert or remove rehashes at most its shard (≤ ~25
-//! slots); a directory resize (when the node count doubles or falls by 4×) rebuilds the map,
-//! which amortizes to O(1) per change.
+//! Per node: one slot (`48 + size_of::<V>()` bytes, rounded to 8) at a load of 0.67–0.8, plus a
+//! share of the directory (~1 byte). An insert into a shard this map owns and that has room is
+//! done in place; otherwise (a shared shard, a full one, a removal) the shard (≤ ~100 slots) is
+//! copied or rebuilt. A directory resize (when the node count doubles or falls by 4×) rebuilds
+//! the map, which amortizes to O(1) per change.
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
