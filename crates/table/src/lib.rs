@@ -7,26 +7,27 @@
 //! * [`PrefixMap`]: the persistent longest-prefix-match map under the service table, usable on
 //!   its own; [`oracle::BitTrie`] is the naive reference it is tested against.
 //!
-//! # Why hash probes per chunk level
+//! # Why this trie
 //!
-//! ServiceIDs are 256 bits, and name-derived ones are 32-bit label chunks, TLD first (the last
-//! label takes the rest), so rules cluster at `/32`, `/64`, `/96` … plus exact `/256` IDs. A
-//! trie walks one node per stride and at a million rules pays a cache miss for most of them (it
-//! measured about five dependent misses per lookup). [`PrefixMap`] instead keeps every rule in
-//! a hash table keyed by `(length, prefix)` and probes the nine chunk levels longest first; a
-//! rule of another length hangs under a node (or value-less marker) at the chunk level above
-//! it, whose bitmap says which extra lengths to probe. The table is split into small
-//! open-addressed shards, and the directory of shards carries a 256-bit Bloom filter per shard
-//! that stays in the last-level cache, so probes for absent keys rarely go past it and a lookup
-//! usually reads one shard slot beyond the filters (measured in `BENCHMARKS.md`, issue 14). A batch lookup reads the filters of 16 lookups, then loads the 16
-//! candidate slots, in two tight loops, so their misses overlap. Keys are hashed with a
-//! per-map random seed so crafted IDs cannot pile into one shard. See [`prefix_map`].
+//! ServiceIDs are 256 bits, and name-derived ones are eight 32-bit label hashes, TLD first, so
+//! rules cluster at `/32`, `/64`, `/96` … plus exact `/256` IDs, and their bits are random within
+//! each label. A binary or Patricia trie walks up to 256 (or one per distinguishing bit) nodes;
+//! [`PrefixMap`] is a multibit trie with an 8-bit stride, so a lookup takes at most 33 steps and
+//! usually 5–8, and *path compression* skips the bytes nobody branches on (each node keeps its
+//! full key and checks the skipped bytes on arrival with one masked compare of four words).
+//! Nodes adapt to their fan-out like ART's: the child slots live in the node's own allocation in
+//! one of 17 size classes, indexed through a 256-bit bitmap and a popcount, so a dense node costs
+//! 24 bytes per child and a sparse one a few slots. A rule with nothing under it is a *leaf* in
+//! its parent's slot rather than a chain of nodes, which keeps memory near 130–150 bytes per
+//! rule on name-like rule sets. Prefixes whose length is not a multiple of 8 live in the node
+//! whose stride contains them, in a 255-slot bitmap ordered so that the longest match for a byte
+//! is its highest set bit. Lookups allocate nothing, never recurse and never backtrack; a batch
+//! lookup advances 16 lookups in lockstep so their cache misses overlap. See [`prefix_map`].
 //!
 //! # Why snapshots
 //!
-//! Lookups must never wait for registrations. [`PrefixMap`] is persistent: cloning shares all
-//! storage, and a change copies only the top directory array, one directory group and one shard
-//! (each a few kilobytes) if they are shared. The service table keeps the
+//! Lookups must never wait for registrations. [`PrefixMap`] is persistent: cloning shares every
+//! node, and a change copies only the O(depth) nodes on its path. The service table keeps the
 //! current map behind an [`arc_swap::ArcSwap`]: a reader's [`ServiceTable::snapshot`] is one
 //! atomic load; a writer (one at a time, under a mutex) clones the map, applies a batch of
 //! changes and publishes the result with one atomic store. Readers see each batch entirely or not

@@ -7,9 +7,9 @@
 //! Readers and the writer never wait for each other: the table is an immutable [`PrefixMap`]
 //! behind an [`ArcSwap`]. [`ServiceTable::snapshot`] is an atomic load of an `Arc`; a writer
 //! (writers are serialized by a mutex) clones the current map in O(1), changes the clone, which
-//! copies only the shard and directory arrays it touches, and publishes it with one atomic
-//! store. A snapshot is therefore always one consistent version of the table, and every change
-//! made in one [`ServiceTable::update`] becomes visible at once.
+//! copies only the paths it touches, and publishes it with one atomic store. A snapshot is
+//! therefore always one consistent version of the table, and every change made in one
+//! [`ServiceTable::update`] becomes visible at once.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};

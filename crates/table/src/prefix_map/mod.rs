@@ -1,85 +1,70 @@
 //! [`PrefixMap`]: a persistent longest-prefix-match map over 256-bit serviceID prefixes.
 //!
-//! # Structure: one hash probe per populated chunk level
+//! # Structure
 //!
-//! Name-derived serviceIDs are 32-bit label chunks, TLD first (see `serval_wire::id`), so real
-//! rule sets sit at lengths that are multiples of 32 (`/32` … `/224` for domain prefixes, `/256`
-//! for exact names), with a few rules at other lengths. The map is built around that:
+//! A multibit trie with an 8-bit stride, path compression and adaptive nodes, in the spirit of
+//! ART (Leis et al., ICDE 2013), made persistent by sharing nodes through [`Arc`]:
 //!
-//! * Every rule is one **node** in a hash table keyed by `(length, masked prefix)`.
-//! * The nine **chunk levels** `0, 32, … 256` are probed longest first; a bitmap says which
-//!   levels hold any node, so empty levels cost nothing.
-//! * A rule of an *odd* length `32k + r` (`0 < r < 32`) also needs a node at `(32k, its first
-//!   32k bits)`: the rule there, or a value-less **marker**. That node's `odd` mask says which
-//!   relative lengths `r` have rules beneath it, and those are probed (longest first) before
-//!   the node's own rule. So the odd lengths cost probes only under the prefixes that have them.
-//! * The table is split into **shards** by the top bits of the key's hash; a shard is a small
-//!   open-addressed array (linear probing, load at most 0.8) in its own allocation. The
-//!   **directory** of shards holds, beside each shard's pointer, a 256-bit Bloom filter of the
-//!   shard's keys (two bits per key in one of four words): 48 bytes per 16–64 nodes, ~1 MB at
-//!   a million rules, small enough to stay in the last-level cache. A probe for an absent key
-//!   almost never goes past its filter; a present key costs one more miss, for the slot (key,
-//!   length and value together). The misses that remain are the filter reads (L2 or L3) and
-//!   the slot (DRAM, often with a TLB miss): measured in `BENCHMARKS.md`, issue 14.
-//! * Keys are hashed with a folded multiply keyed by a per-map random seed (std's
-//!   `RandomState`), so crafted IDs cannot aim at one shard; shards grow with their contents
-//!   and the directory doubles when shards average more than 64 nodes.
+//! * A **node** sits at a bit depth `D` that is a multiple of 8 and stores its key, the first `D`
+//!   bits every ID below it shares. Path compression: a child may sit any number of bytes deeper
+//!   than its parent; the bytes it skips are verified on arrival by one masked compare of the
+//!   node's four key words with the ID's (no per-byte loop, no separate skip buffer).
+//! * A node holds the prefixes of lengths `D ..= D + 7` under its key: a 255-bit presence bitmap
+//!   inline and the values out of line (see `prefixes.rs`). The longest of them that contains the
+//!   ID's byte at `D` is one AND, one leading-zero count and one popcount away, and only the
+//!   value's address is computed, so the value array is never touched on the way down. A lookup
+//!   remembers the best match so far and never backtracks.
+//! * **Children** are keyed by the ID's byte at `D` through a 256-bit bitmap with per-word
+//!   popcount bases, and live in the node's own allocation, in the smallest of 17 size classes
+//!   (0, 1, 2, 3, 4, 6, 8 … 192, 256) that holds them (see `node.rs`). One dependent load per
+//!   level reaches both the header and the child pointer, and a sparse node costs a few slots,
+//!   not 256.
+//! * A prefix with nothing else beneath it is a **leaf** (its full key, length and value) hung
+//!   directly in its parent's child slot and checked by one masked compare. Name-derived rule sets
+//!   are dominated by such leaves: an exact `/256` ID or a domain `/64` with no sub-rules costs one
+//!   small allocation, not a chain of nodes. Nodes exist only where two items diverge, so there
+//!   are fewer nodes than prefixes.
+//!
+//! Every non-root node holds at least two items (prefixes or children) and sits in the size
+//! class its child count calls for; removals collapse or shrink nodes to keep that, so the shape
+//! stays canonical and a lookup takes at most 33 steps.
 //!
 //! # Persistence
 //!
-//! [`Clone`] copies one [`Arc`] and a few counters. The directory is two levels of `Arc`ed
-//! arrays (about √shards groups of √shards entries); a change copies the top array, one group
-//! and one shard when they are shared with a clone, and changes them in place when this map
-//! owns them.
-//! So the service table can publish a new version while readers keep the old one. Values are
-//! cloned when their shard is copied, so `V` should be cheap to clone.
+//! [`Clone`] copies one [`Arc`]. A mutation walks down its path and copies each node it finds
+//! shared with another clone (its header, its values, and one reference-count increment per
+//! child); a node owned by this map alone is changed in place. An insert or remove therefore
+//! copies at most the O(depth) nodes on its path and leaves every other clone unchanged, which is
+//! what lets the service table publish a new version while readers keep the old one. Values are
+//! cloned when the node holding them is copied, so `V` should be cheap to clone (an `Arc`, an
+//! index, a small `Copy` type).
 //!
 //! # Lookups
 //!
-//! [`PrefixMap::longest_match`] allocates nothing and never recurses. The hash of every chunk
-//! level comes from one chain of four folded multiplies over the ID's words.
-//! [`PrefixMap::longest_match_batch`] first, for every lookup of a group of 16, checks the
-//! filters and touches the slot of the longest level that may hold a match, so those cache
-//! misses are in flight together; then it finishes each lookup, whose memory is by then cached.
-//!
-//! # Costs
-//!
-//! Per node: one slot (`48 + size_of::<V>()` bytes, rounded to 8) at a load of 0.67–0.8, plus a
-//! share of the directory (~1 byte). An insert into a shard this map owns and that has room is
-//! done in place; otherwise (a shared shard, a full one, a removal) the shard (≤ ~100 slots) is
-//! copied or rebuilt. A directory resize (when the node count doubles or falls by 4×) rebuilds
-//! the map, which amortizes to O(1) per change.
+//! [`PrefixMap::longest_match`] allocates nothing, never recurses and makes one dependent load
+//! per level. [`PrefixMap::longest_match_batch`] advances groups of 16 lookups in lockstep: each
+//! round first touches every lane's next node (one load per cache line of its header, in a tight
+//! loop, so that those independent misses are in flight together), then advances every lane one
+//! level. (Interleaving lanes asynchronously, AMAC-style, measured slower: without a prefetch
+//! instruction, which safe Rust lacks, its touches are loads spread among the work and overlap
+//! less.)
+
+mod node;
+mod prefixes;
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use serval_wire::{ServiceId, ServicePrefix};
 
+use node::{Builder, Child, DynNode, Head, Leaf, Slot, View, class_for};
+use prefixes::{next_set, slot_prefix};
+
 /// A serviceID or prefix as four big-endian words (word 0 holds bits 0..64).
 type Key = [u64; 4];
 
-/// A shard: open-addressed slots in one shared allocation.
-type Shard<V> = Arc<[Node<V>]>;
-
-/// The directory: groups of entries, each group and the whole shared between clones.
-type Dir<V> = Arc<[Arc<[DirEntry<V>]>]>;
-
-/// Lookups advanced together by [`PrefixMap::longest_match_batch`].
+/// Lookups advanced in lockstep by [`PrefixMap::longest_match_batch`].
 const LANES: usize = 16;
-
-/// The directory doubles when shards average more nodes than this.
-const GROW_AT: usize = 64;
-/// The directory halves when shards average fewer nodes than this.
-const SHRINK_AT: usize = 16;
-/// Shards per directory group (bits) when there are `2^shard_bits` shards: about the square
-/// root, so that a change copies two small arrays (the top one and one group).
-fn group_bits(shard_bits: u32) -> u32 {
-    shard_bits.div_ceil(2)
-}
-
-/// `len` of an empty slot.
-const EMPTY: u16 = u16::MAX;
 
 /// Mask of the bits of word `i` that lie below bit `len`.
 #[inline(always)]
@@ -88,8 +73,17 @@ fn word_mask(len: u16, i: usize) -> u64 {
     u64::MAX.checked_shl(64 - bits).unwrap_or(0)
 }
 
-/// `k` with every bit from `len` on cleared.
+/// Whether `a` and `b` agree on their first `len` bits.
 #[inline(always)]
+fn prefix_eq(a: &Key, b: &Key, len: u16) -> bool {
+    let mut diff = 0;
+    for i in 0..4 {
+        diff |= (a[i] ^ b[i]) & word_mask(len, i);
+    }
+    diff == 0
+}
+
+/// `k` with every bit from `len` on cleared.
 fn masked(k: &Key, len: u16) -> Key {
     let mut out = *k;
     for (i, w) in out.iter_mut().enumerate() {
@@ -98,246 +92,139 @@ fn masked(k: &Key, len: u16) -> Key {
     out
 }
 
-/// 64×64→128-bit multiply, folded: the mixing step of the key hash.
+/// Number of leading bits `a` and `b` share.
+fn common_len(a: &Key, b: &Key) -> u16 {
+    for i in 0..4 {
+        let x = a[i] ^ b[i];
+        if x != 0 {
+            return (i as u32 * 64 + x.leading_zeros()) as u16;
+        }
+    }
+    256
+}
+
+/// The byte of `k` that starts at bit `depth` (a multiple of 8 below 256).
 #[inline(always)]
-fn fold(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
+fn byte_at(k: &Key, depth: u16) -> u8 {
+    let d = usize::from(depth);
+    (k[(d >> 6) & 3] >> (56 - (d & 56))) as u8
 }
 
-/// The per-map hash key: random words, odd so that no multiplier is zero, and the final
-/// multiplier of each chunk level.
-#[derive(Clone, Copy, Debug)]
-struct Seeds([u64; 6], [u64; 9]);
-
-impl Seeds {
-    fn random() -> Seeds {
-        let s = RandomState::new();
-        let mut k = [0u64; 6];
-        for (i, w) in k.iter_mut().enumerate() {
-            *w = s.hash_one(i as u64 ^ 0x5e7a_1a11) | 1;
-        }
-        let mut f = [0u64; 9];
-        for (i, w) in f.iter_mut().enumerate() {
-            *w = Self::fin(&k, 32 * i as u16);
-        }
-        Seeds(k, f)
-    }
-
-    /// The final multiplier for length `len`.
-    #[inline(always)]
-    fn fin(k: &[u64; 6], len: u16) -> u64 {
-        k[5].wrapping_add(u64::from(len).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-
-    /// Hash of the chunk-level prefix of length `32 * k` (`k <= 8`): [`at`](Self::at) for
-    /// that length, with less work.
-    #[inline(always)]
-    fn level(&self, acc: &[u64; 5], w: &Key, k: usize) -> u64 {
-        let i = (k >> 1) & 3;
-        let last = if k & 1 == 1 {
-            w[i] & 0xffff_ffff_0000_0000
-        } else {
-            0
-        };
-        fold(acc[(k >> 1).min(4)] ^ last, self.1[k.min(8)])
-    }
-
-    /// The chain of partial hashes: `acc[i]` covers words `0..i` of `w`.
-    #[inline(always)]
-    fn chain(&self, w: &Key) -> [u64; 5] {
-        let mut acc = [0u64; 5];
-        acc[0] = self.0[0];
-        for i in 0..4 {
-            acc[i + 1] = fold(acc[i] ^ w[i], self.0[i + 1]);
-        }
-        acc
-    }
-
-    /// Hash of the prefix of length `len` of the ID whose chain is `acc` and words `w`.
-    #[inline(always)]
-    fn at(&self, acc: &[u64; 5], w: &Key, len: u16) -> u64 {
-        let i = usize::from(len >> 6) & 7;
-        let last = if i < 4 { w[i] & word_mask(len, i) } else { 0 };
-        fold(acc[i.min(4)] ^ last, Self::fin(&self.0, len))
-    }
-
-    /// Hash of a stored `(key, len)`.
-    fn of(&self, key: &Key, len: u16) -> u64 {
-        self.at(&self.chain(key), key, len)
-    }
+/// `k` with the byte at bit `depth` replaced by `b`.
+fn with_byte(k: &Key, depth: u16, b: u8) -> Key {
+    let d = usize::from(depth);
+    let shift = 56 - (d & 56);
+    let mut out = *k;
+    out[(d >> 6) & 3] = (out[(d >> 6) & 3] & !(0xff << shift)) | (u64::from(b) << shift);
+    out
 }
 
-/// The Bloom word index and bit pair of hash `h`.
+fn to_prefix(k: &Key, len: u16) -> ServicePrefix {
+    ServicePrefix::new(ServiceId::from_words(*k), len)
+}
+
+/// Examines node `n` for `w` on arrival: checks the bits it skipped, records the longest of
+/// its own prefixes that contains `w` in `best`, and returns the slot to follow, if any.
 #[inline(always)]
-fn bloom_bits(h: u64) -> (usize, u64) {
-    let word = (h >> 20) as usize & 3;
-    let bits = (1u64 << ((h >> 8) & 63)) | (1u64 << ((h >> 14) & 63));
-    (word, bits)
+fn visit_node<'a, V>(
+    n: &'a DynNode<V>,
+    w: &Key,
+    best: &mut Option<(u16, &'a V)>,
+) -> Option<&'a Slot<V>> {
+    let h = &n.head;
+    if !prefix_eq(&h.key, w, h.depth) {
+        return None;
+    }
+    let b = byte_at(w, h.depth);
+    if let Some((rel, v)) = h.prefixes.longest(b) {
+        *best = Some((h.depth + rel, v));
+    }
+    n.slots.get(h.child_rank(b)?)
 }
 
-/// Start slot of hash `h` in a shard of `cap` slots.
+/// Examines leaf `l` for `w`: records it in `best` if it contains `w`.
 #[inline(always)]
-fn home(h: u64, cap: usize) -> usize {
-    (((h & 0xffff_ffff) * cap as u64) >> 32) as usize
-}
-
-/// Slots for a shard that is to hold `n` nodes: a load of about 2/3.
-fn cap_for(n: usize) -> usize {
-    n + n / 2 + 1
-}
-
-/// Whether a shard of `cap` slots may hold `n` nodes (load at most 0.8, one slot empty).
-fn fits(n: usize, cap: usize) -> bool {
-    n * 5 <= cap * 4 && n < cap
-}
-
-/// One slot: a rule, a marker, or nothing (`len == EMPTY`).
-struct Node<V> {
-    /// The prefix's bits; bits past `len` are zero.
-    key: Key,
-    /// Prefix length, or [`EMPTY`].
-    len: u16,
-    /// For a node at a multiple of 32: bit `r` set if rules of length `len + r` may lie
-    /// beneath it (exact while no rule under it was removed; never missing one).
-    odd: u32,
-    /// Rules beneath this node at lengths `len + 1 ..= len + 31`.
-    odd_count: u32,
-    /// The rule's value; `None` for a marker (or an empty slot).
-    value: Option<V>,
-}
-
-impl<V> Node<V> {
-    const fn empty() -> Self {
-        Node {
-            key: [0; 4],
-            len: EMPTY,
-            odd: 0,
-            odd_count: 0,
-            value: None,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == EMPTY
+fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
+    if prefix_eq(&l.key, w, l.len) {
+        *best = Some((l.len, &l.value));
     }
 }
 
-impl<V: Clone> Clone for Node<V> {
+/// Loads one word from each cache line of a node's header that [`visit_node`] will read, so
+/// that those misses start now.
+#[inline(always)]
+fn touch_node<V>(n: &DynNode<V>) {
+    std::hint::black_box(n.head.key[0]);
+    std::hint::black_box(n.head.cbits[3]);
+    std::hint::black_box(n.head.prefixes.len());
+}
+
+/// Where one lookup of a batch stands: the next node or leaf to examine, or nothing.
+enum Cursor<'a, V> {
+    Node(&'a DynNode<V>),
+    Leaf(&'a Leaf<V>),
+    Done,
+}
+
+impl<V> Clone for Cursor<'_, V> {
     fn clone(&self) -> Self {
-        Node {
-            key: self.key,
-            len: self.len,
-            odd: self.odd,
-            odd_count: self.odd_count,
-            value: self.value.clone(),
-        }
+        *self
     }
 }
+impl<V> Copy for Cursor<'_, V> {}
 
-/// One directory slot: a shard and the Bloom filter of its keys.
-struct DirEntry<V> {
-    bloom: [u64; 4],
-    shard: Option<Shard<V>>,
-}
-
-impl<V> Clone for DirEntry<V> {
-    fn clone(&self) -> Self {
-        DirEntry {
-            bloom: self.bloom,
-            shard: self.shard.clone(),
+/// Longest-prefix-match values of `ids` into `out` (same length), in groups of [`LANES`]
+/// lookups advanced in lockstep. Each round first touches the memory every lane will read next
+/// (a tight loop of independent loads, so their misses are in flight together), then advances
+/// every lane one level.
+fn batch<'a, V>(root: &'a DynNode<V>, ids: &[ServiceId], out: &mut [Option<&'a V>]) {
+    for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
+        let n = ids.len().min(LANES);
+        let mut words = [[0u64; 4]; LANES];
+        let mut cur = [Cursor::Done; LANES];
+        let mut best: [Option<(u16, &'a V)>; LANES] = [None; LANES];
+        for i in 0..n {
+            words[i] = ids[i].words();
+            cur[i] = Cursor::Node(root);
         }
-    }
-}
-
-impl<V> DirEntry<V> {
-    const fn empty() -> Self {
-        DirEntry {
-            bloom: [0; 4],
-            shard: None,
-        }
-    }
-
-    /// The node for `(key, len)` with hash `h`, if present.
-    #[inline(always)]
-    fn find(&self, h: u64, key: &Key, len: u16) -> Option<&Node<V>> {
-        let (word, bits) = bloom_bits(h);
-        if self.bloom[word] & bits != bits {
-            return None;
-        }
-        let shard = self.shard.as_deref()?;
-        let cap = shard.len();
-        let mut i = home(h, cap);
-        for _ in 0..cap {
-            let n = shard.get(i)?;
-            if n.len == len && n.key == *key {
-                return Some(n);
+        let mut live = n;
+        while live > 0 {
+            for c in &cur[..n] {
+                match *c {
+                    Cursor::Node(node) => touch_node(node),
+                    Cursor::Leaf(l) => {
+                        std::hint::black_box(l.len);
+                    }
+                    Cursor::Done => {}
+                }
             }
-            if n.is_empty() {
-                return None;
-            }
-            i += 1;
-            if i == cap {
-                i = 0;
+            live = 0;
+            for i in 0..n {
+                cur[i] = match cur[i] {
+                    Cursor::Node(node) => match visit_node(node, &words[i], &mut best[i]) {
+                        Some(Some(Child::Node(c))) => Cursor::Node(c),
+                        Some(Some(Child::Leaf(l))) => Cursor::Leaf(l),
+                        _ => Cursor::Done,
+                    },
+                    Cursor::Leaf(l) => {
+                        visit_leaf(l, &words[i], &mut best[i]);
+                        Cursor::Done
+                    }
+                    Cursor::Done => Cursor::Done,
+                };
+                live += usize::from(!matches!(cur[i], Cursor::Done));
             }
         }
-        None
-    }
-
-    /// The slot a probe for hash `h` starts at.
-    #[inline(always)]
-    fn home_slot(&self, h: u64) -> Option<&Node<V>> {
-        let shard = self.shard.as_deref()?;
-        shard.get(home(h, shard.len()))
-    }
-}
-
-/// Places `nodes` in a fresh shard of `cap` slots; returns it with its Bloom filter.
-fn build_shard<V>(
-    seeds: &Seeds,
-    nodes: impl Iterator<Item = Node<V>>,
-    cap: usize,
-) -> (Option<Shard<V>>, [u64; 4]) {
-    let mut slots: Vec<Node<V>> = (0..cap).map(|_| Node::empty()).collect();
-    let mut bloom = [0u64; 4];
-    let mut any = false;
-    for n in nodes {
-        let h = seeds.of(&n.key, n.len);
-        let (word, bits) = bloom_bits(h);
-        bloom[word] |= bits;
-        let mut i = home(h, cap);
-        while !slots[i].is_empty() {
-            i = if i + 1 == cap { 0 } else { i + 1 };
+        for (o, b) in out.iter_mut().zip(&best[..n]) {
+            *o = b.map(|(_, v)| v);
         }
-        slots[i] = n;
-        any = true;
-    }
-    if any {
-        (Some(slots.into()), bloom)
-    } else {
-        (None, [0; 4])
-    }
-}
-
-/// Moves the nodes out of `shard` (cloning them only if a clone of the map shares it).
-fn take_nodes<V: Clone>(shard: Option<Shard<V>>) -> Vec<Node<V>> {
-    let Some(mut arc) = shard else {
-        return Vec::new();
-    };
-    match Arc::get_mut(&mut arc) {
-        Some(slots) => slots
-            .iter_mut()
-            .filter(|n| !n.is_empty())
-            .map(|n| std::mem::replace(n, Node::empty()))
-            .collect(),
-        None => arc.iter().filter(|n| !n.is_empty()).cloned().collect(),
     }
 }
 
 /// A map from [`ServicePrefix`] to `V` with longest-prefix-match lookup.
 ///
-/// Persistent: [`Clone`] is O(1) and shares all storage; a mutation copies only the parts it
-/// changes that are shared, so clones never observe each other's changes. See the
+/// Persistent: [`Clone`] is O(1) and shares all nodes; a mutation copies only the nodes on its
+/// path that are shared, so clones never observe each other's changes. See the
 /// [module docs](self) for the structure and costs.
 ///
 /// ```
@@ -355,48 +242,24 @@ fn take_nodes<V: Clone>(shard: Option<Shard<V>>) -> Vec<Node<V>> {
 /// assert_eq!(old.longest_match(&web).map(|(p, v)| (p.len(), *v)), Some((64, "example")));
 /// ```
 pub struct PrefixMap<V> {
-    /// `2^top_bits` groups of `2^group_bits` directory entries; empty iff the map holds no
-    /// node.
-    dir: Option<Dir<V>>,
-    /// Shards: `2^shard_bits`.
-    shard_bits: u32,
-    seeds: Option<Seeds>,
-    /// Rules (nodes with a value).
+    /// A node at depth 0, present iff the map is non-empty.
+    root: Option<Child<V>>,
     len: usize,
-    /// Nodes, markers included.
-    nodes: usize,
-    /// Nodes at each chunk level (length `32k`).
-    level_nodes: [u32; 9],
-    /// Bit `k` set iff `level_nodes[k] > 0`.
-    levels: u16,
 }
 
 impl<V> Clone for PrefixMap<V> {
-    /// O(1): shares all storage with `self`.
+    /// O(1): shares every node with `self`.
     fn clone(&self) -> Self {
         PrefixMap {
-            dir: self.dir.clone(),
-            shard_bits: self.shard_bits,
-            seeds: self.seeds,
+            root: self.root.clone(),
             len: self.len,
-            nodes: self.nodes,
-            level_nodes: self.level_nodes,
-            levels: self.levels,
         }
     }
 }
 
 impl<V> Default for PrefixMap<V> {
     fn default() -> Self {
-        PrefixMap {
-            dir: None,
-            shard_bits: 0,
-            seeds: None,
-            len: 0,
-            nodes: 0,
-            level_nodes: [0; 9],
-            levels: 0,
-        }
+        PrefixMap { root: None, len: 0 }
     }
 }
 
@@ -416,33 +279,27 @@ impl<V> PrefixMap<V> {
         self.len == 0
     }
 
-    fn group_bits(&self) -> u32 {
-        group_bits(self.shard_bits)
-    }
-
-    /// The directory entry of hash `h`.
-    #[inline(always)]
-    fn entry(&self, h: u64) -> Option<&DirEntry<V>> {
-        let dir = self.dir.as_deref()?;
-        let s = h.checked_shr(64 - self.shard_bits).unwrap_or(0) as usize;
-        let g = self.group_bits();
-        dir.get(s >> g)?.get(s & ((1 << g) - 1))
-    }
-
-    /// The node for `(key, len)` (`key` masked to `len`).
-    #[inline(always)]
-    fn find(&self, seeds: &Seeds, acc: &[u64; 5], w: &Key, len: u16) -> Option<&Node<V>> {
-        let h = seeds.at(acc, w, len);
-        let key = masked(w, len);
-        self.entry(h)?.find(h, &key, len)
-    }
-
     /// The value stored for exactly `p`.
     pub fn get(&self, p: &ServicePrefix) -> Option<&V> {
-        let seeds = self.seeds.as_ref()?;
         let key = p.id().words();
-        let h = seeds.of(&key, p.len());
-        self.entry(h)?.find(h, &key, p.len())?.value.as_ref()
+        let len = p.len();
+        let mut cur = self.root.as_ref()?.view();
+        loop {
+            match cur {
+                View::Leaf(l) => return (l.len == len && l.key == key).then_some(&l.value),
+                View::Node(h, slots) => {
+                    if h.depth > len || !prefix_eq(&h.key, &key, h.depth) {
+                        return None;
+                    }
+                    let rel = len - h.depth;
+                    let b = byte_at(&key, h.depth);
+                    if rel < 8 {
+                        return h.prefixes.get(prefixes::slot(rel, b));
+                    }
+                    cur = slots.get(h.child_rank(b)?)?.as_ref()?.view();
+                }
+            }
+        }
     }
 
     /// Whether exactly `p` is in the map.
@@ -450,135 +307,36 @@ impl<V> PrefixMap<V> {
         self.get(p).is_some()
     }
 
-    /// The directory entry of hash `h` in `dir` (this map's directory).
-    #[inline(always)]
-    fn entry_in<'a>(&self, dir: &'a [Arc<[DirEntry<V>]>], h: u64) -> Option<&'a DirEntry<V>> {
-        // `(h >> 1) >> (63 - bits)` is the top `bits` bits of `h`, and 0 when `bits` is 0.
-        let s = ((h >> 1) >> (63 - self.shard_bits)) as usize;
-        let g = self.group_bits();
-        dir.get(s >> g)?.get(s & ((1 << g) - 1))
-    }
-
-    /// Whether `h`'s filter lets it through.
-    #[inline(always)]
-    fn passes(&self, dir: &[Arc<[DirEntry<V>]>], h: u64) -> bool {
-        let (word, bits) = bloom_bits(h);
-        self.entry_in(dir, h)
-            .is_some_and(|e| e.bloom[word] & bits == bits)
-    }
-
-    /// Bit `r` set for each `r` in `odd` whose filter lets `(id, len + r)` through. Every
-    /// filter is read, without branching on any of them, so the loads overlap.
-    #[inline(always)]
-    fn odd_candidates(
-        &self,
-        dir: &[Arc<[DirEntry<V>]>],
-        seeds: &Seeds,
-        acc: &[u64; 5],
-        w: &Key,
-        len: u16,
-        odd: u32,
-    ) -> u32 {
-        let mut out = 0;
-        let mut rest = odd;
-        while rest != 0 {
-            let r = rest.trailing_zeros();
-            rest &= rest - 1;
-            let h = seeds.at(acc, w, len + r as u16);
-            out |= u32::from(self.passes(dir, h)) << r;
-        }
-        out
-    }
-
-    /// The hashes of the ID's prefixes at every populated chunk level, and which of them
-    /// their filters let through. Every filter is read before any is acted on, so the loads
-    /// overlap.
-    #[inline(always)]
-    fn levels(
-        &self,
-        dir: &[Arc<[DirEntry<V>]>],
-        seeds: &Seeds,
-        acc: &[u64; 5],
-        w: &Key,
-    ) -> ([u64; 9], u32) {
-        let mut hs = [0u64; 9];
-        let mut levels = 0u32;
-        for (k, h) in hs.iter_mut().enumerate() {
-            if self.levels & (1 << k) != 0 {
-                *h = seeds.level(acc, w, k);
-                levels |= u32::from(self.passes(dir, *h)) << k;
-            }
-        }
-        (hs, levels)
-    }
-
-    /// Longest match of the ID with words `w` and hash chain `acc`, given its chunk-level
-    /// hashes `hs` and the levels `levels` the filters let through: its length and value.
-    /// Probes those levels longest first, and under a node with rules of odd lengths beneath,
-    /// those lengths (longest first) before the node's own rule.
-    #[inline(always)]
-    fn lpm_from<'a>(
-        &'a self,
-        dir: &'a [Arc<[DirEntry<V>]>],
-        seeds: &Seeds,
-        acc: &[u64; 5],
-        w: &Key,
-        hs: &[u64; 9],
-        mut levels: u32,
-    ) -> Option<(u16, &'a V)> {
-        while levels != 0 {
-            let k = 31 - levels.leading_zeros() as usize;
-            levels &= !(1 << k);
-            let len = 32 * k as u16;
-            let h = hs[k.min(8)];
-            let key = masked(w, len);
-            let Some(n) = self.entry_in(dir, h).and_then(|e| e.find(h, &key, len)) else {
-                continue;
-            };
-            let mut odd = if n.odd != 0 {
-                self.odd_candidates(dir, seeds, acc, w, len, n.odd)
-            } else {
-                0
-            };
-            while odd != 0 {
-                let r = 31 - odd.leading_zeros() as u16;
-                odd &= !(1 << r);
-                if let Some(v) = self
-                    .find(seeds, acc, w, len + r)
-                    .and_then(|m| m.value.as_ref())
-                {
-                    return Some((len + r, v));
-                }
-            }
-            if let Some(v) = &n.value {
-                return Some((len, v));
-            }
-        }
-        None
-    }
-
     /// The longest prefix in the map that contains `id`, with its value.
     ///
-    /// No allocation, no recursion; one hash probe per populated chunk level from the longest
-    /// down to the first match (plus the odd lengths under a node that has them), most of them
-    /// answered by the in-cache filters.
+    /// No allocation, no recursion; at most 33 steps.
     #[inline]
     pub fn longest_match(&self, id: &ServiceId) -> Option<(ServicePrefix, &V)> {
-        let seeds = self.seeds.as_ref()?;
-        let dir = self.dir.as_deref()?;
+        let Some(Child::Node(root)) = &self.root else {
+            return None;
+        };
+        let mut n: &DynNode<V> = root;
         let w = id.words();
-        let acc = seeds.chain(&w);
-        let (hs, levels) = self.levels(dir, seeds, &acc, &w);
-        self.lpm_from(dir, seeds, &acc, &w, &hs, levels)
-            .map(|(len, v)| (ServicePrefix::new(*id, len), v))
+        let mut best = None;
+        loop {
+            match visit_node(n, &w, &mut best) {
+                Some(Some(Child::Node(c))) => n = c,
+                Some(Some(Child::Leaf(l))) => {
+                    visit_leaf(l, &w, &mut best);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        best.map(|(len, v)| (ServicePrefix::new(*id, len), v))
     }
 
     /// Longest-prefix-match values for many IDs: `out[i]` is the value of the longest prefix
     /// containing `ids[i]`, as [`longest_match`](Self::longest_match) would give.
     ///
-    /// Lookups run in groups of 16: first every lookup's filters are checked and the slot of
-    /// its longest candidate level is touched, so that those cache misses overlap instead of
-    /// queueing one after another; then each lookup is finished from cache.
+    /// Lookups run in groups of 16 advanced in lockstep, one trie level per round, each round
+    /// starting with the loads of every lane, so that the cache misses of independent lookups
+    /// overlap instead of queueing one after another.
     ///
     /// # Panics
     /// If `out.len() != ids.len()`.
@@ -588,102 +346,31 @@ impl<V> PrefixMap<V> {
             out.len(),
             "longest_match_batch: ids and out differ in length"
         );
-        let (Some(seeds), Some(dir)) = (self.seeds.as_ref(), self.dir.as_deref()) else {
-            out.fill(None);
-            return;
-        };
-        for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
-            let n = ids.len().min(LANES);
-            let mut words = [[0u64; 4]; LANES];
-            let mut accs = [[0u64; 5]; LANES];
-            let mut hs = [[0u64; 9]; LANES];
-            // 1. Hash every lane's chunk levels and note where their filter words are...
-            let mut filters: [&u64; LANES * 9] = [&0; LANES * 9];
-            let mut nf = 0;
-            for i in 0..n {
-                words[i] = ids[i].words();
-                accs[i] = seeds.chain(&words[i]);
-                for (k, hk) in hs[i].iter_mut().enumerate() {
-                    if self.levels & (1 << k) != 0 {
-                        let h = seeds.level(&accs[i], &words[i], k);
-                        *hk = h;
-                        if let (Some(e), Some(f)) = (self.entry_in(dir, h), filters.get_mut(nf)) {
-                            *f = &e.bloom[bloom_bits(h).0];
-                            nf += 1;
-                        }
-                    }
-                }
-            }
-            // ...then load them all in a tight loop, so that their misses are in flight
-            // together.
-            let mut sink = 0u64;
-            for f in &filters[..nf] {
-                sink ^= **f;
-            }
-            // 2. Read the filters (now cached) and find the slot of each lane's longest
-            //    candidate level; then load those slots the same way.
-            let mut cands = [0u32; LANES];
-            let mut slots: [Option<&Node<V>>; LANES] = [None; LANES];
-            for i in 0..n {
-                let mut c = 0u32;
-                for (k, h) in hs[i].iter().enumerate() {
-                    if self.levels & (1 << k) != 0 {
-                        c |= u32::from(self.passes(dir, *h)) << k;
-                    }
-                }
-                cands[i] = c;
-                if c != 0 {
-                    let h = hs[i][(31 - c.leading_zeros() as usize).min(8)];
-                    slots[i] = self.entry_in(dir, h).and_then(|e| e.home_slot(h));
-                }
-            }
-            for n in slots[..n].iter().flatten() {
-                sink ^= n.key[0] ^ u64::from(n.len);
-            }
-            std::hint::black_box(sink);
-            // 3. Finish each lookup from cache.
-            for i in 0..n {
-                out[i] = self
-                    .lpm_from(dir, seeds, &accs[i], &words[i], &hs[i], cands[i])
-                    .map(|(_, v)| v);
-            }
+        match &self.root {
+            Some(Child::Node(root)) => batch(root, ids, out),
+            _ => out.fill(None),
         }
     }
 
     /// Every prefix with its value, in ascending [`ServicePrefix`] order (ID bits, then length),
     /// so a prefix comes before the longer prefixes under it.
-    ///
-    /// Collects and sorts the entries first: O(n log n) and one allocation.
     pub fn iter(&self) -> Iter<'_, V> {
-        let mut items: Vec<(ServicePrefix, &V)> = Vec::with_capacity(self.len);
-        for n in self.all_nodes() {
-            if let Some(v) = &n.value {
-                items.push((to_prefix(&n.key, n.len), v));
-            }
+        let mut stack = Vec::new();
+        if let Some(View::Node(head, slots)) = self.root.as_ref().map(Child::view) {
+            stack.push(Frame::new(head, slots));
         }
-        items.sort_unstable_by_key(|(p, _)| *p);
         Iter {
-            inner: items.into_iter(),
+            stack,
+            remaining: self.len,
         }
-    }
-
-    /// Every occupied slot.
-    fn all_nodes(&self) -> impl Iterator<Item = &Node<V>> {
-        self.dir
-            .iter()
-            .flat_map(|d| d.iter())
-            .flat_map(|g| g.iter())
-            .flat_map(|e| e.shard.iter())
-            .flat_map(|s| s.iter())
-            .filter(|n| !n.is_empty())
     }
 
     /// Estimated heap memory owned by the map, in bytes.
     ///
-    /// Counts the directory and every shard, each charged as a glibc-style allocator would (the
-    /// request plus an 8-byte header, rounded up to 16 bytes, at least 32). Storage shared with
-    /// clones is counted in full for each map. Memory owned by the values themselves (behind a
-    /// `V` that is a pointer) is not counted.
+    /// Counts every node, leaf and value array reachable from this map, each charged as a
+    /// glibc-style allocator would (the request plus an 8-byte header, rounded up to 16 bytes, at
+    /// least 32). Nodes shared with clones are counted in full for each map. Memory owned by the
+    /// values themselves (behind a `V` that is a pointer) is not counted.
     pub fn heap_bytes(&self) -> usize {
         fn alloc(n: usize) -> usize {
             if n == 0 {
@@ -694,161 +381,112 @@ impl<V> PrefixMap<V> {
         }
         // An Arc allocation holds two counters before the value.
         let arc = |n: usize| alloc(n + 2 * core::mem::size_of::<usize>());
-        let Some(dir) = &self.dir else { return 0 };
-        let mut total = arc(dir.len() * core::mem::size_of::<Arc<[DirEntry<V>]>>());
-        for g in dir.iter() {
-            total += arc(g.len() * core::mem::size_of::<DirEntry<V>>());
-            for s in g.iter().flat_map(|e| e.shard.iter()) {
-                total += arc(s.len() * core::mem::size_of::<Node<V>>());
+        let mut total = 0;
+        let mut stack: Vec<&Child<V>> = self.root.iter().collect();
+        while let Some(c) = stack.pop() {
+            total += arc(c.alloc_size());
+            if let View::Node(h, slots) = c.view() {
+                total += alloc(h.prefixes.values_bytes());
+                stack.extend(slots.iter().flatten());
             }
         }
         total
     }
 
-    /// Checks the map's structural invariants; for tests.
+    /// Checks the trie's structural invariants; for tests.
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
-        let Some(seeds) = &self.seeds else {
-            return if self.len == 0 && self.nodes == 0 && self.dir.is_none() {
+        let Some(root) = &self.root else {
+            return if self.len == 0 {
                 Ok(())
             } else {
-                Err("no seeds but not empty".into())
+                Err("no root but non-zero len".into())
             };
         };
-        let Some(dir) = &self.dir else {
-            return if self.len == 0 && self.nodes == 0 && self.levels == 0 {
-                Ok(())
-            } else {
-                Err("no directory but not empty".into())
+        let mut count = 0;
+        /// A child's parent depth and key, and the byte it is filed under.
+        type Parent = Option<(u16, Key, u8)>;
+        let mut stack: Vec<(&Child<V>, Parent)> = vec![(root, None)];
+        while let Some((c, parent)) = stack.pop() {
+            let (key, len) = match c.view() {
+                View::Node(h, _) => (h.key, h.depth),
+                View::Leaf(l) => (l.key, l.len),
             };
-        };
-        let g = self.group_bits();
-        if dir.len() != 1 << (self.shard_bits - g) || dir.iter().any(|x| x.len() != 1 << g) {
-            return Err("directory has the wrong shape".into());
-        }
-        let (mut rules, mut nodes, mut level_nodes) = (0, 0, [0u32; 9]);
-        let mut odd_rules = Vec::new();
-        for (s, e) in dir.iter().flat_map(|x| x.iter()).enumerate() {
-            let Some(shard) = &e.shard else {
-                if e.bloom != [0; 4] {
-                    return Err(format!("shard {s}: empty with a filter"));
-                }
-                continue;
-            };
-            let used = shard.iter().filter(|n| !n.is_empty()).count();
-            if used == 0 || !fits(used, shard.len()) {
-                return Err(format!("shard {s}: {used} nodes in {} slots", shard.len()));
-            }
-            for n in shard.iter().filter(|n| !n.is_empty()) {
-                let at = to_prefix(&n.key, n.len);
-                if n.len > 256 || masked(&n.key, n.len) != n.key {
-                    return Err(format!("{at}: bad key or length"));
-                }
-                let h = seeds.of(&n.key, n.len);
-                let home_shard = h.checked_shr(64 - self.shard_bits).unwrap_or(0) as usize;
-                if home_shard != s {
-                    return Err(format!("{at}: in shard {s}, hashes to {home_shard}"));
-                }
-                if !e.find(h, &n.key, n.len).is_some_and(|m| std::ptr::eq(m, n)) {
-                    return Err(format!("{at}: not found by a probe"));
-                }
-                nodes += 1;
-                rules += usize::from(n.value.is_some());
-                if n.len % 32 == 0 {
-                    level_nodes[usize::from(n.len / 32)] += 1;
-                    if n.value.is_none() && n.odd_count == 0 {
-                        return Err(format!("{at}: a marker with nothing beneath"));
-                    }
-                    if (n.odd_count == 0) != (n.odd == 0) || n.odd & 1 != 0 {
-                        return Err(format!("{at}: odd mask {:#x} for {}", n.odd, n.odd_count));
-                    }
-                } else {
-                    if n.value.is_none() || n.odd != 0 || n.odd_count != 0 {
-                        return Err(format!("{at}: odd-length node without a value or with odd"));
-                    }
-                    odd_rules.push((n.key, n.len));
-                }
-            }
-        }
-        let mut counts = std::collections::HashMap::<(Key, u16), u32>::new();
-        for (key, len) in odd_rules {
-            let plen = len & !31;
-            let pkey = masked(&key, plen);
-            let h = seeds.of(&pkey, plen);
-            let parent = self.entry(h).and_then(|e| e.find(h, &pkey, plen));
+            let at = format!("{} ({:?})", to_prefix(&key, len), parent.map(|p| p.0));
             match parent {
-                Some(p) if p.odd & (1 << (len % 32)) != 0 => {
-                    *counts.entry((pkey, plen)).or_default() += 1;
+                None if len != 0 || key != [0; 4] => return Err("root is not at depth 0".into()),
+                None if matches!(c.view(), View::Leaf(_)) => return Err("root is a leaf".into()),
+                Some((pdepth, pkey, b)) => {
+                    if len < pdepth + 8 || !prefix_eq(&key, &pkey, pdepth) {
+                        return Err(format!("{at}: too short or off its parent's key"));
+                    }
+                    if byte_at(&key, pdepth) != b {
+                        return Err(format!("{at}: filed under the wrong byte {b}"));
+                    }
                 }
-                _ => return Err(format!("{}: no marker above", to_prefix(&key, len))),
+                None => {}
+            }
+            if masked(&key, len) != key {
+                return Err(format!("{at}: key has bits past its length"));
+            }
+            let (h, slots) = match c.view() {
+                View::Leaf(_) => {
+                    count += 1;
+                    continue;
+                }
+                View::Node(h, slots) => (h, slots),
+            };
+            if h.depth % 8 != 0 || h.depth >= 256 {
+                return Err(format!("{at}: bad depth"));
+            }
+            h.prefixes.check().map_err(|e| format!("{at}: {e}"))?;
+            let n = h.child_count();
+            if h.cbase != node::bases(&h.cbits) {
+                return Err(format!("{at}: stale child rank bases"));
+            }
+            if slots.len() != class_for(n) {
+                return Err(format!("{at}: {n} children in a node of {}", slots.len()));
+            }
+            if slots[..n].iter().any(Option::is_none) || slots[n..].iter().any(Option::is_some) {
+                return Err(format!("{at}: children not packed at the front"));
+            }
+            if parent.is_none() && h.items() == 0 {
+                return Err("empty root kept".into());
+            }
+            if parent.is_some() && h.items() < 2 {
+                return Err(format!("{at}: non-root node with {} items", h.items()));
+            }
+            count += h.prefixes.len();
+            let mut from = 0;
+            for s in slots[..n].iter().flatten() {
+                let b = next_set(&h.cbits, from).unwrap_or(256);
+                from = b + 1;
+                stack.push((s, Some((h.depth, h.key, b as u8))));
             }
         }
-        for n in self.all_nodes().filter(|n| n.len % 32 == 0) {
-            let c = counts.get(&(n.key, n.len)).copied().unwrap_or(0);
-            if c != n.odd_count {
-                return Err(format!(
-                    "{}: odd_count {} but {c} rules beneath",
-                    to_prefix(&n.key, n.len),
-                    n.odd_count
-                ));
-            }
-        }
-        let levels = (0..9)
-            .filter(|k| level_nodes[*k] > 0)
-            .fold(0, |m, k| m | 1 << k);
-        if (rules, nodes, level_nodes, levels)
-            != (self.len, self.nodes, self.level_nodes, self.levels)
-        {
+        if count != self.len {
             return Err(format!(
-                "counts: {rules} rules, {nodes} nodes, levels {levels:#x}; map says {}, {}, {:#x}",
-                self.len, self.nodes, self.levels
-            ));
-        }
-        if self.nodes == 0 {
-            return Err("an empty map kept its directory".into());
-        }
-        if self.shard_bits > 0 && self.nodes < SHRINK_AT << self.shard_bits
-            || self.nodes > GROW_AT << self.shard_bits
-        {
-            return Err(format!(
-                "{} nodes in 2^{} shards",
-                self.nodes, self.shard_bits
+                "len is {} but {count} prefixes are stored",
+                self.len
             ));
         }
         Ok(())
     }
 }
 
-fn to_prefix(k: &Key, len: u16) -> ServicePrefix {
-    ServicePrefix::new(ServiceId::from_words(*k), len)
-}
-
-/// What [`PrefixMap::upsert_node`] does to the node at a key.
-enum Change<V> {
-    /// Set the value (a new node if absent); the old value is returned.
-    Value(V),
-    /// Remove the value; the node goes if nothing lies beneath it.
-    Unvalue,
-    /// Count one more rule of relative length `r` beneath (a marker if absent).
-    AddOdd(u16),
-    /// Count one fewer rule beneath; the node goes if it is a marker left with none.
-    RemoveOdd,
-}
-
 impl<V: Clone> PrefixMap<V> {
     /// Maps `p` to `v`; returns the value `p` had before.
+    ///
+    /// Copies the shared nodes on the path to `p` (at most 33).
     pub fn insert(&mut self, p: ServicePrefix, v: V) -> Option<V> {
         let key = p.id().words();
-        let len = p.len();
-        let (old, existed) = self.change(&key, len, Change::Value(v));
+        if self.root.is_none() {
+            self.root = Some(Child::build(Builder::new([0; 4], 0)));
+        }
+        let old = insert_in(&mut self.root, &key, p.len(), v);
         if old.is_none() {
             self.len += 1;
-            if !len.is_multiple_of(32) && !existed {
-                let plen = len & !31;
-                self.change(&masked(&key, plen), plen, Change::AddOdd(len % 32));
-            }
         }
-        self.resize_if_needed();
         old
     }
 
@@ -860,272 +498,253 @@ impl<V: Clone> PrefixMap<V> {
             return None;
         }
         let key = p.id().words();
-        let len = p.len();
-        let (old, _) = self.change(&key, len, Change::Unvalue);
+        let old = remove_in(&mut self.root, &key, p.len());
         if old.is_some() {
             self.len -= 1;
-            if !len.is_multiple_of(32) {
-                let plen = len & !31;
-                self.change(&masked(&key, plen), plen, Change::RemoveOdd);
-            }
         }
-        self.resize_if_needed();
         old
     }
-
-    /// Applies `change` to the node at `(key, len)`; returns the value it replaced and whether
-    /// the node existed.
-    fn change(&mut self, key: &Key, len: u16, change: Change<V>) -> (Option<V>, bool) {
-        let seeds = *self.seeds.get_or_insert_with(Seeds::random);
-        if self.dir.is_none() {
-            self.shard_bits = 0;
-            let group: Arc<[DirEntry<V>]> = Arc::from(vec![DirEntry::empty()]);
-            self.dir = Some(Arc::from(vec![group]));
-        }
-        let h = seeds.of(key, len);
-        let s = h.checked_shr(64 - self.shard_bits).unwrap_or(0) as usize;
-        let g = self.group_bits();
-        let Some(dir) = self.dir.as_mut() else {
-            return (None, false);
-        };
-        let Some(group) = make_mut_slice(dir).get_mut(s >> g) else {
-            return (None, false);
-        };
-        let Some(e) = make_mut_slice(group).get_mut(s & ((1 << g) - 1)) else {
-            return (None, false);
-        };
-        if matches!(change, Change::Value(_) | Change::AddOdd(_))
-            && let Some(shard) = e.shard.as_mut()
-        {
-            // Shared with a clone: copy the slots as they are (no rehash) and insert there.
-            make_mut_slice(shard);
-        }
-        let change = match in_place(e, h, key, len, change) {
-            Ok((old, existed, added)) => {
-                self.count(len, added, false);
-                return (old, existed);
-            }
-            Err(change) => change,
-        };
-        let mut nodes = take_nodes(e.shard.take());
-        let found = nodes.iter().position(|n| n.len == len && n.key == *key);
-        let existed = found.is_some();
-        let mut old = None;
-        let (mut added, mut dropped) = (false, false);
-        match (change, found) {
-            (Change::Value(v), Some(i)) => old = nodes[i].value.replace(v),
-            (Change::Value(v), None) => {
-                nodes.push(Node {
-                    key: *key,
-                    len,
-                    odd: 0,
-                    odd_count: 0,
-                    value: Some(v),
-                });
-                added = true;
-            }
-            (Change::Unvalue, Some(i)) => {
-                old = nodes[i].value.take();
-                if nodes[i].odd_count == 0 {
-                    nodes.swap_remove(i);
-                    dropped = true;
-                }
-            }
-            (Change::AddOdd(r), Some(i)) => {
-                nodes[i].odd |= 1 << r;
-                nodes[i].odd_count += 1;
-            }
-            (Change::AddOdd(r), None) => {
-                nodes.push(Node {
-                    key: *key,
-                    len,
-                    odd: 1 << r,
-                    odd_count: 1,
-                    value: None,
-                });
-                added = true;
-            }
-            (Change::RemoveOdd, Some(i)) => {
-                let n = &mut nodes[i];
-                n.odd_count = n.odd_count.saturating_sub(1);
-                if n.odd_count == 0 {
-                    n.odd = 0;
-                    if n.value.is_none() {
-                        nodes.swap_remove(i);
-                        dropped = true;
-                    }
-                }
-            }
-            (Change::Unvalue | Change::RemoveOdd, None) => {}
-        }
-        let cap = cap_for(nodes.len());
-        let count = nodes.len();
-        (e.shard, e.bloom) = build_shard(&seeds, nodes.into_iter(), cap);
-        debug_assert!(count == 0 || e.shard.as_ref().is_some_and(|s| fits(count, s.len())));
-        self.count(len, added, dropped);
-        (old, existed)
-    }
-
-    /// Counts a node of length `len` added or dropped.
-    fn count(&mut self, len: u16, added: bool, dropped: bool) {
-        if len.is_multiple_of(32) && (added || dropped) {
-            let k = usize::from(len / 32);
-            if added {
-                self.level_nodes[k] += 1;
-            } else {
-                self.level_nodes[k] -= 1;
-            }
-            self.levels = (0..9)
-                .filter(|k| self.level_nodes[*k] > 0)
-                .fold(0, |m, k| m | 1 << k);
-        }
-        if added {
-            self.nodes += 1;
-        }
-        if dropped {
-            self.nodes -= 1;
-        }
-    }
-
-    /// Rebuilds the directory with twice or half the shards when the node count calls for it;
-    /// drops it when the map is empty.
-    fn resize_if_needed(&mut self) {
-        if self.nodes == 0 {
-            self.dir = None;
-            self.shard_bits = 0;
-            return;
-        }
-        let mut bits = self.shard_bits;
-        while self.nodes > GROW_AT << bits {
-            bits += 1;
-        }
-        while bits > 0 && self.nodes < SHRINK_AT << bits {
-            bits -= 1;
-        }
-        if bits == self.shard_bits {
-            return;
-        }
-        let Some(seeds) = self.seeds else { return };
-        let mut per_shard: Vec<Vec<Node<V>>> = (0..1usize << bits).map(|_| Vec::new()).collect();
-        if let Some(dir) = self.dir.take() {
-            for group in dir.iter() {
-                for e in group.iter() {
-                    for n in e.shard.iter().flat_map(|s| s.iter()) {
-                        if !n.is_empty() {
-                            let h = seeds.of(&n.key, n.len);
-                            let s = h.checked_shr(64 - bits).unwrap_or(0) as usize;
-                            per_shard[s].push(n.clone());
-                        }
-                    }
-                }
-            }
-        }
-        let g = group_bits(bits);
-        let mut groups: Vec<Arc<[DirEntry<V>]>> = Vec::with_capacity(1 << (bits - g));
-        let mut it = per_shard.into_iter();
-        for _ in 0..1usize << (bits - g) {
-            let group: Vec<DirEntry<V>> = it
-                .by_ref()
-                .take(1 << g)
-                .map(|nodes| {
-                    let cap = cap_for(nodes.len());
-                    let (shard, bloom) = build_shard(&seeds, nodes.into_iter(), cap);
-                    DirEntry { bloom, shard }
-                })
-                .collect();
-            groups.push(group.into());
-        }
-        self.dir = Some(groups.into());
-        self.shard_bits = bits;
-    }
 }
 
-/// Applies an insertion (`Value` or `AddOdd`) in place when `e`'s shard is owned by this map
-/// alone and has room: no copy, no rehash. Returns the replaced value, whether the node existed
-/// and whether one was added; or gives `change` back when the shard must be rebuilt.
-fn in_place<V>(
-    e: &mut DirEntry<V>,
-    h: u64,
-    key: &Key,
-    len: u16,
-    change: Change<V>,
-) -> Result<(Option<V>, bool, bool), Change<V>> {
-    if !matches!(change, Change::Value(_) | Change::AddOdd(_)) {
-        return Err(change);
-    }
-    let Some(slots) = e.shard.as_mut().and_then(Arc::get_mut) else {
-        return Err(change);
+/// Inserts under the node in `slot`, whose key agrees with `key` on its first `depth` bits, with
+/// `len >= depth`. Moves the node to a larger size class when it runs out of room.
+fn insert_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16, v: V) -> Option<V> {
+    let Some((head, slots)) = slot.as_mut().and_then(Child::node_mut) else {
+        debug_assert!(false, "insert_in called on a leaf");
+        return None;
     };
-    let cap = slots.len();
-    let mut i = home(h, cap);
-    let mut found = false;
-    for _ in 0..cap {
-        let n = &slots[i];
-        if n.is_empty() {
-            break;
-        }
-        if n.len == len && n.key == *key {
-            found = true;
-            break;
-        }
-        i = if i + 1 == cap { 0 } else { i + 1 };
+    let rel = len - head.depth;
+    let b = byte_at(key, head.depth);
+    if rel < 8 {
+        return head.prefixes.insert(prefixes::slot(rel, b), v);
     }
-    if !found {
-        let used = slots.iter().filter(|n| !n.is_empty()).count();
-        if !fits(used + 1, cap) || !slots[i].is_empty() {
-            return Err(change);
+    if let Some(r) = head.child_rank(b) {
+        let Some(child) = slots.get_mut(r) else {
+            debug_assert!(false, "child bitmap and slots disagree");
+            return None;
+        };
+        enum Found {
+            Same,
+            Below,
+            Split(Key, u16),
         }
-    }
-    let n = &mut slots[i];
-    match change {
-        Change::Value(v) if found => Ok((n.value.replace(v), true, false)),
-        Change::AddOdd(r) if found => {
-            n.odd |= 1 << r;
-            n.odd_count += 1;
-            Ok((None, true, false))
-        }
-        change => {
-            let (odd, odd_count, value) = match change {
-                Change::Value(v) => (0, 0, Some(v)),
-                Change::AddOdd(r) => (1 << r, 1, None),
-                other => return Err(other),
-            };
-            *n = Node {
+        let found = match child.as_ref().map(Child::view) {
+            Some(View::Leaf(l)) if l.len == len && l.key == *key => Found::Same,
+            Some(View::Leaf(l)) => Found::Split(l.key, l.len),
+            Some(View::Node(h, _)) if h.depth <= len && prefix_eq(&h.key, key, h.depth) => {
+                Found::Below
+            }
+            Some(View::Node(h, _)) => Found::Split(h.key, h.depth),
+            None => return None,
+        };
+        let (other_key, other_len) = match found {
+            Found::Same => {
+                return match child {
+                    Some(Child::Leaf(l)) => {
+                        Some(core::mem::replace(&mut Arc::make_mut(l).value, v))
+                    }
+                    _ => None,
+                };
+            }
+            Found::Below => return insert_in(child, key, len, v),
+            Found::Split(k, l) => (k, l),
+        };
+        let existing = child.take()?;
+        // Both share byte `b` and are at least 8 bits longer than this node, so they diverge (or
+        // one ends) at or after `depth + 8`, and before bit 256 because they differ.
+        let diverge = common_len(&other_key, key).min(other_len).min(len);
+        let depth = diverge & !7;
+        let mut mid = Builder::new(masked(key, depth), depth);
+        add_to(&mut mid, existing);
+        add_to(
+            &mut mid,
+            Child::Leaf(Arc::new(Leaf {
                 key: *key,
                 len,
-                odd,
-                odd_count,
-                value,
-            };
-            let (word, bits) = bloom_bits(h);
-            e.bloom[word] |= bits;
-            Ok((None, false, true))
+                value: v,
+            })),
+        );
+        *child = Some(Child::build(mid));
+        return None;
+    }
+    let leaf = Child::Leaf(Arc::new(Leaf {
+        key: *key,
+        len,
+        value: v,
+    }));
+    let n = head.child_count();
+    if n < slots.len() {
+        // Room in this size class: shift the tail right and fill the gap.
+        let r = prefixes::rank(&head.cbits, usize::from(b));
+        slots[n] = Some(leaf);
+        slots[r..=n].rotate_right(1);
+        head.cbits[usize::from(b >> 6)] |= 1 << (b & 63);
+        head.cbase = node::bases(&head.cbits);
+        return None;
+    }
+    if let Some(Ok(mut bigger)) = slot.take().map(Child::into_builder) {
+        bigger.add_child(b, leaf);
+        *slot = Some(Child::build(bigger));
+    }
+    None
+}
+
+/// Adds an existing child or a new leaf under the fresh node being built in `mid`, which lies
+/// on its path: as a child if it reaches past `mid`'s stride, else as one of `mid`'s prefixes.
+fn add_to<V: Clone>(mid: &mut Builder<V>, c: Child<V>) {
+    let depth = mid.head.depth;
+    match c.view() {
+        View::Node(h, _) => {
+            let b = byte_at(&h.key, depth);
+            mid.add_child(b, c);
+        }
+        View::Leaf(l) if l.len >= depth + 8 => {
+            let b = byte_at(&l.key, depth);
+            mid.add_child(b, c);
+        }
+        View::Leaf(_) => {
+            if let Err(l) = c.into_builder() {
+                let l = Arc::unwrap_or_clone(l);
+                let slot = prefixes::slot(l.len - depth, byte_at(&l.key, depth));
+                mid.head.prefixes.insert(slot, l.value);
+            }
         }
     }
 }
 
-/// `arc`'s contents, copied first if shared.
-fn make_mut_slice<T: Clone>(arc: &mut Arc<[T]>) -> &mut [T] {
-    if Arc::get_mut(arc).is_none() {
-        *arc = Arc::from(arc.to_vec());
+/// Removes from under the node in `slot`, whose key agrees with `key` on its first `depth` bits,
+/// with `len >= depth`; then restores the node's canonical form: a non-root node left with fewer
+/// than two items is replaced by its only item (a leaf or its only child), an empty root is
+/// dropped, and a node with fewer children moves to the size class that fits.
+fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Option<V> {
+    let (head, slots) = slot.as_mut().and_then(Child::node_mut)?;
+    let rel = len - head.depth;
+    let b = byte_at(key, head.depth);
+    let out = if rel < 8 {
+        head.prefixes.remove(prefixes::slot(rel, b))?
+    } else {
+        let r = head.child_rank(b)?;
+        let child = slots.get_mut(r)?;
+        let out = match child.as_ref()?.view() {
+            View::Leaf(l) if l.len == len && l.key == *key => match child.take() {
+                Some(Child::Leaf(l)) => Arc::unwrap_or_clone(l).value,
+                other => {
+                    *child = other;
+                    return None;
+                }
+            },
+            View::Node(h, _) if h.depth <= len && prefix_eq(&h.key, key, h.depth) => {
+                remove_in(child, key, len)?
+            }
+            _ => return None,
+        };
+        if child.is_none() {
+            // Close the gap in the slots and the bitmap.
+            let n = head.child_count();
+            slots[r..n].rotate_left(1);
+            head.cbits[usize::from(b >> 6)] &= !(1 << (b & 63));
+            head.cbase = node::bases(&head.cbits);
+        }
+        out
+    };
+    let is_root = head.depth == 0;
+    let items = head.items();
+    let fits = slots.len() == class_for(head.child_count());
+    if (is_root && items > 0 || !is_root && items >= 2) && fits {
+        return Some(out);
     }
-    Arc::get_mut(arc).unwrap_or(&mut [])
+    let Some(Ok(b)) = slot.take().map(Child::into_builder) else {
+        return Some(out);
+    };
+    *slot = if is_root && items > 0 || !is_root && items >= 2 {
+        Some(Child::build(b))
+    } else if b.head.prefixes.len() == 1 && b.children.is_empty() {
+        let Builder { head, .. } = b;
+        head.prefixes.drain().next().map(|(i, value)| {
+            let (rel, bits) = slot_prefix(i);
+            Child::Leaf(Arc::new(Leaf {
+                key: with_byte(&head.key, head.depth, bits),
+                len: head.depth + rel,
+                value,
+            }))
+        })
+    } else if is_root {
+        None
+    } else {
+        b.into_only_child()
+    };
+    Some(out)
+}
+
+/// One node being walked by [`Iter`].
+struct Frame<'a, V> {
+    head: &'a Head<V>,
+    slots: &'a [Option<Child<V>>],
+    /// Next prefix slot to consider.
+    next_prefix: usize,
+    /// Next child key byte to consider (256 when done) and the slot it will be in.
+    next_byte: usize,
+    next_rank: usize,
+}
+
+impl<'a, V> Frame<'a, V> {
+    fn new(head: &'a Head<V>, slots: &'a [Option<Child<V>>]) -> Self {
+        Frame {
+            head,
+            slots,
+            next_prefix: 0,
+            next_byte: 0,
+            next_rank: 0,
+        }
+    }
 }
 
 /// Iterator over a [`PrefixMap`] in ascending prefix order; see [`PrefixMap::iter`].
 pub struct Iter<'a, V> {
-    inner: std::vec::IntoIter<(ServicePrefix, &'a V)>,
+    stack: Vec<Frame<'a, V>>,
+    remaining: usize,
 }
 
 impl<'a, V> Iterator for Iter<'a, V> {
     type Item = (ServicePrefix, &'a V);
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.inner.next()
+        loop {
+            let f = self.stack.last_mut()?;
+            let h = f.head;
+            let prefix = h.prefixes.next_from(f.next_prefix);
+            let child = next_set(&h.cbits, f.next_byte);
+            // A prefix of this node sorts before the subtree under the byte its bits start.
+            match (prefix, child) {
+                (Some((i, v)), c) if c.is_none_or(|b| usize::from(slot_prefix(i).1) <= b) => {
+                    f.next_prefix = i + 1;
+                    let (rel, bits) = slot_prefix(i);
+                    self.remaining -= 1;
+                    let key = with_byte(&h.key, h.depth, bits);
+                    return Some((to_prefix(&key, h.depth + rel), v));
+                }
+                (_, Some(b)) => {
+                    f.next_byte = b + 1;
+                    let slot = f.slots.get(f.next_rank).and_then(Option::as_ref);
+                    f.next_rank += 1;
+                    match slot.map(Child::view) {
+                        Some(View::Leaf(l)) => {
+                            self.remaining -= 1;
+                            return Some((to_prefix(&l.key, l.len), &l.value));
+                        }
+                        Some(View::Node(h, s)) => self.stack.push(Frame::new(h, s)),
+                        None => {}
+                    }
+                }
+                _ => {
+                    self.stack.pop();
+                }
+            }
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.inner.size_hint()
+        (self.remaining, Some(self.remaining))
     }
 }
 
@@ -1171,41 +790,24 @@ mod tests {
         assert_eq!(masked(&k, 0), [0; 4]);
         assert_eq!(masked(&k, 256), k);
         assert_eq!(masked(&k, 65), [u64::MAX, 1 << 63, 0, 0]);
-    }
-
-    #[test]
-    fn hash_covers_exactly_the_prefix() {
-        let s = Seeds::random();
-        let a = [1, 2, 3, 4];
-        let acc = s.chain(&a);
-        for len in 0..=256u16 {
-            // The chained hash of an ID at `len` is the hash of the stored prefix.
-            assert_eq!(
-                s.at(&acc, &a, len),
-                s.of(&masked(&a, len), len),
-                "len {len}"
-            );
-        }
-        // Bits past the length do not matter; bits before it and the length do.
-        assert_eq!(
-            s.of(&masked(&[1, 9, 9, 9], 64), 64),
-            s.of(&[1, 0, 0, 0], 64)
-        );
-        assert_ne!(s.of(&[1, 0, 0, 0], 64), s.of(&[1, 0, 0, 0], 63));
-        assert_ne!(s.of(&[1, 0, 0, 0], 64), s.of(&[2, 0, 0, 0], 64));
-    }
-
-    #[test]
-    fn shard_capacity_keeps_the_load_bounded() {
-        for n in 0..1000 {
-            assert!(fits(n, cap_for(n)), "{n}");
-        }
+        assert_eq!(common_len(&k, &k), 256);
+        assert_eq!(common_len(&[0; 4], &[0, 0, 1, 0]), 191);
+        let id = ServiceId::from_words([0x0102_0304_0506_0708, 0, 0, 0x1122_3344_5566_7788]);
+        let w = id.words();
+        assert_eq!(byte_at(&w, 0), 1);
+        assert_eq!(byte_at(&w, 56), 8);
+        assert_eq!(byte_at(&w, 248), 0x88);
+        assert_eq!(byte_at(&with_byte(&w, 248, 0xaa), 248), 0xaa);
+        assert!(prefix_eq(&w, &[0x0102_0304_0506_0708, 0, 0, 0], 195));
+        assert!(!prefix_eq(&w, &[0x0102_0304_0506_0708, 0, 0, 0], 196));
     }
 
     #[test]
     fn sizes_stay_small() {
         // Not a contract; guards against an accidental blow-up of the hot structures.
-        assert!(core::mem::size_of::<Node<u32>>() <= 56);
-        assert!(core::mem::size_of::<DirEntry<u32>>() <= 48);
+        assert!(core::mem::size_of::<Child<u64>>() <= 16);
+        assert!(core::mem::size_of::<Option<Child<u64>>>() <= 24);
+        assert!(core::mem::size_of::<Head<u64>>() <= 120);
+        assert!(core::mem::size_of::<Leaf<u64>>() <= 48);
     }
 }
