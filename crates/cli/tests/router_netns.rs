@@ -593,15 +593,19 @@ fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed()
         let cmd = lan.serval(4, &["cat", "web.test", "--router", &b]);
         support::run_with_input(cmd, format!("{tag}\n").as_bytes())
     };
-    // Every instance reachable through B (registered through A, replicated by etcd).
-    let reach_all = |tag: &str, within: Duration| {
+    // Every instance reachable through B (registered through A, replicated by etcd). With
+    // `all_succeed`, every connect must work; without, the instances may still be registering.
+    let reach_all = |tag: &str, within: Duration, all_succeed: bool| {
         let start = Instant::now();
         let mut seen = [false; 3];
         let mut i = 0;
         while !seen.iter().all(|&s| s) {
             assert!(start.elapsed() < within, "{tag}: reached only {seen:?}");
             let (code, _, err) = via_b(&format!("{tag}-{i}"));
-            assert_eq!(code, 0, "{tag}: connect {i} through B failed: {err}");
+            assert!(
+                code == 0 || !all_succeed,
+                "{tag}: connect {i} through B failed: {err}"
+            );
             i += 1;
             std::thread::sleep(Duration::from_millis(50));
             for (k, rx) in rxs.iter().enumerate() {
@@ -609,14 +613,14 @@ fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed()
             }
         }
     };
-    reach_all("before", Duration::from_secs(30));
+    reach_all("before", Duration::from_secs(30), false);
 
     // A is killed outright. Past two leases (3 s each) every registration is still there,
     // now refreshed through B, and every instance still gets connections through B.
     let _ = router_a.0.kill();
     let _ = router_a.0.wait();
     std::thread::sleep(Duration::from_millis(7000));
-    reach_all("after", Duration::from_secs(10));
+    reach_all("after", Duration::from_secs(10), true);
 
     // A comes back on the same address and lists etcd: one registration per instance, none
     // duplicated.
