@@ -334,25 +334,14 @@ fn a_syn_climbs_to_a_parent_router_and_descends_through_a_child() {
 /// with its log lines, once it printed READY and logged its first list from etcd (at most 30 s:
 /// etcd may still be starting, and a router starts before etcd answers).
 fn etcd_router(lan: &Lan, host: usize, net: u8, extra: &[&str]) -> (Guard, mpsc::Receiver<String>) {
-    let listen = format!("10.79.{net}.{}:{PORT}", host + 1);
-    let mut args = vec!["router", "--listen", &listen];
-    args.extend_from_slice(&["--registry", "etcd://127.0.0.1:2379"]);
-    args.extend_from_slice(&["--admin", "127.0.0.1:9090"]);
+    let mut args = vec![
+        "--registry",
+        "etcd://127.0.0.1:2379",
+        "--admin",
+        "127.0.0.1:9090",
+    ];
     args.extend_from_slice(extra);
-    let mut child = lan
-        .serval(host, &args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let log = lines(child.stderr.take().unwrap());
-    let guard = Guard(child);
-    let ready = out
-        .recv_timeout(Duration::from_secs(10))
-        .expect("router printed nothing within 10 s");
-    assert!(ready.starts_with("READY"), "{ready}");
+    let (guard, log) = start_router_logged(lan, host, net, &args);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match log.recv_timeout(Duration::from_millis(200)) {

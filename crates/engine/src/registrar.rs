@@ -732,8 +732,13 @@ mod tests {
     }
 
     fn registrar() -> Registrar {
+        registrar_with(vec![loc("10.0.0.9:54324")])
+    }
+
+    /// A registrar with these routers, sending from 10.0.0.1:54324.
+    fn registrar_with(routers: Vec<Locator>) -> Registrar {
         let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
-        r.set_router(Some(loc("10.0.0.9:54324")));
+        r.set_routers(routers);
         r.set_local(Some(loc("10.0.0.1:54324")));
         r
     }
@@ -1048,9 +1053,7 @@ mod tests {
     #[test]
     fn a_silent_router_hands_every_registration_to_the_next_within_the_lease() {
         let (a, b) = (loc("10.0.0.9:54324"), loc("10.0.0.8:54324"));
-        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
-        r.set_routers(vec![a, b]);
-        r.set_local(Some(loc("10.0.0.1:54324")));
+        let mut r = registrar_with(vec![a, b]);
         let p = prefix("web.test");
         r.register(p, 2, 0);
         let req = sent(&mut r, at(0))[0];
@@ -1091,9 +1094,7 @@ mod tests {
     #[test]
     fn with_every_router_silent_the_registrar_cycles_and_the_lease_runs_out() {
         let (a, b) = (loc("10.0.0.9:54324"), loc("10.0.0.8:54324"));
-        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
-        r.set_routers(vec![a, b]);
-        r.set_local(Some(loc("10.0.0.1:54324")));
+        let mut r = registrar_with(vec![a, b]);
         let p = prefix("web.test");
         r.register(p, 1, 0);
         // Nobody answers from the start: A, then B after 1 s, then A again.

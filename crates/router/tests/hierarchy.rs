@@ -71,6 +71,17 @@ fn registered(r: &Router, prefix: ServicePrefix) -> bool {
         .any(|l| l.registration.prefix == prefix)
 }
 
+/// The configuration of a child router accepting (and so announcing) `domain`, registered
+/// with `parents` (the first, then the next if it stops answering).
+fn child_config(domain: ServicePrefix, parents: Vec<Locator>) -> RouterConfig {
+    let mut config = RouterConfig::new(vec![any_port()]);
+    config.policy = Policy {
+        accept: vec![domain],
+        ..Policy::default()
+    };
+    config.with_parents(parents, Vec::new()).unwrap()
+}
+
 /// A parent router accepting everything, and a child accepting (and announcing, by default)
 /// `example.test` with the parent as its parent, once the parent holds the announcement.
 async fn parent_and_child() -> (Router, Router, ServicePrefix) {
@@ -78,14 +89,7 @@ async fn parent_and_child() -> (Router, Router, ServicePrefix) {
         .await
         .unwrap();
     let domain = ServicePrefix::from_domain("example.test").unwrap();
-    let mut config = RouterConfig::new(vec![any_port()]);
-    config.policy = Policy {
-        accept: vec![domain],
-        ..Policy::default()
-    };
-    let config = config
-        .with_parent(parent.locators()[0], Vec::new())
-        .unwrap();
+    let config = child_config(domain, vec![parent.locators()[0]]);
     assert_eq!(config.announce, [domain]);
     let child = Router::bind(config).await.unwrap();
     wait_for(Duration::from_secs(5), "the child's announcement", || {
@@ -271,14 +275,7 @@ async fn a_child_given_two_parents_announces_through_the_second_when_the_first_i
         .and_then(|s| s.local_addr())
         .unwrap();
     let domain = ServicePrefix::from_domain("example.test").unwrap();
-    let mut config = RouterConfig::new(vec![any_port()]);
-    config.policy = Policy {
-        accept: vec![domain],
-        ..Policy::default()
-    };
-    let config = config
-        .with_parents(vec![silent, live.locators()[0]], Vec::new())
-        .unwrap();
+    let config = child_config(domain, vec![silent, live.locators()[0]]);
     assert_eq!(config.parents, [silent, live.locators()[0]]);
     let t0 = Instant::now();
     let child = Router::bind(config).await.unwrap();
@@ -305,18 +302,8 @@ async fn a_parent_spreads_over_its_children_by_the_weight_they_hold() {
             .await
             .unwrap();
         let domain = ServicePrefix::from_domain("example.test").unwrap();
-        let child = || async {
-            let mut config = RouterConfig::new(vec![any_port()]);
-            config.policy = Policy {
-                accept: vec![domain],
-                ..Policy::default()
-            };
-            let config = config
-                .with_parent(parent.locators()[0], Vec::new())
-                .unwrap();
-            Router::bind(config).await.unwrap()
-        };
-        let (a, b) = (child().await, child().await);
+        let child = || Router::bind(child_config(domain, vec![parent.locators()[0]]));
+        let (a, b) = (child().await.unwrap(), child().await.unwrap());
         // One instance under each child: weight 3 under A, 1 under B (each echoes).
         let heavy = weighted_instance(a.locators()[0], "web.example.test", 3).await;
         let light = weighted_instance(b.locators()[0], "web.example.test", 1).await;
