@@ -76,6 +76,14 @@ impl Default for LeaseConfig {
     }
 }
 
+impl LeaseConfig {
+    /// How often a registration of lease `ttl` is refreshed: [`refresh`](Self::refresh), but
+    /// at least three times per lease and never more often than [`MIN_REFRESH`].
+    fn refresh_period(&self, ttl: Duration) -> Duration {
+        self.refresh.min(ttl / 3).max(MIN_REFRESH)
+    }
+}
+
 /// Shortest refresh period, whatever the router grants (guards against a router granting a
 /// TTL of a few milliseconds turning the instance into a packet generator).
 pub const MIN_REFRESH: Duration = Duration::from_millis(50);
@@ -486,7 +494,7 @@ impl Registrar {
             MessageType::Ack => {
                 let ttl = Duration::from_millis(u64::from(answer.ttl_ms));
                 let lease_end = first_sent.checked_add(ttl).unwrap_or(first_sent);
-                let period = self.config.refresh.min(ttl / 3).max(MIN_REFRESH);
+                let period = self.config.refresh_period(ttl);
                 e.next_request = now.checked_add(period);
                 let was_registered = matches!(e.state, RegistrationState::Registered { .. });
                 e.state = RegistrationState::Registered { ttl, lease_end };
@@ -501,7 +509,7 @@ impl Registrar {
             MessageType::Reject(reason) => {
                 e.state = RegistrationState::Rejected(reason);
                 let wait = if reason == RejectReason::UNAVAILABLE {
-                    self.config.refresh.max(MIN_REFRESH)
+                    self.config.refresh_period(self.config.ttl)
                 } else {
                     self.config.retry_after_reject
                 };
@@ -564,8 +572,10 @@ impl Registrar {
             RegistrationState::Registered { ttl, .. } => ttl,
             _ => self.config.ttl,
         };
-        let period = self.config.refresh.min(granted / 3).max(MIN_REFRESH);
-        e.pending.as_ref()?.first_sent?.checked_add(period)
+        e.pending
+            .as_ref()?
+            .first_sent?
+            .checked_add(self.config.refresh_period(granted))
     }
 
     /// Moves every registration to the router after the current one: a fresh REGISTER each,
