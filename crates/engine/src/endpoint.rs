@@ -856,6 +856,7 @@ impl Endpoint {
                         local,
                         remote,
                         data,
+                        &repr,
                         (repr.src_flow, nonce),
                         weight,
                     ) {

@@ -41,6 +41,7 @@ struct Waiting {
     local: Locator,
     remote: Locator,
     data: Vec<u8>,
+    repr: SalRepr,
     key: (FlowId, Nonce),
 }
 
@@ -107,6 +108,7 @@ impl Endpoint {
         local: Locator,
         remote: Locator,
         data: &[u8],
+        repr: &SalRepr,
         key: (FlowId, Nonce),
         weight: u32,
     ) -> bool {
@@ -134,6 +136,7 @@ impl Endpoint {
                 local,
                 remote,
                 data: data.to_vec(),
+                repr: repr.clone(),
                 key,
             },
         );
@@ -148,14 +151,8 @@ impl Endpoint {
             }
             let w = entry.remove();
             self.answer_later.keys.remove(&w.key);
-            let Ok(pkt) = SalPacket::new_checked(&w.data[..]) else {
-                continue;
-            };
-            let Ok(repr) = SalRepr::parse(&pkt) else {
-                continue;
-            };
             self.answering_discovery = true;
-            self.handle_syn(now, w.local, w.remote, &w.data, repr, true);
+            self.handle_syn(now, w.local, w.remote, &w.data, w.repr, true);
             self.answering_discovery = false;
         }
     }
