@@ -851,15 +851,7 @@ impl Endpoint {
             {
                 if discovery {
                     let weight = resolved.map_or(1, |r| r.weight);
-                    if self.answer_discovery_later(
-                        now,
-                        local,
-                        remote,
-                        data,
-                        &repr,
-                        (repr.src_flow, nonce),
-                        weight,
-                    ) {
+                    if self.answer_discovery_later(now, local, remote, data, &repr, weight) {
                         return;
                     }
                     self.stats.discovery_answered += 1;

@@ -109,13 +109,16 @@ impl Endpoint {
         remote: Locator,
         data: &[u8],
         repr: &SalRepr,
-        key: (FlowId, Nonce),
         weight: u32,
     ) -> bool {
         let scale = self.config.discovery_answer_scale;
+        let Some(nonce) = repr.nonce else {
+            return false;
+        };
         if self.answering_discovery || scale.is_zero() {
             return false;
         }
+        let key = (repr.src_flow, nonce);
         let q = &mut self.answer_later;
         if q.keys.contains(&key) {
             // A retransmission of a SYN already waiting: it will be answered once.
