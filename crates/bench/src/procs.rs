@@ -151,3 +151,40 @@ pub fn serval_ready(bin: &Path, name: &str, args: &[&str], log: &Path) -> Result
         .ok_or_else(|| format!("{name}: first line {line:?}"))?;
     Ok((proc, rest.to_owned()))
 }
+
+/// Fails with the build command to run if the `serval` binary under test is missing.
+pub fn require_serval(bin: &Path) -> Result<()> {
+    if bin.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} not found: cargo build --release -p serval-cli",
+            bin.display()
+        )
+        .into())
+    }
+}
+
+/// A fresh directory for a benchmark's configs and logs, removed when dropped (pass or fail).
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// `$TMPDIR/<bench>-<pid>`, emptied first.
+    pub fn new(bench: &str) -> Result<Scratch> {
+        let root = std::env::temp_dir().join(format!("{bench}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        Ok(Scratch(root))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -256,19 +256,9 @@ fn run(args: &Args) -> Result<()> {
     let nginx_bin = program("nginx")?;
     let haproxy_bin = program("haproxy")?;
     let wrk_bin = program("wrk")?;
-    if !args.serval.is_file() {
-        return Err(format!(
-            "{} not found: cargo build --release -p serval-cli",
-            args.serval.display()
-        )
-        .into());
-    }
-    let root = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root)?;
-    let result = run_in(args, &root, &nginx_bin, &haproxy_bin, &wrk_bin);
-    let _ = std::fs::remove_dir_all(&root);
-    result
+    procs::require_serval(&args.serval)?;
+    let root = procs::Scratch::new("lb-bench")?;
+    run_in(args, root.path(), &nginx_bin, &haproxy_bin, &wrk_bin)
 }
 
 fn run_in(

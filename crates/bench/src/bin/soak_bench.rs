@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serval::{Endpoint, ServiceId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[path = "../procs.rs"]
 mod procs;
@@ -120,19 +120,9 @@ fn free_udp_port() -> Result<u16> {
 }
 
 async fn run(args: &Args) -> Result<()> {
-    if !args.serval.is_file() {
-        return Err(format!(
-            "{} not found: cargo build --release -p serval-cli",
-            args.serval.display()
-        )
-        .into());
-    }
-    let root = std::env::temp_dir().join(format!("soak-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root)?;
-    let result = run_in(args, &root).await;
-    let _ = std::fs::remove_dir_all(&root);
-    result
+    procs::require_serval(&args.serval)?;
+    let root = procs::Scratch::new("soak-bench")?;
+    run_in(args, root.path()).await
 }
 
 async fn run_in(args: &Args, root: &std::path::Path) -> Result<()> {
@@ -416,37 +406,35 @@ async fn serval_once(
     router: SocketAddr,
     payload: usize,
 ) -> std::io::Result<()> {
-    let exchange = async {
-        let mut s = ep.connect_via(id, router).await?;
-        let data = vec![0x5a; payload];
-        s.write_all(&data).await?;
-        s.shutdown().await?;
-        let mut back = Vec::with_capacity(payload);
-        s.read_to_end(&mut back).await?;
-        if back != data {
-            return Err(std::io::Error::other("echo differs"));
-        }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    within_10s(async { echo_exchange(ep.connect_via(id, router).await?, payload).await }).await
 }
 
 /// One TCP connection through the translator: the same exchange.
 async fn tcp_once(proxy: SocketAddr, payload: usize) -> std::io::Result<()> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(proxy).await?;
-        let data = vec![0x5a; payload];
-        s.write_all(&data).await?;
-        s.shutdown().await?;
-        let mut back = Vec::with_capacity(payload);
-        s.read_to_end(&mut back).await?;
-        if back != data {
-            return Err(std::io::Error::other("echo differs"));
-        }
-        Ok(())
-    };
+    within_10s(async { echo_exchange(tokio::net::TcpStream::connect(proxy).await?, payload).await })
+        .await
+}
+
+/// Writes `payload` bytes, half-closes, and checks that exactly they come back.
+async fn echo_exchange(
+    mut s: impl AsyncRead + AsyncWrite + Unpin,
+    payload: usize,
+) -> std::io::Result<()> {
+    let data = vec![0x5a; payload];
+    s.write_all(&data).await?;
+    s.shutdown().await?;
+    let mut back = Vec::with_capacity(payload);
+    s.read_to_end(&mut back).await?;
+    if back != data {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// `exchange`, failed as timed out if it takes over 10 s.
+async fn within_10s(
+    exchange: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
