@@ -79,8 +79,21 @@ fn instance_of(
     weight: u32,
     echo: bool,
 ) -> (Guard, mpsc::Receiver<String>) {
-    let bind = format!("10.79.{net}.{}:{PORT}", host + 1);
     let router = format!("10.79.{net}.{}:{PORT}", router_host + 1);
+    instance_via(lan, host, net, &router, service, weight, echo)
+}
+
+/// [`instance`] registering with `routers` (`--router`, one address or several, comma-separated).
+fn instance_via(
+    lan: &Lan,
+    host: usize,
+    net: u8,
+    router: &str,
+    service: &str,
+    weight: u32,
+    echo: bool,
+) -> (Guard, mpsc::Receiver<String>) {
+    let bind = format!("10.79.{net}.{}:{PORT}", host + 1);
     let w = weight.to_string();
     let mut args = vec![
         "listen", service, "--bind", &bind, "--router", &router, "--weight", &w,
@@ -564,18 +577,7 @@ fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed()
     let (_router_b, _) = router(&b, "127.0.0.1:9091");
     let both = format!("{a},{b}");
     let web: Vec<(Guard, mpsc::Receiver<String>)> = (1..=3)
-        .map(|h| {
-            let bind = format!("10.79.{net}.{}:{PORT}", h + 1);
-            let args = ["listen", "web.test", "--bind", &bind, "--router", &both];
-            let mut child = lan
-                .serval(h, &args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn instance");
-            let rx = lines(child.stdout.take().unwrap());
-            (Guard(child), rx)
-        })
+        .map(|h| instance_via(&lan, h, net, &both, "web.test", 1, false))
         .collect();
     let rxs: Vec<&mpsc::Receiver<String>> = web.iter().map(|(_, rx)| rx).collect();
     let via_b = |tag: &str| {
