@@ -47,6 +47,12 @@ pub mod field {
 
     /// AUTH: the authentication tag.
     pub const AUTH_TAG: Field = 2..18;
+    /// KEYSHARE: the key-exchange group.
+    pub const KEYSHARE_GROUP: usize = 2;
+    /// KEYSHARE: flags (bit 0: the sender asks for, or the server grants, plaintext).
+    pub const KEYSHARE_FLAGS: usize = 3;
+    /// KEYSHARE: the sender's ephemeral public key.
+    pub const KEYSHARE_KEY: Field = 4..36;
 }
 
 /// Length of a CONTROL extension.
@@ -59,6 +65,10 @@ pub const NONCE_EXT_LEN: usize = field::NONCE.end;
 pub const AUTH_LEN: usize = field::AUTH_TAG.end;
 /// Length of the authentication tag carried in AUTH.
 pub const AUTH_TAG_LEN: usize = 16;
+/// Length of a KEYSHARE extension.
+pub const KEYSHARE_LEN: usize = field::KEYSHARE_KEY.end;
+/// Length of the public key a KEYSHARE carries.
+pub const KEYSHARE_KEY_LEN: usize = 32;
 /// Most bytes of locators a SOURCE extension can hold (its length byte counts 2 more).
 pub const SOURCE_MAX_LOCATOR_BYTES: usize = u8::MAX as usize - field::BODY;
 
@@ -83,6 +93,8 @@ impl ExtType {
     pub const SOURCE: ExtType = ExtType(0x84);
     /// Authentication tag over the whole packet. Last if present.
     pub const AUTH: ExtType = ExtType(0x85);
+    /// The sender's ephemeral key-exchange share (SYN and SYN-ACK).
+    pub const KEYSHARE: ExtType = ExtType(0x86);
 
     /// Whether a receiver that does not know this type must reject the packet.
     pub const fn is_mandatory(self) -> bool {
@@ -91,7 +103,7 @@ impl ExtType {
 
     /// Whether this implementation knows the type.
     pub const fn is_known(self) -> bool {
-        matches!(self.0, 0x00 | 0x81..=0x85)
+        matches!(self.0, 0x00 | 0x81..=0x86)
     }
 
     /// The fixed length of extensions of this type, if they have one.
@@ -101,6 +113,7 @@ impl ExtType {
             Self::SERVICE => Some(SERVICE_LEN),
             Self::NONCE => Some(NONCE_EXT_LEN),
             Self::AUTH => Some(AUTH_LEN),
+            Self::KEYSHARE => Some(KEYSHARE_LEN),
             _ => None,
         }
     }
@@ -113,6 +126,7 @@ impl ExtType {
             Self::NONCE => Some("NONCE"),
             Self::SOURCE => Some("SOURCE"),
             Self::AUTH => Some("AUTH"),
+            Self::KEYSHARE => Some("KEYSHARE"),
             _ => None,
         }
     }
@@ -290,6 +304,8 @@ pub enum Extension<'a> {
     Source(SourceExt<'a>),
     /// AUTH: the tag bytes.
     Auth(&'a [u8; AUTH_TAG_LEN]),
+    /// KEYSHARE.
+    KeyShare(KeyShareRepr),
     /// A type this implementation does not know (mandatory or not), with its body.
     Unknown {
         /// The type byte.
@@ -309,6 +325,7 @@ impl Extension<'_> {
             Extension::Nonce(_) => ExtType::NONCE,
             Extension::Source(_) => ExtType::SOURCE,
             Extension::Auth(_) => ExtType::AUTH,
+            Extension::KeyShare(_) => ExtType::KEYSHARE,
             Extension::Unknown { ty, .. } => *ty,
         }
     }
@@ -332,6 +349,62 @@ impl ControlExt<'_> {
     /// The acknowledgement number: the verno being acknowledged (meaningful with ACK).
     pub fn ackno(&self) -> u32 {
         u32::from_be_bytes([self.0[8], self.0[9], self.0[10], self.0[11]])
+    }
+}
+
+/// A KEYSHARE extension: one end's ephemeral Diffie–Hellman public key, in the SYN and the
+/// SYN-ACK (docs/wire.md §4.6).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyShareRepr {
+    /// The key-exchange group: [`KeyShareRepr::X25519`] is the only one defined. A receiver
+    /// refuses a handshake in a group it does not know.
+    pub group: u8,
+    /// Flags: [`KeyShareRepr::PLAINTEXT`] asks for (SYN) or grants (SYN-ACK) unencrypted but
+    /// authenticated packets. Other bits are sent 0 and ignored.
+    pub flags: u8,
+    /// The public key.
+    pub key: [u8; KEYSHARE_KEY_LEN],
+}
+
+impl KeyShareRepr {
+    /// Group 1: X25519 (RFC 7748).
+    pub const X25519: u8 = 1;
+    /// Flag bit 0: plaintext (authenticated, not encrypted) packets.
+    pub const PLAINTEXT: u8 = 0x01;
+
+    fn parse(ext: &[u8; KEYSHARE_LEN]) -> KeyShareRepr {
+        let mut key = [0u8; KEYSHARE_KEY_LEN];
+        key.copy_from_slice(&ext[field::KEYSHARE_KEY]);
+        KeyShareRepr {
+            group: ext[field::KEYSHARE_GROUP],
+            flags: ext[field::KEYSHARE_FLAGS],
+            key,
+        }
+    }
+
+    /// Writes the whole extension (type and length included) into `buf`, exactly
+    /// [`KEYSHARE_LEN`] bytes.
+    pub(crate) fn emit(&self, buf: &mut [u8]) {
+        buf[field::TYPE] = ExtType::KEYSHARE.0;
+        buf[field::LEN] = KEYSHARE_LEN as u8;
+        buf[field::KEYSHARE_GROUP] = self.group;
+        buf[field::KEYSHARE_FLAGS] = self.flags;
+        buf[field::KEYSHARE_KEY].copy_from_slice(&self.key);
+    }
+
+    /// Whether the plaintext flag is set.
+    pub fn plaintext(&self) -> bool {
+        self.flags & Self::PLAINTEXT != 0
+    }
+}
+
+impl fmt::Debug for KeyShareRepr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "KeyShare(group {}, flags {:#04x})",
+            self.group, self.flags
+        )
     }
 }
 
@@ -503,6 +576,9 @@ impl<'a> Extensions<'a> {
                 Extension::Nonce(body.try_into().map_err(|_| bad_len(NONCE_EXT_LEN))?)
             }
             ExtType::AUTH => Extension::Auth(body.try_into().map_err(|_| bad_len(AUTH_LEN))?),
+            ExtType::KEYSHARE => Extension::KeyShare(KeyShareRepr::parse(
+                ext.try_into().map_err(|_| bad_len(KEYSHARE_LEN))?,
+            )),
             ExtType::SOURCE => Extension::Source(SourceExt::new(body, len)?),
             ty => Extension::Unknown { ty, body },
         };
@@ -614,13 +690,14 @@ mod tests {
             ExtType::NONCE,
             ExtType::SOURCE,
             ExtType::AUTH,
+            ExtType::KEYSHARE,
         ] {
             assert!(t.is_known() && t.is_mandatory(), "{t}");
         }
         assert!(ExtType::PAD.is_known() && !ExtType::PAD.is_mandatory());
-        assert!(!ExtType(0x86).is_known() && ExtType(0x86).is_mandatory());
+        assert!(!ExtType(0x87).is_known() && ExtType(0x87).is_mandatory());
         assert!(!ExtType(0x7f).is_known() && !ExtType(0x7f).is_mandatory());
-        assert_eq!(ExtType(0x86).to_string(), "0x86");
+        assert_eq!(ExtType(0x87).to_string(), "0x87");
         assert_eq!(format!("{:?}", ExtType::AUTH), "ExtType(AUTH)");
         assert_eq!(ExtType::SOURCE.fixed_len(), None);
         assert_eq!(ExtType::SERVICE.fixed_len(), Some(36));

@@ -33,7 +33,8 @@ use core::ops::Range;
 use crate::WireError;
 use crate::ext::{
     AUTH_LEN, AUTH_TAG_LEN, CONTROL_LEN, ControlExt, ControlRepr, ExtType, Extension, Extensions,
-    NONCE_EXT_LEN, SERVICE_LEN, SOURCE_MAX_LOCATOR_BYTES, ServiceExt, ServiceRepr, SourceExt,
+    KEYSHARE_LEN, KeyShareRepr, NONCE_EXT_LEN, SERVICE_LEN, SOURCE_MAX_LOCATOR_BYTES, ServiceExt,
+    ServiceRepr, SourceExt,
 };
 use crate::id::{FlowId, Nonce};
 use crate::locator::{Locator, emit_locator, locator_len};
@@ -46,9 +47,12 @@ pub const BASE_HEADER_LEN: usize = field::DST_FLOW.end;
 pub const MAX_PACKET_LEN: usize = 65_507;
 /// Longest header [`SalRepr`] emits: every known extension, with a full SOURCE.
 pub const MAX_EMIT_HEADER_LEN: usize =
-    BASE_HEADER_LEN + CONTROL_LEN + SERVICE_LEN + NONCE_EXT_LEN + 255 + AUTH_LEN;
+    BASE_HEADER_LEN + CONTROL_LEN + SERVICE_LEN + NONCE_EXT_LEN + KEYSHARE_LEN + 255 + AUTH_LEN;
 /// The UDP port a SAL endpoint listens on by default (the original Serval's).
 pub const DEFAULT_UDP_PORT: u16 = 54324;
+/// Bit of byte 0 (in the low, flag nibble) carrying the key phase of a protected packet
+/// (docs/wire.md §12).
+pub const KEY_PHASE: u8 = 0x01;
 
 /// Byte offsets of the base header.
 pub mod field {
@@ -237,9 +241,16 @@ impl<T: AsRef<[u8]>> SalPacket<T> {
         self.buffer.as_ref()[field::VER_FLAGS] >> 4
     }
 
-    /// The reserved flag bits (low nibble of byte 0): sent as 0, ignored on receipt.
+    /// The flag bits (low nibble of byte 0): [`KEY_PHASE`] and three reserved bits, sent as 0
+    /// and ignored on receipt.
     pub fn reserved_flags(&self) -> u8 {
         self.buffer.as_ref()[field::VER_FLAGS] & 0x0f
+    }
+
+    /// The key phase of a protected packet ([`KEY_PHASE`] bit of byte 0). Protected by the
+    /// packet's authentication tag, like the rest of the header.
+    pub fn key_phase(&self) -> bool {
+        self.buffer.as_ref()[field::VER_FLAGS] & KEY_PHASE != 0
     }
 
     /// What follows the header.
@@ -370,6 +381,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> SalPacket<T> {
         self.buffer.as_mut()[field::VER_FLAGS] = version << 4;
     }
 
+    /// Sets or clears the [`KEY_PHASE`] bit.
+    pub fn set_key_phase(&mut self, phase: bool) {
+        let b = &mut self.buffer.as_mut()[field::VER_FLAGS];
+        *b = (*b & !KEY_PHASE) | if phase { KEY_PHASE } else { 0 };
+    }
+
     /// Sets what follows the header.
     pub fn set_protocol(&mut self, protocol: Protocol) {
         self.buffer.as_mut()[field::PROTOCOL] = protocol.0;
@@ -437,6 +454,8 @@ pub struct SalRepr {
     /// The SOURCE extension: the original sender first, then each router crossed; empty means
     /// absent. Locators must be distinct; IPv6 flow labels and scope IDs are not carried.
     pub source: Vec<Locator>,
+    /// The KEYSHARE extension (SYN and SYN-ACK).
+    pub keyshare: Option<KeyShareRepr>,
     /// The AUTH extension's tag. Emit zeros, then compute and write the tag over the packet
     /// (see [`SalPacket::auth_input`]).
     pub auth: Option<[u8; AUTH_TAG_LEN]>,
@@ -452,6 +471,7 @@ impl SalRepr {
             control: None,
             service: None,
             nonce: None,
+            keyshare: None,
             source: Vec::new(),
             auth: None,
         }
@@ -464,6 +484,7 @@ impl SalRepr {
             Extension::Control(c) => repr.control = Some(ControlRepr::parse(&c)),
             Extension::Service(s) => repr.service = Some(ServiceRepr::parse(&s)),
             Extension::Nonce(n) => repr.nonce = Some(Nonce(*n)),
+            Extension::KeyShare(k) => repr.keyshare = Some(k),
             Extension::Source(s) => repr.source = s.locators().collect(),
             Extension::Auth(t) => repr.auth = Some(*t),
             Extension::Pad(_) | Extension::Unknown { .. } => {}
@@ -490,6 +511,7 @@ impl SalRepr {
             + self.control.map_or(0, |_| CONTROL_LEN)
             + self.service.map_or(0, |_| SERVICE_LEN)
             + self.nonce.map_or(0, |_| NONCE_EXT_LEN)
+            + self.keyshare.map_or(0, |_| KEYSHARE_LEN)
             + source
             + self.auth.map_or(0, |_| AUTH_LEN)
     }
@@ -527,7 +549,7 @@ impl SalRepr {
         if buf.len() > MAX_PACKET_LEN {
             return Err(WireError::Oversize(buf.len()));
         }
-        // `len` is at most MAX_EMIT_HEADER_LEN (359): the SOURCE bound above caps it.
+        // `len` is at most MAX_EMIT_HEADER_LEN (395): the SOURCE bound above caps it.
         let hdr_len = u16::try_from(len).map_err(|_| WireError::Oversize(len))?;
         let hdr = &mut buf[..len];
         hdr[field::VER_FLAGS] = VERSION << 4;
@@ -549,6 +571,10 @@ impl SalRepr {
             hdr[pos + 1] = NONCE_EXT_LEN as u8;
             hdr[pos + 2..pos + NONCE_EXT_LEN].copy_from_slice(&n.0);
             pos += NONCE_EXT_LEN;
+        }
+        if let Some(k) = &self.keyshare {
+            k.emit(&mut hdr[pos..pos + KEYSHARE_LEN]);
+            pos += KEYSHARE_LEN;
         }
         if !self.source.is_empty() {
             let ext_len = crate::ext::field::BODY + source_bytes;
@@ -602,6 +628,9 @@ impl fmt::Display for SalRepr {
         if self.nonce.is_some() {
             f.write_str(" [nonce]")?;
         }
+        if let Some(k) = &self.keyshare {
+            write!(f, " [keyshare group={}]", k.group)?;
+        }
         if !self.source.is_empty() {
             f.write_str(" [source")?;
             for loc in &self.source {
@@ -623,7 +652,7 @@ mod tests {
     #[test]
     fn constants() {
         assert_eq!(BASE_HEADER_LEN, 20);
-        assert_eq!(MAX_EMIT_HEADER_LEN, 359);
+        assert_eq!(MAX_EMIT_HEADER_LEN, 395);
         assert_eq!(SOURCE_MAX_LOCATOR_BYTES, 253);
         assert_eq!(field::EXTENSIONS.start, BASE_HEADER_LEN);
     }
@@ -663,6 +692,11 @@ mod tests {
                 id: crate::ServiceId::ZERO,
             }),
             nonce: Some(Nonce::default()),
+            keyshare: Some(KeyShareRepr {
+                group: KeyShareRepr::X25519,
+                flags: 0,
+                key: [7; 32],
+            }),
             // 11 IPv6 (209 bytes) + 6 IPv4 (42 bytes) = 251 bytes.
             source: (0..17u16)
                 .map(|i| {

@@ -52,6 +52,7 @@ fn syn_repr() -> SalRepr {
             id: ServiceId(seq(0x20)),
         }),
         nonce: Some(Nonce(seq(0xc0))),
+        keyshare: None,
         source: vec![loc("192.0.2.1:40000"), loc("[2001:db8::7]:54324")],
         auth: None,
     }
@@ -168,6 +169,7 @@ fn syn_ack_repr(tag: [u8; 16]) -> SalRepr {
         }),
         service: None,
         nonce: Some(Nonce(seq(0xd0))),
+        keyshare: None,
         source: vec![],
         auth: Some(tag),
     }
@@ -511,7 +513,7 @@ fn auth_not_last() {
 
 #[test]
 fn unknown_mandatory() {
-    for ty in [0x80u8, 0x86, 0xff] {
+    for ty in [0x80u8, 0x87, 0xff] {
         assert_eq!(
             check(&build(&[&[ty, 3, 0]], b"")),
             Err(WireError::UnknownMandatory(ty))

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::prelude::*;
+use serval_wire::KeyShareRepr;
 use serval_wire::ext::{SOURCE_MAX_LOCATOR_BYTES, field as ext_field};
 use serval_wire::header::BASE_HEADER_LEN;
 use serval_wire::locator::locator_len;
@@ -48,9 +49,10 @@ fn sal_repr() -> impl Strategy<Value = SalRepr> {
         prop::option::of(any::<[u8; 16]>()),
         source_list(),
         prop::option::of(any::<[u8; 16]>()),
+        prop::option::of((any::<u8>(), any::<u8>(), any::<[u8; 32]>())),
     )
         .prop_map(
-            |(protocol, src, dst, control, service, nonce, source, auth)| SalRepr {
+            |(protocol, src, dst, control, service, nonce, source, auth, keyshare)| SalRepr {
                 protocol: Protocol(protocol),
                 src_flow: FlowId(src),
                 dst_flow: FlowId(dst),
@@ -64,6 +66,7 @@ fn sal_repr() -> impl Strategy<Value = SalRepr> {
                     id: ServiceId(id),
                 }),
                 nonce: nonce.map(Nonce),
+                keyshare: keyshare.map(|(group, flags, key)| KeyShareRepr { group, flags, key }),
                 source,
                 auth,
             },
@@ -134,6 +137,7 @@ fn extension() -> impl Strategy<Value = Vec<u8>> {
         Just(0x84),
         Just(0x85),
         Just(0x86),
+        Just(0x87),
         Just(0x7f),
         any::<u8>(),
     ];
