@@ -23,7 +23,15 @@
 //!   delete what the next router just refreshed;
 //! * on [`Registrar::unregister`] (a listener closed) sends an UNREGISTER, retransmitted up to
 //!   [`LeaseConfig::unregister_attempts`] times until acknowledged, then forgets it: best
-//!   effort, since the lease expires anyway.
+//!   effort, since the lease expires anyway;
+//! * follows the router's return-routability cookies: every request goes out in the 76-byte
+//!   form with the cookie it holds for that router (empty at first); a COOKIE answer gives it
+//!   one and the same request (same request ID) goes out again at once, with it; an ACK may
+//!   carry a fresher one. Cookies are bound to the locator, so a new local locator drops them
+//!   (`docs/wire.md` §11.2);
+//! * with a key ([`Registrar::set_key`]), signs every request (the 140-byte form), so that a
+//!   router holding that key's authorisation for the prefix accepts it. A refusal is
+//!   [`RegistrarEvent::Rejected`] with [`RejectReason::UNAUTHORIZED`].
 //!
 //! It never reads a clock: [`Registrar::poll_transmit`], [`Registrar::handle_timeout`] and
 //! [`Registrar::handle_answer`] take `now`, and [`Registrar::poll_timeout`] says when to call
@@ -33,7 +41,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
+use serval_keys::PrivateKey;
+use serval_wire::registration::{Cookie, MessageType, RegistrationRepr, RejectReason};
 use serval_wire::{Locator, ServicePrefix};
 
 use crate::Instant;
@@ -161,7 +170,16 @@ pub struct RegistrarStats {
     pub unregisters_abandoned: u64,
     /// Moves to the next router after the current one stopped answering.
     pub failovers: u64,
+    /// COOKIE answers followed (each sends its request again at once, with the cookie).
+    pub cookies: u64,
+    /// COOKIE answers ignored because their request had already been sent again with
+    /// [`MAX_COOKIE_ROUNDS`] cookies.
+    pub cookie_rounds_exceeded: u64,
 }
+
+/// COOKIE answers one request follows before it ignores more (a router that keeps answering
+/// COOKIE to its own cookies is broken; the request then retransmits on its timer as usual).
+pub const MAX_COOKIE_ROUNDS: u32 = 3;
 
 /// A request in flight.
 #[derive(Debug, Clone)]
@@ -172,6 +190,8 @@ struct Pending {
     /// When to send it (again).
     send_at: Instant,
     rto: Duration,
+    /// COOKIE answers followed for this request.
+    cookie_rounds: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +215,7 @@ struct Leaving {
     send_at: Instant,
     rto: Duration,
     sends_left: u32,
+    cookie_rounds: u32,
 }
 
 /// The instance side of registration; see the [module docs](self).
@@ -215,6 +236,10 @@ pub struct Registrar {
     /// The earliest deadline of anything above (`Instant::ZERO`: work to do at once).
     wake_at: Option<Instant>,
     stats: RegistrarStats,
+    /// The cookie each router gave (for the current local locator).
+    cookies: BTreeMap<Locator, Cookie>,
+    /// Signs every request, if set.
+    key: Option<PrivateKey>,
 }
 
 impl Registrar {
@@ -235,7 +260,24 @@ impl Registrar {
             events: VecDeque::new(),
             wake_at: None,
             stats: RegistrarStats::default(),
+            cookies: BTreeMap::new(),
+            key: None,
         }
+    }
+
+    /// Signs every request with `key` from now on (`None`: unsigned). Registrations under
+    /// way start over, so the router sees signed requests at once.
+    pub fn set_key(&mut self, key: Option<PrivateKey>) {
+        if key == self.key {
+            return;
+        }
+        self.key = key;
+        self.restart_all();
+    }
+
+    /// The key requests are signed with.
+    pub fn key(&self) -> Option<&PrivateKey> {
+        self.key.as_ref()
     }
 
     /// The lease settings.
@@ -308,6 +350,7 @@ impl Registrar {
             first_sent: None,
             send_at: Instant::ZERO,
             rto: self.config.initial_rto,
+            cookie_rounds: 0,
         }
     }
 
@@ -325,6 +368,7 @@ impl Registrar {
             send_at: Instant::ZERO,
             rto: self.config.initial_rto,
             sends_left: self.config.unregister_attempts.max(1),
+            cookie_rounds: 0,
         });
         self.wake_at = Some(Instant::ZERO);
     }
@@ -396,6 +440,11 @@ impl Registrar {
     pub fn set_routers(&mut self, routers: Vec<Locator>) {
         let keep = self.router.filter(|r| routers.contains(r));
         let router = keep.or_else(|| routers.first().copied());
+        // Cookies of routers no longer used are of no more use (those the UNREGISTERs below
+        // need stay until the lists change again).
+        let old = self.router;
+        self.cookies
+            .retain(|l, _| routers.contains(l) || Some(*l) == old);
         self.routers = routers;
         if router == self.router {
             return;
@@ -422,6 +471,8 @@ impl Registrar {
             return;
         }
         self.local = local;
+        // Cookies name the locator they were given to.
+        self.cookies.clear();
         self.restart_all();
     }
 
@@ -471,6 +522,21 @@ impl Registrar {
             .iter()
             .position(|l| l.dst == from && l.request.is_answered_by(answer))
         {
+            if answer.ty == MessageType::Cookie {
+                let l = &mut self.leaving[i];
+                if l.cookie_rounds >= MAX_COOKIE_ROUNDS {
+                    self.stats.cookie_rounds_exceeded += 1;
+                    return true;
+                }
+                l.cookie_rounds += 1;
+                l.send_at = now;
+                l.sends_left = l.sends_left.max(1);
+                self.stats.cookies += 1;
+                if let Some(c) = answer.cookie.filter(|c| !c.is_empty()) {
+                    self.cookies.insert(from, c);
+                }
+                return true;
+            }
             self.leaving.swap_remove(i);
             return true;
         }
@@ -482,11 +548,32 @@ impl Registrar {
         };
         let Some(p) = e
             .pending
-            .as_ref()
+            .as_mut()
             .filter(|p| p.request.is_answered_by(answer))
         else {
             return false;
         };
+        if answer.ty == MessageType::Cookie {
+            // The router wants proof that we receive here: the same request again, at once,
+            // with its cookie.
+            if p.cookie_rounds >= MAX_COOKIE_ROUNDS {
+                self.stats.cookie_rounds_exceeded += 1;
+                return true;
+            }
+            p.cookie_rounds += 1;
+            p.send_at = now;
+            self.stats.cookies += 1;
+            if let Some(c) = answer.cookie.filter(|c| !c.is_empty()) {
+                self.cookies.insert(router, c);
+            }
+            return true;
+        }
+        // An ACK may hand out a fresher cookie.
+        if answer.ty == MessageType::Ack
+            && let Some(c) = answer.cookie.filter(|c| !c.is_empty())
+        {
+            self.cookies.insert(router, c);
+        }
         let first_sent = p.first_sent.unwrap_or(now);
         e.pending = None;
         let prefix = answer.prefix;
@@ -520,7 +607,7 @@ impl Registrar {
                     reason,
                 });
             }
-            MessageType::Register | MessageType::Unregister => {}
+            MessageType::Register | MessageType::Unregister | MessageType::Cookie => {}
         }
         true
     }
@@ -638,7 +725,9 @@ impl Registrar {
                 if let Some(p) = e.pending.as_mut() {
                     if p.send_at <= now {
                         if can_send {
-                            self.out.push_back((router, p.request));
+                            let cookie = self.cookies.get(&router).copied();
+                            let msg = finish_with(self.key.as_ref(), cookie, &p.request);
+                            self.out.push_back((router, msg));
                             self.stats.sent += 1;
                             if p.first_sent.is_some() {
                                 self.stats.retransmitted += 1;
@@ -675,7 +764,9 @@ impl Registrar {
                     continue;
                 }
                 // The caller picks a source of the right family (or drops it if it has none).
-                self.out.push_back((l.dst, l.request));
+                let cookie = self.cookies.get(&l.dst).copied();
+                let msg = finish_with(self.key.as_ref(), cookie, &l.request);
+                self.out.push_back((l.dst, msg));
                 self.stats.sent += 1;
                 l.sends_left -= 1;
                 l.send_at = now.checked_add(l.rto).unwrap_or(now);
@@ -718,6 +809,19 @@ impl Registrar {
             at(l.send_at);
         }
         self.wake_at = wake;
+    }
+}
+
+/// `request` with `cookie` (or an empty one) and, with `key`, signed.
+fn finish_with(
+    key: Option<&PrivateKey>,
+    cookie: Option<Cookie>,
+    request: &RegistrationRepr,
+) -> RegistrationRepr {
+    let r = request.with_cookie(cookie.unwrap_or(Cookie::EMPTY));
+    match key {
+        Some(k) => serval_keys::sign_registration(k, &r),
+        None => r,
     }
 }
 
@@ -1153,5 +1257,115 @@ mod tests {
         assert_eq!(r.state(&p), Some(RegistrationState::Unreachable));
         r.set_local(Some(loc("10.0.0.1:1")));
         assert_eq!(sent(&mut r, at(5001)).len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod cookie_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serval_wire::ServiceId;
+
+    fn loc(s: &str) -> Locator {
+        s.parse().unwrap()
+    }
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_nanos(ms * 1_000_000)
+    }
+
+    fn sent(r: &mut Registrar, now: Instant) -> Vec<(Locator, RegistrationRepr)> {
+        std::iter::from_fn(|| r.poll_transmit(now)).collect()
+    }
+
+    fn key() -> PrivateKey {
+        // A fixed PKCS#8 v2 document (seed 7…7 and its public key), as ring writes them.
+        let pair = ring_pair();
+        PrivateKey::from_pkcs8(&pair).unwrap()
+    }
+
+    fn ring_pair() -> Vec<u8> {
+        use ring::signature::KeyPair as _;
+        let seed = [7u8; 32];
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        let mut der = vec![
+            0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        der.extend_from_slice(&[0x81, 0x21, 0x00]);
+        der.extend_from_slice(pair.public_key().as_ref());
+        der
+    }
+
+    #[test]
+    fn a_cookie_answer_sends_the_same_request_again_with_it_and_signed() {
+        let router = loc("10.0.0.9:54324");
+        let mut r = Registrar::new(LeaseConfig::default(), 0xabcd, 100);
+        r.set_routers(vec![router]);
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        r.set_key(Some(key()));
+        let p = ServicePrefix::exact(ServiceId::from_name("web.test").unwrap());
+        r.register(p, 1, 0);
+        let first = sent(&mut r, at(0))[0].1;
+        // The 140-byte form, an empty cookie, a valid signature.
+        assert_eq!(first.packet_len(), 160);
+        assert_eq!(first.cookie, Some(Cookie::EMPTY));
+        assert!(serval_keys::verify_registration(&key().public_key(), &first).is_ok());
+        // COOKIE: at once, the same request ID with the cookie, signed again.
+        let c = Cookie([5; 16]);
+        assert!(r.handle_answer(at(10), router, &first.cookie_answer(c)));
+        assert_eq!(r.poll_timeout(), Some(at(10)));
+        let again = sent(&mut r, at(10));
+        assert_eq!(again.len(), 1);
+        let again = again[0].1;
+        assert_eq!(again.request_id, first.request_id);
+        assert_eq!(again.cookie, Some(c));
+        assert!(serval_keys::verify_registration(&key().public_key(), &again).is_ok());
+        assert_eq!(r.stats().cookies, 1);
+        // The ACK hands out a fresher cookie, which the refresh uses.
+        let fresh = Cookie([6; 16]);
+        let ack = RegistrationRepr {
+            cookie: Some(fresh),
+            ..again.ack(3000)
+        };
+        assert!(r.handle_answer(at(20), router, &ack));
+        let refresh = sent(&mut r, at(1020));
+        assert_eq!(refresh[0].1.cookie, Some(fresh));
+        // A router answering COOKIE forever is followed only MAX_COOKIE_ROUNDS times.
+        for i in 0..MAX_COOKIE_ROUNDS + 2 {
+            r.handle_answer(
+                at(1021),
+                router,
+                &refresh[0].1.cookie_answer(Cookie([i as u8 + 9; 16])),
+            );
+        }
+        assert_eq!(r.stats().cookie_rounds_exceeded, 2);
+        // A new local locator drops the cookies.
+        r.set_local(Some(loc("10.0.0.2:54324")));
+        assert_eq!(sent(&mut r, at(1022))[0].1.cookie, Some(Cookie::EMPTY));
+    }
+
+    #[test]
+    fn an_unregister_follows_a_cookie_answer() {
+        let router = loc("10.0.0.9:54324");
+        let mut r = Registrar::new(LeaseConfig::default(), 1, 1);
+        r.set_routers(vec![router]);
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        let p = ServicePrefix::exact(ServiceId::from_name("web.test").unwrap());
+        r.register(p, 1, 0);
+        let req = sent(&mut r, at(0))[0].1;
+        assert_eq!(req.packet_len(), 96);
+        r.handle_answer(at(1), router, &req.ack(3000));
+        r.unregister(&p);
+        let unreg = sent(&mut r, at(2))[0].1;
+        let c = Cookie([3; 16]);
+        assert!(r.handle_answer(at(3), router, &unreg.cookie_answer(c)));
+        let again = sent(&mut r, at(3));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1.ty, MessageType::Unregister);
+        assert_eq!(again[0].1.cookie, Some(c));
+        assert!(r.handle_answer(at(4), router, &again[0].1.ack(0)));
+        assert_eq!(r.poll_timeout(), None);
     }
 }

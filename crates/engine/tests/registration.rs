@@ -59,7 +59,7 @@ fn a_listener_registers_and_the_router_sees_the_observed_source() {
     let sent = drain(&mut b, now);
     assert_eq!(sent.len(), 1);
     assert_eq!((sent[0].src, sent[0].dst), (loc(B), loc(R)));
-    assert_eq!(sent[0].payload.len(), REGISTRATION_PACKET_LEN);
+    assert_eq!(sent[0].payload.len(), REGISTRATION_PACKET_LEN + 16);
     let reg = registration(&sent[0]);
     assert_eq!(reg.ty, MessageType::Register);
     assert_eq!(
@@ -234,11 +234,11 @@ fn bad_and_out_of_place_registration_messages_are_dropped_and_counted() {
     let good = RegistrationRepr::register(1, 2, prefix("web.test"), 1, 0, 3000).to_packet();
 
     // Malformed: weight 0, unknown type, non-zero flow, short payload.
-    let mut zero_weight = good;
+    let mut zero_weight = good.clone();
     zero_weight[36..40].fill(0);
-    let mut bad_type = good;
+    let mut bad_type = good.clone();
     bad_type[20] = 77;
-    let mut flow = good;
+    let mut flow = good.clone();
     flow[19] = 1;
     for bad in [&zero_weight[..], &bad_type[..], &flow[..], &good[..70]] {
         r.handle_datagram(at(0), loc(R), loc(A), bad);
@@ -333,4 +333,89 @@ fn an_announced_prefix_registers_like_a_listener_and_merges_with_one() {
     b.close_listener(l);
     let reg = registration(&drain(&mut b, now)[0]);
     assert_eq!(reg.ty, MessageType::Unregister);
+}
+
+/// A fixed key (seed 0x11…): PKCS#8 v2 as ring writes it.
+fn test_key() -> serval_keys::PrivateKey {
+    use ring::signature::KeyPair as _;
+    let seed = [0x11u8; 32];
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+    let mut der = vec![
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(&seed);
+    der.extend_from_slice(&[0x81, 0x21, 0x00]);
+    der.extend_from_slice(pair.public_key().as_ref());
+    serval_keys::PrivateKey::from_pkcs8(&der).unwrap()
+}
+
+#[test]
+fn a_signed_registration_follows_the_routers_cookie() {
+    let mut b = endpoint(B, 2);
+    let mut r = router();
+    // The key may come before the router.
+    b.set_registration_key(Some(test_key()));
+    b.set_router(Some(loc(R)), LeaseConfig::default());
+    let _l = b.listen(prefix("web.test"), 0, 1);
+    let first = drain(&mut b, at(0));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].payload.len(), 160, "signed form");
+    deliver(first, &mut r, at(0));
+    let req = requests(&mut r).pop().unwrap();
+    assert_eq!(req.request.cookie, Some(serval_wire::Cookie::EMPTY));
+    serval_keys::verify_registration(&test_key().public_key(), &req.request).unwrap();
+
+    // The router wants its cookie echoed; the answer is no longer than the request.
+    let cookie = serval_wire::Cookie([0x42; 16]);
+    assert!(r.answer_registration(&req, &req.request.cookie_answer(cookie)));
+    let answer = drain(&mut r, at(1));
+    assert_eq!(answer[0].payload.len(), 160);
+    deliver(answer, &mut b, at(1));
+    let again = drain(&mut b, at(1));
+    assert_eq!(again.len(), 1, "sent again at once");
+    deliver(again, &mut r, at(1));
+    let req2 = requests(&mut r).pop().unwrap();
+    assert_eq!(req2.request.request_id, req.request.request_id);
+    assert_eq!(req2.request.cookie, Some(cookie));
+    serval_keys::verify_registration(&test_key().public_key(), &req2.request).unwrap();
+    assert!(r.answer_registration(&req2, &req2.request.ack(3000)));
+    deliver(drain(&mut r, at(2)), &mut b, at(2));
+    assert!(
+        events(&mut b)
+            .iter()
+            .any(|e| matches!(e, Event::Registrar(RegistrarEvent::Registered { .. })))
+    );
+
+    // A refusal comes out as an event with its reason.
+    b.listen(prefix("api.test"), 0, 1);
+    let s = drain(&mut b, at(3));
+    deliver(s, &mut r, at(3));
+    let req3 = requests(&mut r).pop().unwrap();
+    assert!(r.answer_registration(&req3, &req3.request.reject(RejectReason::UNAUTHORIZED)));
+    deliver(drain(&mut r, at(4)), &mut b, at(4));
+    assert!(events(&mut b).iter().any(|e| matches!(
+        e,
+        Event::Registrar(RegistrarEvent::Rejected {
+            reason: RejectReason::UNAUTHORIZED,
+            ..
+        })
+    )));
+}
+
+#[test]
+fn an_answer_longer_than_its_request_is_never_sent() {
+    let mut r = router();
+    // An original 60-byte REGISTER: no room for a cookie.
+    let legacy = RegistrationRepr::register(1, 2, prefix("web.test"), 1, 0, 3000);
+    r.handle_datagram(at(0), loc(R), loc(A), &legacy.to_packet());
+    let req = requests(&mut r).pop().unwrap();
+    assert!(!r.answer_registration(
+        &req,
+        &legacy.with_cookie(serval_wire::Cookie([1; 16])).ack(3000)
+    ));
+    assert!(drain(&mut r, at(0)).is_empty());
+    assert!(r.answer_registration(&req, &legacy.reject(RejectReason::COOKIE_REQUIRED)));
+    let sent = drain(&mut r, at(0));
+    assert_eq!(sent[0].payload.len(), REGISTRATION_PACKET_LEN);
 }

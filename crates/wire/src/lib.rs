@@ -36,7 +36,7 @@ pub use ext::{ControlFlags, ControlRepr, ExtType, Extension, KeyShareRepr, Servi
 pub use header::{MAX_PACKET_LEN, Protocol, SalPacket, SalRepr};
 pub use id::{FlowId, IdError, Nonce, ServiceId, ServicePrefix};
 pub use locator::Locator;
-pub use registration::{MessageType, RegError, RegistrationRepr, RejectReason};
+pub use registration::{Cookie, MessageType, RegError, RegistrationRepr, RejectReason, Signature};
 
 /// Why a packet could not be parsed (or a representation could not be emitted).
 ///

@@ -2,7 +2,10 @@
 //! prefix to me", and how the router answers.
 //!
 //! A registration message is a SAL packet whose base header has protocol
-//! [`Protocol::REGISTRATION`] and both flowIDs zero, followed by a fixed 60-byte payload:
+//! [`Protocol::REGISTRATION`] and both flowIDs zero, followed by a payload of one of three
+//! lengths: the 60-byte fixed part alone (the original form), the fixed part and a 16-byte
+//! Cookie (76 bytes: [`REGISTRATION_COOKIE_PAYLOAD_LEN`]), or those and a 64-byte Ed25519
+//! Signature (140 bytes: [`REGISTRATION_SIGNED_PAYLOAD_LEN`]). The fixed part:
 //!
 //! ```text
 //!  0                   1                   2                   3
@@ -29,10 +32,15 @@
 //! ```
 //!
 //! The locator being registered is not in the message: it is the UDP source the router
-//! observes, so registration works behind address translation and an instance cannot register
-//! someone else's address. An answer (ACK or REJECT) is the request with its type (and reason,
-//! or granted TTL) changed, so it is exactly as long as the request: a router cannot be used as
-//! an amplifier. The full specification is `docs/wire.md` §11.
+//! observes, so registration works behind address translation. The router proves that the
+//! instance receives there before storing anything: it answers a request without a valid
+//! cookie with a COOKIE message (the request with its type and Cookie field changed), and the
+//! instance sends the request again with that cookie. Under a prefix the router holds an
+//! authorised key for, the request must also carry a Signature by that key over its first 76
+//! payload bytes (`serval-keys` signs and verifies). An answer (ACK, REJECT or COOKIE) is the
+//! request with its type (and reason, granted TTL or cookie) changed, so it is exactly as long
+//! as the request: a router cannot be used as an amplifier. The full specification is
+//! `docs/wire.md` §11.
 //!
 //! ```
 //! use serval_wire::registration::{MessageType, RegistrationRepr, REGISTRATION_PACKET_LEN};
@@ -57,10 +65,22 @@ use crate::WireError;
 use crate::header::{BASE_HEADER_LEN, Protocol, SalPacket, SalRepr};
 use crate::id::{FlowId, SERVICE_ID_BITS, SERVICE_ID_LEN, ServiceId, ServicePrefix};
 
-/// Length of the registration payload after the SAL header.
+/// Length of the fixed registration payload after the SAL header (the original form, with no
+/// cookie and no signature).
 pub const REGISTRATION_PAYLOAD_LEN: usize = field::PREFIX_ID.end;
-/// Length of a whole registration packet as emitted (base header, no extension, payload).
+/// Length of a whole registration packet in the original form (base header, no extension,
+/// 60-byte payload).
 pub const REGISTRATION_PACKET_LEN: usize = BASE_HEADER_LEN + REGISTRATION_PAYLOAD_LEN;
+/// Length of the payload with a Cookie field (76 bytes).
+pub const REGISTRATION_COOKIE_PAYLOAD_LEN: usize = field::COOKIE.end;
+/// Length of the payload with a Cookie and a Signature field (140 bytes).
+pub const REGISTRATION_SIGNED_PAYLOAD_LEN: usize = field::SIGNATURE.end;
+/// Length of a return-routability cookie.
+pub const COOKIE_LEN: usize = 16;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// The payload bytes a signature covers (everything before the Signature field).
+pub const SIGNED_LEN: usize = field::COOKIE.end;
 
 /// Byte offsets in the registration payload.
 pub mod field {
@@ -85,6 +105,54 @@ pub mod field {
     pub const TTL: Field = 24..28;
     /// The prefix's 256 ID bits, zero past the prefix length.
     pub const PREFIX_ID: Field = 28..60;
+    /// The return-routability cookie (76- and 140-byte forms only); zero: none yet.
+    pub const COOKIE: Field = 60..76;
+    /// The Ed25519 signature over bytes 0..76 (140-byte form only); zero in answers.
+    pub const SIGNATURE: Field = 76..140;
+}
+
+/// A return-routability cookie: the router's proof, echoed by the instance, that the instance
+/// receives at the locator it registers (`docs/wire.md` §11.2). All zeros means "none yet".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Cookie(pub [u8; COOKIE_LEN]);
+
+impl Cookie {
+    /// No cookie yet: what an instance sends before the router gave it one.
+    pub const EMPTY: Cookie = Cookie([0; COOKIE_LEN]);
+
+    /// Whether this is [`Cookie::EMPTY`].
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; COOKIE_LEN]
+    }
+}
+
+impl fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cookie(")?;
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// An Ed25519 signature over a registration request (`docs/wire.md` §11.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; SIGNATURE_LEN]);
+
+impl Signature {
+    /// The all-zero field answers carry.
+    pub const ZERO: Signature = Signature([0; SIGNATURE_LEN]);
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Signature(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…)")
+    }
 }
 
 /// What a registration message asks or answers.
@@ -98,6 +166,9 @@ pub enum MessageType {
     Ack,
     /// Router → instance: refused, for the reason given.
     Reject(RejectReason),
+    /// Router → instance: send the request again with the cookie this message carries (only
+    /// in the 76- and 140-byte forms).
+    Cookie,
 }
 
 impl MessageType {
@@ -108,6 +179,7 @@ impl MessageType {
             MessageType::Unregister => 2,
             MessageType::Ack => 3,
             MessageType::Reject(_) => 4,
+            MessageType::Cookie => 5,
         }
     }
 
@@ -124,9 +196,19 @@ impl MessageType {
         matches!(self, MessageType::Register | MessageType::Unregister)
     }
 
-    /// Reads the type and reason bytes.
+    /// Reads the type and reason bytes of the original 60-byte form, which has no COOKIE
+    /// type (5 is unknown there); [`MessageType::from_codes_extended`] reads the longer forms.
     pub fn from_codes(ty: u8, reason: u8) -> Result<MessageType, RegError> {
+        if ty == 5 {
+            return Err(RegError::UnknownType(ty));
+        }
+        MessageType::from_codes_extended(ty, reason)
+    }
+
+    /// Reads the type and reason bytes of a 76- or 140-byte message (types 1 to 5).
+    pub fn from_codes_extended(ty: u8, reason: u8) -> Result<MessageType, RegError> {
         let t = match ty {
+            5 => MessageType::Cookie,
             1 => MessageType::Register,
             2 => MessageType::Unregister,
             3 => MessageType::Ack,
@@ -148,6 +230,7 @@ impl fmt::Display for MessageType {
             MessageType::Unregister => f.write_str("UNREGISTER"),
             MessageType::Ack => f.write_str("ACK"),
             MessageType::Reject(r) => write!(f, "REJECT ({r})"),
+            MessageType::Cookie => f.write_str("COOKIE"),
         }
     }
 }
@@ -166,6 +249,13 @@ impl RejectReason {
     pub const UNAVAILABLE: RejectReason = RejectReason(2);
     /// The router holds as many registrations as it is configured to.
     pub const LIMIT: RejectReason = RejectReason(3);
+    /// The prefix falls under a prefix the router holds an authorised key for, and the
+    /// request is not signed by such a key (or the prefix covers an authorised prefix that it
+    /// would capture).
+    pub const UNAUTHORIZED: RejectReason = RejectReason(4);
+    /// A request in the original 60-byte form, which has no room for the cookie the router
+    /// needs to see echoed: send it in the 76-byte form.
+    pub const COOKIE_REQUIRED: RejectReason = RejectReason(5);
 }
 
 impl fmt::Display for RejectReason {
@@ -174,6 +264,12 @@ impl fmt::Display for RejectReason {
             RejectReason::NOT_ACCEPTED => f.write_str("prefix not accepted by this router"),
             RejectReason::UNAVAILABLE => f.write_str("router's registry unavailable"),
             RejectReason::LIMIT => f.write_str("router's registration limit reached"),
+            RejectReason::UNAUTHORIZED => {
+                f.write_str("not signed by the key authorized for the prefix")
+            }
+            RejectReason::COOKIE_REQUIRED => {
+                f.write_str("the router requires a cookie (an older instance?)")
+            }
             RejectReason(other) => write!(f, "reason {other}"),
         }
     }
@@ -199,10 +295,10 @@ pub enum RegError {
     /// A flowID in the SAL header is not zero.
     #[error("registration message with a non-zero flowID")]
     FlowNotZero,
-    /// The payload is not exactly [`REGISTRATION_PAYLOAD_LEN`] bytes.
-    #[error("registration payload of {0} bytes (expected {n})", n = REGISTRATION_PAYLOAD_LEN)]
+    /// The payload is not 60, 76 or 140 bytes long.
+    #[error("registration payload of {0} bytes (expected 60, 76 or 140)")]
     BadLength(usize),
-    /// The type byte is not 1 to 4.
+    /// The type byte is not 1 to 4 (1 to 5 in the 76- and 140-byte forms).
     #[error("unknown registration message type {0}")]
     UnknownType(u8),
     /// A REJECT with reason 0, or another type with a non-zero reason.
@@ -222,6 +318,9 @@ pub enum RegError {
     /// The weight is zero.
     #[error("registration weight 0 (must be at least 1)")]
     ZeroWeight,
+    /// On emit: a COOKIE message with no cookie to carry.
+    #[error("a COOKIE message needs a cookie")]
+    CookieMissing,
     /// On emit: the buffer is shorter than the message.
     #[error("buffer of {available} bytes cannot hold the {needed}-byte registration message")]
     BufferTooSmall {
@@ -256,12 +355,18 @@ impl<T: AsRef<[u8]>> RegistrationMessage<T> {
         Ok(m)
     }
 
-    /// Checks, in this order: the length is exactly [`REGISTRATION_PAYLOAD_LEN`]; the type is
-    /// known and the reason fits it (non-zero in a REJECT, zero otherwise); the prefix length is
-    /// at most 256 and no ID bit past it is set; the weight is at least 1.
+    /// Checks, in this order: the length is 60, 76 or 140 bytes; the type is known (1 to 4,
+    /// and 5 in the longer forms) and the reason fits it (non-zero in a REJECT, zero
+    /// otherwise); the prefix length is at most 256 and no ID bit past it is set; the weight
+    /// is at least 1. The Cookie and Signature fields are not checked here.
     pub fn check(&self) -> Result<(), RegError> {
         let len = self.buffer.as_ref().len();
-        if len != REGISTRATION_PAYLOAD_LEN {
+        if !matches!(
+            len,
+            REGISTRATION_PAYLOAD_LEN
+                | REGISTRATION_COOKIE_PAYLOAD_LEN
+                | REGISTRATION_SIGNED_PAYLOAD_LEN
+        ) {
             return Err(RegError::BadLength(len));
         }
         self.message_type()?;
@@ -288,10 +393,28 @@ impl<T: AsRef<[u8]>> RegistrationMessage<T> {
         u32::from_be_bytes([d[0], d[1], d[2], d[3]])
     }
 
-    /// The type (with the reject reason).
+    /// The type (with the reject reason). Type 5 (COOKIE) exists only in the longer forms.
     pub fn message_type(&self) -> Result<MessageType, RegError> {
         let d = self.buffer.as_ref();
-        MessageType::from_codes(d[field::TYPE], d[field::REASON])
+        if d.len() > REGISTRATION_PAYLOAD_LEN {
+            MessageType::from_codes_extended(d[field::TYPE], d[field::REASON])
+        } else {
+            MessageType::from_codes(d[field::TYPE], d[field::REASON])
+        }
+    }
+
+    /// The Cookie field, in the 76- and 140-byte forms.
+    pub fn cookie(&self) -> Option<Cookie> {
+        let mut c = [0u8; COOKIE_LEN];
+        c.copy_from_slice(self.buffer.as_ref().get(field::COOKIE)?);
+        Some(Cookie(c))
+    }
+
+    /// The Signature field, in the 140-byte form.
+    pub fn signature(&self) -> Option<Signature> {
+        let mut s = [0u8; SIGNATURE_LEN];
+        s.copy_from_slice(self.buffer.as_ref().get(field::SIGNATURE)?);
+        Some(Signature(s))
     }
 
     /// The prefix length field (not checked against 256 by this accessor).
@@ -343,6 +466,11 @@ impl<T: AsRef<[u8]>> RegistrationMessage<T> {
 /// | UNREGISTER | as registered | 0 |
 /// | ACK | echoed | the lease granted (REGISTER), 0 (UNREGISTER) |
 /// | REJECT | echoed | 0 |
+/// | COOKIE | echoed | 0 |
+///
+/// `cookie` and `signature` choose the form: neither, the original 60 bytes; a cookie, 76
+/// bytes; a signature, 140 bytes (with the cookie, or a zero Cookie field if `cookie` is
+/// `None`: parsing gives `Some(Cookie::EMPTY)` back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RegistrationRepr {
     /// What the message asks or answers.
@@ -361,6 +489,11 @@ pub struct RegistrationRepr {
     pub priority: u32,
     /// Lease in milliseconds; see the table above.
     pub ttl_ms: u32,
+    /// The Cookie field: in a request, the cookie the router gave (or [`Cookie::EMPTY`] for
+    /// none yet); in a COOKIE or ACK, the cookie to use next; `None`: the 60-byte form.
+    pub cookie: Option<Cookie>,
+    /// The Signature field (140-byte form); see `serval-keys` for what it covers.
+    pub signature: Option<Signature>,
 }
 
 impl RegistrationRepr {
@@ -381,7 +514,45 @@ impl RegistrationRepr {
             weight,
             priority,
             ttl_ms,
+            cookie: None,
+            signature: None,
         }
+    }
+
+    /// This request with the Cookie field set (the 76-byte form, or 140 if signed). The
+    /// signature, if any, no longer covers it: sign again.
+    pub fn with_cookie(&self, cookie: Cookie) -> RegistrationRepr {
+        RegistrationRepr {
+            cookie: Some(cookie),
+            ..*self
+        }
+    }
+
+    /// The COOKIE answer to this request, carrying `cookie`: as long as the request, which
+    /// must have a Cookie field (a 60-byte request has no room; answer it with a REJECT of
+    /// [`RejectReason::COOKIE_REQUIRED`]).
+    pub fn cookie_answer(&self, cookie: Cookie) -> RegistrationRepr {
+        RegistrationRepr {
+            ty: MessageType::Cookie,
+            ttl_ms: 0,
+            cookie: self.cookie.map(|_| cookie),
+            signature: self.signature.map(|_| Signature::ZERO),
+            ..*self
+        }
+    }
+
+    /// Bytes `0..76` of the payload, what a signature covers: the fixed part and the Cookie
+    /// field (zero when `cookie` is `None`), whatever the form. A weight of 0 is written as 1.
+    pub fn signed_bytes(&self) -> [u8; SIGNED_LEN] {
+        let mut out = [0u8; SIGNED_LEN];
+        let repr = RegistrationRepr {
+            weight: self.weight.max(1),
+            cookie: Some(self.cookie.unwrap_or(Cookie::EMPTY)),
+            signature: None,
+            ..*self
+        };
+        let _ = repr.emit(&mut out);
+        out
     }
 
     /// The UNREGISTER of what this REGISTER registered, under a new request ID.
@@ -394,20 +565,23 @@ impl RegistrationRepr {
         }
     }
 
-    /// The ACK of this request, granting `ttl_ms` (pass 0 for an UNREGISTER).
+    /// The ACK of this request, granting `ttl_ms` (pass 0 for an UNREGISTER). Same form as
+    /// the request, with a zero Signature field.
     pub fn ack(&self, ttl_ms: u32) -> RegistrationRepr {
         RegistrationRepr {
             ty: MessageType::Ack,
             ttl_ms,
+            signature: self.signature.map(|_| Signature::ZERO),
             ..*self
         }
     }
 
-    /// The REJECT of this request.
+    /// The REJECT of this request. Same form as the request, with a zero Signature field.
     pub fn reject(&self, reason: RejectReason) -> RegistrationRepr {
         RegistrationRepr {
             ty: MessageType::Reject(reason),
             ttl_ms: 0,
+            signature: self.signature.map(|_| Signature::ZERO),
             ..*self
         }
     }
@@ -427,6 +601,8 @@ impl RegistrationRepr {
     ) -> Result<RegistrationRepr, RegError> {
         msg.check()?;
         Ok(RegistrationRepr {
+            cookie: msg.cookie(),
+            signature: msg.signature(),
             ty: msg.message_type()?,
             request_id: msg.request_id(),
             instance: msg.instance(),
@@ -454,20 +630,34 @@ impl RegistrationRepr {
         RegistrationRepr::parse(&RegistrationMessage::new_unchecked(packet.payload()))
     }
 
-    /// Bytes of payload [`emit`](Self::emit) writes.
+    /// Bytes of payload [`emit`](Self::emit) writes: 60, 76 or 140 (see the type's docs).
     pub const fn buffer_len(&self) -> usize {
-        REGISTRATION_PAYLOAD_LEN
+        match (self.cookie, self.signature) {
+            (_, Some(_)) => REGISTRATION_SIGNED_PAYLOAD_LEN,
+            (Some(_), None) => REGISTRATION_COOKIE_PAYLOAD_LEN,
+            (None, None) => REGISTRATION_PAYLOAD_LEN,
+        }
+    }
+
+    /// Bytes of the whole packet [`to_packet`](Self::to_packet) writes.
+    pub const fn packet_len(&self) -> usize {
+        BASE_HEADER_LEN + self.buffer_len()
     }
 
     /// Writes the payload at the start of `buf`. Fails, writing nothing, if the buffer is too
-    /// short or the message would not pass [`RegistrationMessage::check`] (weight 0).
+    /// short or the message would not pass [`RegistrationMessage::check`] (weight 0, or a
+    /// COOKIE with no cookie).
     pub fn emit(&self, buf: &mut [u8]) -> Result<(), RegError> {
         if self.weight == 0 {
             return Err(RegError::ZeroWeight);
         }
-        let Some(b) = buf.get_mut(..REGISTRATION_PAYLOAD_LEN) else {
+        if self.ty == MessageType::Cookie && self.cookie.is_none() {
+            return Err(RegError::CookieMissing);
+        }
+        let needed = self.buffer_len();
+        let Some(b) = buf.get_mut(..needed) else {
             return Err(RegError::BufferTooSmall {
-                needed: REGISTRATION_PAYLOAD_LEN,
+                needed,
                 available: buf.len(),
             });
         };
@@ -480,23 +670,36 @@ impl RegistrationRepr {
         b[field::PRIORITY].copy_from_slice(&self.priority.to_be_bytes());
         b[field::TTL].copy_from_slice(&self.ttl_ms.to_be_bytes());
         b[field::PREFIX_ID].copy_from_slice(self.prefix.id().as_bytes());
+        if let Some(c) = b.get_mut(field::COOKIE) {
+            c.copy_from_slice(&self.cookie.unwrap_or(Cookie::EMPTY).0);
+        }
+        if let (Some(s), Some(sig)) = (b.get_mut(field::SIGNATURE), self.signature) {
+            s.copy_from_slice(&sig.0);
+        }
         Ok(())
     }
 
-    /// The whole SAL packet: base header (protocol 3, flowIDs zero, no extension) and payload.
+    /// The whole SAL packet: base header (protocol 3, flowIDs zero, no extension) and payload
+    /// ([`packet_len`](Self::packet_len) bytes: 80, 96 or 160).
     ///
-    /// A weight of 0 (which no parsed message has) is written as 1.
-    pub fn to_packet(&self) -> [u8; REGISTRATION_PACKET_LEN] {
-        let mut out = [0u8; REGISTRATION_PACKET_LEN];
+    /// A weight of 0 (which no parsed message has) is written as 1; a COOKIE without a cookie
+    /// (which no parsed message is) carries an empty one.
+    pub fn to_packet(&self) -> Vec<u8> {
+        let mut out = vec![0u8; BASE_HEADER_LEN + REGISTRATION_SIGNED_PAYLOAD_LEN];
         let header = SalRepr::new(Protocol::REGISTRATION, FlowId::NONE, FlowId::NONE);
         let mut packet = SalPacket::new_unchecked(&mut out[..]);
         // A bare base header always fits in 80 bytes.
         let _ = header.emit(&mut packet);
         let repr = RegistrationRepr {
             weight: self.weight.max(1),
+            cookie: match self.ty {
+                MessageType::Cookie => Some(self.cookie.unwrap_or(Cookie::EMPTY)),
+                _ => self.cookie,
+            },
             ..*self
         };
         let _ = repr.emit(&mut out[BASE_HEADER_LEN..]);
+        out.truncate(repr.packet_len());
         out
     }
 }
@@ -525,6 +728,8 @@ mod tests {
     fn sizes() {
         assert_eq!(REGISTRATION_PAYLOAD_LEN, 60);
         assert_eq!(REGISTRATION_PACKET_LEN, 80);
+        assert_eq!(REGISTRATION_COOKIE_PAYLOAD_LEN, 76);
+        assert_eq!(REGISTRATION_SIGNED_PAYLOAD_LEN, 140);
     }
 
     #[test]
@@ -537,7 +742,21 @@ mod tests {
             MessageType::Reject(RejectReason(200)),
         ] {
             assert_eq!(MessageType::from_codes(t.code(), t.reason_code()), Ok(t));
+            assert_eq!(
+                MessageType::from_codes_extended(t.code(), t.reason_code()),
+                Ok(t)
+            );
         }
+        // COOKIE exists only in the longer forms.
+        assert_eq!(MessageType::from_codes(5, 0), Err(RegError::UnknownType(5)));
+        assert_eq!(
+            MessageType::from_codes_extended(5, 0),
+            Ok(MessageType::Cookie)
+        );
+        assert_eq!(
+            MessageType::from_codes_extended(6, 0),
+            Err(RegError::UnknownType(6))
+        );
         assert_eq!(
             MessageType::from_codes(4, 0),
             Err(RegError::BadReason { ty: 4, reason: 0 })

@@ -4,11 +4,12 @@
 
 use proptest::prelude::*;
 use serval_wire::registration::{
-    REGISTRATION_PACKET_LEN, REGISTRATION_PAYLOAD_LEN, RegistrationMessage, field,
+    REGISTRATION_COOKIE_PAYLOAD_LEN, REGISTRATION_PACKET_LEN, REGISTRATION_PAYLOAD_LEN,
+    REGISTRATION_SIGNED_PAYLOAD_LEN, RegistrationMessage, field,
 };
 use serval_wire::{
-    FlowId, MessageType, Protocol, RegError, RegistrationRepr, RejectReason, SalPacket, SalRepr,
-    ServiceId, ServicePrefix, WireError,
+    Cookie, FlowId, MessageType, Protocol, RegError, RegistrationRepr, RejectReason, SalPacket,
+    SalRepr, ServiceId, ServicePrefix, Signature, WireError,
 };
 
 /// The ID whose bytes are 0x20, 0x21, … 0x3f.
@@ -130,6 +131,19 @@ fn every_error_is_reached() {
     let check = |b: &[u8]| RegistrationMessage::new_checked(b).map(|_| ());
     assert_eq!(check(&REGISTER_BYTES[20..79]), Err(RegError::BadLength(59)));
     assert_eq!(check(&[0u8; 61]), Err(RegError::BadLength(61)));
+    for n in [75, 77, 139, 141] {
+        assert_eq!(check(&vec![0u8; n]), Err(RegError::BadLength(n)));
+    }
+    // Type 5 (COOKIE) is unknown in the 60-byte form, known in the longer ones.
+    assert_eq!(
+        check(&payload_with(|b| b[0] = 5)),
+        Err(RegError::UnknownType(5))
+    );
+    let mut long = payload_with(|b| b[0] = 5);
+    long.extend_from_slice(&[0; 16]);
+    assert_eq!(check(&long), Ok(()));
+    long[0] = 6;
+    assert_eq!(check(&long), Err(RegError::UnknownType(6)));
     assert_eq!(
         check(&payload_with(|b| b[0] = 9)),
         Err(RegError::UnknownType(9))
@@ -197,6 +211,27 @@ fn every_error_is_reached() {
     // `to_packet` never writes a weight of 0.
     let bytes = zero.to_packet();
     assert_eq!(&bytes[36..40], &[0, 0, 0, 1]);
+    // A COOKIE needs a cookie (to_packet writes an empty one).
+    let no_cookie = RegistrationRepr {
+        ty: MessageType::Cookie,
+        ..register_fixture()
+    };
+    assert_eq!(
+        no_cookie.emit(&mut [0u8; 140]),
+        Err(RegError::CookieMissing)
+    );
+    assert_eq!(no_cookie.to_packet().len(), 96);
+    let signed = RegistrationRepr {
+        signature: Some(Signature([1; 64])),
+        ..register_fixture()
+    };
+    assert_eq!(
+        signed.emit(&mut [0u8; 139]),
+        Err(RegError::BufferTooSmall {
+            needed: 140,
+            available: 139
+        })
+    );
 }
 
 #[test]
@@ -209,6 +244,105 @@ fn extensions_before_the_payload_are_skipped() {
     let bytes = header.to_bytes(&payload).unwrap();
     let p = SalPacket::new_checked(&bytes[..]).unwrap();
     assert_eq!(RegistrationRepr::parse_packet(&p), Ok(register_fixture()));
+}
+
+/// The cookie of §11.4: slot 0x00000102, then the MAC bytes 0xc0, 0xc1, … 0xcb.
+fn cookie_fixture() -> Cookie {
+    let mut c = [0u8; 16];
+    c[..4].copy_from_slice(&[0, 0, 1, 2]);
+    for (i, b) in c[4..].iter_mut().enumerate() {
+        *b = 0xc0 + i as u8;
+    }
+    Cookie(c)
+}
+
+#[test]
+fn cookie_form_fixture_bytes() {
+    // The first REGISTER of §11.4 in the 76-byte form: an empty cookie.
+    let first = register_fixture().with_cookie(Cookie::EMPTY);
+    let bytes = first.to_packet();
+    assert_eq!(bytes.len(), 96);
+    assert_eq!(&bytes[..80], &REGISTER_BYTES[..]);
+    assert_eq!(&bytes[80..], &[0u8; 16]);
+    let p = SalPacket::new_checked(&bytes[..]).unwrap();
+    assert_eq!(p.payload().len(), REGISTRATION_COOKIE_PAYLOAD_LEN);
+    assert_eq!(RegistrationRepr::parse_packet(&p), Ok(first));
+
+    // The router's COOKIE: type 5, TTL 0, the cookie in place of the empty one.
+    let answer = first.cookie_answer(cookie_fixture());
+    let a = answer.to_packet();
+    let mut expected = bytes.clone();
+    expected[20] = 5;
+    expected[44..48].fill(0);
+    expected[80..96].copy_from_slice(&[
+        0x00, 0x00, 0x01, 0x02, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9, 0xca,
+        0xcb,
+    ]);
+    assert_eq!(a, expected);
+    assert!(first.is_answered_by(&answer));
+    let parsed = RegistrationRepr::parse_packet(&SalPacket::new_checked(&a[..]).unwrap()).unwrap();
+    assert_eq!(parsed.ty, MessageType::Cookie);
+    assert_eq!(parsed.cookie, Some(cookie_fixture()));
+
+    // The REGISTER again with the cookie, and its ACK (which may carry a fresher cookie).
+    let again = first.with_cookie(cookie_fixture());
+    let mut expected = bytes.clone();
+    expected[80..96].copy_from_slice(&cookie_fixture().0);
+    assert_eq!(again.to_packet(), expected);
+    let ack = again.ack(2500).to_packet();
+    assert_eq!(ack.len(), 96);
+    assert_eq!(ack[20], 3);
+    // A 60-byte request has no room for a cookie: its REJECT says so, in 80 bytes.
+    let reject = register_fixture()
+        .reject(RejectReason::COOKIE_REQUIRED)
+        .to_packet();
+    assert_eq!(reject.len(), 80);
+    assert_eq!(&reject[20..22], &[4, 5]);
+}
+
+#[test]
+fn signed_form_fixture_bytes() {
+    // The signed REGISTER of §11.4: the cookie form, then 64 signature bytes (here 0x40…0x7f;
+    // serval-keys' tests check real signatures).
+    let mut sig = [0u8; 64];
+    for (i, b) in sig.iter_mut().enumerate() {
+        *b = 0x40 + i as u8;
+    }
+    let signed = RegistrationRepr {
+        signature: Some(Signature(sig)),
+        ..register_fixture().with_cookie(cookie_fixture())
+    };
+    let bytes = signed.to_packet();
+    assert_eq!(bytes.len(), 160);
+    assert_eq!(&bytes[..80], &REGISTER_BYTES[..]);
+    assert_eq!(&bytes[80..96], &cookie_fixture().0);
+    assert_eq!(&bytes[96..], &sig[..]);
+    let p = SalPacket::new_checked(&bytes[..]).unwrap();
+    assert_eq!(p.payload().len(), REGISTRATION_SIGNED_PAYLOAD_LEN);
+    assert_eq!(RegistrationRepr::parse_packet(&p), Ok(signed));
+    // What the signature covers: payload bytes 0..76.
+    assert_eq!(&signed.signed_bytes()[..], &bytes[20..96]);
+    // Answers keep the length, with a zero signature.
+    for answer in [
+        signed.ack(2500),
+        signed.reject(RejectReason::UNAUTHORIZED),
+        signed.cookie_answer(Cookie([9; 16])),
+    ] {
+        let a = answer.to_packet();
+        assert_eq!(a.len(), 160);
+        assert!(a[96..].iter().all(|&b| b == 0));
+    }
+    let rej = signed.reject(RejectReason::UNAUTHORIZED).to_packet();
+    assert_eq!(&rej[20..22], &[4, 4]);
+    // A signature without a cookie is sent with an empty Cookie field.
+    let no_cookie = RegistrationRepr {
+        signature: Some(Signature(sig)),
+        ..register_fixture()
+    };
+    let b = no_cookie.to_packet();
+    assert_eq!(&b[80..96], &[0u8; 16]);
+    let back = RegistrationRepr::parse_packet(&SalPacket::new_checked(&b[..]).unwrap()).unwrap();
+    assert_eq!(back.cookie, Some(Cookie::EMPTY));
 }
 
 #[test]
@@ -225,7 +359,35 @@ fn display_is_one_readable_line() {
 
 fn repr() -> impl Strategy<Value = RegistrationRepr> {
     (
-        0u8..4,
+        base_repr(),
+        0u8..3,
+        any::<[u8; 16]>(),
+        any::<[u8; 32]>(),
+        any::<[u8; 32]>(),
+    )
+        .prop_map(|(r, form, cookie, s1, s2)| {
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(&s1);
+            sig[32..].copy_from_slice(&s2);
+            match form {
+                // COOKIE exists only in the longer forms.
+                0 if r.ty != MessageType::Cookie => r,
+                1 | 0 => RegistrationRepr {
+                    cookie: Some(Cookie(cookie)),
+                    ..r
+                },
+                _ => RegistrationRepr {
+                    cookie: Some(Cookie(cookie)),
+                    signature: Some(Signature(sig)),
+                    ..r
+                },
+            }
+        })
+}
+
+fn base_repr() -> impl Strategy<Value = RegistrationRepr> {
+    (
+        0u8..5,
         1u8..=255,
         any::<u32>(),
         any::<u64>(),
@@ -241,6 +403,7 @@ fn repr() -> impl Strategy<Value = RegistrationRepr> {
                     0 => MessageType::Register,
                     1 => MessageType::Unregister,
                     2 => MessageType::Ack,
+                    3 => MessageType::Cookie,
                     _ => MessageType::Reject(RejectReason(reason)),
                 };
                 RegistrationRepr {
@@ -251,6 +414,8 @@ fn repr() -> impl Strategy<Value = RegistrationRepr> {
                     weight,
                     priority,
                     ttl_ms,
+                    cookie: None,
+                    signature: None,
                 }
             },
         )
@@ -260,19 +425,24 @@ proptest! {
     #[test]
     fn round_trip(r in repr()) {
         let bytes = r.to_packet();
-        prop_assert_eq!(bytes.len(), REGISTRATION_PACKET_LEN);
+        prop_assert_eq!(bytes.len(), r.packet_len());
+        prop_assert!(matches!(bytes.len(), REGISTRATION_PACKET_LEN | 96 | 160));
         let p = SalPacket::new_checked(&bytes[..]).unwrap();
         prop_assert_eq!(RegistrationRepr::parse_packet(&p), Ok(r));
-        // Answers are never larger than the request.
+        // Answers are exactly as long as the request: no amplification.
         prop_assert_eq!(r.ack(1).to_packet().len(), bytes.len());
+        prop_assert_eq!(r.reject(RejectReason::UNAUTHORIZED).to_packet().len(), bytes.len());
+        if r.cookie.is_some() {
+            prop_assert_eq!(r.cookie_answer(Cookie([7; 16])).to_packet().len(), bytes.len());
+        }
     }
 
     #[test]
-    fn arbitrary_payloads_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+    fn arbitrary_payloads_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..150)) {
         let r = RegistrationMessage::new_checked(&bytes[..]).and_then(|m| RegistrationRepr::parse(&m));
         if let Ok(repr) = r {
             // Whatever parses re-emits to the same bytes.
-            let mut out = [0u8; REGISTRATION_PAYLOAD_LEN];
+            let mut out = vec![0u8; repr.buffer_len()];
             repr.emit(&mut out).unwrap();
             prop_assert_eq!(&out[..], &bytes[..]);
         }
@@ -280,7 +450,7 @@ proptest! {
 
     #[test]
     fn arbitrary_packets_never_panic(
-        mut bytes in prop::collection::vec(any::<u8>(), 0..120),
+        mut bytes in prop::collection::vec(any::<u8>(), 0..180),
         fix_header in any::<bool>(),
     ) {
         if fix_header && bytes.len() >= 20 {

@@ -61,6 +61,28 @@ impl Endpoint {
         self.locals_changed();
     }
 
+    /// Signs every registration request with `key` from now on (`None`: unsigned), so that a
+    /// router holding that key's authorisation for the prefix accepts them
+    /// (`docs/security.md`). Works before or after [`Endpoint::set_router`]; registrations
+    /// under way start over, signed.
+    pub fn set_registration_key(&mut self, key: Option<serval_keys::PrivateKey>) {
+        if self.registrar.is_none() {
+            if key.is_none() {
+                return;
+            }
+            let instance = self.rng.next_u64();
+            let first_id = self.rng.next_u32();
+            let mut r = Registrar::new(LeaseConfig::default(), instance, first_id);
+            for (prefix, weight, priority) in self.listener_prefixes() {
+                r.register(prefix, weight, priority);
+            }
+            self.registrar = Some(r);
+        }
+        if let Some(r) = self.registrar.as_mut() {
+            r.set_key(key);
+        }
+    }
+
     /// Registers `prefix` with the router (weight and priority as a listener's) although no
     /// listener serves it here: a child router announcing to its parent the prefixes it
     /// routes for, so that the parent forwards their SYNs to it. Merged with the listeners'
@@ -100,16 +122,17 @@ impl Endpoint {
         self.serve_registrations = serve;
     }
 
-    /// Sends `answer` (an ACK or REJECT built from `req.request`) back to where `req` came
-    /// from. Returns `false`, sending nothing, if `answer` does not answer `req.request`
-    /// ([`RegistrationRepr::is_answered_by`]) or the endpoint's send queue is full (counted
-    /// in [`EndpointStats::transmit_queue_drops`](super::EndpointStats)).
+    /// Sends `answer` (an ACK, REJECT or COOKIE built from `req.request`) back to where `req`
+    /// came from. Returns `false`, sending nothing, if `answer` does not answer `req.request`
+    /// ([`RegistrationRepr::is_answered_by`]), would be longer than the request (never an
+    /// amplifier), or the endpoint's send queue is full (counted in
+    /// [`EndpointStats::transmit_queue_drops`](super::EndpointStats)).
     pub fn answer_registration(
         &mut self,
         req: &RegistrationRequest,
         answer: &RegistrationRepr,
     ) -> bool {
-        if !req.request.is_answered_by(answer) {
+        if !req.request.is_answered_by(answer) || answer.packet_len() > req.request.packet_len() {
             return false;
         }
         let queued = self.queue_transmit(Transmit {
