@@ -41,7 +41,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use serval_keys::PrivateKey;
+pub use serval_keys::PrivateKey;
 use serval_wire::registration::{Cookie, MessageType, RegistrationRepr, RejectReason};
 use serval_wire::{Locator, ServicePrefix};
 

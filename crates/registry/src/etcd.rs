@@ -42,6 +42,8 @@
 //! over to the next member on error; writes wait (boundedly) for the replica to reflect them,
 //! so a handle reads its own writes.
 
+mod auth;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
@@ -194,6 +196,9 @@ fn valid_endpoint(text: &str) -> bool {
 pub(crate) struct EtcdRegistry {
     shared: Arc<Shared>,
     task: tokio::task::AbortHandle,
+    /// Follows the authorisations (`auth` module), publishing them here.
+    auths: tokio::sync::watch::Sender<Vec<crate::Authorization>>,
+    auth_task: tokio::task::AbortHandle,
     /// Saves the replica to the cache file, if there is one.
     saver: Option<tokio::task::AbortHandle>,
 }
@@ -210,6 +215,7 @@ impl fmt::Debug for EtcdRegistry {
 impl Drop for EtcdRegistry {
     fn drop(&mut self) {
         self.task.abort();
+        self.auth_task.abort();
         if let Some(saver) = &self.saver {
             saver.abort();
         }
@@ -383,11 +389,18 @@ impl EtcdRegistry {
             .clone()
             .map(|path| tokio::spawn(save_cache(shared.clone(), path)).abort_handle());
         match first_rx.await {
-            Ok(Ok(())) => Ok(EtcdRegistry {
-                shared,
-                task: task.abort_handle(),
-                saver,
-            }),
+            Ok(Ok(())) => {
+                let auths = tokio::sync::watch::Sender::new(Vec::new());
+                let auth_task =
+                    tokio::spawn(auth::follow(shared.clone(), auths.clone())).abort_handle();
+                Ok(EtcdRegistry {
+                    shared,
+                    task: task.abort_handle(),
+                    auths,
+                    auth_task,
+                    saver,
+                })
+            }
             Ok(Err(e)) => {
                 task.abort();
                 if let Some(saver) = saver {
@@ -556,6 +569,16 @@ impl EtcdRegistry {
 
     pub(crate) fn health(&self) -> Health {
         self.shared.lock().health.clone()
+    }
+
+    /// Writes an authorisation (see the `auth` module).
+    pub(crate) async fn authorize(&self, a: crate::Authorization) -> Result<(), RegistryError> {
+        auth::put(&self.shared, a).await
+    }
+
+    /// The authorisations etcd holds, as the follower sees them.
+    pub(crate) fn authorizations(&self) -> tokio::sync::watch::Receiver<Vec<crate::Authorization>> {
+        self.auths.subscribe()
     }
 
     pub(crate) fn stats(&self) -> RegistryStats {

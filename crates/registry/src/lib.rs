@@ -129,6 +129,17 @@ pub enum RegistryError {
     Unavailable(String),
 }
 
+/// A key authorised for a service prefix: registrations under the prefix must be signed by
+/// it (`docs/security.md`). The key is kept as its public key line (`ed25519:…`); the router
+/// parses it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Authorization {
+    /// The prefix the key may register under.
+    pub prefix: ServicePrefix,
+    /// The public key line.
+    pub key: String,
+}
+
 /// A handle on a registry; cheap to clone, every clone sees the same store.
 #[derive(Clone, Debug)]
 pub struct Registry {
@@ -240,6 +251,30 @@ impl Registry {
         match &self.backend {
             Backend::Memory(m) => m.subscribe(self.clone()),
             Backend::Etcd(e) => e.subscribe(self.clone()),
+        }
+    }
+
+    /// Publishes that registrations under `auth.prefix` need `auth.key`'s signature. In memory
+    /// this is seen by this process's [`Registry::authorizations`] only; with etcd it is the
+    /// key `<prefix>/v1/auth/<service prefix>/<key>` (no lease: it stays until deleted), seen
+    /// by every router on the same etcd. Fails with [`RegistryError::Unavailable`] when etcd
+    /// cannot be reached.
+    pub async fn authorize(&self, auth: Authorization) -> Result<(), RegistryError> {
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.authorize(auth);
+                Ok(())
+            }
+            Backend::Etcd(e) => e.authorize(auth).await,
+        }
+    }
+
+    /// Every authorisation the registry holds, as it changes (with etcd: listed, then
+    /// watched; kept while etcd is unreachable).
+    pub fn authorizations(&self) -> tokio::sync::watch::Receiver<Vec<Authorization>> {
+        match &self.backend {
+            Backend::Memory(m) => m.authorizations(),
+            Backend::Etcd(e) => e.authorizations(),
         }
     }
 

@@ -21,6 +21,8 @@ pub struct MemoryRegistry {
     changes: broadcast::Sender<Change>,
     /// Wakes the expiry task when an earlier deadline appears.
     wake: Arc<Notify>,
+    /// Authorisations published in this process.
+    auths: tokio::sync::watch::Sender<Vec<crate::Authorization>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,7 +46,25 @@ impl MemoryRegistry {
             state: Mutex::new(State::default()),
             changes: broadcast::channel(CHANGE_BUFFER).0,
             wake: Arc::new(Notify::new()),
+            auths: tokio::sync::watch::Sender::new(Vec::new()),
         }
+    }
+
+    /// Adds an authorisation (no-op if held).
+    pub(crate) fn authorize(&self, auth: crate::Authorization) {
+        self.auths.send_if_modified(|v| {
+            if v.contains(&auth) {
+                return false;
+            }
+            v.push(auth);
+            v.sort();
+            true
+        });
+    }
+
+    /// The authorisations, as they change.
+    pub(crate) fn authorizations(&self) -> tokio::sync::watch::Receiver<Vec<crate::Authorization>> {
+        self.auths.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

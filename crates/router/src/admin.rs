@@ -65,6 +65,31 @@ impl AdminSource for Router {
                 s.rejected_unavailable,
             ),
             Metric::counter(
+                "router_registrations_rejected_unauthorized",
+                "Requests refused: under an authorized prefix and not signed by its key.",
+                s.rejected_unauthorized,
+            ),
+            Metric::counter(
+                "router_registrations_rejected_cookie_required",
+                "Requests refused: the 60-byte form, with no room for a cookie.",
+                s.rejected_cookie_required,
+            ),
+            Metric::counter(
+                "router_registration_cookies_sent",
+                "COOKIE answers: requests without a valid cookie (first contact or a forged source).",
+                s.cookies_sent,
+            ),
+            Metric::gauge(
+                "router_authorizations",
+                "Prefix authorizations enforced (this router's and the registry's).",
+                s.authorizations,
+            ),
+            Metric::counter(
+                "router_authorizations_malformed",
+                "Authorizations from the registry skipped: the key does not parse.",
+                s.authorizations_malformed,
+            ),
+            Metric::counter(
                 "router_unregistrations",
                 "UNREGISTERs handled.",
                 s.unregistrations,

@@ -35,6 +35,16 @@
 //!   remove one FORWARD target with its weight and priority — so the table always equals the
 //!   registry, whichever router wrote it (with etcd, any number of routers share it).
 //!
+//! Two checks come before the policy (`docs/security.md`):
+//!
+//! * **return routability**: a request is handled only if it echoes a cookie this router
+//!   issued for its observed source, instance token and prefix ([`serval_keys::cookie`]);
+//!   otherwise the dispatcher answers COOKIE at once (no larger than the request, no state
+//!   kept), and a forged source address never sees the cookie. Every ACK carries a fresh one;
+//! * **authorisation**: under a prefix the router holds an authorised key for
+//!   ([`RouterConfig::authorize`], and with etcd every router's), a request must be signed by
+//!   such a key, or it is refused with REJECT `UNAUTHORIZED` and counted.
+//!
 //! Floods cost counters, not memory: requests beyond the queues are dropped and counted, and
 //! the engine bounds what it queues to send. Counters ([`Router::stats`]) and the registration
 //! list with leases ([`Router::registrations`]) are public, for an admin or metrics layer.
@@ -53,7 +63,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serval::{Endpoint, EndpointConfig, RegistrationRequest, RegistrationRequests};
-use serval_registry::{Change, Health, Leased, RegistrationKey, Registry};
+use serval_keys::PublicKey;
+use serval_keys::cookie::{COOKIE_SLOT, CookieJar, SECRET_LEN};
+use serval_registry::{Authorization, Change, Health, Leased, RegistrationKey, Registry};
 use serval_table::{Action, TableSnapshot, Target};
 use serval_wire::{Locator, RejectReason, ServicePrefix};
 use tokio::sync::mpsc;
@@ -89,6 +101,11 @@ pub struct RouterConfig {
     /// serves is NACKed here rather than sent up (where it would come straight back).
     /// [`RouterConfig::with_parent`] fills it from the policy's accepted prefixes.
     pub announce: Vec<ServicePrefix>,
+    /// Keys authorised for prefixes: a registration under one of these prefixes is accepted
+    /// only when signed by a key authorised for a prefix covering it. Published to the
+    /// registry (with etcd, every router on it enforces the union it sees). Empty: every
+    /// prefix open.
+    pub authorize: Vec<(ServicePrefix, PublicKey)>,
 }
 
 impl RouterConfig {
@@ -103,6 +120,7 @@ impl RouterConfig {
             worker_queue: 1024,
             parents: Vec::new(),
             announce: Vec::new(),
+            authorize: Vec::new(),
         }
     }
 
@@ -175,6 +193,17 @@ pub struct RouterStats {
     pub rejected_limit: u64,
     /// REGISTERs refused: the registry could not be written.
     pub rejected_unavailable: u64,
+    /// Requests refused: under an authorised prefix and not signed by its key.
+    pub rejected_unauthorized: u64,
+    /// Requests in the original 60-byte form, refused: no room for a cookie.
+    pub rejected_cookie_required: u64,
+    /// COOKIE answers sent: requests without a valid cookie (first contact, an old cookie,
+    /// or a forged source address).
+    pub cookies_sent: u64,
+    /// Authorisations held now (own and, with etcd, every router's).
+    pub authorizations: u64,
+    /// Authorisations from the registry skipped because their key line does not parse.
+    pub authorizations_malformed: u64,
     /// UNREGISTERs handled.
     pub unregistrations: u64,
     /// Registrations replaced by one of the same instance at a new locator.
@@ -213,7 +242,11 @@ pub struct RouterStats {
 impl RouterStats {
     /// REGISTERs refused, for any reason.
     pub fn registrations_rejected(&self) -> u64 {
-        self.rejected_not_accepted + self.rejected_limit + self.rejected_unavailable
+        self.rejected_not_accepted
+            + self.rejected_limit
+            + self.rejected_unavailable
+            + self.rejected_unauthorized
+            + self.rejected_cookie_required
     }
 }
 
@@ -224,6 +257,10 @@ struct Counters {
     rejected_not_accepted: AtomicU64,
     rejected_limit: AtomicU64,
     rejected_unavailable: AtomicU64,
+    rejected_unauthorized: AtomicU64,
+    rejected_cookie_required: AtomicU64,
+    cookies_sent: AtomicU64,
+    authorizations_malformed: AtomicU64,
     unregistrations: AtomicU64,
     moved: AtomicU64,
     expired: AtomicU64,
@@ -249,6 +286,67 @@ struct Inner {
     deleting: Mutex<std::collections::HashSet<RegistrationKey>>,
     /// Whether this router announces its prefixes to a parent (with the weight it holds).
     has_parents: bool,
+    /// This router's cookie secrets.
+    cookies: Mutex<CookieJar>,
+    /// When the router started (cookie slots count from here).
+    started: tokio::time::Instant,
+    /// The authorisations enforced: the router's own and the registry's.
+    auth: std::sync::RwLock<Arc<Vec<(ServicePrefix, PublicKey)>>>,
+}
+
+/// A fresh cookie secret; `None` if the system's random source fails (then the old secret
+/// stays in use a while longer).
+fn secret() -> Option<[u8; SECRET_LEN]> {
+    use ring::rand::SecureRandom as _;
+    let mut s = [0u8; SECRET_LEN];
+    ring::rand::SystemRandom::new().fill(&mut s).ok()?;
+    Some(s)
+}
+
+impl Inner {
+    /// The cookie jar, moved on to the current slot.
+    fn jar(&self) -> MutexGuard<'_, CookieJar> {
+        let mut jar = lock(&self.cookies);
+        let slot = (self.started.elapsed().as_secs() / COOKIE_SLOT.as_secs()) as u32;
+        if slot > jar.slot()
+            && let Some(s) = secret()
+        {
+            jar.advance(slot, s);
+        }
+        jar
+    }
+
+    fn authorizations(&self) -> Arc<Vec<(ServicePrefix, PublicKey)>> {
+        self.auth
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Why `req` is not authorised: `Some(the authorised prefix it falls under, or covers)`,
+    /// or `None` if it may go on.
+    fn unauthorized(&self, r: &serval::RegistrationRepr) -> Option<ServicePrefix> {
+        let auths = self.authorizations();
+        // The most specific authorised prefix covering it names the refusal.
+        let mut covering: Vec<&(ServicePrefix, PublicKey)> =
+            auths.iter().filter(|(p, _)| p.covers(&r.prefix)).collect();
+        if covering.is_empty() {
+            // A prefix that would capture an authorised one (`*` over `web.test`) is refused.
+            return auths
+                .iter()
+                .find(|(p, _)| r.prefix.covers(p))
+                .map(|(p, _)| *p);
+        }
+        covering.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        let signed = covering
+            .iter()
+            .any(|(_, k)| serval_keys::verify_registration(k, r).is_ok());
+        if signed {
+            None
+        } else {
+            covering.first().map(|(p, _)| *p)
+        }
+    }
 }
 
 /// Applies `change` to the table, then tells the parent (if any) the new aggregate weight and
@@ -333,8 +431,26 @@ impl Router {
             instances: Mutex::new(HashMap::new()),
             deleting: Mutex::new(std::collections::HashSet::new()),
             has_parents: !config.parents.is_empty(),
+            cookies: Mutex::new(CookieJar::new(0, secret().unwrap_or([0x5a; SECRET_LEN]))),
+            started: tokio::time::Instant::now(),
+            auth: std::sync::RwLock::new(Arc::new(config.authorize.clone())),
         });
+        // Publish our authorisations, then enforce the union of ours and the registry's.
+        for (prefix, key) in &config.authorize {
+            let a = Authorization {
+                prefix: *prefix,
+                key: key.to_line(),
+            };
+            if let Err(e) = inner.registry.authorize(a).await {
+                tracing::warn!(%prefix, error = %e, "cannot publish an authorisation to the registry; enforcing it here only");
+            }
+            tracing::info!(%prefix, key = %key, "registrations under this prefix must be signed by this key");
+        }
         let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(follow_authorizations(
+            inner.clone(),
+            config.authorize.clone(),
+        )));
         // The table follows the registry from its first Reset on.
         let subscription = inner.registry.subscribe();
         tasks.push(tokio::spawn(follow_registry(inner.clone(), subscription)));
@@ -417,6 +533,11 @@ impl Router {
             rejected_not_accepted: get(&c.rejected_not_accepted),
             rejected_limit: get(&c.rejected_limit),
             rejected_unavailable: get(&c.rejected_unavailable),
+            rejected_unauthorized: get(&c.rejected_unauthorized),
+            rejected_cookie_required: get(&c.rejected_cookie_required),
+            cookies_sent: get(&c.cookies_sent),
+            authorizations: self.inner.authorizations().len() as u64,
+            authorizations_malformed: get(&c.authorizations_malformed),
             unregistrations: get(&c.unregistrations),
             moved: get(&c.moved),
             expired: get(&c.expired),
@@ -507,6 +628,9 @@ async fn dispatch(
         };
         runtime_dropped.store(requests.dropped(), Ordering::Relaxed);
         let Some(req) = next else { return };
+        if !returns_routable(&inner, &req) {
+            continue;
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (req.request.prefix, req.request.instance).hash(&mut h);
         let i = (h.finish() % queues.len() as u64) as usize;
@@ -518,6 +642,69 @@ async fn dispatch(
                     "registration requests dropped: the router cannot keep up (flood?)"
                 );
             }
+        }
+    }
+}
+
+/// Whether `req` echoes a cookie this router issued for its source, instance and prefix. If
+/// not, answers it (COOKIE with a fresh one, or REJECT `COOKIE_REQUIRED` for a 60-byte request
+/// that has no room for one) and counts it: no state is kept for it.
+fn returns_routable(inner: &Inner, req: &RegistrationRequest) -> bool {
+    let r = &req.request;
+    let Some(cookie) = r.cookie else {
+        let n = bump(&inner.counters.rejected_cookie_required);
+        if n <= 16 || n.is_power_of_two() {
+            tracing::warn!(prefix = %r.prefix, from = %req.from, rejected = n, "registration refused: 60-byte request with no room for a cookie (an older instance?)");
+        }
+        inner
+            .endpoint
+            .answer_registration(req, &r.reject(RejectReason::COOKIE_REQUIRED));
+        return false;
+    };
+    let jar = inner.jar();
+    if jar.check(&cookie, &req.from, r.instance, &r.prefix) {
+        return true;
+    }
+    let fresh = jar.issue(&req.from, r.instance, &r.prefix);
+    drop(jar);
+    bump(&inner.counters.cookies_sent);
+    inner
+        .endpoint
+        .answer_registration(req, &r.cookie_answer(fresh));
+    false
+}
+
+/// Keeps [`Inner::auth`] the union of `own` and the registry's authorisations.
+async fn follow_authorizations(inner: Arc<Inner>, own: Vec<(ServicePrefix, PublicKey)>) {
+    let mut rx = inner.registry.authorizations();
+    loop {
+        let shared: Vec<Authorization> = rx.borrow_and_update().clone();
+        let mut all = own.clone();
+        for a in shared {
+            match PublicKey::parse_line(&a.key) {
+                Ok(k) => all.push((a.prefix, k)),
+                Err(e) => {
+                    bump(&inner.counters.authorizations_malformed);
+                    tracing::warn!(prefix = %a.prefix, error = %e, "skipping a malformed authorisation from the registry");
+                }
+            }
+        }
+        all.sort();
+        all.dedup();
+        let changed = {
+            let mut cur = inner.auth.write().unwrap_or_else(|e| e.into_inner());
+            let changed = **cur != all;
+            *cur = Arc::new(all.clone());
+            changed
+        };
+        if changed {
+            tracing::info!(
+                authorizations = all.len(),
+                "authorisations updated from the registry"
+            );
+        }
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -535,6 +722,21 @@ async fn handle(inner: &Inner, req: RegistrationRequest) {
         prefix: r.prefix,
         locator: req.from,
     };
+    if let Some(authorized) = inner.unauthorized(&r) {
+        let n = bump(&inner.counters.rejected_unauthorized);
+        if n <= 16 || n.is_power_of_two() {
+            let what = if authorized.covers(&r.prefix) {
+                format!("not signed by the key authorized for {authorized}")
+            } else {
+                format!("the prefix covers {authorized}, which needs its key")
+            };
+            tracing::warn!(prefix = %r.prefix, from = %req.from, rejected = n, "registration refused: {what}");
+        }
+        inner
+            .endpoint
+            .answer_registration(&req, &r.reject(RejectReason::UNAUTHORIZED));
+        return;
+    }
     let (exists, held) = {
         let s = lock(&inner.sync);
         (s.contains(&key), s.len())
@@ -622,6 +824,14 @@ async fn handle(inner: &Inner, req: RegistrationRequest) {
             }
             r.ack(0)
         }
+    };
+    // Every ACK carries a fresh cookie, so a registered instance never needs a COOKIE round.
+    let answer = match (answer.ty, r.cookie) {
+        (serval::MessageType::Ack, Some(_)) => serval::RegistrationRepr {
+            cookie: Some(inner.jar().issue(&req.from, r.instance, &r.prefix)),
+            ..answer
+        },
+        _ => answer,
     };
     inner.endpoint.answer_registration(&req, &answer);
 }

@@ -99,7 +99,7 @@ impl Policy {
                 ttl: self.grant(request.ttl_ms),
             },
             // Answers are not requests; the engine never hands them over.
-            MessageType::Ack | MessageType::Reject(_) => {
+            MessageType::Ack | MessageType::Reject(_) | MessageType::Cookie => {
                 Decision::Reject(RejectReason::NOT_ACCEPTED)
             }
         }

@@ -229,6 +229,16 @@ impl Endpoint {
         self.shared.wake.notify_one();
     }
 
+    /// Signs every registration request with `key` from now on (`None`: unsigned), so that a
+    /// router holding that key's authorisation for the prefix (`serval router --authorize`)
+    /// accepts them. Call it before or after [`Endpoint::set_router`]; registrations under
+    /// way start over, signed. A refusal comes out as [`RegistrarEvent::Rejected`] with
+    /// `RejectReason::UNAUTHORIZED`.
+    pub fn set_registration_key(&self, key: Option<serval_engine::registrar::PrivateKey>) {
+        self.shared.lock().engine.set_registration_key(key);
+        self.shared.wake.notify_one();
+    }
+
     /// Registers `prefix` with the router although no listener serves it on this endpoint
     /// (a child router announcing to its parent what it routes for; see
     /// `serval_engine::endpoint::Endpoint::announce`). Leases are refreshed like a listener's.
