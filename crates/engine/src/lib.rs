@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod frame;
 pub mod registrar;
 mod schedule;
+pub mod snapshot;
 pub mod time;
 pub mod transport;
 

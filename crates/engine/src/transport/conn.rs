@@ -1942,5 +1942,7 @@ fn datagram_frame_len(len: usize) -> usize {
     1 + varint_len(len as u64) + len
 }
 
+mod snapshot;
+
 #[cfg(test)]
 mod tests;

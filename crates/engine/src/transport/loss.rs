@@ -54,6 +54,7 @@ use std::collections::VecDeque;
 use super::rtt::{GRANULARITY, RttEstimator};
 use super::{Nanos, OptInstant, OptU64};
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 
 /// `kPacketThreshold` (RFC 9002 §6.1.1).
 pub const PACKET_THRESHOLD: u64 = 3;
@@ -630,6 +631,107 @@ impl<T> SentPackets<T> {
             info,
             payload,
         })
+    }
+}
+
+/// Snapshot encoding (docs/snapshot.md, PATH block, "Sent packets").
+impl<T> SentPackets<T> {
+    /// Writes the detector's state and every tracked packet (tombstones included, so that
+    /// the ring comes back as it was), each payload written by `payload`. Counters derived
+    /// from the packets (bytes in flight, …) are not written: decoding recomputes them.
+    pub(crate) fn encode(&self, w: &mut BlockWriter, payload: impl Fn(&T, &mut BlockWriter)) {
+        w.u64(self.next_pn);
+        w.opt_u64(self.largest_acked.get());
+        w.opt_instant(self.loss_time.get());
+        w.opt_instant(self.last_ack_eliciting_sent.get());
+        w.opt_instant(self.first_rtt_sample.get());
+        w.u32(self.pto_count);
+        w.duration(self.max_pto_interval.get());
+        w.u64(self.protocol_violations);
+        w.u32(u32::try_from(self.packets.len()).unwrap_or(u32::MAX));
+        for slot in &self.packets {
+            w.u64(slot.pn);
+            match &slot.packet {
+                None => w.u8(0),
+                Some((info, p)) => {
+                    w.u8(1
+                        | u8::from(info.ack_eliciting) << 1
+                        | u8::from(info.in_flight) << 2
+                        | u8::from(info.mtu_probe) << 3);
+                    w.instant(info.time_sent);
+                    w.u16(info.size);
+                    payload(p, w);
+                }
+            }
+        }
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote, each payload read by `payload`. Refused
+    /// unless packet numbers ascend below the next one (itself at most 2^62), the ring ends
+    /// with outstanding packets, and the largest acknowledged number was sent.
+    pub(crate) fn decode(
+        r: &mut BlockReader<'_>,
+        mut payload: impl FnMut(&mut BlockReader<'_>) -> Result<T, SnapshotError>,
+    ) -> Result<SentPackets<T>, SnapshotError> {
+        let mut s = SentPackets::new();
+        s.next_pn = r.u64()?;
+        r.check(s.next_pn <= 1 << 62, "next packet number")?;
+        s.largest_acked = OptU64::new(r.opt_u64()?);
+        r.check(
+            s.largest_acked.get().is_none_or(|l| l < s.next_pn),
+            "largest acknowledged never sent",
+        )?;
+        s.loss_time = r.opt_instant()?.into();
+        s.last_ack_eliciting_sent = r.opt_instant()?.into();
+        s.first_rtt_sample = r.opt_instant()?.into();
+        s.pto_count = r.u32()?;
+        s.max_pto_interval = Nanos::of(r.duration()?);
+        s.protocol_violations = r.u64()?;
+        let n = r.count(9)?;
+        let mut prev: Option<u64> = None;
+        for _ in 0..n {
+            let pn = r.u64()?;
+            r.check(
+                pn < s.next_pn && prev.is_none_or(|p| pn > p),
+                "sent packet numbers not ascending",
+            )?;
+            prev = Some(pn);
+            let flags = r.u8()?;
+            r.check(flags & !0x0f == 0, "sent packet flags")?;
+            if flags & 1 == 0 {
+                r.check(flags == 0, "sent packet flags")?;
+                s.packets.push_back(Slot { pn, packet: None });
+                continue;
+            }
+            let info = SentInfo {
+                time_sent: r.instant()?,
+                size: r.u16()?,
+                ack_eliciting: flags & 2 != 0,
+                in_flight: flags & 4 != 0,
+                mtu_probe: flags & 8 != 0,
+            };
+            let p = payload(r)?;
+            if info.ack_eliciting {
+                s.ack_eliciting_in_flight += 1;
+            }
+            if info.in_flight {
+                s.bytes_in_flight += u64::from(info.size);
+            }
+            if !info.ack_eliciting && !info.in_flight {
+                s.ack_only_tracked += 1;
+            }
+            s.outstanding += 1;
+            s.packets.push_back(Slot {
+                pn,
+                packet: Some((info, p)),
+            });
+        }
+        r.check(
+            s.packets.front().is_none_or(|f| f.packet.is_some())
+                && s.packets.back().is_none_or(|b| b.packet.is_some()),
+            "sent packets end in a tombstone",
+        )?;
+        Ok(s)
     }
 }
 

@@ -43,6 +43,7 @@
 use core::time::Duration;
 
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::{OptInstant, OptU64};
 
 /// `BASE_PLPMTU` (RFC 8899 §5.1.2): the size assumed to work on every path, in SAL payload
@@ -385,6 +386,97 @@ impl PathMtu {
         self.state = MtuState::SearchComplete;
         self.probe = None;
         self.raise_at = (anchor + self.config.raise_interval).into();
+    }
+}
+
+/// Snapshot encoding (docs/snapshot.md, PATH block, "MTU search").
+impl PathMtu {
+    /// Writes the configuration, then the search state.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        let c = &self.config;
+        w.u16(c.base);
+        w.u16(c.max);
+        w.duration(c.raise_interval);
+        w.u8(c.max_probes);
+        w.u16(c.granularity);
+        w.u8(match self.state {
+            MtuState::Searching => 0,
+            MtuState::SearchComplete => 1,
+        });
+        w.u16(self.current);
+        w.u32(self.too_big);
+        w.bool(self.first_of_search);
+        match self.probe {
+            None => w.u8(0),
+            Some(p) => {
+                w.u8(1);
+                w.u16(p.size);
+                w.opt_u64(p.pn.get());
+                w.u8(p.lost);
+            }
+        }
+        w.opt_instant(self.probe_chosen_at.get());
+        w.opt_instant(self.raise_at.get());
+        w.opt_u64(self.largest_full_acked.get());
+        w.u8(self.loss_bursts);
+        w.bool(self.in_burst);
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote. Refused unless
+    /// `base <= current < too_big <= max + 1`, the probe (if any) lies in
+    /// `current < size <= max`, and the configuration is as [`PathMtu::new`] leaves it.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<PathMtu, SnapshotError> {
+        let config = MtuConfig {
+            base: r.u16()?,
+            max: r.u16()?,
+            raise_interval: r.duration()?,
+            max_probes: r.u8()?,
+            granularity: r.u16()?,
+        };
+        r.check(
+            config.max >= config.base && config.max_probes >= 1 && config.granularity >= 1,
+            "MTU configuration",
+        )?;
+        let state = match r.u8()? {
+            0 => MtuState::Searching,
+            1 => MtuState::SearchComplete,
+            _ => return Err(r.malformed("MTU state")),
+        };
+        let current = r.u16()?;
+        let too_big = r.u32()?;
+        let first_of_search = r.bool()?;
+        let probe = match r.u8()? {
+            0 => None,
+            1 => Some(Probe {
+                size: r.u16()?,
+                pn: OptU64::new(r.opt_u64()?),
+                lost: r.u8()?,
+            }),
+            _ => return Err(r.malformed("MTU probe flag")),
+        };
+        r.check(
+            config.base <= current
+                && u32::from(current) < too_big
+                && too_big <= u32::from(config.max) + 1,
+            "MTU sizes",
+        )?;
+        r.check(
+            probe.is_none_or(|p| p.size <= config.max && p.lost < config.max_probes),
+            "MTU probe",
+        )?;
+        Ok(PathMtu {
+            config,
+            state,
+            current,
+            too_big,
+            first_of_search,
+            probe,
+            probe_chosen_at: r.opt_instant()?.into(),
+            raise_at: r.opt_instant()?.into(),
+            largest_full_acked: OptU64::new(r.opt_u64()?),
+            loss_bursts: r.u8()?,
+            in_burst: r.bool()?,
+        })
     }
 }
 

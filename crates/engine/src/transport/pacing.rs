@@ -39,6 +39,7 @@ use core::time::Duration;
 
 use super::cc::initial_window;
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 
 /// The pacing gain N of RFC 9002 §7.7, as numerator / denominator: 5/4 = 1.25.
 const GAIN: (u128, u128) = (5, 4);
@@ -163,6 +164,29 @@ impl Pacer {
             self.tokens += new as u64;
             self.fraction = u64::try_from(numerator % denominator).unwrap_or(u64::MAX);
         }
+    }
+}
+
+/// Snapshot encoding (docs/snapshot.md, PATH block, "Pacer").
+impl Pacer {
+    /// Writes tokens, capacity, the last refill (relative) and the refill remainder.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u64(self.tokens);
+        w.u64(self.capacity);
+        w.instant(self.last_refill);
+        w.u64(self.fraction);
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; more tokens than capacity is refused.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<Pacer, SnapshotError> {
+        let p = Pacer {
+            tokens: r.u64()?,
+            capacity: r.u64()?,
+            last_refill: r.instant()?,
+            fraction: r.u64()?,
+        };
+        r.check(p.tokens <= p.capacity, "pacer tokens above capacity")?;
+        Ok(p)
     }
 }
 

@@ -44,6 +44,8 @@ use core::ops::Range;
 use std::collections::VecDeque;
 use std::collections::vec_deque;
 
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
+
 /// The default cap on stored ranges used by [`RangeSet::new`].
 ///
 /// 256 ranges cost 4 KiB at most and exceed the number of ACK ranges any sensible peer sends
@@ -365,6 +367,46 @@ impl RangeSet {
             let excess = ranges.len() - cap;
             ranges.drain(..excess);
         }
+    }
+}
+
+/// Snapshot encoding (docs/snapshot.md, "Range set"): `count u32`, then `start u64 | end
+/// u64` per range, ascending.
+impl RangeSet {
+    /// Writes the ranges (not the cap: the owner knows it).
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u32(u32::try_from(self.len()).unwrap_or(u32::MAX));
+        for r in self.iter() {
+            w.u64(r.start);
+            w.u64(r.end);
+        }
+    }
+
+    /// Reads ranges written by [`encode`](Self::encode) into a set capped at `max_ranges`.
+    /// Refused unless they are ascending, non-empty, neither overlapping nor touching, at
+    /// most `max_ranges` of them, and all at or below `limit`.
+    pub(crate) fn decode(
+        r: &mut BlockReader<'_>,
+        max_ranges: usize,
+        limit: u64,
+    ) -> Result<RangeSet, SnapshotError> {
+        let n = r.count(16)?;
+        r.check(n <= max_ranges, "too many ranges")?;
+        let mut set = RangeSet::with_max_ranges(max_ranges);
+        let mut prev_end: Option<u64> = None;
+        for _ in 0..n {
+            let (start, end) = (r.u64()?, r.u64()?);
+            r.check(start < end && end <= limit, "range empty or out of bounds")?;
+            r.check(
+                prev_end.is_none_or(|p| start > p),
+                "ranges not ascending and apart",
+            )?;
+            prev_end = Some(end);
+            // Above every stored range and within the cap: appended, never refused.
+            set.try_insert(start..end)
+                .map_err(|_| r.malformed("too many ranges"))?;
+        }
+        Ok(set)
     }
 }
 

@@ -25,6 +25,7 @@
 use core::time::Duration;
 
 use super::Nanos;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 
 /// Timer granularity, `kGranularity` in RFC 9002 §6.1.2: 1 ms.
 pub const GRANULARITY: Duration = Duration::from_millis(1);
@@ -194,6 +195,45 @@ impl RttEstimator {
     /// exponential backoff. [`SentPackets`](super::loss::SentPackets) uses this one.
     pub fn pto_period(&self) -> Duration {
         self.pto_base().saturating_add(self.max_ack_delay())
+    }
+}
+
+/// Snapshot encoding (docs/snapshot.md, PATH block, "RTT").
+impl RttEstimator {
+    /// Writes the estimator: initial RTT, `max_ack_delay`, latest, smoothed, variance,
+    /// minimum (nanoseconds) and whether a sample was taken.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        for d in [
+            self.initial,
+            self.max_ack_delay,
+            self.latest,
+            self.smoothed,
+            self.var,
+            self.min,
+        ] {
+            w.duration(d.get());
+        }
+        w.bool(self.has_sample);
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; a `max_ack_delay` beyond
+    /// [`MAX_MAX_ACK_DELAY`] is refused.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<RttEstimator, SnapshotError> {
+        let mut d = [Nanos::of(Duration::ZERO); 6];
+        for x in &mut d {
+            *x = Nanos::of(r.duration()?);
+        }
+        let [initial, max_ack_delay, latest, smoothed, var, min] = d;
+        r.check(max_ack_delay.get() <= MAX_MAX_ACK_DELAY, "max_ack_delay")?;
+        Ok(RttEstimator {
+            initial,
+            max_ack_delay,
+            latest,
+            smoothed,
+            var,
+            min,
+            has_sample: r.bool()?,
+        })
     }
 }
 

@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 
 use super::OptU64;
 use super::ranges::{DEFAULT_MAX_RANGES, RangeSet};
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 
 /// Largest stream offset (RFC 9000 §4.5: "the largest value of a variable-length integer",
 /// 2^62 − 1); no stream can extend beyond it.
@@ -659,6 +660,141 @@ impl RecvBuffer {
         } else {
             None
         }
+    }
+}
+
+/// Snapshot encoding of the send buffer (docs/snapshot.md, STREAM block).
+impl SendBuffer {
+    /// Writes the buffer: offsets, flow-control limit, capacity, FIN state, the
+    /// retransmission and acknowledgement sets, then the bytes held.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u64(self.base);
+        w.u64(self.unsent);
+        w.u64(self.flow_limit);
+        w.u64(self.capacity as u64);
+        w.opt_u64(self.fin.offset.get());
+        w.u8(u8::from(self.fin.pending) | u8::from(self.fin.acked) << 1);
+        self.retransmit.encode(w);
+        self.acked.encode(w);
+        let (a, b) = self.data.as_slices();
+        w.u32(u32::try_from(a.len() + b.len()).unwrap_or(u32::MAX));
+        w.raw(a);
+        w.raw(b);
+    }
+
+    /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
+    /// buffer's methods rely on.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<SendBuffer, SnapshotError> {
+        let base = r.u64()?;
+        let unsent = r.u64()?;
+        let flow_limit = r.u64()?;
+        let capacity = usize::try_from(r.u64()?).map_err(|_| r.malformed("send capacity"))?;
+        let fin_offset = r.opt_u64()?;
+        let fin_flags = r.u8()?;
+        r.check(fin_flags & !3 == 0, "send FIN flags")?;
+        let retransmit = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        let acked = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        let data = r.bytes()?;
+        let end = base.checked_add(data.len() as u64);
+        r.check(
+            end.is_some_and(|e| e <= MAX_STREAM_OFFSET) && base <= unsent,
+            "send offsets",
+        )?;
+        let end = end.unwrap_or(0);
+        r.check(unsent <= end, "send offsets")?;
+        r.check(flow_limit <= MAX_STREAM_OFFSET, "send flow limit")?;
+        let pending = fin_flags & 1 != 0;
+        let fin_acked = fin_flags & 2 != 0;
+        r.check(
+            match fin_offset {
+                Some(f) => f == end,
+                None => !pending && !fin_acked,
+            },
+            "send FIN",
+        )?;
+        let within =
+            |s: &RangeSet| s.min().is_none_or(|m| m >= base) && s.max().is_none_or(|m| m < unsent);
+        r.check(
+            within(&retransmit) && within(&acked),
+            "send ranges outside sent data",
+        )?;
+        Ok(SendBuffer {
+            data: data.iter().copied().collect(),
+            base,
+            capacity,
+            unsent,
+            flow_limit,
+            retransmit,
+            acked,
+            fin: SendFin {
+                offset: OptU64::new(fin_offset),
+                pending,
+                acked: fin_acked,
+            },
+        })
+    }
+}
+
+/// Snapshot encoding of the receive buffer (docs/snapshot.md, STREAM block).
+impl RecvBuffer {
+    /// Writes the buffer: offsets, limit and window, final size, out-of-order ranges, then
+    /// the bytes held from the read offset on (zeros in the gaps not received yet).
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u64(self.read);
+        w.u64(self.contiguous);
+        w.u64(self.highest);
+        w.u64(self.max_offset);
+        w.u64(self.window);
+        w.opt_u64(self.fin.get());
+        self.out_of_order.encode(w);
+        let (a, b) = self.buf.as_slices();
+        w.u32(u32::try_from(a.len() + b.len()).unwrap_or(u32::MAX));
+        w.raw(a);
+        w.raw(b);
+    }
+
+    /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
+    /// buffer's methods rely on.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<RecvBuffer, SnapshotError> {
+        let read = r.u64()?;
+        let contiguous = r.u64()?;
+        let highest = r.u64()?;
+        let max_offset = r.u64()?;
+        let window = r.u64()?;
+        let fin = r.opt_u64()?;
+        let out_of_order = RangeSet::decode(r, MAX_RECV_RANGES, MAX_STREAM_OFFSET)?;
+        let buf = r.bytes()?;
+        r.check(
+            read <= contiguous
+                && contiguous <= highest
+                && highest <= max_offset
+                && max_offset <= MAX_STREAM_OFFSET
+                && window <= MAX_STREAM_OFFSET,
+            "receive offsets",
+        )?;
+        r.check(
+            out_of_order.min().is_none_or(|m| m > contiguous),
+            "out-of-order range at or below the contiguous data",
+        )?;
+        let buf_end = out_of_order.max().map_or(contiguous, |m| m + 1);
+        r.check(
+            buf_end <= highest && read.checked_add(buf.len() as u64) == Some(buf_end),
+            "receive buffer length",
+        )?;
+        r.check(
+            fin.is_none_or(|f| highest <= f && f <= max_offset),
+            "receive final size",
+        )?;
+        Ok(RecvBuffer {
+            buf: buf.iter().copied().collect(),
+            read,
+            contiguous,
+            out_of_order,
+            max_offset,
+            window,
+            fin: OptU64::new(fin),
+            highest,
+        })
     }
 }
 

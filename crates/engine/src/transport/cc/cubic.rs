@@ -24,6 +24,7 @@ use core::time::Duration;
 
 use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::rtt::RttEstimator;
 use crate::transport::{Nanos, OptInstant};
 
@@ -293,5 +294,72 @@ impl Cubic {
     /// See [`CongestionController::on_path_change`](super::CongestionController::on_path_change).
     pub fn on_path_change(&mut self) {
         *self = Cubic::new(self.mss);
+    }
+}
+
+/// Snapshot encoding: `mss u16 | cwnd f64 | ssthresh u64 | recovery start | W_max f64 |
+/// cwnd_prior f64 | W_est f64 | epoch (flag u8, start, K f64) | restart flag u8 |
+/// app-limited since | last activity | idle threshold u64 ns`. Floats are written as their
+/// bits, so a controller continues bit for bit.
+impl Cubic {
+    /// Writes the state.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u16(self.mss);
+        w.f64(self.cwnd);
+        w.u64(self.ssthresh);
+        w.opt_instant(self.recovery.start.get());
+        w.f64(self.w_max);
+        w.f64(self.cwnd_prior);
+        w.f64(self.w_est);
+        match self.epoch {
+            None => w.u8(0),
+            Some(e) => {
+                w.u8(1);
+                w.instant(e.start);
+                w.f64(e.k);
+            }
+        }
+        w.bool(self.restart_after_timeout);
+        w.opt_instant(self.app_limited_since.get());
+        w.opt_instant(self.last_activity.get());
+        w.duration(self.idle_threshold.get());
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; non-finite numbers and a window outside
+    /// `0..=MAX_WINDOW` are refused.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<Cubic, SnapshotError> {
+        let mss = super::decode_mss(r)?;
+        let cwnd = r.f64()?;
+        r.check(
+            (0.0..=MAX_WINDOW as f64).contains(&cwnd),
+            "congestion window",
+        )?;
+        let ssthresh = r.u64()?;
+        let recovery = Recovery {
+            start: r.opt_instant()?.into(),
+        };
+        let (w_max, cwnd_prior, w_est) = (r.f64()?, r.f64()?, r.f64()?);
+        let epoch = match r.u8()? {
+            0 => None,
+            1 => Some(Epoch {
+                start: r.instant()?,
+                k: r.f64()?,
+            }),
+            _ => return Err(r.malformed("cubic epoch flag")),
+        };
+        Ok(Cubic {
+            mss,
+            cwnd,
+            ssthresh,
+            recovery,
+            w_max,
+            cwnd_prior,
+            w_est,
+            epoch,
+            restart_after_timeout: r.bool()?,
+            app_limited_since: r.opt_instant()?.into(),
+            last_activity: r.opt_instant()?.into(),
+            idle_threshold: Nanos::of(r.duration()?),
+        })
     }
 }

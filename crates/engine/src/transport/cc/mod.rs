@@ -54,6 +54,7 @@ pub use new_reno::NewReno;
 
 use super::rtt::RttEstimator;
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::OptInstant;
 
 /// Largest congestion window either controller grows to: 2^48 bytes (256 TiB). Unreachable on
@@ -209,6 +210,43 @@ impl CongestionController {
     pub fn on_path_change(&mut self) {
         dispatch!(self, cc => cc.on_path_change())
     }
+}
+
+/// Snapshot encoding (docs/snapshot.md, PATH block, "Congestion controller"): the algorithm
+/// (`u8`: 1 NewReno, 2 CUBIC), then that algorithm's state.
+impl CongestionController {
+    /// Writes the algorithm and its state.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        match self {
+            CongestionController::NewReno(cc) => {
+                w.u8(1);
+                cc.encode(w);
+            }
+            CongestionController::Cubic(cc) => {
+                w.u8(2);
+                cc.encode(w);
+            }
+        }
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; an unknown algorithm is refused.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<CongestionController, SnapshotError> {
+        match r.u8()? {
+            1 => Ok(CongestionController::NewReno(NewReno::decode(r)?)),
+            2 => Ok(CongestionController::Cubic(Cubic::decode(r)?)),
+            _ => Err(r.malformed("unknown congestion controller")),
+        }
+    }
+}
+
+/// Reads a maximum datagram size, refusing one below [`MIN_DATAGRAM_SIZE`].
+fn decode_mss(r: &mut BlockReader<'_>) -> Result<u16, SnapshotError> {
+    let mss = r.u16()?;
+    r.check(
+        mss >= MIN_DATAGRAM_SIZE,
+        "congestion controller datagram size",
+    )?;
+    Ok(mss)
 }
 
 /// The recovery period shared by both controllers (RFC 9002 §7.3.2).

@@ -2,6 +2,7 @@
 
 use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
+use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::OptInstant;
 use crate::transport::rtt::RttEstimator;
 
@@ -120,5 +121,33 @@ impl NewReno {
     /// See [`CongestionController::on_path_change`](super::CongestionController::on_path_change).
     pub fn on_path_change(&mut self) {
         *self = NewReno::new(self.mss);
+    }
+}
+
+/// Snapshot encoding: `mss u16 | window u64 | ssthresh u64 | recovery start (instant) |
+/// bytes_acked u64`.
+impl NewReno {
+    /// Writes the state.
+    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+        w.u16(self.mss);
+        w.u64(self.window);
+        w.u64(self.ssthresh);
+        w.opt_instant(self.recovery.start.get());
+        w.u64(self.bytes_acked);
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote; a window beyond [`MAX_WINDOW`] is refused.
+    pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<NewReno, SnapshotError> {
+        let cc = NewReno {
+            mss: super::decode_mss(r)?,
+            window: r.u64()?,
+            ssthresh: r.u64()?,
+            recovery: Recovery {
+                start: r.opt_instant()?.into(),
+            },
+            bytes_acked: r.u64()?,
+        };
+        r.check(cc.window <= MAX_WINDOW, "congestion window")?;
+        Ok(cc)
     }
 }
