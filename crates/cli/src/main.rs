@@ -14,6 +14,7 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod keygen;
 mod net;
 mod ping;
 mod router;
@@ -125,6 +126,17 @@ enum Command {
         /// Names, domains (`NAME/*`), hex IDs or `HEX/LEN` prefixes.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
+        /// Print the self-certifying serviceID of each NAME and this key instead: the first
+        /// 128 bits of NAME's ID, then 128 bits committing to the key. PUBFILE holds the
+        /// public key line `serval keygen` printed (or the private key file).
+        #[arg(long, value_name = "PUBFILE")]
+        key: Option<std::path::PathBuf>,
+    },
+    /// Write a new Ed25519 private key to FILE (mode 0600; never over an existing file) and
+    /// print its public key line, for `serval router --authorize` and `listen --key`.
+    Keygen {
+        /// Where to write the private key.
+        file: std::path::PathBuf,
     },
 }
 
@@ -142,7 +154,12 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     match cli.command {
-        Command::Id { names } => id(&names),
+        Command::Id { names, key: None } => id(&names),
+        Command::Id {
+            names,
+            key: Some(pubfile),
+        } => keygen::self_certifying(&pubfile, &names),
+        Command::Keygen { file } => keygen::keygen(&file),
         Command::Listen {
             service,
             instance,

@@ -36,6 +36,10 @@ pub struct InstanceArgs {
     /// Priority: only the instances of the highest priority registered get connections.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub priority: u32,
+    /// Sign registrations with this private key (from `serval keygen`), as a router that
+    /// authorises the key for the service's prefix requires (`router --authorize`).
+    #[arg(long, value_name = "FILE", env = "SERVAL_KEY", value_parser = crate::keygen::read_private_key)]
+    pub key: Option<serval_router::keys::PrivateKey>,
 }
 
 impl InstanceArgs {
@@ -45,6 +49,9 @@ impl InstanceArgs {
         let ep = Endpoint::bind(&self.bind)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
+        if let Some(key) = &self.key {
+            ep.set_registration_key(Some(key.clone()));
+        }
         if !self.router.is_empty() {
             let routers = self.router.clone();
             let lease = match lease {
@@ -439,6 +446,14 @@ pub fn describe_event(name: &str, ev: &RegistrarEvent) -> String {
         RegistrarEvent::Registered { router, ttl, .. } => format!(
             "serval: registered {name} with router {router} (lease {} ms)",
             ttl.as_millis()
+        ),
+        RegistrarEvent::Rejected {
+            router,
+            reason: serval::RejectReason::UNAUTHORIZED,
+            prefix,
+        } => format!(
+            "serval: router {router} refused the registration of {name}: not signed by the key \
+             authorized for {prefix} (or a prefix covering it; --key FILE signs)"
         ),
         RegistrarEvent::Rejected { router, reason, .. } => {
             format!("serval: router {router} rejected {name}: {reason}")

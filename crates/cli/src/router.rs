@@ -40,6 +40,12 @@ pub struct RouterArgs {
     /// `HEX/LEN` or `*`); repeat for several. Default: every prefix.
     #[arg(long = "accept", value_name = "PREFIX")]
     accept: Vec<String>,
+    /// Accept registrations under PREFIX (a name, `NAME/*`, a hex ID or `HEX/LEN`) only when
+    /// signed by PUBKEY (the line `serval keygen` printed); split at the first `=`. Repeat
+    /// for several. Prefixes without one stay open. With etcd, every router on it enforces
+    /// every router's authorisations.
+    #[arg(long = "authorize", value_name = "PREFIX=PUBKEY", value_parser = parse_authorize)]
+    authorize: Vec<(ServicePrefix, serval_router::keys::PublicKey)>,
     /// Shortest lease granted to a registration, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     min_ttl_ms: u64,
@@ -188,6 +194,16 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
     Ok(())
 }
 
+/// One `--authorize PREFIX=PUBKEY`.
+fn parse_authorize(text: &str) -> Result<(ServicePrefix, serval_router::keys::PublicKey), String> {
+    let (prefix, key) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not PREFIX=PUBKEY"))?;
+    let prefix = ServicePrefix::parse(prefix).map_err(|e| format!("prefix {prefix:?}: {e}"))?;
+    let key = serval_router::keys::PublicKey::parse_line(key).map_err(|e| e.to_string())?;
+    Ok((prefix, key))
+}
+
 /// The `--announce` prefixes.
 fn announce(args: &RouterArgs) -> Result<Vec<ServicePrefix>, String> {
     args.announce
@@ -202,6 +218,7 @@ fn announce(args: &RouterArgs) -> Result<Vec<ServicePrefix>, String> {
 fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
     let mut config = RouterConfig::new(args.listen.clone());
     config.policy = policy;
+    config.authorize = args.authorize.clone();
     config.endpoint.delay_queue = usize::try_from(args.delay_queue).unwrap_or(usize::MAX);
     config.endpoint.delay_timeout = Duration::from_millis(args.delay_timeout_ms);
     let announce = announce(args)?;

@@ -34,6 +34,10 @@
 
 pub mod cookie;
 
+/// The operating system's random source, for callers with no other (key generation in the
+/// CLI, a router's cookie secrets).
+pub use ring::rand::SystemRandom;
+
 use std::fmt;
 use std::sync::Arc;
 

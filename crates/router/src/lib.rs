@@ -72,6 +72,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use policy::{Decision, Policy};
+/// Keys, key files and signed registrations (the `serval-keys` crate), for the router's users.
+pub use serval_keys as keys;
 
 use crate::sync::TableSync;
 
