@@ -36,6 +36,11 @@ pub struct InstanceArgs {
     /// Priority: only the instances of the highest priority registered get connections.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub priority: u32,
+    /// Accept clients that ask for plaintext: their packets stay authenticated (and replays
+    /// refused) but are not encrypted. For measurements and debugging; a client that does
+    /// not ask for it is encrypted anyway.
+    #[arg(long, env = "SERVAL_PLAINTEXT")]
+    pub plaintext: bool,
     /// Sign registrations with this private key (from `serval keygen`), as a router that
     /// authorises the key for the service's prefix requires (`router --authorize`).
     #[arg(long, value_name = "FILE", env = "SERVAL_KEY", value_parser = crate::keygen::read_private_key)]
@@ -46,7 +51,7 @@ impl InstanceArgs {
     /// Binds the endpoint and, with `--router`, starts registering there (with `lease`, or
     /// the default lease of 3 s).
     pub async fn endpoint(&self, lease: Option<Duration>) -> Result<Endpoint, String> {
-        let ep = Endpoint::bind(&self.bind)
+        let ep = Endpoint::bind_with(&self.bind, endpoint_config(self.plaintext))
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
         if let Some(key) = &self.key {
@@ -282,6 +287,11 @@ pub struct HopArgs {
     /// How long to wait for an instance to answer (with --discover), in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub discover_timeout: u64,
+    /// Ask for plaintext: packets stay authenticated (and replays refused) but are not
+    /// encrypted, if the instance allows it too (its own --plaintext); otherwise the flow is
+    /// encrypted. For measurements and debugging.
+    #[arg(long, env = "SERVAL_PLAINTEXT")]
+    pub plaintext: bool,
 }
 
 impl HopArgs {
@@ -299,9 +309,26 @@ impl HopArgs {
     }
 }
 
+/// The endpoint configuration of a command: the defaults, with plaintext if asked for.
+pub fn endpoint_config(plaintext: bool) -> serval::EndpointConfig {
+    serval::EndpointConfig {
+        protection: if plaintext {
+            serval::Protection::Plaintext
+        } else {
+            serval::Protection::Encrypted
+        },
+        ..serval::EndpointConfig::default()
+    }
+}
+
 /// A client endpoint for reaching services through `hop`: bound to `bind` (default: any
-/// address of the next hop's family), in the discovery group if `hop` says so.
-pub async fn client(hop: &NextHop, bind: Option<SocketAddr>) -> Result<Endpoint, String> {
+/// address of the next hop's family), in the discovery group if `hop` says so, asking for
+/// plaintext flows if `plaintext`.
+pub async fn client(
+    hop: &NextHop,
+    bind: Option<SocketAddr>,
+    plaintext: bool,
+) -> Result<Endpoint, String> {
     let v4 = match hop {
         NextHop::Via(via) => via.is_ipv4(),
         NextHop::Routers(rs) => rs.first().is_none_or(SocketAddr::is_ipv4),
@@ -314,7 +341,7 @@ pub async fn client(hop: &NextHop, bind: Option<SocketAddr>) -> Result<Endpoint,
             SocketAddr::from(([0u16; 8], 0))
         }
     });
-    let ep = Endpoint::bind(&[local])
+    let ep = Endpoint::bind_with(&[local], endpoint_config(plaintext))
         .await
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
     if let NextHop::Discover(d) = hop {
@@ -387,7 +414,7 @@ pub async fn cat(
     connect_timeout: Option<Duration>,
 ) -> Result<(), String> {
     let next = hop.next_hop();
-    let ep = client(&next, hop.bind).await?;
+    let ep = client(&next, hop.bind, hop.plaintext).await?;
     let connecting = connect(&ep, name, service, &next);
     let mut stream = match connect_timeout {
         None => connecting.await?,

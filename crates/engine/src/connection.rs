@@ -9,8 +9,14 @@
 //! number (`verno`), is retransmitted on a timer with exponential backoff (stop-and-wait: one
 //! outstanding at a time, later ones queue), and is answered by a packet whose `ackno` is that
 //! `verno + 1`. Pure ACKs, RSYN-ACKs and RST are not retransmitted themselves; a lost answer is
-//! repaired by the retransmission of what it answers. Every control packet after the SYN carries
-//! an AUTH tag (see [`crate::crypto`]); one that does not verify is dropped and counted.
+//! repaired by the retransmission of what it answers.
+//!
+//! # Protection
+//!
+//! The SYN and SYN-ACK exchange ephemeral keys; every packet after the SYN, control or data, is
+//! sealed with the flow's keys and carries a packet number from the transport's space (see
+//! [`protect`]). A packet that does not open — forged, corrupted, replayed — is dropped and
+//! counted before the control channel or the transport sees it.
 //!
 //! # States
 //!
@@ -33,16 +39,21 @@
 //! locators at the same instant, neither RSYN can arrive, and only re-resolution through a
 //! service router (a later layer) can save the flow.
 
+pub mod protect;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use serval_table::ListenerId;
-use serval_wire::ext::{AUTH_TAG_LEN, ControlFlags, ControlRepr, ServiceRepr};
+use serval_wire::ext::{ControlFlags, ControlRepr, ServiceRepr};
 use serval_wire::header::BASE_HEADER_LEN;
-use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId};
+use serval_wire::{FlowId, KeyShareRepr, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId};
 
+use self::protect::{
+    FlowSecrets, KeyExchange, OpenError, Protection, Protector, Space, TAG_LEN, Transcript,
+};
 use crate::Instant;
-use crate::crypto::{Direction, FlowKeys};
+use crate::frame::PN_LEN;
 use crate::transport::OptInstant;
 use crate::transport::conn::{IDLE_RELEASE, Transport, TransportConfig, TransportEvent};
 
@@ -250,7 +261,17 @@ pub(crate) struct Connection {
     pub(crate) peer_flow: FlowId,
     local_nonce: Nonce,
     peer_nonce: Nonce,
-    keys: Option<FlowKeys>,
+    /// The protection of every packet after the SYN: the server has it from the SYN on, the
+    /// client from the SYN-ACK.
+    protect: Option<Box<Protector>>,
+    /// The client's ephemeral key, kept until the server's first packet after the SYN-ACK (to
+    /// authenticate a second server's answer to the same SYN); the server never keeps its own.
+    kx: Option<Box<KeyExchange>>,
+    /// The KEYSHARE this end sent (or sends again, retransmitting its SYN or SYN-ACK).
+    local_share: KeyShareRepr,
+    /// What this end asked for (client) or is willing to grant (server).
+    protection: Protection,
+    key_update_interval: u64,
     pub(crate) local: Locator,
     pub(crate) peer: Locator,
     pub(crate) listener: Option<ListenerId>,
@@ -273,7 +294,8 @@ pub(crate) struct Connection {
     held_ack: Option<(u32, Instant)>,
     pub(crate) transport: Transport,
     pub(crate) events: VecDeque<ConnEvent>,
-    /// Packets dropped for a bad AUTH tag or a control packet out of place.
+    /// Packets dropped because they did not open (forged, corrupted, under other keys) or were
+    /// a control packet out of place. Replays are counted by the protector.
     pub(crate) auth_failures: u64,
     /// Stream packets dropped because their payload did not parse.
     pub(crate) malformed: u64,
@@ -293,42 +315,76 @@ pub(crate) struct NewConnection {
     pub hop_limit: u8,
     pub ctl: ControlConfig,
     pub transport: TransportConfig,
+    /// Random bytes for this end's ephemeral key.
+    pub kx_random: [u8; 32],
+    pub protection: Protection,
+    pub key_update_interval: u64,
 }
 
 impl Connection {
     /// A client connection: queues the SYN towards `peer` (the next hop).
     pub(crate) fn client(now: Instant, n: NewConnection) -> Connection {
-        let mut c = Connection::new(now, n, State::SynSent);
+        let kx = KeyExchange::new(n.kx_random);
+        let flags = match n.protection {
+            Protection::Plaintext => KeyShareRepr::PLAINTEXT,
+            Protection::Encrypted => 0,
+        };
+        let mut c = Connection::new(now, n, State::SynSent, kx.share(flags));
+        c.kx = Some(Box::new(kx));
         c.send_reliable(Reliable::Syn);
         c
     }
 
-    /// A server connection answering a SYN: derives the keys and queues the SYN-ACK.
+    /// A server connection answering a SYN that offered `peer_share`: derives the keys and
+    /// queues the SYN-ACK. `None` if the share is unusable (a group we do not know, or a key
+    /// that would give a secret everyone knows).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn server(
         now: Instant,
         n: NewConnection,
         peer_flow: FlowId,
         peer_nonce: Nonce,
+        peer_share: &KeyShareRepr,
         peer_verno: u32,
         listener: ListenerId,
-    ) -> Connection {
-        let mut c = Connection::new(now, n, State::SynRcvd);
+    ) -> Option<Connection> {
+        let kx = KeyExchange::new(n.kx_random);
+        // Plaintext only when both ends want it.
+        let protection = if peer_share.plaintext() && n.protection == Protection::Plaintext {
+            Protection::Plaintext
+        } else {
+            Protection::Encrypted
+        };
+        let flags = match protection {
+            Protection::Plaintext => KeyShareRepr::PLAINTEXT,
+            Protection::Encrypted => 0,
+        };
+        let dh = kx.agree(peer_share)?;
+        let mut c = Connection::new(now, n, State::SynRcvd, kx.share(flags));
+        c.protection = protection;
+        let transcript = Transcript {
+            service: &c.service,
+            client_flow: peer_flow,
+            client_nonce: &peer_nonce,
+            client_share: peer_share,
+            server_flow: c.local_flow,
+            server_nonce: &c.local_nonce,
+            server_share: &c.local_share,
+        };
+        let secrets = FlowSecrets::derive(false, protection, &dh, &transcript);
+        c.protect = Some(Box::new(Protector::new(secrets, c.key_update_interval)));
         c.peer_flow = peer_flow;
         c.peer_nonce = peer_nonce;
         c.peer_verno = Some(peer_verno);
         c.listener = Some(listener);
-        c.keys = Some(FlowKeys::derive(
-            &peer_nonce,
-            &c.local_nonce,
-            peer_flow,
-            c.local_flow,
-            &c.service,
-        ));
         c.send_reliable(Reliable::SynAck);
-        c
+        Some(c)
     }
 
-    fn new(now: Instant, n: NewConnection, state: State) -> Connection {
+    fn new(now: Instant, n: NewConnection, state: State, local_share: KeyShareRepr) -> Connection {
+        // Every packet after the SYN ends in an authentication tag: the transport leaves room.
+        let mut transport = n.transport;
+        transport.sal_overhead = transport.sal_overhead.saturating_add(TAG_LEN as u16);
         Connection {
             role: n.role,
             state,
@@ -337,7 +393,11 @@ impl Connection {
             peer_flow: FlowId::NONE,
             local_nonce: n.local_nonce,
             peer_nonce: Nonce::default(),
-            keys: None,
+            protect: None,
+            kx: None,
+            local_share,
+            protection: n.protection,
+            key_update_interval: n.key_update_interval,
             local: n.local,
             peer: n.peer,
             listener: None,
@@ -354,7 +414,7 @@ impl Connection {
             peer_fin: false,
             time_wait_until: OptInstant::NONE,
             held_ack: None,
-            transport: Transport::new(&n.transport, now),
+            transport: Transport::new(&transport, now),
             events: VecDeque::new(),
             auth_failures: 0,
             malformed: 0,
@@ -362,19 +422,14 @@ impl Connection {
         }
     }
 
-    /// The direction of packets this end sends.
-    fn tx_dir(&self) -> Direction {
-        match self.role {
-            Role::Client => Direction::ClientToServer,
-            Role::Server => Direction::ServerToClient,
-        }
+    /// Packets dropped as replays (or too old to tell).
+    pub(crate) fn replays(&self) -> u64 {
+        self.protect.as_ref().map_or(0, |p| p.stats.replayed)
     }
 
-    fn rx_dir(&self) -> Direction {
-        match self.role {
-            Role::Client => Direction::ServerToClient,
-            Role::Server => Direction::ClientToServer,
-        }
+    /// How this flow's packets are protected, once the handshake settled it.
+    pub(crate) fn protection(&self) -> Option<Protection> {
+        self.protect.as_ref().map(|p| p.protection())
     }
 
     /// The local nonce, which the endpoint uses to match a NACK to this connection.
@@ -439,35 +494,68 @@ impl Connection {
         }
     }
 
-    /// Handles a packet for this flow. `pkt` has been validated; `remote` is its UDP source.
+    /// Handles a packet for this flow: `packet` is the whole SAL packet (validated, parsed
+    /// into `repr`), opened here in place; `remote` is its UDP source.
     pub(crate) fn handle_packet(
         &mut self,
         now: Instant,
         local: Locator,
         remote: Locator,
-        pkt: &SalPacket<&[u8]>,
+        packet: &mut [u8],
         repr: &SalRepr,
     ) {
         if self.state == State::Closed {
             return;
         }
-        if let Some(ctl) = repr.control {
-            self.handle_control(now, remote, pkt, repr, ctl);
+        let header_len = usize::from(SalPacket::new_unchecked(&*packet).header_len());
+        if self.state == State::SynSent {
+            // Only the SYN-ACK can come now (a router's NACK is the endpoint's): it brings the
+            // server's key share, and with it the keys to open it.
+            match repr.control {
+                Some(ctl) if ctl.flags.contains(ControlFlags::SYN | ControlFlags::ACK) => {
+                    self.on_syn_ack(now, remote, packet, header_len, repr, ctl)
+                }
+                _ => self.auth_failures += 1,
+            }
+            return;
         }
+        let Some(protect) = self.protect.as_deref_mut() else {
+            self.auth_failures += 1;
+            return;
+        };
+        let body_len = match protect.open(packet, header_len, Space::of(repr.control.is_some())) {
+            Ok((_, n)) => n,
+            Err(OpenError::Replayed) => return,
+            Err(_) => {
+                self.auth_failures += 1;
+                return;
+            }
+        };
+        if repr.src_flow != self.peer_flow {
+            self.auth_failures += 1;
+            return;
+        }
+        let is_syn_ack = repr
+            .control
+            .is_some_and(|c| c.flags.contains(ControlFlags::SYN | ControlFlags::ACK));
+        if !is_syn_ack {
+            // The server has its keys: no second server can answer our SYN any more.
+            self.kx = None;
+        }
+        if let Some(ctl) = repr.control {
+            self.handle_control(now, remote, ctl);
+        }
+        let stream = repr.protocol == Protocol::STREAM;
         // The peer sends to our new locator only after it verified our RSYN, so its data
         // arriving there completes our migration even if its RSYN-ACK was lost.
-        if self.moving_to.as_deref() == Some(&local)
-            && pkt.protocol() == Protocol::STREAM
-            && repr.src_flow == self.peer_flow
-        {
+        if self.moving_to.as_deref() == Some(&local) && stream {
             self.finish_migration(now, None);
         }
         // The client sends data only once it has our SYN-ACK, so data from it completes the
         // handshake even if its ACK was lost (as a QUIC server treats the client's first
         // 1-RTT packet). It has to name both flowIDs, which only the SYN-ACK carried.
         if self.state == State::SynRcvd
-            && pkt.protocol() == Protocol::STREAM
-            && repr.src_flow == self.peer_flow
+            && stream
             && let Some(p) = &self.pending
             && p.kind == Reliable::SynAck
         {
@@ -475,11 +563,10 @@ impl Connection {
             self.acked(Reliable::SynAck, ackno);
             self.server_established(now);
         }
-        if pkt.protocol() == Protocol::STREAM
-            && matches!(self.state, State::Established | State::TimeWait)
-            && !pkt.payload().is_empty()
-        {
-            if let Err(e) = self.transport.handle_packet(now, pkt.payload()) {
+        // The packet number and the frames, now in clear.
+        let payload = &packet[header_len..header_len + PN_LEN + body_len];
+        if stream && matches!(self.state, State::Established | State::TimeWait) && body_len > 0 {
+            if let Err(e) = self.transport.handle_packet(now, payload) {
                 if e.is_fatal() {
                     // The transport has closed itself with a CLOSE frame for the peer; let it
                     // go out, then report the violation.
@@ -494,58 +581,74 @@ impl Connection {
         }
     }
 
-    fn handle_control(
+    /// The protector of the flow a SYN-ACK proposes to this client: its keys from the
+    /// SYN-ACK's share and ours. `None` if the SYN-ACK lacks a share or nonce, offers one we
+    /// cannot use, or grants plaintext we did not ask for (a downgrade).
+    fn protector_for_syn_ack(&self, repr: &SalRepr) -> Option<(Protector, Nonce)> {
+        let (kx, share, peer_nonce) = (self.kx.as_deref()?, repr.keyshare?, repr.nonce?);
+        let protection = match (share.plaintext(), self.protection) {
+            (false, _) => Protection::Encrypted,
+            (true, Protection::Plaintext) => Protection::Plaintext,
+            (true, Protection::Encrypted) => return None,
+        };
+        let dh = kx.agree(&share)?;
+        let transcript = Transcript {
+            service: &self.service,
+            client_flow: self.local_flow,
+            client_nonce: &self.local_nonce,
+            client_share: &self.local_share,
+            server_flow: repr.src_flow,
+            server_nonce: &peer_nonce,
+            server_share: &share,
+        };
+        let secrets = FlowSecrets::derive(true, protection, &dh, &transcript);
+        Some((
+            Protector::new(secrets, self.key_update_interval),
+            peer_nonce,
+        ))
+    }
+
+    /// The SYN-ACK, the first packet the client can authenticate: derives the keys from it,
+    /// opens it with them, and establishes the flow.
+    fn on_syn_ack(
         &mut self,
         now: Instant,
         remote: Locator,
-        pkt: &SalPacket<&[u8]>,
+        packet: &mut [u8],
+        header_len: usize,
         repr: &SalRepr,
         ctl: ControlRepr,
     ) {
-        let f = ctl.flags;
-        // The SYN-ACK is the first packet the client can authenticate: derive the keys first.
-        if self.state == State::SynSent && f.contains(ControlFlags::SYN | ControlFlags::ACK) {
-            let Some(peer_nonce) = repr.nonce else {
-                self.auth_failures += 1;
-                return;
-            };
-            let keys = FlowKeys::derive(
-                &self.local_nonce,
-                &peer_nonce,
-                self.local_flow,
-                repr.src_flow,
-                &self.service,
-            );
-            if !keys.verify(Direction::ServerToClient, pkt) || !self.acked(Reliable::Syn, ctl.ackno)
-            {
-                self.auth_failures += 1;
-                return;
-            }
-            self.keys = Some(keys);
-            self.peer_nonce = peer_nonce;
-            self.peer_flow = repr.src_flow;
-            self.peer = remote;
-            self.peer_verno = Some(ctl.verno);
-            self.state = State::Established;
-            // The handshake may have taken several retransmissions: start the idle clock now.
-            self.transport.on_peer_activity(now);
-            if self.ctl.handshake_ack_delay == 0 {
-                self.answers.push_back(Answer::Ack(ctl.verno));
-            } else {
-                let due = now + Duration::from_nanos(self.ctl.handshake_ack_delay);
-                self.held_ack = Some((ctl.verno, due));
-            }
-            self.events.push_back(ConnEvent::Connected);
+        let Some((mut protect, peer_nonce)) = self.protector_for_syn_ack(repr) else {
+            self.auth_failures += 1;
             return;
-        }
-        let authentic = self
-            .keys
-            .as_ref()
-            .is_some_and(|k| k.verify(self.rx_dir(), pkt));
-        if !authentic || repr.src_flow != self.peer_flow {
+        };
+        if protect.open(packet, header_len, Space::Control).is_err()
+            || !self.acked(Reliable::Syn, ctl.ackno)
+        {
             self.auth_failures += 1;
             return;
         }
+        self.protect = Some(Box::new(protect));
+        self.peer_nonce = peer_nonce;
+        self.peer_flow = repr.src_flow;
+        self.peer = remote;
+        self.peer_verno = Some(ctl.verno);
+        self.state = State::Established;
+        // The handshake may have taken several retransmissions: start the idle clock now.
+        self.transport.on_peer_activity(now);
+        if self.ctl.handshake_ack_delay == 0 {
+            self.answers.push_back(Answer::Ack(ctl.verno));
+        } else {
+            let due = now + Duration::from_nanos(self.ctl.handshake_ack_delay);
+            self.held_ack = Some((ctl.verno, due));
+        }
+        self.events.push_back(ConnEvent::Connected);
+    }
+
+    /// A control packet of this flow, already opened (so authentic and not a replay).
+    fn handle_control(&mut self, now: Instant, remote: Locator, ctl: ControlRepr) {
+        let f = ctl.flags;
         self.transport.on_peer_activity(now);
         if f.contains(ControlFlags::RST) {
             self.close_now(CloseReason::Reset);
@@ -701,7 +804,7 @@ impl Connection {
 
     /// Aborts the flow: one RST, then gone.
     pub(crate) fn abort(&mut self) {
-        if self.keys.is_some() && self.peer_flow != FlowId::NONE {
+        if self.protect.is_some() && self.peer_flow != FlowId::NONE {
             self.answers.push_back(Answer::Rst);
         }
         self.close_now(CloseReason::Reset);
@@ -944,6 +1047,12 @@ impl Connection {
                 return None;
             }
             if self.transport.poll_transmit(now, out) > 0 {
+                let Some(protect) = self.protect.as_deref_mut() else {
+                    // Unreachable: a flow sends stream packets only once it has its keys.
+                    out.truncate(base);
+                    return None;
+                };
+                protect.seal(out, base, BASE_HEADER_LEN);
                 // A stream packet completes the server's handshake: the held ACK is not needed.
                 self.held_ack = None;
                 return Some((self.local, self.peer));
@@ -961,31 +1070,30 @@ impl Connection {
             verno,
             ackno,
         });
-        r.auth = Some([0; AUTH_TAG_LEN]);
         r
     }
 
-    /// Appends `repr` (sealing its AUTH tag if it has one) to `out`; on failure `out` is left
-    /// as it was.
-    fn emit_sealed(&self, repr: &SalRepr, out: &mut Vec<u8>) -> bool {
+    /// Appends `repr` to `out` with a packet number and sealed (the SYN, which no key protects
+    /// yet, goes as it is); on failure `out` is left as it was.
+    fn emit_sealed(&mut self, repr: &SalRepr, out: &mut Vec<u8>) -> bool {
         let base = out.len();
-        out.resize(base + repr.buffer_len(), 0);
-        let mut pkt = SalPacket::new_unchecked(&mut out[base..]);
-        if repr.emit(&mut pkt).is_err() {
+        let header_len = repr.buffer_len();
+        out.resize(base + header_len, 0);
+        if repr
+            .emit(&mut SalPacket::new_unchecked(&mut out[base..]))
+            .is_err()
+        {
             out.truncate(base);
             return false;
         }
-        if repr.auth.is_some() {
-            match &self.keys {
-                Some(k) => {
-                    k.seal(self.tx_dir(), &mut pkt);
-                }
-                None => {
-                    out.truncate(base);
-                    return false;
-                }
-            }
+        if repr.control.is_some_and(|c| c.flags == ControlFlags::SYN) {
+            return true;
         }
+        let Some(protect) = self.protect.as_deref_mut() else {
+            out.truncate(base);
+            return false;
+        };
+        protect.seal_control(out, base, header_len);
         true
     }
 
@@ -1009,6 +1117,7 @@ impl Connection {
                     id: self.service,
                 });
                 r.nonce = Some(self.local_nonce);
+                r.keyshare = Some(self.local_share);
                 r.source = vec![self.local];
                 (r, self.local)
             }
@@ -1019,6 +1128,7 @@ impl Connection {
                     peer_verno_next,
                 );
                 r.nonce = Some(self.local_nonce);
+                r.keyshare = Some(self.local_share);
                 (r, self.local)
             }
             Reliable::Rsyn => (
@@ -1044,39 +1154,28 @@ impl Connection {
 
     /// An RST for a SYN-ACK that another server sent to this client connection's SYN (a SYN
     /// multicast to several instances, after this connection settled on the first answer), so
-    /// that server frees its half-open flow at once. It is authenticated with the keys of the
-    /// flow the SYN-ACK proposed (our nonce and flow, its nonce and flow), as that server
-    /// requires of any RST; `None` if the SYN-ACK itself is not authentic for our SYN.
-    pub(crate) fn reset_for_stray_syn_ack(
-        &self,
-        pkt: &SalPacket<&[u8]>,
-        repr: &SalRepr,
-    ) -> Option<Vec<u8>> {
+    /// that server frees its half-open flow at once. It is sealed with the keys of the flow the
+    /// SYN-ACK proposed (our key share and its own), as that server requires of any RST;
+    /// `None` if the SYN-ACK itself does not open with them, or once our ephemeral key is gone.
+    pub(crate) fn reset_for_stray_syn_ack(&self, packet: &[u8], repr: &SalRepr) -> Option<Vec<u8>> {
         if self.role != Role::Client {
             return None;
         }
-        let peer_nonce = repr.nonce?;
-        let keys = FlowKeys::derive(
-            &self.local_nonce,
-            &peer_nonce,
-            self.local_flow,
-            repr.src_flow,
-            &self.service,
-        );
-        if !keys.verify(Direction::ServerToClient, pkt) {
-            return None;
-        }
+        let (mut protect, _) = self.protector_for_syn_ack(repr)?;
+        let mut copy = packet.to_vec();
+        let header_len = usize::from(SalPacket::new_unchecked(&copy[..]).header_len());
+        protect.open(&mut copy, header_len, Space::Control).ok()?;
         let mut r = SalRepr::new(Protocol::NONE, self.local_flow, repr.src_flow);
         r.control = Some(ControlRepr {
             flags: ControlFlags::RST,
             verno: 0,
             ackno: 0,
         });
-        r.auth = Some([0; AUTH_TAG_LEN]);
-        let mut out = vec![0u8; r.buffer_len()];
-        let mut p = SalPacket::new_unchecked(&mut out[..]);
-        r.emit(&mut p).ok()?;
-        keys.seal(Direction::ClientToServer, &mut p).then_some(out)
+        let header_len = r.buffer_len();
+        let mut out = vec![0u8; header_len];
+        r.emit(&mut SalPacket::new_unchecked(&mut out[..])).ok()?;
+        protect.seal_control(&mut out, 0, header_len);
+        Some(out)
     }
 
     /// Whether the endpoint may forget this flow.

@@ -28,6 +28,7 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 
 use crate::Instant;
 pub use crate::connection::CloseReason;
+pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 use crate::registrar::{Registrar, RegistrarEvent};
 
 mod delay;
@@ -160,6 +161,13 @@ pub struct EndpointConfig {
     /// each one in proportion to its weight. Default 10 ms; zero answers at once (the nearest
     /// instance wins).
     pub discovery_answer_scale: std::time::Duration,
+    /// How this endpoint's flows are protected. [`Protection::Plaintext`] (authenticated, not
+    /// encrypted) applies to a flow only when both of its ends are so configured; otherwise
+    /// the flow is encrypted. Default encrypted.
+    pub protection: Protection,
+    /// Packets a flow seals in one key phase before it updates its keys. Default
+    /// [`DEFAULT_KEY_UPDATE_INTERVAL`] (2^23).
+    pub key_update_interval: u64,
 }
 
 impl Default for EndpointConfig {
@@ -175,6 +183,8 @@ impl Default for EndpointConfig {
             delay_queue: 1024,
             delay_timeout: DEFAULT_DELAY_TIMEOUT,
             discovery_answer_scale: std::time::Duration::from_millis(10),
+            protection: Protection::Encrypted,
+            key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
         }
     }
 }
@@ -242,6 +252,11 @@ pub struct EndpointStats {
     /// Authenticated RSTs sent for such SYN-ACKs, so the other instance frees its half-open
     /// flow.
     pub stray_resets: u64,
+    /// Packets of live flows dropped as replays: a packet number already opened, or older than
+    /// the replay window. (Packets that do not authenticate count in `auth_failures`.)
+    pub replays: u64,
+    /// SYNs without a usable key share (none, an unknown group, or a weak key): dropped.
+    pub bad_key_shares: u64,
 }
 
 struct Listener {
@@ -334,6 +349,8 @@ pub struct Endpoint {
     /// Prefixes registered with the router beside the listeners' (a child router announcing
     /// what it serves to its parent), with weight and priority.
     announced: HashMap<ServicePrefix, (u32, u32)>,
+    /// Where [`Endpoint::handle_datagram`] copies a packet to open it.
+    scratch: Vec<u8>,
 }
 
 impl Endpoint {
@@ -369,6 +386,7 @@ impl Endpoint {
             answer_later: discovery::AnswerLater::default(),
             resolving_held: false,
             answering_discovery: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -401,6 +419,7 @@ impl Endpoint {
         let mut s = self.stats.clone();
         for c in self.conns.iter().flatten() {
             s.auth_failures += c.auth_failures;
+            s.replays += c.replays();
             s.malformed += c.malformed;
         }
         s
@@ -492,6 +511,13 @@ impl Endpoint {
             hop_limit: self.config.hop_limit,
             ctl: self.config.control.clone(),
             transport: self.transport_for(local),
+            kx_random: {
+                let mut r = [0u8; 32];
+                self.rng.fill_bytes(&mut r);
+                r
+            },
+            protection: self.config.protection,
+            key_update_interval: self.config.key_update_interval,
         };
         (flow, n)
     }
@@ -713,6 +739,12 @@ impl Endpoint {
         Some((c.local, c.peer))
     }
 
+    /// How a connection's packets are protected, once its handshake has settled it (`None`
+    /// before, or for a handle that is gone).
+    pub fn protection(&self, h: ConnectionHandle) -> Option<Protection> {
+        self.conn_ref(h)?.protection()
+    }
+
     /// A connection's transport counters.
     pub fn connection_stats(&self, h: ConnectionHandle) -> Option<TransportStats> {
         Some(self.conn_ref(h)?.transport.stats())
@@ -725,10 +757,28 @@ impl Endpoint {
             .or_else(|| self.poll_registrar_event())
     }
 
-    /// Handles one received UDP datagram.
+    /// Handles one received UDP datagram. Packets of live flows are opened in a copy; a
+    /// caller that can give up its buffer calls [`handle_datagram_mut`](Self::handle_datagram_mut)
+    /// and saves that copy.
     pub fn handle_datagram(&mut self, now: Instant, local: Locator, remote: Locator, data: &[u8]) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        self.handle_datagram_mut(now, local, remote, &mut scratch);
+        self.scratch = scratch;
+    }
+
+    /// Handles one received UDP datagram, opening a protected packet in place: `data` holds
+    /// garbage afterwards.
+    pub fn handle_datagram_mut(
+        &mut self,
+        now: Instant,
+        local: Locator,
+        remote: Locator,
+        data: &mut [u8],
+    ) {
         self.stats.received += 1;
-        let Ok(pkt) = SalPacket::new_checked(data) else {
+        let Ok(pkt) = SalPacket::new_checked(&data[..]) else {
             self.stats.malformed += 1;
             return;
         };
@@ -775,7 +825,7 @@ impl Endpoint {
             && repr.src_flow != c.peer_flow
         {
             self.stats.duplicate_syn_acks += 1;
-            if let Some(payload) = c.reset_for_stray_syn_ack(&pkt, &repr)
+            if let Some(payload) = c.reset_for_stray_syn_ack(data, &repr)
                 && self.queue_transmit(Transmit {
                     src: local,
                     dst: remote,
@@ -802,7 +852,7 @@ impl Endpoint {
             }
             return;
         }
-        c.handle_packet(now, local, remote, &pkt, &repr);
+        c.handle_packet(now, local, remote, data, &repr);
         self.touch(h);
     }
 
@@ -898,8 +948,17 @@ impl Endpoint {
                 return;
             }
         }
+        let Some(share) = repr.keyshare.as_ref() else {
+            self.stats.bad_key_shares += 1;
+            return;
+        };
         let (flow, n) = self.new_connection(Role::Server, service, local, client);
-        let c = Connection::server(now, n, repr.src_flow, nonce, ctl.verno, listener);
+        let Some(c) = Connection::server(now, n, repr.src_flow, nonce, share, ctl.verno, listener)
+        else {
+            self.flows.remove(flow);
+            self.stats.bad_key_shares += 1;
+            return;
+        };
         let h = self.insert_conn(c);
         self.register_flow(flow, h);
         self.half_open.insert((repr.src_flow, nonce), h);

@@ -7,7 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod connection;
-pub mod crypto;
 pub mod endpoint;
 pub mod frame;
 pub mod registrar;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serval_engine::Instant;
 use serval_engine::connection::CloseReason;
-use serval_engine::crypto::{Direction, FlowKeys};
+use serval_engine::connection::protect::{
+    DEFAULT_KEY_UPDATE_INTERVAL, FlowSecrets, KeyExchange, Protection, Protector, Space, Transcript,
+};
 use serval_engine::endpoint::{ConnectionHandle, Endpoint, EndpointConfig, Event, Transmit};
 use serval_table::{Action, Target};
 use serval_wire::ext::{ControlFlags, ControlRepr};
@@ -563,10 +565,11 @@ fn a_lost_rsyn_ack_is_completed_by_data_from_the_peer() {
 // Control sequence numbers
 // ---------------------------------------------------------------------------------------------
 
-/// A hand-made client (its packets built and sealed here) whose control vernos start just
-/// below 2^32, so they wrap during the flow. The server compares them as serial numbers
-/// (RFC 1982): 0 comes after 0xffff_ffff; its answers' acknos wrap too; and a stale RSYN from
-/// before the wrap, replayed from an old locator, is answered but moves nothing.
+/// A hand-made client (its packets built and sealed here, with its own ephemeral key) whose
+/// control vernos start just below 2^32, so they wrap during the flow. The server compares them
+/// as serial numbers (RFC 1982): 0 comes after 0xffff_ffff; its answers' acknos wrap too; a
+/// stale RSYN from before the wrap, delayed from an old locator, is answered but moves nothing;
+/// and a byte-for-byte replay of an RSYN is dropped unanswered.
 #[test]
 fn control_vernos_wrap_around() {
     let now = Instant::ZERO;
@@ -578,31 +581,44 @@ fn control_vernos_wrap_around() {
     a.connect_via(now, service, loc(B)).unwrap();
     let mut syn = parse(&drain(&mut a, now)[0].payload);
     syn.control.as_mut().unwrap().verno = u32::MAX - 1;
+    let kx = KeyExchange::new([9; 32]);
+    syn.keyshare = Some(kx.share(0));
     let (cflow, cnonce) = (syn.src_flow, syn.nonce.unwrap());
     b.handle_datagram(now, loc(B), loc(A), &syn.to_bytes(&[]).unwrap());
-    let out = drain(&mut b, now);
+    let mut out = drain(&mut b, now);
     assert_eq!(out.len(), 1);
     let synack = parse(&out[0].payload);
     assert_eq!(synack.control.unwrap().ackno, u32::MAX);
     let sflow = synack.src_flow;
-    let keys = FlowKeys::derive(&cnonce, &synack.nonce.unwrap(), cflow, sflow, &service);
-    assert!(keys.verify(
-        Direction::ServerToClient,
-        &SalPacket::new_checked(&out[0].payload[..]).unwrap()
-    ));
-    let sealed = |flags: ControlFlags, verno: u32, ackno: u32| {
+    let server_share = synack.keyshare.unwrap();
+    let dh = kx.agree(&server_share).unwrap();
+    let transcript = Transcript {
+        service: &service,
+        client_flow: cflow,
+        client_nonce: &cnonce,
+        client_share: &syn.keyshare.unwrap(),
+        server_flow: sflow,
+        server_nonce: &synack.nonce.unwrap(),
+        server_share: &server_share,
+    };
+    let secrets = FlowSecrets::derive(true, Protection::Encrypted, &dh, &transcript);
+    let mut keys = Protector::new(secrets, DEFAULT_KEY_UPDATE_INTERVAL);
+    let header_len = usize::from(
+        SalPacket::new_checked(&out[0].payload[..])
+            .unwrap()
+            .header_len(),
+    );
+    keys.open(&mut out[0].payload, header_len, Space::Control)
+        .expect("the SYN-ACK opens with the keys of our share and the server's");
+    let mut sealed = |flags: ControlFlags, verno: u32, ackno: u32| {
         let mut r = SalRepr::new(Protocol::NONE, cflow, sflow);
         r.control = Some(ControlRepr {
             flags,
             verno,
             ackno,
         });
-        r.auth = Some([0; 16]);
         let mut bytes = r.to_bytes(&[]).unwrap();
-        assert!(keys.seal(
-            Direction::ClientToServer,
-            &mut SalPacket::new_unchecked(&mut bytes[..])
-        ));
+        keys.seal_control(&mut bytes, 0, r.buffer_len());
         bytes
     };
     let answer = |b: &mut Endpoint, to: &str| {
@@ -639,8 +655,13 @@ fn control_vernos_wrap_around() {
     assert_eq!(events(&mut b), vec![Event::PeerMigrated(sh, loc(A3))]);
     assert_eq!(answer(&mut b, A3), 1);
     assert_eq!(b.locators(sh).unwrap().1, loc(A3));
-    // The RSYN from before the wrap, delayed (or replayed) from A2: old, so it moves nothing.
-    b.handle_datagram(now, loc(B), loc(A2), &rsyn_max);
+    // The RSYN from before the wrap, delayed from A2: old, so it moves nothing.
+    b.handle_datagram(
+        now,
+        loc(B),
+        loc(A2),
+        &sealed(ControlFlags::RSYN, u32::MAX, 0),
+    );
     assert_eq!(events(&mut b), vec![], "a stale RSYN moved the peer back");
     assert_eq!(b.locators(sh).unwrap().1, loc(A3));
     assert_eq!(
@@ -648,6 +669,12 @@ fn control_vernos_wrap_around() {
         0,
         "answered again, to where the client is"
     );
+    // The very same packet again (a replay): dropped before the control channel sees it.
+    let replays = b.stats().replays;
+    b.handle_datagram(now, loc(B), loc(A2), &rsyn_max);
+    assert_eq!(events(&mut b), vec![]);
+    assert!(drain(&mut b, now).is_empty(), "a replay was answered");
+    assert_eq!(b.stats().replays, replays + 1);
     // A repeat of the latest RSYN from a new address (a NAT rebinding its retransmission)
     // still moves it.
     b.handle_datagram(now, loc(B), loc(NAT), &sealed(ControlFlags::RSYN, 0, 0));

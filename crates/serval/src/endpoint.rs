@@ -631,10 +631,11 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
         let mut more = {
             let mut st = shared.lock();
             let now = st.now();
-            for (m, buf) in meta.iter().zip(&bufs).take(n) {
+            for (m, buf) in meta.iter().zip(&mut bufs).take(n) {
                 let stride = m.stride.max(1);
-                for dgram in buf[..m.len].chunks(stride) {
-                    st.engine.handle_datagram(now, sock.local, m.addr, dgram);
+                // Opened in place: the buffer is refilled by the next receive anyway.
+                for dgram in buf[..m.len].chunks_mut(stride) {
+                    st.engine.handle_datagram_mut(now, sock.local, m.addr, dgram);
                 }
             }
             st.dispatch();

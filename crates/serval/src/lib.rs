@@ -47,7 +47,7 @@ pub use endpoint::{
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::endpoint::NamedDatagram;
-pub use serval_engine::endpoint::{CloseReason, EndpointConfig};
+pub use serval_engine::endpoint::{CloseReason, EndpointConfig, Protection};
 pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
 pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
 pub use serval_engine::transport::conn::TransportStats;

@@ -603,3 +603,45 @@ fn errors_display_clearly() {
         "unsupported SAL version 2 (expected 1)"
     );
 }
+
+/// KEYSHARE (docs/wire.md §4.6): the bytes of the extension, its place between NONCE and
+/// SOURCE, and the key-phase bit of byte 0 (§12), which emit clears and the setter sets alone.
+#[test]
+fn keyshare_fixture_and_key_phase() {
+    use serval_wire::KeyShareRepr;
+    let share = KeyShareRepr {
+        group: KeyShareRepr::X25519,
+        flags: KeyShareRepr::PLAINTEXT,
+        key: seq(0x40),
+    };
+    let mut repr = SalRepr::new(Protocol::NONE, FlowId(1), FlowId::NONE);
+    repr.nonce = Some(Nonce(seq(0xc0)));
+    repr.keyshare = Some(share);
+    repr.source = vec![loc("10.0.0.1:54324")];
+    let bytes = emit_a5(&repr, 0);
+    let ks = &bytes[BASE_HEADER_LEN + 18..BASE_HEADER_LEN + 18 + 36];
+    let mut expect = vec![0x86, 36, 0x01, 0x01];
+    expect.extend(seq::<32>(0x40));
+    assert_eq!(ks, &expect[..]);
+    assert_eq!(bytes[BASE_HEADER_LEN + 18 + 36], 0x84, "SOURCE follows KEYSHARE");
+    let mut p = SalPacket::new_checked(bytes.clone()).unwrap();
+    let parsed = SalRepr::parse(&p).unwrap();
+    assert_eq!(parsed.keyshare, Some(share));
+    assert!(parsed.keyshare.unwrap().plaintext());
+    assert!(!p.key_phase());
+    p.set_key_phase(true);
+    assert_eq!(p.as_ref()[0], 0x11);
+    assert!(p.key_phase());
+    assert_eq!(SalRepr::parse(&p).unwrap(), parsed, "the phase bit changes nothing else");
+    p.set_key_phase(false);
+    assert_eq!(p.as_ref()[0], 0x10);
+    // A KEYSHARE of the wrong length is malformed.
+    assert_eq!(
+        check(&build(&[&[[0x86, 35, 1, 0].as_slice(), &[0; 31]].concat()], b"")),
+        Err(WireError::ExtBadLen {
+            ty: 0x86,
+            len: 35,
+            expected: 36
+        })
+    );
+}

@@ -1,0 +1,879 @@
+//! Packet protection: the key exchange, the key schedule, sealing and opening every packet of a
+//! flow after its SYN, replay protection and key update.
+//!
+//! This module is the one place where a flow's packets are sealed (after the transport or the
+//! control channel built them) and opened (before either looks at them). The design, with the
+//! reasons, is in `docs/moving-flows.md` §1; the byte layout in `docs/wire.md` §12; what it
+//! protects against in `docs/security.md`.
+//!
+//! # Handshake
+//!
+//! The SYN and the SYN-ACK each carry a KEYSHARE: an ephemeral X25519 public key. Both ends
+//! compute the shared secret and derive, with HKDF-SHA256 (RFC 5869) in the shape of TLS 1.3's
+//! `HKDF-Expand-Label`:
+//!
+//! ```text
+//! th    = SHA-256("serval2 transcript" || serviceID || client flowID || client nonce ||
+//!                 client KEYSHARE body || server flowID || server nonce || server KEYSHARE body)
+//! prk   = HKDF-Extract(salt = "serval-v2", ikm = X25519 secret || client nonce || server nonce)
+//! c_ts0 = Expand-Label(prk, "c traffic", th, 32)      client → server, key phase 0
+//! s_ts0 = Expand-Label(prk, "s traffic", th, 32)      server → client
+//! ctl   = Expand-Label(prk, "control", th, 32)        for proofs of later path joins and moves
+//! key   = Expand-Label(ts, "key", "", 32);  iv = Expand-Label(ts, "iv", "", 12)
+//! Expand-Label(s, label, ctx, n) = HKDF-Expand(s, n as u16 || "serval2 " || label || ctx, n)
+//! ```
+//!
+//! The private keys and the shared secret live only as long as the handshake needs them (the
+//! client keeps its private key until the server's first packet after the SYN-ACK, to answer a
+//! second instance's SYN-ACK with an authenticated RST); [`FlowSecrets`] holds nothing a
+//! passive observer of the handshake could compute, and is plain data, so that a connection
+//! snapshot can carry it.
+//!
+//! # Packets
+//!
+//! Every packet after the SYN is `SAL header | packet number (8) | payload | tag (16)`. The
+//! header and the packet number are associated data; the payload (the transport's frames, empty
+//! in a control packet) is encrypted with AES-256-GCM under the sender's current traffic key,
+//! with the nonce `iv XOR (space || path ID (31 bits) || packet number (8))`. Data packets
+//! number in the transport's space (bit 31 of the second field 0); control packets (those with
+//! a CONTROL extension) in a space of their own (bit 31 set), counted here, so that they leave
+//! no gap in the transport's numbers. In plaintext mode (both ends
+//! asked for it) the payload stays in clear and the tag is AES-256-GCM's over everything with
+//! nothing encrypted (a GMAC): the same integrity, the same replay protection.
+//!
+//! A receiver drops, before anything else looks at it, a packet whose tag does not verify or
+//! whose packet number it has already opened (a sliding window of [`REPLAY_WINDOW`] below the
+//! largest).
+//!
+//! # Key update
+//!
+//! After [`DEFAULT_KEY_UPDATE_INTERVAL`] packets in one key phase, a sender whose previous
+//! update the peer has followed moves to `ts(n+1) = Expand-Label(ts(n), "ku", "", 32)` and flips
+//! the KEY_PHASE bit of the header. A receiver that sees the other phase on a packet newer than
+//! the current phase's first tries the next keys and, if they open it, moves its receiving phase
+//! and its own sending phase to them. Older packets of the previous phase (reordered around the
+//! update) still open with the previous keys.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as AeadNonce, UnboundKey};
+use serval_wire::header::KEY_PHASE;
+use serval_wire::{FlowId, KeyShareRepr, Nonce, ServiceId};
+use sha2::{Digest, Sha256};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::frame::PN_LEN;
+
+/// Bytes of authentication tag at the end of every protected packet.
+pub const TAG_LEN: usize = 16;
+
+/// Packet numbers below the largest one opened that the replay window remembers; older ones
+/// are refused.
+pub const REPLAY_WINDOW: u64 = 1024;
+
+/// Packets sent in one key phase before the sender updates its keys: far below AES-GCM's
+/// confidentiality limit (2^23 full-size packets is RFC 9001 §6.6's advice), so long flows
+/// rekey without a handshake.
+pub const DEFAULT_KEY_UPDATE_INTERVAL: u64 = 1 << 23;
+
+const SALT: &[u8] = b"serval-v2";
+const LABEL_PREFIX: &[u8] = b"serval2 ";
+
+/// How a flow's packets are protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protection {
+    /// Encrypted and authenticated (AES-256-GCM). The default.
+    #[default]
+    Encrypted,
+    /// Authenticated but readable on the wire (for measurements and debugging). A flow runs in
+    /// plaintext only when the client asks for it in its SYN and the server is configured for it
+    /// too; otherwise it is encrypted.
+    Plaintext,
+}
+
+/// The packet-number space of a protected packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// Stream packets, numbered by the transport.
+    Data = 0,
+    /// Control packets (a CONTROL extension), numbered by the protector.
+    Control = 1,
+}
+
+impl Space {
+    /// The space of a packet, from whether it has a CONTROL extension.
+    pub fn of(control: bool) -> Space {
+        if control { Space::Control } else { Space::Data }
+    }
+
+    /// The nonce's path field: the path ID, with bit 31 set in the control space.
+    fn nonce_path(self, path: u32) -> u32 {
+        match self {
+            Space::Data => path & 0x7fff_ffff,
+            Space::Control => path | 0x8000_0000,
+        }
+    }
+}
+
+/// Why a packet was not opened. Every one of them drops the packet and counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// Shorter than a header, a packet number and a tag.
+    TooShort,
+    /// A packet number already opened, or older than the replay window.
+    Replayed,
+    /// The tag does not verify: forged, corrupted, or sealed under keys this end does not hold.
+    Forged,
+}
+
+/// One end's ephemeral X25519 key for a handshake.
+pub struct KeyExchange {
+    secret: StaticSecret,
+    public: [u8; 32],
+}
+
+impl core::fmt::Debug for KeyExchange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("KeyExchange(..)")
+    }
+}
+
+impl Clone for KeyExchange {
+    fn clone(&self) -> Self {
+        KeyExchange {
+            secret: self.secret.clone(),
+            public: self.public,
+        }
+    }
+}
+
+impl KeyExchange {
+    /// A key pair from 32 random bytes (the endpoint's random source: deterministic in tests).
+    pub fn new(random: [u8; 32]) -> KeyExchange {
+        let secret = StaticSecret::from(random);
+        let public = PublicKey::from(&secret).to_bytes();
+        KeyExchange { secret, public }
+    }
+
+    /// The KEYSHARE this end sends.
+    pub fn share(&self, flags: u8) -> KeyShareRepr {
+        KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags,
+            key: self.public,
+        }
+    }
+
+    /// The shared secret with the peer's share; `None` if the share is not in a group we know
+    /// or is a point of small order (the secret would be all zeros, known to anyone).
+    pub fn agree(&self, peer: &KeyShareRepr) -> Option<[u8; 32]> {
+        if peer.group != KeyShareRepr::X25519 {
+            return None;
+        }
+        let shared = self.secret.diffie_hellman(&PublicKey::from(peer.key));
+        shared.was_contributory().then(|| shared.to_bytes())
+    }
+}
+
+/// What both ends bind their keys to: the handshake as each saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Transcript<'a> {
+    /// The serviceID the SYN asked for.
+    pub service: &'a ServiceId,
+    /// The client's flowID (the SYN's source flow).
+    pub client_flow: FlowId,
+    /// The SYN's NONCE.
+    pub client_nonce: &'a Nonce,
+    /// The SYN's KEYSHARE.
+    pub client_share: &'a KeyShareRepr,
+    /// The server's flowID (the SYN-ACK's source flow).
+    pub server_flow: FlowId,
+    /// The SYN-ACK's NONCE.
+    pub server_nonce: &'a Nonce,
+    /// The SYN-ACK's KEYSHARE.
+    pub server_share: &'a KeyShareRepr,
+}
+
+impl Transcript<'_> {
+    /// The transcript hash `th`.
+    pub fn hash(&self) -> [u8; 32] {
+        let share = |h: &mut Sha256, s: &KeyShareRepr| {
+            h.update([s.group, s.flags]);
+            h.update(s.key);
+        };
+        let mut h = Sha256::new();
+        h.update(b"serval2 transcript");
+        h.update(self.service.as_bytes());
+        h.update(self.client_flow.0.to_be_bytes());
+        h.update(self.client_nonce.0);
+        share(&mut h, self.client_share);
+        h.update(self.server_flow.0.to_be_bytes());
+        h.update(self.server_nonce.0);
+        share(&mut h, self.server_share);
+        h.finalize().into()
+    }
+}
+
+/// `HKDF-Expand-Label` of the module documentation: `out.len()` bytes of `secret` (a
+/// pseudo-random key) for `label` and `context`.
+fn expand_label(secret: &[u8; 32], label: &[u8], context: &[u8], out: &mut [u8]) {
+    let Ok(hk) = hkdf::Hkdf::<Sha256>::from_prk(secret) else {
+        unreachable!("a 32-byte PRK is always long enough for HKDF-SHA256");
+    };
+    let len = u16::try_from(out.len()).unwrap_or(u16::MAX).to_be_bytes();
+    let info: [&[u8]; 4] = [&len, LABEL_PREFIX, label, context];
+    if hk.expand_multi_info(&info, out).is_err() {
+        unreachable!("outputs of at most 32 bytes are far below HKDF-SHA256's limit");
+    }
+}
+
+fn expand32(secret: &[u8; 32], label: &[u8], context: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    expand_label(secret, label, context, &mut out);
+    out
+}
+
+/// One direction's traffic secret and the key phase it belongs to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrafficSecret {
+    /// The secret (`c_ts`/`s_ts` of the module documentation, after any key updates).
+    pub secret: [u8; 32],
+    /// Its key phase: flips at every update.
+    pub phase: bool,
+}
+
+impl TrafficSecret {
+    fn next(&self) -> TrafficSecret {
+        TrafficSecret {
+            secret: expand32(&self.secret, b"ku", b""),
+            phase: !self.phase,
+        }
+    }
+}
+
+impl core::fmt::Debug for TrafficSecret {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "TrafficSecret(phase {}, ..)", u8::from(self.phase))
+    }
+}
+
+/// Everything secret about one end of a flow, as plain data: what a connection snapshot
+/// carries to let another host continue the flow (never the handshake's private keys).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FlowSecrets {
+    /// Encrypted or plaintext.
+    pub protection: Protection,
+    /// What this end seals with.
+    pub tx: TrafficSecret,
+    /// What this end opens with.
+    pub rx: TrafficSecret,
+    /// The control secret (`ctl`), for proofs that only the flow's two ends can make.
+    pub control: [u8; 32],
+}
+
+impl FlowSecrets {
+    /// The secrets of one end (`client` says which) after a handshake with shared secret
+    /// `dh`.
+    pub fn derive(
+        client: bool,
+        protection: Protection,
+        dh: &[u8; 32],
+        transcript: &Transcript<'_>,
+    ) -> FlowSecrets {
+        let th = transcript.hash();
+        let mut ikm = [0u8; 64];
+        ikm[..32].copy_from_slice(dh);
+        ikm[32..48].copy_from_slice(&transcript.client_nonce.0);
+        ikm[48..].copy_from_slice(&transcript.server_nonce.0);
+        let (prk, _) = hkdf::Hkdf::<Sha256>::extract(Some(SALT), &ikm);
+        let prk: [u8; 32] = prk.into();
+        let c = TrafficSecret {
+            secret: expand32(&prk, b"c traffic", &th),
+            phase: false,
+        };
+        let s = TrafficSecret {
+            secret: expand32(&prk, b"s traffic", &th),
+            phase: false,
+        };
+        let control = expand32(&prk, b"control", &th);
+        let (tx, rx) = if client { (c, s) } else { (s, c) };
+        FlowSecrets {
+            protection,
+            tx,
+            rx,
+            control,
+        }
+    }
+}
+
+/// An AEAD key and IV derived from one traffic secret.
+#[derive(Clone)]
+struct PacketKey {
+    aead: LessSafeKey,
+    iv: [u8; 12],
+}
+
+impl PacketKey {
+    fn new(ts: &TrafficSecret) -> PacketKey {
+        let key = expand32(&ts.secret, b"key", b"");
+        let mut iv = [0u8; 12];
+        expand_label(&ts.secret, b"iv", b"", &mut iv);
+        let Ok(unbound) = UnboundKey::new(&AES_256_GCM, &key) else {
+            unreachable!("AES-256-GCM takes a 32-byte key");
+        };
+        PacketKey {
+            aead: LessSafeKey::new(unbound),
+            iv,
+        }
+    }
+
+    /// The nonce of packet `pn` on path `path`: the IV XOR (path ID || packet number).
+    fn nonce(&self, path: u32, pn: u64) -> AeadNonce {
+        let mut n = self.iv;
+        for (b, x) in n
+            .iter_mut()
+            .zip(path.to_be_bytes().into_iter().chain(pn.to_be_bytes()))
+        {
+            *b ^= x;
+        }
+        AeadNonce::assume_unique_for_key(n)
+    }
+}
+
+/// Packet numbers already opened: the largest, and a bitmap of the [`REPLAY_WINDOW`] below it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayWindow {
+    /// One more than the largest packet number opened (0: none yet).
+    top: u64,
+    /// Bit `i` set: packet `top - 1 - i` was opened.
+    seen: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl ReplayWindow {
+    /// Whether `pn` must be refused: opened already, or too old to tell.
+    pub fn is_replay(&self, pn: u64) -> bool {
+        if pn >= self.top {
+            return false;
+        }
+        let age = self.top - 1 - pn;
+        age >= REPLAY_WINDOW || self.seen[(age / 64) as usize] & (1 << (age % 64)) != 0
+    }
+
+    /// Records `pn` as opened.
+    pub fn insert(&mut self, pn: u64) {
+        if pn >= self.top {
+            let shift = pn - self.top + 1;
+            self.shift(shift);
+            self.top = pn.saturating_add(1);
+            self.seen[0] |= 1;
+        } else {
+            let age = self.top - 1 - pn;
+            if age < REPLAY_WINDOW {
+                self.seen[(age / 64) as usize] |= 1 << (age % 64);
+            }
+        }
+    }
+
+    /// Ages every bit by `n` packets.
+    fn shift(&mut self, n: u64) {
+        if n >= REPLAY_WINDOW {
+            self.seen = Default::default();
+            return;
+        }
+        let words = (n / 64) as usize;
+        let bits = (n % 64) as u32;
+        let len = self.seen.len();
+        for i in (0..len).rev() {
+            let hi = i.checked_sub(words).map_or(0, |j| self.seen[j]);
+            let lo = i.checked_sub(words + 1).map_or(0, |j| self.seen[j]);
+            self.seen[i] = if bits == 0 {
+                hi
+            } else {
+                (hi << bits) | (lo >> (64 - bits))
+            };
+        }
+    }
+
+    /// The largest packet number opened, if any.
+    pub fn largest(&self) -> Option<u64> {
+        self.top.checked_sub(1)
+    }
+}
+
+/// Counters of a flow's protection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProtectStats {
+    /// Packets sealed.
+    pub sealed: u64,
+    /// Packets opened.
+    pub opened: u64,
+    /// Packets dropped because their tag did not verify.
+    pub forged: u64,
+    /// Packets dropped as replays (or too old for the window).
+    pub replayed: u64,
+    /// Key updates, both directions counted once each.
+    pub key_updates: u64,
+}
+
+/// The live protection of one flow: its secrets, the keys derived from them, the replay window.
+#[derive(Clone)]
+pub struct Protector {
+    secrets: FlowSecrets,
+    tx_key: PacketKey,
+    rx_key: PacketKey,
+    /// The receiving keys of the next phase, ready for the peer's update.
+    rx_next: PacketKey,
+    /// The receiving keys of the previous phase, for packets reordered around an update.
+    rx_prev: Option<PacketKey>,
+    /// Per space: the first packet number of the current receiving phase.
+    rx_phase_start: [u64; 2],
+    /// Per space: the packet numbers opened.
+    replay: [ReplayWindow; 2],
+    /// The next control packet's number.
+    control_pn: u64,
+    /// Packets sealed in the current sending phase.
+    tx_in_phase: u64,
+    update_interval: u64,
+    path: u32,
+    /// Counters.
+    pub stats: ProtectStats,
+}
+
+impl core::fmt::Debug for Protector {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Protector")
+            .field("protection", &self.secrets.protection)
+            .field("tx_phase", &self.secrets.tx.phase)
+            .field("rx_phase", &self.secrets.rx.phase)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Protector {
+    /// Protection from `secrets`, updating keys every `update_interval` packets sent.
+    pub fn new(secrets: FlowSecrets, update_interval: u64) -> Protector {
+        Protector {
+            tx_key: PacketKey::new(&secrets.tx),
+            rx_key: PacketKey::new(&secrets.rx),
+            rx_next: PacketKey::new(&secrets.rx.next()),
+            rx_prev: None,
+            rx_phase_start: [0; 2],
+            replay: Default::default(),
+            control_pn: 0,
+            tx_in_phase: 0,
+            update_interval: update_interval.max(1),
+            path: 0,
+            secrets,
+            stats: ProtectStats::default(),
+        }
+    }
+
+    /// The flow's secrets as they are now.
+    pub fn secrets(&self) -> &FlowSecrets {
+        &self.secrets
+    }
+
+    /// Encrypted or plaintext.
+    pub fn protection(&self) -> Protection {
+        self.secrets.protection
+    }
+
+    /// Seals the data packet at `out[base..]`: a SAL header of `header_len` bytes, then the
+    /// transport's packet number and payload. Sets the key phase bit, encrypts the payload in
+    /// place (unless plaintext) and appends the tag.
+    pub fn seal(&mut self, out: &mut Vec<u8>, base: usize, header_len: usize) {
+        self.seal_in(Space::Data, out, base, header_len);
+    }
+
+    /// Seals the control packet at `out[base..]`, a SAL header of `header_len` bytes (and
+    /// nothing after it): appends its packet number in the control space, then the tag.
+    pub fn seal_control(&mut self, out: &mut Vec<u8>, base: usize, header_len: usize) {
+        out.truncate(base + header_len);
+        out.extend_from_slice(&self.control_pn.to_be_bytes());
+        self.control_pn = self.control_pn.saturating_add(1);
+        self.seal_in(Space::Control, out, base, header_len);
+    }
+
+    fn seal_in(&mut self, space: Space, out: &mut Vec<u8>, base: usize, header_len: usize) {
+        self.maybe_update();
+        let ad_len = header_len + PN_LEN;
+        let Some(packet) = out.get_mut(base..).filter(|p| p.len() >= ad_len) else {
+            debug_assert!(false, "a packet to seal holds a header and a packet number");
+            return;
+        };
+        packet[0] = (packet[0] & !KEY_PHASE) | if self.secrets.tx.phase { KEY_PHASE } else { 0 };
+        let mut pn = [0u8; PN_LEN];
+        pn.copy_from_slice(&packet[header_len..ad_len]);
+        let nonce = self
+            .tx_key
+            .nonce(space.nonce_path(self.path), u64::from_be_bytes(pn));
+        let sealed = match self.secrets.protection {
+            Protection::Encrypted => {
+                let (ad, body) = packet.split_at_mut(ad_len);
+                self.tx_key
+                    .aead
+                    .seal_in_place_separate_tag(nonce, Aad::from(&ad[..]), body)
+            }
+            Protection::Plaintext => {
+                self.tx_key
+                    .aead
+                    .seal_in_place_separate_tag(nonce, Aad::from(&packet[..]), &mut [])
+            }
+        };
+        match sealed {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            // Only for inputs beyond AES-GCM's 64 GiB limit, which a packet never reaches.
+            Err(_) => out.truncate(base),
+        }
+        self.tx_in_phase += 1;
+        self.stats.sealed += 1;
+    }
+
+    /// Starts a key update when the current phase has sealed enough packets and the peer has
+    /// followed the previous update (its packets arrive in our sending phase).
+    fn maybe_update(&mut self) {
+        if self.tx_in_phase >= self.update_interval
+            && self.secrets.rx.phase == self.secrets.tx.phase
+        {
+            self.update_tx();
+        }
+    }
+
+    fn update_tx(&mut self) {
+        self.secrets.tx = self.secrets.tx.next();
+        self.tx_key = PacketKey::new(&self.secrets.tx);
+        self.tx_in_phase = 0;
+        self.stats.key_updates += 1;
+    }
+
+    /// Opens `packet` (a SAL header of `header_len` bytes, the packet number, the payload, the
+    /// tag), numbered in `space`, in place. On success returns the packet number and the
+    /// length of the payload, now in clear right after the packet number; on failure the
+    /// packet must be dropped (its payload bytes may have been overwritten) and nothing about
+    /// the flow has changed but the counters.
+    pub fn open(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        space: Space,
+    ) -> Result<(u64, usize), OpenError> {
+        let s = space as usize;
+        let ad_len = header_len + PN_LEN;
+        if packet.len() < ad_len + TAG_LEN {
+            self.stats.forged += 1;
+            return Err(OpenError::TooShort);
+        }
+        let mut pn = [0u8; PN_LEN];
+        pn.copy_from_slice(&packet[header_len..ad_len]);
+        let pn = u64::from_be_bytes(pn);
+        if self.replay[s].is_replay(pn) {
+            self.stats.replayed += 1;
+            return Err(OpenError::Replayed);
+        }
+        let phase = packet[0] & KEY_PHASE != 0;
+        // Which keys: the current phase's; the next phase's for a newer packet in the other
+        // phase (the peer updated); the previous phase's for an older one (reordered).
+        let next = phase != self.secrets.rx.phase && pn >= self.rx_phase_start[s];
+        let key = if phase == self.secrets.rx.phase {
+            &self.rx_key
+        } else if next {
+            &self.rx_next
+        } else {
+            match &self.rx_prev {
+                Some(k) => k,
+                None => {
+                    self.stats.forged += 1;
+                    return Err(OpenError::Forged);
+                }
+            }
+        };
+        let nonce = key.nonce(space.nonce_path(self.path), pn);
+        let body_len = packet.len() - ad_len - TAG_LEN;
+        let ok = match self.secrets.protection {
+            Protection::Encrypted => {
+                let (ad, body) = packet.split_at_mut(ad_len);
+                key.aead
+                    .open_in_place(nonce, Aad::from(&ad[..]), body)
+                    .is_ok()
+            }
+            Protection::Plaintext => {
+                let (signed, tag) = packet.split_at_mut(ad_len + body_len);
+                key.aead
+                    .open_in_place_separate_tag(
+                        nonce,
+                        Aad::from(&signed[..]),
+                        ring::aead::Tag::try_from(&tag[..]).map_err(|_| OpenError::Forged)?,
+                        &mut [],
+                        0..,
+                    )
+                    .is_ok()
+            }
+        };
+        if !ok {
+            self.stats.forged += 1;
+            return Err(OpenError::Forged);
+        }
+        self.replay[s].insert(pn);
+        self.stats.opened += 1;
+        if next {
+            // The peer updated its keys: follow, and update ours too if it started it.
+            self.rx_prev = Some(core::mem::replace(&mut self.rx_key, self.rx_next.clone()));
+            self.secrets.rx = self.secrets.rx.next();
+            self.rx_next = PacketKey::new(&self.secrets.rx.next());
+            // The other space's next packet belongs to the new phase too (an older one of the
+            // old phase arriving after it fails to open and is recovered like a loss).
+            self.rx_phase_start[s] = pn;
+            let o = 1 - s;
+            self.rx_phase_start[o] = self.replay[o].largest().map_or(0, |l| l + 1);
+            self.stats.key_updates += 1;
+            if self.secrets.tx.phase != self.secrets.rx.phase {
+                self.update_tx();
+            }
+        }
+        Ok((pn, body_len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serval_wire::header::BASE_HEADER_LEN;
+    use serval_wire::{Protocol, SalRepr};
+
+    fn pair(protection: Protection, interval: u64) -> (Protector, Protector) {
+        let c = KeyExchange::new([1; 32]);
+        let s = KeyExchange::new([2; 32]);
+        let (cs, ss) = (c.share(0), s.share(0));
+        let service = ServiceId([3; 32]);
+        let (cn, sn) = (Nonce([4; 16]), Nonce([5; 16]));
+        let t = Transcript {
+            service: &service,
+            client_flow: FlowId(10),
+            client_nonce: &cn,
+            client_share: &cs,
+            server_flow: FlowId(20),
+            server_nonce: &sn,
+            server_share: &ss,
+        };
+        let dc = c.agree(&ss).expect("contributory");
+        let ds = s.agree(&cs).expect("contributory");
+        assert_eq!(dc, ds);
+        (
+            Protector::new(FlowSecrets::derive(true, protection, &dc, &t), interval),
+            Protector::new(FlowSecrets::derive(false, protection, &ds, &t), interval),
+        )
+    }
+
+    fn packet(p: &mut Protector, pn: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xee; 3]; // something before, as in a batch buffer
+        let hdr = SalRepr::new(Protocol::STREAM, FlowId(10), FlowId(20))
+            .to_bytes(&[])
+            .expect("header");
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(&pn.to_be_bytes());
+        out.extend_from_slice(payload);
+        p.seal(&mut out, 3, BASE_HEADER_LEN);
+        assert_eq!(&out[..3], &[0xee; 3]);
+        out.split_off(3)
+    }
+
+    fn open(p: &mut Protector, mut pkt: Vec<u8>) -> Result<Vec<u8>, OpenError> {
+        let (_, n) = p.open(&mut pkt, BASE_HEADER_LEN, Space::Data)?;
+        Ok(pkt[BASE_HEADER_LEN + PN_LEN..][..n].to_vec())
+    }
+
+    #[test]
+    fn round_trip_both_modes_and_payload_hidden_only_when_encrypted() {
+        for mode in [Protection::Encrypted, Protection::Plaintext] {
+            let (mut c, mut s) = pair(mode, DEFAULT_KEY_UPDATE_INTERVAL);
+            let msg = b"attack at dawn, attack at dawn!";
+            let pkt = packet(&mut c, 7, msg);
+            assert_eq!(pkt.len(), BASE_HEADER_LEN + PN_LEN + msg.len() + TAG_LEN);
+            let visible = pkt.windows(msg.len()).any(|w| w == msg);
+            assert_eq!(visible, mode == Protection::Plaintext, "{mode:?}");
+            assert_eq!(open(&mut s, pkt).as_deref(), Ok(&msg[..]));
+            // The other direction has its own keys: a packet cannot be reflected.
+            let pkt = packet(&mut c, 8, msg);
+            assert_eq!(open(&mut c, pkt), Err(OpenError::Forged));
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_is_refused() {
+        for mode in [Protection::Encrypted, Protection::Plaintext] {
+            let (mut c, mut s) = pair(mode, DEFAULT_KEY_UPDATE_INTERVAL);
+            let pkt = packet(&mut c, 1, b"0123456789");
+            for i in 0..pkt.len() * 8 {
+                let mut t = pkt.clone();
+                t[i / 8] ^= 1 << (i % 8);
+                assert!(open(&mut s, t).is_err(), "{mode:?} bit {i}");
+            }
+            assert!(open(&mut s, pkt).is_ok());
+            assert_eq!(s.stats.opened, 1);
+        }
+    }
+
+    #[test]
+    fn replays_and_too_old_packets_are_refused() {
+        let (mut c, mut s) = pair(Protection::Encrypted, DEFAULT_KEY_UPDATE_INTERVAL);
+        let p5 = packet(&mut c, 5, b"x");
+        assert!(open(&mut s, p5.clone()).is_ok());
+        assert_eq!(open(&mut s, p5), Err(OpenError::Replayed));
+        // Reordering inside the window is fine, once.
+        let p3 = packet(&mut c, 3, b"x");
+        assert!(open(&mut s, p3.clone()).is_ok());
+        assert_eq!(open(&mut s, p3), Err(OpenError::Replayed));
+        let far = packet(&mut c, 5000, b"x");
+        assert!(open(&mut s, far).is_ok());
+        let old = packet(&mut c, 5000 - REPLAY_WINDOW, b"x");
+        assert_eq!(open(&mut s, old), Err(OpenError::Replayed));
+        let edge = packet(&mut c, 5000 - REPLAY_WINDOW + 1, b"x");
+        assert!(open(&mut s, edge).is_ok());
+        assert_eq!(s.stats.replayed, 3);
+    }
+
+    #[test]
+    fn replay_window_matches_a_set() {
+        use std::collections::BTreeSet;
+        let mut w = ReplayWindow::default();
+        let mut seen = BTreeSet::new();
+        let mut x: u64 = 12345;
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let top = seen.last().copied().unwrap_or(0u64);
+            let pn = (top + 40).saturating_sub((x >> 33) % 1200);
+            let expect = seen.contains(&pn)
+                || seen
+                    .last()
+                    .is_some_and(|&l| l >= REPLAY_WINDOW && pn <= l - REPLAY_WINDOW);
+            assert_eq!(w.is_replay(pn), expect, "pn {pn}");
+            if !expect {
+                w.insert(pn);
+                seen.insert(pn);
+            }
+        }
+    }
+
+    #[test]
+    fn key_updates_follow_and_reordered_packets_still_open() {
+        let (mut c, mut s) = pair(Protection::Encrypted, 4);
+        let mut pn_c = 0;
+        let mut held = Vec::new();
+        for round in 0..20u64 {
+            for _ in 0..3 {
+                let p = packet(&mut c, pn_c, b"data");
+                pn_c += 1;
+                // Hold one packet back per round and deliver it after the next ones.
+                if round % 2 == 0 && held.is_empty() {
+                    held.push(p);
+                } else {
+                    assert!(open(&mut s, p).is_ok(), "round {round}");
+                }
+            }
+            for p in held.drain(..) {
+                assert!(open(&mut s, p).is_ok(), "held, round {round}");
+            }
+            let p = packet(&mut s, round, b"ack");
+            assert!(open(&mut c, p).is_ok(), "reverse, round {round}");
+        }
+        assert!(c.stats.key_updates >= 6, "{:?}", c.stats);
+        assert_eq!(c.secrets().tx, s.secrets().rx);
+        assert_eq!(c.secrets().rx, s.secrets().tx);
+    }
+
+    #[test]
+    fn keys_bind_the_transcript() {
+        let c = KeyExchange::new([1; 32]);
+        let s = KeyExchange::new([2; 32]);
+        let (cs, ss) = (c.share(0), s.share(0));
+        let dh = c.agree(&ss).expect("dh");
+        let service = ServiceId([3; 32]);
+        let (cn, sn) = (Nonce([4; 16]), Nonce([5; 16]));
+        let base = Transcript {
+            service: &service,
+            client_flow: FlowId(10),
+            client_nonce: &cn,
+            client_share: &cs,
+            server_flow: FlowId(20),
+            server_nonce: &sn,
+            server_share: &ss,
+        };
+        let k0 = FlowSecrets::derive(true, Protection::Encrypted, &dh, &base);
+        let other_service = ServiceId([9; 32]);
+        let plain_share = s.share(KeyShareRepr::PLAINTEXT);
+        let variants = [
+            Transcript {
+                service: &other_service,
+                ..base
+            },
+            Transcript {
+                client_flow: FlowId(11),
+                ..base
+            },
+            Transcript {
+                server_flow: FlowId(21),
+                ..base
+            },
+            Transcript {
+                server_share: &plain_share,
+                ..base
+            },
+        ];
+        for t in &variants {
+            let k = FlowSecrets::derive(true, Protection::Encrypted, &dh, t);
+            assert_ne!(k.tx, k0.tx);
+            assert_ne!(k.control, k0.control);
+        }
+    }
+
+    #[test]
+    fn control_packets_number_in_their_own_space() {
+        let (mut c, mut s) = pair(Protection::Encrypted, DEFAULT_KEY_UPDATE_INTERVAL);
+        let hdr = SalRepr::new(Protocol::NONE, FlowId(10), FlowId(20))
+            .to_bytes(&[])
+            .expect("header");
+        let mut ctl = Vec::new();
+        for _ in 0..2 {
+            let mut out = hdr.clone();
+            c.seal_control(&mut out, 0, hdr.len());
+            assert_eq!(out.len(), hdr.len() + PN_LEN + TAG_LEN);
+            ctl.push(out);
+        }
+        // Data packet 0 and control packet 0 coexist: different nonces, different windows.
+        let data = packet(&mut c, 0, b"d");
+        assert!(open(&mut s, data).is_ok());
+        for (i, p) in ctl.iter().enumerate() {
+            let mut p = p.clone();
+            assert_eq!(s.open(&mut p, hdr.len(), Space::Control), Ok((i as u64, 0)));
+        }
+        // A control packet presented as data does not open (control packet 1 is a data
+        // packet number not yet seen); one opened already is a replay.
+        let mut p = ctl[1].clone();
+        assert_eq!(
+            s.open(&mut p, hdr.len(), Space::Data),
+            Err(OpenError::Forged)
+        );
+        let mut p = ctl[0].clone();
+        assert_eq!(
+            s.open(&mut p, hdr.len(), Space::Control),
+            Err(OpenError::Replayed)
+        );
+    }
+
+    #[test]
+    fn small_order_shares_are_refused() {
+        let k = KeyExchange::new([1; 32]);
+        let zero = KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags: 0,
+            key: [0; 32],
+        };
+        assert_eq!(k.agree(&zero), None);
+        let other_group = KeyShareRepr {
+            group: 2,
+            ..k.share(0)
+        };
+        assert_eq!(k.agree(&other_group), None);
+    }
+}
