@@ -548,6 +548,36 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Appends to the body of the `index`-th block of type `ty` already added (in the order
+    /// added): for a layer that adds its own section to a block another layer wrote, such as
+    /// the SAL's [`path_section::ADDRESSING`] after the transport's section of a PATH block.
+    /// Fails with [`SnapshotError::Malformed`] if there is no such block, or
+    /// [`SnapshotError::TooLarge`] if the body would exceed `u32::MAX` bytes.
+    pub fn append(
+        &mut self,
+        ty: u16,
+        index: usize,
+        f: impl FnOnce(&mut BlockWriter),
+    ) -> Result<(), SnapshotError> {
+        let now = self.now;
+        let Some((_, body)) = self.blocks.iter_mut().filter(|(t, _)| *t == ty).nth(index) else {
+            return Err(SnapshotError::Malformed {
+                block: ty,
+                reason: "no such block to append to",
+            });
+        };
+        let mut w = BlockWriter {
+            buf: core::mem::take(body),
+            base: now,
+        };
+        f(&mut w);
+        *body = w.buf;
+        if u32::try_from(body.len()).is_err() {
+            return Err(SnapshotError::TooLarge);
+        }
+        Ok(())
+    }
+
     /// The snapshot's bytes.
     pub fn finish(mut self) -> Result<Vec<u8>, SnapshotError> {
         // Stable: repeated blocks keep their order.

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use serval_engine::Instant;
 use serval_engine::snapshot::{
     BlockWriter, FORMAT_VERSION, HEADER_LEN, MAGIC, SnapshotError, SnapshotReader, SnapshotWriter,
-    block, crc32c,
+    block, crc32c, path_section,
 };
 use serval_engine::transport::conn::{Transport, TransportConfig};
 
@@ -254,6 +254,31 @@ fn framing_order_and_repetition_are_checked() {
         w.add(block::STREAM, BlockWriter::new(NOW)),
         Err(SnapshotError::Malformed { .. })
     ));
+}
+
+#[test]
+fn another_layer_appends_a_section_to_a_path_block() {
+    let t = Transport::new(&TransportConfig::default(), NOW);
+    let mut w = SnapshotWriter::new(1, 0, NOW);
+    t.export(&mut w).unwrap();
+    w.append(block::PATH, 0, |b| {
+        b.section(path_section::ADDRESSING, |b| b.u64(0xf10d))
+    })
+    .unwrap();
+    assert!(
+        w.append(block::PATH, 1, |_| {}).is_err(),
+        "only one PATH block"
+    );
+    assert!(w.append(block::SAL, 0, |_| {}).is_err(), "no SAL block");
+    let s = w.finish().unwrap();
+    let r = SnapshotReader::parse(&s).unwrap();
+    let mut path = r.block(block::PATH, NOW).unwrap();
+    assert_eq!(path.u32().unwrap(), 0, "path ID");
+    let kinds: Vec<u8> = core::iter::from_fn(|| path.section().unwrap().map(|(k, _)| k)).collect();
+    assert_eq!(kinds, [path_section::TRANSPORT, path_section::ADDRESSING]);
+    // The transport skips the section it does not know.
+    let t2 = Transport::import(&r, NOW, &TransportConfig::default()).unwrap();
+    assert_eq!(t2.stats(), t.stats());
 }
 
 #[test]
