@@ -45,7 +45,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use serval_table::ListenerId;
-use serval_wire::ext::{ControlFlags, ControlRepr, ServiceRepr};
+use serval_wire::ext::{COOKIE_TOKEN_LEN, ControlFlags, ControlRepr, ServiceRepr};
 use serval_wire::header::BASE_HEADER_LEN;
 use serval_wire::{FlowId, KeyShareRepr, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId};
 
@@ -56,6 +56,9 @@ use crate::Instant;
 use crate::frame::PN_LEN;
 use crate::transport::OptInstant;
 use crate::transport::conn::{IDLE_RELEASE, Transport, TransportConfig, TransportEvent};
+
+/// Cookie answers a client obliges for one connect; beyond them its SYN just times out.
+const MAX_COOKIE_ROUNDS: u8 = 3;
 
 /// Which end of the flow this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +275,9 @@ pub(crate) struct Connection {
     /// What this end asked for (client) or is willing to grant (server).
     protection: Protection,
     key_update_interval: u64,
+    /// Client: the cookie a server asked our SYN to carry, and how many times one was asked.
+    cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
+    cookie_rounds: u8,
     pub(crate) local: Locator,
     pub(crate) peer: Locator,
     pub(crate) listener: Option<ListenerId>,
@@ -398,6 +404,8 @@ impl Connection {
             local_share,
             protection: n.protection,
             key_update_interval: n.key_update_interval,
+            cookie: None,
+            cookie_rounds: 0,
             local: n.local,
             peer: n.peer,
             listener: None,
@@ -441,6 +449,19 @@ impl Connection {
     /// endpoint finds a half-open server connection.
     pub(crate) fn peer_nonce_key(&self) -> &Nonce {
         &self.peer_nonce
+    }
+
+    /// A server answered our SYN with a cookie: send the SYN again at once, carrying it (not a
+    /// retransmission: the timer is not backed off). Returns `false`, changing nothing, after
+    /// [`MAX_COOKIE_ROUNDS`] such answers for one connect.
+    pub(crate) fn retry_with_cookie(&mut self, cookie: [u8; COOKIE_TOKEN_LEN]) -> bool {
+        if self.state != State::SynSent || self.cookie_rounds >= MAX_COOKIE_ROUNDS {
+            return false;
+        }
+        self.cookie_rounds += 1;
+        self.cookie = Some(cookie);
+        self.resend_reliable();
+        true
     }
 
     /// Sends the outstanding reliable control packet again now (a retransmitted SYN arrived,
@@ -1118,6 +1139,7 @@ impl Connection {
                 });
                 r.nonce = Some(self.local_nonce);
                 r.keyshare = Some(self.local_share);
+                r.cookie = self.cookie;
                 r.source = vec![self.local];
                 (r, self.local)
             }

@@ -31,6 +31,7 @@ pub use crate::connection::CloseReason;
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 use crate::registrar::{Registrar, RegistrarEvent};
 
+mod cookie;
 mod delay;
 mod discovery;
 mod registration;
@@ -42,6 +43,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
+pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use registration::RegistrationRequest;
 
@@ -168,6 +170,9 @@ pub struct EndpointConfig {
     /// Packets a flow seals in one key phase before it updates its keys. Default
     /// [`DEFAULT_KEY_UPDATE_INTERVAL`] (2^23).
     pub key_update_interval: u64,
+    /// When SYNs for local listeners must first echo a stateless cookie (a SYN flood from
+    /// forged addresses then creates no state). Default: once 256 handshakes are half open.
+    pub syn_cookies: SynCookies,
 }
 
 impl Default for EndpointConfig {
@@ -185,6 +190,7 @@ impl Default for EndpointConfig {
             discovery_answer_scale: std::time::Duration::from_millis(10),
             protection: Protection::Encrypted,
             key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
+            syn_cookies: SynCookies::default(),
         }
     }
 }
@@ -257,6 +263,15 @@ pub struct EndpointStats {
     pub replays: u64,
     /// SYNs without a usable key share (none, an unknown group, or a weak key): dropped.
     pub bad_key_shares: u64,
+    /// Server: SYNs answered with a cookie (a retry NACK) instead of state.
+    pub cookies_sent: u64,
+    /// Server: SYNs whose cookie was valid (they then created a half-open flow).
+    pub cookies_accepted: u64,
+    /// Server: SYNs with a cookie that was forged, stale or for another SYN (answered with a
+    /// fresh one).
+    pub cookies_refused: u64,
+    /// Client: SYNs sent again with a server's cookie.
+    pub cookie_retries: u64,
 }
 
 struct Listener {
@@ -351,6 +366,8 @@ pub struct Endpoint {
     announced: HashMap<ServicePrefix, (u32, u32)>,
     /// Where [`Endpoint::handle_datagram`] copies a packet to open it.
     scratch: Vec<u8>,
+    /// The key of this endpoint's SYN cookies.
+    cookie_secret: [u8; 32],
 }
 
 impl Endpoint {
@@ -362,9 +379,12 @@ impl Endpoint {
         table: Arc<ServiceTable>,
         locals: Vec<Locator>,
     ) -> Endpoint {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut cookie_secret = [0u8; 32];
+        rng.fill_bytes(&mut cookie_secret);
         Endpoint {
             config,
-            rng: ChaCha20Rng::from_seed(seed),
+            rng,
             table,
             locals,
             flows: FlowTable::new(),
@@ -387,6 +407,7 @@ impl Endpoint {
             resolving_held: false,
             answering_discovery: false,
             scratch: Vec::new(),
+            cookie_secret,
         }
     }
 
@@ -840,7 +861,18 @@ impl Endpoint {
         if let Some(ctl) = repr.control
             && ctl.flags.contains(ControlFlags::NACK)
         {
-            if c.state == State::SynSent && repr.nonce.as_ref() == Some(c.local_nonce()) {
+            let ours = c.state == State::SynSent && repr.nonce.as_ref() == Some(c.local_nonce());
+            // A NACK with a cookie asks for the SYN again, with the cookie (a server under a
+            // SYN flood); after a few such rounds the client stops obliging and lets its SYN
+            // time out instead.
+            if ours && let Some(cookie) = repr.cookie {
+                if c.retry_with_cookie(cookie) {
+                    self.stats.cookie_retries += 1;
+                    self.touch(h);
+                }
+                return;
+            }
+            if ours {
                 let service = c.service;
                 c.close_now(CloseReason::Reset);
                 c.events.clear();
@@ -905,6 +937,11 @@ impl Endpoint {
                         return;
                     }
                     self.stats.discovery_answered += 1;
+                } else if let cookie::CookieCheck::Retry =
+                    self.check_cookie(now, client, &repr, &nonce)
+                {
+                    self.send_cookie(now, local, client, &repr, data.len());
+                    return;
                 }
                 self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
             }

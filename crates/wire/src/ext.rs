@@ -53,6 +53,8 @@ pub mod field {
     pub const KEYSHARE_FLAGS: usize = 3;
     /// KEYSHARE: the sender's ephemeral public key.
     pub const KEYSHARE_KEY: Field = 4..36;
+    /// COOKIE: the opaque token a server hands out and the client echoes.
+    pub const COOKIE: Field = 2..22;
 }
 
 /// Length of a CONTROL extension.
@@ -69,6 +71,10 @@ pub const AUTH_TAG_LEN: usize = 16;
 pub const KEYSHARE_LEN: usize = field::KEYSHARE_KEY.end;
 /// Length of the public key a KEYSHARE carries.
 pub const KEYSHARE_KEY_LEN: usize = 32;
+/// Length of a COOKIE extension.
+pub const COOKIE_LEN: usize = field::COOKIE.end;
+/// Length of the token a COOKIE carries.
+pub const COOKIE_TOKEN_LEN: usize = 20;
 /// Most bytes of locators a SOURCE extension can hold (its length byte counts 2 more).
 pub const SOURCE_MAX_LOCATOR_BYTES: usize = u8::MAX as usize - field::BODY;
 
@@ -95,6 +101,9 @@ impl ExtType {
     pub const AUTH: ExtType = ExtType(0x85);
     /// The sender's ephemeral key-exchange share (SYN and SYN-ACK).
     pub const KEYSHARE: ExtType = ExtType(0x86);
+    /// A server's stateless cookie: in a NACK asking the client to retry, and echoed in its
+    /// retried SYN.
+    pub const COOKIE: ExtType = ExtType(0x88);
 
     /// Whether a receiver that does not know this type must reject the packet.
     pub const fn is_mandatory(self) -> bool {
@@ -103,7 +112,7 @@ impl ExtType {
 
     /// Whether this implementation knows the type.
     pub const fn is_known(self) -> bool {
-        matches!(self.0, 0x00 | 0x81..=0x86)
+        matches!(self.0, 0x00 | 0x81..=0x86 | 0x88)
     }
 
     /// The fixed length of extensions of this type, if they have one.
@@ -114,6 +123,7 @@ impl ExtType {
             Self::NONCE => Some(NONCE_EXT_LEN),
             Self::AUTH => Some(AUTH_LEN),
             Self::KEYSHARE => Some(KEYSHARE_LEN),
+            Self::COOKIE => Some(COOKIE_LEN),
             _ => None,
         }
     }
@@ -127,6 +137,7 @@ impl ExtType {
             Self::SOURCE => Some("SOURCE"),
             Self::AUTH => Some("AUTH"),
             Self::KEYSHARE => Some("KEYSHARE"),
+            Self::COOKIE => Some("COOKIE"),
             _ => None,
         }
     }
@@ -306,6 +317,8 @@ pub enum Extension<'a> {
     Auth(&'a [u8; AUTH_TAG_LEN]),
     /// KEYSHARE.
     KeyShare(KeyShareRepr),
+    /// COOKIE: the token.
+    Cookie(&'a [u8; COOKIE_TOKEN_LEN]),
     /// A type this implementation does not know (mandatory or not), with its body.
     Unknown {
         /// The type byte.
@@ -326,6 +339,7 @@ impl Extension<'_> {
             Extension::Source(_) => ExtType::SOURCE,
             Extension::Auth(_) => ExtType::AUTH,
             Extension::KeyShare(_) => ExtType::KEYSHARE,
+            Extension::Cookie(_) => ExtType::COOKIE,
             Extension::Unknown { ty, .. } => *ty,
         }
     }
@@ -576,6 +590,7 @@ impl<'a> Extensions<'a> {
                 Extension::Nonce(body.try_into().map_err(|_| bad_len(NONCE_EXT_LEN))?)
             }
             ExtType::AUTH => Extension::Auth(body.try_into().map_err(|_| bad_len(AUTH_LEN))?),
+            ExtType::COOKIE => Extension::Cookie(body.try_into().map_err(|_| bad_len(COOKIE_LEN))?),
             ExtType::KEYSHARE => Extension::KeyShare(KeyShareRepr::parse(
                 ext.try_into().map_err(|_| bad_len(KEYSHARE_LEN))?,
             )),
@@ -696,6 +711,7 @@ mod tests {
         }
         assert!(ExtType::PAD.is_known() && !ExtType::PAD.is_mandatory());
         assert!(!ExtType(0x87).is_known() && ExtType(0x87).is_mandatory());
+        assert!(ExtType::COOKIE.is_known() && ExtType::COOKIE.is_mandatory());
         assert!(!ExtType(0x7f).is_known() && !ExtType(0x7f).is_mandatory());
         assert_eq!(ExtType(0x87).to_string(), "0x87");
         assert_eq!(format!("{:?}", ExtType::AUTH), "ExtType(AUTH)");

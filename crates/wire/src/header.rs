@@ -32,9 +32,9 @@ use core::ops::Range;
 
 use crate::WireError;
 use crate::ext::{
-    AUTH_LEN, AUTH_TAG_LEN, CONTROL_LEN, ControlExt, ControlRepr, ExtType, Extension, Extensions,
-    KEYSHARE_LEN, KeyShareRepr, NONCE_EXT_LEN, SERVICE_LEN, SOURCE_MAX_LOCATOR_BYTES, ServiceExt,
-    ServiceRepr, SourceExt,
+    AUTH_LEN, AUTH_TAG_LEN, CONTROL_LEN, COOKIE_LEN, COOKIE_TOKEN_LEN, ControlExt, ControlRepr,
+    ExtType, Extension, Extensions, KEYSHARE_LEN, KeyShareRepr, NONCE_EXT_LEN, SERVICE_LEN,
+    SOURCE_MAX_LOCATOR_BYTES, ServiceExt, ServiceRepr, SourceExt,
 };
 use crate::id::{FlowId, Nonce};
 use crate::locator::{Locator, emit_locator, locator_len};
@@ -46,8 +46,14 @@ pub const BASE_HEADER_LEN: usize = field::DST_FLOW.end;
 /// Longest packet accepted or emitted: the largest UDP payload over IPv4 (65 535 − 20 − 8).
 pub const MAX_PACKET_LEN: usize = 65_507;
 /// Longest header [`SalRepr`] emits: every known extension, with a full SOURCE.
-pub const MAX_EMIT_HEADER_LEN: usize =
-    BASE_HEADER_LEN + CONTROL_LEN + SERVICE_LEN + NONCE_EXT_LEN + KEYSHARE_LEN + 255 + AUTH_LEN;
+pub const MAX_EMIT_HEADER_LEN: usize = BASE_HEADER_LEN
+    + CONTROL_LEN
+    + SERVICE_LEN
+    + NONCE_EXT_LEN
+    + KEYSHARE_LEN
+    + COOKIE_LEN
+    + 255
+    + AUTH_LEN;
 /// The UDP port a SAL endpoint listens on by default (the original Serval's).
 pub const DEFAULT_UDP_PORT: u16 = 54324;
 /// Bit of byte 0 (in the low, flag nibble) carrying the key phase of a protected packet
@@ -198,8 +204,8 @@ impl<T: AsRef<[u8]>> SalPacket<T> {
             return Err(WireError::BadVersion(first >> 4));
         }
         self.check_len()?;
-        // Bit `t & 0x0f` is set once known type `t` (0x81..=0x85) has been seen.
-        let mut seen = 0u8;
+        // Bit `t & 0x0f` is set once known type `t` (0x81..=0x86, 0x88) has been seen.
+        let mut seen = 0u16;
         let mut auth_seen = false;
         let mut exts = self.extensions();
         let mut index = 0usize;
@@ -209,7 +215,7 @@ impl<T: AsRef<[u8]>> SalPacket<T> {
                 return Err(WireError::UnknownMandatory(ty.0));
             }
             if ty.is_known() && ty != ExtType::PAD {
-                let bit = 1u8 << (ty.0 & 0x0f);
+                let bit = 1u16 << (ty.0 & 0x0f);
                 if seen & bit != 0 {
                     return Err(WireError::DuplicateExt(ty.0));
                 }
@@ -456,6 +462,8 @@ pub struct SalRepr {
     pub source: Vec<Locator>,
     /// The KEYSHARE extension (SYN and SYN-ACK).
     pub keyshare: Option<KeyShareRepr>,
+    /// The COOKIE extension's token (a retry NACK, and the SYN that answers it).
+    pub cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
     /// The AUTH extension's tag. Emit zeros, then compute and write the tag over the packet
     /// (see [`SalPacket::auth_input`]).
     pub auth: Option<[u8; AUTH_TAG_LEN]>,
@@ -472,6 +480,7 @@ impl SalRepr {
             service: None,
             nonce: None,
             keyshare: None,
+            cookie: None,
             source: Vec::new(),
             auth: None,
         }
@@ -485,6 +494,7 @@ impl SalRepr {
             Extension::Service(s) => repr.service = Some(ServiceRepr::parse(&s)),
             Extension::Nonce(n) => repr.nonce = Some(Nonce(*n)),
             Extension::KeyShare(k) => repr.keyshare = Some(k),
+            Extension::Cookie(c) => repr.cookie = Some(*c),
             Extension::Source(s) => repr.source = s.locators().collect(),
             Extension::Auth(t) => repr.auth = Some(*t),
             Extension::Pad(_) | Extension::Unknown { .. } => {}
@@ -512,6 +522,7 @@ impl SalRepr {
             + self.service.map_or(0, |_| SERVICE_LEN)
             + self.nonce.map_or(0, |_| NONCE_EXT_LEN)
             + self.keyshare.map_or(0, |_| KEYSHARE_LEN)
+            + self.cookie.map_or(0, |_| COOKIE_LEN)
             + source
             + self.auth.map_or(0, |_| AUTH_LEN)
     }
@@ -549,7 +560,7 @@ impl SalRepr {
         if buf.len() > MAX_PACKET_LEN {
             return Err(WireError::Oversize(buf.len()));
         }
-        // `len` is at most MAX_EMIT_HEADER_LEN (395): the SOURCE bound above caps it.
+        // `len` is at most MAX_EMIT_HEADER_LEN (417): the SOURCE bound above caps it.
         let hdr_len = u16::try_from(len).map_err(|_| WireError::Oversize(len))?;
         let hdr = &mut buf[..len];
         hdr[field::VER_FLAGS] = VERSION << 4;
@@ -575,6 +586,12 @@ impl SalRepr {
         if let Some(k) = &self.keyshare {
             k.emit(&mut hdr[pos..pos + KEYSHARE_LEN]);
             pos += KEYSHARE_LEN;
+        }
+        if let Some(c) = &self.cookie {
+            hdr[pos] = ExtType::COOKIE.0;
+            hdr[pos + 1] = COOKIE_LEN as u8;
+            hdr[pos + 2..pos + COOKIE_LEN].copy_from_slice(c);
+            pos += COOKIE_LEN;
         }
         if !self.source.is_empty() {
             let ext_len = crate::ext::field::BODY + source_bytes;
@@ -631,6 +648,9 @@ impl fmt::Display for SalRepr {
         if let Some(k) = &self.keyshare {
             write!(f, " [keyshare group={}]", k.group)?;
         }
+        if self.cookie.is_some() {
+            f.write_str(" [cookie]")?;
+        }
         if !self.source.is_empty() {
             f.write_str(" [source")?;
             for loc in &self.source {
@@ -652,7 +672,7 @@ mod tests {
     #[test]
     fn constants() {
         assert_eq!(BASE_HEADER_LEN, 20);
-        assert_eq!(MAX_EMIT_HEADER_LEN, 395);
+        assert_eq!(MAX_EMIT_HEADER_LEN, 417);
         assert_eq!(SOURCE_MAX_LOCATOR_BYTES, 253);
         assert_eq!(field::EXTENSIONS.start, BASE_HEADER_LEN);
     }
@@ -697,6 +717,7 @@ mod tests {
                 flags: 0,
                 key: [7; 32],
             }),
+            cookie: Some([8; 20]),
             // 11 IPv6 (209 bytes) + 6 IPv4 (42 bytes) = 251 bytes.
             source: (0..17u16)
                 .map(|i| {

@@ -53,6 +53,7 @@ fn syn_repr() -> SalRepr {
         }),
         nonce: Some(Nonce(seq(0xc0))),
         keyshare: None,
+        cookie: None,
         source: vec![loc("192.0.2.1:40000"), loc("[2001:db8::7]:54324")],
         auth: None,
     }
@@ -170,6 +171,7 @@ fn syn_ack_repr(tag: [u8; 16]) -> SalRepr {
         service: None,
         nonce: Some(Nonce(seq(0xd0))),
         keyshare: None,
+        cookie: None,
         source: vec![],
         auth: Some(tag),
     }
@@ -623,7 +625,11 @@ fn keyshare_fixture_and_key_phase() {
     let mut expect = vec![0x86, 36, 0x01, 0x01];
     expect.extend(seq::<32>(0x40));
     assert_eq!(ks, &expect[..]);
-    assert_eq!(bytes[BASE_HEADER_LEN + 18 + 36], 0x84, "SOURCE follows KEYSHARE");
+    assert_eq!(
+        bytes[BASE_HEADER_LEN + 18 + 36],
+        0x84,
+        "SOURCE follows KEYSHARE"
+    );
     let mut p = SalPacket::new_checked(bytes.clone()).unwrap();
     let parsed = SalRepr::parse(&p).unwrap();
     assert_eq!(parsed.keyshare, Some(share));
@@ -632,12 +638,19 @@ fn keyshare_fixture_and_key_phase() {
     p.set_key_phase(true);
     assert_eq!(p.as_ref()[0], 0x11);
     assert!(p.key_phase());
-    assert_eq!(SalRepr::parse(&p).unwrap(), parsed, "the phase bit changes nothing else");
+    assert_eq!(
+        SalRepr::parse(&p).unwrap(),
+        parsed,
+        "the phase bit changes nothing else"
+    );
     p.set_key_phase(false);
     assert_eq!(p.as_ref()[0], 0x10);
     // A KEYSHARE of the wrong length is malformed.
     assert_eq!(
-        check(&build(&[&[[0x86, 35, 1, 0].as_slice(), &[0; 31]].concat()], b"")),
+        check(&build(
+            &[&[[0x86, 35, 1, 0].as_slice(), &[0; 31]].concat()],
+            b""
+        )),
         Err(WireError::ExtBadLen {
             ty: 0x86,
             len: 35,

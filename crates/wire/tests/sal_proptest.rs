@@ -50,25 +50,33 @@ fn sal_repr() -> impl Strategy<Value = SalRepr> {
         source_list(),
         prop::option::of(any::<[u8; 16]>()),
         prop::option::of((any::<u8>(), any::<u8>(), any::<[u8; 32]>())),
+        prop::option::of(any::<[u8; 20]>()),
     )
         .prop_map(
-            |(protocol, src, dst, control, service, nonce, source, auth, keyshare)| SalRepr {
-                protocol: Protocol(protocol),
-                src_flow: FlowId(src),
-                dst_flow: FlowId(dst),
-                control: control.map(|(f, verno, ackno)| ControlRepr {
-                    flags: ControlFlags::from_bits_truncate(f),
-                    verno,
-                    ackno,
-                }),
-                service: service.map(|(hop_limit, id)| ServiceRepr {
-                    hop_limit,
-                    id: ServiceId(id),
-                }),
-                nonce: nonce.map(Nonce),
-                keyshare: keyshare.map(|(group, flags, key)| KeyShareRepr { group, flags, key }),
-                source,
-                auth,
+            |(protocol, src, dst, control, service, nonce, source, auth, keyshare, cookie)| {
+                SalRepr {
+                    protocol: Protocol(protocol),
+                    src_flow: FlowId(src),
+                    dst_flow: FlowId(dst),
+                    control: control.map(|(f, verno, ackno)| ControlRepr {
+                        flags: ControlFlags::from_bits_truncate(f),
+                        verno,
+                        ackno,
+                    }),
+                    service: service.map(|(hop_limit, id)| ServiceRepr {
+                        hop_limit,
+                        id: ServiceId(id),
+                    }),
+                    nonce: nonce.map(Nonce),
+                    keyshare: keyshare.map(|(group, flags, key)| KeyShareRepr {
+                        group,
+                        flags,
+                        key,
+                    }),
+                    cookie,
+                    source,
+                    auth,
+                }
             },
         )
 }
@@ -138,6 +146,7 @@ fn extension() -> impl Strategy<Value = Vec<u8>> {
         Just(0x85),
         Just(0x86),
         Just(0x87),
+        Just(0x88),
         Just(0x7f),
         any::<u8>(),
     ];
