@@ -466,7 +466,7 @@ fn move_strategy() -> impl Strategy<Value = Move> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 48,
+        cases: 256,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
@@ -830,7 +830,7 @@ fn corpus() -> &'static [Sample] {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 512,
+        cases: 2048,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

@@ -424,7 +424,8 @@ impl PathMtu {
 
     /// Reads what [`encode`](Self::encode) wrote. Refused unless
     /// `base <= current < too_big <= max + 1`, the probe (if any) lies in
-    /// `current < size <= max`, and the configuration is as [`PathMtu::new`] leaves it.
+    /// `current < size <= max` with fewer losses than `max_probes`, and the configuration is
+    /// as [`PathMtu::new`] leaves it.
     pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<PathMtu, SnapshotError> {
         let config = MtuConfig {
             base: r.u16()?,
@@ -461,7 +462,9 @@ impl PathMtu {
             "MTU sizes",
         )?;
         r.check(
-            probe.is_none_or(|p| p.size <= config.max && p.lost < config.max_probes),
+            probe.is_none_or(|p| {
+                current < p.size && p.size <= config.max && p.lost < config.max_probes
+            }),
             "MTU probe",
         )?;
         Ok(PathMtu {

@@ -331,7 +331,7 @@ impl Cubic {
         let mss = super::decode_mss(r)?;
         let cwnd = r.f64()?;
         r.check(
-            (0.0..=MAX_WINDOW as f64).contains(&cwnd),
+            (minimum_window(mss) as f64..=MAX_WINDOW as f64).contains(&cwnd),
             "congestion window",
         )?;
         let ssthresh = r.u64()?;

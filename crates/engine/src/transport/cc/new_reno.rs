@@ -147,7 +147,11 @@ impl NewReno {
             },
             bytes_acked: r.u64()?,
         };
-        r.check(cc.window <= MAX_WINDOW, "congestion window")?;
+        // Never below the minimum window: the window is a divisor in congestion avoidance.
+        r.check(
+            (minimum_window(cc.mss)..=MAX_WINDOW).contains(&cc.window),
+            "congestion window",
+        )?;
         Ok(cc)
     }
 }

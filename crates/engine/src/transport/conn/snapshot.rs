@@ -558,3 +558,67 @@ impl PathState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_cc(f: impl FnOnce(&mut BlockWriter)) -> Result<CongestionController, SnapshotError> {
+        let mut w = BlockWriter::new(Instant::ZERO);
+        f(&mut w);
+        let bytes = w.into_bytes();
+        CongestionController::decode(&mut BlockReader::new(block::PATH, &bytes, Instant::ZERO))
+    }
+
+    #[test]
+    fn controllers_round_trip_and_refuse_impossible_windows() {
+        for algorithm in [CongestionAlgorithm::NewReno, CongestionAlgorithm::Cubic] {
+            let mut cc = CongestionController::new(algorithm, 1200);
+            cc.on_congestion_event(Instant::from_nanos(5), Instant::ZERO, false);
+            let decoded = decode_cc(|w| cc.encode(w)).expect("round trip");
+            assert_eq!(decoded, cc);
+        }
+        // A NewReno window of 0 would divide by zero in congestion avoidance.
+        let zero_window = decode_cc(|w| {
+            w.u8(1);
+            w.u16(1200);
+            w.u64(0);
+            w.u64(0);
+            w.opt_instant(None);
+            w.u64(0);
+        });
+        assert!(matches!(zero_window, Err(SnapshotError::Malformed { .. })));
+        let nan = decode_cc(|w| {
+            w.u8(2);
+            w.u16(1200);
+            w.f64(f64::NAN);
+        });
+        assert!(matches!(nan, Err(SnapshotError::Malformed { .. })));
+        assert!(decode_cc(|w| w.u8(3)).is_err(), "unknown algorithm");
+    }
+
+    #[test]
+    fn sent_payloads_round_trip_and_refuse_chunks_beyond_the_stream() {
+        let mut p = SentPayload::default();
+        p.push_chunk(10..1200, false);
+        p.push_chunk(5000..5010, true);
+        p.max_data = true;
+        p.set_ack(Some(77));
+        let mut w = BlockWriter::new(Instant::ZERO);
+        p.encode(&mut w);
+        let bytes = w.into_bytes();
+        let mut r = BlockReader::new(block::PATH, &bytes, Instant::ZERO);
+        assert_eq!(SentPayload::decode(&mut r), Ok(p));
+        assert_eq!(r.remaining(), 0);
+
+        let mut w = BlockWriter::new(Instant::ZERO);
+        w.u8(1);
+        w.u8(0);
+        w.u8(0);
+        w.u64(MAX_STREAM_OFFSET);
+        w.u16(1);
+        let bytes = w.into_bytes();
+        let mut r = BlockReader::new(block::PATH, &bytes, Instant::ZERO);
+        assert!(SentPayload::decode(&mut r).is_err());
+    }
+}
