@@ -78,10 +78,18 @@ struct EngineLoopArgs {
 /// Which transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Stack {
-    /// Serval (the `serval` crate), connected by service name.
+    /// Serval (the `serval` crate), connected by service name; encrypted (the default).
     Serval,
+    /// Serval with `Protection::Plaintext` on both ends: authenticated (GMAC), not encrypted.
+    ServalPlaintext,
     /// Kernel TCP through `tokio::net::TcpStream`.
     Tcp,
+    /// Kernel TCP with TLS 1.3 through tokio-rustls (ring), a full handshake per connection
+    /// (self-signed ECDSA P-256 certificate, no session resumption).
+    TcpTls,
+    /// As `tcp-tls`, but the client keeps rustls's session cache, so every connection after
+    /// the first resumes (PSK with a fresh X25519 exchange, no certificate).
+    TcpTlsResume,
     /// QUIC through quinn 0.11 (rustls with ring), one bidirectional stream.
     Quinn,
 }
@@ -90,9 +98,25 @@ impl Stack {
     fn name(self) -> &'static str {
         match self {
             Stack::Serval => "serval",
+            Stack::ServalPlaintext => "serval-plaintext",
             Stack::Tcp => "tcp",
+            Stack::TcpTls => "tcp-tls",
+            Stack::TcpTlsResume => "tcp-tls-resume",
             Stack::Quinn => "quinn",
         }
+    }
+
+    fn is_serval(self) -> bool {
+        matches!(self, Stack::Serval | Stack::ServalPlaintext)
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, Stack::TcpTls | Stack::TcpTlsResume)
+    }
+
+    /// Whether the server writes, and the client needs, a self-signed certificate.
+    fn needs_cert(self) -> bool {
+        self == Stack::Quinn || self.is_tls()
     }
 }
 
@@ -139,7 +163,7 @@ struct ServerArgs {
     /// Compare received bytes with the pattern of this seed (bulk mode).
     #[arg(long)]
     verify_seed: Option<u64>,
-    /// quinn: where to write the self-signed certificate (DER) the client must trust.
+    /// quinn, tcp-tls: where to write the self-signed certificate (DER) the client must trust.
     #[arg(long)]
     cert_file: Option<PathBuf>,
     /// Read buffer size.
@@ -184,7 +208,7 @@ struct ClientArgs {
     /// Echo iterations run first and not measured.
     #[arg(long, default_value_t = 50)]
     warmup: usize,
-    /// quinn: the server's certificate (DER) to trust.
+    /// quinn, tcp-tls: the server's certificate (DER) to trust.
     #[arg(long)]
     cert_file: Option<PathBuf>,
     /// Write size.
@@ -211,8 +235,12 @@ struct RunArgs {
     /// joined by a veth pair, MTU 1500, 10.88.0.1/24 and 10.88.0.2/24).
     #[arg(long, value_delimiter = ',', default_value = "loopback,veth")]
     topology: Vec<Topology>,
-    /// Stacks to measure.
-    #[arg(long, value_delimiter = ',', default_value = "serval,tcp,quinn")]
+    /// Stacks to measure (`serval` is encrypted; `serval-plaintext` authenticates only).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serval,serval-plaintext,tcp,tcp-tls,quinn"
+    )]
     stacks: Vec<Stack>,
     /// Bytes per bulk transfer (suffixes K, M, G are binary).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -389,10 +417,10 @@ async fn server(a: ServerArgs) -> Result<()> {
     });
     let mode = a.mode;
     match a.stack {
-        Stack::Serval => {
+        Stack::Serval | Stack::ServalPlaintext => {
             let ep = serval::Endpoint::bind_with(
                 &[a.bind],
-                serval_config(a.serval_ack_threshold, a.serval_send_buffer),
+                serval_config(a.stack, a.serval_ack_threshold, a.serval_send_buffer),
             )
             .await?;
             let id = serval::ServiceId::from_name(mode.service())
@@ -427,6 +455,31 @@ async fn server(a: ServerArgs) -> Result<()> {
                 });
             }
         }
+        Stack::TcpTls | Stack::TcpTlsResume => {
+            let path = a
+                .cert_file
+                .ok_or("tcp-tls server needs --cert-file to write its certificate to")?;
+            let acceptor = tls_server(&path)?;
+            let l = tokio::net::TcpListener::bind(a.bind).await?;
+            ready(a.stack, mode, l.local_addr()?);
+            loop {
+                let (s, _) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let verify = verify.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let r: Result<()> = async {
+                        let mut s = acceptor.accept(s).await?;
+                        serve(&mut s, mode, verify.as_deref(), chunk).await?;
+                        Ok(())
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        eprintln!("tcp-tls server: {e}");
+                    }
+                });
+            }
+        }
         Stack::Quinn => {
             let path = a
                 .cert_file
@@ -457,9 +510,17 @@ async fn server(a: ServerArgs) -> Result<()> {
     }
 }
 
-/// The Serval endpoint configuration: the defaults, with the diagnostic overrides.
-fn serval_config(ack_threshold: Option<u32>, send_buffer: Option<usize>) -> serval::EndpointConfig {
+/// The Serval endpoint configuration: the defaults (encrypted), plaintext for
+/// `serval-plaintext`, with the diagnostic overrides.
+fn serval_config(
+    stack: Stack,
+    ack_threshold: Option<u32>,
+    send_buffer: Option<usize>,
+) -> serval::EndpointConfig {
     let mut c = serval::EndpointConfig::default();
+    if stack == Stack::ServalPlaintext {
+        c.protection = serval::Protection::Plaintext;
+    }
     if let Some(t) = ack_threshold {
         c.transport.ack_eliciting_threshold = t;
     }
@@ -548,12 +609,47 @@ fn quinn_client(bind: SocketAddr, cert_path: &Path) -> Result<quinn::Endpoint> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TLS over TCP (tokio-rustls) set-up: TLS 1.3 only, ring, the same kind of self-signed
+// certificate as quinn's (rcgen: ECDSA P-256).
+
+fn ring_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_server(cert_path: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let ck = rcgen::generate_simple_self_signed(vec!["bench.invalid".to_string()])?;
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    std::fs::write(cert_path, cert.as_ref())?;
+    let config = rustls::ServerConfig::builder_with_provider(ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn tls_client(cert_path: &Path, resume: bool) -> Result<tokio_rustls::TlsConnector> {
+    let der = std::fs::read(cert_path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(der))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(ring_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clients.
 
 /// A connected stream of any stack, plus what must outlive it.
 enum Conn {
     Serval(serval::Stream),
     Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     Quinn(
         quinn::Connection,
         tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
@@ -564,6 +660,7 @@ enum Conn {
 enum Dialer {
     Serval(serval::Endpoint, serval::ServiceId),
     Tcp,
+    Tls(tokio_rustls::TlsConnector),
     Quinn(quinn::Endpoint),
 }
 
@@ -576,12 +673,16 @@ impl Dialer {
         config: serval::EndpointConfig,
     ) -> Result<Self> {
         Ok(match stack {
-            Stack::Serval => Dialer::Serval(
+            Stack::Serval | Stack::ServalPlaintext => Dialer::Serval(
                 serval::Endpoint::bind_with(&[bind], config).await?,
                 serval::ServiceId::from_name(mode.service())
                     .map_err(|e| format!("service name: {e:?}"))?,
             ),
             Stack::Tcp => Dialer::Tcp,
+            Stack::TcpTls | Stack::TcpTlsResume => Dialer::Tls(tls_client(
+                cert.ok_or("tcp-tls client needs --cert-file")?,
+                stack == Stack::TcpTlsResume,
+            )?),
             Stack::Quinn => Dialer::Quinn(quinn_client(
                 bind,
                 cert.ok_or("quinn client needs --cert-file")?,
@@ -596,6 +697,12 @@ impl Dialer {
                 let s = tokio::net::TcpStream::connect(to).await?;
                 s.set_nodelay(true)?;
                 Conn::Tcp(s)
+            }
+            Dialer::Tls(tls) => {
+                let s = tokio::net::TcpStream::connect(to).await?;
+                s.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from("bench.invalid")?;
+                Conn::Tls(Box::new(tls.connect(name, s).await?))
             }
             Dialer::Quinn(ep) => {
                 let conn = ep.connect(to, "bench.invalid")?.await?;
@@ -615,6 +722,7 @@ impl Conn {
         match self {
             Conn::Serval(s) => f(s).await,
             Conn::Tcp(s) => f(s).await,
+            Conn::Tls(s) => f(s.as_mut()).await,
             Conn::Quinn(_, s) => f(s).await,
         }
     }
@@ -626,7 +734,7 @@ impl Conn {
             Conn::Serval(s) => {
                 let _ = tokio::time::timeout(wait, s.closed()).await;
             }
-            Conn::Tcp(_) => {}
+            Conn::Tcp(_) | Conn::Tls(_) => {}
             Conn::Quinn(c, _) => {
                 c.close(0u32.into(), b"done");
             }
@@ -652,7 +760,7 @@ async fn client(a: ClientArgs) -> Result<()> {
         a.mode,
         bind,
         a.cert_file.as_deref(),
-        serval_config(a.serval_ack_threshold, a.serval_send_buffer),
+        serval_config(a.stack, a.serval_ack_threshold, a.serval_send_buffer),
     )
     .await?;
     match a.mode {
@@ -727,6 +835,10 @@ async fn bidir_client(a: &ClientArgs, dialer: &Dialer) -> Result<()> {
         }
         Conn::Tcp(s) => {
             let (r, w) = s.split();
+            bidir_halves(r, w, &pattern, bytes, chunk, verify).await?
+        }
+        Conn::Tls(s) => {
+            let (r, w) = tokio::io::split(s.as_mut());
             bidir_halves(r, w, &pattern, bytes, chunk, verify).await?
         }
         Conn::Quinn(_, s) => {
@@ -1191,7 +1303,10 @@ fn run(a: RunArgs) -> Result<()> {
             ));
         }
         if !a.no_echo {
-            echo_all.push((p.name().to_string(), echo_topology(&a, &p, &exe, limit)?));
+            echo_all.push((
+                p.name().to_string(),
+                echo_topology(&a, &p, &exe, &cert, limit)?,
+            ));
         }
         if a.bidir {
             bidir_all.push((
@@ -1201,6 +1316,9 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&cert_file);
+    for s in [Stack::TcpTls, Stack::TcpTlsResume] {
+        let _ = std::fs::remove_file(cert_path(&cert, s));
+    }
     let bulk_rows = bulk_all;
 
     if !bulk_rows.is_empty() {
@@ -1209,19 +1327,24 @@ fn run(a: RunArgs) -> Result<()> {
             human_bytes(a.bytes),
             a.reps
         );
-        report += "| topology | stack | Gbit/s median | min–max | Serval ÷ this |\n|---|---|---:|---:|---:|\n";
+        report += "| topology | stack | Gbit/s median | min–max | Serval ÷ this | Serval plaintext ÷ this |\n|---|---|---:|---:|---:|---:|\n";
         for (topo, rows) in &bulk_rows {
-            let serval = rows
-                .iter()
-                .find(|(s, _)| s == "serval")
-                .map(|(_, v)| stats(v).0);
+            let median_of = |name: &str| {
+                rows.iter()
+                    .find(|(s, _)| s == name)
+                    .map(|(_, v)| stats(v).0)
+            };
+            let ratio = |of: Option<f64>, name: &str, stack: &str, med: f64| match of {
+                Some(s) if stack != name => format!("{:.2}×", s / med),
+                _ => "—".into(),
+            };
+            let (serval, plain) = (median_of("serval"), median_of("serval-plaintext"));
             for (stack, v) in rows {
                 let (med, lo, hi) = stats(v);
-                let ratio = match serval {
-                    Some(s) if stack != "serval" => format!("{:.2}×", s / med),
-                    _ => "—".into(),
-                };
-                report += &format!("| {topo} | {stack} | {med:.2} | {lo:.2}–{hi:.2} | {ratio} |\n");
+                let r1 = ratio(serval, "serval", stack, med);
+                let r2 = ratio(plain, "serval-plaintext", stack, med);
+                report +=
+                    &format!("| {topo} | {stack} | {med:.2} | {lo:.2}–{hi:.2} | {r1} | {r2} |\n");
             }
         }
     }
@@ -1306,16 +1429,16 @@ fn server_argv(
         "--chunk".into(),
         a.chunk.to_string(),
     ]);
-    if stack == Stack::Quinn {
-        v.extend(["--cert-file".into(), cert.to_string()]);
+    if stack.needs_cert() {
+        v.extend(["--cert-file".into(), cert_path(cert, stack)]);
     }
     if a.verify && mode == Mode::Bulk {
         v.extend(["--verify-seed".into(), "1".into()]);
     }
-    if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
+    if let (Some(t), true) = (a.serval_ack_threshold, stack.is_serval()) {
         v.extend(["--serval-ack-threshold".into(), t.to_string()]);
     }
-    if let (Some(b), Stack::Serval) = (a.serval_send_buffer, stack) {
+    if let (Some(b), true) = (a.serval_send_buffer, stack.is_serval()) {
         v.extend(["--serval-send-buffer".into(), b.to_string()]);
     }
     v
@@ -1348,13 +1471,22 @@ fn client_argv(p: &Placement, exe: &str, stack: Stack, mode: Mode, a: &RunArgs) 
     if a.verify && matches!(mode, Mode::Bulk | Mode::Bidir) {
         v.push("--verify".into());
     }
-    if let (Some(t), Stack::Serval) = (a.serval_ack_threshold, stack) {
+    if let (Some(t), true) = (a.serval_ack_threshold, stack.is_serval()) {
         v.extend(["--serval-ack-threshold".into(), t.to_string()]);
     }
-    if let (Some(b), Stack::Serval) = (a.serval_send_buffer, stack) {
+    if let (Some(b), true) = (a.serval_send_buffer, stack.is_serval()) {
         v.extend(["--serval-send-buffer".into(), b.to_string()]);
     }
     v
+}
+
+/// Each stack's server writes its own certificate: `cert` for quinn, `cert.tls` for TLS.
+fn cert_path(cert: &str, stack: Stack) -> String {
+    if stack.is_tls() {
+        format!("{cert}.{}", stack.name())
+    } else {
+        cert.to_string()
+    }
 }
 
 fn run_client(argv: &[String], limit: Duration) -> Result<String> {
@@ -1418,8 +1550,8 @@ fn bulk_topology(
         for (i, (stack, proc)) in servers.iter().enumerate() {
             let mut argv = client_argv(p, exe, *stack, Mode::Bulk, a);
             argv.extend(["--connect".into(), proc.addr.to_string()]);
-            if *stack == Stack::Quinn {
-                argv.extend(["--cert-file".into(), cert.to_string()]);
+            if stack.needs_cert() {
+                argv.extend(["--cert-file".into(), cert_path(cert, *stack)]);
             }
             let line = run_client(&argv, limit)?;
             rows[i]
@@ -1500,8 +1632,8 @@ fn bidir_topology(
         for (i, (stack, proc)) in servers.iter().enumerate() {
             let mut argv = client_argv(p, exe, *stack, Mode::Bidir, a);
             argv.extend(["--connect".into(), proc.addr.to_string()]);
-            if *stack == Stack::Quinn {
-                argv.extend(["--cert-file".into(), cert.to_string()]);
+            if stack.needs_cert() {
+                argv.extend(["--cert-file".into(), cert_path(cert, *stack)]);
             }
             let line = run_client(&argv, limit)?;
             rows[i]
@@ -1588,6 +1720,7 @@ fn echo_topology(
     a: &RunArgs,
     p: &Placement,
     exe: &str,
+    cert: &str,
     limit: Duration,
 ) -> Result<Vec<(String, Vec<f64>, Vec<f64>)>> {
     let stacks: Vec<Stack> = a
@@ -1598,7 +1731,7 @@ fn echo_topology(
         .collect();
     let mut servers = Vec::new();
     for &stack in &stacks {
-        let argv = server_argv(p, exe, stack, Mode::Echo, a, "");
+        let argv = server_argv(p, exe, stack, Mode::Echo, a, cert);
         servers.push((stack, ServerProc::start(&argv, Duration::from_secs(20))?));
     }
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = stacks
@@ -1610,6 +1743,9 @@ fn echo_topology(
         for (i, (stack, proc)) in servers.iter().enumerate() {
             let mut argv = client_argv(p, exe, *stack, Mode::Echo, a);
             argv.extend(["--connect".into(), proc.addr.to_string()]);
+            if stack.needs_cert() {
+                argv.extend(["--cert-file".into(), cert_path(cert, *stack)]);
+            }
             let line = run_client(&argv, limit)?;
             rows[i].1.push(field(&line, "p50_us").ok_or("no p50")?);
             rows[i].2.push(field(&line, "p99_us").ok_or("no p99")?);
