@@ -2,12 +2,19 @@
 --
 -- What it decodes, as docs/wire.md and docs/protocol.md define it (the code in crates/wire and
 -- crates/engine/src/frame.rs is the reference):
---   * the 20-byte base header and every extension (CONTROL, SERVICE, NONCE, SOURCE, AUTH, PAD,
---     unknown ones), checked in the order SalPacket::validate checks them;
---   * protocol 1 (stream): the packet number and the frames (PADDING, PING, ACK with its ranges,
---     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE) of plaintext flows;
+--   * the 20-byte base header (with the key-phase bit) and every extension (CONTROL, SERVICE,
+--     NONCE, KEYSHARE, IDENTITY, COOKIE, SOURCE, AUTH, PAD, unknown ones), checked in the order
+--     SalPacket::validate checks them;
+--   * packet protection (wire.md §12): every packet of a flow after the SYN (a non-zero
+--     destination flowID; a router's NACK excepted) is `header | packet number | payload |
+--     tag`. The packet number and the 16-byte tag are shown; the payload is shown as encrypted
+--     bytes, unless the flow runs in plaintext, which the dissector knows from the flow's
+--     SYN-ACK (KEYSHARE flag 0x01) if the capture holds it. Nothing is decrypted or verified;
+--   * protocol 1 (stream) of plaintext flows: the frames (PADDING, PING, ACK with its ranges,
+--     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE);
 --   * protocol 2 (datagram): the flags byte, the sender's serviceID, the data;
---   * protocol 3 (registration): REGISTER, UNREGISTER, ACK, REJECT.
+--   * protocol 3 (registration): REGISTER, UNREGISTER, ACK, REJECT, COOKIE, in the 60-, 76-
+--     (cookie) and 140-byte (signed) forms.
 -- Anything malformed is shown as an expert-info error naming the rule it breaks (the WireError,
 -- FrameError or RegError of the Rust code); the dissector itself never raises a Lua error.
 --
@@ -25,13 +32,15 @@ local BASE_LEN = 20
 local MAX_PACKET_LEN = 65507
 local DEFAULT_PORT = 54324
 local DISCOVERY_PORT = 54323
-local REG_PAYLOAD_LEN = 60
+local REG_PAYLOAD_LEN, REG_COOKIE_PAYLOAD_LEN, REG_SIGNED_PAYLOAD_LEN = 60, 76, 140
 local PN_LEN = 8
+local TAG_LEN = 16
 local MAX_ACK_RANGES = 256
 
 local PROTOCOLS = { [0] = "none", [1] = "stream", [2] = "datagram", [3] = "registration" }
 
 local EXT_PAD, EXT_CONTROL, EXT_SERVICE, EXT_NONCE, EXT_SOURCE, EXT_AUTH = 0x00, 0x81, 0x82, 0x83, 0x84, 0x85
+local EXT_KEYSHARE, EXT_IDENTITY, EXT_COOKIE = 0x86, 0x87, 0x88
 local EXT_NAMES = {
     [EXT_PAD] = "PAD",
     [EXT_CONTROL] = "CONTROL",
@@ -39,14 +48,22 @@ local EXT_NAMES = {
     [EXT_NONCE] = "NONCE",
     [EXT_SOURCE] = "SOURCE",
     [EXT_AUTH] = "AUTH",
+    [EXT_KEYSHARE] = "KEYSHARE",
+    [EXT_IDENTITY] = "IDENTITY",
+    [EXT_COOKIE] = "COOKIE",
 }
-local EXT_FIXED_LEN = { [EXT_CONTROL] = 12, [EXT_SERVICE] = 36, [EXT_NONCE] = 18, [EXT_AUTH] = 18 }
+local EXT_FIXED_LEN = { [EXT_CONTROL] = 12, [EXT_SERVICE] = 36, [EXT_NONCE] = 18, [EXT_AUTH] = 18,
+    [EXT_KEYSHARE] = 36, [EXT_IDENTITY] = 100, [EXT_COOKIE] = 22 }
+local KEYSHARE_GROUPS = { [1] = "X25519" }
+local IDENTITY_KINDS = { [1] = "Ed25519" }
 
 local FLAG_NAMES = { { 0x0001, "SYN" }, { 0x0002, "ACK" }, { 0x0004, "RSYN" }, { 0x0008, "NACK" },
     { 0x0010, "RST" }, { 0x0020, "FIN" } }
 
-local REG_TYPES = { [1] = "REGISTER", [2] = "UNREGISTER", [3] = "ACK", [4] = "REJECT" }
-local REJECT_REASONS = { [0] = "none", [1] = "NOT_ACCEPTED", [2] = "UNAVAILABLE", [3] = "LIMIT" }
+-- COOKIE (5) exists only in the 76- and 140-byte forms.
+local REG_TYPES = { [1] = "REGISTER", [2] = "UNREGISTER", [3] = "ACK", [4] = "REJECT", [5] = "COOKIE" }
+local REJECT_REASONS = { [0] = "none", [1] = "NOT_ACCEPTED", [2] = "UNAVAILABLE", [3] = "LIMIT",
+    [4] = "UNAUTHORIZED", [5] = "COOKIE_REQUIRED" }
 
 local FR_PADDING, FR_PING, FR_ACK, FR_STREAM, FR_STREAM_FIN, FR_MAX_DATA, FR_CLOSE, FR_DATAGRAM =
     0x00, 0x01, 0x02, 0x08, 0x09, 0x10, 0x1c, 0x30
@@ -67,7 +84,8 @@ local LOC_FAMILIES = { [4] = "IPv4", [6] = "IPv6" }
 
 local f = {
     version = ProtoField.uint8("serval.version", "Version", base.DEC, nil, 0xf0),
-    reserved = ProtoField.uint8("serval.reserved", "Reserved flags", base.HEX, nil, 0x0f),
+    key_phase = ProtoField.bool("serval.key_phase", "Key phase", 8, nil, 0x01),
+    reserved = ProtoField.uint8("serval.reserved", "Reserved flags", base.HEX, nil, 0x0e),
     protocol = ProtoField.uint8("serval.protocol", "Protocol", base.DEC, PROTOCOLS),
     hdr_len = ProtoField.uint16("serval.hdr_len", "Header Length", base.DEC),
     src_flowid = ProtoField.uint64("serval.src_flowid", "Source FlowID", base.HEX),
@@ -103,7 +121,29 @@ local f = {
     source_ipv4 = ProtoField.ipv4("serval.source.ipv4", "IPv4 Address"),
     source_ipv6 = ProtoField.ipv6("serval.source.ipv6", "IPv6 Address"),
 
+    keyshare_group = ProtoField.uint8("serval.keyshare.group", "Group", base.DEC, KEYSHARE_GROUPS),
+    keyshare_flags = ProtoField.uint8("serval.keyshare.flags", "Flags", base.HEX),
+    keyshare_plaintext = ProtoField.bool("serval.keyshare.plaintext", "Plaintext", 8, nil, 0x01),
+    keyshare_identity = ProtoField.bool("serval.keyshare.identity", "Identity proof asked", 8, nil, 0x02),
+    keyshare_reserved = ProtoField.uint8("serval.keyshare.reserved", "Reserved", base.HEX, nil, 0xfc),
+    keyshare_key = ProtoField.bytes("serval.keyshare.key", "Public Key"),
+
+    identity_kind = ProtoField.uint8("serval.identity.kind", "Kind", base.DEC, IDENTITY_KINDS),
+    identity_reserved = ProtoField.uint8("serval.identity.reserved", "Reserved", base.HEX),
+    identity_key = ProtoField.bytes("serval.identity.key", "Server Public Key"),
+    identity_signature = ProtoField.bytes("serval.identity.signature", "Signature"),
+
+    cookie = ProtoField.bytes("serval.cookie", "Cookie Token"),
+
     auth_tag = ProtoField.bytes("serval.auth_tag", "Authentication Tag"),
+
+    -- packet protection (wire.md §12)
+    pn = ProtoField.uint64("serval.pn", "Packet Number", base.DEC),
+    pn_space = ProtoField.string("serval.pn.space", "Packet number space"),
+    flow_plaintext = ProtoField.bool("serval.flow.plaintext", "Plaintext flow"),
+    flow_synack = ProtoField.framenum("serval.flow.synack", "Flow's SYN-ACK in frame", base.NONE),
+    encrypted = ProtoField.bytes("serval.encrypted", "Encrypted payload"),
+    tag = ProtoField.bytes("serval.tag", "AEAD Tag"),
 
     payload = ProtoField.bytes("serval.payload", "Payload"),
 
@@ -118,7 +158,6 @@ local f = {
     registration = ProtoField.none("serval.reg", "Registration"),
 
     -- protocol 1: the stream transport
-    pn = ProtoField.uint64("serval.stream.pn", "Packet Number", base.DEC),
     frame = ProtoField.none("serval.frame", "Frame"),
     frame_type = ProtoField.uint8("serval.frame.type", "Frame Type", base.HEX, FRAME_NAMES),
     padding_len = ProtoField.uint32("serval.padding.len", "Padding bytes", base.DEC),
@@ -157,6 +196,8 @@ local f = {
     reg_ttl = ProtoField.uint32("serval.reg.ttl", "TTL (ms)", base.DEC),
     reg_prefix_id = ProtoField.bytes("serval.reg.prefix_id", "Service Prefix ID"),
     reg_prefix = ProtoField.string("serval.reg.prefix", "Service Prefix"),
+    reg_cookie = ProtoField.bytes("serval.reg.cookie", "Cookie"),
+    reg_signature = ProtoField.bytes("serval.reg.signature", "Signature"),
 }
 
 local field_list = {}
@@ -174,6 +215,9 @@ local e = {
         expert.group.MALFORMED, expert.severity.ERROR),
     reg_malformed = ProtoExpert.new("serval.reg.malformed", "Malformed registration message",
         expert.group.MALFORMED, expert.severity.ERROR),
+    protect_malformed = ProtoExpert.new("serval.protection.malformed",
+        "Protected packet too short for a packet number and a tag", expert.group.MALFORMED,
+        expert.severity.ERROR),
     snapped = ProtoExpert.new("serval.snapped", "Packet not captured in full", expert.group.MALFORMED,
         expert.severity.WARN),
     unknown_ext = ProtoExpert.new("serval.ext.unknown", "Unknown extension skipped", expert.group.UNDECODED,
@@ -181,8 +225,13 @@ local e = {
     internal = ProtoExpert.new("serval.internal_error", "Serval dissector error", expert.group.MALFORMED,
         expert.severity.ERROR),
 }
-serval.experts = { e.malformed, e.frame_malformed, e.dgram_malformed, e.reg_malformed, e.snapped,
-    e.unknown_ext, e.internal }
+serval.experts = { e.malformed, e.frame_malformed, e.dgram_malformed, e.reg_malformed,
+    e.protect_malformed, e.snapped, e.unknown_ext, e.internal }
+
+serval.prefs.assume_plaintext = Pref.bool("Assume plaintext for flows whose SYN-ACK is not captured",
+    false, "A flow runs in plaintext only if its SYN-ACK grants it (KEYSHARE flag 0x01); when the " ..
+    "capture does not hold the SYN-ACK, show the flow's payloads as plaintext frames rather than " ..
+    "as encrypted bytes")
 
 -- Helpers ---------------------------------------------------------------------------------------
 
@@ -441,6 +490,7 @@ local function render_ext(tvb, tree, x, info)
         t:append_text(": " .. (names ~= "" and names or "no flags") .. ", verno " .. tvb(body + 2, 4):uint() ..
             ", ackno " .. tvb(body + 6, 4):uint())
         info.flags = names
+        info.ctl_bits = bits
     elseif x.ty == EXT_SERVICE then
         t:add(f.hop_limit, tvb(body, 1))
         t:add(f.service_reserved, tvb(body + 1, 1))
@@ -451,6 +501,26 @@ local function render_ext(tvb, tree, x, info)
         t:add(f.nonce, tvb(body, 16))
     elseif x.ty == EXT_AUTH then
         t:add(f.auth_tag, tvb(body, 16))
+    elseif x.ty == EXT_IDENTITY then
+        t:add(f.identity_kind, tvb(body, 1))
+        t:add(f.identity_reserved, tvb(body + 1, 1))
+        t:add(f.identity_key, tvb(body + 2, 32))
+        t:add(f.identity_signature, tvb(body + 34, 64))
+    elseif x.ty == EXT_COOKIE then
+        t:add(f.cookie, tvb(body, 20))
+        info.cookie = true
+    elseif x.ty == EXT_KEYSHARE then
+        local group = tvb(body, 1):uint()
+        local flags = tvb(body + 1, 1):uint()
+        t:add(f.keyshare_group, tvb(body, 1))
+        local ft = t:add(f.keyshare_flags, tvb(body + 1, 1))
+        ft:add(f.keyshare_plaintext, tvb(body + 1, 1))
+        ft:add(f.keyshare_identity, tvb(body + 1, 1))
+        ft:add(f.keyshare_reserved, tvb(body + 1, 1))
+        t:add(f.keyshare_key, tvb(body + 2, 32))
+        info.keyshare_plaintext = flags % 2 == 1
+        t:append_text(": " .. (KEYSHARE_GROUPS[group] or ("group " .. group)) ..
+            (info.keyshare_plaintext and ", plaintext" or ""))
     elseif x.ty == EXT_SOURCE then
         t:add(f.source_count, tvb(x.off + 1, 1), #x.locs):set_generated()
         local texts = {}
@@ -478,17 +548,22 @@ local function render_ext(tvb, tree, x, info)
     end
 end
 
--- Protocol 1: packet number and frames. Returns a summary of the frames.
-local function render_stream(tvb, off, limit, tree)
+-- Protocol 1: the frames from `off` to `limit`, after the packet number if `with_pn` (a
+-- protected packet's packet number is shown by render_protected). Returns a summary.
+local function render_stream(tvb, off, limit, tree, with_pn)
     local t = tree:add(f.stream, tvb(off, limit - off))
-    if off + PN_LEN > limit then
-        t:add_tvb_expert_info(e.frame_malformed, tvb(off, limit - off),
-            "Truncated: shorter than the 8-byte packet number")
-        return "truncated"
+    local summary = {}
+    local pos = off
+    if with_pn then
+        if off + PN_LEN > limit then
+            t:add_tvb_expert_info(e.frame_malformed, tvb(off, limit - off),
+                "Truncated: shorter than the 8-byte packet number")
+            return "truncated"
+        end
+        t:add(f.pn, tvb(off, PN_LEN))
+        summary[1] = "pn=" .. tostring(tvb(off, PN_LEN):uint64())
+        pos = off + PN_LEN
     end
-    t:add(f.pn, tvb(off, PN_LEN))
-    local summary = { "pn=" .. tostring(tvb(off, PN_LEN):uint64()) }
-    local pos = off + PN_LEN
     while pos < limit do
         local start = pos
         local ty = tvb(pos, 1):uint()
@@ -676,7 +751,8 @@ local function prefix_host_bits_clear(tvb, off, plen)
     return true
 end
 
--- Protocol 3: the 60-byte registration message. Returns a summary, or nil if malformed.
+-- Protocol 3: a registration message of 60, 76 (with a cookie) or 140 bytes (and a signature).
+-- Returns a summary, or nil if malformed.
 local function render_registration(tvb, off, limit, tree)
     local t = tree:add(f.registration, tvb(off, limit - off))
     local function bad(msg, o, n)
@@ -691,8 +767,8 @@ local function render_registration(tvb, off, limit, tree)
         return bad("FlowNotZero: registration message with a non-zero flowID", 4, 16)
     end
     local n = limit - off
-    if n ~= REG_PAYLOAD_LEN then
-        return bad("BadLength: payload of " .. n .. " bytes, expected 60", off, n)
+    if n ~= REG_PAYLOAD_LEN and n ~= REG_COOKIE_PAYLOAD_LEN and n ~= REG_SIGNED_PAYLOAD_LEN then
+        return bad("BadLength: payload of " .. n .. " bytes, expected 60, 76 or 140", off, n)
     end
     local ty = tvb(off, 1):uint()
     local reason = tvb(off + 1, 1):uint()
@@ -708,7 +784,13 @@ local function render_registration(tvb, off, limit, tree)
     t:add(f.reg_prefix_id, tvb(off + 28, 32))
     local prefix = hex(tvb, off + 28, 32) .. "/" .. plen
     t:add(f.reg_prefix, tvb(off + 28, 32), prefix):set_generated()
-    if REG_TYPES[ty] == nil then
+    if n >= REG_COOKIE_PAYLOAD_LEN then
+        t:add(f.reg_cookie, tvb(off + 60, 16))
+    end
+    if n >= REG_SIGNED_PAYLOAD_LEN then
+        t:add(f.reg_signature, tvb(off + 76, 64))
+    end
+    if REG_TYPES[ty] == nil or (ty == 5 and n == REG_PAYLOAD_LEN) then
         return bad("UnknownType: registration type " .. ty, off, 1)
     end
     if (ty == 4) ~= (reason ~= 0) then
@@ -731,14 +813,154 @@ local function render_registration(tvb, off, limit, tree)
     if ty == 1 or ty == 3 then
         s = s .. " ttl=" .. tvb(off + 24, 4):uint() .. "ms"
     end
+    if n == REG_SIGNED_PAYLOAD_LEN and (ty == 1 or ty == 2) then
+        s = s .. " signed"
+    end
     return s
+end
+
+-- Packet protection -------------------------------------------------------------------------------
+
+-- What the SYN-ACKs of the capture said about their flows: for each direction of a flow, keyed
+-- "source flowID>destination flowID" (both directions are entered), a list of
+-- { at = position in the capture, plaintext = granted?, frame = frame number }. Entries are
+-- added only on the first, in-order pass over the capture (pinfo.visited false); a packet uses
+-- the latest entry at or before its own position, so a later re-dissection, in any order,
+-- decides as the first pass did. Reset for every capture file (serval.init).
+local flow_modes = {}
+
+function serval.init()
+    flow_modes = {}
+end
+
+local function flow_key(tvb, reverse)
+    local src = tvb(4, 8):uint64():tohex()
+    local dst = tvb(12, 8):uint64():tohex()
+    if reverse then
+        return dst .. ">" .. src
+    end
+    return src .. ">" .. dst
+end
+
+-- The position of a packet in the capture: its frame number, then its index in a GSO batch.
+local function position(pinfo, gso)
+    return pinfo.number * 4096 + (gso and gso.index or 0)
+end
+
+local function record_syn_ack(tvb, pinfo, at, plaintext)
+    if pinfo.visited then
+        return
+    end
+    for _, reverse in ipairs({ false, true }) do
+        local key = flow_key(tvb, reverse)
+        local list = flow_modes[key]
+        if not list then
+            list = {}
+            flow_modes[key] = list
+        end
+        local known = false
+        for _, m in ipairs(list) do
+            known = known or m.at == at
+        end
+        if not known then
+            list[#list + 1] = { at = at, plaintext = plaintext, frame = pinfo.number }
+        end
+    end
+end
+
+-- The latest SYN-ACK decision for this packet's flow at or before `at`, or nil.
+local function flow_mode(tvb, at)
+    local best
+    for _, m in ipairs(flow_modes[flow_key(tvb, false)] or {}) do
+        if m.at <= at and (not best or m.at > best.at) then
+            best = m
+        end
+    end
+    return best
+end
+
+-- Whether a packet is protected (wire.md §12): every packet of a flow after the SYN, which is
+-- every packet with a destination flowID, except a NACK (a router holds no flow keys).
+local function is_protected(tvb, info)
+    if u64_is_zero(tvb, 12) then
+        return false
+    end
+    return not (info.ctl_bits and math.floor(info.ctl_bits / 8) % 2 == 1)
+end
+
+-- The payload of protocol `protocol` from `off` to `limit`, in clear. Returns a summary or nil.
+local function render_payload(tvb, h, off, limit, root, info, with_pn)
+    if h.protocol == 1 and off < limit then
+        return render_stream(tvb, off, limit, root, with_pn)
+    elseif h.protocol == 2 then
+        render_datagram(tvb, off, limit, root, info)
+    elseif h.protocol == 3 then
+        return render_registration(tvb, off, limit, root) or "(malformed registration)"
+    elseif off < limit then
+        root:add(f.payload, tvb(off, limit - off))
+    end
+    return nil
+end
+
+-- A protected packet: packet number, payload (encrypted, or frames in a plaintext flow), tag.
+-- Returns a summary.
+local function render_protected(tvb, pinfo, h, root, info, at)
+    local off, cap, rep = h.hdr_len, h.cap, h.rep
+    local body = off + PN_LEN
+    local tag_off = rep - TAG_LEN
+    if tag_off < body then
+        local msg = "TooShort: " .. (rep - off) .. " bytes after the header; a protected packet " ..
+            "needs at least 24 (packet number and tag), so the receiver drops it"
+        if off < cap then
+            root:add_tvb_expert_info(e.protect_malformed, tvb(off, cap - off), msg)
+            root:add(f.payload, tvb(off, cap - off))
+        else
+            root:add_proto_expert_info(e.protect_malformed, msg)
+        end
+        return "(too short for packet protection)"
+    end
+    if cap < body then
+        return "(packet number not captured)"
+    end
+    local control = info.ctl_bits ~= nil
+    root:add(f.pn, tvb(off, PN_LEN))
+    root:add(f.pn_space, tvb(off, PN_LEN), control and "control" or "data"):set_generated()
+    local summary = { "pn=" .. tostring(tvb(off, PN_LEN):uint64()) }
+    if tvb(0, 1):uint() % 2 == 1 then
+        summary[#summary + 1] = "kp=1"
+    end
+    local mode = flow_mode(tvb, at)
+    local plaintext
+    if mode then
+        plaintext = mode.plaintext
+        root:add(f.flow_plaintext, tvb(0, 0), plaintext):set_generated()
+        root:add(f.flow_synack, tvb(0, 0), mode.frame):set_generated()
+    else
+        plaintext = serval.prefs.assume_plaintext
+        local item = root:add(f.flow_plaintext, tvb(0, 0), plaintext)
+        item:set_generated()
+        item:append_text(" (assumed: the flow's SYN-ACK is not in the capture)")
+    end
+    local body_end = math.min(tag_off, cap)
+    if body < body_end then
+        if plaintext then
+            summary[#summary + 1] = render_payload(tvb, h, body, body_end, root, info, false)
+        else
+            root:add(f.encrypted, tvb(body, body_end - body))
+            summary[#summary + 1] = "encrypted(" .. (tag_off - body) .. ")"
+        end
+    end
+    if cap >= rep then
+        root:add(f.tag, tvb(tag_off, TAG_LEN))
+    end
+    return table.concat(summary, " ")
 end
 
 -- The dissector -----------------------------------------------------------------------------------
 
 -- Dissects one SAL packet (the whole of `tvb`) under `tree`; returns the text for the Info column.
 -- `gso` = {index, count, size} for a segment of a GSO batch.
-local function dissect_packet(tvb, tree, gso)
+local function dissect_packet(tvb, pinfo, tree, gso)
     local h = parse_header(tvb)
     local root = tree:add(serval, tvb())
     if gso then
@@ -753,6 +975,7 @@ local function dissect_packet(tvb, tree, gso)
         return "Malformed SAL packet: " .. h.err.msg
     end
     root:add(f.version, tvb(0, 1))
+    root:add(f.key_phase, tvb(0, 1))
     root:add(f.reserved, tvb(0, 1))
     root:add(f.protocol, tvb(1, 1))
     root:add(f.hdr_len, tvb(2, 2))
@@ -774,6 +997,12 @@ local function dissect_packet(tvb, tree, gso)
     if info.source then
         text[#text + 1] = "source=" .. table.concat(info.source, ",")
     end
+    if info.cookie then
+        text[#text + 1] = "cookie"
+    end
+    if info.keyshare_plaintext then
+        text[#text + 1] = "plaintext"
+    end
     root:append_text(", " .. table.concat(text, " "))
     if h.err then
         if h.err.snapped then
@@ -789,14 +1018,15 @@ local function dissect_packet(tvb, tree, gso)
         root:add_proto_expert_info(e.snapped, "only " .. h.cap .. " of " .. h.rep ..
             " bytes captured: the payload is cut short")
     end
-    if h.protocol == 1 and off < limit then
-        text[#text + 1] = render_stream(tvb, off, limit, root)
-    elseif h.protocol == 2 then
-        render_datagram(tvb, off, limit, root, info)
-    elseif h.protocol == 3 then
-        text[#text + 1] = render_registration(tvb, off, limit, root) or "(malformed registration)"
-    elseif off < limit then
-        root:add(f.payload, tvb(off, limit - off))
+    local at = position(pinfo, gso)
+    -- A SYN-ACK says whether its flow runs in plaintext; its own payload (if any) follows it.
+    if info.ctl_bits and info.ctl_bits % 4 == 3 and info.keyshare_plaintext ~= nil then
+        record_syn_ack(tvb, pinfo, at, info.keyshare_plaintext)
+    end
+    if is_protected(tvb, info) then
+        text[#text + 1] = render_protected(tvb, pinfo, h, root, info, at)
+    else
+        text[#text + 1] = render_payload(tvb, h, off, limit, root, info, true)
     end
     return table.concat(text, " ")
 end
@@ -805,8 +1035,10 @@ end
 -- cuts it into datagrams: one "datagram" holding several SAL packets of one segment size back to
 -- back, the last one possibly shorter. The packets of a batch belong to one flow, so each segment
 -- starts with a version-1 byte and the same 16 bytes of flowIDs (its protocol and header length
--- may differ: a control packet and a stream packet can share a batch). Returns the segment size
--- if `tvb` is such a batch (two segments or more), else nil.
+-- may differ: a control packet and a stream packet can share a batch). Nothing after the base
+-- header is assumed: a segment ends with its tag (wire.md §12), whose bytes, like an encrypted
+-- payload's, are arbitrary. Returns the segment size if `tvb` is such a batch (two segments or
+-- more), else nil.
 local function gso_segment_size(tvb)
     local len = tvb:len()
     if len < 2 * BASE_LEN or len ~= tvb:reported_length_remaining()
@@ -844,7 +1076,7 @@ local function dissect(tvb, pinfo, tree)
     pinfo.cols.protocol = "Serval"
     local size = gso_segment_size(tvb)
     if not size then
-        pinfo.cols.info = dissect_packet(tvb, tree)
+        pinfo.cols.info = dissect_packet(tvb, pinfo, tree)
         return
     end
     local len = tvb:len()
@@ -852,7 +1084,7 @@ local function dissect(tvb, pinfo, tree)
     local texts = {}
     for i = 0, n - 1 do
         local seg = tvb(i * size, math.min(size, len - i * size)):tvb()
-        texts[#texts + 1] = dissect_packet(seg, tree, { index = i + 1, count = n, size = size })
+        texts[#texts + 1] = dissect_packet(seg, pinfo, tree, { index = i + 1, count = n, size = size })
     end
     pinfo.cols.info = "GSO batch of " .. n .. ": " .. table.concat(texts, " | ")
 end
@@ -870,7 +1102,8 @@ serval.dissector = dissect_safely
 
 -- Claims a UDP datagram only if its whole SAL header validates (version 1, a header length
 -- within the packet, well-formed extensions in a legal order) and its protocol is one this
--- version defines; a registration must also be exactly 80 bytes with zero flowIDs.
+-- version defines; a registration must also have zero flowIDs and a payload of 60, 76 or 140
+-- bytes.
 local function heuristic(tvb, pinfo, tree)
     local ok, claimed = pcall(function()
         if tvb:len() < BASE_LEN or tvb:len() ~= tvb:reported_length_remaining() then
@@ -880,9 +1113,12 @@ local function heuristic(tvb, pinfo, tree)
         if h.err or not PROTOCOLS[h.protocol] then
             return false
         end
-        if h.protocol == 3 and (h.cap - h.hdr_len ~= REG_PAYLOAD_LEN or not u64_is_zero(tvb, 4)
-                or not u64_is_zero(tvb, 12)) then
-            return false
+        if h.protocol == 3 then
+            local n = h.cap - h.hdr_len
+            if (n ~= REG_PAYLOAD_LEN and n ~= REG_COOKIE_PAYLOAD_LEN and n ~= REG_SIGNED_PAYLOAD_LEN)
+                    or not u64_is_zero(tvb, 4) or not u64_is_zero(tvb, 12) then
+                return false
+            end
         end
         return true
     end)
