@@ -3,12 +3,19 @@
 //! * on the project's own traffic, captured on loopback with dumpcap while a router, an echo
 //!   instance and clients make a registration, a connect by name, a migration, an
 //!   unregistration and a NACK: every decoded field must equal what was sent (serviceIDs,
-//!   flowIDs, flags, verno/ackno, nonces, SOURCE locators, registration fields, stream bytes
-//!   and offsets, ACK ranges);
+//!   flowIDs, flags, verno/ackno, nonces, key shares, SOURCE locators, registration fields and
+//!   cookies, packet numbers and tags, stream bytes and offsets, ACK ranges). The flows whose
+//!   frames are checked run in plaintext (`--plaintext` at both ends: still tagged, not
+//!   encrypted); one more connect runs encrypted, as by default, and its payloads must show as
+//!   encrypted bytes, the bytes it sent must appear nowhere in the capture, and every packet
+//!   of it after the SYN must show its tag;
 //! * on a seeded corpus of valid and mutated packets written to a pcap file: the dissector must
 //!   call a packet malformed exactly when `serval-wire` refuses it, name the same error, and
-//!   decode the valid ones to the values `serval-wire` reads; its UDP heuristic must claim
-//!   exactly the packets whose header validates.
+//!   decode the valid ones to the values `serval-wire` reads (and the packet number, payload
+//!   and tag of a protected packet where docs/wire.md §12 puts them); its UDP heuristic must
+//!   claim exactly the packets whose header validates;
+//! * on GSO batches and on a plaintext flow's packets before and after its SYN-ACK, in one and
+//!   in two passes.
 //!
 //! Without tshark (or dumpcap) the tests skip with one line on stderr, except under `CI=true`,
 //! where they fail. Every wait is bounded; every process is killed when the test ends.
@@ -24,8 +31,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serval_wire::{
-    ControlFlags, ControlRepr, FlowId, Nonce, Protocol, RegistrationRepr, RejectReason, SalPacket,
-    SalRepr, ServiceId, ServicePrefix, ServiceRepr,
+    ControlFlags, ControlRepr, Cookie, FlowId, KeyShareRepr, Nonce, Protocol, RegistrationRepr,
+    RejectReason, SalPacket, SalRepr, ServiceId, ServicePrefix, ServiceRepr, Signature,
 };
 use support::{Guard, lines, serval, spawn_ready, wait_line};
 
@@ -309,9 +316,11 @@ const NOBODY: &str = "nobody.wireshark.test";
 const HELLO: &[u8] = b"hello wireshark\n";
 const BEFORE: &[u8] = b"before the move\n";
 const AFTER: &[u8] = b"after the move to 127.0.0.2\n";
+/// What the encrypted session sends: it must not appear in the capture.
+const SECRET: &[u8] = b"only the two ends may read this line\n";
 
-/// Connects to `NAME` through `router` from `a` (an endpoint bound to `a` and `b`), echoes
-/// `BEFORE`, migrates to `b`, echoes `AFTER`, and closes.
+/// Connects to `NAME` through `router` from `a` (an endpoint bound to `a` and `b`, asking for
+/// plaintext), echoes `BEFORE`, migrates to `b`, echoes `AFTER`, and closes.
 fn migrating_client(router: SocketAddr, a: SocketAddr, b: SocketAddr) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -321,7 +330,11 @@ fn migrating_client(router: SocketAddr, a: SocketAddr, b: SocketAddr) {
         .unwrap();
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), async {
-            let ep = serval::Endpoint::bind(&[a, b]).await.unwrap();
+            let config = serval::EndpointConfig {
+                protection: serval::Protection::Plaintext,
+                ..serval::EndpointConfig::default()
+            };
+            let ep = serval::Endpoint::bind_with(&[a, b], config).await.unwrap();
             ep.set_default_route(router);
             let mut s = ep
                 .connect(ServiceId::from_name(NAME).unwrap())
@@ -403,6 +416,41 @@ impl Row {
             .collect()
     }
 
+    /// Whether the KEYSHARE asks for (SYN) or grants (SYN-ACK) plaintext.
+    fn keyshare_plaintext(&self) -> bool {
+        assert_eq!(self.num("serval.keyshare.group"), 1, "X25519: {self:?}");
+        assert_eq!(
+            self.one("serval.keyshare.key").len(),
+            64,
+            "a 32-byte key: {self:?}"
+        );
+        truthy(self.one("serval.keyshare.plaintext"))
+    }
+
+    /// Checks the layout of a protected packet (docs/wire.md §12): a packet number in the
+    /// space its CONTROL extension (or its absence) names, a 128-bit tag, no AUTH extension,
+    /// and the mode of its flow as its SYN-ACK (frame `synack`) set it.
+    fn assert_protected(&self, synack: u64, plaintext: bool) {
+        let space = if self.flags().is_some() {
+            "control"
+        } else {
+            "data"
+        };
+        assert_eq!(self.one("serval.pn.space"), space, "{self:?}");
+        self.num("serval.pn");
+        assert_eq!(self.one("serval.tag").len(), 32, "a 128-bit tag: {self:?}");
+        assert!(
+            !self.has("serval.auth_tag"),
+            "AUTH is no longer sent: {self:?}"
+        );
+        assert_eq!(self.num("serval.flow.synack"), synack, "{self:?}");
+        assert_eq!(
+            truthy(self.one("serval.flow.plaintext")),
+            plaintext,
+            "{self:?}"
+        );
+    }
+
     /// The packet numbers the ACK frames acknowledge.
     fn acked(&self) -> Vec<(u64, u64)> {
         self.all("serval.ack.range")
@@ -419,7 +467,13 @@ impl Row {
 const BYTES_FIELDS: &[&str] = &[
     "serval.service_id",
     "serval.nonce",
+    "serval.keyshare.key",
+    "serval.cookie",
     "serval.auth_tag",
+    "serval.encrypted",
+    "serval.tag",
+    "serval.reg.cookie",
+    "serval.reg.signature",
     "serval.ext.data",
     "serval.payload",
     "serval.stream.data",
@@ -586,16 +640,20 @@ struct Handshake {
     client_nonce: String,
     /// The instance's flowID (from its SYN-ACK).
     server_flow: u64,
+    /// The frame of the SYN-ACK.
+    synack: u64,
 }
 
 /// Checks the connect by name from `client` through `router` to the instance at `inst`, as
-/// docs/protocol.md §1 draws it, and returns its identifiers.
+/// docs/protocol.md §1 draws it, asking for plaintext if `plaintext` (and granted it, the
+/// instance allowing it), and returns its identifiers.
 fn check_handshake(
     rows: &[Row],
     client: SocketAddr,
     router: SocketAddr,
     inst: SocketAddr,
     id: &ServiceId,
+    plaintext: bool,
 ) -> Handshake {
     // The client's SYN to the router (retransmissions, if any, are the same SYN).
     let syns: Vec<&Row> = rows
@@ -613,7 +671,12 @@ fn check_handshake(
         assert_eq!(s.one("serval.nonce"), syn.one("serval.nonce"));
         assert_eq!(s.num("serval.src_flowid"), syn.num("serval.src_flowid"));
         assert_eq!(s.num("serval.verno"), syn.num("serval.verno"));
-        assert!(!s.has("serval.auth_tag"), "a SYN carries no AUTH");
+        assert_eq!(s.keyshare_plaintext(), plaintext, "{s:?}");
+        assert_eq!(s.one("serval.keyshare.key"), syn.one("serval.keyshare.key"));
+        // The SYN is not protected: no packet number, no tag, no AUTH.
+        assert!(!s.has("serval.auth_tag") && !s.has("serval.tag") && !s.has("serval.pn"));
+        assert_eq!(s.num("udp.length"), 8 + s.num("serval.hdr_len"), "{s:?}");
+        assert!(!s.has("serval.gso.segment"));
     }
     let client_flow = syn.num("serval.src_flowid");
     let client_verno = syn.num("serval.verno");
@@ -645,6 +708,12 @@ fn check_handshake(
         fwd.all("serval.source.locator"),
         [client.to_string(), router.to_string()]
     );
+    assert_eq!(
+        fwd.one("serval.keyshare.key"),
+        syn.one("serval.keyshare.key")
+    );
+    assert_eq!(fwd.keyshare_plaintext(), plaintext);
+    assert!(!fwd.has("serval.tag"));
 
     // The instance answers the client directly.
     let synack = rows
@@ -662,7 +731,24 @@ fn check_handshake(
     assert_eq!(synack.num("serval.ackno"), (client_verno + 1) % (1 << 32));
     assert_eq!(synack.one("serval.nonce").len(), 32);
     assert_ne!(synack.one("serval.nonce"), client_nonce);
-    assert_eq!(synack.one("serval.auth_tag").len(), 32, "a 128-bit tag");
+    // The server's own key share, granting plaintext exactly when asked (the instance allows
+    // it); the SYN-ACK is the first protected packet, the first of the control space, and its
+    // own frame decides its flow's mode.
+    assert_eq!(synack.keyshare_plaintext(), plaintext, "{synack:?}");
+    assert_ne!(
+        synack.one("serval.keyshare.key"),
+        syn.one("serval.keyshare.key")
+    );
+    synack.assert_protected(synack.frame(), plaintext);
+    assert_eq!(synack.num("serval.pn"), 0);
+    assert!(!synack.has("serval.encrypted") && !synack.has("serval.payload"));
+    // Header, packet number and tag, nothing else.
+    if !synack.has("serval.gso.segment") {
+        assert_eq!(
+            synack.num("udp.length"),
+            8 + synack.num("serval.hdr_len") + 8 + 16
+        );
+    }
 
     // The SYN-ACK is acknowledged: by a control packet with ACK and ackno = its verno + 1,
     // or by the client's first stream packet, which names both flowIDs (docs/protocol.md §1:
@@ -687,18 +773,21 @@ fn check_handshake(
     );
     if ack.flags().is_some() {
         assert_eq!(ack.num("serval.ackno"), (server_verno + 1) % (1 << 32));
-        assert!(ack.has("serval.auth_tag"));
     }
+    ack.assert_protected(synack.frame(), plaintext);
     assert!(ack.frame() > synack.frame() && synack.frame() > fwd.frame());
     Handshake {
         client_flow,
         client_nonce,
         server_flow,
+        synack: synack.frame(),
     }
 }
 
 /// The registration of `prefix` by the instance at `inst` with `router`: REGISTER (weight 3,
-/// the default 3 s lease asked) and its ACK, refreshes, and the UNREGISTER and its ACK.
+/// the default 3 s lease asked, cookie form, no cookie yet), the router's COOKIE, the REGISTER
+/// again with that cookie and its ACK, refreshes, and the UNREGISTER and its ACK
+/// (docs/wire.md §11.2).
 fn check_registration(rows: &[Row], inst: SocketAddr, router: SocketAddr, prefix: &str) {
     let reg = |from: SocketAddr, to: SocketAddr, ty: u64| {
         rows.iter()
@@ -713,14 +802,42 @@ fn check_registration(rows: &[Row], inst: SocketAddr, router: SocketAddr, prefix
     assert_eq!(register.num("serval.protocol"), 3);
     assert_eq!(register.flows(), (0, 0));
     assert_eq!(register.num("serval.hdr_len"), 20);
-    assert_eq!(register.num("udp.length"), 8 + 80);
+    // The cookie form, unsigned (the instance has no key): 76 bytes of payload.
+    assert_eq!(register.num("udp.length"), 8 + 96);
+    assert!(!register.has("serval.reg.signature"));
+    assert_eq!(
+        register.one("serval.reg.cookie"),
+        "00".repeat(16),
+        "no cookie yet"
+    );
+    assert!(!register.has("serval.tag") && !register.has("serval.pn"));
     let instance_token = register.one("serval.reg.instance");
+    let same_request =
+        |a: &Row, b: &Row| a.one("serval.reg.request_id") == b.one("serval.reg.request_id");
     let answer = |req: &Row| {
         reg(router, inst, 3)
-            .find(|r| r.one("serval.reg.request_id") == req.one("serval.reg.request_id"))
+            .find(|r| same_request(r, req))
             .unwrap_or_else(|| panic!("no ACK of {req:?}"))
     };
+    // The router stores nothing before the instance proves it receives there: COOKIE (type 5,
+    // TTL 0, a fresh cookie), and the same request again with that cookie.
+    let cookie = reg(router, inst, 5)
+        .find(|r| same_request(r, register))
+        .expect("no COOKIE");
+    assert_eq!(cookie.num("udp.length"), 8 + 96);
+    assert_eq!(cookie.num("serval.reg.ttl"), 0);
+    assert_eq!(cookie.one("serval.reg.prefix"), prefix);
+    assert_eq!(cookie.one("serval.reg.instance"), instance_token);
+    assert_ne!(cookie.one("serval.reg.cookie"), "00".repeat(16));
+    let again = reg(inst, router, 1)
+        .find(|r| same_request(r, register) && r.frame() > cookie.frame())
+        .expect("no REGISTER with the cookie");
+    assert_eq!(
+        again.one("serval.reg.cookie"),
+        cookie.one("serval.reg.cookie")
+    );
     let ack = answer(register);
+    assert!(ack.frame() > again.frame());
     assert_eq!(ack.one("serval.reg.prefix"), prefix);
     assert_eq!(ack.one("serval.reg.instance"), instance_token);
     assert_eq!(ack.num("serval.reg.ttl"), 3000);
@@ -743,9 +860,10 @@ fn check_registration(rows: &[Row], inst: SocketAddr, router: SocketAddr, prefix
     assert!(unreg_ack.frame() > unregister.frame());
 }
 
-/// The stream of the connect by name (`hs`) from `client`: demultiplexed by the flowIDs of the
-/// SYN-ACK, `HELLO` both ways with a FIN after it, the client's data acknowledged, and a SAL FIN
-/// from each end, acknowledged.
+/// The stream of the plaintext connect by name (`hs`) from `client`: demultiplexed by the
+/// flowIDs of the SYN-ACK, every packet protected (packet number and tag) but readable,
+/// `HELLO` both ways with a FIN after it, the client's data acknowledged, and a SAL FIN from
+/// each end, acknowledged.
 fn check_echo(rows: &[Row], hs: &Handshake, client: SocketAddr, inst: SocketAddr) {
     let (fc, fs) = (hs.client_flow, hs.server_flow);
     let up: Vec<&Row> = rows
@@ -758,6 +876,10 @@ fn check_echo(rows: &[Row], hs: &Handshake, client: SocketAddr, inst: SocketAddr
         .collect();
     assert!(up.iter().all(|r| r.flows() == (fc, fs)), "{up:?}");
     assert!(down.iter().all(|r| r.flows() == (fs, fc)), "{down:?}");
+    for r in up.iter().chain(&down) {
+        r.assert_protected(hs.synack, true);
+        assert!(!r.has("serval.encrypted"), "{r:?}");
+    }
     let data_up: Vec<&Row> = up
         .iter()
         .copied()
@@ -787,7 +909,7 @@ fn check_echo(rows: &[Row], hs: &Handshake, client: SocketAddr, inst: SocketAddr
                 .any(|(off, d, _)| *off == 0 && !d.is_empty())
         })
         .expect("no packet with the client's first bytes")
-        .num("serval.stream.pn");
+        .num("serval.pn");
     assert!(
         data_down
             .iter()
@@ -828,7 +950,7 @@ fn check_migration(
         .expect("no control packet from the new locator");
     assert_eq!(rsyn.flags(), Some(ControlFlags::RSYN.bits()));
     assert_eq!(rsyn.flows(), (fm, fp));
-    assert!(rsyn.has("serval.auth_tag"));
+    rsyn.assert_protected(hm.synack, true);
     assert!(!rsyn.has("serval.service_id") && !rsyn.has("serval.nonce"));
     let rsyn_ack = rows
         .iter()
@@ -844,6 +966,30 @@ fn check_migration(
         (rsyn.num("serval.verno") + 1) % (1 << 32)
     );
     assert!(rsyn_ack.frame() > rsyn.frame());
+    rsyn_ack.assert_protected(hm.synack, true);
+    // Packet numbers are never reused in a space and direction, across the move too.
+    for (from, to) in [
+        (&[mover_a, mover_b][..], &[inst][..]),
+        (&[inst], &[mover_a, mover_b]),
+    ] {
+        for space in ["control", "data"] {
+            let pns: Vec<u64> = rows
+                .iter()
+                .filter(|r| from.contains(&r.from()) && to.contains(&r.to()))
+                .filter(|r| r.get("serval.pn.space") == Some(space))
+                .map(|r| r.num("serval.pn"))
+                .collect();
+            assert!(!pns.is_empty(), "no {space} packet from {from:?}");
+            let mut unique = pns.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                pns.len(),
+                "{space} packet numbers reused: {pns:?}"
+            );
+        }
+    }
     let mover_up: Vec<&Row> = rows
         .iter()
         .filter(|r| [mover_a, mover_b].contains(&r.from()) && r.to() == inst)
@@ -894,6 +1040,55 @@ fn check_migration(
     (rsyn.frame(), rsyn_ack.frame())
 }
 
+/// The encrypted connect by name (`hs`) from `client`, which sent `SECRET` (echoed back):
+/// every packet after the SYN protected, the stream payloads shown as encrypted bytes only
+/// (no frame decoded from them), at least as many as were sent, and `SECRET` nowhere in the
+/// capture file (`capture`).
+fn check_encrypted(
+    rows: &[Row],
+    hs: &Handshake,
+    client: SocketAddr,
+    inst: SocketAddr,
+    capture: &[u8],
+) {
+    let flow: Vec<&Row> = rows
+        .iter()
+        .filter(|r| (r.from(), r.to()) == (client, inst) || (r.from(), r.to()) == (inst, client))
+        .collect();
+    let mut encrypted = [0usize; 2];
+    for r in &flow {
+        r.assert_protected(hs.synack, false);
+        assert!(
+            !r.has("serval.frame.type") && !r.has("serval.payload"),
+            "{r:?}"
+        );
+        if r.num("serval.protocol") == 1 {
+            let n = r.one("serval.encrypted").len() / 2;
+            encrypted[usize::from(r.from() == inst)] += n;
+            // Header, packet number, the encrypted payload, the tag.
+            if !r.has("serval.gso.segment") {
+                assert_eq!(
+                    r.num("udp.length"),
+                    8 + r.num("serval.hdr_len") + 8 + n as u64 + 16,
+                    "{r:?}"
+                );
+            }
+        } else {
+            assert!(!r.has("serval.encrypted"), "{r:?}");
+        }
+    }
+    assert!(
+        encrypted.iter().all(|n| *n >= SECRET.len()),
+        "encrypted bytes each way: {encrypted:?}"
+    );
+    assert!(
+        !capture.windows(SECRET.len()).any(|w| w == SECRET),
+        "the encrypted session's bytes are in the capture in clear"
+    );
+    // The same search finds what the plaintext sessions sent.
+    assert!(capture.windows(HELLO.len()).any(|w| w == HELLO));
+}
+
 /// The NACK: a SYN from `nacked` for a name nobody serves, answered by the router with a
 /// 50-byte NACK echoing its nonce (docs/protocol.md §1), and not forwarded. Returns the NACKs'
 /// frames.
@@ -920,6 +1115,8 @@ fn check_nack(rows: &[Row], nacked: SocketAddr, router: SocketAddr, hs: &Handsha
         assert_eq!(nack.one("serval.nonce"), syn.one("serval.nonce"));
         assert_eq!(nack.num("serval.hdr_len"), 50, "docs/protocol.md: 50 bytes");
         assert_eq!(nack.num("udp.length"), 8 + 50);
+        // A router holds no flow keys: the NACK is not protected.
+        assert!(!nack.has("serval.pn") && !nack.has("serval.tag") && !nack.has("serval.auth_tag"));
     }
     assert!(
         rows.iter()
@@ -948,7 +1145,8 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     let nacked = free_port("127.0.0.1");
     let mover_a = free_port("127.0.0.1");
     let mover_b = free_port("127.0.0.2");
-    let ports: Vec<u16> = [router, inst, client, nacked, mover_a, mover_b]
+    let secret = free_port("127.0.0.1");
+    let ports: Vec<u16> = [router, inst, client, nacked, mover_a, mover_b, secret]
         .iter()
         .map(SocketAddr::port)
         .collect();
@@ -959,10 +1157,17 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     let (_router, ready, _router_log) = spawn_ready(cmd);
     assert_eq!(ready, router.to_string());
 
-    // An echo instance of NAME, weight 3, registered with the router.
+    // An echo instance of NAME, weight 3, registered with the router, that grants plaintext
+    // to the clients that ask for it.
     let mut listen = serval()
         .args(["listen", NAME, "--bind", &inst.to_string(), "--echo"])
-        .args(["--router", &router.to_string(), "--weight", "3"])
+        .args([
+            "--router",
+            &router.to_string(),
+            "--weight",
+            "3",
+            "--plaintext",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -971,13 +1176,22 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     let mut listen = Guard(listen);
     wait_line(&listen_log, "registration", |l| l.contains("registered"));
 
-    // A connect by name through the router.
+    // A connect by name through the router, in plaintext.
     let mut cat = serval();
     cat.args(["cat", NAME, "--router", &router.to_string()])
-        .args(["--bind", &client.to_string()]);
+        .args(["--bind", &client.to_string(), "--plaintext"]);
     let o = support::output_within(cat, HELLO, Duration::from_secs(30));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(o.stdout, HELLO);
+
+    // The same, encrypted (as by default).
+    let mut cat = serval();
+    cat.args(["cat", NAME, "--router", &router.to_string()])
+        .args(["--bind", &secret.to_string()])
+        .env_remove("SERVAL_PLAINTEXT");
+    let o = support::output_within(cat, SECRET, Duration::from_secs(30));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, SECRET);
 
     // A stream that moves from 127.0.0.1 to 127.0.0.2.
     migrating_client(router, mover_a, mover_b);
@@ -1016,6 +1230,17 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
         assert!(r.one("frame.protocols").ends_with(":serval"), "{r:?}");
         assert_eq!(r.one("serval.version"), "1", "{r:?}");
         assert!(!r.has("_ws.expert.message"), "{r:?}");
+        // No flow lives long enough for a key update.
+        assert!(!truthy(r.one("serval.key_phase")), "{r:?}");
+        // Protected (a packet number and a tag) exactly when it is a flow's packet after the
+        // SYN: a destination flowID, and not a router's NACK.
+        let nack = r
+            .flags()
+            .is_some_and(|f| f & ControlFlags::NACK.bits() != 0);
+        let protected = r.num("serval.dst_flowid") != 0 && !nack;
+        assert_eq!(r.has("serval.tag"), protected, "{r:?}");
+        assert_eq!(r.has("serval.pn"), protected, "{r:?}");
+        assert!(!r.has("serval.auth_tag"), "{r:?}");
     }
     let batches = rows.iter().filter(|r| r.has("serval.gso.segment")).count();
 
@@ -1026,9 +1251,11 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
         router,
         &ServicePrefix::exact(echo_id).to_string(),
     );
-    let hs = check_handshake(&rows, client, router, inst, &echo_id);
+    let hs = check_handshake(&rows, client, router, inst, &echo_id, true);
     check_echo(&rows, &hs, client, inst);
-    let hm = check_handshake(&rows, mover_a, router, inst, &echo_id);
+    let he = check_handshake(&rows, secret, router, inst, &echo_id, false);
+    check_encrypted(&rows, &he, secret, inst, &std::fs::read(&file).unwrap());
+    let hm = check_handshake(&rows, mover_a, router, inst, &echo_id, true);
     let (rsyn, rsyn_ack) = check_migration(&rows, &hm, (mover_a, mover_b), inst);
     let nacks = check_nack(&rows, nacked, router, &hs);
 
@@ -1047,6 +1274,15 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     all.dedup();
     assert_eq!(filtered("serval"), all);
     assert_eq!(filtered("serval.flags.nack == 1"), nacks);
+    // `serval.flow.plaintext == 0`: the packets of the encrypted flow, and no other.
+    let mut sealed: Vec<u64> = rows
+        .iter()
+        .filter(|r| [r.from(), r.to()].contains(&secret))
+        .filter(|r| r.has("serval.tag"))
+        .map(Row::frame)
+        .collect();
+    sealed.dedup();
+    assert_eq!(filtered("serval.flow.plaintext == 0"), sealed);
     let rsyns = filtered("serval.flags.rsyn == 1");
     assert!(
         rsyns.contains(&rsyn) && rsyns.contains(&rsyn_ack),
@@ -1091,7 +1327,8 @@ impl Rng {
     }
 }
 
-/// Well-formed packets of every shape: handshake packets, data, datagrams, registrations, and
+/// Well-formed packets of every shape: handshake packets (with key shares), protected control
+/// and data packets, a NACK, unprotected payloads, datagrams, registrations of every form, and
 /// headers with PAD and unknown skippable extensions.
 fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
     let id = ServiceId::from_name("web.example.com").unwrap();
@@ -1100,6 +1337,23 @@ fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
         let mut n = [0u8; 16];
         n.copy_from_slice(&rng.bytes(16));
         Nonce(n)
+    };
+    let keyshare = |rng: &mut Rng| {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&rng.bytes(32));
+        KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags: rng.byte() & 1,
+            key,
+        }
+    };
+    // What protection appends to a header (docs/wire.md §12): a packet number, the payload
+    // (encrypted or not), a tag.
+    let sealed = |rng: &mut Rng, body: &[u8]| {
+        let mut out = (rng.next() >> 40).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out.extend_from_slice(&rng.bytes(16));
+        out
     };
     let mut out = Vec::new();
 
@@ -1111,12 +1365,28 @@ fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
     });
     syn.service = Some(ServiceRepr { hop_limit: 16, id });
     syn.nonce = Some(nonce(rng));
+    syn.keyshare = Some(keyshare(rng));
     syn.source = vec![
         "192.0.2.1:40000".parse().unwrap(),
         "[2001:db8::7]:54324".parse().unwrap(),
         "198.51.100.9:54324".parse().unwrap(),
     ];
     out.push(syn.to_bytes(&[]).unwrap());
+    // A server flooded with SYNs answers with a retry NACK holding a COOKIE, which the SYN
+    // echoes; neither is protected.
+    let mut token = [0u8; 20];
+    token.copy_from_slice(&rng.bytes(20));
+    syn.cookie = Some(token);
+    out.push(syn.to_bytes(&[]).unwrap());
+    let mut retry = SalRepr::new(Protocol::NONE, FlowId::NONE, syn.src_flow);
+    retry.control = Some(ControlRepr {
+        flags: ControlFlags::NACK,
+        verno: 0,
+        ackno: rng.next() as u32,
+    });
+    retry.nonce = syn.nonce;
+    retry.cookie = Some(token);
+    out.push(retry.to_bytes(&[]).unwrap());
 
     let mut synack = SalRepr::new(Protocol::NONE, flow(rng), flow(rng));
     synack.control = Some(ControlRepr {
@@ -1125,14 +1395,32 @@ fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
         ackno: rng.next() as u32,
     });
     synack.nonce = Some(nonce(rng));
+    synack.keyshare = Some(keyshare(rng));
+    let trailer = sealed(rng, &[]);
+    out.push(synack.to_bytes(&trailer).unwrap());
+    // Payloads of that flow, both ways: in clear if the SYN-ACK granted plaintext.
+    let body = rng.bytes(12);
+    let trailer = sealed(rng, &body);
+    out.push(
+        SalRepr::new(Protocol(9), synack.dst_flow, synack.src_flow)
+            .to_bytes(&trailer)
+            .unwrap(),
+    );
+    out.push(
+        SalRepr::new(Protocol::NONE, synack.src_flow, synack.dst_flow)
+            .to_bytes(&trailer)
+            .unwrap(),
+    );
+    // The same SYN-ACK in the form before packet protection (an AUTH tag, nothing after the
+    // header): too short for a packet number and a tag.
     let mut tag = [0u8; 16];
     tag.copy_from_slice(&rng.bytes(16));
+    synack.keyshare = None;
     synack.auth = Some(tag);
     out.push(synack.to_bytes(&[]).unwrap());
 
     for flags in [
         ControlFlags::RSYN,
-        ControlFlags::NACK,
         ControlFlags::RST,
         ControlFlags::FIN | ControlFlags::ACK,
     ] {
@@ -1142,23 +1430,43 @@ fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
             verno: rng.next() as u32,
             ackno: rng.next() as u32,
         });
+        let trailer = sealed(rng, &[]);
+        out.push(c.to_bytes(&trailer).unwrap());
+        // AUTH is no longer sent, but still parsed.
         c.auth = Some(tag);
-        out.push(c.to_bytes(&[]).unwrap());
+        out.push(c.to_bytes(&trailer).unwrap());
     }
 
-    // Opaque payloads (protocol 0 and unassigned protocols carry bytes the dissector shows as
-    // they are).
+    // A router's NACK: no flow keys, so no protection.
+    let mut nack = SalRepr::new(Protocol::NONE, FlowId::NONE, flow(rng));
+    nack.control = Some(ControlRepr {
+        flags: ControlFlags::NACK,
+        verno: 0,
+        ackno: rng.next() as u32,
+    });
+    nack.nonce = Some(nonce(rng));
+    out.push(nack.to_bytes(&[]).unwrap());
+
+    // Protected payloads: a stream packet, protocol 0 and an unassigned protocol.
+    for protocol in [Protocol::STREAM, Protocol::NONE, Protocol(9)] {
+        let n = 1 + rng.below(40);
+        let body = rng.bytes(n);
+        let payload = sealed(rng, &body);
+        out.push(
+            SalRepr::new(protocol, flow(rng), flow(rng))
+                .to_bytes(&payload)
+                .unwrap(),
+        );
+    }
+    // Unprotected opaque payloads (no destination flowID), shown as they are.
     let payload = rng.bytes(24);
-    out.push(
-        SalRepr::new(Protocol::NONE, flow(rng), flow(rng))
-            .to_bytes(&payload)
-            .unwrap(),
-    );
-    out.push(
-        SalRepr::new(Protocol(9), flow(rng), flow(rng))
-            .to_bytes(&payload)
-            .unwrap(),
-    );
+    for protocol in [Protocol::NONE, Protocol(9)] {
+        out.push(
+            SalRepr::new(protocol, flow(rng), FlowId::NONE)
+                .to_bytes(&payload)
+                .unwrap(),
+        );
+    }
 
     let mut dgram = SalRepr::new(Protocol::DATAGRAM, FlowId::NONE, FlowId::NONE);
     dgram.service = Some(ServiceRepr { hop_limit: 8, id });
@@ -1181,10 +1489,33 @@ fn templates(rng: &mut Rng) -> Vec<Vec<u8>> {
     );
     let exact = RegistrationRepr::register(1, 2, ServicePrefix::exact(id), 1, 0, 0);
     out.push(exact.to_packet().to_vec());
+    // The cookie form (a request without a cookie yet, the router's COOKIE, the request with
+    // it) and the signed form (a request, a REJECT with its zeroed signature).
+    let mut cookie = [0u8; 16];
+    cookie.copy_from_slice(&rng.bytes(16));
+    let first = register.with_cookie(Cookie::EMPTY);
+    out.push(first.to_packet().to_vec());
+    out.push(first.cookie_answer(Cookie(cookie)).to_packet().to_vec());
+    let second = register.with_cookie(Cookie(cookie));
+    out.push(second.to_packet().to_vec());
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(&rng.bytes(64));
+    let signed = RegistrationRepr {
+        signature: Some(Signature(signature)),
+        ..second
+    };
+    out.push(signed.to_packet().to_vec());
+    out.push(
+        signed
+            .reject(RejectReason::UNAUTHORIZED)
+            .to_packet()
+            .to_vec(),
+    );
 
     // PAD and an unknown extension without the must-understand bit, spliced in by hand.
+    let trailer = sealed(rng, &payload);
     let mut base = SalRepr::new(Protocol::NONE, flow(rng), flow(rng))
-        .to_bytes(&payload)
+        .to_bytes(&trailer)
         .unwrap();
     base.splice(20..20, [0x00, 4, 0, 0, 0x07, 3, 0xaa]);
     let hdr_len = 27u16.to_be_bytes();
@@ -1258,8 +1589,8 @@ fn restructure(rng: &mut Rng, mut exts: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 /// Mutates `p` once: a byte, the header length, the length, a run of header bytes, or the
 /// structure of the extensions.
 fn mutate(rng: &mut Rng, p: &mut Vec<u8>) {
-    const INTERESTING: [u8; 16] = [
-        0, 1, 2, 3, 4, 6, 7, 12, 18, 36, 0x10, 0x20, 0x81, 0x84, 0x85, 0xff,
+    const INTERESTING: [u8; 19] = [
+        0, 1, 2, 3, 4, 6, 7, 12, 18, 22, 36, 0x10, 0x20, 0x81, 0x84, 0x85, 0x86, 0x88, 0xff,
     ];
     let hdr_len = if p.len() >= 4 {
         usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len())
@@ -1353,14 +1684,16 @@ fn variant(debug: String) -> String {
 }
 
 /// What the UDP heuristic should claim: a header `serval-wire` accepts, of a protocol version
-/// 1 defines, and for a registration the exact 80 bytes with zero flowIDs.
+/// 1 defines, and for a registration a payload of 60, 76 or 140 bytes with zero flowIDs.
 fn heuristic_claims(p: &[u8]) -> bool {
     let Ok(pkt) = SalPacket::new_checked(p) else {
         return false;
     };
     match pkt.protocol() {
         Protocol::REGISTRATION => {
-            pkt.payload().len() == 60 && pkt.src_flow().is_none() && pkt.dst_flow().is_none()
+            [60, 76, 140].contains(&pkt.payload().len())
+                && pkt.src_flow().is_none()
+                && pkt.dst_flow().is_none()
         }
         p => p.is_known(),
     }
@@ -1423,6 +1756,18 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
             "serval.nonce",
             "serval.source.locator",
             "serval.auth_tag",
+            "serval.key_phase",
+            "serval.keyshare.group",
+            "serval.keyshare.flags",
+            "serval.keyshare.plaintext",
+            "serval.keyshare.key",
+            "serval.cookie",
+            "serval.protection.malformed",
+            "serval.pn",
+            "serval.pn.space",
+            "serval.flow.plaintext",
+            "serval.encrypted",
+            "serval.tag",
             "serval.reg.type",
             "serval.reg.reason",
             "serval.reg.prefix",
@@ -1431,6 +1776,8 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
             "serval.reg.weight",
             "serval.reg.priority",
             "serval.reg.ttl",
+            "serval.reg.cookie",
+            "serval.reg.signature",
             "serval.dgram.service_id",
             "serval.dgram.data",
             "serval.payload",
@@ -1440,6 +1787,10 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
 
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let (mut valid, mut claimed) = (0, 0);
+    // What the SYN-ACKs the dissector has seen so far said, per direction of a flow: plaintext
+    // or not (the dissector's per-flow state, as docs/wire.md §4.6 and §12 define it).
+    let mut modes: HashMap<(u64, u64), bool> = HashMap::new();
+    let mut protected_seen = [0usize; 3];
     for (row, (port, p)) in rows.iter().zip(&frames) {
         let ctx = || format!("frame {}: {} on port {port}: {row:?}", row.frame(), hex(p));
         assert!(!row.has("serval.internal_error"), "{}", ctx());
@@ -1501,9 +1852,88 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
             row.get("serval.auth_tag").map(str::to_owned),
             repr.auth.map(|t| hex(&t))
         );
+        assert_eq!(truthy(row.one("serval.key_phase")), pkt.key_phase());
+        match repr.keyshare {
+            Some(k) => {
+                assert_eq!(row.num("serval.keyshare.group"), u64::from(k.group));
+                assert_eq!(row.num("serval.keyshare.flags"), u64::from(k.flags));
+                assert_eq!(
+                    truthy(row.one("serval.keyshare.plaintext")),
+                    k.flags & KeyShareRepr::PLAINTEXT != 0
+                );
+                assert_eq!(row.one("serval.keyshare.key"), hex(&k.key), "{}", ctx());
+            }
+            None => assert!(!row.has("serval.keyshare.key"), "{}", ctx()),
+        }
+        assert_eq!(
+            row.get("serval.cookie").map(str::to_owned),
+            repr.cookie.map(|c| hex(&c))
+        );
         let locators: Vec<String> = repr.source.iter().map(ToString::to_string).collect();
         assert_eq!(row.all("serval.source.locator"), locators, "{}", ctx());
-        let payload = pkt.payload();
+        let mut payload = pkt.payload();
+        let flows = (repr.src_flow.0, repr.dst_flow.0);
+        if let (Some(c), Some(k)) = (repr.control, repr.keyshare)
+            && c.flags.contains(ControlFlags::SYN | ControlFlags::ACK)
+        {
+            let plaintext = k.flags & KeyShareRepr::PLAINTEXT != 0;
+            modes.insert(flows, plaintext);
+            modes.insert((flows.1, flows.0), plaintext);
+        }
+        // Protected: a flow's packet after the SYN (a destination flowID), but not a NACK.
+        let protected = !repr.dst_flow.is_none()
+            && !repr
+                .control
+                .is_some_and(|c| c.flags.contains(ControlFlags::NACK));
+        let plaintext = !protected || modes.get(&flows) == Some(&true);
+        if !protected {
+            assert!(!row.has("serval.tag") && !row.has("serval.flow.plaintext"));
+            if repr.protocol != Protocol::STREAM {
+                assert!(!row.has("serval.pn"), "{}", ctx());
+            }
+        } else if payload.len() < 24 {
+            // Too short for a packet number and a tag: the receiver drops it.
+            assert!(row.has("serval.protection.malformed"), "{}", ctx());
+            assert!(says("TooShort"), "{}", ctx());
+            assert!(!row.has("serval.pn") && !row.has("serval.tag"), "{}", ctx());
+            protected_seen[0] += 1;
+        } else {
+            assert!(!row.has("serval.protection.malformed"), "{}", ctx());
+            let (pn, rest) = payload.split_at(8);
+            let (body, tag) = rest.split_at(rest.len() - 16);
+            assert_eq!(
+                row.num("serval.pn"),
+                u64::from_be_bytes(pn.try_into().unwrap()),
+                "{}",
+                ctx()
+            );
+            let space = if repr.control.is_some() {
+                "control"
+            } else {
+                "data"
+            };
+            assert_eq!(row.one("serval.pn.space"), space);
+            assert_eq!(row.one("serval.tag"), hex(tag), "{}", ctx());
+            assert_eq!(truthy(row.one("serval.flow.plaintext")), plaintext);
+            if plaintext {
+                assert!(!row.has("serval.encrypted"), "{}", ctx());
+                protected_seen[1] += 1;
+            } else {
+                assert_eq!(
+                    row.get("serval.encrypted"),
+                    (!body.is_empty()).then(|| hex(body)).as_deref(),
+                    "{}",
+                    ctx()
+                );
+                assert!(!row.has("serval.payload"), "{}", ctx());
+                protected_seen[2] += 1;
+            }
+            // In clear: what follows is the body, read as its protocol says.
+            payload = body;
+        }
+        if !plaintext {
+            continue;
+        }
         match repr.protocol {
             Protocol::REGISTRATION => {
                 match RegistrationRepr::parse_packet(&SalPacket::new_checked(&p[..]).unwrap()) {
@@ -1523,6 +1953,14 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
                         assert_eq!(row.num("serval.reg.weight"), u64::from(r.weight));
                         assert_eq!(row.num("serval.reg.priority"), u64::from(r.priority));
                         assert_eq!(row.num("serval.reg.ttl"), u64::from(r.ttl_ms));
+                        assert_eq!(
+                            row.get("serval.reg.cookie").map(str::to_owned),
+                            r.cookie.map(|c| hex(&c.0))
+                        );
+                        assert_eq!(
+                            row.get("serval.reg.signature").map(str::to_owned),
+                            r.signature.map(|s| hex(&s.0))
+                        );
                     }
                 }
             }
@@ -1544,12 +1982,18 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "wireshark: {} packets ({valid} valid, {claimed} claimed by the heuristic); errors \
-         named as serval-wire names them: {errors:?}",
+        "wireshark: {} packets ({valid} valid, {claimed} claimed by the heuristic; protected: \
+         {protected_seen:?} too short, plaintext, encrypted); errors named as serval-wire names \
+         them: {errors:?}",
         corpus.len()
     );
     // The corpus is worth something only if it reaches the rules: most of them, both ways.
     assert!(valid > 200, "only {valid} valid packets");
+    // Protected packets too short, in plaintext flows and in encrypted ones.
+    assert!(
+        protected_seen.iter().all(|n| *n > 0),
+        "protected packets (too short, plaintext, encrypted): {protected_seen:?}"
+    );
     assert!(claimed > 100, "the heuristic claimed only {claimed}");
     assert!(
         errors.len() >= 20,
@@ -1557,17 +2001,49 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
     );
 }
 
-/// A stream packet of flow 7 → 9: packet number `pn`, a STREAM frame, padded to `pad_to`.
-fn stream_packet(pn: u64, offset: u8, data: &[u8], fin: bool, pad_to: usize) -> Vec<u8> {
+/// A STREAM frame (one-byte varints: `offset` and the length below 64).
+fn stream_frame(offset: u8, data: &[u8], fin: bool) -> Vec<u8> {
+    let mut f = vec![if fin { 0x09 } else { 0x08 }, offset];
+    f.push(u8::try_from(data.len()).unwrap());
+    f.extend_from_slice(data);
+    f
+}
+
+/// The tag the test packets carry: 16 bytes that name their packet number.
+fn test_tag(pn: u64) -> [u8; 16] {
+    [0xa0 | (pn as u8 & 0x0f); 16]
+}
+
+/// A protected stream packet of `flows`: packet number `pn`, `frames`, PADDING up to `pad_to`
+/// bytes in all, and the tag.
+fn stream_packet(flows: (u64, u64), pn: u64, frames: &[u8], pad_to: usize) -> Vec<u8> {
     let mut payload = pn.to_be_bytes().to_vec();
-    payload.extend_from_slice(&[if fin { 0x09 } else { 0x08 }, offset]);
-    payload.push(u8::try_from(data.len()).unwrap());
-    payload.extend_from_slice(data);
-    let mut p = SalRepr::new(Protocol::STREAM, FlowId(7), FlowId(9))
+    payload.extend_from_slice(frames);
+    let len = 20 + payload.len() + 16;
+    payload.resize(payload.len() + pad_to.saturating_sub(len), 0);
+    payload.extend_from_slice(&test_tag(pn));
+    SalRepr::new(Protocol::STREAM, FlowId(flows.0), FlowId(flows.1))
         .to_bytes(&payload)
-        .unwrap();
-    p.resize(p.len().max(pad_to), 0);
-    p
+        .unwrap()
+}
+
+/// A protected control packet of `flows` (packet number `pn` in the control space).
+fn control_packet(
+    flows: (u64, u64),
+    pn: u64,
+    flags: ControlFlags,
+    keyshare: Option<KeyShareRepr>,
+) -> Vec<u8> {
+    let mut c = SalRepr::new(Protocol::NONE, FlowId(flows.0), FlowId(flows.1));
+    c.control = Some(ControlRepr {
+        flags,
+        verno: 77,
+        ackno: 1234,
+    });
+    c.keyshare = keyshare;
+    let mut trailer = pn.to_be_bytes().to_vec();
+    trailer.extend_from_slice(&test_tag(pn));
+    c.to_bytes(&trailer).unwrap()
 }
 
 #[test]
@@ -1576,62 +2052,132 @@ fn tshark_splits_a_gso_batch_into_its_packets() {
         return;
     }
     let dir = TempDir::new("gso");
+    const UP: (u64, u64) = (7, 9);
+    // A packet of the flow before its SYN-ACK is in the capture: its mode is not known yet,
+    // so its payload shows as encrypted.
+    let early = stream_packet(UP, 39, &stream_frame(0, b"early", false), 0);
+    // The SYN-ACK (9 → 7) grants plaintext: from here on, both directions are readable.
+    let synack = control_packet(
+        (9, 7),
+        0,
+        ControlFlags::SYN | ControlFlags::ACK,
+        Some(KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags: KeyShareRepr::PLAINTEXT,
+            key: [0x55; 32],
+        }),
+    );
     // What a capture on the sending host holds for one sendmsg with UDP_SEGMENT = 120: three
-    // packets of one flow back to back, the last shorter. A PADDING run ends each full one.
-    let mut batch = stream_packet(40, 0, b"first", false, 120);
-    batch.extend(stream_packet(41, 5, b"second", false, 120));
-    batch.extend(stream_packet(42, 11, b"end", true, 0));
+    // packets of one flow back to back, the last shorter. A PADDING run, then the tag, ends
+    // each full one.
+    let mut batch = stream_packet(UP, 40, &stream_frame(0, b"first", false), 120);
+    batch.extend(stream_packet(
+        UP,
+        41,
+        &stream_frame(5, b"second", false),
+        120,
+    ));
+    batch.extend(stream_packet(UP, 42, &stream_frame(11, b"end", true), 0));
     // Not a batch: a packet whose payload quotes another flow's header.
-    let mut quoting = stream_packet(43, 0, b"x", false, 0);
     let other = SalRepr::new(Protocol::STREAM, FlowId(8), FlowId(9))
         .to_bytes(&[0; 8])
         .unwrap();
-    quoting.push(0x08);
-    quoting.push(0);
-    quoting.push(u8::try_from(other.len()).unwrap());
-    quoting.extend(&other);
+    let mut frames = stream_frame(0, b"x", false);
+    frames.extend(stream_frame(0, &other, false));
+    let quoting = stream_packet(UP, 43, &frames, 0);
     // A control packet and a stream packet of one flow in one batch, as a client sends its
-    // handshake ACK and first bytes: segment size 50 (the control packet), the last shorter.
-    let mut ack = SalRepr::new(Protocol::NONE, FlowId(7), FlowId(9));
-    ack.control = Some(ControlRepr {
-        flags: ControlFlags::ACK,
-        verno: 0,
-        ackno: 1234,
-    });
-    ack.auth = Some([0xab; 16]);
-    let mut mixed = ack.to_bytes(&[]).unwrap();
-    assert_eq!(mixed.len(), 50);
-    mixed.extend(stream_packet(0, 0, b"mixed batch", false, 0));
+    // handshake ACK and first bytes: segment size 56 (the control packet: 32 bytes of header,
+    // packet number, tag), the last shorter (52 bytes).
+    let mut mixed = control_packet(UP, 0, ControlFlags::ACK, None);
+    assert_eq!(mixed.len(), 56);
+    mixed.extend(stream_packet(UP, 44, &stream_frame(0, b"mixed", false), 0));
+    assert_eq!(mixed.len(), 56 + 52);
+    // A batch of a flow whose SYN-ACK the capture does not hold: split all the same, its
+    // payloads (here readable bytes, for all the dissector knows encrypted) shown as such.
+    let mut unknown = stream_packet((5, 6), 1, &stream_frame(0, b"unknown", false), 64);
+    unknown.extend(stream_packet(
+        (5, 6),
+        2,
+        &stream_frame(7, b"flow", false),
+        0,
+    ));
+    // An encrypted flow: its SYN-ACK does not grant plaintext.
+    let encrypted_synack = control_packet(
+        (11, 10),
+        0,
+        ControlFlags::SYN | ControlFlags::ACK,
+        Some(KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags: 0,
+            key: [0x66; 32],
+        }),
+    );
+    let sealed = stream_packet((10, 11), 0, &stream_frame(0, b"sealed", false), 0);
     let file = dir.0.join("gso.pcap");
     write_pcap(
         &file,
-        &[(40_002, batch), (40_002, quoting), (40_002, mixed)],
-    );
-    let rows = tshark(
-        &file,
-        &[],
         &[
-            "serval.gso.segment",
-            "serval.gso.segments",
-            "serval.gso.segment_size",
-            "serval.src_flowid",
-            "serval.stream.pn",
-            "serval.stream.offset",
-            "serval.stream.fin",
-            "serval.stream.data",
-            "serval.protocol",
-            "serval.flags",
-            "serval.ackno",
-            "_ws.expert.message",
+            (40_002, early),
+            (40_002, synack),
+            (40_002, batch),
+            (40_002, quoting),
+            (40_002, mixed),
+            (40_002, unknown),
+            (40_002, encrypted_synack),
+            (40_002, sealed),
         ],
     );
-    assert_eq!(rows.len(), 3);
-    let b = &rows[0];
+    let fields = [
+        "serval.gso.segment",
+        "serval.gso.segments",
+        "serval.gso.segment_size",
+        "serval.src_flowid",
+        "serval.pn",
+        "serval.pn.space",
+        "serval.flow.plaintext",
+        "serval.flow.synack",
+        "serval.stream.offset",
+        "serval.stream.fin",
+        "serval.stream.data",
+        "serval.encrypted",
+        "serval.tag",
+        "serval.protocol",
+        "serval.flags",
+        "serval.ackno",
+        "_ws.expert.message",
+    ];
+    let rows = tshark(&file, &[], &fields);
+    // A second pass (as Wireshark redissects, the packets already seen) decides as the first.
+    let two_pass = tshark(&file, &["-2"], &fields);
+    assert_eq!(
+        rows.iter().map(|r| &r.f).collect::<Vec<_>>(),
+        two_pass.iter().map(|r| &r.f).collect::<Vec<_>>(),
+        "two passes decode differently"
+    );
+    assert_eq!(rows.len(), 8);
+    let tags = |pns: &[u64]| -> Vec<String> { pns.iter().map(|p| hex(&test_tag(*p))).collect() };
+    let e = &rows[0];
+    assert_eq!(e.all("serval.pn"), ["39"]);
+    assert!(!truthy(e.one("serval.flow.plaintext")), "{e:?}");
+    assert!(!e.has("serval.flow.synack") && !e.has("serval.stream.offset"));
+    assert_eq!(
+        e.all("serval.encrypted"),
+        [hex(&stream_frame(0, b"early", false))]
+    );
+    assert_eq!(e.all("serval.tag"), tags(&[39]));
+    let s = &rows[1];
+    assert_eq!(s.all("serval.pn.space"), ["control"]);
+    assert!(truthy(s.one("serval.flow.plaintext")));
+    assert_eq!(s.all("serval.flow.synack"), ["2"]);
+    assert_eq!(s.all("serval.tag"), tags(&[0]));
+    let b = &rows[2];
     assert_eq!(b.all("serval.gso.segment"), ["1", "2", "3"]);
     assert_eq!(b.all("serval.gso.segments"), ["3", "3", "3"]);
     assert_eq!(b.all("serval.gso.segment_size"), ["120", "120", "120"]);
     assert_eq!(b.all("serval.src_flowid"), ["0x0000000000000007"; 3]);
-    assert_eq!(b.all("serval.stream.pn"), ["40", "41", "42"]);
+    assert_eq!(b.all("serval.pn"), ["40", "41", "42"]);
+    assert_eq!(b.all("serval.pn.space"), ["data"; 3]);
+    assert_eq!(b.all("serval.flow.synack"), ["2"; 3]);
     assert_eq!(b.all("serval.stream.offset"), ["0", "5", "11"]);
     let fins: Vec<bool> = b
         .all("serval.stream.fin")
@@ -1643,17 +2189,59 @@ fn tshark_splits_a_gso_batch_into_its_packets() {
         b.all("serval.stream.data"),
         [hex(b"first"), hex(b"second"), hex(b"end")]
     );
+    assert_eq!(b.all("serval.tag"), tags(&[40, 41, 42]));
+    assert!(!b.has("serval.encrypted"), "{b:?}");
     assert!(!b.has("_ws.expert.message"), "{b:?}");
-    let q = &rows[1];
+    let q = &rows[3];
     assert!(!q.has("serval.gso.segment"), "{q:?}");
-    assert_eq!(q.all("serval.stream.pn"), ["43"]);
+    assert_eq!(q.all("serval.pn"), ["43"]);
     assert_eq!(q.all("serval.stream.data"), [hex(b"x"), hex(&other)]);
-    let m = &rows[2];
+    assert_eq!(q.all("serval.tag"), tags(&[43]));
+    assert!(!q.has("_ws.expert.message"), "{q:?}");
+    let m = &rows[4];
     assert_eq!(m.all("serval.gso.segment"), ["1", "2"]);
-    assert_eq!(m.all("serval.gso.segment_size"), ["50", "50"]);
+    assert_eq!(m.all("serval.gso.segment_size"), ["56", "56"]);
     assert_eq!(m.all("serval.protocol"), ["0", "1"]);
     assert_eq!(m.all("serval.flags"), ["0x0002"]);
     assert_eq!(m.all("serval.ackno"), ["1234"]);
-    assert_eq!(m.all("serval.stream.data"), [hex(b"mixed batch")]);
+    assert_eq!(m.all("serval.pn"), ["0", "44"]);
+    assert_eq!(m.all("serval.pn.space"), ["control", "data"]);
+    assert_eq!(m.all("serval.stream.data"), [hex(b"mixed")]);
+    assert_eq!(m.all("serval.tag"), tags(&[0, 44]));
     assert!(!m.has("_ws.expert.message"), "{m:?}");
+    let u = &rows[5];
+    assert_eq!(u.all("serval.gso.segment"), ["1", "2"]);
+    assert_eq!(u.all("serval.gso.segment_size"), ["64", "64"]);
+    assert_eq!(u.all("serval.pn"), ["1", "2"]);
+    assert!(!u.has("serval.stream.offset") && !u.has("serval.flow.synack"));
+    let mut first = stream_frame(0, b"unknown", false);
+    first.resize(64 - 20 - 8 - 16, 0);
+    assert_eq!(
+        u.all("serval.encrypted"),
+        [hex(&first), hex(&stream_frame(7, b"flow", false))]
+    );
+    assert_eq!(u.all("serval.tag"), tags(&[1, 2]));
+    assert!(!u.has("_ws.expert.message"), "{u:?}");
+    let x = &rows[7];
+    assert!(!truthy(x.one("serval.flow.plaintext")));
+    assert_eq!(x.all("serval.flow.synack"), ["7"]);
+    assert_eq!(
+        x.all("serval.encrypted"),
+        [hex(&stream_frame(0, b"sealed", false))]
+    );
+
+    // With the preference for flows whose SYN-ACK is not captured, their frames are decoded;
+    // a flow whose SYN-ACK is captured still follows it.
+    let assumed = tshark(&file, &["-o", "serval.assume_plaintext:TRUE"], &fields);
+    assert_eq!(assumed[0].all("serval.stream.data"), [hex(b"early")]);
+    assert!(truthy(assumed[0].one("serval.flow.plaintext")));
+    assert_eq!(assumed[5].all("serval.stream.offset"), ["0", "7"]);
+    assert_eq!(
+        assumed[5].all("serval.stream.data"),
+        [hex(b"unknown"), hex(b"flow")]
+    );
+    assert!(!assumed[5].has("serval.encrypted"));
+    for i in [1, 2, 3, 4, 6, 7] {
+        assert_eq!(assumed[i].f, rows[i].f, "frame {}", i + 1);
+    }
 }
