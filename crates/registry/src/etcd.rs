@@ -196,9 +196,10 @@ fn valid_endpoint(text: &str) -> bool {
 pub(crate) struct EtcdRegistry {
     shared: Arc<Shared>,
     task: tokio::task::AbortHandle,
-    /// Follows the authorisations (`auth` module), publishing them here.
+    /// Follows the authorisations (`auth` module), publishing them here; started by the
+    /// first use of them, so a registry that never asks pays nothing.
     auths: tokio::sync::watch::Sender<Vec<crate::Authorization>>,
-    auth_task: tokio::task::AbortHandle,
+    auth_task: std::sync::OnceLock<tokio::task::AbortHandle>,
     /// Saves the replica to the cache file, if there is one.
     saver: Option<tokio::task::AbortHandle>,
 }
@@ -215,7 +216,9 @@ impl fmt::Debug for EtcdRegistry {
 impl Drop for EtcdRegistry {
     fn drop(&mut self) {
         self.task.abort();
-        self.auth_task.abort();
+        if let Some(t) = self.auth_task.get() {
+            t.abort();
+        }
         if let Some(saver) = &self.saver {
             saver.abort();
         }
@@ -389,18 +392,13 @@ impl EtcdRegistry {
             .clone()
             .map(|path| tokio::spawn(save_cache(shared.clone(), path)).abort_handle());
         match first_rx.await {
-            Ok(Ok(())) => {
-                let auths = tokio::sync::watch::Sender::new(Vec::new());
-                let auth_task =
-                    tokio::spawn(auth::follow(shared.clone(), auths.clone())).abort_handle();
-                Ok(EtcdRegistry {
-                    shared,
-                    task: task.abort_handle(),
-                    auths,
-                    auth_task,
-                    saver,
-                })
-            }
+            Ok(Ok(())) => Ok(EtcdRegistry {
+                shared,
+                task: task.abort_handle(),
+                auths: tokio::sync::watch::Sender::new(Vec::new()),
+                auth_task: std::sync::OnceLock::new(),
+                saver,
+            }),
             Ok(Err(e)) => {
                 task.abort();
                 if let Some(saver) = saver {
@@ -573,12 +571,28 @@ impl EtcdRegistry {
 
     /// Writes an authorisation (see the `auth` module).
     pub(crate) async fn authorize(&self, a: crate::Authorization) -> Result<(), RegistryError> {
+        self.follow_authorizations();
         auth::put(&self.shared, a).await
     }
 
     /// The authorisations etcd holds, as the follower sees them.
     pub(crate) fn authorizations(&self) -> tokio::sync::watch::Receiver<Vec<crate::Authorization>> {
+        self.follow_authorizations();
         self.auths.subscribe()
+    }
+
+    /// Starts the authorisation follower, once (it needs a tokio runtime; outside one it
+    /// starts at the next call from inside one).
+    fn follow_authorizations(&self) {
+        if self.auth_task.get().is_some() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let _ = self.auth_task.get_or_init(|| {
+                rt.spawn(auth::follow(self.shared.clone(), self.auths.clone()))
+                    .abort_handle()
+            });
+        }
     }
 
     pub(crate) fn stats(&self) -> RegistryStats {

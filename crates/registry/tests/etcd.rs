@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serval_etcd::{Client, Options, pb};
 use serval_registry::{
-    Change, EtcdConfig, Health, Registration, RegistrationKey, Registry, RegistryError,
-    Subscription,
+    Authorization, Change, EtcdConfig, Health, Registration, RegistrationKey, Registry,
+    RegistryError, Subscription,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1289,4 +1289,68 @@ async fn bench_convergence_and_cold_start() {
             t0.elapsed()
         );
     }
+}
+
+/// Waits (at most `within`) until `rx` holds `want`.
+async fn wait_auths(
+    rx: &mut watch::Receiver<Vec<Authorization>>,
+    want: &[Authorization],
+    within: Duration,
+) {
+    let ok = matches!(
+        timeout(within, rx.wait_for(|v| v.as_slice() == want)).await,
+        Ok(Ok(_))
+    );
+    assert!(ok, "authorisations {:?}, expected {want:?}", *rx.borrow());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_written_through_one_handle_is_seen_by_every_other() {
+    let Some(etcd) = Cluster::start(1).await else {
+        return;
+    };
+    let port = etcd.port(0);
+    let (a, b) = (open(&[port], "/auth").await, open(&[port], "/auth").await);
+    let other_prefix = open(&[port], "/elsewhere").await;
+    let mut seen_b = b.authorizations();
+    let mut seen_elsewhere = other_prefix.authorizations();
+    let web = Authorization {
+        prefix: "web.test".parse().unwrap(),
+        key: format!("ed25519:{}", "A".repeat(43)),
+    };
+    let domain = Authorization {
+        prefix: "example.test/*".parse().unwrap(),
+        key: format!("ed25519:{}", "B".repeat(42) + "A"),
+    };
+    a.authorize(web.clone()).await.unwrap();
+    a.authorize(domain.clone()).await.unwrap();
+    let mut both = vec![web.clone(), domain.clone()];
+    both.sort();
+    wait_auths(&mut seen_b, &both, Duration::from_secs(10)).await;
+    // Writing it again changes nothing; a handle opened later lists it.
+    a.authorize(web.clone()).await.unwrap();
+    let c = open(&[port], "/auth").await;
+    wait_auths(&mut c.authorizations(), &both, Duration::from_secs(10)).await;
+    // Removed from etcd by hand (how an authorisation is revoked): every handle follows.
+    let direct = etcd.client(0).await;
+    let key = format!(
+        "/auth/v1/auth/{}/{}",
+        web.prefix,
+        web.key.strip_prefix("ed25519:").unwrap()
+    );
+    direct
+        .delete_range(pb::DeleteRangeRequest {
+            key: key.into_bytes(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_auths(
+        &mut seen_b,
+        std::slice::from_ref(&domain),
+        Duration::from_secs(10),
+    )
+    .await;
+    // Another key prefix is another name space.
+    assert!(seen_elsewhere.borrow_and_update().is_empty());
 }

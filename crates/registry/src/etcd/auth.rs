@@ -11,14 +11,14 @@
 //! 43 base64url characters of the key, so several keys may be authorised for one prefix
 //! (their union is enforced). Keys carry no lease: an authorisation stays until it is deleted
 //! (`etcdctl del`). A follower task lists the key space and watches it from the listed
-//! revision; when etcd breaks it keeps what it had and lists again once it answers.
+//! revision, on connections of its own; when etcd breaks it keeps what it had and lists again
+//! once it answers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serval_etcd::pb;
-use serval_etcd::prefix_end;
+use serval_etcd::{Client, Options, pb, prefix_end};
 use serval_wire::ServicePrefix;
 use tokio::sync::watch;
 
@@ -73,27 +73,68 @@ pub(super) async fn put(shared: &Shared, auth: Authorization) -> Result<(), Regi
         .map_err(RegistryError::from)
 }
 
+/// The follower's own connections, one per member: its list and watch never share (or
+/// disturb) the replica's HTTP/2 connections.
+fn own_clients(shared: &Shared) -> Vec<Client> {
+    let c = &shared.config;
+    let options = Options::default()
+        .with_connect_timeout(c.connect_timeout)
+        .with_keepalive(c.keepalive)
+        .with_require_leader(true)
+        .with_max_message(super::MAX_MESSAGE);
+    c.endpoints
+        .iter()
+        .filter_map(|addr| Client::connect_lazy(addr, &options).ok())
+        .collect()
+}
+
+/// Runs `op` on each client in turn (from `first`) until one answers within the request
+/// timeout; returns the answer and the client that gave it.
+async fn call<T, F, Fut>(
+    clients: &[Client],
+    first: usize,
+    timeout: Duration,
+    mut op: F,
+) -> Option<(T, usize)>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, serval_etcd::Error>>,
+{
+    for k in 0..clients.len() {
+        let i = (first + k) % clients.len();
+        let Some(c) = clients.get(i) else { continue };
+        if let Ok(Ok(v)) = tokio::time::timeout(timeout, op(c.clone())).await {
+            return Some((v, i));
+        }
+    }
+    None
+}
+
 /// Follows the authorisations in etcd into `tx`, for as long as the task lives.
 pub(super) async fn follow(shared: Arc<Shared>, tx: watch::Sender<Vec<Authorization>>) {
     let prefix = auth_prefix(&shared.config.prefix).into_bytes();
     let end = prefix_end(&prefix);
+    let clients = own_clients(&shared);
+    let timeout = shared.config.request_timeout;
+    let mut member = 0;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let listed = shared
-            .call(|m| {
-                let req = pb::RangeRequest {
-                    key: prefix.clone(),
-                    range_end: end.clone(),
-                    ..Default::default()
-                };
-                async move { m.client.range(req).await }
-            })
-            .await;
-        let Ok(resp) = listed else {
+        let listed = call(&clients, member, timeout, |c| {
+            let req = pb::RangeRequest {
+                key: prefix.clone(),
+                range_end: end.clone(),
+                ..Default::default()
+            };
+            async move { c.range(req).await }
+        })
+        .await;
+        let Some((resp, m)) = listed else {
+            member = member.wrapping_add(1);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
             continue;
         };
+        member = m;
         let mut held: BTreeMap<Vec<u8>, Authorization> = resp
             .kvs
             .iter()
@@ -103,18 +144,17 @@ pub(super) async fn follow(shared: Arc<Shared>, tx: watch::Sender<Vec<Authorizat
             .collect();
         publish(&tx, &held);
         let revision = resp.header.map_or(0, |h| h.revision);
-        let opened = shared
-            .call(|m| {
-                let req = pb::WatchCreateRequest {
-                    key: prefix.clone(),
-                    range_end: end.clone(),
-                    start_revision: revision + 1,
-                    ..Default::default()
-                };
-                async move { m.client.watch(req).await }
-            })
-            .await;
-        if let Ok(mut stream) = opened {
+        let opened = call(&clients, member, timeout, |c| {
+            let req = pb::WatchCreateRequest {
+                key: prefix.clone(),
+                range_end: end.clone(),
+                start_revision: revision + 1,
+                ..Default::default()
+            };
+            async move { c.watch(req).await }
+        })
+        .await;
+        if let Some((mut stream, _)) = opened {
             backoff = Duration::from_millis(100);
             while let Ok(Some(resp)) = stream.message().await {
                 if resp.canceled {
@@ -139,6 +179,9 @@ pub(super) async fn follow(shared: Arc<Shared>, tx: watch::Sender<Vec<Authorizat
                 }
             }
         }
+        // The watch ended (a member died, a connection broke): list again, from the next
+        // member, after a pause.
+        member = member.wrapping_add(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
