@@ -128,7 +128,7 @@ struct Plan {
     plot: Option<(PathBuf, PlotFormat)>,
     interval: Duration,
     bind: Option<SocketAddr>,
-    plaintext: bool,
+    endpoint: serval::EndpointConfig,
     reconnect: bool,
     stall: Duration,
 }
@@ -214,7 +214,7 @@ fn check(args: &BenchArgs) -> Result<Plan, String> {
         plot,
         interval: Duration::from_millis(args.interval_ms),
         bind: args.hop.bind,
-        plaintext: args.hop.plaintext,
+        endpoint: args.hop.endpoint_config(),
         reconnect: args.reconnect,
         stall: Duration::from_secs_f64(args.stall),
     })
@@ -389,7 +389,7 @@ struct Change {
 
 /// Connects, runs the streams, samples them, and gathers the report.
 async fn bench(plan: &Plan, hop: NextHop) -> Result<Report, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.plaintext).await?;
+    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone()).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
 

@@ -51,7 +51,13 @@ impl InstanceArgs {
     /// Binds the endpoint and, with `--router`, starts registering there (with `lease`, or
     /// the default lease of 3 s).
     pub async fn endpoint(&self, lease: Option<Duration>) -> Result<Endpoint, String> {
-        let ep = Endpoint::bind_with(&self.bind, endpoint_config(self.plaintext))
+        let config = serval::EndpointConfig {
+            // The instance key that signs registrations also proves the instance's identity
+            // to clients that ask (--peer-key, --self-certifying).
+            identity: self.key.clone(),
+            ..endpoint_config(self.plaintext)
+        };
+        let ep = Endpoint::bind_with(&self.bind, config)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
         if let Some(key) = &self.key {
@@ -292,9 +298,37 @@ pub struct HopArgs {
     /// encrypted. For measurements and debugging.
     #[arg(long, env = "SERVAL_PLAINTEXT")]
     pub plaintext: bool,
+    /// Require the instance to prove it holds this key (as `serval keygen` printed it; the
+    /// instance's --key): otherwise the connect fails. Without --peer-key or
+    /// --self-certifying the flow is encrypted, but whoever answers the SYN is accepted.
+    #[arg(long, value_name = "PUBKEY", conflicts_with = "self_certifying", value_parser = parse_public_key)]
+    pub peer_key: Option<serval::PublicKey>,
+    /// Require the instance to prove it holds the key the serviceID commits to (a
+    /// self-certifying ID, as `serval id --key` prints it): no CA and no pinned key needed.
+    #[arg(long)]
+    pub self_certifying: bool,
+}
+
+/// `--peer-key`'s value: a public key line.
+fn parse_public_key(text: &str) -> Result<serval::PublicKey, String> {
+    serval::PublicKey::parse_line(text).map_err(|e| e.to_string())
 }
 
 impl HopArgs {
+    /// The client endpoint's configuration these flags ask for: plaintext, and the server
+    /// identity to require.
+    pub fn endpoint_config(&self) -> serval::EndpointConfig {
+        let peer_identity = match (self.peer_key, self.self_certifying) {
+            (Some(key), _) => Some(serval::PeerIdentity::Key(key)),
+            (None, true) => Some(serval::PeerIdentity::SelfCertifying),
+            (None, false) => None,
+        };
+        serval::EndpointConfig {
+            peer_identity,
+            ..endpoint_config(self.plaintext)
+        }
+    }
+
     /// The next hop the flags name (clap requires one of them).
     pub fn next_hop(&self) -> NextHop {
         match (self.via, self.router.as_slice()) {
@@ -322,12 +356,12 @@ pub fn endpoint_config(plaintext: bool) -> serval::EndpointConfig {
 }
 
 /// A client endpoint for reaching services through `hop`: bound to `bind` (default: any
-/// address of the next hop's family), in the discovery group if `hop` says so, asking for
-/// plaintext flows if `plaintext`.
+/// address of the next hop's family), in the discovery group if `hop` says so, configured by
+/// `config` ([`HopArgs::endpoint_config`]).
 pub async fn client(
     hop: &NextHop,
     bind: Option<SocketAddr>,
-    plaintext: bool,
+    config: serval::EndpointConfig,
 ) -> Result<Endpoint, String> {
     let v4 = match hop {
         NextHop::Via(via) => via.is_ipv4(),
@@ -341,7 +375,7 @@ pub async fn client(
             SocketAddr::from(([0u16; 8], 0))
         }
     });
-    let ep = Endpoint::bind_with(&[local], endpoint_config(plaintext))
+    let ep = Endpoint::bind_with(&[local], config)
         .await
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
     if let NextHop::Discover(d) = hop {
@@ -414,7 +448,7 @@ pub async fn cat(
     connect_timeout: Option<Duration>,
 ) -> Result<(), String> {
     let next = hop.next_hop();
-    let ep = client(&next, hop.bind, hop.plaintext).await?;
+    let ep = client(&next, hop.bind, hop.endpoint_config()).await?;
     let connecting = connect(&ep, name, service, &next);
     let mut stream = match connect_timeout {
         None => connecting.await?,

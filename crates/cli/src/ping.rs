@@ -64,7 +64,7 @@ struct Plan {
     size: usize,
     timeout: Duration,
     bind: Option<SocketAddr>,
-    plaintext: bool,
+    endpoint: serval::EndpointConfig,
 }
 
 /// Runs `serval ping`: exit status 0 if every probe answered, 1 if any was lost (or the
@@ -114,7 +114,7 @@ fn check(args: &PingArgs) -> Result<Plan, String> {
         size: args.size,
         timeout,
         bind: args.hop.bind,
-        plaintext: args.hop.plaintext,
+        endpoint: args.hop.endpoint_config(),
     })
 }
 
@@ -195,7 +195,7 @@ impl Tally {
 /// Sends the probes on schedule, prints each outcome as it comes and the summary at the end
 /// (after COUNT probes or on SIGINT/SIGTERM). Returns whether every probe answered.
 async fn ping(plan: Plan, hop: NextHop) -> Result<bool, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.plaintext).await?;
+    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone()).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));

@@ -39,16 +39,22 @@
 //! locators at the same instant, neither RSYN can arrive, and only re-resolution through a
 //! service router (a later layer) can save the flow.
 
+pub mod identity;
 pub mod protect;
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use serval_keys::PrivateKey;
 use serval_table::ListenerId;
+use serval_wire::ext::IDENTITY_LEN;
 use serval_wire::ext::{COOKIE_TOKEN_LEN, ControlFlags, ControlRepr, ServiceRepr};
 use serval_wire::header::BASE_HEADER_LEN;
-use serval_wire::{FlowId, KeyShareRepr, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId};
+use serval_wire::{
+    FlowId, IdentityRepr, KeyShareRepr, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId,
+};
 
+use self::identity::{IdentityError, PeerIdentity, SYN_ACK_WITH_IDENTITY};
 use self::protect::{
     FlowSecrets, KeyExchange, OpenError, Protection, Protector, Space, TAG_LEN, Transcript,
 };
@@ -126,6 +132,14 @@ pub enum ConnectError {
     /// The endpoint has no local address of the next hop's family.
     #[error("no local address to reach {0}")]
     NoLocalAddress(Locator),
+    /// The server did not prove the identity the client requires.
+    #[error("server identity refused: {error}")]
+    PeerIdentity {
+        /// The service connected to.
+        service: ServiceId,
+        /// What was wrong.
+        error: IdentityError,
+    },
 }
 
 /// Timing of the control channel.
@@ -267,17 +281,8 @@ pub(crate) struct Connection {
     /// The protection of every packet after the SYN: the server has it from the SYN on, the
     /// client from the SYN-ACK.
     protect: Option<Box<Protector>>,
-    /// The client's ephemeral key, kept until the server's first packet after the SYN-ACK (to
-    /// authenticate a second server's answer to the same SYN); the server never keeps its own.
-    kx: Option<Box<KeyExchange>>,
-    /// The KEYSHARE this end sent (or sends again, retransmitting its SYN or SYN-ACK).
-    local_share: KeyShareRepr,
-    /// What this end asked for (client) or is willing to grant (server).
-    protection: Protection,
-    key_update_interval: u64,
-    /// Client: the cookie a server asked our SYN to carry, and how many times one was asked.
-    cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
-    cookie_rounds: u8,
+    /// What only the handshake needs; dropped once it is over.
+    hs: Option<Box<Handshake>>,
     pub(crate) local: Locator,
     pub(crate) peer: Locator,
     pub(crate) listener: Option<ListenerId>,
@@ -325,35 +330,75 @@ pub(crate) struct NewConnection {
     pub kx_random: [u8; 32],
     pub protection: Protection,
     pub key_update_interval: u64,
+    /// Server: the key it proves its identity with, when a SYN asks.
+    pub identity: Option<PrivateKey>,
+    /// Client: the server identity it requires.
+    pub peer_identity: Option<PeerIdentity>,
+}
+
+/// The state of a flow's handshake, kept apart (and boxed) because an established flow has no
+/// use for it: the client drops it at its server's first packet after the SYN-ACK, the server
+/// once the handshake completes.
+#[derive(Debug, Clone)]
+struct Handshake {
+    /// The client's ephemeral key (to authenticate a second server's answer to the same SYN);
+    /// the server never keeps its own.
+    kx: Option<KeyExchange>,
+    /// The KEYSHARE this end sent (or sends again, retransmitting its SYN or SYN-ACK).
+    local_share: KeyShareRepr,
+    /// What this end asked for (client) or granted (server).
+    protection: Protection,
+    key_update_interval: u64,
+    /// Client: the server identity required.
+    peer_identity: Option<PeerIdentity>,
+    /// Server: the proof of identity its SYN-ACK carries (when the SYN asked for it).
+    local_identity: Option<IdentityRepr>,
+    /// Client: the cookie a server asked our SYN to carry, and how many times one was asked.
+    cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
+    cookie_rounds: u8,
+}
+
+/// What a server connection needs from the SYN it answers.
+pub(crate) struct Syn<'a> {
+    pub flow: FlowId,
+    pub nonce: Nonce,
+    pub share: &'a KeyShareRepr,
+    pub verno: u32,
+    /// Its length in bytes: what the SYN-ACK may not exceed.
+    pub len: usize,
 }
 
 impl Connection {
     /// A client connection: queues the SYN towards `peer` (the next hop).
     pub(crate) fn client(now: Instant, n: NewConnection) -> Connection {
         let kx = KeyExchange::new(n.kx_random);
-        let flags = match n.protection {
+        let mut flags = match n.protection {
             Protection::Plaintext => KeyShareRepr::PLAINTEXT,
             Protection::Encrypted => 0,
         };
-        let mut c = Connection::new(now, n, State::SynSent, kx.share(flags));
-        c.kx = Some(Box::new(kx));
+        if n.peer_identity.is_some() {
+            flags |= KeyShareRepr::IDENTITY;
+        }
+        let share = kx.share(flags);
+        let mut c = Connection::new(now, n, State::SynSent, share);
+        if let Some(hs) = c.hs.as_deref_mut() {
+            hs.kx = Some(kx);
+        }
         c.send_reliable(Reliable::Syn);
         c
     }
 
-    /// A server connection answering a SYN that offered `peer_share`: derives the keys and
-    /// queues the SYN-ACK. `None` if the share is unusable (a group we do not know, or a key
-    /// that would give a secret everyone knows).
-    #[allow(clippy::too_many_arguments)]
+    /// A server connection answering `syn`: derives the keys and queues the SYN-ACK (with a
+    /// proof of identity if the SYN asked, paid for it, and the endpoint has a key). `None` if
+    /// the SYN's share is unusable (a group we do not know, or a key that would give a secret
+    /// everyone knows).
     pub(crate) fn server(
         now: Instant,
         n: NewConnection,
-        peer_flow: FlowId,
-        peer_nonce: Nonce,
-        peer_share: &KeyShareRepr,
-        peer_verno: u32,
+        syn: &Syn<'_>,
         listener: ListenerId,
     ) -> Option<Connection> {
+        let (peer_flow, peer_nonce, peer_share) = (syn.flow, syn.nonce, syn.share);
         let kx = KeyExchange::new(n.kx_random);
         // Plaintext only when both ends want it.
         let protection = if peer_share.plaintext() && n.protection == Protection::Plaintext {
@@ -366,8 +411,12 @@ impl Connection {
             Protection::Encrypted => 0,
         };
         let dh = kx.agree(peer_share)?;
-        let mut c = Connection::new(now, n, State::SynRcvd, kx.share(flags));
-        c.protection = protection;
+        let identity = n.identity.clone().filter(|_| {
+            peer_share.flags & KeyShareRepr::IDENTITY != 0 && syn.len >= SYN_ACK_WITH_IDENTITY
+        });
+        let share = kx.share(flags);
+        let interval = n.key_update_interval;
+        let mut c = Connection::new(now, n, State::SynRcvd, share);
         let transcript = Transcript {
             service: &c.service,
             client_flow: peer_flow,
@@ -375,13 +424,18 @@ impl Connection {
             client_share: peer_share,
             server_flow: c.local_flow,
             server_nonce: &c.local_nonce,
-            server_share: &c.local_share,
+            server_share: &share,
         };
         let secrets = FlowSecrets::derive(false, protection, &dh, &transcript);
-        c.protect = Some(Box::new(Protector::new(secrets, c.key_update_interval)));
+        let proof = identity.map(|key| identity::prove(&key, &transcript.hash()));
+        if let Some(hs) = c.hs.as_deref_mut() {
+            hs.protection = protection;
+            hs.local_identity = proof;
+        }
+        c.protect = Some(Box::new(Protector::new(secrets, interval)));
         c.peer_flow = peer_flow;
         c.peer_nonce = peer_nonce;
-        c.peer_verno = Some(peer_verno);
+        c.peer_verno = Some(syn.verno);
         c.listener = Some(listener);
         c.send_reliable(Reliable::SynAck);
         Some(c)
@@ -400,12 +454,16 @@ impl Connection {
             local_nonce: n.local_nonce,
             peer_nonce: Nonce::default(),
             protect: None,
-            kx: None,
-            local_share,
-            protection: n.protection,
-            key_update_interval: n.key_update_interval,
-            cookie: None,
-            cookie_rounds: 0,
+            hs: Some(Box::new(Handshake {
+                kx: None,
+                local_share,
+                protection: n.protection,
+                key_update_interval: n.key_update_interval,
+                peer_identity: n.peer_identity,
+                local_identity: None,
+                cookie: None,
+                cookie_rounds: 0,
+            })),
             local: n.local,
             peer: n.peer,
             listener: None,
@@ -455,11 +513,14 @@ impl Connection {
     /// retransmission: the timer is not backed off). Returns `false`, changing nothing, after
     /// [`MAX_COOKIE_ROUNDS`] such answers for one connect.
     pub(crate) fn retry_with_cookie(&mut self, cookie: [u8; COOKIE_TOKEN_LEN]) -> bool {
-        if self.state != State::SynSent || self.cookie_rounds >= MAX_COOKIE_ROUNDS {
+        let Some(hs) = self.hs.as_deref_mut() else {
+            return false;
+        };
+        if self.state != State::SynSent || hs.cookie_rounds >= MAX_COOKIE_ROUNDS {
             return false;
         }
-        self.cookie_rounds += 1;
-        self.cookie = Some(cookie);
+        hs.cookie_rounds += 1;
+        hs.cookie = Some(cookie);
         self.resend_reliable();
         true
     }
@@ -561,7 +622,7 @@ impl Connection {
             .is_some_and(|c| c.flags.contains(ControlFlags::SYN | ControlFlags::ACK));
         if !is_syn_ack {
             // The server has its keys: no second server can answer our SYN any more.
-            self.kx = None;
+            self.hs = None;
         }
         if let Some(ctl) = repr.control {
             self.handle_control(now, remote, ctl);
@@ -605,9 +666,10 @@ impl Connection {
     /// The protector of the flow a SYN-ACK proposes to this client: its keys from the
     /// SYN-ACK's share and ours. `None` if the SYN-ACK lacks a share or nonce, offers one we
     /// cannot use, or grants plaintext we did not ask for (a downgrade).
-    fn protector_for_syn_ack(&self, repr: &SalRepr) -> Option<(Protector, Nonce)> {
-        let (kx, share, peer_nonce) = (self.kx.as_deref()?, repr.keyshare?, repr.nonce?);
-        let protection = match (share.plaintext(), self.protection) {
+    fn protector_for_syn_ack(&self, repr: &SalRepr) -> Option<(Protector, Nonce, [u8; 32])> {
+        let hs = self.hs.as_deref()?;
+        let (kx, share, peer_nonce) = (hs.kx.as_ref()?, repr.keyshare?, repr.nonce?);
+        let protection = match (share.plaintext(), hs.protection) {
             (false, _) => Protection::Encrypted,
             (true, Protection::Plaintext) => Protection::Plaintext,
             (true, Protection::Encrypted) => return None,
@@ -617,16 +679,14 @@ impl Connection {
             service: &self.service,
             client_flow: self.local_flow,
             client_nonce: &self.local_nonce,
-            client_share: &self.local_share,
+            client_share: &hs.local_share,
             server_flow: repr.src_flow,
             server_nonce: &peer_nonce,
             server_share: &share,
         };
         let secrets = FlowSecrets::derive(true, protection, &dh, &transcript);
-        Some((
-            Protector::new(secrets, self.key_update_interval),
-            peer_nonce,
-        ))
+        let protector = Protector::new(secrets, hs.key_update_interval);
+        Some((protector, peer_nonce, transcript.hash()))
     }
 
     /// The SYN-ACK, the first packet the client can authenticate: derives the keys from it,
@@ -640,7 +700,7 @@ impl Connection {
         repr: &SalRepr,
         ctl: ControlRepr,
     ) {
-        let Some((mut protect, peer_nonce)) = self.protector_for_syn_ack(repr) else {
+        let Some((mut protect, peer_nonce, th)) = self.protector_for_syn_ack(repr) else {
             self.auth_failures += 1;
             return;
         };
@@ -655,6 +715,23 @@ impl Connection {
         self.peer_flow = repr.src_flow;
         self.peer = remote;
         self.peer_verno = Some(ctl.verno);
+        let required = self.hs.as_deref().and_then(|hs| hs.peer_identity);
+        if let Some(required) = required
+            && let Err(error) =
+                identity::check(&required, &self.service, &th, repr.identity.as_ref())
+        {
+            // Not who we wanted: reset the server's half-open flow and fail now.
+            self.answers.push_back(Answer::Rst);
+            self.state = State::Closed;
+            self.pending = None;
+            self.queued.clear();
+            self.events
+                .push_back(ConnEvent::ConnectFailed(ConnectError::PeerIdentity {
+                    service: self.service,
+                    error,
+                }));
+            return;
+        }
         self.state = State::Established;
         // The handshake may have taken several retransmissions: start the idle clock now.
         self.transport.on_peer_activity(now);
@@ -735,6 +812,8 @@ impl Connection {
     /// The server's handshake completed (by the ACK, or by the client's first data).
     fn server_established(&mut self, now: Instant) {
         self.state = State::Established;
+        // No SYN-ACK will be sent again: the handshake's state is no longer needed.
+        self.hs = None;
         // The handshake may have taken several retransmissions: start the idle clock now.
         self.transport.on_peer_activity(now);
         self.events.push_back(ConnEvent::Accepted);
@@ -1138,8 +1217,13 @@ impl Connection {
                     id: self.service,
                 });
                 r.nonce = Some(self.local_nonce);
-                r.keyshare = Some(self.local_share);
-                r.cookie = self.cookie;
+                let hs = self.hs.as_deref()?;
+                r.keyshare = Some(hs.local_share);
+                r.cookie = hs.cookie;
+                if hs.peer_identity.is_some() {
+                    // Pays for the proof the SYN-ACK will carry: the answer is never larger.
+                    r.pad = IDENTITY_LEN;
+                }
                 r.source = vec![self.local];
                 (r, self.local)
             }
@@ -1150,7 +1234,9 @@ impl Connection {
                     peer_verno_next,
                 );
                 r.nonce = Some(self.local_nonce);
-                r.keyshare = Some(self.local_share);
+                let hs = self.hs.as_deref()?;
+                r.keyshare = Some(hs.local_share);
+                r.identity = hs.local_identity;
                 (r, self.local)
             }
             Reliable::Rsyn => (
@@ -1183,7 +1269,7 @@ impl Connection {
         if self.role != Role::Client {
             return None;
         }
-        let (mut protect, _) = self.protector_for_syn_ack(repr)?;
+        let (mut protect, _, _) = self.protector_for_syn_ack(repr)?;
         let mut copy = packet.to_vec();
         let header_len = usize::from(SalPacket::new_unchecked(&copy[..]).header_len());
         protect.open(&mut copy, header_len, Space::Control).ok()?;

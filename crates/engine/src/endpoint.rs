@@ -28,6 +28,7 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 
 use crate::Instant;
 pub use crate::connection::CloseReason;
+pub use crate::connection::identity::{IdentityError, PeerIdentity};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 use crate::registrar::{Registrar, RegistrarEvent};
 
@@ -36,7 +37,7 @@ mod delay;
 mod discovery;
 mod registration;
 use crate::connection::{
-    ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
+    ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State, Syn,
 };
 use crate::schedule::Schedule;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
@@ -170,6 +171,13 @@ pub struct EndpointConfig {
     /// Packets a flow seals in one key phase before it updates its keys. Default
     /// [`DEFAULT_KEY_UPDATE_INTERVAL`] (2^23).
     pub key_update_interval: u64,
+    /// Server: the key this endpoint proves its identity with when a client asks (the
+    /// instance's `--key`). Default none.
+    pub identity: Option<serval_keys::PrivateKey>,
+    /// Client: the server identity every connect requires (a pinned key, or the key a
+    /// self-certifying serviceID commits to). Default none: encrypted, but anyone answering
+    /// the SYN is accepted.
+    pub peer_identity: Option<PeerIdentity>,
     /// When SYNs for local listeners must first echo a stateless cookie (a SYN flood from
     /// forged addresses then creates no state). Default: once 256 handshakes are half open.
     pub syn_cookies: SynCookies,
@@ -191,6 +199,8 @@ impl Default for EndpointConfig {
             protection: Protection::Encrypted,
             key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
             syn_cookies: SynCookies::default(),
+            identity: None,
+            peer_identity: None,
         }
     }
 }
@@ -539,6 +549,8 @@ impl Endpoint {
             },
             protection: self.config.protection,
             key_update_interval: self.config.key_update_interval,
+            identity: self.config.identity.clone(),
+            peer_identity: self.config.peer_identity,
         };
         (flow, n)
     }
@@ -943,7 +955,8 @@ impl Endpoint {
                     self.send_cookie(now, local, client, &repr, data.len());
                     return;
                 }
-                self.accept_syn(now, local, client, &repr, ctl, service.id, nonce, listener)
+                let syn_len = data.len();
+                self.accept_syn(now, local, client, &repr, syn_len, service.id, listener)
             }
             // A SYN from the discovery group that no local listener serves: silence (a NACK
             // from every host of the LAN would flood the client; forwarding would loop the
@@ -968,11 +981,13 @@ impl Endpoint {
         local: Locator,
         client: Locator,
         repr: &SalRepr,
-        ctl: ControlRepr,
+        syn_len: usize,
         service: ServiceId,
-        nonce: Nonce,
         listener: ListenerId,
     ) {
+        let (Some(ctl), Some(nonce)) = (repr.control, repr.nonce) else {
+            return;
+        };
         let backlog = self.config.accept_backlog;
         match self.listeners.get(&listener) {
             Some(l) if l.queue.len() < backlog => {}
@@ -990,8 +1005,14 @@ impl Endpoint {
             return;
         };
         let (flow, n) = self.new_connection(Role::Server, service, local, client);
-        let Some(c) = Connection::server(now, n, repr.src_flow, nonce, share, ctl.verno, listener)
-        else {
+        let syn = Syn {
+            flow: repr.src_flow,
+            nonce,
+            share,
+            verno: ctl.verno,
+            len: syn_len,
+        };
+        let Some(c) = Connection::server(now, n, &syn, listener) else {
             self.flows.remove(flow);
             self.stats.bad_key_shares += 1;
             return;

@@ -494,6 +494,7 @@ fn connect_error(e: ConnectError) -> io::Error {
         ConnectError::NoRoute(_) => io::ErrorKind::HostUnreachable,
         ConnectError::TimedOut(_) => io::ErrorKind::TimedOut,
         ConnectError::NoLocalAddress(_) => io::ErrorKind::AddrNotAvailable,
+        ConnectError::PeerIdentity { .. } => io::ErrorKind::PermissionDenied,
     };
     io::Error::new(kind, e)
 }
@@ -635,7 +636,8 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
                 let stride = m.stride.max(1);
                 // Opened in place: the buffer is refilled by the next receive anyway.
                 for dgram in buf[..m.len].chunks_mut(stride) {
-                    st.engine.handle_datagram_mut(now, sock.local, m.addr, dgram);
+                    st.engine
+                        .handle_datagram_mut(now, sock.local, m.addr, dgram);
                 }
             }
             st.dispatch();

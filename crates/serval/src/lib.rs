@@ -47,10 +47,13 @@ pub use endpoint::{
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::endpoint::NamedDatagram;
-pub use serval_engine::endpoint::{CloseReason, EndpointConfig, Protection};
+pub use serval_engine::endpoint::{
+    CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection,
+};
 pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
 pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
 pub use serval_engine::transport::conn::TransportStats;
+pub use serval_keys::{PrivateKey, PublicKey};
 pub use serval_table::{Action, Target};
 pub use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
 pub use serval_wire::{Locator, ServiceId, ServicePrefix};

@@ -55,6 +55,14 @@ pub mod field {
     pub const KEYSHARE_KEY: Field = 4..36;
     /// COOKIE: the opaque token a server hands out and the client echoes.
     pub const COOKIE: Field = 2..22;
+    /// IDENTITY: the kind of proof.
+    pub const IDENTITY_KIND: usize = 2;
+    /// IDENTITY: reserved, sent 0.
+    pub const IDENTITY_RESERVED: usize = 3;
+    /// IDENTITY: the server's public key.
+    pub const IDENTITY_KEY: Field = 4..36;
+    /// IDENTITY: the signature over the handshake.
+    pub const IDENTITY_SIGNATURE: Field = 36..100;
 }
 
 /// Length of a CONTROL extension.
@@ -71,6 +79,8 @@ pub const AUTH_TAG_LEN: usize = 16;
 pub const KEYSHARE_LEN: usize = field::KEYSHARE_KEY.end;
 /// Length of the public key a KEYSHARE carries.
 pub const KEYSHARE_KEY_LEN: usize = 32;
+/// Length of an IDENTITY extension.
+pub const IDENTITY_LEN: usize = field::IDENTITY_SIGNATURE.end;
 /// Length of a COOKIE extension.
 pub const COOKIE_LEN: usize = field::COOKIE.end;
 /// Length of the token a COOKIE carries.
@@ -101,6 +111,9 @@ impl ExtType {
     pub const AUTH: ExtType = ExtType(0x85);
     /// The sender's ephemeral key-exchange share (SYN and SYN-ACK).
     pub const KEYSHARE: ExtType = ExtType(0x86);
+    /// The server's proof of who it is: its public key and a signature over the handshake
+    /// (SYN-ACK, when the SYN asked for it).
+    pub const IDENTITY: ExtType = ExtType(0x87);
     /// A server's stateless cookie: in a NACK asking the client to retry, and echoed in its
     /// retried SYN.
     pub const COOKIE: ExtType = ExtType(0x88);
@@ -112,7 +125,7 @@ impl ExtType {
 
     /// Whether this implementation knows the type.
     pub const fn is_known(self) -> bool {
-        matches!(self.0, 0x00 | 0x81..=0x86 | 0x88)
+        matches!(self.0, 0x00 | 0x81..=0x88)
     }
 
     /// The fixed length of extensions of this type, if they have one.
@@ -124,6 +137,7 @@ impl ExtType {
             Self::AUTH => Some(AUTH_LEN),
             Self::KEYSHARE => Some(KEYSHARE_LEN),
             Self::COOKIE => Some(COOKIE_LEN),
+            Self::IDENTITY => Some(IDENTITY_LEN),
             _ => None,
         }
     }
@@ -138,6 +152,7 @@ impl ExtType {
             Self::AUTH => Some("AUTH"),
             Self::KEYSHARE => Some("KEYSHARE"),
             Self::COOKIE => Some("COOKIE"),
+            Self::IDENTITY => Some("IDENTITY"),
             _ => None,
         }
     }
@@ -319,6 +334,8 @@ pub enum Extension<'a> {
     KeyShare(KeyShareRepr),
     /// COOKIE: the token.
     Cookie(&'a [u8; COOKIE_TOKEN_LEN]),
+    /// IDENTITY.
+    Identity(IdentityRepr),
     /// A type this implementation does not know (mandatory or not), with its body.
     Unknown {
         /// The type byte.
@@ -340,6 +357,7 @@ impl Extension<'_> {
             Extension::Auth(_) => ExtType::AUTH,
             Extension::KeyShare(_) => ExtType::KEYSHARE,
             Extension::Cookie(_) => ExtType::COOKIE,
+            Extension::Identity(_) => ExtType::IDENTITY,
             Extension::Unknown { ty, .. } => *ty,
         }
     }
@@ -385,6 +403,9 @@ impl KeyShareRepr {
     pub const X25519: u8 = 1;
     /// Flag bit 0: plaintext (authenticated, not encrypted) packets.
     pub const PLAINTEXT: u8 = 0x01;
+    /// Flag bit 1, in a SYN: the client asks the server to prove its identity (IDENTITY in the
+    /// SYN-ACK); the SYN is padded so that the answer is no larger.
+    pub const IDENTITY: u8 = 0x02;
 
     fn parse(ext: &[u8; KEYSHARE_LEN]) -> KeyShareRepr {
         let mut key = [0u8; KEYSHARE_KEY_LEN];
@@ -419,6 +440,51 @@ impl fmt::Debug for KeyShareRepr {
             "KeyShare(group {}, flags {:#04x})",
             self.group, self.flags
         )
+    }
+}
+
+/// An IDENTITY extension: a server's public key and its signature over the handshake
+/// (docs/wire.md §4.8).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdentityRepr {
+    /// The kind of proof: [`IdentityRepr::ED25519`] is the only one defined.
+    pub kind: u8,
+    /// The server's public key.
+    pub key: [u8; 32],
+    /// Its signature over `"serval2 server identity" || transcript hash`.
+    pub signature: [u8; 64],
+}
+
+impl IdentityRepr {
+    /// Kind 1: an Ed25519 public key and signature.
+    pub const ED25519: u8 = 1;
+
+    fn parse(ext: &[u8; IDENTITY_LEN]) -> IdentityRepr {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&ext[field::IDENTITY_KEY]);
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(&ext[field::IDENTITY_SIGNATURE]);
+        IdentityRepr {
+            kind: ext[field::IDENTITY_KIND],
+            key,
+            signature,
+        }
+    }
+
+    /// Writes the whole extension into `buf`, exactly [`IDENTITY_LEN`] bytes.
+    pub(crate) fn emit(&self, buf: &mut [u8]) {
+        buf[field::TYPE] = ExtType::IDENTITY.0;
+        buf[field::LEN] = IDENTITY_LEN as u8;
+        buf[field::IDENTITY_KIND] = self.kind;
+        buf[field::IDENTITY_RESERVED] = 0;
+        buf[field::IDENTITY_KEY].copy_from_slice(&self.key);
+        buf[field::IDENTITY_SIGNATURE].copy_from_slice(&self.signature);
+    }
+}
+
+impl fmt::Debug for IdentityRepr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity(kind {})", self.kind)
     }
 }
 
@@ -590,6 +656,9 @@ impl<'a> Extensions<'a> {
                 Extension::Nonce(body.try_into().map_err(|_| bad_len(NONCE_EXT_LEN))?)
             }
             ExtType::AUTH => Extension::Auth(body.try_into().map_err(|_| bad_len(AUTH_LEN))?),
+            ExtType::IDENTITY => Extension::Identity(IdentityRepr::parse(
+                ext.try_into().map_err(|_| bad_len(IDENTITY_LEN))?,
+            )),
             ExtType::COOKIE => Extension::Cookie(body.try_into().map_err(|_| bad_len(COOKIE_LEN))?),
             ExtType::KEYSHARE => Extension::KeyShare(KeyShareRepr::parse(
                 ext.try_into().map_err(|_| bad_len(KEYSHARE_LEN))?,
@@ -710,10 +779,11 @@ mod tests {
             assert!(t.is_known() && t.is_mandatory(), "{t}");
         }
         assert!(ExtType::PAD.is_known() && !ExtType::PAD.is_mandatory());
-        assert!(!ExtType(0x87).is_known() && ExtType(0x87).is_mandatory());
+        assert!(!ExtType(0x89).is_known() && ExtType(0x89).is_mandatory());
         assert!(ExtType::COOKIE.is_known() && ExtType::COOKIE.is_mandatory());
+        assert!(ExtType::IDENTITY.is_known() && ExtType::IDENTITY.is_mandatory());
         assert!(!ExtType(0x7f).is_known() && !ExtType(0x7f).is_mandatory());
-        assert_eq!(ExtType(0x87).to_string(), "0x87");
+        assert_eq!(ExtType(0x89).to_string(), "0x89");
         assert_eq!(format!("{:?}", ExtType::AUTH), "ExtType(AUTH)");
         assert_eq!(ExtType::SOURCE.fixed_len(), None);
         assert_eq!(ExtType::SERVICE.fixed_len(), Some(36));

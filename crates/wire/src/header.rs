@@ -33,8 +33,8 @@ use core::ops::Range;
 use crate::WireError;
 use crate::ext::{
     AUTH_LEN, AUTH_TAG_LEN, CONTROL_LEN, COOKIE_LEN, COOKIE_TOKEN_LEN, ControlExt, ControlRepr,
-    ExtType, Extension, Extensions, KEYSHARE_LEN, KeyShareRepr, NONCE_EXT_LEN, SERVICE_LEN,
-    SOURCE_MAX_LOCATOR_BYTES, ServiceExt, ServiceRepr, SourceExt,
+    ExtType, Extension, Extensions, IDENTITY_LEN, IdentityRepr, KEYSHARE_LEN, KeyShareRepr,
+    NONCE_EXT_LEN, SERVICE_LEN, SOURCE_MAX_LOCATOR_BYTES, ServiceExt, ServiceRepr, SourceExt,
 };
 use crate::id::{FlowId, Nonce};
 use crate::locator::{Locator, emit_locator, locator_len};
@@ -52,10 +52,14 @@ pub const MAX_EMIT_HEADER_LEN: usize = BASE_HEADER_LEN
     + NONCE_EXT_LEN
     + KEYSHARE_LEN
     + COOKIE_LEN
+    + IDENTITY_LEN
+    + MAX_PAD
     + 255
     + AUTH_LEN;
 /// The UDP port a SAL endpoint listens on by default (the original Serval's).
 pub const DEFAULT_UDP_PORT: u16 = 54324;
+/// Most bytes of PAD [`SalRepr::emit`] writes.
+pub const MAX_PAD: usize = 510;
 /// Bit of byte 0 (in the low, flag nibble) carrying the key phase of a protected packet
 /// (docs/wire.md §12).
 pub const KEY_PHASE: u8 = 0x01;
@@ -464,6 +468,11 @@ pub struct SalRepr {
     pub keyshare: Option<KeyShareRepr>,
     /// The COOKIE extension's token (a retry NACK, and the SYN that answers it).
     pub cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
+    /// The IDENTITY extension (a SYN-ACK whose SYN asked for it).
+    pub identity: Option<IdentityRepr>,
+    /// Bytes of PAD to emit (one or two PAD extensions after the others, before SOURCE): a
+    /// SYN that asks for a larger answer pays for it. Not set by parsing.
+    pub pad: usize,
     /// The AUTH extension's tag. Emit zeros, then compute and write the tag over the packet
     /// (see [`SalPacket::auth_input`]).
     pub auth: Option<[u8; AUTH_TAG_LEN]>,
@@ -481,6 +490,8 @@ impl SalRepr {
             nonce: None,
             keyshare: None,
             cookie: None,
+            identity: None,
+            pad: 0,
             source: Vec::new(),
             auth: None,
         }
@@ -495,6 +506,7 @@ impl SalRepr {
             Extension::Nonce(n) => repr.nonce = Some(Nonce(*n)),
             Extension::KeyShare(k) => repr.keyshare = Some(k),
             Extension::Cookie(c) => repr.cookie = Some(*c),
+            Extension::Identity(i) => repr.identity = Some(i),
             Extension::Source(s) => repr.source = s.locators().collect(),
             Extension::Auth(t) => repr.auth = Some(*t),
             Extension::Pad(_) | Extension::Unknown { .. } => {}
@@ -510,6 +522,16 @@ impl SalRepr {
         self.source.iter().map(locator_len).sum()
     }
 
+    /// Bytes of PAD [`emit`](Self::emit) writes: [`pad`](Self::pad) raised to 2 (the
+    /// smallest PAD) if it is 1, and capped at [`MAX_PAD`].
+    fn pad_len(&self) -> usize {
+        match self.pad {
+            0 => 0,
+            1 => 2,
+            n => n.min(MAX_PAD),
+        }
+    }
+
     /// Length of the header [`emit`](Self::emit) writes; the payload goes after it.
     pub fn buffer_len(&self) -> usize {
         let source = if self.source.is_empty() {
@@ -523,6 +545,8 @@ impl SalRepr {
             + self.nonce.map_or(0, |_| NONCE_EXT_LEN)
             + self.keyshare.map_or(0, |_| KEYSHARE_LEN)
             + self.cookie.map_or(0, |_| COOKIE_LEN)
+            + self.identity.map_or(0, |_| IDENTITY_LEN)
+            + self.pad_len()
             + source
             + self.auth.map_or(0, |_| AUTH_LEN)
     }
@@ -560,7 +584,7 @@ impl SalRepr {
         if buf.len() > MAX_PACKET_LEN {
             return Err(WireError::Oversize(buf.len()));
         }
-        // `len` is at most MAX_EMIT_HEADER_LEN (417): the SOURCE bound above caps it.
+        // `len` is at most MAX_EMIT_HEADER_LEN (1027): the SOURCE bound above caps it.
         let hdr_len = u16::try_from(len).map_err(|_| WireError::Oversize(len))?;
         let hdr = &mut buf[..len];
         hdr[field::VER_FLAGS] = VERSION << 4;
@@ -592,6 +616,20 @@ impl SalRepr {
             hdr[pos + 1] = COOKIE_LEN as u8;
             hdr[pos + 2..pos + COOKIE_LEN].copy_from_slice(c);
             pos += COOKIE_LEN;
+        }
+        if let Some(i) = &self.identity {
+            i.emit(&mut hdr[pos..pos + IDENTITY_LEN]);
+            pos += IDENTITY_LEN;
+        }
+        let mut pad = self.pad_len();
+        while pad > 0 {
+            // One PAD extension holds at most 255 bytes; never leave a remainder below 2.
+            let n = if pad > 255 { (pad - 2).min(255) } else { pad };
+            hdr[pos] = ExtType::PAD.0;
+            hdr[pos + 1] = n as u8;
+            hdr[pos + 2..pos + n].fill(0);
+            pos += n;
+            pad -= n;
         }
         if !self.source.is_empty() {
             let ext_len = crate::ext::field::BODY + source_bytes;
@@ -651,6 +689,9 @@ impl fmt::Display for SalRepr {
         if self.cookie.is_some() {
             f.write_str(" [cookie]")?;
         }
+        if self.identity.is_some() {
+            f.write_str(" [identity]")?;
+        }
         if !self.source.is_empty() {
             f.write_str(" [source")?;
             for loc in &self.source {
@@ -672,7 +713,7 @@ mod tests {
     #[test]
     fn constants() {
         assert_eq!(BASE_HEADER_LEN, 20);
-        assert_eq!(MAX_EMIT_HEADER_LEN, 417);
+        assert_eq!(MAX_EMIT_HEADER_LEN, 1027);
         assert_eq!(SOURCE_MAX_LOCATOR_BYTES, 253);
         assert_eq!(field::EXTENSIONS.start, BASE_HEADER_LEN);
     }
@@ -718,6 +759,12 @@ mod tests {
                 key: [7; 32],
             }),
             cookie: Some([8; 20]),
+            identity: Some(IdentityRepr {
+                kind: IdentityRepr::ED25519,
+                key: [5; 32],
+                signature: [6; 64],
+            }),
+            pad: MAX_PAD,
             // 11 IPv6 (209 bytes) + 6 IPv4 (42 bytes) = 251 bytes.
             source: (0..17u16)
                 .map(|i| {
@@ -733,6 +780,7 @@ mod tests {
         let bytes = r.to_bytes(&[]).expect("fits");
         assert_eq!(bytes.len(), MAX_EMIT_HEADER_LEN - 2);
         let p = SalPacket::new_checked(&bytes[..]).expect("valid");
-        assert_eq!(SalRepr::parse(&p), Ok(r));
+        // Padding is skipped on parsing, not recorded.
+        assert_eq!(SalRepr::parse(&p), Ok(SalRepr { pad: 0, ..r }));
     }
 }

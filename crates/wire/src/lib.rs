@@ -32,7 +32,9 @@ pub mod id;
 pub mod locator;
 pub mod registration;
 
-pub use ext::{ControlFlags, ControlRepr, ExtType, Extension, KeyShareRepr, ServiceRepr};
+pub use ext::{
+    ControlFlags, ControlRepr, ExtType, Extension, IdentityRepr, KeyShareRepr, ServiceRepr,
+};
 pub use header::{MAX_PACKET_LEN, Protocol, SalPacket, SalRepr};
 pub use id::{FlowId, IdError, Nonce, ServiceId, ServicePrefix};
 pub use locator::Locator;

@@ -54,6 +54,8 @@ fn syn_repr() -> SalRepr {
         nonce: Some(Nonce(seq(0xc0))),
         keyshare: None,
         cookie: None,
+        identity: None,
+        pad: 0,
         source: vec![loc("192.0.2.1:40000"), loc("[2001:db8::7]:54324")],
         auth: None,
     }
@@ -172,6 +174,8 @@ fn syn_ack_repr(tag: [u8; 16]) -> SalRepr {
         nonce: Some(Nonce(seq(0xd0))),
         keyshare: None,
         cookie: None,
+        identity: None,
+        pad: 0,
         source: vec![],
         auth: Some(tag),
     }
@@ -515,7 +519,7 @@ fn auth_not_last() {
 
 #[test]
 fn unknown_mandatory() {
-    for ty in [0x80u8, 0x87, 0xff] {
+    for ty in [0x80u8, 0x89, 0xff] {
         assert_eq!(
             check(&build(&[&[ty, 3, 0]], b"")),
             Err(WireError::UnknownMandatory(ty))

@@ -74,6 +74,8 @@ fn sal_repr() -> impl Strategy<Value = SalRepr> {
                         key,
                     }),
                     cookie,
+                    identity: None,
+                    pad: 0,
                     source,
                     auth,
                 }
@@ -147,6 +149,7 @@ fn extension() -> impl Strategy<Value = Vec<u8>> {
         Just(0x86),
         Just(0x87),
         Just(0x88),
+        Just(0x89),
         Just(0x7f),
         any::<u8>(),
     ];

@@ -1,0 +1,110 @@
+//! Who the server is (issue 12 item 2), with the real binary on loopback: `serval cat
+//! --peer-key` against an instance's `--key`, and a self-certifying serviceID from `serval id
+//! --key` with `--self-certifying`. A right key connects; a wrong key, an instance without a
+//! key, or an ID that does not commit to the instance's key fails the connect with one clear
+//! line and a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::{instance, output_within, serval};
+
+/// A scratch directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("serval-identity-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `serval keygen FILE`: the public key line it printed.
+fn keygen(file: &str) -> String {
+    let o = serval().args(["keygen", file]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim_end().to_owned()
+}
+
+/// `serval cat SERVICE --via ADDR EXTRA…` sending `hello`: (exit code, stdout, stderr).
+fn cat(service: &str, via: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = serval();
+    cmd.args(["cat", service, "--via", via, "--connect-timeout", "5"])
+        .args(extra);
+    let o = output_within(cmd, b"hello", Duration::from_secs(30));
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn one_line_failure((code, out, err): (Option<i32>, String, String), expect: &str) {
+    assert_ne!(code, Some(0), "the connect succeeded: {out:?} {err:?}");
+    assert!(out.is_empty(), "data went through: {out:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {err:?}");
+    assert!(lines[0].contains(expect), "{:?} lacks {expect:?}", lines[0]);
+}
+
+#[test]
+fn a_pinned_key_connects_only_to_its_holder() {
+    let dir = Dir::new("pinned");
+    let (k1, k2) = (dir.path("k1"), dir.path("k2"));
+    let (p1, p2) = (keygen(&k1), keygen(&k2));
+    let (_i, addr) = instance("who.test", None, &["--echo", "--key", &k1]);
+    let (code, out, err) = cat("who.test", &addr, &["--peer-key", &p1]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "hello");
+    one_line_failure(
+        cat("who.test", &addr, &["--peer-key", &p2]),
+        "not the pinned",
+    );
+    // Without a key the instance cannot prove anything.
+    let (_j, bare) = instance("who.test", None, &["--echo"]);
+    one_line_failure(cat("who.test", &bare, &["--peer-key", &p1]), "no proof");
+    // Not asking for a proof still works, encrypted.
+    let (code, out, _) = cat("who.test", &bare, &[]);
+    assert_eq!((code, out.as_str()), (Some(0), "hello"));
+    // A bad --peer-key is a usage error: one line, exit 2.
+    let (code, _, err) = cat("who.test", &addr, &["--peer-key", "ed25519:short"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--peer-key"), "{err}");
+}
+
+#[test]
+fn a_self_certifying_id_needs_the_key_it_commits_to() {
+    let dir = Dir::new("selfcert");
+    let (k1, k2) = (dir.path("k1"), dir.path("k2"));
+    keygen(&k1);
+    keygen(&k2);
+    let o = serval()
+        .args(["id", "--key", &k1, "who.test"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    // The holder of k1 serves the ID: a client connecting by it needs nothing else.
+    let (_good, addr) = instance(&id, None, &["--echo", "--key", &k1]);
+    let (code, out, err) = cat(&id, &addr, &["--self-certifying"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "hello");
+    // Someone else serving the same ID with another key is refused.
+    let (_bad, other) = instance(&id, None, &["--echo", "--key", &k2]);
+    one_line_failure(cat(&id, &other, &["--self-certifying"]), "commits to");
+}
