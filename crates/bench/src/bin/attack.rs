@@ -13,7 +13,11 @@
 //!     seen (so that it is no replay and reaches the tag check) and random payload and tag;
 //!   - `bitflip`: a captured packet with one bit flipped, spoofed from its real sender;
 //!   - `replay_spoofed` / `replay_own`: a captured packet, exactly, to its real destination,
-//!     from its real sender's locator or from the attacker's own address.
+//!     from its real sender's locator or from the attacker's own address;
+//!   - `synack`: a SYN-ACK from a "second instance" (another flowID, a key share of its own)
+//!     to an established flow, spoofed from its peer;
+//!   - `nack`: a router's NACK (unprotected: it echoes the SYN's nonce, here a random one) for
+//!     the flow, spoofed from its peer.
 //!
 //!   Every control packet it forges has a well-formed SAL header (built with `serval-wire`), a
 //!   packet number and a random 16-byte tag, so that a receiver gets as far as opening it. On
@@ -45,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serval::{Endpoint, EndpointConfig, EndpointStats, Protection, ServiceId, ServicePrefix};
-use serval_wire::ext::{ControlFlags, ControlRepr};
-use serval_wire::{FlowId, Protocol, SalRepr};
+use serval_wire::ext::{ControlFlags, ControlRepr, KeyShareRepr};
+use serval_wire::{FlowId, Nonce, Protocol, SalRepr};
 use sha2::{Digest, Sha256};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,6 +298,8 @@ struct Sent {
     bitflip: u64,
     replay_spoofed: u64,
     replay_own: u64,
+    synack: u64,
+    nack: u64,
     errors: u64,
 }
 
@@ -307,10 +313,12 @@ impl Sent {
             + self.bitflip
             + self.replay_spoofed
             + self.replay_own
+            + self.synack
+            + self.nack
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     RsynOwn,
     RsynSpoofed,
@@ -320,9 +328,11 @@ enum Kind {
     Bitflip,
     ReplaySpoofed,
     ReplayOwn,
+    SynAck,
+    Nack,
 }
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 10] = [
     Kind::RsynOwn,
     Kind::RsynSpoofed,
     Kind::Rst,
@@ -331,6 +341,8 @@ const KINDS: [Kind; 8] = [
     Kind::Bitflip,
     Kind::ReplaySpoofed,
     Kind::ReplayOwn,
+    Kind::SynAck,
+    Kind::Nack,
 ];
 
 impl Sent {
@@ -344,6 +356,8 @@ impl Sent {
             Kind::Bitflip => &mut self.bitflip,
             Kind::ReplaySpoofed => &mut self.replay_spoofed,
             Kind::ReplayOwn => &mut self.replay_own,
+            Kind::SynAck => &mut self.synack,
+            Kind::Nack => &mut self.nack,
         };
         *c += 1;
     }
@@ -498,7 +512,7 @@ fn forge(args: &ForgeArgs) -> Result<ExitCode, String> {
     println!(
         "{{\"own\":\"{own}\",\"flooding\":{flooding},\"first_foreign_ms\":{},\"forge_secs\":{:.3},\
          \"sent\":{{\"rsyn_own\":{},\"rsyn_spoofed\":{},\"rst\":{},\"fin\":{},\"data\":{},\
-         \"bitflip\":{},\"replay_spoofed\":{},\"replay_own\":{}}},\"total\":{},\"send_errors\":{},\
+         \"bitflip\":{},\"replay_spoofed\":{},\"replay_own\":{},\"synack\":{},\"nack\":{}}},\"total\":{},\"send_errors\":{},\
          \"captured\":{},\"captured_foreign\":{},\"segments\":{},\"searched_bytes\":{},\
          \"markers\":{{{}}},\"flows\":[{}]}}",
         l.first_foreign
@@ -512,6 +526,8 @@ fn forge(args: &ForgeArgs) -> Result<ExitCode, String> {
         sent.bitflip,
         sent.replay_spoofed,
         sent.replay_own,
+        sent.synack,
+        sent.nack,
         sent.total(),
         sent.errors,
         l.captured,
@@ -571,10 +587,51 @@ fn build(
                 Kind::RsynSpoofed => (ControlFlags::RSYN, true),
                 Kind::Rst => (ControlFlags::RST, rng.below(2) == 0),
                 Kind::Fin => (ControlFlags::FIN, rng.below(2) == 0),
+                Kind::SynAck => (ControlFlags::SYN | ControlFlags::ACK, true),
+                Kind::Nack => (ControlFlags::NACK, true),
                 _ => (ControlFlags::EMPTY, true),
             };
             let from = if spoof { d.src } else { own_from(d.src) };
-            let mut sal = if flags == ControlFlags::EMPTY {
+            let mut sal = if kind == Kind::SynAck {
+                // A second "instance" answering the client's SYN: another flowID, a key share
+                // of its own. The client, established, must only count it.
+                let mut repr =
+                    SalRepr::new(Protocol::NONE, FlowId(rng.next() | 1), FlowId(d.dst_flow));
+                repr.control = Some(ControlRepr {
+                    flags,
+                    verno: rng.next() as u32,
+                    ackno: rng.next() as u32,
+                });
+                let mut nonce = [0u8; 16];
+                rng.fill(&mut nonce);
+                repr.nonce = Some(Nonce(nonce));
+                let mut key = [0u8; 32];
+                rng.fill(&mut key);
+                repr.keyshare = Some(KeyShareRepr {
+                    group: KeyShareRepr::X25519,
+                    flags: 0,
+                    key,
+                });
+                let mut p = repr.to_bytes(&[]).ok()?;
+                p.extend_from_slice(&0u64.to_be_bytes());
+                let at = p.len();
+                p.resize(at + TAG_LEN, 0);
+                rng.fill(&mut p[at..]);
+                p
+            } else if kind == Kind::Nack {
+                // A router's NACK (unprotected: it proves itself by echoing the SYN's nonce,
+                // which an established flow no longer listens for).
+                let mut repr = SalRepr::new(Protocol::NONE, FlowId(d.src_flow), FlowId(d.dst_flow));
+                repr.control = Some(ControlRepr {
+                    flags,
+                    verno: rng.next() as u32,
+                    ackno: rng.next() as u32,
+                });
+                let mut nonce = [0u8; 16];
+                rng.fill(&mut nonce);
+                repr.nonce = Some(Nonce(nonce));
+                repr.to_bytes(&[]).ok()?
+            } else if flags == ControlFlags::EMPTY {
                 // Stream data: base header, a packet number a little ahead of the largest seen
                 // (no replay: it reaches the tag check), random "ciphertext" and tag.
                 let mut p = SalRepr::new(Protocol::STREAM, FlowId(d.src_flow), FlowId(d.dst_flow))
