@@ -25,10 +25,10 @@
 //!   [`LeaseConfig::unregister_attempts`] times until acknowledged, then forgets it: best
 //!   effort, since the lease expires anyway;
 //! * follows the router's return-routability cookies: every request goes out in the 76-byte
-//!   form with the cookie it holds for that router (empty at first); a COOKIE answer gives it
-//!   one and the same request (same request ID) goes out again at once, with it; an ACK may
-//!   carry a fresher one. Cookies are bound to the locator, so a new local locator drops them
-//!   (`docs/wire.md` §11.2);
+//!   form with the cookie it holds for that router and prefix (empty at first); a COOKIE
+//!   answer gives it one and the same request (same request ID) goes out again at once, with
+//!   it; an ACK may carry a fresher one. Cookies are bound to the locator, so a new local
+//!   locator drops them (`docs/wire.md` §11.2);
 //! * with a key ([`Registrar::set_key`]), signs every request (the 140-byte form), so that a
 //!   router holding that key's authorisation for the prefix accepts it. A refusal is
 //!   [`RegistrarEvent::Rejected`] with [`RejectReason::UNAUTHORIZED`].
@@ -236,8 +236,9 @@ pub struct Registrar {
     /// The earliest deadline of anything above (`Instant::ZERO`: work to do at once).
     wake_at: Option<Instant>,
     stats: RegistrarStats,
-    /// The cookie each router gave (for the current local locator).
-    cookies: BTreeMap<Locator, Cookie>,
+    /// The cookie each router gave for each prefix (a cookie names the locator, the
+    /// instance and the prefix), for the current local locator.
+    cookies: BTreeMap<(Locator, ServicePrefix), Cookie>,
     /// Signs every request, if set.
     key: Option<PrivateKey>,
 }
@@ -444,7 +445,7 @@ impl Registrar {
         // need stay until the lists change again).
         let old = self.router;
         self.cookies
-            .retain(|l, _| routers.contains(l) || Some(*l) == old);
+            .retain(|(l, _), _| routers.contains(l) || Some(*l) == old);
         self.routers = routers;
         if router == self.router {
             return;
@@ -533,11 +534,12 @@ impl Registrar {
                 l.sends_left = l.sends_left.max(1);
                 self.stats.cookies += 1;
                 if let Some(c) = answer.cookie.filter(|c| !c.is_empty()) {
-                    self.cookies.insert(from, c);
+                    self.cookies.insert((from, answer.prefix), c);
                 }
                 return true;
             }
-            self.leaving.swap_remove(i);
+            let done = self.leaving.swap_remove(i);
+            self.forget_cookie(done.dst, done.request.prefix);
             return true;
         }
         let Some(router) = self.router.filter(|r| *r == from) else {
@@ -564,7 +566,7 @@ impl Registrar {
             p.send_at = now;
             self.stats.cookies += 1;
             if let Some(c) = answer.cookie.filter(|c| !c.is_empty()) {
-                self.cookies.insert(router, c);
+                self.cookies.insert((router, answer.prefix), c);
             }
             return true;
         }
@@ -572,7 +574,7 @@ impl Registrar {
         if answer.ty == MessageType::Ack
             && let Some(c) = answer.cookie.filter(|c| !c.is_empty())
         {
-            self.cookies.insert(router, c);
+            self.cookies.insert((router, answer.prefix), c);
         }
         let first_sent = p.first_sent.unwrap_or(now);
         e.pending = None;
@@ -725,7 +727,7 @@ impl Registrar {
                 if let Some(p) = e.pending.as_mut() {
                     if p.send_at <= now {
                         if can_send {
-                            let cookie = self.cookies.get(&router).copied();
+                            let cookie = self.cookies.get(&(router, prefix)).copied();
                             let msg = finish_with(self.key.as_ref(), cookie, &p.request);
                             self.out.push_back((router, msg));
                             self.stats.sent += 1;
@@ -760,11 +762,12 @@ impl Registrar {
             if l.send_at <= now {
                 if l.sends_left == 0 {
                     self.stats.unregisters_abandoned += 1;
-                    self.leaving.swap_remove(i);
+                    let done = self.leaving.swap_remove(i);
+                    self.forget_cookie(done.dst, done.request.prefix);
                     continue;
                 }
                 // The caller picks a source of the right family (or drops it if it has none).
-                let cookie = self.cookies.get(&l.dst).copied();
+                let cookie = self.cookies.get(&(l.dst, l.request.prefix)).copied();
                 let msg = finish_with(self.key.as_ref(), cookie, &l.request);
                 self.out.push_back((l.dst, msg));
                 self.stats.sent += 1;
@@ -775,6 +778,20 @@ impl Registrar {
             i += 1;
         }
         self.recompute_wake();
+    }
+
+    /// Drops the cookie of `prefix` at `router` once nothing needs it any more (no entry for
+    /// the prefix, no UNREGISTER of it under way there), so the map stays the size of what
+    /// is registered.
+    fn forget_cookie(&mut self, router: Locator, prefix: ServicePrefix) {
+        let needed = self.entries.contains_key(&prefix)
+            || self
+                .leaving
+                .iter()
+                .any(|l| l.dst == router && l.request.prefix == prefix);
+        if !needed {
+            self.cookies.remove(&(router, prefix));
+        }
     }
 
     fn recompute_wake(&mut self) {
@@ -1344,6 +1361,50 @@ mod cookie_tests {
         // A new local locator drops the cookies.
         r.set_local(Some(loc("10.0.0.2:54324")));
         assert_eq!(sent(&mut r, at(1022))[0].1.cookie, Some(Cookie::EMPTY));
+    }
+
+    #[test]
+    fn each_prefix_keeps_its_own_cookie() {
+        let router = loc("10.0.0.9:54324");
+        let mut r = Registrar::new(LeaseConfig::default(), 1, 1);
+        r.set_routers(vec![router]);
+        r.set_local(Some(loc("10.0.0.1:54324")));
+        let (a, b) = (
+            ServicePrefix::exact(ServiceId::from_name("a.test").unwrap()),
+            ServicePrefix::exact(ServiceId::from_name("b.test").unwrap()),
+        );
+        r.register(a, 1, 0);
+        r.register(b, 1, 0);
+        let first = sent(&mut r, at(0));
+        assert_eq!(first.len(), 2);
+        for (_, m) in &first {
+            let c = Cookie([if m.prefix == a { 0xa } else { 0xb }; 16]);
+            r.handle_answer(at(1), router, &m.cookie_answer(c));
+        }
+        let again = sent(&mut r, at(1));
+        assert_eq!(again.len(), 2);
+        for (_, m) in &again {
+            let want = Cookie([if m.prefix == a { 0xa } else { 0xb }; 16]);
+            assert_eq!(m.cookie, Some(want), "{m}");
+            r.handle_answer(at(2), router, &m.ack(3000));
+        }
+        // Refreshes need no second round: each carries its own prefix's cookie.
+        let refresh = sent(&mut r, at(1002));
+        assert_eq!(refresh.len(), 2);
+        for (_, m) in &refresh {
+            let want = Cookie([if m.prefix == a { 0xa } else { 0xb }; 16]);
+            assert_eq!(m.cookie, Some(want), "{m}");
+        }
+        assert_eq!(r.stats().cookies, 2);
+        // Once b is unregistered (and that acknowledged), its cookie is forgotten.
+        for (_, m) in &refresh {
+            r.handle_answer(at(1003), router, &m.ack(3000));
+        }
+        r.unregister(&b);
+        let unreg = sent(&mut r, at(1004));
+        assert_eq!(unreg[0].1.cookie, Some(Cookie([0xb; 16])));
+        r.handle_answer(at(1005), router, &unreg[0].1.ack(0));
+        assert_eq!(r.cookies.len(), 1);
     }
 
     #[test]
