@@ -277,7 +277,7 @@ fn an_attacker_that_sees_every_frame_can_neither_read_nor_disturb_a_flow() {
     let victim_server = |port: u16, service: &str, plaintext: bool| {
         let bind = addr(SERVER, port);
         let mut args = vec!["victim-server", "--bind", &bind, "--service", service];
-        args.extend(["--timeout", "240"]);
+        args.extend(["--timeout", "420"]);
         if plaintext {
             args.push("--plaintext");
         }
@@ -290,7 +290,10 @@ fn an_attacker_that_sees_every_frame_can_neither_read_nor_disturb_a_flow() {
     let (mut plain_srv, plain_srv_out, _plain_srv_err) =
         victim_server(54326, "plain.attack.test", true);
 
-    // The attacker: it waits for a flow between the other two hosts before it forges.
+    // The attacker: it waits for a flow between the other two hosts before it forges, and
+    // stops at `count` packets (35 to 70 s in a debug build on two cores); `--duration` only
+    // bounds a machine too slow to get there, which then fails the count below. The victims'
+    // own timeouts lie beyond both.
     let count = (FORGED + FORGED / 20).to_string();
     let markers = [hex(MARK_CLI), hex(MARK_ENC), hex(MARK_PLAIN)];
     let (mut attacker, attacker_out, attacker_err) = spawn(
@@ -306,7 +309,7 @@ fn an_attacker_that_sees_every_frame_can_neither_read_nor_disturb_a_flow() {
                 "--count",
                 &count,
                 "--duration",
-                "150",
+                "240",
                 "--learn-timeout",
                 "30",
                 "--marker",
@@ -412,7 +415,7 @@ fn an_attacker_that_sees_every_frame_can_neither_read_nor_disturb_a_flow() {
             "16",
             "--hold",
             "--timeout",
-            "240",
+            "420",
         ];
         if plaintext {
             args.push("--plaintext");
@@ -425,7 +428,7 @@ fn an_attacker_that_sees_every_frame_can_neither_read_nor_disturb_a_flow() {
         victim_client(54326, "plain.attack.test", MARK_PLAIN, true);
 
     // The attack runs to its end while the transfers go on.
-    let report = json_line(&attacker_out, "the attacker", Duration::from_secs(200));
+    let report = json_line(&attacker_out, "the attacker", Duration::from_secs(300));
     let code = exit_within(&mut attacker.0, "the attacker", Duration::from_secs(10));
     let attack_secs = t0.elapsed();
     let attack_errors: Vec<String> = std::iter::from_fn(|| attacker_err.try_recv().ok()).collect();

@@ -1138,3 +1138,87 @@ async fn send_one(a: &ClientArgs) -> Result<bool, String> {
     );
     Ok(ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one's-complement sum 16 bits at a time, as RFC 1071 writes it.
+    fn reference(data: &[u8]) -> u16 {
+        let mut acc: u64 = 0;
+        for c in data.chunks(2) {
+            acc += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        fold(acc)
+    }
+
+    #[test]
+    fn the_wide_checksum_is_the_16_bit_one() {
+        let mut rng = Rng::new(7);
+        for len in (0..80).chain([1200, 1471, 1472]) {
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            assert_eq!(checksum(0, &data), reference(&data), "len {len}");
+            // All ones: the carries wrap many times.
+            let ones = vec![0xffu8; len];
+            assert_eq!(checksum(0, &ones), reference(&ones), "ones, len {len}");
+        }
+    }
+
+    #[test]
+    fn a_forged_datagram_checksums_to_zero() {
+        let mut rng = Rng::new(9);
+        let from = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 54324);
+        let to = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000);
+        let p = ip_udp(from, to, b"hello, serval", &mut rng);
+        assert_eq!(checksum(0, &p[..20]), 0, "IPv4 header");
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&from.ip().octets());
+        pseudo.extend_from_slice(&to.ip().octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&((p.len() - 20) as u16).to_be_bytes());
+        pseudo.extend_from_slice(&p[20..]);
+        assert_eq!(checksum(0, &pseudo), 0, "UDP");
+        assert_eq!(p[8], MARK_TTL);
+        let (ttl, src, dst, payload) = parse_ip_udp(&p).expect("parses");
+        assert_eq!(
+            (ttl, src, dst, payload),
+            (MARK_TTL, from, to, &b"hello, serval"[..])
+        );
+    }
+
+    #[test]
+    fn a_gso_batch_splits_into_its_packets() {
+        let mk = |pn: u64, len: usize| {
+            let mut p = SalRepr::new(Protocol::STREAM, FlowId(5), FlowId(6))
+                .to_bytes(&[])
+                .expect("header");
+            p.extend_from_slice(&pn.to_be_bytes());
+            p.resize(len, 0xab);
+            p
+        };
+        let mut batch = Vec::new();
+        for pn in 0..3 {
+            batch.extend_from_slice(&mk(pn, 100));
+        }
+        batch.extend_from_slice(&mk(3, 60));
+        let segs = segments(&batch);
+        assert_eq!(segs.len(), 4);
+        assert_eq!(segs[3], &mk(3, 60)[..]);
+        let one = mk(0, 100);
+        assert_eq!(segments(&one), vec![&one[..]]);
+    }
+
+    #[test]
+    fn markers_are_found_anywhere() {
+        assert!(contains(b"xxSECRETyy", b"SECRET"));
+        assert!(contains(b"SECRET", b"SECRET"));
+        assert!(!contains(b"SECRE", b"SECRET"));
+        assert!(!contains(b"SECRET", b""));
+        let mut rng = Rng::new(3);
+        let mut buf = vec![0u8; 10_000];
+        pattern(&mut rng, b"MARK", 4090, &mut buf);
+        assert_eq!(&buf[6..10], b"MARK");
+        assert_eq!(&buf[4102..4106], b"MARK");
+    }
+}
