@@ -99,6 +99,7 @@ struct RouterFile {
     registry: Option<String>,
     registry_cache: Option<std::path::PathBuf>,
     accept: Option<Vec<String>>,
+    authorize: Option<Vec<String>>,
     min_ttl_ms: Option<u64>,
     max_ttl_ms: Option<u64>,
     max_registrations: Option<usize>,
@@ -160,6 +161,15 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
     }
     if let Some(v) = file.accept.filter(|_| unset("accept")) {
         args.accept = v;
+    }
+    if let Some(v) = file.authorize.filter(|_| unset("authorize")) {
+        args.authorize = v
+            .iter()
+            .map(|a| {
+                parse_authorize(a)
+                    .map_err(|e| format!("--config {}: authorize {a:?}: {e}", path.display()))
+            })
+            .collect::<Result<_, _>>()?;
     }
     if let Some(v) = file.min_ttl_ms.filter(|_| unset("min_ttl_ms")) {
         args.min_ttl_ms = positive("min-ttl-ms", v)?;

@@ -223,6 +223,13 @@ fn bad_keys_and_authorizations_are_one_line_and_exit_2() {
             "ed25519:",
         ),
     ];
+    let bad_config = dir.path("bad.toml");
+    std::fs::write(&bad_config, "authorize = [\"web.test\"]\n").unwrap();
+    let mut cases = cases;
+    cases.push((
+        vec!["router".into(), "--config".into(), bad_config.clone()],
+        "authorize \"web.test\"",
+    ));
     for (args, want) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, e) = fails(&args);
@@ -289,6 +296,21 @@ fn only_the_signed_instance_of_an_authorized_name_is_reachable() {
     assert!(refused >= 2, "{metrics}");
     let (_open, err) = listen("open.test", &addr, &[]);
     wait_line(&err, "registration", |l| l.contains("registered open.test"));
+}
+
+#[test]
+fn a_config_file_authorizes_like_the_flag() {
+    let dir = Dir::new("config");
+    let line = keygen(&dir.path("k"));
+    let config = dir.path("router.toml");
+    std::fs::write(&config, format!("authorize = [\"web.test={line}\"]\n")).unwrap();
+    let (_router, addr) = router(&["--config", &config]);
+    let (_unsigned, err) = listen("web.test", &addr, &[]);
+    wait_line(&err, "refusal", |l| {
+        l.contains("refused the registration of web.test")
+    });
+    let (_signed, err) = listen("web.test", &addr, &["--key", &dir.path("k")]);
+    wait_line(&err, "registration", |l| l.contains("registered web.test"));
 }
 
 fn free_tcp_port() -> String {
