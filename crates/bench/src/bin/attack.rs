@@ -29,7 +29,8 @@
 //! * `victim-server` serves one stream (the service by name, like `serval listen`), reads it to
 //!   its end while hashing it (SHA-256), answers with the digest and the byte count, and prints
 //!   one JSON line: what it received, how the connection closed, and its endpoint's drop
-//!   counters (`auth_failures`, `replays`, …) read while the connection is still open.
+//!   counters (`auth_failures`, `replays`, …) read while the connection is still open, and
+//!   again (`stats_after`) once it has closed and left TIME-WAIT.
 //! * `victim-client` connects once (it never reconnects), sends `--bytes` of a pseudo-random
 //!   pattern with `--marker` every 4 KiB, spread over at least `--seconds` (with `--hold`, goes
 //!   on at that pace until its standard input closes), half-closes, reads
@@ -994,6 +995,9 @@ async fn serve_one(a: &ServerArgs) -> Result<(), String> {
     let close = tokio::time::timeout(Duration::from_secs(10), stream.closed())
         .await
         .map_or_else(|_| "close timed out".to_owned(), |r| r.to_string());
+    // And once the closed connection is forgotten, after its TIME-WAIT (3 s): its counters
+    // should have been folded into the endpoint's.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let after = ep.stats();
     println!(
         "{{\"role\":\"server\",\"bytes\":{total},\"sha256\":\"{}\",\"secs\":{:.3},\
