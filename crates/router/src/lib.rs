@@ -180,7 +180,8 @@ pub enum RouterError {
     },
 }
 
-/// Counters of a [`Router`]; see [`Router::stats`]. Monotonic except `registrations` and `authorizations`.
+/// Counters of a [`Router`]; see [`Router::stats`]. Monotonic except `registrations` and
+/// `authorizations`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouterStats {
     /// Registrations held now (as this router's replica of the registry knows them).
