@@ -1274,6 +1274,7 @@ impl Endpoint {
         // Keep the closed flow's drop counters in the endpoint's totals.
         self.stats.auth_failures += c.auth_failures;
         self.stats.malformed += c.malformed;
+        self.stats.replays += c.replays();
         self.flows.remove(flow);
         self.half_open.remove(&key);
         let i = h.index();
