@@ -7,11 +7,13 @@
 #   crates/bench/scripts/profile-serval.sh loopback [BYTES]
 #   crates/bench/scripts/profile-serval.sh veth [BYTES]      # two namespaces, MTU 1500
 #
-# Add CALLGRAPH=1 for DWARF call graphs (much larger files, slower).
+# Add CALLGRAPH=1 for DWARF call graphs (much larger files, slower); STACK=serval-plaintext
+# profiles the authenticated-only variant (default: serval, encrypted).
 set -euo pipefail
 topo=${1:-loopback}
 bytes=${2:-2G}
 bin=${BIN:-target/release/transfer-bench}
+stack=${STACK:-serval}
 out=${OUT:-/tmp/serval-profile}
 mkdir -p "$out"
 cg=()
@@ -46,11 +48,11 @@ fi
 port=$((30000 + $$ % 20000))
 # The server exits when its stdin closes; keep it open with a sleeping writer.
 sleep 600 | "${srv_ns[@]}" perf record -q -e cpu-clock -F 2000 "${cg[@]}" -o "$out/server.data" \
-  "$bin" server --stack serval --mode bulk --bind "$srv_ip:$port" >"$out/server.log" 2>&1 &
+  "$bin" server --stack "$stack" --mode bulk --bind "$srv_ip:$port" >"$out/server.log" 2>&1 &
 perf_pid=$(pgrep -n -f "perf record -q -e cpu-clock -F 2000 .*-o $out/server.data")
 for _ in $(seq 100); do grep -q READY "$out/server.log" 2>/dev/null && break; sleep 0.1; done
 timeout 300 "${cli_ns[@]}" perf record -q -e cpu-clock -F 2000 "${cg[@]}" -o "$out/client.data" \
-  "$bin" client --stack serval --mode bulk --connect "$srv_ip:$port" --bind "$cli_ip:0" --bytes "$bytes"
+  "$bin" client --stack "$stack" --mode bulk --connect "$srv_ip:$port" --bind "$cli_ip:0" --bytes "$bytes"
 cleanup
 perf_pid=
 for side in client server; do

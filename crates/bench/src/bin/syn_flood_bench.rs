@@ -563,6 +563,25 @@ struct Samples {
     us_per_syn: Vec<f64>,
     cookies_rate: Vec<f64>,
     processed: Vec<f64>,
+    rcvbuf_errors: Vec<f64>,
+}
+
+/// `Udp: RcvbufErrors` of the server's namespace (datagrams the kernel dropped because a
+/// socket's receive buffer was full).
+fn rcvbuf_errors() -> f64 {
+    let Ok(snmp) = sh(&["ip", "netns", "exec", NS_SERVER, "cat", "/proc/net/snmp"]) else {
+        return f64::NAN;
+    };
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return f64::NAN;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// One measurement: a fresh server, the legitimate clients and the flood for `secs`.
@@ -578,6 +597,7 @@ fn measure(a: &RunArgs, exe: &str, cookies: Cookies, rate: u64, s: &mut Samples)
         .stdout(Stdio::piped())
         .spawn()?;
     let before = server.stats()?;
+    let drops0 = rcvbuf_errors();
     let t0 = Instant::now();
     let flood_line = if rate > 0 {
         let out = Command::new("ip")
@@ -592,6 +612,7 @@ fn measure(a: &RunArgs, exe: &str, cookies: Cookies, rate: u64, s: &mut Samples)
     };
     let after = server.stats()?;
     let window = t0.elapsed().as_secs_f64();
+    let drops = rcvbuf_errors() - drops0;
     let out = legit.wait_with_output()?;
     let legit_line = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -603,7 +624,7 @@ fn measure(a: &RunArgs, exe: &str, cookies: Cookies, rate: u64, s: &mut Samples)
     let attempts = field(&legit_line, "attempts").unwrap_or(f64::NAN);
     let ok = field(&legit_line, "ok").unwrap_or(f64::NAN);
     eprintln!(
-        "  cookies={} rate={rate}: {} | {} | server cpu={cpu:.2}s received={received} cookies_sent={} accepted={}",
+        "  cookies={} rate={rate}: {} | {} | server cpu={cpu:.2}s received={received} cookies_sent={} accepted={} rcvbuf_errors={drops}",
         cookies.name(),
         flood_line.trim(),
         legit_line,
@@ -618,6 +639,7 @@ fn measure(a: &RunArgs, exe: &str, cookies: Cookies, rate: u64, s: &mut Samples)
     s.received_rate.push(received / window);
     s.cpu_share.push(100.0 * cpu / window);
     s.cookies_rate.push(d("cookies_sent") / window);
+    s.rcvbuf_errors.push(drops / window);
     if rate > 0 {
         s.us_per_syn.push(cpu * 1e6 / received);
         let sent = field(&flood_line, "sent").unwrap_or(f64::NAN);
@@ -652,9 +674,9 @@ fn run(a: &RunArgs) -> Result<()> {
         a.secs, a.interval_ms, a.timeout_ms, a.reps
     );
     println!(
-        "| cookies | flood SYN/s offered | server processed, % of offered | datagrams/s processed (to the last STATS) | cookies sent/s | legit success % | legit connect p50 ms | legit connect p99 ms | server CPU % of a core | server CPU µs per received datagram |"
+        "| cookies | flood SYN/s offered | server processed, % of offered | datagrams/s processed (to the last STATS) | kernel drops/s (full socket buffer) | cookies sent/s | legit success % | legit connect p50 ms | legit connect p99 ms | server CPU % of a core | server CPU µs per received datagram |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let f = |v: &[f64], p: usize| {
         let (m, lo, hi) = stats(v);
         if m.is_nan() {
@@ -665,10 +687,11 @@ fn run(a: &RunArgs) -> Result<()> {
     };
     for ((c, r), s) in &cells {
         println!(
-            "| {} | {r} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {r} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.name(),
             f(&s.processed, 0),
             f(&s.received_rate, 0),
+            f(&s.rcvbuf_errors, 0),
             f(&s.cookies_rate, 0),
             f(&s.success, 1),
             f(&s.connect_p50, 2),
