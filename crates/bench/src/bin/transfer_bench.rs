@@ -60,6 +60,20 @@ enum Cmd {
     /// Profiling aid: a bulk transfer between two sans-IO Serval engines in one thread, no
     /// sockets and no runtime — the engine's own cost per byte and per packet.
     EngineLoop(EngineLoopArgs),
+    /// Profiling aid: ring's AES-256-GCM on one packet's payload, as the engine uses it —
+    /// encrypt in place, authenticate only (the payload as associated data, which is what
+    /// `Protection::Plaintext` does), and a plain copy of the same bytes — ns per packet.
+    Aead(AeadArgs),
+}
+
+#[derive(Debug, Args)]
+struct AeadArgs {
+    /// Payload bytes per packet.
+    #[arg(long, value_delimiter = ',', default_value = "1400,16384,65000")]
+    sizes: Vec<usize>,
+    /// Packets per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    packets: usize,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +332,7 @@ fn main() {
         Cmd::Client(a) => runtime(a.threads).and_then(|rt| rt.block_on(client(a))),
         Cmd::Run(a) => run(a),
         Cmd::EngineLoop(a) => engine_loop(&a),
+        Cmd::Aead(a) => aead_micro(&a),
     };
     if let Err(e) = res {
         eprintln!("transfer-bench: {e}");
@@ -1753,6 +1768,59 @@ fn echo_topology(
     }
     drop(servers);
     Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AEAD cost per packet.
+
+fn aead_micro(a: &AeadArgs) -> Result<()> {
+    use ring::aead as ring_aead;
+    use std::hint::black_box;
+    let alg = &ring_aead::AES_256_GCM;
+    let key = ring_aead::LessSafeKey::new(
+        ring_aead::UnboundKey::new(alg, &[7u8; 32]).map_err(|_| "AES key")?,
+    );
+    let header = [0x11u8; 28];
+    for &size in &a.sizes {
+        let src = Pattern::new(3).slice(0, size).to_vec();
+        let mut buf = vec![0u8; size];
+        let n = a.packets.max(1);
+        let time = |f: &mut dyn FnMut(u64)| {
+            let t0 = Instant::now();
+            for i in 0..n as u64 {
+                f(i);
+            }
+            t0.elapsed().as_secs_f64() * 1e9 / n as f64
+        };
+        let nonce = |i: u64| {
+            let mut b = [0u8; 12];
+            b[4..].copy_from_slice(&i.to_be_bytes());
+            ring_aead::Nonce::assume_unique_for_key(b)
+        };
+        let copy = time(&mut |_| {
+            buf.copy_from_slice(black_box(&src));
+            black_box(&buf);
+        });
+        let enc = time(&mut |i| {
+            let tag = key
+                .seal_in_place_separate_tag(nonce(i), ring_aead::Aad::from(&header), &mut buf)
+                .ok();
+            black_box((&buf, tag));
+        });
+        let mac = time(&mut |i| {
+            let tag = key
+                .seal_in_place_separate_tag(nonce(i), ring_aead::Aad::from(&src[..]), &mut [])
+                .ok();
+            black_box(tag);
+        });
+        println!(
+            "RESULT aead size={size} copy_ns={copy:.0} encrypt_ns={enc:.0} gmac_ns={mac:.0} encrypt_gbps={:.2} gmac_gbps={:.2} copy_gbps={:.2}",
+            size as f64 * 8.0 / enc,
+            size as f64 * 8.0 / mac,
+            size as f64 * 8.0 / copy,
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
