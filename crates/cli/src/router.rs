@@ -83,6 +83,10 @@ pub struct RouterArgs {
     /// in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     delay_timeout_ms: u64,
+    /// SYNs a second each client address may send through this router (bursts of twice as
+    /// many); more are dropped and counted (`router_syns_rate_limited`). 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    syn_rate: u32,
     /// A TOML file whose keys are these flags' long names (`listen = ["0.0.0.0:54324"]`,
     /// `registry = "etcd://…"`, `min-ttl-ms = 2000`, …). Flags and environment variables given
     /// as well take precedence over it.
@@ -108,6 +112,7 @@ struct RouterFile {
     announce: Option<Vec<String>>,
     delay_queue: Option<u64>,
     delay_timeout_ms: Option<u64>,
+    syn_rate: Option<u32>,
 }
 
 /// `parent = "ADDR"` or `parent = ["ADDR", …]` in the config file.
@@ -201,6 +206,9 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
     if let Some(v) = file.delay_timeout_ms.filter(|_| unset("delay_timeout_ms")) {
         args.delay_timeout_ms = positive("delay-timeout-ms", v)?;
     }
+    if let Some(v) = file.syn_rate.filter(|_| unset("syn_rate")) {
+        args.syn_rate = v;
+    }
     Ok(())
 }
 
@@ -231,6 +239,11 @@ fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
     config.authorize = args.authorize.clone();
     config.endpoint.delay_queue = usize::try_from(args.delay_queue).unwrap_or(usize::MAX);
     config.endpoint.delay_timeout = Duration::from_millis(args.delay_timeout_ms);
+    config.endpoint.syn_rate_limit = (args.syn_rate > 0).then(|| serval::SynRateLimit {
+        rate: args.syn_rate,
+        burst: args.syn_rate.saturating_mul(2),
+        ..serval::SynRateLimit::default()
+    });
     let announce = announce(args)?;
     if args.parent.is_empty() {
         config.announce = announce;

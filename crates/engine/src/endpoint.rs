@@ -35,6 +35,7 @@ use crate::registrar::{Registrar, RegistrarEvent};
 mod cookie;
 mod delay;
 mod discovery;
+mod ratelimit;
 mod registration;
 use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State, Syn,
@@ -45,6 +46,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
 pub use cookie::{COOKIE_PERIOD, SynCookies};
+pub use ratelimit::SynRateLimit;
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use registration::RegistrationRequest;
 
@@ -178,6 +180,10 @@ pub struct EndpointConfig {
     /// self-certifying serviceID commits to). Default none: encrypted, but anyone answering
     /// the SYN is accepted.
     pub peer_identity: Option<PeerIdentity>,
+    /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
+    /// beyond it a source's SYNs are dropped silently and counted. Service routers set it
+    /// (`RouterConfig`); default none.
+    pub syn_rate_limit: Option<SynRateLimit>,
     /// When SYNs for local listeners must first echo a stateless cookie (a SYN flood from
     /// forged addresses then creates no state). Default: once 256 handshakes are half open.
     pub syn_cookies: SynCookies,
@@ -199,6 +205,7 @@ impl Default for EndpointConfig {
             protection: Protection::Encrypted,
             key_update_interval: DEFAULT_KEY_UPDATE_INTERVAL,
             syn_cookies: SynCookies::default(),
+            syn_rate_limit: None,
             identity: None,
             peer_identity: None,
         }
@@ -282,6 +289,8 @@ pub struct EndpointStats {
     pub cookies_refused: u64,
     /// Client: SYNs sent again with a server's cookie.
     pub cookie_retries: u64,
+    /// SYNs dropped because their source exceeded [`EndpointConfig::syn_rate_limit`].
+    pub syns_rate_limited: u64,
 }
 
 struct Listener {
@@ -378,6 +387,8 @@ pub struct Endpoint {
     scratch: Vec<u8>,
     /// The key of this endpoint's SYN cookies.
     cookie_secret: [u8; 32],
+    /// Token buckets of [`EndpointConfig::syn_rate_limit`].
+    syn_limiter: ratelimit::SynLimiter,
 }
 
 impl Endpoint {
@@ -418,6 +429,7 @@ impl Endpoint {
             answering_discovery: false,
             scratch: Vec::new(),
             cookie_secret,
+            syn_limiter: ratelimit::SynLimiter::default(),
         }
     }
 
@@ -924,6 +936,15 @@ impl Endpoint {
             repr.source[0] = remote;
         }
         let client = repr.source[0];
+        // (A held SYN being released was counted when it arrived.)
+        if let Some(limit) = &self.config.syn_rate_limit
+            && !discovery
+            && !self.resolving_held
+            && !self.syn_limiter.allow(limit, client.ip(), now)
+        {
+            self.stats.syns_rate_limited += 1;
+            return;
+        }
         if let Some(&h) = self.half_open.get(&(repr.src_flow, nonce)) {
             // A retransmitted SYN: answer again.
             if let Some(c) = self.conn(h) {

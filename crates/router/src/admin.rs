@@ -139,6 +139,11 @@ impl AdminSource for Router {
                 "SYNs dropped: hop limit, forwarding loop or full send queue.",
                 s.syns_dropped,
             ),
+            Metric::counter(
+                "router_syns_rate_limited",
+                "SYNs dropped because their client address exceeded its rate.",
+                s.syns_rate_limited,
+            ),
             Metric::gauge(
                 "router_delay_held",
                 "SYNs held by DELAY rules now, waiting for a verdict.",

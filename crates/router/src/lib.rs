@@ -117,7 +117,11 @@ impl RouterConfig {
             listen,
             registry: Registry::memory(),
             policy: Policy::default(),
-            endpoint: EndpointConfig::default(),
+            endpoint: EndpointConfig {
+                // A router serves every client: one flooding address must not take it.
+                syn_rate_limit: Some(serval::SynRateLimit::default()),
+                ..EndpointConfig::default()
+            },
             workers: 4,
             worker_queue: 1024,
             parents: Vec::new(),
@@ -228,6 +232,9 @@ pub struct RouterStats {
     pub syns_nacked: u64,
     /// SYNs dropped: hop limit reached, a forwarding loop, or the send queue full.
     pub syns_dropped: u64,
+    /// SYNs dropped because their client address exceeded its rate
+    /// (`EndpointConfig::syn_rate_limit`).
+    pub syns_rate_limited: u64,
     /// SYNs held by a DELAY rule now.
     pub syns_held_now: u64,
     /// SYNs a DELAY rule has held (retransmissions of a held SYN not counted).
@@ -551,6 +558,7 @@ impl Router {
             syns_forwarded: e.forwarded,
             syns_nacked: e.nacks_sent,
             syns_dropped: e.hop_limit_drops + e.transmit_queue_drops,
+            syns_rate_limited: e.syns_rate_limited,
             syns_held_now: e
                 .delayed
                 .saturating_sub(e.delay_resolved + e.delay_dropped + e.delay_timeouts),

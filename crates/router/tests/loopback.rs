@@ -503,3 +503,90 @@ async fn floods_are_counted_and_the_router_keeps_working() {
     })
     .await;
 }
+
+/// Issue 12 item 5: a router serves each client address a bounded rate of SYNs. One address
+/// flooding SYNs gets its burst and then its rate, counted; a client at another address is
+/// served in full meanwhile; and no answer is larger than the SYN it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_address_is_rate_limited_and_others_still_served() {
+    bounded(async {
+        let mut config = RouterConfig::new(vec![any_port()]);
+        config.endpoint.syn_rate_limit = Some(serval::SynRateLimit {
+            rate: 50,
+            burst: 50,
+            max_sources: 1024,
+        });
+        let r = Router::bind(config).await.unwrap();
+        let to = r.locators()[0];
+        let flooder = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let from = flooder.local_addr().unwrap();
+        let start = Instant::now();
+        let sent = 2000u64;
+        let mut syn_len = 0;
+        for i in 0..sent {
+            let mut syn = serval_wire::SalRepr::new(
+                serval_wire::Protocol::NONE,
+                serval_wire::FlowId(1000 + i),
+                serval_wire::FlowId::NONE,
+            );
+            syn.control = Some(serval_wire::ControlRepr {
+                flags: serval_wire::ControlFlags::SYN,
+                verno: 1,
+                ackno: 0,
+            });
+            syn.service = Some(serval_wire::ServiceRepr {
+                hop_limit: 8,
+                id: svc("nobody.test"),
+            });
+            syn.nonce = Some(serval_wire::Nonce([i as u8; 16]));
+            syn.keyshare = Some(serval_wire::KeyShareRepr {
+                group: serval_wire::KeyShareRepr::X25519,
+                flags: 0,
+                key: [9; 32],
+            });
+            syn.source = vec![from.into()];
+            let bytes = syn.to_bytes(&[]).unwrap();
+            syn_len = bytes.len();
+            flooder
+                .send_to(&bytes, std::net::SocketAddr::from(to))
+                .await
+                .unwrap();
+        }
+        let elapsed = start.elapsed();
+        // Everything sent arrived and was counted: NACKed within the budget, the rest limited.
+        wait_for(Duration::from_secs(10), "every SYN counted", || {
+            let s = r.stats();
+            s.syns_nacked + s.syns_rate_limited >= sent
+        })
+        .await;
+        let s = r.stats();
+        let budget = 50 + (50.0 * (elapsed.as_secs_f64() + 1.0)) as u64;
+        assert!(
+            s.syns_nacked <= budget,
+            "{} NACKs for a budget of {budget}",
+            s.syns_nacked
+        );
+        assert!(
+            s.syns_nacked >= 50,
+            "the burst was not served: {}",
+            s.syns_nacked
+        );
+        assert!(s.syns_rate_limited >= sent - budget);
+        // The answers that did come were no larger than the SYNs.
+        let mut buf = [0u8; 2048];
+        let mut answers = 0;
+        while let Ok(Ok((n, _))) =
+            timeout(Duration::from_millis(200), flooder.recv_from(&mut buf)).await
+        {
+            assert!(n <= syn_len, "an answer of {n} bytes to a SYN of {syn_len}");
+            answers += 1;
+        }
+        assert!(answers as u64 <= s.syns_nacked);
+        // A client at another address is served at once.
+        let client = endpoint().await;
+        client.set_default_route(to);
+        let e = client.connect(svc("nobody.test")).await.unwrap_err();
+        assert!(e.to_string().contains("no route to service"), "{e}");
+    })
+    .await;
+}
