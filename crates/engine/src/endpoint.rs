@@ -46,8 +46,8 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
 pub use cookie::{COOKIE_PERIOD, SynCookies};
-pub use ratelimit::SynRateLimit;
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
+pub use ratelimit::SynRateLimit;
 pub use registration::RegistrationRequest;
 
 /// Handle of a connection inside its [`Endpoint`]: the connection's slot (low 32 bits) and

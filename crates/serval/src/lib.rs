@@ -48,8 +48,7 @@ pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
-    CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies,
-    SynRateLimit,
+    CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies, SynRateLimit,
 };
 pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
 pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
