@@ -41,6 +41,10 @@
 
 pub mod identity;
 pub mod protect;
+mod snapshot;
+
+pub use self::snapshot::ExportError;
+pub(crate) use self::snapshot::ImportContext;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -312,6 +316,11 @@ pub(crate) struct Connection {
     pub(crate) malformed: u64,
     /// Closed, but the transport still has its CLOSE frame to send.
     flush_transport: bool,
+    /// Exported (docs/moving-flows.md §3.2): frozen, sends nothing and runs no timer until
+    /// released or thawed; holds whether the transport was frozen before the export.
+    export_freeze: Option<bool>,
+    /// Moves of this connection so far (the snapshot's move epoch).
+    move_epoch: u32,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -485,6 +494,8 @@ impl Connection {
             auth_failures: 0,
             malformed: 0,
             flush_transport: false,
+            export_freeze: None,
+            move_epoch: 0,
         }
     }
 
@@ -995,7 +1006,7 @@ impl Connection {
 
     /// The earliest time [`Connection::handle_timeout`] must run.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        if self.state == State::Closed {
+        if self.state == State::Closed || self.export_freeze.is_some() {
             return None;
         }
         let ctl = self.pending.as_ref().and_then(|p| p.deadline.get());
@@ -1035,6 +1046,9 @@ impl Connection {
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.export_freeze.is_some() {
+            return;
+        }
         if self.time_wait_until.get().is_some_and(|t| t <= now) {
             // Already reported closed on entering TIME-WAIT.
             self.time_wait_until = OptInstant::NONE;
@@ -1088,6 +1102,9 @@ impl Connection {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Option<(Locator, Locator)> {
+        if self.export_freeze.is_some() {
+            return None;
+        }
         if matches!(self.state, State::Established | State::TimeWait) {
             // Reading or writing since the last call may have drained the stream (FIN due) or
             // raised events.

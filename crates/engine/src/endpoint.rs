@@ -28,6 +28,7 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 
 use crate::Instant;
 pub use crate::connection::CloseReason;
+pub use crate::connection::ExportError;
 pub use crate::connection::identity::{IdentityError, PeerIdentity};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 use crate::registrar::{Registrar, RegistrarEvent};
@@ -389,7 +390,14 @@ pub struct Endpoint {
     cookie_secret: [u8; 32],
     /// Token buckets of [`EndpointConfig::syn_rate_limit`].
     syn_limiter: ratelimit::SynLimiter,
+    /// Export IDs of the snapshots imported here, oldest first (at most
+    /// [`MAX_IMPORTED_IDS`]), so that one snapshot is never imported twice.
+    imported: VecDeque<u128>,
 }
+
+/// How many export IDs an endpoint remembers to refuse a snapshot imported twice
+/// ([`SnapshotError::Replayed`](crate::snapshot::SnapshotError::Replayed)).
+pub const MAX_IMPORTED_IDS: usize = 4096;
 
 impl Endpoint {
     /// An endpoint on `locals` with its random choices (flowIDs, nonces, sequence numbers) drawn
@@ -430,6 +438,7 @@ impl Endpoint {
             scratch: Vec::new(),
             cookie_secret,
             syn_limiter: ratelimit::SynLimiter::default(),
+            imported: VecDeque::new(),
         }
     }
 
@@ -702,6 +711,8 @@ impl Endpoint {
     /// [`Event::Writable`]).
     pub fn write(&mut self, h: ConnectionHandle, data: &[u8]) -> Result<usize, WriteError> {
         let r = match self.conn(h) {
+            // Frozen for a move: what it accepted now would be in no snapshot.
+            Some(c) if c.is_exported() => Ok(0),
             Some(c) if c.state == State::Established => c.transport.write(data),
             Some(c) if matches!(c.state, State::SynSent | State::SynRcvd) => Ok(0),
             _ => Err(WriteError::Closed),
@@ -715,6 +726,7 @@ impl Endpoint {
     /// Ends this direction of the stream after what was written.
     pub fn finish(&mut self, h: ConnectionHandle) -> Result<(), WriteError> {
         let r = match self.conn(h) {
+            Some(c) if c.is_exported() => Err(WriteError::Closed),
             Some(c) if c.state == State::Established => c.transport.finish(),
             _ => Err(WriteError::Closed),
         };
@@ -731,6 +743,8 @@ impl Endpoint {
         buf: &mut [u8],
     ) -> Result<Option<usize>, ReadError> {
         let (r, released) = match self.conn(h) {
+            // Frozen for a move: what is unread travels in the snapshot.
+            Some(c) if c.is_exported() => (Ok(None), false),
             Some(c) => {
                 let r = c.transport.read(buf);
                 // Reading before writing: no data is coming soon to carry the handshake's ACK.
@@ -1393,6 +1407,134 @@ impl Endpoint {
         self.registrar_handle_timeout(now);
         self.expire_held(now);
         self.answer_discovery_due(now);
+    }
+}
+
+/// Moving a connection to another endpoint (docs/moving-flows.md §3.2): export, import,
+/// release or thaw.
+impl Endpoint {
+    /// Freezes connection `h` and returns its snapshot (docs/snapshot.md) for another
+    /// endpoint's [`import`](Self::import): a fresh export ID, and the move epoch one past
+    /// the connection's. From now on the connection sends nothing — no data, no ACK, no
+    /// control packet — and runs no timer; packets that arrive for it are still processed
+    /// (never acknowledged, so the peer sends them again to the importer). It stays here,
+    /// frozen, until [`release_exported`](Self::release_exported) (the importer took over)
+    /// or [`thaw`](Self::thaw) (the move was aborted). While frozen, `write` takes nothing,
+    /// `read` gives nothing and `finish` fails.
+    ///
+    /// Only an established connection (or one in TIME-WAIT) is exported; one in its
+    /// handshake is refused with [`ExportError::NotEstablished`], and nothing changes.
+    pub fn export(&mut self, h: ConnectionHandle, now: Instant) -> Result<Vec<u8>, ExportError> {
+        let export_id = u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64());
+        let c = self.conn(h).ok_or(ExportError::UnknownConnection)?;
+        c.freeze_for_export()?;
+        let epoch = c.move_epoch().wrapping_add(1);
+        let mut w = crate::snapshot::SnapshotWriter::new(export_id, epoch, now);
+        let written = c.export_into(&mut w, epoch);
+        let bytes = written.and_then(|()| w.finish().map_err(ExportError::from));
+        if bytes.is_err() {
+            c.thaw_export();
+        }
+        // Re-arm its timer: none while frozen.
+        self.touch(h);
+        bytes
+    }
+
+    /// Whether connection `h` is exported and frozen.
+    pub fn is_exported(&self, h: ConnectionHandle) -> bool {
+        self.conn_ref(h).is_some_and(Connection::is_exported)
+    }
+
+    /// Forgets an exported connection once its importer has taken over: nothing is sent
+    /// (no RST: it would be a valid-looking reset of the flow the importer continues), and
+    /// packets that still arrive for it are dropped as for an unknown flow. Returns `false`
+    /// (changing nothing) if `h` is not an exported connection.
+    pub fn release_exported(&mut self, h: ConnectionHandle) -> bool {
+        match self.conn(h) {
+            Some(c) if c.is_exported() => c.discard_exported(),
+            _ => return false,
+        }
+        self.reap(h);
+        true
+    }
+
+    /// Resumes an exported connection here: the move was aborted (its snapshot must then
+    /// never be imported anywhere, or two hosts would send under the same keys and packet
+    /// numbers). Timers that fell due while it was frozen fire at the next timeout; the peer
+    /// retransmits what arrived unacknowledged. Returns `false` if `h` is not exported.
+    pub fn thaw(&mut self, h: ConnectionHandle) -> bool {
+        let thawed = self.conn(h).is_some_and(Connection::thaw_export);
+        if thawed {
+            self.touch(h);
+        }
+        thawed
+    }
+
+    /// Continues the connection a snapshot holds (another endpoint's
+    /// [`export`](Self::export)): the flow is registered under its flowID, attached to this
+    /// endpoint's listener for the service, and takes this endpoint's locator of the peer's
+    /// family. An established connection re-binds at once with an authenticated RSYN from
+    /// that locator (the peer records it when the RSYN opens under the flow's keys); once
+    /// the peer answers it retransmits whatever was in flight, without a congestion
+    /// response. The handle returned is the application's, as [`accept`](Self::accept)'s
+    /// would be (no [`Event::Incoming`]).
+    ///
+    /// Refused, with nothing changed: everything [`SnapshotReader::parse`] refuses
+    /// (`Foreign`, `Version`, `Truncated`, `Corrupt`, ...), `Replayed` (this endpoint
+    /// imported a snapshot with the same export ID, among its last [`MAX_IMPORTED_IDS`]),
+    /// `NotServed` (no listener here serves the service, or no local locator of the peer's
+    /// family), `FlowInUse` (the flowID is live here), and `Malformed` for any block that
+    /// does not decode to a consistent state.
+    ///
+    /// [`SnapshotReader::parse`]: crate::snapshot::SnapshotReader::parse
+    pub fn import(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{SnapshotError, SnapshotReader};
+        let r = SnapshotReader::parse(bytes)?;
+        let id = r.export_id();
+        if self.imported.contains(&id) {
+            return Err(SnapshotError::Replayed);
+        }
+        let summary = Connection::summary(&r, now)?;
+        let listener = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.streams && l.prefix.contains(&summary.service))
+            .min_by_key(|(id, _)| **id)
+            .map(|(id, _)| *id)
+            .ok_or(SnapshotError::NotServed)?;
+        let local = self
+            .local_for(&summary.peer)
+            .ok_or(SnapshotError::NotServed)?;
+        if self.flows.contains(summary.local_flow) {
+            return Err(SnapshotError::FlowInUse);
+        }
+        let transport = self.transport_for(local);
+        let cx = crate::connection::ImportContext {
+            now,
+            local,
+            listener,
+            ctl: &self.config.control,
+            transport: &transport,
+        };
+        let c = Connection::import(&r, &cx)?;
+        if self
+            .flows
+            .adopt(summary.local_flow, ConnectionHandle(u64::MAX))
+            .is_err()
+        {
+            return Err(SnapshotError::FlowInUse);
+        }
+        let h = self.insert_conn(c);
+        self.register_flow(summary.local_flow, h);
+        if self.imported.len() >= MAX_IMPORTED_IDS {
+            self.imported.pop_front();
+        }
+        self.imported.push_back(id);
+        Ok(h)
     }
 }
 

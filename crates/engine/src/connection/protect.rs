@@ -633,6 +633,74 @@ impl Protector {
     }
 }
 
+/// A [`Protector`]'s state as plain data: what the connection snapshot's KEYS block carries
+/// (docs/snapshot.md §3.6). The derived AEAD keys are not in it (they are recomputed from the
+/// secrets), nor the counters, nor the previous receiving phase's keys (a packet of that phase
+/// reordered past an export then fails to open and is recovered like a loss).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub(crate) struct ProtectorParts {
+    pub(crate) secrets: FlowSecrets,
+    /// Per space (data, control): the first packet number of the current receiving phase.
+    pub(crate) rx_phase_start: [u64; 2],
+    /// Per space: the replay window.
+    pub(crate) replay: [ReplayWindow; 2],
+    /// The next control packet's number.
+    pub(crate) control_pn: u64,
+    /// Packets sealed in the current sending phase.
+    pub(crate) tx_in_phase: u64,
+    /// Packets per sending phase (at least 1).
+    pub(crate) update_interval: u64,
+}
+
+impl ReplayWindow {
+    /// The window as `(top, bitmap)`: one more than the largest packet number opened, and bit
+    /// `i` of the bitmap (word `i / 64`, bit `i % 64`) set if `top - 1 - i` was opened.
+    pub(crate) fn to_raw(&self) -> (u64, [u64; (REPLAY_WINDOW / 64) as usize]) {
+        (self.top, self.seen)
+    }
+
+    /// The inverse of [`to_raw`](Self::to_raw). Every value is a valid window (bits for
+    /// packet numbers below 0 are never consulted).
+    pub(crate) fn from_raw(top: u64, seen: [u64; (REPLAY_WINDOW / 64) as usize]) -> ReplayWindow {
+        ReplayWindow { top, seen }
+    }
+}
+
+impl Protector {
+    /// The state to export (see [`ProtectorParts`]).
+    pub(crate) fn to_parts(&self) -> ProtectorParts {
+        ProtectorParts {
+            secrets: self.secrets.clone(),
+            rx_phase_start: self.rx_phase_start,
+            replay: self.replay.clone(),
+            control_pn: self.control_pn,
+            tx_in_phase: self.tx_in_phase,
+            update_interval: self.update_interval,
+        }
+    }
+
+    /// A protector continuing exactly where [`to_parts`](Self::to_parts) left off, with
+    /// fresh counters. `control_pn_jump` is added to the control space's next packet number
+    /// (a standby taking over jumps its numbers past any its primary may have used, D9; 0
+    /// for a move of a frozen connection).
+    pub(crate) fn from_parts(p: ProtectorParts, control_pn_jump: u64) -> Protector {
+        Protector {
+            tx_key: PacketKey::new(&p.secrets.tx),
+            rx_key: PacketKey::new(&p.secrets.rx),
+            rx_next: PacketKey::new(&p.secrets.rx.next()),
+            rx_prev: None,
+            rx_phase_start: p.rx_phase_start,
+            replay: p.replay,
+            control_pn: p.control_pn.saturating_add(control_pn_jump),
+            tx_in_phase: p.tx_in_phase,
+            update_interval: p.update_interval.max(1),
+            path: 0,
+            secrets: p.secrets,
+            stats: ProtectStats::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
