@@ -423,6 +423,8 @@ pub struct Protector {
     rx_next: PacketKey,
     /// The receiving keys of the previous phase, for packets reordered around an update.
     rx_prev: Option<PacketKey>,
+    /// The secret `rx_prev` was derived from (for a snapshot: it cannot be derived back).
+    rx_prev_secret: Option<[u8; 32]>,
     /// Per space: the first packet number of the current receiving phase.
     rx_phase_start: [u64; 2],
     /// Per space: the packet numbers opened.
@@ -456,6 +458,7 @@ impl Protector {
             rx_key: PacketKey::new(&secrets.rx),
             rx_next: PacketKey::new(&secrets.rx.next()),
             rx_prev: None,
+            rx_prev_secret: None,
             rx_phase_start: [0; 2],
             replay: Default::default(),
             control_pn: 0,
@@ -617,6 +620,7 @@ impl Protector {
         if next {
             // The peer updated its keys: follow, and update ours too if it started it.
             self.rx_prev = Some(core::mem::replace(&mut self.rx_key, self.rx_next.clone()));
+            self.rx_prev_secret = Some(self.secrets.rx.secret);
             self.secrets.rx = self.secrets.rx.next();
             self.rx_next = PacketKey::new(&self.secrets.rx.next());
             // The other space's next packet belongs to the new phase too (an older one of the
@@ -634,12 +638,14 @@ impl Protector {
 }
 
 /// A [`Protector`]'s state as plain data: what the connection snapshot's KEYS block carries
-/// (docs/snapshot.md §3.6). The derived AEAD keys are not in it (they are recomputed from the
-/// secrets), nor the counters, nor the previous receiving phase's keys (a packet of that phase
-/// reordered past an export then fails to open and is recovered like a loss).
+/// (docs/snapshot.md §3.7). The derived AEAD keys are not in it (they are recomputed from the
+/// secrets), nor the counters.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct ProtectorParts {
     pub(crate) secrets: FlowSecrets,
+    /// The previous receiving phase's secret, once the peer updated its keys (its phase is
+    /// the other one): packets of that phase reordered around the update still open.
+    pub(crate) rx_prev: Option<[u8; 32]>,
     /// Per space (data, control): the first packet number of the current receiving phase.
     pub(crate) rx_phase_start: [u64; 2],
     /// Per space: the replay window.
@@ -671,6 +677,7 @@ impl Protector {
     pub(crate) fn to_parts(&self) -> ProtectorParts {
         ProtectorParts {
             secrets: self.secrets.clone(),
+            rx_prev: self.rx_prev_secret,
             rx_phase_start: self.rx_phase_start,
             replay: self.replay.clone(),
             control_pn: self.control_pn,
@@ -688,7 +695,13 @@ impl Protector {
             tx_key: PacketKey::new(&p.secrets.tx),
             rx_key: PacketKey::new(&p.secrets.rx),
             rx_next: PacketKey::new(&p.secrets.rx.next()),
-            rx_prev: None,
+            rx_prev: p.rx_prev.map(|secret| {
+                PacketKey::new(&TrafficSecret {
+                    secret,
+                    phase: !p.secrets.rx.phase,
+                })
+            }),
+            rx_prev_secret: p.rx_prev,
             rx_phase_start: p.rx_phase_start,
             replay: p.replay,
             control_pn: p.control_pn.saturating_add(control_pn_jump),

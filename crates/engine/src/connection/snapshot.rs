@@ -505,6 +505,10 @@ fn encode_keys(b: &mut BlockWriter, p: &ProtectorParts) {
     b.u64(p.control_pn);
     b.u64(p.tx_in_phase);
     b.u64(p.update_interval);
+    b.bool(p.rx_prev.is_some());
+    if let Some(prev) = &p.rx_prev {
+        b.raw(prev);
+    }
 }
 
 fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError> {
@@ -539,7 +543,13 @@ fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError>
     let tx_in_phase = b.u64()?;
     let update_interval = b.u64()?;
     b.check(update_interval >= 1, "key update interval of zero")?;
+    let rx_prev = if b.bool()? {
+        Some(array::<32>(b)?)
+    } else {
+        None
+    };
     Ok(ProtectorParts {
+        rx_prev,
         secrets: FlowSecrets {
             protection,
             tx,
@@ -552,4 +562,137 @@ fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError>
         tx_in_phase,
         update_interval,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::connection::protect::{KeyExchange, Space, Transcript};
+    use crate::frame::PN_LEN;
+    use serval_wire::header::BASE_HEADER_LEN;
+    use serval_wire::{Protocol, SalRepr};
+
+    fn pair(interval: u64) -> (Protector, Protector) {
+        let (c, s) = (KeyExchange::new([1; 32]), KeyExchange::new([2; 32]));
+        let (cs, ss) = (c.share(0), s.share(0));
+        let service = ServiceId([3; 32]);
+        let (cn, sn) = (Nonce([4; 16]), Nonce([5; 16]));
+        let t = Transcript {
+            service: &service,
+            client_flow: FlowId(10),
+            client_nonce: &cn,
+            client_share: &cs,
+            server_flow: FlowId(20),
+            server_nonce: &sn,
+            server_share: &ss,
+        };
+        let dh = c.agree(&ss).unwrap();
+        let secrets = |client| FlowSecrets::derive(client, Protection::Encrypted, &dh, &t);
+        (
+            Protector::new(secrets(true), interval),
+            Protector::new(secrets(false), interval),
+        )
+    }
+
+    fn data(p: &mut Protector, pn: u64) -> Vec<u8> {
+        let mut out = SalRepr::new(Protocol::STREAM, FlowId(20), FlowId(10))
+            .to_bytes(&[])
+            .unwrap();
+        out.extend_from_slice(&pn.to_be_bytes());
+        out.extend_from_slice(b"payload");
+        p.seal(&mut out, 0, BASE_HEADER_LEN);
+        out
+    }
+
+    fn control(p: &mut Protector) -> Vec<u8> {
+        let mut out = SalRepr::new(Protocol::NONE, FlowId(20), FlowId(10))
+            .to_bytes(&[])
+            .unwrap();
+        p.seal_control(&mut out, 0, BASE_HEADER_LEN);
+        out
+    }
+
+    fn open(p: &mut Protector, mut pkt: Vec<u8>, space: Space) -> bool {
+        p.open(&mut pkt, BASE_HEADER_LEN, space).is_ok()
+            && (space == Space::Control || &pkt[BASE_HEADER_LEN + PN_LEN..][..7] == b"payload")
+    }
+
+    /// Through the KEYS block and back.
+    fn round_trip(p: &Protector) -> Protector {
+        let mut w = BlockWriter::new(Instant::ZERO);
+        encode_keys(&mut w, &p.to_parts());
+        let bytes = w.into_bytes();
+        assert_eq!(
+            bytes.len(),
+            if p.to_parts().rx_prev.is_some() {
+                445
+            } else {
+                413
+            }
+        );
+        let mut r = BlockReader::new(block::KEYS, &bytes, Instant::ZERO);
+        let q = Protector::from_parts(decode_keys(&mut r).unwrap(), 0);
+        assert_eq!(r.remaining(), 0);
+        assert_eq!(q.to_parts(), p.to_parts());
+        q
+    }
+
+    #[test]
+    fn keys_continue_exactly_after_a_round_trip_across_key_updates() {
+        // A small update interval: the round trip happens in the middle of several phases.
+        let (mut c, mut s) = pair(8);
+        let mut pn = 0;
+        for _ in 0..30 {
+            assert!(open(&mut s, data(&mut c, pn), Space::Data));
+            assert!(open(&mut c, data(&mut s, pn), Space::Data));
+            pn += 1;
+        }
+        assert!(open(&mut c, control(&mut s), Space::Control));
+        let held = data(&mut c, pn); // in flight across the move
+        let mut moved = round_trip(&s);
+        // The importer opens what the peer sends next, and refuses what the exporter opened.
+        assert!(open(&mut moved, held, Space::Data));
+        assert!(!open(&mut moved, data(&mut c, 3), Space::Data));
+        for _ in 0..30 {
+            pn += 1;
+            assert!(open(&mut moved, data(&mut c, pn), Space::Data));
+            assert!(open(&mut c, data(&mut moved, pn), Space::Data));
+        }
+        // The control space continues where the exporter stopped: the peer's window takes it.
+        assert!(open(&mut c, control(&mut moved), Space::Control));
+        assert!(moved.stats.key_updates > 0 && s.stats.key_updates > 0);
+    }
+
+    #[test]
+    fn a_packet_of_the_previous_phase_reordered_across_the_move_still_opens() {
+        let (mut c, mut s) = pair(8);
+        for pn in 0..7 {
+            assert!(open(&mut s, data(&mut c, pn), Space::Data));
+        }
+        let late = data(&mut c, 7); // the last of phase 0, delayed
+        assert!(open(&mut s, data(&mut c, 8), Space::Data)); // phase 1: s follows
+        assert!(s.to_parts().rx_prev.is_some());
+        let mut moved = round_trip(&s);
+        assert!(open(&mut moved, late, Space::Data));
+        assert!(open(&mut moved, data(&mut c, 9), Space::Data));
+    }
+
+    #[test]
+    fn a_jump_moves_the_control_space_past_the_exporters_numbers() {
+        let (mut c, mut s) = pair(1 << 20);
+        let exported = s.to_parts();
+        // The exporter goes on sending control packets after the snapshot (a standby's
+        // primary does): the jump keeps the importer's numbers clear of them.
+        for _ in 0..5 {
+            assert!(open(&mut c, control(&mut s), Space::Control));
+        }
+        let mut jumped = Protector::from_parts(exported.clone(), 1 << 20);
+        assert!(open(&mut c, control(&mut jumped), Space::Control));
+        let mut plain = Protector::from_parts(exported, 0);
+        assert!(
+            !open(&mut c, control(&mut plain), Space::Control),
+            "a replay"
+        );
+    }
 }
