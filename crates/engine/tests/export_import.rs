@@ -982,3 +982,59 @@ proptest! {
         let _ = import_and_drive(&junk);
     }
 }
+
+/// Moves at the very end of the flow: with the FIN exchange under way (a FIN outstanding at
+/// B, which the import sends again after its RSYN) or over (TIME-WAIT, which only lingers):
+/// the client still sees a clean close, every byte once.
+#[test]
+fn moves_during_the_close_end_cleanly() {
+    let (mut moved, mut client_closed_first) = (0, 0);
+    for (i, delay) in [0u64, 1, 3, 5, 6, 8, 10, 12, 15, 20, 30]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = World::new(
+            50 + i as u64,
+            Link {
+                delay: ms(5),
+                jitter: ms(1),
+                loss: 0,
+                dup: 0,
+            },
+            [20_000, 30_000],
+            Duration::from_secs(7_000),
+        );
+        let limit = w.g + Duration::from_secs(60);
+        w.run(limit, World::done);
+        assert!(w.done());
+        let until = w.g + ms(delay);
+        w.run(until, |_| false);
+        let Some(hb) = w.apps[1].h else { continue };
+        let now = w.local(HB);
+        let Ok(bytes) = w.hosts[HB].ep.export(hb, now) else {
+            continue; // already gone
+        };
+        w.apps[1].h = None;
+        client_closed_first += usize::from(w.closed());
+        let until = w.g + ms(3);
+        w.run(until, |_| false);
+        let now = w.local(HC);
+        let hc = w.hosts[HC].ep.import(&bytes, now).expect("import");
+        assert!(w.hosts[HB].ep.release_exported(hb));
+        moved += 1;
+        w.finish();
+        w.check_delivery();
+        // C's copy ends too (TIME-WAIT over, or closed by the FIN exchange).
+        let limit = w.g + Duration::from_secs(30);
+        w.run(limit, |w| w.hosts[HC].ep.locators(hc).is_none());
+        assert!(
+            w.hosts[HC].ep.locators(hc).is_none(),
+            "delay {delay}: the imported flow lingers"
+        );
+    }
+    // Both kinds happened: moves while the client still waited for the close, and moves of a
+    // flow the client had already closed (B lingering in TIME-WAIT).
+    eprintln!("{moved} moves, {client_closed_first} after the client closed");
+    assert!(moved >= 5, "only {moved} moves happened during the close");
+    assert!(client_closed_first >= 1 && moved - client_closed_first >= 1);
+}
