@@ -29,7 +29,7 @@ use clap::{Parser, ValueEnum};
 use serval_registry::{Registration, Registry};
 use serval_router::{Policy, Router, RouterConfig};
 use serval_table::{Action, ServiceTable, Target};
-use serval_wire::{MessageType, RegistrationRepr, SalPacket, ServiceId, ServicePrefix};
+use serval_wire::{Cookie, MessageType, RegistrationRepr, SalPacket, ServiceId, ServicePrefix};
 
 #[path = "../heap.rs"]
 mod heap;
@@ -269,7 +269,10 @@ fn register(
     window: usize,
     acked: &mut [bool],
 ) -> Result<()> {
-    let request = |i: usize| {
+    // The router hands each (locator, instance, prefix) a cookie before it stores anything:
+    // the first request goes with an empty one, the COOKIE answer's goes with the next.
+    let mut cookies = vec![Cookie::EMPTY; n];
+    let request = |i: usize, cookie: Cookie| {
         RegistrationRepr::register(
             i as u32,
             instance_base + i as u64,
@@ -278,13 +281,14 @@ fn register(
             0,
             TTL.as_millis() as u32,
         )
+        .with_cookie(cookie)
     };
     let (mut next, mut low, mut done) = (0usize, 0usize, 0usize);
     let mut buf = [0u8; 2048];
     let mut last_progress = Instant::now();
     while done < n {
         while next < n && next - done < window {
-            sock.send(&request(next).to_packet())?;
+            sock.send(&request(next, cookies[next]).to_packet())?;
             next += 1;
         }
         match sock.recv(&mut buf) {
@@ -297,6 +301,11 @@ fn register(
                 };
                 let i = answer.request_id as usize;
                 if i < n && answer.instance == instance_base + i as u64 && !acked[i] {
+                    if answer.ty == MessageType::Cookie {
+                        cookies[i] = answer.cookie.unwrap_or(Cookie::EMPTY);
+                        sock.send(&request(i, cookies[i]).to_packet())?;
+                        continue;
+                    }
                     if answer.ty != MessageType::Ack {
                         return Err(format!("request {i} answered {}", answer.ty).into());
                     }
@@ -320,7 +329,7 @@ fn register(
                 }
                 for (i, a) in acked.iter().enumerate().take(next).skip(low) {
                     if !a {
-                        sock.send(&request(i).to_packet())?;
+                        sock.send(&request(i, cookies[i]).to_packet())?;
                     }
                 }
             }
