@@ -390,9 +390,15 @@ impl Endpoint {
         self.locals_changed();
     }
 
-    /// Removes a local locator; flows using it keep it until migrated.
+    /// Removes a local locator; flows using it keep it until migrated. A flow already moving
+    /// away from it stops sending on it and waits for its new path to be validated.
     pub fn remove_local(&mut self, loc: &Locator) {
         self.locals.retain(|l| l != loc);
+        for c in self.conns.iter_mut().flatten() {
+            if c.local == *loc {
+                c.local_removed();
+            }
+        }
         self.locals_changed();
     }
 
@@ -691,8 +697,18 @@ impl Endpoint {
     /// Moves a connection's local end to `new_local` (one of this endpoint's locators) with an
     /// authenticated RSYN. Returns `false` if the connection is not established or already
     /// moving.
+    ///
+    /// While the current local locator is still one of [`Endpoint::locals`], the move is
+    /// make-before-break: the stream keeps flowing on the old path until the new one is
+    /// validated. Remove the old locator ([`Endpoint::remove_local`]) when it is gone.
     pub fn migrate(&mut self, h: ConnectionHandle, new_local: Locator) -> bool {
-        let started = self.conn(h).is_some_and(|c| c.migrate(new_local));
+        let Some(old) = self.conn_ref(h).map(|c| c.local) else {
+            return false;
+        };
+        let old_path_usable = self.locals.contains(&old);
+        let started = self
+            .conn(h)
+            .is_some_and(|c| c.migrate(new_local, old_path_usable));
         if started {
             self.touch(h);
         }
