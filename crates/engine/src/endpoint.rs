@@ -37,6 +37,7 @@ use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State,
 };
 use crate::schedule::Schedule;
+pub use crate::transport::conn::DatagramError as ConnDatagramError;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
@@ -680,6 +681,45 @@ impl Endpoint {
             self.touch(h);
         }
         r
+    }
+
+    /// Queues an unreliable datagram on connection `h` (a DATAGRAM frame): sent once, when
+    /// the congestion window allows, never retransmitted. It may be queued before the
+    /// handshake completes. At most [`TransportConfig::datagram_queue`] wait; beyond that,
+    /// [`ConnDatagramError::QueueFull`].
+    pub fn write_datagram(
+        &mut self,
+        h: ConnectionHandle,
+        data: &[u8],
+    ) -> Result<(), ConnDatagramError> {
+        let r = match self.conn(h) {
+            Some(c)
+                if matches!(
+                    c.state,
+                    State::SynSent | State::SynRcvd | State::Established
+                ) =>
+            {
+                c.transport.send_datagram(data)
+            }
+            _ => Err(ConnDatagramError::Closed),
+        };
+        if r.is_ok() {
+            self.touch(h);
+        }
+        r
+    }
+
+    /// The next datagram the peer sent on connection `h`, if any ([`Event::Datagram`] says
+    /// when some arrived). The receive queue holds at most
+    /// [`TransportConfig::datagram_queue`] unread datagrams; those that arrive while it is
+    /// full are dropped and counted in [`TransportStats::datagrams_dropped`].
+    pub fn read_datagram(&mut self, h: ConnectionHandle) -> Option<Vec<u8>> {
+        self.conn(h)?.transport.recv_datagram()
+    }
+
+    /// The largest datagram [`Endpoint::write_datagram`] accepts on `h`'s current path.
+    pub fn max_datagram_size(&self, h: ConnectionHandle) -> Option<usize> {
+        Some(self.conn_ref(h)?.transport.max_datagram_size())
     }
 
     /// Whether a connection has something to send now (for a runtime deciding whether a call
