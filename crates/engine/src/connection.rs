@@ -24,11 +24,18 @@
 //!
 //! # Migration
 //!
-//! The mover sends an RSYN from its new locator and freezes its transport; the peer verifies
-//! it, records the packet's source as the new peer locator, answers RSYN-ACK to it and resumes at
-//! once towards the new locator; the mover, on the RSYN-ACK, switches its local locator and
-//! resumes. Both ends then call [`Transport::on_path_change`], which retransmits whatever was in
-//! flight without treating it as congestion. Both ends migrating at once works because each
+//! The mover sends an RSYN from its new locator; the peer verifies it, records the packet's
+//! source as the new peer locator, answers RSYN-ACK to it and resumes at once towards the new
+//! locator; the mover, on the RSYN-ACK (or the peer's data arriving at the new locator),
+//! switches its local locator. Both ends then call [`Transport::on_path_change`], which
+//! retransmits whatever was in flight without treating it as congestion.
+//!
+//! Make-before-break: while the mover's old locator is still the endpoint's, its transport
+//! keeps running on the old path (data out, the peer's data acknowledged) until the new path is
+//! validated; only when the old locator is gone does the transport freeze. A live flow does not
+//! die of backoff: while the old path shows signs of life the RSYN is retransmitted at least
+//! every max(control RTO, 3 PTOs), each retransmission probes the old path with a PING, and the
+//! RSYN gives up only after `retries` retransmissions without any sign of life. Both ends migrating at once works because each
 //! end's retransmitted RSYN goes to the latest locator it has learnt; if both *lose* their old
 //! locators at the same instant, neither RSYN can arrive, and only re-resolution through a
 //! service router (a later layer) can save the flow.
