@@ -1,6 +1,8 @@
 //! Real engines over the simulated network: a client connects to a service by name, sends a
 //! seeded byte string, the server echoes it, both close. Swept over many seeds with loss,
-//! reordering, duplication and jitter, with and without a client migration in the middle.
+//! reordering, duplication, jitter and asymmetric delays, with and without migrations in the
+//! middle: the client moving once (with its old address usable until the move completes, or
+//! vanishing as it moves), twice, or both ends at once.
 //!
 //! Each run checks: every byte arrives exactly once and in order (the echo matches what was
 //! sent), both ends see a clean close, and the run finishes within a step budget (livelock
