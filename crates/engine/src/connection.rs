@@ -30,11 +30,18 @@
 //!
 //! # Migration
 //!
-//! The mover sends an RSYN from its new locator and freezes its transport; the peer verifies
-//! it, records the packet's source as the new peer locator, answers RSYN-ACK to it and resumes at
-//! once towards the new locator; the mover, on the RSYN-ACK, switches its local locator and
-//! resumes. Both ends then call [`Transport::on_path_change`], which retransmits whatever was in
-//! flight without treating it as congestion. Both ends migrating at once works because each
+//! The mover sends an RSYN from its new locator; the peer verifies it, records the packet's
+//! source as the new peer locator, answers RSYN-ACK to it and resumes at once towards the new
+//! locator; the mover, on the RSYN-ACK (or the peer's data arriving at the new locator),
+//! switches its local locator. Both ends then call [`Transport::on_path_change`], which
+//! retransmits whatever was in flight without treating it as congestion.
+//!
+//! Make-before-break: while the mover's old locator is still the endpoint's, its transport
+//! keeps running on the old path (data out, the peer's data acknowledged) until the new path is
+//! validated; only when the old locator is gone does the transport freeze. A live flow does not
+//! die of backoff: while the old path shows signs of life the RSYN is retransmitted at least
+//! every max(control RTO, 3 PTOs), each retransmission probes the old path with a PING, and the
+//! RSYN gives up only after `retries` retransmissions without any sign of life. Both ends migrating at once works because each
 //! end's retransmitted RSYN goes to the latest locator it has learnt; if both *lose* their old
 //! locators at the same instant, neither RSYN can arrive, and only re-resolution through a
 //! service router (a later layer) can save the flow.
@@ -193,7 +200,12 @@ struct Pending {
     deadline: OptInstant,
     /// The retransmission timeout, nanoseconds.
     rto: u64,
+    /// Retransmissions so far (Karn's rule: no RTT sample once retransmitted).
     retries: u32,
+    /// Retransmissions since the peer last showed life: the give-up count. Equal to
+    /// `retries` except for an RSYN sent while the old path still works (see
+    /// [`Connection::note_life_while_moving`]).
+    quiet: u32,
 }
 
 /// The [`ControlConfig`] of a connection, compactly.
@@ -558,6 +570,7 @@ impl Connection {
             deadline: OptInstant::NONE,
             rto: self.ctl.rto,
             retries: 0,
+            quiet: 0,
         });
     }
 
@@ -672,6 +685,7 @@ impl Connection {
             }
             self.pump_transport(now);
         }
+        self.note_life_while_moving(now);
     }
 
     /// The protector of the flow a SYN-ACK proposes to this client: its keys from the
@@ -884,15 +898,68 @@ impl Connection {
         self.events.push_back(ConnEvent::Migrated(new_local));
     }
 
-    /// Starts moving this end to `new_local` (an RSYN from there).
-    pub(crate) fn migrate(&mut self, new_local: Locator) -> bool {
+    /// Starts moving this end to `new_local` (an RSYN from there). `old_path_usable` says
+    /// whether the current local locator is still one of the endpoint's: if so the move is
+    /// make-before-break — the transport keeps running on the old path (sending data and
+    /// acknowledging the peer's) until the RSYN-ACK, or the peer's data at `new_local`,
+    /// validates the new one. Otherwise the transport freezes until then.
+    pub(crate) fn migrate(&mut self, new_local: Locator, old_path_usable: bool) -> bool {
         if self.state != State::Established || self.moving_to.is_some() {
             return false;
         }
         self.moving_to = Some(Box::new(new_local));
-        self.transport.set_frozen(true);
+        self.transport.set_frozen(!old_path_usable);
         self.send_reliable(Reliable::Rsyn);
         true
+    }
+
+    /// The endpoint no longer holds our current local locator. Mid-move, nothing more can go
+    /// out on the old path: freeze the transport until the new path is validated (the
+    /// break-before-make move of a vanished address). Otherwise nothing changes: the flow
+    /// keeps its locator until the application migrates it.
+    pub(crate) fn local_removed(&mut self) {
+        if self.moving_to.is_some() {
+            self.transport.set_frozen(true);
+        }
+    }
+
+    /// The longest wait between retransmissions of an RSYN while the flow is otherwise
+    /// alive: three of the old path's probe timeouts, and never below the control channel's
+    /// first timeout (1 s by default).
+    fn rsyn_backoff_cap(&self) -> u64 {
+        let pto = u64::try_from(self.transport.pto_period().as_nanos()).unwrap_or(u64::MAX);
+        pto.saturating_mul(3).max(self.ctl.rto)
+    }
+
+    /// A live path should not die of backoff. While our RSYN is outstanding and the old path
+    /// is still in use (make-before-break), a packet that just advanced the transport's
+    /// receive clock — an authentic control packet, or a valid stream packet of this flow —
+    /// shows that the flow is alive and only the new path is (so far) silent. Then the RSYN
+    /// is retransmitted at least every [`rsyn_backoff_cap`](Self::rsyn_backoff_cap) (a
+    /// backed-off deadline is pulled in), and its give-up count restarts: a move fails only
+    /// after `retries` retransmissions *without* any sign of life. With the old path gone
+    /// (transport frozen) nothing changes: plain exponential backoff, then failure.
+    fn note_life_while_moving(&mut self, now: Instant) {
+        if self.transport.is_frozen() || self.transport.last_received() < now {
+            return;
+        }
+        let cap = self.rsyn_backoff_cap();
+        let Some(p) = self.pending.as_mut().filter(|p| p.kind == Reliable::Rsyn) else {
+            return;
+        };
+        p.quiet = 0;
+        if p.rto > cap {
+            // Only a retransmitted RSYN can have backed off beyond the cap (the cap is at
+            // least the first timeout), so moving its send time seen by Karn's rule in
+            // `on_rsyn_ack` does not matter.
+            if let Some(deadline) = p.deadline.get() {
+                let sent = deadline
+                    .checked_sub(Duration::from_nanos(p.rto))
+                    .unwrap_or(now);
+                p.deadline = (sent + Duration::from_nanos(cap)).max(now).into();
+            }
+            p.rto = cap;
+        }
     }
 
     /// The application reads: if nothing it wrote is waiting to carry a held handshake ACK,
@@ -1063,7 +1130,7 @@ impl Connection {
         if let Some(p) = &mut self.pending
             && p.deadline.get().is_some_and(|d| d <= now)
         {
-            if p.retries >= self.ctl.retries {
+            if p.quiet >= self.ctl.retries {
                 let kind = p.kind;
                 self.pending = None;
                 match kind {
@@ -1082,8 +1149,16 @@ impl Connection {
                 return;
             }
             p.retries += 1;
+            p.quiet += 1;
             p.rto = p.rto.saturating_mul(2);
             p.deadline = OptInstant::NONE; // send again on the next poll_transmit
+            if p.kind == Reliable::Rsyn && !self.transport.is_frozen() {
+                // Make-before-break: the new path is still silent. A PING on the old path
+                // asks the peer for an immediate answer, a sign of life that keeps this
+                // RSYN's backoff bounded (see `note_life_while_moving`) even when neither
+                // end has data to send.
+                self.transport.ping();
+            }
         }
         if matches!(self.state, State::Established | State::TimeWait) {
             self.transport.handle_timeout(now);
@@ -1150,8 +1225,9 @@ impl Connection {
         if self.state == State::Closed && !flushing {
             return None;
         }
+        // Mid-move the transport runs on the old path unless it is frozen (old path gone).
         if (flushing || matches!(self.state, State::Established | State::TimeWait))
-            && self.moving_to.is_none()
+            && !self.transport.is_frozen()
         {
             let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
             let base = out.len();

@@ -42,6 +42,7 @@ use crate::connection::{
     ConnEvent, ConnectError, Connection, ControlConfig, NewConnection, Role, State, Syn,
 };
 use crate::schedule::Schedule;
+pub use crate::transport::conn::DatagramError as ConnDatagramError;
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
@@ -460,9 +461,15 @@ impl Endpoint {
         self.locals_changed();
     }
 
-    /// Removes a local locator; flows using it keep it until migrated.
+    /// Removes a local locator; flows using it keep it until migrated. A flow already moving
+    /// away from it stops sending on it and waits for its new path to be validated.
     pub fn remove_local(&mut self, loc: &Locator) {
         self.locals.retain(|l| l != loc);
+        for c in self.conns.iter_mut().flatten() {
+            if c.local == *loc {
+                c.local_removed();
+            }
+        }
         self.locals_changed();
     }
 
@@ -761,6 +768,45 @@ impl Endpoint {
         r
     }
 
+    /// Queues an unreliable datagram on connection `h` (a DATAGRAM frame): sent once, when
+    /// the congestion window allows, never retransmitted. It may be queued before the
+    /// handshake completes. At most [`TransportConfig::datagram_queue`] wait; beyond that,
+    /// [`ConnDatagramError::QueueFull`].
+    pub fn write_datagram(
+        &mut self,
+        h: ConnectionHandle,
+        data: &[u8],
+    ) -> Result<(), ConnDatagramError> {
+        let r = match self.conn(h) {
+            Some(c)
+                if matches!(
+                    c.state,
+                    State::SynSent | State::SynRcvd | State::Established
+                ) =>
+            {
+                c.transport.send_datagram(data)
+            }
+            _ => Err(ConnDatagramError::Closed),
+        };
+        if r.is_ok() {
+            self.touch(h);
+        }
+        r
+    }
+
+    /// The next datagram the peer sent on connection `h`, if any ([`Event::Datagram`] says
+    /// when some arrived). The receive queue holds at most
+    /// [`TransportConfig::datagram_queue`] unread datagrams; those that arrive while it is
+    /// full are dropped and counted in [`TransportStats::datagrams_dropped`].
+    pub fn read_datagram(&mut self, h: ConnectionHandle) -> Option<Vec<u8>> {
+        self.conn(h)?.transport.recv_datagram()
+    }
+
+    /// The largest datagram [`Endpoint::write_datagram`] accepts on `h`'s current path.
+    pub fn max_datagram_size(&self, h: ConnectionHandle) -> Option<usize> {
+        Some(self.conn_ref(h)?.transport.max_datagram_size())
+    }
+
     /// Whether a connection has something to send now (for a runtime deciding whether a call
     /// that returned "would block" still needs a transmit pass).
     pub fn has_ready(&self) -> bool {
@@ -776,8 +822,18 @@ impl Endpoint {
     /// Moves a connection's local end to `new_local` (one of this endpoint's locators) with an
     /// authenticated RSYN. Returns `false` if the connection is not established or already
     /// moving.
+    ///
+    /// While the current local locator is still one of [`Endpoint::locals`], the move is
+    /// make-before-break: the stream keeps flowing on the old path until the new one is
+    /// validated. Remove the old locator ([`Endpoint::remove_local`]) when it is gone.
     pub fn migrate(&mut self, h: ConnectionHandle, new_local: Locator) -> bool {
-        let started = self.conn(h).is_some_and(|c| c.migrate(new_local));
+        let Some(old) = self.conn_ref(h).map(|c| c.local) else {
+            return false;
+        };
+        let old_path_usable = self.locals.contains(&old);
+        let started = self
+            .conn(h)
+            .is_some_and(|c| c.migrate(new_local, old_path_usable));
         if started {
             self.touch(h);
         }

@@ -1,6 +1,7 @@
 //! Decisions of the protocol that only show on an unlucky path: a forged NACK, a client behind
 //! address translation, a retransmitted SYN that takes another router, a full accept queue, a
-//! lost ACK of a FIN, a lost RSYN-ACK, and control sequence numbers wrapping around. Each test
+//! lost ACK of a FIN, a lost RSYN-ACK, a move whose new path stays silent (with and without the
+//! old locator), and control sequence numbers wrapping around. Each test
 //! drives real endpoints with explicit (virtual) time and decides exactly which datagram is
 //! lost, so each one pins one rule of docs/protocol.md.
 #![allow(clippy::unwrap_used)] // test harness
@@ -559,6 +560,153 @@ fn a_lost_rsyn_ack_is_completed_by_data_from_the_peer() {
     let mut got = Vec::new();
     read_all(&mut net.eps[1], sh, &mut got);
     assert_eq!(got, b"from the new place");
+}
+
+/// Whether `t` is a stream packet (transport payload, no SAL control).
+fn is_stream(t: &Transmit) -> bool {
+    SalPacket::new_checked(&t.payload[..]).is_ok_and(|p| p.protocol() == Protocol::STREAM)
+}
+
+/// Times at which `src` sent an RSYN, in order.
+fn rsyn_times(net: &Net, src: &str) -> Vec<Instant> {
+    net.log
+        .iter()
+        .filter(|(_, x)| x.src == loc(src) && flags(x) == Some(ControlFlags::RSYN))
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+/// Make-before-break (issue 11, migrate-loss20 seed 5809): the client moves while its old
+/// locator is still its own, and the new path loses everything for a minute. The stream keeps
+/// flowing both ways on the old path; the old path's answers keep the RSYN's retransmissions
+/// one second apart (never backed off to 32 s) and the flow alive well past the 30 s idle
+/// timeout and the six retransmissions of the control channel. When the new path heals, the
+/// next RSYN moves the flow.
+#[test]
+fn a_move_keeps_the_old_path_until_the_new_one_answers() {
+    let (mut net, h, sh) = connected();
+    net.eps[0].add_local(loc(A2));
+    assert!(net.eps[0].migrate(h, loc(A2)));
+    let moved = net.now;
+    let mut new_path_dead = |t: &Transmit| t.src == loc(A2) || t.dst == loc(A2);
+    // Each end writes a little every 5 s for a minute; the rest of the time the flow is quiet.
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for i in 0u8..12 {
+        net.eps[0].write(h, &[i]).unwrap();
+        net.eps[1].write(sh, &[100 + i]).unwrap();
+        let until = net.now + Duration::from_secs(5);
+        net.run_until(until, &mut new_path_dead);
+        read_all(&mut net.eps[0], h, &mut got_a);
+        read_all(&mut net.eps[1], sh, &mut got_b);
+    }
+    assert_eq!(got_b, (0u8..12).collect::<Vec<_>>(), "client to server");
+    assert_eq!(got_a, (100u8..112).collect::<Vec<_>>(), "server to client");
+    assert!(
+        net.log
+            .iter()
+            .any(|(t, x)| *t > moved && x.src == loc(A) && is_stream(x)),
+        "the client used the old path"
+    );
+    assert_eq!(net.eps[0].locators(h).unwrap(), (loc(A), loc(B)));
+    assert!(
+        !events(&mut net.eps[0])
+            .iter()
+            .any(|e| matches!(e, Event::Closed(..)))
+    );
+    assert!(
+        !events(&mut net.eps[1])
+            .iter()
+            .any(|e| matches!(e, Event::Closed(..)))
+    );
+    // Bounded backoff: one RSYN a second (the cap is the control RTO here, the path being
+    // fast), however many were lost.
+    let rsyns = rsyn_times(&net, A2);
+    assert!(rsyns.len() >= 55, "{} RSYNs in a minute", rsyns.len());
+    for w in rsyns.windows(2) {
+        assert!(
+            w[1] - w[0] <= Duration::from_secs(1),
+            "gap {:?}",
+            w[1] - w[0]
+        );
+    }
+
+    // The new path heals: the next RSYN moves the flow, and data flows from the new locator.
+    let healed = net.now;
+    net.run_until(healed + Duration::from_secs(2), &mut |_| false);
+    assert!(events(&mut net.eps[0]).contains(&Event::Migrated(h, loc(A2))));
+    assert_eq!(net.eps[0].locators(h).unwrap(), (loc(A2), loc(B)));
+    net.eps[0].write(h, b"from A2").unwrap();
+    net.run_until(net.now + Duration::from_secs(1), &mut |_| false);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[1], sh, &mut got);
+    assert_eq!(got, b"from A2");
+    assert!(
+        net.log
+            .iter()
+            .any(|(t, x)| *t > healed && x.src == loc(A2) && is_stream(x))
+    );
+}
+
+/// Even with nothing to send, the old path shows life: each retransmitted RSYN carries a PING
+/// on the old path, whose acknowledgement keeps the backoff bounded and the flow alive.
+#[test]
+fn a_quiet_flow_keeps_probing_the_old_path_while_it_moves() {
+    let (mut net, h, _sh) = connected();
+    net.eps[0].add_local(loc(A2));
+    assert!(net.eps[0].migrate(h, loc(A2)));
+    let mut new_path_dead = |t: &Transmit| t.src == loc(A2) || t.dst == loc(A2);
+    net.run_until(net.now + Duration::from_secs(45), &mut new_path_dead);
+    let rsyns = rsyn_times(&net, A2);
+    assert!(rsyns.len() >= 40, "{} RSYNs", rsyns.len());
+    for w in rsyns.windows(2) {
+        assert!(
+            w[1] - w[0] <= Duration::from_secs(1),
+            "gap {:?}",
+            w[1] - w[0]
+        );
+    }
+    assert!(
+        !events(&mut net.eps[0])
+            .iter()
+            .any(|e| matches!(e, Event::Closed(..)))
+    );
+    assert!(
+        !events(&mut net.eps[1])
+            .iter()
+            .any(|e| matches!(e, Event::Closed(..)))
+    );
+}
+
+/// Break-before-make, as before issue 11: the old locator is removed from the endpoint
+/// mid-move, so the client stops sending from it, and with the new path dead the RSYN backs
+/// off exponentially (1, 2, 4, 8, 16 s) until the flow dies.
+#[test]
+fn a_move_whose_old_locator_is_gone_backs_off_and_fails() {
+    let (mut net, h, sh) = connected();
+    net.eps[0].add_local(loc(A2));
+    assert!(net.eps[0].migrate(h, loc(A2)));
+    net.eps[0].remove_local(&loc(A));
+    let moved = net.now;
+    // The server still sends to A (its packets are lost: no endpoint holds A any more).
+    net.eps[1].write(sh, b"to nowhere").unwrap();
+    let mut new_path_dead = |t: &Transmit| t.src == loc(A2) || t.dst == loc(A2);
+    net.run_until(moved + Duration::from_secs(200), &mut new_path_dead);
+    assert!(
+        !net.log
+            .iter()
+            .any(|(t, x)| *t > moved && x.src == loc(A) && is_stream(x)),
+        "the client sent from its removed locator"
+    );
+    let rsyns = rsyn_times(&net, A2);
+    let gaps: Vec<_> = rsyns.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 4, "{gaps:?}");
+    for (i, g) in gaps.iter().take(4).enumerate() {
+        assert_eq!(*g, Duration::from_secs(1 << i), "{gaps:?}");
+    }
+    assert!(events(&mut net.eps[0]).iter().any(|e| matches!(
+        e,
+        Event::Closed(c, CloseReason::IdleTimeout | CloseReason::TimedOut) if *c == h
+    )));
 }
 
 // ---------------------------------------------------------------------------------------------

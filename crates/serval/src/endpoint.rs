@@ -55,6 +55,8 @@ pub enum Registration {
 pub(crate) struct ConnSlot {
     pub(crate) read: Option<Waker>,
     pub(crate) write: Option<Waker>,
+    /// A task waiting in [`Stream::recv_datagram`](crate::Stream::recv_datagram).
+    pub(crate) datagram: Option<Waker>,
     pub(crate) close: Option<Waker>,
     connect: Option<oneshot::Sender<Result<(), ConnectError>>>,
     pub(crate) closed: Option<CloseReason>,
@@ -117,8 +119,13 @@ impl State {
                         w.wake();
                     }
                 }
-                Event::Readable(h) | Event::Finished(h) | Event::Datagram(h) => {
+                Event::Readable(h) | Event::Finished(h) => {
                     if let Some(w) = self.conns.get_mut(&h).and_then(|c| c.read.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Datagram(h) => {
+                    if let Some(w) = self.conns.get_mut(&h).and_then(|c| c.datagram.take()) {
                         w.wake();
                     }
                 }
@@ -133,9 +140,14 @@ impl State {
                         if let Some(tx) = c.connect.take() {
                             let _ = tx.send(Err(ConnectError::TimedOut(ServiceId::ZERO)));
                         }
-                        for w in [c.read.take(), c.write.take(), c.close.take()]
-                            .into_iter()
-                            .flatten()
+                        for w in [
+                            c.read.take(),
+                            c.write.take(),
+                            c.close.take(),
+                            c.datagram.take(),
+                        ]
+                        .into_iter()
+                        .flatten()
                         {
                             w.wake();
                         }

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use serval_engine::endpoint::{CloseReason, ConnectionHandle};
+use serval_engine::endpoint::{CloseReason, ConnDatagramError, ConnectionHandle};
 use serval_engine::transport::conn::{ReadError, TransportStats, WriteError};
 use serval_wire::Locator;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -211,6 +211,63 @@ impl Stream {
         drop(st);
         self.inner.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Sends an unreliable datagram on this connection (a DATAGRAM frame beside the stream):
+    /// sent once, never retransmitted, and it may be lost. Fails with `InvalidInput` if it is
+    /// larger than [`Stream::max_datagram_size`], `WouldBlock` if the send queue is full.
+    pub fn send_datagram(&self, data: &[u8]) -> io::Result<()> {
+        let mut st = self.inner.shared.lock();
+        let r = st.engine.write_datagram(self.inner.handle, data);
+        let closed = st
+            .conns
+            .get(&self.inner.handle)
+            .and_then(|c| c.closed.clone());
+        drop(st);
+        match r {
+            Ok(()) => {
+                self.inner.shared.wake.notify_one();
+                Ok(())
+            }
+            Err(e @ ConnDatagramError::TooLarge { .. }) => {
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e))
+            }
+            Err(e @ ConnDatagramError::QueueFull) => {
+                Err(io::Error::new(io::ErrorKind::WouldBlock, e))
+            }
+            Err(ConnDatagramError::Closed) => Err(closed_error(closed.as_ref())),
+        }
+    }
+
+    /// The largest datagram [`Stream::send_datagram`] accepts on the current path.
+    pub fn max_datagram_size(&self) -> io::Result<usize> {
+        self.inner
+            .shared
+            .lock()
+            .engine
+            .max_datagram_size(self.inner.handle)
+            .ok_or_else(|| closed_error(None))
+    }
+
+    /// Waits for the next datagram the peer sent on this connection. Unread datagrams are
+    /// queued up to the transport's bound (`TransportConfig::datagram_queue`); beyond it new
+    /// ones are dropped (counted in [`TransportStats::datagrams_dropped`]). Fails once the
+    /// connection is closed and no datagram is left.
+    pub async fn recv_datagram(&self) -> io::Result<Vec<u8>> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.inner.shared.lock();
+            if let Some(d) = st.engine.read_datagram(self.inner.handle) {
+                return Poll::Ready(Ok(d));
+            }
+            match st.conns.get_mut(&self.inner.handle) {
+                Some(c) if c.closed.is_none() => {
+                    c.datagram = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                c => Poll::Ready(Err(closed_error(c.and_then(|c| c.closed.as_ref())))),
+            }
+        })
+        .await
     }
 
     /// Waits until the connection is closed — for a clean close, until both directions have

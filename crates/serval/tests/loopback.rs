@@ -277,3 +277,44 @@ async fn dropping_a_stream_with_unread_data_resets_the_peer() {
     .await
     .expect("test timed out");
 }
+
+/// Datagrams beside the stream, both ways, through `Stream::send_datagram` and
+/// `Stream::recv_datagram`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_on_a_stream() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("dgram.test")))
+            .unwrap();
+        let server_loc = server.local_locators()[0];
+        tokio::spawn(async move {
+            let s = listener.accept().await.unwrap();
+            // Echo each datagram back, reversed, until the client closes.
+            while let Ok(mut d) = s.recv_datagram().await {
+                d.reverse();
+                s.send_datagram(&d).unwrap();
+            }
+        });
+        let client = bind("127.0.0.1:0").await;
+        let stream = client
+            .connect_via(svc("dgram.test"), server_loc)
+            .await
+            .unwrap();
+        assert!(stream.max_datagram_size().unwrap() >= 1000);
+        // Loopback loses nothing unless a queue overflows: one at a time, each answered.
+        for i in 0u8..20 {
+            let msg = [i, 1, 2, 3];
+            stream.send_datagram(&msg).unwrap();
+            let back = stream.recv_datagram().await.unwrap();
+            assert_eq!(back, [3, 2, 1, i]);
+        }
+        let too_big = vec![0; stream.max_datagram_size().unwrap() + 1];
+        assert_eq!(
+            stream.send_datagram(&too_big).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidInput
+        );
+    })
+    .await
+    .expect("test timed out");
+}

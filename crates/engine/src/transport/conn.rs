@@ -1610,6 +1610,27 @@ impl Transport {
         self.last_sent.max(self.last_received)
     }
 
+    /// When the transport last received a valid packet, or the SAL reported the peer's
+    /// activity ([`on_peer_activity`](Self::on_peer_activity)): the peer's last sign of life.
+    pub fn last_received(&self) -> Instant {
+        self.last_received
+    }
+
+    /// Sends a PING with the next packet: the peer acknowledges it at once, so its answer
+    /// shows the path and the peer alive (the SAL probes the old path so while it migrates).
+    /// Ignored unless the transport is open.
+    pub fn ping(&mut self) {
+        if self.state == State::Open {
+            self.ping_pending = true;
+        }
+    }
+
+    /// The current probe timeout period of the path, before backoff (RFC 9002 §6.2.1):
+    /// the SAL scales its own retransmission timers from it.
+    pub fn pto_period(&self) -> Duration {
+        self.rtt.pto_period()
+    }
+
     /// Handles whatever timers expired at `now` (calling it early or twice is harmless).
     /// Then call [`poll_transmit`](Self::poll_transmit).
     pub fn handle_timeout(&mut self, now: Instant) {
