@@ -225,6 +225,7 @@ impl Connection {
                 b.opt_instant(p.deadline.get());
                 b.u64(p.rto);
                 b.u32(p.retries);
+                b.u32(p.quiet);
             }
         }
         for k in self.queued.0 {
@@ -336,13 +337,16 @@ impl Connection {
                 let deadline = OptInstant::new(b.opt_instant()?);
                 let rto = b.u64()?;
                 let retries = b.u32()?;
+                let quiet = b.u32()?;
                 b.check(rto > 0, "control retransmission timeout of zero")?;
+                b.check(quiet <= retries, "more quiet retransmissions than retransmissions")?;
                 Some(Pending {
                     kind,
                     verno,
                     deadline,
                     rto,
                     retries,
+                    quiet,
                 })
             }
         };
