@@ -1,80 +1,84 @@
-//! Arbitrary datagrams into endpoints with a live connection: nothing panics, and no reply is
-//! larger than what prompted it plus one ACK's worth.
+//! Arbitrary datagrams into endpoints with live connections: nothing panics, and no reply to a
+//! packet outside a live flow is larger than the packet (no amplification).
 //!
-//! The input is split into datagrams at 0xff 0xfe markers; each goes to the server or the client
-//! (alternately), both as-is and, for the first, spliced onto a real packet of the live flow so
-//! that the fuzzer reaches the per-flow code paths (control, transport frames) and not only the
-//! header checks.
+//! A server endpoint (B) has two live flows: one with a real client endpoint (A, whose keys we
+//! do not hold) and one with a hand-made client that holds its flow's keys (see
+//! `common::LiveFlow`). The input is split into datagrams at 0xfe bytes, sent alternately to the
+//! server and the real client. The first is spliced onto the base header of the key-holding
+//! flow and sealed with that flow's keys — the header as the fuzzer wrote it, then the packet
+//! number and payload — so that it passes the packet protection and reaches the per-flow paths
+//! (control packets, transport frames), not only header validation and the tag check. (Before
+//! packet protection the splice alone did that; since, a spliced packet fails authentication.)
 #![no_main]
 
-use std::sync::Arc;
+mod common;
 
+use common::{A, B, LiveFlow, endpoint, loc};
 use libfuzzer_sys::fuzz_target;
-use serval_engine::Instant;
-use serval_engine::endpoint::{Endpoint, EndpointConfig};
-use serval_table::ServiceTable;
-use serval_wire::{Locator, ServiceId, ServicePrefix};
-
-fn loc(s: &str) -> Locator {
-    s.parse().expect("valid locator")
-}
-
-fn pump(a: &mut Endpoint, b: &mut Endpoint, now: Instant) {
-    for _ in 0..64 {
-        let mut moved = false;
-        while let Some(t) = a.poll_transmit(now) {
-            moved = true;
-            b.handle_datagram(now, t.dst, t.src, &t.payload);
-        }
-        while let Some(t) = b.poll_transmit(now) {
-            moved = true;
-            a.handle_datagram(now, t.dst, t.src, &t.payload);
-        }
-        if !moved {
-            return;
-        }
-    }
-}
+use serval_engine::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
+use serval_engine::endpoint::EndpointConfig;
+use serval_wire::{Protocol, SalRepr, ServiceId};
 
 fuzz_target!(|data: &[u8]| {
-    let (la, lb) = (loc("10.0.0.1:54324"), loc("10.0.0.2:54324"));
+    let (la, lb) = (loc(A), loc(B));
     let service = ServiceId::from_name("echo.fuzz").expect("valid name");
-    let mut a = Endpoint::new(
-        EndpointConfig::default(),
-        [1; 32],
-        Arc::new(ServiceTable::new()),
-        vec![la],
-    );
-    let mut b = Endpoint::new(
-        EndpointConfig::default(),
-        [2; 32],
-        Arc::new(ServiceTable::new()),
-        vec![lb],
-    );
-    b.listen(ServicePrefix::exact(service), 0, 1);
-    let now = Instant::ZERO;
-    let h = a.connect_via(now, service, lb).expect("connect");
-    pump(&mut a, &mut b, now);
+    let Some(mut flow) = LiveFlow::new(Protection::Encrypted, DEFAULT_KEY_UPDATE_INTERVAL) else {
+        panic!("the handshake did not complete");
+    };
+    let mut a = endpoint(A, 1, EndpointConfig::default());
+    let mut t = flow.now;
+    let h = a.connect_via(t, service, lb).expect("connect");
+    // Connect the real client too.
+    for _ in 0..8 {
+        let mut moved = false;
+        while let Some(x) = a.poll_transmit(t) {
+            moved = true;
+            flow.server.handle_datagram(t, x.dst, x.src, &x.payload);
+        }
+        while let Some(x) = flow.server.poll_transmit(t) {
+            moved = true;
+            if x.dst == la {
+                a.handle_datagram(t, x.dst, x.src, &x.payload);
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
     let _ = a.write(h, b"hello");
-    let real = a.poll_transmit(now).map(|t| t.payload).unwrap_or_default();
+    while a.poll_transmit(t).is_some() {}
+    let header = SalRepr::new(Protocol::STREAM, flow.cflow, flow.sflow)
+        .to_bytes(&[])
+        .expect("header");
 
-    let mut t = now;
     for (i, chunk) in data.split(|w| *w == 0xfe).enumerate() {
         let mut dgram = chunk.to_vec();
-        if i == 0 && real.len() >= 20 {
-            // Keep the real flowIDs, fuzz the rest.
-            let mut spliced = real[..20].to_vec();
-            spliced.extend_from_slice(chunk);
-            dgram = spliced;
+        if i == 0 {
+            // The live flow's flowIDs; the rest of the header (version, flags, protocol, header
+            // length, extensions) and the packet from the fuzzer; sealed with the flow's keys.
+            let mut spliced = header.clone();
+            if chunk.len() >= 4 {
+                spliced[..4].copy_from_slice(&chunk[..4]);
+                spliced.extend_from_slice(&chunk[4..]);
+            } else {
+                spliced.extend_from_slice(chunk);
+            }
+            dgram = flow.seal_raw(spliced);
         }
-        let (ep, local, remote) = if i % 2 == 0 {
-            (&mut b, lb, la)
+        let server = i % 2 == 0;
+        if server {
+            flow.server.handle_datagram(t, lb, la, &dgram);
         } else {
-            (&mut a, la, lb)
-        };
-        ep.handle_datagram(t, local, remote, &dgram);
-        while let Some(reply) = ep.poll_transmit(t) {
-            // The spliced packet belongs to the live flow, which may answer with its own data;
+            a.handle_datagram(t, la, lb, &dgram);
+        }
+        loop {
+            let reply = if server {
+                flow.server.poll_transmit(t)
+            } else {
+                a.poll_transmit(t)
+            };
+            let Some(reply) = reply else { break };
+            // The sealed packet belongs to a live flow, which may answer with its own data;
             // anything else is at most a NACK, never larger than what prompted it.
             if i > 0 {
                 assert!(reply.payload.len() <= dgram.len(), "reply amplifies");
@@ -82,8 +86,8 @@ fuzz_target!(|data: &[u8]| {
         }
         t += std::time::Duration::from_millis(7);
         a.handle_timeout(t);
-        b.handle_timeout(t);
+        flow.server.handle_timeout(t);
         while a.poll_transmit(t).is_some() {}
-        while b.poll_transmit(t).is_some() {}
+        while flow.server.poll_transmit(t).is_some() {}
     }
 });
