@@ -37,6 +37,27 @@
 //!   the server's digest and prints one JSON line: whether the digests match, how long it took,
 //!   how the connection closed, and its endpoint's counters. Exit status 1 if anything failed.
 //!
+//! * `syn-flood --target ADDR --service NAME --rate N --duration SECS [--spoof CIDR]` sends
+//!   well-formed SYNs for the service (CONTROL{SYN}, SERVICE, NONCE, KEYSHARE with 32 random
+//!   bytes, SOURCE), each with a fresh random flowID, verno, nonce and key share — each would be
+//!   a new handshake — at `--rate` SYNs/s (0: as fast as it can) for `--duration`. With
+//!   `--spoof` every SYN comes from a random address (and port) of the IPv4 CIDR, through the
+//!   raw socket with its own IPv4 headers; without it, from the tool's own address through an
+//!   ordinary UDP socket (what comes back is never read). On exit it prints one JSON line: SYNs
+//!   sent, send errors, the seconds and the rate achieved. It is the flooder of
+//!   `crates/cli/tests/synflood_netns.rs` (issue 12's SYN-flood test).
+//! * `echo-server` serves a service by name, any number of streams, each echoed back (as
+//!   `serval listen --echo`), registered with `--router` (printing `REGISTERED` once the router
+//!   acknowledged), with the engine's default SYN cookies (past 256 half-open handshakes). On
+//!   each `STATS` line read from its standard input it prints one JSON line of its endpoint's
+//!   counters (`cookies_sent`, `cookies_accepted`, …) and its resident memory; it exits when its
+//!   standard input ends.
+//! * `legit-clients --count N --via ADDR --service NAME` opens N connections by name through
+//!   `--via` (a router), one endpoint for all, at most `--concurrency` at once and one started
+//!   every `--interval-ms`; each must connect and echo 64 bytes within `--timeout-ms`. It
+//!   prints one JSON line: attempts, successes, failures by reason, the success percentage
+//!   and connect-time percentiles (p50, p90, p99, max), and its endpoint's `cookie_retries`.
+//!
 //! Linux only, and needs CAP_NET_RAW (root in the test's namespaces). The forged packets carry
 //! IPv4 TTL [`MARK_TTL`], which is how the capture tells them from the victims' own packets.
 
@@ -44,17 +65,19 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use serval::{Endpoint, EndpointConfig, EndpointStats, Protection, ServiceId, ServicePrefix};
-use serval_wire::ext::{ControlFlags, ControlRepr, KeyShareRepr};
+use serval::{
+    Endpoint, EndpointConfig, EndpointStats, Protection, RegistrarEvent, ServiceId, ServicePrefix,
+};
+use serval_wire::ext::{ControlFlags, ControlRepr, ExtType, KeyShareRepr, ServiceRepr, field};
 use serval_wire::{FlowId, Nonce, Protocol, SalRepr};
 use sha2::{Digest, Sha256};
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// The IPv4 TTL of every packet this tool sends: the capture skips packets that carry it, so
 /// it never learns from (or replays) its own forgeries. The victims' kernels send 64.
@@ -87,6 +110,115 @@ enum Cmd {
     VictimServer(ServerArgs),
     /// Send one stream with a marker pattern, check the digest; print the endpoint's counters.
     VictimClient(ClientArgs),
+    /// Flood a server or router with well-formed SYNs, spoofed or from this host.
+    SynFlood(SynFloodArgs),
+    /// Serve echo streams by name, registered with a router; `STATS` on stdin prints counters.
+    EchoServer(EchoServerArgs),
+    /// Legitimate clients: connections by name with a 64-byte echo each; success and timing.
+    LegitClients(LegitArgs),
+}
+
+#[derive(Args)]
+struct SynFloodArgs {
+    /// Where the SYNs go (a server or a router).
+    #[arg(long)]
+    target: SocketAddrV4,
+    /// The service name the SYNs ask for.
+    #[arg(long)]
+    service: String,
+    /// SYNs per second (0: as fast as the socket takes them).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Flood for this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Forge every SYN from a random address of this IPv4 CIDR (e.g. 198.18.0.0/15) and a
+    /// random port (raw socket). Without it, the SYNs come from this host's own address.
+    #[arg(long, value_parser = parse_cidr)]
+    spoof: Option<Cidr>,
+    /// Local address of the UDP socket without `--spoof`.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddrV4,
+    /// Seed of the pseudo-random choices (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct EchoServerArgs {
+    /// Local UDP address to bind.
+    #[arg(long)]
+    bind: SocketAddr,
+    /// The service name to serve.
+    #[arg(long)]
+    service: String,
+    /// Register with this service router (kept alive while serving).
+    #[arg(long)]
+    router: Option<SocketAddr>,
+    /// Exit after this many seconds even if standard input stays open.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+struct LegitArgs {
+    /// The router (or instance) to send the SYNs to.
+    #[arg(long)]
+    via: SocketAddr,
+    /// Local UDP address to bind.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// The service name.
+    #[arg(long)]
+    service: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 100)]
+    count: u64,
+    /// Most connections in progress at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Start a connection at most every this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+    /// A connection that has not connected and echoed its 64 bytes by then failed.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+/// An IPv4 network: address and prefix length.
+#[derive(Clone, Copy)]
+struct Cidr {
+    base: u32,
+    len: u8,
+}
+
+impl Cidr {
+    /// A random address of the network (any, network and broadcast addresses included: a
+    /// forger does not care).
+    fn random(&self, rng: &mut Rng) -> Ipv4Addr {
+        let host_bits = 32 - u32::from(self.len);
+        let mask = if host_bits == 32 {
+            u32::MAX
+        } else {
+            (1u32 << host_bits) - 1
+        };
+        Ipv4Addr::from((self.base & !mask) | (rng.next() as u32 & mask))
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (a, l) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: ADDRESS/LENGTH"))?;
+    let a: Ipv4Addr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let len: u8 = l.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if len > 32 {
+        return Err(format!("{s:?}: a length of at most 32"));
+    }
+    Ok(Cidr {
+        base: u32::from(a),
+        len,
+    })
 }
 
 #[derive(Args)]
@@ -197,6 +329,9 @@ fn main() -> ExitCode {
         Cmd::SniffAndForge(a) => sniff_and_forge(&a),
         Cmd::VictimServer(a) => runtime().block_on(victim_server(a)),
         Cmd::VictimClient(a) => runtime().block_on(victim_client(a)),
+        Cmd::SynFlood(a) => syn_flood(&a),
+        Cmd::EchoServer(a) => runtime().block_on(echo_server(a)),
+        Cmd::LegitClients(a) => runtime().block_on(legit_clients(a)),
     }
 }
 
@@ -1143,6 +1278,471 @@ async fn send_one(a: &ClientArgs) -> Result<bool, String> {
     Ok(ok)
 }
 
+// ---------------------------------------------------------------------------------------------
+// syn-flood, echo-server and legit-clients: issue 12's SYN-flood test.
+
+/// A SYN for one service, encoded once, with the offsets of the fields every forged copy
+/// changes: forging one costs a copy and a few random words, not an encoding.
+struct SynTemplate {
+    pkt: Vec<u8>,
+    verno: usize,
+    nonce: usize,
+    key: usize,
+    /// The SOURCE extension's one locator (family, port, IPv4 address).
+    locator: usize,
+}
+
+impl SynTemplate {
+    fn new(service: ServiceId, hop_limit: u8) -> Result<SynTemplate, String> {
+        let mut r = SalRepr::new(Protocol::STREAM, FlowId(1), FlowId::NONE);
+        r.control = Some(ControlRepr {
+            flags: ControlFlags::SYN,
+            verno: 0,
+            ackno: 0,
+        });
+        r.service = Some(ServiceRepr {
+            hop_limit,
+            id: service,
+        });
+        r.nonce = Some(Nonce([0; 16]));
+        r.keyshare = Some(KeyShareRepr {
+            group: KeyShareRepr::X25519,
+            flags: 0,
+            key: [0; 32],
+        });
+        r.source = vec![SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(192, 0, 2, 1),
+            1,
+        ))];
+        let pkt = r
+            .to_bytes(&[])
+            .map_err(|e| format!("cannot encode a SYN: {e:?}"))?;
+        let header_len = usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len());
+        let (mut verno, mut nonce, mut key, mut locator) = (None, None, None, None);
+        let mut at = BASE;
+        while at + 2 <= header_len {
+            let (t, len) = (ExtType(pkt[at]), usize::from(pkt[at + 1]));
+            if t == ExtType::CONTROL {
+                verno = Some(at + field::CONTROL_VERNO.start);
+            } else if t == ExtType::NONCE {
+                nonce = Some(at + field::NONCE.start);
+            } else if t == ExtType::KEYSHARE {
+                key = Some(at + field::KEYSHARE_KEY.start);
+            } else if t == ExtType::SOURCE {
+                locator = Some(at + field::BODY);
+            }
+            if len < 2 {
+                break;
+            }
+            at += len;
+        }
+        match (verno, nonce, key, locator) {
+            (Some(verno), Some(nonce), Some(key), Some(locator)) => Ok(SynTemplate {
+                pkt,
+                verno,
+                nonce,
+                key,
+                locator,
+            }),
+            _ => Err("the encoded SYN lacks an extension".to_owned()),
+        }
+    }
+
+    /// A new SYN from `from` into `out`: random flowID, verno, nonce and key share.
+    fn forge(&self, rng: &mut Rng, from: SocketAddrV4, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.pkt);
+        out[4..12].copy_from_slice(&(rng.next() | 1).to_be_bytes());
+        out[self.verno..self.verno + 4].copy_from_slice(&(rng.next() as u32).to_be_bytes());
+        rng.fill(&mut out[self.nonce..self.nonce + 16]);
+        rng.fill(&mut out[self.key..self.key + 32]);
+        let l = self.locator;
+        out[l + 1..l + 3].copy_from_slice(&from.port().to_be_bytes());
+        out[l + 3..l + 7].copy_from_slice(&from.ip().octets());
+    }
+}
+
+enum FloodSocket {
+    /// Spoofed: IPv4 headers of our own.
+    Raw(Socket),
+    /// From our own address, connected to the target.
+    Udp(std::net::UdpSocket),
+}
+
+fn syn_flood(a: &SynFloodArgs) -> ExitCode {
+    match flood_syns(a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("attack: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn flood_syns(a: &SynFloodArgs) -> Result<(), String> {
+    let service = ServiceId::from_name(&a.service).map_err(|e| format!("{}: {e}", a.service))?;
+    let template = SynTemplate::new(service, EndpointConfig::default().hop_limit)?;
+    let mut rng = Rng::new(a.seed.unwrap_or_else(clock_seed));
+    let (sock, own) = match a.spoof {
+        Some(_) => {
+            let tx = Socket::new(Domain::IPV4, Type::RAW, Some(255.into()))
+                .map_err(|e| format!("cannot open a raw socket (root needed): {e}"))?;
+            tx.set_header_included_v4(true)
+                .map_err(|e| format!("IP_HDRINCL: {e}"))?;
+            let _ = tx.set_send_buffer_size(4 << 20);
+            (FloodSocket::Raw(tx), None)
+        }
+        None => {
+            let u = std::net::UdpSocket::bind(a.bind)
+                .map_err(|e| format!("cannot bind {}: {e}", a.bind))?;
+            u.connect(a.target)
+                .map_err(|e| format!("cannot connect to {}: {e}", a.target))?;
+            let own = match u.local_addr() {
+                Ok(SocketAddr::V4(v4)) => v4,
+                other => return Err(format!("local address {other:?}")),
+            };
+            (FloodSocket::Udp(u), Some(own))
+        }
+    };
+    let target: socket2::SockAddr = SocketAddr::V4(a.target).into();
+    let (mut sent, mut errors, mut attempted) = (0u64, 0u64, 0u64);
+    let mut last_error: Option<String> = None;
+    let mut syn = Vec::with_capacity(template.pkt.len());
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(a.duration);
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let mut n = 64;
+        if a.rate > 0 {
+            let due = ((now - start).as_secs_f64() * a.rate as f64) as u64;
+            let owe = due.saturating_sub(attempted);
+            if owe == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            n = owe.min(64);
+        }
+        for _ in 0..n {
+            let from = match (&a.spoof, own) {
+                (Some(cidr), _) => {
+                    SocketAddrV4::new(cidr.random(&mut rng), 1024 + rng.below(64_512) as u16)
+                }
+                (None, Some(own)) => own,
+                (None, None) => unreachable!("a socket of our own has an address"),
+            };
+            template.forge(&mut rng, from, &mut syn);
+            attempted += 1;
+            let r = match &sock {
+                FloodSocket::Raw(s) => s.send_to(&ip_udp(from, a.target, &syn, &mut rng), &target),
+                FloodSocket::Udp(u) => u.send(&syn),
+            };
+            match r {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    errors += 1;
+                    last_error = Some(e.to_string());
+                    // A full socket buffer (ENOBUFS): let the queue drain.
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let from = match (&a.spoof, own) {
+        (Some(c), _) => format!("{}/{}", Ipv4Addr::from(c.base), c.len),
+        (None, Some(own)) => own.to_string(),
+        (None, None) => String::new(),
+    };
+    println!(
+        "{{\"role\":\"syn-flood\",\"target\":\"{}\",\"spoofed\":{},\"from\":\"{from}\",\
+         \"sent\":{sent},\"send_errors\":{errors},\"last_error\":{},\"secs\":{secs:.3},\
+         \"rate\":{:.0},\"syn_bytes\":{}}}",
+        a.target,
+        a.spoof.is_some(),
+        json_opt(last_error.as_deref()),
+        sent as f64 / secs.max(1e-9),
+        template.pkt.len(),
+    );
+    Ok(())
+}
+
+/// This process's resident memory in KiB (`VmRSS` of /proc/self/status).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system, all threads) of this process so far (/proc/self/stat).
+fn cpu_secs() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The fields after the command name (in parentheses, may hold spaces) start at field 3.
+    let Some(rest) = s.rfind(')').and_then(|i| s.get(i + 2..)) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(14), ticks(15)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// What `echo-server` counts of its streams.
+#[derive(Default)]
+struct Served {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    open: AtomicU64,
+}
+
+async fn echo_server(a: EchoServerArgs) -> ExitCode {
+    match serve_echo(&a).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo-server: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve_echo(a: &EchoServerArgs) -> Result<(), String> {
+    // The engine's defaults: SYN cookies once 256 handshakes are half open, no rate limit.
+    let ep = Endpoint::bind_with(&[a.bind], EndpointConfig::default())
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", a.bind))?;
+    let prefix = ServicePrefix::parse(&a.service).map_err(|e| format!("{}: {e}", a.service))?;
+    let mut events = ep.registrar_events();
+    let mut listener = ep
+        .listen(prefix)
+        .map_err(|e| format!("cannot listen: {e}"))?;
+    if let Some(router) = a.router {
+        ep.set_router(router);
+    }
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(RegistrarEvent::Registered { router, .. }) => println!("REGISTERED {router}"),
+                Ok(other) => eprintln!("echo-server: {other:?}"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    let served = Arc::new(Served::default());
+    {
+        let served = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut stream = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("echo-server: accept: {e}");
+                        break;
+                    }
+                };
+                let served = served.clone();
+                served.open.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let echo = async {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = stream.read(&mut buf).await?;
+                            if n == 0 {
+                                break;
+                            }
+                            stream.write_all(&buf[..n]).await?;
+                        }
+                        stream.shutdown().await
+                    };
+                    let ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(30), echo).await,
+                        Ok(Ok(()))
+                    );
+                    let counter = if ok { &served.ok } else { &served.failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    served.open.fetch_sub(1, Ordering::Relaxed);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.closed()).await;
+                });
+            }
+        });
+    }
+    println!("READY {}", a.bind);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(a.timeout));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(l)) if l.trim() == "STATS" => {
+                    let s = ep.stats();
+                    println!(
+                        "{{\"role\":\"echo-server\",\"received\":{},\"accepted\":{},\
+                         \"cookies_sent\":{},\"cookies_accepted\":{},\"cookies_refused\":{},\
+                         \"backlog_drops\":{},\"bad_key_shares\":{},\"malformed\":{},\
+                         \"unknown_flow\":{},\"transmit_queue_drops\":{},\"served\":{},\
+                         \"echo_failures\":{},\"open\":{},\"rss_kib\":{},\"cpu_secs\":{:.2}}}",
+                        s.received,
+                        s.accepted,
+                        s.cookies_sent,
+                        s.cookies_accepted,
+                        s.cookies_refused,
+                        s.backlog_drops,
+                        s.bad_key_shares,
+                        s.malformed,
+                        s.unknown_flow,
+                        s.transmit_queue_drops,
+                        served.ok.load(Ordering::Relaxed),
+                        served.failed.load(Ordering::Relaxed),
+                        served.open.load(Ordering::Relaxed),
+                        rss_kib(),
+                        cpu_secs(),
+                    );
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            },
+            () = &mut deadline => break,
+        }
+    }
+    Ok(())
+}
+
+/// One legitimate connection: connect by name through `via`, echo 64 bytes. The connect time
+/// and the whole time, or why it failed.
+async fn one_legit(
+    ep: &Endpoint,
+    service: ServiceId,
+    via: SocketAddr,
+    i: u64,
+) -> Result<(Duration, Duration), String> {
+    let start = Instant::now();
+    let mut stream = ep
+        .connect_via(service, via)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let connected = start.elapsed();
+    let mut req = [0u8; 64];
+    Rng::new(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).fill(&mut req);
+    stream
+        .write_all(&req)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut got = Vec::with_capacity(64);
+    stream
+        .read_to_end(&mut got)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    if got != req {
+        return Err("wrong echo".to_owned());
+    }
+    Ok((connected, start.elapsed()))
+}
+
+/// The `p`-quantile (nearest rank) of sorted milliseconds, or 0 without any.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn legit_clients(a: LegitArgs) -> ExitCode {
+    let ep = match Endpoint::bind_with(&[a.bind], EndpointConfig::default()).await {
+        Ok(ep) => ep,
+        Err(e) => {
+            eprintln!("legit-clients: cannot bind {}: {e}", a.bind);
+            return ExitCode::from(1);
+        }
+    };
+    let service = match ServiceId::from_name(&a.service) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("legit-clients: {}: {e}", a.service);
+            return ExitCode::from(1);
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let timeout = Duration::from_millis(a.timeout_ms);
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(a.count as usize);
+    for i in 0..a.count {
+        if a.interval_ms > 0 {
+            tokio::time::sleep_until(t0 + Duration::from_millis(a.interval_ms * i)).await;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let ep = ep.clone();
+        let via = a.via;
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(timeout, one_legit(&ep, service, via, i)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("not done within {} ms", timeout.as_millis())),
+            }
+        }));
+    }
+    let (mut connect, mut total) = (Vec::new(), Vec::new());
+    let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
+    for t in tasks {
+        match t.await {
+            Ok(Ok((c, d))) => {
+                connect.push(c.as_secs_f64() * 1e3);
+                total.push(d.as_secs_f64() * 1e3);
+            }
+            Ok(Err(why)) => *failures.entry(why).or_default() += 1,
+            Err(e) => *failures.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    connect.sort_by(f64::total_cmp);
+    total.sort_by(f64::total_cmp);
+    let ok = connect.len() as u64;
+    let attempts = a.count;
+    let s = ep.stats();
+    let failures: Vec<String> = failures
+        .iter()
+        .map(|(why, n)| format!("{why:?}:{n}"))
+        .collect();
+    println!(
+        "{{\"role\":\"legit-clients\",\"via\":\"{}\",\"attempts\":{attempts},\"ok\":{ok},\
+         \"failed\":{},\"success_pct\":{:.3},\"secs\":{secs:.3},\
+         \"connect_ms\":{{\"p50\":{:.2},\"p90\":{:.2},\"p99\":{:.2},\"max\":{:.2}}},\
+         \"echo_ms\":{{\"p50\":{:.2},\"p99\":{:.2}}},\"failures\":{{{}}},\
+         \"cookie_retries\":{},\"received\":{}}}",
+        a.via,
+        attempts - ok,
+        100.0 * ok as f64 / attempts.max(1) as f64,
+        quantile(&connect, 0.5),
+        quantile(&connect, 0.9),
+        quantile(&connect, 0.99),
+        connect.last().copied().unwrap_or(0.0),
+        quantile(&total, 0.5),
+        quantile(&total, 0.99),
+        failures.join(","),
+        s.cookie_retries,
+        s.received,
+    );
+    ExitCode::SUCCESS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1211,6 +1811,36 @@ mod tests {
         assert_eq!(segs[3], &mk(3, 60)[..]);
         let one = mk(0, 100);
         assert_eq!(segments(&one), vec![&one[..]]);
+    }
+
+    #[test]
+    fn a_forged_syn_parses_with_its_random_fields_and_spoofed_source() {
+        let service = ServiceId::from_name("echo.flood.test").expect("name");
+        let t = SynTemplate::new(service, 16).expect("template");
+        let mut rng = Rng::new(11);
+        let cidr = parse_cidr("198.18.0.0/15").expect("cidr");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let from = SocketAddrV4::new(cidr.random(&mut rng), 40_000);
+        t.forge(&mut rng, from, &mut a);
+        t.forge(&mut rng, from, &mut b);
+        assert_eq!(a.len(), t.pkt.len());
+        let ra = SalRepr::parse(&serval_wire::SalPacket::new_checked(&a[..]).expect("a"))
+            .expect("a parses");
+        let rb = SalRepr::parse(&serval_wire::SalPacket::new_checked(&b[..]).expect("b"))
+            .expect("b parses");
+        assert_eq!(ra.control.expect("control").flags, ControlFlags::SYN);
+        assert_eq!(ra.service.expect("service").id, service);
+        assert_eq!(ra.source, vec![SocketAddr::V4(from)]);
+        assert!(from.ip().octets()[..2] == [198, 18] || from.ip().octets()[..2] == [198, 19]);
+        assert!(ra.dst_flow.is_none() && !ra.src_flow.is_none());
+        assert_ne!(ra.src_flow, rb.src_flow);
+        assert_ne!(ra.nonce, rb.nonce);
+        let (ka, kb) = (ra.keyshare.expect("share"), rb.keyshare.expect("share"));
+        assert_eq!(ka.group, KeyShareRepr::X25519);
+        assert_ne!(ka.key, kb.key);
+        assert!(parse_cidr("10.0.0.0/33").is_err() && parse_cidr("10.0.0.0").is_err());
+        let all = parse_cidr("0.0.0.0/0").expect("all");
+        let _ = all.random(&mut rng);
     }
 
     #[test]
