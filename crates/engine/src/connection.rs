@@ -548,6 +548,20 @@ impl Connection {
         true
     }
 
+    /// The length of this server connection's SYN-ACK (its IDENTITY included, if it carries
+    /// one): a retransmitted SYN shorter than it is not answered.
+    pub(crate) fn syn_ack_len(&self) -> usize {
+        let with_identity = self
+            .hs
+            .as_deref()
+            .is_some_and(|hs| hs.local_identity.is_some());
+        if with_identity {
+            SYN_ACK_WITH_IDENTITY
+        } else {
+            SYN_ACK_WITH_IDENTITY - IDENTITY_LEN
+        }
+    }
+
     /// Sends the outstanding reliable control packet again now (a retransmitted SYN arrived,
     /// so our SYN-ACK was probably lost). The retransmission timer is not backed off.
     pub(crate) fn resend_reliable(&mut self) {
@@ -1245,6 +1259,8 @@ impl Connection {
                     out.truncate(base);
                     return None;
                 };
+                // A key update waits for the peer to acknowledge the current phase.
+                protect.peer_acked(self.transport.largest_acked());
                 protect.seal(out, base, BASE_HEADER_LEN);
                 // A stream packet completes the server's handshake: the held ACK is not needed.
                 self.held_ack = None;

@@ -1016,10 +1016,15 @@ impl Endpoint {
             return;
         }
         if let Some(&h) = self.half_open.get(&(repr.src_flow, nonce)) {
-            // A retransmitted SYN: answer again.
+            // A retransmitted SYN: answer again — if it pays for the answer. Anyone who saw the
+            // SYN can send a copy stripped of its padding; it must not buy a larger SYN-ACK.
             if let Some(c) = self.conn(h) {
-                c.resend_reliable();
-                self.touch(h);
+                if c.syn_ack_len() <= data.len() {
+                    c.resend_reliable();
+                    self.touch(h);
+                } else {
+                    self.stats.malformed += 1;
+                }
             }
             return;
         }

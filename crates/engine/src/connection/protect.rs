@@ -69,6 +69,10 @@ pub const TAG_LEN: usize = 16;
 /// are refused.
 pub const REPLAY_WINDOW: u64 = 1024;
 
+/// The largest packet number a receiver opens (2^62 − 1, as QUIC's): larger ones are refused
+/// as replays, so the replay window's arithmetic never overflows.
+pub const MAX_PACKET_NUMBER: u64 = (1 << 62) - 1;
+
 /// Packets sent in one key phase before the sender updates its keys: far below AES-GCM's
 /// confidentiality limit (2^23 full-size packets is RFC 9001 §6.6's advice), so long flows
 /// rekey without a handshake.
@@ -348,8 +352,12 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
-    /// Whether `pn` must be refused: opened already, or too old to tell.
+    /// Whether `pn` must be refused: opened already, too old to tell, or above
+    /// [`MAX_PACKET_NUMBER`] (which no sender reaches, and the window could not track).
     pub fn is_replay(&self, pn: u64) -> bool {
+        if pn > MAX_PACKET_NUMBER {
+            return true;
+        }
         if pn >= self.top {
             return false;
         }
@@ -357,10 +365,14 @@ impl ReplayWindow {
         age >= REPLAY_WINDOW || self.seen[(age / 64) as usize] & (1 << (age % 64)) != 0
     }
 
-    /// Records `pn` as opened.
+    /// Records `pn` as opened (numbers above [`MAX_PACKET_NUMBER`] are never recorded: they
+    /// are always refused).
     pub fn insert(&mut self, pn: u64) {
+        if pn > MAX_PACKET_NUMBER {
+            return;
+        }
         if pn >= self.top {
-            let shift = pn - self.top + 1;
+            let shift = (pn - self.top).saturating_add(1);
             self.shift(shift);
             self.top = pn.saturating_add(1);
             self.seen[0] |= 1;
@@ -433,6 +445,14 @@ pub struct Protector {
     control_pn: u64,
     /// Packets sealed in the current sending phase.
     tx_in_phase: u64,
+    /// The first data packet number sealed in the current sending phase.
+    tx_phase_first_pn: Option<u64>,
+    /// The largest data packet number of ours the peer has acknowledged.
+    peer_acked: Option<u64>,
+    /// Key generations of each direction (the phase bit is their parity): they never differ
+    /// by more than one.
+    tx_gen: u64,
+    rx_gen: u64,
     update_interval: u64,
     path: u32,
     /// Counters.
@@ -463,6 +483,10 @@ impl Protector {
             replay: Default::default(),
             control_pn: 0,
             tx_in_phase: 0,
+            tx_phase_first_pn: None,
+            peer_acked: None,
+            tx_gen: 0,
+            rx_gen: 0,
             update_interval: update_interval.max(1),
             path: 0,
             secrets,
@@ -497,7 +521,9 @@ impl Protector {
     }
 
     fn seal_in(&mut self, space: Space, out: &mut Vec<u8>, base: usize, header_len: usize) {
-        self.maybe_update();
+        if space == Space::Data {
+            self.maybe_update();
+        }
         let ad_len = header_len + PN_LEN;
         let Some(packet) = out.get_mut(base..).filter(|p| p.len() >= ad_len) else {
             debug_assert!(false, "a packet to seal holds a header and a packet number");
@@ -506,9 +532,11 @@ impl Protector {
         packet[0] = (packet[0] & !KEY_PHASE) | if self.secrets.tx.phase { KEY_PHASE } else { 0 };
         let mut pn = [0u8; PN_LEN];
         pn.copy_from_slice(&packet[header_len..ad_len]);
-        let nonce = self
-            .tx_key
-            .nonce(space.nonce_path(self.path), u64::from_be_bytes(pn));
+        let pn = u64::from_be_bytes(pn);
+        if space == Space::Data && self.tx_phase_first_pn.is_none() {
+            self.tx_phase_first_pn = Some(pn);
+        }
+        let nonce = self.tx_key.nonce(space.nonce_path(self.path), pn);
         let sealed = match self.secrets.protection {
             Protection::Encrypted => {
                 let (ad, body) = packet.split_at_mut(ad_len);
@@ -531,12 +559,25 @@ impl Protector {
         self.stats.sealed += 1;
     }
 
+    /// Tells the protector the largest data packet number of ours the peer has acknowledged
+    /// (the transport's view): a key update waits for the peer to have acknowledged a packet
+    /// of the current phase.
+    pub fn peer_acked(&mut self, largest: Option<u64>) {
+        self.peer_acked = largest.max(self.peer_acked);
+    }
+
     /// Starts a key update when the current phase has sealed enough packets and the peer has
-    /// followed the previous update (its packets arrive in our sending phase).
+    /// acknowledged one of them — proof it opened the phase (RFC 9001 §6.1's rule). Seeing the
+    /// peer's packets in our phase is not enough: it may have reached that phase by an update
+    /// of its own while ours was lost, and a second update of ours would then leave it two
+    /// phases behind, unable to open anything we send.
     fn maybe_update(&mut self) {
-        if self.tx_in_phase >= self.update_interval
-            && self.secrets.rx.phase == self.secrets.tx.phase
-        {
+        let confirmed = self
+            .tx_phase_first_pn
+            .is_some_and(|first| self.peer_acked.is_some_and(|a| a >= first));
+        // And both directions must be in the same generation: an update of the peer's that
+        // we have not seen yet would otherwise put it two generations behind ours.
+        if self.tx_in_phase >= self.update_interval && confirmed && self.tx_gen == self.rx_gen {
             self.update_tx();
         }
     }
@@ -545,6 +586,8 @@ impl Protector {
         self.secrets.tx = self.secrets.tx.next();
         self.tx_key = PacketKey::new(&self.secrets.tx);
         self.tx_in_phase = 0;
+        self.tx_phase_first_pn = None;
+        self.tx_gen += 1;
         self.stats.key_updates += 1;
     }
 
@@ -629,7 +672,9 @@ impl Protector {
             let o = 1 - s;
             self.rx_phase_start[o] = self.replay[o].largest().map_or(0, |l| l + 1);
             self.stats.key_updates += 1;
-            if self.secrets.tx.phase != self.secrets.rx.phase {
+            self.rx_gen += 1;
+            if self.tx_gen < self.rx_gen {
+                // The peer started it: follow with our own sending keys.
                 self.update_tx();
             }
         }
@@ -656,6 +701,13 @@ pub(crate) struct ProtectorParts {
     pub(crate) tx_in_phase: u64,
     /// Packets per sending phase (at least 1).
     pub(crate) update_interval: u64,
+    /// The first data packet number sealed in the current sending phase.
+    pub(crate) tx_phase_first_pn: Option<u64>,
+    /// The largest data packet number of ours the peer has acknowledged.
+    pub(crate) peer_acked: Option<u64>,
+    /// Key generations of each direction.
+    pub(crate) tx_gen: u64,
+    pub(crate) rx_gen: u64,
 }
 
 impl ReplayWindow {
@@ -683,6 +735,10 @@ impl Protector {
             control_pn: self.control_pn,
             tx_in_phase: self.tx_in_phase,
             update_interval: self.update_interval,
+            tx_phase_first_pn: self.tx_phase_first_pn,
+            peer_acked: self.peer_acked,
+            tx_gen: self.tx_gen,
+            rx_gen: self.rx_gen,
         }
     }
 
@@ -706,6 +762,10 @@ impl Protector {
             replay: p.replay,
             control_pn: p.control_pn.saturating_add(control_pn_jump),
             tx_in_phase: p.tx_in_phase,
+            tx_phase_first_pn: p.tx_phase_first_pn,
+            peer_acked: p.peer_acked,
+            tx_gen: p.tx_gen,
+            rx_gen: p.rx_gen,
             update_interval: p.update_interval.max(1),
             path: 0,
             secrets: p.secrets,
@@ -812,6 +872,26 @@ mod tests {
         assert_eq!(s.stats.replayed, 3);
     }
 
+    /// Found by the `sealed_frames` and `endpoint` fuzz targets: packet number u64::MAX
+    /// overflowed the window's arithmetic (a panic with overflow checks, and a window that
+    /// never refused it again without). Numbers beyond 2^62 − 1 are refused outright.
+    #[test]
+    fn packet_numbers_beyond_the_limit_never_open() {
+        let mut w = ReplayWindow::default();
+        for pn in [MAX_PACKET_NUMBER + 1, u64::MAX] {
+            assert!(w.is_replay(pn));
+            w.insert(pn);
+            assert_eq!(w, ReplayWindow::default(), "recorded {pn}");
+        }
+        w.insert(MAX_PACKET_NUMBER);
+        assert!(w.is_replay(MAX_PACKET_NUMBER));
+        let (mut c, mut s) = pair(Protection::Encrypted, DEFAULT_KEY_UPDATE_INTERVAL);
+        let p = packet(&mut c, u64::MAX, b"x");
+        assert_eq!(open(&mut s, p.clone()), Err(OpenError::Replayed));
+        assert_eq!(open(&mut s, p), Err(OpenError::Replayed));
+        assert_eq!(s.stats.opened, 0);
+    }
+
     #[test]
     fn replay_window_matches_a_set() {
         use std::collections::BTreeSet;
@@ -855,12 +935,56 @@ mod tests {
             for p in held.drain(..) {
                 assert!(open(&mut s, p).is_ok(), "held, round {round}");
             }
+            // The server acknowledges everything so far.
+            c.peer_acked(pn_c.checked_sub(1));
             let p = packet(&mut s, round, b"ack");
             assert!(open(&mut c, p).is_ok(), "reverse, round {round}");
         }
         assert!(c.stats.key_updates >= 6, "{:?}", c.stats);
         assert_eq!(c.secrets().tx, s.secrets().rx);
         assert_eq!(c.secrets().rx, s.secrets().tx);
+    }
+
+    /// Both ends update on their own at once and the client's first packet of its new phase
+    /// is lost: the client must not take the server's new phase for a sign that the server
+    /// followed it (found by the `protect` fuzz target). Each end updates again only once the
+    /// other acknowledged its current phase, so no direction ever falls two phases behind.
+    #[test]
+    fn concurrent_updates_with_a_lost_phase_leave_both_directions_open() {
+        let (mut c, mut s) = pair(Protection::Encrypted, 1);
+        let (mut c_acked, mut s_acked) = (None, None);
+        let mut opened = 0;
+        for pn in 0..200u64 {
+            c.peer_acked(c_acked);
+            s.peer_acked(s_acked);
+            let from_c = packet(&mut c, pn, b"c");
+            let from_s = packet(&mut s, pn, b"s");
+            // Every third client packet is lost; the rest open, and are acknowledged.
+            if pn % 3 != 1 {
+                assert!(open(&mut s, from_c).is_ok(), "client packet {pn}");
+                c_acked = Some(pn);
+                opened += 1;
+            }
+            assert!(open(&mut c, from_s).is_ok(), "server packet {pn}");
+            s_acked = Some(pn);
+        }
+        assert!(opened > 100);
+        assert!(c.stats.key_updates > 20, "{:?}", c.stats);
+        // Whatever was lost last, the next packets each way open and the ends agree.
+        for pn in 200..204u64 {
+            c.peer_acked(c_acked);
+            assert!(
+                open(&mut s, packet(&mut c, pn, b"c")).is_ok(),
+                "client packet {pn}"
+            );
+            c_acked = Some(pn);
+            assert!(
+                open(&mut c, packet(&mut s, pn, b"s")).is_ok(),
+                "server packet {pn}"
+            );
+        }
+        assert_eq!(c.secrets().tx, s.secrets().rx);
+        assert_eq!(s.secrets().tx, c.secrets().rx);
     }
 
     #[test]

@@ -339,7 +339,10 @@ impl Connection {
                 let retries = b.u32()?;
                 let quiet = b.u32()?;
                 b.check(rto > 0, "control retransmission timeout of zero")?;
-                b.check(quiet <= retries, "more quiet retransmissions than retransmissions")?;
+                b.check(
+                    quiet <= retries,
+                    "more quiet retransmissions than retransmissions",
+                )?;
                 Some(Pending {
                     kind,
                     verno,
@@ -513,6 +516,12 @@ fn encode_keys(b: &mut BlockWriter, p: &ProtectorParts) {
     if let Some(prev) = &p.rx_prev {
         b.raw(prev);
     }
+    for v in [p.tx_phase_first_pn, p.peer_acked] {
+        b.bool(v.is_some());
+        b.u64(v.unwrap_or(0));
+    }
+    b.u64(p.tx_gen);
+    b.u64(p.rx_gen);
 }
 
 fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError> {
@@ -552,7 +561,26 @@ fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError>
     } else {
         None
     };
+    let mut opt_u64 = || -> Result<Option<u64>, SnapshotError> {
+        let some = b.bool()?;
+        let v = b.u64()?;
+        Ok(some.then_some(v))
+    };
+    let tx_phase_first_pn = opt_u64()?;
+    let peer_acked = opt_u64()?;
+    let tx_gen = b.u64()?;
+    let rx_gen = b.u64()?;
+    b.check(
+        tx_gen.abs_diff(rx_gen) <= 1
+            && tx_gen & 1 == u64::from(tx.phase)
+            && rx_gen & 1 == u64::from(rx.phase),
+        "key generations apart by more than one, or not matching the phases",
+    )?;
     Ok(ProtectorParts {
+        tx_gen,
+        rx_gen,
+        tx_phase_first_pn,
+        peer_acked,
         rx_prev,
         secrets: FlowSecrets {
             protection,
@@ -599,12 +627,15 @@ mod tests {
         )
     }
 
+    /// Data packet `pn` from `p`, the peer having acknowledged everything before it (so key
+    /// updates are allowed to happen).
     fn data(p: &mut Protector, pn: u64) -> Vec<u8> {
         let mut out = SalRepr::new(Protocol::STREAM, FlowId(20), FlowId(10))
             .to_bytes(&[])
             .unwrap();
         out.extend_from_slice(&pn.to_be_bytes());
         out.extend_from_slice(b"payload");
+        p.peer_acked(pn.checked_sub(1));
         p.seal(&mut out, 0, BASE_HEADER_LEN);
         out
     }
@@ -630,9 +661,9 @@ mod tests {
         assert_eq!(
             bytes.len(),
             if p.to_parts().rx_prev.is_some() {
-                445
+                479
             } else {
-                413
+                447
             }
         );
         let mut r = BlockReader::new(block::KEYS, &bytes, Instant::ZERO);

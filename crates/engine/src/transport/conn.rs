@@ -1311,6 +1311,11 @@ impl Transport {
         }
     }
 
+    /// The largest of our packet numbers the peer has acknowledged.
+    pub fn largest_acked(&self) -> Option<u64> {
+        self.sent.largest_acked()
+    }
+
     /// Builds one packet into `out` per `opts` (plus whatever is pending: ACK, MAX_DATA,
     /// keepalive PING) and records it. Returns its length, 0 if it would have been empty.
     fn emit(&mut self, now: Instant, out: &mut Vec<u8>, opts: Emit) -> usize {
