@@ -7,39 +7,9 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{instance, output_within, serval};
-
-/// A scratch directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("serval-identity-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `serval keygen FILE`: the public key line it printed.
-fn keygen(file: &str) -> String {
-    let o = serval().args(["keygen", file]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().trim_end().to_owned()
-}
+use support::{Dir, instance, keygen, output_within, serval};
 
 /// `serval cat SERVICE --via ADDR EXTRA…` sending `hello`: (exit code, stdout, stderr).
 fn cat(service: &str, via: &str, extra: &[&str]) -> (Option<i32>, String, String) {

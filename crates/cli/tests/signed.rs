@@ -6,47 +6,10 @@
 mod support;
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Etcd, Guard, lines, router, serval, wait_line};
-
-/// A scratch directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "serval-signed-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `serval keygen FILE`: the public key line it printed.
-fn keygen(file: &str) -> String {
-    let o = serval().args(["keygen", file]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8(o.stdout).unwrap();
-    assert_eq!(out.lines().count(), 1, "{out}");
-    out.trim_end().to_owned()
-}
+use support::{Dir, Etcd, Guard, keygen, lines, router, serval, wait_line};
 
 /// Exit code and stderr of `serval ARGS…` (which must end by itself).
 fn fails(args: &[&str]) -> (Option<i32>, String) {

@@ -435,3 +435,41 @@ pub fn proxy(
         .args(extra);
     spawn_ready(cmd)
 }
+
+/// A scratch directory, removed on drop.
+pub struct Dir(std::path::PathBuf);
+
+impl Dir {
+    /// A new, empty directory named after `tag`, the process and a counter.
+    pub fn new(tag: &str) -> Dir {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "serval-test-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    /// The path of `name` in it.
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `serval keygen FILE`: the public key line it printed.
+pub fn keygen(file: &str) -> String {
+    let o = serval().args(["keygen", file]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    out.trim_end().to_owned()
+}
