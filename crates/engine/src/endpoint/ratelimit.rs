@@ -6,9 +6,16 @@
 //! a host has many) has a token bucket: `rate` tokens a second up to `burst`. A SYN takes one
 //! token or is dropped silently and counted (`syns_rate_limited`): answering it would make the
 //! limit an amplifier. The table holds at most [`SynRateLimit::max_sources`] addresses; when it
-//! is full, addresses whose bucket has refilled (idle ones) are forgotten first, and if none
-//! has, new addresses share one overflow bucket — so a flood from forged random addresses is
-//! still bounded by `rate × max_sources` plus the overflow bucket, and memory by the table.
+//! is full, addresses whose bucket has refilled (idle ones) are forgotten — at most once per
+//! refill time — and until then new addresses share one overflow bucket. Memory is bounded by
+//! the table.
+//!
+//! **What it does not stop:** a flood from *forged random* addresses. Each forged address is
+//! new and has a full bucket, and a once-seen address is idle again at the next sweep, so such
+//! a flood passes at up to about `max_sources` SYNs per refill time (65 536 per 2 s by default)
+//! plus the overflow bucket's rate. Per-address limits are for real hosts that flood; forged
+//! SYNs are absorbed where they end up, by the instance's stateless cookies
+//! ([`super::cookie`]), which keep no state and answer no larger than the SYN.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
