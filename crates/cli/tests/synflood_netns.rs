@@ -43,11 +43,12 @@ mod support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::attack::{attack_binary, exit_within, json_line};
 use support::{Guard, ip, lines, netns_usable, wait_line};
 
 const SUBNET: &str = "10.86.0";
@@ -225,88 +226,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// The attack binary: `SERVAL_ATTACK_BIN`, or built now into the target directory (and
-/// profile) of the `serval` binary under test.
-fn attack_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("SERVAL_ATTACK_BIN") {
-        return PathBuf::from(bin);
-    }
-    let serval = Path::new(env!("CARGO_BIN_EXE_serval"));
-    let profile_dir = serval.parent().expect("binary directory");
-    let profile = profile_dir
-        .file_name()
-        .and_then(|p| p.to_str())
-        .expect("profile directory");
-    let mut target_dir = profile_dir
-        .parent()
-        .expect("target directory")
-        .to_path_buf();
-    let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-    cmd.args(["build", "--quiet", "-p", "serval-bench", "--bin", "attack"]);
-    // target/<triple>/<profile> when cross-building.
-    if !target_dir.join("CACHEDIR.TAG").exists()
-        && let Some(triple) = target_dir.file_name().and_then(|t| t.to_str())
-        && let Some(parent) = target_dir.parent()
-        && parent.join("CACHEDIR.TAG").exists()
-    {
-        cmd.args(["--target", triple]);
-        target_dir = parent.to_path_buf();
-    }
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    cmd.arg("--target-dir").arg(&target_dir);
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = profile_dir.join("attack");
-    assert!(bin.is_file(), "{} was not built", bin.display());
-    bin
-}
-
-/// The next JSON line a child prints on stdout (waiting at most `limit`), parsed.
-fn json_line(rx: &mpsc::Receiver<String>, what: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.starts_with('{') => {
-                return serde_json::from_str(&l).unwrap_or_else(|e| panic!("{what}: {e}: {l}"));
-            }
-            Ok(_) => {}
-            Err(_) => panic!("no report from {what} within {limit:?}"),
-        }
-    }
-}
-
-/// Waits (at most `limit`) for `child` to exit; its exit code.
-fn exit_within(child: &mut Child, what: &str, limit: Duration) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return st.code().unwrap_or(-1);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} still running after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A spawned child with its stdout and stderr lines.

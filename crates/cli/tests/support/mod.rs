@@ -2,6 +2,8 @@
 //! the namespace switch. Each test file includes it with `mod support;` and uses what it needs.
 #![allow(dead_code)] // not every test file uses every helper
 
+pub mod attack;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
