@@ -173,7 +173,7 @@ pub struct EndpointConfig {
     /// the flow is encrypted. Default encrypted.
     pub protection: Protection,
     /// Packets a flow seals in one key phase before it updates its keys. Default
-    /// [`DEFAULT_KEY_UPDATE_INTERVAL`] (2^23).
+    /// [`DEFAULT_KEY_UPDATE_INTERVAL`] (2^22).
     pub key_update_interval: u64,
     /// Server: the key this endpoint proves its identity with when a client asks (the
     /// instance's `--key`). Default none.

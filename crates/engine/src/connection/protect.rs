@@ -73,10 +73,11 @@ pub const REPLAY_WINDOW: u64 = 1024;
 /// as replays, so the replay window's arithmetic never overflows.
 pub const MAX_PACKET_NUMBER: u64 = (1 << 62) - 1;
 
-/// Packets sent in one key phase before the sender updates its keys: far below AES-GCM's
-/// confidentiality limit (2^23 full-size packets is RFC 9001 §6.6's advice), so long flows
-/// rekey without a handshake.
-pub const DEFAULT_KEY_UPDATE_INTERVAL: u64 = 1 << 23;
+/// Packets sent in one key phase before the sender updates its keys: half of AES-GCM's
+/// confidentiality limit of 2^23 full-size packets per key (RFC 9001 §6.6), so that the wait
+/// for the peer's acknowledgment never takes a key past it, and long flows rekey without a
+/// handshake.
+pub const DEFAULT_KEY_UPDATE_INTERVAL: u64 = 1 << 22;
 
 const SALT: &[u8] = b"serval-v2";
 const LABEL_PREFIX: &[u8] = b"serval2 ";
