@@ -78,3 +78,33 @@ fn a_self_certifying_id_needs_the_key_it_commits_to() {
     let (_bad, other) = instance(&id, None, &["--echo", "--key", &k2]);
     one_line_failure(cat(&id, &other, &["--self-certifying"]), "commits to");
 }
+
+/// Through a service router: the router forwards the client's padded SYN whole (it keeps the
+/// PAD the client paid with), so the instance can still afford its proof.
+#[test]
+fn the_proof_survives_a_router_on_the_way() {
+    let dir = Dir::new("routed");
+    let k1 = dir.path("k1");
+    let p1 = keygen(&k1);
+    let (_r, router) = support::router(&[]);
+    let (_i, _) = instance("routed.test", Some(&router), &["--echo", "--key", &k1]);
+    let mut cmd = serval();
+    cmd.args([
+        "cat",
+        "routed.test",
+        "--router",
+        &router,
+        "--peer-key",
+        &p1,
+        "--connect-timeout",
+        "5",
+    ]);
+    let o = output_within(cmd, b"hello", Duration::from_secs(30));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.stdout, b"hello");
+}

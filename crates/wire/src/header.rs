@@ -470,8 +470,10 @@ pub struct SalRepr {
     pub cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
     /// The IDENTITY extension (a SYN-ACK whose SYN asked for it).
     pub identity: Option<IdentityRepr>,
-    /// Bytes of PAD to emit (one or two PAD extensions after the others, before SOURCE): a
-    /// SYN that asks for a larger answer pays for it. Not set by parsing.
+    /// Bytes of PAD to emit (one or more PAD extensions after the others, before SOURCE): a
+    /// SYN that asks for a larger answer pays for it. Parsing sets it to the total length of
+    /// the packet's PAD extensions (at most [`MAX_PAD`]), so that a forwarded packet keeps its
+    /// padding.
     pub pad: usize,
     /// The AUTH extension's tag. Emit zeros, then compute and write the tag over the packet
     /// (see [`SalPacket::auth_input`]).
@@ -509,7 +511,12 @@ impl SalRepr {
             Extension::Identity(i) => repr.identity = Some(i),
             Extension::Source(s) => repr.source = s.locators().collect(),
             Extension::Auth(t) => repr.auth = Some(*t),
-            Extension::Pad(_) | Extension::Unknown { .. } => {}
+            // Kept (as a total) so that a router forwarding a SYN keeps what its client paid
+            // for: a SYN asking for IDENTITY is padded to pay for the larger SYN-ACK.
+            Extension::Pad(body) => {
+                repr.pad = (repr.pad + body.len() + 2).min(MAX_PAD);
+            }
+            Extension::Unknown { .. } => {}
         })?;
         repr.protocol = packet.protocol();
         repr.src_flow = packet.src_flow();
@@ -780,7 +787,6 @@ mod tests {
         let bytes = r.to_bytes(&[]).expect("fits");
         assert_eq!(bytes.len(), MAX_EMIT_HEADER_LEN - 2);
         let p = SalPacket::new_checked(&bytes[..]).expect("valid");
-        // Padding is skipped on parsing, not recorded.
-        assert_eq!(SalRepr::parse(&p), Ok(SalRepr { pad: 0, ..r }));
+        assert_eq!(SalRepr::parse(&p), Ok(r));
     }
 }
