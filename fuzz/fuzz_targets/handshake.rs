@@ -90,8 +90,6 @@ struct Flight {
 
 struct Net {
     eps: Vec<(Endpoint, Locator)>,
-    /// The longest SYN each endpoint got, by (endpoint, client flowID, nonce).
-    syns: Vec<(usize, u64, [u8; 16], usize)>,
     queue: Vec<Flight>,
     now: Instant,
 }
@@ -136,25 +134,7 @@ impl Net {
         let repr = parse(&f.t.payload);
         let unauthenticated = !f.pristine || repr.as_ref().is_none_or(|r| is_syn(r) || is_nack(r));
         let nack = repr.as_ref().is_some_and(is_nack);
-        // Known (fuzz/README.md, "Finds"; crates/engine/tests/fuzz_findings.rs): a SYN with the
-        // (client flowID, nonce) of a SYN this endpoint already got is answered as a
-        // retransmission, with the SYN-ACK the first one paid for, whatever its own length. So
-        // that the target keeps fuzzing past it, such a SYN is held to the first one's length.
-        let mut limit = f.t.payload.len();
-        if let Some(r) = repr.as_ref().filter(|r| is_syn(r)) {
-            if let Some(n) = r.nonce {
-                let seen = self
-                    .syns
-                    .iter()
-                    .filter(|s| s.0 == to && s.1 == r.src_flow.0 && s.2 == n.0)
-                    .map(|s| s.3)
-                    .max();
-                self.syns.push((to, r.src_flow.0, n.0, f.t.payload.len()));
-                if let Some(first) = seen {
-                    limit = limit.max(first);
-                }
-            }
-        }
+        let limit = f.t.payload.len();
         self.eps[to]
             .0
             .handle_datagram(self.now, local, f.t.src, &f.t.payload);
@@ -396,7 +376,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut net = Net {
         eps,
-        syns: Vec::new(),
         queue: Vec::new(),
         now: Instant::ZERO,
     };

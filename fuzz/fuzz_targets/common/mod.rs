@@ -210,11 +210,6 @@ impl LiveFlow {
             if bytes.len() < hl + 8 {
                 bytes.resize(hl + 8, 0);
             }
-            // Not packet number u64::MAX: known (fuzz/README.md, "Finds";
-            // crates/engine/tests/fuzz_findings.rs), the replay window overflows on it.
-            if bytes[hl..hl + 8] == [0xff; 8] {
-                bytes[hl + 7] = 0xfe;
-            }
             self.keys.seal(&mut bytes, 0, hl);
         }
         bytes
