@@ -344,7 +344,13 @@ fn reserved_bits_and_optional_extensions_are_ignored() {
     let pad5 = [0x00, 5, 0xde, 0xad, 0xff];
     let opt = [0x7f, 4, 1, 2];
     let b = build(&[&CONTROL_SYN, &pad2, &opt, &NONCE, &pad5, &pad2], b"x");
-    assert_eq!(check(&b).unwrap(), SalRepr { pad: 9, ..plain.clone() });
+    assert_eq!(
+        check(&b).unwrap(),
+        SalRepr {
+            pad: 9,
+            ..plain.clone()
+        }
+    );
     let p = SalPacket::new_checked(&b[..]).unwrap();
     assert!(matches!(
         p.extensions().nth(2),
