@@ -544,13 +544,10 @@ async fn a_flooding_address_is_rate_limited_and_others_still_served() {
                 flags: 0,
                 key: [9; 32],
             });
-            syn.source = vec![from.into()];
+            syn.source = vec![from];
             let bytes = syn.to_bytes(&[]).unwrap();
             syn_len = bytes.len();
-            flooder
-                .send_to(&bytes, std::net::SocketAddr::from(to))
-                .await
-                .unwrap();
+            flooder.send_to(&bytes, to).await.unwrap();
         }
         let elapsed = start.elapsed();
         // Everything sent arrived and was counted: NACKed within the budget, the rest limited.
