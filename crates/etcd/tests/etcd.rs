@@ -36,7 +36,15 @@ fn free_port() -> u16 {
 /// Starts a member and waits (at most 30 s) until it answers; `None` if skipping.
 async fn start(test: &str) -> Option<(Member, Client)> {
     let bin = serval_testkit::require_etcd(test)?;
-    let (port, peer) = (free_port(), free_port());
+    // Two distinct ports (a port released by the first probe can come back from the second).
+    let port = free_port();
+    let peer = std::iter::repeat_with(free_port)
+        .find(|&p| p != port)
+        .unwrap();
+    let log = std::env::temp_dir().join(format!(
+        "serval-etcd-client-{}-{test}.log",
+        std::process::id()
+    ));
     let dir =
         std::env::temp_dir().join(format!("serval-etcd-client-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -59,20 +67,26 @@ async fn start(test: &str) -> Option<(Member, Client)> {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let member = Member { child, dir, port };
+    let mut member = Member { child, dir, port };
     let c =
         Client::connect_lazy(&format!("127.0.0.1:{}", member.port), &Options::default()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.status().await.map(|s| s.leader).unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not elect itself within 30 s"
-        );
+        let exited = member.child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            panic!(
+                "etcd did not elect itself within 30 s (exit: {exited:?}); its log ends:\n{tail}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = std::fs::remove_file(&log);
     Some((member, c))
 }
 
