@@ -183,6 +183,11 @@ pub async fn listen(
     // sends new connections elsewhere, while the open ones finish (up to DRAIN_LIMIT, or
     // until a second signal).
     drop(listener);
+    if !instance.router.is_empty() {
+        // Make "withdrawn" true before saying it: the UNREGISTER may need a cookie round
+        // (a restarted router) or a retransmission, which an exiting process would cut short.
+        ep.unregistered_within(UNREGISTER_LIMIT).await;
+    }
     let stopping = if !instance.router.is_empty() {
         format!("serval: stopping: {name} withdrawn from the router, no new connections")
     } else {
@@ -224,6 +229,9 @@ pub async fn drain(open: &mut tokio::task::JoinSet<()>, stopping: &str, limit: D
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// How long a stopping instance waits for its router to acknowledge its withdrawal.
+pub const UNREGISTER_LIMIT: Duration = Duration::from_secs(1);
 
 /// How long a stopping `serval listen` lets open connections finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);

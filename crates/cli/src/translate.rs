@@ -252,8 +252,10 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
             () = &mut stop => break,
         }
     }
-    // Withdraw at once (the UNREGISTER leaves now), then let open connections finish.
+    // Withdraw at once (the UNREGISTER leaves now, and is seen answered), then let open
+    // connections finish.
     drop(listener);
+    ep.unregistered_within(crate::net::UNREGISTER_LIMIT).await;
     let stopping = format!("serval: expose stopping: {name} withdrawn, no new streams");
     conns
         .finish(&stopping, Duration::from_secs(args.drain))

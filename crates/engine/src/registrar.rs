@@ -355,6 +355,11 @@ impl Registrar {
         }
     }
 
+    /// Whether an UNREGISTER is still under way (sent, not yet answered nor given up).
+    pub fn unregistering(&self) -> bool {
+        !self.leaving.is_empty()
+    }
+
     /// Starts an UNREGISTER of `prefix` at `dst` (replacing one already under way there).
     fn leave(&mut self, dst: Locator, prefix: ServicePrefix, weight: u32, priority: u32) {
         self.leaving

@@ -274,6 +274,29 @@ impl Endpoint {
         self.shared.lock().hub.events.subscribe()
     }
 
+    /// Waits (at most `limit`) until no UNREGISTER is under way: a process about to exit after
+    /// closing its listeners calls it so that its withdrawal reaches the router (through a
+    /// cookie round, or a retransmission) instead of dying with it. Returns whether they all
+    /// finished.
+    pub async fn unregistered_within(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let busy = self
+                .shared
+                .lock()
+                .engine
+                .registrar()
+                .is_some_and(|r| r.unregistering());
+            if !busy {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Every prefix registered (or being registered) with the router.
     pub fn registration_status(&self) -> Vec<RegistrationStatus> {
         let st = self.shared.lock();
