@@ -776,12 +776,14 @@ impl Protector {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serval_wire::header::BASE_HEADER_LEN;
     use serval_wire::{Protocol, SalRepr};
 
-    fn pair(protection: Protection, interval: u64) -> (Protector, Protector) {
+    /// Both ends of one handshake (fixed keys, flows 10 and 20), as protectors updating their
+    /// keys every `interval` packets. Also the snapshot tests' pair.
+    pub(crate) fn pair(protection: Protection, interval: u64) -> (Protector, Protector) {
         let c = KeyExchange::new([1; 32]);
         let s = KeyExchange::new([2; 32]);
         let (cs, ss) = (c.share(0), s.share(0));

@@ -600,31 +600,13 @@ fn decode_keys(b: &mut BlockReader<'_>) -> Result<ProtectorParts, SnapshotError>
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::connection::protect::{KeyExchange, Space, Transcript};
+    use crate::connection::protect::Space;
     use crate::frame::PN_LEN;
     use serval_wire::header::BASE_HEADER_LEN;
     use serval_wire::{Protocol, SalRepr};
 
     fn pair(interval: u64) -> (Protector, Protector) {
-        let (c, s) = (KeyExchange::new([1; 32]), KeyExchange::new([2; 32]));
-        let (cs, ss) = (c.share(0), s.share(0));
-        let service = ServiceId([3; 32]);
-        let (cn, sn) = (Nonce([4; 16]), Nonce([5; 16]));
-        let t = Transcript {
-            service: &service,
-            client_flow: FlowId(10),
-            client_nonce: &cn,
-            client_share: &cs,
-            server_flow: FlowId(20),
-            server_nonce: &sn,
-            server_share: &ss,
-        };
-        let dh = c.agree(&ss).unwrap();
-        let secrets = |client| FlowSecrets::derive(client, Protection::Encrypted, &dh, &t);
-        (
-            Protector::new(secrets(true), interval),
-            Protector::new(secrets(false), interval),
-        )
+        crate::connection::protect::tests::pair(Protection::Encrypted, interval)
     }
 
     /// Data packet `pn` from `p`, the peer having acknowledged everything before it (so key
