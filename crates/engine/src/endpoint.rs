@@ -36,6 +36,7 @@ use crate::registrar::{Registrar, RegistrarEvent};
 mod cookie;
 mod delay;
 mod discovery;
+mod inspect;
 mod ratelimit;
 mod registration;
 use crate::connection::{
@@ -49,6 +50,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 const IPV6_EXTRA_HEADER: u16 = 20;
 pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
+pub use inspect::{ConnectionInfo, MAX_APP_STATE};
 pub use ratelimit::SynRateLimit;
 pub use registration::RegistrationRequest;
 
@@ -1486,12 +1488,27 @@ impl Endpoint {
     /// Only an established connection (or one in TIME-WAIT) is exported; one in its
     /// handshake is refused with [`ExportError::NotEstablished`], and nothing changes.
     pub fn export(&mut self, h: ConnectionHandle, now: Instant) -> Result<Vec<u8>, ExportError> {
+        self.export_blocks(h, now, |_| Ok(()))
+    }
+
+    /// [`export`](Self::export), with `extra` writing the blocks the engine does not own
+    /// (the application's) after the connection's own.
+    fn export_blocks(
+        &mut self,
+        h: ConnectionHandle,
+        now: Instant,
+        extra: impl FnOnce(
+            &mut crate::snapshot::SnapshotWriter,
+        ) -> Result<(), crate::snapshot::SnapshotError>,
+    ) -> Result<Vec<u8>, ExportError> {
         let export_id = u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64());
         let c = self.conn(h).ok_or(ExportError::UnknownConnection)?;
         c.freeze_for_export()?;
         let epoch = c.move_epoch().wrapping_add(1);
         let mut w = crate::snapshot::SnapshotWriter::new(export_id, epoch, now);
-        let written = c.export_into(&mut w, epoch);
+        let written = c
+            .export_into(&mut w, epoch)
+            .and_then(|()| extra(&mut w).map_err(ExportError::from));
         let bytes = written.and_then(|()| w.finish().map_err(ExportError::from));
         if bytes.is_err() {
             c.thaw_export();
@@ -1548,7 +1565,29 @@ impl Endpoint {
     /// does not decode to a consistent state.
     ///
     /// [`SnapshotReader::parse`]: crate::snapshot::SnapshotReader::parse
+    /// A snapshot with an APP block (the application's state) is refused here as
+    /// `Malformed`: the block is critical, and only
+    /// [`import_with_app`](Self::import_with_app) hands it on.
     pub fn import(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{SnapshotError, SnapshotReader, block};
+        if SnapshotReader::parse(bytes)?
+            .block(block::APP, now)
+            .is_some()
+        {
+            return Err(SnapshotError::Malformed {
+                block: block::APP,
+                reason: "application state that only import_with_app hands on",
+            });
+        }
+        self.import_any(bytes, now)
+    }
+
+    /// [`import`](Self::import), whatever blocks beyond the engine's the snapshot holds.
+    fn import_any(
         &mut self,
         bytes: &[u8],
         now: Instant,

@@ -1047,3 +1047,72 @@ fn moves_during_the_close_end_cleanly() {
     assert!(moved >= 5, "only {moved} moves happened during the close");
     assert!(client_closed_first >= 1 && moved - client_closed_first >= 1);
 }
+
+#[test]
+fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_handed_on() {
+    let m = base_move(31);
+    let mut w = World::new(
+        m.seed,
+        Link {
+            delay: ms(5),
+            jitter: ms(3),
+            loss: 20,
+            dup: 10,
+        },
+        m.sizes,
+        m.c_offset,
+    );
+    w.run_until_client_has(60_000);
+    let hb = w.apps[1].h.take().expect("server connection");
+    let info = w.hosts[HB].ep.connection_info(hb).expect("listed");
+    assert!(!info.exported);
+    assert_eq!(w.hosts[HB].ep.find_flow(info.local_flow), Some(hb));
+    let listed = w.hosts[HB].ep.connections();
+    assert!(listed.iter().any(|c| c.handle == hb && c.peer == info.peer));
+
+    let now = w.local(HB);
+    let too_big = vec![0u8; serval_engine::endpoint::MAX_APP_STATE + 1];
+    assert!(matches!(
+        w.hosts[HB].ep.export_with_app(hb, now, &too_big),
+        Err(ExportError::AppStateTooLarge(_))
+    ));
+    assert!(
+        !w.hosts[HB].ep.is_exported(hb),
+        "a refused export leaves it running"
+    );
+    let state = b"line 41; partial: hello wor".to_vec();
+    let bytes = w.hosts[HB]
+        .ep
+        .export_with_app(hb, now, &state)
+        .expect("export");
+    assert!(
+        w.hosts[HB]
+            .ep
+            .connection_info(hb)
+            .expect("still here")
+            .exported
+    );
+
+    // An importer that cannot hand the state on refuses the snapshot, changing nothing.
+    let now_c = w.local(HC);
+    assert!(matches!(
+        w.hosts[HC].ep.import(&bytes, now_c),
+        Err(SnapshotError::Malformed {
+            block: block::APP,
+            ..
+        })
+    ));
+    let (hc, app) = w.hosts[HC]
+        .ep
+        .import_with_app(&bytes, now_c)
+        .expect("import with the application's state");
+    assert_eq!(app.as_deref(), Some(&state[..]));
+    let moved = w.hosts[HC].ep.connection_info(hc).expect("imported");
+    assert_eq!(moved.moves, info.moves + 1);
+    assert_eq!(moved.local_flow, info.local_flow);
+    w.apps[1].host = HC;
+    w.apps[1].h = Some(hc);
+    assert!(w.hosts[HB].ep.release_exported(hb));
+    w.finish();
+    w.check_delivery();
+}

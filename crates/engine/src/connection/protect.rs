@@ -556,7 +556,8 @@ impl Protector {
             // Only for inputs beyond AES-GCM's 64 GiB limit, which a packet never reaches.
             Err(_) => out.truncate(base),
         }
-        self.tx_in_phase += 1;
+        // Saturating: a snapshot may carry any count (a mutated one was found to overflow).
+        self.tx_in_phase = self.tx_in_phase.saturating_add(1);
         self.stats.sealed += 1;
     }
 
@@ -588,7 +589,7 @@ impl Protector {
         self.tx_key = PacketKey::new(&self.secrets.tx);
         self.tx_in_phase = 0;
         self.tx_phase_first_pn = None;
-        self.tx_gen += 1;
+        self.tx_gen = self.tx_gen.wrapping_add(1);
         self.stats.key_updates += 1;
     }
 
@@ -671,9 +672,9 @@ impl Protector {
             // old phase arriving after it fails to open and is recovered like a loss).
             self.rx_phase_start[s] = pn;
             let o = 1 - s;
-            self.rx_phase_start[o] = self.replay[o].largest().map_or(0, |l| l + 1);
+            self.rx_phase_start[o] = self.replay[o].largest().map_or(0, |l| l.saturating_add(1));
             self.stats.key_updates += 1;
-            self.rx_gen += 1;
+            self.rx_gen = self.rx_gen.wrapping_add(1);
             if self.tx_gen < self.rx_gen {
                 // The peer started it: follow with our own sending keys.
                 self.update_tx();
@@ -823,6 +824,22 @@ pub(crate) mod tests {
     fn open(p: &mut Protector, mut pkt: Vec<u8>) -> Result<Vec<u8>, OpenError> {
         let (_, n) = p.open(&mut pkt, BASE_HEADER_LEN, Space::Data)?;
         Ok(pkt[BASE_HEADER_LEN + PN_LEN..][..n].to_vec())
+    }
+
+    /// A find of the snapshot proptest: a KEYS block may carry any counts, and sealing after
+    /// restoring the largest ones overflowed.
+    #[test]
+    fn restored_counters_at_their_limits_never_overflow() {
+        let (c, mut s) = pair(Protection::Encrypted, 4);
+        let mut parts = c.to_parts();
+        parts.tx_in_phase = u64::MAX;
+        parts.tx_gen = u64::MAX;
+        parts.rx_gen = u64::MAX;
+        let mut c = Protector::from_parts(parts, 0);
+        for pn in 0..3 {
+            let pkt = packet(&mut c, pn, b"x");
+            let _ = open(&mut s, pkt);
+        }
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum ExportError {
     /// The connection was exported already and is frozen (release or thaw it first).
     #[error("the connection is already exported")]
     AlreadyExported,
+    /// The application's state is larger than a snapshot carries
+    /// ([`MAX_APP_STATE`](crate::endpoint::MAX_APP_STATE)).
+    #[error("the application state ({0} bytes) is larger than a snapshot carries")]
+    AppStateTooLarge(usize),
     /// The snapshot could not be written (a block beyond the format's 32-bit lengths).
     #[error("snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
