@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serval::{Endpoint, RegistrarEvent, ServiceId, ServiceListener, ServicePrefix, Stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Where and how an instance serves, as flags shared by `listen` and `expose`.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,6 +45,18 @@ pub struct InstanceArgs {
     /// authorises the key for the service's prefix requires (`router --authorize`).
     #[arg(long, value_name = "FILE", env = "SERVAL_KEY", value_parser = crate::keygen::read_private_key)]
     pub key: Option<serval_router::keys::PrivateKey>,
+    /// Serve an admin API on this TCP address: the live flows (`serval flows`), metrics, and
+    /// moves of flows to another instance (`serval migrate`). With --key, also run the
+    /// migration agent that takes flows moved here from instances holding the same key.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Where the migration agent binds (default: the first --bind address, any port).
+    #[arg(long, value_name = "ADDR", requires = "admin")]
+    pub migrate_bind: Option<SocketAddr>,
+    /// Also take moved flows from instances proving this key (as `serval keygen` printed
+    /// it); instances holding this instance's own --key always may. Repeatable.
+    #[arg(long, value_name = "PUBKEY", requires = "admin", value_parser = parse_public_key)]
+    pub allow_moves_from: Vec<serval::PublicKey>,
 }
 
 impl InstanceArgs {
@@ -106,8 +118,8 @@ impl InstanceArgs {
 
 /// How `serval listen` serves, beyond [`InstanceArgs`].
 pub struct ListenOptions {
-    /// Echo streams back instead of printing them.
-    pub echo: bool,
+    /// What to do with each stream.
+    pub mode: crate::serve::Mode,
     /// Routerless mode: answer SYNs multicast on the local network.
     pub discover: Option<serval::DiscoveryConfig>,
     /// Lease to ask the router for (default: [`serval::LeaseConfig`]'s, 3 s).
@@ -133,8 +145,11 @@ pub async fn listen(
     instance: InstanceArgs,
     opts: ListenOptions,
 ) -> Result<(), String> {
-    let echo = opts.echo;
+    let mode = opts.mode;
     let ep = instance.endpoint(opts.lease).await?;
+    // Kept for the life of the loop: the agent takes flows moved here.
+    let _agent =
+        crate::instance::start(&ep, &instance, name, crate::instance::Moves::Supported).await?;
     let mut events = ep.registrar_events();
     if let Some(d) = &opts.discover {
         ep.enable_discovery(d.clone())
@@ -144,7 +159,11 @@ pub async fn listen(
     note!(
         "serval: serving {name} ({prefix}) on {}{}{}",
         list(&ep.local_locators()),
-        if echo { " (echo)" } else { "" },
+        match mode {
+            crate::serve::Mode::Print => "",
+            crate::serve::Mode::Echo => " (echo)",
+            crate::serve::Mode::Number => " (numbering lines)",
+        },
         instance.registering()
             + &opts
                 .discover
@@ -169,7 +188,7 @@ pub async fn listen(
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 open.spawn(async move {
                     let peer = stream.peer_locator().map_or_else(|_| "?".into(), |p| p.to_string());
-                    let r = if echo { serve_echo(stream).await } else { serve_print(stream).await };
+                    let r = crate::serve::serve(stream, mode).await;
                     if let Err(e) = r {
                         note!("serval: connection from {peer}: {e}");
                     }
@@ -236,38 +255,10 @@ pub const UNREGISTER_LIMIT: Duration = Duration::from_secs(1);
 /// How long a stopping `serval listen` lets open connections finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-/// Copies the stream back to itself, then closes our direction.
-async fn serve_echo(mut stream: Stream) -> std::io::Result<()> {
-    {
-        let (mut r, mut w) = stream.split();
-        tokio::io::copy(&mut r, &mut w).await?;
-        w.shutdown().await?;
-    }
-    finish(&stream).await;
-    Ok(())
-}
-
 /// Waits (bounded) for the FIN exchange to complete, so that a stopping process does not
 /// drop the endpoint while our FIN is still unacknowledged.
 pub async fn finish(stream: &Stream) {
     let _ = tokio::time::timeout(CLOSE_WAIT, stream.closed()).await;
-}
-
-/// Copies the stream to stdout; sends nothing and closes our direction at the client's end.
-async fn serve_print(mut stream: Stream) -> std::io::Result<()> {
-    let mut out = tokio::io::stdout();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).await?;
-    }
-    out.flush().await?;
-    stream.shutdown().await?;
-    finish(&stream).await;
-    Ok(())
 }
 
 /// Where a client's SYN goes, as flags shared by `cat`, `proxy`, `ping` and `bench`.

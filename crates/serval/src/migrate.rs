@@ -498,6 +498,8 @@ async fn take_moves(
         let started = StdInstant::now();
         let imported = ep.import_to_listener(&snapshot);
         let took = started.elapsed();
+        // The re-bind's clock starts with the RSYN, queued by the import, not after the answer.
+        let waited = StdInstant::now();
         let rebound = match imported {
             Ok((flow, rebound)) => {
                 tracing::info!(%flow, ?took, "imported a moved stream");
@@ -509,7 +511,6 @@ async fn take_moves(
                 continue;
             }
         };
-        let waited = StdInstant::now();
         match tokio::time::timeout(REBIND_LIMIT, rebound).await {
             Ok(Ok(_)) => answer(&mut stream, MSG_REBOUND, seq, waited.elapsed(), "").await?,
             Ok(Err(_)) => {
