@@ -51,7 +51,7 @@ pub mod protect;
 mod snapshot;
 
 pub use self::snapshot::ExportError;
-pub(crate) use self::snapshot::ImportContext;
+pub(crate) use self::snapshot::{ImportContext, SalSummary};
 
 use std::collections::VecDeque;
 use std::time::Duration;

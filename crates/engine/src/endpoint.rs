@@ -1586,12 +1586,14 @@ impl Endpoint {
         self.import_any(bytes, now)
     }
 
-    /// [`import`](Self::import), whatever blocks beyond the engine's the snapshot holds.
-    fn import_any(
-        &mut self,
+    /// Everything [`import`](Self::import) checks and builds, without changing the endpoint:
+    /// the connection, what the snapshot says of it, and its export ID.
+    fn prepare_import(
+        &self,
         bytes: &[u8],
         now: Instant,
-    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+    ) -> Result<(Connection, crate::connection::SalSummary, u128), crate::snapshot::SnapshotError>
+    {
         use crate::snapshot::{SnapshotError, SnapshotReader};
         let r = SnapshotReader::parse(bytes)?;
         let id = r.export_id();
@@ -1621,6 +1623,17 @@ impl Endpoint {
             transport: &transport,
         };
         let c = Connection::import(&r, &cx)?;
+        Ok((c, summary, id))
+    }
+
+    /// [`import`](Self::import), whatever blocks beyond the engine's the snapshot holds.
+    fn import_any(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        let (c, summary, id) = self.prepare_import(bytes, now)?;
         if self
             .flows
             .adopt(summary.local_flow, ConnectionHandle(u64::MAX))

@@ -1102,6 +1102,17 @@ fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_hand
             ..
         })
     ));
+    // A check first (what a migration agent does before the exporter lets go): it changes
+    // nothing, and says what the import would.
+    w.hosts[HC]
+        .ep
+        .check_import(&bytes, now_c)
+        .expect("C would take it");
+    let now_d = w.local(HD);
+    assert_eq!(
+        w.hosts[HD].ep.check_import(&bytes, now_d),
+        Err(SnapshotError::NotServed)
+    );
     let (hc, app) = w.hosts[HC]
         .ep
         .import_with_app(&bytes, now_c)
@@ -1110,6 +1121,10 @@ fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_hand
     let moved = w.hosts[HC].ep.connection_info(hc).expect("imported");
     assert_eq!(moved.moves, info.moves + 1);
     assert_eq!(moved.local_flow, info.local_flow);
+    assert_eq!(
+        w.hosts[HC].ep.check_import(&bytes, now_c),
+        Err(SnapshotError::Replayed)
+    );
     w.apps[1].host = HC;
     w.apps[1].h = Some(hc);
     assert!(w.hosts[HB].ep.release_exported(hb));

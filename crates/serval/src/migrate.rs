@@ -15,12 +15,18 @@
 //! 3. **Hand-over** (A): the application holding F is asked to move it
 //!    ([`Stream::move_requested`]); it calls [`Stream::hand_over`] with its state for the
 //!    stream, which freezes and exports the connection.
-//! 4. **Transfer and import** (A → B): the snapshot goes over the stream; B imports it (the
-//!    application there gets the stream and the state from `accept`) and answers IMPORTED,
-//!    or REFUSED with the reason, in which case A thaws F and it continues at A.
-//! 5. **Release** (A): on IMPORTED A forgets F; stray packets for it get no answer.
-//! 6. **Re-bind** (B): B's RSYN reaches the client, which records B's locator; B answers
-//!    REBOUND (or REBIND_FAILED after [`REBIND_LIMIT`]).
+//! 4. **Transfer and check** (A → B): the snapshot goes over the stream; B checks that it
+//!    would import it (served here, flow not live, not a replay, well formed) without
+//!    importing, and answers READY, or REFUSED with the reason, in which case A thaws F and
+//!    it continues at A.
+//! 5. **Commit** (A → B): on READY, A forgets F and says COMMIT; only then does B import it
+//!    (its application gets the stream and the state from `accept`) and re-bind it toward the
+//!    client with an authenticated RSYN; B answers REBOUND once the client answered (or
+//!    REBIND_FAILED after [`REBIND_LIMIT`]). Stray packets for F at A get no answer.
+//!
+//! A failure before READY reaches A (B refuses, dies, or goes silent) leaves F running at A:
+//! B never imports without COMMIT, so no two hosts ever continue one flow. Only a break
+//! between A's COMMIT and B's receipt of it loses F (reported as such).
 //!
 //! Every phase is timed ([`Phases`]).
 
@@ -61,7 +67,12 @@ const SIGNED_CONTEXT: &[u8] = b"serval migrate v1";
 const ACCEPTED: u8 = 0xac;
 const REFUSED: u8 = 0xde;
 
-const MSG_IMPORTED: u8 = 1;
+/// Exporter → importer: a snapshot, then the commit of that move.
+const MSG_SNAPSHOT: u8 = 1;
+const MSG_COMMIT: u8 = 2;
+
+/// Importer → exporter.
+const MSG_READY: u8 = 1;
 const MSG_REFUSED: u8 = 2;
 const MSG_REBOUND: u8 = 3;
 const MSG_REBIND_FAILED: u8 = 4;
@@ -84,9 +95,9 @@ pub struct Phases {
     pub handover: Duration,
     /// Freezing and exporting the connection (part of `handover`).
     pub export: Duration,
-    /// Sending the snapshot and hearing it imported, less the import itself.
+    /// Sending the snapshot and hearing the new host would take it (includes its check).
     pub transfer: Duration,
-    /// Importing it at the new host.
+    /// Importing it at the new host, after the commit.
     pub import: Duration,
     /// From the import until the client answered the new host's RSYN.
     pub rebind: Duration,
@@ -296,7 +307,8 @@ impl Migrator {
         };
         let frozen_at = StdInstant::now() - phases.export;
         let snapshot = handover.exported.snapshot();
-        let mut frame = Vec::with_capacity(8 + snapshot.len());
+        let mut frame = Vec::with_capacity(9 + snapshot.len());
+        frame.push(MSG_SNAPSHOT);
         frame.extend_from_slice(&seq.to_be_bytes());
         frame.extend_from_slice(&(snapshot.len() as u32).to_be_bytes());
         frame.extend_from_slice(snapshot);
@@ -307,41 +319,53 @@ impl Migrator {
         };
         let Handover { exported, reply } = handover;
         match answer {
-            Ok((MSG_IMPORTED, micros, _)) => {
-                phases.import = Duration::from_micros(micros);
-                phases.transfer = sent.elapsed().saturating_sub(phases.import);
+            Ok(Answer {
+                kind: MSG_READY, ..
+            }) => {
+                phases.transfer = sent.elapsed();
+                // From here on the flow is the other host's.
                 exported.release();
                 let _ = reply.send(Ok(()));
+                let mut commit = vec![MSG_COMMIT];
+                commit.extend_from_slice(&seq.to_be_bytes());
+                commit.extend_from_slice(&0u32.to_be_bytes());
+                if let Err(e) = timed(stream.write_all(&commit)).await {
+                    return Err(MoveError::Channel(format!(
+                        "the commit did not reach the other agent ({e}); the flow is lost"
+                    )));
+                }
             }
-            Ok((_, _, why)) => {
-                let error = io::Error::other(format!("the other instance refused it: {why}"));
+            Ok(Answer { message, .. }) => {
+                let error = io::Error::other(format!("the other instance refused it: {message}"));
                 let msg = error.to_string();
                 let _ = reply.send(Err((exported.thaw(), error)));
                 return Err(MoveError::Refused(msg));
             }
             Err(e) => {
-                // Nothing came back: the snapshot may or may not have been imported. Thawing
-                // could make two hosts send under one flow's keys; releasing loses at most
-                // this flow, which the client then sees reset or time out.
-                exported.release();
-                drop(reply);
-                return Err(MoveError::Channel(format!(
-                    "the transfer failed ({e}); the flow was released here and may be lost"
-                )));
+                // The other host never imports without our commit: the flow resumes here.
+                let error = io::Error::new(e.kind(), format!("the transfer failed: {e}"));
+                let msg = error.to_string();
+                let _ = reply.send(Err((exported.thaw(), error)));
+                return Err(MoveError::Channel(msg));
             }
         }
-        let rebound = read_answer(stream, seq, REBIND_LIMIT + AGENT_LIMIT).await;
-        match rebound {
-            Ok((MSG_REBOUND, micros, _)) => {
-                phases.rebind = Duration::from_micros(micros);
+        match read_answer(stream, seq, REBIND_LIMIT + AGENT_LIMIT).await {
+            Ok(Answer {
+                kind: MSG_REBOUND,
+                first,
+                second,
+                ..
+            }) => {
+                phases.import = first;
+                phases.rebind = second;
                 phases.frozen = frozen_at.elapsed();
                 Ok(phases)
             }
-            Ok((_, _, why)) => Err(MoveError::Refused(format!(
-                "imported, but the client did not answer the new host: {why}"
+            Ok(Answer { message, .. }) => Err(MoveError::Refused(format!(
+                "moved, but the client did not answer the new host: {message}"
             ))),
             Err(e) => Err(MoveError::Channel(format!(
-                "imported, but the other agent's answer was lost: {e}"
+                "committed, but the other agent's last answer was lost: {e}"
             ))),
         }
     }
@@ -373,55 +397,72 @@ async fn timed<T>(f: impl std::future::Future<Output = io::Result<T>>) -> io::Re
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other agent went silent"))?
 }
 
-/// Reads the next answer of the importing agent, waiting at most `wait`: `(kind,
-/// microseconds, message)`.
-async fn read_answer(
-    stream: &mut Stream,
-    seq: u32,
-    wait: Duration,
-) -> io::Result<(u8, u64, String)> {
+/// One answer of the importing agent.
+struct Answer {
+    kind: u8,
+    /// READY, REFUSED: the check's time; REBOUND: the import's.
+    first: Duration,
+    /// REBOUND: the re-bind's time.
+    second: Duration,
+    message: String,
+}
+
+/// Reads the importing agent's answer about move `seq`, waiting at most `wait`.
+async fn read_answer(stream: &mut Stream, seq: u32, wait: Duration) -> io::Result<Answer> {
     let read = async {
-        let mut head = [0u8; 1 + 4 + 8 + 2];
+        let mut head = [0u8; 1 + 4 + 8 + 8 + 2];
         stream.read_exact(&mut head).await?;
         let kind = head[0];
-        let got = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let mut micros = [0u8; 8];
-        micros.copy_from_slice(&head[5..13]);
-        let len = usize::from(u16::from_be_bytes([head[13], head[14]]));
+        let got = u32::from_be_bytes(field(&head, 1));
+        let first = Duration::from_micros(u64::from_be_bytes(field(&head, 5)));
+        let second = Duration::from_micros(u64::from_be_bytes(field(&head, 13)));
+        let len = usize::from(u16::from_be_bytes(field(&head, 21)));
         let mut msg = vec![0u8; len];
         stream.read_exact(&mut msg).await?;
-        if got != seq || !(MSG_IMPORTED..=MSG_REBIND_FAILED).contains(&kind) {
+        if got != seq || !(MSG_READY..=MSG_REBIND_FAILED).contains(&kind) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the other agent answered out of turn",
             ));
         }
-        Ok((
+        Ok(Answer {
             kind,
-            u64::from_be_bytes(micros),
-            String::from_utf8_lossy(&msg).into_owned(),
-        ))
+            first,
+            second,
+            message: String::from_utf8_lossy(&msg).into_owned(),
+        })
     };
     tokio::time::timeout(wait, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other agent went silent"))?
 }
 
+/// `N` bytes of `b` from `at` (in bounds by construction of the fixed headers read here).
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = b.get(at..at + N) {
+        out.copy_from_slice(src);
+    }
+    out
+}
+
 async fn answer(
     stream: &mut Stream,
     kind: u8,
     seq: u32,
-    took: Duration,
+    times: [Duration; 2],
     msg: &str,
 ) -> io::Result<()> {
     let msg = &msg.as_bytes()[..msg.len().min(1024)];
-    let mut out = Vec::with_capacity(15 + msg.len());
+    let mut out = Vec::with_capacity(23 + msg.len());
     out.push(kind);
     out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&(took.as_micros() as u64).to_be_bytes());
+    for t in times {
+        out.extend_from_slice(&(t.as_micros() as u64).to_be_bytes());
+    }
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
-    stream.write_all(&out).await
+    timed(stream.write_all(&out)).await
 }
 
 /// The importing side: accepts agent streams and imports what they carry.
@@ -478,61 +519,76 @@ async fn take_moves(
     }
     timed(stream.write_all(&[ACCEPTED])).await?;
     loop {
-        let mut head = [0u8; 8];
+        let mut head = [0u8; 9];
         match stream.read_exact(&mut head).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let seq = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        if len > MAX_SNAPSHOT {
+        let seq = u32::from_be_bytes(field(&head, 1));
+        let len = u32::from_be_bytes(field(&head, 5)) as usize;
+        if head[0] != MSG_SNAPSHOT || len > MAX_SNAPSHOT {
             stream.abort();
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "snapshot larger than the agent accepts",
+                "expected a snapshot of at most the agent's limit",
             ));
         }
         let mut snapshot = vec![0u8; len];
         timed(stream.read_exact(&mut snapshot)).await?;
         let started = StdInstant::now();
+        let checked = ep.check_import(&snapshot);
+        let check = started.elapsed();
+        if let Err(e) = checked {
+            answer(
+                &mut stream,
+                MSG_REFUSED,
+                seq,
+                [check, Duration::ZERO],
+                &e.to_string(),
+            )
+            .await?;
+            continue;
+        }
+        answer(&mut stream, MSG_READY, seq, [check, Duration::ZERO], "").await?;
+        // Nothing is imported until the exporter has let go of the flow.
+        let mut commit = [0u8; 9];
+        timed(stream.read_exact(&mut commit)).await?;
+        if commit[0] != MSG_COMMIT || u32::from_be_bytes(field(&commit, 1)) != seq {
+            stream.abort();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected the commit of the move just checked",
+            ));
+        }
+        let started = StdInstant::now();
         let imported = ep.import_to_listener(&snapshot);
-        let took = started.elapsed();
-        // The re-bind's clock starts with the RSYN, queued by the import, not after the answer.
-        let waited = StdInstant::now();
+        let import = started.elapsed();
+        let rebinding = StdInstant::now();
         let rebound = match imported {
             Ok((flow, rebound)) => {
-                tracing::info!(%flow, ?took, "imported a moved stream");
-                answer(&mut stream, MSG_IMPORTED, seq, took, "").await?;
+                tracing::info!(%flow, ?import, "imported a moved stream");
                 rebound
             }
             Err(e) => {
-                answer(&mut stream, MSG_REFUSED, seq, took, &e.to_string()).await?;
+                // Checked a moment ago: only a listener closed meanwhile gets here.
+                let why = format!("the import failed after the commit: {e}");
+                answer(
+                    &mut stream,
+                    MSG_REBIND_FAILED,
+                    seq,
+                    [import, Duration::ZERO],
+                    &why,
+                )
+                .await?;
                 continue;
             }
         };
-        match tokio::time::timeout(REBIND_LIMIT, rebound).await {
-            Ok(Ok(_)) => answer(&mut stream, MSG_REBOUND, seq, waited.elapsed(), "").await?,
-            Ok(Err(_)) => {
-                answer(
-                    &mut stream,
-                    MSG_REBIND_FAILED,
-                    seq,
-                    waited.elapsed(),
-                    "the connection closed",
-                )
-                .await?;
-            }
-            Err(_) => {
-                answer(
-                    &mut stream,
-                    MSG_REBIND_FAILED,
-                    seq,
-                    waited.elapsed(),
-                    "no answer from the client",
-                )
-                .await?;
-            }
-        }
+        let (kind, why) = match tokio::time::timeout(REBIND_LIMIT, rebound).await {
+            Ok(Ok(_)) => (MSG_REBOUND, ""),
+            Ok(Err(_)) => (MSG_REBIND_FAILED, "the connection closed"),
+            Err(_) => (MSG_REBIND_FAILED, "no answer from the client"),
+        };
+        answer(&mut stream, kind, seq, [import, rebinding.elapsed()], why).await?;
     }
 }

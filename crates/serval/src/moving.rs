@@ -277,6 +277,15 @@ impl Endpoint {
         st.engine.import_with_app(snapshot, now)
     }
 
+    /// Whether [`import`](Self::import) would take `snapshot` now (changing nothing).
+    pub(crate) fn check_import(&self, snapshot: &[u8]) -> io::Result<()> {
+        let st = self.shared.lock();
+        let now = st.now();
+        st.engine
+            .check_import(snapshot, now)
+            .map_err(snapshot_error)
+    }
+
     /// Imports a moved stream for the listener serving it: [`ServiceListener::accept`]
     /// returns it, with its state. Returns a receiver told when the re-bind completed.
     ///

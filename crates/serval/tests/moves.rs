@@ -273,3 +273,69 @@ async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
     .await
     .expect("bounded");
 }
+
+/// A destination that dies half way: it proves the key, takes the snapshot, and resets the
+/// agent stream before answering (what a killed process's endpoint would leave the exporter
+/// with). The stream must continue where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_destination_dies_half_way_leaves_the_stream_where_it_was() {
+    timeout(Duration::from_secs(60), async {
+        let k = key();
+        let a = instance(&k).await;
+        let any: Locator = "127.0.0.1:0".parse().unwrap();
+        let dying = Endpoint::bind_with(
+            &[any],
+            serval::EndpointConfig {
+                identity: Some(k.clone()),
+                ..serval::EndpointConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut agent = dying
+            .listen(ServicePrefix::parse(serval::MIGRATE_SERVICE).unwrap())
+            .unwrap();
+        let took_snapshot = tokio::spawn(async move {
+            let mut s = agent.accept().await.unwrap();
+            let mut hello = b"SVMG\x01".to_vec();
+            hello.extend_from_slice(&[7u8; 32]);
+            s.write_all(&hello).await.unwrap();
+            let mut proof = [0u8; 96];
+            s.read_exact(&mut proof).await.unwrap();
+            s.write_all(&[0xac]).await.unwrap();
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes(head[5..9].try_into().unwrap()) as usize;
+            let mut snapshot = vec![0u8; len];
+            s.read_exact(&mut snapshot).await.unwrap();
+            s.abort();
+            snapshot.len()
+        });
+
+        let client = Endpoint::bind(&[any]).await.unwrap();
+        let stream = client
+            .connect_via(
+                ServiceId::from_name(NAME).unwrap(),
+                a.ep.local_locators()[0],
+            )
+            .await
+            .unwrap();
+        let (tx, mut progress) = tokio::sync::watch::channel(0);
+        let lines = 60_000;
+        let run = tokio::spawn(client_run(stream, lines, tx));
+        progress.wait_for(|p| *p >= 1000).await.unwrap();
+        let r = a
+            .agent
+            .move_flows(&[], dying.local_locators()[0], k.public_key())
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 1);
+        let e = r[0].result.as_ref().unwrap_err();
+        assert!(e.contains("transfer failed"), "{e}");
+        assert!(took_snapshot.await.unwrap() > 0, "the snapshot was sent");
+        assert_eq!(a.agent.movable_flows().len(), 1, "thawed at A");
+        run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
