@@ -95,6 +95,9 @@ pub struct FlowMoveView {
     /// From the freeze until the flow ran at the other instance (an upper bound on the
     /// client's pause).
     pub frozen_us: u64,
+    /// The snapshot's size in bytes.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
 }
 
 /// The answer of `POST /migrate`: one entry per flow, in order.

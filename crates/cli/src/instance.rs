@@ -209,6 +209,7 @@ impl InstanceSource for Source {
                             v.import_us = p.import.as_micros() as u64;
                             v.rebind_us = p.rebind.as_micros() as u64;
                             v.frozen_us = p.frozen.as_micros() as u64;
+                            v.snapshot_bytes = p.snapshot_bytes as u64;
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +328,7 @@ pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String]) -> ExitCode {
         match &f.error {
             None if at_to.contains(&f.flow) => println!(
                 "flow {}: moved to {to}: frozen {} (hand-over {}, export {}, transfer {}, import \
-                 {}, re-bind {})",
+                 {}, re-bind {}; snapshot {} KiB)",
                 f.flow,
                 ms(f.frozen_us),
                 ms(f.handover_us),
@@ -335,6 +336,7 @@ pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String]) -> ExitCode {
                 ms(f.transfer_us),
                 ms(f.import_us),
                 ms(f.rebind_us),
+                f.snapshot_bytes.div_ceil(1024),
             ),
             None => {
                 failed += 1;

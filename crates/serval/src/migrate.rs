@@ -104,6 +104,9 @@ pub struct Phases {
     /// From the freeze until the old host heard that the flow runs at the new one: an upper
     /// bound (by one trip between the agents) on the pause the client saw.
     pub frozen: Duration,
+    /// The snapshot's size in bytes (mostly data sent and not acknowledged, and data
+    /// received and not yet read by the application).
+    pub snapshot_bytes: usize,
 }
 
 /// How one flow's move ended.
@@ -303,6 +306,7 @@ impl Migrator {
         let mut phases = Phases {
             handover: asked.elapsed(),
             export: handover.exported.export_time(),
+            snapshot_bytes: handover.exported.snapshot().len(),
             ..Phases::default()
         };
         let frozen_at = StdInstant::now() - phases.export;
