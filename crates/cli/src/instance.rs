@@ -283,12 +283,32 @@ fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
 }
 
-/// `serval migrate --admin FROM --to TO [--flow ID]...`.
-pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String]) -> ExitCode {
+/// `serval migrate --admin FROM --to TO [--flow ID]... [--share F]`.
+pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String], share: Option<f64>) -> ExitCode {
     for f in flows {
         if let Err(e) = parse_flow(f) {
             return crate::usage(&format!("--flow {e}"));
         }
+    }
+    let mut flows = flows.to_vec();
+    if let Some(share) = share {
+        if !(share > 0.0 && share <= 1.0) {
+            return crate::usage(&format!("--share {share}: expected a number in (0, 1]"));
+        }
+        let served: Vec<String> = match Client::new(from).flows() {
+            Ok(f) => f
+                .into_iter()
+                .filter(|f| f.role == "server" && f.state == "established")
+                .map(|f| f.flow)
+                .collect(),
+            Err(e) => return crate::fail(&e.to_string()),
+        };
+        let n = (served.len() as f64 * share).ceil() as usize;
+        if n == 0 {
+            println!("no flow to move at {from}");
+            return ExitCode::SUCCESS;
+        }
+        flows = served.into_iter().take(n).collect();
     }
     let target = match Client::new(to).instance() {
         Ok(i) => i,
@@ -305,11 +325,7 @@ pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String]) -> ExitCode {
         _ => agent,
     };
     let started = std::time::Instant::now();
-    let report = match Client::new(from).migrate(&MigrateRequest {
-        agent,
-        key,
-        flows: flows.to_vec(),
-    }) {
+    let report = match Client::new(from).migrate(&MigrateRequest { agent, key, flows }) {
         Ok(r) => r,
         Err(e) => return crate::fail(&e.to_string()),
     };

@@ -147,9 +147,14 @@ enum Command {
         #[arg(long, value_name = "TO")]
         to: std::net::SocketAddr,
         /// A flow to move (its flowID as `serval flows` prints it); repeat for several.
-        /// Without any, every flow FROM serves moves.
+        /// Without any (and without --share), every flow FROM serves moves.
         #[arg(long = "flow", value_name = "ID")]
         flows: Vec<String>,
+        /// Move this share of the flows FROM serves (0 < F ≤ 1, rounded up, the first that
+        /// `serval flows` lists): scale-out, when a new instance TO joins and should take
+        /// part of the load.
+        #[arg(long, value_name = "F", conflicts_with = "flows")]
+        share: Option<f64>,
     },
     /// Print the serviceID of a name, or the prefix of a domain.
     ///
@@ -250,7 +255,12 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Table(args) => table::run(args),
         Command::Flows { admin } => instance::flows(admin),
-        Command::Migrate { admin, to, flows } => instance::migrate(admin, to, &flows),
+        Command::Migrate {
+            admin,
+            to,
+            flows,
+            share,
+        } => instance::migrate(admin, to, &flows, share),
         Command::Router(mut args) => {
             let sub = matches.subcommand_matches("router");
             if let Some(Err(e)) = sub.map(|m| router::apply_config_file(&mut args, m)) {

@@ -16,14 +16,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use sha2::{Digest, Sha256};
+use support::numbered::{client, finish, wait_progress};
 use support::{Dir, Guard, Lan, keygen, lines, netns_usable, wait_line};
 
 const PORT: u16 = 54324;
@@ -31,12 +28,6 @@ const ADMIN: u16 = 9000;
 const SERVICE: &str = "count.moves.test";
 const ROUTER: usize = 0;
 const CLIENT: usize = 1;
-
-/// The client's line `i`.
-fn line(i: u64) -> String {
-    let pad = (i.wrapping_mul(7919) % 150) as usize;
-    format!("{i:09} {}\n", "abcdefghij".repeat(15).get(..pad).unwrap())
-}
 
 /// `serval listen SERVICE --number` on `host`, registered and with its admin API up.
 fn instance(lan: &Lan, host: usize, service: &str, key: &str) -> (Guard, mpsc::Receiver<String>) {
@@ -112,106 +103,12 @@ fn flows(lan: &Lan, host: usize) -> Vec<String> {
         .collect()
 }
 
-/// The client: `serval cat SERVICE` through the router, fed `total` lines from a thread (no
-/// further than `gate`); a second thread checks every answer as it comes and counts them in
-/// `progress`. Joining the reader gives the SHA-256 of what it received and of what it
-/// expected, and how many answers.
-struct Client {
-    cat: Guard,
-    reader: std::thread::JoinHandle<([u8; 32], [u8; 32], u64)>,
-    progress: Arc<AtomicU64>,
-    gate: Arc<AtomicU64>,
-}
-
-fn client(lan: &Lan, total: u64, gate: u64) -> Client {
-    let mut child: Child = lan
-        .serval(
-            CLIENT,
-            &["cat", SERVICE, "--router", &lan.addr(ROUTER, PORT)],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn cat");
-    let mut stdin = child.stdin.take().unwrap();
-    let gate = Arc::new(AtomicU64::new(gate));
-    let g = gate.clone();
-    std::thread::spawn(move || {
-        let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut stdin);
-        for i in 0..total {
-            if i >= g.load(Ordering::Relaxed) {
-                if out.flush().is_err() {
-                    return;
-                }
-                while i >= g.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            if out.write_all(line(i).as_bytes()).is_err() {
-                return;
-            }
-        }
-        let _ = out.flush();
-    });
-    let stdout = child.stdout.take().unwrap();
-    let progress = Arc::new(AtomicU64::new(0));
-    let p = progress.clone();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::with_capacity(1 << 16, stdout);
-        let (mut got, mut want) = (Sha256::new(), Sha256::new());
-        let mut buf = String::new();
-        let mut n = 0;
-        while n < total {
-            buf.clear();
-            if r.read_line(&mut buf).unwrap_or(0) == 0 {
-                break;
-            }
-            let expected = format!("{} {}", n + 1, line(n));
-            assert_eq!(buf, expected, "answer {n}");
-            got.update(buf.as_bytes());
-            want.update(expected.as_bytes());
-            n += 1;
-            p.store(n, Ordering::Relaxed);
-        }
-        (got.finalize().into(), want.finalize().into(), n)
-    });
-    Client {
-        cat: Guard(child),
-        reader,
-        progress,
-        gate,
-    }
-}
-
-fn wait_progress(c: &Client, at_least: u64, limit: Duration) {
-    let start = Instant::now();
-    while c.progress.load(Ordering::Relaxed) < at_least {
-        assert!(
-            start.elapsed() < limit,
-            "the client got {} answers, not {at_least}, in {limit:?}",
-            c.progress.load(Ordering::Relaxed)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn finish(mut c: Client, total: u64) {
-    let (got, want, n) = c.reader.join().expect("every answer checked");
-    assert_eq!(n, total, "answers received");
-    assert_eq!(got, want, "SHA-256 of the whole answer stream");
-    let start = Instant::now();
-    loop {
-        if let Some(st) = c.cat.0.try_wait().unwrap() {
-            assert!(st.success(), "cat exited with {st}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "cat did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `serval cat SERVICE` through the router, on the client's host.
+fn cat(lan: &Lan) -> std::process::Command {
+    lan.serval(
+        CLIENT,
+        &["cat", SERVICE, "--router", &lan.addr(ROUTER, PORT)],
+    )
 }
 
 #[test]
@@ -232,7 +129,7 @@ fn a_stream_moves_between_three_hosts_ten_times_and_the_client_sees_every_byte_o
 
     // About 190 MB each way.
     let total: u64 = 2_000_000;
-    let c = client(&lan, total, total / 11);
+    let c = client(cat(&lan), total, total / 11);
     wait_progress(&c, 1000, Duration::from_secs(30));
     // Whichever instance the router chose holds the one flow.
     let first = servers
@@ -315,7 +212,7 @@ fn moves_that_cannot_happen_fail_cleanly_and_the_stream_stays() {
 
     let total: u64 = 300_000;
     // Half is let through before the failed moves, the rest after: the stream is live for all.
-    let c = client(&lan, total, total / 2);
+    let c = client(cat(&lan), total, total / 2);
     wait_progress(&c, 1000, Duration::from_secs(30));
     assert_eq!(
         flows(&lan, 2).len(),

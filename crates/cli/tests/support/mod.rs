@@ -3,6 +3,7 @@
 #![allow(dead_code)] // not every test file uses every helper
 
 pub mod attack;
+pub mod numbered;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
