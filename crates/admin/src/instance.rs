@@ -84,6 +84,9 @@ pub struct FlowMoveView {
     pub error: Option<String>,
     /// Until the application handed the stream over (includes `export_us`).
     pub handover_us: u64,
+    /// Letting the stream send what it held before the freeze (no pause: data still flows).
+    #[serde(default)]
+    pub drain_us: u64,
     /// Freezing and exporting the connection.
     pub export_us: u64,
     /// Sending the snapshot and hearing it imported, less the import.

@@ -205,6 +205,7 @@ impl InstanceSource for Source {
                             ok.fetch_add(1, Ordering::Relaxed);
                             v.handover_us = p.handover.as_micros() as u64;
                             v.export_us = p.export.as_micros() as u64;
+                            v.drain_us = p.drain.as_micros() as u64;
                             v.transfer_us = p.transfer.as_micros() as u64;
                             v.import_us = p.import.as_micros() as u64;
                             v.rebind_us = p.rebind.as_micros() as u64;
@@ -343,10 +344,11 @@ pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String], share: Option
     for f in &report.flows {
         match &f.error {
             None if at_to.contains(&f.flow) => println!(
-                "flow {}: moved to {to}: frozen {} (hand-over {}, export {}, transfer {}, import \
-                 {}, re-bind {}; snapshot {} KiB)",
+                "flow {}: moved to {to}: frozen {} (drain before it {}, hand-over {}, export {}, \
+                 transfer {}, import {}, re-bind {}; snapshot {} KiB)",
                 f.flow,
                 ms(f.frozen_us),
+                ms(f.drain_us),
                 ms(f.handover_us),
                 ms(f.export_us),
                 ms(f.transfer_us),

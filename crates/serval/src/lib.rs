@@ -50,7 +50,7 @@ pub use migrate::{
     AGENT_LIMIT, FlowMove, HANDOVER_LIMIT, MIGRATE_SERVICE, MigrationConfig, Migrator, Phases,
     REBIND_LIMIT,
 };
-pub use moving::{ExportedStream, MoveFailed};
+pub use moving::{DRAIN_LIMIT, DRAIN_TARGET, ExportedStream, MoveFailed};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::connection::{Role, State as ConnectionState};

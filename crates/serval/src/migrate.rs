@@ -91,8 +91,12 @@ pub struct MigrationConfig {
 /// The time each phase of one flow's move took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Phases {
-    /// From the request until the application handed the stream over.
+    /// From the request until the application handed the stream over (includes `drain`
+    /// and `export`).
     pub handover: Duration,
+    /// Letting the stream send what it held before the freeze (the client still receives
+    /// meanwhile: no pause).
+    pub drain: Duration,
     /// Freezing and exporting the connection (part of `handover`).
     pub export: Duration,
     /// Sending the snapshot and hearing the new host would take it (includes its check).
@@ -306,6 +310,7 @@ impl Migrator {
         let mut phases = Phases {
             handover: asked.elapsed(),
             export: handover.exported.export_time(),
+            drain: handover.exported.drain_time(),
             snapshot_bytes: handover.exported.snapshot().len(),
             ..Phases::default()
         };

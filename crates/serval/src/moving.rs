@@ -30,7 +30,14 @@ pub struct ExportedStream {
     stream: Option<Stream>,
     snapshot: Vec<u8>,
     took: Duration,
+    /// How long the hand-over let the stream drain before the freeze.
+    drained: Duration,
 }
+
+/// A hand-over freezes the stream once it holds at most this much unacknowledged data...
+pub const DRAIN_TARGET: usize = 64 << 10;
+/// ...or after this long, whichever comes first.
+pub const DRAIN_LIMIT: Duration = Duration::from_millis(50);
 
 impl ExportedStream {
     /// The snapshot (docs/snapshot.md), for [`Endpoint::import`] on the importing host. It
@@ -42,6 +49,12 @@ impl ExportedStream {
     /// How long the freeze and export took.
     pub fn export_time(&self) -> Duration {
         self.took
+    }
+
+    /// How long the hand-over let the stream drain before the freeze ([`DRAIN_TARGET`]);
+    /// zero for [`Stream::export`], which freezes at once.
+    pub fn drain_time(&self) -> Duration {
+        self.drained
     }
 
     /// The flowID of the exported connection at this end.
@@ -162,6 +175,7 @@ impl Stream {
                 stream: Some(self),
                 snapshot,
                 took: started.elapsed(),
+                drained: Duration::ZERO,
             }),
             Err(e) => {
                 let kind = match e {
@@ -172,6 +186,30 @@ impl Stream {
                     stream: Some(self),
                     error: io::Error::new(kind, e),
                 })
+            }
+        }
+    }
+
+    /// Before a hand-over's freeze (pre-copy, as a live VM migration does): lets the
+    /// connection send, and see acknowledged, what it holds while it still runs, so that the
+    /// snapshot — whose transfer is the client's pause — is small. It stops once the stream
+    /// holds at most [`DRAIN_TARGET`] bytes, after [`DRAIN_LIMIT`], or as soon as what it
+    /// holds stops shrinking: the application reads nothing meanwhile (it is in `hand_over`),
+    /// so a peer that keeps sending fills the receive side instead. Returns how long it took.
+    async fn drain_before_freeze(&self) -> Duration {
+        let started = StdInstant::now();
+        let mut before = usize::MAX;
+        loop {
+            let held = {
+                let st = self.shared().lock();
+                st.engine.buffered(self.handle()).map(|(s, r)| s + r)
+            };
+            match held {
+                Some(n) if n > DRAIN_TARGET && n < before && started.elapsed() < DRAIN_LIMIT => {
+                    before = n;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => return started.elapsed(),
             }
         }
     }
@@ -223,7 +261,9 @@ impl Stream {
                 ),
             });
         };
-        let exported = self.export(app_state)?;
+        let drained = self.drain_before_freeze().await;
+        let mut exported = self.export(app_state)?;
+        exported.drained = drained;
         let (reply, outcome) = oneshot::channel();
         if let Err(Handover { exported, .. }) = request.send(Handover { exported, reply }) {
             // The agent gave up waiting: the move is off, nothing was sent anywhere.

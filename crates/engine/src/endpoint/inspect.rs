@@ -64,6 +64,12 @@ impl Endpoint {
         })
     }
 
+    /// Stream bytes connection `h` holds, to send and received unread: what an export now
+    /// would carry of its stream.
+    pub fn buffered(&self, h: ConnectionHandle) -> Option<(usize, usize)> {
+        Some(self.conn_ref(h)?.transport.buffered())
+    }
+
     /// Every live connection of this endpoint, in handle order.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         (0..self.conns.len())

@@ -1926,6 +1926,13 @@ impl Transport {
         }
     }
 
+    /// Stream bytes this end holds: to send (written, not yet acknowledged) and received
+    /// (not yet read, with out-of-order ranges between) — what a snapshot carries of the
+    /// stream.
+    pub fn buffered(&self) -> (usize, usize) {
+        (self.send.len(), self.recv.held())
+    }
+
     /// Counters and current values.
     pub fn stats(&self) -> TransportStats {
         let c = &self.stats;
