@@ -284,6 +284,45 @@ fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
 }
 
+/// Where the instance with admin address `to` takes moved flows: its agent's locator (at
+/// the admin's IP if the agent is bound to the wildcard address) and key.
+fn agent_of(to: SocketAddr) -> Result<(String, String), String> {
+    let target = Client::new(to).instance().map_err(|e| e.to_string())?;
+    let (Some(agent), Some(key)) = (target.agent, target.key) else {
+        return Err(format!(
+            "the instance at {to} takes no moved flows (start it with --admin and --key)"
+        ));
+    };
+    let agent = match agent.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => SocketAddr::new(to.ip(), a.port()).to_string(),
+        _ => agent,
+    };
+    Ok((agent, key))
+}
+
+/// Moves every movable flow of this instance to the one with admin address `to` (`listen
+/// --move-on-stop`): how many moved, and why the others did not.
+pub async fn move_all(agent: &Migrator, to: SocketAddr) -> Result<(usize, Vec<String>), String> {
+    let (locator, key) = tokio::task::spawn_blocking(move || agent_of(to))
+        .await
+        .map_err(|e| e.to_string())??;
+    let (to_agent, to_key, _) = parse_request(&MigrateRequest {
+        agent: locator,
+        key,
+        flows: Vec::new(),
+    })?;
+    let report = agent
+        .move_flows(&[], to_agent, to_key)
+        .await
+        .map_err(|e| e.to_string())?;
+    let moved = report.iter().filter(|m| m.result.is_ok()).count();
+    let failed = report
+        .into_iter()
+        .filter_map(|m| m.result.err().map(|e| format!("{}: {e}", m.flow)))
+        .collect();
+    Ok((moved, failed))
+}
+
 /// `serval migrate --admin FROM --to TO [--flow ID]... [--share F]`.
 pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String], share: Option<f64>) -> ExitCode {
     for f in flows {
@@ -311,19 +350,9 @@ pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String], share: Option
         }
         flows = served.into_iter().take(n).collect();
     }
-    let target = match Client::new(to).instance() {
-        Ok(i) => i,
-        Err(e) => return crate::fail(&e.to_string()),
-    };
-    let (Some(agent), Some(key)) = (target.agent, target.key) else {
-        return crate::fail(&format!(
-            "the instance at {to} takes no moved flows (start it with --admin and --key)"
-        ));
-    };
-    let agent = match agent.parse::<SocketAddr>() {
-        // An agent bound to the wildcard address is reached at the address its admin was.
-        Ok(a) if a.ip().is_unspecified() => SocketAddr::new(to.ip(), a.port()).to_string(),
-        _ => agent,
+    let (agent, key) = match agent_of(to) {
+        Ok(a) => a,
+        Err(e) => return crate::fail(&e),
     };
     let started = std::time::Instant::now();
     let report = match Client::new(from).migrate(&MigrateRequest { agent, key, flows }) {

@@ -60,6 +60,11 @@ enum Command {
         /// (`serval migrate`).
         #[arg(long, conflicts_with = "echo")]
         number: bool,
+        /// On SIGINT/SIGTERM, move the open streams to the instance whose admin address is
+        /// ADMIN (as `serval migrate` would) instead of waiting for them to finish: a restart
+        /// or a host's maintenance drops nothing. Needs --admin and --key.
+        #[arg(long, value_name = "ADMIN", requires_all = ["admin", "key"])]
+        move_on_stop: Option<std::net::SocketAddr>,
         /// Routerless mode: also answer SYNs for the service multicast on the local network
         /// (group 239.255.86.76), so clients find it by name with no router (`cat --discover`).
         /// Bind a specific address to choose the interface.
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
             instance,
             echo,
             number,
+            move_on_stop,
             discover,
             discover_port,
             lease_ms,
@@ -226,6 +232,7 @@ fn main() -> ExitCode {
                         ..serval::DiscoveryConfig::default()
                     }),
                     lease: lease_ms.map(std::time::Duration::from_millis),
+                    move_on_stop,
                 };
                 run(net::listen(&service, prefix, instance, opts))
             }

@@ -124,6 +124,8 @@ pub struct ListenOptions {
     pub discover: Option<serval::DiscoveryConfig>,
     /// Lease to ask the router for (default: [`serval::LeaseConfig`]'s, 3 s).
     pub lease: Option<Duration>,
+    /// On a stop, move open streams to the instance with this admin address.
+    pub move_on_stop: Option<SocketAddr>,
 }
 
 /// Where `serval cat` sends its SYN.
@@ -148,7 +150,7 @@ pub async fn listen(
     let mode = opts.mode;
     let ep = instance.endpoint(opts.lease).await?;
     // Kept for the life of the loop: the agent takes flows moved here.
-    let _agent =
+    let agent =
         crate::instance::start(&ep, &instance, name, crate::instance::Moves::Supported).await?;
     let mut events = ep.registrar_events();
     if let Some(d) = &opts.discover {
@@ -206,6 +208,25 @@ pub async fn listen(
         // Make "withdrawn" true before saying it: the UNREGISTER may need a cookie round
         // (a restarted router) or a retransmission, which an exiting process would cut short.
         ep.unregistered_within(UNREGISTER_LIMIT).await;
+    }
+    if let (Some(to), Some(agent)) = (opts.move_on_stop, &agent)
+        && !open.is_empty()
+    {
+        note!(
+            "serval: stopping: moving {} open stream(s) to the instance at {to}",
+            open.len()
+        );
+        match crate::instance::move_all(agent, to).await {
+            Ok((moved, failed)) => note!(
+                "serval: {moved} stream(s) moved to {to}{}",
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not moved: {}", failed.join("; "))
+                }
+            ),
+            Err(e) => note!("serval: cannot move the open streams to {to}: {e}"),
+        }
     }
     let stopping = if !instance.router.is_empty() {
         format!("serval: stopping: {name} withdrawn from the router, no new connections")

@@ -170,3 +170,71 @@ fn expose_lists_its_flows_but_refuses_to_move_them() {
     stdout.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"again\n");
 }
+
+#[test]
+fn a_stopping_instance_moves_its_open_streams_instead_of_waiting_for_them() {
+    let dir = Dir::new("migrate-on-stop");
+    let key = dir.path("k");
+    keygen(&key);
+    let (a_admin, b_admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (_b, _) = instance(
+        SERVICE,
+        None,
+        &["--number", "--admin", &b_admin, "--key", &key],
+    );
+    let mut cmd = serval();
+    cmd.args(["listen", SERVICE, "--number", "--bind", "127.0.0.1:0"])
+        .args([
+            "--admin",
+            &a_admin,
+            "--key",
+            &key,
+            "--move-on-stop",
+            &b_admin,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut a = support::Guard(cmd.spawn().unwrap());
+    let err = support::lines(a.0.stderr.take().unwrap());
+    let serving = support::wait_line(&err, "serving line", |l| l.contains("serving"));
+    let a_addr = serving
+        .split(" on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let total = 100_000;
+    let mut cat = serval();
+    cat.args(["cat", SERVICE, "--via", &a_addr]);
+    let c = client(cat, total, total / 2);
+    wait_progress(&c, 1000, Duration::from_secs(30));
+
+    let pid = a.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    support::wait_line(&err, "the move", |l| l.contains("1 stream(s) moved to"));
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(st) = a.0.try_wait().unwrap() {
+            assert!(st.success(), "{st}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "A did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at_b = flow_lines(&b_admin);
+    assert_eq!(at_b.len(), 1, "{at_b:?}");
+    c.gate.store(total, Ordering::Relaxed);
+    finish(c, total);
+}
