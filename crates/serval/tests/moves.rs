@@ -150,6 +150,24 @@ async fn client_run(stream: Stream, lines: u64, progress: tokio::sync::watch::Se
     writer.await.unwrap();
 }
 
+/// A client of `a` running `client_run` with `lines` lines, once 1000 came back.
+async fn started_client(a: &Instance, lines: u64) -> tokio::task::JoinHandle<()> {
+    let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
+        .await
+        .unwrap();
+    let stream = client
+        .connect_via(
+            ServiceId::from_name(NAME).unwrap(),
+            a.ep.local_locators()[0],
+        )
+        .await
+        .unwrap();
+    let (tx, mut progress) = tokio::sync::watch::channel(0);
+    let run = tokio::spawn(client_run(stream, lines, tx));
+    progress.wait_for(|p| *p >= 1000).await.unwrap();
+    run
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_continues() {
     timeout(Duration::from_secs(120), async {
@@ -224,18 +242,7 @@ async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
         .await
         .unwrap();
 
-        let client = Endpoint::bind(&[any]).await.unwrap();
-        let stream = client
-            .connect_via(
-                ServiceId::from_name(NAME).unwrap(),
-                a.ep.local_locators()[0],
-            )
-            .await
-            .unwrap();
-        let (tx, mut progress) = tokio::sync::watch::channel(0);
-        let lines = 60_000;
-        let run = tokio::spawn(client_run(stream, lines, tx));
-        progress.wait_for(|p| *p >= 1000).await.unwrap();
+        let run = started_client(&a, 60_000).await;
 
         // The stranger proves its own key, not the one A expects: the connect fails.
         let e = a
@@ -312,18 +319,7 @@ async fn a_move_whose_destination_dies_half_way_leaves_the_stream_where_it_was()
             snapshot.len()
         });
 
-        let client = Endpoint::bind(&[any]).await.unwrap();
-        let stream = client
-            .connect_via(
-                ServiceId::from_name(NAME).unwrap(),
-                a.ep.local_locators()[0],
-            )
-            .await
-            .unwrap();
-        let (tx, mut progress) = tokio::sync::watch::channel(0);
-        let lines = 60_000;
-        let run = tokio::spawn(client_run(stream, lines, tx));
-        progress.wait_for(|p| *p >= 1000).await.unwrap();
+        let run = started_client(&a, 60_000).await;
         let r = a
             .agent
             .move_flows(&[], dying.local_locators()[0], k.public_key())
