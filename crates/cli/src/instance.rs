@@ -37,7 +37,12 @@ pub async fn start(
         (Some(key), Moves::Supported) => {
             let bind = match args.migrate_bind {
                 Some(b) => b,
-                None => SocketAddr::new(args.bind[0].ip(), 0),
+                None => SocketAddr::new(
+                    args.bind
+                        .first()
+                        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), SocketAddr::ip),
+                    0,
+                ),
             };
             let m = Migrator::start(
                 ep,

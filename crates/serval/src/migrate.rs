@@ -160,7 +160,11 @@ impl Migrator {
             },
         )
         .await?;
-        let locator = agent.local_locators()[0];
+        let locator = agent
+            .local_locators()
+            .first()
+            .copied()
+            .ok_or_else(|| io::Error::other("the agent's endpoint has no locator"))?;
         let prefix = ServicePrefix::parse(MIGRATE_SERVICE)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = agent.listen(prefix)?;
