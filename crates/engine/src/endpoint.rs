@@ -31,6 +31,7 @@ pub use crate::connection::CloseReason;
 pub use crate::connection::ExportError;
 pub use crate::connection::identity::{IdentityError, PeerIdentity};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
+pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
 
 mod cookie;
@@ -293,6 +294,9 @@ pub struct EndpointStats {
     pub cookie_retries: u64,
     /// SYNs dropped because their source exceeded [`EndpointConfig::syn_rate_limit`].
     pub syns_rate_limited: u64,
+    /// Validations of peers' new addresses (NAT rebindings, renumbered peers), summed over
+    /// the flows (docs/protocol.md §4.1): started, validated, failed, challenges sent.
+    pub paths: PathStats,
 }
 
 struct Listener {
@@ -480,6 +484,7 @@ impl Endpoint {
             s.auth_failures += c.auth_failures;
             s.replays += c.replays();
             s.malformed += c.malformed;
+            s.paths.add(&c.path_stats());
         }
         s
     }
@@ -858,6 +863,12 @@ impl Endpoint {
     /// before, or for a handle that is gone).
     pub fn protection(&self, h: ConnectionHandle) -> Option<Protection> {
         self.conn_ref(h)?.protection()
+    }
+
+    /// A connection's path-validation counters: how often its peer's address changed and
+    /// whether each new address was validated.
+    pub fn path_stats(&self, h: ConnectionHandle) -> Option<PathStats> {
+        Some(self.conn_ref(h)?.path_stats())
     }
 
     /// A connection's transport counters.
@@ -1371,6 +1382,8 @@ impl Endpoint {
         self.stats.auth_failures += c.auth_failures;
         self.stats.malformed += c.malformed;
         self.stats.replays += c.replays();
+        let paths = c.path_stats();
+        self.stats.paths.add(&paths);
         self.flows.remove(flow);
         self.half_open.remove(&key);
         let i = h.index();
