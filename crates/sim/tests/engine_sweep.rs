@@ -376,6 +376,13 @@ fn run(seed: u64, link: LinkConfig, back: Option<LinkConfig>, len: usize, moves:
         server_ep.add_local(server_new);
     }
 
+    // Behind a NAT that may rebind, a client that only receives must not stay silent: if its
+    // last packets before the rebinding are lost, nothing tells the server where it went, and
+    // the server's data goes to the dead mapping until both ends time out (seed 871 of
+    // `rebind-loss20` without this). As with QUIC, a keepalive is the client's remedy.
+    if rebind {
+        config.transport.keepalive = Some(Duration::from_secs(1));
+    }
     let mut client_ep = Endpoint::new(
         config,
         seed32(seed, 1),
@@ -585,6 +592,7 @@ fn check_with(
     seeds: impl Iterator<Item = u64> + Clone,
 ) {
     let mut max_steps = 0;
+    let mut followed = 0;
     let n = seeds.clone().count();
     for seed in seeds {
         let o = run(seed, link.clone(), back.clone(), len, moves);
@@ -610,12 +618,16 @@ fn check_with(
                 "{name} seed {seed}: client saw no migration"
             );
         }
-        if let Move::Rebind { .. } = moves {
+        if let Move::Rebind { keep_old } = moves {
             assert_eq!(o.client_moved, 0, "{name} seed {seed}: the client moved");
+            // With the old mapping gone the transfer cannot end unless the server followed;
+            // with it alive, the transfer may end on the old path before a validation
+            // succeeds (its challenges or answers lost): counted below instead.
             assert!(
-                o.server_saw_move >= 1,
+                keep_old || o.server_saw_move >= 1,
                 "{name} seed {seed}: the server did not follow the client"
             );
+            followed += u64::from(o.server_saw_move >= 1);
         } else if moves != Move::Nobody {
             let want = if moves == Move::ClientTwice { 2 } else { 1 };
             assert_eq!(
@@ -628,6 +640,15 @@ fn check_with(
             );
         }
         max_steps = max_steps.max(o.steps);
+    }
+    if moves == (Move::Rebind { keep_old: true }) {
+        assert!(
+            followed * 10 >= n as u64 * 9,
+            "{name}: the server followed the client in only {followed} of {n} seeds"
+        );
+    }
+    if let Move::Rebind { .. } = moves {
+        eprintln!("{name}: the server followed the client in {followed} of {n} seeds");
     }
     eprintln!("{name}: {n} seeds ok, at most {max_steps} steps");
 }

@@ -1,0 +1,249 @@
+//! NAT rebinding under a live stream (issue 11 item 2): the client's source port changes
+//! mid-transfer and nobody tells the client; the flow must follow it and lose nothing.
+//!
+//! ```text
+//!   server ns  10.77.3.1 ==== veth ==== 10.77.3.2  client ns
+//!   serval listen --echo                             serval cat --bind 10.77.3.2:54324
+//!                                                    nftables: a stateless NAT of port 54324
+//!                                                    (to 40000, then to 40001), tbf 40 Mbit/s
+//! ```
+//!
+//! The client's namespace plays its NAT with nftables (raw priority, before conntrack): what
+//! the client sends from port 54324 leaves from port 40000, and what comes to 40000 is given
+//! back to 54324. The upstream is shaped (tc tbf) so that 16 MiB take a few seconds. Once a
+//! third has left, the rules are replaced in one transaction by the same mapping to 40001,
+//! and 40000 is dropped (counted): the old mapping is dead, as after a NAT's timeout. The
+//! server sees authentic packets from a new port, validates it with a PATH_CHALLENGE and
+//! moves its end there. The test checks the echo (SHA-256 and byte for byte), that the
+//! server really sent to the dead mapping after the rebinding (the drop counter), and that
+//! most of the echo came back through the new one (its counter).
+//!
+//! Needs root, `ip`, `tc` and `nft` (Debian `nftables`). Without them (or with
+//! `SERVAL_SKIP_NETNS`) it skips with one line; under `CI=true` it fails instead.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+mod support;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use support::{Guard, Netns, netns_usable, pattern};
+
+/// Bytes the client sends (and gets back).
+const TOTAL: usize = 16 << 20;
+/// The client's port, and its public ports before and after the rebinding.
+const PORT: u16 = 54324;
+const PUBLIC1: u16 = 40000;
+const PUBLIC2: u16 = 40001;
+
+/// The NAT's rules mapping the client's port to `public`, and dropping (and counting) what
+/// comes to `dead`, the mapping it forgot.
+fn nat_rules(public: u16, dead: Option<u16>) -> String {
+    let drop = dead
+        .map(|d| format!("  udp dport {d} counter drop\n"))
+        .unwrap_or_default();
+    format!(
+        "table ip rebind {{\n chain out {{\n  type filter hook output priority raw; policy accept;\n  \
+         udp sport {PORT} counter udp sport set {public}\n }}\n chain in {{\n  type filter hook \
+         prerouting priority raw; policy accept;\n  udp dport {public} counter udp dport set \
+         {PORT}\n{drop} }}\n}}\n"
+    )
+}
+
+/// Runs `nft -f -` in `ns` with `script`.
+fn nft(ns: &str, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The byte counter of the rule in `ns` that mentions `udp dport PORT` (`nft list` output).
+fn dport_bytes(ns: &str, port: u16) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "table", "ip", "rebind"])
+        .output()
+        .expect("nft list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("udp dport {port} counter");
+    text.lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "bytes")?;
+            w.get(i + 1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes the root qdisc of `dev` in `ns` has sent (`tc -s qdisc`).
+fn qdisc_sent(ns: &str, dev: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev])
+        .output()
+        .expect("tc -s qdisc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "Sent")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn run(ns: &str, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_nat_rebinding_mid_transfer_loses_nothing() {
+    let test = "a_nat_rebinding_mid_transfer_loses_nothing";
+    if !netns_usable(test) || serval_testkit::require_programs(test, ["tc", "nft"]).is_none() {
+        return;
+    }
+    let n = Netns::new("rb", 3);
+    let (server_ns, client_ns) = (&n.a, &n.b);
+    let server = format!("10.77.3.1:{PORT}");
+    let client = format!("10.77.3.2:{PORT}");
+    run(
+        client_ns,
+        &[
+            "tc", "qdisc", "add", "dev", &n.dev_b, "root", "tbf", "rate", "40mbit", "burst",
+            "64kb", "latency", "50ms",
+        ],
+    );
+    nft(client_ns, &nat_rules(PUBLIC1, None));
+    let _listener = Guard(
+        n.spawn(
+            server_ns,
+            &["listen", "echo.test", "--bind", &server, "--echo"],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn listener"),
+    );
+    let cat = |input: &[u8]| {
+        n.spawn(
+            client_ns,
+            &["cat", "echo.test", "--via", &server, "--bind", &client],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(|mut c| {
+            let mut stdin = c.stdin.take().unwrap();
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            });
+            c
+        })
+        .expect("spawn cat")
+    };
+    // The listener needs a moment to bind: a short echo, retried, tells when it serves.
+    let start = Instant::now();
+    loop {
+        let out = cat(b"ready?").wait_with_output().unwrap();
+        if out.status.success() && out.stdout == b"ready?" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the listener never answered: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let data = pattern(TOTAL);
+    let base = qdisc_sent(client_ns, &n.dev_b);
+    let mut child = cat(&data);
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(TOTAL);
+        let _ = stdout.read_to_end(&mut got);
+        got
+    });
+    let child = Guard(child);
+    // Once a third has left the client, the NAT rebinds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qdisc_sent(client_ns, &n.dev_b) - base < TOTAL as u64 / 3 {
+        assert!(Instant::now() < deadline, "the transfer did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rebound = Instant::now();
+    nft(
+        client_ns,
+        &format!(
+            "delete table ip rebind\n{}",
+            nat_rules(PUBLIC2, Some(PUBLIC1))
+        ),
+    );
+    let new_before = dport_bytes(client_ns, PUBLIC2);
+    // The transfer must finish within a minute of the rebinding.
+    let mut child = child;
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            rebound.elapsed() < Duration::from_secs(60),
+            "the transfer did not finish after the rebinding"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let got = reader.join().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "cat failed: {err}");
+    let (want, have) = (Sha256::digest(&data), Sha256::digest(&got));
+    eprintln!(
+        "{test}: {} bytes echoed in {:.1} s after the rebinding, sha256 {have:x}",
+        got.len(),
+        rebound.elapsed().as_secs_f64()
+    );
+    assert_eq!(got.len(), data.len(), "echo length");
+    assert_eq!(have, want, "echo digest");
+    assert!(got == data, "echoed bytes differ");
+    // The old mapping was really dead: the server sent there after the rebinding (until it
+    // validated the new port). And it then moved: the rest of the echo came back through the
+    // new mapping.
+    let dead = dport_bytes(client_ns, PUBLIC1);
+    let new = dport_bytes(client_ns, PUBLIC2) - new_before;
+    eprintln!("{test}: {dead} bytes to the dead mapping, {new} through the new one");
+    assert!(
+        dead > 0,
+        "nothing went to the dead mapping: no rebinding happened"
+    );
+    assert!(
+        new >= TOTAL as u64 / 3,
+        "only {new} bytes came back through the new mapping"
+    );
+}
