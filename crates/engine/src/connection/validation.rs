@@ -23,7 +23,7 @@
 //!
 //! The state here is the *path* concern of the connection, kept out of `connection.rs`. A
 //! later multipath join (docs/moving-flows.md §2) reuses the exchange: the joiner's first
-//! packet on a new path carries a PATH_CHALLENGE, and [`PathValidator`] validates it as it
+//! packet on a new path carries a PATH_CHALLENGE, and `PathValidator` validates it as it
 //! validates a rebinding here.
 
 use std::collections::VecDeque;
