@@ -1,5 +1,6 @@
-//! NAT rebinding under a live stream (issue 11 item 2): the client's source port changes
-//! mid-transfer and nobody tells the client; the flow must follow it and lose nothing.
+//! Peer address changes under a live stream (issue 11 item 2): the client's source port
+//! changes mid-transfer (a NAT rebinding) and nobody tells the client; the flow must follow it
+//! and lose nothing.
 //!
 //! ```text
 //!   server ns  10.77.3.1 ==== veth ==== 10.77.3.2  client ns
@@ -17,6 +18,10 @@
 //! moves its end there. The test checks the echo (SHA-256 and byte for byte), that the
 //! server really sent to the dead mapping after the rebinding (the drop counter), and that
 //! most of the echo came back through the new one (its counter).
+//!
+//! A second test changes the *server's* address while the client's stays: the server's
+//! namespace translates its address to another of its link both ways and drops what comes to
+//! the old one; the server is not told, the client validates the new source and follows.
 //!
 //! Needs root, `ip`, `tc` and `nft` (Debian `nftables`). Without them (or with
 //! `SERVAL_SKIP_NETNS`) it skips with one line; under `CI=true` it fails instead.
@@ -74,16 +79,16 @@ fn nft(ns: &str, script: &str) {
     );
 }
 
-/// The byte counter of the rule in `ns` that mentions `udp dport PORT` (`nft list` output).
-fn dport_bytes(ns: &str, port: u16) -> u64 {
+/// The byte counter of the rule of table `rebind` in `ns` whose text contains `rule`
+/// (`nft list` output); 0 if there is none.
+fn rule_bytes(ns: &str, rule: &str) -> u64 {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "nft", "list", "table", "ip", "rebind"])
         .output()
         .expect("nft list");
     let text = String::from_utf8_lossy(&out.stdout);
-    let needle = format!("udp dport {port} counter");
     text.lines()
-        .find(|l| l.contains(&needle))
+        .find(|l| l.contains(rule))
         .and_then(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
             let i = w.iter().position(|x| *x == "bytes")?;
@@ -118,17 +123,73 @@ fn run(ns: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+/// A change of address under the flow: the nftables ruleset of table `rebind` in namespace
+/// `ns` before and after, the rule that drops (and counts) what still goes to the old
+/// address, and the rule that counts what reaches the new one.
+struct Change {
+    ns: String,
+    before: String,
+    after: String,
+    dead: String,
+    new: String,
+}
 
 #[test]
 fn a_nat_rebinding_mid_transfer_loses_nothing() {
     let test = "a_nat_rebinding_mid_transfer_loses_nothing";
+    rebinding(test, "rb", 3, |n| Change {
+        ns: n.b.clone(),
+        before: nat_rules(PUBLIC1, None),
+        after: format!(
+            "delete table ip rebind\n{}",
+            nat_rules(PUBLIC2, Some(PUBLIC1))
+        ),
+        dead: format!("udp dport {PUBLIC1} counter"),
+        new: format!("udp dport {PUBLIC2} counter"),
+    });
+}
+
+/// The server's address changes while the client's stays: the server's namespace translates
+/// its address 10.77.4.1 to 10.77.4.3 (a second address of its link, so that the client's
+/// ARP finds it) both ways, and drops what still comes to 10.77.4.1. The server is not told
+/// (its flow keeps 10.77.4.1 as its local locator); the client sees the server's packets come
+/// from 10.77.4.3, validates it, and follows.
+#[test]
+fn the_server_s_address_changes_under_the_flow() {
+    let test = "the_server_s_address_changes_under_the_flow";
+    rebinding(test, "rs", 4, |n| {
+        run(
+            &n.a,
+            &["ip", "addr", "add", "10.77.4.3/24", "dev", &n.dev_a],
+        );
+        Change {
+            ns: n.a.clone(),
+            before: "table ip rebind {\n}\n".to_owned(),
+            after: format!(
+                "delete table ip rebind\ntable ip rebind {{\n chain out {{\n  type filter hook \
+                 output priority raw; policy accept;\n  ip saddr 10.77.4.1 udp sport {PORT} \
+                 counter ip saddr set 10.77.4.3\n }}\n chain in {{\n  type filter hook \
+                 prerouting priority raw; policy accept;\n  ip daddr 10.77.4.1 udp dport \
+                 {PORT} counter drop\n  ip daddr 10.77.4.3 udp dport {PORT} counter ip daddr \
+                 set 10.77.4.1\n }}\n}}\n"
+            ),
+            dead: "ip daddr 10.77.4.1 udp dport".to_owned(),
+            new: "ip daddr 10.77.4.3 udp dport".to_owned(),
+        }
+    });
+}
+
+/// Echoes 16 MiB from the client (namespace `b`, its uplink shaped to 40 Mbit/s) through the
+/// server (namespace `a`), applies `change` once a third has left the client, and checks the
+/// echo and the counters (see the module documentation).
+fn rebinding(test: &str, tag: &str, net: u8, change: impl FnOnce(&Netns) -> Change) {
     if !netns_usable(test) || serval_testkit::require_programs(test, ["tc", "nft"]).is_none() {
         return;
     }
-    let n = Netns::new("rb", 3);
+    let n = Netns::new(tag, net);
     let (server_ns, client_ns) = (&n.a, &n.b);
-    let server = format!("10.77.3.1:{PORT}");
-    let client = format!("10.77.3.2:{PORT}");
+    let server = format!("10.77.{net}.1:{PORT}");
+    let client = format!("10.77.{net}.2:{PORT}");
     run(
         client_ns,
         &[
@@ -136,7 +197,8 @@ fn a_nat_rebinding_mid_transfer_loses_nothing() {
             "64kb", "latency", "50ms",
         ],
     );
-    nft(client_ns, &nat_rules(PUBLIC1, None));
+    let change = change(&n);
+    nft(&change.ns, &change.before);
     let _listener = Guard(
         n.spawn(
             server_ns,
@@ -197,14 +259,7 @@ fn a_nat_rebinding_mid_transfer_loses_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rebound = Instant::now();
-    nft(
-        client_ns,
-        &format!(
-            "delete table ip rebind\n{}",
-            nat_rules(PUBLIC2, Some(PUBLIC1))
-        ),
-    );
-    let new_before = dport_bytes(client_ns, PUBLIC2);
+    nft(&change.ns, &change.after);
     // The transfer must finish within a minute of the rebinding.
     let mut child = child;
     let status = loop {
@@ -235,15 +290,15 @@ fn a_nat_rebinding_mid_transfer_loses_nothing() {
     // The old mapping was really dead: the server sent there after the rebinding (until it
     // validated the new port). And it then moved: the rest of the echo came back through the
     // new mapping.
-    let dead = dport_bytes(client_ns, PUBLIC1);
-    let new = dport_bytes(client_ns, PUBLIC2) - new_before;
-    eprintln!("{test}: {dead} bytes to the dead mapping, {new} through the new one");
+    let dead = rule_bytes(&change.ns, &change.dead);
+    let new = rule_bytes(&change.ns, &change.new);
+    eprintln!("{test}: {dead} bytes to the dead address, {new} through the new one");
     assert!(
         dead > 0,
-        "nothing went to the dead mapping: no rebinding happened"
+        "nothing went to the dead address: no change happened"
     );
     assert!(
         new >= TOTAL as u64 / 3,
-        "only {new} bytes came back through the new mapping"
+        "only {new} bytes went through the new address"
     );
 }
