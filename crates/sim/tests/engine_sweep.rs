@@ -342,6 +342,9 @@ struct Outcome {
     server_saw_move: u32,
     server_moved: u32,
     client_saw_move: u32,
+    /// Path validations each end started (a peer seen at an address it did not move to by
+    /// RSYN).
+    validations: [u64; 2],
 }
 
 /// One run: `link` both ways, or from the server to the client `back` if given (asymmetric).
@@ -564,6 +567,10 @@ fn run(seed: u64, link: LinkConfig, back: Option<LinkConfig>, len: usize, moves:
         server_saw_move: net.node(s).peer_moved,
         server_moved: net.node(s).moved,
         client_saw_move: net.node(c).peer_moved,
+        validations: [
+            net.node(c).ep.stats().paths.started,
+            net.node(s).ep.stats().paths.started,
+        ],
     }
 }
 
@@ -628,7 +635,16 @@ fn check_with(
                 "{name} seed {seed}: the server did not follow the client"
             );
             followed += u64::from(o.server_saw_move >= 1);
-        } else if moves != Move::Nobody {
+        } else {
+            // Moves by RSYN (and no moves) never look like a new peer address: packets from a
+            // mover's old locator, still in flight or sent make-before-break, start nothing.
+            assert_eq!(
+                o.validations,
+                [0, 0],
+                "{name} seed {seed}: a path validation started"
+            );
+        }
+        if !matches!(moves, Move::Nobody | Move::Rebind { .. }) {
             let want = if moves == Move::ClientTwice { 2 } else { 1 };
             assert_eq!(
                 o.client_moved, want,
