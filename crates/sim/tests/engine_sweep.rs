@@ -99,6 +99,9 @@ struct Host {
     peer_moved: u32,
     /// The NAT in front of this host, if any.
     nat: Option<Nat>,
+    /// An address of the peer's that this host has not validated yet, with the bytes sent to
+    /// it and received from it until the peer moved there (the amplification limit's terms).
+    watch: Option<(Locator, u64, u64)>,
 }
 
 impl Host {
@@ -247,6 +250,12 @@ impl Node for Host {
                 });
             eprintln!("{now:?} {who} <- {} bytes {what:?}", d.payload.len());
         }
+        if let Some((addr, _, received)) = &mut self.watch
+            && d.src == *addr
+            && self.peer_moved == 0
+        {
+            *received += d.payload.len() as u64;
+        }
         let dst = match &self.nat {
             Some(nat) if nat.alive.contains(&d.dst) => nat.inner,
             // A mapping the NAT forgot: dropped there.
@@ -261,6 +270,12 @@ impl Node for Host {
         let mut d = self.poll_engine(now)?;
         if let Some(nat) = &self.nat {
             d.src = nat.public;
+        }
+        if let Some((addr, sent, _)) = &mut self.watch
+            && d.dst == *addr
+            && self.peer_moved == 0
+        {
+            *sent += d.payload.len() as u64;
         }
         Some(d)
     }
@@ -345,6 +360,9 @@ struct Outcome {
     /// Path validations each end started (a peer seen at an address it did not move to by
     /// RSYN).
     validations: [u64; 2],
+    /// What the server sent to the client's new public address, and received from it, until
+    /// it moved there.
+    unvalidated: Option<(u64, u64)>,
 }
 
 /// One run: `link` both ways, or from the server to the client `back` if given (asymmetric).
@@ -429,6 +447,7 @@ fn run(seed: u64, link: LinkConfig, back: Option<LinkConfig>, len: usize, moves:
             public: nat1,
             alive: vec![nat1],
         }),
+        watch: None,
     };
     let server = Host {
         ep: server_ep,
@@ -444,6 +463,8 @@ fn run(seed: u64, link: LinkConfig, back: Option<LinkConfig>, len: usize, moves:
         moved: 0,
         peer_moved: 0,
         nat: None,
+        // The server watches what it sends to the client's next public address.
+        watch: rebind.then_some((nat2, 0, 0)),
     };
     let mut net = Network::new(seed, link);
     let c: NodeId = net.add_node(client, &[if rebind { nat1 } else { client_loc }]);
@@ -571,6 +592,10 @@ fn run(seed: u64, link: LinkConfig, back: Option<LinkConfig>, len: usize, moves:
             net.node(c).ep.stats().paths.started,
             net.node(s).ep.stats().paths.started,
         ],
+        unvalidated: net
+            .node(s)
+            .watch
+            .map(|(_, sent, received)| (sent, received)),
     }
 }
 
@@ -600,6 +625,8 @@ fn check_with(
 ) {
     let mut max_steps = 0;
     let mut followed = 0;
+    // Bytes the server sent to unvalidated addresses, over all seeds (the watch works).
+    let mut unvalidated_sent = 0;
     let n = seeds.clone().count();
     for seed in seeds {
         let o = run(seed, link.clone(), back.clone(), len, moves);
@@ -635,6 +662,13 @@ fn check_with(
                 "{name} seed {seed}: the server did not follow the client"
             );
             followed += u64::from(o.server_saw_move >= 1);
+            // No amplification towards the address before it was validated.
+            let (sent, received) = o.unvalidated.unwrap_or_default();
+            unvalidated_sent += sent;
+            assert!(
+                sent <= 3 * received,
+                "{name} seed {seed}: sent {sent} bytes to the unvalidated address, received {received}"
+            );
         } else {
             // Moves by RSYN (and no moves) never look like a new peer address: packets from a
             // mover's old locator, still in flight or sent make-before-break, start nothing.
@@ -664,7 +698,11 @@ fn check_with(
         );
     }
     if let Move::Rebind { .. } = moves {
-        eprintln!("{name}: the server followed the client in {followed} of {n} seeds");
+        assert!(unvalidated_sent > 0, "{name}: no challenge was ever seen");
+        eprintln!(
+            "{name}: the server followed the client in {followed} of {n} seeds, sending \
+             {unvalidated_sent} bytes to unvalidated addresses in all"
+        );
     }
     eprintln!("{name}: {n} seeds ok, at most {max_steps} steps");
 }
