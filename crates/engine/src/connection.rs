@@ -283,6 +283,7 @@ pub(crate) enum ConnEvent {
     Datagram,
     Migrated(Locator),
     PeerMigrated(Locator),
+    PathValidationFailed(Locator),
     Closed(CloseReason),
 }
 
@@ -1300,7 +1301,10 @@ impl Connection {
             && let Some(p) = self.paths.as_deref_mut()
         {
             // A validation whose challenges all went unanswered ends; the flow stays put.
-            p.handle_timeout(now);
+            if let Some(failed) = p.handle_timeout(now) {
+                self.events
+                    .push_back(ConnEvent::PathValidationFailed(failed));
+            }
         }
         if matches!(self.state, State::Established | State::TimeWait) {
             self.transport.handle_timeout(now);

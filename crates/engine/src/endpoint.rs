@@ -108,8 +108,12 @@ pub enum Event {
     NamedDatagram(ListenerId),
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
-    /// The peer moved to a new locator.
+    /// The peer moved to a new locator: by RSYN, or, seen at a new address (a NAT rebinding),
+    /// once that address answered a path challenge (docs/protocol.md §4.1).
     PeerMigrated(ConnectionHandle, Locator),
+    /// Packets of the peer came from this new address, but it never answered a path
+    /// challenge (or sent too little to pay for one): the connection stays where it was.
+    PathValidationFailed(ConnectionHandle, Locator),
     /// The connection is gone; its handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
     /// A listener bound a service: the control plane should register it ("active sockets").
@@ -1353,6 +1357,7 @@ impl Endpoint {
                 ConnEvent::Datagram => Event::Datagram(h),
                 ConnEvent::Migrated(l) => Event::Migrated(h, l),
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
+                ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
                 ConnEvent::Closed(r) => Event::Closed(h, r),
             };
             self.events.push_back(ev);

@@ -471,6 +471,12 @@ fn an_attacker_replaying_or_racing_genuine_packets_cannot_move_the_flow() {
     assert_eq!((p.started, p.validated, p.failed), (1, 0, 1), "{p:?}");
     assert_eq!(w.s.locators(w.sh).unwrap().1, loc(NAT1), "the flow moved");
     assert!(w.peer_moved_at(loc(EVIL)).is_none());
+    assert!(
+        w.server_events
+            .iter()
+            .any(|(_, e)| *e == Event::PathValidationFailed(w.sh, loc(EVIL))),
+        "no event said the attacker's address failed"
+    );
     let (sent, received) = w.bytes_with(loc(EVIL), w.now);
     assert!(
         sent > 0 && sent <= 3 * received,

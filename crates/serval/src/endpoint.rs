@@ -176,6 +176,9 @@ impl State {
                     let _ = self.held.send(d);
                 }
                 Event::Migrated(..) | Event::PeerMigrated(..) => {}
+                Event::PathValidationFailed(_, at) => {
+                    tracing::debug!(%at, "the peer's new address did not answer its path challenge");
+                }
             }
         }
     }
