@@ -700,7 +700,7 @@ local function render_stream(tvb, off, limit, tree, with_pn)
             pos = pos + n
             summary[#summary + 1] = "CLOSE(" .. tostring(code) .. ")"
         elseif ty == FR_PATH_CHALLENGE or ty == FR_PATH_RESPONSE then
-            -- 8 bytes of data (docs/wire.md §13).
+            -- 8 bytes of data (docs/wire.md §14).
             if limit - pos < 8 then
                 return malformed(trunc)
             end

@@ -109,7 +109,7 @@ pub enum Event {
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
     /// The peer moved to a new locator: by RSYN, or, seen at a new address (a NAT rebinding),
-    /// once that address answered a path challenge (docs/protocol.md §4.1).
+    /// once that address answered a path challenge (docs/protocol.md §4.2).
     PeerMigrated(ConnectionHandle, Locator),
     /// Packets of the peer came from this new address, but it never answered a path
     /// challenge (or sent too little to pay for one): the connection stays where it was.
@@ -299,7 +299,7 @@ pub struct EndpointStats {
     /// SYNs dropped because their source exceeded [`EndpointConfig::syn_rate_limit`].
     pub syns_rate_limited: u64,
     /// Validations of peers' new addresses (NAT rebindings, renumbered peers), summed over
-    /// the flows (docs/protocol.md §4.1): started, validated, failed, challenges sent.
+    /// the flows (docs/protocol.md §4.2): started, validated, failed, challenges sent.
     pub paths: PathStats,
 }
 

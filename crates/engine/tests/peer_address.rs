@@ -1,4 +1,4 @@
-//! A flow whose peer's address changes under it (issue 11 item 2, docs/protocol.md §4.1): a
+//! A flow whose peer's address changes under it (issue 11 item 2, docs/protocol.md §4.2): a
 //! client behind a NAT whose mapping changes mid-transfer, with the old mapping dead or still
 //! alive; an attacker who copies or replays genuine packets from an address of its own; a
 //! packet reordered from the old address after the move. Real endpoints, explicit virtual

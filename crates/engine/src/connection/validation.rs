@@ -4,7 +4,7 @@
 //! peer locator (a NAT rebinding, a renumbered peer) is accepted — it authenticated — but the
 //! flow does not follow it blindly: anyone on the path can copy a genuine packet and send it
 //! from elsewhere. Instead this end *validates* the new source (RFC 9000 §8.2 and §9 do the
-//! same for QUIC; docs/protocol.md §4.1):
+//! same for QUIC; docs/protocol.md §4.2):
 //!
 //! 1. It sends a sealed PATH_CHALLENGE (8 bytes nobody without the flow's keys can predict)
 //!    to the new source, and keeps sending everything else to the old locator (make before
