@@ -188,6 +188,9 @@ impl State {
                 }
                 Event::RegistrationRequest(r) => self.hub.request(r),
                 Event::Registrar(e) => self.hub.registrar_event(e),
+                Event::PathValidationFailed(_, at) => {
+                    tracing::debug!(%at, "the peer's new address did not answer its path challenge");
+                }
                 Event::SynHeld(h) => {
                     let d = crate::delay::DelayedSyn::new(&h, self.now());
                     tracing::debug!(id = %d.id, service = %d.service, client = %d.client, "SYN held by a DELAY rule");
