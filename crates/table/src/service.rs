@@ -152,11 +152,61 @@ pub enum TableError {
 /// anyway (the map is persistent), and a `Vec` grown by one insert keeps room for four. With
 /// one target per prefix, as a router's registrations are, that room was most of the table's
 /// memory.
+///
+/// The identities sit inside the entry for up to [`INLINE_IDENTS`] targets: one allocation and,
+/// at a million entries, one cache and TLB miss per lookup fewer than a second boxed slice.
 #[derive(Clone, Debug, Default)]
 struct Entry {
     targets: Box<[Target]>,
     /// `targets[i].action.identity()`, computed once.
-    idents: Box<[u64]>,
+    idents: Idents,
+}
+
+/// Targets whose identities an [`Entry`] holds without an allocation of their own.
+const INLINE_IDENTS: usize = 3;
+
+/// The identities of an entry's targets, in the targets' order: inline for up to
+/// [`INLINE_IDENTS`], boxed beyond. Same size as the entry's old `Box<[u64]>` plus 16 bytes,
+/// against the 32 bytes the smallest heap block costs.
+#[derive(Clone, Debug)]
+enum Idents {
+    Inline { len: u8, ids: [u64; INLINE_IDENTS] },
+    Heap(Box<[u64]>),
+}
+
+impl Default for Idents {
+    fn default() -> Self {
+        Idents::Inline {
+            len: 0,
+            ids: [0; INLINE_IDENTS],
+        }
+    }
+}
+
+impl From<Vec<u64>> for Idents {
+    fn from(v: Vec<u64>) -> Self {
+        if v.len() <= INLINE_IDENTS {
+            let mut ids = [0; INLINE_IDENTS];
+            ids[..v.len()].copy_from_slice(&v);
+            // At most INLINE_IDENTS, so it fits the byte.
+            Idents::Inline {
+                len: v.len() as u8,
+                ids,
+            }
+        } else {
+            Idents::Heap(v.into_boxed_slice())
+        }
+    }
+}
+
+impl core::ops::Deref for Idents {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        match self {
+            Idents::Inline { len, ids } => ids.get(..usize::from(*len)).unwrap_or(&[]),
+            Idents::Heap(b) => b,
+        }
+    }
 }
 
 impl Entry {
@@ -166,7 +216,7 @@ impl Entry {
         let group = self
             .targets
             .iter()
-            .zip(&self.idents)
+            .zip(self.idents.iter())
             .take_while(|(t, _)| t.priority == top);
         let i = choice::choose(flow_key, group.map(|(t, id)| (*id, t.weight)))?;
         self.targets.get(i)
@@ -194,7 +244,7 @@ impl Entry {
         targets.insert(at, t);
         idents.insert(at, ident);
         self.targets = targets.into_boxed_slice();
-        self.idents = idents.into_boxed_slice();
+        self.idents = idents.into();
         true
     }
 
@@ -210,7 +260,8 @@ impl Entry {
                 self.idents = (0..self.idents.len())
                     .filter(keep)
                     .map(|j| self.idents[j])
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .into();
                 true
             }
             None => false,
@@ -482,5 +533,17 @@ mod tests {
         assert!(e.remove(&acts[0]));
         assert!(!e.remove(&acts[0]));
         assert_eq!(e.targets.len(), 5);
+        assert!(matches!(e.idents, Idents::Heap(_)));
+        for a in &acts[1..4] {
+            assert!(e.remove(a));
+        }
+        assert!(matches!(e.idents, Idents::Inline { len: 2, .. }));
+        assert_eq!(e.idents.len(), e.targets.len());
+        assert!(
+            e.idents
+                .iter()
+                .zip(e.targets.iter())
+                .all(|(id, t)| *id == t.action.identity())
+        );
     }
 }

@@ -228,17 +228,19 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Maps large enough that the hash directory doubles (more than 64 nodes per shard) and
-    /// halves again as they empty, with rules of every length (odd ones under shared chunk
-    /// prefixes, so markers are shared), the `/0` default, and removals in a random order,
-    /// against the oracle at every stage, including a clone taken at the largest size.
+    /// Maps large enough that the leaf index (when on) is built and doubles, with rules of every
+    /// length (odd ones under shared chunk prefixes), the `/0` default, and removals in a random
+    /// order,
+    /// against the oracle at every stage, including a clone taken at the largest size; with and
+    /// without the leaf index.
     #[test]
     fn large_maps_grow_shrink_and_agree(
         prefixes in prop::collection::vec(any_prefix(), 300..1500),
         order in any::<u64>(),
         salt in any::<u64>(),
+        indexed in any::<bool>(),
     ) {
-        let mut map = PrefixMap::new();
+        let mut map = if indexed { PrefixMap::with_leaf_index() } else { PrefixMap::new() };
         let mut oracle = BitTrie::new();
         map.insert(ServicePrefix::DEFAULT, u32::MAX);
         oracle.insert(ServicePrefix::DEFAULT, u32::MAX);
@@ -546,7 +548,7 @@ proptest! {
         steps in prop::collection::vec(any_step(), 1..400),
         salt in any::<u64>(),
     ) {
-        let mut map = PrefixMap::new();
+        let mut map = PrefixMap::with_leaf_index();
         let mut oracle = BitTrie::new();
         for (i, p) in base.iter().enumerate() {
             prop_assert_eq!(map.insert(*p, i as u32), oracle.insert(*p, i as u32));
@@ -595,7 +597,7 @@ proptest! {
 fn leaf_index_holds_every_leaf_of_a_name_like_table() {
     // 20 000 exact IDs and domain prefixes under a few top-level chunks: every leaf indexed
     // (no probe run overflowed), and lookups through the index agree with the exact rules.
-    let mut m = PrefixMap::new();
+    let mut m = PrefixMap::with_leaf_index();
     m.insert(ServicePrefix::DEFAULT, 0u32);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut ids = Vec::new();

@@ -255,10 +255,12 @@ fn indexed_batch<'a, V>(
         for (i, id) in ids.iter().enumerate().take(n) {
             let w = id.words();
             for (p, &len) in probes[i].iter_mut().zip(lens) {
-                let pr = ix.probe(&masked(&w, len), len);
-                pr.touch();
-                *p = Some(pr);
+                *p = Some(ix.probe(&masked(&w, len), len));
             }
+        }
+        // A tight loop of independent loads, so that the misses are in flight together.
+        for p in probes[..n].iter().flatten().flatten() {
+            p.touch();
         }
         let mut cand: [[Option<&'a Arc<Leaf<V>>>; PROBES]; LANES] = [[None; PROBES]; LANES];
         for i in 0..n {
@@ -325,6 +327,8 @@ pub struct PrefixMap<V> {
     /// The trie's leaves by (prefix, length), once the map holds [`MIN_LEAVES`] prefixes:
     /// every entry is a current leaf of `root` (the same `Arc`), see `leaf_index.rs`.
     index: Option<LeafIndex<V>>,
+    /// Whether this map keeps a leaf index (see [`PrefixMap::with_leaf_index`]).
+    indexed: bool,
 }
 
 impl<V> Clone for PrefixMap<V> {
@@ -334,6 +338,7 @@ impl<V> Clone for PrefixMap<V> {
             root: self.root.clone(),
             len: self.len,
             index: self.index.clone(),
+            indexed: self.indexed,
         }
     }
 }
@@ -344,6 +349,7 @@ impl<V> Default for PrefixMap<V> {
             root: None,
             len: 0,
             index: None,
+            indexed: false,
         }
     }
 }
@@ -352,6 +358,20 @@ impl<V> PrefixMap<V> {
     /// An empty map. Allocates nothing.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty map that keeps a *leaf index* once it holds 64 prefixes: a persistent hash
+    /// table from each trie leaf's prefix to the leaf, probed at the (at most four) most
+    /// populated leaf lengths before the trie is walked. Lookups whose longest match is a leaf
+    /// of such a length take one round of parallel hash probes and the leaf instead of a walk of
+    /// dependent misses; every change also updates the index, which (at 1M rules) costs about
+    /// as much again as the change to the trie, and about 35 bytes per rule. See
+    /// `leaf_index.rs` and BENCHMARKS.md (issue 14) for the measured trade.
+    pub fn with_leaf_index() -> Self {
+        PrefixMap {
+            indexed: true,
+            ..Self::default()
+        }
     }
 
     /// Number of prefixes in the map.
@@ -600,7 +620,7 @@ impl<V> PrefixMap<V> {
     /// value), and exists once the map is large enough.
     fn check_index(&self) -> Result<(), String> {
         let Some(ix) = &self.index else {
-            return if self.len >= MIN_LEAVES {
+            return if self.indexed && self.len >= MIN_LEAVES {
                 Err(format!("{} prefixes and no leaf index", self.len))
             } else {
                 Ok(())
@@ -644,7 +664,7 @@ impl<V: Clone> PrefixMap<V> {
         if old.is_none() {
             self.len += 1;
         }
-        if self.index.is_none() && self.len >= MIN_LEAVES {
+        if self.indexed && self.index.is_none() && self.len >= MIN_LEAVES {
             self.index = Some(LeafIndex::build(self.leaves()));
         } else if self.index.is_some() {
             if let Some((k, len)) = displaced {
