@@ -144,14 +144,13 @@ impl<'a, V> Probe<'a, V> {
     /// the leaf: the candidate that [`Probe::find`] verifies.
     #[inline(always)]
     pub(super) fn candidate(&self) -> Option<&'a Arc<Leaf<V>>> {
-        let mut i = self.hash as usize;
-        for _ in 0..MAX_PROBE {
-            let s = self.shard.get(i & (SHARD - 1))?;
+        let home = self.hash as usize;
+        for k in 0..MAX_PROBE {
+            let s = self.shard.get((home + k) & (SHARD - 1))?;
             let leaf = s.leaf.as_ref()?;
             if s.hash == self.hash {
                 return Some(leaf);
             }
-            i += 1;
         }
         None
     }
@@ -160,14 +159,13 @@ impl<'a, V> Probe<'a, V> {
     /// and the full key only of a slot whose hash matches.
     #[inline(always)]
     pub(super) fn find(&self, key: &Key, len: u16) -> Option<&'a Arc<Leaf<V>>> {
-        let mut i = self.hash as usize;
-        for _ in 0..MAX_PROBE {
-            let s = self.shard.get(i & (SHARD - 1))?;
+        let home = self.hash as usize;
+        for k in 0..MAX_PROBE {
+            let s = self.shard.get((home + k) & (SHARD - 1))?;
             let leaf = s.leaf.as_ref()?;
             if s.hash == self.hash && leaf.len == len && leaf.key == *key {
                 return Some(leaf);
             }
-            i += 1;
         }
         None
     }
@@ -270,7 +268,7 @@ impl<V> LeafIndex<V> {
                 continue;
             }
             best[PROBES - 1] = (c, len as u16);
-            best.sort_by(|a, b| b.0.cmp(&a.0));
+            best.sort_by_key(|b| core::cmp::Reverse(b.0));
         }
         self.nprobe = best.iter().take_while(|b| b.0 > 0).count();
         for (p, b) in self.probe.iter_mut().zip(best) {
