@@ -57,8 +57,8 @@
 //! lengths in parallel (one slot and then the leaf, instead of a dependent miss per level) and
 //! walks the trie only when no indexed leaf contains the ID. Every change keeps the index exact
 //! (a leaf that a change turns into a node's prefix, or a node that collapses into a leaf, is
-//! re-indexed), which is what it costs: measured at 1M rules, single lookups ~1.5× faster, but
-//! registrations ~1.8× slower and ~40 B more per rule, because each published change copies an
+//! re-indexed), which is what it costs: measured at 1M rules, single lookups ~1.3× faster, but
+//! registrations ~2× slower and ~35 B more per rule, because each published change copies an
 //! index shard whose slots each hold a reference-counted leaf. The service table therefore does
 //! not use it (BENCHMARKS.md, issue 14).
 
