@@ -58,9 +58,7 @@ fn get<T: Copy + Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> i
     let mut len = std::mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `val` is a live `T` of `len` bytes the kernel may write (it writes at most
     // `len` and reports how much); `T` here is only ever a plain integer or integer array.
-    check(unsafe {
-        libc::getsockopt(fd, level, name, (&mut val as *mut T).cast(), &mut len)
-    })?;
+    check(unsafe { libc::getsockopt(fd, level, name, (&mut val as *mut T).cast(), &mut len) })?;
     Ok(val)
 }
 
@@ -121,8 +119,9 @@ pub struct Frozen {
     pub window: [u32; 5],
 }
 
-/// Puts `s` in repair mode: from now on it sends nothing (no data, no ACK, no FIN or RST
-/// when closed).
+/// Puts `s` in repair mode: closing it then sends nothing (no FIN, no RST), and its state
+/// can be read. It still processes what arrives (an ACK can even make it transmit): keep
+/// packets away from it first, as CRIU's network lock does.
 pub fn freeze(s: &TcpStream) -> io::Result<()> {
     tcp_set(s.as_raw_fd(), libc::TCP_REPAIR, &1i32)
 }

@@ -47,7 +47,10 @@ fn pause_bench_quick_moves_both_connections_byte_exact() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let (out, err) = (out.join().unwrap().unwrap(), err.join().unwrap().unwrap());
-    assert!(status.success(), "pause-bench failed ({status}):\n{out}\n{err}");
+    assert!(
+        status.success(),
+        "pause-bench failed ({status}):\n{out}\n{err}"
+    );
     for row in ["| 0 | Serval |", "| 0 | TCP_REPAIR |"] {
         assert!(out.contains(row), "no row {row:?}:\n{out}");
     }

@@ -12,8 +12,8 @@
 //!   moves the flow to B (`Migrator::move_flows`): the application at A hands the stream over
 //!   with its position as the app state, and the application at B continues from it.
 //! * **TCP_REPAIR**: A's server listens on the service address 10.93.0.100 (a /32 on A's
-//!   eth0). At the same point A's application stops, freezes its socket (`TCP_REPAIR`), deletes
-//!   the service address (rtnetlink), reads the socket's state (sequence numbers, send and
+//!   eth0). At the same point A's application stops, deletes the service address
+//!   (rtnetlink), freezes its socket (`TCP_REPAIR`), reads the socket's state (sequence numbers, send and
 //!   receive queues, MSS, window scale, SACK, timestamps, window) and sends it to B over a TCP
 //!   connection opened beforehand; B adds the address, announces it by gratuitous ARP (the
 //!   client's neighbour cache still names A's MAC), recreates the socket in repair mode,
@@ -60,7 +60,10 @@ const HOST_A: usize = 1;
 const HOST_B: usize = 2;
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 93, 0, 100);
 const SERVAL_PORT: u16 = 7400;
-const TCP_PORT: u16 = 7401;
+/// The TCP service's port, plus the repetition: B keeps the last repetition's connection in
+/// TIME-WAIT, and a client reusing its port would make the same four-tuple, which a repaired
+/// connect() refuses.
+const TCP_PORT: u16 = 7500;
 const STATE_PORT: u16 = 7402;
 const CHUNK: usize = 64 << 10;
 /// Any single wait of a repetition (connect, accept, a read, the move).
@@ -86,6 +89,11 @@ struct Args {
     /// The servers' send buffer: Serval's `send_buffer`, TCP's `SO_SNDBUF`.
     #[arg(long, default_value = "2M", value_parser = parse_size)]
     send_buffer: u64,
+    /// The client's receive window: Serval's `receive_window`, TCP's `SO_RCVBUF`. Small, so
+    /// that the queue builds at A (and moves with the connection) rather than in the client's
+    /// buffer, where it would hide the pause from the client's reads.
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    client_window: u64,
     /// One small repetition of each (for the test): 1 rep, 4 MiB each side, 256 KiB in flight.
     #[arg(long)]
     quick: bool,
@@ -327,9 +335,7 @@ fn spawn<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<std::thread::JoinHandle<Result<T>>> {
-    Ok(std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)?)
+    Ok(std::thread::Builder::new().name(name.into()).spawn(f)?)
 }
 
 fn join<T>(h: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
@@ -357,9 +363,14 @@ async fn within<T, E: Into<BoxError>>(
 // ---------------------------------------------------------------------------------------
 // Serval
 
-fn serval_config(send_buffer: u64) -> EndpointConfig {
+/// The servers' and the client's endpoint configuration. Both ends get the client's window:
+/// the engine assumes the peer's initial window equals its own (docs in
+/// `engine/src/transport/conn.rs`, "Flow control"), so a server with the default 8 MiB would
+/// overrun a client that allows 256 KiB.
+fn serval_config(s: Setup) -> EndpointConfig {
     let mut c = EndpointConfig::default();
-    c.transport.send_buffer = send_buffer as usize;
+    c.transport.send_buffer = s.send_buffer as usize;
+    c.transport.receive_window = s.client_window;
     c
 }
 
@@ -382,7 +393,7 @@ fn serval_a(
 ) -> Result<()> {
     repair::enter_netns(&ns)?;
     runtime()?.block_on(async move {
-        let ep = Endpoint::bind_with(&[bind.into()], serval_config(a.send_buffer)).await?;
+        let ep = Endpoint::bind_with(&[bind], serval_config(a)).await?;
         let mut listener = ep.listen(ServicePrefix::exact(service()?))?;
         let migrator = Migrator::start(
             &ep,
@@ -443,7 +454,7 @@ fn serval_b(
 ) -> Result<()> {
     repair::enter_netns(&ns)?;
     runtime()?.block_on(async move {
-        let ep = Endpoint::bind_with(&[bind.into()], serval_config(a.send_buffer)).await?;
+        let ep = Endpoint::bind_with(&[bind], serval_config(a)).await?;
         let mut listener = ep.listen(ServicePrefix::exact(service()?))?;
         let migrator = Migrator::start(
             &ep,
@@ -456,7 +467,9 @@ fn serval_b(
         .await?;
         ready.send(migrator.locator())?;
         let mut s = within("B's accept of the moved stream", listener.accept()).await?;
-        let state = s.take_app_state().ok_or("the moved stream carried no state")?;
+        let state = s
+            .take_app_state()
+            .ok_or("the moved stream carried no state")?;
         let mut pos = u64::from_be_bytes(
             state
                 .as_slice()
@@ -478,10 +491,16 @@ fn serval_b(
     })
 }
 
-fn serval_client(ns: String, bind: Ipv4Addr, to: Locator, p: Arc<Progress>) -> Result<Received> {
+fn serval_client(
+    ns: String,
+    bind: Ipv4Addr,
+    to: Locator,
+    s: Setup,
+    p: Arc<Progress>,
+) -> Result<Received> {
     repair::enter_netns(&ns)?;
     runtime()?.block_on(async move {
-        let ep = Endpoint::bind_with(&[(bind, 0).into()], EndpointConfig::default()).await?;
+        let ep = Endpoint::bind_with(&[(bind, 0).into()], serval_config(s)).await?;
         let mut s = within("the client's connect", ep.connect_via(service()?, to)).await?;
         let mut buf = vec![0u8; CHUNK];
         let (mut off, mut reads) = (0u64, Vec::with_capacity(1 << 16));
@@ -500,7 +519,10 @@ fn serval_client(ns: String, bind: Ipv4Addr, to: Locator, p: Arc<Progress>) -> R
 #[derive(Clone, Copy)]
 struct Setup {
     total: u64,
+    /// This repetition's TCP service port.
+    tcp_port: u16,
     send_buffer: u64,
+    client_window: u64,
 }
 
 fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
@@ -539,13 +561,21 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
     let a_loc = ready_rx.recv_timeout(LIMIT)?;
     let client = {
         let (ns, bind, p) = (lan.hosts[CLIENT].clone(), lan.addr(CLIENT), p.clone());
-        spawn("serval-client", move || serval_client(ns, bind, a_loc, p))?
+        spawn("serval-client", move || {
+            serval_client(ns, bind, a_loc, s, p)
+        })?
     };
     let in_flight = wait_for_move_point(&p, a.warmup, a.min_in_flight)?;
     let start = Instant::now();
     go.send((b_agent, key.public_key()))
         .map_err(|_| "A stopped before the move")?;
-    let (phases, end) = moved_rx.recv_timeout(LIMIT * 2)?;
+    let (phases, end) = match moved_rx.recv_timeout(LIMIT * 2) {
+        Ok(m) => m,
+        Err(e) => {
+            join(a_thread, "Serval A")?;
+            return Err(format!("A's migrator did not report: {e}").into());
+        }
+    };
     let phases = phases.map_err(|e| format!("the move failed: {e}"))?;
     let got = join(client, "Serval client")?;
     let _ = done_a.send(());
@@ -621,7 +651,7 @@ fn tcp_a(
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     l.set_reuse_address(true)?;
     l.set_send_buffer_size(s.send_buffer as usize)?;
-    l.bind(&SocketAddr::from((SERVICE_IP, TCP_PORT)).into())?;
+    l.bind(&SocketAddr::from((SERVICE_IP, s.tcp_port)).into())?;
     l.listen(8)?;
     let l: TcpListener = l.into();
     let mut to_b = TcpStream::connect_timeout(&b_state, LIMIT)?;
@@ -641,10 +671,12 @@ fn tcp_a(
         p.written.store(pos, Ordering::Relaxed);
     }
     let stopped = Instant::now();
-    repair::freeze(&c)?;
-    // The address goes first: what the client sends meanwhile is dropped here (no socket will
-    // answer it with a reset) and sent again to B.
+    // The address goes first (CRIU's "network lock"): what the client sends from now on is
+    // dropped here, never reaches the socket, and is sent again to B. Repair mode alone does
+    // not stop the socket: an ACK processed while the dump has the send queue selected
+    // would mark never-sent data as sent, which B would then only retransmit after an RTO.
     repair::set_address(ifindex, SERVICE_IP, false)?;
+    repair::freeze(&c)?;
     let frozen = repair::dump(&c)?;
     // Closed in repair mode: nothing is sent.
     drop(c);
@@ -707,9 +739,13 @@ fn tcp_b(
     Ok(())
 }
 
-fn tcp_client(ns: String, p: Arc<Progress>) -> Result<Received> {
+fn tcp_client(ns: String, s: Setup, p: Arc<Progress>) -> Result<Received> {
     repair::enter_netns(&ns)?;
-    let mut c = TcpStream::connect_timeout(&SocketAddr::from((SERVICE_IP, TCP_PORT)), LIMIT)?;
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // Before connecting, so that the window scale matches.
+    c.set_recv_buffer_size(s.client_window as usize)?;
+    c.connect_timeout(&SocketAddr::from((SERVICE_IP, s.tcp_port)).into(), LIMIT)?;
+    let mut c: TcpStream = c.into();
     c.set_read_timeout(Some(LIMIT))?;
     let mut buf = vec![0u8; CHUNK];
     let (mut off, mut reads) = (0u64, Vec::with_capacity(1 << 16));
@@ -757,18 +793,26 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
             p.clone(),
             stop.clone(),
         );
-        spawn("tcp-a", move || tcp_a(ns, ifindex, b_state, s, p, ready_a, stop))?
+        spawn("tcp-a", move || {
+            tcp_a(ns, ifindex, b_state, s, p, ready_a, stop)
+        })?
     };
     ready_rx.recv_timeout(LIMIT)?;
     let client = {
         let (ns, p) = (lan.hosts[CLIENT].clone(), p.clone());
-        spawn("tcp-client", move || tcp_client(ns, p))?
+        spawn("tcp-client", move || tcp_client(ns, s, p))?
     };
     let in_flight = wait_for_move_point(&p, a.warmup, a.min_in_flight)?;
     let start = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let (stopped, dumped) = join(a_thread, "TCP A")?;
-    let (received, added, announced, end) = restored_rx.recv_timeout(LIMIT * 2)?;
+    let (received, added, announced, end) = match restored_rx.recv_timeout(LIMIT * 2) {
+        Ok(t) => t,
+        Err(e) => {
+            join(b, "TCP B")?;
+            return Err(format!("B did not restore the connection: {e}").into());
+        }
+    };
     let got = join(client, "TCP client")?;
     join(b, "TCP B")?;
     if got.bytes != s.total {
@@ -849,17 +893,21 @@ fn phases_text(r: &Rep) -> String {
 
 fn run(a: &Args) -> Result<()> {
     let lan = Lan::new()?;
-    let s = Setup {
+    let mut s = Setup {
         total: a.warmup + a.after + 4 * a.send_buffer,
+        tcp_port: TCP_PORT,
         send_buffer: a.send_buffer,
+        client_window: a.client_window,
     };
     println!(
         "pause-bench: {} reps each, alternating; move after {} MiB read with >= {} KiB in \
-         flight; send buffers {} KiB; {} MiB per stream; bytes checked against the pattern",
+         flight; send buffers {} KiB, client windows {} KiB; {} MiB per stream; bytes checked \
+         against the pattern",
         a.reps,
         a.warmup >> 20,
         a.min_in_flight >> 10,
         a.send_buffer >> 10,
+        a.client_window >> 10,
         s.total >> 20
     );
     println!();
@@ -870,6 +918,7 @@ fn run(a: &Args) -> Result<()> {
     println!("|---|---|---|---|---|---|");
     let (mut sv, mut tcp): (Vec<Rep>, Vec<Rep>) = (Vec::new(), Vec::new());
     for rep in 0..a.reps {
+        s.tcp_port = TCP_PORT + rep as u16;
         // Alternate which goes first.
         let order: [bool; 2] = if rep % 2 == 0 {
             [true, false]
@@ -895,7 +944,9 @@ fn run(a: &Args) -> Result<()> {
         }
     }
     println!();
-    println!("| peer | longest gap, median (min–max) ms | jitter before, median ms | in flight, median KiB |");
+    println!(
+        "| peer | longest gap, median (min–max) ms | jitter before, median ms | in flight, median KiB |"
+    );
     println!("|---|---|---|---|");
     for (name, v) in [("Serval", &sv), ("TCP_REPAIR", &tcp)] {
         let (m, lo, hi) = stats(&v.iter().map(|r| ms(r.gap)).collect::<Vec<_>>());
