@@ -25,9 +25,15 @@
 //! after its end, the same for an equally long window just before (the jitter with no move),
 //! and each move's phases; then medians and spread, and the ratio Serval / TCP_REPAIR.
 //!
+//! With `--serval-drain`, Serval's application at A, once asked to move, stops writing and
+//! waits until everything it wrote was sent once before it hands over, so that the snapshot
+//! carries at most a window of unacknowledged bytes instead of the never-sent tail of its send
+//! buffer (a diagnostic of what a leaner snapshot would gain; the stream flows during the wait).
+//!
 //! ```sh
 //! cargo build --release -p serval-bench --bin pause-bench
-//! target/release/pause-bench --reps 5
+//! target/release/pause-bench --reps 7
+//! target/release/pause-bench --reps 7 --serval-drain
 //! ```
 //!
 //! Needs root (namespaces, `TCP_REPAIR`); everything it creates is removed when it ends.
@@ -94,6 +100,13 @@ struct Args {
     /// buffer, where it would hide the pause from the client's reads.
     #[arg(long, default_value = "256K", value_parser = parse_size)]
     client_window: u64,
+    /// Serval's application at A, asked to move, first stops writing and waits until its
+    /// kernel-less send buffer has sent everything once (`Stream::stats`), and only then hands
+    /// over: the snapshot then holds the unacknowledged bytes (at most a window), not the
+    /// never-sent tail. A diagnostic of what carrying less would gain; the client keeps
+    /// receiving during the wait.
+    #[arg(long)]
+    serval_drain: bool,
     /// One small repetition of each (for the test): 1 rep, 4 MiB each side, 256 KiB in flight.
     #[arg(long)]
     quick: bool,
@@ -421,6 +434,9 @@ fn serval_a(
         let mut pos = 0u64;
         loop {
             if s.is_move_requested() {
+                if a.drain {
+                    drain(&s, pos).await?;
+                }
                 // The position is everything the application did: B continues from it.
                 s.hand_over(&pos.to_be_bytes())
                     .await
@@ -440,6 +456,21 @@ fn serval_a(
         let _ = done.await;
         Ok(())
     })
+}
+
+/// Waits until every byte up to `pos` was sent at least once (the stream keeps flowing).
+async fn drain(s: &serval::Stream, pos: u64) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let st = s.stats()?;
+        if st.stream_bytes_sent.saturating_sub(st.retransmitted_bytes) >= pos {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            return Err("the send buffer did not drain in 2 s".into());
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Instance B: takes the moved stream and continues it from the position it carries.
@@ -523,6 +554,8 @@ struct Setup {
     tcp_port: u16,
     send_buffer: u64,
     client_window: u64,
+    /// `--serval-drain`.
+    drain: bool,
 }
 
 fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
@@ -898,17 +931,23 @@ fn run(a: &Args) -> Result<()> {
         tcp_port: TCP_PORT,
         send_buffer: a.send_buffer,
         client_window: a.client_window,
+        drain: a.serval_drain,
     };
     println!(
         "pause-bench: {} reps each, alternating; move after {} MiB read with >= {} KiB in \
          flight; send buffers {} KiB, client windows {} KiB; {} MiB per stream; bytes checked \
-         against the pattern",
+         against the pattern{}",
         a.reps,
         a.warmup >> 20,
         a.min_in_flight >> 10,
         a.send_buffer >> 10,
         a.client_window >> 10,
-        s.total >> 20
+        s.total >> 20,
+        if a.serval_drain {
+            "; Serval's application drains its send buffer before handing over"
+        } else {
+            ""
+        }
     );
     println!();
     println!(
