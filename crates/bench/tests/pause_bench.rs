@@ -1,7 +1,8 @@
 //! `pause-bench --quick` runs end to end: one small repetition of each peer (a Serval stream
 //! moved between namespaces by its migrators, and a TCP connection moved with `TCP_REPAIR`),
-//! every byte checked by the bench against its pattern. No timing is asserted: this proves the
-//! benchmark still runs and still moves both connections byte-exact.
+//! every byte checked by the bench against its pattern; then again with `--serval-drain`. No
+//! timing is asserted: this proves the benchmark still runs and still moves both connections
+//! byte-exact.
 //!
 //! Needs root (network namespaces, `TCP_REPAIR`); elsewhere it skips with one line
 //! (`serval_testkit::require_netns`), and fails instead under `CI=true`.
@@ -16,8 +17,15 @@ fn pause_bench_quick_moves_both_connections_byte_exact() {
     if !serval_testkit::require_netns("pause_bench_quick_moves_both_connections_byte_exact") {
         return;
     }
+    // As the library hands over, and with the application draining its send buffer first.
+    run_quick(&[]);
+    run_quick(&["--serval-drain"]);
+}
+
+fn run_quick(extra: &[&str]) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pause-bench"))
         .arg("--quick")
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
