@@ -119,6 +119,11 @@ pub struct Frozen {
     pub window: [u32; 5],
 }
 
+/// Bytes written to `s` and never sent (`SIOCOUTQNSD`).
+pub fn unsent(s: &TcpStream) -> io::Result<usize> {
+    ioctl_int(s.as_raw_fd(), libc::SIOCOUTQNSD)
+}
+
 /// Puts `s` in repair mode: closing it then sends nothing (no FIN, no RST), and its state
 /// can be read. It still processes what arrives (an ACK can even make it transmit): keep
 /// packets away from it first, as CRIU's network lock does.

@@ -244,21 +244,35 @@ fn pattern(i: u64) -> u8 {
     ((i >> 3) >> ((i & 7) * 8)) as u8
 }
 
+/// Writes the pattern of offsets `pos..pos + buf.len()` into `buf`: whole 8-byte words at a
+/// time where aligned (the application must outrun kernel TCP over veth, or nothing queues
+/// at A and the move never has 1 MiB in flight).
 fn fill(pos: u64, buf: &mut [u8]) {
-    for (k, b) in buf.iter_mut().enumerate() {
+    let head = (((8 - pos % 8) % 8) as usize).min(buf.len());
+    let (first, rest) = buf.split_at_mut(head);
+    for (k, b) in first.iter_mut().enumerate() {
         *b = pattern(pos + k as u64);
+    }
+    let at = pos + head as u64;
+    let tail_at = at + (rest.len() / 8 * 8) as u64;
+    let mut words = rest.chunks_exact_mut(8);
+    for (k, w) in (&mut words).enumerate() {
+        w.copy_from_slice(&((at >> 3) + k as u64).to_le_bytes());
+    }
+    let tail = words.into_remainder();
+    for (k, b) in tail.iter_mut().enumerate() {
+        *b = pattern(tail_at + k as u64);
     }
 }
 
 fn check(pos: u64, data: &[u8]) -> Result<()> {
-    match data
-        .iter()
-        .enumerate()
-        .find(|&(k, &b)| b != pattern(pos + k as u64))
-    {
-        None => Ok(()),
-        Some((k, _)) => Err(format!("byte {} of the stream is wrong", pos + k as u64).into()),
+    let mut want = vec![0u8; data.len()];
+    fill(pos, &mut want);
+    if want == data {
+        return Ok(());
     }
+    let k = want.iter().zip(data).position(|(a, b)| a != b).unwrap_or(0);
+    Err(format!("byte {} of the stream is wrong", pos + k as u64).into())
 }
 
 /// Bytes written by the server application (A, then B from A's position) and read by the
@@ -316,6 +330,8 @@ struct Rep {
     before: Duration,
     /// Named phases.
     phases: Vec<(&'static str, Duration)>,
+    /// Bytes of state moved (Serval's snapshot, the TCP socket's encoded state).
+    snapshot: Option<usize>,
 }
 
 /// The longest gap between consecutive reads that overlaps `[from, to]`, and the longest in
@@ -629,12 +645,14 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
         before,
         phases: vec![
             ("handover", phases.handover),
+            ("drain", phases.drain),
             ("export", phases.export),
             ("transfer", phases.transfer),
             ("import", phases.import),
             ("rebind", phases.rebind),
             ("frozen", phases.frozen),
         ],
+        snapshot: Some(phases.snapshot_bytes),
     })
 }
 
@@ -646,6 +664,7 @@ struct TcpTimes {
     stopped: Instant,
     dumped: Instant,
     received: Instant,
+    state_bytes: usize,
     added: Instant,
     announced: Instant,
     restored: Instant,
@@ -682,7 +701,7 @@ fn tcp_a(
     p: Arc<Progress>,
     ready: mpsc::Sender<()>,
     stop: Arc<AtomicBool>,
-) -> Result<(Instant, Instant)> {
+) -> Result<(Instant, Instant, usize)> {
     repair::enter_netns(&ns)?;
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     l.set_reuse_address(true)?;
@@ -706,11 +725,22 @@ fn tcp_a(
         pos += c.write(&buf[..n])? as u64;
         p.written.store(pos, Ordering::Relaxed);
     }
+    // Like Serval's hand-over, let the socket send what it holds first (the client still
+    // receives meanwhile). Then nothing new can leave it: repair mode alone does not stop a
+    // socket, and data it sent once the address is gone would be dropped by the routing yet
+    // count as sent, or (an ACK processed while the dump selects the send queue) be marked
+    // sent without leaving; either way B would resend it only after an RTO (gaps of 0.2–3 s
+    // seen without this wait).
+    let drained = Instant::now();
+    while repair::unsent(&c)? > 0 {
+        if drained.elapsed() > Duration::from_secs(4) {
+            return Err("A's socket did not send its queue in 4 s".into());
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
     let stopped = Instant::now();
     // The address goes first (CRIU's "network lock"): what the client sends from now on is
-    // dropped here, never reaches the socket, and is sent again to B. Repair mode alone does
-    // not stop the socket: an ACK processed while the dump has the send queue selected
-    // would mark never-sent data as sent, which B would then only retransmit after an RTO.
+    // dropped here, never reaches the socket, and is sent again to B.
     repair::set_address(ifindex, SERVICE_IP, false)?;
     repair::freeze(&c)?;
     let frozen = repair::dump(&c)?;
@@ -723,7 +753,7 @@ fn tcp_a(
     msg.extend_from_slice(&(state.len() as u32).to_be_bytes());
     msg.extend_from_slice(&state);
     to_b.write_all(&msg)?;
-    Ok((stopped, dumped))
+    Ok((stopped, dumped, state.len()))
 }
 
 /// Host B: takes the state, the address, and the connection, and continues the stream.
@@ -841,7 +871,7 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
     let in_flight = wait_for_move_point(&p, a.warmup, a.min_in_flight)?;
     let start = Instant::now();
     stop.store(true, Ordering::Relaxed);
-    let (stopped, dumped) = join(a_thread, "TCP A")?;
+    let (stopped, dumped, state_bytes) = join(a_thread, "TCP A")?;
     let (received, added, announced, end) = match restored_rx.recv_timeout(LIMIT * 2) {
         Ok(t) => t,
         Err(e) => {
@@ -875,6 +905,7 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
         stopped,
         dumped,
         received,
+        state_bytes,
         added,
         announced,
         restored: end,
@@ -886,7 +917,7 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
         gap_at,
         before,
         phases: vec![
-            ("stop", t.stopped - start),
+            ("stop+drain", t.stopped - start),
             ("freeze+dump", t.dumped - t.stopped),
             ("transfer", t.received - t.dumped),
             ("address", t.added - t.received),
@@ -894,6 +925,7 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
             ("restore", t.restored - t.announced),
             ("frozen", t.restored - t.stopped),
         ],
+        snapshot: Some(t.state_bytes),
     })
 }
 
@@ -920,11 +952,16 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 }
 
 fn phases_text(r: &Rep) -> String {
-    r.phases
+    let mut t = r
+        .phases
         .iter()
         .map(|(n, d)| format!("{n} {:.3}", ms(*d)))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if let Some(b) = r.snapshot {
+        t += &format!("; state moved {} KiB", b >> 10);
+    }
+    t
 }
 
 fn run(a: &Args) -> Result<()> {
@@ -1018,4 +1055,26 @@ fn run(a: &Args) -> Result<()> {
     }
     println!("bytes exact: every byte of every stream checked");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_matches_the_pattern_at_any_offset_and_length() {
+        for pos in 0..20u64 {
+            for len in 0..40usize {
+                let mut b = vec![0u8; len];
+                fill(pos, &mut b);
+                let want: Vec<u8> = (0..len as u64).map(|k| pattern(pos + k)).collect();
+                assert_eq!(b, want, "pos {pos} len {len}");
+                assert!(check(pos, &b).is_ok());
+                if len > 0 {
+                    b[len / 2] ^= 1;
+                    assert!(check(pos, &b).is_err());
+                }
+            }
+        }
+    }
 }
