@@ -12,8 +12,8 @@
 //!   moves the flow to B (`Migrator::move_flows`): the application at A hands the stream over
 //!   with its position as the app state, and the application at B continues from it.
 //! * **TCP_REPAIR**: A's server listens on the service address 10.93.0.100 (a /32 on A's
-//!   eth0). At the same point A's application stops, deletes the service address
-//!   (rtnetlink), freezes its socket (`TCP_REPAIR`), reads the socket's state (sequence numbers, send and
+//!   eth0). At the same point A's application stops, lets its socket send what it holds,
+//!   deletes the service address (rtnetlink), freezes its socket (`TCP_REPAIR`), reads the socket's state (sequence numbers, send and
 //!   receive queues, MSS, window scale, SACK, timestamps, window) and sends it to B over a TCP
 //!   connection opened beforehand; B adds the address, announces it by gratuitous ARP (the
 //!   client's neighbour cache still names A's MAC), recreates the socket in repair mode,
