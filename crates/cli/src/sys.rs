@@ -1,6 +1,5 @@
-//! The command's one system module: the only place allowed `unsafe` code (see
-//! docs/architecture.md, "Conventions"), for a libc call the standard library does not wrap.
-#![allow(unsafe_code)]
+//! Keeping a daemon's resident memory near what it uses (the libc call is in `serval-sys`,
+//! the workspace's one system module).
 
 use std::time::Duration;
 
@@ -22,23 +21,6 @@ pub(crate) async fn trim_heap_periodically() {
     tick.tick().await;
     loop {
         tick.tick().await;
-        trim_heap();
+        serval_sys::trim_heap();
     }
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim_heap() {
-    unsafe extern "C" {
-        /// glibc: releases free memory from the heaps (`malloc_trim(3)`).
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
-    }
-    // SAFETY: malloc_trim takes no pointers, touches only the allocator's own free memory
-    // under its own locks, and may be called from any thread at any time.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
-/// Other allocators (musl, other systems) return memory their own way.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}

@@ -38,8 +38,7 @@
 //!
 //! Needs root (namespaces, `TCP_REPAIR`); everything it creates is removed when it ends.
 
-#[path = "../repair.rs"]
-mod repair;
+use serval_sys::repair;
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -5,11 +5,10 @@
 //! This is the hand-off CRIU's libsoccr does, written out because Debian's `criu` does not run
 //! on this kernel.
 //!
-//! **Why `unsafe` here:** the workspace denies unsafe code, but `setns(2)`, the `TCP_REPAIR`
-//! family of socket options, the `SIOCOUTQ`/`SIOCINQ` ioctls and an `AF_PACKET` `sendto` have
-//! no safe wrapper in the crates this workspace uses. Every such call is in this one module,
-//! each with its own SAFETY note; nothing else in the bench crate is allowed unsafe code.
-#![allow(unsafe_code)]
+//! **Why `unsafe` here:** `setns(2)`, the `TCP_REPAIR` family of socket options, the
+//! `SIOCOUTQ`/`SIOCINQ` ioctls and an `AF_PACKET` `sendto` have no safe wrapper in the crates
+//! this workspace uses; this crate is the workspace's one place for such calls, each with its
+//! own SAFETY note.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};

@@ -1,0 +1,33 @@
+//! The workspace's one system module: the only code allowed `unsafe` (docs/architecture.md,
+//! "Conventions"). Every other crate denies it. What is here has no safe wrapper in the crates
+//! the workspace uses, and each call carries its own SAFETY note:
+//!
+//! * [`trim_heap`]: glibc's `malloc_trim`, for daemons whose freed memory would otherwise stay
+//!   resident (the `serval` command);
+//! * [`repair`]: entering a network namespace from one thread, the `TCP_REPAIR` family of
+//!   socket options, the `SIOCOUTQ`/`SIOCINQ` ioctls, rtnetlink address changes and a
+//!   gratuitous ARP — the TCP hand-off that `pause-bench` measures Serval's server moves
+//!   against (issue 10).
+#![allow(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod repair;
+
+/// Hands freed heap memory back to the operating system (glibc's `malloc_trim(0)`); nothing
+/// on other allocators. Only pages that hold no live allocation are returned.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn trim_heap() {
+    unsafe extern "C" {
+        /// glibc: releases free memory from the heaps (`malloc_trim(3)`).
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: malloc_trim takes no pointers, touches only the allocator's own free memory
+    // under its own locks, and may be called from any thread at any time.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+/// Other allocators (musl, other systems) return memory their own way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn trim_heap() {}
