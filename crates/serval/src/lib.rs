@@ -35,6 +35,7 @@
 mod datagram;
 mod delay;
 mod endpoint;
+mod netwatch;
 mod registration;
 mod stream;
 
@@ -44,8 +45,10 @@ pub use endpoint::{
     DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_GROUP_V6, DEFAULT_DISCOVERY_PORT,
     DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig, Endpoint, Registration, ServiceListener,
 };
+pub use netwatch::{FollowHost, PathEvent};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
+pub use serval_engine::endpoint::ConnectionHandle;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
     CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies, SynRateLimit,

@@ -181,6 +181,12 @@ impl Stream {
         }
     }
 
+    /// This connection's handle on its endpoint: what the endpoint's path events
+    /// ([`Endpoint::path_events`](crate::Endpoint::path_events)) name it by.
+    pub fn id(&self) -> ConnectionHandle {
+        self.inner.handle
+    }
+
     /// The locator of the peer (the instance, for a client; the client, for a server) right
     /// now; it changes when the peer migrates.
     pub fn peer_locator(&self) -> io::Result<Locator> {

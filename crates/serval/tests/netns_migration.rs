@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use serval::{CloseReason, Endpoint, ServiceId, ServicePrefix, Stream};
+use serval::{CloseReason, Endpoint, FollowHost, ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::timeout;
 
@@ -423,10 +423,16 @@ async fn pump(
 async fn client(link1: String, client_ns: String, data: Arc<Vec<u8>>) -> ClientReport {
     let service = ServiceId::from_name(SERVICE).unwrap();
     let server: SocketAddr = SERVER_ADDR.parse().unwrap();
-    let ep = Endpoint::bind(&[
-        format!("{CLIENT_LINK1}:0").parse().unwrap(),
-        format!("{CLIENT_LINK2}:0").parse().unwrap(),
-    ])
+    // This test moves the flow itself, late (as a host that learns late of its link's
+    // loss): the endpoint must not follow the host by itself (tests/netns_follow.rs does).
+    let ep = Endpoint::bind_following(
+        &[
+            format!("{CLIENT_LINK1}:0").parse().unwrap(),
+            format!("{CLIENT_LINK2}:0").parse().unwrap(),
+        ],
+        serval::EndpointConfig::default(),
+        FollowHost::Off,
+    )
     .await
     .expect("client bind");
     let (old, new) = (ep.local_locators()[0], ep.local_locators()[1]);
