@@ -368,7 +368,7 @@ impl Endpoint {
             tokio::spawn(receive(Arc::downgrade(&shared), s.clone()));
         }
         tokio::spawn(drive(Arc::downgrade(&shared)));
-        crate::netwatch::start(&shared, follow);
+        crate::netwatch::start(&shared, follow).await;
         Ok(Endpoint { shared })
     }
 

@@ -18,9 +18,12 @@
 //! socket with `addr` as its source. A server's flows so learn the address their client
 //! reached, and a flow can be moved from one concrete address to another.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, UdpSocket as StdUdpSocket};
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use serval_engine::connection::State;
@@ -91,60 +94,148 @@ pub enum PathEvent {
 }
 
 /// Starts following the host for `shared`, unless `follow` is off or rtnetlink cannot be
-/// opened here (then the endpoint works without, and says so once in the log).
-pub(crate) fn start(shared: &Arc<Shared>, follow: FollowHost) {
+/// opened here (then the endpoint works without, and says so once in the log). The host's
+/// addresses are read before this returns (at most [`FIRST_DUMP`]), so a wildcard endpoint
+/// names the address of its very first datagram.
+pub(crate) async fn start(shared: &Arc<Shared>, follow: FollowHost) {
     if follow == FollowHost::Off {
         return;
     }
-    match sys::Watcher::open() {
-        Ok(w) => {
-            tokio::spawn(run(Arc::downgrade(shared), w, follow));
-        }
+    let watcher = match sys::Watcher::open() {
+        Ok(w) => w,
         Err(e) => {
             tracing::info!(error = %e, "cannot watch the host's addresses (rtnetlink): flows move only when asked");
-        }
-    }
-}
-
-/// Reads the kernel's messages and acts on the changes, until the endpoint is gone.
-async fn run(weak: Weak<Shared>, mut watcher: sys::Watcher, follow: FollowHost) {
-    let mut view = HostView::default();
-    loop {
-        if let Err(e) = watcher.ensure_dump().await {
-            tracing::info!(error = %e, "rtnetlink dump failed: no longer following the host");
             return;
         }
-        let bytes = tokio::select! {
-            r = watcher.recv() => r,
-            // Re-check liveness now and then so the task ends with the endpoint.
-            () = tokio::time::sleep(Duration::from_secs(1)) => {
-                if weak.strong_count() == 0 {
+    };
+    let mut f = Follower {
+        watcher,
+        view: HostView::default(),
+        memory: FlowMemory::default(),
+        follow,
+    };
+    let first = tokio::time::timeout(FIRST_DUMP, async {
+        loop {
+            match f.read(Duration::from_secs(3600)).await {
+                Ok(Some(events))
+                    if events
+                        .iter()
+                        .any(|e| matches!(e, NetEvent::Snapshot { .. })) =>
+                {
+                    return Ok(events);
+                }
+                Ok(Some(_) | None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Ok(events)) => f.apply(shared, events),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "rtnetlink dump failed: flows move only when asked");
+            return;
+        }
+        Err(_) => tracing::info!("no rtnetlink dump yet: following the host's changes from now on"),
+    }
+    tokio::spawn(f.run(Arc::downgrade(shared)));
+}
+
+/// How long [`start`] waits for the host's addresses.
+const FIRST_DUMP: Duration = Duration::from_secs(1);
+
+/// The watcher task's state.
+struct Follower {
+    watcher: sys::Watcher,
+    view: HostView,
+    memory: FlowMemory,
+    follow: FollowHost,
+}
+
+impl Follower {
+    /// Waits (at most `wait`) for the kernel's next message, then takes whatever else is
+    /// already queued, so that a change made of several messages (`ip addr del` then `add`)
+    /// is planned as one. `None`: nothing came in time.
+    async fn read(&mut self, wait: Duration) -> io::Result<Option<Vec<NetEvent>>> {
+        self.watcher.ensure_dump().await?;
+        let first = match tokio::time::timeout(wait, self.watcher.recv()).await {
+            Err(_) => return Ok(None),
+            Ok(r) => r?,
+        };
+        let mut events = Vec::new();
+        if let Some(bytes) = first {
+            events.extend(self.watcher.handle(&bytes).await?);
+        }
+        loop {
+            self.watcher.ensure_dump().await?;
+            // One poll: what is queued now, without waiting (cancel-safe).
+            let ready = {
+                let mut recv = std::pin::pin!(self.watcher.recv());
+                std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await
+            };
+            match ready {
+                Poll::Ready(Ok(Some(bytes))) => events.extend(self.watcher.handle(&bytes).await?),
+                Poll::Ready(Ok(None)) => {}
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(Some(events)),
+            }
+        }
+    }
+
+    /// Folds `events` into the view and acts on the net change.
+    fn apply(&mut self, shared: &Arc<Shared>, events: Vec<NetEvent>) {
+        let before = self.view.usable();
+        for ev in events {
+            self.view.apply(ev);
+        }
+        let after = self.view.usable();
+        let changes = Changes {
+            up: after.difference(&before).copied().collect(),
+            down: before.difference(&after).copied().collect(),
+        };
+        if !changes.is_empty() {
+            tracing::debug!(up = ?changes.up, down = ?changes.down, "host addresses changed");
+            act(
+                shared,
+                &changes,
+                &after,
+                self.follow,
+                &mut self.memory,
+                false,
+            );
+        }
+    }
+
+    /// Reads the kernel's messages and acts on the changes, until the endpoint is gone.
+    async fn run(mut self, weak: Weak<Shared>) {
+        loop {
+            // Stranded flows are looked at again soon: the route of a new address can
+            // follow its notification by a moment. Otherwise wake now and then to end with
+            // the endpoint.
+            let tick = if self.memory.stranded.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                RECHECK
+            };
+            let events = match self.read(tick).await {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::info!(error = %e, "rtnetlink failed: no longer following the host");
                     return;
                 }
-                continue;
-            }
-        };
-        let bytes = match bytes {
-            Ok(Some(b)) => b,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::info!(error = %e, "rtnetlink receive failed: no longer following the host");
-                return;
-            }
-        };
-        let events = match watcher.handle(&bytes).await {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::info!(error = %e, "rtnetlink request failed: no longer following the host");
-                return;
-            }
-        };
-        let Some(shared) = weak.upgrade() else { return };
-        for ev in events {
-            let changes = view.apply(ev);
-            if !changes.is_empty() {
-                tracing::debug!(up = ?changes.up, down = ?changes.down, "host addresses changed");
-                act(&shared, &changes, &view.usable(), follow);
+            };
+            let Some(shared) = weak.upgrade() else { return };
+            match events {
+                Some(events) => self.apply(&shared, events),
+                None if !self.memory.stranded.is_empty() => act(
+                    &shared,
+                    &Changes::default(),
+                    &self.view.usable(),
+                    self.follow,
+                    &mut self.memory,
+                    true,
+                ),
+                None => {}
             }
         }
     }
@@ -163,9 +254,36 @@ fn route_src(peer: Locator) -> Option<IpAddr> {
     Some(probe.local_addr().ok()?.ip())
 }
 
+/// Whether the host routes from `from` to `peer` now (a UDP `connect` from a socket bound
+/// there, which sends nothing; source-address policy rules apply). From the unspecified
+/// address: whether any route (and source) reaches `peer`.
+fn reachable(from: IpAddr, peer: Locator) -> bool {
+    StdUdpSocket::bind((from, 0)).is_ok_and(|s| s.connect(peer).is_ok())
+}
+
+/// What the watcher remembers of flows between changes.
+#[derive(Debug, Default)]
+struct FlowMemory {
+    /// Flows that found nowhere to go, looked at again every [`RECHECK`].
+    stranded: HashSet<ConnectionHandle>,
+    /// Flows moving by our doing, and where to.
+    moving: HashMap<ConnectionHandle, Locator>,
+}
+
+/// How often flows left without a usable address are looked at again.
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// Plans what `changes` mean for the endpoint and does it: the engine's locators, new
-/// sockets, flow moves, and the path events that tell of them.
-fn act(shared: &Arc<Shared>, changes: &Changes, usable: &BTreeSet<IpAddr>, follow: FollowHost) {
+/// sockets, flow moves, and the path events that tell of them. `memory` holds the flows
+/// that found nowhere to go (looked at again on `recheck`) and those moving.
+fn act(
+    shared: &Arc<Shared>,
+    changes: &Changes,
+    usable: &BTreeSet<IpAddr>,
+    follow: FollowHost,
+    memory: &mut FlowMemory,
+    recheck: bool,
+) {
     let sockets: Vec<Locator> = shared.sockets.load().iter().map(|s| s.local).collect();
     let bind_new =
         (follow == FollowHost::Addresses).then(|| sockets.first().map_or(0, |s| s.port()));
@@ -181,17 +299,39 @@ fn act(shared: &Arc<Shared>, changes: &Changes, usable: &BTreeSet<IpAddr>, follo
                 local: c.local,
                 peer: c.peer,
                 route_src: None,
+                stranded: memory.stranded.contains(&c.handle),
             })
             .collect();
         (st.engine.locals().to_vec(), flows)
     };
-    // Route look-ups (a socket each) outside the lock, only where they can matter.
-    if !changes.down.is_empty() {
-        for f in flows.iter_mut().filter(|f| f.local.ip().is_unspecified()) {
-            f.route_src = route_src(f.peer);
-        }
+    // Forget flows that are gone, and moves that completed (the flow is where it was sent).
+    memory
+        .stranded
+        .retain(|h| flows.iter().any(|f| f.handle == *h));
+    memory
+        .moving
+        .retain(|h, to| flows.iter().any(|f| f.handle == *h && f.local != *to));
+    // A flow already moving is the engine's until its move ends.
+    flows.retain(|f| !memory.moving.contains_key(&f.handle));
+    // Route look-ups (a socket each) outside the lock, only for flows that may move.
+    for f in flows
+        .iter_mut()
+        .filter(|f| f.local.ip().is_unspecified() || !usable.contains(&f.local.ip()))
+    {
+        f.route_src = route_src(f.peer);
     }
-    let actions = plan(changes, usable, &sockets, &locals, &flows, bind_new);
+    let actions = plan(
+        changes,
+        &Situation {
+            usable,
+            sockets: &sockets,
+            locals: &locals,
+            flows: &flows,
+            bind_new,
+            reachable: &reachable,
+        },
+        recheck,
+    );
     // A socket bound on port 0 gets its own port: moves planned to it go there.
     let mut bound: HashMap<Locator, Locator> = HashMap::new();
     for a in &actions {
@@ -233,6 +373,8 @@ fn act(shared: &Arc<Shared>, changes: &Changes, usable: &BTreeSet<IpAddr>, follo
                 let to = bound.get(&to).copied().unwrap_or(to);
                 if st.engine.locals().contains(&to) && st.engine.migrate(handle, to) {
                     tracing::debug!(?handle, %from, %to, "flow moves by itself");
+                    memory.stranded.remove(&handle);
+                    memory.moving.insert(handle, to);
                     events.push(PathEvent::Moving {
                         stream: handle,
                         from,
@@ -246,6 +388,7 @@ fn act(shared: &Arc<Shared>, changes: &Changes, usable: &BTreeSet<IpAddr>, follo
                 }
             }
             Action::Stranded { handle, from } => {
+                memory.stranded.insert(handle);
                 tracing::debug!(?handle, %from, "flow's address is gone and nothing can reach its peer");
                 events.push(PathEvent::MoveFailed {
                     stream: handle,
@@ -376,6 +519,9 @@ pub(crate) struct FlowView {
     /// The source address the kernel's routes choose towards `peer` now, if the runtime
     /// looked it up (only for flows on a wildcard locator).
     pub(crate) route_src: Option<IpAddr>,
+    /// An earlier change left it with nowhere to go ([`Action::Stranded`]): any new address,
+    /// or a re-check, is a chance to move it.
+    pub(crate) stranded: bool,
 }
 
 /// What the runtime does about a change, in this order.
@@ -415,10 +561,24 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
+/// What [`plan`] decides from, besides the change itself.
+#[derive(Clone, Copy)]
+pub(crate) struct Situation<'a> {
+    pub(crate) usable: &'a BTreeSet<IpAddr>,
+    pub(crate) sockets: &'a [Locator],
+    pub(crate) locals: &'a [Locator],
+    pub(crate) flows: &'a [FlowView],
+    pub(crate) bind_new: Option<u16>,
+    pub(crate) reachable: &'a dyn Fn(IpAddr, Locator) -> bool,
+}
+
 /// The actions that follow `changes`, for an endpoint with `sockets` (the locators they are
 /// bound to, wildcards included), whose engine offers `locals`, carrying `flows`, given the
 /// host's `usable` addresses *after* the change. `bind_new`: bind a socket on each new usable
-/// address no socket covers, on this port.
+/// address no socket covers, on this port. `reachable(from, peer)`: whether the host has a
+/// route from address `from` (unspecified: from any) to `peer` now (a move to a locator
+/// that cannot reach the peer would be stuck until it fails). `recheck`: nothing changed, but stranded flows are
+/// looked at again (a route can follow its address by a moment).
 ///
 /// Rules: a locator whose address went is removed; one whose address came (back) is added,
 /// and a wildcard socket gains `addr:port` for each usable address of its family. A flow
@@ -428,14 +588,15 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
 /// wildcard locator moves to a concrete one when an address of its family went (it may have
 /// been the one the kernel used). A flow with nowhere to go is `Stranded` once, when its
 /// address goes; a later new address moves it.
-pub(crate) fn plan(
-    changes: &Changes,
-    usable: &BTreeSet<IpAddr>,
-    sockets: &[Locator],
-    locals: &[Locator],
-    flows: &[FlowView],
-    bind_new: Option<u16>,
-) -> Vec<Action> {
+pub(crate) fn plan(changes: &Changes, at: &Situation<'_>, recheck: bool) -> Vec<Action> {
+    let Situation {
+        usable,
+        sockets,
+        locals,
+        flows,
+        bind_new,
+        reachable,
+    } = *at;
     let mut actions = Vec::new();
     let mut offered: Vec<Locator> = locals.to_vec();
     for &ip in &changes.down {
@@ -479,10 +640,8 @@ pub(crate) fn plan(
                 same_family(ip, f.local.ip()) && ip.is_loopback() == f.peer.ip().is_loopback()
             });
         let newly = changes.down.contains(&f.local.ip()) || maybe_lost;
-        if !lost && !maybe_lost {
-            continue;
-        }
-        if !newly && changes.up.is_empty() {
+        let again = f.stranded && (recheck || !changes.up.is_empty());
+        if !newly && !again && !(lost && !changes.up.is_empty()) {
             continue;
         }
         let candidates = offered.iter().filter(|l| {
@@ -491,6 +650,7 @@ pub(crate) fn plan(
                 && same_family(l.ip(), f.peer.ip())
                 && (l.ip().is_unspecified() || addressable(l.ip()))
                 && (l.ip().is_unspecified() || l.ip().is_loopback() == f.peer.ip().is_loopback())
+                && reachable(l.ip(), f.peer)
         });
         // Concrete locators first (the engine then knows its real source), then: the
         // kernel's route choice, the flow's own port, the endpoint's order.
@@ -534,7 +694,28 @@ mod tests {
             local: loc(local),
             peer: loc(peer),
             route_src: None,
+            stranded: false,
         }
+    }
+
+    /// [`plan`] with every address reachable and no re-check.
+    fn plan_simple(
+        changes: &Changes,
+        usable: &BTreeSet<IpAddr>,
+        sockets: &[Locator],
+        locals: &[Locator],
+        flows: &[FlowView],
+        bind_new: Option<u16>,
+    ) -> Vec<Action> {
+        let at = Situation {
+            usable,
+            sockets,
+            locals,
+            flows,
+            bind_new,
+            reachable: &|_, _| true,
+        };
+        plan(changes, &at, false)
     }
 
     /// Two links, an address on each, both up.
@@ -662,7 +843,18 @@ mod tests {
             down: vec![ip("10.1.0.1")],
         };
         let usable = [ip("10.2.0.1"), ip("fd00::1")].into();
-        let a = plan(&changes, &usable, &sockets, &sockets, &flows, None);
+        let a = plan(
+            &changes,
+            &Situation {
+                usable: &usable,
+                sockets: &sockets,
+                locals: &sockets,
+                flows: &flows,
+                bind_new: None,
+                reachable: &|_, _| true,
+            },
+            false,
+        );
         assert_eq!(
             a,
             vec![
@@ -685,7 +877,18 @@ mod tests {
             down: vec![ip("10.1.0.1")],
         };
         let usable: BTreeSet<IpAddr> = [ip("fd00::1")].into();
-        let a = plan(&down, &usable, &sockets, &sockets, &flows, None);
+        let a = plan(
+            &down,
+            &Situation {
+                usable: &usable,
+                sockets: &sockets,
+                locals: &sockets,
+                flows: &flows,
+                bind_new: None,
+                reachable: &|_, _| true,
+            },
+            false,
+        );
         assert_eq!(
             a,
             vec![
@@ -702,7 +905,18 @@ mod tests {
             up: vec![ip("fd00::2")],
             down: vec![],
         };
-        let a = plan(&other, &usable, &sockets, &locals, &flows, None);
+        let a = plan(
+            &other,
+            &Situation {
+                usable: &usable,
+                sockets: &sockets,
+                locals: &locals,
+                flows: &flows,
+                bind_new: None,
+                reachable: &|_, _| true,
+            },
+            false,
+        );
         assert!(a.is_empty(), "{a:?}");
         // The endpoint follows addresses: a new IPv4 address is bound, and the flow goes there.
         let up = Changes {
@@ -710,7 +924,7 @@ mod tests {
             down: vec![],
         };
         let usable: BTreeSet<IpAddr> = [ip("fd00::1"), ip("10.3.0.1")].into();
-        let a = plan(&up, &usable, &sockets, &locals, &flows, Some(5000));
+        let a = plan_simple(&up, &usable, &sockets, &locals, &flows, Some(5000));
         assert_eq!(
             a,
             vec![
@@ -733,7 +947,18 @@ mod tests {
             down: vec![],
         };
         let usable = [ip("10.1.0.1"), ip("10.2.0.1")].into();
-        let a = plan(&up, &usable, &sockets, &locals, &[], None);
+        let a = plan(
+            &up,
+            &Situation {
+                usable: &usable,
+                sockets: &sockets,
+                locals: &locals,
+                flows: &[],
+                bind_new: None,
+                reachable: &|_, _| true,
+            },
+            false,
+        );
         assert_eq!(a, vec![Action::AddLocal(loc("10.1.0.1:5000"))]);
     }
 
@@ -747,7 +972,7 @@ mod tests {
             down: vec![],
         };
         let usable: BTreeSet<IpAddr> = start.up.iter().copied().collect();
-        let a = plan(&start, &usable, &sockets, &sockets, &[], Some(7000));
+        let a = plan_simple(&start, &usable, &sockets, &sockets, &[], Some(7000));
         assert_eq!(
             a,
             vec![
@@ -776,7 +1001,7 @@ mod tests {
             down: vec![ip("10.1.0.1")],
         };
         let usable = [ip("10.1.0.7"), ip("127.0.0.1")].into();
-        let a = plan(&renumber, &usable, &sockets, &locals, &flows, Some(7000));
+        let a = plan_simple(&renumber, &usable, &sockets, &locals, &flows, Some(7000));
         assert_eq!(
             a,
             vec![
@@ -810,13 +1035,35 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            to(plan(&down, &usable, &sockets, &sockets, &[f], None)),
+            to(plan(
+                &down,
+                &Situation {
+                    usable: &usable,
+                    sockets: &sockets,
+                    locals: &sockets,
+                    flows: &[f],
+                    bind_new: None,
+                    reachable: &|_, _| true
+                },
+                false
+            )),
             loc("10.3.0.1:1"),
             "same port first"
         );
         f.route_src = Some(ip("10.2.0.1"));
         assert_eq!(
-            to(plan(&down, &usable, &sockets, &sockets, &[f], None)),
+            to(plan(
+                &down,
+                &Situation {
+                    usable: &usable,
+                    sockets: &sockets,
+                    locals: &sockets,
+                    flows: &[f],
+                    bind_new: None,
+                    reachable: &|_, _| true
+                },
+                false
+            )),
             loc("10.2.0.1:2"),
             "the kernel's route choice first"
         );
@@ -831,7 +1078,84 @@ mod tests {
             down: vec![ip("10.1.0.1")],
         };
         let usable = [ip("127.0.0.1")].into();
-        let a = plan(&down, &usable, &sockets, &sockets, &[f], None);
+        let a = plan(
+            &down,
+            &Situation {
+                usable: &usable,
+                sockets: &sockets,
+                locals: &sockets,
+                flows: &[f],
+                bind_new: None,
+                reachable: &|_, _| true,
+            },
+            false,
+        );
         assert!(matches!(a.last(), Some(Action::Stranded { .. })), "{a:?}");
+    }
+
+    #[test]
+    fn unreachable_survivors_are_skipped_and_a_stranded_flow_moves_when_a_route_appears() {
+        // A wildcard client renumbered by `ip addr del` then `ip addr add`: between the two,
+        // its other link's address cannot reach the peer, so the flow waits rather than
+        // start a move that could only fail.
+        let sockets = [loc("0.0.0.0:7000")];
+        let locals = [
+            loc("0.0.0.0:7000"),
+            loc("10.1.0.1:7000"),
+            loc("10.2.0.1:7000"),
+        ];
+        let mut f = flow(2, "0.0.0.0:7000", "10.1.0.2:80");
+        let only_link1 = |from: IpAddr, _: Locator| from != ip("10.2.0.1");
+        let down = Changes {
+            up: vec![],
+            down: vec![ip("10.1.0.1")],
+        };
+        let usable: BTreeSet<IpAddr> = [ip("10.2.0.1")].into();
+        let at = Situation {
+            usable: &usable,
+            sockets: &sockets,
+            locals: &locals,
+            flows: &[f],
+            bind_new: None,
+            reachable: &only_link1,
+        };
+        let a = plan(&down, &at, false);
+        assert_eq!(
+            a.last(),
+            Some(&Action::Stranded {
+                handle: ConnectionHandle(2),
+                from: loc("0.0.0.0:7000")
+            })
+        );
+        // Still nothing on a re-check.
+        f.stranded = true;
+        let locals = [loc("0.0.0.0:7000"), loc("10.2.0.1:7000")];
+        let at = Situation {
+            flows: &[f],
+            locals: &locals,
+            ..at
+        };
+        assert!(plan(&Changes::default(), &at, true).is_empty());
+        // The new address comes: the stranded flow moves there.
+        let up = Changes {
+            up: vec![ip("10.1.0.7")],
+            down: vec![],
+        };
+        let usable: BTreeSet<IpAddr> = [ip("10.1.0.7"), ip("10.2.0.1")].into();
+        let at = Situation {
+            usable: &usable,
+            ..at
+        };
+        assert_eq!(
+            plan(&up, &at, false),
+            vec![
+                Action::AddLocal(loc("10.1.0.7:7000")),
+                Action::Migrate {
+                    handle: ConnectionHandle(2),
+                    from: loc("0.0.0.0:7000"),
+                    to: loc("10.1.0.7:7000")
+                },
+            ]
+        );
     }
 }
