@@ -320,6 +320,14 @@ fn act(
     {
         f.route_src = route_src(f.peer);
     }
+    // One route look-up per (source, peer address), however many flows share them.
+    let routes = std::cell::RefCell::new(HashMap::new());
+    let reachable = |from: IpAddr, peer: Locator| {
+        *routes
+            .borrow_mut()
+            .entry((from, peer.ip()))
+            .or_insert_with(|| reachable(from, peer))
+    };
     let actions = plan(
         changes,
         &Situation {
@@ -641,7 +649,10 @@ pub(crate) fn plan(changes: &Changes, at: &Situation<'_>, recheck: bool) -> Vec<
             });
         let newly = changes.down.contains(&f.local.ip()) || maybe_lost;
         let again = f.stranded && (recheck || !changes.up.is_empty());
-        if !newly && !again && !(lost && !changes.up.is_empty()) {
+        // A lost flow that found nowhere to go before gets another chance with each new
+        // address (or a re-check once stranded).
+        let retry = lost && !changes.up.is_empty();
+        if !(newly || again || retry) {
             continue;
         }
         let candidates = offered.iter().filter(|l| {

@@ -346,8 +346,7 @@ fn link_down_moves_flows_to_the_other_link() {
     );
     assert!(
         c.events
-            .iter()
-            .any(|e| *e == PathEvent::AddressRemoved(c.local_before)),
+            .contains(&PathEvent::AddressRemoved(c.local_before)),
         "the client heard link 1's address go: {:?}",
         c.events
     );
