@@ -191,6 +191,9 @@ async fn client_serval(link1: &str) -> Result<(Duration, u64), String> {
         .map_err(|e| e.to_string())?;
     let mut m = Meter::new(link1);
     let mut buf = vec![0u8; 64 << 10];
+    // When the move started and ended, relative to the link-down (stderr, for diagnosis).
+    let mut events = ep.path_events();
+    let mut moves = Vec::new();
     loop {
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
             .await
@@ -199,7 +202,13 @@ async fn client_serval(link1: &str) -> Result<(Duration, u64), String> {
         if n == 0 {
             return Err("server ended".into());
         }
+        while let Ok(e) = events.try_recv() {
+            if let Some(d) = m.down_at {
+                moves.push((d.elapsed(), e));
+            }
+        }
         if m.got(&buf[..n])? {
+            eprintln!("serval path events after the link-down (as seen by the reader): {moves:?}");
             return Ok((m.gap, m.bytes));
         }
     }
@@ -391,6 +400,10 @@ fn once(stack: &str) -> Result<Duration, String> {
     let _ = server.kill();
     let _ = server.wait();
     let text = String::from_utf8_lossy(&client.stdout).to_string();
+    let diag = String::from_utf8_lossy(&client.stderr);
+    if client.status.success() && !diag.is_empty() {
+        eprint!("  {diag}");
+    }
     if !client.status.success() {
         return Err(format!(
             "{stack} client failed: {}{}",
