@@ -8,7 +8,8 @@
 //! local locators and its flows, into [`Action`]s (add or remove a local locator, bind a
 //! socket, move a flow). Both are pure and unit-tested below without netlink. [`sys`] is the
 //! thin Linux part: an rtnetlink socket subscribed to link and address changes, whose messages
-//! become [`NetEvent`]s; `crate::endpoint` runs the actions on the engine.
+//! become [`NetEvent`]s; the task here ([`start`]) runs the actions on the engine, under its
+//! lock, and announces them as [`PathEvent`]s.
 //!
 //! An endpoint bound to the wildcard address (`0.0.0.0:p`, `[::]:p`) keeps the wildcard as
 //! its first local locator (a client's SYN still leaves from the address the kernel's routes

@@ -27,7 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serval::{CloseReason, Endpoint, PathEvent, ServiceId, ServicePrefix, Stream};
+use serval::{
+    CloseReason, Endpoint, EndpointConfig, FollowHost, PathEvent, ServiceId, ServicePrefix, Stream,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -140,6 +142,8 @@ async fn serve(
 /// What the client saw.
 #[derive(Debug)]
 struct ClientReport {
+    /// The client endpoint's sockets once bound (with those bound for the host's addresses).
+    sockets_at_start: Vec<SocketAddr>,
     local_before: SocketAddr,
     local_after: SocketAddr,
     peer_after: SocketAddr,
@@ -212,12 +216,16 @@ async fn pump(
 
 async fn client(
     binds: Vec<SocketAddr>,
+    follow: FollowHost,
     server: SocketAddr,
     data: Arc<Vec<u8>>,
     change: Box<dyn Fn() + Send>,
 ) -> ClientReport {
     let service = ServiceId::from_name(SERVICE).unwrap();
-    let ep = Endpoint::bind(&binds).await.expect("client bind");
+    let ep = Endpoint::bind_following(&binds, EndpointConfig::default(), follow)
+        .await
+        .expect("client bind");
+    let sockets_at_start = ep.local_locators();
     let mut events = ep.path_events();
     let start = Instant::now();
     let mut stream = timeout(Duration::from_secs(20), ep.connect_via(service, server))
@@ -246,6 +254,7 @@ async fn client(
         seen.push(e);
     }
     ClientReport {
+        sockets_at_start,
         local_before,
         local_after,
         peer_after,
@@ -264,6 +273,7 @@ fn run(
     hosts: &Hosts,
     server_bind: &str,
     client_binds: &[&str],
+    follow: FollowHost,
     connect_to: &str,
     change: Box<dyn Fn() + Send>,
 ) -> (ServerReport, ClientReport) {
@@ -280,7 +290,9 @@ fn run(
     let client = {
         let binds = client_binds.iter().map(|b| b.parse().unwrap()).collect();
         let to = connect_to.parse().unwrap();
-        in_netns(&hosts.client, move || client(binds, to, data, change))
+        in_netns(&hosts.client, move || {
+            client(binds, follow, to, data, change)
+        })
     };
     let c = client
         .join()
@@ -330,6 +342,7 @@ fn link_down_moves_flows_to_the_other_link() {
         &hosts,
         "10.78.0.1:54324",
         &["10.78.1.1:0", "10.78.2.1:0"],
+        FollowHost::Flows,
         "10.78.0.1:54324",
         Box::new(move || ip(&["-n", &ns, "link", "set", &link1, "down"])),
     );
@@ -365,6 +378,7 @@ fn wildcard_client_follows_its_renumbering() {
         &hosts,
         "0.0.0.0:54324",
         &["0.0.0.0:0"],
+        FollowHost::Flows,
         "10.78.1.2:54324",
         Box::new(move || {
             ip(&["-n", &ns, "addr", "del", "10.78.1.1/24", "dev", &link1]);
@@ -406,6 +420,7 @@ fn wildcard_server_follows_its_renumbering() {
         &hosts,
         "0.0.0.0:54324",
         &["0.0.0.0:0"],
+        FollowHost::Flows,
         "10.78.1.2:54324",
         Box::new(move || {
             ip(&["-n", &ns, "addr", "del", "10.78.1.2/24", "dev", &dev]);
@@ -423,5 +438,44 @@ fn wildcard_server_follows_its_renumbering() {
         "the client follows its server"
     );
     assert_eq!(s.peers.len(), 1, "the client's address stayed");
+    drop(hosts);
+}
+
+/// An endpoint that follows the host's addresses binds a socket on each address it was not
+/// given: bound to link 1's address only, the client gains one on link 2's at start, and its
+/// flow moves there when link 1 goes down.
+#[test]
+fn endpoint_following_addresses_binds_the_hosts_other_address_and_moves_there() {
+    if !serval_testkit::require_netns(
+        "endpoint_following_addresses_binds_the_hosts_other_address_and_moves_there",
+    ) {
+        return;
+    }
+    let hosts = Hosts::new("a");
+    let (ns, link1) = (hosts.client.clone(), hosts.link1.clone());
+    let (s, c) = run(
+        &hosts,
+        "10.78.0.1:54324",
+        &["10.78.1.1:0"],
+        FollowHost::Addresses,
+        "10.78.0.1:54324",
+        Box::new(move || ip(&["-n", &ns, "link", "set", &link1, "down"])),
+    );
+    let link2 = c
+        .sockets_at_start
+        .iter()
+        .find(|l| l.ip().to_string() == "10.78.2.1")
+        .copied();
+    assert!(
+        link2.is_some(),
+        "a socket was bound on link 2's address: {:?}",
+        c.sockets_at_start
+    );
+    assert_eq!(
+        Some(c.local_after),
+        link2,
+        "moved to the socket bound for it"
+    );
+    assert_eq!(s.peers, vec![c.local_before, c.local_after]);
     drop(hosts);
 }
