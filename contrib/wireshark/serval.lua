@@ -11,7 +11,7 @@
 --     bytes, unless the flow runs in plaintext, which the dissector knows from the flow's
 --     SYN-ACK (KEYSHARE flag 0x01) if the capture holds it. Nothing is decrypted or verified;
 --   * protocol 1 (stream) of plaintext flows: the frames (PADDING, PING, ACK with its ranges,
---     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE);
+--     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE, PATH_CHALLENGE, PATH_RESPONSE);
 --   * protocol 2 (datagram): the flags byte, the sender's serviceID, the data;
 --   * protocol 3 (registration): REGISTER, UNREGISTER, ACK, REJECT, COOKIE, in the 60-, 76-
 --     (cookie) and 140-byte (signed) forms.
@@ -67,6 +67,7 @@ local REJECT_REASONS = { [0] = "none", [1] = "NOT_ACCEPTED", [2] = "UNAVAILABLE"
 
 local FR_PADDING, FR_PING, FR_ACK, FR_STREAM, FR_STREAM_FIN, FR_MAX_DATA, FR_CLOSE, FR_DATAGRAM =
     0x00, 0x01, 0x02, 0x08, 0x09, 0x10, 0x1c, 0x30
+local FR_PATH_CHALLENGE, FR_PATH_RESPONSE = 0x1a, 0x1b
 local FRAME_NAMES = {
     [FR_PADDING] = "PADDING",
     [FR_PING] = "PING",
@@ -76,6 +77,8 @@ local FRAME_NAMES = {
     [FR_MAX_DATA] = "MAX_DATA",
     [FR_CLOSE] = "CLOSE",
     [FR_DATAGRAM] = "DATAGRAM",
+    [FR_PATH_CHALLENGE] = "PATH_CHALLENGE",
+    [FR_PATH_RESPONSE] = "PATH_RESPONSE",
 }
 
 local LOC_FAMILIES = { [4] = "IPv4", [6] = "IPv6" }
@@ -178,6 +181,7 @@ local f = {
     close_code = ProtoField.uint64("serval.close.code", "Error Code", base.DEC),
     close_reason_len = ProtoField.uint64("serval.close.reason_len", "Reason Length", base.DEC),
     close_reason = ProtoField.string("serval.close.reason", "Reason"),
+    path_data = ProtoField.bytes("serval.path.data", "Path Data"),
 
     -- protocol 2: datagrams by name
     dgram_flags = ProtoField.uint8("serval.dgram.flags", "Datagram Flags", base.HEX),
@@ -695,6 +699,14 @@ local function render_stream(tvb, off, limit, tree, with_pn)
             end
             pos = pos + n
             summary[#summary + 1] = "CLOSE(" .. tostring(code) .. ")"
+        elseif ty == FR_PATH_CHALLENGE or ty == FR_PATH_RESPONSE then
+            -- 8 bytes of data (docs/wire.md §14).
+            if limit - pos < 8 then
+                return malformed(trunc)
+            end
+            ft:add(f.path_data, tvb(pos, 8))
+            summary[#summary + 1] = name .. "(" .. tostring(tvb(pos, 8):bytes()) .. ")"
+            pos = pos + 8
         end
         ft:set_len(pos - start)
     end

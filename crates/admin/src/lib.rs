@@ -12,11 +12,15 @@
 //! | `GET /delayed` | SYNs held by DELAY rules: `{"delayed": [`[`DelayedView`]`, …]}`, oldest first |
 //! | `POST /delayed/{id}` | answers a held SYN: `{"verdict": "resolve"}` (look it up again now) or `{"verdict": "drop"}` (NACK the client); 204, 404 if no SYN is held with that id, 400 for a bad verdict |
 //!
+//! An instance's admin API (`serval listen`/`expose --admin`) is in [`instance`].
+//!
 //! [`Client`] is the other side, used by `serval table`; [`render_table`] prints a table view
 //! one target per line.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod instance;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -514,9 +518,14 @@ impl Client {
 
     /// `GET /table`.
     pub fn table(&self) -> Result<TableView, AdminError> {
+        self.get_json("table")
+    }
+
+    /// `GET /{path}`, its JSON answer decoded.
+    fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, AdminError> {
         let resp = self
             .agent
-            .get(format!("http://{}/table", self.addr))
+            .get(format!("http://{}/{path}", self.addr))
             .call()
             .map_err(|e| self.err(e))?;
         let body = self.check(resp)?;

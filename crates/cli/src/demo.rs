@@ -1,6 +1,6 @@
 //! `serval demo`: a router, instances and clients on loopback, with a timeline.
 //!
-//! Five steps, each judged PASS or FAIL from what actually happened:
+//! Six steps, each judged PASS or FAIL from what actually happened:
 //!
 //! 1. connect by name: one connection to `web.demo` through the router;
 //! 2. weighted spread: many connections over two instances of weights 3 and 1;
@@ -10,13 +10,16 @@
 //! 4. kill and failover: instance A (a child process) is SIGKILLed, so it cannot unregister;
 //!    new connections must land on B once its lease runs out;
 //! 5. migration: a live stream moves from 127.0.0.1 to 127.0.0.2 mid-transfer; every byte must
-//!    come back once, in order.
+//!    come back once, in order;
+//! 6. stateful server move: a stream to the line-numbering service moves to another instance
+//!    with its count (`demo/server_move.rs`); the numbering must continue, not restart.
 //!
 //! The router, v1, v2 and the migration instance run in this process; A and B are child
 //! processes (`serval listen --echo`) of this same binary, killed when the demo ends, passes,
 //! fails or is interrupted.
 
 mod instances;
+mod server_move;
 mod steps;
 
 use std::collections::HashMap;

@@ -14,10 +14,12 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod instance;
 mod keygen;
 mod net;
 mod ping;
 mod router;
+mod serve;
 mod sys;
 mod table;
 mod translate;
@@ -53,6 +55,16 @@ enum Command {
         /// Echo each stream back instead of printing it.
         #[arg(long)]
         echo: bool,
+        /// Send each line back numbered (`1 first line`, `2 …`): the stateful example
+        /// service, whose count continues when a stream moves to another instance
+        /// (`serval migrate`).
+        #[arg(long, conflicts_with = "echo")]
+        number: bool,
+        /// On SIGINT/SIGTERM, move the open streams to the instance whose admin address is
+        /// ADMIN (as `serval migrate` would) instead of waiting for them to finish: a restart
+        /// or a host's maintenance drops nothing. Needs --admin and --key.
+        #[arg(long, value_name = "ADMIN", requires_all = ["admin", "key"])]
+        move_on_stop: Option<std::net::SocketAddr>,
         /// Routerless mode: also answer SYNs for the service multicast on the local network
         /// (group 239.255.86.76), so clients find it by name with no router (`cat --discover`).
         /// Bind a specific address to choose the interface.
@@ -117,6 +129,38 @@ enum Command {
     /// IP:PORT [--weight N] [--priority N]` (or `delay`, `drop`) adds a rule; `del` removes one.
     /// `delayed` lists the SYNs DELAY rules hold; `release ID resolve|drop` answers one.
     Table(table::TableArgs),
+    /// List an instance's live flows, one per line, through its admin address.
+    ///
+    /// Each line: flowID, service, role, local and peer locator, state, stream bytes sent and
+    /// received, smoothed RTT, and how many times the flow's server end moved between hosts.
+    Flows {
+        /// The instance's admin address (`serval listen … --admin ADDR`).
+        #[arg(long, value_name = "ADDR")]
+        admin: std::net::SocketAddr,
+    },
+    /// Move live flows from one instance to another, by their admin addresses.
+    ///
+    /// The application at FROM hands each stream over with its state; the snapshot travels
+    /// encrypted to TO's migration agent (both must hold the service's --key); TO re-binds the
+    /// flow toward the client, which sees only a locator change. Prints each flow's phase
+    /// times; exits 0 only when every flow runs at TO.
+    Migrate {
+        /// The admin address of the instance the flows leave.
+        #[arg(long, value_name = "FROM")]
+        admin: std::net::SocketAddr,
+        /// The admin address of the instance they move to.
+        #[arg(long, value_name = "TO")]
+        to: std::net::SocketAddr,
+        /// A flow to move (its flowID as `serval flows` prints it); repeat for several.
+        /// Without any (and without --share), every flow FROM serves moves.
+        #[arg(long = "flow", value_name = "ID")]
+        flows: Vec<String>,
+        /// Move this share of the flows FROM serves (0 < F ≤ 1, rounded up, the first that
+        /// `serval flows` lists): scale-out, when a new instance TO joins and should take
+        /// part of the load.
+        #[arg(long, value_name = "F", conflicts_with = "flows")]
+        share: Option<f64>,
+    },
     /// Print the serviceID of a name, or the prefix of a domain.
     ///
     /// `web.example.com` prints the 64-hex-digit serviceID; `example.com/*` prints the prefix that
@@ -164,6 +208,8 @@ fn main() -> ExitCode {
             service,
             instance,
             echo,
+            number,
+            move_on_stop,
             discover,
             discover_port,
             lease_ms,
@@ -174,12 +220,19 @@ fn main() -> ExitCode {
                     return usage(&e);
                 }
                 let opts = net::ListenOptions {
-                    echo,
+                    mode: if number {
+                        serve::Mode::Number
+                    } else if echo {
+                        serve::Mode::Echo
+                    } else {
+                        serve::Mode::Print
+                    },
                     discover: discover.then(|| serval::DiscoveryConfig {
                         port: discover_port,
                         ..serval::DiscoveryConfig::default()
                     }),
                     lease: lease_ms.map(std::time::Duration::from_millis),
+                    move_on_stop,
                 };
                 run(net::listen(&service, prefix, instance, opts))
             }
@@ -208,6 +261,13 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Table(args) => table::run(args),
+        Command::Flows { admin } => instance::flows(admin),
+        Command::Migrate {
+            admin,
+            to,
+            flows,
+            share,
+        } => instance::migrate(admin, to, &flows, share),
         Command::Router(mut args) => {
             let sub = matches.subcommand_matches("router");
             if let Some(Err(e)) = sub.map(|m| router::apply_config_file(&mut args, m)) {
@@ -276,6 +336,12 @@ fn run_router(args: router::RouterArgs) -> Result<(), router::Failure> {
         .build()
         .map_err(|e| router::Failure::Runtime(format!("cannot start the runtime: {e}")))?;
     rt.block_on(router::run(args))
+}
+
+/// Reports a failure as one line, exit status 1.
+pub(crate) fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    note!("error: {e}");
+    ExitCode::FAILURE
 }
 
 /// Reports bad input as one line, exit status 2.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serval::{Endpoint, RegistrarEvent, ServiceId, ServiceListener, ServicePrefix, Stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Where and how an instance serves, as flags shared by `listen` and `expose`.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +50,18 @@ pub struct InstanceArgs {
     /// wildcard --bind serves the host's new addresses at once.
     #[arg(long, env = "SERVAL_NO_AUTO_MIGRATE")]
     pub no_auto_migrate: bool,
+    /// Serve an admin API on this TCP address: the live flows (`serval flows`), metrics, and
+    /// moves of flows to another instance (`serval migrate`). With --key, also run the
+    /// migration agent that takes flows moved here from instances holding the same key.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Where the migration agent binds (default: the first --bind address, any port).
+    #[arg(long, value_name = "ADDR", requires = "admin")]
+    pub migrate_bind: Option<SocketAddr>,
+    /// Also take moved flows from instances proving this key (as `serval keygen` printed
+    /// it); instances holding this instance's own --key always may. Repeatable.
+    #[arg(long, value_name = "PUBKEY", requires = "admin", value_parser = parse_public_key)]
+    pub allow_moves_from: Vec<serval::PublicKey>,
 }
 
 impl InstanceArgs {
@@ -116,12 +128,14 @@ impl InstanceArgs {
 
 /// How `serval listen` serves, beyond [`InstanceArgs`].
 pub struct ListenOptions {
-    /// Echo streams back instead of printing them.
-    pub echo: bool,
+    /// What to do with each stream.
+    pub mode: crate::serve::Mode,
     /// Routerless mode: answer SYNs multicast on the local network.
     pub discover: Option<serval::DiscoveryConfig>,
     /// Lease to ask the router for (default: [`serval::LeaseConfig`]'s, 3 s).
     pub lease: Option<Duration>,
+    /// On a stop, move open streams to the instance with this admin address.
+    pub move_on_stop: Option<SocketAddr>,
 }
 
 /// Where `serval cat` sends its SYN.
@@ -143,8 +157,11 @@ pub async fn listen(
     instance: InstanceArgs,
     opts: ListenOptions,
 ) -> Result<(), String> {
-    let echo = opts.echo;
+    let mode = opts.mode;
     let ep = instance.endpoint(opts.lease).await?;
+    // Kept for the life of the loop: the agent takes flows moved here.
+    let agent =
+        crate::instance::start(&ep, &instance, name, crate::instance::Moves::Supported).await?;
     let mut events = ep.registrar_events();
     if let Some(d) = &opts.discover {
         ep.enable_discovery(d.clone())
@@ -154,7 +171,11 @@ pub async fn listen(
     note!(
         "serval: serving {name} ({prefix}) on {}{}{}",
         list(&ep.local_locators()),
-        if echo { " (echo)" } else { "" },
+        match mode {
+            crate::serve::Mode::Print => "",
+            crate::serve::Mode::Echo => " (echo)",
+            crate::serve::Mode::Number => " (numbering lines)",
+        },
         instance.registering()
             + &opts
                 .discover
@@ -179,7 +200,7 @@ pub async fn listen(
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 open.spawn(async move {
                     let peer = stream.peer_locator().map_or_else(|_| "?".into(), |p| p.to_string());
-                    let r = if echo { serve_echo(stream).await } else { serve_print(stream).await };
+                    let r = crate::serve::serve(stream, mode).await;
                     if let Err(e) = r {
                         note!("serval: connection from {peer}: {e}");
                     }
@@ -197,6 +218,25 @@ pub async fn listen(
         // Make "withdrawn" true before saying it: the UNREGISTER may need a cookie round
         // (a restarted router) or a retransmission, which an exiting process would cut short.
         ep.unregistered_within(UNREGISTER_LIMIT).await;
+    }
+    if let (Some(to), Some(agent)) = (opts.move_on_stop, &agent)
+        && !open.is_empty()
+    {
+        note!(
+            "serval: stopping: moving {} open stream(s) to the instance at {to}",
+            open.len()
+        );
+        match crate::instance::move_all(agent, to).await {
+            Ok((moved, failed)) => note!(
+                "serval: {moved} stream(s) moved to {to}{}",
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not moved: {}", failed.join("; "))
+                }
+            ),
+            Err(e) => note!("serval: cannot move the open streams to {to}: {e}"),
+        }
     }
     let stopping = if !instance.router.is_empty() {
         format!("serval: stopping: {name} withdrawn from the router, no new connections")
@@ -246,38 +286,10 @@ pub const UNREGISTER_LIMIT: Duration = Duration::from_secs(1);
 /// How long a stopping `serval listen` lets open connections finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-/// Copies the stream back to itself, then closes our direction.
-async fn serve_echo(mut stream: Stream) -> std::io::Result<()> {
-    {
-        let (mut r, mut w) = stream.split();
-        tokio::io::copy(&mut r, &mut w).await?;
-        w.shutdown().await?;
-    }
-    finish(&stream).await;
-    Ok(())
-}
-
 /// Waits (bounded) for the FIN exchange to complete, so that a stopping process does not
 /// drop the endpoint while our FIN is still unacknowledged.
 pub async fn finish(stream: &Stream) {
     let _ = tokio::time::timeout(CLOSE_WAIT, stream.closed()).await;
-}
-
-/// Copies the stream to stdout; sends nothing and closes our direction at the client's end.
-async fn serve_print(mut stream: Stream) -> std::io::Result<()> {
-    let mut out = tokio::io::stdout();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).await?;
-    }
-    out.flush().await?;
-    stream.shutdown().await?;
-    finish(&stream).await;
-    Ok(())
 }
 
 /// Where a client's SYN goes, as flags shared by `cat`, `proxy`, `ping` and `bench`.

@@ -219,6 +219,16 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
 
 async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), String> {
     let ep = args.instance.endpoint(None).await?;
+    let _admin = crate::instance::start(
+        &ep,
+        &args.instance,
+        &args.service,
+        crate::instance::Moves::Unsupported(
+            "serval expose cannot move its flows to another host: each one's TCP connection \
+             to the backend stays on this host",
+        ),
+    )
+    .await?;
     let mut events = ep.registrar_events();
     let mut listener = args.instance.listen(&ep, &args.service, prefix)?;
     let name = args.service.clone();

@@ -86,6 +86,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         "swap under a stable name",
         "kill and failover",
         "migration",
+        "stateful server move",
     ] {
         let row = out
             .iter()
@@ -94,7 +95,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         assert!(row.contains("PASS"), "{step} did not hold: {row}\n{text}");
     }
     assert!(
-        out.iter().any(|l| l.starts_with("all 5 steps held in")),
+        out.iter().any(|l| l.starts_with("all 6 steps held in")),
         "{text}"
     );
 

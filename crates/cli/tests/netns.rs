@@ -10,68 +10,10 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{Guard, ip, netns_usable};
-
-/// A pair of namespaces joined by veth; deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    /// `a` gets 10.77.<net>.1/24 and `b` 10.77.<net>.2/24.
-    fn new(tag: &str, net: u8) -> Netns {
-        let id = std::process::id();
-        let n = Netns {
-            a: format!("sv{tag}a{id}"),
-            b: format!("sv{tag}b{id}"),
-        };
-        ip(&["netns", "add", &n.a]);
-        ip(&["netns", "add", &n.b]);
-        let (va, vb) = (format!("v{tag}a{id}"), format!("v{tag}b{id}"));
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        ip(&["link", "set", &va, "netns", &n.a]);
-        ip(&["link", "set", &vb, "netns", &n.b]);
-        for (ns, dev, addr) in [(&n.a, &va, 1), (&n.b, &vb, 2)] {
-            let cidr = format!("10.77.{net}.{addr}/24");
-            ip(&["-n", ns, "addr", "add", &cidr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        n
-    }
-
-    fn spawn(&self, ns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_serval")]);
-        c.args(args);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the veth, which deletes the pair.
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use support::{Guard, Netns, netns_usable, pattern};
 
 #[test]
 fn echo_by_name_across_namespaces() {

@@ -49,9 +49,10 @@
 pub mod identity;
 pub mod protect;
 mod snapshot;
+pub mod validation;
 
 pub use self::snapshot::ExportError;
-pub(crate) use self::snapshot::ImportContext;
+pub(crate) use self::snapshot::{ImportContext, SalSummary};
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -69,8 +70,9 @@ use self::identity::{IdentityError, PeerIdentity, SYN_ACK_WITH_IDENTITY};
 use self::protect::{
     FlowSecrets, KeyExchange, OpenError, Protection, Protector, Space, TAG_LEN, Transcript,
 };
+use self::validation::{PathStats, PathValidator, Validated};
 use crate::Instant;
-use crate::frame::PN_LEN;
+use crate::frame::{PN_LEN, PathFrame};
 use crate::transport::OptInstant;
 use crate::transport::conn::{IDLE_RELEASE, Transport, TransportConfig, TransportEvent};
 
@@ -281,6 +283,7 @@ pub(crate) enum ConnEvent {
     Datagram,
     Migrated(Locator),
     PeerMigrated(Locator),
+    PathValidationFailed(Locator),
     Closed(CloseReason),
 }
 
@@ -333,6 +336,8 @@ pub(crate) struct Connection {
     export_freeze: Option<bool>,
     /// Moves of this connection so far (the snapshot's move epoch).
     move_epoch: u32,
+    /// Validation of the peer's new addresses (created when the peer first moves).
+    paths: Option<Box<PathValidator>>,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -508,6 +513,7 @@ impl Connection {
             flush_transport: false,
             export_freeze: None,
             move_epoch: 0,
+            paths: None,
         }
     }
 
@@ -628,6 +634,7 @@ impl Connection {
             return;
         }
         let header_len = usize::from(SalPacket::new_unchecked(&*packet).header_len());
+        let wire_len = packet.len();
         if self.state == State::SynSent {
             // Only the SYN-ACK can come now (a router's NACK is the endpoint's): it brings the
             // server's key share, and with it the keys to open it.
@@ -643,8 +650,10 @@ impl Connection {
             self.auth_failures += 1;
             return;
         };
-        let body_len = match protect.open(packet, header_len, Space::of(repr.control.is_some())) {
-            Ok((_, n)) => n,
+        let space = Space::of(repr.control.is_some());
+        let largest_before = protect.largest_opened(space);
+        let (pn, body_len) = match protect.open(packet, header_len, space) {
+            Ok(opened) => opened,
             Err(OpenError::Replayed) => return,
             Err(_) => {
                 self.auth_failures += 1;
@@ -699,7 +708,114 @@ impl Connection {
             }
             self.pump_transport(now);
         }
+        // Only the newest packet of the peer may move it (a reordered older one from an old
+        // address must not pull it back).
+        let newest = largest_before.is_none_or(|l| pn > l);
+        let rsyn = repr
+            .control
+            .is_some_and(|c| c.flags.contains(ControlFlags::RSYN));
+        self.on_path_packet(now, (local, remote), wire_len, newest && !rsyn);
         self.note_life_while_moving(now);
+    }
+
+    /// Path validation's share of an authentic packet of `wire_len` bytes that arrived at
+    /// `local` from `remote` (see [`validation`]): a packet from a source other than the
+    /// peer's credits or starts the validation of that source (`may_start`: the packet is
+    /// the peer's newest, and not an RSYN, which moves the peer by itself); the PATH_CHALLENGE
+    /// and PATH_RESPONSE frames it carried are acted on.
+    fn on_path_packet(
+        &mut self,
+        now: Instant,
+        (local, remote): (Locator, Locator),
+        wire_len: usize,
+        may_start: bool,
+    ) {
+        if remote != self.peer && self.state == State::Established {
+            let interval = self.transport.pto_period();
+            self.paths
+                .get_or_insert_default()
+                .on_packet_from_new_source(remote, wire_len, may_start, interval);
+        }
+        while let Some(f) = self.transport.poll_path_frame() {
+            match f {
+                PathFrame::Challenge(d) => {
+                    self.paths
+                        .get_or_insert_default()
+                        .on_challenge(d, local, remote);
+                }
+                PathFrame::Response(d) => {
+                    let validated = self
+                        .paths
+                        .as_deref_mut()
+                        .and_then(|p| p.on_response(now, d, remote));
+                    if let Some(v) = validated {
+                        self.peer_validated(now, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer answered our challenge from its new address: the flow follows it. The new
+    /// path is unknown, so the transport starts it afresh (from the challenge's round trip
+    /// if there is one), re-sending what was in flight towards the old address.
+    fn peer_validated(&mut self, now: Instant, v: Validated) {
+        if v.target == self.peer || self.state != State::Established {
+            return;
+        }
+        self.peer = v.target;
+        self.transport.on_path_change_with_rtt(now, v.rtt);
+        self.events.push_back(ConnEvent::PeerMigrated(v.target));
+    }
+
+    /// This connection's path-validation counters.
+    pub(crate) fn path_stats(&self) -> PathStats {
+        self.paths
+            .as_deref()
+            .map_or_else(PathStats::default, |p| p.stats)
+    }
+
+    /// The next path-validation packet (a PATH_RESPONSE owed, or a PATH_CHALLENGE due), sealed
+    /// like any data packet, with its route.
+    fn poll_path_transmit(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<(Locator, Locator)> {
+        if !matches!(self.state, State::Established | State::TimeWait) {
+            return None;
+        }
+        let paths = self.paths.as_deref_mut()?;
+        let protect = self.protect.as_deref_mut()?;
+        let role = match self.role {
+            Role::Client => 0u8,
+            Role::Server => 1,
+        };
+        let epoch = self.move_epoch;
+        let t = paths.poll_transmit(now, |n| {
+            // (role, move epoch, counter): never the same twice in a connection, and the
+            // two ends' challenges differ.
+            let mut context = [0u8; 13];
+            context[0] = role;
+            context[1..5].copy_from_slice(&epoch.to_be_bytes());
+            context[5..].copy_from_slice(&n.to_be_bytes());
+            protect.path_challenge(&context)
+        })?;
+        let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
+        let base = out.len();
+        out.resize(base + BASE_HEADER_LEN, 0);
+        if header
+            .emit(&mut SalPacket::new_unchecked(&mut out[base..]))
+            .is_err()
+            || self.transport.emit_path_frames(now, out, &[t.frame]) == 0
+        {
+            // The transport closed under it: nothing more to validate.
+            out.truncate(base);
+            paths.clear();
+            return None;
+        }
+        protect.seal(out, base, BASE_HEADER_LEN);
+        Some((t.local.unwrap_or(self.local), t.remote))
     }
 
     /// The protector of the flow a SYN-ACK proposes to this client: its keys from the
@@ -867,6 +983,8 @@ impl Connection {
         // NAT) moves the peer too; an older one (delayed or replayed) never moves it back.
         let latest = self.peer_verno == Some(ctl.verno);
         if fresh || (latest && self.peer != remote) {
+            let old = self.peer;
+            self.paths.get_or_insert_default().on_rsyn_move(old);
             self.peer = remote;
             self.transport.on_path_change(now);
             self.events.push_back(ConnEvent::PeerMigrated(remote));
@@ -1095,9 +1213,14 @@ impl Connection {
             State::Established | State::TimeWait => self.transport.poll_timeout(),
             _ => None,
         };
+        let paths = match self.state {
+            State::Established => self.paths.as_deref().and_then(PathValidator::poll_timeout),
+            _ => None,
+        };
         [
             ctl,
             transport,
+            paths,
             self.time_wait_until.get(),
             self.release_deadline(),
             self.held_ack.map(|(_, due)| due),
@@ -1174,6 +1297,15 @@ impl Connection {
                 self.transport.ping();
             }
         }
+        if self.state == State::Established
+            && let Some(p) = self.paths.as_deref_mut()
+        {
+            // A validation whose challenges all went unanswered ends; the flow stays put.
+            if let Some(failed) = p.handle_timeout(now) {
+                self.events
+                    .push_back(ConnEvent::PathValidationFailed(failed));
+            }
+        }
         if matches!(self.state, State::Established | State::TimeWait) {
             self.transport.handle_timeout(now);
             self.pump_transport(now);
@@ -1224,6 +1356,9 @@ impl Connection {
         }
         if let Some(a) = self.answers.pop_front() {
             return self.emit_answer(a, out);
+        }
+        if let Some(route) = self.poll_path_transmit(now, out) {
+            return Some(route);
         }
         if let Some(p) = &self.pending
             && p.deadline.is_none()

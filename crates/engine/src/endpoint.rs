@@ -31,6 +31,7 @@ pub use crate::connection::CloseReason;
 pub use crate::connection::ExportError;
 pub use crate::connection::identity::{IdentityError, PeerIdentity};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
+pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
 
 mod cookie;
@@ -109,8 +110,12 @@ pub enum Event {
     NamedDatagram(ListenerId),
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
-    /// The peer moved to a new locator.
+    /// The peer moved to a new locator: by RSYN, or, seen at a new address (a NAT rebinding),
+    /// once that address answered a path challenge (docs/protocol.md §4.2).
     PeerMigrated(ConnectionHandle, Locator),
+    /// Packets of the peer came from this new address, but it never answered a path
+    /// challenge (or sent too little to pay for one): the connection stays where it was.
+    PathValidationFailed(ConnectionHandle, Locator),
     /// The connection is gone; its handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
     /// A listener bound a service: the control plane should register it ("active sockets").
@@ -295,6 +300,9 @@ pub struct EndpointStats {
     pub cookie_retries: u64,
     /// SYNs dropped because their source exceeded [`EndpointConfig::syn_rate_limit`].
     pub syns_rate_limited: u64,
+    /// Validations of peers' new addresses (NAT rebindings, renumbered peers), summed over
+    /// the flows (docs/protocol.md §4.2): started, validated, failed, challenges sent.
+    pub paths: PathStats,
 }
 
 struct Listener {
@@ -482,6 +490,7 @@ impl Endpoint {
             s.auth_failures += c.auth_failures;
             s.replays += c.replays();
             s.malformed += c.malformed;
+            s.paths.add(&c.path_stats());
         }
         s
     }
@@ -860,6 +869,12 @@ impl Endpoint {
     /// before, or for a handle that is gone).
     pub fn protection(&self, h: ConnectionHandle) -> Option<Protection> {
         self.conn_ref(h)?.protection()
+    }
+
+    /// A connection's path-validation counters: how often its peer's address changed and
+    /// whether each new address was validated.
+    pub fn path_stats(&self, h: ConnectionHandle) -> Option<PathStats> {
+        Some(self.conn_ref(h)?.path_stats())
     }
 
     /// A connection's transport counters.
@@ -1344,6 +1359,7 @@ impl Endpoint {
                 ConnEvent::Datagram => Event::Datagram(h),
                 ConnEvent::Migrated(l) => Event::Migrated(h, l),
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
+                ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
                 ConnEvent::Closed(r) => Event::Closed(h, r),
             };
             self.events.push_back(ev);
@@ -1373,6 +1389,8 @@ impl Endpoint {
         self.stats.auth_failures += c.auth_failures;
         self.stats.malformed += c.malformed;
         self.stats.replays += c.replays();
+        let paths = c.path_stats();
+        self.stats.paths.add(&paths);
         self.flows.remove(flow);
         self.half_open.remove(&key);
         let i = h.index();
@@ -1586,12 +1604,14 @@ impl Endpoint {
         self.import_any(bytes, now)
     }
 
-    /// [`import`](Self::import), whatever blocks beyond the engine's the snapshot holds.
-    fn import_any(
-        &mut self,
+    /// Everything [`import`](Self::import) checks and builds, without changing the endpoint:
+    /// the connection, what the snapshot says of it, and its export ID.
+    fn prepare_import(
+        &self,
         bytes: &[u8],
         now: Instant,
-    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+    ) -> Result<(Connection, crate::connection::SalSummary, u128), crate::snapshot::SnapshotError>
+    {
         use crate::snapshot::{SnapshotError, SnapshotReader};
         let r = SnapshotReader::parse(bytes)?;
         let id = r.export_id();
@@ -1621,6 +1641,17 @@ impl Endpoint {
             transport: &transport,
         };
         let c = Connection::import(&r, &cx)?;
+        Ok((c, summary, id))
+    }
+
+    /// [`import`](Self::import), whatever blocks beyond the engine's the snapshot holds.
+    fn import_any(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<ConnectionHandle, crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        let (c, summary, id) = self.prepare_import(bytes, now)?;
         if self
             .flows
             .adopt(summary.local_flow, ConnectionHandle(u64::MAX))

@@ -22,6 +22,8 @@
 //! | 0x10 | MAX_DATA | the highest stream offset the receiver accepts |
 //! | 0x30 | DATAGRAM | length, data (unreliable, never retransmitted) |
 //! | 0x1c | CLOSE | error code, reason length, reason (UTF-8) |
+//! | 0x1a | PATH_CHALLENGE | 8 bytes of data, unpredictable (path validation, docs/protocol.md §4) |
+//! | 0x1b | PATH_RESPONSE | the 8 bytes of the challenge it answers |
 //!
 //! Parsing never panics: every malformed frame is a [`FrameError`].
 
@@ -30,6 +32,9 @@ pub const VARINT_MAX: u64 = (1 << 62) - 1;
 
 /// Length of the packet number that starts every transport payload.
 pub const PN_LEN: usize = 8;
+
+/// Bytes of data in a PATH_CHALLENGE or PATH_RESPONSE frame.
+pub const PATH_DATA_LEN: usize = 8;
 
 /// Most ACK ranges a receiver reads from one ACK frame; more is treated as malformed, which
 /// bounds the work a hostile ACK can cause.
@@ -156,6 +161,11 @@ pub enum Frame<'a> {
     MaxData(u64),
     /// An unreliable datagram.
     Datagram(&'a [u8]),
+    /// Asks the peer to echo `data` in a PATH_RESPONSE: proof that it receives at the address
+    /// this packet was sent to (path validation).
+    PathChallenge([u8; PATH_DATA_LEN]),
+    /// Echoes a PATH_CHALLENGE's data.
+    PathResponse([u8; PATH_DATA_LEN]),
     /// The connection is closed by the application or on error.
     Close {
         /// Application-defined code; 0 is a normal close.
@@ -163,6 +173,26 @@ pub enum Frame<'a> {
         /// Human-readable reason.
         reason: &'a str,
     },
+}
+
+/// A path-validation frame, as the transport hands it to the SAL (which validates paths) and
+/// takes it from the SAL to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathFrame {
+    /// A PATH_CHALLENGE with its data.
+    Challenge([u8; PATH_DATA_LEN]),
+    /// A PATH_RESPONSE with its data.
+    Response([u8; PATH_DATA_LEN]),
+}
+
+impl PathFrame {
+    /// Appends the frame.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            PathFrame::Challenge(d) => write_path_challenge(out, d),
+            PathFrame::Response(d) => write_path_response(out, d),
+        }
+    }
 }
 
 /// An ACK frame: acknowledged packet numbers as descending ranges.
@@ -251,6 +281,8 @@ const TYPE_ACK: u8 = 0x02;
 const TYPE_STREAM: u8 = 0x08;
 const TYPE_STREAM_FIN: u8 = 0x09;
 const TYPE_MAX_DATA: u8 = 0x10;
+const TYPE_PATH_CHALLENGE: u8 = 0x1a;
+const TYPE_PATH_RESPONSE: u8 = 0x1b;
 const TYPE_CLOSE: u8 = 0x1c;
 const TYPE_DATAGRAM: u8 = 0x30;
 
@@ -297,6 +329,21 @@ pub fn write_max_data(out: &mut Vec<u8>, max: u64) {
 pub fn write_datagram(out: &mut Vec<u8>, data: &[u8]) {
     out.push(TYPE_DATAGRAM);
     write_varint(out, data.len() as u64);
+    out.extend_from_slice(data);
+}
+
+/// Bytes of a PATH_CHALLENGE or PATH_RESPONSE frame.
+pub const PATH_FRAME_LEN: usize = 1 + PATH_DATA_LEN;
+
+/// Appends a PATH_CHALLENGE frame.
+pub fn write_path_challenge(out: &mut Vec<u8>, data: &[u8; PATH_DATA_LEN]) {
+    out.push(TYPE_PATH_CHALLENGE);
+    out.extend_from_slice(data);
+}
+
+/// Appends a PATH_RESPONSE frame.
+pub fn write_path_response(out: &mut Vec<u8>, data: &[u8; PATH_DATA_LEN]) {
+    out.push(TYPE_PATH_RESPONSE);
     out.extend_from_slice(data);
 }
 
@@ -354,6 +401,15 @@ impl<'a> Frames<'a> {
             TYPE_DATAGRAM => {
                 let len = usize::try_from(self.r.varint()?).map_err(|_| FrameError::Truncated)?;
                 Frame::Datagram(self.r.bytes(len)?)
+            }
+            TYPE_PATH_CHALLENGE | TYPE_PATH_RESPONSE => {
+                let mut data = [0u8; PATH_DATA_LEN];
+                data.copy_from_slice(self.r.bytes(PATH_DATA_LEN)?);
+                if ty == TYPE_PATH_CHALLENGE {
+                    Frame::PathChallenge(data)
+                } else {
+                    Frame::PathResponse(data)
+                }
             }
             TYPE_CLOSE => {
                 let code = self.r.varint()?;
@@ -419,6 +475,8 @@ mod tests {
         write_max_data(&mut out, 99);
         write_datagram(&mut out, b"dg");
         write_close(&mut out, 7, "bye");
+        write_path_challenge(&mut out, b"abcdefgh");
+        write_path_response(&mut out, b"ijklmnop");
         write_padding(&mut out, 3);
         let frames: Vec<_> = Frames::new(&out).collect::<Result<_, _>>().unwrap();
         assert_eq!(
@@ -440,6 +498,8 @@ mod tests {
                     code: 7,
                     reason: "bye"
                 },
+                Frame::PathChallenge(*b"abcdefgh"),
+                Frame::PathResponse(*b"ijklmnop"),
                 Frame::Padding(3),
             ]
         );
@@ -465,6 +525,13 @@ mod tests {
             Frames::new(&[TYPE_CLOSE, 0, 1, 0xff]).next(),
             Some(Err(FrameError::BadReason))
         );
+        // A PATH_CHALLENGE or PATH_RESPONSE shorter than its 8 bytes.
+        for ty in [TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE] {
+            assert_eq!(
+                Frames::new(&[ty, 1, 2, 3, 4, 5, 6, 7]).next(),
+                Some(Err(FrameError::Truncated))
+            );
+        }
         let mut it = Frames::new(&[0x7f, TYPE_PING]);
         assert!(it.next().unwrap().is_err());
         assert_eq!(it.next(), None);

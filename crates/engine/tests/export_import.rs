@@ -537,8 +537,8 @@ proptest! {
     }
 }
 
-/// A world mid-transfer, with the server's connection exported at B.
-fn exported_mid_transfer(seed: u64) -> (World, ConnectionHandle, Vec<u8>) {
+/// A world mid-transfer (the client has 60 kB) on a lossy, duplicating, jittery link.
+fn mid_transfer(seed: u64) -> World {
     let m = base_move(seed);
     let mut w = World::new(
         m.seed,
@@ -552,6 +552,12 @@ fn exported_mid_transfer(seed: u64) -> (World, ConnectionHandle, Vec<u8>) {
         m.c_offset,
     );
     w.run_until_client_has(60_000);
+    w
+}
+
+/// A world mid-transfer, with the server's connection exported at B.
+fn exported_mid_transfer(seed: u64) -> (World, ConnectionHandle, Vec<u8>) {
+    let mut w = mid_transfer(seed);
     let (hb, bytes) = w.export_at_b();
     (w, hb, bytes)
 }
@@ -1050,19 +1056,7 @@ fn moves_during_the_close_end_cleanly() {
 
 #[test]
 fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_handed_on() {
-    let m = base_move(31);
-    let mut w = World::new(
-        m.seed,
-        Link {
-            delay: ms(5),
-            jitter: ms(3),
-            loss: 20,
-            dup: 10,
-        },
-        m.sizes,
-        m.c_offset,
-    );
-    w.run_until_client_has(60_000);
+    let mut w = mid_transfer(31);
     let hb = w.apps[1].h.take().expect("server connection");
     let info = w.hosts[HB].ep.connection_info(hb).expect("listed");
     assert!(!info.exported);
@@ -1102,6 +1096,17 @@ fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_hand
             ..
         })
     ));
+    // A check first (what a migration agent does before the exporter lets go): it changes
+    // nothing, and says what the import would.
+    w.hosts[HC]
+        .ep
+        .check_import(&bytes, now_c)
+        .expect("C would take it");
+    let now_d = w.local(HD);
+    assert_eq!(
+        w.hosts[HD].ep.check_import(&bytes, now_d),
+        Err(SnapshotError::NotServed)
+    );
     let (hc, app) = w.hosts[HC]
         .ep
         .import_with_app(&bytes, now_c)
@@ -1110,6 +1115,10 @@ fn the_application_state_moves_with_the_connection_and_only_where_it_can_be_hand
     let moved = w.hosts[HC].ep.connection_info(hc).expect("imported");
     assert_eq!(moved.moves, info.moves + 1);
     assert_eq!(moved.local_flow, info.local_flow);
+    assert_eq!(
+        w.hosts[HC].ep.check_import(&bytes, now_c),
+        Err(SnapshotError::Replayed)
+    );
     w.apps[1].host = HC;
     w.apps[1].h = Some(hc);
     assert!(w.hosts[HB].ep.release_exported(hb));

@@ -59,22 +59,35 @@ pub(crate) struct ConnSlot {
     /// A task waiting in [`Stream::recv_datagram`](crate::Stream::recv_datagram).
     pub(crate) datagram: Option<Waker>,
     pub(crate) close: Option<Waker>,
-    connect: Option<oneshot::Sender<Result<(), ConnectError>>>,
+    pub(crate) connect: Option<oneshot::Sender<Result<(), ConnectError>>>,
     pub(crate) closed: Option<CloseReason>,
     /// The application dropped every handle: events are no longer delivered.
     pub(crate) detached: bool,
+    /// A move of this connection to another host was asked for (by the instance's
+    /// migration agent): the application hands the stream over through it.
+    pub(crate) move_request: Option<oneshot::Sender<crate::moving::Handover>>,
+    /// A task waiting in [`Stream::move_requested`](crate::Stream::move_requested).
+    pub(crate) move_waker: Option<Waker>,
+    /// Exported and frozen here: its [`ExportedStream`](crate::ExportedStream) decides
+    /// whether it is released or thawed; dropping the stream handle does nothing else.
+    pub(crate) exported: bool,
+    /// Told when this end next moves (the RSYN of a move, or of an import, was answered).
+    pub(crate) migrated: Vec<oneshot::Sender<Locator>>,
 }
 
 #[derive(Default)]
-struct ListenerSlot {
-    waker: Option<Waker>,
+pub(crate) struct ListenerSlot {
+    pub(crate) waker: Option<Waker>,
+    /// Connections moved here from another host (imported), with the application state
+    /// they carried, for [`ServiceListener::accept`].
+    pub(crate) moved_in: std::collections::VecDeque<(ConnectionHandle, Option<Vec<u8>>)>,
 }
 
 pub(crate) struct State {
     pub(crate) engine: Engine,
     epoch: std::time::Instant,
     pub(crate) conns: HashMap<ConnectionHandle, ConnSlot>,
-    listeners: HashMap<ListenerId, ListenerSlot>,
+    pub(crate) listeners: HashMap<ListenerId, ListenerSlot>,
     registrations: broadcast::Sender<Registration>,
     /// Registrar events and registration requests, for the application.
     pub(crate) hub: Hub,
@@ -154,6 +167,11 @@ impl State {
                         {
                             w.wake();
                         }
+                        c.migrated.clear();
+                        c.move_request = None;
+                        if let Some(w) = c.move_waker.take() {
+                            w.wake();
+                        }
                         if c.detached {
                             self.conns.remove(&h);
                         }
@@ -173,13 +191,24 @@ impl State {
                 }
                 Event::RegistrationRequest(r) => self.hub.request(r),
                 Event::Registrar(e) => self.hub.registrar_event(e),
+                Event::PathValidationFailed(_, at) => {
+                    tracing::debug!(%at, "the peer's new address did not answer its path challenge");
+                }
                 Event::SynHeld(h) => {
                     let d = crate::delay::DelayedSyn::new(&h, self.now());
                     tracing::debug!(id = %d.id, service = %d.service, client = %d.client, "SYN held by a DELAY rule");
                     let _ = self.held.send(d);
                 }
-                Event::Migrated(h, to) => {
-                    let _ = self.path_events.send(PathEvent::Moved { stream: h, to });
+                Event::Migrated(h, local) => {
+                    if let Some(c) = self.conns.get_mut(&h) {
+                        for tx in c.migrated.drain(..) {
+                            let _ = tx.send(local);
+                        }
+                    }
+                    let _ = self.path_events.send(PathEvent::Moved {
+                        stream: h,
+                        to: local,
+                    });
                 }
                 Event::PeerMigrated(..) => {}
             }
@@ -582,6 +611,14 @@ impl ServiceListener {
                 io::ErrorKind::NotConnected,
                 "endpoint closed",
             )));
+        }
+        let moved = st
+            .listeners
+            .get_mut(&self.id)
+            .and_then(|l| l.moved_in.pop_front());
+        if let Some((h, app)) = moved {
+            drop(st);
+            return Poll::Ready(Ok(Stream::moved_in(self.shared.clone(), h, app)));
         }
         match st.engine.accept(self.id) {
             Some(h) => {

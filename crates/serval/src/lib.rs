@@ -35,6 +35,8 @@
 mod datagram;
 mod delay;
 mod endpoint;
+mod migrate;
+mod moving;
 mod netwatch;
 mod registration;
 mod stream;
@@ -45,19 +47,27 @@ pub use endpoint::{
     DEFAULT_DISCOVERY_GROUP, DEFAULT_DISCOVERY_GROUP_V6, DEFAULT_DISCOVERY_PORT,
     DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig, Endpoint, Registration, ServiceListener,
 };
+pub use migrate::{
+    AGENT_LIMIT, FlowMove, HANDOVER_LIMIT, MIGRATE_SERVICE, MigrationConfig, Migrator, Phases,
+    REBIND_LIMIT,
+};
+pub use moving::{DRAIN_LIMIT, DRAIN_TARGET, ExportedStream, MoveFailed};
 pub use netwatch::{FollowHost, PathEvent};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
+pub use serval_engine::connection::{Role, State as ConnectionState};
 pub use serval_engine::endpoint::ConnectionHandle;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
     CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies, SynRateLimit,
 };
-pub use serval_engine::endpoint::{EndpointStats, RegistrationRequest};
+pub use serval_engine::endpoint::{
+    ConnectionInfo, EndpointStats, MAX_APP_STATE, RegistrationRequest,
+};
 pub use serval_engine::registrar::{LeaseConfig, RegistrarEvent, RegistrationState};
 pub use serval_engine::transport::conn::TransportStats;
 pub use serval_keys::{PrivateKey, PublicKey};
 pub use serval_table::{Action, Target};
 pub use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
-pub use serval_wire::{Locator, ServiceId, ServicePrefix};
+pub use serval_wire::{FlowId, Locator, ServiceId, ServicePrefix};
 pub use stream::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, Stream, WriteHalf};

@@ -16,6 +16,8 @@ use crate::endpoint::Shared;
 struct Inner {
     shared: Arc<Shared>,
     handle: ConnectionHandle,
+    /// The application state a moved-in stream carried, until the application takes it.
+    app_state: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -31,6 +33,10 @@ impl Drop for Inner {
     /// its end, the flow is reset instead (nobody is left to read it).
     fn drop(&mut self) {
         let mut st = self.shared.lock();
+        if st.conns.get(&self.handle).is_some_and(|c| c.exported) {
+            // Its ExportedStream releases or thaws it.
+            return;
+        }
         let eof = st.engine.read_finished(self.handle);
         let closed = st
             .conns
@@ -176,8 +182,21 @@ impl std::fmt::Debug for Stream {
 
 impl Stream {
     pub(crate) fn new(shared: Arc<Shared>, handle: ConnectionHandle) -> Stream {
+        Stream::moved_in(shared, handle, None)
+    }
+
+    /// A stream that arrived from another host, with the application state it carried.
+    pub(crate) fn moved_in(
+        shared: Arc<Shared>,
+        handle: ConnectionHandle,
+        app_state: Option<Vec<u8>>,
+    ) -> Stream {
         Stream {
-            inner: Arc::new(Inner { shared, handle }),
+            inner: Arc::new(Inner {
+                shared,
+                handle,
+                app_state: std::sync::Mutex::new(app_state),
+            }),
         }
     }
 
@@ -185,6 +204,30 @@ impl Stream {
     /// ([`Endpoint::path_events`](crate::Endpoint::path_events)) name it by.
     pub fn id(&self) -> ConnectionHandle {
         self.inner.handle
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    pub(crate) fn handle(&self) -> ConnectionHandle {
+        self.inner.handle
+    }
+
+    /// Whether this is the only handle to the stream (no split half elsewhere).
+    pub(crate) fn is_whole(&self) -> bool {
+        Arc::strong_count(&self.inner) == 1
+    }
+
+    /// The application state this stream carried when it moved here from another host (what
+    /// the old host's application gave [`Stream::hand_over`] or [`Stream::export`]), once:
+    /// `None` for a stream accepted here, or once taken.
+    pub fn take_app_state(&self) -> Option<Vec<u8>> {
+        self.inner
+            .app_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The locator of the peer (the instance, for a client; the client, for a server) right
@@ -383,6 +426,38 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_shutdown()
+    }
+}
+
+/// Reading through a shared reference, so that one task can wait in
+/// [`Stream::move_requested`] and read in the same `select!` (one reader at a time: a second
+/// concurrent reader takes the first's wake-up).
+impl AsyncRead for &Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read(cx, buf)
+    }
+}
+
+/// Writing through a shared reference (one writer at a time), as for reading.
+impl AsyncWrite for &Stream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

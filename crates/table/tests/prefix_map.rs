@@ -228,17 +228,19 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Maps large enough that the hash directory doubles (more than 64 nodes per shard) and
-    /// halves again as they empty, with rules of every length (odd ones under shared chunk
-    /// prefixes, so markers are shared), the `/0` default, and removals in a random order,
-    /// against the oracle at every stage, including a clone taken at the largest size.
+    /// Maps large enough that the leaf index (when on) is built and doubles, with rules of every
+    /// length (odd ones under shared chunk prefixes), the `/0` default, and removals in a random
+    /// order,
+    /// against the oracle at every stage, including a clone taken at the largest size; with and
+    /// without the leaf index.
     #[test]
     fn large_maps_grow_shrink_and_agree(
         prefixes in prop::collection::vec(any_prefix(), 300..1500),
         order in any::<u64>(),
         salt in any::<u64>(),
+        indexed in any::<bool>(),
     ) {
-        let mut map = PrefixMap::new();
+        let mut map = if indexed { PrefixMap::with_leaf_index() } else { PrefixMap::new() };
         let mut oracle = BitTrie::new();
         map.insert(ServicePrefix::DEFAULT, u32::MAX);
         oracle.insert(ServicePrefix::DEFAULT, u32::MAX);
@@ -487,4 +489,133 @@ fn heap_bytes_grows_with_content() {
     let full = m.heap_bytes();
     assert!(full > empty + 100 * 48, "{full}");
     assert!(full < empty + 100 * 400, "{full}");
+}
+
+/// Name-like prefixes: mostly lengths that many rules share (exact `/256` IDs, whole 32-bit
+/// chunks), so the leaf index probes them, plus a few of any length, which it leaves to the trie.
+fn indexed_prefix() -> impl Strategy<Value = ServicePrefix> {
+    let len = prop_oneof![
+        4 => Just(256u16),
+        3 => (1..=7u16).prop_map(|c| c * 32),
+        1 => 0..=256u16,
+    ];
+    (any_id(), len).prop_map(|(id, len)| ServicePrefix::new(id, len))
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Insert(ServicePrefix, u32),
+    RemoveStored(usize),
+    /// Look up IDs under, at and next to the n-th stored prefix, and a random ID.
+    Lookup(usize, ServiceId),
+    Snapshot,
+}
+
+fn any_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (indexed_prefix(), any::<u32>()).prop_map(|(p, v)| Step::Insert(p, v)),
+        3 => any::<usize>().prop_map(Step::RemoveStored),
+        6 => (any::<usize>(), any_id()).prop_map(|(n, id)| Step::Lookup(n, id)),
+        1 => Just(Step::Snapshot),
+    ]
+}
+
+/// Single and batched longest matches of `ids` agree with the oracle.
+fn lookups_agree(map: &PrefixMap<u32>, oracle: &BitTrie<u32>, ids: &[ServiceId]) {
+    let mut batch = vec![None; ids.len()];
+    map.longest_match_batch(ids, &mut batch);
+    for (id, b) in ids.iter().zip(&batch) {
+        let want = oracle.longest_match(id).map(|(p, v)| (p, *v));
+        assert_eq!(
+            map.longest_match(id).map(|(p, v)| (p, *v)),
+            want,
+            "LPM of {id}"
+        );
+        assert_eq!(b.copied(), want.map(|(_, v)| v), "batch LPM of {id}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The leaf index in front of the trie: maps past the size where the index is built (and
+    /// past its doublings), with lookups interleaved with inserts, value replacements and
+    /// removals — each of which can turn a leaf into a node's prefix or a node back into a leaf
+    /// — against the oracle at every step, and snapshots that must never change.
+    #[test]
+    fn leaf_index_agrees_with_interleaved_changes(
+        base in prop::collection::vec(indexed_prefix(), 60..900),
+        steps in prop::collection::vec(any_step(), 1..400),
+        salt in any::<u64>(),
+    ) {
+        let mut map = PrefixMap::with_leaf_index();
+        let mut oracle = BitTrie::new();
+        for (i, p) in base.iter().enumerate() {
+            prop_assert_eq!(map.insert(*p, i as u32), oracle.insert(*p, i as u32));
+        }
+        let mut snapshots: Vec<(PrefixMap<u32>, Contents)> = Vec::new();
+        for (n, step) in steps.iter().enumerate() {
+            match step {
+                Step::Insert(p, v) => prop_assert_eq!(map.insert(*p, *v), oracle.insert(*p, *v)),
+                Step::RemoveStored(k) => {
+                    let stored: Vec<_> = oracle.iter().map(|(p, _)| p).collect();
+                    if !stored.is_empty() {
+                        let p = stored[k % stored.len()];
+                        prop_assert_eq!(map.remove(&p), oracle.remove(&p));
+                    }
+                }
+                Step::Lookup(k, id) => {
+                    let stored: Vec<_> = oracle.iter().map(|(p, v)| (p, *v)).collect();
+                    let near = if stored.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![stored[k % stored.len()]]
+                    };
+                    lookups_agree(&map, &oracle, &probe_ids(&near, &[*id], salt ^ n as u64));
+                }
+                Step::Snapshot => {
+                    snapshots.push((map.clone(), oracle.iter().map(|(p, v)| (p, *v)).collect()));
+                }
+            }
+            if n % 16 == 0 {
+                map.check_invariants().map_err(TestCaseError::fail)?;
+            }
+        }
+        let stored: Vec<_> = oracle.iter().map(|(p, v)| (p, *v)).collect();
+        check_same(&map, &oracle, &probe_ids(&stored, &[], salt));
+        for (snap, contents) in &snapshots {
+            let mut o = BitTrie::new();
+            for (p, v) in contents {
+                o.insert(*p, *v);
+            }
+            check_same(snap, &o, &probe_ids(contents, &[], salt));
+        }
+    }
+}
+
+#[test]
+fn leaf_index_holds_every_leaf_of_a_name_like_table() {
+    // 20 000 exact IDs and domain prefixes under a few top-level chunks: every leaf indexed
+    // (no probe run overflowed), and lookups through the index agree with the exact rules.
+    let mut m = PrefixMap::with_leaf_index();
+    m.insert(ServicePrefix::DEFAULT, 0u32);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut ids = Vec::new();
+    for i in 1..20_000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut w = [x, x.rotate_left(17), x.rotate_left(31), x.rotate_left(47)];
+        w[0] = (w[0] & 0x0000_0003_ffff_ffff) | (0x5e57_0000_0000_0000 + (u64::from(i % 4) << 32));
+        let id = ServiceId::from_words(w);
+        let len = if i % 3 == 0 { 64 } else { 256 };
+        m.insert(ServicePrefix::new(id, len), i);
+        ids.push((id, len, i));
+    }
+    m.check_invariants().unwrap();
+    assert_eq!(m.unindexed_leaves(), Some(0));
+    for (id, len, i) in ids {
+        let (p, v) = m.longest_match(&id).unwrap();
+        assert_eq!((p.len(), *v), (len, i), "{id}");
+    }
 }

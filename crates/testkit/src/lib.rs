@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The one command that installs every program the tests use (Debian/Ubuntu package names).
 pub const APT_GET: &str = "sudo apt-get install iproute2 etcd-server nginx curl wrk iperf3 \
-                           redis-server redis-tools haproxy tshark";
+                           redis-server redis-tools haproxy tshark nftables";
 
 /// Directories searched after `PATH`: nginx, haproxy and `ip` live in sbin directories, which a
 /// non-root `PATH` may lack.
@@ -48,6 +48,7 @@ pub fn debian_package(program: &str) -> &str {
         "etcd" => "etcd-server",
         "redis-cli" => "redis-tools",
         "sha256sum" => "coreutils",
+        "nft" => "nftables",
         other => other,
     }
 }

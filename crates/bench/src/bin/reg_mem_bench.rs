@@ -56,6 +56,9 @@ struct Args {
     /// Repetitions per count and part.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// The table part uses `ServiceTable::with_leaf_index` (issue 14's opt-in leaf index).
+    #[arg(long)]
+    leaf_index: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,7 +123,7 @@ fn run(args: &Args) -> Result<()> {
             for rep in 0..args.reps {
                 let (bytes, t) = match part {
                     Part::Router => router(n, args)?,
-                    Part::Table => table(n),
+                    Part::Table => table(n, args.leaf_index),
                     Part::Registry => registry(n)?,
                 };
                 let b = bytes as f64 / n as f64;
@@ -147,11 +150,15 @@ fn run(args: &Args) -> Result<()> {
 }
 
 /// The service table alone: one FORWARD target per prefix, added one at a time.
-fn table(n: usize) -> (i64, Duration) {
+fn table(n: usize, leaf_index: bool) -> (i64, Duration) {
     let locator = SocketAddr::from(([127, 0, 0, 1], 40000));
     let before = live_heap();
     let t0 = Instant::now();
-    let table = ServiceTable::new();
+    let table = if leaf_index {
+        ServiceTable::with_leaf_index()
+    } else {
+        ServiceTable::new()
+    };
     for i in 0..n {
         table
             .add_target(

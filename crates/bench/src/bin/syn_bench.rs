@@ -65,6 +65,9 @@ struct Common {
     /// Client threads opening TCP connections (tcp-accept).
     #[arg(long, default_value_t = 2)]
     clients: usize,
+    /// The engine's table keeps the opt-in leaf index (`ServiceTable::with_leaf_index`).
+    #[arg(long)]
+    leaf_index: bool,
 }
 
 /// One measurement: events per wall-clock second, and per second of the measured thread's CPU.
@@ -180,8 +183,12 @@ fn service(i: u32) -> ServiceId {
 }
 
 /// A table with `n` services, each served by three weighted instances at `sinks`.
-fn table(n: u32, sinks: &[Locator; 3]) -> Result<Arc<ServiceTable>, String> {
-    let t = Arc::new(ServiceTable::new());
+fn table(n: u32, sinks: &[Locator; 3], leaf_index: bool) -> Result<Arc<ServiceTable>, String> {
+    let t = Arc::new(if leaf_index {
+        ServiceTable::with_leaf_index()
+    } else {
+        ServiceTable::new()
+    });
     fill(&t, n, sinks)?;
     Ok(t)
 }
@@ -246,7 +253,7 @@ fn engine(c: &Common) -> Result<Rate, String> {
     let mut router = Endpoint::new(
         EndpointConfig::default(),
         [7; 32],
-        table(c.services, &sinks)?,
+        table(c.services, &sinks, c.leaf_index)?,
         vec![router_loc],
     );
     let syns = syns(c.syns, c.services, client)?;

@@ -3,6 +3,8 @@
 //! For each size it builds, in one process and on one thread:
 //! * `serval` — `serval_table::PrefixMap` over serviceID rules shaped like real ones (see
 //!   [`serval_rules`]), probed with full 256-bit IDs;
+//! * `serval-indexed` — the same rules in a `PrefixMap::with_leaf_index()` (the trie with its
+//!   leaf index, issue 14);
 //! * `serval-v6` — the same `PrefixMap` holding the IPv6 rule set below (an IPv6 prefix placed at
 //!   the top of a serviceID), for a like-for-like comparison;
 //! * `prefix-trie-v6` — `prefix_trie::PrefixMap<Ipv6Net, u32>` over the same IPv6 rules.
@@ -48,11 +50,11 @@ struct Args {
     /// Seed of the rule and key generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Structures to measure (serval, serval-v6, prefix-trie-v6).
+    /// Structures to measure (serval, serval-indexed, serval-v6, prefix-trie-v6).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "serval,serval-v6,prefix-trie-v6"
+        default_value = "serval,serval-indexed,serval-v6,prefix-trie-v6"
     )]
     structures: Vec<String>,
 }
@@ -82,6 +84,9 @@ fn main() {
         let (rules, keys) = serval_rules(&mut rng, n, args.lookups);
         if want("serval") {
             print_row(&measure_serval("serval", &rules, &keys, &args));
+        }
+        if want("serval-indexed") {
+            print_row(&measure_serval("serval-indexed", &rules, &keys, &args));
         }
         drop((rules, keys));
         if !want("serval-v6") && !want("prefix-trie-v6") {
@@ -296,7 +301,11 @@ fn measure_serval(
 ) -> Row {
     let region = Region::new(GLOBAL);
     let t = Instant::now();
-    let mut map = PrefixMap::new();
+    let mut map = if structure == "serval-indexed" {
+        PrefixMap::with_leaf_index()
+    } else {
+        PrefixMap::new()
+    };
     for (p, v) in rules {
         map.insert(*p, *v);
     }

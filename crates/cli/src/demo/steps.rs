@@ -1,4 +1,4 @@
-//! The demo's five steps.
+//! The demo's first five steps (the sixth is in `server_move.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,6 +91,7 @@ pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
         }
     }
     out.push(migrate(&tl, &router, raddr).await);
+    out.push(super::server_move::run(&tl, &router, raddr, LEASE).await);
     out
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // not every test file uses every helper
 
 pub mod attack;
+pub mod numbered;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -474,4 +475,72 @@ pub fn keygen(file: &str) -> String {
     let out = String::from_utf8(o.stdout).unwrap();
     assert_eq!(out.lines().count(), 1, "{out}");
     out.trim_end().to_owned()
+}
+
+/// Two hosts: a pair of namespaces joined by veth (10.77.<net>.0/24, `sv<tag><a|b><pid>`);
+/// deleted on drop.
+pub struct Netns {
+    /// The first namespace (10.77.<net>.1).
+    pub a: String,
+    /// The second namespace (10.77.<net>.2).
+    pub b: String,
+    /// The veth ends in `a` and in `b`.
+    pub dev_a: String,
+    pub dev_b: String,
+}
+
+impl Netns {
+    /// `a` gets 10.77.<net>.1/24 and `b` 10.77.<net>.2/24.
+    pub fn new(tag: &str, net: u8) -> Netns {
+        let id = std::process::id();
+        let (va, vb) = (format!("v{tag}a{id}"), format!("v{tag}b{id}"));
+        let n = Netns {
+            a: format!("sv{tag}a{id}"),
+            b: format!("sv{tag}b{id}"),
+            dev_a: va.clone(),
+            dev_b: vb.clone(),
+        };
+        ip(&["netns", "add", &n.a]);
+        ip(&["netns", "add", &n.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &n.a]);
+        ip(&["link", "set", &vb, "netns", &n.b]);
+        for (ns, dev, addr) in [(&n.a, &va, 1), (&n.b, &vb, 2)] {
+            let cidr = format!("10.77.{net}.{addr}/24");
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+
+    /// The `serval` binary, run in namespace `ns` with `args`.
+    pub fn spawn(&self, ns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_serval")]);
+        c.args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth, which deletes the pair.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `len` bytes of a fixed pseudo-random pattern.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
 }

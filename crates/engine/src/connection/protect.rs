@@ -593,6 +593,21 @@ impl Protector {
         self.stats.key_updates += 1;
     }
 
+    /// The largest packet number opened so far in `space`: a packet newer than it is the
+    /// newest the peer has sent that arrived (what may move a flow to a new peer address).
+    pub fn largest_opened(&self, space: Space) -> Option<u64> {
+        self.replay[space as usize].largest()
+    }
+
+    /// The data of a PATH_CHALLENGE: a pseudo-random function under the flow's `control`
+    /// secret of `context` (which the caller never repeats in a connection). Nobody without
+    /// the flow's keys can predict it, and deriving it needs no random source.
+    pub fn path_challenge(&self, context: &[u8]) -> [u8; crate::frame::PATH_DATA_LEN] {
+        let mut out = [0u8; crate::frame::PATH_DATA_LEN];
+        expand_label(&self.secrets.control, b"path challenge", context, &mut out);
+        out
+    }
+
     /// Opens `packet` (a SAL header of `header_len` bytes, the packet number, the payload, the
     /// tag), numbered in `space`, in place. On success returns the packet number and the
     /// length of the payload, now in clear right after the packet number; on failure the

@@ -446,6 +446,9 @@ impl Connection {
             flush_transport: flags & 8 != 0,
             export_freeze: None,
             move_epoch: epoch,
+            // A validation in progress is not carried: the importer's first packet from the
+            // peer's new source (if any) starts one again.
+            paths: None,
         };
         if c.state == State::Established {
             c.rebind();

@@ -64,6 +64,12 @@ impl Endpoint {
         })
     }
 
+    /// Stream bytes connection `h` holds, to send and received unread: what an export now
+    /// would carry of its stream.
+    pub fn buffered(&self, h: ConnectionHandle) -> Option<(usize, usize)> {
+        Some(self.conn_ref(h)?.transport.buffered())
+    }
+
     /// Every live connection of this endpoint, in handle order.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         (0..self.conns.len())
@@ -105,29 +111,44 @@ impl Endpoint {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(ConnectionHandle, Option<Vec<u8>>), SnapshotError> {
-        let app = {
-            let r = SnapshotReader::parse(bytes)?;
-            let mut blocks = r.blocks(block::APP, now);
-            let first = blocks.next();
-            if blocks.next().is_some() {
-                return Err(SnapshotError::Malformed {
-                    block: block::APP,
-                    reason: "more than one APP block",
-                });
-            }
-            first.map(|mut b| {
-                let n = b.remaining();
-                b.raw(n).map(<[u8]>::to_vec)
-            })
-        }
-        .transpose()?;
-        if app.as_ref().is_some_and(|a| a.len() > MAX_APP_STATE) {
-            return Err(SnapshotError::Malformed {
-                block: block::APP,
-                reason: "application state larger than MAX_APP_STATE",
-            });
-        }
+        let app = app_block(bytes, now)?;
         let h = self.import_any(bytes, now)?;
         Ok((h, app))
     }
+
+    /// Whether [`import_with_app`](Self::import_with_app) would take the snapshot now, with
+    /// the same errors, changing nothing: a migration agent checks before the exporter lets
+    /// go of the connection, and imports only once it has.
+    pub fn check_import(&self, bytes: &[u8], now: Instant) -> Result<(), SnapshotError> {
+        app_block(bytes, now)?;
+        self.prepare_import(bytes, now).map(drop)
+    }
+}
+
+/// The APP block's blob, if the snapshot has one (at most one, of at most
+/// [`MAX_APP_STATE`] bytes).
+fn app_block(bytes: &[u8], now: Instant) -> Result<Option<Vec<u8>>, SnapshotError> {
+    let app = {
+        let r = SnapshotReader::parse(bytes)?;
+        let mut blocks = r.blocks(block::APP, now);
+        let first = blocks.next();
+        if blocks.next().is_some() {
+            return Err(SnapshotError::Malformed {
+                block: block::APP,
+                reason: "more than one APP block",
+            });
+        }
+        first.map(|mut b| {
+            let n = b.remaining();
+            b.raw(n).map(<[u8]>::to_vec)
+        })
+    }
+    .transpose()?;
+    if app.as_ref().is_some_and(|a| a.len() > MAX_APP_STATE) {
+        return Err(SnapshotError::Malformed {
+            block: block::APP,
+            reason: "application state larger than MAX_APP_STATE",
+        });
+    }
+    Ok(app)
 }

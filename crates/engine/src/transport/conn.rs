@@ -98,7 +98,9 @@ use super::ranges::RangeSet;
 use super::rtt::{MAX_MAX_ACK_DELAY, RttEstimator};
 use super::stream_buf::{MAX_STREAM_OFFSET, RecvBuffer, RecvError, SendBuffer};
 use crate::Instant;
-use crate::frame::{self, AckFrame, Frame, FrameError, Frames, PN_LEN, VARINT_MAX, varint_len};
+use crate::frame::{
+    self, AckFrame, Frame, FrameError, Frames, PN_LEN, PathFrame, VARINT_MAX, varint_len,
+};
 
 /// Transport error codes sent in CLOSE frames are `TRANSPORT_ERROR_BASE | n`, with `n` the
 /// matching QUIC transport error code (RFC 9000 §20.1). Applications should use codes below
@@ -141,6 +143,10 @@ pub const MIN_TRANSPORT_PAYLOAD: u16 = 128;
 /// A PMTU probe may hold back application data (by its own size, until it is sent) only
 /// when the congestion window is at least this many probes large.
 const PROBE_WINDOW_FACTOR: u64 = 4;
+
+/// Most path-validation frames kept for the SAL between two of its polls (one packet's worth:
+/// a peer has no reason to send more than a challenge and a response at once).
+pub const MAX_PATH_FRAMES: usize = 4;
 
 /// How long a transport must be idle (nothing sent, received, written or read) before it gives
 /// back the memory of its empty buffers and queues: the stream buffers, the sent-packet ring
@@ -668,6 +674,9 @@ pub struct Transport {
     /// that each fit in one packet) never probes: on a 1500-byte path the probes and their
     /// immediate acknowledgements would double its packets.
     bulk: bool,
+    /// PATH_CHALLENGE and PATH_RESPONSE frames received, waiting for the SAL (at most
+    /// [`MAX_PATH_FRAMES`]; not part of a snapshot: the SAL takes them after every packet).
+    path_frames: Vec<PathFrame>,
 
     stats: Counters,
 }
@@ -839,6 +848,7 @@ impl Transport {
             all_acked_reported: false,
             memory_released: true,
             bulk: false,
+            path_frames: Vec::new(),
             stats: Counters::default(),
             config: Settings::new(&config),
         }
@@ -903,7 +913,14 @@ impl Transport {
                     self.stats.malformed_packets += 1;
                     return Err(e.into());
                 }
-                Ok(Frame::Ack(_) | Frame::Padding(_)) => {}
+                // Path-validation frames are answered by the SAL, not acknowledged for
+                // themselves: they never elicit an ACK (nor are they tracked in flight).
+                Ok(
+                    Frame::Ack(_)
+                    | Frame::Padding(_)
+                    | Frame::PathChallenge(_)
+                    | Frame::PathResponse(_),
+                ) => {}
                 Ok(Frame::Ping) => {
                     eliciting = true;
                     ping = true;
@@ -943,6 +960,8 @@ impl Transport {
                     }
                 },
                 Frame::MaxData(max) => self.send.set_flow_limit(max),
+                Frame::PathChallenge(d) => self.push_path_frame(PathFrame::Challenge(d)),
+                Frame::PathResponse(d) => self.push_path_frame(PathFrame::Response(d)),
                 Frame::Datagram(data) => {
                     let queue = &mut self.dgrams.get_or_insert_default().inbound;
                     if queue.len() < self.config.datagram_queue() {
@@ -993,6 +1012,61 @@ impl Transport {
             self.on_eliciting_received(now, !in_order || ping);
         }
         Ok(())
+    }
+
+    /// Keeps a received path-validation frame for the SAL
+    /// ([`poll_path_frame`](Self::poll_path_frame)); beyond [`MAX_PATH_FRAMES`] waiting, more
+    /// are dropped (the peer's validation retries).
+    fn push_path_frame(&mut self, f: PathFrame) {
+        if self.path_frames.len() < MAX_PATH_FRAMES {
+            self.path_frames.push(f);
+        }
+    }
+
+    /// The next path-validation frame received (PATH_CHALLENGE or PATH_RESPONSE), for the
+    /// SAL to act on; call after [`handle_packet`](Self::handle_packet).
+    pub fn poll_path_frame(&mut self) -> Option<PathFrame> {
+        let f = self.path_frames.pop();
+        if self.path_frames.is_empty() && self.path_frames.capacity() > 0 {
+            self.path_frames = Vec::new();
+        }
+        f
+    }
+
+    /// Appends a packet carrying only `frames` (path validation: the SAL sends it to an
+    /// address other than the flow's peer) and returns its length. It takes the next packet
+    /// number, so the peer's acknowledgements stay unambiguous, but it is neither
+    /// ack-eliciting nor in flight: congestion control and loss recovery ignore it (the SAL
+    /// retries a challenge itself). Sent even when frozen; 0 (nothing appended) once closed.
+    pub fn emit_path_frames(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        frames: &[PathFrame],
+    ) -> usize {
+        if self.state != State::Open || frames.is_empty() {
+            return 0;
+        }
+        let start = out.len();
+        let pn = self.sent.next_packet_number();
+        out.extend_from_slice(&pn.to_be_bytes());
+        for f in frames {
+            f.write(out);
+        }
+        let len = out.len() - start;
+        let wire = len + usize::from(self.config.sal_overhead);
+        let info = SentInfo {
+            time_sent: now,
+            size: u16::try_from(wire).unwrap_or(u16::MAX),
+            ack_eliciting: false,
+            in_flight: false,
+            mtu_probe: false,
+        };
+        self.sent.on_sent(info, SentPayload::default());
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += wire as u64;
+        self.last_sent = now;
+        len
     }
 
     /// Acknowledgement bookkeeping for an ack-eliciting packet (RFC 9000 §13.2.1–§13.2.2).
@@ -1924,6 +1998,13 @@ impl Transport {
         if self.ack.pending {
             self.ack.immediate = true;
         }
+    }
+
+    /// Stream bytes this end holds: to send (written, not yet acknowledged) and received
+    /// (not yet read, with out-of-order ranges between) — what a snapshot carries of the
+    /// stream.
+    pub fn buffered(&self) -> (usize, usize) {
+        (self.send.len(), self.recv.held())
     }
 
     /// Counters and current values.

@@ -612,6 +612,11 @@ impl RecvBuffer {
         (self.buf.is_empty() && self.buf.capacity() > 0) || self.out_of_order.has_spare_capacity()
     }
 
+    /// Bytes held: received and not yet read, with the out-of-order ranges between.
+    pub fn held(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Bytes [`read`](Self::read) can return now.
     pub fn readable(&self) -> u64 {
         self.contiguous - self.read
@@ -719,7 +724,7 @@ impl SendBuffer {
             "send ranges outside sent data",
         )?;
         Ok(SendBuffer {
-            data: data.iter().copied().collect(),
+            data: VecDeque::from(data.to_vec()),
             base,
             capacity,
             unsent,
@@ -786,7 +791,7 @@ impl RecvBuffer {
             "receive final size",
         )?;
         Ok(RecvBuffer {
-            buf: buf.iter().copied().collect(),
+            buf: VecDeque::from(buf.to_vec()),
             read,
             contiguous,
             out_of_order,

@@ -48,7 +48,21 @@
 //! level. (Interleaving lanes asynchronously, AMAC-style, measured slower: without a prefetch
 //! instruction, which safe Rust lacks, its touches are loads spread among the work and overlap
 //! less.)
+//!
+//! # Leaf index (opt-in)
+//!
+//! [`PrefixMap::with_leaf_index`] adds a persistent hash table from each leaf's (prefix, length)
+//! to the leaf itself (see `leaf_index.rs`). A leaf has nothing beneath it, so a leaf that
+//! contains an ID is that ID's longest match: a lookup first probes the most populated leaf
+//! lengths in parallel (one slot and then the leaf, instead of a dependent miss per level) and
+//! walks the trie only when no indexed leaf contains the ID. Every change keeps the index exact
+//! (a leaf that a change turns into a node's prefix, or a node that collapses into a leaf, is
+//! re-indexed), which is what it costs: measured at 1M rules, single lookups ~1.3× faster, but
+//! registrations ~2× slower and ~35 B more per rule, because each published change copies an
+//! index shard whose slots each hold a reference-counted leaf. The service table therefore does
+//! not use it (BENCHMARKS.md, issue 14).
 
+mod leaf_index;
 mod node;
 mod prefixes;
 
@@ -57,6 +71,7 @@ use std::sync::Arc;
 
 use serval_wire::{ServiceId, ServicePrefix};
 
+use leaf_index::{LeafIndex, MIN_LEAVES, PROBES, Probe};
 use node::{Builder, Child, DynNode, Head, Leaf, Slot, View, class_for};
 use prefixes::{next_set, slot_prefix};
 
@@ -221,6 +236,83 @@ fn batch<'a, V>(root: &'a DynNode<V>, ids: &[ServiceId], out: &mut [Option<&'a V
     }
 }
 
+/// The leaves of a trie, collected (see [`PrefixMap::leaves`]).
+struct Leaves<'a, V>(std::vec::IntoIter<&'a Arc<Leaf<V>>>);
+
+impl<'a, V> Iterator for Leaves<'a, V> {
+    type Item = &'a Arc<Leaf<V>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next()
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<V> ExactSizeIterator for Leaves<'_, V> {}
+
+/// [`batch`] with the leaf index in front: in groups of [`LANES`], first every lane's hash slots
+/// are touched (one load each, independent, so their misses overlap), then every lane's
+/// candidate leaf, then the candidates are verified; the lanes left unanswered walk the trie
+/// together.
+fn indexed_batch<'a, V>(
+    root: &'a DynNode<V>,
+    ix: &'a LeafIndex<V>,
+    ids: &[ServiceId],
+    out: &mut [Option<&'a V>],
+) {
+    let lens = ix.probe_lengths();
+    for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
+        let n = ids.len().min(LANES);
+        let mut probes: [[Option<Probe<'a, V>>; PROBES]; LANES] = [[None; PROBES]; LANES];
+        for (i, id) in ids.iter().enumerate().take(n) {
+            let w = id.words();
+            for (p, &len) in probes[i].iter_mut().zip(lens) {
+                *p = Some(ix.probe(&masked(&w, len), len));
+            }
+        }
+        // A tight loop of independent loads, so that the misses are in flight together.
+        for p in probes[..n].iter().flatten().flatten() {
+            p.touch();
+        }
+        let mut cand: [[Option<&'a Arc<Leaf<V>>>; PROBES]; LANES] = [[None; PROBES]; LANES];
+        for i in 0..n {
+            for (c, p) in cand[i].iter_mut().zip(&probes[i]) {
+                *c = p.and_then(|p| p.candidate());
+                if let Some(l) = c {
+                    std::hint::black_box(l.len);
+                }
+            }
+        }
+        let mut miss_ids = [ServiceId([0; 32]); LANES];
+        let mut miss_at = [0usize; LANES];
+        let mut misses = 0;
+        for i in 0..n {
+            let w = ids[i].words();
+            let hit = cand[i]
+                .iter()
+                .flatten()
+                // Any leaf containing the ID is its longest match (nothing lies beneath a leaf).
+                .find(|l| prefix_eq(&l.key, &w, l.len));
+            match hit {
+                Some(l) => out[i] = Some(&l.value),
+                None => {
+                    miss_ids[misses] = ids[i];
+                    miss_at[misses] = i;
+                    misses += 1;
+                }
+            }
+        }
+        if misses > 0 {
+            let mut miss_out: [Option<&'a V>; LANES] = [None; LANES];
+            batch(root, &miss_ids[..misses], &mut miss_out[..misses]);
+            for (&i, v) in miss_at[..misses].iter().zip(miss_out) {
+                out[i] = v;
+            }
+        }
+    }
+}
+
 /// A map from [`ServicePrefix`] to `V` with longest-prefix-match lookup.
 ///
 /// Persistent: [`Clone`] is O(1) and shares all nodes; a mutation copies only the nodes on its
@@ -245,6 +337,11 @@ pub struct PrefixMap<V> {
     /// A node at depth 0, present iff the map is non-empty.
     root: Option<Child<V>>,
     len: usize,
+    /// The trie's leaves by (prefix, length), once the map holds [`MIN_LEAVES`] prefixes:
+    /// every entry is a current leaf of `root` (the same `Arc`), see `leaf_index.rs`.
+    index: Option<LeafIndex<V>>,
+    /// Whether this map keeps a leaf index (see [`PrefixMap::with_leaf_index`]).
+    indexed: bool,
 }
 
 impl<V> Clone for PrefixMap<V> {
@@ -253,13 +350,20 @@ impl<V> Clone for PrefixMap<V> {
         PrefixMap {
             root: self.root.clone(),
             len: self.len,
+            index: self.index.clone(),
+            indexed: self.indexed,
         }
     }
 }
 
 impl<V> Default for PrefixMap<V> {
     fn default() -> Self {
-        PrefixMap { root: None, len: 0 }
+        PrefixMap {
+            root: None,
+            len: 0,
+            index: None,
+            indexed: false,
+        }
     }
 }
 
@@ -267,6 +371,20 @@ impl<V> PrefixMap<V> {
     /// An empty map. Allocates nothing.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty map that keeps a *leaf index* once it holds 64 prefixes: a persistent hash
+    /// table from each trie leaf's prefix to the leaf, probed at the (at most four) most
+    /// populated leaf lengths before the trie is walked. Lookups whose longest match is a leaf
+    /// of such a length take one round of parallel hash probes and the leaf instead of a walk of
+    /// dependent misses; every change also updates the index, which (at 1M rules) costs about
+    /// as much again as the change to the trie, and about 35 bytes per rule. See
+    /// `leaf_index.rs` and BENCHMARKS.md (issue 14) for the measured trade.
+    pub fn with_leaf_index() -> Self {
+        PrefixMap {
+            indexed: true,
+            ..Self::default()
+        }
     }
 
     /// Number of prefixes in the map.
@@ -302,6 +420,39 @@ impl<V> PrefixMap<V> {
         }
     }
 
+    /// The trie's leaf for exactly (`key`, `len`), if that prefix is held as a leaf.
+    fn leaf(&self, key: &Key, len: u16) -> Option<&Arc<Leaf<V>>> {
+        let mut cur = self.root.as_ref()?;
+        loop {
+            match cur {
+                Child::Leaf(l) => return (l.len == len && l.key == *key).then_some(l),
+                Child::Node(n) => {
+                    let h = &n.head;
+                    if h.depth + 8 > len || !prefix_eq(&h.key, key, h.depth) {
+                        return None;
+                    }
+                    cur = n
+                        .slots
+                        .get(h.child_rank(byte_at(key, h.depth))?)?
+                        .as_ref()?;
+                }
+            }
+        }
+    }
+
+    /// Every leaf of the trie.
+    fn leaves(&self) -> Leaves<'_, V> {
+        let mut stack: Vec<&Child<V>> = self.root.iter().collect();
+        let mut all = Vec::new();
+        while let Some(c) = stack.pop() {
+            match c {
+                Child::Leaf(l) => all.push(l),
+                Child::Node(n) => stack.extend(n.slots.iter().flatten()),
+            }
+        }
+        Leaves(all.into_iter())
+    }
+
     /// Whether exactly `p` is in the map.
     pub fn contains_key(&self, p: &ServicePrefix) -> bool {
         self.get(p).is_some()
@@ -315,8 +466,11 @@ impl<V> PrefixMap<V> {
         let Some(Child::Node(root)) = &self.root else {
             return None;
         };
-        let mut n: &DynNode<V> = root;
         let w = id.words();
+        if let Some(l) = self.index.as_ref().and_then(|ix| ix.lookup(&w)) {
+            return Some((ServicePrefix::new(*id, l.len), &l.value));
+        }
+        let mut n: &DynNode<V> = root;
         let mut best = None;
         loop {
             match visit_node(n, &w, &mut best) {
@@ -334,9 +488,10 @@ impl<V> PrefixMap<V> {
     /// Longest-prefix-match values for many IDs: `out[i]` is the value of the longest prefix
     /// containing `ids[i]`, as [`longest_match`](Self::longest_match) would give.
     ///
-    /// Lookups run in groups of 16 advanced in lockstep, one trie level per round, each round
-    /// starting with the loads of every lane, so that the cache misses of independent lookups
-    /// overlap instead of queueing one after another.
+    /// Lookups run in groups of 16. With the leaf index, each group first starts the loads of
+    /// every lane's hash slots, then of every candidate leaf, then verifies them, so that the
+    /// cache misses of independent lookups overlap; the lanes the index does not answer walk the
+    /// trie together, one level per round, each round starting with the loads of every lane.
     ///
     /// # Panics
     /// If `out.len() != ids.len()`.
@@ -346,8 +501,9 @@ impl<V> PrefixMap<V> {
             out.len(),
             "longest_match_batch: ids and out differ in length"
         );
-        match &self.root {
-            Some(Child::Node(root)) => batch(root, ids, out),
+        match (&self.root, &self.index) {
+            (Some(Child::Node(root)), Some(ix)) => indexed_batch(root, ix, ids, out),
+            (Some(Child::Node(root)), None) => batch(root, ids, out),
             _ => out.fill(None),
         }
     }
@@ -390,7 +546,7 @@ impl<V> PrefixMap<V> {
                 stack.extend(slots.iter().flatten());
             }
         }
-        total
+        total + self.index.as_ref().map_or(0, |ix| ix.heap_bytes(alloc))
     }
 
     /// Checks the trie's structural invariants; for tests.
@@ -470,7 +626,40 @@ impl<V> PrefixMap<V> {
                 self.len
             ));
         }
+        self.check_index()
+    }
+
+    /// The leaf index holds only current leaves of the trie (the same allocation, so the same
+    /// value), and exists once the map is large enough.
+    fn check_index(&self) -> Result<(), String> {
+        let Some(ix) = &self.index else {
+            return if self.indexed && self.len >= MIN_LEAVES {
+                Err(format!("{} prefixes and no leaf index", self.len))
+            } else {
+                Ok(())
+            };
+        };
+        ix.check()?;
+        for l in ix.leaves() {
+            match self.leaf(&l.key, l.len) {
+                Some(t) if Arc::ptr_eq(t, l) => {}
+                _ => {
+                    return Err(format!(
+                        "index holds {}, which is not a current leaf",
+                        to_prefix(&l.key, l.len)
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Leaves of the trie that the leaf index does not hold (it may skip a leaf whose hash
+    /// slots are full; lookups of it then walk the trie). `None` without an index. For tests.
+    #[doc(hidden)]
+    pub fn unindexed_leaves(&self) -> Option<usize> {
+        let ix = self.index.as_ref()?;
+        Some(self.leaves().len() - ix.len())
     }
 }
 
@@ -483,11 +672,32 @@ impl<V: Clone> PrefixMap<V> {
         if self.root.is_none() {
             self.root = Some(Child::build(Builder::new([0; 4], 0)));
         }
-        let old = insert_in(&mut self.root, &key, p.len(), v);
+        let mut displaced = None;
+        let old = insert_in(&mut self.root, &key, p.len(), v, &mut displaced);
         if old.is_none() {
             self.len += 1;
         }
+        if self.indexed && self.index.is_none() && self.len >= MIN_LEAVES {
+            self.index = Some(LeafIndex::build(self.leaves()));
+        } else if self.index.is_some() {
+            if let Some((k, len)) = displaced {
+                self.reindex(&k, len);
+            }
+            self.reindex(&key, p.len());
+        }
         old
+    }
+
+    /// Brings the index entry of (`key`, `len`) in line with the trie: the prefix's leaf if it
+    /// is one, nothing otherwise.
+    fn reindex(&mut self, key: &Key, len: u16) {
+        let leaf = self.leaf(key, len).cloned();
+        if let Some(ix) = &mut self.index {
+            match leaf {
+                Some(l) => ix.insert(l),
+                None => ix.remove(key, len),
+            }
+        }
     }
 
     /// Removes `p`; returns its value.
@@ -498,9 +708,18 @@ impl<V: Clone> PrefixMap<V> {
             return None;
         }
         let key = p.id().words();
-        let old = remove_in(&mut self.root, &key, p.len());
+        let mut created = None;
+        let old = remove_in(&mut self.root, &key, p.len(), &mut created);
         if old.is_some() {
             self.len -= 1;
+        }
+        if self.len == 0 {
+            self.index = None;
+        } else if self.index.is_some() {
+            self.reindex(&key, p.len());
+            if let Some((k, len)) = created {
+                self.reindex(&k, len);
+            }
         }
         old
     }
@@ -508,7 +727,15 @@ impl<V: Clone> PrefixMap<V> {
 
 /// Inserts under the node in `slot`, whose key agrees with `key` on its first `depth` bits, with
 /// `len >= depth`. Moves the node to a larger size class when it runs out of room.
-fn insert_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16, v: V) -> Option<V> {
+///
+/// A leaf that becomes one of a new node's prefixes is reported in `displaced`.
+fn insert_in<V: Clone>(
+    slot: &mut Option<Child<V>>,
+    key: &Key,
+    len: u16,
+    v: V,
+    displaced: &mut Option<(Key, u16)>,
+) -> Option<V> {
     let Some((head, slots)) = slot.as_mut().and_then(Child::node_mut) else {
         debug_assert!(false, "insert_in called on a leaf");
         return None;
@@ -546,7 +773,7 @@ fn insert_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16, v: V) -
                     _ => None,
                 };
             }
-            Found::Below => return insert_in(child, key, len, v),
+            Found::Below => return insert_in(child, key, len, v, displaced),
             Found::Split(k, l) => (k, l),
         };
         let existing = child.take()?;
@@ -555,6 +782,9 @@ fn insert_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16, v: V) -
         let diverge = common_len(&other_key, key).min(other_len).min(len);
         let depth = diverge & !7;
         let mut mid = Builder::new(masked(key, depth), depth);
+        if other_len < depth + 8 && matches!(existing, Child::Leaf(_)) {
+            *displaced = Some((other_key, other_len));
+        }
         add_to(&mut mid, existing);
         add_to(
             &mut mid,
@@ -616,7 +846,14 @@ fn add_to<V: Clone>(mid: &mut Builder<V>, c: Child<V>) {
 /// with `len >= depth`; then restores the node's canonical form: a non-root node left with fewer
 /// than two items is replaced by its only item (a leaf or its only child), an empty root is
 /// dropped, and a node with fewer children moves to the size class that fits.
-fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Option<V> {
+///
+/// A leaf made of a collapsed node's last prefix is reported in `created`.
+fn remove_in<V: Clone>(
+    slot: &mut Option<Child<V>>,
+    key: &Key,
+    len: u16,
+    created: &mut Option<(Key, u16)>,
+) -> Option<V> {
     let (head, slots) = slot.as_mut().and_then(Child::node_mut)?;
     let rel = len - head.depth;
     let b = byte_at(key, head.depth);
@@ -634,7 +871,7 @@ fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Opti
                 }
             },
             View::Node(h, _) if h.depth <= len && prefix_eq(&h.key, key, h.depth) => {
-                remove_in(child, key, len)?
+                remove_in(child, key, len, created)?
             }
             _ => return None,
         };
@@ -662,8 +899,10 @@ fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Opti
         let Builder { head, .. } = b;
         head.prefixes.drain().next().map(|(i, value)| {
             let (rel, bits) = slot_prefix(i);
+            let key = with_byte(&head.key, head.depth, bits);
+            *created = Some((key, head.depth + rel));
             Child::Leaf(Arc::new(Leaf {
-                key: with_byte(&head.key, head.depth, bits),
+                key,
                 len: head.depth + rel,
                 value,
             }))

@@ -251,6 +251,7 @@ impl Transport {
             all_acked_reported: conn.flags & 16 != 0,
             memory_released: conn.flags & 32 != 0,
             bulk: path.bulk,
+            path_frames: Vec::new(),
             stats,
         })
     }

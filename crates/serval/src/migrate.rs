@@ -1,0 +1,607 @@
+//! The migration agent: moves live streams between instances of a service on different
+//! hosts (issue 10; docs/moving-flows.md §3.2, the transfer in docs/protocol.md §7).
+//!
+//! Each instance that takes part runs a [`Migrator`] beside its endpoint. A move of flow F
+//! from instance A to instance B:
+//!
+//! 1. **Connect** (A → B): A opens a Serval stream to B's agent, to the service
+//!    [`MIGRATE_SERVICE`], requiring B to prove it holds the key A was given for it (the
+//!    handshake's identity, as `--peer-key`); the stream is encrypted like every other.
+//! 2. **Authenticate A**: B sends a random challenge; A answers with its public key and its
+//!    signature over the challenge and B's key. B accepts keys from its allow list (its own
+//!    key by default: instances of one service share the key their registrations are signed
+//!    with) and says so; only then is any flow touched. A snapshot carries a flow's keys, so
+//!    both ends of the transfer are proven.
+//! 3. **Hand-over** (A): the application holding F is asked to move it
+//!    ([`Stream::move_requested`]); it calls [`Stream::hand_over`] with its state for the
+//!    stream, which freezes and exports the connection.
+//! 4. **Transfer and check** (A → B): the snapshot goes over the stream; B checks that it
+//!    would import it (served here, flow not live, not a replay, well formed) without
+//!    importing, and answers READY, or REFUSED with the reason, in which case A thaws F and
+//!    it continues at A.
+//! 5. **Commit** (A → B): on READY, A forgets F and says COMMIT; only then does B import it
+//!    (its application gets the stream and the state from `accept`) and re-bind it toward the
+//!    client with an authenticated RSYN; B answers REBOUND once the client answered (or
+//!    REBIND_FAILED after [`REBIND_LIMIT`]). Stray packets for F at A get no answer.
+//!
+//! A failure before READY reaches A (B refuses, dies, or goes silent) leaves F running at A:
+//! B never imports without COMMIT, so no two hosts ever continue one flow. Only a break
+//! between A's COMMIT and B's receipt of it loses F (reported as such).
+//!
+//! Every phase is timed ([`Phases`]).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use serval_engine::connection::{Role, State as ConnState};
+use serval_engine::endpoint::{EndpointConfig, PeerIdentity};
+use serval_keys::{PrivateKey, PublicKey};
+use serval_wire::{FlowId, Locator, ServiceId, ServicePrefix};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::endpoint::Endpoint;
+use crate::moving::Handover;
+use crate::stream::Stream;
+
+/// The service name migration agents listen on (on their own sockets, registered nowhere).
+pub const MIGRATE_SERVICE: &str = "migrate.serval";
+
+/// How long the application has to hand a stream over once asked.
+pub const HANDOVER_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long the importer waits for the client to answer the re-binding RSYN.
+pub const REBIND_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long connecting to, and each answer of, the other agent may take.
+pub const AGENT_LIMIT: Duration = Duration::from_secs(5);
+
+/// The largest snapshot accepted over the agent stream.
+const MAX_SNAPSHOT: usize = 64 << 20;
+
+const MAGIC: &[u8; 4] = b"SVMG";
+const VERSION: u8 = 1;
+const SIGNED_CONTEXT: &[u8] = b"serval migrate v1";
+
+/// The importing agent's verdict on the other's proof.
+const ACCEPTED: u8 = 0xac;
+const REFUSED: u8 = 0xde;
+
+/// Exporter → importer: a snapshot, then the commit of that move.
+const MSG_SNAPSHOT: u8 = 1;
+const MSG_COMMIT: u8 = 2;
+
+/// Importer → exporter.
+const MSG_READY: u8 = 1;
+const MSG_REFUSED: u8 = 2;
+const MSG_REBOUND: u8 = 3;
+const MSG_REBIND_FAILED: u8 = 4;
+
+/// How a migration agent is set up.
+#[derive(Clone, Debug)]
+pub struct MigrationConfig {
+    /// The agent's key: proves this instance to the others, in both directions.
+    pub key: PrivateKey,
+    /// Other keys allowed to move flows here (this instance's own key always is).
+    pub allowed: Vec<PublicKey>,
+    /// Where the agent's socket binds (port 0 picks one).
+    pub bind: Locator,
+}
+
+/// The time each phase of one flow's move took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// From the request until the application handed the stream over (includes `drain`
+    /// and `export`).
+    pub handover: Duration,
+    /// Letting the stream send what it held before the freeze (the client still receives
+    /// meanwhile: no pause).
+    pub drain: Duration,
+    /// Freezing and exporting the connection (part of `handover`).
+    pub export: Duration,
+    /// Sending the snapshot and hearing the new host would take it (includes its check).
+    pub transfer: Duration,
+    /// Importing it at the new host, after the commit.
+    pub import: Duration,
+    /// From the import until the client answered the new host's RSYN.
+    pub rebind: Duration,
+    /// From the freeze until the old host heard that the flow runs at the new one: an upper
+    /// bound (by one trip between the agents) on the pause the client saw.
+    pub frozen: Duration,
+    /// The snapshot's size in bytes (mostly data sent and not acknowledged, and data
+    /// received and not yet read by the application).
+    pub snapshot_bytes: usize,
+}
+
+/// How one flow's move ended.
+#[derive(Debug)]
+pub struct FlowMove {
+    /// The flow (its flowID at the old host).
+    pub flow: FlowId,
+    /// The phases, or why it did not move (the flow then runs where it was, unless the error
+    /// says it was lost).
+    pub result: Result<Phases, String>,
+}
+
+/// An instance's migration agent: takes streams moved here, and moves this instance's
+/// streams to other agents.
+#[derive(Clone, Debug)]
+pub struct Migrator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ep: Endpoint,
+    key: PrivateKey,
+    locator: Locator,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn service() -> ServiceId {
+    ServiceId::parse(MIGRATE_SERVICE).unwrap_or(ServiceId::ZERO)
+}
+
+impl Migrator {
+    /// Starts the agent for the streams of `ep`: binds its socket and takes moves from the
+    /// keys `config` allows.
+    pub async fn start(ep: &Endpoint, config: MigrationConfig) -> io::Result<Migrator> {
+        let agent = Endpoint::bind_with(
+            &[config.bind],
+            EndpointConfig {
+                identity: Some(config.key.clone()),
+                ..EndpointConfig::default()
+            },
+        )
+        .await?;
+        let locator = agent
+            .local_locators()
+            .first()
+            .copied()
+            .ok_or_else(|| io::Error::other("the agent's endpoint has no locator"))?;
+        let prefix = ServicePrefix::parse(MIGRATE_SERVICE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let listener = agent.listen(prefix)?;
+        let mut allowed = config.allowed.clone();
+        allowed.push(config.key.public_key());
+        // The listener holds the agent's endpoint open for as long as the task runs.
+        let task = tokio::spawn(serve(ep.clone(), config.key.clone(), allowed, listener));
+        Ok(Migrator {
+            inner: Arc::new(Inner {
+                ep: ep.clone(),
+                key: config.key,
+                locator,
+                task,
+            }),
+        })
+    }
+
+    /// Where other agents reach this one.
+    pub fn locator(&self) -> Locator {
+        self.inner.locator
+    }
+
+    /// The key this agent proves itself with.
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.key.public_key()
+    }
+
+    /// The flows a move of "every flow" takes: established streams this instance serves.
+    pub fn movable_flows(&self) -> Vec<FlowId> {
+        self.inner
+            .ep
+            .flows()
+            .into_iter()
+            .filter(|c| {
+                c.role == Role::Server
+                    && c.state == ConnState::Established
+                    && c.listener.is_some()
+                    && !c.exported
+            })
+            .map(|c| c.local_flow)
+            .collect()
+    }
+
+    /// Moves `flows` (every movable flow when empty) to the agent at `to`, which must prove
+    /// it holds `to_key`. One result per flow, in order; a flow that did not move runs here
+    /// as before. Fails as a whole only when the other agent cannot be reached or refuses
+    /// this one.
+    pub async fn move_flows(
+        &self,
+        flows: &[FlowId],
+        to: Locator,
+        to_key: PublicKey,
+    ) -> io::Result<Vec<FlowMove>> {
+        let flows = if flows.is_empty() {
+            self.movable_flows()
+        } else {
+            flows.to_vec()
+        };
+        let mut stream = self.connect(to, to_key).await?;
+        let mut out = Vec::with_capacity(flows.len());
+        for (seq, flow) in (0u32..).zip(flows) {
+            let result = self.move_one(&mut stream, seq, flow).await;
+            let broken = matches!(&result, Err(MoveError::Channel(_)));
+            out.push(FlowMove {
+                flow,
+                result: result.map_err(|e| e.to_string()),
+            });
+            if broken {
+                break;
+            }
+        }
+        let _ = stream.shutdown().await;
+        Ok(out)
+    }
+
+    /// Opens the agent stream to `to` and proves this agent's key.
+    async fn connect(&self, to: Locator, to_key: PublicKey) -> io::Result<Stream> {
+        let bind: Locator = if to.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let client = Endpoint::bind_with(
+            &[bind],
+            EndpointConfig {
+                peer_identity: Some(PeerIdentity::Key(to_key)),
+                ..EndpointConfig::default()
+            },
+        )
+        .await?;
+        let mut stream = tokio::time::timeout(AGENT_LIMIT, client.connect_via(service(), to))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no migration agent answered at {to}"),
+                )
+            })??;
+        let mut hello = [0u8; 4 + 1 + 32];
+        timed(stream.read_exact(&mut hello)).await?;
+        if &hello[..4] != MAGIC || hello[4] != VERSION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{to} is not a migration agent of this version"),
+            ));
+        }
+        let mut signed = SIGNED_CONTEXT.to_vec();
+        signed.extend_from_slice(&hello[5..]);
+        signed.extend_from_slice(to_key.as_bytes());
+        let mut proof = self.inner.key.public_key().as_bytes().to_vec();
+        proof.extend_from_slice(&self.inner.key.sign(&signed));
+        timed(stream.write_all(&proof)).await?;
+        // Nothing is asked of any flow until the other agent accepted this one.
+        let mut verdict = [0u8; 1];
+        match timed(stream.read_exact(&mut verdict)).await {
+            Ok(_) if verdict[0] == ACCEPTED => Ok(stream),
+            _ => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the migration agent at {to} refused this instance's key"),
+            )),
+        }
+    }
+
+    async fn move_one(
+        &self,
+        stream: &mut Stream,
+        seq: u32,
+        flow: FlowId,
+    ) -> Result<Phases, MoveError> {
+        let asked = StdInstant::now();
+        let handover = self.inner.ep.request_move(flow).map_err(MoveError::Local)?;
+        let handover = match tokio::time::timeout(HANDOVER_LIMIT, handover).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(_)) => {
+                return Err(MoveError::Local(io::Error::other(
+                    "the connection closed before the application handed it over",
+                )));
+            }
+            Err(_) => {
+                self.inner.ep.cancel_move(flow);
+                return Err(MoveError::Local(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the application did not hand the stream over (does it support moves?)",
+                )));
+            }
+        };
+        let mut phases = Phases {
+            handover: asked.elapsed(),
+            export: handover.exported.export_time(),
+            drain: handover.exported.drain_time(),
+            snapshot_bytes: handover.exported.snapshot().len(),
+            ..Phases::default()
+        };
+        let frozen_at = StdInstant::now() - phases.export;
+        let snapshot = handover.exported.snapshot();
+        let mut frame = Vec::with_capacity(9 + snapshot.len());
+        frame.push(MSG_SNAPSHOT);
+        frame.extend_from_slice(&seq.to_be_bytes());
+        frame.extend_from_slice(&(snapshot.len() as u32).to_be_bytes());
+        frame.extend_from_slice(snapshot);
+        let sent = StdInstant::now();
+        let answer = match timed(stream.write_all(&frame)).await {
+            Ok(()) => read_answer(stream, seq, AGENT_LIMIT).await,
+            Err(e) => Err(e),
+        };
+        let Handover { exported, reply } = handover;
+        match answer {
+            Ok(Answer {
+                kind: MSG_READY, ..
+            }) => {
+                phases.transfer = sent.elapsed();
+                // From here on the flow is the other host's.
+                exported.release();
+                let _ = reply.send(Ok(()));
+                let mut commit = vec![MSG_COMMIT];
+                commit.extend_from_slice(&seq.to_be_bytes());
+                commit.extend_from_slice(&0u32.to_be_bytes());
+                if let Err(e) = timed(stream.write_all(&commit)).await {
+                    return Err(MoveError::Channel(format!(
+                        "the commit did not reach the other agent ({e}); the flow is lost"
+                    )));
+                }
+            }
+            Ok(Answer { message, .. }) => {
+                let error = io::Error::other(format!("the other instance refused it: {message}"));
+                let msg = error.to_string();
+                let _ = reply.send(Err((exported.thaw(), error)));
+                return Err(MoveError::Refused(msg));
+            }
+            Err(e) => {
+                // The other host never imports without our commit: the flow resumes here.
+                let error = io::Error::new(e.kind(), format!("the transfer failed: {e}"));
+                let msg = error.to_string();
+                let _ = reply.send(Err((exported.thaw(), error)));
+                return Err(MoveError::Channel(msg));
+            }
+        }
+        match read_answer(stream, seq, REBIND_LIMIT + AGENT_LIMIT).await {
+            Ok(Answer {
+                kind: MSG_REBOUND,
+                first,
+                second,
+                ..
+            }) => {
+                phases.import = first;
+                phases.rebind = second;
+                phases.frozen = frozen_at.elapsed();
+                Ok(phases)
+            }
+            Ok(Answer { message, .. }) => Err(MoveError::Refused(format!(
+                "moved, but the client did not answer the new host: {message}"
+            ))),
+            Err(e) => Err(MoveError::Channel(format!(
+                "committed, but the other agent's last answer was lost: {e}"
+            ))),
+        }
+    }
+}
+
+/// Why one flow did not move.
+#[derive(Debug)]
+enum MoveError {
+    /// Here, before anything was sent.
+    Local(io::Error),
+    /// The other instance said no (the flow was thawed here), or the re-bind failed.
+    Refused(String),
+    /// The agent stream broke: no later flow can use it.
+    Channel(String),
+}
+
+impl std::fmt::Display for MoveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MoveError::Local(e) => write!(f, "{e}"),
+            MoveError::Refused(s) | MoveError::Channel(s) => f.write_str(s),
+        }
+    }
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(AGENT_LIMIT, f)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other agent went silent"))?
+}
+
+/// One answer of the importing agent.
+struct Answer {
+    kind: u8,
+    /// READY, REFUSED: the check's time; REBOUND: the import's.
+    first: Duration,
+    /// REBOUND: the re-bind's time.
+    second: Duration,
+    message: String,
+}
+
+/// Reads the importing agent's answer about move `seq`, waiting at most `wait`.
+async fn read_answer(stream: &mut Stream, seq: u32, wait: Duration) -> io::Result<Answer> {
+    let read = async {
+        let mut head = [0u8; 1 + 4 + 8 + 8 + 2];
+        stream.read_exact(&mut head).await?;
+        let kind = head[0];
+        let got = u32::from_be_bytes(field(&head, 1));
+        let first = Duration::from_micros(u64::from_be_bytes(field(&head, 5)));
+        let second = Duration::from_micros(u64::from_be_bytes(field(&head, 13)));
+        let len = usize::from(u16::from_be_bytes(field(&head, 21)));
+        let mut msg = vec![0u8; len];
+        stream.read_exact(&mut msg).await?;
+        if got != seq || !(MSG_READY..=MSG_REBIND_FAILED).contains(&kind) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the other agent answered out of turn",
+            ));
+        }
+        Ok(Answer {
+            kind,
+            first,
+            second,
+            message: String::from_utf8_lossy(&msg).into_owned(),
+        })
+    };
+    tokio::time::timeout(wait, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other agent went silent"))?
+}
+
+/// `N` bytes of `b` from `at` (in bounds by construction of the fixed headers read here).
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = b.get(at..at + N) {
+        out.copy_from_slice(src);
+    }
+    out
+}
+
+async fn answer(
+    stream: &mut Stream,
+    kind: u8,
+    seq: u32,
+    times: [Duration; 2],
+    msg: &str,
+) -> io::Result<()> {
+    let msg = &msg.as_bytes()[..msg.len().min(1024)];
+    let mut out = Vec::with_capacity(23 + msg.len());
+    out.push(kind);
+    out.extend_from_slice(&seq.to_be_bytes());
+    for t in times {
+        out.extend_from_slice(&(t.as_micros() as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    timed(stream.write_all(&out)).await
+}
+
+/// The importing side: accepts agent streams and imports what they carry.
+async fn serve(
+    ep: Endpoint,
+    key: PrivateKey,
+    allowed: Vec<PublicKey>,
+    mut listener: crate::ServiceListener,
+) {
+    let allowed = Arc::new(allowed);
+    loop {
+        let Ok(stream) = listener.accept().await else {
+            return;
+        };
+        let (ep, key, allowed) = (ep.clone(), key.clone(), allowed.clone());
+        tokio::spawn(async move {
+            let peer = stream
+                .peer_locator()
+                .map_or_else(|_| "?".into(), |p| p.to_string());
+            if let Err(e) = take_moves(ep, key, &allowed, stream).await {
+                tracing::info!(%peer, error = %e, "migration agent stream ended");
+            }
+        });
+    }
+}
+
+async fn take_moves(
+    ep: Endpoint,
+    key: PrivateKey,
+    allowed: &[PublicKey],
+    mut stream: Stream,
+) -> io::Result<()> {
+    let mut challenge = [0u8; 32];
+    getrandom::fill(&mut challenge).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut hello = MAGIC.to_vec();
+    hello.push(VERSION);
+    hello.extend_from_slice(&challenge);
+    timed(stream.write_all(&hello)).await?;
+    let mut proof = [0u8; 32 + 64];
+    timed(stream.read_exact(&mut proof)).await?;
+    let mut peer_key = [0u8; 32];
+    peer_key.copy_from_slice(&proof[..32]);
+    let peer_key = PublicKey(peer_key);
+    let mut signed = SIGNED_CONTEXT.to_vec();
+    signed.extend_from_slice(&challenge);
+    signed.extend_from_slice(key.public_key().as_bytes());
+    if !allowed.contains(&peer_key) || peer_key.verify(&signed, &proof[32..]).is_err() {
+        let _ = timed(stream.write_all(&[REFUSED])).await;
+        let _ = stream.shutdown().await;
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refused an agent with key {peer_key}: not allowed to move flows here"),
+        ));
+    }
+    timed(stream.write_all(&[ACCEPTED])).await?;
+    loop {
+        let mut head = [0u8; 9];
+        match stream.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let seq = u32::from_be_bytes(field(&head, 1));
+        let len = u32::from_be_bytes(field(&head, 5)) as usize;
+        if head[0] != MSG_SNAPSHOT || len > MAX_SNAPSHOT {
+            stream.abort();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected a snapshot of at most the agent's limit",
+            ));
+        }
+        let mut snapshot = vec![0u8; len];
+        timed(stream.read_exact(&mut snapshot)).await?;
+        let started = StdInstant::now();
+        let checked = ep.check_import(&snapshot);
+        let check = started.elapsed();
+        if let Err(e) = checked {
+            answer(
+                &mut stream,
+                MSG_REFUSED,
+                seq,
+                [check, Duration::ZERO],
+                &e.to_string(),
+            )
+            .await?;
+            continue;
+        }
+        answer(&mut stream, MSG_READY, seq, [check, Duration::ZERO], "").await?;
+        // Nothing is imported until the exporter has let go of the flow.
+        let mut commit = [0u8; 9];
+        timed(stream.read_exact(&mut commit)).await?;
+        if commit[0] != MSG_COMMIT || u32::from_be_bytes(field(&commit, 1)) != seq {
+            stream.abort();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected the commit of the move just checked",
+            ));
+        }
+        let started = StdInstant::now();
+        let imported = ep.import_to_listener(&snapshot);
+        let import = started.elapsed();
+        let rebinding = StdInstant::now();
+        let rebound = match imported {
+            Ok((flow, rebound)) => {
+                tracing::info!(%flow, ?import, "imported a moved stream");
+                rebound
+            }
+            Err(e) => {
+                // Checked a moment ago: only a listener closed meanwhile gets here.
+                let why = format!("the import failed after the commit: {e}");
+                answer(
+                    &mut stream,
+                    MSG_REBIND_FAILED,
+                    seq,
+                    [import, Duration::ZERO],
+                    &why,
+                )
+                .await?;
+                continue;
+            }
+        };
+        let (kind, why) = match tokio::time::timeout(REBIND_LIMIT, rebound).await {
+            Ok(Ok(_)) => (MSG_REBOUND, ""),
+            Ok(Err(_)) => (MSG_REBIND_FAILED, "the connection closed"),
+            Err(_) => (MSG_REBIND_FAILED, "no answer from the client"),
+        };
+        answer(&mut stream, kind, seq, [import, rebinding.elapsed()], why).await?;
+    }
+}

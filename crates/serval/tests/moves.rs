@@ -1,0 +1,337 @@
+//! Streams that move between instances on loopback (issue 10): a stateful service (it numbers
+//! the lines of each connection) moved back and forth by its migration agents mid-transfer,
+//! the client checking every line and its number; a move refused by the other instance, or
+//! to an agent that does not hold the key, leaves the stream running where it was.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
+
+use std::time::Duration;
+
+use serval::{
+    Endpoint, FlowId, Locator, MigrationConfig, Migrator, PrivateKey, ServiceId, ServicePrefix,
+    Stream,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::time::timeout;
+
+const NAME: &str = "count.moves.test";
+
+fn key() -> PrivateKey {
+    PrivateKey::generate(&ring::rand::SystemRandom::new()).unwrap()
+}
+
+/// The per-connection state: the next line's number and a partial line.
+#[derive(Default)]
+struct Numbering {
+    next: u64,
+    partial: Vec<u8>,
+}
+
+impl Numbering {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.next.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.partial);
+        out
+    }
+
+    fn decode(b: &[u8]) -> Numbering {
+        Numbering {
+            next: u64::from_be_bytes(b[..8].try_into().unwrap()),
+            partial: b[8..].to_vec(),
+        }
+    }
+}
+
+/// Answers each line with `N line`, N counting from 0 over the connection's whole life, and
+/// hands the stream over when its agent asks.
+async fn serve(mut stream: Stream) {
+    let mut st = stream
+        .take_app_state()
+        .map_or_else(Numbering::default, |b| Numbering::decode(&b));
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut io = &stream;
+        let read = tokio::select! {
+            () = stream.move_requested() => None,
+            r = io.read(&mut buf) => Some(r),
+        };
+        let n = match read {
+            None if stream.is_move_requested() => match stream.hand_over(&st.encode()).await {
+                Ok(()) => return,
+                Err(f) => match f.stream {
+                    Some(s) => {
+                        stream = s;
+                        continue;
+                    }
+                    None => return,
+                },
+            },
+            // Closed: what is left to read, if anything.
+            None => match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            Some(Ok(0) | Err(_)) => {
+                let _ = io.shutdown().await;
+                let _ = timeout(Duration::from_secs(5), stream.closed()).await;
+                return;
+            }
+            Some(Ok(n)) => n,
+        };
+        let mut out = Vec::new();
+        for &b in &buf[..n] {
+            st.partial.push(b);
+            if b == b'\n' {
+                out.extend_from_slice(format!("{} ", st.next).as_bytes());
+                out.extend_from_slice(&st.partial);
+                st.partial.clear();
+                st.next += 1;
+            }
+        }
+        if io.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Instance {
+    ep: Endpoint,
+    agent: Migrator,
+}
+
+async fn instance(key: &PrivateKey) -> Instance {
+    let any: Locator = "127.0.0.1:0".parse().unwrap();
+    let ep = Endpoint::bind(&[any]).await.unwrap();
+    let mut listener = ep.listen(ServicePrefix::parse(NAME).unwrap()).unwrap();
+    tokio::spawn(async move {
+        while let Ok(s) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    let agent = Migrator::start(
+        &ep,
+        MigrationConfig {
+            key: key.clone(),
+            allowed: Vec::new(),
+            bind: any,
+        },
+    )
+    .await
+    .unwrap();
+    Instance { ep, agent }
+}
+
+/// Writes `lines` lines while reading their numbered answers; returns when all came back.
+async fn client_run(stream: Stream, lines: u64, progress: tokio::sync::watch::Sender<u64>) {
+    let (r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        for i in 0..lines {
+            w.write_all(format!("line {i} {}\n", "x".repeat((i % 97) as usize)).as_bytes())
+                .await
+                .unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    for i in 0..lines {
+        line.clear();
+        let n = r.read_line(&mut line).await.unwrap();
+        assert!(n > 0, "stream ended at line {i}");
+        let want = format!("{i} line {i} {}\n", "x".repeat((i % 97) as usize));
+        assert_eq!(line, want, "line {i}");
+        let _ = progress.send(i);
+    }
+    line.clear();
+    assert_eq!(
+        r.read_line(&mut line).await.unwrap(),
+        0,
+        "nothing after the last line"
+    );
+    writer.await.unwrap();
+}
+
+/// A client of `a` running `client_run` with `lines` lines, once 1000 came back.
+async fn started_client(a: &Instance, lines: u64) -> tokio::task::JoinHandle<()> {
+    let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
+        .await
+        .unwrap();
+    let stream = client
+        .connect_via(
+            ServiceId::from_name(NAME).unwrap(),
+            a.ep.local_locators()[0],
+        )
+        .await
+        .unwrap();
+    let (tx, mut progress) = tokio::sync::watch::channel(0);
+    let run = tokio::spawn(client_run(stream, lines, tx));
+    progress.wait_for(|p| *p >= 1000).await.unwrap();
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_continues() {
+    timeout(Duration::from_secs(120), async {
+        let k = key();
+        let a = instance(&k).await;
+        let b = instance(&k).await;
+        let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
+            .await
+            .unwrap();
+        let stream = client
+            .connect_via(
+                ServiceId::from_name(NAME).unwrap(),
+                a.ep.local_locators()[0],
+            )
+            .await
+            .unwrap();
+        let (tx, mut progress) = tokio::sync::watch::channel(0);
+        let lines = 200_000;
+        let run = tokio::spawn(client_run(stream, lines, tx));
+        let hosts = [&a, &b];
+        let mut moves = 0;
+        for i in 0..6u64 {
+            // Wait for progress so each move happens mid-transfer.
+            let target = (i + 1) * lines / 8;
+            timeout(Duration::from_secs(30), progress.wait_for(|p| *p >= target))
+                .await
+                .expect("progress")
+                .unwrap();
+            let (from, to) = (hosts[(i % 2) as usize], hosts[((i + 1) % 2) as usize]);
+            let report = from
+                .agent
+                .move_flows(&[], to.agent.locator(), to.agent.public_key())
+                .await
+                .unwrap();
+            assert_eq!(report.len(), 1, "one flow to move: {report:?}");
+            let phases = report[0].result.as_ref().expect("moved");
+            assert!(phases.frozen >= phases.export);
+            moves += 1;
+            assert!(
+                from.agent.movable_flows().is_empty(),
+                "released at the old host"
+            );
+            let at_new = to.ep.flows();
+            assert_eq!(at_new.len(), 1);
+            assert_eq!(at_new[0].moves, moves);
+        }
+        run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
+    timeout(Duration::from_secs(60), async {
+        let k = key();
+        let a = instance(&k).await;
+        // Holds another key: A's agent refuses to hand it anything (B proves a key A was not
+        // told of), and B refuses what A's key signs.
+        let stranger = instance(&key()).await;
+        // Serves nothing: refuses the import.
+        let any: Locator = "127.0.0.1:0".parse().unwrap();
+        let idle_ep = Endpoint::bind(&[any]).await.unwrap();
+        let idle = Migrator::start(
+            &idle_ep,
+            MigrationConfig {
+                key: k.clone(),
+                allowed: Vec::new(),
+                bind: any,
+            },
+        )
+        .await
+        .unwrap();
+
+        let run = started_client(&a, 60_000).await;
+
+        // The stranger proves its own key, not the one A expects: the connect fails.
+        let e = a
+            .agent
+            .move_flows(&[], stranger.agent.locator(), k.public_key())
+            .await
+            .unwrap_err();
+        assert!(!e.to_string().is_empty());
+        // Told the stranger's real key, A connects, but the stranger refuses A's key.
+        let r = a
+            .agent
+            .move_flows(&[], stranger.agent.locator(), stranger.agent.public_key())
+            .await;
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("refused this instance's key"), "{e}");
+        // The idle instance serves nothing: refused, thawed at A.
+        let r = a
+            .agent
+            .move_flows(&[], idle.locator(), idle.public_key())
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 1);
+        let e = r[0].result.as_ref().unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        // An unknown flow.
+        let r = a
+            .agent
+            .move_flows(&[FlowId(12345)], idle.locator(), idle.public_key())
+            .await
+            .unwrap();
+        assert!(r[0].result.as_ref().unwrap_err().contains("no flow"));
+        assert_eq!(a.agent.movable_flows().len(), 1, "still served at A");
+        run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A destination that dies half way: it proves the key, takes the snapshot, and resets the
+/// agent stream before answering (what a killed process's endpoint would leave the exporter
+/// with). The stream must continue where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_destination_dies_half_way_leaves_the_stream_where_it_was() {
+    timeout(Duration::from_secs(60), async {
+        let k = key();
+        let a = instance(&k).await;
+        let any: Locator = "127.0.0.1:0".parse().unwrap();
+        let dying = Endpoint::bind_with(
+            &[any],
+            serval::EndpointConfig {
+                identity: Some(k.clone()),
+                ..serval::EndpointConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut agent = dying
+            .listen(ServicePrefix::parse(serval::MIGRATE_SERVICE).unwrap())
+            .unwrap();
+        let took_snapshot = tokio::spawn(async move {
+            let mut s = agent.accept().await.unwrap();
+            let mut hello = b"SVMG\x01".to_vec();
+            hello.extend_from_slice(&[7u8; 32]);
+            s.write_all(&hello).await.unwrap();
+            let mut proof = [0u8; 96];
+            s.read_exact(&mut proof).await.unwrap();
+            s.write_all(&[0xac]).await.unwrap();
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes(head[5..9].try_into().unwrap()) as usize;
+            let mut snapshot = vec![0u8; len];
+            s.read_exact(&mut snapshot).await.unwrap();
+            s.abort();
+            snapshot.len()
+        });
+
+        let run = started_client(&a, 60_000).await;
+        let r = a
+            .agent
+            .move_flows(&[], dying.local_locators()[0], k.public_key())
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 1);
+        let e = r[0].result.as_ref().unwrap_err();
+        assert!(e.contains("transfer failed"), "{e}");
+        assert!(took_snapshot.await.unwrap() > 0, "the snapshot was sent");
+        assert_eq!(a.agent.movable_flows().len(), 1, "thawed at A");
+        run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
