@@ -129,6 +129,7 @@ struct Plan {
     interval: Duration,
     bind: Option<SocketAddr>,
     endpoint: serval::EndpointConfig,
+    follow: serval::FollowHost,
     reconnect: bool,
     stall: Duration,
 }
@@ -215,6 +216,7 @@ fn check(args: &BenchArgs) -> Result<Plan, String> {
         interval: Duration::from_millis(args.interval_ms),
         bind: args.hop.bind,
         endpoint: args.hop.endpoint_config(),
+        follow: args.hop.follow(),
         reconnect: args.reconnect,
         stall: Duration::from_secs_f64(args.stall),
     })
@@ -389,7 +391,7 @@ struct Change {
 
 /// Connects, runs the streams, samples them, and gathers the report.
 async fn bench(plan: &Plan, hop: NextHop) -> Result<Report, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone()).await?;
+    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone(), plan.follow).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
 

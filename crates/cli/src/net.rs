@@ -45,6 +45,11 @@ pub struct InstanceArgs {
     /// authorises the key for the service's prefix requires (`router --authorize`).
     #[arg(long, value_name = "FILE", env = "SERVAL_KEY", value_parser = crate::keygen::read_private_key)]
     pub key: Option<serval_router::keys::PrivateKey>,
+    /// Do not follow the host's address and link changes: by default a flow whose local
+    /// address or link goes away moves by itself to another address of the host, and a
+    /// wildcard --bind serves the host's new addresses at once.
+    #[arg(long, env = "SERVAL_NO_AUTO_MIGRATE")]
+    pub no_auto_migrate: bool,
     /// Serve an admin API on this TCP address: the live flows (`serval flows`), metrics, and
     /// moves of flows to another instance (`serval migrate`). With --key, also run the
     /// migration agent that takes flows moved here from instances holding the same key.
@@ -69,7 +74,12 @@ impl InstanceArgs {
             identity: self.key.clone(),
             ..endpoint_config(self.plaintext)
         };
-        let ep = Endpoint::bind_with(&self.bind, config)
+        let follow = if self.no_auto_migrate {
+            serval::FollowHost::Off
+        } else {
+            serval::FollowHost::Flows
+        };
+        let ep = Endpoint::bind_following(&self.bind, config, follow)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
         if let Some(key) = &self.key {
@@ -327,6 +337,11 @@ pub struct HopArgs {
     /// self-certifying ID, as `serval id --key` prints it): no CA and no pinned key needed.
     #[arg(long)]
     pub self_certifying: bool,
+    /// Do not follow the host's address and link changes: by default a flow whose local
+    /// address or link goes away (a link down, the host renumbered) moves by itself to
+    /// another address of the host.
+    #[arg(long, env = "SERVAL_NO_AUTO_MIGRATE")]
+    pub no_auto_migrate: bool,
 }
 
 /// `--peer-key`'s value: a public key line.
@@ -346,6 +361,15 @@ impl HopArgs {
         serval::EndpointConfig {
             peer_identity,
             ..endpoint_config(self.plaintext)
+        }
+    }
+
+    /// Whether the endpoint follows the host's changes (`--no-auto-migrate` says not).
+    pub fn follow(&self) -> serval::FollowHost {
+        if self.no_auto_migrate {
+            serval::FollowHost::Off
+        } else {
+            serval::FollowHost::Flows
         }
     }
 
@@ -377,11 +401,13 @@ pub fn endpoint_config(plaintext: bool) -> serval::EndpointConfig {
 
 /// A client endpoint for reaching services through `hop`: bound to `bind` (default: any
 /// address of the next hop's family), in the discovery group if `hop` says so, configured by
-/// `config` ([`HopArgs::endpoint_config`]).
+/// `config` ([`HopArgs::endpoint_config`]), following the host's changes as `follow` says
+/// ([`HopArgs::follow`]).
 pub async fn client(
     hop: &NextHop,
     bind: Option<SocketAddr>,
     config: serval::EndpointConfig,
+    follow: serval::FollowHost,
 ) -> Result<Endpoint, String> {
     let v4 = match hop {
         NextHop::Via(via) => via.is_ipv4(),
@@ -395,7 +421,7 @@ pub async fn client(
             SocketAddr::from(([0u16; 8], 0))
         }
     });
-    let ep = Endpoint::bind_with(&[local], config)
+    let ep = Endpoint::bind_following(&[local], config, follow)
         .await
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
     if let NextHop::Discover(d) = hop {
@@ -468,7 +494,7 @@ pub async fn cat(
     connect_timeout: Option<Duration>,
 ) -> Result<(), String> {
     let next = hop.next_hop();
-    let ep = client(&next, hop.bind, hop.endpoint_config()).await?;
+    let ep = client(&next, hop.bind, hop.endpoint_config(), hop.follow()).await?;
     let connecting = connect(&ep, name, service, &next);
     let mut stream = match connect_timeout {
         None => connecting.await?,

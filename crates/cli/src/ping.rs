@@ -65,6 +65,7 @@ struct Plan {
     timeout: Duration,
     bind: Option<SocketAddr>,
     endpoint: serval::EndpointConfig,
+    follow: serval::FollowHost,
 }
 
 /// Runs `serval ping`: exit status 0 if every probe answered, 1 if any was lost (or the
@@ -115,6 +116,7 @@ fn check(args: &PingArgs) -> Result<Plan, String> {
         timeout,
         bind: args.hop.bind,
         endpoint: args.hop.endpoint_config(),
+        follow: args.hop.follow(),
     })
 }
 
@@ -195,7 +197,7 @@ impl Tally {
 /// Sends the probes on schedule, prints each outcome as it comes and the summary at the end
 /// (after COUNT probes or on SIGINT/SIGTERM). Returns whether every probe answered.
 async fn ping(plan: Plan, hop: NextHop) -> Result<bool, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone()).await?;
+    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone(), plan.follow).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));

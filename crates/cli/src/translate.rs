@@ -161,7 +161,15 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let hop = args.hop.next_hop();
-    let ep = Arc::new(crate::net::client(&hop, args.hop.bind, args.hop.endpoint_config()).await?);
+    let ep = Arc::new(
+        crate::net::client(
+            &hop,
+            args.hop.bind,
+            args.hop.endpoint_config(),
+            args.hop.follow(),
+        )
+        .await?,
+    );
     let hop = Arc::new(hop);
     let name: Arc<str> = args.service.into();
     note!("serval: proxy: TCP {local} → service {name} ({service})");

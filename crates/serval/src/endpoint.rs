@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::UdpSocket as StdUdpSocket;
+use std::net::{IpAddr, UdpSocket as StdUdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -21,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, broadcast, oneshot};
 
 use crate::datagram::DatagramSocket;
+use crate::netwatch::{FollowHost, PathEvent};
 use crate::registration::Hub;
 use crate::stream::Stream;
 
@@ -98,6 +99,8 @@ pub(crate) struct State {
     driver_deadline: Option<Instant>,
     /// Routerless mode: the discovery group and how long a connect through it waits.
     pub(crate) discovery: Option<(Locator, Duration)>,
+    /// Path events (addresses, moves) for the application ([`Endpoint::path_events`]).
+    pub(crate) path_events: broadcast::Sender<PathEvent>,
 }
 
 impl State {
@@ -202,6 +205,10 @@ impl State {
                             let _ = tx.send(local);
                         }
                     }
+                    let _ = self.path_events.send(PathEvent::Moved {
+                        stream: h,
+                        to: local,
+                    });
                 }
                 Event::PeerMigrated(..) => {}
             }
@@ -209,7 +216,7 @@ impl State {
     }
 }
 
-struct Socket {
+pub(crate) struct Socket {
     /// Registered with the runtime for *reading only*. Registered for writing as well (as
     /// `tokio::net::UdpSocket` always is), every send would come back as an edge-triggered
     /// "writable" event once the kernel frees the datagram — on loopback and veth during the
@@ -217,7 +224,10 @@ struct Socket {
     /// tried directly; only a full socket buffer waits for writability (see [`send`]).
     io: AsyncFd<StdUdpSocket>,
     udp: UdpSocketState,
-    local: Locator,
+    pub(crate) local: Locator,
+    /// Bound to the wildcard address: datagrams carry their destination address
+    /// (`IP_PKTINFO`), and what leaves from one of the host's addresses names it as source.
+    wildcard: bool,
     /// The same socket as a plain blocking-API handle (non-blocking), to send the last
     /// UNREGISTERs when the endpoint is dropped, with or without a runtime.
     last_words: StdUdpSocket,
@@ -227,7 +237,10 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     /// Wakes the driver: there may be something to send, or the timer changed.
     pub(crate) wake: Arc<Notify>,
-    sockets: Vec<Socket>,
+    /// The UDP sockets, in binding order; an endpoint that follows the host's addresses
+    /// appends one for each new address (never removes one: a socket whose address went
+    /// comes back to life with it).
+    pub(crate) sockets: arc_swap::ArcSwap<Vec<Arc<Socket>>>,
     table: Arc<ServiceTable>,
 }
 
@@ -251,8 +264,9 @@ impl Shared {
 
     /// Sends datagrams at once through the sockets' plain handles (no runtime needed).
     fn send_now(&self, transmits: &[serval_engine::endpoint::Transmit]) {
+        let sockets = self.sockets.load();
         for t in transmits {
-            if let Some(s) = self.sockets.iter().find(|s| s.local == t.src) {
+            if let Some((s, _)) = socket_for(&sockets, t.src) {
                 let _ = s.last_words.send_to(&t.payload, t.dst);
             }
         }
@@ -303,8 +317,23 @@ impl Endpoint {
         Endpoint::bind_with(addrs, EndpointConfig::default()).await
     }
 
-    /// Binds with a configuration.
-    pub async fn bind_with(addrs: &[Locator], mut config: EndpointConfig) -> io::Result<Endpoint> {
+    /// Binds with a configuration. The endpoint follows the host's address and link changes
+    /// ([`FollowHost::Flows`]); see [`Endpoint::bind_following`].
+    pub async fn bind_with(addrs: &[Locator], config: EndpointConfig) -> io::Result<Endpoint> {
+        Endpoint::bind_following(addrs, config, FollowHost::default()).await
+    }
+
+    /// Binds with a configuration, following the host's address and link changes as `follow`
+    /// says: with [`FollowHost::Flows`] (the default) or [`FollowHost::Addresses`], a flow whose
+    /// local address or link goes away moves by itself (an RSYN) to a surviving address of
+    /// the same family, and [`Endpoint::path_events`] reports it; [`FollowHost::Off`] leaves
+    /// every move to [`Stream::migrate`]. Where the host's changes cannot be watched (no
+    /// rtnetlink), the endpoint works as with `Off` and logs why.
+    pub async fn bind_following(
+        addrs: &[Locator],
+        mut config: EndpointConfig,
+        follow: FollowHost,
+    ) -> io::Result<Endpoint> {
         if addrs.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -319,14 +348,8 @@ impl Endpoint {
             .get_or_insert(HANDSHAKE_ACK_DELAY);
         let mut sockets = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let std = StdUdpSocket::bind(addr)?;
-            let udp = UdpSocketState::new((&std).into())?;
-            // Large socket buffers absorb bursts between driver wake-ups.
-            let _ = udp.set_send_buffer_size((&std).into(), 4 << 20);
-            let _ = udp.set_recv_buffer_size((&std).into(), 4 << 20);
-            std.set_nonblocking(true)?;
-            let local = std.local_addr()?;
-            if local.ip().is_loopback() {
+            let socket = Socket::open(*addr)?;
+            if socket.local.ip().is_loopback() {
                 // Loopback carries 64 KiB datagrams, always, so start there rather than search:
                 // a search from 1200 B probes only during bulk sends whose window holds the
                 // probe, so on a request/response connection it never ran, every 1.3 KB HTTP
@@ -344,13 +367,7 @@ impl Endpoint {
                     config.transport.send_buffer = LOOPBACK_SEND_BUFFER;
                 }
             }
-            let last_words = std.try_clone()?;
-            sockets.push(Socket {
-                io: register(std, Interest::READABLE)?,
-                udp,
-                local,
-                last_words,
-            });
+            sockets.push(Arc::new(socket));
         }
         let locals: Vec<Locator> = sockets.iter().map(|s| s.local).collect();
         let mut seed = [0u8; 32];
@@ -370,21 +387,40 @@ impl Endpoint {
                 closed: false,
                 driver_deadline: None,
                 discovery: None,
+                path_events: broadcast::channel(crate::netwatch::PATH_EVENTS).0,
             }),
             wake: Arc::new(Notify::new()),
-            sockets,
+            sockets: arc_swap::ArcSwap::from_pointee(sockets),
             table,
         });
-        for i in 0..shared.sockets.len() {
-            tokio::spawn(receive(Arc::downgrade(&shared), i));
+        for s in shared.sockets.load().iter() {
+            tokio::spawn(receive(Arc::downgrade(&shared), s.clone()));
         }
         tokio::spawn(drive(Arc::downgrade(&shared)));
+        crate::netwatch::start(&shared, follow).await;
         Ok(Endpoint { shared })
     }
 
-    /// The locators the endpoint's sockets are bound to.
+    /// The locators the endpoint's sockets are bound to (a wildcard socket as bound:
+    /// `0.0.0.0:port`), including those bound since for new host addresses
+    /// ([`FollowHost::Addresses`]).
     pub fn local_locators(&self) -> Vec<Locator> {
-        self.shared.sockets.iter().map(|s| s.local).collect()
+        self.shared.sockets.load().iter().map(|s| s.local).collect()
+    }
+
+    /// The local locators flows can use right now: those of [`Endpoint::local_locators`]
+    /// whose address is usable, and, for a wildcard socket of an endpoint that follows the
+    /// host, each usable host address of its family with its port.
+    pub fn usable_locators(&self) -> Vec<Locator> {
+        self.shared.lock().engine.locals().to_vec()
+    }
+
+    /// Path events of every flow of this endpoint: local addresses that became usable or
+    /// went away, flows moving, moved, or left without a usable address. Nothing is required
+    /// of the application: flows move by themselves; this is for those who want to know.
+    /// A receiver that falls more than a few hundred events behind loses the oldest.
+    pub fn path_events(&self) -> broadcast::Receiver<PathEvent> {
+        self.shared.lock().path_events.subscribe()
     }
 
     /// Sends SYNs for services with no more specific rule to `router` (a `/0` FORWARD rule).
@@ -622,9 +658,9 @@ const LOOPBACK_SEND_BUFFER: usize = 512 << 10;
 const RECV_BATCH: usize = 16;
 
 /// Receives on one socket and feeds the engine, until the endpoint is gone.
-async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
+pub(crate) async fn receive(weak: std::sync::Weak<Shared>, sock: Arc<Socket>) {
     let Some(shared) = weak.upgrade() else { return };
-    let gro = shared.sockets[index].udp.gro_segments().max(1);
+    let gro = sock.udp.gro_segments().max(1);
     let buf_len = 65_536 * gro.min(4);
     let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
     let mut meta = vec![RecvMeta::default(); RECV_BATCH];
@@ -636,7 +672,6 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
     tokio::pin!(liveness);
     loop {
         let Some(shared) = weak.upgrade() else { return };
-        let sock = &shared.sockets[index];
         let readable = tokio::select! {
             r = sock.io.readable() => r,
             () = &mut liveness => {
@@ -682,10 +717,10 @@ async fn receive(weak: std::sync::Weak<Shared>, index: usize) {
             let now = st.now();
             for (m, buf) in meta.iter().zip(&mut bufs).take(n) {
                 let stride = m.stride.max(1);
+                let local = sock.arrived_at(m, st.engine.locals());
                 // Opened in place: the buffer is refilled by the next receive anyway.
                 for dgram in buf[..m.len].chunks_mut(stride) {
-                    st.engine
-                        .handle_datagram_mut(now, sock.local, m.addr, dgram);
+                    st.engine.handle_datagram_mut(now, local, m.addr, dgram);
                 }
             }
             st.dispatch();
@@ -891,10 +926,11 @@ async fn drive(weak: std::sync::Weak<Shared>) {
 /// Sends a batch: each run of consecutive same-route datagrams of one size (the last may be
 /// shorter) as one GSO send, straight from the batch buffer.
 async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
+    let sockets = shared.sockets.load();
     let mut i = 0;
     while i < batch.len() {
         let first = &batch[i];
-        let Some(sock) = shared.sockets.iter().find(|s| s.local == first.src) else {
+        let Some((sock, src_ip)) = socket_for(&sockets, first.src) else {
             i += 1;
             continue;
         };
@@ -920,7 +956,7 @@ async fn send_batch(shared: &Shared, buf: &[u8], batch: &[Outgoing]) {
             ecn: None,
             contents,
             segment_size,
-            src_ip: None,
+            src_ip,
         };
         match send(sock, &tx).await {
             Ok(()) => {}
@@ -956,6 +992,56 @@ async fn send(sock: &Socket, tx: &UdpTransmit<'_>) -> io::Result<()> {
             r => return r,
         }
     }
+}
+
+impl Socket {
+    /// Binds a UDP socket on `addr`, non-blocking, with large buffers, registered with the
+    /// runtime for reading.
+    pub(crate) fn open(addr: Locator) -> io::Result<Socket> {
+        let std = StdUdpSocket::bind(addr)?;
+        let udp = UdpSocketState::new((&std).into())?;
+        // Large socket buffers absorb bursts between driver wake-ups.
+        let _ = udp.set_send_buffer_size((&std).into(), 4 << 20);
+        let _ = udp.set_recv_buffer_size((&std).into(), 4 << 20);
+        std.set_nonblocking(true)?;
+        let local = std.local_addr()?;
+        let last_words = std.try_clone()?;
+        Ok(Socket {
+            io: register(std, Interest::READABLE)?,
+            udp,
+            local,
+            wildcard: local.ip().is_unspecified(),
+            last_words,
+        })
+    }
+
+    /// The local locator a datagram arrived at: the socket's own, or for a wildcard socket
+    /// the address it was sent to with the socket's port, if the engine offers that locator
+    /// (an endpoint following the host does; otherwise the wildcard, as bound).
+    fn arrived_at(&self, meta: &RecvMeta, locals: &[Locator]) -> Locator {
+        if self.wildcard
+            && let Some(ip) = meta.dst_ip
+        {
+            let concrete = Locator::new(ip, self.local.port());
+            if locals.contains(&concrete) {
+                return concrete;
+            }
+        }
+        self.local
+    }
+}
+
+/// The socket to send from `src` through, and the source address to name: the socket bound
+/// to `src` itself, or a wildcard socket of its family and port, naming `src`'s address
+/// (`IP_PKTINFO`).
+fn socket_for(sockets: &[Arc<Socket>], src: Locator) -> Option<(&Socket, Option<IpAddr>)> {
+    if let Some(s) = sockets.iter().find(|s| s.local == src) {
+        return Some((s, None));
+    }
+    sockets
+        .iter()
+        .find(|s| s.wildcard && s.local.port() == src.port() && s.local.is_ipv4() == src.is_ipv4())
+        .map(|s| (&**s, Some(src.ip())))
 }
 
 /// Registers a UDP socket with the runtime for `interest` only.

@@ -37,6 +37,7 @@ mod delay;
 mod endpoint;
 mod migrate;
 mod moving;
+mod netwatch;
 mod registration;
 mod stream;
 
@@ -51,9 +52,11 @@ pub use migrate::{
     REBIND_LIMIT,
 };
 pub use moving::{DRAIN_LIMIT, DRAIN_TARGET, ExportedStream, MoveFailed};
+pub use netwatch::{FollowHost, PathEvent};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;
 pub use serval_engine::connection::{Role, State as ConnectionState};
+pub use serval_engine::endpoint::ConnectionHandle;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
     CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies, SynRateLimit,

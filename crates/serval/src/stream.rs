@@ -200,6 +200,12 @@ impl Stream {
         }
     }
 
+    /// This connection's handle on its endpoint: what the endpoint's path events
+    /// ([`Endpoint::path_events`](crate::Endpoint::path_events)) name it by.
+    pub fn id(&self) -> ConnectionHandle {
+        self.inner.handle
+    }
+
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
     }

@@ -34,20 +34,20 @@
 //! pass or fail, and every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
-use std::fs::File;
+mod support;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::task::Poll;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
-use serval::{CloseReason, Endpoint, ServiceId, ServicePrefix, Stream};
+use serval::{CloseReason, Endpoint, FollowHost, ServiceId, ServicePrefix, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::timeout;
+
+use support::{Hosts, first_difference, in_netns, ip, pattern, tx_dropped};
 
 /// Bytes the client sends (and gets back).
 const TOTAL: usize = 32 << 20;
@@ -63,110 +63,6 @@ const SERVER_ADDR: &str = "10.78.0.1:54324";
 const CLIENT_LINK1: &str = "10.78.1.1";
 const CLIENT_LINK2: &str = "10.78.2.1";
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The two hosts and the links between them; deleted on drop.
-struct Hosts {
-    client: String,
-    server: String,
-    /// The client's end of link 1.
-    link1: String,
-    /// The server's end of link 1, whose transmit drops count what the server sent into the
-    /// dead link.
-    server_link1: String,
-}
-
-impl Hosts {
-    /// The two hosts, named `svm<tag><c|s><pid>` so that the tests of this file can run
-    /// side by side. Link 1 also carries IPv6 (`fd78:1::1` and `fd78:1::2`).
-    fn new(tag: &str) -> Hosts {
-        let id = std::process::id();
-        let hosts = Hosts {
-            client: format!("svm{tag}c{id}"),
-            server: format!("svm{tag}s{id}"),
-            link1: format!("vm1c{id}"),
-            server_link1: format!("vm1s{id}"),
-        };
-        // `hosts` exists before the first `ip` call: a step failing part-way panics, which drops
-        // it and deletes whatever was made.
-        ip(&["netns", "add", &hosts.client]);
-        ip(&["netns", "add", &hosts.server]);
-        let (c, s) = (hosts.client.as_str(), hosts.server.as_str());
-        for ns in [c, s] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        ip(&["-n", s, "addr", "add", "10.78.0.1/32", "dev", "lo"]);
-        for link in 1..=2 {
-            let (vc, vs) = (format!("vm{link}c{id}"), format!("vm{link}s{id}"));
-            // Both ends born inside the namespaces: nothing is ever left in the root namespace.
-            ip(&[
-                "link", "add", &vc, "netns", c, "type", "veth", "peer", "name", &vs, "netns", s,
-            ]);
-            let (ac, as_) = (format!("10.78.{link}.1"), format!("10.78.{link}.2"));
-            ip(&["-n", c, "addr", "add", &format!("{ac}/24"), "dev", &vc]);
-            ip(&["-n", s, "addr", "add", &format!("{as_}/24"), "dev", &vs]);
-            if link == 1 {
-                // Usable at once: no duplicate address detection.
-                ip(&["-n", c, "addr", "add", "fd78:1::1/64", "dev", &vc, "nodad"]);
-                ip(&["-n", s, "addr", "add", "fd78:1::2/64", "dev", &vs, "nodad"]);
-            }
-            ip(&["-n", c, "link", "set", &vc, "up"]);
-            ip(&["-n", s, "link", "set", &vs, "up"]);
-            // Source routing on the client: each address reaches the server over its own link.
-            let table = format!("10{link}");
-            ip(&["-n", c, "rule", "add", "from", &ac, "table", &table]);
-            ip(&[
-                "-n",
-                c,
-                "route",
-                "add",
-                "10.78.0.1/32",
-                "via",
-                &as_,
-                "dev",
-                &vc,
-                "table",
-                &table,
-            ]);
-        }
-        hosts
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its ends of the veth pairs, which deletes the pairs.
-        for ns in [&self.client, &self.server] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// Packets `dev` in namespace `ns` dropped on transmit (a veth drops what it sends while its
-/// peer is down).
-fn tx_dropped(ns: &str, dev: &str) -> u64 {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "-s", "link", "show", dev])
-        .output()
-        .expect("run ip");
-    let json = String::from_utf8_lossy(&out.stdout);
-    let tx = &json[json.find("\"tx\":{").expect("tx statistics")..];
-    let n = &tx[tx.find("\"dropped\":").expect("tx dropped") + "\"dropped\":".len()..];
-    n[..n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len())]
-        .parse()
-        .expect("a count")
-}
-
 /// Datagrams the kernel of the calling thread's namespace could not route (`OutNoRoutes`): what
 /// the client still sends from its link-1 address once link 1 and its route are gone.
 fn out_no_routes() -> u64 {
@@ -178,47 +74,6 @@ fn out_no_routes() -> u64 {
         .position(|n| n == "OutNoRoutes")
         .expect("OutNoRoutes");
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
-
-/// Runs `task` on a new thread inside network namespace `ns`, on a current-thread runtime of
-/// its own: every socket it opens belongs to that namespace.
-fn in_netns<T, F, Fut>(ns: &str, task: F) -> JoinHandle<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = T>,
-{
-    let path = format!("/run/netns/{ns}");
-    std::thread::Builder::new()
-        .name(ns.to_string())
-        .spawn(move || {
-            let f = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // setns(CLONE_NEWNET) moves only the calling thread.
-            setns(f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(task())
-        })
-        .unwrap()
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
-/// Index of the first byte of `got` that differs from `want`.
-fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
-    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 /// What the server saw.
@@ -423,10 +278,16 @@ async fn pump(
 async fn client(link1: String, client_ns: String, data: Arc<Vec<u8>>) -> ClientReport {
     let service = ServiceId::from_name(SERVICE).unwrap();
     let server: SocketAddr = SERVER_ADDR.parse().unwrap();
-    let ep = Endpoint::bind(&[
-        format!("{CLIENT_LINK1}:0").parse().unwrap(),
-        format!("{CLIENT_LINK2}:0").parse().unwrap(),
-    ])
+    // This test moves the flow itself, late (as a host that learns late of its link's
+    // loss): the endpoint must not follow the host by itself (tests/netns_follow.rs does).
+    let ep = Endpoint::bind_following(
+        &[
+            format!("{CLIENT_LINK1}:0").parse().unwrap(),
+            format!("{CLIENT_LINK2}:0").parse().unwrap(),
+        ],
+        serval::EndpointConfig::default(),
+        FollowHost::Off,
+    )
     .await
     .expect("client bind");
     let (old, new) = (ep.local_locators()[0], ep.local_locators()[1]);

@@ -93,7 +93,7 @@ impl Endpoint {
             }
         }
         let family = |v4: bool| -> Vec<(usize, Locator)> {
-            (self.shared.sockets.iter().enumerate())
+            (self.shared.sockets.load().iter().enumerate())
                 .filter(|(_, s)| s.local.is_ipv4() == v4)
                 .map(|(i, s)| (i, s.local))
                 .collect()
@@ -158,7 +158,8 @@ impl Endpoint {
                 })?;
                 joined.push(iface);
             }
-            let s = SockRef::from(self.shared.sockets[i].io.get_ref());
+            let socks = self.shared.sockets.load();
+            let s = SockRef::from(socks[i].io.get_ref());
             s.set_multicast_ttl_v4(1)?;
             s.set_multicast_loop_v4(true)?;
             if !iface.is_unspecified() {
@@ -199,7 +200,8 @@ impl Endpoint {
                     })?;
                 joined.push(index);
             }
-            let s = SockRef::from(self.shared.sockets[i].io.get_ref());
+            let socks = self.shared.sockets.load();
+            let s = SockRef::from(socks[i].io.get_ref());
             s.set_multicast_hops_v6(1)?;
             s.set_multicast_loop_v6(true)?;
             if index != 0 {
