@@ -4,6 +4,7 @@
 //! to an agent that does not hold the key, leaves the stream running where it was.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serval::{
@@ -11,6 +12,7 @@ use serval::{
     Stream,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 
 const NAME: &str = "count.moves.test";
@@ -121,10 +123,20 @@ async fn instance(key: &PrivateKey) -> Instance {
 }
 
 /// Writes `lines` lines while reading their numbered answers; returns when all came back.
-async fn client_run(stream: Stream, lines: u64, progress: tokio::sync::watch::Sender<u64>) {
+/// The second half is written only once `rest` has a permit, so a test can keep the stream
+/// alive for as long as it needs.
+async fn client_run(
+    stream: Stream,
+    lines: u64,
+    progress: tokio::sync::watch::Sender<u64>,
+    rest: Arc<Semaphore>,
+) {
     let (r, mut w) = stream.into_split();
     let writer = tokio::spawn(async move {
         for i in 0..lines {
+            if i == lines / 2 {
+                let _ = rest.acquire().await.unwrap();
+            }
             w.write_all(format!("line {i} {}\n", "x".repeat((i % 97) as usize)).as_bytes())
                 .await
                 .unwrap();
@@ -150,8 +162,13 @@ async fn client_run(stream: Stream, lines: u64, progress: tokio::sync::watch::Se
     writer.await.unwrap();
 }
 
-/// A client of `a` running `client_run` with `lines` lines, once 1000 came back.
-async fn started_client(a: &Instance, lines: u64) -> tokio::task::JoinHandle<()> {
+/// A client of `a` running `client_run` with `lines` lines, once 1000 came back; it writes
+/// its second half once `rest` has a permit.
+async fn started_client(
+    a: &Instance,
+    lines: u64,
+    rest: &Arc<Semaphore>,
+) -> tokio::task::JoinHandle<()> {
     let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
         .await
         .unwrap();
@@ -163,7 +180,7 @@ async fn started_client(a: &Instance, lines: u64) -> tokio::task::JoinHandle<()>
         .await
         .unwrap();
     let (tx, mut progress) = tokio::sync::watch::channel(0);
-    let run = tokio::spawn(client_run(stream, lines, tx));
+    let run = tokio::spawn(client_run(stream, lines, tx, rest.clone()));
     progress.wait_for(|p| *p >= 1000).await.unwrap();
     run
 }
@@ -186,7 +203,7 @@ async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_c
             .unwrap();
         let (tx, mut progress) = tokio::sync::watch::channel(0);
         let lines = 200_000;
-        let run = tokio::spawn(client_run(stream, lines, tx));
+        let run = tokio::spawn(client_run(stream, lines, tx, Arc::new(Semaphore::new(1))));
         let hosts = [&a, &b];
         let mut moves = 0;
         for i in 0..6u64 {
@@ -242,7 +259,8 @@ async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
         .await
         .unwrap();
 
-        let run = started_client(&a, 60_000).await;
+        let rest = Arc::new(Semaphore::new(0));
+        let run = started_client(&a, 60_000, &rest).await;
 
         // The stranger proves its own key, not the one A expects: the connect fails.
         let e = a
@@ -275,6 +293,7 @@ async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
             .unwrap();
         assert!(r[0].result.as_ref().unwrap_err().contains("no flow"));
         assert_eq!(a.agent.movable_flows().len(), 1, "still served at A");
+        rest.add_permits(1);
         run.await.unwrap();
     })
     .await
@@ -319,7 +338,8 @@ async fn a_move_whose_destination_dies_half_way_leaves_the_stream_where_it_was()
             snapshot.len()
         });
 
-        let run = started_client(&a, 60_000).await;
+        let rest = Arc::new(Semaphore::new(0));
+        let run = started_client(&a, 60_000, &rest).await;
         let r = a
             .agent
             .move_flows(&[], dying.local_locators()[0], k.public_key())
@@ -330,6 +350,7 @@ async fn a_move_whose_destination_dies_half_way_leaves_the_stream_where_it_was()
         assert!(e.contains("transfer failed"), "{e}");
         assert!(took_snapshot.await.unwrap() > 0, "the snapshot was sent");
         assert_eq!(a.agent.movable_flows().len(), 1, "thawed at A");
+        rest.add_permits(1);
         run.await.unwrap();
     })
     .await
