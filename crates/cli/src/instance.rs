@@ -227,7 +227,14 @@ impl InstanceSource for Source {
                 .collect();
             Ok(MigrateReport { flows })
         };
-        Box::pin(fut)
+        // On a task of its own: an operator's `serval migrate` interrupted mid-move (the
+        // HTTP request dropped) must not cancel a move half way, which would lose the flow
+        // (an exported stream dropped unended is released, never thawed).
+        let task = tokio::spawn(fut);
+        Box::pin(async move {
+            task.await
+                .map_err(|e| format!("the move task failed: {e}"))?
+        })
     }
 }
 

@@ -212,6 +212,11 @@ impl Migrator {
     /// it holds `to_key`. One result per flow, in order; a flow that did not move runs here
     /// as before. Fails as a whole only when the other agent cannot be reached or refuses
     /// this one.
+    ///
+    /// Not cancel-safe: dropping the future while a flow is between its hand-over and the
+    /// other agent's answer releases that flow (an exported stream is never thawed unless the
+    /// move is known to have failed, so that no two hosts continue it). Run it on a task of
+    /// its own when its caller may go away.
     pub async fn move_flows(
         &self,
         flows: &[FlowId],
