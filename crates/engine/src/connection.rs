@@ -1531,6 +1531,11 @@ impl Connection {
     }
 
     /// Whether the endpoint may forget this flow.
+    /// Whether a move of this end (an RSYN) is under way.
+    pub(crate) fn is_moving(&self) -> bool {
+        self.moving_to.is_some()
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.state == State::Closed && self.answers.is_empty() && !self.flush_transport
     }

@@ -37,6 +37,7 @@ use crate::registrar::{Registrar, RegistrarEvent};
 mod cookie;
 mod delay;
 mod discovery;
+mod failover;
 mod inspect;
 mod ratelimit;
 mod registration;
@@ -51,6 +52,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 const IPV6_EXTRA_HEADER: u16 = 20;
 pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
+pub use failover::STALE_PTOS;
 pub use inspect::{ConnectionInfo, MAX_APP_STATE};
 pub use ratelimit::SynRateLimit;
 pub use registration::RegistrationRequest;
@@ -189,6 +191,12 @@ pub struct EndpointConfig {
     /// self-certifying serviceID commits to). Default none: encrypted, but anyone answering
     /// the SYN is accepted.
     pub peer_identity: Option<PeerIdentity>,
+    /// When a connection's path goes silent — its probe timeout fires
+    /// [`STALE_PTOS`](crate::endpoint::STALE_PTOS) times in a row with nothing acknowledged,
+    /// the link still up — move it (RSYN, make-before-break) to this endpoint's next local
+    /// locator of the same family, if it has one. Default off; the runtime turns it on when
+    /// it follows the host (`FollowHost::Flows`).
+    pub path_failover: bool,
     /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
     /// beyond it a source's SYNs are dropped silently and counted. Service routers set it
     /// (`RouterConfig`); default none.
@@ -217,6 +225,7 @@ impl Default for EndpointConfig {
             syn_rate_limit: None,
             identity: None,
             peer_identity: None,
+            path_failover: false,
         }
     }
 }
@@ -284,6 +293,9 @@ pub struct EndpointStats {
     /// Authenticated RSTs sent for such SYN-ACKs, so the other instance frees its half-open
     /// flow.
     pub stray_resets: u64,
+    /// Moves started because a connection's path went silent
+    /// ([`EndpointConfig::path_failover`]).
+    pub path_failovers: u64,
     /// Packets of live flows dropped as replays: a packet number already opened, or older than
     /// the replay window. (Packets that do not authenticate count in `auth_failures`.)
     pub replays: u64,
@@ -1480,6 +1492,7 @@ impl Endpoint {
             if let Some(c) = self.conns.get_mut(i).and_then(Option::as_deref_mut) {
                 c.handle_timeout(now);
                 let h = self.handle_at(i);
+                self.fail_over_if_silent(h);
                 self.touch(h);
             }
         }

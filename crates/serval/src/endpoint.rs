@@ -328,7 +328,10 @@ impl Endpoint {
     /// local address or link goes away moves by itself (an RSYN) to a surviving address of
     /// the same family, and [`Endpoint::path_events`] reports it; [`FollowHost::Off`] leaves
     /// every move to [`Stream::migrate`]. Where the host's changes cannot be watched (no
-    /// rtnetlink), the endpoint works as with `Off` and logs why.
+    /// rtnetlink), the endpoint works as with `Off` and logs why. Following the host also
+    /// moves a flow whose path went silent with its link up (nothing acknowledged through
+    /// [`STALE_PTOS`](serval_engine::endpoint::STALE_PTOS) probe timeouts) to another local
+    /// address of its family ([`EndpointConfig::path_failover`]).
     pub async fn bind_following(
         addrs: &[Locator],
         mut config: EndpointConfig,
@@ -346,6 +349,9 @@ impl Endpoint {
             .control
             .handshake_ack_delay
             .get_or_insert(HANDSHAKE_ACK_DELAY);
+        if follow != FollowHost::Off {
+            config.path_failover = true;
+        }
         let mut sockets = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let socket = Socket::open(*addr)?;

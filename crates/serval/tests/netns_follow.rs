@@ -367,6 +367,78 @@ fn link_down_moves_flows_to_the_other_link() {
     drop(hosts);
 }
 
+/// Runs `nft -f -` in namespace `ns` with `script`.
+fn nft(ns: &str, script: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn silent_loss_on_link_1_moves_flows_to_the_other_link() {
+    let test = "silent_loss_on_link_1_moves_flows_to_the_other_link";
+    if !serval_testkit::require_netns(test)
+        || serval_testkit::require_program(test, "nft").is_none()
+    {
+        return;
+    }
+    let hosts = Hosts::new("q");
+    let (ns, link1) = (hosts.client.clone(), hosts.link1.clone());
+    // Everything on link 1 is dropped, both ways, while the link and its address stay up: no
+    // event tells the runtime; only the transport's silence does.
+    let (s, c) = run(
+        &hosts,
+        "10.78.0.1:54324",
+        &["10.78.1.1:0", "10.78.2.1:0"],
+        FollowHost::Flows,
+        "10.78.0.1:54324",
+        Box::new(move || {
+            nft(
+                &ns,
+                &format!(
+                    "table inet silent {{\n chain out {{ type filter hook output priority 0; \
+                     oifname \"{link1}\" drop; }}\n chain in {{ type filter hook input priority \
+                     0; iifname \"{link1}\" drop; }}\n}}\n"
+                ),
+            );
+        }),
+    );
+    assert_eq!(c.local_before.ip().to_string(), "10.78.1.1");
+    assert_eq!(
+        c.local_after.ip().to_string(),
+        "10.78.2.1",
+        "moved to link 2"
+    );
+    assert_eq!(
+        s.peers,
+        vec![c.local_before, c.local_after],
+        "server saw one move"
+    );
+    assert!(
+        !c.events
+            .contains(&PathEvent::AddressRemoved(c.local_before)),
+        "no address went: {:?}",
+        c.events
+    );
+    drop(hosts);
+}
+
 #[test]
 fn wildcard_client_follows_its_renumbering() {
     if !serval_testkit::require_netns("wildcard_client_follows_its_renumbering") {

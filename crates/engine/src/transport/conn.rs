@@ -2007,6 +2007,12 @@ impl Transport {
         (self.send.len(), self.recv.held())
     }
 
+    /// Probe timeouts fired in a row with nothing acknowledged since (RFC 9002's
+    /// `pto_count`): a path that stays silent counts up.
+    pub fn pto_count(&self) -> u32 {
+        self.sent.pto_count()
+    }
+
     /// Counters and current values.
     pub fn stats(&self) -> TransportStats {
         let c = &self.stats;
