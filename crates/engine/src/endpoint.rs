@@ -192,7 +192,7 @@ pub struct EndpointConfig {
     /// the SYN is accepted.
     pub peer_identity: Option<PeerIdentity>,
     /// When a connection's path goes silent — its probe timeout fires
-    /// [`STALE_PTOS`](crate::endpoint::STALE_PTOS) times in a row with nothing acknowledged,
+    /// [`STALE_PTOS`] times in a row with nothing acknowledged,
     /// the link still up — move it (RSYN, make-before-break) to this endpoint's next local
     /// locator of the same family, if it has one. Default off; the runtime turns it on when
     /// it follows the host (`FollowHost::Flows`).
