@@ -18,9 +18,13 @@
 //! set subflows 2 add_addr_accepted 2` on both hosts, and `ip mptcp endpoint add 10.78.2.1
 //! dev vm2c subflow` on the client, so the second subflow exists before the link goes down.
 //!
+//! `--silent` drops everything on link 1 with nftables, both ways, instead of setting it down:
+//! the link and its addresses stay up, so no host event tells anyone (issue 11's silent loss).
+//!
 //! ```sh
 //! cargo build --release -p serval-bench --bin failover-bench
 //! sudo target/release/failover-bench run --reps 5
+//! sudo target/release/failover-bench run --reps 5 --silent
 //! ```
 #![allow(clippy::unwrap_used)]
 
@@ -57,6 +61,10 @@ enum Cmd {
         /// Repetitions of each stack.
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Silent loss instead of a link down: nftables drops everything on link 1, both
+        /// ways, while the link and its addresses stay up.
+        #[arg(long)]
+        silent: bool,
     },
     /// Serve one Serval stream (inside the server namespace).
     ServeServal,
@@ -68,20 +76,27 @@ enum Cmd {
         stack: String,
         /// The client's end of link 1.
         link1: String,
+        /// Drop everything on link 1 (nftables) instead of setting it down.
+        #[arg(long)]
+        silent: bool,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { reps } => run(reps),
+        Cmd::Run { reps, silent } => run(reps, silent),
         Cmd::ServeServal => rt().block_on(serve_serval()),
         Cmd::ServeMptcp => serve_mptcp(),
-        Cmd::Client { stack, link1 } => {
+        Cmd::Client {
+            stack,
+            link1,
+            silent,
+        } => {
             let r = if stack == "serval" {
-                rt().block_on(client_serval(&link1))
+                rt().block_on(client_serval(&link1, silent))
             } else {
-                client_mptcp(&link1)
+                client_mptcp(&link1, silent)
             };
             match r {
                 Ok((gap, bytes)) => println!("gap_us={} bytes={bytes}", gap.as_micros()),
@@ -110,10 +125,11 @@ struct Meter {
     gap: Duration,
     bytes: u64,
     link1: String,
+    silent: bool,
 }
 
 impl Meter {
-    fn new(link1: &str) -> Meter {
+    fn new(link1: &str, silent: bool) -> Meter {
         let now = Instant::now();
         Meter {
             start: now,
@@ -122,6 +138,7 @@ impl Meter {
             gap: Duration::ZERO,
             bytes: 0,
             link1: link1.to_string(),
+            silent,
         }
     }
 
@@ -139,18 +156,46 @@ impl Meter {
         }
         self.last = now;
         if self.down_at.is_none() && now - self.start >= WARMUP {
-            let ok = Command::new("ip")
-                .args(["link", "set", &self.link1, "down"])
-                .status()
-                .map_err(|e| e.to_string())?;
-            if !ok.success() {
-                return Err("ip link set down failed".into());
+            if self.silent {
+                silence(&self.link1)?;
+            } else {
+                let ok = Command::new("ip")
+                    .args(["link", "set", &self.link1, "down"])
+                    .status()
+                    .map_err(|e| e.to_string())?;
+                if !ok.success() {
+                    return Err("ip link set down failed".into());
+                }
             }
             let t = Instant::now();
             self.down_at = Some(t);
             self.last = t;
         }
         Ok(self.down_at.is_some_and(|d| now - d >= AFTER))
+    }
+}
+
+/// Drops everything on `link` both ways (nftables, in this namespace); the link stays up.
+fn silence(link: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let script = format!(
+        "table inet silent {{\n chain out {{ type filter hook output priority 0; oifname \
+         \"{link}\" drop; }}\n chain in {{ type filter hook input priority 0; iifname \
+         \"{link}\" drop; }}\n}}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let st = child.wait().map_err(|e| e.to_string())?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err("nft failed".into())
     }
 }
 
@@ -177,7 +222,7 @@ async fn serve_serval() {
     }
 }
 
-async fn client_serval(link1: &str) -> Result<(Duration, u64), String> {
+async fn client_serval(link1: &str, silent: bool) -> Result<(Duration, u64), String> {
     let ep = serval::Endpoint::bind(&[
         "10.78.1.1:0".parse().unwrap(),
         "10.78.2.1:0".parse().unwrap(),
@@ -189,7 +234,7 @@ async fn client_serval(link1: &str) -> Result<(Duration, u64), String> {
         .connect_via(service, format!("{SERVER}:54324").parse().unwrap())
         .await
         .map_err(|e| e.to_string())?;
-    let mut m = Meter::new(link1);
+    let mut m = Meter::new(link1, silent);
     let mut buf = vec![0u8; 64 << 10];
     // When the move started and ended, relative to the link-down (stderr, for diagnosis).
     let mut events = ep.path_events();
@@ -251,7 +296,7 @@ fn serve_mptcp() {
     }
 }
 
-fn client_mptcp(link1: &str) -> Result<(Duration, u64), String> {
+fn client_mptcp(link1: &str, silent: bool) -> Result<(Duration, u64), String> {
     let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
     let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
     s.bind(&from.into()).map_err(|e| e.to_string())?;
@@ -260,7 +305,7 @@ fn client_mptcp(link1: &str) -> Result<(Duration, u64), String> {
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .map_err(|e| e.to_string())?;
     let mut c = std::net::TcpStream::from(s);
-    let mut m = Meter::new(link1);
+    let mut m = Meter::new(link1, silent);
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = c.read(&mut buf).map_err(|e| e.to_string())?;
@@ -376,7 +421,7 @@ impl Drop for Topology {
 }
 
 /// One repetition: returns the client's gap.
-fn once(stack: &str) -> Result<Duration, String> {
+fn once(stack: &str, silent: bool) -> Result<Duration, String> {
     let t = Topology::new();
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let me = me.to_string_lossy().to_string();
@@ -393,8 +438,12 @@ fn once(stack: &str) -> Result<Duration, String> {
     let mut ready = [0u8; 6];
     let mut out = server.stdout.take().unwrap();
     out.read_exact(&mut ready).map_err(|e| e.to_string())?;
+    let mut args = vec!["netns", "exec", &t.client, &me, "client", stack, &t.link1];
+    if silent {
+        args.push("--silent");
+    }
     let client = Command::new("ip")
-        .args(["netns", "exec", &t.client, &me, "client", stack, &t.link1])
+        .args(&args)
         .output()
         .map_err(|e| e.to_string())?;
     let _ = server.kill();
@@ -419,11 +468,11 @@ fn once(stack: &str) -> Result<Duration, String> {
     Ok(Duration::from_micros(us))
 }
 
-fn run(reps: usize) {
+fn run(reps: usize, silent: bool) {
     let mut gaps: Vec<(&str, Vec<Duration>)> = vec![("serval", Vec::new()), ("mptcp", Vec::new())];
     for rep in 0..reps {
         for (stack, v) in gaps.iter_mut() {
-            match once(stack) {
+            match once(stack, silent) {
                 Ok(g) => {
                     eprintln!("rep {rep} {stack}: {g:.1?}");
                     v.push(g);
