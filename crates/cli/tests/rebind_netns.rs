@@ -57,28 +57,6 @@ fn nat_rules(public: u16, dead: Option<u16>) -> String {
     )
 }
 
-/// Runs `nft -f -` in `ns` with `script`.
-fn nft(ns: &str, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nft");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The byte counter of the rule of table `rebind` in `ns` whose text contains `rule`
 /// (`nft list` output); 0 if there is none.
 fn rule_bytes(ns: &str, rule: &str) -> u64 {
@@ -198,7 +176,7 @@ fn rebinding(test: &str, tag: &str, net: u8, change: impl FnOnce(&Netns) -> Chan
         ],
     );
     let change = change(&n);
-    nft(&change.ns, &change.before);
+    serval_testkit::nft(&change.ns, &change.before);
     let _listener = Guard(
         n.spawn(
             server_ns,
@@ -259,7 +237,7 @@ fn rebinding(test: &str, tag: &str, net: u8, change: impl FnOnce(&Netns) -> Chan
         std::thread::sleep(Duration::from_millis(20));
     }
     let rebound = Instant::now();
-    nft(&change.ns, &change.after);
+    serval_testkit::nft(&change.ns, &change.after);
     // What the client still had to send when the change took effect (the poll above may
     // notice the third late on a loaded machine).
     let left = (TOTAL as u64).saturating_sub(qdisc_sent(client_ns, &n.dev_b) - base);

@@ -367,29 +367,6 @@ fn link_down_moves_flows_to_the_other_link() {
     drop(hosts);
 }
 
-/// Runs `nft -f -` in namespace `ns` with `script`.
-fn nft(ns: &str, script: &str) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nft");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft failed: {}\n{script}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn silent_loss_on_link_1_moves_flows_to_the_other_link() {
     let test = "silent_loss_on_link_1_moves_flows_to_the_other_link";
@@ -409,7 +386,7 @@ fn silent_loss_on_link_1_moves_flows_to_the_other_link() {
         FollowHost::Flows,
         "10.78.0.1:54324",
         Box::new(move || {
-            nft(
+            serval_testkit::nft(
                 &ns,
                 &format!(
                     "table inet silent {{\n chain out {{ type filter hook output priority 0; \

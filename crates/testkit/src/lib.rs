@@ -238,6 +238,31 @@ fn netns_probe() -> Result<(), &'static str> {
     r.as_ref().map(|_| ()).map_err(|e| e.as_str())
 }
 
+/// Runs `nft -f -` inside network namespace `ns` with `script` on its standard input; panics
+/// with nft's error and the script if it fails (a test's set-up step).
+pub fn nft(ns: &str, script: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .expect("nft's stdin")
+        .write_all(script.as_bytes())
+        .expect("write nft's script");
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(
+        out.status.success(),
+        "nft failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
