@@ -34,6 +34,7 @@ pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
 
+mod commit;
 mod cookie;
 mod delay;
 mod discovery;
@@ -50,6 +51,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
+pub use commit::{Checkpoint, CommitMark, MAX_HELD_DATAGRAMS};
 pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use failover::STALE_PTOS;
@@ -278,6 +280,9 @@ pub struct EndpointStats {
     pub registrations_unexpected: u64,
     /// Datagrams not queued because [`EndpointConfig::max_queued_transmits`] were waiting.
     pub transmit_queue_drops: u64,
+    /// Datagrams a connection produced while holding its output for a standby, dropped
+    /// because it held [`MAX_HELD_DATAGRAMS`] already (the standby stopped confirming).
+    pub held_drops: u64,
     /// Datagrams received on the discovery group ([`Endpoint::handle_discovery_datagram`];
     /// also counted in `received`).
     pub discovery_received: u64,
@@ -416,6 +421,8 @@ pub struct Endpoint {
     /// Export IDs of the snapshots imported here, oldest first (at most
     /// [`MAX_IMPORTED_IDS`]), so that one snapshot is never imported twice.
     imported: VecDeque<u128>,
+    /// Output held for a standby (docs/moving-flows.md §3.3).
+    hold: commit::OutputHold,
 }
 
 /// How many export IDs an endpoint remembers to refuse a snapshot imported twice
@@ -462,6 +469,7 @@ impl Endpoint {
             cookie_secret,
             syn_limiter: ratelimit::SynLimiter::default(),
             imported: VecDeque::new(),
+            hold: commit::OutputHold::default(),
         }
     }
 
@@ -1402,7 +1410,9 @@ impl Endpoint {
         self.stats.malformed += c.malformed;
         self.stats.replays += c.replays();
         let paths = c.path_stats();
+        let exported = c.is_exported();
         self.stats.paths.add(&paths);
+        self.forget_held(h, exported);
         self.flows.remove(flow);
         self.half_open.remove(&key);
         let i = h.index();
@@ -1448,6 +1458,9 @@ impl Endpoint {
             out.extend_from_slice(&t.payload);
             return Some((t.src, t.dst));
         }
+        if let Some(route) = self.poll_released(out) {
+            return Some(route);
+        }
         if let Some(route) = self.poll_registrar_transmit(now, out) {
             return Some(route);
         }
@@ -1456,11 +1469,15 @@ impl Endpoint {
                 continue;
             };
             // Straight into the caller's batch buffer: no copy per packet.
+            let start = out.len();
             let route = c.poll_transmit(now, out);
             let h = self.handle_at(i);
             if let Some(route) = route {
                 // It may have more: back of the queue.
                 self.touch(h);
+                if self.hold_output(h, route, out, start) {
+                    continue;
+                }
                 return Some(route);
             }
             // Nothing to send: it stays out of the queue until something happens to it.
@@ -1532,21 +1549,37 @@ impl Endpoint {
             &mut crate::snapshot::SnapshotWriter,
         ) -> Result<(), crate::snapshot::SnapshotError>,
     ) -> Result<Vec<u8>, ExportError> {
-        let export_id = u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64());
-        let c = self.conn(h).ok_or(ExportError::UnknownConnection)?;
-        c.freeze_for_export()?;
-        let epoch = c.move_epoch().wrapping_add(1);
-        let mut w = crate::snapshot::SnapshotWriter::new(export_id, epoch, now);
-        let written = c
-            .export_into(&mut w, epoch)
-            .and_then(|()| extra(&mut w).map_err(ExportError::from));
-        let bytes = written.and_then(|()| w.finish().map_err(ExportError::from));
-        if bytes.is_err() {
+        self.conn(h)
+            .ok_or(ExportError::UnknownConnection)?
+            .freeze_for_export()?;
+        let bytes = self.write_snapshot(h, now, extra);
+        if bytes.is_err()
+            && let Some(c) = self.conn(h)
+        {
             c.thaw_export();
         }
         // Re-arm its timer: none while frozen.
         self.touch(h);
         bytes
+    }
+
+    /// The snapshot of connection `h` as it is now (frozen or not): a fresh export ID, the
+    /// move epoch one past the connection's, the engine's blocks, then `extra`'s.
+    fn write_snapshot(
+        &mut self,
+        h: ConnectionHandle,
+        now: Instant,
+        extra: impl FnOnce(
+            &mut crate::snapshot::SnapshotWriter,
+        ) -> Result<(), crate::snapshot::SnapshotError>,
+    ) -> Result<Vec<u8>, ExportError> {
+        let export_id = u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64());
+        let c = self.conn_ref(h).ok_or(ExportError::UnknownConnection)?;
+        let epoch = c.move_epoch().wrapping_add(1);
+        let mut w = crate::snapshot::SnapshotWriter::new(export_id, epoch, now);
+        c.export_into(&mut w, epoch)
+            .and_then(|()| extra(&mut w).map_err(ExportError::from))?;
+        Ok(w.finish()?)
     }
 
     /// Whether connection `h` is exported and frozen.

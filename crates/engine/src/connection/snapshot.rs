@@ -142,14 +142,21 @@ impl Connection {
     /// packet) and runs no timer; packets that arrive are still processed into its state, but
     /// nothing they call for goes out. Refused for a connection in its handshake or closed.
     pub(crate) fn freeze_for_export(&mut self) -> Result<(), ExportError> {
+        self.exportable()?;
+        self.export_freeze = Some(self.transport.is_frozen());
+        self.transport.set_frozen(true);
+        Ok(())
+    }
+
+    /// Whether the connection can be exported (or checkpointed) now: established or in
+    /// TIME-WAIT, and not exported already.
+    pub(crate) fn exportable(&self) -> Result<(), ExportError> {
         if self.export_freeze.is_some() {
             return Err(ExportError::AlreadyExported);
         }
         if !matches!(self.state, State::Established | State::TimeWait) || self.protect.is_none() {
             return Err(ExportError::NotEstablished);
         }
-        self.export_freeze = Some(self.transport.is_frozen());
-        self.transport.set_frozen(true);
         Ok(())
     }
 

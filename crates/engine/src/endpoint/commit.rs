@@ -1,0 +1,239 @@
+//! Output commit, for a hot standby (docs/moving-flows.md §3.3).
+//!
+//! A primary whose connections a standby replicates must never let the client see an effect
+//! of state the standby does not hold: an acknowledgement of bytes the standby never got
+//! (the client would not send them again, and they would be lost at a takeover), or bytes
+//! sent from a position the standby does not know (it would send other bytes, or the same
+//! ones twice, at those offsets). The engine keeps that rule at the only place every effect
+//! passes through, its output: while holding is on, every datagram an established server
+//! connection produces is *held*, numbered per connection. A [`checkpoint`] snapshots the
+//! connection as it is — which includes the effect of every datagram produced so far (packet
+//! numbers used, data in flight, what is acknowledged) — and returns the number of datagrams
+//! produced up to it (its [`CommitMark`]). Once the standby has confirmed that checkpoint,
+//! [`commit`] releases the datagrams below the mark, and only those. Whatever state the
+//! standby takes over from, then, is at least as far as anything the client saw: it sends
+//! again what the client never acknowledged, and the client drops by stream offset what it
+//! already had.
+//!
+//! Nothing changes for the transport: a held datagram counts as sent (its RTT sample, when
+//! acknowledged, includes the hold: the trip to the standby is part of this connection's
+//! round trip now), and a datagram held beyond [`MAX_HELD_DATAGRAMS`] is dropped and counted,
+//! which the transport recovers from as from any loss.
+//!
+//! [`checkpoint`]: Endpoint::checkpoint
+//! [`commit`]: Endpoint::commit
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{ConnectionHandle, Endpoint, ExportError, Transmit};
+use crate::Instant;
+use crate::connection::{Role, State};
+use crate::snapshot::block;
+
+/// Most datagrams one connection holds; beyond, new ones are dropped (and counted in
+/// [`EndpointStats::held_drops`](super::EndpointStats::held_drops)) until a commit releases
+/// some. The transport's congestion window bounds what it sends in one round trip, so this is
+/// reached only when the standby stops confirming.
+pub const MAX_HELD_DATAGRAMS: usize = 16_384;
+
+/// How far a [`Checkpoint`] covers its connection's output: the number of datagrams the
+/// connection had produced when it was taken. [`Endpoint::commit`] with it releases exactly
+/// those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct CommitMark(pub u64);
+
+/// A connection's state at one instant, for its standby: the snapshot (docs/snapshot.md; the
+/// same format an export produces, but the connection runs on), and the mark of the output it
+/// covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The snapshot: importable by the standby's [`Endpoint::import_with_app`] to take the
+    /// connection over. Holds the flow's keys.
+    pub snapshot: Vec<u8>,
+    /// Release the output it covers with [`Endpoint::commit`] once the standby holds it.
+    pub mark: CommitMark,
+}
+
+/// The held output of an endpoint's connections.
+#[derive(Debug, Default)]
+pub(crate) struct OutputHold {
+    /// Whether established server connections hold their output.
+    on: bool,
+    holds: HashMap<ConnectionHandle, Held>,
+    /// Released datagrams, sent before anything else.
+    released: VecDeque<Transmit>,
+    /// Connections that held a datagram since [`Endpoint::take_held`] last asked.
+    news: Vec<ConnectionHandle>,
+    held_now: usize,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Datagrams produced while held (the next one's number).
+    produced: u64,
+    /// Held, oldest first; the first is number `produced - queue.len()`.
+    queue: VecDeque<Transmit>,
+    /// Listed in `news` since the last [`Endpoint::take_held`].
+    announced: bool,
+}
+
+impl OutputHold {
+    /// Releases everything `held` holds.
+    fn release_all(&mut self, held: Held) {
+        self.held_now -= held.queue.len();
+        self.released.extend(held.queue);
+    }
+}
+
+/// Output commit (module docs): hold, checkpoint, commit.
+impl Endpoint {
+    /// Turns holding on or off. On: from now on every established server connection holds
+    /// what it sends until a [`commit`](Self::commit) releases it. Off: everything held is
+    /// released, and nothing is held any more (the standby is gone; the connections continue
+    /// unreplicated).
+    pub fn set_output_hold(&mut self, on: bool) {
+        self.hold.on = on;
+        if !on {
+            for (_, held) in std::mem::take(&mut self.hold.holds) {
+                self.hold.release_all(held);
+            }
+            self.hold.news.clear();
+        }
+    }
+
+    /// Whether holding is on ([`set_output_hold`](Self::set_output_hold)).
+    pub fn output_hold(&self) -> bool {
+        self.hold.on
+    }
+
+    /// Snapshots connection `h` as it is now, with `app` (the application's state for it, at
+    /// most [`MAX_APP_STATE`](super::MAX_APP_STATE) bytes) in the APP block, without
+    /// freezing it: it runs on. The snapshot is what [`export_with_app`](Self::export_with_app)
+    /// would give (a fresh export ID, the move epoch one past the connection's), so the
+    /// standby takes the connection over with [`import_with_app`](Self::import_with_app).
+    /// With holding on, the connection holds its output from now on if it did not already.
+    ///
+    /// `app` must describe what the application did with every byte it read from the
+    /// connection so far, and nothing it did not send: the standby's application resumes
+    /// from it at the stream positions of this snapshot.
+    pub fn checkpoint(
+        &mut self,
+        h: ConnectionHandle,
+        now: Instant,
+        app: &[u8],
+    ) -> Result<Checkpoint, ExportError> {
+        if app.len() > super::MAX_APP_STATE {
+            return Err(ExportError::AppStateTooLarge(app.len()));
+        }
+        self.conn_ref(h)
+            .ok_or(ExportError::UnknownConnection)?
+            .exportable()?;
+        let snapshot = self.write_snapshot(h, now, |w| w.add_bytes(block::APP, app.to_vec()))?;
+        let mark = if self.hold.on {
+            CommitMark(self.hold.holds.entry(h).or_default().produced)
+        } else {
+            CommitMark(self.hold.holds.get(&h).map_or(0, |held| held.produced))
+        };
+        Ok(Checkpoint { snapshot, mark })
+    }
+
+    /// Releases the datagrams connection `h` held before `mark` (a [`Checkpoint`]'s, once
+    /// the standby holds it); returns how many. A mark older than an earlier commit's
+    /// releases nothing more.
+    pub fn commit(&mut self, h: ConnectionHandle, mark: CommitMark) -> usize {
+        let Some(held) = self.hold.holds.get_mut(&h) else {
+            return 0;
+        };
+        let first = held.produced - held.queue.len() as u64;
+        let n = mark.0.saturating_sub(first).min(held.queue.len() as u64) as usize;
+        self.hold.released.extend(held.queue.drain(..n));
+        self.hold.held_now -= n;
+        n
+    }
+
+    /// Appends to `out` the connections that held a datagram since the last call, each
+    /// once: those waiting for a checkpoint.
+    pub fn take_held(&mut self, out: &mut Vec<ConnectionHandle>) {
+        for h in self.hold.news.drain(..) {
+            if let Some(held) = self.hold.holds.get_mut(&h) {
+                held.announced = false;
+                out.push(h);
+            }
+        }
+    }
+
+    /// How many datagrams connection `h` holds.
+    pub fn held(&self, h: ConnectionHandle) -> usize {
+        self.hold.holds.get(&h).map_or(0, |held| held.queue.len())
+    }
+
+    /// How many datagrams all connections hold.
+    pub fn held_total(&self) -> usize {
+        self.hold.held_now
+    }
+
+    /// The next released datagram, if any: [`poll_transmit_into`](Self::poll_transmit_into)
+    /// sends these first.
+    pub(super) fn poll_released(
+        &mut self,
+        out: &mut Vec<u8>,
+    ) -> Option<(super::Locator, super::Locator)> {
+        let t = self.hold.released.pop_front()?;
+        out.extend_from_slice(&t.payload);
+        Some((t.src, t.dst))
+    }
+
+    /// Called with each datagram connection `h` produced (appended to `out` from `start`):
+    /// holds it if `h` holds its output, and then takes it back out of `out`. Returns
+    /// whether it did.
+    pub(super) fn hold_output(
+        &mut self,
+        h: ConnectionHandle,
+        route: (super::Locator, super::Locator),
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> bool {
+        if !self.hold.on {
+            return false;
+        }
+        if !self.hold.holds.contains_key(&h) {
+            let Some(c) = self.conn_ref(h) else {
+                return false;
+            };
+            if c.role != Role::Server || c.state != State::Established || c.is_exported() {
+                return false;
+            }
+        }
+        let held = self.hold.holds.entry(h).or_default();
+        held.produced += 1;
+        if held.queue.len() >= MAX_HELD_DATAGRAMS {
+            self.stats.held_drops += 1;
+        } else {
+            held.queue.push_back(Transmit {
+                src: route.0,
+                dst: route.1,
+                payload: out[start..].to_vec(),
+            });
+            self.hold.held_now += 1;
+        }
+        if !held.announced {
+            held.announced = true;
+            self.hold.news.push(h);
+        }
+        out.truncate(start);
+        true
+    }
+
+    /// Connection `h` is being forgotten: what it held is released if it closed normally
+    /// (its last ACKs and close), dropped if it moved away (`exported`: the importer, or the
+    /// standby that took it over, continues from a state that never produced them).
+    pub(super) fn forget_held(&mut self, h: ConnectionHandle, exported: bool) {
+        if let Some(held) = self.hold.holds.remove(&h) {
+            if exported {
+                self.hold.held_now -= held.queue.len();
+            } else {
+                self.hold.release_all(held);
+            }
+        }
+    }
+}
