@@ -335,6 +335,60 @@ pub async fn move_all(agent: &Migrator, to: SocketAddr) -> Result<(usize, Vec<St
     Ok((moved, failed))
 }
 
+/// Starts `ep` as the hot standby of the instance whose admin address is `primary` (`listen
+/// --standby-of`): the task ends when it took the primary's streams over (or could not stand
+/// by at all).
+pub async fn start_standby(
+    ep: &Endpoint,
+    args: &crate::net::InstanceArgs,
+    primary: SocketAddr,
+) -> Result<tokio::task::JoinHandle<std::io::Result<serval::Takeover>>, String> {
+    let key = args
+        .key
+        .clone()
+        .ok_or("--standby-of needs --key (the key the primary's agent allows)")?;
+    let (locator, agent_key) = tokio::task::spawn_blocking(move || agent_of(primary))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot stand by for the instance at {primary}: {e}"))?;
+    let (agent, agent_key, _) = parse_request(&MigrateRequest {
+        agent: locator,
+        key: agent_key,
+        flows: Vec::new(),
+    })?;
+    note!(
+        "serval: hot standby of the instance at {primary} (its agent {agent}): holding its \
+         streams, taking them over after {} ms of silence",
+        args.standby_detect
+    );
+    let config = serval::StandbyConfig {
+        key,
+        primary: agent,
+        primary_key: agent_key,
+        detect: std::time::Duration::from_millis(args.standby_detect),
+    };
+    let ep = ep.clone();
+    Ok(tokio::spawn(async move {
+        serval::run_standby(&ep, config).await
+    }))
+}
+
+/// One line on a standby's takeover.
+pub fn describe_takeover(t: &serval::Takeover) -> String {
+    let mut line = format!(
+        "serval: took over {} stream(s) from the primary ({}; {} checkpoints held; imported in \
+         {})",
+        t.streams,
+        t.reason,
+        t.checkpoints,
+        ms(t.import.as_micros() as u64)
+    );
+    for (flow, why) in &t.failed {
+        line.push_str(&format!("; {flow} not taken: {why}"));
+    }
+    line
+}
+
 /// `serval migrate --admin FROM --to TO [--flow ID]... [--share F]`.
 pub fn migrate(from: SocketAddr, to: SocketAddr, flows: &[String], share: Option<f64>) -> ExitCode {
     for f in flows {

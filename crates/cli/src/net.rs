@@ -62,6 +62,17 @@ pub struct InstanceArgs {
     /// it); instances holding this instance's own --key always may. Repeatable.
     #[arg(long, value_name = "PUBKEY", requires = "admin", value_parser = parse_public_key)]
     pub allow_moves_from: Vec<serval::PublicKey>,
+    /// Run as the hot standby of the instance whose admin address is PRIMARY_ADMIN: hold a
+    /// copy of its streams (it sends each step as it happens, and waits for this standby to
+    /// hold it before the client sees it) and take them all over when it dies; only then
+    /// register with the router. Needs --admin and --key (the primary's agent must allow it).
+    #[arg(long, value_name = "PRIMARY_ADMIN", requires_all = ["admin", "key"])]
+    pub standby_of: Option<SocketAddr>,
+    /// With --standby-of: how long without a word from the primary before taking over, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = serval::DEFAULT_DETECT.as_millis() as u64,
+          requires = "standby_of", value_parser = clap::value_parser!(u64).range(1..))]
+    pub standby_detect: u64,
 }
 
 impl InstanceArgs {
@@ -85,6 +96,15 @@ impl InstanceArgs {
         if let Some(key) = &self.key {
             ep.set_registration_key(Some(key.clone()));
         }
+        // A standby registers only once it took over.
+        if self.standby_of.is_none() {
+            self.register(&ep, lease);
+        }
+        Ok(ep)
+    }
+
+    /// Starts registering with `--router` (if given), with `lease` or the default lease.
+    pub fn register(&self, ep: &Endpoint, lease: Option<Duration>) {
         if !self.router.is_empty() {
             let routers = self.router.clone();
             let lease = match lease {
@@ -97,7 +117,6 @@ impl InstanceArgs {
             };
             ep.set_routers_with(routers, lease);
         }
-        Ok(ep)
     }
 
     /// Listens for `prefix` (typed by the user as `name`) with this weight and priority.
@@ -191,11 +210,36 @@ pub async fn listen(
     );
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
+    // As a standby: hold the primary's streams until it dies, then take them over (they
+    // come out of `accept`) and only then register.
+    let standby = match instance.standby_of {
+        Some(primary) => Some(crate::instance::start_standby(&ep, &instance, primary).await?),
+        None => None,
+    };
+    let standby = async move {
+        match standby {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(standby);
+    let mut standing_by = instance.standby_of.is_some();
     // Open connections, so that a stop lets them finish (graceful drain).
     let mut open = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             Ok(ev) = events.recv() => note!("{}", describe_event(name, &ev)),
+            took = &mut standby, if standing_by => {
+                standing_by = false;
+                match took {
+                    Ok(Ok(t)) => {
+                        note!("{}", crate::instance::describe_takeover(&t));
+                        instance.register(&ep, opts.lease);
+                    }
+                    Ok(Err(e)) => return Err(format!("standby: {e}")),
+                    Err(e) => return Err(format!("standby: {e}")),
+                }
+            }
             accepted = listener.accept() => {
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 open.spawn(async move {

@@ -1,6 +1,8 @@
 //! What `serval listen` does with each stream: print it, echo it, or number its lines (the
 //! stateful example service). Every mode hands its stream over when the instance's migration
-//! agent asks (`serval migrate`), with its state, and takes streams moved in with theirs.
+//! agent asks (`serval migrate`), with its state, and takes streams moved in with theirs; and
+//! every mode serves in steps (`Stream::commit`: a read, the state after it, what it sent),
+//! which a hot standby replicates (`listen --standby-of`).
 
 use std::io;
 
@@ -83,6 +85,9 @@ pub async fn serve(mut stream: Stream, mode: Mode) -> io::Result<()> {
             }
         },
     };
+    // Each read and what it produced is one step (`Stream::commit`), so that a hot standby
+    // resumes the stream exactly after the last one; the first step comes before any read.
+    stream.commit(&encode(mode, &state), b"").await?;
     let mut stdout = tokio::io::stdout();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -117,11 +122,14 @@ pub async fn serve(mut stream: Stream, mode: Mode) -> io::Result<()> {
         }
         let data = &buf[..n];
         match mode {
-            Mode::Print => stdout.write_all(data).await?,
-            Mode::Echo => io.write_all(data).await?,
+            Mode::Print => {
+                stdout.write_all(data).await?;
+                stream.commit(&encode(mode, &state), b"").await?;
+            }
+            Mode::Echo => stream.commit(&encode(mode, &state), data).await?,
             Mode::Number => {
                 let out = number(&mut state, data);
-                io.write_all(&out).await?;
+                stream.commit(&encode(mode, &state), &out).await?;
             }
         }
     }

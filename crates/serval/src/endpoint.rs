@@ -73,6 +73,8 @@ pub(crate) struct ConnSlot {
     pub(crate) exported: bool,
     /// Told when this end next moves (the RSYN of a move, or of an import, was answered).
     pub(crate) migrated: Vec<oneshot::Sender<Locator>>,
+    /// Its steps, for a hot standby ([`Stream::commit`](crate::Stream::commit)).
+    pub(crate) replica: crate::standby::StreamReplica,
 }
 
 #[derive(Default)]
@@ -101,6 +103,8 @@ pub(crate) struct State {
     pub(crate) discovery: Option<(Locator, Duration)>,
     /// Path events (addresses, moves) for the application ([`Endpoint::path_events`]).
     pub(crate) path_events: broadcast::Sender<PathEvent>,
+    /// Replication to a hot standby, while one is attached.
+    pub(crate) primary: Option<crate::standby::Primary>,
 }
 
 impl State {
@@ -146,8 +150,12 @@ impl State {
                     }
                 }
                 Event::Writable(h) => {
-                    if let Some(w) = self.conns.get_mut(&h).and_then(|c| c.write.take()) {
-                        w.wake();
+                    if let Some(c) = self.conns.get_mut(&h) {
+                        // A step's output first, in order, then the writer.
+                        c.replica.drain(&mut self.engine, h);
+                        if let Some(w) = c.write.take() {
+                            w.wake();
+                        }
                     }
                 }
                 Event::Closed(h, reason) => {
@@ -394,6 +402,7 @@ impl Endpoint {
                 driver_deadline: None,
                 discovery: None,
                 path_events: broadcast::channel(crate::netwatch::PATH_EVENTS).0,
+                primary: None,
             }),
             wake: Arc::new(Notify::new()),
             sockets: arc_swap::ArcSwap::from_pointee(sockets),
@@ -844,9 +853,13 @@ impl SendQueue {
                     start,
                     len: self.buf.len() - start,
                 }),
-                None => return false,
+                None => {
+                    st.held_output_news();
+                    return false;
+                }
             }
         }
+        st.held_output_news();
         true
     }
 

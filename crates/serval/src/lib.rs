@@ -39,6 +39,7 @@ mod migrate;
 mod moving;
 mod netwatch;
 mod registration;
+mod standby;
 mod stream;
 
 pub use datagram::DatagramSocket;
@@ -70,4 +71,5 @@ pub use serval_keys::{PrivateKey, PublicKey};
 pub use serval_table::{Action, Target};
 pub use serval_wire::registration::{MessageType, RegistrationRepr, RejectReason};
 pub use serval_wire::{FlowId, Locator, ServiceId, ServicePrefix};
+pub use standby::{DEFAULT_DETECT, HEARTBEAT, STANDBY_LOST, StandbyConfig, Takeover, run_standby};
 pub use stream::{OwnedReadHalf, OwnedWriteHalf, ReadHalf, Stream, WriteHalf};

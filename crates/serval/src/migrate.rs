@@ -70,6 +70,8 @@ const REFUSED: u8 = 0xde;
 /// Exporter → importer: a snapshot, then the commit of that move.
 const MSG_SNAPSHOT: u8 = 1;
 const MSG_COMMIT: u8 = 2;
+/// A standby asks for the replication session (docs/protocol.md §7.3), as its first message.
+pub(crate) const MSG_STANDBY: u8 = 3;
 
 /// Importer → exporter.
 const MSG_READY: u8 = 1;
@@ -247,50 +249,7 @@ impl Migrator {
 
     /// Opens the agent stream to `to` and proves this agent's key.
     async fn connect(&self, to: Locator, to_key: PublicKey) -> io::Result<Stream> {
-        let bind: Locator = if to.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let client = Endpoint::bind_with(
-            &[bind],
-            EndpointConfig {
-                peer_identity: Some(PeerIdentity::Key(to_key)),
-                ..EndpointConfig::default()
-            },
-        )
-        .await?;
-        let mut stream = tokio::time::timeout(AGENT_LIMIT, client.connect_via(service(), to))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no migration agent answered at {to}"),
-                )
-            })??;
-        let mut hello = [0u8; 4 + 1 + 32];
-        timed(stream.read_exact(&mut hello)).await?;
-        if &hello[..4] != MAGIC || hello[4] != VERSION {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{to} is not a migration agent of this version"),
-            ));
-        }
-        let mut signed = SIGNED_CONTEXT.to_vec();
-        signed.extend_from_slice(&hello[5..]);
-        signed.extend_from_slice(to_key.as_bytes());
-        let mut proof = self.inner.key.public_key().as_bytes().to_vec();
-        proof.extend_from_slice(&self.inner.key.sign(&signed));
-        timed(stream.write_all(&proof)).await?;
-        // Nothing is asked of any flow until the other agent accepted this one.
-        let mut verdict = [0u8; 1];
-        match timed(stream.read_exact(&mut verdict)).await {
-            Ok(_) if verdict[0] == ACCEPTED => Ok(stream),
-            _ => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("the migration agent at {to} refused this instance's key"),
-            )),
-        }
+        connect_agent(&self.inner.key, to, to_key).await
     }
 
     async fn move_one(
@@ -386,6 +345,58 @@ impl Migrator {
                 "committed, but the other agent's last answer was lost: {e}"
             ))),
         }
+    }
+}
+
+/// Opens an agent stream to `to`, requiring it to prove `to_key`, and proves `key` to it.
+pub(crate) async fn connect_agent(
+    key: &PrivateKey,
+    to: Locator,
+    to_key: PublicKey,
+) -> io::Result<Stream> {
+    let bind: Locator = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let client = Endpoint::bind_with(
+        &[bind],
+        EndpointConfig {
+            peer_identity: Some(PeerIdentity::Key(to_key)),
+            ..EndpointConfig::default()
+        },
+    )
+    .await?;
+    let mut stream = tokio::time::timeout(AGENT_LIMIT, client.connect_via(service(), to))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no migration agent answered at {to}"),
+            )
+        })??;
+    let mut hello = [0u8; 4 + 1 + 32];
+    timed(stream.read_exact(&mut hello)).await?;
+    if &hello[..4] != MAGIC || hello[4] != VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{to} is not a migration agent of this version"),
+        ));
+    }
+    let mut signed = SIGNED_CONTEXT.to_vec();
+    signed.extend_from_slice(&hello[5..]);
+    signed.extend_from_slice(to_key.as_bytes());
+    let mut proof = key.public_key().as_bytes().to_vec();
+    proof.extend_from_slice(&key.sign(&signed));
+    timed(stream.write_all(&proof)).await?;
+    // Nothing is asked of any flow until the other agent accepted this one.
+    let mut verdict = [0u8; 1];
+    match timed(stream.read_exact(&mut verdict)).await {
+        Ok(_) if verdict[0] == ACCEPTED => Ok(stream),
+        _ => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the migration agent at {to} refused this instance's key"),
+        )),
     }
 }
 
@@ -542,6 +553,9 @@ async fn take_moves(
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if head[0] == MSG_STANDBY {
+            return crate::standby::replicate_to(ep, stream).await;
         }
         let seq = u32::from_be_bytes(field(&head, 1));
         let len = u32::from_be_bytes(field(&head, 5)) as usize;

@@ -334,16 +334,54 @@ impl Endpoint {
         &self,
         snapshot: &[u8],
     ) -> Result<(FlowId, oneshot::Receiver<Locator>), SnapshotError> {
+        self.import_into_listener(snapshot, false)
+    }
+
+    /// [`import_to_listener`](Self::import_to_listener) for a standby's checkpoint, whose
+    /// APP block holds the application's state and its last step's unsent output
+    /// ([`Stream::commit`]): the output is sent first, and the stream stays replicable.
+    pub(crate) fn import_standby_to_listener(
+        &self,
+        snapshot: &[u8],
+    ) -> Result<(FlowId, oneshot::Receiver<Locator>), SnapshotError> {
+        self.import_into_listener(snapshot, true)
+    }
+
+    fn import_into_listener(
+        &self,
+        snapshot: &[u8],
+        standby: bool,
+    ) -> Result<(FlowId, oneshot::Receiver<Locator>), SnapshotError> {
         let (rebound, rx) = oneshot::channel();
         let mut st = self.shared.lock();
         let now = st.now();
         let (h, app) = st.engine.import_with_app(snapshot, now)?;
         let info = st.engine.connection_info(h);
         let flow = info.as_ref().map_or(FlowId(0), |c| c.local_flow);
+        let mut replica = crate::standby::StreamReplica::default();
+        let app = match app {
+            Some(blob) if standby => match crate::standby::split_app_blob(&blob) {
+                Some((state, out)) => {
+                    replica.state = Some(state.clone());
+                    replica.out = out;
+                    replica.drain(&mut st.engine, h);
+                    Some(state)
+                }
+                None => {
+                    st.engine.abort(h);
+                    return Err(SnapshotError::Malformed {
+                        block: serval_engine::snapshot::block::APP,
+                        reason: "not a standby checkpoint's application block",
+                    });
+                }
+            },
+            app => app,
+        };
         st.conns.insert(
             h,
             ConnSlot {
                 migrated: vec![rebound],
+                replica,
                 ..ConnSlot::default()
             },
         );

@@ -67,6 +67,12 @@ impl Inner {
         match st.engine.read(self.handle, buf.initialize_unfilled()) {
             Ok(Some(n)) => {
                 buf.advance(n);
+                if n > 0
+                    && let Some(c) = st.conns.get_mut(&self.handle)
+                {
+                    // Read outside a step: no checkpoint until the next commit.
+                    c.replica.dirty = true;
+                }
                 drop(st);
                 // Reading may open the flow-control window: let the driver send the update.
                 self.shared.wake.notify_one();
@@ -108,6 +114,9 @@ impl Inner {
                 c => Poll::Ready(Err(closed_error(c.and_then(|c| c.closed.as_ref())))),
             },
             Ok(n) => {
+                if let Some(c) = st.conns.get_mut(&self.handle) {
+                    c.replica.dirty = true;
+                }
                 drop(st);
                 self.shared.wake.notify_one();
                 Poll::Ready(Ok(n))

@@ -5,8 +5,8 @@
 //! (the client would not send them again, and they would be lost at a takeover), or bytes
 //! sent from a position the standby does not know (it would send other bytes, or the same
 //! ones twice, at those offsets). The engine keeps that rule at the only place every effect
-//! passes through, its output: while holding is on, every datagram an established server
-//! connection produces is *held*, numbered per connection. A [`checkpoint`] snapshots the
+//! passes through, its output: while holding is on, every datagram a connection produces
+//! once it was first checkpointed is *held*, numbered per connection. A [`checkpoint`] snapshots the
 //! connection as it is — which includes the effect of every datagram produced so far (packet
 //! numbers used, data in flight, what is acknowledged) — and returns the number of datagrams
 //! produced up to it (its [`CommitMark`]). Once the standby has confirmed that checkpoint,
@@ -27,7 +27,6 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{ConnectionHandle, Endpoint, ExportError, Transmit};
 use crate::Instant;
-use crate::connection::{Role, State};
 use crate::snapshot::block;
 
 /// Most datagrams one connection holds; beyond, new ones are dropped (and counted in
@@ -87,8 +86,9 @@ impl OutputHold {
 
 /// Output commit (module docs): hold, checkpoint, commit.
 impl Endpoint {
-    /// Turns holding on or off. On: from now on every established server connection holds
-    /// what it sends until a [`commit`](Self::commit) releases it. Off: everything held is
+    /// Turns holding on or off. On: from its next [`checkpoint`](Self::checkpoint) on, a
+    /// connection holds what it sends until a [`commit`](Self::commit) releases it (a
+    /// connection never checkpointed is not replicated, and holds nothing). Off: everything held is
     /// released, and nothing is held any more (the standby is gone; the connections continue
     /// unreplicated).
     pub fn set_output_hold(&mut self, on: bool) {
@@ -111,7 +111,9 @@ impl Endpoint {
     /// freezing it: it runs on. The snapshot is what [`export_with_app`](Self::export_with_app)
     /// would give (a fresh export ID, the move epoch one past the connection's), so the
     /// standby takes the connection over with [`import_with_app`](Self::import_with_app).
-    /// With holding on, the connection holds its output from now on if it did not already.
+    /// With holding on, the connection holds its output from now on if it did not already:
+    /// take the first checkpoint before the application reads anything, so that nothing it
+    /// acknowledged unheld is missing from the standby's state.
     ///
     /// `app` must describe what the application did with every byte it read from the
     /// connection so far, and nothing it did not send: the standby's application resumes
@@ -162,6 +164,11 @@ impl Endpoint {
         }
     }
 
+    /// Whether a connection held a datagram since the last [`take_held`](Self::take_held).
+    pub fn has_new_held(&self) -> bool {
+        !self.hold.news.is_empty()
+    }
+
     /// How many datagrams connection `h` holds.
     pub fn held(&self, h: ConnectionHandle) -> usize {
         self.hold.holds.get(&h).map_or(0, |held| held.queue.len())
@@ -196,15 +203,9 @@ impl Endpoint {
         if !self.hold.on {
             return false;
         }
-        if !self.hold.holds.contains_key(&h) {
-            let Some(c) = self.conn_ref(h) else {
-                return false;
-            };
-            if c.role != Role::Server || c.state != State::Established || c.is_exported() {
-                return false;
-            }
-        }
-        let held = self.hold.holds.entry(h).or_default();
+        let Some(held) = self.hold.holds.get_mut(&h) else {
+            return false;
+        };
         held.produced += 1;
         if held.queue.len() >= MAX_HELD_DATAGRAMS {
             self.stats.held_drops += 1;
