@@ -521,6 +521,8 @@ struct Counters {
     congestion_events: u32,
     persistent_congestion: u32,
     probe_timeouts: u32,
+    /// Not part of a snapshot (`TransportStats::silence_probes`).
+    silence_probes: u32,
     mtu_probes_sent: u32,
     mtu_probes_lost: u32,
     black_holes: u32,
@@ -948,6 +950,7 @@ impl Transport {
         self.stats.packets_received += 1;
         self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
         self.last_received = now;
+        self.liveness_on_received();
         self.memory_released = false;
 
         if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
@@ -1979,6 +1982,7 @@ impl Transport {
     /// payload but are activity all the same).
     pub fn on_peer_activity(&mut self, now: Instant) {
         self.last_received = self.last_received.max(now);
+        self.liveness_on_received();
     }
 
     /// Freezes (or thaws) the transport while the SAL migrates the flow: nothing is sent;
@@ -2060,7 +2064,7 @@ impl Transport {
             congestion_events: u64::from(c.congestion_events),
             persistent_congestion: u64::from(c.persistent_congestion),
             probe_timeouts: u64::from(c.probe_timeouts),
-            silence_probes: self.silence_probes(),
+            silence_probes: u64::from(c.silence_probes),
             mtu_probes_sent: u64::from(c.mtu_probes_sent),
             mtu_probes_lost: u64::from(c.mtu_probes_lost),
             black_holes: u64::from(c.black_holes),
@@ -2082,7 +2086,7 @@ fn datagram_frame_len(len: usize) -> usize {
 mod liveness;
 mod snapshot;
 
-pub use liveness::{MAX_SILENCE_BACKOFF, MIN_SILENCE, SILENCE_RTTS};
+pub use liveness::{MAX_SILENCE_BACKOFF, MIN_SILENCE, SILENCE_RTTS, SILENT_PROBE_TIMEOUTS};
 
 #[cfg(test)]
 mod tests;
