@@ -200,10 +200,11 @@ pub struct TransportConfig {
     /// Close the connection (with [`TransportEvent::IdleTimeout`], sending nothing) when
     /// nothing was received for this long. Default 30 s.
     pub idle_timeout: Duration,
-    /// Send a PING when the peer's stream data, which was arriving, stops for a few round
-    /// trips while more is expected, so that an end that only receives notices a dead path
-    /// (its probe timeout then runs: docs/protocol.md, silent-path failover). Host policy, like
-    /// `keepalive`. Default `false`; an endpoint with
+    /// Send a PING when the peer's stream data, which was arriving in bulk (a burst of at
+    /// least [`ARM_BYTES`]), stops for a few round trips while more is expected, so that an
+    /// end that only receives notices a dead path: unanswered, the probe is retried, and
+    /// [`Transport::is_path_silent`] then says so (docs/protocol.md §4, "A receive-only end").
+    /// Host policy, like `keepalive`. Default `false`; an endpoint with
     /// [`path_failover`](crate::endpoint::EndpointConfig::path_failover) turns it on.
     pub silence_probe: bool,
     /// Most datagrams queued each way: sent but not yet transmitted, and received but not
@@ -949,8 +950,8 @@ impl Transport {
         }
         self.stats.packets_received += 1;
         self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
+        self.liveness_on_received(now);
         self.last_received = now;
-        self.liveness_on_received();
         self.memory_released = false;
 
         if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
@@ -969,7 +970,7 @@ impl Transport {
                 Frame::Stream { offset, data, fin } => match self.recv.write(offset, data, fin) {
                     Ok(new) => {
                         if new > 0 {
-                            self.liveness_on_stream_data();
+                            self.liveness_on_stream_data(new);
                         }
                         self.stats.stream_bytes_received += new as u64;
                         self.stats.duplicate_stream_bytes += (data.len() - new) as u64;
@@ -1981,8 +1982,8 @@ impl Transport {
     /// idle timer restarts (control exchanges such as the closing FINs carry no transport
     /// payload but are activity all the same).
     pub fn on_peer_activity(&mut self, now: Instant) {
+        self.liveness_on_received(now);
         self.last_received = self.last_received.max(now);
-        self.liveness_on_received();
     }
 
     /// Freezes (or thaws) the transport while the SAL migrates the flow: nothing is sent;
@@ -2086,7 +2087,9 @@ fn datagram_frame_len(len: usize) -> usize {
 mod liveness;
 mod snapshot;
 
-pub use liveness::{MAX_SILENCE_BACKOFF, MIN_SILENCE, SILENCE_RTTS, SILENT_PROBE_TIMEOUTS};
+pub use liveness::{
+    ARM_BYTES, MAX_SILENCE_BACKOFF, MIN_SILENCE, SILENCE_RTTS, SILENT_PROBE_TIMEOUTS,
+};
 
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@
 //! when the peer's data, which was flowing, stops; then:
 //!
 //! - the path is alive (the peer merely stopped writing): the PING is acknowledged at once,
-//!   the episode ends, and no further probe is sent until stream data arrives again;
+//!   the episode ends, and no further probe is sent until another burst;
 //! - the path is dead: nothing comes back. After a probe timeout the PING is sent again, and
 //!   after [`SILENT_PROBE_TIMEOUTS`] probe timeouts with nothing received
 //!   [`is_path_silent`](Transport::is_path_silent) tells the endpoint, which moves the flow
@@ -18,9 +18,14 @@
 //!
 //! # When a probe is due
 //!
-//! - New stream data arrived since the last probe (or since the path changed): the peer was
-//!   sending, so silence now means something. A connection that was not receiving never
-//!   probes: no keepalive traffic on idle connections.
+//! - The peer was streaming: the current *burst* — stream data arriving with no gap as long
+//!   as the silence threshold, since the last probe or path change — brought at least
+//!   [`ARM_BYTES`] (64 KiB). A connection that was not receiving never probes (no keepalive
+//!   traffic on idle connections), and neither does one that receives messages or responses
+//!   with pauses between (a feed, requests on a persistent connection): the end of a short
+//!   burst is the peer having nothing more to say far more often than a dead path, and a
+//!   probe per message would add a PING and its ACK to every exchange. Bulk transfers cross
+//!   it within a few round trips.
 //! - The receive side still expects data: the peer's FIN has not arrived (or bytes before it
 //!   are missing), and the flow-control window is open (a reader that stopped reading makes
 //!   the peer stop, and that silence is expected).
@@ -47,13 +52,17 @@
 //! # Round-trip time
 //!
 //! Both need an RTT estimate, and an end that only sends ACKs (which are not acknowledged)
-//! never takes a sample: its estimate stays at the 333 ms initial guess. So the first stream
-//! data that arrives on a path without an RTT sample also asks for one PING, whose immediate
-//! acknowledgement is that sample: one ack-eliciting frame per path and connection that
-//! receives data.
+//! never takes a sample: its estimate stays at the 333 ms initial guess. So the first burst
+//! to reach [`ARM_BYTES`] on a path without an RTT sample also asks for one PING, whose
+//! immediate acknowledgement is that sample: one ack-eliciting frame per path and bulk
+//! receiver.
 //!
-//! The state is four bytes and is not part of a snapshot: an imported connection starts
-//! unarmed and re-arms on the next data it receives.
+//! A receive-only flow too slow to make a burst (a message now and then) is not covered: it
+//! cannot tell a dead path from a quiet peer without traffic of its own, which is what
+//! [`keepalive`](super::TransportConfig::keepalive) is for.
+//!
+//! The state is eight bytes and is not part of a snapshot: an imported connection starts
+//! unarmed and re-arms on its next burst.
 
 use core::time::Duration;
 
@@ -75,39 +84,59 @@ pub const MAX_SILENCE_BACKOFF: u8 = 3;
 /// shorter timeout.
 pub const SILENT_PROBE_TIMEOUTS: u8 = 2;
 
-/// A receiving end's silence-probe state (see the [module documentation](self)).
+/// Stream bytes a burst must bring before its end is worth a probe (and before a
+/// receive-only end spends a PING on measuring its RTT). A burst is data arriving with no
+/// gap as long as the silence threshold.
+pub const ARM_BYTES: u32 = 64 << 10;
+
+/// A receiving end's silence-probe state (see the [module documentation](self)): eight
+/// bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Liveness {
-    /// New stream data arrived since the last probe or path change.
-    armed: bool,
+    /// Stream bytes received in the current burst (saturating); zeroed by a silence as long
+    /// as the threshold, a probe and a path change.
+    burst: u32,
     /// An RTT-measuring PING was asked for on this path.
     measured: bool,
-    /// Probes sent on this path, capped at [`MAX_SILENCE_BACKOFF`]: the threshold's exponent.
+    /// Episodes begun on this path, capped at [`MAX_SILENCE_BACKOFF`]: the threshold's
+    /// exponent.
     backoff: u8,
-    /// An episode is under way: a probe went out and nothing was received since (anything
-    /// received ends it: [`on_received`](Self::on_received)).
-    probing: bool,
-    /// The threshold's exponent when the episode began (it began at `last_received` plus
-    /// that threshold: nothing was received since, so neither has moved).
+    /// The exponent when the current episode began (it began at `last_received` plus that
+    /// threshold: nothing was received since, so neither has moved).
     episode_backoff: u8,
-    /// Probe timeouts so far in the episode (up to [`SILENT_PROBE_TIMEOUTS`]).
-    timeouts: u8,
+    /// 0: no episode. `k + 1`: a probe went out, nothing was received since (anything
+    /// received ends it: [`on_received`](Self::on_received)), and `k` probe timeouts passed.
+    episode: u8,
 }
 
 impl Liveness {
-    /// New stream data arrived. Returns whether a PING should measure the path's RTT
-    /// (`has_sample`: the estimator already has a sample).
-    fn on_stream_data(&mut self, has_sample: bool) -> bool {
-        self.armed = true;
-        let measure = !has_sample && !self.measured;
-        self.measured |= measure;
-        measure
+    /// Whether an episode is under way.
+    fn probing(&self) -> bool {
+        self.episode > 0
     }
 
-    /// Something arrived from the peer: the path works; an episode ends.
-    fn on_received(&mut self) {
-        self.probing = false;
-        self.timeouts = 0;
+    /// Probe timeouts in the current episode.
+    fn timeouts(&self) -> u8 {
+        self.episode.saturating_sub(1)
+    }
+
+    /// Something arrived from the peer, `gap` after the previous sign of life: the path
+    /// works, an episode ends; a gap as long as the threshold also ends the burst.
+    fn on_received(&mut self, gap: Duration, rtt: &RttEstimator) {
+        self.episode = 0;
+        if gap >= threshold(rtt, self.backoff) {
+            self.burst = 0;
+        }
+    }
+
+    /// `bytes` new stream bytes arrived. Returns whether a PING should measure the path's
+    /// RTT (`has_sample`: the estimator already has a sample).
+    fn on_stream_data(&mut self, bytes: usize, has_sample: bool) -> bool {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.burst = self.burst.saturating_add(bytes);
+        let measure = self.burst >= ARM_BYTES && !has_sample && !self.measured;
+        self.measured |= measure;
+        measure
     }
 
     /// When something is due, if anything may be: `last_received` is the peer's last sign
@@ -118,17 +147,18 @@ impl Liveness {
         rtt: &RttEstimator,
         expects_more: bool,
     ) -> Option<Instant> {
-        if self.probing {
-            if self.timeouts >= SILENT_PROBE_TIMEOUTS {
+        if self.probing() {
+            if self.timeouts() >= SILENT_PROBE_TIMEOUTS {
                 return None; // settled: silent
             }
             // The episode began at `last_received + threshold`; probe `k` went out
             // `2^k - 1` probe timeouts into it and waits `2^k` of them.
             let began = last_received + threshold(rtt, self.episode_backoff);
-            let waits = (2u32 << self.timeouts) - 1;
+            let waits = (2u32 << self.timeouts()) - 1;
             return Some(began + probe_timeout(rtt).saturating_mul(waits));
         }
-        (self.armed && expects_more).then(|| last_received + threshold(rtt, self.backoff))
+        (self.burst >= ARM_BYTES && expects_more)
+            .then(|| last_received + threshold(rtt, self.backoff))
     }
 
     /// Runs what is due at `now`; returns whether to send a PING (a silence probe).
@@ -145,27 +175,23 @@ impl Liveness {
         {
             return false;
         }
-        if self.probing {
-            // The probe went unanswered for a probe timeout: again, and back off.
-            self.timeouts += 1;
-            if self.timeouts >= SILENT_PROBE_TIMEOUTS {
-                return false;
-            }
-        } else {
-            // Silence after data: a new episode.
-            self.armed = false;
-            self.probing = true;
-            self.episode_backoff = self.backoff;
-            self.backoff = (self.backoff + 1).min(MAX_SILENCE_BACKOFF);
-            self.timeouts = 0;
+        if self.probing() {
+            // The probe went unanswered for a probe timeout: again (until the last).
+            self.episode += 1;
+            return self.timeouts() < SILENT_PROBE_TIMEOUTS;
         }
+        // Silence after a burst: a new episode.
+        self.burst = 0;
+        self.episode = 1;
+        self.episode_backoff = self.backoff;
+        self.backoff = (self.backoff + 1).min(MAX_SILENCE_BACKOFF);
         true
     }
 
     /// Whether the path counts as silent: an episode's probe went unanswered through
     /// [`SILENT_PROBE_TIMEOUTS`] probe timeouts.
     fn is_silent(&self) -> bool {
-        self.probing && self.timeouts >= SILENT_PROBE_TIMEOUTS
+        self.probing() && self.timeouts() >= SILENT_PROBE_TIMEOUTS
     }
 
     /// The threshold's exponent.
@@ -196,10 +222,10 @@ fn probe_timeout(rtt: &RttEstimator) -> Duration {
 
 /// The hooks [`Transport`] calls.
 impl Transport {
-    /// New stream bytes arrived: arm the silence probe (and measure the RTT if there is no
-    /// sample yet).
-    pub(super) fn liveness_on_stream_data(&mut self) {
-        if self.config.silence_probe && self.liveness.on_stream_data(self.rtt.has_sample()) {
+    /// `bytes` new stream bytes arrived: they count towards arming the silence probe (and
+    /// measuring the RTT if there is no sample yet).
+    pub(super) fn liveness_on_stream_data(&mut self, bytes: usize) {
+        if self.config.silence_probe && self.liveness.on_stream_data(bytes, self.rtt.has_sample()) {
             self.ping_pending = true;
         }
     }
@@ -229,9 +255,11 @@ impl Transport {
         }
     }
 
-    /// A valid packet, or other sign of life, arrived from the peer.
-    pub(super) fn liveness_on_received(&mut self) {
-        self.liveness.on_received();
+    /// A valid packet, or another sign of life, arrived from the peer at `now`. Call before
+    /// updating `last_received`.
+    pub(super) fn liveness_on_received(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_received);
+        self.liveness.on_received(gap, &self.rtt);
     }
 
     /// The path changed ([`on_path_change`](Transport::on_path_change)).
@@ -263,6 +291,8 @@ mod tests {
         Instant::from_nanos(ms * 1_000_000)
     }
 
+    const BULK: usize = ARM_BYTES as usize;
+
     #[test]
     fn the_rule_is_the_endpoints() {
         assert_eq!(
@@ -272,29 +302,56 @@ mod tests {
     }
 
     #[test]
-    fn unarmed_until_data_arrives_and_disarmed_by_an_answered_probe() {
+    fn armed_by_a_burst_and_disarmed_by_an_answered_probe() {
         let mut l = Liveness::default();
         let r = rtt(20);
         assert_eq!(l.deadline(t(0), &r, true), None, "never received data");
-        l.on_stream_data(true);
+        l.on_stream_data(BULK - 1, true);
+        assert_eq!(l.deadline(t(100), &r, true), None, "a message, not a burst");
+        l.on_stream_data(1, true);
         assert_eq!(l.deadline(t(100), &r, true), Some(t(160)), "3 × 20 ms");
         assert_eq!(l.deadline(t(100), &r, false), None, "nothing more expected");
         assert!(!l.on_timeout(t(159), t(100), &r, true), "not yet");
         assert!(l.on_timeout(t(160), t(100), &r, true), "a probe");
         // Its timeout: srtt + 4 × rttvar (20 + 40 ms), no ACK delay.
         assert_eq!(l.deadline(t(100), &r, true), Some(t(220)));
-        // Answered (something arrived): nothing more until new data arrives.
-        l.on_received();
+        // Answered (something arrived): nothing more until a new burst.
+        l.on_received(Duration::from_millis(70), &r);
         assert_eq!(l.deadline(t(170), &r, true), None);
         assert!(!l.on_timeout(t(1000), t(170), &r, true));
         assert!(!l.is_silent());
+        l.on_stream_data(BULK, true);
+        assert_eq!(
+            l.deadline(t(170), &r, true),
+            Some(t(290)),
+            "backed off: 120 ms"
+        );
+    }
+
+    #[test]
+    fn small_bursts_with_silences_between_never_arm() {
+        let mut l = Liveness::default();
+        let r = rtt(1);
+        for _ in 0..100 {
+            // 10 kB, then 10 ms (the threshold) of nothing: each a burst of its own.
+            l.on_received(Duration::from_millis(10), &r);
+            l.on_stream_data(10_000, false);
+            assert_eq!(l.deadline(t(0), &r, true), None);
+        }
+        assert!(!l.measured, "no RTT measurement either");
+        // The same bytes with shorter gaps are one burst, and arm.
+        for _ in 0..7 {
+            l.on_received(Duration::from_millis(9), &r);
+            assert!(!l.on_stream_data(10_000, true));
+        }
+        assert_eq!(l.deadline(t(0), &r, true), Some(t(10)));
     }
 
     #[test]
     fn an_unanswered_probe_is_sent_again_and_then_the_path_is_silent() {
         let mut l = Liveness::default();
         let r = rtt(1);
-        l.on_stream_data(true);
+        l.on_stream_data(BULK, true);
         let last = t(0);
         assert!(l.on_timeout(t(10), last, &r, true), "MIN_SILENCE");
         // pto_base is 3 ms here; the floor makes it 10 ms, then 20 ms.
@@ -308,7 +365,7 @@ mod tests {
         assert_eq!(l.deadline(last, &r, true), None, "settled");
         // A late answer ends it; a path change too.
         let mut answered = l;
-        answered.on_received();
+        answered.on_received(Duration::from_millis(41), &r);
         assert!(!answered.is_silent());
         l.on_path_change();
         assert!(!l.is_silent());
@@ -321,11 +378,11 @@ mod tests {
         let mut want = 10;
         let mut now = 0;
         for _ in 0..6 {
-            l.on_stream_data(true);
+            l.on_stream_data(BULK, true);
             assert_eq!(l.deadline(t(now), &fast, true), Some(t(now + want)));
             assert!(l.on_timeout(t(now + want), t(now), &fast, true));
             // Answered at once.
-            l.on_received();
+            l.on_received(Duration::from_millis(want), &fast);
             now += want + 1;
             want = (want * 2).min(10 << MAX_SILENCE_BACKOFF);
         }
@@ -336,7 +393,7 @@ mod tests {
             None,
             "a new path starts unarmed"
         );
-        l.on_stream_data(true);
+        l.on_stream_data(BULK, true);
         assert_eq!(
             l.deadline(t(0), &fast, true),
             Some(t(10)),
@@ -345,13 +402,14 @@ mod tests {
     }
 
     #[test]
-    fn one_measuring_ping_per_path_without_an_rtt_sample() {
+    fn one_measuring_ping_per_path_without_an_rtt_sample_once_a_burst_is_bulk() {
         let mut l = Liveness::default();
-        assert!(l.on_stream_data(false));
-        assert!(!l.on_stream_data(false), "asked once");
+        assert!(!l.on_stream_data(BULK - 1, false), "not yet bulk");
+        assert!(l.on_stream_data(1, false));
+        assert!(!l.on_stream_data(BULK, false), "asked once");
         l.on_path_change();
-        assert!(!l.on_stream_data(true), "a sample is there already");
+        assert!(!l.on_stream_data(BULK, true), "a sample is there already");
         l.on_path_change();
-        assert!(l.on_stream_data(false), "again on a new path");
+        assert!(l.on_stream_data(BULK, false), "again on a new path");
     }
 }

@@ -948,6 +948,42 @@ fn a_peer_that_stops_writing_costs_one_probe_per_pause_and_nothing_moves() {
 }
 
 #[test]
+fn messages_with_pauses_between_cost_the_reader_nothing() {
+    // 2 kB every second on a stream that stays open (a feed, or responses on a persistent
+    // connection): each message is a burst of its own, far below ARM_BYTES. The reader
+    // with the silence probe sends exactly what it sends without it.
+    let run = |probing: bool| {
+        let config = TransportConfig {
+            idle_timeout: Duration::from_secs(120),
+            ..TransportConfig::default()
+        };
+        let reader = TransportConfig {
+            silence_probe: probing,
+            ..config.clone()
+        };
+        let mut rng = Rng::new(61);
+        let mut p = Pair::with_configs([&config, &reader], Link::clean(), 61);
+        p.app = [
+            App {
+                finish: false,
+                ..App::sending(Vec::new())
+            },
+            App::sending(Vec::new()),
+        ];
+        for _ in 0..30 {
+            p.app[0].to_send.extend(rng.bytes(2_000));
+            p.run_for(Duration::from_secs(1));
+        }
+        assert_eq!(p.app[1].received, p.app[0].to_send);
+        p.assert_no_errors();
+        (p.sent[1], p.t[1].stats().silence_probes)
+    };
+    let (with, probes) = run(true);
+    assert_eq!(probes, 0);
+    assert_eq!(with, run(false).0, "the same packets");
+}
+
+#[test]
 fn no_probe_once_the_stream_finished_nor_while_the_reader_holds_the_window_shut() {
     // Finished: the peer has nothing more to send.
     let mut p = streaming_to_a_reader(true, true, 53);
