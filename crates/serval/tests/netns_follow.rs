@@ -555,17 +555,29 @@ fn silent_loss_on_link_1_moves_a_receive_only_client() {
             ),
         };
         s.shutdown().await.expect("client shutdown");
-        let closed = timeout(CLOSE_LIMIT, s.closed())
-            .await
-            .expect("client: the flow did not close");
+        let closed = match timeout(CLOSE_LIMIT, s.closed()).await {
+            Ok(c) => c,
+            Err(_) => {
+                let mut seen = Vec::new();
+                while let Ok(e) = events.try_recv() {
+                    seen.push(e);
+                }
+                panic!(
+                    "client: the flow did not close: {:?} {:?} {seen:?}",
+                    s.stats(),
+                    ep.stats().path_failovers,
+                )
+            }
+        };
         let after = s.local_locator().unwrap();
         let mut seen = Vec::new();
         while let Ok(e) = events.try_recv() {
             seen.push(e);
         }
-        (got, gap, before, after, closed, seen)
+        let failovers = ep.stats().path_failovers;
+        (got, gap, before, after, closed, seen, failovers)
     });
-    let (got, gap, before, after, closed, events) = client
+    let (got, gap, before, after, closed, events, failovers) = client
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
     let (peers, server_closed) = server
@@ -582,6 +594,10 @@ fn silent_loss_on_link_1_moves_a_receive_only_client() {
     assert_eq!(after.ip().to_string(), "10.78.2.1", "moved to link 2");
     assert_eq!(peers, vec![before, after], "server saw one move");
     assert!(moved(&events, after), "{events:?}");
+    assert_eq!(
+        failovers, 1,
+        "one move, by the silence: none on a live path"
+    );
     assert_eq!(closed, CloseReason::Finished, "client closed cleanly");
     assert_eq!(
         server_closed,

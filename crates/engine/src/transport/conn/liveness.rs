@@ -101,9 +101,6 @@ pub(super) struct Liveness {
     /// Episodes begun on this path, capped at [`MAX_SILENCE_BACKOFF`]: the threshold's
     /// exponent.
     backoff: u8,
-    /// The exponent when the current episode began (it began at `last_received` plus that
-    /// threshold: nothing was received since, so neither has moved).
-    episode_backoff: u8,
     /// 0: no episode. `k + 1`: a probe went out, nothing was received since (anything
     /// received ends it: [`on_received`](Self::on_received)), and `k` probe timeouts passed.
     episode: u8,
@@ -139,38 +136,34 @@ impl Liveness {
         measure
     }
 
-    /// When something is due, if anything may be: `last_received` is the peer's last sign
-    /// of life, `expects_more` whether the receive side awaits data the peer may send.
-    fn deadline(
-        &self,
-        last_received: Instant,
-        rtt: &RttEstimator,
-        expects_more: bool,
-    ) -> Option<Instant> {
+    /// When something is due, if anything may be. `last` holds the peer's last sign of life
+    /// and this end's last packet sent (during an episode, the latest probe: each probe
+    /// waits from when it actually left, so a timer that fires late — this host was busy,
+    /// and what arrived meanwhile still waits in its socket — sends a probe rather than
+    /// condemning the path); `expects_more` whether the receive side awaits data the peer
+    /// may send.
+    fn deadline(&self, last: Last, rtt: &RttEstimator, expects_more: bool) -> Option<Instant> {
         if self.probing() {
             if self.timeouts() >= SILENT_PROBE_TIMEOUTS {
                 return None; // settled: silent
             }
-            // The episode began at `last_received + threshold`; probe `k` went out
-            // `2^k - 1` probe timeouts into it and waits `2^k` of them.
-            let began = last_received + threshold(rtt, self.episode_backoff);
-            let waits = (2u32 << self.timeouts()) - 1;
-            return Some(began + probe_timeout(rtt).saturating_mul(waits));
+            let wait = probe_timeout(rtt).saturating_mul(1 << self.timeouts());
+            return Some(last.sent + wait);
         }
         (self.burst >= ARM_BYTES && expects_more)
-            .then(|| last_received + threshold(rtt, self.backoff))
+            .then(|| last.received + threshold(rtt, self.backoff))
     }
 
     /// Runs what is due at `now`; returns whether to send a PING (a silence probe).
     fn on_timeout(
         &mut self,
         now: Instant,
-        last_received: Instant,
+        last: Last,
         rtt: &RttEstimator,
         expects_more: bool,
     ) -> bool {
         if self
-            .deadline(last_received, rtt, expects_more)
+            .deadline(last, rtt, expects_more)
             .is_none_or(|t| t > now)
         {
             return false;
@@ -183,7 +176,6 @@ impl Liveness {
         // Silence after a burst: a new episode.
         self.burst = 0;
         self.episode = 1;
-        self.episode_backoff = self.backoff;
         self.backoff = (self.backoff + 1).min(MAX_SILENCE_BACKOFF);
         true
     }
@@ -204,6 +196,15 @@ impl Liveness {
     fn on_path_change(&mut self) {
         *self = Liveness::default();
     }
+}
+
+/// The transport's clocks the silence probe runs from.
+#[derive(Clone, Copy, Debug)]
+struct Last {
+    /// The peer's last sign of life.
+    received: Instant,
+    /// This end's last packet sent.
+    sent: Instant,
 }
 
 /// The silence threshold: `max(SILENCE_RTTS × srtt, MIN_SILENCE) × 2^backoff`.
@@ -231,24 +232,32 @@ impl Transport {
     }
 
     /// When the silence probe needs [`handle_timeout`](Transport::handle_timeout), if it
-    /// does (the callers check that the transport is open and not frozen).
+    /// does (the callers check that the transport is open and not frozen). Nothing while a
+    /// PING waits to be sent: a probe's wait starts when it leaves.
     pub(super) fn silence_deadline(&self) -> Option<Instant> {
-        if !self.config.silence_probe {
+        if !self.config.silence_probe || (self.ping_pending && self.liveness.probing()) {
             return None;
         }
+        let last = Last {
+            received: self.last_received,
+            sent: self.last_sent,
+        };
         self.liveness
-            .deadline(self.last_received, &self.rtt, self.recv.expects_more())
+            .deadline(last, &self.rtt, self.recv.expects_more())
     }
 
     /// Runs the silence probe's timer at `now`: a PING when one is due.
     pub(super) fn liveness_on_timeout(&mut self, now: Instant) {
-        if self.config.silence_probe
-            && self.liveness.on_timeout(
-                now,
-                self.last_received,
-                &self.rtt,
-                self.recv.expects_more(),
-            )
+        if self.silence_deadline().is_none() {
+            return;
+        }
+        let last = Last {
+            received: self.last_received,
+            sent: self.last_sent,
+        };
+        if self
+            .liveness
+            .on_timeout(now, last, &self.rtt, self.recv.expects_more())
         {
             self.ping_pending = true;
             self.stats.silence_probes = self.stats.silence_probes.saturating_add(1);
@@ -291,6 +300,14 @@ mod tests {
         Instant::from_nanos(ms * 1_000_000)
     }
 
+    /// Last received at `rx` ms, last sent at `tx` ms.
+    fn last(rx: u64, tx: u64) -> Last {
+        Last {
+            received: t(rx),
+            sent: t(tx),
+        }
+    }
+
     const BULK: usize = ARM_BYTES as usize;
 
     #[test]
@@ -305,24 +322,40 @@ mod tests {
     fn armed_by_a_burst_and_disarmed_by_an_answered_probe() {
         let mut l = Liveness::default();
         let r = rtt(20);
-        assert_eq!(l.deadline(t(0), &r, true), None, "never received data");
+        assert_eq!(
+            l.deadline(last(0, 0), &r, true),
+            None,
+            "never received data"
+        );
         l.on_stream_data(BULK - 1, true);
-        assert_eq!(l.deadline(t(100), &r, true), None, "a message, not a burst");
+        assert_eq!(
+            l.deadline(last(100, 90), &r, true),
+            None,
+            "a message, not a burst"
+        );
         l.on_stream_data(1, true);
-        assert_eq!(l.deadline(t(100), &r, true), Some(t(160)), "3 × 20 ms");
-        assert_eq!(l.deadline(t(100), &r, false), None, "nothing more expected");
-        assert!(!l.on_timeout(t(159), t(100), &r, true), "not yet");
-        assert!(l.on_timeout(t(160), t(100), &r, true), "a probe");
-        // Its timeout: srtt + 4 × rttvar (20 + 40 ms), no ACK delay.
-        assert_eq!(l.deadline(t(100), &r, true), Some(t(220)));
+        assert_eq!(
+            l.deadline(last(100, 90), &r, true),
+            Some(t(160)),
+            "3 × 20 ms"
+        );
+        assert_eq!(
+            l.deadline(last(100, 90), &r, false),
+            None,
+            "nothing more expected"
+        );
+        assert!(!l.on_timeout(t(159), last(100, 90), &r, true), "not yet");
+        assert!(l.on_timeout(t(160), last(100, 90), &r, true), "a probe");
+        // Sent at 160 ms, it waits srtt + 4 × rttvar (20 + 40 ms), no ACK delay.
+        assert_eq!(l.deadline(last(100, 160), &r, true), Some(t(220)));
         // Answered (something arrived): nothing more until a new burst.
         l.on_received(Duration::from_millis(70), &r);
-        assert_eq!(l.deadline(t(170), &r, true), None);
-        assert!(!l.on_timeout(t(1000), t(170), &r, true));
+        assert_eq!(l.deadline(last(170, 160), &r, true), None);
+        assert!(!l.on_timeout(t(1000), last(170, 160), &r, true));
         assert!(!l.is_silent());
         l.on_stream_data(BULK, true);
         assert_eq!(
-            l.deadline(t(170), &r, true),
+            l.deadline(last(170, 160), &r, true),
             Some(t(290)),
             "backed off: 120 ms"
         );
@@ -336,7 +369,7 @@ mod tests {
             // 10 kB, then 10 ms (the threshold) of nothing: each a burst of its own.
             l.on_received(Duration::from_millis(10), &r);
             l.on_stream_data(10_000, false);
-            assert_eq!(l.deadline(t(0), &r, true), None);
+            assert_eq!(l.deadline(last(0, 0), &r, true), None);
         }
         assert!(!l.measured, "no RTT measurement either");
         // The same bytes with shorter gaps are one burst, and arm.
@@ -344,7 +377,7 @@ mod tests {
             l.on_received(Duration::from_millis(9), &r);
             assert!(!l.on_stream_data(10_000, true));
         }
-        assert_eq!(l.deadline(t(0), &r, true), Some(t(10)));
+        assert_eq!(l.deadline(last(0, 0), &r, true), Some(t(10)));
     }
 
     #[test]
@@ -352,22 +385,38 @@ mod tests {
         let mut l = Liveness::default();
         let r = rtt(1);
         l.on_stream_data(BULK, true);
-        let last = t(0);
-        assert!(l.on_timeout(t(10), last, &r, true), "MIN_SILENCE");
-        // pto_base is 3 ms here; the floor makes it 10 ms, then 20 ms.
-        assert_eq!(l.deadline(last, &r, true), Some(t(20)));
-        assert!(!l.on_timeout(t(19), last, &r, true));
-        assert!(l.on_timeout(t(20), last, &r, true), "again");
+        assert!(l.on_timeout(t(10), last(0, 0), &r, true), "MIN_SILENCE");
+        // pto_base is 3 ms here; the floor makes it 10 ms, then 20 ms, from each send.
+        assert_eq!(l.deadline(last(0, 10), &r, true), Some(t(20)));
+        assert!(!l.on_timeout(t(19), last(0, 10), &r, true));
+        assert!(l.on_timeout(t(20), last(0, 10), &r, true), "again");
         assert!(!l.is_silent());
-        assert_eq!(l.deadline(last, &r, true), Some(t(40)));
-        assert!(!l.on_timeout(t(40), last, &r, true), "no third probe");
+        assert_eq!(l.deadline(last(0, 20), &r, true), Some(t(40)));
+        assert!(
+            !l.on_timeout(t(40), last(0, 20), &r, true),
+            "no third probe"
+        );
         assert!(l.is_silent());
-        assert_eq!(l.deadline(last, &r, true), None, "settled");
+        assert_eq!(l.deadline(last(0, 40), &r, true), None, "settled");
         // A late answer ends it; a path change too.
         let mut answered = l;
         answered.on_received(Duration::from_millis(41), &r);
         assert!(!answered.is_silent());
         l.on_path_change();
+        assert!(!l.is_silent());
+    }
+
+    #[test]
+    fn a_late_timer_sends_a_probe_and_waits_instead_of_condemning_the_path() {
+        // The host was busy for 100 ms: nothing processed, the timer fires late, and the
+        // packets that arrived meanwhile still wait in the socket. One probe, sent now, and
+        // a full wait from now: the backlog answers it.
+        let mut l = Liveness::default();
+        let r = rtt(1);
+        l.on_stream_data(BULK, true);
+        assert!(l.on_timeout(t(110), last(0, 0), &r, true));
+        assert_eq!(l.deadline(last(0, 110), &r, true), Some(t(120)));
+        assert!(!l.on_timeout(t(110), last(0, 110), &r, true));
         assert!(!l.is_silent());
     }
 
@@ -379,8 +428,9 @@ mod tests {
         let mut now = 0;
         for _ in 0..6 {
             l.on_stream_data(BULK, true);
-            assert_eq!(l.deadline(t(now), &fast, true), Some(t(now + want)));
-            assert!(l.on_timeout(t(now + want), t(now), &fast, true));
+            let at = last(now, now);
+            assert_eq!(l.deadline(at, &fast, true), Some(t(now + want)));
+            assert!(l.on_timeout(t(now + want), at, &fast, true));
             // Answered at once.
             l.on_received(Duration::from_millis(want), &fast);
             now += want + 1;
@@ -389,13 +439,13 @@ mod tests {
         assert_eq!(want, 80);
         l.on_path_change();
         assert_eq!(
-            l.deadline(t(0), &fast, true),
+            l.deadline(last(0, 0), &fast, true),
             None,
             "a new path starts unarmed"
         );
         l.on_stream_data(BULK, true);
         assert_eq!(
-            l.deadline(t(0), &fast, true),
+            l.deadline(last(0, 0), &fast, true),
             Some(t(10)),
             "and without backoff"
         );
