@@ -47,7 +47,11 @@
 //! transport's probe timeout without the peer's ACK delay, because a packet carrying a PING
 //! is acknowledged at once (RFC 9002 drops the ACK delay for the handshake spaces on the
 //! same ground). With the ACK delay (25 ms by default) a sub-millisecond path would take
-//! about 90 ms to be declared silent instead of about 40.
+//! about 90 ms to be declared silent instead of about 40. Each wait runs from when the
+//! latest packet left (normally the probe), not from the last one received: when this host
+//! was busy its timers fire late, and what arrived meanwhile still waits in its socket; a
+//! deadline anchored in the past would run the probe, its retry and the verdict back to
+//! back before that backlog is read.
 //!
 //! # Round-trip time
 //!
