@@ -1635,7 +1635,7 @@ impl Transport {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
     /// the loss-detection (loss or probe) timer, the delayed-ACK timer, the pacing release,
-    /// the keepalive, the idle timeout and the PMTU raise timer. `None` once closed. While
+    /// the keepalive, the idle timeout, the PMTU raise timer and the silence probe. `None` once closed. While
     /// frozen only the idle timeout runs.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let idle = self.idle_deadline();

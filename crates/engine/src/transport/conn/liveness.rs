@@ -271,6 +271,9 @@ impl Transport {
     /// A valid packet, or another sign of life, arrived from the peer at `now`. Call before
     /// updating `last_received`.
     pub(super) fn liveness_on_received(&mut self, now: Instant) {
+        if !self.config.silence_probe {
+            return;
+        }
         let gap = now.saturating_duration_since(self.last_received);
         self.liveness.on_received(gap, &self.rtt);
     }
