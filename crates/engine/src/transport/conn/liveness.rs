@@ -79,8 +79,8 @@ pub const SILENCE_RTTS: u32 = 3;
 /// also the least time it waits for the probe's answer.
 pub const MIN_SILENCE: Duration = Duration::from_millis(10);
 
-/// Most doublings of the silence threshold: each probe sent on a path doubles it, up to
-/// `2^MAX_SILENCE_BACKOFF` times the base.
+/// Most doublings of the silence threshold: each episode (a first probe) on a path doubles
+/// it, up to `2^MAX_SILENCE_BACKOFF` times the base.
 pub const MAX_SILENCE_BACKOFF: u8 = 3;
 
 /// Unanswered probe timeouts of the silence probe after which the path counts as silent:
