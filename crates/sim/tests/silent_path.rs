@@ -5,7 +5,8 @@
 //! "up"). The client's silence probe must notice and the flow move to the second address,
 //! every byte arriving once and in order. And the other side of the rule: a server that
 //! merely stops writing (the path alive) must not make the client move, and costs it at
-//! most one probe per pause.
+//! most one probe per pause; nor must a client whose own host stalls (timers late, arrivals
+//! waiting in the socket).
 //!
 //! `SIM_TRACE=1` prints the endpoints' events.
 #![allow(clippy::unwrap_used)] // test harness: a failed unwrap is a failed test
@@ -56,7 +57,21 @@ struct Host {
     moved: u32,
     /// The last instant the node ran at.
     clock: Instant,
+    /// A stretch of time the host is descheduled, if one is planned.
+    stall: Option<Stall>,
 }
+
+/// The host does nothing from `from` until `until` (a busy machine, a descheduled process):
+/// it sends nothing, its timers fire late, and what arrives waits in its socket. On waking
+/// its timers run first and the socket is read [`READ_LAG`] later, as when a runtime's timer
+/// task gets the engine before its receive task.
+struct Stall {
+    until: Instant,
+    backlog: Vec<Datagram>,
+}
+
+/// How long after its timers a woken host reads what waited in its socket.
+const READ_LAG: Duration = Duration::from_millis(1);
 
 impl Host {
     fn conn(&self) -> Option<ConnectionHandle> {
@@ -159,10 +174,20 @@ impl Host {
 
 impl Node for Host {
     fn handle_datagram(&mut self, now: Instant, d: Datagram) {
+        if let Some(s) = &mut self.stall
+            && now < s.until + READ_LAG
+        {
+            s.backlog.push(d);
+            return;
+        }
         self.ep.handle_datagram(now, d.dst, d.src, &d.payload);
         self.run_app(now);
     }
     fn poll_transmit(&mut self, now: Instant) -> Option<Datagram> {
+        if self.stall.as_ref().is_some_and(|s| now < s.until) {
+            self.clock = now;
+            return None;
+        }
         self.run_app(now);
         self.ep.poll_transmit(now).map(|t| Datagram {
             src: t.src,
@@ -178,9 +203,28 @@ impl Node for Host {
             }
             App::Reader { .. } => None,
         };
-        [self.ep.poll_timeout(), burst].into_iter().flatten().min()
+        let next = [self.ep.poll_timeout(), burst].into_iter().flatten().min();
+        match &self.stall {
+            // Asleep: nothing runs before it wakes.
+            Some(s) if self.clock < s.until => Some(next.map_or(s.until, |t| t.max(s.until))),
+            // Awake, the socket not read yet.
+            Some(s) => Some(next.map_or(s.until + READ_LAG, |t| t.min(s.until + READ_LAG))),
+            None => next,
+        }
     }
     fn handle_timeout(&mut self, now: Instant) {
+        self.clock = now;
+        if let Some(s) = &self.stall {
+            if now < s.until {
+                return;
+            }
+            if now >= s.until + READ_LAG {
+                let backlog = self.stall.take().map(|s| s.backlog).unwrap_or_default();
+                for d in backlog {
+                    self.ep.handle_datagram(now, d.dst, d.src, &d.payload);
+                }
+            }
+        }
         self.ep.handle_timeout(now);
         self.run_app(now);
     }
@@ -250,6 +294,7 @@ fn setup(
             closed: None,
             moved: 0,
             clock: Instant::ZERO,
+            stall: None,
         },
         &[server_loc],
     );
@@ -268,6 +313,7 @@ fn setup(
             closed: None,
             moved: 0,
             clock: Instant::ZERO,
+            stall: None,
         },
         &[c1, c2],
     );
@@ -363,5 +409,41 @@ fn a_server_that_pauses_does_not_move_the_client_and_costs_one_probe_per_pause()
         // One probe after each burst, each answered at once: no probe timeout.
         assert_eq!(t.silence_probes, 5, "seed {seed}: {t:?}");
         assert_eq!(t.probe_timeouts, 0, "seed {seed}: {t:?}");
+    }
+}
+
+#[test]
+fn a_client_whose_host_stalls_does_not_move_off_a_live_path() {
+    for seed in 0..12u64 {
+        let len = 600_000;
+        let data = seeded_bytes(seed, len);
+        let (mut net, client, server) = setup(
+            seed,
+            link(seed),
+            data.clone(),
+            vec![(Instant::ZERO, len)],
+            true,
+        );
+        net.run_until(STEPS, |n| received(n, client).len() >= len / 3)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
+        // The client's host stalls for a second mid-stream; the path stays alive.
+        let until = net.now() + Duration::from_secs(1);
+        net.node_mut(client).stall = Some(Stall {
+            until,
+            backlog: Vec::new(),
+        });
+        net.run_until(STEPS, |n| {
+            n.node(client).closed.is_some() && n.node(server).closed.is_some()
+        })
+        .unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
+        let (c, s) = (net.node(client), net.node(server));
+        assert!(
+            received(&net, client) == &data[..],
+            "seed {seed}: bytes differ"
+        );
+        assert_eq!(c.moved, 0, "seed {seed}: moved off a live path");
+        assert_eq!(c.ep.stats().path_failovers, 0, "seed {seed}");
+        assert_eq!(c.closed, Some(CloseReason::Finished), "seed {seed}");
+        assert_eq!(s.closed, Some(CloseReason::Finished), "seed {seed}");
     }
 }
