@@ -196,8 +196,10 @@ pub struct EndpointConfig {
     /// When a connection's path goes silent — its probe timeout fires
     /// [`STALE_PTOS`] times in a row with nothing acknowledged,
     /// the link still up — move it (RSYN, make-before-break) to this endpoint's next local
-    /// locator of the same family, if it has one. Default off; the runtime turns it on when
-    /// it follows the host (`FollowHost::Flows`).
+    /// locator of the same family, if it has one. Also turns on each connection's
+    /// [`silence_probe`](TransportConfig::silence_probe), so that an end that only receives
+    /// has a probe timeout too. Default off; the runtime turns it on when it follows the
+    /// host (`FollowHost::Flows`).
     pub path_failover: bool,
     /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
     /// beyond it a source's SYNs are dropped silently and counted. Service routers set it
@@ -623,6 +625,8 @@ impl Endpoint {
         if local.is_ipv6() && !local.ip().is_loopback() {
             t.max_udp_payload = t.max_udp_payload.saturating_sub(IPV6_EXTRA_HEADER);
         }
+        // An end that only receives probes a silent path, so that failover sees it too.
+        t.silence_probe |= self.config.path_failover;
         t
     }
 

@@ -8,6 +8,11 @@
 //!
 //! * `link_down_moves_flows_to_the_other_link`: the client is bound to both links' addresses;
 //!   link 1 is set down. The flow moves to link 2.
+//! * `silent_loss_on_link_1_moves_flows_to_the_other_link`: the same with everything on
+//!   link 1 dropped (nftables) while it stays up: the echoing client's probe timeout notices.
+//! * `silent_loss_on_link_1_moves_a_receive_only_client`: the server streams, the client only
+//!   reads (nothing of its own in flight); link 1 goes silent. The client's silence probe
+//!   notices and the flow moves to link 2.
 //! * `wildcard_client_follows_its_renumbering`: the client is bound to `0.0.0.0`; its only
 //!   address on link 1 is deleted and another one added (`ip addr del` + `ip addr add`). The
 //!   flow moves to the new address.
@@ -412,6 +417,192 @@ fn silent_loss_on_link_1_moves_flows_to_the_other_link() {
             .contains(&PathEvent::AddressRemoved(c.local_before)),
         "no address went: {:?}",
         c.events
+    );
+    drop(hosts);
+}
+
+/// Accepts one stream on `bind` and writes `data` on it, reading nothing; then finishes.
+/// Returns the client's locators as the server saw them and how the flow closed.
+async fn stream_out(
+    bind: SocketAddr,
+    ready: std::sync::mpsc::Sender<()>,
+    data: Arc<Vec<u8>>,
+) -> Result<(Vec<SocketAddr>, CloseReason), String> {
+    let ep = Endpoint::bind(&[bind])
+        .await
+        .map_err(|e| format!("server bind: {e}"))?;
+    let mut listener = ep
+        .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
+        .map_err(|e| format!("listen: {e}"))?;
+    let _ = ready.send(());
+    let mut s = timeout(LIMIT, listener.accept())
+        .await
+        .map_err(|_| "no client".to_string())?
+        .map_err(|e| format!("accept: {e}"))?;
+    let mut peers = vec![s.peer_locator().map_err(|e| e.to_string())?];
+    let write = async {
+        for chunk in data.chunks(256 << 10) {
+            s.write_all(chunk)
+                .await
+                .map_err(|e| format!("server write: {e}"))?;
+            let p = s.peer_locator().map_err(|e| e.to_string())?;
+            if peers.last() != Some(&p) {
+                peers.push(p);
+            }
+        }
+        s.shutdown()
+            .await
+            .map_err(|e| format!("server shutdown: {e}"))
+    };
+    timeout(LIMIT, write)
+        .await
+        .map_err(|_| format!("server timed out writing; peers {peers:?}"))??;
+    let closed = timeout(CLOSE_LIMIT, s.closed())
+        .await
+        .map_err(|_| "server: the flow did not close".to_string())?;
+    if let Ok(p) = s.peer_locator()
+        && peers.last() != Some(&p)
+    {
+        peers.push(p);
+    }
+    Ok((peers, closed))
+}
+
+#[test]
+fn silent_loss_on_link_1_moves_a_receive_only_client() {
+    let test = "silent_loss_on_link_1_moves_a_receive_only_client";
+    if !serval_testkit::require_netns(test)
+        || serval_testkit::require_program(test, "nft").is_none()
+    {
+        return;
+    }
+    let hosts = Hosts::new("r");
+    let (ns, link1) = (hosts.client.clone(), hosts.link1.clone());
+    let data = Arc::new(pattern(TOTAL, 0x5e1e_0c0d));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let data = data.clone();
+        in_netns(&hosts.server, move || {
+            stream_out("10.78.0.1:54324".parse().unwrap(), ready_tx, data)
+        })
+    };
+    if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        panic!("server did not start: {:?}", server.join());
+    }
+    // The client only reads: it has nothing in flight when link 1 goes silent, so only its
+    // silence probe can start the probe timeouts that move it.
+    let client = in_netns(&hosts.client, move || async move {
+        let binds: Vec<SocketAddr> = vec![
+            "10.78.1.1:0".parse().unwrap(),
+            "10.78.2.1:0".parse().unwrap(),
+        ];
+        let ep = Endpoint::bind_following(&binds, EndpointConfig::default(), FollowHost::Flows)
+            .await
+            .expect("client bind");
+        let mut events = ep.path_events();
+        let service = ServiceId::from_name(SERVICE).unwrap();
+        let mut s = timeout(
+            Duration::from_secs(20),
+            ep.connect_via(service, "10.78.0.1:54324".parse().unwrap()),
+        )
+        .await
+        .expect("connect timed out")
+        .expect("connect by name");
+        let before = s.local_locator().unwrap();
+        let read = async {
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut got, mut gap) = (0usize, Duration::ZERO);
+            let mut silenced: Option<Instant> = None;
+            let mut last = Instant::now();
+            loop {
+                let n = s
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("client read after {got} bytes: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                if silenced.is_some() {
+                    gap = gap.max(now - last);
+                }
+                last = now;
+                let want = data.get(got..got + n).ok_or("more bytes than sent")?;
+                if let Some(i) = first_difference(&buf[..n], want) {
+                    return Err(format!("byte {} differs", got + i));
+                }
+                got += n;
+                if silenced.is_none() && got >= TOTAL / 3 {
+                    serval_testkit::nft(
+                        &ns,
+                        &format!(
+                            "table inet silent {{\n chain out {{ type filter hook output \
+                             priority 0; oifname \"{link1}\" drop; }}\n chain in {{ type \
+                             filter hook input priority 0; iifname \"{link1}\" drop; }}\n}}\n"
+                        ),
+                    );
+                    silenced = Some(Instant::now());
+                    last = Instant::now();
+                }
+            }
+            Ok::<_, String>((got, gap))
+        };
+        let (got, gap) = match timeout(LIMIT, read).await {
+            Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
+            Err(_) => panic!(
+                "transfer timed out after {LIMIT:?} (local {:?})",
+                s.local_locator()
+            ),
+        };
+        s.shutdown().await.expect("client shutdown");
+        let closed = match timeout(CLOSE_LIMIT, s.closed()).await {
+            Ok(c) => c,
+            Err(_) => {
+                let mut seen = Vec::new();
+                while let Ok(e) = events.try_recv() {
+                    seen.push(e);
+                }
+                panic!(
+                    "client: the flow did not close: {:?} {:?} {seen:?}",
+                    s.stats(),
+                    ep.stats().path_failovers,
+                )
+            }
+        };
+        let after = s.local_locator().unwrap();
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        let failovers = ep.stats().path_failovers;
+        (got, gap, before, after, closed, seen, failovers)
+    });
+    let (got, gap, before, after, closed, events, failovers) = client
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let (peers, server_closed) = server
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{} MiB received; longest receive gap after the silence: {gap:.1?}; client {before} -> \
+         {after}; server saw client {peers:?}; client events {events:?}",
+        TOTAL >> 20
+    );
+    assert_eq!(got, TOTAL, "every byte once, in order");
+    assert_eq!(before.ip().to_string(), "10.78.1.1");
+    assert_eq!(after.ip().to_string(), "10.78.2.1", "moved to link 2");
+    assert_eq!(peers, vec![before, after], "server saw one move");
+    assert!(moved(&events, after), "{events:?}");
+    assert_eq!(
+        failovers, 1,
+        "one move, by the silence: none on a live path"
+    );
+    assert_eq!(closed, CloseReason::Finished, "client closed cleanly");
+    assert_eq!(
+        server_closed,
+        CloseReason::Finished,
+        "server closed cleanly"
     );
     drop(hosts);
 }

@@ -4,6 +4,10 @@
 //! fires again and again with nothing acknowledged. When it has fired [`STALE_PTOS`] times in
 //! a row, an endpoint with another local locator of the same family moves the connection
 //! there (RSYN, make-before-break: the old path keeps being tried until the new one answers).
+//! An end that only receives has no probe timeout of its own (nothing of its own in flight):
+//! its transport's silence probe (`transport/conn/liveness.rs`) PINGs when the peer's data
+//! stops, and reports the path silent when that PING goes unanswered through the same
+//! number of (shorter) probe timeouts; the move is then the same.
 //! If that move fails too, the next silence tries the next locator, round robin.
 //!
 //! Off unless [`EndpointConfig::path_failover`](super::EndpointConfig::path_failover) is set.
@@ -31,7 +35,7 @@ impl Endpoint {
             || c.is_exported()
             || c.is_moving()
             || c.transport.is_frozen()
-            || c.transport.pto_count() < STALE_PTOS
+            || (c.transport.pto_count() < STALE_PTOS && !c.transport.is_path_silent())
         {
             return false;
         }

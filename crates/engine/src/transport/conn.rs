@@ -200,6 +200,13 @@ pub struct TransportConfig {
     /// Close the connection (with [`TransportEvent::IdleTimeout`], sending nothing) when
     /// nothing was received for this long. Default 30 s.
     pub idle_timeout: Duration,
+    /// Send a PING when the peer's stream data, which was arriving in bulk (a burst of at
+    /// least [`ARM_BYTES`]), stops for a few round trips while more is expected, so that an
+    /// end that only receives notices a dead path: unanswered, the probe is retried, and
+    /// [`Transport::is_path_silent`] then says so (docs/protocol.md §4, "A receive-only end").
+    /// Host policy, like `keepalive`. Default `false`; an endpoint with
+    /// [`path_failover`](crate::endpoint::EndpointConfig::path_failover) turns it on.
+    pub silence_probe: bool,
     /// Most datagrams queued each way: sent but not yet transmitted, and received but not
     /// yet read (more received are dropped). Default 256.
     pub datagram_queue: usize,
@@ -219,6 +226,7 @@ impl Default for TransportConfig {
             sal_overhead: 20,
             keepalive: None,
             idle_timeout: Duration::from_secs(30),
+            silence_probe: false,
             datagram_queue: 256,
         }
     }
@@ -264,6 +272,8 @@ struct Settings {
     ack_eliciting_threshold: u32,
     /// [`TransportConfig::sal_overhead`].
     sal_overhead: u16,
+    /// [`TransportConfig::silence_probe`].
+    silence_probe: bool,
 }
 
 impl Settings {
@@ -276,6 +286,7 @@ impl Settings {
             datagram_queue: u32::try_from(c.datagram_queue).unwrap_or(u32::MAX),
             ack_eliciting_threshold: c.ack_eliciting_threshold,
             sal_overhead: c.sal_overhead,
+            silence_probe: c.silence_probe,
         }
     }
 
@@ -452,6 +463,9 @@ pub struct TransportStats {
     pub persistent_congestion: u64,
     /// Probe timeouts.
     pub probe_timeouts: u64,
+    /// Silence probes sent: PINGs after the peer's data stopped arriving
+    /// ([`TransportConfig::silence_probe`]). Not part of a snapshot.
+    pub silence_probes: u64,
     /// PMTU probes sent.
     pub mtu_probes_sent: u64,
     /// PMTU probes lost.
@@ -508,6 +522,8 @@ struct Counters {
     congestion_events: u32,
     persistent_congestion: u32,
     probe_timeouts: u32,
+    /// Not part of a snapshot (`TransportStats::silence_probes`).
+    silence_probes: u32,
     mtu_probes_sent: u32,
     mtu_probes_lost: u32,
     black_holes: u32,
@@ -654,6 +670,8 @@ pub struct Transport {
     // Receiving.
     recv: RecvBuffer,
     ack: AckState,
+    /// The silence probe of an end that receives ([`liveness`]).
+    liveness: liveness::Liveness,
 
     // Timers.
     last_received: Instant,
@@ -838,6 +856,7 @@ impl Transport {
                 deadline: OptInstant::NONE,
                 ranges: Vec::new(),
             },
+            liveness: liveness::Liveness::default(),
             last_received: now,
             last_sent: now,
             events: EventQueue::default(),
@@ -869,6 +888,7 @@ impl Transport {
             sal_overhead: self.config.sal_overhead,
             keepalive: self.config.keepalive(),
             idle_timeout: self.config.idle_timeout(),
+            silence_probe: self.config.silence_probe,
             datagram_queue: self.config.datagram_queue(),
         }
     }
@@ -930,6 +950,7 @@ impl Transport {
         }
         self.stats.packets_received += 1;
         self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
+        self.liveness_on_received(now);
         self.last_received = now;
         self.memory_released = false;
 
@@ -948,6 +969,9 @@ impl Transport {
                 Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
                 Frame::Stream { offset, data, fin } => match self.recv.write(offset, data, fin) {
                     Ok(new) => {
+                        if new > 0 {
+                            self.liveness_on_stream_data(new);
+                        }
                         self.stats.stream_bytes_received += new as u64;
                         self.stats.duplicate_stream_bytes += (data.len() - new) as u64;
                     }
@@ -1611,7 +1635,7 @@ impl Transport {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
     /// the loss-detection (loss or probe) timer, the delayed-ACK timer, the pacing release,
-    /// the keepalive, the idle timeout and the PMTU raise timer. `None` once closed. While
+    /// the keepalive, the idle timeout, the PMTU raise timer and the silence probe. `None` once closed. While
     /// frozen only the idle timeout runs.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let idle = self.idle_deadline();
@@ -1639,6 +1663,7 @@ impl Transport {
         }
         consider(self.mtu.next_timeout());
         consider(self.memory_release_deadline());
+        consider(self.silence_deadline());
         Some(t)
     }
 
@@ -1752,6 +1777,7 @@ impl Transport {
         {
             self.ping_pending = true;
         }
+        self.liveness_on_timeout(now);
         if self.mtu.next_timeout().is_some_and(|t| t <= now) {
             // Leaves `SearchComplete` (disarming the raise timer); the probe goes out with
             // the next packet that may be sent.
@@ -1956,6 +1982,7 @@ impl Transport {
     /// idle timer restarts (control exchanges such as the closing FINs carry no transport
     /// payload but are activity all the same).
     pub fn on_peer_activity(&mut self, now: Instant) {
+        self.liveness_on_received(now);
         self.last_received = self.last_received.max(now);
     }
 
@@ -1995,6 +2022,7 @@ impl Transport {
         self.pacer = Pacer::new(now);
         self.pacing_until = OptInstant::NONE;
         self.pto_probes = 0;
+        self.liveness_on_path_change();
         if self.ack.pending {
             self.ack.immediate = true;
         }
@@ -2037,6 +2065,7 @@ impl Transport {
             congestion_events: u64::from(c.congestion_events),
             persistent_congestion: u64::from(c.persistent_congestion),
             probe_timeouts: u64::from(c.probe_timeouts),
+            silence_probes: u64::from(c.silence_probes),
             mtu_probes_sent: u64::from(c.mtu_probes_sent),
             mtu_probes_lost: u64::from(c.mtu_probes_lost),
             black_holes: u64::from(c.black_holes),
@@ -2055,7 +2084,12 @@ fn datagram_frame_len(len: usize) -> usize {
     1 + varint_len(len as u64) + len
 }
 
+mod liveness;
 mod snapshot;
+
+pub use liveness::{
+    ARM_BYTES, MAX_SILENCE_BACKOFF, MIN_SILENCE, SILENCE_RTTS, SILENT_PROBE_TIMEOUTS,
+};
 
 #[cfg(test)]
 mod tests;

@@ -637,6 +637,14 @@ impl RecvBuffer {
         self.fin.get() == Some(self.read)
     }
 
+    /// Whether the peer may still send data this end awaits: its FIN has not arrived, or
+    /// bytes before it are missing; and the advertised limit leaves it room or it has holes
+    /// to fill (a peer at the limit with nothing missing is blocked by us, not silent).
+    pub fn expects_more(&self) -> bool {
+        let open = self.fin.get().is_none_or(|f| self.contiguous < f);
+        open && (self.highest < self.max_offset || self.contiguous < self.highest)
+    }
+
     /// How far beyond the read offset the limit is set.
     pub fn window(&self) -> u64 {
         self.window

@@ -143,10 +143,11 @@ impl Transport {
     /// export is 5 ms ahead of `now`.
     ///
     /// The connection's state, and every setting the peer relies on (windows, ACK delay,
-    /// congestion algorithm, MTU bounds, SAL overhead), come from the snapshot. Three
+    /// congestion algorithm, MTU bounds, SAL overhead), come from the snapshot. Four
     /// settings are this host's policy and come from `config` instead: `keepalive`,
-    /// `idle_timeout` and `datagram_queue` (so importing with the exporter's
-    /// [`config`](Self::config) restores the transport exactly).
+    /// `idle_timeout`, `datagram_queue` and `silence_probe` (so importing with the
+    /// exporter's [`config`](Self::config) restores the transport exactly, but for the
+    /// silence probe's state, which starts unarmed).
     ///
     /// Refused with [`SnapshotError::Malformed`] when a required block (STREAM, TRANSPORT,
     /// exactly one PATH, with path ID 0 and a transport section) is missing or does not
@@ -209,6 +210,7 @@ impl Transport {
             keepalive: config.keepalive,
             idle_timeout: config.idle_timeout,
             datagram_queue: config.datagram_queue,
+            silence_probe: config.silence_probe,
             ..TransportConfig::default()
         }
         .normalized();
@@ -217,6 +219,7 @@ impl Transport {
             idle_timeout: local.idle_timeout,
             keepalive: local.keepalive,
             datagram_queue: local.datagram_queue,
+            silence_probe: local.silence_probe,
             ..conn.settings
         };
         let mut sent = path.sent;
@@ -241,6 +244,7 @@ impl Transport {
             dgrams,
             recv,
             ack: path.ack,
+            liveness: Default::default(),
             last_received: path.last_received,
             last_sent: path.last_sent,
             events: conn.events,
@@ -423,6 +427,8 @@ impl Connection {
             datagram_queue: b.u32()?,
             ack_eliciting_threshold: b.u32()?,
             sal_overhead: b.u16()?,
+            // Host policy: the importer's configuration sets it.
+            silence_probe: false,
         };
         b.check(
             settings.max_ack_delay() <= MAX_MAX_ACK_DELAY && settings.ack_eliciting_threshold >= 1,

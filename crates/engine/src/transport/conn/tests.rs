@@ -871,6 +871,148 @@ fn keepalive_keeps_a_quiet_connection_alive() {
     );
 }
 
+/// Side 0 streams to side 1, which only reads (it finishes its own empty direction at once),
+/// with `probing` the silence probe on side 1. Runs until side 1 received 100 kB.
+fn streaming_to_a_reader(probing: bool, finish: bool, seed: u64) -> Pair {
+    let config = TransportConfig {
+        idle_timeout: Duration::from_secs(120),
+        ..TransportConfig::default()
+    };
+    let reader = TransportConfig {
+        silence_probe: probing,
+        ..config.clone()
+    };
+    let mut rng = Rng::new(seed);
+    let mut p = Pair::with_configs([&config, &reader], Link::clean(), seed);
+    p.app = [
+        App {
+            finish,
+            ..App::sending(rng.bytes(1 << 20))
+        },
+        App::sending(Vec::new()),
+    ];
+    p.run_until(|p| p.t[1].stats().stream_bytes_received > 100_000);
+    p
+}
+
+#[test]
+fn a_reader_whose_path_goes_silent_probes_and_its_probe_timeout_counts_up() {
+    let mut p = streaming_to_a_reader(true, true, 43);
+    // The first data asked for a PING that measured the path (10 ms each way).
+    assert!(p.t[1].rtt.has_sample());
+    assert_eq!(p.t[1].stats().silence_probes, 0);
+    p.link.loss = 1000;
+    let cut = p.now;
+    p.run_until(|p| p.t[1].is_path_silent());
+    let s = p.t[1].stats();
+    // The probe and one retry, both unanswered.
+    assert_eq!(s.silence_probes, 2, "{s:?}");
+    // Virtual time: 3 RTTs of silence (60 ms), then the probe's timeout (srtt + 4 rttvar:
+    // 60 ms) and its double, each counted from the latest packet sent (the transport's own
+    // probe timeout sends probes in between, which pushes the verdict out a little); far
+    // below the idle timeout.
+    let quiet = p.now - p.t[1].last_received();
+    assert!(quiet >= ms(60 + 60 + 120) && quiet < ms(400), "{quiet:?}");
+    assert!(p.now - cut < ms(500));
+    // The transport's own probe timeout, on the PINGs, counts up too (more slowly: it adds
+    // the peer's ACK delay).
+    p.run_until(|p| p.t[1].pto_count() >= crate::endpoint::STALE_PTOS);
+
+    // Without the probe the reader has nothing in flight: nothing ever times out but the
+    // connection itself.
+    let mut p = streaming_to_a_reader(false, true, 43);
+    p.link.loss = 1000;
+    p.run_until(|p| p.app[1].events.contains(&TransportEvent::IdleTimeout));
+    let s = p.t[1].stats();
+    assert_eq!((s.silence_probes, s.probe_timeouts), (0, 0), "{s:?}");
+}
+
+#[test]
+fn a_peer_that_stops_writing_costs_one_probe_per_pause_and_nothing_moves() {
+    let mut rng = Rng::new(47);
+    // The writer writes 100 kB and pauses (its stream stays open), five times.
+    let mut p = streaming_to_a_reader(true, false, 47);
+    for pause in 1..=5u64 {
+        p.run_for(Duration::from_secs(20));
+        let s = p.t[1].stats();
+        assert_eq!(s.silence_probes, pause, "{s:?}");
+        assert_eq!(p.t[1].pto_count(), 0, "the probe was answered");
+        assert!(!p.t[1].is_closed() && !p.t[0].is_closed());
+        p.app[0].to_send.extend(rng.bytes(100_000));
+    }
+    p.run_until(|p| p.app[1].received.len() == p.app[0].to_send.len());
+    assert!(p.app[1].received == p.app[0].to_send);
+    // After the last pause's data, one more probe; and then none, however long the wait.
+    p.run_for(Duration::from_secs(60));
+    assert_eq!(p.t[1].stats().silence_probes, 6);
+    // The threshold backed off, to 2^MAX_SILENCE_BACKOFF × the base after three pauses.
+    assert_eq!(p.t[1].liveness.backoff(), MAX_SILENCE_BACKOFF);
+    p.assert_no_errors();
+}
+
+#[test]
+fn messages_with_pauses_between_cost_the_reader_nothing() {
+    // 2 kB every second on a stream that stays open (a feed, or responses on a persistent
+    // connection): each message is a burst of its own, far below ARM_BYTES. The reader
+    // with the silence probe sends exactly what it sends without it.
+    let run = |probing: bool| {
+        let config = TransportConfig {
+            idle_timeout: Duration::from_secs(120),
+            ..TransportConfig::default()
+        };
+        let reader = TransportConfig {
+            silence_probe: probing,
+            ..config.clone()
+        };
+        let mut rng = Rng::new(61);
+        let mut p = Pair::with_configs([&config, &reader], Link::clean(), 61);
+        p.app = [
+            App {
+                finish: false,
+                ..App::sending(Vec::new())
+            },
+            App::sending(Vec::new()),
+        ];
+        for _ in 0..30 {
+            p.app[0].to_send.extend(rng.bytes(2_000));
+            p.run_for(Duration::from_secs(1));
+        }
+        assert_eq!(p.app[1].received, p.app[0].to_send);
+        p.assert_no_errors();
+        (p.sent[1], p.t[1].stats().silence_probes)
+    };
+    let (with, probes) = run(true);
+    assert_eq!(probes, 0);
+    assert_eq!(with, run(false).0, "the same packets");
+}
+
+#[test]
+fn no_probe_once_the_stream_finished_nor_while_the_reader_holds_the_window_shut() {
+    // Finished: the peer has nothing more to send.
+    let mut p = streaming_to_a_reader(true, true, 53);
+    p.run_until(|p| p.app[1].peer_finished);
+    p.run_for(Duration::from_secs(60));
+    assert_eq!(p.t[1].stats().silence_probes, 0);
+
+    // A reader that stops reading closes the window: the writer is blocked, not silent.
+    let config = TransportConfig {
+        receive_window: 64 << 10,
+        idle_timeout: Duration::from_secs(120),
+        ..TransportConfig::default()
+    };
+    let reader = TransportConfig {
+        silence_probe: true,
+        ..config.clone()
+    };
+    let mut rng = Rng::new(59);
+    let mut p = Pair::with_configs([&config, &reader], Link::clean(), 59);
+    p.app = [App::sending(rng.bytes(1 << 20)), App::default()];
+    p.run_for(Duration::from_secs(60));
+    assert_eq!(p.t[1].recv.held(), 64 << 10, "the window is full");
+    assert_eq!(p.t[1].stats().silence_probes, 0);
+    assert!(p.t.iter().all(|t| !t.is_closed()));
+}
+
 #[test]
 fn datagrams_are_delivered_unreliably_and_bounded() {
     let config = TransportConfig {
@@ -1423,6 +1565,7 @@ fn config_reads_back_as_given() {
             sal_overhead: 36,
             keepalive: Some(Duration::from_millis(1500)),
             idle_timeout: Duration::from_secs(3),
+            silence_probe: true,
             datagram_queue: 3,
         },
     ];
