@@ -14,6 +14,7 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod handover;
 mod instance;
 mod keygen;
 mod net;
