@@ -38,7 +38,7 @@ use std::time::Duration;
 use serval::{Endpoint, FlowId, MoveFailed, ServicePrefix, Stream};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixListener, UnixStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot, watch};
 
 use crate::translate::SpliceState;
 
@@ -226,6 +226,10 @@ pub enum Event {
     Adopted(Adopted),
     /// A new process is registered and waits for every connection: hand them over.
     HandOver(Arc<Giver>),
+    /// The take-over asks for a slot under `--max-connections` for a connection (`None`: at
+    /// the limit). Asked of the main loop because its wait for the next stream holds a slot,
+    /// which it gives back when another event interrupts that wait.
+    Slot(oneshot::Sender<Option<OwnedSemaphorePermit>>),
 }
 
 /// A connection taken over from the old process, with its slot under `--max-connections`.
@@ -645,12 +649,7 @@ pub async fn registered(
 impl Taker {
     /// Says GO and takes every connection the old process hands over, sending each to the
     /// main loop as [`Event::Adopted`]; returns when the old process is done (or gone).
-    pub async fn take(
-        mut self,
-        ep: Endpoint,
-        slots: Arc<Semaphore>,
-        events: mpsc::UnboundedSender<Event>,
-    ) {
+    pub async fn take(mut self, ep: Endpoint, events: mpsc::UnboundedSender<Event>) {
         let shown = self.path.display().to_string();
         if let Err(e) = self.chan.send(GO, &[], None).await {
             note!("serval: expose: take-over from {shown}: {e}");
@@ -676,7 +675,10 @@ impl Taker {
                         note!("serval: expose: take-over: a FLOW frame without a flowID");
                         break;
                     };
-                    let (reply, why) = match adopt(&ep, &slots, snapshot, fd) {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = events.send(Event::Slot(tx));
+                    let slot = rx.await.ok().flatten();
+                    let (reply, why) = match adopt(&ep, slot, snapshot, fd) {
                         Ok(a) => {
                             let _ = events.send(Event::Adopted(a));
                             taken += 1;
@@ -728,7 +730,7 @@ enum Refusal {
 /// refusal leaves the old process free to thaw the flow).
 fn adopt(
     ep: &Endpoint,
-    slots: &Arc<Semaphore>,
+    slot: Option<OwnedSemaphorePermit>,
     snapshot: &[u8],
     fd: Option<OwnedFd>,
 ) -> Result<Adopted, Refusal> {
@@ -737,10 +739,7 @@ fn adopt(
             "no backend descriptor came with it".into(),
         ));
     };
-    let slot = slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Refusal::Refused("at --max-connections here".into()))?;
+    let slot = slot.ok_or_else(|| Refusal::Refused("at --max-connections here".into()))?;
     let tcp = backend_socket(fd).map_err(Refusal::Refused)?;
     let (stream, app) = ep
         .import(snapshot)

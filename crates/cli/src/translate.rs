@@ -275,14 +275,9 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
             }
             // Serves its own hand-over socket (perhaps at the same path) once the take-over
             // is over, for the next upgrade.
-            let (ep, slots, tx, path) = (
-                ep.clone(),
-                conns.slots(),
-                ho_tx.clone(),
-                args.handover_socket.clone(),
-            );
+            let (ep, tx, path) = (ep.clone(), ho_tx.clone(), args.handover_socket.clone());
             tokio::spawn(async move {
-                taker.take(ep, slots, tx.clone()).await;
+                taker.take(ep, tx.clone()).await;
                 if let Some(path) = path {
                     match crate::handover::serve(&path, prefix, tx) {
                         // Lives as long as the process: the file goes at exit.
@@ -333,6 +328,9 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
                     let client = a.stream.peer_locator().ok();
                     let hook = handovers.hook();
                     conns.spawn(a.slot, Label("stream from", client), splice(a.tcp, a.stream, a.state, Some(hook)));
+                }
+                crate::handover::Event::Slot(reply) => {
+                    let _ = reply.send(conns.slots().try_acquire_owned().ok());
                 }
                 crate::handover::Event::HandOver(giver) => {
                     handing = Some(giver);
@@ -725,5 +723,73 @@ async fn splice(
                 Broken::Serval(e) => format!("Serval side: {e}; reset the TCP connection"),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn state(up: &[u8], down: &[u8], flags: [bool; 4]) -> SpliceState {
+        SpliceState {
+            up: Pump::holding(up, flags[0], flags[1]),
+            down: Pump::holding(down, flags[2], flags[3]),
+        }
+    }
+
+    #[test]
+    fn a_splice_state_round_trips_with_its_held_bytes_and_ends() {
+        for (up, down, flags) in [
+            (&b""[..], &b""[..], [false; 4]),
+            (b"GET / HTTP/1.1\r\n", b"", [false; 4]),
+            (b"", b"partial response", [true, true, false, false]),
+            (b"tail", b"", [true, false, true, true]),
+        ] {
+            let s = SpliceState::decode(&state(up, down, flags).encode()).unwrap();
+            assert_eq!((s.up.held(), s.down.held()), (up, down));
+            assert_eq!(
+                [s.up.eof, s.up.shut, s.down.eof, s.down.shut],
+                flags,
+                "{up:?} {down:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_round_trips() {
+        let big = vec![7u8; SPLICE_BUF];
+        let s = SpliceState::decode(&state(&big, &big, [false; 4]).encode()).unwrap();
+        assert_eq!(s.up.held(), &big[..]);
+        assert_eq!(s.down.held(), &big[..]);
+    }
+
+    #[test]
+    fn malformed_splice_states_are_refused_never_a_panic() {
+        let good = state(b"abc", b"defg", [true, false, false, false]).encode();
+        // Every truncation, every extension and every single-byte change either parses to
+        // something well-formed or is refused.
+        for n in 0..good.len() {
+            assert!(SpliceState::decode(&good[..n]).is_err(), "truncated at {n}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(SpliceState::decode(&longer).is_err());
+        for i in 0..good.len() {
+            for v in [0u8, 1, 0x0f, 0x10, 0xff] {
+                let mut b = good.clone();
+                b[i] = v;
+                let _ = SpliceState::decode(&b);
+            }
+        }
+        // A writer shut with bytes still held, or before its reader ended.
+        assert!(
+            SpliceState::decode(&state(b"x", b"", [true, true, false, false]).encode()).is_err()
+        );
+        assert!(
+            SpliceState::decode(&state(b"", b"", [false, true, false, false]).encode()).is_err()
+        );
+        assert!(SpliceState::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 }

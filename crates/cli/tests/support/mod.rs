@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod numbered;
+pub mod programs;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
