@@ -230,6 +230,9 @@ pub enum Event {
     /// the limit). Asked of the main loop because its wait for the next stream holds a slot,
     /// which it gives back when another event interrupts that wait.
     Slot(oneshot::Sender<Option<OwnedSemaphorePermit>>),
+    /// The new process, its take-over over, serves its own hand-over socket: keep it (the
+    /// file goes when it is dropped).
+    Serving(Socket),
 }
 
 /// A connection taken over from the old process, with its slot under `--max-connections`.
@@ -267,11 +270,15 @@ impl Drop for Hook {
 }
 
 impl Hook {
-    /// Completes once a hand-over has started, with where to hand the connection.
-    pub async fn requested(&mut self) -> Arc<Giver> {
+    /// Completes once a hand-over has started and it is this connection's turn (one at a
+    /// time: until then the connection runs on as before, so that its client's pause is its
+    /// own transfer only, not the others' before it).
+    pub async fn requested(&mut self) -> Turn {
         loop {
-            if let Some(g) = self.start.borrow_and_update().clone() {
-                return g;
+            let giver = self.start.borrow_and_update().clone();
+            if let Some(giver) = giver {
+                let chan = giver.chan.clone().lock_owned().await;
+                return Turn { giver, chan };
             }
             if self.start.changed().await.is_err() {
                 // No hand-over can start any more.
@@ -323,7 +330,7 @@ impl Handovers {
 
 /// The old process's side of one hand-over.
 pub struct Giver {
-    chan: tokio::sync::Mutex<Channel>,
+    chan: Arc<tokio::sync::Mutex<Channel>>,
     handed: AtomicU32,
     kept: AtomicU32,
     lost: AtomicU32,
@@ -339,10 +346,29 @@ pub enum Given {
     Lost(String),
 }
 
-impl Giver {
+/// A connection's turn to be handed over: the hand-over socket, held until its answer.
+pub struct Turn {
+    giver: Arc<Giver>,
+    chan: tokio::sync::OwnedMutexGuard<Channel>,
+}
+
+impl Turn {
     /// Hands one connection over: exports the stream with the splice's state, sends it with
     /// the backend socket's descriptor, and releases it (taken) or thaws it (refused).
-    pub async fn give(&self, tcp: TcpStream, stream: Stream, state: SpliceState) -> Given {
+    pub async fn give(self, tcp: TcpStream, stream: Stream, state: SpliceState) -> Given {
+        let Turn { giver, mut chan } = self;
+        giver.give(&mut chan, tcp, stream, state).await
+    }
+}
+
+impl Giver {
+    async fn give(
+        &self,
+        chan: &mut Channel,
+        tcp: TcpStream,
+        stream: Stream,
+        state: SpliceState,
+    ) -> Given {
         let exported = match stream.export(&state.encode()) {
             Ok(e) => e,
             Err(MoveFailed {
@@ -371,15 +397,12 @@ impl Giver {
                 return Given::Lost(format!("cannot take the backend socket out: {e}"));
             }
         };
-        let mut chan = self.chan.lock().await;
         let body = with_flow(flow, exported.snapshot());
         if let Err(e) = chan.send(FLOW, &body, Some(tcp.as_fd())).await {
             // The new process has no whole FLOW frame, so it cannot have imported the flow.
-            drop(chan);
             return self.keep(exported.thaw(), tcp, state, format!("not sent: {e}"));
         }
         let reply = chan.expect(REPLY_LIMIT, "answer to a flow").await;
-        drop(chan);
         match reply {
             Ok((TAKEN, b)) if flow_of(&b).is_some_and(|(f, _)| f == flow) => {
                 // Our copy of the descriptor closes; the socket lives on in the new process.
@@ -567,7 +590,7 @@ async fn greet(sock: UnixStream, prefix: ServicePrefix) -> Result<Arc<Giver>, St
         .map_err(|e| format!("hand-over socket: {e}"))?;
     match chan.expect(GO_LIMIT, "GO").await? {
         (GO, _) => Ok(Arc::new(Giver {
-            chan: tokio::sync::Mutex::new(chan),
+            chan: Arc::new(tokio::sync::Mutex::new(chan)),
             handed: AtomicU32::new(0),
             kept: AtomicU32::new(0),
             lost: AtomicU32::new(0),

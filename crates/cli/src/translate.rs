@@ -279,9 +279,10 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
             tokio::spawn(async move {
                 taker.take(ep, tx.clone()).await;
                 if let Some(path) = path {
-                    match crate::handover::serve(&path, prefix, tx) {
-                        // Lives as long as the process: the file goes at exit.
-                        Ok(s) => std::mem::forget(s),
+                    match crate::handover::serve(&path, prefix, tx.clone()) {
+                        Ok(s) => {
+                            let _ = tx.send(crate::handover::Event::Serving(s));
+                        }
                         Err(e) => note!("serval: expose: {e}"),
                     }
                 }
@@ -329,6 +330,7 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
                     let hook = handovers.hook();
                     conns.spawn(a.slot, Label("stream from", client), splice(a.tcp, a.stream, a.state, Some(hook)));
                 }
+                crate::handover::Event::Serving(s) => socket = Some(s),
                 crate::handover::Event::Slot(reply) => {
                     let _ = reply.send(conns.slots().try_acquire_owned().ok());
                 }
@@ -694,10 +696,10 @@ async fn splice(
         match pumps(&mut tcp, &mut stream, &mut state, pause).await {
             Stopped::Done => break Ok(()),
             Stopped::Broken(b) => break Err(b),
-            Stopped::Paused(giver) => {
+            Stopped::Paused(turn) => {
                 // Settled either way once this returns: the hook goes.
                 let _hook = hook.take();
-                match giver.give(tcp, stream, state).await {
+                match turn.give(tcp, stream, state).await {
                     crate::handover::Given::Handed => return Ok(()),
                     crate::handover::Given::Lost(why) => return Err(format!("hand-over: {why}")),
                     crate::handover::Given::Kept(t, s, st, why) => {
