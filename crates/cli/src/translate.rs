@@ -68,7 +68,7 @@ pub struct ExposeArgs {
     #[arg(long, value_name = "PATH")]
     pub handover_socket: Option<std::path::PathBuf>,
     /// Take over the live connections of the `serval expose` serving the hand-over socket
-    /// PATH (same service and backend), once this process serves and is registered. Bind
+    /// PATH (the same service; taken-over connections keep their backend connection, new ones go to --to), once this process serves and is registered. Bind
     /// another UDP port than the old process (e.g. `--bind 0.0.0.0:0`): the streams re-bind
     /// to this process's locator by RSYN, as in a move between hosts.
     #[arg(long, value_name = "PATH")]
