@@ -334,6 +334,8 @@ pub struct Giver {
     handed: AtomicU32,
     kept: AtomicU32,
     lost: AtomicU32,
+    /// The longest a handed connection was frozen here (export to the TAKEN answer), in µs.
+    longest_freeze_us: std::sync::atomic::AtomicU64,
 }
 
 /// How handing one connection over ended.
@@ -369,6 +371,7 @@ impl Giver {
         stream: Stream,
         state: SpliceState,
     ) -> Given {
+        let frozen = std::time::Instant::now();
         let exported = match stream.export(&state.encode()) {
             Ok(e) => e,
             Err(MoveFailed {
@@ -409,6 +412,8 @@ impl Giver {
                 exported.release();
                 drop(tcp);
                 self.handed.fetch_add(1, Ordering::Relaxed);
+                self.longest_freeze_us
+                    .fetch_max(frozen.elapsed().as_micros() as u64, Ordering::Relaxed);
                 Given::Handed
             }
             Ok((REFUSED, b)) if flow_of(&b).is_some_and(|(f, _)| f == flow) => {
@@ -460,6 +465,12 @@ impl Giver {
                 Given::Lost(format!("{why}; cannot take the backend socket back: {e}"))
             }
         }
+    }
+
+    /// The longest a handed connection was frozen here: from its export to the new
+    /// process's TAKEN (the client's pause, but for the RSYN's trip to it).
+    pub fn longest_freeze(&self) -> Duration {
+        Duration::from_micros(self.longest_freeze_us.load(Ordering::Relaxed))
     }
 
     /// Tells the new process the hand-over is over; returns (handed, kept, lost).
@@ -594,6 +605,7 @@ async fn greet(sock: UnixStream, prefix: ServicePrefix) -> Result<Arc<Giver>, St
             handed: AtomicU32::new(0),
             kept: AtomicU32::new(0),
             lost: AtomicU32::new(0),
+            longest_freeze_us: std::sync::atomic::AtomicU64::new(0),
         })),
         (ty, _) => Err(format!("expected GO, got frame {ty}")),
     }

@@ -361,7 +361,8 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         let (handed, kept, lost) = giver.finish().await;
         note!(
             "serval: expose: handed {handed} connection(s) over to the new process ({kept} kept \
-             here, {lost} lost)"
+             here, {lost} lost; longest freeze {:.2} ms)",
+            giver.longest_freeze().as_secs_f64() * 1e3
         );
         if !conns.tasks.is_empty() {
             note!(

@@ -223,12 +223,12 @@ fn curl_downloads_and_a_redis_connection_go_on_across_two_expose_hand_overs() {
     let mut kv2 = expose("kv.test", kv_port, &raddr, &["--take-over", &kv_sock]);
     let line = handed_over(&mut web1, Duration::from_secs(30));
     assert!(
-        line.contains("handed 3 connection(s) over") && line.contains("(0 kept here, 0 lost)"),
+        line.contains("handed 3 connection(s) over") && line.contains("(0 kept here, 0 lost;"),
         "{line}"
     );
     let line = handed_over(&mut kv1, Duration::from_secs(30));
     assert!(
-        line.contains("handed 1 connection(s) over") && line.contains("(0 kept here, 0 lost)"),
+        line.contains("handed 1 connection(s) over") && line.contains("(0 kept here, 0 lost;"),
         "{line}"
     );
     wait_line(&web2.err, "the take-over's summary", |l| {
@@ -249,7 +249,7 @@ fn curl_downloads_and_a_redis_connection_go_on_across_two_expose_hand_overs() {
     let mut web3 = expose("files.test", web.port, &raddr, &["--take-over", &web_sock]);
     let line = handed_over(&mut web2, Duration::from_secs(30));
     assert!(
-        line.contains("handed 3 connection(s) over") && line.contains("(0 kept here, 0 lost)"),
+        line.contains("handed 3 connection(s) over") && line.contains("(0 kept here, 0 lost;"),
         "{line}"
     );
     wait_line(&web3.err, "the second take-over's summary", |l| {
@@ -321,7 +321,7 @@ fn a_flow_the_new_process_refuses_stays_with_the_old_one_and_completes() {
     );
     let line = handed_over(&mut old, Duration::from_secs(60));
     assert!(
-        line.contains("handed 1 connection(s) over") && line.contains("(1 kept here, 0 lost)"),
+        line.contains("handed 1 connection(s) over") && line.contains("(1 kept here, 0 lost;"),
         "{line}"
     );
     let refused = wait_line(&new.err, "the take-over's summary", |l| {
