@@ -397,3 +397,85 @@ fn a_take_over_from_nobody_or_from_another_service_fails_and_changes_nothing() {
     let line = handed_over(&mut old, Duration::from_secs(30));
     assert!(line.contains("handed 0 connection(s) over"), "{line}");
 }
+
+/// One frame of the hand-over protocol (protocol.md §4.4): `type u8 | length u32 | body`.
+fn frame(ty: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![ty];
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one frame (its descriptor, if any, is dropped by the kernel: no ancillary buffer).
+fn read_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head[0], body)
+}
+
+#[test]
+fn a_new_process_that_dies_holding_a_flow_leaves_a_clean_reset_not_a_hang() {
+    let test = "a_new_process_that_dies_holding_a_flow_leaves_a_clean_reset_not_a_hang";
+    let Some([nginx, curl_bin]) = programs(test, ["nginx", "curl"]) else {
+        return;
+    };
+    let _heavy = heavy();
+    let web = Nginx::start(&nginx, 100, |www| {
+        write_random_file(&www.join("big.bin"), 8 << 20, 0xdead);
+    });
+    let (_router, raddr) = router(&[]);
+    let sock = Scratch::new("sockets");
+    let path = sock.path().join("web.sock");
+    let shown = path.display().to_string();
+    let mut old = expose(
+        "files.test",
+        web.port,
+        &raddr,
+        &["--handover-socket", &shown],
+    );
+    let (_p, proxy, _) = support::proxy("files.test", &raddr, &["--bind", "127.0.0.1:0"]);
+    let files = Scratch::new("downloads");
+    let mut dl = downloads(
+        &curl_bin,
+        &format!("http://{proxy}/big.bin"),
+        files.path(),
+        1,
+        "1M",
+    );
+
+    // A "new process" that speaks the protocol up to the FLOW, then dies without answering:
+    // nobody can tell whether it imported the flow.
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut hello = 1u16.to_be_bytes().to_vec();
+    hello.extend_from_slice(b"files.test");
+    s.write_all(&frame(1, &hello)).unwrap();
+    assert_eq!(read_frame(&mut s).0, 2, "WELCOME");
+    s.write_all(&frame(4, &[])).unwrap();
+    let (ty, body) = read_frame(&mut s);
+    assert_eq!(ty, 5, "FLOW");
+    assert!(body.len() > 8 + 32, "a snapshot: {} bytes", body.len());
+    let dropped = Instant::now();
+    drop(s);
+
+    // The old process resets the flow at both ends and exits 0, counting it lost; the client
+    // sees its download fail promptly (it would otherwise wait out curl's 120 s).
+    let line = handed_over(&mut old, Duration::from_secs(30));
+    assert!(
+        line.contains("handed 0 connection(s) over") && line.contains("0 kept here, 1 lost"),
+        "{line}"
+    );
+    let (_, t) = dl.pop().unwrap();
+    let (ok, code, err) = t.join().unwrap();
+    assert!(!ok, "the download completed (HTTP {code})?");
+    eprintln!("curl: {err} after {:?}", dropped.elapsed());
+    assert!(
+        dropped.elapsed() < Duration::from_secs(30),
+        "the client noticed only after {:?}: {err}",
+        dropped.elapsed()
+    );
+}
