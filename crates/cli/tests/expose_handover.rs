@@ -479,3 +479,82 @@ fn a_new_process_that_dies_holding_a_flow_leaves_a_clean_reset_not_a_hang() {
         dropped.elapsed()
     );
 }
+
+#[test]
+fn a_half_closed_connection_is_handed_over_with_its_ends_and_held_bytes() {
+    // No program needed: the client and the backend are this test's std sockets, so the
+    // test decides when each side half-closes. The client sends a 1 MiB request and its FIN;
+    // the backend reads it to the end, then answers 8 MiB slowly; the hand-over happens
+    // mid-answer, after the FIN went through (expose has passed it on to the backend). The
+    // client must get every byte of the answer and then the end of stream.
+    let _heavy = heavy();
+    const REQUEST: usize = 1 << 20;
+    const ANSWER: usize = 8 << 20;
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = backend.local_addr().unwrap().port();
+    let (fin_seen, fin_rx) = mpsc::channel();
+    let server = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = backend.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        fin_seen.send(()).unwrap();
+        assert!(
+            got == support::pattern(REQUEST),
+            "the request arrived changed"
+        );
+        // 8 MiB in 64 KiB pieces, about 4 s.
+        for piece in support::pattern(ANSWER).chunks(64 << 10) {
+            c.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    });
+    let (_router, raddr) = router(&[]);
+    let sock = Scratch::new("sockets");
+    let path = sock.path().join("half.sock").display().to_string();
+    let mut old = expose("half.test", port, &raddr, &["--handover-socket", &path]);
+    let (_p, proxy, _) = support::proxy("half.test", &raddr, &["--bind", "127.0.0.1:0"]);
+
+    let mut c = TcpStream::connect(&proxy).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(&support::pattern(REQUEST)).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    fin_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the backend never saw the client's FIN");
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = received.clone();
+    let client = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = c.read(&mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            counter.store(got.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.load(std::sync::atomic::Ordering::Relaxed) < 1 << 20 {
+        assert!(Instant::now() < deadline, "the answer never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut new = expose("half.test", port, &raddr, &["--take-over", &path]);
+    let line = handed_over(&mut old, Duration::from_secs(30));
+    assert!(
+        line.contains("handed 1 connection(s) over") && line.contains("(0 kept here, 0 lost;"),
+        "{line}"
+    );
+    let got = client.join().unwrap();
+    server.join().unwrap();
+    assert_eq!(got.len(), ANSWER);
+    assert!(
+        got == support::pattern(ANSWER),
+        "the answer arrived changed"
+    );
+    let _ = &mut new;
+}
