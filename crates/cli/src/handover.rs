@@ -237,9 +237,13 @@ pub enum Event {
 
 /// A connection taken over from the old process, with its slot under `--max-connections`.
 pub struct Adopted {
+    /// Its slot under `--max-connections`, held while it runs.
     pub slot: OwnedSemaphorePermit,
+    /// The backend connection, from the old process's descriptor.
     pub tcp: TcpStream,
+    /// The imported stream (re-binding toward its client).
     pub stream: Stream,
+    /// Where the old process's splice stopped.
     pub state: SpliceState,
 }
 
@@ -289,6 +293,7 @@ impl Hook {
 }
 
 impl Handovers {
+    /// No connection yet, no hand-over started.
     pub fn new() -> Handovers {
         Handovers {
             start: watch::Sender::new(None),
