@@ -570,7 +570,7 @@ pub fn serve(
                     let _ = events.send(Event::HandOver(giver));
                     return;
                 }
-                Err(e) => note!("serval: expose: hand-over refused: {e}"),
+                Err(e) => note!("serval: expose: no hand-over: {e}; serving on"),
             }
         }
     });

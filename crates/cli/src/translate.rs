@@ -242,7 +242,16 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         Some(path) => Some(crate::handover::connect(path, prefix).await?),
         None => None,
     };
-    let ep = args.instance.endpoint(None).await?;
+    let ep = match args.instance.endpoint(None).await {
+        Ok(ep) => ep,
+        Err(e) if taker.is_some() && e.contains("in use") => {
+            return Err(format!(
+                "{e} (the process taken over holds that port: bind another, e.g. --bind \
+                 0.0.0.0:0; the streams re-bind to it by RSYN)"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
     let _admin = crate::instance::start(
         &ep,
         &args.instance,
