@@ -139,16 +139,31 @@ impl Resp {
         }
     }
 
-    /// Sends one command; returns the reply as text (`+OK`, `:5`, the bulk string's bytes).
+    /// Sends one command; returns the reply as text (`+OK`, `:5`, a bulk string's bytes, an
+    /// array's elements joined by spaces).
     fn cmd(&mut self, args: &[&str]) -> String {
+        self.send(args);
+        self.reply()
+    }
+
+    /// Sends one command without waiting for its reply.
+    fn send(&mut self, args: &[&str]) {
         let mut req = format!("*{}\r\n", args.len());
         for a in args {
             req += &format!("${}\r\n{a}\r\n", a.len());
         }
         self.w.write_all(req.as_bytes()).unwrap();
+    }
+
+    /// The next reply.
+    fn reply(&mut self) -> String {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let line = line.trim_end().to_owned();
+        if let Some(n) = line.strip_prefix('*').filter(|n| *n != "-1") {
+            let n: usize = n.parse().unwrap();
+            return (0..n).map(|_| self.reply()).collect::<Vec<_>>().join(" ");
+        }
         match line.strip_prefix('$') {
             Some(n) if n != "-1" => {
                 let n: usize = n.parse().unwrap();
@@ -198,6 +213,9 @@ fn curl_downloads_and_a_redis_connection_go_on_across_two_expose_hand_overs() {
     assert_eq!(kv.cmd(&["CLIENT", "SETNAME", "across-handovers"]), "+OK");
     assert_eq!(kv.cmd(&["SET", "greeting", "hello"]), "+OK");
     assert_eq!(kv.cmd(&["INCR", "n"]), ":1");
+    // ...and a command in flight across the hand-over: BLPOP blocks on an empty list until
+    // another connection pushes to it, after the hand-over.
+    kv.send(&["BLPOP", "queue", "0"]);
 
     // Three downloads of 24 MiB at 4 MB/s each: about 6 s, so both hand-overs happen while
     // every one of them is in flight.
@@ -238,7 +256,11 @@ fn curl_downloads_and_a_redis_connection_go_on_across_two_expose_hand_overs() {
         l.contains("took over 1 connection(s)")
     });
 
-    // The same redis connection, at the new process.
+    // The same redis connection, at the new process: the blocked BLPOP's answer comes
+    // through it once another connection pushes.
+    let mut pusher = Resp::connect(&kv_proxy);
+    assert_eq!(pusher.cmd(&["RPUSH", "queue", "after"]), ":1");
+    assert_eq!(kv.reply(), "queue after");
     assert_eq!(kv.cmd(&["CLIENT", "ID"]), id, "a new redis connection");
     assert_eq!(kv.cmd(&["CLIENT", "GETNAME"]), "across-handovers");
     assert_eq!(kv.cmd(&["GET", "greeting"]), "hello");
@@ -273,9 +295,8 @@ fn curl_downloads_and_a_redis_connection_go_on_across_two_expose_hand_overs() {
         &[],
     );
     assert!(ok, "a new request after the hand-overs: HTTP {code}: {err}");
-    let mut fresh = Resp::connect(&kv_proxy);
-    assert_ne!(fresh.cmd(&["CLIENT", "ID"]), id);
-    assert_eq!(fresh.cmd(&["INCR", "n"]), ":3");
+    assert_ne!(pusher.cmd(&["CLIENT", "ID"]), id);
+    assert_eq!(pusher.cmd(&["INCR", "n"]), ":3");
     assert_eq!(kv.cmd(&["QUIT"]), "+OK");
     let _ = (&mut web3, &mut kv2);
 }
