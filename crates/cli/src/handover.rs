@@ -80,6 +80,8 @@ struct Channel {
     rbuf: Vec<u8>,
     /// Descriptors received, in order; a FLOW frame takes the oldest.
     fds: VecDeque<OwnedFd>,
+    /// What each receive reads into.
+    chunk: Box<[u8]>,
 }
 
 impl Channel {
@@ -88,6 +90,7 @@ impl Channel {
             sock,
             rbuf: Vec::new(),
             fds: VecDeque::new(),
+            chunk: vec![0u8; 64 << 10].into_boxed_slice(),
         }
     }
 
@@ -130,7 +133,6 @@ impl Channel {
 
     /// The next frame, `None` at a clean end of the connection.
     async fn recv(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
-        let mut tmp = vec![0u8; 64 << 10];
         loop {
             if self.rbuf.len() >= 5 {
                 let len =
@@ -146,10 +148,10 @@ impl Channel {
                     return Ok(Some((ty, body)));
                 }
             }
-            let (n, fds) = self
-                .sock
+            let (sock, chunk) = (&self.sock, &mut self.chunk);
+            let (n, fds) = sock
                 .async_io(Interest::READABLE, || {
-                    serval_sys::fdpass::recv_with_fds(self.sock.as_fd(), &mut tmp)
+                    serval_sys::fdpass::recv_with_fds(sock.as_fd(), chunk)
                 })
                 .await?;
             self.fds.extend(fds);
@@ -166,7 +168,7 @@ impl Channel {
                     Err(io::ErrorKind::UnexpectedEof.into())
                 };
             }
-            self.rbuf.extend_from_slice(&tmp[..n]);
+            self.rbuf.extend_from_slice(&self.chunk[..n]);
         }
     }
 
