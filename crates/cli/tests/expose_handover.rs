@@ -579,3 +579,54 @@ fn a_half_closed_connection_is_handed_over_with_its_ends_and_held_bytes() {
     );
     let _ = &mut new;
 }
+
+#[test]
+fn forty_echo_connections_are_handed_over_and_each_keeps_its_own_bytes() {
+    // Std sockets at both ends (an echo backend, 40 clients through the proxy): each client's
+    // bytes before and after the hand-over come back to it, in order, then its end of stream.
+    const N: usize = 40;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    support::echo_backend(l);
+    let (_router, raddr) = router(&[]);
+    let sock = Scratch::new("sockets");
+    let path = sock.path().join("echo.sock").display().to_string();
+    let mut old = expose("echo.test", port, &raddr, &["--handover-socket", &path]);
+    let (_p, proxy, _) = support::proxy("echo.test", &raddr, &["--bind", "127.0.0.1:0"]);
+    let echo = |c: &mut TcpStream, msg: &[u8]| {
+        use std::io::Read;
+        c.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).unwrap();
+        assert!(got == msg, "another connection's bytes came back");
+    };
+    let msg = |i: usize, round: u8| -> Vec<u8> {
+        let mut m = support::pattern(4096 + i * 97);
+        m.push(round);
+        m.extend_from_slice(&(i as u64).to_be_bytes());
+        m
+    };
+    let mut clients: Vec<TcpStream> = (0..N)
+        .map(|i| {
+            let mut c = TcpStream::connect(&proxy).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            echo(&mut c, &msg(i, 1));
+            c
+        })
+        .collect();
+    let mut new = expose("echo.test", port, &raddr, &["--take-over", &path]);
+    let line = handed_over(&mut old, Duration::from_secs(60));
+    assert!(
+        line.contains(&format!("handed {N} connection(s) over"))
+            && line.contains("0 kept here, 0 lost"),
+        "{line}"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo(c, &msg(i, 2));
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(c, &mut rest).unwrap();
+        assert!(rest.is_empty(), "{} bytes after the echo", rest.len());
+    }
+    let _ = &mut new;
+}
