@@ -68,9 +68,10 @@ pub struct ExposeArgs {
     #[arg(long, value_name = "PATH")]
     pub handover_socket: Option<std::path::PathBuf>,
     /// Take over the live connections of the `serval expose` serving the hand-over socket
-    /// PATH (the same service; taken-over connections keep their backend connection, new ones go to --to), once this process serves and is registered. Bind
-    /// another UDP port than the old process (e.g. `--bind 0.0.0.0:0`): the streams re-bind
-    /// to this process's locator by RSYN, as in a move between hosts.
+    /// PATH (the same service; taken-over connections keep their backend connection, new
+    /// ones go to --to), once this process serves and is registered. Bind another UDP port
+    /// than the old process (e.g. `--bind 0.0.0.0:0`): the streams re-bind to this
+    /// process's locator by RSYN, as in a move between hosts.
     #[arg(long, value_name = "PATH")]
     pub take_over: Option<std::path::PathBuf>,
 }
@@ -337,7 +338,8 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
                 crate::handover::Event::Adopted(a) => {
                     let client = a.stream.peer_locator().ok();
                     let hook = handovers.hook();
-                    conns.spawn(a.slot, Label("stream from", client), splice(a.tcp, a.stream, a.state, Some(hook)));
+                    let conn = splice(a.tcp, a.stream, a.state, Some(hook));
+                    conns.spawn(a.slot, Label("stream from", client), conn);
                 }
                 crate::handover::Event::Serving(s) => socket = Some(s),
                 crate::handover::Event::Slot(reply) => {
