@@ -14,6 +14,7 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod handover;
 mod instance;
 mod keygen;
 mod net;
@@ -104,7 +105,9 @@ enum Command {
     /// Translator: register a service and carry each incoming stream to a TCP backend.
     ///
     /// Each accepted Serval stream becomes one TCP connection to --to; bytes, half-close and
-    /// resets pass both ways. Serves until interrupted.
+    /// resets pass both ways. Serves until interrupted, or until a new `serval expose
+    /// --take-over PATH` has taken every live connection over from its --handover-socket PATH
+    /// (an upgrade or restart with nothing dropped; it then exits 0).
     Expose(translate::ExposeArgs),
     /// Probe a service by name with request/response echoes, like ping.
     ///

@@ -60,6 +60,20 @@ pub struct ExposeArgs {
     /// On SIGINT/SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub drain: u64,
+    /// Serve a hand-over socket (a Unix socket, owner-only) at PATH: a new `serval expose`
+    /// started with `--take-over PATH` receives every live connection — each Serval stream
+    /// by export/import, each backend TCP connection as its descriptor — takes over the
+    /// registration, and this process exits 0 once nothing is left to it. Upgrade or
+    /// restart the translator with nothing dropped.
+    #[arg(long, value_name = "PATH")]
+    pub handover_socket: Option<std::path::PathBuf>,
+    /// Take over the live connections of the `serval expose` serving the hand-over socket
+    /// PATH (the same service; taken-over connections keep their backend connection, new
+    /// ones go to --to), once this process serves and is registered. Bind another UDP port
+    /// than the old process (e.g. `--bind 0.0.0.0:0`): the streams re-bind to this
+    /// process's locator by RSYN, as in a move between hosts.
+    #[arg(long, value_name = "PATH")]
+    pub take_over: Option<std::path::PathBuf>,
 }
 
 /// Runs `serval proxy`.
@@ -133,6 +147,11 @@ impl Connections {
         });
     }
 
+    /// The slots, for connections taken over from another process.
+    fn slots(&self) -> Arc<tokio::sync::Semaphore> {
+        self.slots.clone()
+    }
+
     /// Reaps finished tasks (for a `select!` branch; pending while none runs).
     async fn reap(&mut self) {
         if self.tasks.join_next().await.is_none() {
@@ -197,7 +216,7 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
                 let (ep, hop, name) = (ep.clone(), hop.clone(), name.clone());
                 conns.spawn(slot, Label("connection from", client), async move {
                     match crate::net::connect(&ep, &name, service, &hop).await {
-                        Ok(stream) => splice(tcp, stream).await,
+                        Ok(stream) => splice(tcp, stream, SpliceState::new(), None).await,
                         Err(e) => {
                             reset_tcp(tcp);
                             Err(e)
@@ -218,14 +237,30 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
 }
 
 async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), String> {
-    let ep = args.instance.endpoint(None).await?;
+    // A take-over asks the old process first, so that a wrong path or a refusal fails here
+    // before this process registers anywhere.
+    let taker = match &args.take_over {
+        Some(path) => Some(crate::handover::connect(path, prefix).await?),
+        None => None,
+    };
+    let ep = match args.instance.endpoint(None).await {
+        Ok(ep) => ep,
+        Err(e) if taker.is_some() && e.contains("in use") => {
+            return Err(format!(
+                "{e} (the process taken over holds that port: bind another, e.g. --bind \
+                 0.0.0.0:0; the streams re-bind to it by RSYN)"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
     let _admin = crate::instance::start(
         &ep,
         &args.instance,
         &args.service,
         crate::instance::Moves::Unsupported(
             "serval expose cannot move its flows to another host: each one's TCP connection \
-             to the backend stays on this host",
+             to the backend stays on this host (it hands them to a new process on this host \
+             with --handover-socket / --take-over)",
         ),
     )
     .await?;
@@ -238,13 +273,45 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         args.to,
         args.instance.registering()
     );
+
+    let mut conns = Connections::new("expose", args.max_connections);
+    let handovers = crate::handover::Handovers::new();
+    let (ho_tx, mut ho_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut socket = None;
+    match taker {
+        Some(taker) => {
+            if !args.instance.router.is_empty() {
+                crate::handover::registered(&mut events, &name).await?;
+            }
+            // Serves its own hand-over socket (perhaps at the same path) once the take-over
+            // is over, for the next upgrade.
+            let (ep, tx, path) = (ep.clone(), ho_tx.clone(), args.handover_socket.clone());
+            tokio::spawn(async move {
+                taker.take(ep, tx.clone()).await;
+                if let Some(path) = path {
+                    match crate::handover::serve(&path, prefix, tx.clone()) {
+                        Ok(s) => {
+                            let _ = tx.send(crate::handover::Event::Serving(s));
+                        }
+                        Err(e) => note!("serval: expose: {e}"),
+                    }
+                }
+            });
+        }
+        None => {
+            if let Some(path) = &args.handover_socket {
+                socket = Some(crate::handover::serve(path, prefix, ho_tx.clone())?);
+            }
+        }
+    }
+    drop(ho_tx);
     ready(&crate::net::list(&ep.local_locators()));
 
     let backend: Arc<str> = args.to.into();
     let connect_timeout = Duration::from_millis(args.connect_timeout);
-    let mut conns = Connections::new("expose", args.max_connections);
     let stop = crate::router::wait_for_stop();
     tokio::pin!(stop);
+    let mut handing = None;
     loop {
         // A free slot first, then a stream; a signal or a registrar event interrupts either.
         let slot = conns.slot();
@@ -256,9 +323,10 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 let client = stream.peer_locator().ok();
                 let backend = backend.clone();
+                let hook = handovers.hook();
                 conns.spawn(slot, Label("stream from", client), async move {
                     match connect_backend(&backend, connect_timeout).await {
-                        Ok(tcp) => splice(tcp, stream).await,
+                        Ok(tcp) => splice(tcp, stream, SpliceState::new(), Some(hook)).await,
                         Err(e) => {
                             stream.abort();
                             Err(e)
@@ -266,14 +334,60 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
                     }
                 });
             }
+            Some(ev) = ho_rx.recv() => match ev {
+                crate::handover::Event::Adopted(a) => {
+                    let client = a.stream.peer_locator().ok();
+                    let hook = handovers.hook();
+                    let conn = splice(a.tcp, a.stream, a.state, Some(hook));
+                    conns.spawn(a.slot, Label("stream from", client), conn);
+                }
+                crate::handover::Event::Serving(s) => socket = Some(s),
+                crate::handover::Event::Slot(reply) => {
+                    let _ = reply.send(conns.slots().try_acquire_owned().ok());
+                }
+                crate::handover::Event::HandOver(giver) => {
+                    handing = Some(giver);
+                    break;
+                }
+            },
             () = conns.reap() => {}
             () = &mut stop => break,
         }
     }
     // Withdraw at once (the UNREGISTER leaves now, and is seen answered), then let open
-    // connections finish.
+    // connections finish — or hand them to the new process.
     drop(listener);
     ep.unregistered_within(crate::net::UNREGISTER_LIMIT).await;
+    if let Some(s) = &socket {
+        s.remove();
+    }
+    if let Some(giver) = handing {
+        handovers.start(giver.clone());
+        loop {
+            tokio::select! {
+                () = handovers.settled() => break,
+                () = conns.reap() => {}
+            }
+        }
+        let (handed, kept, lost) = giver.finish().await;
+        note!(
+            "serval: expose: handed {handed} connection(s) over to the new process ({kept} kept \
+             here, {lost} lost; longest freeze {:.2} ms)",
+            giver.longest_freeze().as_secs_f64() * 1e3
+        );
+        if !conns.tasks.is_empty() {
+            note!(
+                "serval: expose: waiting for the {} connection(s) kept here to finish (signal \
+                 to stop waiting)",
+                conns.tasks.len()
+            );
+            let all = async { while conns.tasks.join_next().await.is_some() {} };
+            tokio::select! {
+                () = all => {}
+                () = &mut stop => {}
+            }
+        }
+    }
     let stopping = format!("serval: expose stopping: {name} withdrawn, no new streams");
     conns
         .finish(&stopping, Duration::from_secs(args.drain))
@@ -321,7 +435,7 @@ async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, St
 
 /// Resets a TCP connection (RST rather than FIN), as the translator's answer to a Serval
 /// side that failed or was reset.
-fn reset_tcp(tcp: TcpStream) {
+pub(crate) fn reset_tcp(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
 }
@@ -335,28 +449,166 @@ enum Broken {
     Serval(io::Error),
 }
 
-/// Copies one direction until end of stream, then half-closes the writer. Reads into one
-/// fixed buffer, so at most `buf.len()` bytes are held here.
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
-    buf: &mut [u8],
-    from_err: fn(io::Error) -> Broken,
-    to_err: fn(io::Error) -> Broken,
-) -> Result<u64, Broken>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut total = 0u64;
-    loop {
-        let n = from.read(buf).await.map_err(from_err)?;
-        if n == 0 {
-            to.shutdown().await.map_err(to_err)?;
-            return Ok(total);
+/// One direction of a splice: a fixed buffer, what of it is read and not yet written, and
+/// how far the direction has ended. Every await in [`run`](Self::run) is cancel-safe and the
+/// state is updated only after one completes, so a splice stopped at any point (for a
+/// hand-over) knows exactly which bytes it holds.
+pub(crate) struct Pump {
+    buf: PooledBuf,
+    /// `buf[start..end]` was read from one side and not yet written to the other.
+    start: usize,
+    end: usize,
+    /// The reader ended (end of stream read).
+    eof: bool,
+    /// ...and the writer was shut down after it (the FIN passed on).
+    shut: bool,
+}
+
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            buf: PooledBuf::take(),
+            start: 0,
+            end: 0,
+            eof: false,
+            shut: false,
         }
-        to.write_all(&buf[..n]).await.map_err(to_err)?;
-        total += n as u64;
+    }
+
+    /// Copies until end of stream, then half-closes the writer.
+    async fn run<R, W>(
+        &mut self,
+        mut from: R,
+        mut to: W,
+        from_err: fn(io::Error) -> Broken,
+        to_err: fn(io::Error) -> Broken,
+    ) -> Result<(), Broken>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.start < self.end {
+                let n = to
+                    .write(&self.buf.0[self.start..self.end])
+                    .await
+                    .map_err(to_err)?;
+                if n == 0 {
+                    return Err(to_err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+            } else if self.eof {
+                if !self.shut {
+                    to.shutdown().await.map_err(to_err)?;
+                    self.shut = true;
+                }
+                return Ok(());
+            } else {
+                let n = from.read(&mut self.buf.0).await.map_err(from_err)?;
+                (self.start, self.end) = (0, n);
+                self.eof = n == 0;
+            }
+        }
+    }
+
+    fn held(&self) -> &[u8] {
+        &self.buf.0[self.start..self.end]
+    }
+
+    /// A pump holding `held`, in a buffer large enough for it.
+    fn holding(held: &[u8], eof: bool, shut: bool) -> Pump {
+        let mut buf = PooledBuf::take();
+        if buf.0.len() < held.len() {
+            buf.0 = vec![0u8; held.len()].into_boxed_slice();
+        }
+        buf.0[..held.len()].copy_from_slice(held);
+        Pump {
+            buf,
+            start: 0,
+            end: held.len(),
+            eof,
+            shut,
+        }
+    }
+}
+
+/// Where a splice stands: each direction's [`Pump`]. `serval expose`'s hand-over carries it
+/// to the new process in the stream's snapshot (its APP block), so that the bytes the old
+/// process read and had not yet written are written by the new one, once, in order.
+pub struct SpliceState {
+    /// TCP → Serval.
+    up: Pump,
+    /// Serval → TCP.
+    down: Pump,
+}
+
+/// [`SpliceState::encode`]'s format version (covered by the hand-over's version too).
+const SPLICE_STATE_V1: u8 = 1;
+
+impl SpliceState {
+    /// A splice that has not started.
+    pub fn new() -> SpliceState {
+        SpliceState {
+            up: Pump::new(),
+            down: Pump::new(),
+        }
+    }
+
+    /// `version u8 (1) | flags u8 | up length u32 | up bytes | down length u32 | down bytes`
+    /// (big-endian), flags bit 0 up reader ended, 1 up writer shut, 2 down reader ended,
+    /// 3 down writer shut. "Up" is TCP → Serval, "down" Serval → TCP.
+    pub fn encode(&self) -> Vec<u8> {
+        let (up, down) = (self.up.held(), self.down.held());
+        let flags = u8::from(self.up.eof)
+            | u8::from(self.up.shut) << 1
+            | u8::from(self.down.eof) << 2
+            | u8::from(self.down.shut) << 3;
+        let mut b = Vec::with_capacity(10 + up.len() + down.len());
+        b.extend_from_slice(&[SPLICE_STATE_V1, flags]);
+        for held in [up, down] {
+            // At most a splice buffer each (64 KiB): far below u32::MAX.
+            b.extend_from_slice(&(held.len() as u32).to_be_bytes());
+            b.extend_from_slice(held);
+        }
+        b
+    }
+
+    /// Parses [`encode`](Self::encode)'s output; anything else is an error line.
+    pub fn decode(b: &[u8]) -> Result<SpliceState, String> {
+        let bad = || "malformed splice state".to_owned();
+        let (&[version, flags], mut rest) = b.split_first_chunk::<2>().ok_or_else(bad)?;
+        if version != SPLICE_STATE_V1 {
+            return Err(format!(
+                "splice state version {version}, this process knows {SPLICE_STATE_V1}"
+            ));
+        }
+        if flags & 0xf0 != 0 {
+            return Err(bad());
+        }
+        let mut held = [&[][..]; 2];
+        for h in &mut held {
+            let (len, r) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+            let len = u32::from_be_bytes(*len) as usize;
+            if r.len() < len || len > 4 * SPLICE_BUF {
+                return Err(bad());
+            }
+            (*h, rest) = r.split_at(len);
+        }
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        let bit = |n: u8| flags & (1 << n) != 0;
+        // A writer shut before its reader ended, or bytes held after the writer was shut,
+        // cannot come from a splice.
+        if (bit(1) && (!bit(0) || !held[0].is_empty()))
+            || (bit(3) && (!bit(2) || !held[1].is_empty()))
+        {
+            return Err(bad());
+        }
+        Ok(SpliceState {
+            up: Pump::holding(held[0], bit(0), bit(1)),
+            down: Pump::holding(held[1], bit(2), bit(3)),
+        })
     }
 }
 
@@ -384,7 +636,8 @@ impl PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        if let Ok(mut pool) = BUFFERS.lock()
+        if self.0.len() == SPLICE_BUF
+            && let Ok(mut pool) = BUFFERS.lock()
             && pool.len() < POOLED_BUFFERS
         {
             pool.push(std::mem::take(&mut self.0));
@@ -392,36 +645,84 @@ impl Drop for PooledBuf {
     }
 }
 
-/// Carries bytes between a TCP connection and a Serval stream until both directions have
-/// ended. A FIN on either side is passed on as a FIN; an error or reset on either side resets
-/// both and is returned.
-async fn splice(tcp: TcpStream, mut stream: Stream) -> Result<(), String> {
+/// How [`pumps`] stopped.
+enum Stopped<T> {
+    /// Both directions ended.
+    Done,
+    /// One side failed.
+    Broken(Broken),
+    /// `pause` completed first, with this.
+    Paused(T),
+}
+
+/// Runs both directions until both end, one fails, or `pause` completes.
+async fn pumps<T>(
+    tcp: &mut TcpStream,
+    stream: &mut Stream,
+    state: &mut SpliceState,
+    pause: impl Future<Output = T>,
+) -> Stopped<T> {
+    let (tr, tw) = tcp.split();
+    let (sr, sw) = stream.split();
+    let up = state.up.run(tr, sw, Broken::Tcp, Broken::Serval);
+    let down = state.down.run(sr, tw, Broken::Serval, Broken::Tcp);
+    tokio::pin!(up, down, pause);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(b) => return Stopped::Broken(b),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(b) => return Stopped::Broken(b),
+            },
+            t = &mut pause => return Stopped::Paused(t),
+        }
+        if up_done && down_done {
+            return Stopped::Done;
+        }
+    }
+}
+
+/// Carries bytes between a TCP connection and a Serval stream, from `state`, until both
+/// directions have ended. A FIN on either side is passed on as a FIN; an error or reset on
+/// either side resets both and is returned. With a `hook`, the connection is handed to a new
+/// process when a hand-over starts (and splices on here if that one refuses it).
+async fn splice(
+    tcp: TcpStream,
+    stream: Stream,
+    state: SpliceState,
+    hook: Option<crate::handover::Hook>,
+) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let mut tcp = tcp;
-    let outcome = {
-        let (tr, tw) = tcp.split();
-        let (sr, sw) = stream.split();
-        let (mut up_buf, mut down_buf) = (PooledBuf::take(), PooledBuf::take());
-        let up = pump(tr, sw, &mut up_buf.0, Broken::Tcp, Broken::Serval);
-        let down = pump(sr, tw, &mut down_buf.0, Broken::Serval, Broken::Tcp);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(_) => up_done = true,
-                    Err(b) => break Err(b),
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(_) => down_done = true,
-                    Err(b) => break Err(b),
-                },
+    let (mut tcp, mut stream, mut state, mut hook) = (tcp, stream, state, hook);
+    let outcome = loop {
+        let pause = async {
+            match &mut hook {
+                Some(h) => h.requested().await,
+                None => std::future::pending().await,
             }
-            if up_done && down_done {
-                break Ok(());
+        };
+        match pumps(&mut tcp, &mut stream, &mut state, pause).await {
+            Stopped::Done => break Ok(()),
+            Stopped::Broken(b) => break Err(b),
+            Stopped::Paused(turn) => {
+                // Settled either way once this returns: the hook goes.
+                let _hook = hook.take();
+                match turn.give(tcp, stream, state).await {
+                    crate::handover::Given::Handed => return Ok(()),
+                    crate::handover::Given::Lost(why) => return Err(format!("hand-over: {why}")),
+                    crate::handover::Given::Kept(t, s, st, why) => {
+                        note!("serval: expose: kept a connection here: {why}");
+                        (tcp, stream, state) = (t, s, st);
+                    }
+                }
             }
         }
     };
+    drop(hook);
     match outcome {
         Ok(()) => {
             // Both directions ended: let the FIN exchange complete before the stream goes.
@@ -436,5 +737,73 @@ async fn splice(tcp: TcpStream, mut stream: Stream) -> Result<(), String> {
                 Broken::Serval(e) => format!("Serval side: {e}; reset the TCP connection"),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn state(up: &[u8], down: &[u8], flags: [bool; 4]) -> SpliceState {
+        SpliceState {
+            up: Pump::holding(up, flags[0], flags[1]),
+            down: Pump::holding(down, flags[2], flags[3]),
+        }
+    }
+
+    #[test]
+    fn a_splice_state_round_trips_with_its_held_bytes_and_ends() {
+        for (up, down, flags) in [
+            (&b""[..], &b""[..], [false; 4]),
+            (b"GET / HTTP/1.1\r\n", b"", [false; 4]),
+            (b"", b"partial response", [true, true, false, false]),
+            (b"tail", b"", [true, false, true, true]),
+        ] {
+            let s = SpliceState::decode(&state(up, down, flags).encode()).unwrap();
+            assert_eq!((s.up.held(), s.down.held()), (up, down));
+            assert_eq!(
+                [s.up.eof, s.up.shut, s.down.eof, s.down.shut],
+                flags,
+                "{up:?} {down:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_round_trips() {
+        let big = vec![7u8; SPLICE_BUF];
+        let s = SpliceState::decode(&state(&big, &big, [false; 4]).encode()).unwrap();
+        assert_eq!(s.up.held(), &big[..]);
+        assert_eq!(s.down.held(), &big[..]);
+    }
+
+    #[test]
+    fn malformed_splice_states_are_refused_never_a_panic() {
+        let good = state(b"abc", b"defg", [true, false, false, false]).encode();
+        // Every truncation, every extension and every single-byte change either parses to
+        // something well-formed or is refused.
+        for n in 0..good.len() {
+            assert!(SpliceState::decode(&good[..n]).is_err(), "truncated at {n}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(SpliceState::decode(&longer).is_err());
+        for i in 0..good.len() {
+            for v in [0u8, 1, 0x0f, 0x10, 0xff] {
+                let mut b = good.clone();
+                b[i] = v;
+                let _ = SpliceState::decode(&b);
+            }
+        }
+        // A writer shut with bytes still held, or before its reader ended.
+        assert!(
+            SpliceState::decode(&state(b"x", b"", [true, true, false, false]).encode()).is_err()
+        );
+        assert!(
+            SpliceState::decode(&state(b"", b"", [false, true, false, false]).encode()).is_err()
+        );
+        assert!(SpliceState::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 }

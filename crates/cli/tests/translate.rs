@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{Guard, router, serval, spawn_ready, wait_line};
+use support::{Guard, echo_backend, router, serval, spawn_ready, wait_line};
 
 /// A router, an expose of `name` to `backend`, and a proxy in front of it.
 struct Chain {
@@ -67,20 +67,6 @@ fn accept(l: &TcpListener) -> TcpStream {
             Err(e) => panic!("no connection reached the backend: {e}"),
         }
     }
-}
-
-/// Serves `l` as an echo backend, a thread per connection: everything back, then FIN.
-fn echo_backend(l: TcpListener) {
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
 }
 
 /// A TCP reset instead of a FIN when `s` is dropped.

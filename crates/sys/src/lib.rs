@@ -7,10 +7,14 @@
 //! * [`repair`]: entering a network namespace from one thread, the `TCP_REPAIR` family of
 //!   socket options, the `SIOCOUTQ`/`SIOCINQ` ioctls, rtnetlink address changes and a
 //!   gratuitous ARP — the TCP hand-off that `pause-bench` measures Serval's server moves
-//!   against (issue 10).
+//!   against (issue 10);
+//! * [`fdpass`]: taking ownership of file descriptors received over a Unix socket
+//!   (`SCM_RIGHTS`), for `serval expose`'s hand-over of its backend connections to a new
+//!   process (issue 10 item 5).
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod fdpass;
 pub mod repair;
 
 /// Hands freed heap memory back to the operating system (glibc's `malloc_trim(0)`); nothing

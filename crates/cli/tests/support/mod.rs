@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod numbered;
+pub mod programs;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -543,4 +544,18 @@ pub fn pattern(len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Serves `l` as an echo backend, a thread per connection: everything back, then FIN.
+pub fn echo_backend(l: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
 }
