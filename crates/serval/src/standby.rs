@@ -362,10 +362,17 @@ pub(crate) async fn replicate_to(ep: Endpoint, stream: Stream) -> io::Result<()>
         sent: HashMap::new(),
         replicated: HashMap::new(),
         next_seq: 0,
+        heard: StdInstant::now(),
     };
     let result = session.run().await;
-    // Whatever ended the session: continue alone (unless the standby took over, in which
-    // case the replicated streams are gone already).
+    if result.is_err() {
+        // The session broke without a TAKEOVER: the standby may be dead, or may have taken
+        // over with its word lost. Hold on (nothing it did not confirm leaves) until it has
+        // been silent for STANDBY_LOST, then continue alone.
+        tokio::time::sleep_until((session.heard + STANDBY_LOST).into()).await;
+    }
+    // Continue alone (unless the standby took over, in which case the replicated streams
+    // are gone already).
     {
         let mut st = ep.shared.lock();
         st.primary = None;
@@ -384,12 +391,13 @@ struct PrimarySession {
     /// Streams the standby holds, with their flowIDs.
     replicated: HashMap<ConnectionHandle, FlowId>,
     next_seq: u32,
+    /// When the standby last said anything.
+    heard: StdInstant,
 }
 
 impl PrimarySession {
     async fn run(&mut self) -> io::Result<()> {
         let mut frames = Frames::default();
-        let mut heard = StdInstant::now();
         let mut spoke = StdInstant::now();
         loop {
             let out = self.collect();
@@ -402,7 +410,7 @@ impl PrimarySession {
                 (&self.stream).write_all(&out).await?;
                 spoke = StdInstant::now();
             }
-            if heard.elapsed() > STANDBY_LOST {
+            if self.heard.elapsed() > STANDBY_LOST {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the standby went silent: continuing unreplicated",
@@ -412,7 +420,7 @@ impl PrimarySession {
             tokio::select! {
                 r = frames.fill(&self.stream) => {
                     r?;
-                    heard = StdInstant::now();
+                    self.heard = StdInstant::now();
                     while let Some((kind, body)) = frames.next(standby_frame)? {
                         match kind {
                             S_CONFIRM => self.confirmed(be_u32(&body, 0)),
@@ -636,8 +644,18 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
     let silence = heard.elapsed();
     // If the primary is alive after all, it lets the streams go on this word (and it holds
     // back anything this standby never confirmed in any case).
-    let _ =
-        tokio::time::timeout(Duration::from_millis(2), (&stream).write_all(&[S_TAKEOVER])).await;
+    // The session stays open a while, read and discarded, so that a primary blocked sending
+    // a checkpoint gets to read the word rather than a reset (which it must treat as
+    // "maybe taken over, maybe dead": it then holds everything for STANDBY_LOST).
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(5 * STANDBY_LOST, async {
+            (&stream).write_all(&[S_TAKEOVER]).await?;
+            let mut sink = vec![0u8; 64 * 1024];
+            while (&mut &stream).read(&mut sink).await? > 0 {}
+            io::Result::Ok(())
+        })
+        .await;
+    });
     let started = StdInstant::now();
     let mut streams = 0;
     let mut failed = Vec::new();
