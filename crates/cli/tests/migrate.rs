@@ -1,7 +1,8 @@
 //! `serval flows` and `serval migrate` on loopback: scale-out (`--share`) moves half of an
 //! instance's live streams to a new instance and every stream completes byte-exact; the admin
 //! API's metrics count the moves; bad flags get one line and exit 2; `serval expose` lists its
-//! flows but refuses to move them, with the reason. (Moves between hosts: `migrate_netns.rs`.)
+//! flows but refuses to move them, with the reason; a standby that cannot stand by (no primary
+//! at the address, or `expose`) says why in one line. (Moves between hosts: `migrate_netns.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -237,4 +238,50 @@ fn a_stopping_instance_moves_its_open_streams_instead_of_waiting_for_them() {
     assert_eq!(at_b.len(), 1, "{at_b:?}");
     c.gate.store(total, Ordering::Relaxed);
     finish(c, total);
+}
+
+#[test]
+fn a_standby_that_cannot_stand_by_says_why_in_one_line() {
+    let dir = Dir::new("standby-refused");
+    let key = dir.path("k.key");
+    keygen(&key);
+    // Nothing answers at the primary's admin address.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let bind = format!("127.0.0.1:{}", free_port());
+    let (code, out) = run(&[
+        "listen",
+        SERVICE,
+        "--number",
+        "--bind",
+        &bind,
+        "--admin",
+        &admin,
+        "--key",
+        &key,
+        "--standby-of",
+        &dead,
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("cannot stand by for the instance at"), "{out}");
+    // expose cannot be a standby at all.
+    let (code, out) = run(&[
+        "expose",
+        SERVICE,
+        "--to",
+        "127.0.0.1:1",
+        "--bind",
+        &bind,
+        "--admin",
+        &admin,
+        "--key",
+        &key,
+        "--standby-of",
+        &dead,
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot be a hot standby"), "{out}");
+    // --standby-of needs --admin and --key.
+    let (code, out) = run(&["listen", SERVICE, "--standby-of", &dead]);
+    assert_eq!(code, 2, "{out}");
 }
