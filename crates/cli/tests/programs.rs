@@ -465,13 +465,25 @@ fn a_killed_instance_is_routed_around_once_its_lease_runs_out() {
         .collect();
     // The request in flight at the kill, which may have been on the killed instance.
     let at_kill = results.iter().rfind(|q| q.start < killed).unwrap();
-    let longest = results.iter().map(|q| q.took).max().unwrap_or_default();
+    let longest = results
+        .iter()
+        .filter(|q| !std::ptr::eq(*q, at_kill))
+        .map(|q| q.took)
+        .max()
+        .unwrap_or_default();
     eprintln!(
         "lease {lease:?}; in flight at the kill: {at_kill:?}; {} requests between the kill and \
          lease + 1 s; the longest request took {longest:?}",
         window.len()
     );
-    let failed: Vec<_> = results.iter().filter(|q| !q.ok).map(|q| &q.what).collect();
+    // Every request but the one in flight at the kill must succeed: that one may have had
+    // its connection on the killed instance mid-answer (an `expose` has no standby to take
+    // it over), which nothing can save; any other failure is the routing's fault.
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|q| !q.ok && !std::ptr::eq(*q, at_kill))
+        .map(|q| &q.what)
+        .collect();
     assert!(failed.is_empty(), "failed requests: {failed:#?}");
     let slow_limit = Duration::from_secs(7) + Duration::from_secs(5);
     assert!(
@@ -480,7 +492,7 @@ fn a_killed_instance_is_routed_around_once_its_lease_runs_out() {
          5 s): {:#?}",
         results
             .iter()
-            .filter(|q| q.took >= slow_limit)
+            .filter(|q| q.took >= slow_limit && !std::ptr::eq(*q, at_kill))
             .collect::<Vec<_>>()
     );
     let after = results.iter().filter(|q| q.start >= settled).count();
