@@ -71,16 +71,7 @@ fn instance(
 }
 
 fn router(lan: &Lan) -> Guard {
-    let mut child = lan
-        .serval(ROUTER, &["router", "--listen", &lan.addr(ROUTER, PORT)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let out = lines(child.stdout.take().unwrap());
-    let guard = Guard(child);
-    wait_line(&out, "READY", |l| l.starts_with("READY"));
-    guard
+    support::router_on(lan, ROUTER, PORT)
 }
 
 fn cat(lan: &Lan) -> std::process::Command {

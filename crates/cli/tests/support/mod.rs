@@ -559,3 +559,17 @@ pub fn echo_backend(l: std::net::TcpListener) {
         }
     });
 }
+
+/// `serval router` on `host` of `lan`, listening on `port`, once it printed READY.
+pub fn router_on(lan: &Lan, host: usize, port: u16) -> Guard {
+    let mut child = lan
+        .serval(host, &["router", "--listen", &lan.addr(host, port)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn router");
+    let out = lines(child.stdout.take().expect("piped stdout"));
+    let guard = Guard(child);
+    wait_line(&out, "READY", |l| l.starts_with("READY"));
+    guard
+}
