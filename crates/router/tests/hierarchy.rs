@@ -307,6 +307,16 @@ async fn a_parent_spreads_over_its_children_by_the_weight_they_hold() {
         // One instance under each child: weight 3 under A, 1 under B (each echoes).
         let heavy = weighted_instance(a.locators()[0], "web.example.test", 3).await;
         let light = weighted_instance(b.locators()[0], "web.example.test", 1).await;
+        // Each child holds its instance (B's announcement carries weight 1 whether or not
+        // its instance has registered yet, so the parent's weights alone do not say so).
+        for (router, at) in [(&a, "A"), (&b, "B")] {
+            wait_for(
+                Duration::from_secs(10),
+                &format!("the instance at {at}"),
+                || registered(router, exact("web.example.test")),
+            )
+            .await;
+        }
         // Each child announces what it holds: the parent's entries for the domain carry
         // weights 3 and 1 (not 1 and 1).
         wait_for(
