@@ -1556,7 +1556,7 @@ impl Endpoint {
         self.conn(h)
             .ok_or(ExportError::UnknownConnection)?
             .freeze_for_export()?;
-        let bytes = self.write_snapshot(h, now, extra);
+        let bytes = self.write_snapshot(h, now, None, extra);
         if bytes.is_err()
             && let Some(c) = self.conn(h)
         {
@@ -1568,11 +1568,13 @@ impl Endpoint {
     }
 
     /// The snapshot of connection `h` as it is now (frozen or not): a fresh export ID, the
-    /// move epoch one past the connection's, the engine's blocks, then `extra`'s.
+    /// move epoch one past the connection's, the engine's blocks, then `extra`'s; a delta
+    /// since `since` if given.
     fn write_snapshot(
         &mut self,
         h: ConnectionHandle,
         now: Instant,
+        since: Option<crate::snapshot::StreamCover>,
         extra: impl FnOnce(
             &mut crate::snapshot::SnapshotWriter,
         ) -> Result<(), crate::snapshot::SnapshotError>,
@@ -1581,6 +1583,9 @@ impl Endpoint {
         let c = self.conn_ref(h).ok_or(ExportError::UnknownConnection)?;
         let epoch = c.move_epoch().wrapping_add(1);
         let mut w = crate::snapshot::SnapshotWriter::new(export_id, epoch, now);
+        if let Some(cover) = since {
+            w.set_delta(cover);
+        }
         c.export_into(&mut w, epoch)
             .and_then(|()| extra(&mut w).map_err(ExportError::from))?;
         Ok(w.finish()?)

@@ -36,6 +36,8 @@ use core::time::Duration;
 
 use crate::Instant;
 
+pub mod delta;
+
 /// The four bytes every snapshot starts with.
 pub const MAGIC: [u8; 4] = *b"SVSN";
 
@@ -51,8 +53,14 @@ pub const BLOCK_HEADER_LEN: usize = 2 + 4;
 /// Bytes of the CRC-32C trailer.
 pub const TRAILER_LEN: usize = 4;
 
-/// Flags bits a reader must understand (bits 8–15); version 1 defines none.
+/// Flags bits a reader must understand (bits 8–15).
 pub const CRITICAL_FLAGS: u16 = 0xff00;
+
+/// The header flag of a *delta* checkpoint ([`delta`], docs/snapshot.md §5): its STREAM
+/// block carries only the stream bytes its base did not, so it means something only applied
+/// to that base. Critical: [`SnapshotReader::parse`] (and so every import) refuses it with
+/// [`SnapshotError::Delta`].
+pub const FLAG_DELTA: u16 = 0x0100;
 
 /// The value written for an instant that is not set ("none").
 pub const NO_INSTANT: i64 = i64::MIN;
@@ -162,11 +170,18 @@ pub enum SnapshotError {
     /// The importing endpoint has already imported a snapshot with this export ID.
     #[error("the snapshot was already imported")]
     Replayed,
+    /// A delta checkpoint: it must be applied to its base ([`delta::Replica`]), not
+    /// imported alone.
+    #[error("a delta checkpoint cannot be imported alone")]
+    Delta,
 }
 
-/// The CRC-32C (Castagnoli, as iSCSI and SCTP use) of `data`.
+/// The CRC-32C (Castagnoli, as iSCSI and SCTP use) of `data`. Slice-by-16 tables: a
+/// checkpoint of a bulk stream is checksummed thousands of times a second, and the
+/// byte-at-a-time table made the CRC most of a hot standby's cost.
 pub fn crc32c(data: &[u8]) -> u32 {
-    const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    const CRC: crc::Crc<u32, crc::Table<16>> =
+        crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
     CRC.checksum(data)
 }
 
@@ -495,6 +510,18 @@ pub struct SnapshotWriter {
     move_epoch: u32,
     now: Instant,
     blocks: Vec<(u16, Vec<u8>)>,
+    since: Option<StreamCover>,
+}
+
+/// How far a checkpoint carried its stream's bytes: every byte sent below `send_end` and
+/// every byte received below `recv_end` (in order, with none missing), which never change
+/// afterwards. A [delta](delta) checkpoint taken *since* a cover leaves those bytes out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCover {
+    /// The end of the send buffer's bytes (acknowledged, in flight and never sent).
+    pub send_end: u64,
+    /// The end of the received bytes without a gap.
+    pub recv_end: u64,
 }
 
 impl SnapshotWriter {
@@ -507,7 +534,21 @@ impl SnapshotWriter {
             move_epoch,
             now,
             blocks: Vec::new(),
+            since: None,
         }
+    }
+
+    /// Makes this a delta checkpoint since `cover` (the cover of the checkpoint it will be
+    /// applied to): sets [`FLAG_DELTA`], and the transport leaves out the stream bytes below
+    /// the cover.
+    pub fn set_delta(&mut self, cover: StreamCover) {
+        self.flags |= FLAG_DELTA;
+        self.since = Some(cover);
+    }
+
+    /// The cover this is a delta since, if it is one.
+    pub fn delta_since(&self) -> Option<StreamCover> {
+        self.since
     }
 
     /// The export instant: every instant is written relative to it.
@@ -515,7 +556,7 @@ impl SnapshotWriter {
         self.now
     }
 
-    /// Sets the header's flags (version 1 defines none).
+    /// Sets the header's flags ([`FLAG_DELTA`] is set by [`set_delta`](Self::set_delta)).
     pub fn set_flags(&mut self, flags: u16) {
         self.flags = flags;
     }
@@ -638,6 +679,15 @@ impl<'a> SnapshotReader<'a> {
     /// ([`SnapshotError::Malformed`] with block 0 for framing, or the block's type) and type
     /// ([`SnapshotError::UnknownCritical`]).
     pub fn parse(bytes: &'a [u8]) -> Result<SnapshotReader<'a>, SnapshotError> {
+        Self::parse_allowing(bytes, 0)
+    }
+
+    /// [`parse`](Self::parse), accepting the critical flags of `allowed` too
+    /// ([`FLAG_DELTA`] for a [`delta::Replica`]).
+    pub(crate) fn parse_allowing(
+        bytes: &'a [u8],
+        allowed: u16,
+    ) -> Result<SnapshotReader<'a>, SnapshotError> {
         let actual = bytes.len() as u64;
         let magic_seen = bytes.len().min(MAGIC.len());
         if bytes.get(..magic_seen) != MAGIC.get(..magic_seen) {
@@ -673,8 +723,12 @@ impl<'a> SnapshotReader<'a> {
             return Err(SnapshotError::Corrupt);
         }
         let flags = u16::from_be_bytes(be(bytes, 6));
-        if flags & CRITICAL_FLAGS != 0 {
-            return Err(SnapshotError::UnsupportedFlags(flags));
+        if flags & CRITICAL_FLAGS & !allowed != 0 {
+            return Err(if flags & CRITICAL_FLAGS == FLAG_DELTA {
+                SnapshotError::Delta
+            } else {
+                SnapshotError::UnsupportedFlags(flags)
+            });
         }
         let export_id = u128::from_be_bytes(be(bytes, 12));
         let move_epoch = u32::from_be_bytes(be(bytes, 28));
@@ -731,6 +785,11 @@ impl<'a> SnapshotReader<'a> {
     /// The move epoch.
     pub fn move_epoch(&self) -> u32 {
         self.move_epoch
+    }
+
+    /// The known blocks' types and bodies, in order.
+    pub(crate) fn raw_blocks(&self) -> &[(u16, &'a [u8])] {
+        &self.blocks
     }
 
     /// The types of the known blocks present, in order (repeated ones repeated).

@@ -16,7 +16,10 @@ use serval_engine::Instant;
 use serval_engine::endpoint::{
     CommitMark, ConnectionHandle, Endpoint, EndpointConfig, Event, ExportError, Transmit,
 };
-use serval_engine::snapshot::{SnapshotError, SnapshotReader, SnapshotWriter, block, crc32c};
+use serval_engine::snapshot::delta::Replica;
+use serval_engine::snapshot::{
+    SnapshotError, SnapshotReader, SnapshotWriter, StreamCover, block, crc32c,
+};
 use serval_table::{ListenerId, ServiceTable};
 use serval_wire::ext::{ControlFlags, ControlRepr};
 use serval_wire::{FlowId, Locator, Protocol, SalPacket, SalRepr, ServicePrefix};
@@ -120,16 +123,35 @@ struct World {
 }
 
 /// C replicating B's server connection (docs/moving-flows.md §3.3): B checkpoints it after
-/// each step of its application, one checkpoint in flight at a time; C stores it `delay`
+/// each step of its application, one checkpoint in flight at a time; C applies it `delay`
 /// later and B hears C's confirmation `delay` after that, and commits.
 #[derive(Debug, Default)]
 struct Standby {
     delay: Duration,
-    /// (stored at C at, confirmed at B at, mark, snapshot).
-    in_flight: Option<(Duration, Duration, CommitMark, Vec<u8>)>,
-    /// The latest checkpoint C holds.
-    latest: Option<Vec<u8>>,
+    /// Every checkpoint after the first is a delta since the one before.
+    deltas: bool,
+    /// The cover of the last checkpoint taken.
+    cover: Option<StreamCover>,
+    /// (stored at C at, confirmed at B at, mark, snapshot), and whether C applied it.
+    in_flight: Option<(Duration, Duration, CommitMark, Vec<u8>, bool)>,
+    /// What C holds: the checkpoints so far, applied in order.
+    latest: Option<Replica>,
     checkpoints: u64,
+    /// Delta checkpoints, and the bytes of every checkpoint.
+    delta_count: u64,
+    bytes: usize,
+}
+
+impl Standby {
+    /// C applies `snapshot`, the next checkpoint.
+    fn store(&mut self, snapshot: &[u8]) {
+        match &mut self.latest {
+            Some(r) => r
+                .apply(snapshot)
+                .expect("the standby applies the checkpoint"),
+            None => self.latest = Some(Replica::new(snapshot).expect("a whole first checkpoint")),
+        }
+    }
 }
 
 fn config() -> EndpointConfig {
@@ -1186,14 +1208,17 @@ impl World {
             return false;
         };
         let mut progress = false;
-        if let Some((stored, confirmed, mark, snapshot)) = &sb.in_flight {
-            if g >= *stored && sb.latest.as_ref() != Some(snapshot) {
-                sb.latest = Some(snapshot.clone());
+        if let Some((stored, confirmed, mark, snapshot, applied)) = &mut sb.in_flight {
+            let (stored, confirmed, mark) = (*stored, *confirmed, *mark);
+            if g >= stored && !*applied {
+                *applied = true;
+                let snapshot = std::mem::take(snapshot);
+                sb.store(&snapshot);
                 progress = true;
             }
-            if g >= *confirmed && !dead_b {
+            if g >= confirmed && !dead_b {
                 if let Some(h) = self.apps[1].h.filter(|_| self.apps[1].host == HB) {
-                    self.hosts[HB].ep.commit(h, *mark);
+                    self.hosts[HB].ep.commit(h, mark);
                 }
                 sb.in_flight = None;
                 progress = true;
@@ -1207,10 +1232,15 @@ impl World {
             && (sb.checkpoints == 0 || self.hosts[HB].ep.held(h) > 0)
         {
             let now = Instant::ZERO + g + self.hosts[HB].offset;
-            match self.hosts[HB].ep.checkpoint(h, now, &state) {
+            let since = sb.cover.filter(|_| sb.deltas);
+            match self.hosts[HB].ep.checkpoint(h, now, &state, since) {
                 Ok(cp) => {
                     sb.checkpoints += 1;
-                    sb.in_flight = Some((g + sb.delay, g + 2 * sb.delay, cp.mark, cp.snapshot));
+                    sb.delta_count += u64::from(since.is_some());
+                    sb.bytes += cp.snapshot.len();
+                    sb.cover = Some(cp.cover);
+                    let t = (g + sb.delay, g + 2 * sb.delay, cp.mark, cp.snapshot, false);
+                    sb.in_flight = Some(t);
                     progress = true;
                 }
                 // Closed since: nothing more to replicate.
@@ -1226,9 +1256,9 @@ impl World {
     fn crash_b(&mut self) {
         self.dead[HB] = true;
         if let Some(sb) = self.standby.as_mut()
-            && let Some((.., snapshot)) = sb.in_flight.take()
+            && let Some((.., snapshot, false)) = sb.in_flight.take()
         {
-            sb.latest = Some(snapshot);
+            sb.store(&snapshot);
         }
     }
 
@@ -1238,8 +1268,10 @@ impl World {
         let snapshot = self
             .standby
             .as_ref()
-            .and_then(|s| s.latest.clone())
-            .expect("the standby holds a checkpoint");
+            .and_then(|s| s.latest.as_ref())
+            .expect("the standby holds a checkpoint")
+            .snapshot()
+            .expect("the standby rebuilds its checkpoint");
         let now = self.local(HC);
         let (h, state) = self.hosts[HC]
             .ep
@@ -1277,6 +1309,8 @@ struct Crash {
     detect: Duration,
     /// B holds its output (the rule under test); off only to show the test can fail.
     hold: bool,
+    /// Checkpoints after the first are deltas.
+    deltas: bool,
 }
 
 fn base_crash(seed: u64) -> Crash {
@@ -1289,6 +1323,7 @@ fn base_crash(seed: u64) -> Crash {
         standby_delay: ms(1),
         detect: ms(30),
         hold: true,
+        deltas: true,
     }
 }
 
@@ -1303,6 +1338,7 @@ fn run_crash(c: &Crash) -> World {
     let mut w = World::new(c.seed, link, c.sizes, Duration::from_secs(7_000));
     w.standby = Some(Standby {
         delay: c.standby_delay,
+        deltas: c.deltas,
         ..Standby::default()
     });
     w.hosts[HB].ep.set_output_hold(c.hold);
@@ -1322,8 +1358,11 @@ fn run_crash(c: &Crash) -> World {
     if std::env::var_os("SNAPSHOT_TRACE").is_some() {
         let sb = w.standby.as_ref().unwrap();
         eprintln!(
-            "{c:?}: {} checkpoints, took over at {:?}, done at {:?}, exact {}",
+            "{c:?}: {} checkpoints ({} deltas, {} bytes in all), took over at {:?}, done at \
+             {:?}, exact {}",
             sb.checkpoints,
+            sb.delta_count,
+            sb.bytes,
             until,
             w.g,
             w.delivered_exactly()
@@ -1361,6 +1400,13 @@ fn a_standby_takes_over_a_crashed_primary_and_no_byte_is_lost_or_doubled() {
         standby_delay: ms(8),
         ..base_crash(12)
     });
+    // Whole checkpoints only.
+    for seed in 20..23 {
+        run_crash(&Crash {
+            deltas: false,
+            ..base_crash(seed)
+        });
+    }
 }
 
 #[test]
@@ -1392,9 +1438,10 @@ fn crash_strategy() -> impl Strategy<Value = Crash> {
         0u32..1000,
         0u64..10,
         0u64..100,
+        any::<bool>(),
     )
         .prop_map(
-            |(seed, sizes, loss, jitter, crash_after, standby, detect)| Crash {
+            |(seed, sizes, loss, jitter, crash_after, standby, detect, deltas)| Crash {
                 seed,
                 sizes,
                 loss,
@@ -1403,6 +1450,7 @@ fn crash_strategy() -> impl Strategy<Value = Crash> {
                 standby_delay: Duration::from_micros(100 + standby * 1000),
                 detect: ms(detect),
                 hold: true,
+                deltas,
             },
         )
 }

@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use serval_engine::Instant;
-use serval_engine::snapshot::{SnapshotError, SnapshotReader, SnapshotWriter, block, crc32c};
+use serval_engine::snapshot::delta::Replica;
+use serval_engine::snapshot::{
+    SnapshotError, SnapshotReader, SnapshotWriter, StreamCover, block, crc32c,
+};
 use serval_engine::transport::cc::CongestionAlgorithm;
 use serval_engine::transport::conn::{Transport, TransportConfig, TransportEvent};
 
@@ -872,6 +875,158 @@ proptest! {
                 IMPORTED.load(Ordering::Relaxed),
                 MALFORMED.load(Ordering::Relaxed)
             );
+        }
+    }
+}
+
+/// Exports `t` at `now` as a delta since `since`.
+fn export_delta(t: &Transport, now: Instant, id: u128, since: StreamCover) -> Vec<u8> {
+    let mut w = SnapshotWriter::new(id, 1, now);
+    w.set_delta(since);
+    t.export(&mut w).expect("export");
+    w.finish().expect("finish")
+}
+
+/// One checkpoint of a chain: the end, the whole snapshot, and the delta since the one
+/// before (`None` for the first).
+type Checkpoint = (usize, Vec<u8>, Option<Vec<u8>>);
+
+/// Both ends' checkpoint chains over a lossy transfer: a whole checkpoint, then deltas.
+fn checkpoint_chain(seed: u64) -> Vec<Checkpoint> {
+    let mut w = world_after(seed, Duration::ZERO, [300_000, 200_000]);
+    let mut covers: [Option<StreamCover>; 2] = [None, None];
+    let mut out = Vec::new();
+    for step in 1..=80u64 {
+        w.run(ms(step * 20), |_| false);
+        for (i, cover) in covers.iter_mut().enumerate() {
+            let now = w.local(i);
+            let t = w.ends[i].t.as_ref().expect("transport");
+            let id = u128::from(step);
+            let whole = export(t, now, id);
+            let delta = cover.map(|c| export_delta(t, now, id, c));
+            *cover = Some(t.stream_cover());
+            out.push((i, whole, delta));
+        }
+        if w.drained() {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_chain_of_deltas_rebuilds_every_whole_checkpoint_byte_for_byte() {
+    for seed in [1, 2, 3] {
+        let chain = checkpoint_chain(seed);
+        let mut replicas: [Option<Replica>; 2] = [None, None];
+        let (mut whole_bytes, mut delta_bytes) = (0, 0);
+        for (i, whole, delta) in &chain {
+            let r = &mut replicas[*i];
+            match (r.as_mut(), delta) {
+                (None, _) => *r = Some(Replica::new(whole).expect("a whole checkpoint")),
+                (Some(r), Some(d)) => {
+                    r.apply(d).expect("the delta applies");
+                    // A delta alone is never importable.
+                    assert_eq!(SnapshotReader::parse(d).err(), Some(SnapshotError::Delta));
+                    delta_bytes += d.len();
+                    whole_bytes += whole.len();
+                }
+                (Some(_), None) => unreachable!(),
+            }
+            let rebuilt = r.as_ref().unwrap().snapshot().expect("rebuilds");
+            assert!(
+                rebuilt == *whole,
+                "seed {seed}: end {i}: the rebuilt snapshot differs from the whole one"
+            );
+        }
+        assert!(chain.len() >= 40, "only {} checkpoints", chain.len());
+        // The deltas leave the buffered stream bytes out.
+        assert!(
+            delta_bytes * 4 < whole_bytes,
+            "seed {seed}: deltas {delta_bytes} bytes, wholes {whole_bytes}"
+        );
+    }
+}
+
+#[test]
+fn a_delta_on_the_wrong_base_is_refused_and_changes_nothing() {
+    let chain = checkpoint_chain(4);
+    let ends: Vec<_> = chain.iter().filter(|(i, ..)| *i == 1).collect();
+    let first = Replica::new(&ends[0].1).unwrap();
+    // The standby's copy at the last checkpoint, and every earlier delta applied to it (a
+    // base ahead of the delta's): it either needs no byte the copy lacks (the stream bytes
+    // never change, so the result is then exactly that earlier whole checkpoint), or it is
+    // refused and nothing changes.
+    let mut last = first.clone();
+    for (_, _, d) in &ends[1..] {
+        last.apply(d.as_ref().unwrap()).unwrap();
+    }
+    let held = last.snapshot().unwrap();
+    let mut refused = 0;
+    for (_, whole, delta) in &ends[1..ends.len() - 1] {
+        let mut r = last.clone();
+        match r.apply(delta.as_ref().expect("a delta")) {
+            Ok(()) => assert!(r.snapshot().unwrap() == *whole, "a wrong rebuild"),
+            Err(SnapshotError::Malformed { block, .. }) => {
+                assert_eq!(block, block::STREAM);
+                assert!(r.snapshot().unwrap() == held, "a refused delta changed it");
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "no delta needed bytes the copy no longer holds"
+    );
+    // A corrupted delta is refused by its CRC.
+    let mut bad = ends[1].2.clone().expect("a delta");
+    let n = bad.len() / 2;
+    bad[n] ^= 1;
+    let mut r = first.clone();
+    assert_eq!(r.apply(&bad), Err(SnapshotError::Corrupt));
+    // A delta is not a start.
+    assert_eq!(
+        Replica::new(ends[1].2.as_ref().unwrap()).err(),
+        Some(SnapshotError::Malformed {
+            block: block::STREAM,
+            reason: "delta does not apply to the checkpoint held",
+        })
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Mutated deltas, resealed, applied to their base: never a panic; if one applies, the
+    /// rebuilt snapshot parses or is refused with a typed error, and importing it never panics.
+    #[test]
+    fn mutated_deltas_never_panic(
+        which in 0usize..8,
+        mutations in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        static CHAIN: std::sync::OnceLock<Vec<Checkpoint>> = std::sync::OnceLock::new();
+        let chain = CHAIN.get_or_init(|| checkpoint_chain(5));
+        let ends: Vec<_> = chain.iter().filter(|(i, ..)| *i == 0).collect();
+        let k = 1 + which * (ends.len() - 1) / 8;
+        let mut r = Replica::new(&ends[0].1).unwrap();
+        for (_, _, d) in &ends[1..k] {
+            r.apply(d.as_ref().unwrap()).unwrap();
+        }
+        let mut bytes = ends[k].2.clone().unwrap();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        reseal(&mut bytes);
+        if r.apply(&bytes).is_ok()
+            && let Ok(s) = r.snapshot()
+            && let Ok(reader) = SnapshotReader::parse(&s)
+        {
+            let _ = Transport::import(&reader, Instant::ZERO, &TransportConfig::default());
         }
     }
 }

@@ -35,6 +35,8 @@ use std::time::{Duration, Instant as StdInstant};
 
 use serval_engine::connection::State as ConnState;
 use serval_engine::endpoint::{Checkpoint, CommitMark, ConnectionHandle};
+use serval_engine::snapshot::StreamCover;
+use serval_engine::snapshot::delta::Replica;
 use serval_keys::{PrivateKey, PublicKey};
 use serval_wire::{FlowId, Locator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -124,6 +126,10 @@ pub(crate) struct Primary {
     ready: Vec<(ConnectionHandle, Checkpoint)>,
     /// Streams with a checkpoint on its way.
     in_flight: HashSet<ConnectionHandle>,
+    /// What the last checkpoint taken of each stream carried: the next is a delta since it
+    /// (docs/snapshot.md §5). Checkpoints go out in the order taken, and the standby
+    /// applies them in that order.
+    covers: HashMap<ConnectionHandle, StreamCover>,
 }
 
 impl Primary {
@@ -159,8 +165,9 @@ impl State {
         if slot.replica.state.is_none() || slot.replica.dirty || slot.exported || !p.free(h) {
             return false;
         }
-        match engine.checkpoint(h, now, &slot.replica.app_blob()) {
+        match engine.checkpoint(h, now, &slot.replica.app_blob(), p.covers.get(&h).copied()) {
             Ok(cp) => {
+                p.covers.insert(h, cp.cover);
                 p.ready.push((h, cp));
                 p.notify.notify_one();
                 true
@@ -337,6 +344,7 @@ pub(crate) async fn replicate_to(ep: Endpoint, stream: Stream) -> io::Result<()>
                 notify: notify.clone(),
                 ready: Vec::new(),
                 in_flight: HashSet::new(),
+                covers: HashMap::new(),
             });
             st.engine.set_output_hold(true);
         }
@@ -491,6 +499,9 @@ impl PrimarySession {
             .collect();
         for (h, flow) in gone {
             self.replicated.remove(&h);
+            if let Some(p) = st.primary.as_mut() {
+                p.covers.remove(&h);
+            }
             out.push(P_FORGET);
             out.extend_from_slice(&flow.0.to_be_bytes());
         }
@@ -582,7 +593,7 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
     let mut ask = vec![crate::migrate::MSG_STANDBY];
     ask.extend_from_slice(&[0u8; 8]);
     (&stream).write_all(&ask).await?;
-    let mut latest: HashMap<FlowId, Vec<u8>> = HashMap::new();
+    let mut latest: HashMap<FlowId, Replica> = HashMap::new();
     let mut frames = Frames::default();
     let mut heard = StdInstant::now();
     let mut spoke = StdInstant::now();
@@ -613,7 +624,22 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
                 P_CHECKPOINT => {
                     let seq = be_u32(&body, 0);
                     let flow = FlowId(be_u64(&body, 4));
-                    latest.insert(flow, body[16..].to_vec());
+                    let checkpoint = &body[16..];
+                    let applied = match latest.get_mut(&flow) {
+                        Some(r) => r.apply(checkpoint),
+                        None => Replica::new(checkpoint).map(|r| {
+                            latest.insert(flow, r);
+                        }),
+                    };
+                    // Confirming a checkpoint not held would release output the standby
+                    // could not continue from: end the session instead (the primary then
+                    // continues unreplicated).
+                    if let Err(e) = applied {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("a checkpoint from the primary did not apply: {e}"),
+                        ));
+                    }
                     checkpoints += 1;
                     answer.push(S_CONFIRM);
                     answer.extend_from_slice(&seq.to_be_bytes());
@@ -659,7 +685,14 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
     let started = StdInstant::now();
     let mut streams = 0;
     let mut failed = Vec::new();
-    for (flow, snapshot) in latest {
+    for (flow, replica) in latest {
+        let snapshot = match replica.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                failed.push((flow, e.to_string()));
+                continue;
+            }
+        };
         match ep.import_standby_to_listener(&snapshot) {
             Ok(_) => streams += 1,
             Err(e) => failed.push((flow, e.to_string())),

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::Instant;
 use crate::snapshot::{
-    BlockReader, BlockWriter, SnapshotError, SnapshotReader, SnapshotWriter, block,
+    BlockReader, BlockWriter, SnapshotError, SnapshotReader, SnapshotWriter, StreamCover, block,
 };
 use crate::transport::OptInstant;
 use crate::transport::conn::{Transport, TransportConfig};
@@ -183,6 +183,11 @@ impl Connection {
         self.flush_transport = false;
         self.time_wait_until = OptInstant::NONE;
         self.held_ack = None;
+    }
+
+    /// How far a checkpoint taken now carries the stream's bytes.
+    pub(crate) fn stream_cover(&self) -> StreamCover {
+        self.transport.stream_cover()
     }
 
     /// Writes the SAL, KEYS and the transport's blocks into `w`, with `epoch` as the move

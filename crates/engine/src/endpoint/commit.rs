@@ -27,7 +27,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{ConnectionHandle, Endpoint, ExportError, Transmit};
 use crate::Instant;
-use crate::snapshot::block;
+use crate::snapshot::{StreamCover, block};
 
 /// Most datagrams one connection holds; beyond, new ones are dropped (and counted in
 /// [`EndpointStats::held_drops`](super::EndpointStats::held_drops)) until a commit releases
@@ -46,11 +46,16 @@ pub struct CommitMark(pub u64);
 /// covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// The snapshot: importable by the standby's [`Endpoint::import_with_app`] to take the
-    /// connection over. Holds the flow's keys.
+    /// The snapshot. A whole one is importable by the standby's
+    /// [`Endpoint::import_with_app`] to take the connection over; a delta is applied to the
+    /// checkpoint before it with a [`Replica`](crate::snapshot::delta::Replica). Holds the
+    /// flow's keys.
     pub snapshot: Vec<u8>,
     /// Release the output it covers with [`Endpoint::commit`] once the standby holds it.
     pub mark: CommitMark,
+    /// The stream bytes it carries, whole or with those before: the next checkpoint can be
+    /// a delta since it.
+    pub cover: StreamCover,
 }
 
 /// The held output of an endpoint's connections.
@@ -118,25 +123,35 @@ impl Endpoint {
     /// `app` must describe what the application did with every byte it read from the
     /// connection so far, and nothing it did not send: the standby's application resumes
     /// from it at the stream positions of this snapshot.
+    ///
+    /// With `since` (the [`cover`](Checkpoint::cover) of the last checkpoint the standby
+    /// got of this connection) the snapshot is a *delta* (docs/snapshot.md §5): it leaves
+    /// out the stream bytes that one carried, which is most of a bulk stream's snapshot.
     pub fn checkpoint(
         &mut self,
         h: ConnectionHandle,
         now: Instant,
         app: &[u8],
+        since: Option<StreamCover>,
     ) -> Result<Checkpoint, ExportError> {
         if app.len() > super::MAX_APP_STATE {
             return Err(ExportError::AppStateTooLarge(app.len()));
         }
-        self.conn_ref(h)
-            .ok_or(ExportError::UnknownConnection)?
-            .exportable()?;
-        let snapshot = self.write_snapshot(h, now, |w| w.add_bytes(block::APP, app.to_vec()))?;
+        let c = self.conn_ref(h).ok_or(ExportError::UnknownConnection)?;
+        c.exportable()?;
+        let cover = c.stream_cover();
+        let snapshot =
+            self.write_snapshot(h, now, since, |w| w.add_bytes(block::APP, app.to_vec()))?;
         let mark = if self.hold.on {
             CommitMark(self.hold.holds.entry(h).or_default().produced)
         } else {
             CommitMark(self.hold.holds.get(&h).map_or(0, |held| held.produced))
         };
-        Ok(Checkpoint { snapshot, mark })
+        Ok(Checkpoint {
+            snapshot,
+            mark,
+            cover,
+        })
     }
 
     /// Releases the datagrams connection `h` held before `mark` (a [`Checkpoint`]'s, once

@@ -679,8 +679,9 @@ impl RecvBuffer {
 /// Snapshot encoding of the send buffer (docs/snapshot.md, STREAM block).
 impl SendBuffer {
     /// Writes the buffer: offsets, flow-control limit, capacity, FIN state, the
-    /// retransmission and acknowledgement sets, then the bytes held.
-    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+    /// retransmission and acknowledgement sets, then the bytes held from `from` on (clamped
+    /// to them: `base` for all of them). Returns where the bytes written start.
+    pub(crate) fn encode(&self, w: &mut BlockWriter, from: u64) -> u64 {
         w.u64(self.base);
         w.u64(self.unsent);
         w.u64(self.flow_limit);
@@ -689,10 +690,14 @@ impl SendBuffer {
         w.u8(u8::from(self.fin.pending) | u8::from(self.fin.acked) << 1);
         self.retransmit.encode(w);
         self.acked.encode(w);
-        let (a, b) = self.data.as_slices();
-        w.u32(u32::try_from(a.len() + b.len()).unwrap_or(u32::MAX));
-        w.raw(a);
-        w.raw(b);
+        let from = from.clamp(self.base, self.end());
+        encode_tail(w, &self.data, (from - self.base) as usize);
+        from
+    }
+
+    /// The end of the bytes held: what the application wrote so far.
+    pub(crate) fn written_end(&self) -> u64 {
+        self.end()
     }
 
     /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
@@ -751,8 +756,9 @@ impl SendBuffer {
 /// Snapshot encoding of the receive buffer (docs/snapshot.md, STREAM block).
 impl RecvBuffer {
     /// Writes the buffer: offsets, limit and window, final size, out-of-order ranges, then
-    /// the bytes held from the read offset on (zeros in the gaps not received yet).
-    pub(crate) fn encode(&self, w: &mut BlockWriter) {
+    /// the bytes held from `from` on (clamped to them: `read` for all of them), zeros in the
+    /// gaps not received yet. Returns where the bytes written start.
+    pub(crate) fn encode(&self, w: &mut BlockWriter, from: u64) -> u64 {
         w.u64(self.read);
         w.u64(self.contiguous);
         w.u64(self.highest);
@@ -760,10 +766,14 @@ impl RecvBuffer {
         w.u64(self.window);
         w.opt_u64(self.fin.get());
         self.out_of_order.encode(w);
-        let (a, b) = self.buf.as_slices();
-        w.u32(u32::try_from(a.len() + b.len()).unwrap_or(u32::MAX));
-        w.raw(a);
-        w.raw(b);
+        let from = from.clamp(self.read, self.read + self.buf.len() as u64);
+        encode_tail(w, &self.buf, (from - self.read) as usize);
+        from
+    }
+
+    /// The end of the bytes received without a gap.
+    pub(crate) fn contiguous_end(&self) -> u64 {
+        self.contiguous
     }
 
     /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
@@ -809,6 +819,19 @@ impl RecvBuffer {
             highest,
         })
     }
+}
+
+/// Writes `data[skip..]` as a `bytes` field.
+fn encode_tail(w: &mut BlockWriter, data: &VecDeque<u8>, skip: usize) {
+    let (a, b) = data.as_slices();
+    let (a, b) = if skip <= a.len() {
+        (&a[skip..], b)
+    } else {
+        (&[][..], &b[skip - a.len()..])
+    };
+    w.u32(u32::try_from(a.len() + b.len()).unwrap_or(u32::MAX));
+    w.raw(a);
+    w.raw(b);
 }
 
 /// Copies `src` into `buf` starting at index `at`; the caller guarantees

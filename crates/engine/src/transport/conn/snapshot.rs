@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::snapshot::{
-    BlockReader, BlockWriter, SnapshotError, SnapshotReader, SnapshotWriter, block, path_section,
+    BlockReader, BlockWriter, SnapshotError, SnapshotReader, SnapshotWriter, StreamCover, block,
+    path_section,
 };
 
 /// Event kinds as written in the TRANSPORT block (0 is an empty slot).
@@ -103,6 +104,14 @@ impl SentPayload {
 }
 
 impl Transport {
+    /// How far a checkpoint taken now carries the stream's bytes.
+    pub fn stream_cover(&self) -> StreamCover {
+        StreamCover {
+            send_end: self.send.written_end(),
+            recv_end: self.recv.contiguous_end(),
+        }
+    }
+
     /// Writes the transport's state into `w` as the blocks STREAM, DGRAM (when a datagram
     /// queue exists), TRANSPORT, PATH (path 0) and COUNTERS, every instant relative to
     /// [`w.now()`](SnapshotWriter::now). Meant for a [frozen](Self::set_frozen) transport
@@ -110,11 +119,18 @@ impl Transport {
     /// nothing. Fails only if a block would exceed the format's 32-bit lengths, or if `w`
     /// already holds one of these blocks.
     pub fn export(&self, w: &mut SnapshotWriter) -> Result<(), SnapshotError> {
+        let since = w.delta_since();
         let mut b = w.body();
-        self.send.encode(&mut b);
+        let send_from = self.send.encode(&mut b, since.map_or(0, |c| c.send_end));
         b.u64(self.sent_high);
         b.bool(self.max_data_pending);
-        self.recv.encode(&mut b);
+        let recv_from = self.recv.encode(&mut b, since.map_or(0, |c| c.recv_end));
+        if since.is_some() {
+            // A delta's STREAM block ends with where its two byte fields start
+            // (docs/snapshot.md §5).
+            b.u64(send_from);
+            b.u64(recv_from);
+        }
         w.add(block::STREAM, b)?;
 
         if let Some(d) = &self.dgrams {

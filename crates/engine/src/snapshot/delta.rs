@@ -1,0 +1,245 @@
+//! Delta checkpoints (docs/snapshot.md §5): what a hot standby receives after the first
+//! checkpoint of a stream.
+//!
+//! A checkpoint of a bulk stream is mostly its stream bytes: the send buffer (up to its
+//! capacity, megabytes) and the received bytes the application has not read. Those bytes
+//! never change once written or received in order, so a checkpoint taken *since* an earlier
+//! one ([`SnapshotWriter::set_delta`](super::SnapshotWriter::set_delta) with that one's
+//! [`StreamCover`](super::StreamCover)) leaves out the bytes the earlier one carried; every
+//! other block is whole (they are small: sequence state, sent-packet records, timers). A
+//! [`Replica`] applies a chain of them and rebuilds the whole snapshot when it is needed, at
+//! a takeover. Applying costs what the delta holds, not what the stream buffers.
+
+use std::collections::VecDeque;
+
+use super::{BlockReader, FLAG_DELTA, SnapshotError, SnapshotReader, SnapshotWriter, block};
+use crate::Instant;
+
+/// Stream bytes at consecutive offsets from `start`.
+#[derive(Clone, Debug, Default)]
+struct Log {
+    start: u64,
+    bytes: VecDeque<u8>,
+}
+
+impl Log {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    /// Whether it holds `[from, cut)` (trivially when that is empty).
+    fn holds(&self, from: u64, cut: u64) -> bool {
+        from >= cut || (self.start <= from && cut <= self.end())
+    }
+
+    /// Keeps `[from, cut)` of what it holds (it must: [`holds`](Self::holds)) and appends
+    /// `tail`, the bytes from `cut` on.
+    fn splice(&mut self, from: u64, cut: u64, tail: &[u8]) {
+        if from < cut {
+            self.bytes.truncate((cut - self.start) as usize);
+            self.bytes.drain(..(from - self.start) as usize);
+        } else {
+            self.bytes.clear();
+        }
+        self.start = from;
+        self.bytes.extend(tail);
+    }
+
+    /// Exactly `data`, from `start`.
+    fn set(&mut self, start: u64, data: &[u8]) {
+        self.start = start;
+        self.bytes.clear();
+        self.bytes.extend(data);
+    }
+}
+
+/// Where a STREAM block's two byte fields are, and the offsets they start at.
+struct StreamLayout {
+    /// Where the block's fields end: before a delta's two offsets.
+    fields_end: usize,
+    /// The send data's `bytes` field (its length prefix included), as a range of the body.
+    send: core::ops::Range<usize>,
+    /// The first byte the send data is at: the buffer's base, or a delta's `send from`.
+    send_from: u64,
+    /// The send buffer's base.
+    send_base: u64,
+    /// The same for the receive data.
+    recv: core::ops::Range<usize>,
+    recv_from: u64,
+    recv_read: u64,
+}
+
+impl StreamLayout {
+    /// Walks a STREAM body (docs/snapshot.md §3.1; a delta's last 16 bytes are `send from`
+    /// and `recv from`). Only the framing is checked here: the transport's decoder checks
+    /// the values of the rebuilt block.
+    fn parse(body: &[u8], delta: bool) -> Result<StreamLayout, SnapshotError> {
+        let malformed = |reason| SnapshotError::Malformed {
+            block: block::STREAM,
+            reason,
+        };
+        let (body, offsets) = if delta {
+            let cut = body
+                .len()
+                .checked_sub(16)
+                .ok_or(malformed("delta without its offsets"))?;
+            body.split_at(cut)
+        } else {
+            (body, &[][..])
+        };
+        let mut r = BlockReader::new(block::STREAM, body, Instant::ZERO);
+        let at = |r: &BlockReader<'_>| body.len() - r.remaining();
+        let skip_ranges = |r: &mut BlockReader<'_>| -> Result<(), SnapshotError> {
+            let n = r.count(16)?;
+            r.raw(16 * n).map(drop)
+        };
+        let send_base = r.u64()?;
+        for _ in 0..4 {
+            r.u64()?; // unsent, flow limit, capacity, FIN offset
+        }
+        r.u8()?;
+        skip_ranges(&mut r)?;
+        skip_ranges(&mut r)?;
+        let send_at = at(&r);
+        let send_len = r.bytes()?.len();
+        let send = send_at..send_at + 4 + send_len;
+        r.u64()?; // highest sent
+        r.u8()?; // MAX_DATA pending
+        let recv_read = r.u64()?;
+        for _ in 0..5 {
+            r.u64()?; // contiguous, highest, max offset, window, FIN
+        }
+        skip_ranges(&mut r)?;
+        let recv_at = at(&r);
+        let recv_len = r.bytes()?.len();
+        let recv = recv_at..recv_at + 4 + recv_len;
+        let (send_from, recv_from) = if delta {
+            let mut o = BlockReader::new(block::STREAM, offsets, Instant::ZERO);
+            (o.u64()?, o.u64()?)
+        } else {
+            (send_base, recv_read)
+        };
+        let fits = |from: u64, len: usize| from.checked_add(len as u64).is_some();
+        r.check(
+            send_from >= send_base && recv_from >= recv_read,
+            "delta starts below the buffers",
+        )?;
+        r.check(
+            fits(send_from, send_len) && fits(recv_from, recv_len),
+            "stream offsets",
+        )?;
+        Ok(StreamLayout {
+            fields_end: body.len(),
+            send,
+            send_from,
+            send_base,
+            recv,
+            recv_from,
+            recv_read,
+        })
+    }
+}
+
+/// A standby's copy of one stream: its latest checkpoint, rebuilt from a whole one and the
+/// deltas since, in the order they were taken.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    /// The latest checkpoint as received (whole, or a delta): every block but the stream
+    /// bytes.
+    head: Vec<u8>,
+    send: Log,
+    recv: Log,
+}
+
+impl Replica {
+    /// Starts from a whole checkpoint (a snapshot [`SnapshotReader::parse`] accepts).
+    pub fn new(snapshot: &[u8]) -> Result<Replica, SnapshotError> {
+        let mut r = Replica {
+            head: Vec::new(),
+            send: Log::default(),
+            recv: Log::default(),
+        };
+        // An empty copy holds nothing: a delta is refused.
+        r.apply(snapshot)?;
+        Ok(r)
+    }
+
+    /// Applies the next checkpoint: a whole one replaces everything, a delta (the one taken
+    /// since the last applied) brings it up to date. Refused with a typed error — and
+    /// nothing changes — if it is corrupt, or is a delta whose base is not what this holds.
+    pub fn apply(&mut self, checkpoint: &[u8]) -> Result<(), SnapshotError> {
+        let reader = SnapshotReader::parse_allowing(checkpoint, FLAG_DELTA)?;
+        let delta = reader.flags() & FLAG_DELTA != 0;
+        let stream = reader
+            .raw_blocks()
+            .iter()
+            .find(|(t, _)| *t == block::STREAM)
+            .map(|(_, b)| *b)
+            .ok_or(SnapshotError::Malformed {
+                block: block::STREAM,
+                reason: "required block missing",
+            })?;
+        let l = StreamLayout::parse(stream, delta)?;
+        let data = |range: &core::ops::Range<usize>| &stream[range.start + 4..range.end];
+        if delta {
+            if !self.send.holds(l.send_base, l.send_from)
+                || !self.recv.holds(l.recv_read, l.recv_from)
+            {
+                return Err(SnapshotError::Malformed {
+                    block: block::STREAM,
+                    reason: "delta does not apply to the checkpoint held",
+                });
+            }
+            self.send.splice(l.send_base, l.send_from, data(&l.send));
+            self.recv.splice(l.recv_read, l.recv_from, data(&l.recv));
+        } else {
+            self.send.set(l.send_from, data(&l.send));
+            self.recv.set(l.recv_from, data(&l.recv));
+        }
+        self.head.clear();
+        self.head.extend_from_slice(checkpoint);
+        Ok(())
+    }
+
+    /// The whole snapshot of the latest checkpoint, for
+    /// [`Endpoint::import`](crate::endpoint::Endpoint::import).
+    pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let reader = SnapshotReader::parse_allowing(&self.head, FLAG_DELTA)?;
+        let delta = reader.flags() & FLAG_DELTA != 0;
+        let mut w = SnapshotWriter::new(reader.export_id(), reader.move_epoch(), Instant::ZERO);
+        w.set_flags(reader.flags() & !FLAG_DELTA);
+        for &(ty, body) in reader.raw_blocks() {
+            if ty != block::STREAM {
+                w.add_bytes(ty, body.to_vec())?;
+                continue;
+            }
+            let l = StreamLayout::parse(body, delta)?;
+            let mut b =
+                Vec::with_capacity(body.len() + self.send.bytes.len() + self.recv.bytes.len());
+            b.extend_from_slice(&body[..l.send.start]);
+            put_bytes(&mut b, &self.send.bytes)?;
+            b.extend_from_slice(&body[l.send.end..l.recv.start]);
+            put_bytes(&mut b, &self.recv.bytes)?;
+            // Fields a later version appends; a delta's two offsets are not part of a
+            // whole block.
+            b.extend_from_slice(&body[l.recv.end..l.fields_end]);
+            w.add_bytes(ty, b)?;
+        }
+        w.finish()
+    }
+
+    /// The stream bytes held (send and receive).
+    pub fn stream_bytes(&self) -> usize {
+        self.send.bytes.len() + self.recv.bytes.len()
+    }
+}
+
+/// Appends `data` as a `bytes` field.
+fn put_bytes(out: &mut Vec<u8>, data: &VecDeque<u8>) -> Result<(), SnapshotError> {
+    let n = u32::try_from(data.len()).map_err(|_| SnapshotError::TooLarge)?;
+    out.extend_from_slice(&n.to_be_bytes());
+    let (a, b) = data.as_slices();
+    out.extend_from_slice(a);
+    out.extend_from_slice(b);
+    Ok(())
+}
