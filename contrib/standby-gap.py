@@ -8,6 +8,10 @@ client's longest gap between two answers around the kill (the recovery: detectio
 re-bind), the longest gap in the second before (the pacing and the machine's jitter), and
 whether every answer came exactly once, in order.
 
+Bulk recovery: the same lines sent as fast as `serval cat` takes them (LINES of them); the
+primary is SIGKILLed once 10 MB of answers arrived; the client's longest gap between two reads
+after the kill, and whether the answers are exact.
+
 Throughput: LINES lines of 64 bytes sent as fast as `serval cat` takes them, with and without
 a standby, in alternation; the time until the last answer arrived.
 
@@ -105,6 +109,40 @@ def recovery(tmp, rep):
     return during, before, ok and len(stamps) == total, took
 
 
+def bulk_recovery(tmp, rep):
+    pa, primary, procs, log = instances(tmp, rep, True)
+    data = b"".join(line(i) for i in range(LINES))
+    cat = subprocess.Popen([S, "cat", "gap.test", "--via", pa], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+
+    def writer():
+        try:
+            cat.stdin.write(data)
+            cat.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    threading.Thread(target=writer, daemon=True).start()
+    stamps, out, killed = [], [], None
+    while True:
+        b = cat.stdout.read1(65536)
+        if not b:
+            break
+        out.append(b)
+        stamps.append(time.monotonic())
+        if killed is None and sum(map(len, out)) > 10_000_000:
+            primary.kill()
+            killed = time.monotonic()
+    cat.wait(timeout=30)
+    for p in procs:
+        p.kill()
+        p.wait()
+    expect = b"".join(f"{i + 1} ".encode() + line(i) for i in range(LINES))
+    gap = max((y - x for x, y in zip(stamps, stamps[1:]) if x >= killed - 0.01), default=0)
+    took = next((l.strip() for l in log if "took over" in l), "no takeover")
+    return gap, b"".join(out) == expect, took
+
+
 def throughput(tmp, rep, standby):
     pa, _, procs, _ = instances(tmp, rep, standby)
     data = b"".join(line(i) for i in range(LINES))
@@ -134,6 +172,13 @@ def main():
         gaps.append(during * 1000)
         befores.append(before * 1000)
     print(f"recovery gap ms: {summary(gaps)}; before: {summary(befores)}")
+    bulk = []
+    for r in range(REPS):
+        gap, ok, took = bulk_recovery(tmp, 50 + r)
+        print(f"bulk recovery {r}: gap {gap * 1000:.1f} ms, exact {ok}; {took}", flush=True)
+        assert ok, "an answer was lost, doubled or out of order"
+        bulk.append(gap * 1000)
+    print(f"bulk recovery gap ms: {summary(bulk)}")
     with_sb, without = [], []
     for r in range(REPS):
         for standby, xs in ((False, without), (True, with_sb)):

@@ -57,6 +57,79 @@ pub const DEFAULT_DETECT: Duration = Duration::from_millis(30);
 /// so that a standby that took over has told the primary (or is dead) by then.
 pub const STANDBY_LOST: Duration = Duration::from_secs(1);
 
+/// How long a standby waits for its primary's first word before giving up on the session
+/// (it takes nothing over: it never held anything).
+pub const SESSION_SETUP: Duration = Duration::from_secs(5);
+
+/// For this long after the primary's first word, a standby waits at least
+/// [`WARMUP_DETECT`] before taking over: a primary just attached (and the host around it)
+/// has not shown yet how steadily it speaks, and a takeover then protects nothing.
+const WARMUP: Duration = Duration::from_millis(500);
+const WARMUP_DETECT: Duration = Duration::from_millis(200);
+
+/// The window over which a standby remembers the longest silence it has seen between two
+/// words of a live primary.
+const GAP_WINDOW: Duration = Duration::from_secs(1);
+
+/// When a standby decides its primary is dead: after its detection time without a word, or
+/// twice the longest silence a live primary kept in the last second or two if that is
+/// longer (a loaded host's scheduling stalls are not deaths), never beyond half of
+/// [`STANDBY_LOST`] (so that the primary, still waiting for its standby, hears of the
+/// takeover before it would continue alone).
+#[derive(Debug)]
+struct Detector {
+    detect: Duration,
+    /// The primary's first word, once it came.
+    since: Option<StdInstant>,
+    /// Its last word (the session's start before the first).
+    last: StdInstant,
+    /// The longest silence between two words in the current window and the one before.
+    gaps: [Duration; 2],
+    window: StdInstant,
+}
+
+impl Detector {
+    fn new(detect: Duration, now: StdInstant) -> Detector {
+        Detector {
+            detect,
+            since: None,
+            last: now,
+            gaps: [Duration::ZERO; 2],
+            window: now,
+        }
+    }
+
+    /// The primary spoke at `now`.
+    fn heard(&mut self, now: StdInstant) {
+        if now.duration_since(self.window) >= GAP_WINDOW {
+            self.gaps = [Duration::ZERO, self.gaps[0]];
+            self.window = now;
+        }
+        if self.since.is_some() {
+            self.gaps[0] = self.gaps[0].max(now.duration_since(self.last));
+        } else {
+            self.since = Some(now);
+        }
+        self.last = now;
+    }
+
+    /// How long the primary has been silent at `now`.
+    fn silence(&self, now: StdInstant) -> Duration {
+        now.duration_since(self.last)
+    }
+
+    /// The silence after which the primary is taken for dead, at `now`; `None` before its
+    /// first word (the session is not up yet).
+    fn threshold(&self, now: StdInstant) -> Option<Duration> {
+        let since = self.since?;
+        let mut t = self.detect.max(2 * self.gaps[0].max(self.gaps[1]));
+        if now.duration_since(since) < WARMUP {
+            t = t.max(WARMUP_DETECT);
+        }
+        Some(t.min(self.detect.max(STANDBY_LOST / 2)))
+    }
+}
+
 /// The largest checkpoint a session carries.
 const MAX_CHECKPOINT: usize = 64 << 20;
 
@@ -595,22 +668,40 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
     (&stream).write_all(&ask).await?;
     let mut latest: HashMap<FlowId, Replica> = HashMap::new();
     let mut frames = Frames::default();
-    let mut heard = StdInstant::now();
+    let mut detector = Detector::new(config.detect, StdInstant::now());
     let mut spoke = StdInstant::now();
     let mut checkpoints = 0u64;
     let mut first = true;
     let reason = loop {
-        let wait = config.detect.saturating_sub(heard.elapsed());
+        let now = StdInstant::now();
+        let threshold = detector.threshold(now);
+        let wait = threshold
+            .unwrap_or(SESSION_SETUP)
+            .saturating_sub(detector.silence(now));
         let r =
             tokio::time::timeout(wait.max(Duration::from_micros(100)), frames.fill(&stream)).await;
-        match r {
-            Err(_) if heard.elapsed() >= config.detect => {
-                break format!("no word from the primary for {:?}", heard.elapsed());
+        let now = StdInstant::now();
+        match (r, threshold) {
+            // Until the primary's first word the session is not up: nothing to take over.
+            (Err(_), None) if detector.silence(now) >= SESSION_SETUP => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the primary's agent did not start the standby session within \
+                         {SESSION_SETUP:?}"
+                    ),
+                ));
             }
-            Err(_) => {}
-            Ok(Err(e)) if first => return Err(e),
-            Ok(Err(e)) => break format!("the session ended: {e}"),
-            Ok(Ok(())) => heard = StdInstant::now(),
+            (Err(_), Some(t)) if detector.silence(now) >= t => {
+                break format!(
+                    "no word from the primary for {:?} (the limit then: {t:?})",
+                    detector.silence(now)
+                );
+            }
+            (Err(_), _) => {}
+            (Ok(Err(e)), _) if first => return Err(e),
+            (Ok(Err(e)), _) => break format!("the session ended: {e}"),
+            (Ok(Ok(())), _) => detector.heard(now),
         }
         let mut answer = Vec::new();
         loop {
@@ -667,7 +758,7 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
             spoke = StdInstant::now();
         }
     };
-    let silence = heard.elapsed();
+    let silence = detector.silence(StdInstant::now());
     // If the primary is alive after all, it lets the streams go on this word (and it holds
     // back anything this standby never confirmed in any case).
     // The session stays open a while, read and discarded, so that a primary blocked sending
@@ -706,4 +797,66 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
         import: started.elapsed(),
         checkpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn no_threshold_before_the_first_word() {
+        let t0 = StdInstant::now();
+        let d = Detector::new(30 * MS, t0);
+        assert_eq!(d.threshold(t0 + 10 * SESSION_SETUP), None);
+    }
+
+    #[test]
+    fn a_steady_primary_is_held_to_the_detection_time_after_warm_up() {
+        let t0 = StdInstant::now();
+        let mut d = Detector::new(30 * MS, t0);
+        let mut t = t0;
+        d.heard(t);
+        // Warm-up: the floor holds.
+        assert_eq!(d.threshold(t), Some(WARMUP_DETECT));
+        while t < t0 + 3 * GAP_WINDOW {
+            t += 5 * MS;
+            d.heard(t);
+        }
+        assert_eq!(d.threshold(t), Some(30 * MS));
+        assert_eq!(d.silence(t + 7 * MS), 7 * MS);
+    }
+
+    #[test]
+    fn a_stall_raises_the_threshold_for_a_while_up_to_a_cap() {
+        let t0 = StdInstant::now();
+        let mut d = Detector::new(30 * MS, t0);
+        let mut t = t0;
+        d.heard(t);
+        let mut step = |d: &mut Detector, gap: Duration| {
+            t += gap;
+            d.heard(t);
+            t
+        };
+        for _ in 0..200 {
+            step(&mut d, 5 * MS);
+        }
+        // A 40 ms stall of a live primary: the next takeover needs 80 ms of silence.
+        let now = step(&mut d, 40 * MS);
+        assert_eq!(d.threshold(now), Some(80 * MS));
+        // A huge one is capped below STANDBY_LOST.
+        let now = step(&mut d, 900 * MS);
+        assert_eq!(d.threshold(now), Some(STANDBY_LOST / 2));
+        // Forgotten after two windows of steady words.
+        let mut now = now;
+        for _ in 0..500 {
+            now = step(&mut d, 5 * MS);
+        }
+        assert_eq!(d.threshold(now), Some(30 * MS));
+        // A detection time above the cap is the user's: kept.
+        let mut slow = Detector::new(800 * MS, t0);
+        slow.heard(t0);
+        assert_eq!(slow.threshold(t0 + 2 * WARMUP), Some(800 * MS));
+    }
 }
