@@ -192,9 +192,10 @@ pub struct EndpointConfig {
     /// Server: the key this endpoint proves its identity with when a client asks (the
     /// instance's `--key`). Default none.
     pub identity: Option<serval_keys::PrivateKey>,
-    /// Client: the server identity every connect requires (a pinned key, or the key a
-    /// self-certifying serviceID commits to). Default none: encrypted, but anyone answering
-    /// the SYN is accepted.
+    /// Client: the server identity every connect requires (a pinned key, the key a
+    /// self-certifying serviceID commits to, or a key certified for the name by a CA: then
+    /// connect with [`Endpoint::connect_name`]). Default none: encrypted, but anyone
+    /// answering the SYN is accepted.
     pub peer_identity: Option<PeerIdentity>,
     /// Server: the certificate chain (leaf first; the leaf certifies
     /// [`identity`](Self::identity)'s key) sent to clients that ask for it
