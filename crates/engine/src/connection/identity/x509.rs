@@ -266,7 +266,7 @@ pub enum CertProblem {
     #[error("the server's certificate is for another key than the {0} that signed the handshake")]
     LeafKeyMismatch(PublicKey),
     /// The client connected by serviceID, so there is no name to check.
-    #[error("a certificate check needs the service's name: connect by name, not by serviceID")]
+    #[error("a certificate check needs the service's DNS name: connect by name, not by serviceID")]
     NoName,
     /// The client has no wall-clock time to check validity against.
     #[error("no wall-clock time to check the server's certificate against")]
