@@ -1,7 +1,8 @@
 //! Two real endpoints (a client at A, a server at B) and, optionally, an impostor server at M
 //! that also serves the service, connected over a network the fuzz input drives: it chooses the
 //! configuration (plaintext on either end, SYN cookies, which keys the servers hold, which
-//! identity the client requires, a self-certifying serviceID or not), then the fate of every
+//! identity the client requires, a self-certifying serviceID or not, a CA and which servers
+//! hold a certificate chain for their key), then the fate of every
 //! datagram in flight (the SYN, the COOKIE NACK, the SYN-ACK with its IDENTITY, the ACK, ...):
 //! delivered in order or not, dropped, duplicated, diverted to the impostor, mutated (byte
 //! flips, truncation, extension insertions, structured edits of an unprotected header), and
@@ -29,7 +30,8 @@ use libfuzzer_sys::fuzz_target;
 use serval_engine::Instant;
 use serval_engine::connection::protect::Protection;
 use serval_engine::endpoint::{
-    ConnectionHandle, Endpoint, EndpointConfig, Event, PeerIdentity, SynCookies, Transmit,
+    CertificateChain, ConnectionHandle, Endpoint, EndpointConfig, Event, PeerIdentity, ServerName,
+    SynCookies, Transmit, TrustAnchors,
 };
 use serval_keys::PrivateKey;
 use serval_table::ListenerId;
@@ -61,6 +63,46 @@ fn keys() -> &'static [PrivateKey; 2] {
     })
 }
 
+/// The fixed CA and, for each of the two keys, a chain certifying it for "echo.fuzz".
+fn pki() -> &'static (TrustAnchors, [CertificateChain; 2]) {
+    static P: OnceLock<(TrustAnchors, [CertificateChain; 2])> = OnceLock::new();
+    P.get_or_init(|| {
+        let pem = |seed: [u8; 32]| {
+            // The PKCS#8 v1 document of the seed (rcgen signs deterministically with it).
+            let mut doc = vec![
+                0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+                0x04, 0x20,
+            ];
+            doc.extend_from_slice(&seed);
+            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(doc);
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519)
+                .expect("an Ed25519 seed")
+        };
+        let ca_key = pem([0x33; 32]);
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&ca_key).expect("root");
+        let anchors = TrustAnchors::from_der(&[ca.der().to_vec()]).expect("anchor");
+        let chain = |i: usize, seed: [u8; 32]| {
+            let leaf = rcgen::CertificateParams::new(vec!["echo.fuzz".to_owned()])
+                .expect("params")
+                .signed_by(&pem(seed), &ca, &ca_key)
+                .expect("leaf");
+            CertificateChain::from_der(&[leaf.der().to_vec()], &keys()[i].public_key())
+                .expect("the chain certifies the key")
+        };
+        (anchors, [chain(0, [0x11; 32]), chain(1, [0x22; 32])])
+    })
+}
+
+/// The chain certifying `key`, if it is one of the two fixed keys.
+fn chain_for(key: Option<&PrivateKey>) -> Option<CertificateChain> {
+    let key = key?.public_key();
+    (0..2)
+        .find(|&i| keys()[i].public_key() == key)
+        .map(|i| pki().1[i].clone())
+}
+
 /// What a server holds: no key, or key 0 or 1.
 fn server_key(b: u8) -> Option<PrivateKey> {
     match b % 3 {
@@ -69,8 +111,15 @@ fn server_key(b: u8) -> Option<PrivateKey> {
     }
 }
 
-fn satisfies(req: Option<&PeerIdentity>, service: &ServiceId, key: Option<&PrivateKey>) -> bool {
+/// Whether a server holding `key` (and a chain for it if `chain`) satisfies `req`.
+fn satisfies(
+    req: Option<&PeerIdentity>,
+    service: &ServiceId,
+    key: Option<&PrivateKey>,
+    chain: bool,
+) -> bool {
     match (req, key) {
+        (Some(PeerIdentity::Ca(_)), Some(_)) => chain,
         (None, _) => true,
         (Some(_), None) => false,
         (Some(PeerIdentity::Key(k)), Some(have)) => *k == have.public_key(),
@@ -335,7 +384,9 @@ fuzz_target!(|data: &[u8]| {
         _ => SynCookies::default(),
     };
     let name = ServiceId::from_name("echo.fuzz").expect("valid name");
-    let service = if c1 & 1 != 0 {
+    // A CA requirement connects by name (a certificate names no serviceID).
+    let ca = c1 & 0x10 != 0;
+    let service = if c1 & 1 != 0 && !ca {
         serval_keys::self_certifying_id(&name, &keys()[0].public_key())
     } else {
         name
@@ -346,6 +397,11 @@ fuzz_target!(|data: &[u8]| {
         2 => Some(PeerIdentity::Key(keys()[1].public_key())),
         _ => Some(PeerIdentity::SelfCertifying),
     };
+    let required = if ca {
+        Some(PeerIdentity::Ca(pki().0.clone()))
+    } else {
+        required
+    };
     let bkey = server_key((c0 >> 4) & 3);
     let impostor = c1 & 2 != 0;
     let mkey = server_key((c1 >> 2) & 3);
@@ -354,35 +410,46 @@ fuzz_target!(|data: &[u8]| {
         1,
         EndpointConfig {
             protection: cprot,
-            peer_identity: required,
+            peer_identity: required.clone(),
+            unix_time_origin: Some(Duration::from_secs(1_796_515_200)),
             ..EndpointConfig::default()
         },
     );
-    let server_config = |key: Option<PrivateKey>| EndpointConfig {
+    // Which servers hold a chain for their key.
+    let (bchain, mchain) = (
+        chain_for(bkey.as_ref()).filter(|_| c1 & 0x20 != 0),
+        chain_for(mkey.as_ref()).filter(|_| c1 & 0x40 != 0),
+    );
+    let server_config = |key: Option<PrivateKey>, chain: Option<CertificateChain>| EndpointConfig {
         protection: sprot,
         syn_cookies: cookies,
         identity: key,
+        certificate: chain,
         ..EndpointConfig::default()
     };
-    let mut b = endpoint(B, 2, server_config(bkey.clone()));
+    let mut b = endpoint(B, 2, server_config(bkey.clone(), bchain.clone()));
     let lb = b.listen(ServicePrefix::exact(service), 0, 1);
     let mut eps = vec![(client, loc(A)), (b, loc(B))];
-    let mut listeners: Vec<(usize, ListenerId, Option<PrivateKey>)> = vec![(1, lb, bkey)];
+    let mut listeners: Vec<(usize, ListenerId, Option<PrivateKey>, bool)> =
+        vec![(1, lb, bkey, bchain.is_some())];
     if impostor {
-        let mut m = endpoint(M, 3, server_config(mkey.clone()));
+        let mut m = endpoint(M, 3, server_config(mkey.clone(), mchain.clone()));
         let lm = m.listen(ServicePrefix::exact(service), 0, 1);
         eps.push((m, loc(M)));
-        listeners.push((2, lm, mkey));
+        listeners.push((2, lm, mkey, mchain.is_some()));
     }
     let mut net = Net {
         eps,
         queue: Vec::new(),
         now: Instant::ZERO,
     };
-    let h = net.eps[0]
-        .0
-        .connect_via(Instant::ZERO, service, loc(B))
-        .expect("connect");
+    let h = if ca {
+        let name = ServerName::new("echo.fuzz").expect("a DNS name");
+        net.eps[0].0.connect_name_via(Instant::ZERO, &name, loc(B))
+    } else {
+        net.eps[0].0.connect_via(Instant::ZERO, service, loc(B))
+    }
+    .expect("connect");
     net.collect_all();
     let mut client_events = Vec::new();
 
@@ -505,10 +572,11 @@ fuzz_target!(|data: &[u8]| {
     if connected {
         // Identity: some server the client could reach holds a key it accepts.
         assert!(
-            listeners.iter().any(|(_, _, key)| satisfies(
+            listeners.iter().any(|(_, _, key, chain)| satisfies(
                 required.as_ref(),
                 &service,
-                key.as_ref()
+                key.as_ref(),
+                *chain
             )),
             "connected with identity {required:?} though no server holds such a key"
         );
@@ -523,9 +591,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // The servers that accepted.
     let mut accepted: Vec<(usize, ConnectionHandle, bool)> = Vec::new();
-    for (i, l, key) in &listeners {
+    for (i, l, key, chain) in &listeners {
         if let Some(sh) = net.eps[*i].0.accept(*l) {
-            let ok = satisfies(required.as_ref(), &service, key.as_ref());
+            let ok = satisfies(required.as_ref(), &service, key.as_ref(), *chain);
             if required.is_some() {
                 assert!(ok, "a server without the required key got the connection");
             }

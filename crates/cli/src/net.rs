@@ -45,6 +45,12 @@ pub struct InstanceArgs {
     /// authorises the key for the service's prefix requires (`router --authorize`).
     #[arg(long, value_name = "FILE", env = "SERVAL_KEY", value_parser = crate::keygen::read_private_key)]
     pub key: Option<serval_router::keys::PrivateKey>,
+    /// Send this certificate chain (PEM, leaf first, the root left out) to clients that check
+    /// certificates (`cat --ca`): its leaf must certify --key's public key for the service's
+    /// name, and the chain must fit in a handshake (Ed25519 certificates: at most 4, about
+    /// 990 bytes).
+    #[arg(long, value_name = "FILE", env = "SERVAL_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
     /// Do not follow the host's address and link changes: by default a flow whose local
     /// address or link goes away moves by itself to another address of the host, and a
     /// wildcard --bind serves the host's new addresses at once.
@@ -81,8 +87,9 @@ impl InstanceArgs {
     pub async fn endpoint(&self, lease: Option<Duration>) -> Result<Endpoint, String> {
         let config = serval::EndpointConfig {
             // The instance key that signs registrations also proves the instance's identity
-            // to clients that ask (--peer-key, --self-certifying).
+            // to clients that ask (--peer-key, --self-certifying, --ca).
             identity: self.key.clone(),
+            certificate: self.certificate()?,
             ..endpoint_config(self.plaintext)
         };
         let follow = if self.no_auto_migrate {
@@ -101,6 +108,18 @@ impl InstanceArgs {
             self.register(&ep, lease);
         }
         Ok(ep)
+    }
+
+    /// The chain of `--cert`, checked against `--key` (clap requires the key with it).
+    fn certificate(&self) -> Result<Option<serval::CertificateChain>, String> {
+        let (Some(path), Some(key)) = (&self.cert, &self.key) else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read certificate file {}: {e}", path.display()))?;
+        serval::CertificateChain::from_pem(&pem, &key.public_key())
+            .map(Some)
+            .map_err(|e| format!("certificate file {}: {e}", path.display()))
     }
 
     /// Starts registering with `--router` (if given), with `lease` or the default lease.
@@ -373,10 +392,16 @@ pub struct HopArgs {
     #[arg(long, env = "SERVAL_PLAINTEXT")]
     pub plaintext: bool,
     /// Require the instance to prove it holds this key (as `serval keygen` printed it; the
-    /// instance's --key): otherwise the connect fails. Without --peer-key or
-    /// --self-certifying the flow is encrypted, but whoever answers the SYN is accepted.
-    #[arg(long, value_name = "PUBKEY", conflicts_with = "self_certifying", value_parser = parse_public_key)]
+    /// instance's --key): otherwise the connect fails. Without --peer-key, --self-certifying
+    /// or --ca the flow is encrypted, but whoever answers the SYN is accepted.
+    #[arg(long, value_name = "PUBKEY", conflicts_with_all = ["self_certifying", "ca"], value_parser = parse_public_key)]
     pub peer_key: Option<serval::PublicKey>,
+    /// Require the instance to prove its right to the service's name with a certificate
+    /// (its --cert) issued by one of the CAs in this PEM file, valid now, for server
+    /// authentication, and certifying the key it proves: otherwise the connect fails. Connect
+    /// by name (not by serviceID): the name is what the certificate must name.
+    #[arg(long, value_name = "FILE", env = "SERVAL_CA", conflicts_with = "self_certifying", value_parser = read_trust_anchors)]
+    pub ca: Option<serval::TrustAnchors>,
     /// Require the instance to prove it holds the key the serviceID commits to (a
     /// self-certifying ID, as `serval id --key` prints it): no CA and no pinned key needed.
     #[arg(long)]
@@ -388,6 +413,12 @@ pub struct HopArgs {
     pub no_auto_migrate: bool,
 }
 
+/// `--ca`'s value: the CA certificates of a PEM file.
+fn read_trust_anchors(file: &str) -> Result<serval::TrustAnchors, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read CA file {file}: {e}"))?;
+    serval::TrustAnchors::from_pem(&pem).map_err(|e| format!("CA file {file}: {e}"))
+}
+
 /// `--peer-key`'s value: a public key line.
 fn parse_public_key(text: &str) -> Result<serval::PublicKey, String> {
     serval::PublicKey::parse_line(text).map_err(|e| e.to_string())
@@ -397,10 +428,11 @@ impl HopArgs {
     /// The client endpoint's configuration these flags ask for: plaintext, and the server
     /// identity to require.
     pub fn endpoint_config(&self) -> serval::EndpointConfig {
-        let peer_identity = match (self.peer_key, self.self_certifying) {
-            (Some(key), _) => Some(serval::PeerIdentity::Key(key)),
-            (None, true) => Some(serval::PeerIdentity::SelfCertifying),
-            (None, false) => None,
+        let peer_identity = match (self.peer_key, self.self_certifying, &self.ca) {
+            (Some(key), _, _) => Some(serval::PeerIdentity::Key(key)),
+            (None, true, _) => Some(serval::PeerIdentity::SelfCertifying),
+            (None, false, Some(anchors)) => Some(serval::PeerIdentity::Ca(anchors.clone())),
+            (None, false, None) => None,
         };
         serval::EndpointConfig {
             peer_identity,
@@ -483,8 +515,21 @@ pub async fn connect(
     service: ServiceId,
     hop: &NextHop,
 ) -> Result<Stream, String> {
+    // Connect by name when the user typed one, so that a certificate can be checked (--ca).
+    let named = serval::ServerName::new(name)
+        .ok()
+        .filter(|n| n.service() == service);
+    let connect_via = |via: SocketAddr| {
+        let named = named.clone();
+        async move {
+            match &named {
+                Some(n) => ep.connect_name_via(n, via).await,
+                None => ep.connect_via(service, via).await,
+            }
+        }
+    };
     let (connected, hop) = match hop {
-        NextHop::Via(via) => (ep.connect_via(service, *via).await, hop.clone()),
+        NextHop::Via(via) => (connect_via(*via).await, hop.clone()),
         NextHop::Routers(routers) => {
             // Each router but the last gets ROUTER_TRY to answer (a NACK is an answer: they
             // share one registry, so the next would say the same); the last, the whole SYN
@@ -494,7 +539,7 @@ pub async fn connect(
                 let Some(router) = routers.next() else {
                     return Err(format!("connect to service {name}: no router given"));
                 };
-                let connecting = ep.connect_via(service, *router);
+                let connecting = connect_via(*router);
                 if routers.peek().is_none() {
                     break (connecting.await, NextHop::Via(*router));
                 }
@@ -504,7 +549,13 @@ pub async fn connect(
                 note!("serval: router {router} does not answer; trying the next");
             }
         }
-        NextHop::Discover(_) => (ep.connect(service).await, hop.clone()),
+        NextHop::Discover(_) => {
+            let connected = match &named {
+                Some(n) => ep.connect_name(n).await,
+                None => ep.connect(service).await,
+            };
+            (connected, hop.clone())
+        }
     };
     connected.map_err(|e| match (&hop, e.kind()) {
         (NextHop::Discover(_), std::io::ErrorKind::HostUnreachable) => {

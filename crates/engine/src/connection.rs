@@ -66,7 +66,10 @@ use serval_wire::{
     FlowId, IdentityRepr, KeyShareRepr, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceId,
 };
 
-use self::identity::{IdentityError, PeerIdentity, SYN_ACK_WITH_IDENTITY};
+use self::identity::{
+    CERT_SYN_LEN, CertCheck, CertificateChain, IdentityError, PeerIdentity, SYN_ACK_WITH_IDENTITY,
+    ServerName,
+};
 use self::protect::{
     FlowSecrets, KeyExchange, OpenError, Protection, Protector, Space, TAG_LEN, Transcript,
 };
@@ -360,6 +363,13 @@ pub(crate) struct NewConnection {
     pub identity: Option<PrivateKey>,
     /// Client: the server identity it requires.
     pub peer_identity: Option<PeerIdentity>,
+    /// Server: the certificate chain it sends when a SYN asks (and pays) for it.
+    pub certificate: Option<CertificateChain>,
+    /// Client: the name connected to, when connecting by name (for a certificate check).
+    pub server_name: Option<ServerName>,
+    /// Client: wall-clock time at [`Instant::ZERO`], since the UNIX epoch (for a certificate
+    /// check).
+    pub unix_time_origin: Option<Duration>,
 }
 
 /// The state of a flow's handshake, kept apart (and boxed) because an established flow has no
@@ -379,9 +389,24 @@ struct Handshake {
     peer_identity: Option<PeerIdentity>,
     /// Server: the proof of identity its SYN-ACK carries (when the SYN asked for it).
     local_identity: Option<IdentityRepr>,
+    /// Server: the certificate chain its SYN-ACK carries (when the SYN asked and paid for it).
+    local_chain: Option<CertificateChain>,
+    /// Client: the name connected to, and the wall clock, for a certificate check.
+    server_name: Option<ServerName>,
+    unix_time_origin: Option<Duration>,
     /// Client: the cookie a server asked our SYN to carry, and how many times one was asked.
     cookie: Option<[u8; COOKIE_TOKEN_LEN]>,
     cookie_rounds: u8,
+}
+
+/// What follows a handshake packet's header.
+enum Body {
+    /// Nothing (but a sealed packet's packet number and tag).
+    Empty,
+    /// A SYN: zeros up to this total length, paying for a larger answer.
+    PadTo(usize),
+    /// A SYN-ACK: the certificate chain, sealed.
+    Sealed(CertificateChain),
 }
 
 /// What a server connection needs from the SYN it answers.
@@ -402,8 +427,11 @@ impl Connection {
             Protection::Plaintext => KeyShareRepr::PLAINTEXT,
             Protection::Encrypted => 0,
         };
-        if n.peer_identity.is_some() {
+        if let Some(required) = &n.peer_identity {
             flags |= KeyShareRepr::IDENTITY;
+            if required.wants_chain() {
+                flags |= KeyShareRepr::CERTIFICATE;
+            }
         }
         let share = kx.share(flags);
         let mut c = Connection::new(now, n, State::SynSent, share);
@@ -440,6 +468,12 @@ impl Connection {
         let identity = n.identity.clone().filter(|_| {
             peer_share.flags & KeyShareRepr::IDENTITY != 0 && syn.len >= SYN_ACK_WITH_IDENTITY
         });
+        // The chain goes with the proof, to a SYN that asked for it and paid for its length.
+        let chain = n.certificate.clone().filter(|chain| {
+            identity.is_some()
+                && peer_share.flags & KeyShareRepr::CERTIFICATE != 0
+                && syn.len >= SYN_ACK_WITH_IDENTITY + chain.block().len()
+        });
         let share = kx.share(flags);
         let interval = n.key_update_interval;
         let mut c = Connection::new(now, n, State::SynRcvd, share);
@@ -457,6 +491,7 @@ impl Connection {
         if let Some(hs) = c.hs.as_deref_mut() {
             hs.protection = protection;
             hs.local_identity = proof;
+            hs.local_chain = chain;
         }
         c.protect = Some(Box::new(Protector::new(secrets, interval)));
         c.peer_flow = peer_flow;
@@ -487,6 +522,9 @@ impl Connection {
                 key_update_interval: n.key_update_interval,
                 peer_identity: n.peer_identity,
                 local_identity: None,
+                local_chain: None,
+                server_name: n.server_name,
+                unix_time_origin: n.unix_time_origin,
                 cookie: None,
                 cookie_rounds: 0,
             })),
@@ -557,12 +595,12 @@ impl Connection {
     /// The length of this server connection's SYN-ACK (its IDENTITY included, if it carries
     /// one): a retransmitted SYN shorter than it is not answered.
     pub(crate) fn syn_ack_len(&self) -> usize {
-        let with_identity = self
-            .hs
-            .as_deref()
-            .is_some_and(|hs| hs.local_identity.is_some());
-        if with_identity {
-            SYN_ACK_WITH_IDENTITY
+        let Some(hs) = self.hs.as_deref() else {
+            return SYN_ACK_WITH_IDENTITY - IDENTITY_LEN;
+        };
+        let chain = hs.local_chain.as_ref().map_or(0, |c| c.block().len());
+        if hs.local_identity.is_some() {
+            SYN_ACK_WITH_IDENTITY + chain
         } else {
             SYN_ACK_WITH_IDENTITY - IDENTITY_LEN
         }
@@ -859,22 +897,35 @@ impl Connection {
             self.auth_failures += 1;
             return;
         };
-        if protect.open(packet, header_len, Space::Control).is_err()
-            || !self.acked(Reliable::Syn, ctl.ackno)
-        {
-            self.auth_failures += 1;
-            return;
-        }
+        let payload_len = match protect.open(packet, header_len, Space::Control) {
+            Ok((_, len)) if self.acked(Reliable::Syn, ctl.ackno) => len,
+            _ => {
+                self.auth_failures += 1;
+                return;
+            }
+        };
+        // The SYN-ACK's payload: the server's certificate chain, if it sent one.
+        let payload_start = header_len + PN_LEN;
+        let chain = packet
+            .get(payload_start..payload_start + payload_len)
+            .unwrap_or_default();
         self.protect = Some(Box::new(protect));
         self.peer_nonce = peer_nonce;
         self.peer_flow = repr.src_flow;
         self.peer = remote;
         self.peer_verno = Some(ctl.verno);
-        let required = self.hs.as_deref().and_then(|hs| hs.peer_identity);
-        if let Some(required) = required
-            && let Err(error) =
-                identity::check(&required, &self.service, &th, repr.identity.as_ref())
-        {
+        let verdict = self.hs.as_deref().and_then(|hs| {
+            let required = hs.peer_identity.as_ref()?;
+            let cert = CertCheck {
+                name: hs.server_name.as_ref(),
+                unix_now: hs
+                    .unix_time_origin
+                    .map(|origin| origin + Duration::from_nanos(now.as_nanos())),
+                chain,
+            };
+            identity::check(required, &self.service, &th, repr.identity.as_ref(), cert).err()
+        });
+        if let Some(error) = verdict {
             // Not who we wanted: reset the server's half-open flow and fail now.
             self.answers.push_back(Answer::Rst);
             self.state = State::Closed;
@@ -1420,6 +1471,12 @@ impl Connection {
     /// Appends `repr` to `out` with a packet number and sealed (the SYN, which no key protects
     /// yet, goes as it is); on failure `out` is left as it was.
     fn emit_sealed(&mut self, repr: &SalRepr, out: &mut Vec<u8>) -> bool {
+        self.emit_sealed_with(repr, Body::Empty, out)
+    }
+
+    /// [`emit_sealed`](Self::emit_sealed) with a payload: a SYN padded with zeros to a length,
+    /// or a sealed payload (the SYN-ACK's certificate chain).
+    fn emit_sealed_with(&mut self, repr: &SalRepr, body: Body, out: &mut Vec<u8>) -> bool {
         let base = out.len();
         let header_len = repr.buffer_len();
         out.resize(base + header_len, 0);
@@ -1431,13 +1488,19 @@ impl Connection {
             return false;
         }
         if repr.control.is_some_and(|c| c.flags == ControlFlags::SYN) {
+            if let Body::PadTo(len) = body {
+                out.resize(base + len.max(header_len), 0);
+            }
             return true;
         }
         let Some(protect) = self.protect.as_deref_mut() else {
             out.truncate(base);
             return false;
         };
-        protect.seal_control(out, base, header_len);
+        match body {
+            Body::Sealed(chain) => protect.seal_control_with(out, base, header_len, chain.block()),
+            Body::Empty | Body::PadTo(_) => protect.seal_control(out, base, header_len),
+        }
         true
     }
 
@@ -1448,6 +1511,7 @@ impl Connection {
         out: &mut Vec<u8>,
     ) -> Option<(Locator, Locator)> {
         let peer_verno_next = self.peer_verno.map_or(0, |v| v.wrapping_add(1));
+        let mut body = Body::Empty;
         let (repr, src) = match kind {
             Reliable::Syn => {
                 let mut r = SalRepr::new(Protocol::NONE, self.local_flow, FlowId::NONE);
@@ -1468,6 +1532,14 @@ impl Connection {
                     // Pays for the proof the SYN-ACK will carry: the answer is never larger.
                     r.pad = IDENTITY_LEN;
                 }
+                if hs
+                    .peer_identity
+                    .as_ref()
+                    .is_some_and(PeerIdentity::wants_chain)
+                {
+                    // Pays for the certificate chain too.
+                    body = Body::PadTo(CERT_SYN_LEN);
+                }
                 r.source = vec![self.local];
                 (r, self.local)
             }
@@ -1481,6 +1553,9 @@ impl Connection {
                 let hs = self.hs.as_deref()?;
                 r.keyshare = Some(hs.local_share);
                 r.identity = hs.local_identity;
+                if let Some(chain) = &hs.local_chain {
+                    body = Body::Sealed(chain.clone());
+                }
                 (r, self.local)
             }
             Reliable::Rsyn => (
@@ -1489,7 +1564,8 @@ impl Connection {
             ),
             Reliable::Fin => (self.control_repr(ControlFlags::FIN, verno, 0), self.local),
         };
-        self.emit_sealed(&repr, out).then_some((src, self.peer))
+        self.emit_sealed_with(&repr, body, out)
+            .then_some((src, self.peer))
     }
 
     fn emit_answer(&mut self, a: Answer, out: &mut Vec<u8>) -> Option<(Locator, Locator)> {

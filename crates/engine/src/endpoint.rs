@@ -29,7 +29,10 @@ use serval_wire::{FlowId, Locator, Nonce, Protocol, SalPacket, SalRepr, ServiceI
 use crate::Instant;
 pub use crate::connection::CloseReason;
 pub use crate::connection::ExportError;
-pub use crate::connection::identity::{IdentityError, PeerIdentity};
+pub use crate::connection::identity::{
+    CERT_SYN_LEN, CertError, CertProblem, CertificateChain, IdentityError, PeerIdentity,
+    ServerName, TrustAnchors,
+};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
@@ -189,10 +192,19 @@ pub struct EndpointConfig {
     /// Server: the key this endpoint proves its identity with when a client asks (the
     /// instance's `--key`). Default none.
     pub identity: Option<serval_keys::PrivateKey>,
-    /// Client: the server identity every connect requires (a pinned key, or the key a
-    /// self-certifying serviceID commits to). Default none: encrypted, but anyone answering
-    /// the SYN is accepted.
+    /// Client: the server identity every connect requires (a pinned key, the key a
+    /// self-certifying serviceID commits to, or a key certified for the name by a CA: then
+    /// connect with [`Endpoint::connect_name`]). Default none: encrypted, but anyone
+    /// answering the SYN is accepted.
     pub peer_identity: Option<PeerIdentity>,
+    /// Server: the certificate chain (leaf first; the leaf certifies
+    /// [`identity`](Self::identity)'s key) sent to clients that ask for it
+    /// ([`PeerIdentity::Ca`]; `--cert`). Default none.
+    pub certificate: Option<CertificateChain>,
+    /// Wall-clock time at [`Instant::ZERO`], as a duration since the UNIX epoch: a client
+    /// checks a server's certificate at this plus `now` (the engine reads no clock). Default
+    /// none, under which every certificate check fails; the runtime sets it when it binds.
+    pub unix_time_origin: Option<std::time::Duration>,
     /// When a connection's path goes silent — its probe timeout fires
     /// [`STALE_PTOS`] times in a row with nothing acknowledged,
     /// the link still up — move it (RSYN, make-before-break) to this endpoint's next local
@@ -229,6 +241,8 @@ impl Default for EndpointConfig {
             syn_rate_limit: None,
             identity: None,
             peer_identity: None,
+            certificate: None,
+            unix_time_origin: None,
             path_failover: false,
         }
     }
@@ -611,7 +625,10 @@ impl Endpoint {
             protection: self.config.protection,
             key_update_interval: self.config.key_update_interval,
             identity: self.config.identity.clone(),
-            peer_identity: self.config.peer_identity,
+            peer_identity: self.config.peer_identity.clone(),
+            certificate: self.config.certificate.clone(),
+            server_name: None,
+            unix_time_origin: self.config.unix_time_origin,
         };
         (flow, n)
     }
@@ -644,6 +661,38 @@ impl Endpoint {
         now: Instant,
         service: ServiceId,
     ) -> Result<ConnectionHandle, ConnectError> {
+        self.connect_to(now, service, None)
+    }
+
+    /// Connects to the service named `name`, as [`connect`](Self::connect), keeping the name
+    /// for the check of the server's certificate that [`PeerIdentity::Ca`] requires (a
+    /// serviceID, being a hash, names nothing a certificate can).
+    pub fn connect_name(
+        &mut self,
+        now: Instant,
+        name: &ServerName,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        self.connect_to(now, name.service(), Some(name))
+    }
+
+    /// Connects to the service named `name` sending the SYN to `next_hop`, as
+    /// [`connect_via`](Self::connect_via), keeping the name as
+    /// [`connect_name`](Self::connect_name) does.
+    pub fn connect_name_via(
+        &mut self,
+        now: Instant,
+        name: &ServerName,
+        next_hop: Locator,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        self.connect_via_to(now, name.service(), next_hop, Some(name))
+    }
+
+    fn connect_to(
+        &mut self,
+        now: Instant,
+        service: ServiceId,
+        name: Option<&ServerName>,
+    ) -> Result<ConnectionHandle, ConnectError> {
         let flow_key = self.rng.next_u64();
         let next_hop = match self.table.snapshot().resolve(&service, flow_key) {
             Some(r) => match r.action {
@@ -653,7 +702,7 @@ impl Endpoint {
             },
             None => return Err(ConnectError::NoRoute(service)),
         };
-        self.connect_via(now, service, next_hop)
+        self.connect_via_to(now, service, next_hop, name)
     }
 
     /// Connects to `service` sending the SYN to `next_hop` (a router or the instance itself),
@@ -664,10 +713,21 @@ impl Endpoint {
         service: ServiceId,
         next_hop: Locator,
     ) -> Result<ConnectionHandle, ConnectError> {
+        self.connect_via_to(now, service, next_hop, None)
+    }
+
+    fn connect_via_to(
+        &mut self,
+        now: Instant,
+        service: ServiceId,
+        next_hop: Locator,
+        name: Option<&ServerName>,
+    ) -> Result<ConnectionHandle, ConnectError> {
         let local = self
             .local_for(&next_hop)
             .ok_or(ConnectError::NoLocalAddress(next_hop))?;
-        let (flow, n) = self.new_connection(Role::Client, service, local, next_hop);
+        let (flow, mut n) = self.new_connection(Role::Client, service, local, next_hop);
+        n.server_name = name.cloned();
         let h = self.insert_conn(Connection::client(now, n));
         self.register_flow(flow, h);
         Ok(h)

@@ -11,7 +11,7 @@ use quinn_udp::{RecvMeta, Transmit as UdpTransmit, UdpSocketState};
 use serval_engine::Instant;
 use serval_engine::connection::ConnectError;
 use serval_engine::endpoint::{
-    CloseReason, ConnectionHandle, Endpoint as Engine, EndpointConfig, Event,
+    CloseReason, ConnectionHandle, Endpoint as Engine, EndpointConfig, Event, ServerName,
 };
 use serval_engine::transport::conn::TransportConfig;
 use serval_table::{Action, ListenerId, ServiceTable, Target};
@@ -387,12 +387,20 @@ impl Endpoint {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let table = Arc::new(ServiceTable::new());
+        let epoch = std::time::Instant::now();
+        // The engine reads no clock: certificates are checked against the wall clock at the
+        // epoch plus the engine's `now` (a later step of the wall clock is not followed).
+        if config.unix_time_origin.is_none() {
+            config.unix_time_origin = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok();
+        }
         let engine = Engine::new(config, seed, table.clone(), locals);
         let (registrations, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 engine,
-                epoch: std::time::Instant::now(),
+                epoch,
                 conns: HashMap::new(),
                 listeners: HashMap::new(),
                 registrations,
@@ -473,23 +481,47 @@ impl Endpoint {
     /// Connects to `service`, resolved through the endpoint's service table (see
     /// [`Endpoint::set_default_route`]).
     pub async fn connect(&self, service: ServiceId) -> io::Result<Stream> {
-        self.connect_inner(service, None).await
+        self.connect_inner(service, None, None).await
     }
 
     /// Connects to `service` sending the SYN to `next_hop` (a router or an instance).
     pub async fn connect_via(&self, service: ServiceId, next_hop: Locator) -> io::Result<Stream> {
-        self.connect_inner(service, Some(next_hop)).await
+        self.connect_inner(service, Some(next_hop), None).await
     }
 
-    async fn connect_inner(&self, service: ServiceId, via: Option<Locator>) -> io::Result<Stream> {
+    /// Connects to the service named `name`, keeping the name for the check of the server's
+    /// certificate that [`PeerIdentity::Ca`](crate::PeerIdentity::Ca) requires.
+    pub async fn connect_name(&self, name: &ServerName) -> io::Result<Stream> {
+        self.connect_inner(name.service(), None, Some(name)).await
+    }
+
+    /// Connects to the service named `name` sending the SYN to `next_hop`, keeping the name as
+    /// [`connect_name`](Self::connect_name) does.
+    pub async fn connect_name_via(
+        &self,
+        name: &ServerName,
+        next_hop: Locator,
+    ) -> io::Result<Stream> {
+        self.connect_inner(name.service(), Some(next_hop), Some(name))
+            .await
+    }
+
+    async fn connect_inner(
+        &self,
+        service: ServiceId,
+        via: Option<Locator>,
+        name: Option<&ServerName>,
+    ) -> io::Result<Stream> {
         let (tx, rx) = oneshot::channel();
         let mut deadline = None;
         let h = {
             let mut st = self.shared.lock();
             let now = st.now();
-            let h = match via {
-                Some(hop) => st.engine.connect_via(now, service, hop),
-                None => st.engine.connect(now, service),
+            let h = match (via, name) {
+                (Some(hop), Some(name)) => st.engine.connect_name_via(now, name, hop),
+                (Some(hop), None) => st.engine.connect_via(now, service, hop),
+                (None, Some(name)) => st.engine.connect_name(now, name),
+                (None, None) => st.engine.connect(now, service),
             }
             .map_err(connect_error)?;
             // Through the discovery group, silence is the only "no": give up sooner.

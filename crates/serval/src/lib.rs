@@ -60,7 +60,8 @@ pub use serval_engine::connection::{Role, State as ConnectionState};
 pub use serval_engine::endpoint::ConnectionHandle;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
-    CloseReason, EndpointConfig, IdentityError, PeerIdentity, Protection, SynCookies, SynRateLimit,
+    CERT_SYN_LEN, CertError, CertProblem, CertificateChain, CloseReason, EndpointConfig,
+    IdentityError, PeerIdentity, Protection, ServerName, SynCookies, SynRateLimit, TrustAnchors,
 };
 pub use serval_engine::endpoint::{
     ConnectionInfo, EndpointStats, MAX_APP_STATE, RegistrationRequest,

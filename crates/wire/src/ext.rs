@@ -406,6 +406,9 @@ impl KeyShareRepr {
     /// Flag bit 1, in a SYN: the client asks the server to prove its identity (IDENTITY in the
     /// SYN-ACK); the SYN is padded so that the answer is no larger.
     pub const IDENTITY: u8 = 0x02;
+    /// Flag bit 2, in a SYN with IDENTITY: the client also asks for the server's certificate
+    /// chain (the SYN-ACK's sealed payload); the SYN is padded to 1200 bytes to pay for it.
+    pub const CERTIFICATE: u8 = 0x04;
 
     fn parse(ext: &[u8; KEYSHARE_LEN]) -> KeyShareRepr {
         let mut key = [0u8; KEYSHARE_KEY_LEN];

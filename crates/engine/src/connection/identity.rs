@@ -13,8 +13,17 @@
 //!   handshake.
 //! * The client checks the signature and then that the key is the one it expects
 //!   ([`PeerIdentity`]): a pinned key, or the key the serviceID itself commits to (a
-//!   self-certifying serviceID, `serval id --key`). Any failure fails the connect with
-//!   [`IdentityError`], and the half-open flow at the server is reset.
+//!   self-certifying serviceID, `serval id --key`), or a key an X.509 certificate chain
+//!   certifies for the service's name, issued by a CA the client trusts (`--ca`; [`x509`]).
+//!   Any failure fails the connect with [`IdentityError`], and the half-open flow at the
+//!   server is reset.
+//! * A client that wants a certificate chain also sets the CERTIFICATE flag and pads its SYN
+//!   to [`CERT_SYN_LEN`] bytes; a server with a chain ([`CertificateChain`]) sends it as the
+//!   SYN-ACK's sealed payload (so a passive observer does not see which name it proves).
+
+pub mod x509;
+
+use std::time::Duration;
 
 use serval_keys::{PrivateKey, PublicKey};
 use serval_wire::ext::{CONTROL_LEN, IDENTITY_LEN, KEYSHARE_LEN, NONCE_EXT_LEN};
@@ -23,6 +32,11 @@ use serval_wire::{IdentityRepr, ServiceId};
 
 use super::protect::TAG_LEN;
 use crate::frame::PN_LEN;
+
+pub use self::x509::{
+    CERT_SYN_LEN, CertError, CertProblem, CertificateChain, MAX_CHAIN_BLOCK, MAX_CHAIN_CERTS,
+    ServerName, TrustAnchors,
+};
 
 /// What a signature of the server's covers, before the transcript hash.
 const CONTEXT: &[u8] = b"serval2 server identity";
@@ -33,13 +47,26 @@ pub const SYN_ACK_WITH_IDENTITY: usize =
     BASE_HEADER_LEN + CONTROL_LEN + NONCE_EXT_LEN + KEYSHARE_LEN + IDENTITY_LEN + PN_LEN + TAG_LEN;
 
 /// The server identity a client requires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
     /// The server must prove it holds this key (`--peer-key`).
     Key(PublicKey),
     /// The server must prove it holds the key the serviceID commits to (a self-certifying
     /// serviceID: its low 128 bits are a hash of the key; `serval id --key`).
     SelfCertifying,
+    /// The server must prove it holds a key that a certificate chain, issued by one of these
+    /// CAs, certifies for the name the client connected to (`--ca`). The client must connect
+    /// by name ([`Endpoint::connect_name`](crate::endpoint::Endpoint::connect_name)), and its
+    /// endpoint must know the wall-clock time
+    /// ([`EndpointConfig::unix_time_origin`](crate::endpoint::EndpointConfig::unix_time_origin)).
+    Ca(TrustAnchors),
+}
+
+impl PeerIdentity {
+    /// Whether the server must send its certificate chain.
+    pub(crate) fn wants_chain(&self) -> bool {
+        matches!(self, PeerIdentity::Ca(_))
+    }
 }
 
 /// Why a server's identity was refused.
@@ -68,6 +95,20 @@ pub enum IdentityError {
         /// The key the server proved.
         got: PublicKey,
     },
+    /// The server's certificate chain does not certify its key for the name.
+    #[error("{0}")]
+    Certificate(CertProblem),
+}
+
+/// What a client checks a certificate chain with, besides its anchors.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CertCheck<'a> {
+    /// The name connected to.
+    pub name: Option<&'a ServerName>,
+    /// Wall-clock time now, since the UNIX epoch.
+    pub unix_now: Option<Duration>,
+    /// The SYN-ACK's opened payload: the CERTIFICATES block, or empty.
+    pub chain: &'a [u8],
 }
 
 fn message(th: &[u8; 32]) -> Vec<u8> {
@@ -92,6 +133,7 @@ pub(crate) fn check(
     service: &ServiceId,
     th: &[u8; 32],
     proof: Option<&IdentityRepr>,
+    cert: CertCheck<'_>,
 ) -> Result<PublicKey, IdentityError> {
     let proof = proof.ok_or(IdentityError::NotProven)?;
     let got = PublicKey(proof.key);
@@ -108,6 +150,11 @@ pub(crate) fn check(
                 service: *service,
                 got,
             })
+        }
+        PeerIdentity::Ca(anchors) => {
+            x509::verify(anchors, cert.name, cert.unix_now, cert.chain, &got)
+                .map_err(IdentityError::Certificate)?;
+            Ok(got)
         }
         _ => Ok(got),
     }
@@ -129,41 +176,62 @@ mod tests {
         let id = serval_keys::self_certifying_id(&name, &k.public_key());
         let proof = prove(&k, &th);
         let pinned = PeerIdentity::Key(k.public_key());
-        assert_eq!(check(&pinned, &name, &th, Some(&proof)), Ok(k.public_key()));
         assert_eq!(
-            check(&PeerIdentity::SelfCertifying, &id, &th, Some(&proof)),
+            check(&pinned, &name, &th, Some(&proof), CertCheck::default()),
+            Ok(k.public_key())
+        );
+        assert_eq!(
+            check(
+                &PeerIdentity::SelfCertifying,
+                &id,
+                &th,
+                Some(&proof),
+                CertCheck::default()
+            ),
             Ok(k.public_key())
         );
         // Another handshake: the proof does not carry over.
         assert_eq!(
-            check(&pinned, &name, &[8u8; 32], Some(&proof)),
+            check(
+                &pinned,
+                &name,
+                &[8u8; 32],
+                Some(&proof),
+                CertCheck::default()
+            ),
             Err(IdentityError::BadSignature)
         );
         // Another key, validly signed: the pin and the ID both refuse it.
         let other = prove(&key(2), &th);
         assert!(matches!(
-            check(&pinned, &name, &th, Some(&other)),
+            check(&pinned, &name, &th, Some(&other), CertCheck::default()),
             Err(IdentityError::WrongKey { .. })
         ));
         assert!(matches!(
-            check(&PeerIdentity::SelfCertifying, &id, &th, Some(&other)),
+            check(
+                &PeerIdentity::SelfCertifying,
+                &id,
+                &th,
+                Some(&other),
+                CertCheck::default()
+            ),
             Err(IdentityError::NotCommitted { .. })
         ));
         // Our key with the other key's signature, a bit flipped, no proof at all.
         let mut swapped = proof;
         swapped.signature = other.signature;
         assert_eq!(
-            check(&pinned, &name, &th, Some(&swapped)),
+            check(&pinned, &name, &th, Some(&swapped), CertCheck::default()),
             Err(IdentityError::BadSignature)
         );
         let mut flipped = proof;
         flipped.signature[10] ^= 1;
         assert_eq!(
-            check(&pinned, &name, &th, Some(&flipped)),
+            check(&pinned, &name, &th, Some(&flipped), CertCheck::default()),
             Err(IdentityError::BadSignature)
         );
         assert_eq!(
-            check(&pinned, &name, &th, None),
+            check(&pinned, &name, &th, None, CertCheck::default()),
             Err(IdentityError::NotProven)
         );
     }

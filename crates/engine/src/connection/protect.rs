@@ -515,8 +515,21 @@ impl Protector {
     /// Seals the control packet at `out[base..]`, a SAL header of `header_len` bytes (and
     /// nothing after it): appends its packet number in the control space, then the tag.
     pub fn seal_control(&mut self, out: &mut Vec<u8>, base: usize, header_len: usize) {
+        self.seal_control_with(out, base, header_len, &[]);
+    }
+
+    /// [`seal_control`](Self::seal_control) with `payload` after the packet number (the
+    /// SYN-ACK's certificate chain).
+    pub fn seal_control_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        base: usize,
+        header_len: usize,
+        payload: &[u8],
+    ) {
         out.truncate(base + header_len);
         out.extend_from_slice(&self.control_pn.to_be_bytes());
+        out.extend_from_slice(payload);
         self.control_pn = self.control_pn.saturating_add(1);
         self.seal_in(Space::Control, out, base, header_len);
     }
