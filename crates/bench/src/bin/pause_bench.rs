@@ -295,7 +295,7 @@ struct Progress {
     hold_at: AtomicU64,
     moving: std::sync::atomic::AtomicBool,
     /// When A's application stopped for the move (Serval: called `hand_over`, which drains
-    /// and then freezes; TCP: stopped writing, then drains and freezes).
+    /// and then freezes; TCP: its socket had drained, and it froze it).
     stopped: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -316,16 +316,17 @@ struct Received {
 }
 
 impl Received {
-    /// The longest gap between reads that *begins* between A's application stopping for the
-    /// move and the move's end: the move's own pause, without the jitter of the 50 ms after
-    /// it that the longest gap around the move also covers.
-    fn gap_during(&self, stopped: Option<Instant>, end: Instant) -> Duration {
-        let Some(from) = stopped else {
+    /// The longest gap between reads that overlaps the freeze (from `frozen`, A stops
+    /// sending, to `end`, the move's end): the move's own pause, without the jitter of the
+    /// drain before it and of the 50 ms after it, which the longest gap around the move also
+    /// covers.
+    fn gap_during(&self, frozen: Option<Instant>, end: Instant) -> Duration {
+        let Some(from) = frozen else {
             return Duration::ZERO;
         };
         self.reads
             .windows(2)
-            .filter(|w| w[0] >= from && w[0] <= end)
+            .filter(|w| w[1] >= from && w[0] <= end)
             .map(|w| w[1] - w[0])
             .max()
             .unwrap_or(Duration::ZERO)
@@ -380,7 +381,7 @@ struct Rep {
     gap_at: f64,
     /// Longest gap in a window as long, just before the move.
     before: Duration,
-    /// The longest gap that began during the move ([`Received::gap_during`]).
+    /// The longest gap across the freeze ([`Received::gap_during`]).
     handoff: Duration,
     /// Named phases.
     phases: Vec<(&'static str, Duration)>,
@@ -716,7 +717,14 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup, rep: usize) -> Result<Rep> {
         gap,
         gap_at,
         before,
-        handoff: got.gap_during(p.stopped.lock().ok().and_then(|t| *t), end),
+        handoff: got.gap_during(
+            p.stopped
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .map(|t| t + phases.drain),
+            end,
+        ),
         phases: vec![
             ("handover", phases.handover),
             ("drain", phases.drain),
@@ -799,9 +807,6 @@ fn tcp_a(
         pos += c.write(&buf[..n])? as u64;
         p.written.store(pos, Ordering::Relaxed);
     }
-    if let Ok(mut t) = p.stopped.lock() {
-        *t = Some(Instant::now());
-    }
     // Like Serval's hand-over, let the socket send what it holds first (the client still
     // receives meanwhile). Then nothing new can leave it: repair mode alone does not stop a
     // socket, and data it sent once the address is gone would be dropped by the routing yet
@@ -816,6 +821,9 @@ fn tcp_a(
         std::thread::sleep(Duration::from_micros(100));
     }
     let stopped = Instant::now();
+    if let Ok(mut t) = p.stopped.lock() {
+        *t = Some(stopped);
+    }
     // The address goes first (CRIU's "network lock"): what the client sends from now on is
     // dropped here, never reaches the socket, and is sent again to B.
     repair::set_address(ifindex, SERVICE_IP, false)?;
