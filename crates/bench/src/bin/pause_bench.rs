@@ -22,8 +22,11 @@
 //! The client timestamps every read and checks every byte against the pattern (a wrong or
 //! lost byte fails the run). Reported per repetition (the two alternate): bytes in flight when
 //! the move started, the longest gap between consecutive reads from the move's start to 50 ms
-//! after its end, the same for an equally long window just before (the jitter with no move),
-//! and each move's phases; then medians and spread, and the ratio Serval / TCP_REPAIR.
+//! after its end, the longest gap across the freeze itself (from A's freeze to the move's end:
+//! the move's own pause, without the jitter around it), the same for an equally long window
+//! just before (the jitter with no move), and each move's phases; then medians and spread, and
+//! the ratio Serval / TCP_REPAIR. `--pcap DIR` captures each Serval repetition's packets on the
+//! bridge (`contrib/pause-pcap.py DIR` reads where the move's time went).
 //!
 //! With `--serval-drain`, Serval's application at A, once asked to move, stops writing and
 //! waits until everything it wrote was sent once before it hands over, so that the snapshot
