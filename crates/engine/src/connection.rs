@@ -48,6 +48,7 @@
 
 pub mod identity;
 pub mod protect;
+mod rebind;
 mod snapshot;
 pub mod validation;
 
@@ -341,6 +342,9 @@ pub(crate) struct Connection {
     move_epoch: u32,
     /// Validation of the peer's new addresses (created when the peer first moves).
     paths: Option<Box<PathValidator>>,
+    /// An imported connection whose transport restarted on the new path at the import and
+    /// sends behind its RSYN ([`rebind`]): the RSYN's answer does not restart it again.
+    rebinding_early: bool,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -552,6 +556,7 @@ impl Connection {
             export_freeze: None,
             move_epoch: 0,
             paths: None,
+            rebinding_early: false,
         }
     }
 
@@ -1077,7 +1082,9 @@ impl Connection {
         }
         self.local = new_local;
         self.transport.set_frozen(false);
-        self.transport.on_path_change_with_rtt(now, rtt_sample);
+        if !self.take_early_rebind() {
+            self.transport.on_path_change_with_rtt(now, rtt_sample);
+        }
         self.events.push_back(ConnEvent::Migrated(new_local));
     }
 

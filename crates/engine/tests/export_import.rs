@@ -120,6 +120,38 @@ struct World {
     dead: [bool; 4],
     /// C as B's hot standby, when it is one.
     standby: Option<Standby>,
+    /// C's packets to the client: what the test does to them, and what it saw.
+    rebind: Rebind,
+}
+
+/// What happens to C's first packets to the client (the RSYN and the data behind it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum RebindRule {
+    #[default]
+    Deliver,
+    /// The first control packet (the RSYN) arrives this much later than the link's delay.
+    DelayRsyn(Duration),
+    /// The first control packet (the RSYN) is lost.
+    LoseRsyn,
+    /// Every stream packet C sends before the client's first packet reaches it is lost.
+    LoseEarlyData,
+}
+
+#[derive(Debug, Default)]
+struct Rebind {
+    rule: RebindRule,
+    /// C's packets to the client before C first heard from it: (sent at, control, bytes).
+    early: Vec<(Duration, bool, usize)>,
+    /// When C first received a packet from the client.
+    heard: Option<Duration>,
+    /// C's control packets seen so far.
+    controls: u32,
+}
+
+/// Whether a SAL packet carries extensions (a control packet) rather than only the base
+/// header (connected data).
+fn is_control(packet: &[u8]) -> bool {
+    packet.len() >= 4 && u16::from_be_bytes([packet[2], packet[3]]) > 20
 }
 
 /// C replicating B's server connection (docs/moving-flows.md §3.3): B checkpoints it after
@@ -205,6 +237,7 @@ impl World {
             seen_b_to_a: None,
             dead: [false; 4],
             standby: None,
+            rebind: Rebind::default(),
         };
         let now = w.local(HA);
         let h = w.hosts[HA]
@@ -227,13 +260,29 @@ impl World {
         if self.host_of(t.src) == Some(HB) && self.host_of(t.dst) == Some(HA) {
             self.seen_b_to_a = Some(t.payload.clone());
         }
+        let mut extra = Duration::ZERO;
+        if self.host_of(t.src) == Some(HC) && self.host_of(t.dst) == Some(HA) {
+            let r = &mut self.rebind;
+            let control = is_control(&t.payload);
+            if r.heard.is_none() {
+                r.early.push((self.g, control, t.payload.len()));
+            }
+            let first_control = control && r.controls == 0;
+            r.controls += u32::from(control);
+            match r.rule {
+                RebindRule::DelayRsyn(d) if first_control => extra = d,
+                RebindRule::LoseRsyn if first_control => return,
+                RebindRule::LoseEarlyData if !control && r.heard.is_none() => return,
+                _ => {}
+            }
+        }
         if self.rng.chance(self.link.loss) {
             return;
         }
         let copies = if self.rng.chance(self.link.dup) { 2 } else { 1 };
         for _ in 0..copies {
             let jitter = self.rng.below(self.link.jitter.as_nanos() as u64);
-            let at = self.g + self.link.delay + Duration::from_nanos(jitter);
+            let at = self.g + self.link.delay + extra + Duration::from_nanos(jitter);
             self.seq += 1;
             self.queue
                 .push(Reverse((at, self.seq, t.src, t.dst, t.payload.clone())));
@@ -336,6 +385,9 @@ impl World {
                 break;
             };
             if let Some(to) = self.host_of(dst).filter(|&to| !self.dead[to]) {
+                if to == HC && self.host_of(src) == Some(HA) && self.rebind.heard.is_none() {
+                    self.rebind.heard = Some(self.g);
+                }
                 let now = self.local(to);
                 self.hosts[to].ep.handle_datagram(now, dst, src, &payload);
             }
@@ -593,6 +645,110 @@ proptest! {
     fn moved_server_delivers_every_byte_once_in_order(m in move_strategy()) {
         run_move(&m);
     }
+}
+
+// ----------------------------------------------------------------------------------------
+// The re-bind: the importer's data goes right behind its RSYN (docs/protocol.md §4.1).
+
+/// Moves the server end from B to C over a clean link (5 ms each way, nothing lost) with
+/// `rule` applied to C's first packets to the client; checks that every byte arrives once, in
+/// order, and that both ends saw the move. Returns the world and the client's handle.
+fn rebind_move(rule: RebindRule) -> (World, ConnectionHandle) {
+    let mut w = World::new(
+        77,
+        Link {
+            delay: ms(5),
+            jitter: Duration::ZERO,
+            loss: 0,
+            dup: 0,
+        },
+        [50_000, 600_000],
+        Duration::from_secs(3_000),
+    );
+    w.rebind.rule = rule;
+    w.run_until_client_has(150_000);
+    let (hb, bytes) = w.export_at_b();
+    let until = w.g + ms(2);
+    w.run(until, |_| false);
+    let hc = w.import_at_c(&bytes);
+    // As the migration agents do it: the exporter has let go by the time C runs the flow.
+    assert!(w.hosts[HB].ep.release_exported(hb));
+    w.finish();
+    w.check_delivery();
+    let h = w.apps[0].h.unwrap();
+    assert!(
+        w.hosts[HA].events.contains(&Event::PeerMigrated(h, loc(C))),
+        "{rule:?}: the client never followed the server: {:?}",
+        w.hosts[HA].events
+    );
+    assert!(
+        w.hosts[HC].events.contains(&Event::Migrated(hc, loc(C))),
+        "{rule:?}: C events {:?}",
+        w.hosts[HC].events
+    );
+    (w, h)
+}
+
+#[test]
+fn the_importer_sends_data_behind_its_rsyn_within_the_initial_window() {
+    let (w, _) = rebind_move(RebindRule::Deliver);
+    let early = &w.rebind.early;
+    assert!(
+        early.first().is_some_and(|p| p.1),
+        "the RSYN goes first: {early:?}"
+    );
+    let data: Vec<_> = early.iter().filter(|p| !p.1).collect();
+    assert!(
+        !data.is_empty(),
+        "no data before the client answered: {early:?}"
+    );
+    // Sent together with the RSYN, not a round trip later.
+    assert!(data.iter().all(|p| p.0 == early[0].0), "{early:?}");
+    // The bound before the client's answer: one initial window of a fresh path (RFC 9002
+    // §7.2: at most 14 720 bytes), counted here in whole datagrams (headers and tags too).
+    let bytes: usize = data.iter().map(|p| p.2).sum();
+    let overhead = data.len() * (20 + 8 + 16);
+    assert!(
+        bytes <= 14_720 + overhead,
+        "{bytes} bytes in {} datagrams before the client answered",
+        data.len()
+    );
+}
+
+#[test]
+fn data_racing_ahead_of_the_rsyn_is_taken_and_the_rsyn_still_moves_the_client() {
+    // The RSYN arrives 3 ms after the data sent behind it, within the 10 ms round trip of the
+    // validation that data starts.
+    let (w, h) = rebind_move(RebindRule::DelayRsyn(ms(3)));
+    let paths = w.hosts[HA].ep.path_stats(h).unwrap();
+    // The data opened (only an authentic packet starts a validation), and the RSYN, not the
+    // validation, moved the client.
+    assert!(paths.started >= 1, "{paths:?}");
+    assert!(paths.abandoned >= 1 && paths.validated == 0, "{paths:?}");
+    // Later than that round trip: the validation moves the client first; the late RSYN
+    // changes nothing (it is answered, and every byte still arrives once).
+    let (w, h) = rebind_move(RebindRule::DelayRsyn(ms(20)));
+    let paths = w.hosts[HA].ep.path_stats(h).unwrap();
+    assert!(paths.validated >= 1, "{paths:?}");
+}
+
+#[test]
+fn with_its_rsyn_lost_the_importer_is_validated_by_its_data() {
+    let (w, h) = rebind_move(RebindRule::LoseRsyn);
+    let paths = w.hosts[HA].ep.path_stats(h).unwrap();
+    // The client validated C's locator from the data it received there (its challenge reached
+    // C, whose answer moved the client) rather than waiting for the RSYN's retransmission.
+    assert!(paths.validated >= 1, "{paths:?}");
+}
+
+#[test]
+fn with_the_data_behind_the_rsyn_lost_the_stream_recovers() {
+    let (w, _) = rebind_move(RebindRule::LoseEarlyData);
+    assert!(
+        w.rebind.early.iter().any(|p| !p.1),
+        "nothing was lost: {:?}",
+        w.rebind.early
+    );
 }
 
 /// A world mid-transfer (the client has 60 kB) on a lossy, duplicating, jittery link.

@@ -75,6 +75,12 @@ pub(crate) struct ConnSlot {
     pub(crate) migrated: Vec<oneshot::Sender<Locator>>,
     /// Its steps, for a hot standby ([`Stream::commit`](crate::Stream::commit)).
     pub(crate) replica: crate::standby::StreamReplica,
+    /// [`State::collects`] at the application's last write, until its next: if nothing was
+    /// collected in between, the next write first lets the endpoint send. Otherwise a writer
+    /// that keeps its send buffer fed (a stream just moved here, or just connected, with a
+    /// backlog to write) holds the thread for as long as it copies, and nothing it wrote goes
+    /// out meanwhile: 1.3 ms for 2 MiB in the pause bench, with the client waiting.
+    pub(crate) wrote_at: Option<u64>,
 }
 
 #[derive(Default)]
@@ -105,6 +111,14 @@ pub(crate) struct State {
     pub(crate) path_events: broadcast::Sender<PathEvent>,
     /// Replication to a hot standby, while one is attached.
     pub(crate) primary: Option<crate::standby::Primary>,
+    /// Hand-overs draining their stream before the freeze
+    /// ([`Stream::hand_over`](crate::Stream::hand_over)): woken after every batch of engine
+    /// work (acknowledgements received), to look whether their stream has drained.
+    pub(crate) drains: Vec<Waker>,
+    /// How many times the engine's output was collected for sending (by the driver or a
+    /// receive task): a stream that wrote since the last collection yields once before it
+    /// writes again ([`ConnSlot::wrote_at`]).
+    pub(crate) collects: u64,
 }
 
 impl State {
@@ -120,6 +134,9 @@ impl State {
 
     /// Delivers engine events to the tasks waiting on them.
     pub(crate) fn dispatch(&mut self) {
+        for w in self.drains.drain(..) {
+            w.wake();
+        }
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Connected(h) => {
@@ -411,6 +428,8 @@ impl Endpoint {
                 discovery: None,
                 path_events: broadcast::channel(crate::netwatch::PATH_EVENTS).0,
                 primary: None,
+                drains: Vec::new(),
+                collects: 0,
             }),
             wake: Arc::new(Notify::new()),
             sockets: arc_swap::ArcSwap::from_pointee(sockets),
@@ -876,6 +895,7 @@ impl SendQueue {
     /// Takes datagrams from the engine until the batch is full; returns whether it filled
     /// (more may be waiting).
     fn collect(&mut self, st: &mut State, now: Instant) -> bool {
+        st.collects = st.collects.wrapping_add(1);
         while self.batch.len() < SEND_BATCH && self.buf.len() < SEND_BATCH_BYTES {
             let start = self.buf.len();
             match st.engine.poll_transmit_into(now, &mut self.buf) {

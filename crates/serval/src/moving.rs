@@ -34,10 +34,19 @@ pub struct ExportedStream {
     drained: Duration,
 }
 
-/// A hand-over freezes the stream once it holds at most this much unacknowledged data...
-pub const DRAIN_TARGET: usize = 64 << 10;
-/// ...or after this long, whichever comes first.
+/// A hand-over freezes the stream once at most this much of what the application wrote is
+/// unacknowledged (sent or not)...
+///
+/// Small: what is unacknowledged at the freeze travels in the snapshot and the importer sends
+/// it again before anything new (the peer most likely has it already), from a fresh path's
+/// initial window (14 720 bytes at the usual MTU). Kept below that window, it all goes in the
+/// importer's first flight, right behind its RSYN, with new data after it.
+pub const DRAIN_TARGET: usize = 8 << 10;
+/// ...or after this long, whichever comes first...
 pub const DRAIN_LIMIT: Duration = Duration::from_millis(50);
+/// ...or once nothing was acknowledged for this long (a peer that stopped reading). Only a
+/// bound for that case: the drain looks after every batch of packets, not on this timer.
+pub const DRAIN_STALL: Duration = Duration::from_millis(10);
 
 impl ExportedStream {
     /// The snapshot (docs/snapshot.md), for [`Endpoint::import`] on the importing host. It
@@ -192,24 +201,71 @@ impl Stream {
 
     /// Before a hand-over's freeze (pre-copy, as a live VM migration does): lets the
     /// connection send, and see acknowledged, what it holds while it still runs, so that the
-    /// snapshot — whose transfer is the client's pause — is small. It stops once the stream
-    /// holds at most [`DRAIN_TARGET`] bytes, after [`DRAIN_LIMIT`], or as soon as what it
-    /// holds stops shrinking: the application reads nothing meanwhile (it is in `hand_over`),
-    /// so a peer that keeps sending fills the receive side instead. Returns how long it took.
+    /// snapshot — whose transfer is the client's pause — is small. It stops once at most
+    /// [`DRAIN_TARGET`] bytes of what the application wrote are unacknowledged, after
+    /// [`DRAIN_LIMIT`], or once nothing was acknowledged for [`DRAIN_STALL`]. It looks after
+    /// every batch of packets the endpoint handled, not on a timer: the freeze follows the
+    /// acknowledgement that allows it at once (a timer's millisecond would be a millisecond
+    /// of the client's pause: it has received everything by then). Bytes received and not
+    /// read do not hold it up: the application reads nothing meanwhile (it is in
+    /// `hand_over`), and they travel in the snapshot. Returns how long it took.
     async fn drain_before_freeze(&self) -> Duration {
         let started = StdInstant::now();
+        let limit = tokio::time::sleep(DRAIN_LIMIT);
+        let stall = tokio::time::sleep(DRAIN_STALL);
+        tokio::pin!(limit, stall);
         let mut before = usize::MAX;
         loop {
-            let held = {
-                let st = self.shared().lock();
-                st.engine.buffered(self.handle()).map(|(s, r)| s + r)
-            };
-            match held {
-                Some(n) if n > DRAIN_TARGET && n < before && started.elapsed() < DRAIN_LIMIT => {
-                    before = n;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+            // Ready(true): it shrank; Ready(false): drained (or gone); else woken by the
+            // endpoint's next batch of work. Looked at and registered under one lock, so no
+            // acknowledgement slips between the two.
+            let shrank = std::future::poll_fn(|cx| {
+                let mut st = self.shared().lock();
+                match st.engine.buffered(self.handle()).map(|(send, _)| send) {
+                    Some(n) if n > DRAIN_TARGET => {
+                        if n < before {
+                            before = n;
+                            return Poll::Ready(true);
+                        }
+                        st.drains.push(cx.waker().clone());
+                        Poll::Pending
+                    }
+                    _ => Poll::Ready(false),
                 }
-                _ => return started.elapsed(),
+            });
+            tokio::select! {
+                biased;
+                more = shrank => {
+                    if !more {
+                        return started.elapsed();
+                    }
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + DRAIN_STALL);
+                }
+                () = &mut limit => return started.elapsed(),
+                () = &mut stall => {
+                    // A thread that was not scheduled for that long may find the timer due
+                    // before its receive task had the acknowledgements waiting: let it run
+                    // once, then decide.
+                    tokio::task::yield_now().await;
+                    let held = self
+                        .shared()
+                        .lock()
+                        .engine
+                        .buffered(self.handle())
+                        .map(|(send, _)| send);
+                    match held {
+                        Some(n) if n > DRAIN_TARGET && n >= before => return started.elapsed(),
+                        Some(n) if n > DRAIN_TARGET => {
+                            before = n;
+                            stall
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + DRAIN_STALL);
+                        }
+                        _ => return started.elapsed(),
+                    }
+                }
             }
         }
     }

@@ -105,6 +105,16 @@ impl Inner {
             return Poll::Ready(Ok(0));
         }
         let mut st = self.shared.lock();
+        let collects = st.collects;
+        if let Some(c) = st.conns.get_mut(&self.handle)
+            && c.wrote_at.take() == Some(collects)
+        {
+            // Wrote already, and the endpoint has not sent since: let it (the write woke
+            // it) before copying more (see `ConnSlot::wrote_at`).
+            drop(st);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         match st.engine.write(self.handle, data) {
             Ok(0) => match st.conns.get_mut(&self.handle) {
                 Some(c) if c.closed.is_none() => {
@@ -116,6 +126,7 @@ impl Inner {
             Ok(n) => {
                 if let Some(c) = st.conns.get_mut(&self.handle) {
                     c.replica.dirty = true;
+                    c.wrote_at = Some(collects);
                 }
                 drop(st);
                 self.shared.wake.notify_one();

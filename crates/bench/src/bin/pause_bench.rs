@@ -22,8 +22,11 @@
 //! The client timestamps every read and checks every byte against the pattern (a wrong or
 //! lost byte fails the run). Reported per repetition (the two alternate): bytes in flight when
 //! the move started, the longest gap between consecutive reads from the move's start to 50 ms
-//! after its end, the same for an equally long window just before (the jitter with no move),
-//! and each move's phases; then medians and spread, and the ratio Serval / TCP_REPAIR.
+//! after its end, the longest gap across the freeze itself (from A's freeze to the move's end:
+//! the move's own pause, without the jitter around it), the same for an equally long window
+//! just before (the jitter with no move), and each move's phases; then medians and spread, and
+//! the ratio Serval / TCP_REPAIR. `--pcap DIR` captures each Serval repetition's packets on the
+//! bridge (`contrib/pause-pcap.py DIR` reads where the move's time went).
 //!
 //! With `--serval-drain`, Serval's application at A, once asked to move, stops writing and
 //! waits until everything it wrote was sent once before it hands over, so that the snapshot
@@ -109,6 +112,15 @@ struct Args {
     /// One small repetition of each (for the test): 1 rep, 4 MiB each side, 256 KiB in flight.
     #[arg(long)]
     quick: bool,
+    /// Diagnostic: capture the bridge's traffic of every Serval repetition (`dumpcap`, the
+    /// first 96 bytes of each packet) into `DIR/serval-rep<N>.pcapng`, and print on stderr
+    /// when (Unix time) each move started and its longest gap began and ended, to line the
+    /// capture up with the client's reads. The capture costs CPU: no numbers from such a run.
+    #[arg(long, value_name = "DIR")]
+    pcap: Option<std::path::PathBuf>,
+    /// Diagnostic: run only Serval's repetitions (no ratio).
+    #[arg(long)]
+    serval_only: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -285,6 +297,9 @@ struct Progress {
     /// short stream could otherwise end between two looks at it). No timing is kept then.
     hold_at: AtomicU64,
     moving: std::sync::atomic::AtomicBool,
+    /// When A's application stopped for the move (Serval: called `hand_over`, which drains
+    /// and then freezes; TCP: its socket had drained, and it froze it).
+    stopped: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Progress {
@@ -301,6 +316,24 @@ impl Progress {
 struct Received {
     reads: Vec<Instant>,
     bytes: u64,
+}
+
+impl Received {
+    /// The longest gap between reads that overlaps the freeze (from `frozen`, A stops
+    /// sending, to `end`, the move's end): the move's own pause, without the jitter of the
+    /// drain before it and of the 50 ms after it, which the longest gap around the move also
+    /// covers.
+    fn gap_during(&self, frozen: Option<Instant>, end: Instant) -> Duration {
+        let Some(from) = frozen else {
+            return Duration::ZERO;
+        };
+        self.reads
+            .windows(2)
+            .filter(|w| w[1] >= from && w[0] <= end)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
 }
 
 /// Records one read of `data` at offset `*off`.
@@ -351,6 +384,8 @@ struct Rep {
     gap_at: f64,
     /// Longest gap in a window as long, just before the move.
     before: Duration,
+    /// The longest gap across the freeze ([`Received::gap_during`]).
+    handoff: Duration,
     /// Named phases.
     phases: Vec<(&'static str, Duration)>,
     /// Bytes of state moved (Serval's snapshot, the TCP socket's encoded state).
@@ -477,6 +512,9 @@ fn serval_a(
                     drain(&s, pos).await?;
                 }
                 // The position is everything the application did: B continues from it.
+                if let Ok(mut t) = p.stopped.lock() {
+                    *t = Some(Instant::now());
+                }
                 s.hand_over(&pos.to_be_bytes())
                     .await
                     .map_err(|e| e.to_string())?;
@@ -600,7 +638,14 @@ struct Setup {
     drain: bool,
 }
 
-fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
+fn serval_rep(lan: &Lan, a: &Args, s: Setup, rep: usize) -> Result<Rep> {
+    let _capture = match &a.pcap {
+        Some(dir) => Some(Capture::start(
+            lan,
+            &dir.join(format!("serval-rep{rep}.pcapng")),
+        )?),
+        None => None,
+    };
     let key = PrivateKey::generate(&ring::rand::SystemRandom::new())
         .map_err(|e| format!("key: {e:?}"))?;
     let p = Arc::new(Progress::new(a));
@@ -661,11 +706,28 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
         return Err(format!("the client read {} bytes of {}", got.bytes, s.total).into());
     }
     let (gap, before, gap_at) = gaps(&got.reads, start, end + AFTER_MOVE);
+    if a.pcap.is_some() {
+        let begin = unix(start) + gap_at / 1e3;
+        eprintln!(
+            "serval rep {rep}: move started at {:.6}, longest gap {:.6} .. {:.6}",
+            unix(start),
+            begin,
+            begin + gap.as_secs_f64()
+        );
+    }
     Ok(Rep {
         in_flight,
         gap,
         gap_at,
         before,
+        handoff: got.gap_during(
+            p.stopped
+                .lock()
+                .ok()
+                .and_then(|t| *t)
+                .map(|t| t + phases.drain),
+            end,
+        ),
         phases: vec![
             ("handover", phases.handover),
             ("drain", phases.drain),
@@ -762,6 +824,9 @@ fn tcp_a(
         std::thread::sleep(Duration::from_micros(100));
     }
     let stopped = Instant::now();
+    if let Ok(mut t) = p.stopped.lock() {
+        *t = Some(stopped);
+    }
     // The address goes first (CRIU's "network lock"): what the client sends from now on is
     // dropped here, never reaches the socket, and is sent again to B.
     repair::set_address(ifindex, SERVICE_IP, false)?;
@@ -941,6 +1006,7 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
         gap,
         gap_at,
         before,
+        handoff: got.gap_during(p.stopped.lock().ok().and_then(|t| *t), end),
         phases: vec![
             ("stop+drain", t.stopped - start),
             ("freeze+dump", t.dumped - t.stopped),
@@ -956,6 +1022,66 @@ fn tcp_rep(lan: &Lan, a: &Args, s: Setup) -> Result<Rep> {
 
 // ---------------------------------------------------------------------------------------
 // The run
+
+/// `i` as Unix time in seconds (the process's clocks are paired once, at the first call).
+fn unix(i: Instant) -> f64 {
+    static ANCHOR: std::sync::OnceLock<(Instant, f64)> = std::sync::OnceLock::new();
+    let (at, wall) = *ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        (Instant::now(), wall)
+    });
+    if i >= at {
+        wall + (i - at).as_secs_f64()
+    } else {
+        wall - (at - i).as_secs_f64()
+    }
+}
+
+/// A `dumpcap` on the bridge (`--pcap`), stopped (SIGINT, so that it flushes) on drop.
+struct Capture(std::process::Child);
+
+impl Capture {
+    fn start(lan: &Lan, file: &std::path::Path) -> Result<Capture> {
+        let _ = std::fs::remove_file(file);
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lan.bridge,
+                "dumpcap",
+                "-q",
+                "-i",
+                "br0",
+                "-s",
+                "96",
+            ])
+            .arg("-w")
+            .arg(file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // dumpcap creates the file once it captures.
+        let start = Instant::now();
+        while !file.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("dumpcap did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Capture(child))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -1016,10 +1142,10 @@ fn run(a: &Args) -> Result<()> {
     );
     println!();
     println!(
-        "| rep | peer | in flight at move (KiB) | longest gap around the move (ms; from when) | longest gap \
-         before it (ms) | phases (ms) |"
+        "| rep | peer | in flight at move (KiB) | longest gap around the move (ms; from when) | gap during \
+         the move (ms) | longest gap before it (ms) | phases (ms) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let (mut sv, mut tcp): (Vec<Rep>, Vec<Rep>) = (Vec::new(), Vec::new());
     for rep in 0..a.reps {
         s.tcp_port = TCP_PORT + rep as u16;
@@ -1030,17 +1156,21 @@ fn run(a: &Args) -> Result<()> {
             [false, true]
         };
         for serval in order {
+            if a.serval_only && !serval {
+                continue;
+            }
             let r = if serval {
-                serval_rep(&lan, a, s).map_err(|e| format!("Serval, rep {rep}: {e}"))?
+                serval_rep(&lan, a, s, rep).map_err(|e| format!("Serval, rep {rep}: {e}"))?
             } else {
                 tcp_rep(&lan, a, s).map_err(|e| format!("TCP_REPAIR, rep {rep}: {e}"))?
             };
             println!(
-                "| {rep} | {} | {} | {:.3} (from {:.3}) | {:.3} | {} |",
+                "| {rep} | {} | {} | {:.3} (from {:.3}) | {:.3} | {:.3} | {} |",
                 if serval { "Serval" } else { "TCP_REPAIR" },
                 r.in_flight >> 10,
                 ms(r.gap),
                 r.gap_at,
+                ms(r.handoff),
                 ms(r.before),
                 phases_text(&r)
             );
@@ -1049,24 +1179,29 @@ fn run(a: &Args) -> Result<()> {
     }
     println!();
     println!(
-        "| peer | longest gap, median (min–max) ms | jitter before, median ms | in flight, median KiB |"
+        "| peer | longest gap, median (min–max) ms | gap during the move, median (min–max) ms | \
+         jitter before, median ms | in flight, median KiB |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for (name, v) in [("Serval", &sv), ("TCP_REPAIR", &tcp)] {
         let (m, lo, hi) = stats(&v.iter().map(|r| ms(r.gap)).collect::<Vec<_>>());
+        let (h, hlo, hhi) = stats(&v.iter().map(|r| ms(r.handoff)).collect::<Vec<_>>());
         let (b, _, _) = stats(&v.iter().map(|r| ms(r.before)).collect::<Vec<_>>());
         let (f, _, _) = stats(&v.iter().map(|r| r.in_flight as f64).collect::<Vec<_>>());
         println!(
-            "| {name} | {m:.3} ({lo:.3}–{hi:.3}) | {b:.3} | {:.0} |",
+            "| {name} | {m:.3} ({lo:.3}–{hi:.3}) | {h:.3} ({hlo:.3}–{hhi:.3}) | {b:.3} | {:.0} |",
             f / 1024.0
         );
     }
     let (m_sv, _, _) = stats(&sv.iter().map(|r| ms(r.gap)).collect::<Vec<_>>());
     let (m_tcp, _, _) = stats(&tcp.iter().map(|r| ms(r.gap)).collect::<Vec<_>>());
     println!();
+    let (h_sv, _, _) = stats(&sv.iter().map(|r| ms(r.handoff)).collect::<Vec<_>>());
+    let (h_tcp, _, _) = stats(&tcp.iter().map(|r| ms(r.handoff)).collect::<Vec<_>>());
     println!(
-        "ratio Serval / TCP_REPAIR (median longest gap): {:.2}",
-        m_sv / m_tcp
+        "ratio Serval / TCP_REPAIR (median longest gap): {:.2}; (median gap during the move): {:.2}",
+        m_sv / m_tcp,
+        h_sv / h_tcp
     );
     for (name, v) in [("Serval", &sv), ("TCP_REPAIR", &tcp)] {
         let Some(first) = v.first() else { continue };

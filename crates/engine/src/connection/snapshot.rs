@@ -5,9 +5,9 @@
 //! Only an established connection (or one in TIME-WAIT) is exported: a handshake's state (the
 //! ephemeral private keys, the KEYSHARE to retransmit) never leaves the host. An imported
 //! established connection re-binds at once: it sends an RSYN from the importer's locator (the
-//! existing migration machinery: its transport stays frozen until the RSYN is answered, or the
-//! peer's data reaches the new locator, and then retransmits what was in flight without a
-//! congestion response).
+//! existing migration machinery) with the stream's data right behind it, its transport
+//! restarted on the new path (what was in flight is resent without a congestion response, from
+//! the initial window): see [`rebind`](super::rebind).
 
 use std::collections::VecDeque;
 
@@ -461,45 +461,15 @@ impl Connection {
             // A validation in progress is not carried: the importer's first packet from the
             // peer's new source (if any) starts one again.
             paths: None,
+            rebinding_early: false,
         };
         if c.state == State::Established {
-            c.rebind();
+            c.rebind(now);
         } else {
             // TIME-WAIT: nothing moves any more; it only answers a retransmitted FIN.
             c.transport.set_frozen(false);
         }
         Ok(c)
-    }
-
-    /// Starts the re-bind of an imported connection: an RSYN from its (new) local locator,
-    /// ahead of whatever reliable control packet the exporter had outstanding (the peer
-    /// answers it to the locator it knows, the exporter's, so it is sent again after the
-    /// RSYN, under a new verno). The transport stays frozen until the RSYN is answered.
-    fn rebind(&mut self) {
-        if let Some(p) = self.pending.take()
-            && p.kind != Reliable::Rsyn
-        {
-            let rest = self.queued;
-            self.queued.clear();
-            self.queued.push_back(p.kind);
-            for k in rest.0.into_iter().flatten() {
-                self.queued.push_back(k);
-            }
-        }
-        self.queued.0.iter_mut().for_each(|k| {
-            if *k == Some(Reliable::Rsyn) {
-                *k = None;
-            }
-        });
-        // Re-pack after removing a queued RSYN.
-        let kinds: Vec<Reliable> = self.queued.0.iter().flatten().copied().collect();
-        self.queued.clear();
-        for k in kinds {
-            self.queued.push_back(k);
-        }
-        self.moving_to = Some(Box::new(self.local));
-        self.transport.set_frozen(true);
-        self.send_reliable(Reliable::Rsyn);
     }
 
     /// The move epoch: how many times this connection moved.
