@@ -1042,7 +1042,7 @@ impl Connection {
             let old = self.peer;
             self.paths.get_or_insert_default().on_rsyn_move(old);
             self.peer = remote;
-            self.transport.on_path_change(now);
+            self.transport.on_peer_moved(now);
             self.events.push_back(ConnEvent::PeerMigrated(remote));
         }
         self.answers.push_back(Answer::RsynAck(ctl.verno));

@@ -207,8 +207,17 @@ fn critical_rule_for_blocks_and_flags() {
     // Flags: low byte advisory, high byte critical.
     assert!(SnapshotReader::parse(&assemble(0x0001, &[])).is_ok());
     assert_eq!(
+        SnapshotReader::parse(&assemble(0x0200, &[])).err(),
+        Some(SnapshotError::UnsupportedFlags(0x0200))
+    );
+    // The one critical flag defined, DELTA: known, and never importable alone.
+    assert_eq!(
         SnapshotReader::parse(&assemble(0x0100, &[])).err(),
-        Some(SnapshotError::UnsupportedFlags(0x0100))
+        Some(SnapshotError::Delta)
+    );
+    assert_eq!(
+        SnapshotReader::parse(&assemble(0x0300, &[])).err(),
+        Some(SnapshotError::UnsupportedFlags(0x0300))
     );
 }
 

@@ -488,7 +488,18 @@ impl PrimarySession {
                 } else {
                     out
                 };
-                (&self.stream).write_all(&out).await?;
+                // A dead standby stops taking what is written: the write must not outlast
+                // STANDBY_LOST, or the primary would hold its streams' output until the
+                // session stream's idle timeout.
+                let left = STANDBY_LOST.saturating_sub(self.heard.elapsed());
+                tokio::time::timeout(left, (&self.stream).write_all(&out))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the standby stopped taking checkpoints: continuing unreplicated",
+                        )
+                    })??;
                 spoke = StdInstant::now();
             }
             if self.heard.elapsed() > STANDBY_LOST {

@@ -2003,6 +2003,17 @@ impl Transport {
         self.on_path_change_with_rtt(now, None);
     }
 
+    /// The peer moved to a new path (its RSYN) and this end has no sample of it: as
+    /// [`on_path_change`](Self::on_path_change), but the new path's RTT starts from the old
+    /// path's smoothed RTT, when there is one, instead of the 333 ms initial guess. The
+    /// peer's new host is most likely about as far as its old one (RFC 9002 §6.2.2 lets
+    /// prior knowledge stand for the initial RTT), and with the initial guess a packet lost
+    /// right after the move waited a probe timeout of about a second.
+    pub fn on_peer_moved(&mut self, now: Instant) {
+        let prior = self.rtt.has_sample().then(|| self.rtt.smoothed());
+        self.on_path_change_with_rtt(now, prior);
+    }
+
     /// [`on_path_change`](Self::on_path_change), with an RTT sample of the new path taken by
     /// the layer below (the SAL times its RSYN until the RSYN-ACK). Starting from it instead
     /// of the 333 ms initial guess keeps the pacer and the probe timeout at the new path's

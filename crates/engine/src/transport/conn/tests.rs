@@ -645,6 +645,28 @@ fn path_change_resends_in_flight_data_without_congestion_response() {
 }
 
 #[test]
+fn a_peer_that_moved_starts_from_the_old_paths_rtt() {
+    let config = TransportConfig::default();
+    let mut rng = Rng::new(14);
+    let mut p = Pair::new(&config, Link::clean(), 14);
+    p.app = [App::sending(rng.bytes(1 << 18)), App::sending(Vec::new())];
+    p.run_until(|p| p.t[0].stats().bytes_in_flight > 0 && p.t[1].stats().srtt < config.initial_rtt);
+    let old = p.t[1].stats().srtt;
+    let now = p.now;
+    // The end that did not time the new path: the old path's RTT, not the initial guess.
+    p.t[1].on_peer_moved(now);
+    assert_eq!(p.t[1].stats().srtt, old);
+    assert_eq!(p.t[1].stats().bytes_in_flight, 0);
+    // Without a sample yet, the initial guess.
+    let mut fresh = Pair::new(&config, Link::clean(), 15);
+    fresh.t[1].on_peer_moved(fresh.now);
+    assert_eq!(fresh.t[1].stats().srtt, config.initial_rtt);
+    p.run_until(Pair::both_drained);
+    p.assert_no_errors();
+    assert!(p.app[1].received == p.app[0].to_send);
+}
+
+#[test]
 fn frozen_close_is_abandoned_after_a_while() {
     let mut p = Pair::new(&TransportConfig::default(), Link::clean(), 1);
     p.t[0].set_frozen(true);
