@@ -173,6 +173,15 @@ impl State {
     }
 }
 
+impl Endpoint {
+    /// Whether a hot standby is attached: it holds a copy of this endpoint's replicated
+    /// streams, and their output waits for its confirmations. Stays true for up to
+    /// [`STANDBY_LOST`] after the session broke (the standby may have taken over).
+    pub fn has_standby(&self) -> bool {
+        self.shared.lock().primary.is_some()
+    }
+}
+
 impl Stream {
     /// One step of a replicated stream: `app_state` is what the application did with every
     /// byte it read from this stream so far, and `output` what that produced, to send. A hot
@@ -594,7 +603,10 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
             tokio::time::timeout(wait.max(Duration::from_micros(100)), frames.fill(&stream)).await;
         match r {
             Err(_) if heard.elapsed() >= config.detect => {
-                break format!("no word from the primary for {:?}", heard.elapsed());
+                break format!(
+                    "no word from the primary for {:.1} ms",
+                    heard.elapsed().as_secs_f64() * 1e3
+                );
             }
             Err(_) => {}
             Ok(Err(e)) if first => return Err(e),
