@@ -204,7 +204,7 @@ fn demo_runs_every_step_and_every_step_holds() {
     let took = line_with(&out, "S: took over 1 stream(s) from the primary");
     assert!(took.contains("checkpoints held"), "{took}");
     assert!(at("S: took over") > at("P is killed"), "{text}");
-    let done = line_with(&out, "S's first answer");
+    let done = line_with(&out, "re-bound to S");
     assert!(
         done.contains("2000 lines answered, numbered 1..2000 without a gap or a repeat"),
         "{done}"
