@@ -65,6 +65,29 @@ async fn server(
     Ok(Server { ep, agent })
 }
 
+/// An instance's flows, for a failure's message: flowID, peer, state and bytes received.
+fn held(ep: &Endpoint) -> String {
+    let flows: Vec<String> = ep
+        .flows()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} from {} {:?}{} ({} B in)",
+                f.local_flow,
+                f.peer,
+                f.state,
+                if f.exported { " exported" } else { "" },
+                f.stats.stream_bytes_received
+            )
+        })
+        .collect();
+    if flows.is_empty() {
+        "no flow".into()
+    } else {
+        flows.join(", ")
+    }
+}
+
 /// Runs the step.
 pub async fn run(tl: &Arc<Timeline>, router: &Router, raddr: Locator, lease: Duration) -> Outcome {
     tl.say(format!(
@@ -100,6 +123,7 @@ async fn inner(
         .map_err(|e| format!("cannot bind the client: {e}"))?;
     let stream = crate::net::connect(&client, NAME, id, &NextHop::Via(raddr)).await?;
     let first_peer = stream.peer_locator().map_err(|e| e.to_string())?;
+    let client_at = stream.local_locator().ok();
     tl.say(format!(
         "client connected by name to {}; sending {LINES} lines, each answered with its number",
         tl.who(first_peer)
@@ -162,7 +186,13 @@ async fn inner(
         .ok_or("S1 had no flow to move")?
         .result
         .clone()
-        .map_err(|e| format!("the move failed: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "the move failed: {e} (S1 held {}; the client is at {})",
+                held(&s1.ep),
+                client_at.map_or_else(|| "?".to_string(), |l| l.to_string())
+            )
+        })?;
     tl.say(format!(
         "at line {} ({answered_then} answered) S1 handed the stream and its count to S2: frozen \
          {:.2} ms (hand-over {:.2}, transfer {:.2}, import {:.2}, re-bind {:.2} ms)",
