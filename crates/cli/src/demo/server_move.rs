@@ -9,10 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serval::{Endpoint, Locator, MigrationConfig, Migrator, PrivateKey, ServiceId, ServicePrefix};
+use serval::{
+    Endpoint, FlowMove, Locator, MigrationConfig, Migrator, PrivateKey, ServiceId, ServicePrefix,
+};
 use serval_router::Router;
 use serval_router::keys::SystemRandom;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinHandle;
 
 use super::instances::{lease_config, wait_table};
 use super::{Outcome, Timeline, loopback};
@@ -132,12 +135,27 @@ async fn inner(
     let mut r = BufReader::new(r);
     let mut line = String::new();
     let mut answered = 0u64;
-    let mut moving = None;
+    // The move's task, and how many lines were answered when it started.
+    let mut moving: Option<(u64, JoinHandle<std::io::Result<Vec<FlowMove>>>)> = None;
     let mut moved_at: Option<Instant> = None;
     let mut gap_after = Duration::ZERO;
     let mut last = Instant::now();
     let work = async {
         for i in 0..LINES {
+            if i + 1 == LINES {
+                // A client this fast can end the stream before S1's agent even asked for it
+                // (about once in 40 release runs), leaving nothing to move: the last line
+                // waits until the stream is frozen for the move, or the move ended.
+                let start = Instant::now();
+                while !s1.agent.movable_flows().is_empty()
+                    && !moving.as_ref().is_some_and(|(_, t)| t.is_finished())
+                {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        return Err("S1's agent never asked for the stream".into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
             w.write_all(format!("line {i}\n").as_bytes())
                 .await
                 .map_err(|e| format!("writing: {e}"))?;
