@@ -521,6 +521,16 @@ impl Client {
         self.get_json("table")
     }
 
+    /// `GET /metrics`: the Prometheus text (a router's or an instance's).
+    pub fn metrics(&self) -> Result<String, AdminError> {
+        let resp = self
+            .agent
+            .get(format!("http://{}/metrics", self.addr))
+            .call()
+            .map_err(|e| self.err(e))?;
+        self.check(resp)
+    }
+
     /// `GET /{path}`, its JSON answer decoded.
     fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, AdminError> {
         let resp = self

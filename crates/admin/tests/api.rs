@@ -137,6 +137,7 @@ async fn table_rules_metrics_and_health_over_http() {
             .body_mut()
             .read_to_string()
             .unwrap();
+        assert_eq!(c.metrics().unwrap(), metrics);
         assert!(
             metrics.contains("serval_syns_forwarded_total 5"),
             "{metrics}"

@@ -1,6 +1,6 @@
 //! `serval demo`: a router, instances and clients on loopback, with a timeline.
 //!
-//! Six steps, each judged PASS or FAIL from what actually happened:
+//! Seven steps, each judged PASS or FAIL from what actually happened:
 //!
 //! 1. connect by name: one connection to `web.demo` through the router;
 //! 2. weighted spread: many connections over two instances of weights 3 and 1;
@@ -12,14 +12,19 @@
 //! 5. migration: a live stream moves from 127.0.0.1 to 127.0.0.2 mid-transfer; every byte must
 //!    come back once, in order;
 //! 6. stateful server move: a stream to the line-numbering service moves to another instance
-//!    with its count (`demo/server_move.rs`); the numbering must continue, not restart.
+//!    with its count (`demo/server_move.rs`); the numbering must continue, not restart;
+//! 7. hot standby takeover: the primary P of the line-numbering service is SIGKILLed
+//!    mid-stream and its hot standby S takes the stream over (`demo/standby.rs`); the client
+//!    must not reconnect, and no line may be lost or answered twice.
 //!
-//! The router, v1, v2 and the migration instance run in this process; A and B are child
-//! processes (`serval listen --echo`) of this same binary, killed when the demo ends, passes,
-//! fails or is interrupted.
+//! The router, v1, v2, the migration instance and S1/S2 run in this process; A and B
+//! (`serval listen --echo`), P and S (`serval listen --number`) are child processes of this
+//! same binary, killed when the demo ends, passes, fails or is interrupted (and, should the
+//! demo itself be killed, by the kernel: `--exit-with-parent`).
 
 mod instances;
 mod server_move;
+mod standby;
 mod steps;
 
 use std::collections::HashMap;

@@ -61,6 +61,8 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(admin)
         .await
         .map_err(|e| format!("cannot bind --admin {admin}: {e}"))?;
+    // Where it listens: the port the system picked for `--admin ADDR:0`.
+    let admin = listener.local_addr().unwrap_or(admin);
     let source = Arc::new(Source {
         ep: ep.clone(),
         service: service.to_owned(),
@@ -161,6 +163,11 @@ impl InstanceSource for Source {
                 "flows_exported",
                 "Flows frozen here for a move",
                 flows.iter().filter(|c| c.exported).count() as u64,
+            ),
+            Metric::gauge(
+                "standby_attached",
+                "1 while a hot standby holds a copy of this instance's streams",
+                u64::from(self.ep.has_standby()),
             ),
             Metric::counter(
                 "flows_moved_out",

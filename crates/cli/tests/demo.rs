@@ -1,5 +1,5 @@
 //! `serval demo`: the whole loopback demo runs, every step holds, and what it prints says so
-//! with concrete numbers.
+//! with concrete numbers; no instance it started outlives it, interrupted or not.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -52,6 +52,54 @@ fn run_demo(args: &[&str], limit: Duration) -> (Option<i32>, Vec<String>, Durati
     (code, got, start.elapsed())
 }
 
+/// The demo router's address, from its first line.
+fn router_address(out: &[String]) -> String {
+    let line = line_with(out, "service router listening on ");
+    let rest = &line[line.find(" on ").unwrap() + 4..];
+    rest.split(' ').next().unwrap().to_string()
+}
+
+/// The command lines of the live processes registering with the router at `router`: the
+/// demo's child instances (`serval listen … --router ROUTER`), which no other demo shares.
+fn instances_of(router: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        // Processes come and go while we look: a vanished one is simply not listed.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let registers_there = args
+            .windows(2)
+            .any(|w| w[0] == "--router" && w[1] == router);
+        if args.iter().any(|a| a == "listen") && registers_there {
+            found.push(args.join(" "));
+        }
+    }
+    found
+}
+
+/// Waits (a bounded time) until no child instance of the demo whose router was `router` is
+/// left.
+fn assert_no_instance_left(router: &str) {
+    let start = Instant::now();
+    loop {
+        let left = instances_of(router);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the demo left instances running:\n{}",
+            left.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The first line containing `needle`.
 fn line_with<'a>(out: &'a [String], needle: &str) -> &'a str {
     out.iter()
@@ -87,6 +135,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         "kill and failover",
         "migration",
         "stateful server move",
+        "hot standby takeover",
     ] {
         let row = out
             .iter()
@@ -95,7 +144,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         assert!(row.contains("PASS"), "{step} did not hold: {row}\n{text}");
     }
     assert!(
-        out.iter().any(|l| l.starts_with("all 6 steps held in")),
+        out.iter().any(|l| l.starts_with("all 7 steps held in")),
         "{text}"
     );
 
@@ -147,6 +196,66 @@ fn demo_runs_every_step_and_every_step_holds() {
     assert!(moved.contains("1048576 of 1048576"), "{moved}");
     assert!(moved.contains("each once and in order"), "{moved}");
     assert!(moved.contains(" → "), "{moved}");
+
+    // 7: the primary is SIGKILLed mid-stream, its standby takes the stream over, and every
+    // line is answered once with its number, on the stream the client opened.
+    let at = |needle: &str| out.iter().position(|l| l.contains(needle)).unwrap();
+    line_with(&out, "P is killed with SIGKILL");
+    let took = line_with(&out, "S: took over 1 stream(s) from the primary");
+    assert!(took.contains("checkpoints held"), "{took}");
+    assert!(at("S: took over") > at("P is killed"), "{text}");
+    let done = line_with(&out, "re-bound to S");
+    assert!(
+        done.contains("2000 lines answered, numbered 1..2000 without a gap or a repeat"),
+        "{done}"
+    );
+    assert!(done.contains("now from S ("), "{done}");
+    assert!(done.contains("which ended cleanly"), "{done}");
+
+    // Every child instance was killed and reaped before the demo exited.
+    assert_no_instance_left(&router_address(&out));
+}
+
+#[test]
+fn an_interrupted_demo_leaves_no_instance_behind() {
+    let mut child = serval()
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serval demo");
+    let out = lines(child.stdout.take().unwrap());
+    let mut guard = Guard(child);
+    let mut got = Vec::new();
+    // Step 2 runs while the instances A and B (child processes) serve, seconds before the
+    // demo kills A.
+    while !got.iter().any(|l: &String| l.contains("── step 2")) {
+        got.push(
+            out.recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e}; the demo said:\n{}", got.join("\n"))),
+        );
+    }
+    let router = router_address(&got);
+    assert_eq!(instances_of(&router).len(), 2, "A and B should be running");
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &guard.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = guard.0.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "serval demo did not exit on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(130));
+    assert_no_instance_left(&router);
 }
 
 #[test]

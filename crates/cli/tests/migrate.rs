@@ -103,6 +103,11 @@ fn scale_out_moves_half_the_live_streams_and_every_one_completes() {
         metrics.contains("serval_flows_moved_out_total 2"),
         "{metrics}"
     );
+    // No standby here (the demo's standby step waits for this gauge to say 1).
+    assert!(
+        metrics.contains("\nserval_standby_attached 0\n"),
+        "{metrics}"
+    );
     let instance = admin_get(&b_admin, "/instance");
     assert!(
         instance.contains("\"agent\"") && instance.contains("ed25519:"),

@@ -623,6 +623,8 @@ impl Endpoint {
         let id = st.engine.listen(prefix, priority, weight);
         st.listeners.insert(id, ListenerSlot::default());
         st.dispatch();
+        drop(st);
+        self.shared.wake.notify_one();
         Ok(ServiceListener {
             shared: self.shared.clone(),
             id,

@@ -253,6 +253,15 @@ impl State {
     }
 }
 
+impl Endpoint {
+    /// Whether a hot standby is attached: it holds a copy of this endpoint's replicated
+    /// streams, and their output waits for its confirmations. Stays true for up to
+    /// [`STANDBY_LOST`] after the session broke (the standby may have taken over).
+    pub fn has_standby(&self) -> bool {
+        self.shared.lock().primary.is_some()
+    }
+}
+
 impl Stream {
     /// One step of a replicated stream: `app_state` is what the application did with every
     /// byte it read from this stream so far, and `output` what that produced, to send. A hot
@@ -705,8 +714,9 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
             }
             (Err(_), Some(t)) if detector.silence(now) >= t => {
                 break format!(
-                    "no word from the primary for {:?} (the limit then: {t:?})",
-                    detector.silence(now)
+                    "no word from the primary for {:.1} ms (the limit then: {:.1} ms)",
+                    detector.silence(now).as_secs_f64() * 1e3,
+                    t.as_secs_f64() * 1e3
                 );
             }
             (Err(_), _) => {}

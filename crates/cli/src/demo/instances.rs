@@ -1,7 +1,7 @@
-//! The demo's service instances: child processes (`serval listen --echo`) that can be killed
+//! The demo's service instances: child processes (`serval listen …`) that can be killed
 //! for real, and in-process echo instances that can withdraw gracefully.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +12,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-/// A `serval listen NAME --echo` child process of this binary; killed (SIGKILL) when dropped.
+/// A `serval listen …` child process of this binary; killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ChildInstance {
     child: Child,
     /// Where it serves.
     pub addr: Locator,
+    /// Its stderr, line by line as it comes.
+    lines: mpsc::UnboundedReceiver<String>,
+    /// What it said so far.
+    said: Vec<String>,
 }
 
 impl ChildInstance {
@@ -29,21 +33,46 @@ impl ChildInstance {
         weight: u32,
         lease: Duration,
     ) -> Result<ChildInstance, String> {
+        let args = [
+            "listen",
+            service,
+            "--echo",
+            "--bind",
+            "127.0.0.1:0",
+            "--router",
+            &router.to_string(),
+            "--weight",
+            &weight.to_string(),
+            "--lease-ms",
+            &lease.as_millis().to_string(),
+        ];
+        ChildInstance::start(service, &args, None).await
+    }
+
+    /// Starts `serval ARGS --exit-with-parent` (a `serval listen`, named `what` in errors),
+    /// writes `stdin` to it (then closes it; else it has none), and waits until it says where
+    /// it serves.
+    pub async fn start(
+        what: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<ChildInstance, String> {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find the serval binary to start instances: {e}"))?;
         let mut child = Command::new(&exe)
-            .args(["listen", service, "--echo", "--bind", "127.0.0.1:0"])
-            .args(["--router", &router.to_string()])
-            .args(["--weight", &weight.to_string()])
-            .args(["--lease-ms", &lease.as_millis().to_string()])
+            .args(args)
             // Even a demo killed outright (SIGKILL) leaves no instance behind.
             .arg("--exit-with-parent")
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         if let Some(err) = child.stderr.take() {
             std::thread::spawn(move || {
                 // Keep reading after the receiver is gone, so the child never blocks on a full
@@ -54,39 +83,79 @@ impl ChildInstance {
                 }
             });
         }
+        let input = child.stdin.take();
         // From here on, dropping `instance` kills the child, whatever goes wrong.
         let mut instance = ChildInstance {
             child,
             addr: Locator::from(([0, 0, 0, 0], 0)),
+            lines: rx,
+            said: Vec::new(),
         };
-        let mut said = Vec::new();
-        let found = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(line) = rx.recv().await {
-                if let Some(addr) = serving_address(&line) {
-                    return Some(addr);
+        if let (Some(mut input), Some(bytes)) = (input, stdin) {
+            // A few hundred bytes into an empty pipe: this does not block. Dropping `input`
+            // closes it, so the child reads to its end.
+            input
+                .write_all(bytes)
+                .map_err(|e| format!("cannot write to {what}'s input: {e}"))?;
+        }
+        let serving = instance
+            .wait_line(
+                "where it serves",
+                |l| serving_address(l).is_some(),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| format!("instance of {what} {e}"))?;
+        instance.addr = serving_address(&serving).ok_or("no serving address")?;
+        Ok(instance)
+    }
+
+    /// Waits up to `limit` for a line of its stderr (said before or after the call) for
+    /// which `want` holds; `what` names it in the error.
+    pub async fn wait_line(
+        &mut self,
+        what: &str,
+        want: impl Fn(&str) -> bool,
+        limit: Duration,
+    ) -> Result<String, String> {
+        if let Some(l) = self.said(&want) {
+            return Ok(l);
+        }
+        let found = tokio::time::timeout(limit, async {
+            while let Some(line) = self.lines.recv().await {
+                let hit = want(&line);
+                self.said.push(line.clone());
+                if hit {
+                    return Some(line);
                 }
-                said.push(line);
             }
             None
         })
         .await;
         match found {
-            Ok(Some(addr)) => {
-                instance.addr = addr;
-                Ok(instance)
-            }
+            Ok(Some(line)) => Ok(line),
             Ok(None) => Err(format!(
-                "instance of {service} exited at once: {}",
-                said.join(" / ")
+                "exited before saying {what}: {}",
+                self.said.join(" / ")
             )),
             Err(_) => Err(format!(
-                "instance of {service} did not start within 10 s: {}",
-                said.join(" / ")
+                "did not say {what} within {:.1} s: {}",
+                limit.as_secs_f64(),
+                self.said.join(" / ")
             )),
         }
     }
 
-    /// Kills it with SIGKILL: it gets no chance to unregister.
+    /// The first line of its stderr so far (without waiting) for which `want` holds.
+    pub fn said(&mut self, want: impl Fn(&str) -> bool) -> Option<String> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.said.push(line);
+        }
+        self.said.iter().find(|l| want(l)).cloned()
+    }
+
+    /// Kills it with SIGKILL: it gets no chance to unregister, or to send anything at all.
+    /// Returns once it is gone (reaped).
     pub fn kill(&mut self) -> Result<(), String> {
         self.child
             .kill()

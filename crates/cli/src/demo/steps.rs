@@ -1,4 +1,4 @@
-//! The demo's first five steps (the sixth is in `server_move.rs`).
+//! The demo's first five steps (the sixth is in `server_move.rs`, the seventh in `standby.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,6 +42,8 @@ fn all_failed(why: &str) -> Vec<Outcome> {
         STEP_SWAP,
         STEP_KILL,
         STEP_MIGRATE,
+        super::server_move::STEP,
+        super::standby::STEP,
     ]
     .into_iter()
     .map(|s| Outcome::fail(s, why))
@@ -92,6 +94,7 @@ pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
     }
     out.push(migrate(&tl, &router, raddr).await);
     out.push(super::server_move::run(&tl, &router, raddr, LEASE).await);
+    out.push(super::standby::run(&tl, &router, raddr, LEASE).await);
     out
 }
 
