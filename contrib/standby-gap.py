@@ -111,8 +111,7 @@ def recovery(tmp, rep):
 
 def bulk_recovery(tmp, rep):
     pa, primary, procs, log = instances(tmp, rep, True)
-    # A standby attached a while ago (its first 500 ms are a warm-up with a 200 ms floor on
-    # detection: protocol.md §4.3).
+    # A standby attached a while ago: its detection threshold has seen the primary's pace.
     time.sleep(1.0)
     data = b"".join(line(i) for i in range(LINES))
     cat = subprocess.Popen([S, "cat", "gap.test", "--via", pa], stdin=subprocess.PIPE,

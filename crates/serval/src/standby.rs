@@ -61,12 +61,6 @@ pub const STANDBY_LOST: Duration = Duration::from_secs(1);
 /// (it takes nothing over: it never held anything).
 pub const SESSION_SETUP: Duration = Duration::from_secs(5);
 
-/// For this long after the primary's first word, a standby waits at least
-/// [`WARMUP_DETECT`] before taking over: a primary just attached (and the host around it)
-/// has not shown yet how steadily it speaks, and a takeover then protects nothing.
-const WARMUP: Duration = Duration::from_millis(500);
-const WARMUP_DETECT: Duration = Duration::from_millis(200);
-
 /// The window over which a standby remembers the longest silence it has seen between two
 /// words of a live primary.
 const GAP_WINDOW: Duration = Duration::from_secs(1);
@@ -118,14 +112,11 @@ impl Detector {
         now.duration_since(self.last)
     }
 
-    /// The silence after which the primary is taken for dead, at `now`; `None` before its
-    /// first word (the session is not up yet).
-    fn threshold(&self, now: StdInstant) -> Option<Duration> {
-        let since = self.since?;
-        let mut t = self.detect.max(2 * self.gaps[0].max(self.gaps[1]));
-        if now.duration_since(since) < WARMUP {
-            t = t.max(WARMUP_DETECT);
-        }
+    /// The silence after which the primary is taken for dead; `None` before its first word
+    /// (the session is not up yet).
+    fn threshold(&self) -> Option<Duration> {
+        self.since?;
+        let t = self.detect.max(2 * self.gaps[0].max(self.gaps[1]));
         Some(t.min(self.detect.max(STANDBY_LOST / 2)))
     }
 }
@@ -694,7 +685,7 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
     let mut first = true;
     let reason = loop {
         let now = StdInstant::now();
-        let threshold = detector.threshold(now);
+        let threshold = detector.threshold();
         let wait = threshold
             .unwrap_or(SESSION_SETUP)
             .saturating_sub(detector.silence(now));
@@ -830,22 +821,21 @@ mod tests {
     fn no_threshold_before_the_first_word() {
         let t0 = StdInstant::now();
         let d = Detector::new(30 * MS, t0);
-        assert_eq!(d.threshold(t0 + 10 * SESSION_SETUP), None);
+        assert_eq!(d.threshold(), None);
     }
 
     #[test]
-    fn a_steady_primary_is_held_to_the_detection_time_after_warm_up() {
+    fn a_steady_primary_is_held_to_the_detection_time() {
         let t0 = StdInstant::now();
         let mut d = Detector::new(30 * MS, t0);
         let mut t = t0;
         d.heard(t);
-        // Warm-up: the floor holds.
-        assert_eq!(d.threshold(t), Some(WARMUP_DETECT));
+        assert_eq!(d.threshold(), Some(30 * MS));
         while t < t0 + 3 * GAP_WINDOW {
             t += 5 * MS;
             d.heard(t);
         }
-        assert_eq!(d.threshold(t), Some(30 * MS));
+        assert_eq!(d.threshold(), Some(30 * MS));
         assert_eq!(d.silence(t + 7 * MS), 7 * MS);
     }
 
@@ -864,20 +854,19 @@ mod tests {
             step(&mut d, 5 * MS);
         }
         // A 40 ms stall of a live primary: the next takeover needs 80 ms of silence.
-        let now = step(&mut d, 40 * MS);
-        assert_eq!(d.threshold(now), Some(80 * MS));
+        step(&mut d, 40 * MS);
+        assert_eq!(d.threshold(), Some(80 * MS));
         // A huge one is capped below STANDBY_LOST.
-        let now = step(&mut d, 900 * MS);
-        assert_eq!(d.threshold(now), Some(STANDBY_LOST / 2));
+        step(&mut d, 900 * MS);
+        assert_eq!(d.threshold(), Some(STANDBY_LOST / 2));
         // Forgotten after two windows of steady words.
-        let mut now = now;
         for _ in 0..500 {
-            now = step(&mut d, 5 * MS);
+            step(&mut d, 5 * MS);
         }
-        assert_eq!(d.threshold(now), Some(30 * MS));
+        assert_eq!(d.threshold(), Some(30 * MS));
         // A detection time above the cap is the user's: kept.
         let mut slow = Detector::new(800 * MS, t0);
         slow.heard(t0);
-        assert_eq!(slow.threshold(t0 + 2 * WARMUP), Some(800 * MS));
+        assert_eq!(slow.threshold(), Some(800 * MS));
     }
 }
