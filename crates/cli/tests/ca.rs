@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ED25519};
-use support::{Dir, instance, keygen, output_within, router, serval};
+use support::{Dir, cat_hello, instance, keygen, one_line_failure, output_within, router, serval};
 
 /// A CA: its certificate and key.
 struct Ca(rcgen::Certificate, KeyPair);
@@ -45,27 +45,6 @@ impl Ca {
     }
 }
 
-/// `serval cat SERVICE --via ADDR EXTRA…` sending `hello`: (exit code, stdout, stderr).
-fn cat(service: &str, via: &str, extra: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = serval();
-    cmd.args(["cat", service, "--via", via, "--connect-timeout", "5"])
-        .args(extra);
-    let o = output_within(cmd, b"hello", Duration::from_secs(30));
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn one_line_failure((code, out, err): (Option<i32>, String, String), expect: &str) {
-    assert_ne!(code, Some(0), "it succeeded: {out:?} {err:?}");
-    assert!(out.is_empty(), "data went through: {out:?}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].contains(expect), "{:?} lacks {expect:?}", lines[0]);
-}
-
 #[test]
 fn a_certificate_from_the_trusted_ca_for_the_name_connects_and_nothing_else_does() {
     let dir = Dir::new("ca");
@@ -86,19 +65,22 @@ fn a_certificate_from_the_trusted_ca_for_the_name_connects_and_nothing_else_does
     );
     // Through the router, and straight to the instance.
     for via in [&raddr, &addr] {
-        let (code, out, err) = cat("who.test", via, &["--ca", &ca_file]);
+        let (code, out, err) = cat_hello("who.test", via, &["--ca", &ca_file]);
         assert_eq!(code, Some(0), "{err}");
         assert_eq!(out, "hello");
     }
     one_line_failure(
-        cat("who.test", &raddr, &["--ca", &other_file]),
+        cat_hello("who.test", &raddr, &["--ca", &other_file]),
         "not issued by a trusted CA",
     );
     // By serviceID there is no name to check.
     let id = serval_wire::ServiceId::from_name("who.test")
         .unwrap()
         .to_string();
-    one_line_failure(cat(&id, &addr, &["--ca", &ca_file]), "connect by name");
+    one_line_failure(
+        cat_hello(&id, &addr, &["--ca", &ca_file]),
+        "connect by name",
+    );
 
     let (_w, waddr) = instance(
         "who.test",
@@ -106,13 +88,13 @@ fn a_certificate_from_the_trusted_ca_for_the_name_connects_and_nothing_else_does
         &["--echo", "--key", &key, "--cert", &wrong_name],
     );
     one_line_failure(
-        cat("who.test", &waddr, &["--ca", &ca_file]),
+        cat_hello("who.test", &waddr, &["--ca", &ca_file]),
         "not valid for the name who.test",
     );
     // An instance with a key but no chain proves the key, which nothing certifies.
     let (_n, naddr) = instance("who.test", None, &["--echo", "--key", &key]);
     one_line_failure(
-        cat("who.test", &naddr, &["--ca", &ca_file]),
+        cat_hello("who.test", &naddr, &["--ca", &ca_file]),
         "no certificate chain",
     );
 }
@@ -133,7 +115,7 @@ fn bad_files_are_refused_in_one_line() {
     ca.issue(&other_key, &["who.test"], &cert);
     // A CA file with no certificate, or none at all: a usage error naming --ca.
     for file in [junk.as_str(), "/nonexistent/ca.pem"] {
-        let (code, _, err) = cat("who.test", "127.0.0.1:9", &["--ca", file]);
+        let (code, _, err) = cat_hello("who.test", "127.0.0.1:9", &["--ca", file]);
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains("--ca"), "{err}");
     }

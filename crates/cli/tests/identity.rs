@@ -9,28 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Dir, instance, keygen, output_within, serval};
-
-/// `serval cat SERVICE --via ADDR EXTRA…` sending `hello`: (exit code, stdout, stderr).
-fn cat(service: &str, via: &str, extra: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = serval();
-    cmd.args(["cat", service, "--via", via, "--connect-timeout", "5"])
-        .args(extra);
-    let o = output_within(cmd, b"hello", Duration::from_secs(30));
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn one_line_failure((code, out, err): (Option<i32>, String, String), expect: &str) {
-    assert_ne!(code, Some(0), "the connect succeeded: {out:?} {err:?}");
-    assert!(out.is_empty(), "data went through: {out:?}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].contains(expect), "{:?} lacks {expect:?}", lines[0]);
-}
+use support::{Dir, cat_hello, instance, keygen, one_line_failure, output_within, serval};
 
 #[test]
 fn a_pinned_key_connects_only_to_its_holder() {
@@ -38,21 +17,24 @@ fn a_pinned_key_connects_only_to_its_holder() {
     let (k1, k2) = (dir.path("k1"), dir.path("k2"));
     let (p1, p2) = (keygen(&k1), keygen(&k2));
     let (_i, addr) = instance("who.test", None, &["--echo", "--key", &k1]);
-    let (code, out, err) = cat("who.test", &addr, &["--peer-key", &p1]);
+    let (code, out, err) = cat_hello("who.test", &addr, &["--peer-key", &p1]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "hello");
     one_line_failure(
-        cat("who.test", &addr, &["--peer-key", &p2]),
+        cat_hello("who.test", &addr, &["--peer-key", &p2]),
         "not the pinned",
     );
     // Without a key the instance cannot prove anything.
     let (_j, bare) = instance("who.test", None, &["--echo"]);
-    one_line_failure(cat("who.test", &bare, &["--peer-key", &p1]), "no proof");
+    one_line_failure(
+        cat_hello("who.test", &bare, &["--peer-key", &p1]),
+        "no proof",
+    );
     // Not asking for a proof still works, encrypted.
-    let (code, out, _) = cat("who.test", &bare, &[]);
+    let (code, out, _) = cat_hello("who.test", &bare, &[]);
     assert_eq!((code, out.as_str()), (Some(0), "hello"));
     // A bad --peer-key is a usage error: one line, exit 2.
-    let (code, _, err) = cat("who.test", &addr, &["--peer-key", "ed25519:short"]);
+    let (code, _, err) = cat_hello("who.test", &addr, &["--peer-key", "ed25519:short"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--peer-key"), "{err}");
 }
@@ -71,12 +53,12 @@ fn a_self_certifying_id_needs_the_key_it_commits_to() {
     let id = String::from_utf8(o.stdout).unwrap().trim().to_owned();
     // The holder of k1 serves the ID: a client connecting by it needs nothing else.
     let (_good, addr) = instance(&id, None, &["--echo", "--key", &k1]);
-    let (code, out, err) = cat(&id, &addr, &["--self-certifying"]);
+    let (code, out, err) = cat_hello(&id, &addr, &["--self-certifying"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "hello");
     // Someone else serving the same ID with another key is refused.
     let (_bad, other) = instance(&id, None, &["--echo", "--key", &k2]);
-    one_line_failure(cat(&id, &other, &["--self-certifying"]), "commits to");
+    one_line_failure(cat_hello(&id, &other, &["--self-certifying"]), "commits to");
 }
 
 /// Through a service router: the router forwards the client's padded SYN whole (it keeps the

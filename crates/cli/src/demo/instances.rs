@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serval::{Action, Endpoint, LeaseConfig, Locator, ServiceId, ServicePrefix, Stream};
 use serval_router::Router;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -349,6 +349,28 @@ pub async fn wait_table(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Reads the next answer of the line-numbering service into `line` and checks it: the
+/// demo's clients send `line N`, so answer `answered` must be `answered + 1` then that line.
+pub async fn next_numbered(
+    r: &mut (impl AsyncBufRead + Unpin),
+    line: &mut String,
+    answered: u64,
+) -> Result<(), String> {
+    line.clear();
+    let n = r
+        .read_line(line)
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    if n == 0 {
+        return Err(format!("the stream ended after {answered} answers"));
+    }
+    let want = format!("{} line {answered}\n", answered + 1);
+    if *line != want {
+        return Err(format!("answer {answered} was {line:?}, not {want:?}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use serval::{
 };
 use serval_router::Router;
 use serval_router::keys::SystemRandom;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::task::JoinHandle;
 
-use super::instances::{lease_config, wait_table};
+use super::instances::{lease_config, next_numbered, wait_table};
 use super::{Outcome, Timeline, loopback};
 use crate::net::NextHop;
 use crate::serve::Mode;
@@ -169,18 +169,7 @@ async fn inner(
                 moved_at = Some(Instant::now());
             }
             while i + 1 - answered > WINDOW || (i + 1 == LINES && answered < LINES) {
-                line.clear();
-                let n = r
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| format!("reading: {e}"))?;
-                if n == 0 {
-                    return Err(format!("the stream ended after {answered} answers"));
-                }
-                let want = format!("{} line {answered}\n", answered + 1);
-                if line != want {
-                    return Err(format!("answer {answered} was {line:?}, not {want:?}"));
-                }
+                next_numbered(&mut r, &mut line, answered).await?;
                 if moved_at.is_some() {
                     gap_after = gap_after.max(last.elapsed());
                 }

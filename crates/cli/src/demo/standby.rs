@@ -18,7 +18,7 @@ use serval_router::Router;
 use serval_router::keys::SystemRandom;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::instances::{ChildInstance, wait_table};
+use super::instances::{ChildInstance, next_numbered, wait_table};
 use super::{Outcome, Timeline, loopback};
 use crate::net::NextHop;
 
@@ -202,18 +202,7 @@ async fn inner(
                 ));
             }
             while i + 1 - answered > WINDOW || (i + 1 == LINES && answered < LINES) {
-                line.clear();
-                let n = r
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| format!("reading: {e}"))?;
-                if n == 0 {
-                    return Err(format!("the stream ended after {answered} answers"));
-                }
-                let want = format!("{} line {answered}\n", answered + 1);
-                if line != want {
-                    return Err(format!("answer {answered} was {line:?}, not {want:?}"));
-                }
+                next_numbered(&mut r, &mut line, answered).await?;
                 if let Some((at, _)) = killed {
                     gap = gap.max(last.elapsed());
                     // The stream re-binds to S (its RSYN) before S sends anything.

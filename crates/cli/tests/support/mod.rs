@@ -573,3 +573,26 @@ pub fn router_on(lan: &Lan, host: usize, port: u16) -> Guard {
     wait_line(&out, "READY", |l| l.starts_with("READY"));
     guard
 }
+
+/// `serval cat SERVICE --via ADDR EXTRA…` sending `hello`: (exit code, stdout, stderr).
+pub fn cat_hello(service: &str, via: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = serval();
+    cmd.args(["cat", service, "--via", via, "--connect-timeout", "5"])
+        .args(extra);
+    let o = output_within(cmd, b"hello", Duration::from_secs(30));
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Checks that a [`cat_hello`] failed in one line of stderr containing `expect`, with no
+/// data through and a non-zero exit.
+pub fn one_line_failure((code, out, err): (Option<i32>, String, String), expect: &str) {
+    assert_ne!(code, Some(0), "it succeeded: {out:?} {err:?}");
+    assert!(out.is_empty(), "data went through: {out:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {err:?}");
+    assert!(lines[0].contains(expect), "{:?} lacks {expect:?}", lines[0]);
+}
