@@ -515,7 +515,7 @@ pub struct SnapshotWriter {
 
 /// How far a checkpoint carried its stream's bytes: every byte sent below `send_end` and
 /// every byte received below `recv_end` (in order, with none missing), which never change
-/// afterwards. A [delta](delta) checkpoint taken *since* a cover leaves those bytes out.
+/// afterwards. A [delta] checkpoint taken *since* a cover leaves those bytes out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamCover {
     /// The end of the send buffer's bytes (acknowledged, in flight and never sent).
