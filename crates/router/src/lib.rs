@@ -446,17 +446,20 @@ impl Router {
             auth: std::sync::RwLock::new(Arc::new(config.authorize.clone())),
         });
         // Publish our authorisations, then enforce the union of ours and the registry's.
+        let mut tasks = Vec::new();
         for (prefix, key) in &config.authorize {
             let a = Authorization {
                 prefix: *prefix,
                 key: key.to_line(),
             };
-            if let Err(e) = inner.registry.authorize(a).await {
-                tracing::warn!(%prefix, error = %e, "cannot publish an authorisation to the registry; enforcing it here only");
+            if let Err(e) = inner.registry.authorize(a.clone()).await {
+                // A registry not reachable yet (a router starting before etcd answers tries
+                // once per member): enforce it here, and keep publishing it for the others.
+                tracing::warn!(%prefix, error = %e, "cannot publish an authorisation to the registry yet; enforcing it here, retrying");
+                tasks.push(tokio::spawn(publish_authorization(inner.clone(), a)));
             }
             tracing::info!(%prefix, key = %key, "registrations under this prefix must be signed by this key");
         }
-        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(follow_authorizations(
             inner.clone(),
             config.authorize.clone(),
@@ -683,6 +686,25 @@ fn returns_routable(inner: &Inner, req: &RegistrationRequest) -> bool {
         .endpoint
         .answer_registration(req, &r.cookie_answer(fresh));
     false
+}
+
+/// Publishes `a` to the registry until it is stored (every 100 ms at first, backing off to
+/// every 5 s).
+async fn publish_authorization(inner: Arc<Inner>, a: Authorization) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(wait).await;
+        match inner.registry.authorize(a.clone()).await {
+            Ok(()) => {
+                tracing::info!(prefix = %a.prefix, "authorisation published to the registry");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(prefix = %a.prefix, error = %e, "publishing an authorisation")
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Keeps [`Inner::auth`] the union of `own` and the registry's authorisations.
