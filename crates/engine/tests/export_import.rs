@@ -118,6 +118,8 @@ struct World {
     seen_b_to_a: Option<Vec<u8>>,
     /// Crashed hosts: they run nothing, and packets to them are lost.
     dead: [bool; 4],
+    /// While B is stalled (alive, running nothing): the packets waiting in its socket.
+    parked: Option<Vec<(Locator, Locator, Vec<u8>)>>,
     /// C as B's hot standby, when it is one.
     standby: Option<Standby>,
     /// C's packets to the client: what the test does to them, and what it saw.
@@ -236,6 +238,7 @@ impl World {
             listener_b,
             seen_b_to_a: None,
             dead: [false; 4],
+            parked: None,
             standby: None,
             rebind: Rebind::default(),
         };
@@ -384,7 +387,11 @@ impl World {
             let Some(Reverse((_, _, src, dst, payload))) = self.queue.pop() else {
                 break;
             };
-            if let Some(to) = self.host_of(dst).filter(|&to| !self.dead[to]) {
+            if self.host_of(dst) == Some(HB)
+                && let Some(parked) = self.parked.as_mut()
+            {
+                parked.push((src, dst, payload));
+            } else if let Some(to) = self.host_of(dst).filter(|&to| !self.dead[to]) {
                 if to == HC && self.host_of(src) == Some(HA) && self.rebind.heard.is_none() {
                     self.rebind.heard = Some(self.g);
                 }
@@ -1447,6 +1454,76 @@ impl World {
     /// Whether every byte each way arrived exactly once, in order.
     fn delivered_exactly(&self) -> bool {
         (0..2).all(|i| self.apps[i].to_send == self.apps[1 - i].received)
+    }
+}
+
+/// A false takeover: the primary B only stalls (a loaded host deschedules it) longer than
+/// the standby's detection time. C takes over; B, when it runs again, reads C's confirmation
+/// of its last checkpoint (releasing what that covered) and then the takeover word (letting
+/// the connection go without a word). The client must go on with C during the stall, and
+/// every byte must arrive once.
+#[test]
+fn a_stalled_primary_taken_over_holds_nothing_up() {
+    for seed in [31, 32, 33] {
+        let c = Crash {
+            loss: 0,
+            jitter: 0,
+            ..base_crash(seed)
+        };
+        let link = Link {
+            delay: ms(5),
+            jitter: Duration::ZERO,
+            loss: 0,
+            dup: 0,
+        };
+        let mut w = World::new(c.seed, link, c.sizes, Duration::from_secs(7_000));
+        w.standby = Some(Standby {
+            delay: c.standby_delay,
+            deltas: true,
+            ..Standby::default()
+        });
+        w.hosts[HB].ep.set_output_hold(true);
+        w.run_until_client_has(c.sizes[1] * 4 / 10);
+        let hb = w.apps[1].h.unwrap();
+        // B stalls: it runs nothing, packets to it wait. The checkpoint on its way reaches C,
+        // whose confirmation waits for B too.
+        w.dead[HB] = true;
+        w.parked = Some(Vec::new());
+        let confirmed =
+            w.standby
+                .as_mut()
+                .unwrap()
+                .in_flight
+                .take()
+                .map(|(_, _, mark, snapshot, applied)| {
+                    if !applied {
+                        w.standby.as_mut().unwrap().store(&snapshot);
+                    }
+                    mark
+                });
+        let until = w.g + c.detect;
+        w.run(until, |_| false);
+        w.take_over_at_c();
+        let (at_takeover, stall_end) = (w.apps[0].received.len(), w.g + Duration::from_secs(2));
+        w.run(stall_end, World::done);
+        let during = w.apps[0].received.len() - at_takeover;
+        // B runs again.
+        w.dead[HB] = false;
+        let now = w.local(HB);
+        for (src, dst, p) in w.parked.take().unwrap() {
+            w.hosts[HB].ep.handle_datagram(now, dst, src, &p);
+        }
+        if let Some(mark) = confirmed {
+            w.hosts[HB].ep.commit(hb, mark);
+        }
+        w.hosts[HB].ep.export(hb, now).expect("B lets go");
+        assert!(w.hosts[HB].ep.release_exported(hb));
+        w.finish();
+        w.check_delivery();
+        assert!(
+            during > 0 || w.apps[0].received.len() == c.sizes[1],
+            "seed {seed}: the client got nothing from C during B's 2 s stall"
+        );
     }
 }
 
