@@ -73,8 +73,8 @@ const GAP_WINDOW: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Detector {
     detect: Duration,
-    /// The primary's first word, once it came.
-    since: Option<StdInstant>,
+    /// Whether the primary has said anything yet.
+    spoke: bool,
     /// Its last word (the session's start before the first).
     last: StdInstant,
     /// The longest silence between two words in the current window and the one before.
@@ -86,7 +86,7 @@ impl Detector {
     fn new(detect: Duration, now: StdInstant) -> Detector {
         Detector {
             detect,
-            since: None,
+            spoke: false,
             last: now,
             gaps: [Duration::ZERO; 2],
             window: now,
@@ -99,11 +99,10 @@ impl Detector {
             self.gaps = [Duration::ZERO, self.gaps[0]];
             self.window = now;
         }
-        if self.since.is_some() {
+        if self.spoke {
             self.gaps[0] = self.gaps[0].max(now.duration_since(self.last));
-        } else {
-            self.since = Some(now);
         }
+        self.spoke = true;
         self.last = now;
     }
 
@@ -115,7 +114,9 @@ impl Detector {
     /// The silence after which the primary is taken for dead; `None` before its first word
     /// (the session is not up yet).
     fn threshold(&self) -> Option<Duration> {
-        self.since?;
+        if !self.spoke {
+            return None;
+        }
         let t = self.detect.max(2 * self.gaps[0].max(self.gaps[1]));
         Some(t.min(self.detect.max(STANDBY_LOST / 2)))
     }

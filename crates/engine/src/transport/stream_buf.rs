@@ -695,11 +695,6 @@ impl SendBuffer {
         from
     }
 
-    /// The end of the bytes held: what the application wrote so far.
-    pub(crate) fn written_end(&self) -> u64 {
-        self.end()
-    }
-
     /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
     /// buffer's methods rely on.
     pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<SendBuffer, SnapshotError> {

@@ -107,7 +107,7 @@ impl Transport {
     /// How far a checkpoint taken now carries the stream's bytes.
     pub fn stream_cover(&self) -> StreamCover {
         StreamCover {
-            send_end: self.send.written_end(),
+            send_end: self.send.end(),
             recv_end: self.recv.contiguous_end(),
         }
     }
