@@ -1797,14 +1797,16 @@ impl Transport {
         self.state != State::Open
     }
 
-    /// Offers stream bytes; returns how many were taken: `Ok(0)` when the send buffer is full
-    /// ([`TransportEvent::Writable`] follows when it has room again).
+    /// Offers stream bytes; returns how many were taken: fewer than offered (`Ok(0)` at
+    /// worst) when the send buffer is full, and then [`TransportEvent::Writable`] follows
+    /// when it has room again. A writer may therefore wait for that event after any short
+    /// write, not only after one that took nothing.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, WriteError> {
         if self.is_closed() {
             return Err(WriteError::Closed);
         }
         let n = self.send.write(data).map_err(|_| WriteError::Finished)?;
-        if n == 0 && !data.is_empty() {
+        if n < data.len() {
             self.write_blocked = true;
         }
         self.memory_released = false;

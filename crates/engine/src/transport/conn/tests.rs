@@ -98,6 +98,11 @@ struct App {
     read_chunk: usize,
     next_read: Instant,
     events: Vec<TransportEvent>,
+    /// Writes once, then again only after each [`TransportEvent::Writable`] (a writer that
+    /// waits to be told rather than retrying).
+    event_driven: bool,
+    /// An event-driven writer stopped by a short write, waiting for `Writable`.
+    waiting: bool,
 }
 
 impl App {
@@ -109,6 +114,16 @@ impl App {
             ..App::default()
         }
     }
+    /// Takes the transport's events; `Writable` lets a waiting writer go on.
+    fn take_events(&mut self, t: &mut Transport) {
+        while let Some(e) = t.poll_event() {
+            if e == TransportEvent::Writable {
+                self.waiting = false;
+            }
+            self.events.push(e);
+        }
+    }
+
     fn count(&self, e: &TransportEvent) -> usize {
         self.events.iter().filter(|x| *x == e).count()
     }
@@ -221,18 +236,22 @@ impl Pair {
         let mut progress = false;
         for i in 0..2 {
             let (t, app) = (&mut self.t[i], &mut self.app[i]);
-            while let Some(e) = t.poll_event() {
-                app.events.push(e);
-            }
+            app.take_events(t);
             if t.is_closed() {
                 continue;
             }
-            while app.written < app.to_send.len() {
-                match t.write(&app.to_send[app.written..]) {
+            while app.written < app.to_send.len() && !app.waiting {
+                let rest = &app.to_send[app.written..];
+                match t.write(rest) {
+                    Ok(0) if app.event_driven => {
+                        app.waiting = true;
+                        break;
+                    }
                     Ok(0) => break,
                     Ok(n) => {
                         app.written += n;
                         progress = true;
+                        app.waiting = app.event_driven && n < rest.len();
                     }
                     Err(e) => panic!("side {i}: write failed: {e}"),
                 }
@@ -319,9 +338,7 @@ impl Pair {
             progress = true;
         }
         for (t, app) in self.t.iter_mut().zip(&mut self.app) {
-            while let Some(e) = t.poll_event() {
-                app.events.push(e);
-            }
+            app.take_events(t);
         }
         progress
     }
@@ -533,6 +550,25 @@ fn flow_control_is_never_exceeded_and_writes_block() {
         // set the pace: 100 reads of 20 ms, less the initial window.
         assert!(p.now >= Instant::ZERO + ms(1500), "{:?}", p.now);
     }
+}
+
+#[test]
+fn a_short_write_is_followed_by_writable() {
+    // A writer that stops at a short write (the send buffer took part of what it offered)
+    // and waits to be told: `Writable` must come once the buffer has room, or it waits
+    // forever (the runtime's step writer did, with the primary's stream stalled).
+    let config = TransportConfig {
+        send_buffer: 10_000,
+        ..TransportConfig::default()
+    };
+    let mut rng = Rng::new(9);
+    let mut p = Pair::new(&config, Link::lossy(0), 9);
+    p.app = [App::sending(rng.bytes(200_000)), App::sending(Vec::new())];
+    p.app[0].event_driven = true;
+    p.run_until(Pair::both_drained);
+    p.assert_no_errors();
+    assert!(p.app[1].received == p.app[0].to_send);
+    assert!(p.app[0].count(&TransportEvent::Writable) > 0);
 }
 
 #[test]
