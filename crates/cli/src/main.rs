@@ -200,6 +200,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // The router logs at info by default; every other command only when RUST_LOG asks (its
+    // output is its job's, and tests read it).
+    if std::env::var_os("RUST_LOG").is_some() && !matches!(cli.command, Command::Router(_)) {
+        init_logs("warn");
+    }
     match cli.command {
         Command::Id { names, key: None } => id(&names),
         Command::Id {
@@ -362,8 +367,15 @@ pub(crate) fn run(fut: impl std::future::Future<Output = Result<(), String>>) ->
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
-    block_on(&rt, fut)
+    let code = block_on(&rt, fut);
+    // A read of stdin blocked in the runtime's thread pool cannot be cancelled: do not wait
+    // for it (`cat` ending on a dead connection while its input is still open).
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+    code
 }
+
+/// How long a finished command waits for its runtime's blocking work (reads of stdin).
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(200);
 
 /// [`run`] on a single-threaded runtime: every task (sockets, timers, the endpoint's driver)
 /// on one thread, so handing work from one task to another never wakes another thread.

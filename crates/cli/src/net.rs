@@ -611,17 +611,23 @@ pub async fn cat(
         let (mut r, mut w) = stream.split();
         let send = async {
             let mut stdin = tokio::io::stdin();
-            tokio::io::copy(&mut stdin, &mut w).await?;
-            w.shutdown().await
+            let sent = async {
+                tokio::io::copy(&mut stdin, &mut w).await?;
+                w.shutdown().await
+            };
+            sent.await.map_err(|e| format!("sending: {e}"))
         };
         let receive = async {
             let mut stdout = tokio::io::stdout();
-            tokio::io::copy(&mut r, &mut stdout).await?;
-            stdout.flush().await
+            let received = async {
+                tokio::io::copy(&mut r, &mut stdout).await?;
+                stdout.flush().await
+            };
+            received.await.map_err(|e| format!("receiving: {e}"))
         };
-        let (s, r) = tokio::join!(send, receive);
-        s.map_err(|e| format!("sending: {e}"))?;
-        r.map_err(|e| format!("receiving: {e}"))?;
+        // Each direction ends on its own (the peer's FIN does not end what we send), but a
+        // failure of either ends both: a dead connection must not wait for stdin's end.
+        tokio::try_join!(send, receive)?;
     }
     // Both directions ended: let the FIN exchange finish so the peer sees a clean close.
     match tokio::time::timeout(CLOSE_WAIT, stream.closed()).await {

@@ -1,6 +1,11 @@
 //! Runs the real `serval` binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
-use std::process::{Command, Output};
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn serval(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_serval"))
@@ -103,4 +108,63 @@ fn cat_to_a_hop_where_nothing_listens_fails_after_its_connect_timeout() {
     // A timeout that is not a number of seconds is a usage error.
     let o = serval(&["cat", "x", "--via", &via, "--connect-timeout", "soon"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn cat_ends_on_a_reset_connection_while_its_input_is_still_open() {
+    // An echo instance that will reset its streams: stopped with two signals (the second
+    // closes open connections at once).
+    let (mut listener, addr) = support::instance("reset.cat.test", None, &["--echo"]);
+    let mut cat = support::Guard(
+        support::serval()
+            .args([
+                "cat",
+                "reset.cat.test",
+                "--via",
+                &addr,
+                "--connect-timeout",
+                "5",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cat"),
+    );
+    // Kept open for the whole test: cat never sees the end of its input.
+    let mut input = cat.0.stdin.take().unwrap();
+    input.write_all(b"hello\n").unwrap();
+    let mut echoed = String::new();
+    BufReader::new(cat.0.stdout.take().unwrap())
+        .read_line(&mut echoed)
+        .unwrap();
+    assert_eq!(echoed, "hello\n");
+    let err = support::lines(cat.0.stderr.take().unwrap());
+    for _ in 0..2 {
+        let pid = listener.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    listener.0.wait().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = cat.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "cat still runs with its connection reset (it waits for its input to end)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let said = support::drain(&err).join("\n");
+    assert!(said.contains("error: receiving:"), "{said:?}");
+    drop(input);
 }
