@@ -503,14 +503,11 @@ impl PrimarySession {
                     })??;
                 spoke = StdInstant::now();
             }
-            if self.heard.elapsed() > STANDBY_LOST {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the standby went silent: continuing unreplicated",
-                ));
-            }
             let notified = self.notify.notified();
+            // Reading first: after a long write, what the standby said meanwhile is waiting,
+            // and its silence is judged only once that is read.
             tokio::select! {
+                biased;
                 r = frames.fill(&self.stream) => {
                     r?;
                     self.heard = StdInstant::now();
@@ -527,6 +524,12 @@ impl PrimarySession {
                 }
                 () = notified => {}
                 () = tokio::time::sleep(HEARTBEAT) => {}
+            }
+            if self.heard.elapsed() > STANDBY_LOST {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the standby went silent: continuing unreplicated",
+                ));
             }
         }
     }

@@ -28,11 +28,24 @@ impl Drop for Guard {
 
 /// Lines of a child's pipe, read on a thread. The pipe is read to its end even after the
 /// receiver is dropped, so the child never writes into a closed pipe.
+///
+/// With `SERVAL_TEST_LOGS=DIR` in the environment, every line also goes to a file of its own
+/// in DIR (`<test process id>-<n>.log`), to read a failure's logs afterwards (with
+/// `RUST_LOG=debug`, say).
 pub fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut copy = std::env::var_os("SERVAL_TEST_LOGS").and_then(|dir| {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::path::Path::new(&dir).join(format!("{}-{n}.log", std::process::id()));
+        std::fs::File::create(path).ok()
+    });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
+            if let Some(f) = copy.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             let _ = tx.send(line);
         }
     });

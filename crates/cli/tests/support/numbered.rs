@@ -4,8 +4,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -21,24 +21,41 @@ pub fn line(i: u64) -> String {
 /// The client: `serval cat SERVICE` through the router, fed `total` lines from a thread (no
 /// further than `gate`); a second thread checks every answer as it comes and counts them in
 /// `progress`. Joining the reader gives the SHA-256 of what it received and of what it
-/// expected, and how many answers.
+/// expected, how many answers, and the first wrong one if any. `cat`'s stderr is kept so a
+/// failure can say why it stopped.
 pub struct Client {
     pub cat: Guard,
-    reader: std::thread::JoinHandle<([u8; 32], [u8; 32], u64)>,
+    reader: std::thread::JoinHandle<Answers>,
+    stderr: Arc<Mutex<Vec<String>>>,
     /// Answers checked so far.
     pub progress: Arc<AtomicU64>,
     /// Lines the writer may send.
     pub gate: Arc<AtomicU64>,
 }
 
+struct Answers {
+    got: [u8; 32],
+    want: [u8; 32],
+    n: u64,
+    wrong: Option<String>,
+}
+
 pub fn client(mut cat: Command, total: u64, gate: u64) -> Client {
     let mut child: Child = cat
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn cat");
     let mut stdin = child.stdin.take().unwrap();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let said = super::lines(child.stderr.take().unwrap());
+    let kept = stderr.clone();
+    std::thread::spawn(move || {
+        for l in said {
+            kept.lock().unwrap().push(l);
+        }
+    });
     let gate = Arc::new(AtomicU64::new(gate));
     let g = gate.clone();
     std::thread::spawn(move || {
@@ -65,24 +82,40 @@ pub fn client(mut cat: Command, total: u64, gate: u64) -> Client {
         let mut r = BufReader::with_capacity(1 << 16, stdout);
         let (mut got, mut want) = (Sha256::new(), Sha256::new());
         let mut buf = String::new();
-        let mut n = 0;
+        let (mut n, mut wrong) = (0, None);
         while n < total {
             buf.clear();
             if r.read_line(&mut buf).unwrap_or(0) == 0 {
                 break;
             }
             let expected = format!("{} {}", n + 1, line(n));
-            assert_eq!(buf, expected, "answer {n}");
+            if buf != expected {
+                wrong = Some(format!(
+                    "answer {n} is {buf:?}, not {expected:?}{}",
+                    if buf.ends_with('\n') {
+                        ""
+                    } else {
+                        " (the stream ended inside it)"
+                    }
+                ));
+                break;
+            }
             got.update(buf.as_bytes());
             want.update(expected.as_bytes());
             n += 1;
             p.store(n, Ordering::Relaxed);
         }
-        (got.finalize().into(), want.finalize().into(), n)
+        Answers {
+            got: got.finalize().into(),
+            want: want.finalize().into(),
+            n,
+            wrong,
+        }
     });
     Client {
         cat: Guard(child),
         reader,
+        stderr,
         progress,
         gate,
     }
@@ -93,20 +126,56 @@ pub fn wait_progress(c: &Client, at_least: u64, limit: Duration) {
     while c.progress.load(Ordering::Relaxed) < at_least {
         assert!(
             start.elapsed() < limit,
-            "the client got {} answers, not {at_least}, in {limit:?}",
-            c.progress.load(Ordering::Relaxed)
+            "the client got {} answers, not {at_least}, in {limit:?}; {}",
+            c.progress.load(Ordering::Relaxed),
+            cat_said(&c.stderr)
         );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-pub fn finish(mut c: Client, total: u64) {
-    let (got, want, n) = c.reader.join().expect("every answer checked");
-    assert_eq!(n, total, "answers received");
-    assert_eq!(got, want, "SHA-256 of the whole answer stream");
+/// What `cat` printed on stderr so far, for a failure message.
+fn cat_said(stderr: &Mutex<Vec<String>>) -> String {
+    let lines = stderr.lock().unwrap();
+    let tail = &lines[lines.len().saturating_sub(20)..];
+    format!(
+        "cat's stderr (last {} lines):\n{}",
+        tail.len(),
+        tail.join("\n")
+    )
+}
+
+pub fn finish(c: Client, total: u64) {
+    let Client {
+        mut cat,
+        reader,
+        stderr,
+        ..
+    } = c;
+    let a = reader.join().expect("every answer checked");
+    if a.wrong.is_some() || a.n != total {
+        // cat's stderr ends when it exits; give its last words a moment to arrive.
+        let start = Instant::now();
+        while cat.0.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        panic!(
+            "{} after {} of {total} answers; cat {}\n{}",
+            a.wrong.as_deref().unwrap_or("the stream ended"),
+            a.n,
+            match cat.0.try_wait() {
+                Ok(Some(st)) => format!("exited with {st}"),
+                _ => "was still running".to_string(),
+            },
+            cat_said(&stderr)
+        );
+    }
+    assert_eq!(a.got, a.want, "SHA-256 of the whole answer stream");
     let start = Instant::now();
     loop {
-        if let Some(st) = c.cat.0.try_wait().unwrap() {
+        if let Some(st) = cat.0.try_wait().unwrap() {
             assert!(st.success(), "cat exited with {st}");
             break;
         }
