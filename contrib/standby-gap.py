@@ -12,12 +12,19 @@ Bulk recovery: the same lines sent as fast as `serval cat` takes them (LINES of 
 after the standby attached; the primary is SIGKILLed once 10 MB of answers arrived; the client's longest gap between two reads
 after the kill, and whether the answers are exact.
 
+Stall: as Recovery, but the primary is stopped (SIGSTOP) for 0.1 s, then for 1 s, and continued
+(SIGCONT) rather than killed: a live primary the standby takes for dead (a false takeover). The
+client's longest gap around the stop, and whether every answer came exactly once: nothing may
+wait for the stopped primary once the standby took over.
+
 Throughput: LINES lines of 64 bytes sent as fast as `serval cat` takes them, with and without
 a standby, in alternation; the time until the last answer arrived.
 
 Usage: contrib/standby-gap.py [SERVAL_BINARY] [REPS] [LINES]
+PARTS=recovery,stall,bulk,throughput (the default: all) chooses what runs.
 """
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,7 +75,8 @@ def instances(tmp, rep, standby):
     return pa, primary, procs, log
 
 
-def recovery(tmp, rep):
+def recovery(tmp, rep, stop=None):
+    """The primary SIGKILLed 1 s in; or, with `stop` (seconds), SIGSTOPped that long."""
     pa, primary, procs, log = instances(tmp, rep, True)
     cat = subprocess.Popen([S, "cat", "gap.test", "--via", pa], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE)
@@ -96,14 +104,18 @@ def recovery(tmp, rep):
             ok = False
             break
         if killed is None and stamps[-1] - stamps[0] > 1.0:
-            primary.kill()
             killed = time.monotonic()
+            if stop is None:
+                primary.kill()
+            else:
+                primary.send_signal(signal.SIGSTOP)
+                threading.Timer(stop, primary.send_signal, (signal.SIGCONT,)).start()
     cat.wait(timeout=30)
     for p in procs:
         p.kill()
         p.wait()
     gap = lambda a, b: max((y - x for x, y in zip(stamps, stamps[1:]) if a <= x <= b), default=0)
-    during = gap(killed - 0.01, killed + 2)
+    during = gap(killed - 0.01, killed + 2 + (stop or 0))
     before = gap(killed - 1, killed - 0.01)
     took = next((l.strip() for l in log if "took over" in l), "no takeover")
     return during, before, ok and len(stamps) == total, took
@@ -165,6 +177,26 @@ def summary(xs):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="standby-gap-")
+    parts = os.environ.get("PARTS", "recovery,stall,bulk,throughput").split(",")
+    if "recovery" in parts:
+        recoveries(tmp)
+    if "stall" in parts:
+        for stop in (0.1, 1.0):
+            gaps = []
+            for r in range(REPS):
+                during, before, ok, took = recovery(tmp, 200 + r + int(stop * 10), stop)
+                print(f"stall {stop} s {r}: gap {during * 1000:.1f} ms (before "
+                      f"{before * 1000:.1f} ms), exact {ok}; {took}", flush=True)
+                assert ok, "an answer was lost, doubled or out of order"
+                gaps.append(during * 1000)
+            print(f"gap ms around a {stop} s stop: {summary(gaps)}")
+    if "bulk" in parts:
+        bulk_recoveries(tmp)
+    if "throughput" in parts:
+        throughputs(tmp)
+
+
+def recoveries(tmp):
     gaps, befores = [], []
     for r in range(REPS):
         during, before, ok, took = recovery(tmp, r)
@@ -174,6 +206,9 @@ def main():
         gaps.append(during * 1000)
         befores.append(before * 1000)
     print(f"recovery gap ms: {summary(gaps)}; before: {summary(befores)}")
+
+
+def bulk_recoveries(tmp):
     bulk = []
     for r in range(REPS):
         gap, ok, took = bulk_recovery(tmp, 50 + r)
@@ -181,6 +216,9 @@ def main():
         assert ok, "an answer was lost, doubled or out of order"
         bulk.append(gap * 1000)
     print(f"bulk recovery gap ms: {summary(bulk)}")
+
+
+def throughputs(tmp):
     with_sb, without = [], []
     for r in range(REPS):
         for standby, xs in ((False, without), (True, with_sb)):
