@@ -176,13 +176,12 @@ pub enum SnapshotError {
     Delta,
 }
 
-/// The CRC-32C (Castagnoli, as iSCSI and SCTP use) of `data`. Slice-by-16 tables: a
-/// checkpoint of a bulk stream is checksummed thousands of times a second, and the
-/// byte-at-a-time table made the CRC most of a hot standby's cost.
+/// The CRC-32C (Castagnoli, as iSCSI and SCTP use) of `data`. A hot standby's checkpoints
+/// carry every stream byte, checksummed once at each end: the `crc32c` crate uses the CPU's
+/// CRC32 instruction where there is one (SSE 4.2, ARMv8), several times the speed of the
+/// slice-by-16 tables that still took a fifth of the standby's CPU time, and tables elsewhere.
 pub fn crc32c(data: &[u8]) -> u32 {
-    const CRC: crc::Crc<u32, crc::Table<16>> =
-        crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
-    CRC.checksum(data)
+    crc32c::crc32c(data)
 }
 
 /// `t` as a signed offset in nanoseconds from `base`, saturating at `i64::MAX` and
