@@ -1199,7 +1199,7 @@ impl Connection {
     /// drained — our data and stream end acknowledged, the peer's stream end received and
     /// everything read — so from then on only the SAL teardown (the FINs and their ACKs) can be
     /// missing, and losing it loses no data.
-    fn all_delivered(&self) -> bool {
+    pub(crate) fn all_delivered(&self) -> bool {
         self.fin_queued
     }
 

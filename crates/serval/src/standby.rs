@@ -574,14 +574,15 @@ impl PrimarySession {
                 p.in_flight.insert(h);
             }
         }
-        // Streams that ended here (closed, or moved to another host).
+        // Streams that ended here (closed, or in TIME-WAIT: everything delivered both ways,
+        // nothing left to take over), or moved to another host.
         let gone: Vec<(ConnectionHandle, FlowId)> = self
             .replicated
             .iter()
             .filter(|(h, _)| {
-                st.engine
-                    .connection_info(**h)
-                    .is_none_or(|c| c.exported || c.state == ConnState::Closed)
+                st.engine.connection_info(**h).is_none_or(|c| {
+                    c.exported || matches!(c.state, ConnState::Closed | ConnState::TimeWait)
+                })
             })
             .map(|(h, f)| (*h, *f))
             .collect();

@@ -15,6 +15,11 @@
 //! again what the client never acknowledged, and the client drops by stream offset what it
 //! already had.
 //!
+//! A connection that has delivered everything both ways (its SAL FIN is queued only then)
+//! stops holding and releases what it held: what is left is its teardown, which no state of
+//! the standby's could contradict, and its application, done with it, takes no more
+//! checkpoints to release it.
+//!
 //! Nothing changes for the transport: a held datagram counts as sent (its RTT sample, when
 //! acknowledged, includes the hold: the trip to the standby is part of this connection's
 //! round trip now), and a datagram held beyond [`MAX_HELD_DATAGRAMS`] is dropped and counted,
@@ -140,9 +145,11 @@ impl Endpoint {
         let c = self.conn_ref(h).ok_or(ExportError::UnknownConnection)?;
         c.exportable()?;
         let cover = c.stream_cover();
+        // A connection that delivered everything holds nothing more (`hold_output`).
+        let holds = self.hold.on && !c.all_delivered();
         let snapshot =
             self.write_snapshot(h, now, since, |w| w.add_bytes(block::APP, app.to_vec()))?;
-        let mark = if self.hold.on {
+        let mark = if holds {
             CommitMark(self.hold.holds.entry(h).or_default().produced)
         } else {
             CommitMark(self.hold.holds.get(&h).map_or(0, |held| held.produced))
@@ -215,7 +222,17 @@ impl Endpoint {
         out: &mut Vec<u8>,
         start: usize,
     ) -> bool {
-        if !self.hold.on {
+        if !self.hold.on || !self.hold.holds.contains_key(&h) {
+            return false;
+        }
+        // Every byte delivered both ways (the SAL FIN is queued only then): what is left is
+        // the teardown, which no standby's state could contradict — the client has all it
+        // will ever get. Holding it until the next checkpoint would hold it until TIME-WAIT
+        // ends, since a stream whose application is done takes none.
+        if self.conn_ref(h).is_some_and(|c| c.all_delivered()) {
+            if let Some(held) = self.hold.holds.remove(&h) {
+                self.hold.release_all(held);
+            }
             return false;
         }
         let Some(held) = self.hold.holds.get_mut(&h) else {
