@@ -171,8 +171,9 @@ def throughput(tmp, rep, standby):
     return took, out == expect
 
 
-def summary(xs):
-    return f"median {statistics.median(xs):.1f}, min {min(xs):.1f}, max {max(xs):.1f}"
+def summary(xs, digits=1):
+    return (f"median {statistics.median(xs):.{digits}f}, min {min(xs):.{digits}f}, "
+            f"max {max(xs):.{digits}f}")
 
 
 def main():
@@ -229,7 +230,7 @@ def throughputs(tmp):
               flush=True)
     ratios = [w / o for w, o in zip(with_sb, without)]
     print(f"throughput Mb/s without: {summary(without)}; with: {summary(with_sb)}; "
-          f"ratio {summary(ratios)}")
+          f"ratio {summary(ratios, 2)}")
 
 
 if __name__ == "__main__":
