@@ -17,11 +17,15 @@ Stall: as Recovery, but the primary is stopped (SIGSTOP) for 0.1 s, then for 1 s
 client's longest gap around the stop, and whether every answer came exactly once: nothing may
 wait for the stopped primary once the standby took over.
 
+Standby stop: as Recovery, but it is the standby that is stopped (SIGSTOP) for 0.1 s, 0.5 s
+in, then continued: its own stall must not look like the primary's silence. Printed: how many
+repetitions ended in a (false) takeover, and whether every answer came exactly once.
+
 Throughput: LINES lines of 64 bytes sent as fast as `serval cat` takes them, with and without
 a standby, in alternation; the time until the last answer arrived.
 
 Usage: contrib/standby-gap.py [SERVAL_BINARY] [REPS] [LINES]
-PARTS=recovery,stall,bulk,throughput (the default: all) chooses what runs.
+PARTS=recovery,stall,standby-stop,bulk,throughput (the default: all) chooses what runs.
 """
 import os
 import signal
@@ -121,6 +125,41 @@ def recovery(tmp, rep, stop=None):
     return during, before, ok and len(stamps) == total, took
 
 
+def standby_stop(tmp, rep):
+    """The paced stream of `recovery`, its standby stopped for 0.1 s."""
+    pa, _, procs, log = instances(tmp, rep, True)
+    cat = subprocess.Popen([S, "cat", "gap.test", "--via", pa], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+    total = 3000
+
+    def writer():
+        for i in range(total):
+            cat.stdin.write(line(i))
+            cat.stdin.flush()
+            time.sleep(0.0005)
+        cat.stdin.close()
+
+    threading.Thread(target=writer, daemon=True).start()
+    ok, n, t0, stopped = True, 0, time.monotonic(), False
+    while n < total:
+        got = cat.stdout.readline()
+        if got != f"{n + 1} ".encode() + line(n):
+            ok = False
+            break
+        n += 1
+        if not stopped and time.monotonic() - t0 > 0.5:
+            procs[1].send_signal(signal.SIGSTOP)
+            time.sleep(0.1)
+            procs[1].send_signal(signal.SIGCONT)
+            stopped = True
+    cat.wait(timeout=30)
+    time.sleep(0.3)
+    for p in procs:
+        p.kill()
+        p.wait()
+    return ok, next((l.strip() for l in log if "took over" in l), "no takeover")
+
+
 def bulk_recovery(tmp, rep):
     pa, primary, procs, log = instances(tmp, rep, True)
     # A standby attached a while ago: its detection threshold has seen the primary's pace.
@@ -178,7 +217,7 @@ def summary(xs, digits=1):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="standby-gap-")
-    parts = os.environ.get("PARTS", "recovery,stall,bulk,throughput").split(",")
+    parts = os.environ.get("PARTS", "recovery,stall,standby-stop,bulk,throughput").split(",")
     if "recovery" in parts:
         recoveries(tmp)
     if "stall" in parts:
@@ -191,6 +230,14 @@ def main():
                 assert ok, "an answer was lost, doubled or out of order"
                 gaps.append(during * 1000)
             print(f"gap ms around a {stop} s stop: {summary(gaps)}")
+    if "standby-stop" in parts:
+        taken = 0
+        for r in range(REPS):
+            ok, took = standby_stop(tmp, 300 + r)
+            print(f"standby stop {r}: exact {ok}; {took}", flush=True)
+            assert ok, "an answer was lost, doubled or out of order"
+            taken += took != "no takeover"
+        print(f"standby stopped 0.1 s: {taken} takeover(s) in {REPS}")
     if "bulk" in parts:
         bulk_recoveries(tmp)
     if "throughput" in parts:

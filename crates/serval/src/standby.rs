@@ -61,6 +61,11 @@ pub const STANDBY_LOST: Duration = Duration::from_secs(1);
 /// (it takes nothing over: it never held anything).
 pub const SESSION_SETUP: Duration = Duration::from_secs(5);
 
+/// How long a standby whose threshold just passed waits for words already on their way
+/// before taking over: long enough for its runtime to read its sockets after a stall of its
+/// own, and it adds that much to every true detection.
+const RECHECK: Duration = Duration::from_millis(1);
+
 /// The window over which a standby remembers the longest silence it has seen between two
 /// words of a live primary.
 const GAP_WINDOW: Duration = Duration::from_secs(1);
@@ -696,6 +701,15 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
             .saturating_sub(detector.silence(now));
         let r =
             tokio::time::timeout(wait.max(Duration::from_micros(100)), frames.fill(&stream)).await;
+        // The threshold crossed may be this process's own stall (descheduled, stopped): what
+        // the primary said meanwhile then waits in the socket, not yet taken in. Give the
+        // runtime a moment to read it before judging.
+        let r = match (r, threshold) {
+            (Err(_), Some(t)) if detector.silence(StdInstant::now()) >= t => {
+                tokio::time::timeout(RECHECK, frames.fill(&stream)).await
+            }
+            (r, _) => r,
+        };
         let now = StdInstant::now();
         match (r, threshold) {
             // Until the primary's first word the session is not up: nothing to take over.
