@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use super::{BlockReader, FLAG_DELTA, SnapshotError, SnapshotReader, SnapshotWriter, block};
+use super::{BlockReader, FLAG_DELTA, SnapshotError, SnapshotReader, assemble, block};
 use crate::Instant;
 
 /// Stream bytes at consecutive offsets from `start`.
@@ -206,26 +206,41 @@ impl Replica {
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let reader = SnapshotReader::parse_allowing(&self.head, FLAG_DELTA)?;
         let delta = reader.flags() & FLAG_DELTA != 0;
-        let mut w = SnapshotWriter::new(reader.export_id(), reader.move_epoch(), Instant::ZERO);
-        w.set_flags(reader.flags() & !FLAG_DELTA);
+        // The stream bytes go from the logs straight into the snapshot, in parts: a takeover
+        // rebuilds megabytes, and every copy of them is on the client's recovery time.
+        let (send_len, recv_len) = (len32(&self.send.bytes)?, len32(&self.recv.bytes)?);
+        let (send0, send1) = self.send.bytes.as_slices();
+        let (recv0, recv1) = self.recv.bytes.as_slices();
+        let mut blocks: Vec<(u16, Vec<&[u8]>)> = Vec::new();
         for &(ty, body) in reader.raw_blocks() {
             if ty != block::STREAM {
-                w.add_bytes(ty, body.to_vec())?;
+                blocks.push((ty, vec![body]));
                 continue;
             }
             let l = StreamLayout::parse(body, delta)?;
-            let mut b =
-                Vec::with_capacity(body.len() + self.send.bytes.len() + self.recv.bytes.len());
-            b.extend_from_slice(&body[..l.send.start]);
-            put_bytes(&mut b, &self.send.bytes)?;
-            b.extend_from_slice(&body[l.send.end..l.recv.start]);
-            put_bytes(&mut b, &self.recv.bytes)?;
-            // Fields a later version appends; a delta's two offsets are not part of a
-            // whole block.
-            b.extend_from_slice(&body[l.recv.end..l.fields_end]);
-            w.add_bytes(ty, b)?;
+            // A delta's two offsets after the fields are not part of a whole block; fields a
+            // later version appends are.
+            blocks.push((
+                ty,
+                vec![
+                    &body[..l.send.start],
+                    &send_len,
+                    send0,
+                    send1,
+                    &body[l.send.end..l.recv.start],
+                    &recv_len,
+                    recv0,
+                    recv1,
+                    &body[l.recv.end..l.fields_end],
+                ],
+            ));
         }
-        w.finish()
+        assemble(
+            reader.flags() & !FLAG_DELTA,
+            reader.export_id(),
+            reader.move_epoch(),
+            &blocks,
+        )
     }
 
     /// The stream bytes held (send and receive).
@@ -234,12 +249,9 @@ impl Replica {
     }
 }
 
-/// Appends `data` as a `bytes` field.
-fn put_bytes(out: &mut Vec<u8>, data: &VecDeque<u8>) -> Result<(), SnapshotError> {
-    let n = u32::try_from(data.len()).map_err(|_| SnapshotError::TooLarge)?;
-    out.extend_from_slice(&n.to_be_bytes());
-    let (a, b) = data.as_slices();
-    out.extend_from_slice(a);
-    out.extend_from_slice(b);
-    Ok(())
+/// The length prefix of a `bytes` field holding `data`.
+fn len32(data: &VecDeque<u8>) -> Result<[u8; 4], SnapshotError> {
+    u32::try_from(data.len())
+        .map(u32::to_be_bytes)
+        .map_err(|_| SnapshotError::TooLarge)
 }
