@@ -316,6 +316,9 @@ impl Stream {
 #[derive(Default)]
 struct Frames {
     buf: Vec<u8>,
+    /// Where the next frame starts: frames taken are dropped from the buffer at the next
+    /// read, not one by one (each drop moves what is behind it).
+    start: usize,
 }
 
 impl Frames {
@@ -329,6 +332,8 @@ impl Frames {
                 "the other end closed the session",
             ));
         }
+        self.buf.drain(..self.start);
+        self.start = 0;
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
@@ -339,7 +344,7 @@ impl Frames {
         &mut self,
         len: impl Fn(u8, &[u8]) -> io::Result<Option<usize>>,
     ) -> io::Result<Option<(u8, Vec<u8>)>> {
-        let Some((&kind, rest)) = self.buf.split_first() else {
+        let Some((&kind, rest)) = self.buf[self.start..].split_first() else {
             return Ok(None);
         };
         let Some(n) = len(kind, rest)? else {
@@ -349,7 +354,7 @@ impl Frames {
             return Ok(None);
         }
         let body = rest[..n].to_vec();
-        self.buf.drain(..1 + n);
+        self.start += 1 + n;
         Ok(Some((kind, body)))
     }
 }

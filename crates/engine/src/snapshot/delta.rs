@@ -144,8 +144,8 @@ impl StreamLayout {
 /// deltas since, in the order they were taken.
 #[derive(Clone, Debug)]
 pub struct Replica {
-    /// The latest checkpoint as received (whole, or a delta): every block but the stream
-    /// bytes.
+    /// The latest checkpoint (whole, or a delta) without its stream bytes, which are in the
+    /// logs: its STREAM block's two byte fields are empty (and the container re-sealed).
     head: Vec<u8>,
     send: Log,
     recv: Log,
@@ -181,6 +181,32 @@ impl Replica {
             })?;
         let l = StreamLayout::parse(stream, delta)?;
         let data = |range: &core::ops::Range<usize>| &stream[range.start + 4..range.end];
+        // Copying the whole checkpoint would copy its stream bytes a second time (they are
+        // most of a delta); the head keeps the rest, a few kilobytes.
+        let empty = 0u32.to_be_bytes();
+        let blocks: Vec<(u16, Vec<&[u8]>)> = reader
+            .raw_blocks()
+            .iter()
+            .map(|&(ty, body)| match ty {
+                block::STREAM => (
+                    ty,
+                    vec![
+                        &body[..l.send.start],
+                        &empty,
+                        &body[l.send.end..l.recv.start],
+                        &empty,
+                        &body[l.recv.end..],
+                    ],
+                ),
+                _ => (ty, vec![body]),
+            })
+            .collect();
+        let head = assemble(
+            reader.flags(),
+            reader.export_id(),
+            reader.move_epoch(),
+            &blocks,
+        )?;
         if delta {
             if !self.send.holds(l.send_base, l.send_from)
                 || !self.recv.holds(l.recv_read, l.recv_from)
@@ -196,8 +222,7 @@ impl Replica {
             self.send.set(l.send_from, data(&l.send));
             self.recv.set(l.recv_from, data(&l.recv));
         }
-        self.head.clear();
-        self.head.extend_from_slice(checkpoint);
+        self.head = head;
         Ok(())
     }
 
