@@ -181,6 +181,15 @@ impl Replica {
             })?;
         let l = StreamLayout::parse(stream, delta)?;
         let data = |range: &core::ops::Range<usize>| &stream[range.start + 4..range.end];
+        if delta
+            && !(self.send.holds(l.send_base, l.send_from)
+                && self.recv.holds(l.recv_read, l.recv_from))
+        {
+            return Err(SnapshotError::Malformed {
+                block: block::STREAM,
+                reason: "delta does not apply to the checkpoint held",
+            });
+        }
         // Copying the whole checkpoint would copy its stream bytes a second time (they are
         // most of a delta); the head keeps the rest, a few kilobytes.
         let empty = 0u32.to_be_bytes();
@@ -208,14 +217,6 @@ impl Replica {
             &blocks,
         )?;
         if delta {
-            if !self.send.holds(l.send_base, l.send_from)
-                || !self.recv.holds(l.recv_read, l.recv_from)
-            {
-                return Err(SnapshotError::Malformed {
-                    block: block::STREAM,
-                    reason: "delta does not apply to the checkpoint held",
-                });
-            }
             self.send.splice(l.send_base, l.send_from, data(&l.send));
             self.recv.splice(l.recv_read, l.recv_from, data(&l.recv));
         } else {
