@@ -11,7 +11,8 @@
 --     bytes, unless the flow runs in plaintext, which the dissector knows from the flow's
 --     SYN-ACK (KEYSHARE flag 0x01) if the capture holds it. Nothing is decrypted or verified;
 --   * protocol 1 (stream) of plaintext flows: the frames (PADDING, PING, ACK with its ranges,
---     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE, PATH_CHALLENGE, PATH_RESPONSE);
+--     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE, PATH_CHALLENGE, PATH_RESPONSE,
+--     MOVE_REQUEST);
 --   * protocol 2 (datagram): the flags byte, the sender's serviceID, the data;
 --   * protocol 3 (registration): REGISTER, UNREGISTER, ACK, REJECT, COOKIE, in the 60-, 76-
 --     (cookie) and 140-byte (signed) forms.
@@ -67,7 +68,7 @@ local REJECT_REASONS = { [0] = "none", [1] = "NOT_ACCEPTED", [2] = "UNAVAILABLE"
 
 local FR_PADDING, FR_PING, FR_ACK, FR_STREAM, FR_STREAM_FIN, FR_MAX_DATA, FR_CLOSE, FR_DATAGRAM =
     0x00, 0x01, 0x02, 0x08, 0x09, 0x10, 0x1c, 0x30
-local FR_PATH_CHALLENGE, FR_PATH_RESPONSE = 0x1a, 0x1b
+local FR_PATH_CHALLENGE, FR_PATH_RESPONSE, FR_MOVE_REQUEST = 0x1a, 0x1b, 0x1d
 local FRAME_NAMES = {
     [FR_PADDING] = "PADDING",
     [FR_PING] = "PING",
@@ -79,6 +80,7 @@ local FRAME_NAMES = {
     [FR_DATAGRAM] = "DATAGRAM",
     [FR_PATH_CHALLENGE] = "PATH_CHALLENGE",
     [FR_PATH_RESPONSE] = "PATH_RESPONSE",
+    [FR_MOVE_REQUEST] = "MOVE_REQUEST",
 }
 
 local LOC_FAMILIES = { [4] = "IPv4", [6] = "IPv6" }
@@ -182,6 +184,7 @@ local f = {
     close_reason_len = ProtoField.uint64("serval.close.reason_len", "Reason Length", base.DEC),
     close_reason = ProtoField.string("serval.close.reason", "Reason"),
     path_data = ProtoField.bytes("serval.path.data", "Path Data"),
+    move_to = ProtoField.string("serval.move.to", "Move To (agent)"),
 
     -- protocol 2: datagrams by name
     dgram_flags = ProtoField.uint8("serval.dgram.flags", "Datagram Flags", base.HEX),
@@ -707,6 +710,18 @@ local function render_stream(tvb, off, limit, tree, with_pn)
             ft:add(f.path_data, tvb(pos, 8))
             summary[#summary + 1] = name .. "(" .. tostring(tvb(pos, 8):bytes()) .. ")"
             pos = pos + 8
+        elseif ty == FR_MOVE_REQUEST then
+            -- One locator: the agent the client names (docs/wire.md §15).
+            if pos >= limit then
+                return malformed("BadLocator: " .. trunc)
+            end
+            local text, n, why = locator_text(tvb, pos, limit)
+            if not text then
+                return malformed("BadLocator: " .. why)
+            end
+            ft:add(f.move_to, tvb(pos, n), text)
+            summary[#summary + 1] = "MOVE_REQUEST(" .. text .. ")"
+            pos = pos + n
         end
         ft:set_len(pos - start)
     end

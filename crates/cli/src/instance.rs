@@ -175,6 +175,17 @@ impl InstanceSource for Source {
                 self.moved_out.load(Ordering::Relaxed),
             ),
             Metric::counter(
+                "flows_moved_at_client_request",
+                "Flows moved to another instance because their client asked (cat --move-to)",
+                self.migrator.as_ref().map_or(0, |m| m.client_moves().0),
+            ),
+            Metric::counter(
+                "client_move_requests_failed",
+                "Clients' move requests that failed (the flow stayed, or was lost if the \
+                 transfer broke)",
+                self.migrator.as_ref().map_or(0, |m| m.client_moves().1),
+            ),
+            Metric::counter(
                 "flow_moves_failed",
                 "Flow moves that failed (the flow stayed, or was lost if the transfer broke)",
                 self.failed_moves.load(Ordering::Relaxed),

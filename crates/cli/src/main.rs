@@ -96,6 +96,15 @@ enum Command {
         /// the SYN's whole retransmission schedule (about two minutes, like TCP).
         #[arg(long, value_name = "SECS", default_value_t = 10.0)]
         connect_timeout: f64,
+        /// Ask the server to move its end of the stream to the instance of the service whose
+        /// migration agent is at AGENT (the client's choice of instance; `serval listen
+        /// --admin` prints its agent). The stream goes on; one line on stderr says where it
+        /// moved, or why not (cat then exits 1 at its end).
+        #[arg(long, value_name = "AGENT")]
+        move_to: Option<std::net::SocketAddr>,
+        /// With --move-to: ask once this many bytes have come back.
+        #[arg(long, value_name = "BYTES", default_value_t = 0, requires = "move_to")]
+        move_after: u64,
     },
     /// Translator: accept ordinary TCP connections and carry each to a service by name.
     ///
@@ -250,13 +259,19 @@ fn main() -> ExitCode {
             service,
             hop,
             connect_timeout,
+            move_to,
+            move_after,
         } => match (
             ServiceId::parse(&service),
             Duration::try_from_secs_f64(connect_timeout),
         ) {
             (Ok(id), Ok(limit)) => {
                 let limit = (!limit.is_zero()).then_some(limit);
-                run(net::cat(&service, id, &hop, limit))
+                let move_to = move_to.map(|to| net::MoveTo {
+                    to,
+                    after: move_after,
+                });
+                run(net::cat(&service, id, &hop, limit, move_to))
             }
             (Err(e), _) => usage(&e),
             (_, Err(_)) => usage(&format!(

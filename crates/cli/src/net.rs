@@ -580,18 +580,29 @@ pub async fn connect(
 /// and one retransmission (the control RTO starts at 1 s).
 pub const ROUTER_TRY: Duration = Duration::from_millis(1500);
 
+/// `serval cat --move-to`: the client asks its server to move the stream's other end.
+#[derive(Clone, Copy, Debug)]
+pub struct MoveTo {
+    /// The migration agent of the instance to move to.
+    pub to: SocketAddr,
+    /// Ask once this many bytes came back.
+    pub after: u64,
+}
+
 /// Connects to `service` (typed by the user as `name`) through `hop`, giving up after
-/// `connect_timeout` without an answer, sends stdin, prints what comes back.
+/// `connect_timeout` without an answer, sends stdin, prints what comes back; with `move_to`,
+/// asks the server to move its end of the stream part way.
 pub async fn cat(
     name: &str,
     service: ServiceId,
     hop: &HopArgs,
     connect_timeout: Option<Duration>,
+    move_to: Option<MoveTo>,
 ) -> Result<(), String> {
     let next = hop.next_hop();
     let ep = client(&next, hop.bind, hop.endpoint_config(), hop.follow()).await?;
     let connecting = connect(&ep, name, service, &next);
-    let mut stream = match connect_timeout {
+    let stream = match connect_timeout {
         None => connecting.await?,
         Some(limit) => tokio::time::timeout(limit, connecting)
             .await
@@ -607,8 +618,9 @@ pub async fn cat(
                 )
             })??,
     };
-    {
-        let (mut r, mut w) = stream.split();
+    let (received_tx, mut received) = tokio::sync::watch::channel(0u64);
+    let moved = {
+        let (mut r, mut w) = (&stream, &stream);
         let send = async {
             let mut stdin = tokio::io::stdin();
             let sent = async {
@@ -618,20 +630,60 @@ pub async fn cat(
             sent.await.map_err(|e| format!("sending: {e}"))
         };
         let receive = async {
+            // Dropped when receiving ends, which tells a mover still waiting for bytes.
+            let received_tx = received_tx;
             let mut stdout = tokio::io::stdout();
+            let mut buf = vec![0u8; 64 * 1024];
             let received = async {
-                tokio::io::copy(&mut r, &mut stdout).await?;
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut r, &mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    stdout.write_all(&buf[..n]).await?;
+                    received_tx.send_modify(|total| *total += n as u64);
+                }
                 stdout.flush().await
             };
             received.await.map_err(|e| format!("receiving: {e}"))
         };
+        // The move runs beside both directions and never ends them.
+        let mover = async {
+            let Some(m) = move_to else {
+                return Ok(None);
+            };
+            if received.wait_for(|n| *n >= m.after).await.is_err() {
+                return Ok(Some(Err(format!(
+                    "the stream ended before {} bytes came back: not moved",
+                    m.after
+                ))));
+            }
+            let asked = std::time::Instant::now();
+            let r = match stream.request_move(m.to).await {
+                Ok(at) => {
+                    note!(
+                        "serval: the stream moved to {at} (the instance whose agent is {}) in {:.1} ms",
+                        m.to,
+                        asked.elapsed().as_secs_f64() * 1e3
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    let e = format!("the move to {} failed: {e}", m.to);
+                    note!("serval: {e}");
+                    Err(e)
+                }
+            };
+            Ok::<_, String>(Some(r))
+        };
         // Each direction ends on its own (the peer's FIN does not end what we send), but a
         // failure of either ends both: a dead connection must not wait for stdin's end.
-        tokio::try_join!(send, receive)?;
-    }
+        let (_, _, moved) = tokio::try_join!(send, receive, mover)?;
+        moved
+    };
     // Both directions ended: let the FIN exchange finish so the peer sees a clean close.
     match tokio::time::timeout(CLOSE_WAIT, stream.closed()).await {
-        Ok(serval::CloseReason::Finished) | Err(_) => Ok(()),
+        Ok(serval::CloseReason::Finished) | Err(_) => moved.unwrap_or(Ok(())),
         Ok(other) => Err(format!("connection ended badly: {other}")),
     }
 }

@@ -1,7 +1,8 @@
 //! `serval flows` and `serval migrate` on loopback: scale-out (`--share`) moves half of an
 //! instance's live streams to a new instance and every stream completes byte-exact; the admin
 //! API's metrics count the moves; bad flags get one line and exit 2; `serval expose` lists its
-//! flows but refuses to move them, with the reason; a standby that cannot stand by (no primary
+//! flows but refuses to move them, with the reason; `serval cat --move-to` moves its own stream
+//! to the instance it names; a standby that cannot stand by (no primary
 //! at the address, or `expose`) says why in one line. (Moves between hosts: `migrate_netns.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
@@ -118,6 +119,68 @@ fn scale_out_moves_half_the_live_streams_and_every_one_completes() {
         c.gate.store(total, Ordering::Relaxed);
         finish(c, total);
     }
+}
+
+/// `serval cat --move-to AGENT`: the client names the instance its stream should move to,
+/// part way through; the stateful numbering goes on there and every answer is exact.
+#[test]
+fn a_client_moves_its_stream_to_the_instance_it_names() {
+    let dir = Dir::new("migrate-client");
+    let key = dir.path("k");
+    keygen(&key);
+    let (a_admin, b_admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (_a, a) = instance(
+        SERVICE,
+        None,
+        &["--number", "--admin", &a_admin, "--key", &key],
+    );
+    let (_b, b) = instance(
+        SERVICE,
+        None,
+        &["--number", "--admin", &b_admin, "--key", &key],
+    );
+    let b_instance = admin_get(&b_admin, "/instance");
+    let agent = b_instance
+        .split("\"agent\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no agent in {b_instance}"))
+        .to_owned();
+
+    // Bad flags: one line, exit 2.
+    let (code, out) = run(&["cat", SERVICE, "--via", &a, "--move-after", "10"]);
+    assert_eq!(code, 2, "{out}");
+
+    let total = 60_000;
+    let mut cat = serval();
+    cat.args([
+        "cat",
+        SERVICE,
+        "--via",
+        &a,
+        "--move-to",
+        &agent,
+        "--move-after",
+        "100000",
+    ]);
+    let c = client(cat, total, total / 2);
+    let moved = c.wait_said("the stream moved to", Duration::from_secs(30));
+    assert!(moved.contains(&b), "moved to B's locator {b}: {moved}");
+    wait_progress(&c, total / 2, Duration::from_secs(30));
+    assert_eq!(flow_lines(&a_admin).len(), 0, "released at A");
+    let at_b = flow_lines(&b_admin);
+    assert_eq!(at_b.len(), 1, "{at_b:?}");
+    assert!(at_b[0].ends_with(" 1"), "one move so far: {at_b:?}");
+    let metrics = admin_get(&a_admin, "/metrics");
+    assert!(
+        metrics.contains("serval_flows_moved_at_client_request_total 1"),
+        "{metrics}"
+    );
+    c.gate.store(total, Ordering::Relaxed);
+    finish(c, total);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The Wireshark dissector `contrib/wireshark/serval.lua`, run by tshark:
 //!
 //! * on the project's own traffic, captured on loopback with dumpcap while a router, an echo
-//!   instance and clients make a registration, a connect by name, a migration, an
-//!   unregistration and a NACK: every decoded field must equal what was sent (serviceIDs,
+//!   instance and clients make a registration, a connect by name, a migration, a request to
+//!   move the server's end, an unregistration and a NACK: every decoded field must equal what was sent (serviceIDs,
 //!   flowIDs, flags, verno/ackno, nonces, key shares, SOURCE locators, registration fields and
 //!   cookies, packet numbers and tags, stream bytes and offsets, ACK ranges). The flows whose
 //!   frames are checked run in plaintext (`--plaintext` at both ends: still tagged, not
@@ -316,6 +316,8 @@ const NOBODY: &str = "nobody.wireshark.test";
 const HELLO: &[u8] = b"hello wireshark\n";
 const BEFORE: &[u8] = b"before the move\n";
 const AFTER: &[u8] = b"after the move to 127.0.0.2\n";
+/// The agent the migrating client's MOVE_REQUEST names (nothing there: the flow stays).
+const MOVE_TO: &str = "127.0.0.9:4242";
 /// What the encrypted session sends: it must not appear in the capture.
 const SECRET: &[u8] = b"only the two ends may read this line\n";
 
@@ -351,6 +353,13 @@ fn migrating_client(router: SocketAddr, a: SocketAddr, b: SocketAddr) {
             s.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, AFTER);
             assert_eq!(s.local_locator().unwrap(), b);
+            // One MOVE_REQUEST (docs/wire.md §15; repeated only after 250 ms), which the
+            // instance, running no migration agent, ignores.
+            let asked = tokio::time::timeout(
+                Duration::from_millis(100),
+                s.request_move(MOVE_TO.parse().unwrap()),
+            );
+            assert!(asked.await.is_err(), "the flow moved");
             s.shutdown().await.unwrap();
             let mut rest = Vec::new();
             s.read_to_end(&mut rest).await.unwrap();
@@ -1222,6 +1231,11 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     // Every datagram of the session decodes as Serval, version 1, with nothing to complain of.
     assert_eq!(undecoded, [], "frames not decoded as Serval");
     assert!(rows.len() >= 20, "only {} packets captured", rows.len());
+    // The migrating client's request to move, from its second locator, decoded.
+    let asked: Vec<&Row> = rows.iter().filter(|r| r.has("serval.move.to")).collect();
+    assert_eq!(asked.len(), 1, "one MOVE_REQUEST");
+    assert_eq!(asked[0].one("serval.move.to"), MOVE_TO, "{:?}", asked[0]);
+    assert_eq!(asked[0].all("serval.frame.type").len(), 1, "{:?}", asked[0]);
     for r in &rows {
         assert!(r.one("frame.protocols").ends_with(":serval"), "{r:?}");
         assert_eq!(r.one("serval.version"), "1", "{r:?}");

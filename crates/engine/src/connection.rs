@@ -47,6 +47,7 @@
 //! service router (a later layer) can save the flow.
 
 pub mod identity;
+mod move_ask;
 pub mod protect;
 mod rebind;
 mod snapshot;
@@ -288,6 +289,8 @@ pub(crate) enum ConnEvent {
     Migrated(Locator),
     PeerMigrated(Locator),
     PathValidationFailed(Locator),
+    /// Server: the client asked for the flow to move to this migration agent.
+    MoveAsked(Locator),
     Closed(CloseReason),
 }
 
@@ -345,6 +348,8 @@ pub(crate) struct Connection {
     /// An imported connection whose transport restarted on the new path at the import and
     /// sends behind its RSYN ([`rebind`]): the RSYN's answer does not restart it again.
     rebinding_early: bool,
+    /// Client: a MOVE_REQUEST to send ([`move_ask`]).
+    move_ask: Option<Box<Locator>>,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -556,6 +561,7 @@ impl Connection {
             export_freeze: None,
             move_epoch: 0,
             paths: None,
+            move_ask: None,
             rebinding_early: false,
         }
     }
@@ -795,6 +801,7 @@ impl Connection {
                         self.peer_validated(now, v);
                     }
                 }
+                PathFrame::MoveRequest(to) => self.on_move_request(to),
             }
         }
     }
@@ -844,21 +851,36 @@ impl Connection {
             context[5..].copy_from_slice(&n.to_be_bytes());
             protect.path_challenge(&context)
         })?;
+        if !self.emit_path_frame(now, out, t.frame) {
+            // The transport closed under it: nothing more to validate.
+            if let Some(p) = self.paths.as_deref_mut() {
+                p.clear();
+            }
+            return None;
+        }
+        Some((t.local.unwrap_or(self.local), t.remote))
+    }
+
+    /// Appends a sealed stream packet carrying only `frame` (see
+    /// [`Transport::emit_path_frames`]); false, with nothing appended, once the transport or
+    /// the protection is gone.
+    fn emit_path_frame(&mut self, now: Instant, out: &mut Vec<u8>, frame: PathFrame) -> bool {
+        let Some(protect) = self.protect.as_deref_mut() else {
+            return false;
+        };
         let header = SalRepr::new(Protocol::STREAM, self.local_flow, self.peer_flow);
         let base = out.len();
         out.resize(base + BASE_HEADER_LEN, 0);
         if header
             .emit(&mut SalPacket::new_unchecked(&mut out[base..]))
             .is_err()
-            || self.transport.emit_path_frames(now, out, &[t.frame]) == 0
+            || self.transport.emit_path_frames(now, out, &[frame]) == 0
         {
-            // The transport closed under it: nothing more to validate.
             out.truncate(base);
-            paths.clear();
-            return None;
+            return false;
         }
         protect.seal(out, base, BASE_HEADER_LEN);
-        Some((t.local.unwrap_or(self.local), t.remote))
+        true
     }
 
     /// The protector of the flow a SYN-ACK proposes to this client: its keys from the
@@ -1416,6 +1438,9 @@ impl Connection {
             return self.emit_answer(a, out);
         }
         if let Some(route) = self.poll_path_transmit(now, out) {
+            return Some(route);
+        }
+        if let Some(route) = self.poll_move_ask(now, out) {
             return Some(route);
         }
         if let Some(p) = &self.pending

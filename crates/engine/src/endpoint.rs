@@ -123,6 +123,10 @@ pub enum Event {
     /// Packets of the peer came from this new address, but it never answered a path
     /// challenge (or sent too little to pay for one): the connection stays where it was.
     PathValidationFailed(ConnectionHandle, Locator),
+    /// Server: the client asked, by a MOVE_REQUEST under the flow's keys, that this end of
+    /// the connection move to the instance whose migration agent is at this locator
+    /// ([`Endpoint::ask_move`]). Acting on it is the application's (its migration agent's).
+    MoveAsked(ConnectionHandle, Locator),
     /// The connection is gone; its handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
     /// A listener bound a service: the control plane should register it ("active sockets").
@@ -935,6 +939,18 @@ impl Endpoint {
         started
     }
 
+    /// Client: asks the server to move its end of `h` to the instance whose migration agent
+    /// is at `to` (one MOVE_REQUEST, sealed under the flow's keys; docs/protocol.md §4.5). The
+    /// server reports it as [`Event::MoveAsked`]; nothing here retransmits it, and the flow
+    /// moves when the new instance's RSYN arrives ([`Event::PeerMigrated`]). Errors with the
+    /// reason when `h` is not the client end of an established flow.
+    pub fn ask_move(&mut self, h: ConnectionHandle, to: Locator) -> Result<(), &'static str> {
+        let c = self.conn(h).ok_or("no such connection")?;
+        c.ask_move(to)?;
+        self.touch(h);
+        Ok(())
+    }
+
     /// Resets a connection (one authenticated RST) and forgets it.
     pub fn abort(&mut self, h: ConnectionHandle) {
         if let Some(c) = self.conn(h) {
@@ -1444,6 +1460,7 @@ impl Endpoint {
                 ConnEvent::Migrated(l) => Event::Migrated(h, l),
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
                 ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
+                ConnEvent::MoveAsked(l) => Event::MoveAsked(h, l),
                 ConnEvent::Closed(r) => Event::Closed(h, r),
             };
             self.events.push_back(ev);

@@ -24,8 +24,12 @@
 //! | 0x1c | CLOSE | error code, reason length, reason (UTF-8) |
 //! | 0x1a | PATH_CHALLENGE | 8 bytes of data, unpredictable (path validation, docs/protocol.md §4) |
 //! | 0x1b | PATH_RESPONSE | the 8 bytes of the challenge it answers |
+//! | 0x1d | MOVE_REQUEST | a locator (docs/wire.md §4.4): the client asks the server to move its end there (docs/protocol.md §4.5) |
 //!
 //! Parsing never panics: every malformed frame is a [`FrameError`].
+
+use serval_wire::Locator;
+use serval_wire::locator::{emit_locator, locator_len, parse_locator};
 
 /// Largest value a variable-length integer can hold (2^62 − 1).
 pub const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -59,6 +63,9 @@ pub enum FrameError {
     /// A CLOSE reason that is not UTF-8.
     #[error("close reason is not UTF-8")]
     BadReason,
+    /// A MOVE_REQUEST whose locator is malformed.
+    #[error("malformed locator in a MOVE_REQUEST")]
+    BadLocator,
 }
 
 /// Bytes [`write_varint`] takes for `v`.
@@ -166,6 +173,9 @@ pub enum Frame<'a> {
     PathChallenge([u8; PATH_DATA_LEN]),
     /// Echoes a PATH_CHALLENGE's data.
     PathResponse([u8; PATH_DATA_LEN]),
+    /// The client asks the server to move its end of the flow to the instance whose
+    /// migration agent is at this locator.
+    MoveRequest(Locator),
     /// The connection is closed by the application or on error.
     Close {
         /// Application-defined code; 0 is a normal close.
@@ -175,14 +185,16 @@ pub enum Frame<'a> {
     },
 }
 
-/// A path-validation frame, as the transport hands it to the SAL (which validates paths) and
-/// takes it from the SAL to send.
+/// A frame about where the flow runs, as the transport hands it to the SAL (which validates
+/// paths and moves flows) and takes it from the SAL to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathFrame {
     /// A PATH_CHALLENGE with its data.
     Challenge([u8; PATH_DATA_LEN]),
     /// A PATH_RESPONSE with its data.
     Response([u8; PATH_DATA_LEN]),
+    /// A MOVE_REQUEST naming the migration agent the server's end should move to.
+    MoveRequest(Locator),
 }
 
 impl PathFrame {
@@ -191,6 +203,7 @@ impl PathFrame {
         match self {
             PathFrame::Challenge(d) => write_path_challenge(out, d),
             PathFrame::Response(d) => write_path_response(out, d),
+            PathFrame::MoveRequest(to) => write_move_request(out, to),
         }
     }
 }
@@ -284,6 +297,7 @@ const TYPE_MAX_DATA: u8 = 0x10;
 const TYPE_PATH_CHALLENGE: u8 = 0x1a;
 const TYPE_PATH_RESPONSE: u8 = 0x1b;
 const TYPE_CLOSE: u8 = 0x1c;
+const TYPE_MOVE_REQUEST: u8 = 0x1d;
 const TYPE_DATAGRAM: u8 = 0x30;
 
 /// Bytes of framing a STREAM frame adds to `len` bytes of data at `offset`.
@@ -345,6 +359,14 @@ pub fn write_path_challenge(out: &mut Vec<u8>, data: &[u8; PATH_DATA_LEN]) {
 pub fn write_path_response(out: &mut Vec<u8>, data: &[u8; PATH_DATA_LEN]) {
     out.push(TYPE_PATH_RESPONSE);
     out.extend_from_slice(data);
+}
+
+/// Appends a MOVE_REQUEST frame.
+pub fn write_move_request(out: &mut Vec<u8>, to: &Locator) {
+    out.push(TYPE_MOVE_REQUEST);
+    let at = out.len();
+    out.resize(at + locator_len(to), 0);
+    emit_locator(to, &mut out[at..]);
 }
 
 /// Appends a CLOSE frame.
@@ -410,6 +432,11 @@ impl<'a> Frames<'a> {
                 } else {
                     Frame::PathResponse(data)
                 }
+            }
+            TYPE_MOVE_REQUEST => {
+                let (to, len) = parse_locator(self.r.buf).map_err(|_| FrameError::BadLocator)?;
+                self.r.bytes(len)?;
+                Frame::MoveRequest(to)
             }
             TYPE_CLOSE => {
                 let code = self.r.varint()?;
@@ -477,6 +504,10 @@ mod tests {
         write_close(&mut out, 7, "bye");
         write_path_challenge(&mut out, b"abcdefgh");
         write_path_response(&mut out, b"ijklmnop");
+        let v4: Locator = "10.1.2.3:4567".parse().unwrap();
+        let v6: Locator = "[2001:db8::7]:9".parse().unwrap();
+        write_move_request(&mut out, &v4);
+        PathFrame::MoveRequest(v6).write(&mut out);
         write_padding(&mut out, 3);
         let frames: Vec<_> = Frames::new(&out).collect::<Result<_, _>>().unwrap();
         assert_eq!(
@@ -500,9 +531,22 @@ mod tests {
                 },
                 Frame::PathChallenge(*b"abcdefgh"),
                 Frame::PathResponse(*b"ijklmnop"),
+                Frame::MoveRequest(v4),
+                Frame::MoveRequest(v6),
                 Frame::Padding(3),
             ]
         );
+    }
+
+    /// The bytes of docs/wire.md §15's example.
+    #[test]
+    fn a_move_request_is_laid_out_as_the_wire_spec_says() {
+        let mut out = Vec::new();
+        write_move_request(&mut out, &"10.0.0.5:41899".parse().unwrap());
+        assert_eq!(out, [0x1d, 0x04, 0xa3, 0xab, 0x0a, 0x00, 0x00, 0x05]);
+        let mut out = Vec::new();
+        write_move_request(&mut out, &"[2001:db8::7]:9".parse().unwrap());
+        assert_eq!(out.len(), 20);
     }
 
     #[test]
@@ -532,6 +576,15 @@ mod tests {
                 Some(Err(FrameError::Truncated))
             );
         }
+        // A MOVE_REQUEST with an unknown family, or cut inside its locator.
+        assert_eq!(
+            Frames::new(&[TYPE_MOVE_REQUEST, 5, 0, 80, 1, 2, 3, 4]).next(),
+            Some(Err(FrameError::BadLocator))
+        );
+        assert_eq!(
+            Frames::new(&[TYPE_MOVE_REQUEST, 4, 0, 80, 1, 2, 3]).next(),
+            Some(Err(FrameError::BadLocator))
+        );
         let mut it = Frames::new(&[0x7f, TYPE_PING]);
         assert!(it.next().unwrap().is_err());
         assert_eq!(it.next(), None);

@@ -1,7 +1,7 @@
 //! Decisions of the protocol that only show on an unlucky path: a forged NACK, a client behind
 //! address translation, a retransmitted SYN that takes another router, a full accept queue, a
 //! lost ACK of a FIN, a lost RSYN-ACK, a move whose new path stays silent (with and without the
-//! old locator), and control sequence numbers wrapping around. Each test
+//! old locator), a client's request to move the server's end, and control sequence numbers wrapping around. Each test
 //! drives real endpoints with explicit (virtual) time and decides exactly which datagram is
 //! lost, so each one pins one rule of docs/protocol.md.
 #![allow(clippy::unwrap_used)] // test harness
@@ -560,6 +560,38 @@ fn a_lost_rsyn_ack_is_completed_by_data_from_the_peer() {
     let mut got = Vec::new();
     read_all(&mut net.eps[1], sh, &mut got);
     assert_eq!(got, b"from the new place");
+}
+
+/// A client's MOVE_REQUEST (docs/protocol.md §4.5) reaches the server as one
+/// `Event::MoveAsked` naming the agent; the server cannot ask its client; and a request
+/// altered on the way (or sealed under other keys) does not open, so it is never reported.
+#[test]
+fn a_move_request_is_reported_only_when_it_opens_under_the_flow_keys() {
+    let (mut net, h, sh) = connected();
+    let agent = loc(B2);
+    net.eps[0].ask_move(h, agent).unwrap();
+    net.settle(&mut |_| false);
+    assert_eq!(events(&mut net.eps[1]), vec![Event::MoveAsked(sh, agent)]);
+    // It is a request, not a move: nothing else changed at either end.
+    assert_eq!(events(&mut net.eps[0]), vec![]);
+    assert_eq!(net.eps[1].locators(sh).unwrap(), (loc(B), loc(A)));
+    assert!(net.eps[1].ask_move(sh, agent).is_err());
+
+    // One byte flipped in the sealed request: dropped as a forgery.
+    net.eps[0].ask_move(h, agent).unwrap();
+    let mut sent = drain(&mut net.eps[0], net.now);
+    assert_eq!(sent.len(), 1, "one packet carries the request");
+    let last = sent[0].payload.len() - 1;
+    sent[0].payload[last] ^= 1;
+    let t = &sent[0];
+    net.eps[1].handle_datagram(net.now, t.dst, t.src, &t.payload);
+    assert_eq!(events(&mut net.eps[1]), vec![]);
+    // The flow carries on.
+    net.eps[0].write(h, b"still here").unwrap();
+    net.settle(&mut |_| false);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[1], sh, &mut got);
+    assert_eq!(got, b"still here");
 }
 
 /// Whether `t` is a stream packet (transport payload, no SAL control).

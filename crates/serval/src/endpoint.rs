@@ -73,6 +73,8 @@ pub(crate) struct ConnSlot {
     pub(crate) exported: bool,
     /// Told when this end next moves (the RSYN of a move, or of an import, was answered).
     pub(crate) migrated: Vec<oneshot::Sender<Locator>>,
+    /// Told when the peer next moves ([`Stream::request_move`](crate::Stream::request_move)).
+    pub(crate) peer_moved: Vec<oneshot::Sender<Locator>>,
     /// Its steps, for a hot standby ([`Stream::commit`](crate::Stream::commit)).
     pub(crate) replica: crate::standby::StreamReplica,
     /// [`State::collects`] at the application's last write, until its next: if nothing was
@@ -119,6 +121,8 @@ pub(crate) struct State {
     /// receive task): a stream that wrote since the last collection yields once before it
     /// writes again ([`ConnSlot::wrote_at`]).
     pub(crate) collects: u64,
+    /// Where clients' move requests go: the instance's migration agent, once it runs.
+    pub(crate) move_asks: Option<tokio::sync::mpsc::Sender<crate::asked_move::MoveAsk>>,
 }
 
 impl State {
@@ -193,6 +197,7 @@ impl State {
                             w.wake();
                         }
                         c.migrated.clear();
+                        c.peer_moved.clear();
                         c.move_request = None;
                         if let Some(w) = c.move_waker.take() {
                             w.wake();
@@ -235,7 +240,7 @@ impl State {
                         to: local,
                     });
                 }
-                Event::PeerMigrated(..) => {}
+                ev @ (Event::PeerMigrated(..) | Event::MoveAsked(..)) => self.on_move_event(ev),
             }
         }
     }
@@ -430,6 +435,7 @@ impl Endpoint {
                 primary: None,
                 drains: Vec::new(),
                 collects: 0,
+                move_asks: None,
             }),
             wake: Arc::new(Notify::new()),
             sockets: arc_swap::ArcSwap::from_pointee(sockets),

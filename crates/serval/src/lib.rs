@@ -32,6 +32,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod asked_move;
 mod datagram;
 mod delay;
 mod endpoint;
@@ -42,6 +43,7 @@ mod registration;
 mod standby;
 mod stream;
 
+pub use asked_move::{REQUEST_MOVE_LIMIT, REQUEST_MOVE_REPEAT};
 pub use datagram::DatagramSocket;
 pub use delay::{DelayedSyn, HeldSynId, ReleaseError, Verdict};
 pub use endpoint::{
@@ -49,8 +51,8 @@ pub use endpoint::{
     DEFAULT_DISCOVERY_TIMEOUT, DiscoveryConfig, Endpoint, Registration, ServiceListener,
 };
 pub use migrate::{
-    AGENT_LIMIT, FlowMove, HANDOVER_LIMIT, MIGRATE_SERVICE, MigrationConfig, Migrator, Phases,
-    REBIND_LIMIT,
+    AGENT_LIMIT, ASKED_MOVE_BACKOFF, FlowMove, HANDOVER_LIMIT, MIGRATE_SERVICE, MigrationConfig,
+    Migrator, Phases, REBIND_LIMIT,
 };
 pub use moving::{DRAIN_LIMIT, DRAIN_TARGET, ExportedStream, MoveFailed};
 pub use netwatch::{FollowHost, PathEvent};

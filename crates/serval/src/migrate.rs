@@ -1,5 +1,5 @@
 //! The migration agent: moves live streams between instances of a service on different
-//! hosts (issue 10; docs/moving-flows.md §3.2, the transfer in docs/protocol.md §7).
+//! hosts (issue 10; docs/moving-flows.md §3.2, the transfer in docs/protocol.md §4.1).
 //!
 //! Each instance that takes part runs a [`Migrator`] beside its endpoint. A move of flow F
 //! from instance A to instance B:
@@ -32,6 +32,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant as StdInstant};
 
 use serval_engine::connection::{Role, State as ConnState};
@@ -70,7 +71,7 @@ const REFUSED: u8 = 0xde;
 /// Exporter → importer: a snapshot, then the commit of that move.
 const MSG_SNAPSHOT: u8 = 1;
 const MSG_COMMIT: u8 = 2;
-/// A standby asks for the replication session (docs/protocol.md §7.3), as its first message.
+/// A standby asks for the replication session (docs/protocol.md §4.3), as its first message.
 pub(crate) const MSG_STANDBY: u8 = 3;
 
 /// Importer → exporter.
@@ -138,11 +139,17 @@ struct Inner {
     key: PrivateKey,
     locator: Locator,
     task: tokio::task::JoinHandle<()>,
+    /// Serves the clients' move requests ([`serve_asks`]).
+    asks: tokio::task::JoinHandle<()>,
+    /// Clients' move requests that moved their flow, and that failed.
+    asked_moved: AtomicU64,
+    asked_failed: AtomicU64,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.task.abort();
+        self.asks.abort();
     }
 }
 
@@ -174,12 +181,16 @@ impl Migrator {
         allowed.push(config.key.public_key());
         // The listener holds the agent's endpoint open for as long as the task runs.
         let task = tokio::spawn(serve(ep.clone(), config.key.clone(), allowed, listener));
+        let asks = ep.take_move_asks();
         Ok(Migrator {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 ep: ep.clone(),
                 key: config.key,
                 locator,
                 task,
+                asks: tokio::spawn(serve_asks(me.clone(), asks)),
+                asked_moved: AtomicU64::new(0),
+                asked_failed: AtomicU64::new(0),
             }),
         })
     }
@@ -192,6 +203,15 @@ impl Migrator {
     /// The key this agent proves itself with.
     pub fn public_key(&self) -> PublicKey {
         self.inner.key.public_key()
+    }
+
+    /// Moves its clients asked for (docs/protocol.md §4.5) so far: how many moved the flow,
+    /// and how many failed (the flow stayed here, or was lost if the transfer broke).
+    pub fn client_moves(&self) -> (u64, u64) {
+        (
+            self.inner.asked_moved.load(Ordering::Relaxed),
+            self.inner.asked_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// The flows a move of "every flow" takes: established streams this instance serves.
@@ -345,6 +365,72 @@ impl Migrator {
                 "committed, but the other agent's last answer was lost: {e}"
             ))),
         }
+    }
+}
+
+/// After a client's requested move of a flow failed, further requests for that flow wait
+/// this long (a client cannot keep this agent connecting to one address after another).
+pub const ASKED_MOVE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Moves the flows their clients ask to move (docs/protocol.md §4.5), one move per flow at a
+/// time, to the agent each names, which must prove this instance's key.
+async fn serve_asks(
+    me: std::sync::Weak<Inner>,
+    mut asks: tokio::sync::mpsc::Receiver<crate::asked_move::MoveAsk>,
+) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    // The flows moving at a client's request, and when a failed one may be asked again.
+    let busy: Arc<Mutex<HashMap<FlowId, Option<StdInstant>>>> = Arc::default();
+    while let Some(ask) = asks.recv().await {
+        let Some(inner) = me.upgrade() else {
+            return;
+        };
+        {
+            let mut busy = busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = StdInstant::now();
+            busy.retain(|_, until| until.is_none_or(|t| t > now));
+            if busy.contains_key(&ask.flow) {
+                continue;
+            }
+            busy.insert(ask.flow, None);
+        }
+        let migrator = Migrator { inner };
+        let busy = busy.clone();
+        tokio::spawn(async move {
+            let key = migrator.public_key();
+            let result = migrator.move_flows(&[ask.flow], ask.to, key).await;
+            let failed = match result {
+                Ok(moves) => match moves.into_iter().next().map(|m| m.result) {
+                    Some(Ok(phases)) => {
+                        tracing::info!(flow = %ask.flow, to = %ask.to, ?phases, "moved a flow at its client's request");
+                        None
+                    }
+                    Some(Err(e)) => Some(e),
+                    None => Some("nothing was moved".to_owned()),
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            let counter = match failed {
+                None => &migrator.inner.asked_moved,
+                Some(_) => &migrator.inner.asked_failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let mut busy = busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match failed {
+                Some(e) => {
+                    tracing::warn!(flow = %ask.flow, to = %ask.to, error = %e, "a client's move request failed; the flow stays here");
+                    busy.insert(ask.flow, Some(StdInstant::now() + ASKED_MOVE_BACKOFF));
+                }
+                None => {
+                    busy.remove(&ask.flow);
+                }
+            }
+        });
     }
 }
 

@@ -1,4 +1,4 @@
-//! Hot standby (issue 10; docs/moving-flows.md §3.3, the session in docs/protocol.md §7.3).
+//! Hot standby (issue 10; docs/moving-flows.md §3.3, the session in docs/protocol.md §4.3).
 //!
 //! A standby instance holds a copy of every replicated stream of its primary, so that when
 //! the primary dies (SIGKILL, host gone) it takes each one over by RSYN and the client loses
@@ -416,7 +416,7 @@ fn standby_frame(kind: u8, _rest: &[u8]) -> io::Result<Option<usize>> {
 }
 
 /// The primary's side of a session, on the migration agent's stream once the standby proved
-/// its key and asked (docs/protocol.md §7.3). Returns when the session ends; the primary then
+/// its key and asked (docs/protocol.md §4.3). Returns when the session ends; the primary then
 /// runs unreplicated.
 pub(crate) async fn replicate_to(ep: Endpoint, stream: Stream) -> io::Result<()> {
     let notify = Arc::new(Notify::new());

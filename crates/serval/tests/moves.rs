@@ -126,13 +126,14 @@ async fn instance(key: &PrivateKey) -> Instance {
 /// The second half is written only once `rest` has a permit, so a test can keep the stream
 /// alive for as long as it needs.
 async fn client_run(
-    stream: Stream,
+    stream: Arc<Stream>,
     lines: u64,
     progress: tokio::sync::watch::Sender<u64>,
     rest: Arc<Semaphore>,
 ) {
-    let (r, mut w) = stream.into_split();
+    let writing = stream.clone();
     let writer = tokio::spawn(async move {
+        let mut w = &*writing;
         for i in 0..lines {
             if i == lines / 2 {
                 let _ = rest.acquire().await.unwrap();
@@ -143,7 +144,7 @@ async fn client_run(
         }
         w.shutdown().await.unwrap();
     });
-    let mut r = BufReader::new(r);
+    let mut r = BufReader::new(&*stream);
     let mut line = String::new();
     for i in 0..lines {
         line.clear();
@@ -169,6 +170,15 @@ async fn started_client(
     lines: u64,
     rest: &Arc<Semaphore>,
 ) -> tokio::task::JoinHandle<()> {
+    started_client_stream(a, lines, rest).await.0
+}
+
+/// [`started_client`], with the client's stream.
+async fn started_client_stream(
+    a: &Instance,
+    lines: u64,
+    rest: &Arc<Semaphore>,
+) -> (tokio::task::JoinHandle<()>, Arc<Stream>) {
     let client = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
         .await
         .unwrap();
@@ -179,10 +189,11 @@ async fn started_client(
         )
         .await
         .unwrap();
+    let stream = Arc::new(stream);
     let (tx, mut progress) = tokio::sync::watch::channel(0);
-    let run = tokio::spawn(client_run(stream, lines, tx, rest.clone()));
+    let run = tokio::spawn(client_run(stream.clone(), lines, tx, rest.clone()));
     progress.wait_for(|p| *p >= 1000).await.unwrap();
-    run
+    (run, stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +214,12 @@ async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_c
             .unwrap();
         let (tx, mut progress) = tokio::sync::watch::channel(0);
         let lines = 200_000;
-        let run = tokio::spawn(client_run(stream, lines, tx, Arc::new(Semaphore::new(1))));
+        let run = tokio::spawn(client_run(
+            Arc::new(stream),
+            lines,
+            tx,
+            Arc::new(Semaphore::new(1)),
+        ));
         let hosts = [&a, &b];
         let mut moves = 0;
         for i in 0..6u64 {
@@ -232,6 +248,59 @@ async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_c
             assert_eq!(at_new[0].moves, moves);
         }
         run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
+
+/// The client asks for the move (docs/protocol.md §4.5): its stream moves from A to B and
+/// back, each time to the instance it named, with the numbering going on; a request naming
+/// an agent that does not hold the service's key, or a client's request while its server
+/// runs no agent, leaves the stream where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asks_for_its_stream_to_move_and_only_to_an_instance_of_the_service() {
+    timeout(Duration::from_secs(90), async {
+        let k = key();
+        let a = instance(&k).await;
+        let b = instance(&k).await;
+        let stranger = instance(&key()).await;
+        let rest = Arc::new(Semaphore::new(0));
+        let (run, stream) = started_client_stream(&a, 400_000, &rest).await;
+        let at_a = stream.peer_locator().unwrap();
+        assert_eq!(at_a, a.ep.local_locators()[0]);
+
+        // A host outside the service: A's agent cannot connect to it (it proves another
+        // key), and the stream stays at A. The request is retried meanwhile.
+        let asked = timeout(
+            Duration::from_secs(3),
+            stream.request_move(stranger.agent.locator()),
+        );
+        assert!(asked.await.is_err(), "the stream moved to a stranger");
+        assert_eq!(stream.peer_locator().unwrap(), at_a);
+        assert_eq!(a.agent.movable_flows().len(), 1, "still served at A");
+        assert!(stranger.ep.flows().is_empty());
+
+        // To B, then back to A (after the failed request's back-off), with the second half
+        // of the lines flowing both ways.
+        tokio::time::sleep(serval::ASKED_MOVE_BACKOFF).await;
+        rest.add_permits(1);
+        let moved = stream.request_move(b.agent.locator()).await.unwrap();
+        assert_eq!(moved, b.ep.local_locators()[0]);
+        assert_eq!(stream.peer_locator().unwrap(), moved);
+        assert!(a.agent.movable_flows().is_empty(), "released at A");
+        assert_eq!(b.ep.flows()[0].moves, 1);
+        let back = stream.request_move(a.agent.locator()).await.unwrap();
+        assert_eq!(back, at_a);
+        assert_eq!(a.ep.flows().iter().filter(|f| f.moves == 2).count(), 1);
+        assert!(
+            !run.is_finished(),
+            "both moves happened mid-transfer (make the transfer longer)"
+        );
+        run.await.unwrap();
+        // Once closed, there is nothing to move.
+        stream.closed().await;
+        let e = stream.request_move(b.agent.locator()).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
     })
     .await
     .expect("bounded");

@@ -121,6 +121,30 @@ pub fn client(mut cat: Command, total: u64, gate: u64) -> Client {
     }
 }
 
+impl Client {
+    /// Waits (up to `limit`) for `cat` to have printed a line on stderr containing `text`.
+    pub fn wait_said(&self, text: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(text))
+            {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "cat did not say {text:?} in {limit:?}; {}",
+                cat_said(&self.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 pub fn wait_progress(c: &Client, at_least: u64, limit: Duration) {
     let start = Instant::now();
     while c.progress.load(Ordering::Relaxed) < at_least {

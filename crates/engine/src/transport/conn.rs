@@ -986,6 +986,7 @@ impl Transport {
                 Frame::MaxData(max) => self.send.set_flow_limit(max),
                 Frame::PathChallenge(d) => self.push_path_frame(PathFrame::Challenge(d)),
                 Frame::PathResponse(d) => self.push_path_frame(PathFrame::Response(d)),
+                Frame::MoveRequest(to) => self.push_path_frame(PathFrame::MoveRequest(to)),
                 Frame::Datagram(data) => {
                     let queue = &mut self.dgrams.get_or_insert_default().inbound;
                     if queue.len() < self.config.datagram_queue() {
