@@ -73,12 +73,22 @@ const MSG_SNAPSHOT: u8 = 1;
 const MSG_COMMIT: u8 = 2;
 /// A standby asks for the replication session (docs/protocol.md §4.3), as its first message.
 pub(crate) const MSG_STANDBY: u8 = 3;
+/// Exporter → importer: is this (kept) agent stream still alive? Answered PONG.
+const MSG_PING: u8 = 4;
 
 /// Importer → exporter.
 const MSG_READY: u8 = 1;
 const MSG_REFUSED: u8 = 2;
 const MSG_REBOUND: u8 = 3;
 const MSG_REBIND_FAILED: u8 = 4;
+const MSG_PONG: u8 = 5;
+
+/// How long a kept agent stream has to answer a PING before a move uses a new one.
+const PING_LIMIT: Duration = Duration::from_secs(1);
+
+/// Agent streams a migrator keeps open for later moves (to as many other agents); the oldest
+/// goes when more are opened.
+const KEPT_LINKS: usize = 16;
 
 /// How a migration agent is set up.
 #[derive(Clone, Debug)]
@@ -144,6 +154,19 @@ struct Inner {
     /// Clients' move requests that moved their flow, and that failed.
     asked_moved: AtomicU64,
     asked_failed: AtomicU64,
+    /// Agent streams kept open after a move (or opened by [`Migrator::prepare`]) for the next
+    /// move to the same agent, oldest first.
+    links: std::sync::Mutex<Vec<Link>>,
+}
+
+/// An authenticated agent stream to another agent, kept for later moves.
+#[derive(Debug)]
+struct Link {
+    to: Locator,
+    to_key: PublicKey,
+    stream: Stream,
+    /// Moves sent on it so far (their sequence numbers go on from here).
+    seq: u32,
 }
 
 impl Drop for Inner {
@@ -191,6 +214,7 @@ impl Migrator {
                 asks: tokio::spawn(serve_asks(me.clone(), asks)),
                 asked_moved: AtomicU64::new(0),
                 asked_failed: AtomicU64::new(0),
+                links: std::sync::Mutex::default(),
             }),
         })
     }
@@ -250,11 +274,14 @@ impl Migrator {
         } else {
             flows.to_vec()
         };
-        let mut stream = self.connect(to, to_key).await?;
+        let mut link = self.link(to, to_key).await?;
         let mut out = Vec::with_capacity(flows.len());
-        for (seq, flow) in (0u32..).zip(flows) {
-            let result = self.move_one(&mut stream, seq, flow).await;
-            let broken = matches!(&result, Err(MoveError::Channel(_)));
+        let mut broken = false;
+        for flow in flows {
+            let seq = link.seq;
+            link.seq = link.seq.wrapping_add(1);
+            let result = self.move_one(&mut link.stream, seq, flow).await;
+            broken = matches!(&result, Err(MoveError::Channel(_)));
             out.push(FlowMove {
                 flow,
                 result: result.map_err(|e| e.to_string()),
@@ -263,13 +290,71 @@ impl Migrator {
                 break;
             }
         }
-        let _ = stream.shutdown().await;
+        if broken {
+            link.stream.abort();
+        } else {
+            self.keep(link);
+        }
         Ok(out)
     }
 
-    /// Opens the agent stream to `to` and proves this agent's key.
-    async fn connect(&self, to: Locator, to_key: PublicKey) -> io::Result<Stream> {
-        connect_agent(&self.inner.key, to, to_key).await
+    /// Opens an agent stream to `to` (which must prove `to_key`) and proves this agent's key,
+    /// then keeps it for the next move there: the handshake, the key proofs and a new
+    /// endpoint are then out of the move (they cost the old host a burst of work while it
+    /// still serves the stream). A move opens one itself when none is kept; one kept that
+    /// stopped answering (the other agent restarted, or 30 s idle ended it) is replaced.
+    pub async fn prepare(&self, to: Locator, to_key: PublicKey) -> io::Result<()> {
+        let link = self.link(to, to_key).await?;
+        self.keep(link);
+        Ok(())
+    }
+
+    /// A live agent stream to `to`: a kept one that answers a PING, or a new one.
+    async fn link(&self, to: Locator, to_key: PublicKey) -> io::Result<Link> {
+        let kept = {
+            let mut links = self.lock_links();
+            links
+                .iter()
+                .position(|l| l.to == to && l.to_key == to_key)
+                .map(|i| links.remove(i))
+        };
+        if let Some(mut link) = kept {
+            let seq = link.seq;
+            link.seq = link.seq.wrapping_add(1);
+            let mut ping = vec![MSG_PING];
+            ping.extend_from_slice(&seq.to_be_bytes());
+            ping.extend_from_slice(&0u32.to_be_bytes());
+            let alive = async {
+                link.stream.write_all(&ping).await?;
+                read_answer(&mut link.stream, seq, PING_LIMIT).await
+            };
+            match tokio::time::timeout(PING_LIMIT, alive).await {
+                Ok(Ok(Answer { kind: MSG_PONG, .. })) => return Ok(link),
+                _ => link.stream.abort(),
+            }
+        }
+        Ok(Link {
+            to,
+            to_key,
+            stream: connect_agent(&self.inner.key, to, to_key).await?,
+            seq: 0,
+        })
+    }
+
+    fn keep(&self, link: Link) {
+        let mut links = self.lock_links();
+        if links.len() >= KEPT_LINKS {
+            let old = links.remove(0);
+            old.stream.abort();
+        }
+        links.push(link);
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, Vec<Link>> {
+        self.inner
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn move_one(
@@ -534,7 +619,7 @@ async fn read_answer(stream: &mut Stream, seq: u32, wait: Duration) -> io::Resul
         let len = usize::from(u16::from_be_bytes(field(&head, 21)));
         let mut msg = vec![0u8; len];
         stream.read_exact(&mut msg).await?;
-        if got != seq || !(MSG_READY..=MSG_REBIND_FAILED).contains(&kind) {
+        if got != seq || !(MSG_READY..=MSG_PONG).contains(&kind) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the other agent answered out of turn",
@@ -588,12 +673,19 @@ async fn serve(
     mut listener: crate::ServiceListener,
 ) {
     let allowed = Arc::new(allowed);
+    // Each agent stream's task, aborted with this one (when the Migrator goes): a kept stream
+    // must not outlive the agent that answered it.
+    let mut streams = tokio::task::JoinSet::new();
     loop {
-        let Ok(stream) = listener.accept().await else {
-            return;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
         };
         let (ep, key, allowed) = (ep.clone(), key.clone(), allowed.clone());
-        tokio::spawn(async move {
+        streams.spawn(async move {
             let peer = stream
                 .peer_locator()
                 .map_or_else(|_| "?".into(), |p| p.to_string());
@@ -644,6 +736,10 @@ async fn take_moves(
             return crate::standby::replicate_to(ep, stream).await;
         }
         let seq = u32::from_be_bytes(field(&head, 1));
+        if head[0] == MSG_PING {
+            answer(&mut stream, MSG_PONG, seq, [Duration::ZERO; 2], "").await?;
+            continue;
+        }
         let len = u32::from_be_bytes(field(&head, 5)) as usize;
         if head[0] != MSG_SNAPSHOT || len > MAX_SNAPSHOT {
             stream.abort();

@@ -101,25 +101,31 @@ struct Instance {
 }
 
 async fn instance(key: &PrivateKey) -> Instance {
-    let any: Locator = "127.0.0.1:0".parse().unwrap();
-    let ep = Endpoint::bind(&[any]).await.unwrap();
+    let ep = Endpoint::bind(&["127.0.0.1:0".parse().unwrap()])
+        .await
+        .unwrap();
+    let agent = agent(&ep, key, "127.0.0.1:0".parse().unwrap()).await;
+    Instance { ep, agent }
+}
+
+/// Serves the numbering service on `ep` and starts its migration agent at `bind`.
+async fn agent(ep: &Endpoint, key: &PrivateKey, bind: Locator) -> Migrator {
     let mut listener = ep.listen(ServicePrefix::parse(NAME).unwrap()).unwrap();
     tokio::spawn(async move {
         while let Ok(s) = listener.accept().await {
             tokio::spawn(serve(s));
         }
     });
-    let agent = Migrator::start(
-        &ep,
+    Migrator::start(
+        ep,
         MigrationConfig {
             key: key.clone(),
             allowed: Vec::new(),
-            bind: any,
+            bind,
         },
     )
     .await
-    .unwrap();
-    Instance { ep, agent }
+    .unwrap()
 }
 
 /// Writes `lines` lines while reading their numbered answers; returns when all came back.
@@ -301,6 +307,56 @@ async fn a_client_asks_for_its_stream_to_move_and_only_to_an_instance_of_the_ser
         stream.closed().await;
         let e = stream.request_move(b.agent.locator()).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A move uses the agent stream `prepare` opened; when the agent at the other end went away
+/// meanwhile, the kept stream no longer answers: the move fails while nothing is at its
+/// locator, and opens a new stream once an agent was restarted there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_agent_stream_whose_agent_restarted_is_replaced() {
+    timeout(Duration::from_secs(60), async {
+        let k = key();
+        let a = instance(&k).await;
+        let b = instance(&k).await;
+        let at = b.agent.locator();
+        a.agent.prepare(at, k.public_key()).await.unwrap();
+        let rest = Arc::new(Semaphore::new(0));
+        let run = started_client(&a, 60_000, &rest).await;
+        drop(b.agent);
+        // Gone with its agent: the stream it kept for A no longer answers, and nobody is at
+        // its locator any more. The move fails and the stream stays at A.
+        let gone = a.agent.move_flows(&[], at, k.public_key()).await;
+        assert!(gone.is_err(), "moved to a stopped agent: {gone:?}");
+        assert_eq!(a.agent.movable_flows().len(), 1, "still served at A");
+        assert!(b.ep.flows().is_empty());
+        // The agent's port is free again once its endpoint closed.
+        let restarted = async {
+            loop {
+                match Migrator::start(
+                    &b.ep,
+                    MigrationConfig {
+                        key: k.clone(),
+                        allowed: Vec::new(),
+                        bind: at,
+                    },
+                )
+                .await
+                {
+                    Ok(m) => return m,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        let _restarted = timeout(Duration::from_secs(10), restarted).await.unwrap();
+        let r = a.agent.move_flows(&[], at, k.public_key()).await.unwrap();
+        assert_eq!(r.len(), 1);
+        r[0].result.as_ref().expect("moved over a new agent stream");
+        assert_eq!(b.ep.flows().len(), 1, "served at B");
+        rest.add_permits(1);
+        run.await.unwrap();
     })
     .await
     .expect("bounded");

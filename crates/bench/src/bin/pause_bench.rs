@@ -9,8 +9,10 @@
 //! * **Serval**: A serves `pause.bench` and streams a counter pattern to the client; a
 //!   [`Migrator`] runs at A and at B. Once the client has read `--warmup` bytes and at least
 //!   `--min-in-flight` bytes are written at A and not yet read by the client, A's migrator
-//!   moves the flow to B (`Migrator::move_flows`): the application at A hands the stream over
-//!   with its position as the app state, and the application at B continues from it.
+//!   moves the flow to B (`Migrator::move_flows`, over the agent stream A opened to B with
+//!   `Migrator::prepare` when it started; `--cold-agent` opens it at the move): the
+//!   application at A hands the stream over with its position as the app state, and the
+//!   application at B continues from it.
 //! * **TCP_REPAIR**: A's server listens on the service address 10.93.0.100 (a /32 on A's
 //!   eth0). At the same point A's application stops, lets its socket send what it holds,
 //!   deletes the service address (rtnetlink), freezes its socket (`TCP_REPAIR`), reads the socket's state (sequence numbers, send and
@@ -37,6 +39,8 @@
 //! cargo build --release -p serval-bench --bin pause-bench
 //! target/release/pause-bench --reps 7
 //! target/release/pause-bench --reps 7 --serval-drain
+//! target/release/pause-bench --reps 7 --cold-agent   # A connects to B's agent at the move
+//! target/release/pause-bench --reps 7 --pin-client   # the client on a CPU of its own
 //! ```
 //!
 //! Needs root (namespaces, `TCP_REPAIR`); everything it creates is removed when it ends.
@@ -109,6 +113,17 @@ struct Args {
     /// receiving during the wait.
     #[arg(long)]
     serval_drain: bool,
+    /// Serval's A opens its agent stream to B only when the move starts (as before kept agent
+    /// streams), instead of with `Migrator::prepare` when it starts serving: the handshake
+    /// and key proofs then run during the move.
+    #[arg(long)]
+    cold_agent: bool,
+    /// Gives the client's thread the machine's last CPU and the servers' threads the others
+    /// (both peers alike), as when the client runs on a host of its own: on a 2-core machine
+    /// the three otherwise wait for each other's cores, and the client's wake-up joins the
+    /// pause.
+    #[arg(long)]
+    pin_client: bool,
     /// One small repetition of each (for the test): 1 rep, 4 MiB each side, 256 KiB in flight.
     #[arg(long)]
     quick: bool,
@@ -145,6 +160,7 @@ fn main() {
         a.after = 4 << 20;
         a.min_in_flight = 256 << 10;
     }
+    PIN_CLIENT.store(a.pin_client, Ordering::Relaxed);
     if let Err(e) = run(&a) {
         eprintln!("pause-bench: {e}");
         std::process::exit(1);
@@ -418,11 +434,45 @@ fn gaps(reads: &[Instant], from: Instant, to: Instant) -> (Duration, Duration, f
     (around, before, at)
 }
 
+/// `--pin-client`.
+static PIN_CLIENT: AtomicBool = AtomicBool::new(false);
+
 fn spawn<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<std::thread::JoinHandle<Result<T>>> {
-    Ok(std::thread::Builder::new().name(name.into()).spawn(f)?)
+    let client = name.ends_with("client");
+    Ok(std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if PIN_CLIENT.load(Ordering::Relaxed) {
+                pin(client)?;
+            }
+            f()
+        })?)
+}
+
+/// Pins the calling thread: the client to the last CPU, a server to the others.
+fn pin(client: bool) -> Result<()> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let all = sched_getaffinity(Pid::from_raw(0))?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| all.is_set(c).unwrap_or(false))
+        .collect();
+    let Some((&last, rest)) = cpus.split_last().filter(|(_, r)| !r.is_empty()) else {
+        return Err("--pin-client needs at least two CPUs".into());
+    };
+    let mut set = CpuSet::new();
+    if client {
+        set.set(last)?;
+    } else {
+        for &c in rest {
+            set.set(c)?;
+        }
+    }
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
 }
 
 fn join<T>(h: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
@@ -474,7 +524,8 @@ fn serval_a(
     a: Setup,
     p: Arc<Progress>,
     ready: mpsc::Sender<Locator>,
-    go: tokio::sync::oneshot::Receiver<(Locator, PublicKey)>,
+    (to, to_key): (Locator, PublicKey),
+    go: tokio::sync::oneshot::Receiver<()>,
     moved: mpsc::Sender<(Result<Phases, String>, Instant)>,
     done: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<()> {
@@ -491,12 +542,15 @@ fn serval_a(
             },
         )
         .await?;
+        if !a.cold_agent {
+            within("A's agent stream to B", migrator.prepare(to, to_key)).await?;
+        }
         ready.send(ep.local_locators()[0])?;
         let mut s = within("A's accept", listener.accept()).await?;
         let mover = tokio::spawn(async move {
-            let Ok((to, to_key)) = go.await else {
+            if go.await.is_err() {
                 return;
-            };
+            }
             let r = match migrator.move_flows(&[], to, to_key).await {
                 Ok(mut v) if v.len() == 1 => v.remove(0).result,
                 Ok(v) => Err(format!("{} flows moved, not 1", v.len())),
@@ -636,6 +690,8 @@ struct Setup {
     client_window: u64,
     /// `--serval-drain`.
     drain: bool,
+    /// `--cold-agent`.
+    cold_agent: bool,
 }
 
 fn serval_rep(lan: &Lan, a: &Args, s: Setup, rep: usize) -> Result<Rep> {
@@ -675,7 +731,8 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup, rep: usize) -> Result<Rep> {
             p.clone(),
         );
         spawn("serval-a", move || {
-            serval_a(ns, bind, key, s, p, ready_a, go_rx, moved, done_a_rx)
+            let to = (b_agent, key.public_key());
+            serval_a(ns, bind, key, s, p, ready_a, to, go_rx, moved, done_a_rx)
         })?
     };
     let a_loc = ready_rx.recv_timeout(LIMIT)?;
@@ -687,8 +744,7 @@ fn serval_rep(lan: &Lan, a: &Args, s: Setup, rep: usize) -> Result<Rep> {
     };
     let in_flight = wait_for_move_point(&p, a.warmup, a.min_in_flight)?;
     let start = Instant::now();
-    go.send((b_agent, key.public_key()))
-        .map_err(|_| "A stopped before the move")?;
+    go.send(()).map_err(|_| "A stopped before the move")?;
     let (phases, end) = match moved_rx.recv_timeout(LIMIT * 2) {
         Ok(m) => m,
         Err(e) => {
@@ -1123,6 +1179,7 @@ fn run(a: &Args) -> Result<()> {
         send_buffer: a.send_buffer,
         client_window: a.client_window,
         drain: a.serval_drain,
+        cold_agent: a.cold_agent,
     };
     println!(
         "pause-bench: {} reps each, alternating; move after {} MiB read with >= {} KiB in \
