@@ -695,6 +695,9 @@ impl Connection {
             }
             return;
         }
+        if self.fenced(remote, repr) {
+            return;
+        }
         let Some(protect) = self.protect.as_deref_mut() else {
             self.auth_failures += 1;
             return;
@@ -1050,6 +1053,30 @@ impl Connection {
         // The handshake may have taken several retransmissions: start the idle clock now.
         self.transport.on_peer_activity(now);
         self.events.push_back(ConnEvent::Accepted);
+    }
+
+    /// Client: whether a packet from `remote` comes from a locator the server left by RSYN
+    /// (one of its last four) and is not an RSYN (which may bring the flow back there): dropped unopened and
+    /// counted. The host there let the flow go — it answers nothing once released — unless
+    /// it never heard that it lost the flow: a primary cut off from its standby, which took
+    /// the flow over, keeps serving it. Fencing it off here keeps its bytes out of the stream
+    /// (they would fill offsets the new host fills too) and its packets out of the replay
+    /// window. A server never fences its client's old locator: a client moving make-before-
+    /// break keeps sending there until its RSYN is answered.
+    fn fenced(&mut self, remote: Locator, repr: &SalRepr) -> bool {
+        if self.role != Role::Client || remote == self.peer {
+            return false;
+        }
+        let rsyn = repr
+            .control
+            .is_some_and(|c| c.flags.contains(ControlFlags::RSYN));
+        match self.paths.as_deref_mut() {
+            Some(p) if p.is_left(remote) && !rsyn => {
+                p.stats.from_left_locator += 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn on_rsyn(&mut self, now: Instant, remote: Locator, ctl: ControlRepr) {

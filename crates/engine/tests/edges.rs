@@ -594,6 +594,64 @@ fn a_move_request_is_reported_only_when_it_opens_under_the_flow_keys() {
     assert_eq!(got, b"still here");
 }
 
+/// Split brain (docs/protocol.md §4.3): the server end moved to a new host by export, import
+/// and RSYN, but the old host never heard that it lost the flow (it was thawed, as a primary
+/// cut off from its standby carries on) and keeps sending. Its packets reach the client
+/// first, yet the client takes only the new host's bytes: everything from the locator its
+/// server left, other than an RSYN, is dropped unopened and counted.
+#[test]
+fn a_client_takes_nothing_from_the_host_its_server_left() {
+    let (mut net, h, sh) = connected();
+    net.eps.push(endpoint(B2, 3));
+    net.eps[2].listen(ServicePrefix::exact(svc("echo.test")), 0, 1);
+    net.eps[1].write(sh, b"before; ").unwrap();
+    net.settle(&mut |_| false);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[0], h, &mut got);
+    assert_eq!(got, b"before; ");
+
+    let now = net.now;
+    let snapshot = net.eps[1].export(sh, now).unwrap();
+    let moved = net.eps[2].import(&snapshot, now).unwrap();
+    net.settle(&mut |_| false);
+    assert!(events(&mut net.eps[0]).contains(&Event::PeerMigrated(h, loc(B2))));
+
+    // The old host carries on, unaware, and its bytes arrive first (the new host's first
+    // packet numbers are taken by what it re-sent behind its RSYN, the old host's later ones
+    // are not); then the new host writes the same stretch of the stream.
+    assert!(net.eps[1].thaw(sh));
+    net.eps[1].write(sh, &[b'O'; 4000]).unwrap();
+    net.settle(&mut |_| false);
+    net.eps[2].write(moved, &[b'N'; 4000]).unwrap();
+    net.run_until(now + Duration::from_secs(2), &mut |_| false);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[0], h, &mut got);
+    assert_eq!(got.len(), 4000);
+    assert!(
+        got.iter().all(|&b| b == b'N'),
+        "the old host's bytes got in"
+    );
+    let fenced = net.eps[0].path_stats(h).unwrap().from_left_locator;
+    assert!(fenced > 0, "nothing came from the old host?");
+    assert_eq!(net.eps[0].locators(h).unwrap().1, loc(B2));
+
+    // An RSYN from the old locator is still taken: a move back is a move like any other.
+    let back = net.eps[2].export(moved, net.now).unwrap();
+    net.eps[1].abort(sh);
+    net.settle(&mut |_| false);
+    let mut b = endpoint(B, 4);
+    b.listen(ServicePrefix::exact(svc("echo.test")), 0, 1);
+    net.eps[1] = b;
+    let again = net.eps[1].import(&back, net.now).unwrap();
+    net.settle(&mut |_| false);
+    assert_eq!(net.eps[0].locators(h).unwrap().1, loc(B));
+    net.eps[1].write(again, b"; back").unwrap();
+    net.settle(&mut |_| false);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[0], h, &mut got);
+    assert_eq!(got, b"; back");
+}
+
 /// Whether `t` is a stream packet (transport payload, no SAL control).
 fn is_stream(t: &Transmit) -> bool {
     SalPacket::new_checked(&t.payload[..]).is_ok_and(|p| p.protocol() == Protocol::STREAM)

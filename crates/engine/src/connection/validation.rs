@@ -72,6 +72,11 @@ pub struct PathStats {
     pub amplification_limited: u64,
     /// Bytes sent to addresses while they were being validated (challenges).
     pub unvalidated_bytes_sent: u64,
+    /// Client: packets dropped unopened because they came from the locator its server left by
+    /// RSYN, and were not an RSYN (a host that let the flow go must be silent; one that did
+    /// not hear it lost the flow — a partitioned primary after its standby took over — is
+    /// fenced off: docs/protocol.md §4.3).
+    pub from_left_locator: u64,
 }
 
 impl PathStats {
@@ -129,6 +134,9 @@ pub(crate) struct Validated {
 
 /// The path-validation state of one connection; boxed in the connection and created only when
 /// first needed, so that a flow whose peer never moves pays one pointer for it.
+/// How many of the peer's locators before its RSYN moves a flow remembers.
+pub(crate) const LEFT_KEPT: usize = 4;
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PathValidator {
     current: Option<Validation>,
@@ -136,17 +144,23 @@ pub(crate) struct PathValidator {
     responses: VecDeque<([u8; PATH_DATA_LEN], Locator, Locator)>,
     /// Challenges generated so far (the context of the next one's data).
     generated: u64,
-    /// The peer's locator before its last RSYN moved it: packets still in flight from there
-    /// (a make-before-break move keeps the old path going until it is confirmed) are the old
-    /// path's, not a rebinding, and start no validation.
-    rsyn_old: Option<Locator>,
+    /// The peer's locators before its last RSYNs moved it, newest first: packets still in
+    /// flight from there (a make-before-break move keeps the old path going until it is
+    /// confirmed) are the old path's, not a rebinding, and start no validation.
+    rsyn_old: [Option<Locator>; LEFT_KEPT],
     pub(crate) stats: PathStats,
 }
 
 impl PathValidator {
+    /// Whether `remote` is a locator the peer left by one of its last [`LEFT_KEPT`] RSYNs.
+    pub(crate) fn is_left(&self, remote: Locator) -> bool {
+        self.rsyn_old.contains(&Some(remote))
+    }
+
     /// The peer moved by RSYN from `old`: its packets from there are the old path's.
     pub(crate) fn on_rsyn_move(&mut self, old: Locator) {
-        self.rsyn_old = Some(old);
+        self.rsyn_old.rotate_right(1);
+        self.rsyn_old[0] = Some(old);
         if self.current.take().is_some() {
             self.stats.abandoned += 1;
         }
@@ -163,7 +177,7 @@ impl PathValidator {
         newest: bool,
         interval: Duration,
     ) {
-        if self.rsyn_old == Some(remote) {
+        if self.is_left(remote) {
             return;
         }
         if let Some(v) = self.current.as_mut().filter(|v| v.target == remote) {
@@ -219,7 +233,7 @@ impl PathValidator {
             return None;
         };
         self.current = None;
-        self.rsyn_old = None;
+        self.rsyn_old = [None; LEFT_KEPT];
         self.stats.validated += 1;
         Some(Validated {
             target,
