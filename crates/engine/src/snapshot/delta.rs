@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 
 use super::{BlockReader, FLAG_DELTA, SnapshotError, SnapshotReader, assemble, block};
 use crate::Instant;
+use crate::transport::conn::Transport;
 
 /// Stream bytes at consecutive offsets from `start`.
 #[derive(Clone, Debug, Default)]
@@ -70,9 +71,10 @@ struct StreamLayout {
 }
 
 impl StreamLayout {
-    /// Walks a STREAM body (docs/snapshot.md §3.1; a delta's last 16 bytes are `send from`
-    /// and `recv from`). Only the framing is checked here: the transport's decoder checks
-    /// the values of the rebuilt block.
+    /// Finds the byte fields of a STREAM body (docs/snapshot.md §3.1; a delta's last 16
+    /// bytes are `send from` and `recv from`) with the transport's own walk of the block.
+    /// Only the framing is checked here: the transport's decoder checks the values of the
+    /// rebuilt block.
     fn parse(body: &[u8], delta: bool) -> Result<StreamLayout, SnapshotError> {
         let malformed = |reason| SnapshotError::Malformed {
             block: block::STREAM,
@@ -87,55 +89,28 @@ impl StreamLayout {
         } else {
             (body, &[][..])
         };
-        let mut r = BlockReader::new(block::STREAM, body, Instant::ZERO);
-        let at = |r: &BlockReader<'_>| body.len() - r.remaining();
-        let skip_ranges = |r: &mut BlockReader<'_>| -> Result<(), SnapshotError> {
-            let n = r.count(16)?;
-            r.raw(16 * n).map(drop)
-        };
-        let send_base = r.u64()?;
-        for _ in 0..4 {
-            r.u64()?; // unsent, flow limit, capacity, FIN offset
-        }
-        r.u8()?;
-        skip_ranges(&mut r)?;
-        skip_ranges(&mut r)?;
-        let send_at = at(&r);
-        let send_len = r.bytes()?.len();
-        let send = send_at..send_at + 4 + send_len;
-        r.u64()?; // highest sent
-        r.u8()?; // MAX_DATA pending
-        let recv_read = r.u64()?;
-        for _ in 0..5 {
-            r.u64()?; // contiguous, highest, max offset, window, FIN
-        }
-        skip_ranges(&mut r)?;
-        let recv_at = at(&r);
-        let recv_len = r.bytes()?.len();
-        let recv = recv_at..recv_at + 4 + recv_len;
+        let f = Transport::stream_fields(body)?;
         let (send_from, recv_from) = if delta {
             let mut o = BlockReader::new(block::STREAM, offsets, Instant::ZERO);
             (o.u64()?, o.u64()?)
         } else {
-            (send_base, recv_read)
+            (f.send_base, f.recv_read)
         };
-        let fits = |from: u64, len: usize| from.checked_add(len as u64).is_some();
-        r.check(
-            send_from >= send_base && recv_from >= recv_read,
-            "delta starts below the buffers",
-        )?;
-        r.check(
-            fits(send_from, send_len) && fits(recv_from, recv_len),
-            "stream offsets",
-        )?;
+        let (send_len, recv_len) = ((f.send.len() - 4) as u64, (f.recv.len() - 4) as u64);
+        if send_from < f.send_base || recv_from < f.recv_read {
+            return Err(malformed("delta starts below the buffers"));
+        }
+        if send_from.checked_add(send_len).is_none() || recv_from.checked_add(recv_len).is_none() {
+            return Err(malformed("stream offsets"));
+        }
         Ok(StreamLayout {
             fields_end: body.len(),
-            send,
+            send: f.send,
             send_from,
-            send_base,
-            recv,
+            send_base: f.send_base,
+            recv: f.recv,
             recv_from,
-            recv_read,
+            recv_read: f.recv_read,
         })
     }
 }

@@ -695,18 +695,27 @@ impl SendBuffer {
         from
     }
 
+    /// Reads the fields [`encode`](Self::encode) writes before the bytes, and returns the
+    /// buffer's base (where the bytes of a whole encoding start). The reader is left at the
+    /// bytes: a standby's replica splices them without decoding the buffer
+    /// ([`Transport::stream_fields`](crate::transport::conn::Transport::stream_fields)).
+    pub(crate) fn skip_head(r: &mut BlockReader<'_>) -> Result<u64, SnapshotError> {
+        Ok(SendHead::read(r)?.base)
+    }
+
     /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
     /// buffer's methods rely on.
     pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<SendBuffer, SnapshotError> {
-        let base = r.u64()?;
-        let unsent = r.u64()?;
-        let flow_limit = r.u64()?;
-        let capacity = usize::try_from(r.u64()?).map_err(|_| r.malformed("send capacity"))?;
-        let fin_offset = r.opt_u64()?;
-        let fin_flags = r.u8()?;
-        r.check(fin_flags & !3 == 0, "send FIN flags")?;
-        let retransmit = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
-        let acked = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        let SendHead {
+            base,
+            unsent,
+            flow_limit,
+            capacity,
+            fin_offset,
+            fin_flags,
+            retransmit,
+            acked,
+        } = SendHead::read(r)?;
         let data = r.bytes()?;
         let end = base.checked_add(data.len() as u64);
         r.check(
@@ -748,6 +757,67 @@ impl SendBuffer {
     }
 }
 
+/// A send buffer's encoded fields before its bytes, in [`SendBuffer::encode`]'s order.
+struct SendHead {
+    base: u64,
+    unsent: u64,
+    flow_limit: u64,
+    capacity: usize,
+    fin_offset: Option<u64>,
+    fin_flags: u8,
+    retransmit: RangeSet,
+    acked: RangeSet,
+}
+
+impl SendHead {
+    fn read(r: &mut BlockReader<'_>) -> Result<SendHead, SnapshotError> {
+        let base = r.u64()?;
+        let unsent = r.u64()?;
+        let flow_limit = r.u64()?;
+        let capacity = usize::try_from(r.u64()?).map_err(|_| r.malformed("send capacity"))?;
+        let fin_offset = r.opt_u64()?;
+        let fin_flags = r.u8()?;
+        r.check(fin_flags & !3 == 0, "send FIN flags")?;
+        let retransmit = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        let acked = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        Ok(SendHead {
+            base,
+            unsent,
+            flow_limit,
+            capacity,
+            fin_offset,
+            fin_flags,
+            retransmit,
+            acked,
+        })
+    }
+}
+
+/// A receive buffer's encoded fields before its bytes, in [`RecvBuffer::encode`]'s order.
+struct RecvHead {
+    read: u64,
+    contiguous: u64,
+    highest: u64,
+    max_offset: u64,
+    window: u64,
+    fin: Option<u64>,
+    out_of_order: RangeSet,
+}
+
+impl RecvHead {
+    fn read(r: &mut BlockReader<'_>) -> Result<RecvHead, SnapshotError> {
+        Ok(RecvHead {
+            read: r.u64()?,
+            contiguous: r.u64()?,
+            highest: r.u64()?,
+            max_offset: r.u64()?,
+            window: r.u64()?,
+            fin: r.opt_u64()?,
+            out_of_order: RangeSet::decode(r, MAX_RECV_RANGES, MAX_STREAM_OFFSET)?,
+        })
+    }
+}
+
 /// Snapshot encoding of the receive buffer (docs/snapshot.md, STREAM block).
 impl RecvBuffer {
     /// Writes the buffer: offsets, limit and window, final size, out-of-order ranges, then
@@ -771,16 +841,25 @@ impl RecvBuffer {
         self.contiguous
     }
 
+    /// Reads the fields [`encode`](Self::encode) writes before the bytes, and returns the
+    /// read offset (where the bytes of a whole encoding start); the reader is left at the
+    /// bytes (see [`SendBuffer::skip_head`]).
+    pub(crate) fn skip_head(r: &mut BlockReader<'_>) -> Result<u64, SnapshotError> {
+        Ok(RecvHead::read(r)?.read)
+    }
+
     /// Reads a buffer written by [`encode`](Self::encode), checking every invariant the
     /// buffer's methods rely on.
     pub(crate) fn decode(r: &mut BlockReader<'_>) -> Result<RecvBuffer, SnapshotError> {
-        let read = r.u64()?;
-        let contiguous = r.u64()?;
-        let highest = r.u64()?;
-        let max_offset = r.u64()?;
-        let window = r.u64()?;
-        let fin = r.opt_u64()?;
-        let out_of_order = RangeSet::decode(r, MAX_RECV_RANGES, MAX_STREAM_OFFSET)?;
+        let RecvHead {
+            read,
+            contiguous,
+            highest,
+            max_offset,
+            window,
+            fin,
+            out_of_order,
+        } = RecvHead::read(r)?;
         let buf = r.bytes()?;
         r.check(
             read <= contiguous

@@ -25,6 +25,52 @@ fn event_code(k: EventKind) -> u8 {
         .map_or(0, |i| i as u8 + 1)
 }
 
+/// Where a STREAM block's two byte fields are, as ranges of its body (each with its 4-byte
+/// length prefix), and the offsets a whole block's fields start at: what a standby's replica
+/// needs to splice stream bytes without decoding the buffers (`snapshot::delta`).
+#[derive(Debug)]
+pub(crate) struct StreamFields {
+    /// The send buffer's bytes.
+    pub(crate) send: core::ops::Range<usize>,
+    /// The send buffer's base.
+    pub(crate) send_base: u64,
+    /// The receive buffer's bytes.
+    pub(crate) recv: core::ops::Range<usize>,
+    /// The receive buffer's read offset.
+    pub(crate) recv_read: u64,
+}
+
+/// The STREAM block's fields between the two buffers: the highest offset sent, and whether a
+/// MAX_DATA is pending.
+fn stream_middle(b: &mut BlockReader<'_>) -> Result<(u64, bool), SnapshotError> {
+    Ok((b.u64()?, b.bool()?))
+}
+
+impl Transport {
+    /// Walks a STREAM block's body as [`export`](Self::export) writes it (a delta's two
+    /// trailing offsets cut off first), checking only its framing (the buffers' decoders
+    /// check the values when the block is imported). Anything after the receive bytes is
+    /// left alone: fields a later version appends.
+    pub(crate) fn stream_fields(body: &[u8]) -> Result<StreamFields, SnapshotError> {
+        let mut r = BlockReader::new(block::STREAM, body, Instant::ZERO);
+        let bytes = |r: &mut BlockReader<'_>| -> Result<core::ops::Range<usize>, SnapshotError> {
+            let at = body.len() - r.remaining();
+            Ok(at..at + 4 + r.bytes()?.len())
+        };
+        let send_base = SendBuffer::skip_head(&mut r)?;
+        let send = bytes(&mut r)?;
+        stream_middle(&mut r)?;
+        let recv_read = RecvBuffer::skip_head(&mut r)?;
+        let recv = bytes(&mut r)?;
+        Ok(StreamFields {
+            send,
+            send_base,
+            recv,
+            recv_read,
+        })
+    }
+}
+
 /// A UTF-8 string prefixed by its `u32` length.
 fn decode_string(r: &mut BlockReader<'_>) -> Result<String, SnapshotError> {
     let b = r.bytes()?;
@@ -176,8 +222,7 @@ impl Transport {
     ) -> Result<Transport, SnapshotError> {
         let mut b = r.require(block::STREAM, now)?;
         let send = SendBuffer::decode(&mut b)?;
-        let sent_high = b.u64()?;
-        let max_data_pending = b.bool()?;
+        let (sent_high, max_data_pending) = stream_middle(&mut b)?;
         let recv = RecvBuffer::decode(&mut b)?;
 
         let dgrams = match r.block(block::DGRAM, now) {
