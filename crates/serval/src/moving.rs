@@ -221,16 +221,13 @@ impl Stream {
             // acknowledgement slips between the two.
             let shrank = std::future::poll_fn(|cx| {
                 let mut st = self.shared().lock();
-                match st.engine.buffered(self.handle()).map(|(send, _)| send) {
-                    Some(n) if n > DRAIN_TARGET => {
-                        if n < before {
-                            before = n;
-                            return Poll::Ready(true);
-                        }
+                match self.backlog_shrank(&st, &mut before) {
+                    Some(true) => Poll::Ready(true),
+                    Some(false) => {
                         st.drains.push(cx.waker().clone());
                         Poll::Pending
                     }
-                    _ => Poll::Ready(false),
+                    None => Poll::Ready(false),
                 }
             });
             tokio::select! {
@@ -249,25 +246,32 @@ impl Stream {
                     // before its receive task had the acknowledgements waiting: let it run
                     // once, then decide.
                     tokio::task::yield_now().await;
-                    let held = self
-                        .shared()
-                        .lock()
-                        .engine
-                        .buffered(self.handle())
-                        .map(|(send, _)| send);
-                    match held {
-                        Some(n) if n > DRAIN_TARGET && n >= before => return started.elapsed(),
-                        Some(n) if n > DRAIN_TARGET => {
-                            before = n;
-                            stall
-                                .as_mut()
-                                .reset(tokio::time::Instant::now() + DRAIN_STALL);
-                        }
-                        _ => return started.elapsed(),
+                    let st = self.shared().lock();
+                    if self.backlog_shrank(&st, &mut before) != Some(true) {
+                        return started.elapsed();
                     }
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + DRAIN_STALL);
                 }
             }
         }
+    }
+
+    /// The drain's look at the send backlog: `None` once it is at most [`DRAIN_TARGET`] (or
+    /// the connection is gone), `Some(true)` if it shrank below `before` (which then becomes
+    /// it), `Some(false)` if it did not.
+    fn backlog_shrank(&self, st: &crate::endpoint::State, before: &mut usize) -> Option<bool> {
+        let n = st
+            .engine
+            .buffered(self.handle())
+            .map(|(send, _)| send)
+            .filter(|n| *n > DRAIN_TARGET)?;
+        let shrank = n < *before;
+        if shrank {
+            *before = n;
+        }
+        Some(shrank)
     }
 
     /// Waits until this stream is asked to move to another host (by the instance's
