@@ -324,26 +324,29 @@ struct Frames {
 impl Frames {
     /// Reads more (cancel-safe: what was read stays in the buffer).
     async fn fill(&mut self, stream: &Stream) -> io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = (&mut &*stream).read(&mut chunk).await?;
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        // Straight into the buffer's spare room: no bytes are copied on their way in.
+        self.buf.reserve(64 * 1024);
+        let n = (&mut &*stream).read_buf(&mut self.buf).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the other end closed the session",
             ));
         }
-        self.buf.drain(..self.start);
-        self.start = 0;
-        self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 
-    /// The next whole frame, if the buffer holds one: its kind and its body. `len` tells,
-    /// for a kind and the bytes after it, how long the frame is (`None`: not known yet).
+    /// The next whole frame, if the buffer holds one: its kind and where its body is (for
+    /// [`body`](Self::body), until the next [`fill`](Self::fill)). `len` tells, for a kind
+    /// and the bytes after it, how long the frame is (`None`: not known yet).
     fn next(
         &mut self,
         len: impl Fn(u8, &[u8]) -> io::Result<Option<usize>>,
-    ) -> io::Result<Option<(u8, Vec<u8>)>> {
+    ) -> io::Result<Option<(u8, core::ops::Range<usize>)>> {
         let Some((&kind, rest)) = self.buf[self.start..].split_first() else {
             return Ok(None);
         };
@@ -353,9 +356,14 @@ impl Frames {
         if rest.len() < n {
             return Ok(None);
         }
-        let body = rest[..n].to_vec();
-        self.start += 1 + n;
+        let body = self.start + 1..self.start + 1 + n;
+        self.start = body.end;
         Ok(Some((kind, body)))
+    }
+
+    /// A frame's body, as [`next`](Self::next) found it.
+    fn body(&self, at: core::ops::Range<usize>) -> &[u8] {
+        &self.buf[at]
     }
 }
 
@@ -521,9 +529,10 @@ impl PrimarySession {
                 r = frames.fill(&self.stream) => {
                     r?;
                     self.heard = StdInstant::now();
-                    while let Some((kind, body)) = frames.next(standby_frame)? {
+                    while let Some((kind, at)) = frames.next(standby_frame)? {
+                        let body = frames.body(at);
                         match kind {
-                            S_CONFIRM => self.confirmed(be_u32(&body, 0)),
+                            S_CONFIRM => self.confirmed(be_u32(body, 0)),
                             S_TAKEOVER => {
                                 self.let_go();
                                 return Ok(());
@@ -745,12 +754,13 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
                 Ok(f) => f,
                 Err(e) => return Err(e),
             };
-            let Some((kind, body)) = frame else { break };
+            let Some((kind, at)) = frame else { break };
+            let body = frames.body(at);
             first = false;
             match kind {
                 P_CHECKPOINT => {
-                    let seq = be_u32(&body, 0);
-                    let flow = FlowId(be_u64(&body, 4));
+                    let seq = be_u32(body, 0);
+                    let flow = FlowId(be_u64(body, 4));
                     let checkpoint = &body[16..];
                     let applied = match latest.get_mut(&flow) {
                         Some(r) => r.apply(checkpoint),
@@ -772,7 +782,7 @@ pub async fn run_standby(ep: &Endpoint, config: StandbyConfig) -> io::Result<Tak
                     answer.extend_from_slice(&seq.to_be_bytes());
                 }
                 P_FORGET => {
-                    latest.remove(&FlowId(be_u64(&body, 0)));
+                    latest.remove(&FlowId(be_u64(body, 0)));
                 }
                 P_REFUSED => {
                     return Err(io::Error::new(
