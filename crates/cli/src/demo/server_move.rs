@@ -3,8 +3,9 @@
 //! Two instances of `count.demo` (the line-numbering service of `serval listen --number`, in
 //! this process) share one key and run migration agents. A client connects by name (the
 //! router picks S1), streams lines and checks each answer's number; halfway, S1's agent moves
-//! the stream to S2. The client must never reconnect, and the numbering must continue, not
-//! restart.
+//! the stream to S2; at three quarters the client itself asks for it to go back to S1
+//! (`Stream::request_move`, naming S1's agent). The client must never reconnect, and the
+//! numbering must continue, not restart.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,9 @@ const NAME: &str = "count.demo";
 /// Lines the client sends, and how many may be unanswered at once.
 const LINES: u64 = 4000;
 const WINDOW: u64 = 200;
+
+/// Where the client's request moved its stream, and how long it took.
+type Moved = (Locator, Duration);
 
 struct Server {
     ep: Endpoint,
@@ -95,7 +99,7 @@ fn held(ep: &Endpoint) -> String {
 pub async fn run(tl: &Arc<Timeline>, router: &Router, raddr: Locator, lease: Duration) -> Outcome {
     tl.say(format!(
         "── step 6: stateful server move: a stream to {NAME} (it numbers each line) moves to \
-         another instance mid-stream"
+         another instance mid-stream, then back at the client's request"
     ));
     match inner(tl, router, raddr, lease).await {
         Ok(o) => o,
@@ -131,13 +135,17 @@ async fn inner(
         "client connected by name to {}; sending {LINES} lines, each answered with its number",
         tl.who(first_peer)
     ));
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
+    let stream = Arc::new(stream);
+    let mut w = &*stream;
+    let mut r = BufReader::new(&*stream);
     let mut line = String::new();
     let mut answered = 0u64;
     // The move's task, and how many lines were answered when it started.
     let mut moving: Option<(u64, JoinHandle<std::io::Result<Vec<FlowMove>>>)> = None;
     let mut moved_at: Option<Instant> = None;
+    // The client's own request to move back to S1, and when it started.
+    let mut asking: Option<(u64, JoinHandle<std::io::Result<Moved>>)> = None;
+    let back_to = s1.agent.locator();
     let mut gap_after = Duration::ZERO;
     let mut last = Instant::now();
     let work = async {
@@ -147,8 +155,9 @@ async fn inner(
                 // (about once in 40 release runs), leaving nothing to move: the last line
                 // waits until the stream is frozen for the move, or the move ended.
                 let start = Instant::now();
-                while !s1.agent.movable_flows().is_empty()
-                    && !moving.as_ref().is_some_and(|(_, t)| t.is_finished())
+                while (!s1.agent.movable_flows().is_empty()
+                    && !moving.as_ref().is_some_and(|(_, t)| t.is_finished()))
+                    || asking.as_ref().is_some_and(|(_, t)| !t.is_finished())
                 {
                     if start.elapsed() > Duration::from_secs(10) {
                         return Err("S1's agent never asked for the stream".into());
@@ -167,6 +176,21 @@ async fn inner(
                     tokio::spawn(async move { from.move_flows(&[], to, key).await }),
                 ));
                 moved_at = Some(Instant::now());
+            }
+            if i >= LINES * 3 / 4
+                && asking.is_none()
+                && moving.as_ref().is_some_and(|(_, t)| t.is_finished())
+            {
+                // The client's choice now: back to S1, named by its migration agent.
+                let s = stream.clone();
+                asking = Some((
+                    answered,
+                    tokio::spawn(async move {
+                        let asked = Instant::now();
+                        let at = s.request_move(back_to).await?;
+                        Ok((at, asked.elapsed()))
+                    }),
+                ));
             }
             while i + 1 - answered > WINDOW || (i + 1 == LINES && answered < LINES) {
                 next_numbered(&mut r, &mut line, answered).await?;
@@ -210,20 +234,32 @@ async fn inner(
         phases.import.as_secs_f64() * 1e3,
         phases.rebind.as_secs_f64() * 1e3,
     ));
-    let s2_holds = s2.ep.flows().iter().any(|f| f.moves == 1);
-    let s1_empty = s1.agent.movable_flows().is_empty();
+    let (asked_then, asked) = asking.ok_or("the client never asked to move back")?;
+    let (back, took) = asked
+        .await
+        .map_err(|e| format!("the client's move task failed: {e}"))?
+        .map_err(|e| format!("the client's move back to S1 failed: {e}"))?;
     tl.say(format!(
-        "{answered} lines answered, numbered 1..{answered} without a break; S2 holds the flow \
-         ({}), S1 none ({})",
-        if s2_holds { "yes" } else { "NO" },
-        if s1_empty { "yes" } else { "NO" }
+        "at {asked_then} answered the client asked for the stream to go back to S1 (naming S1's \
+         migration agent): it runs at {} again, {:.2} ms after the request",
+        tl.who(back),
+        took.as_secs_f64() * 1e3
+    ));
+    let s1_holds = s1.ep.flows().iter().any(|f| f.moves == 2);
+    let s2_empty = s2.agent.movable_flows().is_empty();
+    tl.say(format!(
+        "{answered} lines answered, numbered 1..{answered} without a break; S1 holds the flow \
+         after two moves ({}), S2 none ({})",
+        if s1_holds { "yes" } else { "NO" },
+        if s2_empty { "yes" } else { "NO" }
     ));
     let detail = format!(
-        "S1 → S2 frozen {:.2} ms, longest answer gap after it {:.2} ms, count continued",
+        "S1 → S2 frozen {:.2} ms, longest answer gap after it {:.2} ms, back to S1 at the \
+         client's request, count continued",
         phases.frozen.as_secs_f64() * 1e3,
         gap_after.as_secs_f64() * 1e3
     );
-    Ok(if answered == LINES && s2_holds && s1_empty {
+    Ok(if answered == LINES && s1_holds && s2_empty && back == a1 {
         Outcome::pass(STEP, detail)
     } else {
         Outcome::fail(STEP, detail)
