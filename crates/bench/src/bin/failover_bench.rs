@@ -1,6 +1,7 @@
 //! Link-down failover gap (issue 11): the longest receive gap at a client when the link its
 //! flow uses goes down, Serval (automatic migration, `FollowHost::Flows`) against Linux MPTCP
-//! with a second subflow already established, in the same run on the same topology.
+//! with a second subflow already established and quinn with `Endpoint::rebind`, in the same
+//! run on the same topology.
 //!
 //! ```text
 //!   client ns                                  server ns
@@ -18,6 +19,13 @@
 //! set subflows 2 add_addr_accepted 2` on both hosts, and `ip mptcp endpoint add 10.78.2.1
 //! dev vm2c subflow` on the client, so the second subflow exists before the link goes down.
 //!
+//! quinn has no failover of its own: its client application moves the connection to link 2
+//! with `Endpoint::rebind` (a new UDP socket on 10.78.2.1), and the server follows after
+//! validating the new path. On a link-down the application rebinds at once, as one told by
+//! the host the instant the link went (the best case: no detection time); on silent loss it
+//! rebinds after [`quinn_silence`] without data, its own watchdog (what Serval's silence
+//! probe does inside the transport).
+//!
 //! `--silent` drops everything on link 1 with nftables, both ways, instead of setting it down:
 //! the link and its addresses stay up, so no host event tells anyone (issue 11's silent loss).
 //!
@@ -34,6 +42,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+#[path = "../quinn_setup.rs"]
+mod quinn_setup;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -48,7 +59,7 @@ const SERVER: &str = "10.78.0.1";
 const IPPROTO_MPTCP: i32 = 262;
 
 #[derive(Parser)]
-#[command(about = "Link-down failover gap: Serval against MPTCP")]
+#[command(about = "Link-down failover gap: Serval against MPTCP and quinn")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,15 +81,24 @@ enum Cmd {
     ServeServal,
     /// Serve one MPTCP connection (inside the server namespace).
     ServeMptcp,
+    /// Serve one quinn connection (inside the server namespace); its certificate goes to
+    /// CERT.
+    ServeQuinn {
+        /// Where to write the server's certificate.
+        cert: std::path::PathBuf,
+    },
     /// Receive, take link 1 down, print the gap (inside the client namespace).
     Client {
-        /// `serval` or `mptcp`.
+        /// `serval`, `mptcp` or `quinn`.
         stack: String,
         /// The client's end of link 1.
         link1: String,
         /// Drop everything on link 1 (nftables) instead of setting it down.
         #[arg(long)]
         silent: bool,
+        /// quinn: the server's certificate.
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -88,15 +108,18 @@ fn main() {
         Cmd::Run { reps, silent } => run(reps, silent),
         Cmd::ServeServal => rt().block_on(serve_serval()),
         Cmd::ServeMptcp => serve_mptcp(),
+        Cmd::ServeQuinn { cert } => rt().block_on(serve_quinn(&cert)),
         Cmd::Client {
             stack,
             link1,
             silent,
+            cert,
         } => {
-            let r = if stack == "serval" {
-                rt().block_on(client_serval(&link1, silent))
-            } else {
-                client_mptcp(&link1, silent)
+            let r = match (stack.as_str(), cert) {
+                ("serval", _) => rt().block_on(client_serval(&link1, silent)),
+                ("quinn", Some(cert)) => rt().block_on(client_quinn(&link1, silent, &cert)),
+                ("quinn", None) => Err("quinn needs --cert".into()),
+                _ => client_mptcp(&link1, silent),
             };
             match r {
                 Ok((gap, bytes)) => println!("gap_us={} bytes={bytes}", gap.as_micros()),
@@ -255,6 +278,79 @@ async fn client_serval(link1: &str, silent: bool) -> Result<(Duration, u64), Str
         if m.got(&buf[..n])? {
             eprintln!("serval path events after the link-down (as seen by the reader): {moves:?}");
             return Ok((m.gap, m.bytes));
+        }
+    }
+}
+
+/// quinn's server: one connection, one unidirectional stream of the pattern at the same rate
+/// as the others.
+async fn serve_quinn(cert: &std::path::Path) {
+    let ep = quinn_setup::quinn_server(format!("{SERVER}:4433").parse().unwrap(), cert).unwrap();
+    println!("ready");
+    let conn = ep.accept().await.unwrap().await.unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut n: u64 = 0;
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        tick.tick().await;
+        for b in chunk.iter_mut() {
+            *b = n as u8;
+            n += 1;
+        }
+        if s.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long quinn's client goes without data before its watchdog moves the connection to
+/// link 2 on silent loss: max(3 × RTT, 10 ms), the rule Serval's silence probe uses.
+fn quinn_silence(conn: &quinn::Connection) -> Duration {
+    (conn.rtt() * 3).max(Duration::from_millis(10))
+}
+
+async fn client_quinn(
+    link1: &str,
+    silent: bool,
+    cert: &std::path::Path,
+) -> Result<(Duration, u64), String> {
+    let ep = quinn_setup::quinn_client("10.78.1.1:0".parse().unwrap(), cert)
+        .map_err(|e| e.to_string())?;
+    let conn = ep
+        .connect(format!("{SERVER}:4433").parse().unwrap(), "bench.invalid")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut s = conn.accept_uni().await.map_err(|e| e.to_string())?;
+    let mut m = Meter::new(link1, silent);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut rebound = false;
+    let rebind = |ep: &quinn::Endpoint| -> Result<(), String> {
+        let socket = std::net::UdpSocket::bind("10.78.2.1:0").map_err(|e| e.to_string())?;
+        ep.rebind(socket).map_err(|e| e.to_string())
+    };
+    loop {
+        let read = tokio::time::timeout(quinn_silence(&conn), s.read(&mut buf)).await;
+        let n = match read {
+            Ok(r) => r
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "server ended".to_string())?,
+            Err(_) if m.down_at.is_some() && !rebound => {
+                rebind(&ep)?;
+                rebound = true;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let was_down = m.down_at.is_some();
+        if m.got(&buf[..n])? {
+            return Ok((m.gap, m.bytes));
+        }
+        // A link-down the application is told of at once: it moves right away.
+        if !was_down && m.down_at.is_some() && !silent && !rebound {
+            rebind(&ep)?;
+            rebound = true;
         }
     }
 }
@@ -425,13 +521,19 @@ fn once(stack: &str, silent: bool) -> Result<Duration, String> {
     let t = Topology::new();
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let me = me.to_string_lossy().to_string();
-    let serve = if stack == "serval" {
-        "serve-serval"
-    } else {
-        "serve-mptcp"
-    };
+    let cert = std::env::temp_dir().join(format!("failover-bench-{}.der", std::process::id()));
+    let cert_s = cert.to_string_lossy().to_string();
+    let mut serve = vec![match stack {
+        "serval" => "serve-serval",
+        "quinn" => "serve-quinn",
+        _ => "serve-mptcp",
+    }];
+    if stack == "quinn" {
+        serve.push(&cert_s);
+    }
     let mut server: Child = Command::new("ip")
-        .args(["netns", "exec", &t.server, &me, serve])
+        .args(["netns", "exec", &t.server, &me])
+        .args(&serve)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -442,10 +544,14 @@ fn once(stack: &str, silent: bool) -> Result<Duration, String> {
     if silent {
         args.push("--silent");
     }
+    if stack == "quinn" {
+        args.extend(["--cert", &cert_s]);
+    }
     let client = Command::new("ip")
         .args(&args)
         .output()
         .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&cert);
     let _ = server.kill();
     let _ = server.wait();
     let text = String::from_utf8_lossy(&client.stdout).to_string();
@@ -469,7 +575,11 @@ fn once(stack: &str, silent: bool) -> Result<Duration, String> {
 }
 
 fn run(reps: usize, silent: bool) {
-    let mut gaps: Vec<(&str, Vec<Duration>)> = vec![("serval", Vec::new()), ("mptcp", Vec::new())];
+    let mut gaps: Vec<(&str, Vec<Duration>)> = vec![
+        ("serval", Vec::new()),
+        ("mptcp", Vec::new()),
+        ("quinn", Vec::new()),
+    ];
     for rep in 0..reps {
         for (stack, v) in gaps.iter_mut() {
             match once(stack, silent) {

@@ -35,6 +35,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+#[path = "../quinn_setup.rs"]
+mod quinn_setup;
+use quinn_setup::{quinn_client, quinn_server};
+
 #[path = "../engine_pair.rs"]
 #[allow(dead_code)]
 mod engine_pair;
@@ -602,26 +606,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// quinn set-up.
-
-fn quinn_server(bind: SocketAddr, cert_path: &Path) -> Result<quinn::Endpoint> {
-    let ck = rcgen::generate_simple_self_signed(vec!["bench.invalid".to_string()])?;
-    let cert = ck.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
-    std::fs::write(cert_path, cert.as_ref())?;
-    let config = quinn::ServerConfig::with_single_cert(vec![cert], key)?;
-    Ok(quinn::Endpoint::server(config, bind)?)
-}
-
-fn quinn_client(bind: SocketAddr, cert_path: &Path) -> Result<quinn::Endpoint> {
-    let der = std::fs::read(cert_path)?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(der))?;
-    let config = quinn::ClientConfig::with_root_certificates(Arc::new(roots))?;
-    let mut ep = quinn::Endpoint::client(bind)?;
-    ep.set_default_client_config(config);
-    Ok(ep)
-}
+// quinn set-up: `quinn_setup.rs`, shared with failover-bench.
 
 // ---------------------------------------------------------------------------------------------
 // TLS over TCP (tokio-rustls) set-up: TLS 1.3 only, ring, the same kind of self-signed
