@@ -42,25 +42,55 @@ fn flow_lines(admin: &str) -> Vec<String> {
     out.lines().skip(1).map(String::from).collect()
 }
 
-#[test]
-fn scale_out_moves_half_the_live_streams_and_every_one_completes() {
-    let dir = Dir::new("migrate-share");
+/// Two numbering instances of `SERVICE` sharing one key, each with an admin API (and so a
+/// migration agent).
+struct Pair {
+    _dir: Dir,
+    _guards: [support::Guard; 2],
+    /// Where each serves, and its admin address.
+    a: String,
+    a_admin: String,
+    b: String,
+    b_admin: String,
+}
+
+fn pair(name: &str) -> Pair {
+    let dir = Dir::new(name);
     let key = dir.path("k");
     keygen(&key);
     let (a_admin, b_admin) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let (_a, a) = instance(
-        SERVICE,
-        None,
-        &["--number", "--admin", &a_admin, "--key", &key],
-    );
-    let (_b, _) = instance(
-        SERVICE,
-        None,
-        &["--number", "--admin", &b_admin, "--key", &key],
-    );
+    let start = |admin: &str| {
+        instance(
+            SERVICE,
+            None,
+            &["--number", "--admin", admin, "--key", &key],
+        )
+    };
+    let (ga, a) = start(&a_admin);
+    let (gb, b) = start(&b_admin);
+    Pair {
+        _dir: dir,
+        _guards: [ga, gb],
+        a,
+        a_admin,
+        b,
+        b_admin,
+    }
+}
+
+#[test]
+fn scale_out_moves_half_the_live_streams_and_every_one_completes() {
+    let Pair {
+        a,
+        a_admin,
+        b_admin,
+        _dir,
+        _guards,
+        ..
+    } = pair("migrate-share");
     let total = 100_000;
     let clients: Vec<_> = (0..4)
         .map(|_| {
@@ -125,23 +155,14 @@ fn scale_out_moves_half_the_live_streams_and_every_one_completes() {
 /// part way through; the stateful numbering goes on there and every answer is exact.
 #[test]
 fn a_client_moves_its_stream_to_the_instance_it_names() {
-    let dir = Dir::new("migrate-client");
-    let key = dir.path("k");
-    keygen(&key);
-    let (a_admin, b_admin) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let (_a, a) = instance(
-        SERVICE,
-        None,
-        &["--number", "--admin", &a_admin, "--key", &key],
-    );
-    let (_b, b) = instance(
-        SERVICE,
-        None,
-        &["--number", "--admin", &b_admin, "--key", &key],
-    );
+    let Pair {
+        a,
+        a_admin,
+        b,
+        b_admin,
+        _dir,
+        _guards,
+    } = pair("migrate-client");
     let b_instance = admin_get(&b_admin, "/instance");
     let agent = b_instance
         .split("\"agent\":\"")

@@ -230,6 +230,11 @@ async fn serve_serval() {
     let mut l = ep.listen(serval::ServicePrefix::exact(service)).unwrap();
     println!("ready");
     let mut s = l.accept().await.unwrap();
+    send_pattern(&mut s).await;
+}
+
+/// Writes the counting pattern, [`CHUNK`] bytes every millisecond, until the write fails.
+async fn send_pattern(s: &mut (impl tokio::io::AsyncWrite + Unpin)) {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut n: u64 = 0;
     let mut chunk = vec![0u8; CHUNK];
@@ -289,19 +294,7 @@ async fn serve_quinn(cert: &std::path::Path) {
     println!("ready");
     let conn = ep.accept().await.unwrap().await.unwrap();
     let mut s = conn.open_uni().await.unwrap();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut n: u64 = 0;
-    let mut chunk = vec![0u8; CHUNK];
-    loop {
-        tick.tick().await;
-        for b in chunk.iter_mut() {
-            *b = n as u8;
-            n += 1;
-        }
-        if s.write_all(&chunk).await.is_err() {
-            return;
-        }
-    }
+    send_pattern(&mut s).await;
 }
 
 /// How long quinn's client goes without data before its watchdog moves the connection to
