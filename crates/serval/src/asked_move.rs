@@ -58,6 +58,8 @@ impl Stream {
                 .conns
                 .get_mut(&self.handle())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            // Callers that gave up (a timeout around this future) leave their sender behind.
+            slot.peer_moved.retain(|t| !t.is_closed());
             slot.peer_moved.push(tx);
         }
         let deadline = tokio::time::Instant::now() + REQUEST_MOVE_LIMIT;
