@@ -12,7 +12,7 @@
 --     SYN-ACK (KEYSHARE flag 0x01) if the capture holds it. Nothing is decrypted or verified;
 --   * protocol 1 (stream) of plaintext flows: the frames (PADDING, PING, ACK with its ranges,
 --     STREAM / STREAM+FIN, MAX_DATA, DATAGRAM, CLOSE, PATH_CHALLENGE, PATH_RESPONSE,
---     MOVE_REQUEST);
+--     MOVE_REQUEST, MOVE_REFUSED);
 --   * protocol 2 (datagram): the flags byte, the sender's serviceID, the data;
 --   * protocol 3 (registration): REGISTER, UNREGISTER, ACK, REJECT, COOKIE, in the 60-, 76-
 --     (cookie) and 140-byte (signed) forms.
@@ -68,7 +68,7 @@ local REJECT_REASONS = { [0] = "none", [1] = "NOT_ACCEPTED", [2] = "UNAVAILABLE"
 
 local FR_PADDING, FR_PING, FR_ACK, FR_STREAM, FR_STREAM_FIN, FR_MAX_DATA, FR_CLOSE, FR_DATAGRAM =
     0x00, 0x01, 0x02, 0x08, 0x09, 0x10, 0x1c, 0x30
-local FR_PATH_CHALLENGE, FR_PATH_RESPONSE, FR_MOVE_REQUEST = 0x1a, 0x1b, 0x1d
+local FR_PATH_CHALLENGE, FR_PATH_RESPONSE, FR_MOVE_REQUEST, FR_MOVE_REFUSED = 0x1a, 0x1b, 0x1d, 0x1e
 local FRAME_NAMES = {
     [FR_PADDING] = "PADDING",
     [FR_PING] = "PING",
@@ -81,7 +81,10 @@ local FRAME_NAMES = {
     [FR_PATH_CHALLENGE] = "PATH_CHALLENGE",
     [FR_PATH_RESPONSE] = "PATH_RESPONSE",
     [FR_MOVE_REQUEST] = "MOVE_REQUEST",
+    [FR_MOVE_REFUSED] = "MOVE_REFUSED",
 }
+local MOVE_REFUSALS = { [1] = "NO_AGENT", [2] = "NOT_MOVABLE", [3] = "UNREACHABLE", [4] = "REFUSED_THERE",
+    [5] = "FAILED" }
 
 local LOC_FAMILIES = { [4] = "IPv4", [6] = "IPv6" }
 
@@ -185,6 +188,7 @@ local f = {
     close_reason = ProtoField.string("serval.close.reason", "Reason"),
     path_data = ProtoField.bytes("serval.path.data", "Path Data"),
     move_to = ProtoField.string("serval.move.to", "Move To (agent)"),
+    move_refusal = ProtoField.uint8("serval.move.refusal", "Move Refused", base.DEC, MOVE_REFUSALS),
 
     -- protocol 2: datagrams by name
     dgram_flags = ProtoField.uint8("serval.dgram.flags", "Datagram Flags", base.HEX),
@@ -710,8 +714,9 @@ local function render_stream(tvb, off, limit, tree, with_pn)
             ft:add(f.path_data, tvb(pos, 8))
             summary[#summary + 1] = name .. "(" .. tostring(tvb(pos, 8):bytes()) .. ")"
             pos = pos + 8
-        elseif ty == FR_MOVE_REQUEST then
-            -- One locator: the agent the client names (docs/wire.md §15).
+        elseif ty == FR_MOVE_REQUEST or ty == FR_MOVE_REFUSED then
+            -- One locator: the agent the client names (docs/wire.md §15); a refusal adds its
+            -- reason.
             if pos >= limit then
                 return malformed("BadLocator: " .. trunc)
             end
@@ -720,8 +725,21 @@ local function render_stream(tvb, off, limit, tree, with_pn)
                 return malformed("BadLocator: " .. why)
             end
             ft:add(f.move_to, tvb(pos, n), text)
-            summary[#summary + 1] = "MOVE_REQUEST(" .. text .. ")"
             pos = pos + n
+            if ty == FR_MOVE_REFUSED then
+                if pos >= limit then
+                    return malformed(trunc)
+                end
+                local code = tvb(pos, 1):uint()
+                if not MOVE_REFUSALS[code] then
+                    return malformed("BadRefusal: unknown MOVE_REFUSED reason " .. code)
+                end
+                ft:add(f.move_refusal, tvb(pos, 1))
+                pos = pos + 1
+                summary[#summary + 1] = "MOVE_REFUSED(" .. text .. "," .. MOVE_REFUSALS[code] .. ")"
+            else
+                summary[#summary + 1] = "MOVE_REQUEST(" .. text .. ")"
+            end
         end
         ft:set_len(pos - start)
     end

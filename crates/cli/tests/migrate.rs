@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::numbered::{client, finish, wait_progress};
+use support::numbered::{client, finish, finish_exit, wait_progress};
 use support::{Dir, free_port, instance, keygen, output_within, serval};
 
 const SERVICE: &str = "count.share.test";
@@ -202,6 +202,21 @@ fn a_client_moves_its_stream_to_the_instance_it_names() {
     );
     c.gate.store(total, Ordering::Relaxed);
     finish(c, total);
+
+    // Naming something that is no migration agent: the server says why, the stream goes on
+    // where it is, and cat exits 1 at its end.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let mut cat = serval();
+    cat.args(["cat", SERVICE, "--via", &b, "--move-to", &nowhere]);
+    let c = client(cat, total, total / 2);
+    let said = c.wait_said("failed", Duration::from_secs(30));
+    assert!(
+        said.contains("no instance of the service answered"),
+        "{said}"
+    );
+    c.gate.store(total, Ordering::Relaxed);
+    let st = finish_exit(c, total);
+    assert_eq!(st.code(), Some(1), "{st}");
 }
 
 #[test]

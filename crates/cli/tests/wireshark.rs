@@ -2,7 +2,7 @@
 //!
 //! * on the project's own traffic, captured on loopback with dumpcap while a router, an echo
 //!   instance and clients make a registration, a connect by name, a migration, a request to
-//!   move the server's end, an unregistration and a NACK: every decoded field must equal what was sent (serviceIDs,
+//!   move the server's end and its refusal, an unregistration and a NACK: every decoded field must equal what was sent (serviceIDs,
 //!   flowIDs, flags, verno/ackno, nonces, key shares, SOURCE locators, registration fields and
 //!   cookies, packet numbers and tags, stream bytes and offsets, ACK ranges). The flows whose
 //!   frames are checked run in plaintext (`--plaintext` at both ends: still tagged, not
@@ -353,13 +353,14 @@ fn migrating_client(router: SocketAddr, a: SocketAddr, b: SocketAddr) {
             s.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, AFTER);
             assert_eq!(s.local_locator().unwrap(), b);
-            // One MOVE_REQUEST (docs/wire.md §15; repeated only after 250 ms), which the
-            // instance, running no migration agent, ignores.
+            // One MOVE_REQUEST (docs/wire.md §15), which the instance, running no migration
+            // agent, refuses with one MOVE_REFUSED.
             let asked = tokio::time::timeout(
-                Duration::from_millis(100),
+                Duration::from_secs(5),
                 s.request_move(MOVE_TO.parse().unwrap()),
             );
-            assert!(asked.await.is_err(), "the flow moved");
+            let refused = asked.await.expect("an answer").unwrap_err();
+            assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
             s.shutdown().await.unwrap();
             let mut rest = Vec::new();
             s.read_to_end(&mut rest).await.unwrap();
@@ -1231,11 +1232,19 @@ fn tshark_decodes_a_captured_session_to_the_values_sent() {
     // Every datagram of the session decodes as Serval, version 1, with nothing to complain of.
     assert_eq!(undecoded, [], "frames not decoded as Serval");
     assert!(rows.len() >= 20, "only {} packets captured", rows.len());
-    // The migrating client's request to move, from its second locator, decoded.
+    // The migrating client's request to move, and the instance's refusal (no agent), decoded.
     let asked: Vec<&Row> = rows.iter().filter(|r| r.has("serval.move.to")).collect();
-    assert_eq!(asked.len(), 1, "one MOVE_REQUEST");
-    assert_eq!(asked[0].one("serval.move.to"), MOVE_TO, "{:?}", asked[0]);
-    assert_eq!(asked[0].all("serval.frame.type").len(), 1, "{:?}", asked[0]);
+    assert_eq!(
+        asked.len(),
+        2,
+        "one MOVE_REQUEST and one MOVE_REFUSED: {asked:?}"
+    );
+    for r in &asked {
+        assert_eq!(r.one("serval.move.to"), MOVE_TO, "{r:?}");
+        assert_eq!(r.all("serval.frame.type").len(), 1, "{r:?}");
+    }
+    assert!(!asked[0].has("serval.move.refusal"), "{:?}", asked[0]);
+    assert_eq!(asked[1].one("serval.move.refusal"), "1", "{:?}", asked[1]);
     for r in &rows {
         assert!(r.one("frame.protocols").ends_with(":serval"), "{r:?}");
         assert_eq!(r.one("serval.version"), "1", "{r:?}");

@@ -291,6 +291,8 @@ pub(crate) enum ConnEvent {
     PathValidationFailed(Locator),
     /// Server: the client asked for the flow to move to this migration agent.
     MoveAsked(Locator),
+    /// Client: the server did not move the flow to this agent, for this reason.
+    MoveRefused(Locator, crate::frame::MoveRefusal),
     Closed(CloseReason),
 }
 
@@ -348,8 +350,8 @@ pub(crate) struct Connection {
     /// An imported connection whose transport restarted on the new path at the import and
     /// sends behind its RSYN ([`rebind`]): the RSYN's answer does not restart it again.
     rebinding_early: bool,
-    /// Client: a MOVE_REQUEST to send ([`move_ask`]).
-    move_ask: Option<Box<Locator>>,
+    /// A MOVE_REQUEST (client) or MOVE_REFUSED (server) to send ([`move_ask`]).
+    move_frame: Option<Box<PathFrame>>,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -561,7 +563,7 @@ impl Connection {
             export_freeze: None,
             move_epoch: 0,
             paths: None,
-            move_ask: None,
+            move_frame: None,
             rebinding_early: false,
         }
     }
@@ -805,6 +807,7 @@ impl Connection {
                     }
                 }
                 PathFrame::MoveRequest(to) => self.on_move_request(to),
+                PathFrame::MoveRefused(to, why) => self.on_move_refused(to, why),
             }
         }
     }

@@ -127,6 +127,9 @@ pub enum Event {
     /// the connection move to the instance whose migration agent is at this locator
     /// ([`Endpoint::ask_move`]). Acting on it is the application's (its migration agent's).
     MoveAsked(ConnectionHandle, Locator),
+    /// Client: the server will not move its end where this end's MOVE_REQUEST named (the
+    /// locator), for this reason ([`Endpoint::refuse_move`]).
+    MoveRefused(ConnectionHandle, Locator, crate::frame::MoveRefusal),
     /// The connection is gone; its handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
     /// A listener bound a service: the control plane should register it ("active sockets").
@@ -951,6 +954,22 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Server: tells the client of `h` that its MOVE_REQUEST naming `to` will not be served,
+    /// and why (one MOVE_REFUSED, sealed; docs/protocol.md §4.5). The client reports it as
+    /// [`Event::MoveRefused`]. Errors with the reason when `h` is not the server end of an
+    /// established flow.
+    pub fn refuse_move(
+        &mut self,
+        h: ConnectionHandle,
+        to: Locator,
+        why: crate::frame::MoveRefusal,
+    ) -> Result<(), &'static str> {
+        let c = self.conn(h).ok_or("no such connection")?;
+        c.refuse_move(to, why)?;
+        self.touch(h);
+        Ok(())
+    }
+
     /// Resets a connection (one authenticated RST) and forgets it.
     pub fn abort(&mut self, h: ConnectionHandle) {
         if let Some(c) = self.conn(h) {
@@ -1461,6 +1480,7 @@ impl Endpoint {
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
                 ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
                 ConnEvent::MoveAsked(l) => Event::MoveAsked(h, l),
+                ConnEvent::MoveRefused(l, why) => Event::MoveRefused(h, l, why),
                 ConnEvent::Closed(r) => Event::Closed(h, r),
             };
             self.events.push_back(ev);

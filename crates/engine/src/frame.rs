@@ -25,6 +25,7 @@
 //! | 0x1a | PATH_CHALLENGE | 8 bytes of data, unpredictable (path validation, docs/protocol.md §4) |
 //! | 0x1b | PATH_RESPONSE | the 8 bytes of the challenge it answers |
 //! | 0x1d | MOVE_REQUEST | a locator (docs/wire.md §4.4): the client asks the server to move its end there (docs/protocol.md §4.5) |
+//! | 0x1e | MOVE_REFUSED | the locator of the request it answers, a reason code ([`MoveRefusal`]) |
 //!
 //! Parsing never panics: every malformed frame is a [`FrameError`].
 
@@ -63,9 +64,12 @@ pub enum FrameError {
     /// A CLOSE reason that is not UTF-8.
     #[error("close reason is not UTF-8")]
     BadReason,
-    /// A MOVE_REQUEST whose locator is malformed.
-    #[error("malformed locator in a MOVE_REQUEST")]
+    /// A MOVE_REQUEST or MOVE_REFUSED whose locator is malformed.
+    #[error("malformed locator in a MOVE_REQUEST or MOVE_REFUSED")]
     BadLocator,
+    /// A MOVE_REFUSED with a reason code this version does not know.
+    #[error("unknown MOVE_REFUSED reason {0}")]
+    BadRefusal(u8),
 }
 
 /// Bytes [`write_varint`] takes for `v`.
@@ -176,6 +180,8 @@ pub enum Frame<'a> {
     /// The client asks the server to move its end of the flow to the instance whose
     /// migration agent is at this locator.
     MoveRequest(Locator),
+    /// The server answers a MOVE_REQUEST naming this locator: the flow stays, for this reason.
+    MoveRefused(Locator, MoveRefusal),
     /// The connection is closed by the application or on error.
     Close {
         /// Application-defined code; 0 is a normal close.
@@ -195,6 +201,66 @@ pub enum PathFrame {
     Response([u8; PATH_DATA_LEN]),
     /// A MOVE_REQUEST naming the migration agent the server's end should move to.
     MoveRequest(Locator),
+    /// A MOVE_REFUSED answering a MOVE_REQUEST.
+    MoveRefused(Locator, MoveRefusal),
+}
+
+/// Why a server did not move its end of a flow where its client asked (a MOVE_REFUSED's
+/// code; docs/wire.md §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MoveRefusal {
+    /// No migration agent runs beside the server's endpoint.
+    NoAgent,
+    /// The application holding the stream did not hand it over (it does not support moves,
+    /// or the stream is already moving).
+    NotMovable,
+    /// Nothing answered at the named agent, or what answered did not prove the service's key.
+    Unreachable,
+    /// The named instance refused the flow (it does not serve the service, or already holds
+    /// the flow).
+    RefusedThere,
+    /// The transfer broke after the snapshot left; the flow may be lost.
+    Failed,
+}
+
+impl MoveRefusal {
+    /// The code on the wire.
+    pub const fn code(self) -> u8 {
+        match self {
+            MoveRefusal::NoAgent => 1,
+            MoveRefusal::NotMovable => 2,
+            MoveRefusal::Unreachable => 3,
+            MoveRefusal::RefusedThere => 4,
+            MoveRefusal::Failed => 5,
+        }
+    }
+
+    /// The refusal with this code, if it is one.
+    pub const fn from_code(code: u8) -> Option<MoveRefusal> {
+        Some(match code {
+            1 => MoveRefusal::NoAgent,
+            2 => MoveRefusal::NotMovable,
+            3 => MoveRefusal::Unreachable,
+            4 => MoveRefusal::RefusedThere,
+            5 => MoveRefusal::Failed,
+            _ => return None,
+        })
+    }
+}
+
+impl core::fmt::Display for MoveRefusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            MoveRefusal::NoAgent => "the server runs no migration agent",
+            MoveRefusal::NotMovable => "the server's application did not hand the stream over",
+            MoveRefusal::Unreachable => {
+                "no instance of the service answered at that agent (nothing there, or another key)"
+            }
+            MoveRefusal::RefusedThere => "the instance there refused the stream",
+            MoveRefusal::Failed => "the transfer broke",
+        })
+    }
 }
 
 impl PathFrame {
@@ -204,6 +270,7 @@ impl PathFrame {
             PathFrame::Challenge(d) => write_path_challenge(out, d),
             PathFrame::Response(d) => write_path_response(out, d),
             PathFrame::MoveRequest(to) => write_move_request(out, to),
+            PathFrame::MoveRefused(to, why) => write_move_refused(out, to, *why),
         }
     }
 }
@@ -298,6 +365,7 @@ const TYPE_PATH_CHALLENGE: u8 = 0x1a;
 const TYPE_PATH_RESPONSE: u8 = 0x1b;
 const TYPE_CLOSE: u8 = 0x1c;
 const TYPE_MOVE_REQUEST: u8 = 0x1d;
+const TYPE_MOVE_REFUSED: u8 = 0x1e;
 const TYPE_DATAGRAM: u8 = 0x30;
 
 /// Bytes of framing a STREAM frame adds to `len` bytes of data at `offset`.
@@ -369,6 +437,15 @@ pub fn write_move_request(out: &mut Vec<u8>, to: &Locator) {
     emit_locator(to, &mut out[at..]);
 }
 
+/// Appends a MOVE_REFUSED frame.
+pub fn write_move_refused(out: &mut Vec<u8>, to: &Locator, why: MoveRefusal) {
+    out.push(TYPE_MOVE_REFUSED);
+    let at = out.len();
+    out.resize(at + locator_len(to), 0);
+    emit_locator(to, &mut out[at..]);
+    out.push(why.code());
+}
+
 /// Appends a CLOSE frame.
 pub fn write_close(out: &mut Vec<u8>, code: u64, reason: &str) {
     out.push(TYPE_CLOSE);
@@ -437,6 +514,13 @@ impl<'a> Frames<'a> {
                 let (to, len) = parse_locator(self.r.buf).map_err(|_| FrameError::BadLocator)?;
                 self.r.bytes(len)?;
                 Frame::MoveRequest(to)
+            }
+            TYPE_MOVE_REFUSED => {
+                let (to, len) = parse_locator(self.r.buf).map_err(|_| FrameError::BadLocator)?;
+                self.r.bytes(len)?;
+                let code = self.r.u8()?;
+                let why = MoveRefusal::from_code(code).ok_or(FrameError::BadRefusal(code))?;
+                Frame::MoveRefused(to, why)
             }
             TYPE_CLOSE => {
                 let code = self.r.varint()?;
@@ -508,6 +592,7 @@ mod tests {
         let v6: Locator = "[2001:db8::7]:9".parse().unwrap();
         write_move_request(&mut out, &v4);
         PathFrame::MoveRequest(v6).write(&mut out);
+        write_move_refused(&mut out, &v4, MoveRefusal::RefusedThere);
         write_padding(&mut out, 3);
         let frames: Vec<_> = Frames::new(&out).collect::<Result<_, _>>().unwrap();
         assert_eq!(
@@ -533,6 +618,7 @@ mod tests {
                 Frame::PathResponse(*b"ijklmnop"),
                 Frame::MoveRequest(v4),
                 Frame::MoveRequest(v6),
+                Frame::MoveRefused(v4, MoveRefusal::RefusedThere),
                 Frame::Padding(3),
             ]
         );
@@ -585,6 +671,21 @@ mod tests {
             Frames::new(&[TYPE_MOVE_REQUEST, 4, 0, 80, 1, 2, 3]).next(),
             Some(Err(FrameError::BadLocator))
         );
+        // A MOVE_REFUSED with an unknown reason, or without one.
+        assert_eq!(
+            Frames::new(&[TYPE_MOVE_REFUSED, 4, 0, 80, 1, 2, 3, 4, 9]).next(),
+            Some(Err(FrameError::BadRefusal(9)))
+        );
+        assert_eq!(
+            Frames::new(&[TYPE_MOVE_REFUSED, 4, 0, 80, 1, 2, 3, 4]).next(),
+            Some(Err(FrameError::Truncated))
+        );
+        for code in 1..=5 {
+            assert_eq!(
+                MoveRefusal::from_code(code).map(MoveRefusal::code),
+                Some(code)
+            );
+        }
         let mut it = Frames::new(&[0x7f, TYPE_PING]);
         assert!(it.next().unwrap().is_err());
         assert_eq!(it.next(), None);

@@ -563,8 +563,9 @@ fn a_lost_rsyn_ack_is_completed_by_data_from_the_peer() {
 }
 
 /// A client's MOVE_REQUEST (docs/protocol.md §4.5) reaches the server as one
-/// `Event::MoveAsked` naming the agent; the server cannot ask its client; and a request
-/// altered on the way (or sealed under other keys) does not open, so it is never reported.
+/// `Event::MoveAsked` naming the agent, and the server's MOVE_REFUSED the client as one
+/// `Event::MoveRefused`; neither end can send the other's frame; and a request altered on the
+/// way (or sealed under other keys) does not open, so it is never reported.
 #[test]
 fn a_move_request_is_reported_only_when_it_opens_under_the_flow_keys() {
     let (mut net, h, sh) = connected();
@@ -576,6 +577,16 @@ fn a_move_request_is_reported_only_when_it_opens_under_the_flow_keys() {
     assert_eq!(events(&mut net.eps[0]), vec![]);
     assert_eq!(net.eps[1].locators(sh).unwrap(), (loc(B), loc(A)));
     assert!(net.eps[1].ask_move(sh, agent).is_err());
+
+    // The server says why it will not: the client hears it as one event.
+    let why = serval_engine::frame::MoveRefusal::Unreachable;
+    net.eps[1].refuse_move(sh, agent, why).unwrap();
+    net.settle(&mut |_| false);
+    assert_eq!(
+        events(&mut net.eps[0]),
+        vec![Event::MoveRefused(h, agent, why)]
+    );
+    assert!(net.eps[0].refuse_move(h, agent, why).is_err());
 
     // One byte flipped in the sealed request: dropped as a forgery.
     net.eps[0].ask_move(h, agent).unwrap();

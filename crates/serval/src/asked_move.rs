@@ -12,6 +12,7 @@ use std::io;
 use std::time::Duration;
 
 use serval_engine::endpoint::Event;
+use serval_engine::frame::MoveRefusal;
 use serval_wire::{FlowId, Locator};
 use tokio::sync::{mpsc, oneshot};
 
@@ -46,23 +47,14 @@ impl Stream {
     /// moved the flow there.
     ///
     /// The server decides: its application must support moves, its migration agent must run,
-    /// and `to` must prove the service's key. When any of that fails, the stream stays where
-    /// it was and this returns `TimedOut` after [`REQUEST_MOVE_LIMIT`] (the server says
-    /// nothing about why: its log and admin API do). Only the client end of an established
+    /// and `to` must prove the service's key. When it does not move the stream, it says why
+    /// and this returns `ConnectionRefused` with the reason; the stream stays where it was.
+    /// A server that says nothing (an older version, or every answer lost) leaves this to
+    /// return `TimedOut` after [`REQUEST_MOVE_LIMIT`]. Only the client end of an established
     /// stream can ask (`InvalidInput` otherwise).
     pub async fn request_move(&self, to: Locator) -> io::Result<Locator> {
-        let (tx, mut moved) = oneshot::channel();
-        {
-            let mut st = self.shared().lock();
-            let slot = st
-                .conns
-                .get_mut(&self.handle())
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-            // Callers that gave up (a timeout around this future) leave their sender behind.
-            slot.peer_moved.retain(|t| !t.is_closed());
-            slot.peer_moved.push(tx);
-        }
         let deadline = tokio::time::Instant::now() + REQUEST_MOVE_LIMIT;
+        let mut outcome = self.wait_for_move()?;
         loop {
             {
                 let mut st = self.shared().lock();
@@ -71,66 +63,123 @@ impl Stream {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             }
             self.shared().wake.notify_one();
-            let wait = tokio::time::sleep(REQUEST_MOVE_REPEAT);
-            tokio::select! {
-                r = &mut moved => {
-                    return r.map_err(|_| {
-                        io::Error::new(io::ErrorKind::ConnectionAborted, "the stream closed")
-                    });
+            let repeat = tokio::time::sleep(REQUEST_MOVE_REPEAT);
+            tokio::pin!(repeat);
+            loop {
+                tokio::select! {
+                    r = &mut outcome => match r {
+                        Ok(MoveOutcome::Moved(at)) => return Ok(at),
+                        Ok(MoveOutcome::Refused(target, why)) if target == to => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                format!("the server did not move the stream to {to}: {why}"),
+                            ));
+                        }
+                        // The answer to an earlier request, to another agent: not this one's.
+                        Ok(MoveOutcome::Refused(..)) => outcome = self.wait_for_move()?,
+                        Err(_) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                "the stream closed",
+                            ));
+                        }
+                    },
+                    () = &mut repeat => break,
                 }
-                () = wait => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the server did not move the stream to {to} within {} s (it may not \
-                         support moves, or {to} is not an instance it trusts)",
+                        "the server did not move the stream to {to} within {} s, and said \
+                         nothing of why",
                         REQUEST_MOVE_LIMIT.as_secs()
                     ),
                 ));
             }
         }
     }
+
+    /// Registers for this stream's next peer move or move refusal.
+    fn wait_for_move(&self) -> io::Result<oneshot::Receiver<MoveOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.shared().lock();
+        let slot = st
+            .conns
+            .get_mut(&self.handle())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        // Callers that gave up (a timeout around request_move) leave their sender behind.
+        slot.move_waiters.retain(|t| !t.is_closed());
+        slot.move_waiters.push(tx);
+        Ok(rx)
+    }
+}
+
+/// What became of a client's move request, for [`Stream::request_move`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum MoveOutcome {
+    /// The peer moved to this locator.
+    Moved(Locator),
+    /// The server refused the request naming this agent.
+    Refused(Locator, MoveRefusal),
 }
 
 impl Endpoint {
     /// The clients' move requests for this endpoint's streams, from now on (a second call
-    /// takes them from the first). Requests that arrive while nobody takes them are dropped.
+    /// takes them from the first). While nobody takes them, each is refused
+    /// ([`MoveRefusal::NoAgent`]).
     pub(crate) fn take_move_asks(&self) -> mpsc::Receiver<MoveAsk> {
         let (tx, rx) = mpsc::channel(QUEUED_ASKS);
         self.shared.lock().move_asks = Some(tx);
         rx
     }
+
+    /// Answers the client of `flow`, whose request named `to`, that its stream stays here.
+    pub(crate) fn refuse_move(&self, flow: FlowId, to: Locator, why: MoveRefusal) {
+        let mut st = self.shared.lock();
+        if let Some(h) = st.engine.find_flow(flow) {
+            // A flow that moved or closed meanwhile has no one to tell.
+            let _ = st.engine.refuse_move(h, to, why);
+        }
+        drop(st);
+        self.shared.wake.notify_one();
+    }
 }
 
 impl State {
     /// The engine's move events: a client's request (server) is handed to the migration
-    /// agent; the peer's move (client) answers [`Stream::request_move`].
+    /// agent, or refused when none takes it; the peer's move or refusal (client) answers
+    /// [`Stream::request_move`].
     pub(crate) fn on_move_event(&mut self, ev: Event) {
-        match ev {
+        let (h, outcome) = match ev {
             Event::MoveAsked(h, to) => {
-                let flow = self.engine.connection_info(h).map(|c| c.local_flow);
-                match (flow, &self.move_asks) {
-                    (Some(flow), Some(tx)) => {
-                        if tx.try_send(MoveAsk { flow, to }).is_err() {
-                            tracing::debug!(%flow, %to, "a client's move request dropped: the migration agent is busy or gone");
-                        }
+                let Some(flow) = self.engine.connection_info(h).map(|c| c.local_flow) else {
+                    return;
+                };
+                let sent = match &self.move_asks {
+                    Some(tx) => tx.try_send(MoveAsk { flow, to }),
+                    None => Err(mpsc::error::TrySendError::Closed(MoveAsk { flow, to })),
+                };
+                match sent {
+                    Ok(()) => {}
+                    // The client asks again.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::debug!(%flow, %to, "a client's move request dropped: the migration agent is busy");
                     }
-                    (Some(flow), None) => {
-                        tracing::debug!(%flow, %to, "a client asked to move its flow, but no migration agent runs here");
-                    }
-                    (None, _) => {}
-                }
-            }
-            Event::PeerMigrated(h, to) => {
-                if let Some(c) = self.conns.get_mut(&h) {
-                    for tx in c.peer_moved.drain(..) {
-                        let _ = tx.send(to);
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        let _ = self.engine.refuse_move(h, to, MoveRefusal::NoAgent);
                     }
                 }
+                return;
             }
-            _ => {}
+            Event::PeerMigrated(h, to) => (h, MoveOutcome::Moved(to)),
+            Event::MoveRefused(h, to, why) => (h, MoveOutcome::Refused(to, why)),
+            _ => return,
+        };
+        if let Some(c) = self.conns.get_mut(&h) {
+            for tx in c.move_waiters.drain(..) {
+                let _ = tx.send(outcome);
+            }
         }
     }
 }

@@ -73,8 +73,9 @@ pub(crate) struct ConnSlot {
     pub(crate) exported: bool,
     /// Told when this end next moves (the RSYN of a move, or of an import, was answered).
     pub(crate) migrated: Vec<oneshot::Sender<Locator>>,
-    /// Told when the peer next moves ([`Stream::request_move`](crate::Stream::request_move)).
-    pub(crate) peer_moved: Vec<oneshot::Sender<Locator>>,
+    /// Told when the peer next moves, or refuses a move this end asked for
+    /// ([`Stream::request_move`](crate::Stream::request_move)).
+    pub(crate) move_waiters: Vec<oneshot::Sender<crate::asked_move::MoveOutcome>>,
     /// Its steps, for a hot standby ([`Stream::commit`](crate::Stream::commit)).
     pub(crate) replica: crate::standby::StreamReplica,
     /// [`State::collects`] at the application's last write, until its next: if nothing was
@@ -197,7 +198,7 @@ impl State {
                             w.wake();
                         }
                         c.migrated.clear();
-                        c.peer_moved.clear();
+                        c.move_waiters.clear();
                         c.move_request = None;
                         if let Some(w) = c.move_waker.take() {
                             w.wake();
@@ -240,7 +241,9 @@ impl State {
                         to: local,
                     });
                 }
-                ev @ (Event::PeerMigrated(..) | Event::MoveAsked(..)) => self.on_move_event(ev),
+                ev @ (Event::PeerMigrated(..) | Event::MoveAsked(..) | Event::MoveRefused(..)) => {
+                    self.on_move_event(ev);
+                }
             }
         }
     }

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use serval_engine::connection::{Role, State as ConnState};
 use serval_engine::endpoint::{EndpointConfig, PeerIdentity};
+use serval_engine::frame::MoveRefusal;
 use serval_keys::{PrivateKey, PublicKey};
 use serval_wire::{FlowId, Locator, ServiceId, ServicePrefix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -274,18 +275,33 @@ impl Migrator {
         } else {
             flows.to_vec()
         };
+        Ok(self
+            .move_each(&flows, to, to_key)
+            .await?
+            .into_iter()
+            .map(|(flow, result)| FlowMove {
+                flow,
+                result: result.map_err(|e| e.to_string()),
+            })
+            .collect())
+    }
+
+    /// [`move_flows`](Self::move_flows) of `flows`, with each failure's kind.
+    async fn move_each(
+        &self,
+        flows: &[FlowId],
+        to: Locator,
+        to_key: PublicKey,
+    ) -> io::Result<Vec<(FlowId, Result<Phases, MoveError>)>> {
         let mut link = self.link(to, to_key).await?;
         let mut out = Vec::with_capacity(flows.len());
         let mut broken = false;
-        for flow in flows {
+        for &flow in flows {
             let seq = link.seq;
             link.seq = link.seq.wrapping_add(1);
             let result = self.move_one(&mut link.stream, seq, flow).await;
             broken = matches!(&result, Err(MoveError::Channel(_)));
-            out.push(FlowMove {
-                flow,
-                result: result.map_err(|e| e.to_string()),
-            });
+            out.push((flow, result));
             if broken {
                 break;
             }
@@ -458,58 +474,71 @@ impl Migrator {
 pub const ASKED_MOVE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Moves the flows their clients ask to move (docs/protocol.md §4.5), one move per flow at a
-/// time, to the agent each names, which must prove this instance's key.
+/// time, to the agent each names, which must prove this instance's key; a move that does not
+/// happen is refused to the client with its reason (again, without a new attempt, for the
+/// requests of that flow in the [`ASKED_MOVE_BACKOFF`] after it).
 async fn serve_asks(
     me: std::sync::Weak<Inner>,
     mut asks: tokio::sync::mpsc::Receiver<crate::asked_move::MoveAsk>,
 ) {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    // The flows moving at a client's request, and when a failed one may be asked again.
-    let busy: Arc<Mutex<HashMap<FlowId, Option<StdInstant>>>> = Arc::default();
+    // The flows moving at a client's request (`None`), and the flows whose last request
+    // failed, with until when and why.
+    type Busy = HashMap<FlowId, Option<(StdInstant, MoveRefusal)>>;
+
+    fn lock(b: &Mutex<Busy>) -> std::sync::MutexGuard<'_, Busy> {
+        b.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    let busy: Arc<Mutex<Busy>> = Arc::default();
     while let Some(ask) = asks.recv().await {
         let Some(inner) = me.upgrade() else {
             return;
         };
         {
-            let mut busy = busy
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut busy = lock(&busy);
             let now = StdInstant::now();
-            busy.retain(|_, until| until.is_none_or(|t| t > now));
-            if busy.contains_key(&ask.flow) {
-                continue;
+            busy.retain(|_, until| until.is_none_or(|(t, _)| t > now));
+            match busy.get(&ask.flow) {
+                Some(None) => continue,
+                Some(Some((_, why))) => {
+                    inner.ep.refuse_move(ask.flow, ask.to, *why);
+                    continue;
+                }
+                None => {
+                    busy.insert(ask.flow, None);
+                }
             }
-            busy.insert(ask.flow, None);
         }
         let migrator = Migrator { inner };
         let busy = busy.clone();
         tokio::spawn(async move {
             let key = migrator.public_key();
-            let result = migrator.move_flows(&[ask.flow], ask.to, key).await;
-            let failed = match result {
-                Ok(moves) => match moves.into_iter().next().map(|m| m.result) {
+            let failed = match migrator.move_each(&[ask.flow], ask.to, key).await {
+                Ok(moves) => match moves.into_iter().next().map(|(_, r)| r) {
                     Some(Ok(phases)) => {
                         tracing::info!(flow = %ask.flow, to = %ask.to, ?phases, "moved a flow at its client's request");
                         None
                     }
-                    Some(Err(e)) => Some(e),
-                    None => Some("nothing was moved".to_owned()),
+                    Some(Err(e)) => Some((e.refusal(), e.to_string())),
+                    None => Some((MoveRefusal::NotMovable, "nothing was moved".to_owned())),
                 },
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some((MoveRefusal::Unreachable, e.to_string())),
             };
             let counter = match failed {
                 None => &migrator.inner.asked_moved,
                 Some(_) => &migrator.inner.asked_failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            let mut busy = busy
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut busy = lock(&busy);
             match failed {
-                Some(e) => {
+                Some((why, e)) => {
                     tracing::warn!(flow = %ask.flow, to = %ask.to, error = %e, "a client's move request failed; the flow stays here");
-                    busy.insert(ask.flow, Some(StdInstant::now() + ASKED_MOVE_BACKOFF));
+                    migrator.inner.ep.refuse_move(ask.flow, ask.to, why);
+                    busy.insert(
+                        ask.flow,
+                        Some((StdInstant::now() + ASKED_MOVE_BACKOFF, why)),
+                    );
                 }
                 None => {
                     busy.remove(&ask.flow);
@@ -580,6 +609,17 @@ enum MoveError {
     Refused(String),
     /// The agent stream broke: no later flow can use it.
     Channel(String),
+}
+
+impl MoveError {
+    /// What a client whose request this was is told.
+    fn refusal(&self) -> MoveRefusal {
+        match self {
+            MoveError::Local(_) => MoveRefusal::NotMovable,
+            MoveError::Refused(_) => MoveRefusal::RefusedThere,
+            MoveError::Channel(_) => MoveRefusal::Failed,
+        }
+    }
 }
 
 impl std::fmt::Display for MoveError {

@@ -276,15 +276,27 @@ async fn a_client_asks_for_its_stream_to_move_and_only_to_an_instance_of_the_ser
         assert_eq!(at_a, a.ep.local_locators()[0]);
 
         // A host outside the service: A's agent cannot connect to it (it proves another
-        // key), and the stream stays at A. The request is retried meanwhile.
-        let asked = timeout(
-            Duration::from_secs(3),
+        // key), the stream stays at A, and the client is told why.
+        let e = timeout(
+            Duration::from_secs(10),
             stream.request_move(stranger.agent.locator()),
-        );
-        assert!(asked.await.is_err(), "the stream moved to a stranger");
+        )
+        .await
+        .expect("an answer, not a timeout")
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("no instance of the service"), "{e}");
         assert_eq!(stream.peer_locator().unwrap(), at_a);
         assert_eq!(a.agent.movable_flows().len(), 1, "still served at A");
         assert!(stranger.ep.flows().is_empty());
+        assert_eq!(a.agent.client_moves(), (0, 1));
+        // Asked again at once: refused for the same reason without a new attempt.
+        let again = stream.request_move(stranger.agent.locator()).await;
+        assert_eq!(
+            again.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        assert_eq!(a.agent.client_moves(), (0, 1));
 
         // To B, then back to A (after the failed request's back-off), with the second half
         // of the lines flowing both ways.
@@ -357,6 +369,43 @@ async fn a_kept_agent_stream_whose_agent_restarted_is_replaced() {
         assert_eq!(b.ep.flows().len(), 1, "served at B");
         rest.add_permits(1);
         run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A server with no migration agent refuses a client's request at once, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_an_agent_refuses_a_clients_move_request() {
+    timeout(Duration::from_secs(30), async {
+        let any: Locator = "127.0.0.1:0".parse().unwrap();
+        let server = Endpoint::bind(&[any]).await.unwrap();
+        let mut listener = server.listen(ServicePrefix::parse(NAME).unwrap()).unwrap();
+        tokio::spawn(async move {
+            while let Ok(s) = listener.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        let client = Endpoint::bind(&[any]).await.unwrap();
+        let stream = client
+            .connect_via(
+                ServiceId::from_name(NAME).unwrap(),
+                server.local_locators()[0],
+            )
+            .await
+            .unwrap();
+        let e = stream
+            .request_move("127.0.0.1:9".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("no migration agent"), "{e}");
+        // The stream is as it was.
+        let mut io = &stream;
+        io.write_all(b"still here\n").await.unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).await.unwrap();
+        assert_eq!(line, "0 still here\n");
     })
     .await
     .expect("bounded");

@@ -170,6 +170,12 @@ fn cat_said(stderr: &Mutex<Vec<String>>) -> String {
 }
 
 pub fn finish(c: Client, total: u64) {
+    let st = finish_exit(c, total);
+    assert!(st.success(), "cat exited with {st}");
+}
+
+/// [`finish`], returning how `cat` exited instead of requiring success.
+pub fn finish_exit(c: Client, total: u64) -> std::process::ExitStatus {
     let Client {
         mut cat,
         reader,
@@ -200,8 +206,7 @@ pub fn finish(c: Client, total: u64) {
     let start = Instant::now();
     loop {
         if let Some(st) = cat.0.try_wait().unwrap() {
-            assert!(st.success(), "cat exited with {st}");
-            break;
+            return st;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),

@@ -1,4 +1,5 @@
-//! A client's request that the server move its end of the flow (docs/protocol.md §4.5): the
+//! A client's request that the server move its end of the flow, and the server's refusal
+//! (docs/protocol.md §4.5): the
 //! client names another instance's migration agent in a MOVE_REQUEST frame, sealed under the
 //! flow's keys like every packet of the flow, so only the client can ask; the server's
 //! migration agent then moves the flow there as an operator's move would, and the client sees
@@ -8,10 +9,12 @@
 //! until the flow moved or its deadline passed, and a server takes one request per flow at a
 //! time. The server only reports the request; whether and where the flow moves is its
 //! migration agent's decision, under its own rules (the target must prove the service's key).
+//! When it does not move the flow, the server says why in a MOVE_REFUSED (a reason code, as
+//! unreliable as the request: a lost one is sent again for the next request).
 
 use super::{Connection, Role, State};
 use crate::Instant;
-use crate::frame::PathFrame;
+use crate::frame::{MoveRefusal, PathFrame};
 use serval_wire::Locator;
 
 impl Connection {
@@ -24,8 +27,33 @@ impl Connection {
         if self.state != State::Established {
             return Err("the flow is not established");
         }
-        self.move_ask = Some(Box::new(to));
+        self.move_frame = Some(Box::new(PathFrame::MoveRequest(to)));
         Ok(())
+    }
+
+    /// Server: answers a MOVE_REQUEST that named `to` with a MOVE_REFUSED. Errors (as a
+    /// reason) if this end is not the server of an established flow.
+    pub(crate) fn refuse_move(
+        &mut self,
+        to: Locator,
+        why: MoveRefusal,
+    ) -> Result<(), &'static str> {
+        if self.role != Role::Server {
+            return Err("only the server of a flow refuses a move");
+        }
+        if self.state != State::Established {
+            return Err("the flow is not established");
+        }
+        self.move_frame = Some(Box::new(PathFrame::MoveRefused(to, why)));
+        Ok(())
+    }
+
+    /// Client: a MOVE_REFUSED arrived (a server has nothing to be refused: ignored there).
+    pub(super) fn on_move_refused(&mut self, to: Locator, why: MoveRefusal) {
+        if self.role == Role::Client && self.state == State::Established {
+            self.events
+                .push_back(super::ConnEvent::MoveRefused(to, why));
+        }
     }
 
     /// Server: a MOVE_REQUEST arrived. Reported to the endpoint while the flow is established
@@ -36,18 +64,18 @@ impl Connection {
         }
     }
 
-    /// The pending MOVE_REQUEST, sealed, with its route.
+    /// The pending MOVE_REQUEST or MOVE_REFUSED, sealed, with its route.
     pub(super) fn poll_move_ask(
         &mut self,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Option<(Locator, Locator)> {
         if self.state != State::Established {
-            self.move_ask = None;
+            self.move_frame = None;
             return None;
         }
-        let to = *self.move_ask.take()?;
-        self.emit_path_frame(now, out, PathFrame::MoveRequest(to))
+        let frame = *self.move_frame.take()?;
+        self.emit_path_frame(now, out, frame)
             .then_some((self.local, self.peer))
     }
 }

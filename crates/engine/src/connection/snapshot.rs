@@ -462,7 +462,7 @@ impl Connection {
             // peer's new source (if any) starts one again.
             paths: None,
             rebinding_early: false,
-            move_ask: None,
+            move_frame: None,
         };
         if c.state == State::Established {
             c.rebind(now);

@@ -987,6 +987,9 @@ impl Transport {
                 Frame::PathChallenge(d) => self.push_path_frame(PathFrame::Challenge(d)),
                 Frame::PathResponse(d) => self.push_path_frame(PathFrame::Response(d)),
                 Frame::MoveRequest(to) => self.push_path_frame(PathFrame::MoveRequest(to)),
+                Frame::MoveRefused(to, why) => {
+                    self.push_path_frame(PathFrame::MoveRefused(to, why));
+                }
                 Frame::Datagram(data) => {
                     let queue = &mut self.dgrams.get_or_insert_default().inbound;
                     if queue.len() < self.config.datagram_queue() {
