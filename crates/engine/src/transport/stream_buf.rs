@@ -771,24 +771,20 @@ struct SendHead {
 
 impl SendHead {
     fn read(r: &mut BlockReader<'_>) -> Result<SendHead, SnapshotError> {
-        let base = r.u64()?;
-        let unsent = r.u64()?;
-        let flow_limit = r.u64()?;
-        let capacity = usize::try_from(r.u64()?).map_err(|_| r.malformed("send capacity"))?;
-        let fin_offset = r.opt_u64()?;
-        let fin_flags = r.u8()?;
-        r.check(fin_flags & !3 == 0, "send FIN flags")?;
-        let retransmit = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
-        let acked = RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?;
+        // Fields are read in the order written (a struct literal evaluates in source order).
         Ok(SendHead {
-            base,
-            unsent,
-            flow_limit,
-            capacity,
-            fin_offset,
-            fin_flags,
-            retransmit,
-            acked,
+            base: r.u64()?,
+            unsent: r.u64()?,
+            flow_limit: r.u64()?,
+            capacity: usize::try_from(r.u64()?).map_err(|_| r.malformed("send capacity"))?,
+            fin_offset: r.opt_u64()?,
+            fin_flags: {
+                let flags = r.u8()?;
+                r.check(flags & !3 == 0, "send FIN flags")?;
+                flags
+            },
+            retransmit: RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?,
+            acked: RangeSet::decode(r, DEFAULT_MAX_RANGES, MAX_STREAM_OFFSET)?,
         })
     }
 }
