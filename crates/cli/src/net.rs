@@ -641,7 +641,9 @@ pub async fn cat(
                         break;
                     }
                     stdout.write_all(&buf[..n]).await?;
-                    received_tx.send_modify(|total| *total += n as u64);
+                    if move_to.is_some() {
+                        received_tx.send_modify(|total| *total += n as u64);
+                    }
                 }
                 stdout.flush().await
             };

@@ -64,14 +64,20 @@ impl Drop for Inner {
 impl Inner {
     fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
-        // Only as much of an uninitialised buffer is zeroed as the stream holds (at least a
-        // byte, so that the end of the stream still reads as 0): a reader with a large spare
-        // capacity (`read_buf` into a `Vec`) would otherwise have all of it zeroed per read.
-        let held = st
-            .engine
-            .buffered(self.handle)
-            .map_or(0, |(_, received)| received);
-        let room = buf.initialize_unfilled_to(held.max(1).min(buf.remaining()));
+        // A caller's room that is already initialised (a `&mut [u8]`) is used whole. Of an
+        // uninitialised one, only as much is zeroed as the stream holds (at least a byte, so
+        // that the end of the stream still reads as 0): a reader with a large spare capacity
+        // (`read_buf` into a `Vec`) would otherwise have all of it zeroed per read.
+        let ready = buf.initialized().len() - buf.filled().len();
+        let room = if ready >= buf.remaining() {
+            buf.initialize_unfilled()
+        } else {
+            let held = st
+                .engine
+                .buffered(self.handle)
+                .map_or(0, |(_, received)| received);
+            buf.initialize_unfilled_to(held.max(ready).max(1).min(buf.remaining()))
+        };
         match st.engine.read(self.handle, room) {
             Ok(Some(n)) => {
                 buf.advance(n);
