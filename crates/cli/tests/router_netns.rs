@@ -562,14 +562,19 @@ fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed()
         let mut child = lan
             .serval(0, &args)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn router");
+        let out = lines(child.stdout.take().unwrap());
         let log = lines(child.stderr.take().unwrap());
         let guard = Guard(child);
         wait_line(&log, "the router's first list from etcd", |l| {
             l.contains("registrations listed from etcd")
+        });
+        // The list comes before the admin address is bound; READY after it.
+        wait_line(&out, "READY line from serval router", |l| {
+            l.starts_with("READY")
         });
         (guard, log)
     };
@@ -616,11 +621,7 @@ fn instances_given_two_routers_stay_reachable_when_the_one_they_used_is_killed()
     // A comes back on the same address and lists etcd: one registration per instance, none
     // duplicated.
     let (_router_a, _) = router(&a, "127.0.0.1:9090");
-    let out = lan
-        .serval(0, &["table", "--admin", "127.0.0.1:9090"])
-        .output()
-        .expect("serval table");
-    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let table = table_lines(&lan, 0).join("\n");
     let forwards = table
         .lines()
         .filter(|l| l.contains("forward 10.79."))

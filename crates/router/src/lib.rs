@@ -874,10 +874,13 @@ async fn handle(inner: &Inner, req: RegistrationRequest) {
 async fn delete(inner: &Inner, key: RegistrationKey) -> Result<(), serval_registry::RegistryError> {
     lock(&inner.deleting).insert(key);
     let r = inner.registry.delete(&key).await;
+    // Under the `deleting` lock, as in `follow_registry`: whichever of the two removes the
+    // key from the table also sees it marked as ours.
+    let mut deleting = lock(&inner.deleting);
     if r.is_ok() {
         apply(inner, Change::Delete(key));
     }
-    lock(&inner.deleting).remove(&key);
+    deleting.remove(&key);
     r
 }
 
@@ -885,9 +888,12 @@ async fn delete(inner: &Inner, key: RegistrationKey) -> Result<(), serval_regist
 async fn follow_registry(inner: Arc<Inner>, mut sub: serval_registry::Subscription) {
     while let Some(change) = sub.next().await {
         let reset = matches!(change, Change::Reset(_));
+        // The table change and the look at `deleting` are one step (see `delete`): apart,
+        // a delete finishing between them would be logged as an expiry.
+        let mut deleting = lock(&inner.deleting);
         let removed = apply(&inner, change);
         for key in removed {
-            let ours = lock(&inner.deleting).remove(&key);
+            let ours = deleting.remove(&key);
             lock(&inner.instances).retain(|(p, _), l| !(*p == key.prefix && *l == key.locator));
             if !ours && !reset {
                 bump(&inner.counters.expired);
