@@ -69,11 +69,16 @@
 //!
 //! # Flow control
 //!
-//! Each end advertises how far into its receive stream the peer may send. The initial limit
-//! is [`TransportConfig::receive_window`] and **both ends assume the other uses the same
-//! value**; if the SAL negotiates windows it passes the peer's with
-//! [`set_peer_receive_window`](Transport::set_peer_receive_window). Later raises travel in
-//! MAX_DATA frames, sent once the application has read half a window.
+//! Each end advertises how far into its receive stream the peer may send. A receive window
+//! is never below [`MIN_RECEIVE_WINDOW`], and that is all either end assumes of the other's
+//! at first: each announces its own [`TransportConfig::receive_window`] in a MAX_DATA frame
+//! on the first packet it sends for any reason (it sends none only for that), again after
+//! every import of a snapshot, and again if that packet is lost. The minimum is above the
+//! initial congestion window, so the assumption costs nothing before the first
+//! acknowledgement, which carries the announcement. A SAL that learns the peer's window
+//! otherwise may pass it with [`set_peer_receive_window`](Transport::set_peer_receive_window).
+//! Later raises travel in MAX_DATA frames, sent once the application has read half a
+//! window.
 //!
 //! # Migration
 //!
@@ -144,6 +149,12 @@ pub const MIN_TRANSPORT_PAYLOAD: u16 = 128;
 /// when the congestion window is at least this many probes large.
 const PROBE_WINDOW_FACTOR: u64 = 4;
 
+/// The smallest receive window an end may have, and what each end assumes of the other's
+/// until it is announced (see [Flow control](self#flow-control)). Above the initial
+/// congestion window of a 1472-byte path (14 720 bytes). A smaller
+/// [`TransportConfig::receive_window`] is raised to it.
+pub const MIN_RECEIVE_WINDOW: u64 = 16 << 10;
+
 /// Most path-validation frames kept for the SAL between two of its polls (one packet's worth:
 /// a peer has no reason to send more than a challenge and a response at once).
 pub const MAX_PATH_FRAMES: usize = 4;
@@ -170,9 +181,9 @@ pub struct TransportConfig {
     /// Bytes of application data accepted by [`Transport::write`] and not yet acknowledged
     /// (sent or not): beyond it `write` returns `Ok(0)` (backpressure). Default 4 MiB.
     pub send_buffer: usize,
-    /// Flow-control window: how far beyond what the application has read the peer may send.
-    /// Also the initial limit assumed for the peer (see the [module docs](self)). Default
-    /// 8 MiB.
+    /// Flow-control window: how far beyond what the application has read the peer may send
+    /// (announced to it in the first packet; see the [module docs](self#flow-control)). At
+    /// least [`MIN_RECEIVE_WINDOW`]. Default 8 MiB.
     pub receive_window: u64,
     /// RTT assumed before the first sample. Default 333 ms (RFC 9002 §6.2.2).
     pub initial_rtt: Duration,
@@ -240,7 +251,9 @@ impl TransportConfig {
         c.base_udp_payload = c.base_udp_payload.max(floor);
         c.max_udp_payload = c.max_udp_payload.max(c.base_udp_payload);
         c.ack_eliciting_threshold = c.ack_eliciting_threshold.max(1);
-        c.receive_window = c.receive_window.min(MAX_STREAM_OFFSET);
+        c.receive_window = c
+            .receive_window
+            .clamp(MIN_RECEIVE_WINDOW, MAX_STREAM_OFFSET);
         c.max_ack_delay = c.max_ack_delay.min(MAX_MAX_ACK_DELAY);
         // Durations are kept in 64-bit nanoseconds (584 years): longer ones saturate, and
         // a keepalive that long is none.
@@ -660,6 +673,9 @@ pub struct Transport {
     ping_pending: bool,
     /// MAX_DATA must be (re)sent.
     max_data_pending: bool,
+    /// MAX_DATA goes on the next packet sent for another reason: the announcement of this
+    /// end's window (not kept in snapshots: an imported transport announces it again).
+    window_unannounced: bool,
     /// Highest stream offset ever sent (to count retransmitted bytes).
     sent_high: u64,
     /// Packet numbers declared lost recently (for spurious-loss counting).
@@ -820,7 +836,7 @@ impl Transport {
     pub fn new(config: &TransportConfig, now: Instant) -> Transport {
         let config = config.normalized();
         let mut send = SendBuffer::new(config.send_buffer);
-        send.set_initial_flow_limit(config.receive_window);
+        send.set_initial_flow_limit(MIN_RECEIVE_WINDOW);
         let mtu = PathMtu::new(MtuConfig {
             base: config.base_udp_payload,
             ..MtuConfig::new(config.max_udp_payload)
@@ -841,6 +857,7 @@ impl Transport {
             pto_probes: 0,
             ping_pending: false,
             max_data_pending: false,
+            window_unannounced: true,
             sent_high: 0,
             lost_pns: RangeSet::with_max_ranges(64),
             dgrams: None,
@@ -1432,9 +1449,13 @@ impl Transport {
         if !probe && self.ack.pending {
             payload.set_ack(self.write_ack(now, out, end.saturating_sub(out.len())));
         }
-        if !probe && self.max_data_pending && end.saturating_sub(out.len()) > 8 {
+        if !probe
+            && (self.max_data_pending || self.window_unannounced)
+            && end.saturating_sub(out.len()) > 8
+        {
             frame::write_max_data(out, self.recv.max_offset());
             self.max_data_pending = false;
+            self.window_unannounced = false;
             payload.max_data = true;
             eliciting = true;
         }

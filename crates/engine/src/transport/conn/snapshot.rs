@@ -300,6 +300,7 @@ impl Transport {
             pto_probes: path.pto_probes,
             ping_pending: path.ping_pending,
             max_data_pending,
+            window_unannounced: true,
             sent_high,
             lost_pns: path.lost_pns,
             dgrams,

@@ -587,6 +587,66 @@ fn peer_receive_window_can_be_set_exactly() {
     assert!(p.app[1].received == p.app[0].to_send);
 }
 
+/// Ends with different receive windows need nothing set by hand: each assumes only
+/// [`MIN_RECEIVE_WINDOW`] of the other until the other's first packet announces its own.
+/// Before that, the end with the larger window overran the smaller one's and the transfer
+/// died of a flow-control error.
+#[test]
+fn ends_with_different_receive_windows_learn_each_others() {
+    let small = TransportConfig {
+        receive_window: 64 << 10,
+        ..TransportConfig::default()
+    };
+    let big = TransportConfig::default();
+    for (seed, loss) in [(21, 0), (22, 30), (23, 100)] {
+        let mut rng = Rng::new(seed);
+        let mut p = Pair::with_configs([&big, &small], Link::lossy(loss), seed);
+        // The small end reads nothing for a second, then slowly: its window, not the
+        // congestion window, is what must hold the big end back.
+        let slow = App {
+            read_interval: ms(2),
+            read_chunk: 4096,
+            next_read: Instant::ZERO + ms(1000),
+            ..App::sending(rng.bytes(3 << 20))
+        };
+        p.app = [App::sending(rng.bytes(2 << 20)), slow];
+        p.run_until(Pair::both_drained);
+        p.assert_no_errors();
+        assert!(p.app[1].received == p.app[0].to_send, "seed {seed}");
+        assert!(p.app[0].received == p.app[1].to_send, "seed {seed}");
+        // The small end's window was respected (`on_wire` checks every STREAM frame against
+        // the receiver's limit), and the small end learned the big end's whole window.
+        assert_eq!(p.t[1].stats().protocol_violations, 0);
+        assert!(
+            p.t[1].send.flow_limit() >= big.receive_window,
+            "seed {seed}: {}",
+            p.t[1].send.flow_limit()
+        );
+    }
+}
+
+/// A new transport announces its window in the first packet it sends for any reason, but
+/// never sends a packet only for that (a request would otherwise cost one more packet).
+#[test]
+fn the_window_announcement_rides_on_a_packet_sent_anyway() {
+    let config = TransportConfig::default();
+    let mut t = Transport::new(&config, Instant::ZERO);
+    let mut out = Vec::new();
+    assert_eq!(t.poll_transmit(Instant::ZERO, &mut out), 0);
+    t.write(b"request").unwrap();
+    let n = t.poll_transmit(Instant::ZERO, &mut out);
+    assert!(n > 0);
+    let frames: Vec<_> = Frames::new(&out[PN_LEN..n])
+        .map(|f| f.expect("well formed"))
+        .collect();
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, Frame::MaxData(m) if *m == config.receive_window)),
+        "{frames:?}"
+    );
+}
+
 #[test]
 fn congestion_window_shrinks_on_loss() {
     for algorithm in [CongestionAlgorithm::Cubic, CongestionAlgorithm::NewReno] {
@@ -1186,6 +1246,7 @@ fn sent_close_code(t: &mut Transport) -> Option<u64> {
 
 #[test]
 fn protocol_violations_close_the_transport() {
+    // (A smaller window is raised to the minimum.)
     let config = TransportConfig {
         receive_window: 1000,
         ..TransportConfig::default()
@@ -1196,7 +1257,9 @@ fn protocol_violations_close_the_transport() {
     let err = t
         .handle_packet(
             now,
-            &packet(0, |o| frame::write_stream(o, 999, b"ab", false)),
+            &packet(0, |o| {
+                frame::write_stream(o, MIN_RECEIVE_WINDOW - 1, b"ab", false);
+            }),
         )
         .unwrap_err();
     assert_eq!(err, TransportError::FlowControl);
@@ -1289,12 +1352,16 @@ fn duplicates_are_acknowledged_but_not_processed_again() {
     let mut out = Vec::new();
     assert!(t.poll_transmit(now, &mut out) > 0);
     let frames: Vec<_> = Frames::new(&out[PN_LEN..]).flatten().collect();
+    // (With the first packet's announcement of the window.)
     assert_eq!(
         frames,
-        vec![Frame::Ack(AckFrame {
-            ranges: vec![(0, 0)],
-            delay_micros: 0
-        })]
+        vec![
+            Frame::Ack(AckFrame {
+                ranges: vec![(0, 0)],
+                delay_micros: 0
+            }),
+            Frame::MaxData(8 << 20)
+        ]
     );
     assert_eq!(t.poll_transmit(now, &mut out), 0);
 }
@@ -1315,10 +1382,13 @@ fn acks_are_delayed_up_to_max_ack_delay() {
     let frames: Vec<_> = Frames::new(&out[PN_LEN..]).flatten().collect();
     assert_eq!(
         frames,
-        vec![Frame::Ack(AckFrame {
-            ranges: vec![(0, 0)],
-            delay_micros: 25_000
-        })]
+        vec![
+            Frame::Ack(AckFrame {
+                ranges: vec![(0, 0)],
+                delay_micros: 25_000
+            }),
+            Frame::MaxData(config.receive_window)
+        ]
     );
     // Out of order: acknowledged at once.
     t.handle_packet(later, &packet(5, frame::write_ping))
