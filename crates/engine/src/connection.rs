@@ -1247,6 +1247,18 @@ impl Connection {
         self.events.push_back(ConnEvent::Closed(reason));
     }
 
+    /// Its held output was dropped (its standby is lost, and may hold it too): moves both
+    /// packet-number spaces `jump` ahead (the transport's, which numbers stream packets, and
+    /// the control channel's), so that nothing sealed from now on uses a number another
+    /// holder of these keys may use, and sends again at once what was in flight.
+    pub(crate) fn go_on_without_standby(&mut self, jump: u64) {
+        self.transport.skip_packet_numbers(jump);
+        self.transport.resend_in_flight();
+        if let Some(p) = self.protect.as_mut() {
+            p.skip_control_numbers(jump);
+        }
+    }
+
     /// Whether both directions are complete. Our SAL FIN is queued only once the transport is
     /// drained — our data and stream end acknowledged, the peer's stream end received and
     /// everything read — so from then on only the SAL teardown (the FINs and their ACKs) can be

@@ -54,7 +54,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
-pub use commit::{Checkpoint, CommitMark, MAX_HELD_DATAGRAMS};
+pub use commit::{Checkpoint, CommitMark, MAX_HELD_DATAGRAMS, STANDBY_PN_JUMP};
 pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
 pub use failover::STALE_PTOS;

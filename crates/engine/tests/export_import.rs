@@ -8,7 +8,7 @@ mod support;
 
 use core::cmp::Reverse;
 use core::time::Duration;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -124,6 +124,8 @@ struct World {
     standby: Option<Standby>,
     /// C's packets to the client: what the test does to them, and what it saw.
     rebind: Rebind,
+    /// When kept: every datagram B or C sent to A, with its sender.
+    sent_to_a: Option<Vec<(usize, Vec<u8>)>>,
 }
 
 /// What happens to C's first packets to the client (the RSYN and the data behind it).
@@ -177,6 +179,8 @@ struct Standby {
     /// Delta checkpoints, and the bytes of every checkpoint.
     delta_count: u64,
     bytes: usize,
+    /// B and C are cut off from each other: no more checkpoints.
+    cut: bool,
 }
 
 impl Standby {
@@ -244,6 +248,7 @@ impl World {
             parked: None,
             standby: None,
             rebind: Rebind::default(),
+            sent_to_a: None,
         };
         let now = w.local(HA);
         let h = w.hosts[HA]
@@ -265,6 +270,10 @@ impl World {
     fn on_wire(&mut self, t: Transmit) {
         if self.host_of(t.src) == Some(HB) && self.host_of(t.dst) == Some(HA) {
             self.seen_b_to_a = Some(t.payload.clone());
+        }
+        let (from, to) = (self.host_of(t.src), self.host_of(t.dst));
+        if let (Some(log), Some(from @ (HB | HC)), Some(HA)) = (self.sent_to_a.as_mut(), from, to) {
+            log.push((from, t.payload.clone()));
         }
         let mut extra = Duration::ZERO;
         if self.host_of(t.src) == Some(HC) && self.host_of(t.dst) == Some(HA) {
@@ -1370,7 +1379,7 @@ impl World {
         let g = self.g;
         let dead_b = self.dead[HB];
         let state = self.server_state();
-        let Some(sb) = self.standby.as_mut() else {
+        let Some(sb) = self.standby.as_mut().filter(|sb| !sb.cut) else {
             return false;
         };
         let mut progress = false;
@@ -1574,6 +1583,103 @@ fn a_finished_stream_closes_without_waiting_for_a_checkpoint() {
         );
         w.check_delivery();
     }
+}
+
+/// Split brain: a partition cuts primary B off from its standby C, but not from the client.
+/// C takes over; B, having heard nothing for a second, serves on alone: with `lost`, as
+/// `Endpoint::standby_lost` has it, else releasing what it held as if the standby had only
+/// detached. The client follows C. Returns the world, and where in its log of datagrams to
+/// the client B went on alone.
+fn split_brain(seed: u64, lost: bool) -> (World, usize) {
+    let link = Link {
+        delay: ms(5),
+        jitter: Duration::ZERO,
+        loss: 0,
+        dup: 0,
+    };
+    let mut w = World::new(seed, link, [100_000, 300_000], Duration::from_secs(7_000));
+    w.standby = Some(Standby {
+        delay: ms(1),
+        deltas: true,
+        ..Standby::default()
+    });
+    w.hosts[HB].ep.set_output_hold(true);
+    w.sent_to_a = Some(Vec::new());
+    w.run_until_client_has(120_000);
+    // The partition: the checkpoint on its way is lost, and no other follows.
+    let sb = w.standby.as_mut().unwrap();
+    sb.in_flight = None;
+    sb.cut = true;
+    let until = w.g + ms(30);
+    w.run(until, |_| false);
+    w.take_over_at_c();
+    let until = w.g + Duration::from_secs(1);
+    w.run(until, |_| false);
+    if lost {
+        w.hosts[HB].ep.standby_lost();
+    } else {
+        w.hosts[HB].ep.set_output_hold(false);
+    }
+    let alone = w.sent_to_a.as_ref().map_or(0, Vec::len);
+    // Long enough for B's backed-off probe timeouts to fire again.
+    let until = w.g + Duration::from_secs(10);
+    w.run(until, |_| false);
+    let limit = w.g + Duration::from_secs(60);
+    w.run(limit, World::done);
+    (w, alone)
+}
+
+/// Protected datagrams B and C sent to the client that share a packet number in one space
+/// and key phase with a different datagram from the other host: an AES-GCM nonce used twice
+/// under one key.
+fn nonce_reuses(w: &World) -> usize {
+    let mut seen: HashMap<(bool, u8, u64), (usize, &[u8])> = HashMap::new();
+    let mut reuses = 0;
+    for (from, p) in w.sent_to_a.as_deref().unwrap_or_default() {
+        let hl = usize::from(u16::from_be_bytes([p[2], p[3]]));
+        let Some(pn) = p.get(hl..hl + 8) else {
+            continue;
+        };
+        let key = (
+            hl > 20,
+            p[0] & 1,
+            u64::from_be_bytes(pn.try_into().unwrap()),
+        );
+        match seen.get(&key) {
+            Some((other, bytes)) if other != from && *bytes != p.as_slice() => reuses += 1,
+            Some(_) => {}
+            None => {
+                seen.insert(key, (*from, p.as_slice()));
+            }
+        }
+    }
+    reuses
+}
+
+/// A primary cut off from its standby, which took over, seals nothing under a packet number
+/// the standby uses (moving-flows.md D9): its held datagrams are dropped, its numbers jump
+/// by `STANDBY_PN_JUMP`. The client follows the standby and gets every byte exactly once.
+/// Releasing the held datagrams instead repeats nonces (the check can fail).
+#[test]
+fn a_primary_cut_off_from_its_standby_never_seals_with_the_standbys_nonces() {
+    for seed in [71, 72, 73, 74] {
+        let (w, alone) = split_brain(seed, true);
+        assert!(w.done(), "seed {seed}: the transfer did not complete");
+        w.check_delivery();
+        // B did serve on: its probes and retransmissions went out.
+        let log = w.sent_to_a.as_ref().unwrap();
+        let b_alone = log[alone..].iter().filter(|(f, _)| *f == HB).count();
+        assert!(b_alone > 0, "seed {seed}: B sent nothing on its own");
+        assert_eq!(nonce_reuses(&w), 0, "seed {seed}");
+        assert!(
+            w.hosts[HB].ep.stats().held_drops > 0,
+            "seed {seed}: B held nothing"
+        );
+    }
+    assert!(
+        (71..75).any(|seed| nonce_reuses(&split_brain(seed, false).0) > 0),
+        "releasing the held datagrams never repeated a nonce: the check cannot fail"
+    );
 }
 
 /// One crash of a primary with a standby.

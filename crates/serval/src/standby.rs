@@ -26,7 +26,9 @@
 //! ([`StandbyConfig::detect`]), or sees the session end, takes every stream over: it tells
 //! the primary (in case it is alive after all: it then lets the streams go without a word)
 //! and imports each stream's latest checkpoint. A primary that hears nothing from its
-//! standby for [`STANDBY_LOST`] releases what it held and continues unreplicated.
+//! standby for [`STANDBY_LOST`] drops what it held (the standby may have taken over and be
+//! sending those packet numbers), moves its packet numbers out of the standby's way and
+//! continues unreplicated.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -52,8 +54,9 @@ pub const HEARTBEAT: Duration = Duration::from_millis(5);
 /// the streams over.
 pub const DEFAULT_DETECT: Duration = Duration::from_millis(30);
 
-/// A primary that hears nothing from its standby for this long stops replicating: it
-/// releases what it held and continues alone. Far longer than any standby's detection time,
+/// A primary that hears nothing from its standby for this long stops replicating: it drops
+/// what it held, moves its packet numbers out of the standby's way
+/// (`serval_engine::endpoint::Endpoint::standby_lost`) and continues alone. Far longer than any standby's detection time,
 /// so that a standby that took over has told the primary (or is dead) by then.
 pub const STANDBY_LOST: Duration = Duration::from_secs(1);
 
@@ -471,12 +474,18 @@ pub(crate) async fn replicate_to(ep: Endpoint, stream: Stream) -> io::Result<()>
         // been silent for STANDBY_LOST, then continue alone.
         tokio::time::sleep_until((session.heard + STANDBY_LOST).into()).await;
     }
-    // Continue alone (unless the standby took over, in which case the replicated streams
-    // are gone already).
+    // Continue alone. After a TAKEOVER the replicated streams are gone already. Without
+    // one, the standby may serve them too (a partition between the two): what was held is
+    // dropped rather than released and the packet numbers jump, so that nothing sealed
+    // here repeats a nonce of the standby's (`Endpoint::standby_lost`).
     {
         let mut st = ep.shared.lock();
         st.primary = None;
-        st.engine.set_output_hold(false);
+        if result.is_err() {
+            st.engine.standby_lost();
+        } else {
+            st.engine.set_output_hold(false);
+        }
     }
     ep.shared.wake.notify_one();
     result

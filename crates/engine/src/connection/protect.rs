@@ -518,6 +518,12 @@ impl Protector {
         self.seal_control_with(out, base, header_len, &[]);
     }
 
+    /// Skips `n` numbers of the control space: the next control packet is sealed with one
+    /// `n` higher than it would have been.
+    pub(crate) fn skip_control_numbers(&mut self, n: u64) {
+        self.control_pn = self.control_pn.saturating_add(n);
+    }
+
     /// [`seal_control`](Self::seal_control) with `payload` after the packet number (the
     /// SYN-ACK's certificate chain).
     pub fn seal_control_with(
@@ -773,10 +779,8 @@ impl Protector {
     }
 
     /// A protector continuing exactly where [`to_parts`](Self::to_parts) left off, with
-    /// fresh counters. `control_pn_jump` is added to the control space's next packet number
-    /// (a standby taking over jumps its numbers past any its primary may have used, D9; 0
-    /// for a move of a frozen connection).
-    pub(crate) fn from_parts(p: ProtectorParts, control_pn_jump: u64) -> Protector {
+    /// fresh counters.
+    pub(crate) fn from_parts(p: ProtectorParts) -> Protector {
         Protector {
             tx_key: PacketKey::new(&p.secrets.tx),
             rx_key: PacketKey::new(&p.secrets.rx),
@@ -790,7 +794,7 @@ impl Protector {
             rx_prev_secret: p.rx_prev,
             rx_phase_start: p.rx_phase_start,
             replay: p.replay,
-            control_pn: p.control_pn.saturating_add(control_pn_jump),
+            control_pn: p.control_pn,
             tx_in_phase: p.tx_in_phase,
             tx_phase_first_pn: p.tx_phase_first_pn,
             peer_acked: p.peer_acked,
@@ -863,7 +867,7 @@ pub(crate) mod tests {
         parts.tx_in_phase = u64::MAX;
         parts.tx_gen = u64::MAX;
         parts.rx_gen = u64::MAX;
-        let mut c = Protector::from_parts(parts, 0);
+        let mut c = Protector::from_parts(parts);
         for pn in 0..3 {
             let pkt = packet(&mut c, pn, b"x");
             let _ = open(&mut s, pkt);

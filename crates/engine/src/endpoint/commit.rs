@@ -25,10 +25,17 @@
 //! round trip now), and a datagram held beyond [`MAX_HELD_DATAGRAMS`] is dropped and counted,
 //! which the transport recovers from as from any loss.
 //!
+//! A primary that loses its standby without hearing that it took over (silence, a broken
+//! session: it may have) must not release what it held, and must not seal anything with a
+//! packet number the standby may use from its last checkpoint on: under the same keys that
+//! would repeat an AES-GCM nonce. [`standby_lost`] drops what is held and moves every
+//! replicated connection's packet numbers [`STANDBY_PN_JUMP`] ahead.
+//!
 //! [`checkpoint`]: Endpoint::checkpoint
 //! [`commit`]: Endpoint::commit
+//! [`standby_lost`]: Endpoint::standby_lost
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::{ConnectionHandle, Endpoint, ExportError, Transmit};
 use crate::Instant;
@@ -39,6 +46,11 @@ use crate::snapshot::{StreamCover, block};
 /// some. The transport's congestion window bounds what it sends in one round trip, so this is
 /// reached only when the standby stops confirming.
 pub const MAX_HELD_DATAGRAMS: usize = 16_384;
+
+/// How far a primary that lost its standby moves its replicated connections' packet numbers
+/// ([`Endpoint::standby_lost`]), in both spaces: 2^40, more packets than a standby that took
+/// over could send in years, far below the 2^62 a receiver accepts.
+pub const STANDBY_PN_JUMP: u64 = 1 << 40;
 
 /// How far a [`Checkpoint`] covers its connection's output: the number of datagrams the
 /// connection had produced when it was taken. [`Endpoint::commit`] with it releases exactly
@@ -73,6 +85,9 @@ pub(crate) struct OutputHold {
     released: VecDeque<Transmit>,
     /// Connections that held a datagram since [`Endpoint::take_held`] last asked.
     news: Vec<ConnectionHandle>,
+    /// Every connection checkpointed while holding, until it is forgotten: what a standby
+    /// may take over.
+    replicated: HashSet<ConnectionHandle>,
     held_now: usize,
 }
 
@@ -104,10 +119,39 @@ impl Endpoint {
     pub fn set_output_hold(&mut self, on: bool) {
         self.hold.on = on;
         if !on {
+            self.hold.replicated.clear();
             for (_, held) in std::mem::take(&mut self.hold.holds) {
                 self.hold.release_all(held);
             }
             self.hold.news.clear();
+        }
+    }
+
+    /// Turns holding off after losing the standby without knowing whether it took the
+    /// connections over (it went silent, or its session broke). Unlike
+    /// [`set_output_hold(false)`](Self::set_output_hold), nothing held is released: the
+    /// standby's state never produced it, and it was sealed with packet numbers the standby
+    /// uses after a takeover. It is dropped (counted in
+    /// [`EndpointStats::held_drops`](super::EndpointStats::held_drops)), and what was in
+    /// flight is sent again at once. Every connection checkpointed while holding moves both its
+    /// packet-number spaces [`STANDBY_PN_JUMP`] ahead, so that nothing it seals from now on
+    /// repeats a (key, nonce) pair the standby may use: if both serve on (a partition
+    /// between them), the client follows one (protocol.md §4.3) and the other's packets stay
+    /// secret.
+    pub fn standby_lost(&mut self) {
+        self.hold.on = false;
+        self.hold.news.clear();
+        let mut renumber = std::mem::take(&mut self.hold.replicated);
+        for (h, held) in std::mem::take(&mut self.hold.holds) {
+            self.hold.held_now -= held.queue.len();
+            self.stats.held_drops += held.queue.len() as u64;
+            renumber.insert(h);
+        }
+        for h in renumber {
+            if let Some(c) = self.conn(h) {
+                c.go_on_without_standby(STANDBY_PN_JUMP);
+                self.touch(h);
+            }
         }
     }
 
@@ -150,6 +194,7 @@ impl Endpoint {
         let snapshot =
             self.write_snapshot(h, now, since, |w| w.add_bytes(block::APP, app.to_vec()))?;
         let mark = if holds {
+            self.hold.replicated.insert(h);
             CommitMark(self.hold.holds.entry(h).or_default().produced)
         } else {
             CommitMark(self.hold.holds.get(&h).map_or(0, |held| held.produced))
@@ -261,6 +306,7 @@ impl Endpoint {
     /// (its last ACKs and close), dropped if it moved away (`exported`: the importer, or the
     /// standby that took it over, continues from a state that never produced them).
     pub(super) fn forget_held(&mut self, h: ConnectionHandle, exported: bool) {
+        self.hold.replicated.remove(&h);
         if let Some(held) = self.hold.holds.remove(&h) {
             if exported {
                 self.hold.held_now -= held.queue.len();

@@ -1430,6 +1430,26 @@ impl Transport {
         }
     }
 
+    /// Skips `n` packet numbers (see [`SentPackets::skip_packet_numbers`]): a primary that
+    /// lost its standby moves past every number the standby may seal with (D9).
+    pub fn skip_packet_numbers(&mut self, n: u64) {
+        self.sent.skip_packet_numbers(n);
+    }
+
+    /// Queues everything in flight for sending again at once, with no congestion response
+    /// and nothing else reset: for packets that never left this host (a primary's held
+    /// output, dropped when it lost its standby), which would otherwise wait for a probe
+    /// timeout backed off through the hold.
+    pub fn resend_in_flight(&mut self) {
+        for p in self.sent.drain() {
+            self.requeue(&p.payload);
+        }
+        self.pto_probes = 0;
+        if self.ack.pending {
+            self.ack.immediate = true;
+        }
+    }
+
     /// The largest of our packet numbers the peer has acknowledged.
     pub fn largest_acked(&self) -> Option<u64> {
         self.sent.largest_acked()

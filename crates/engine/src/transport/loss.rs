@@ -286,6 +286,12 @@ impl<T> SentPackets<T> {
         self.next_pn
     }
 
+    /// Skips `n` packet numbers: the next packet gets one `n` higher than it would have.
+    /// Numbers may skip anyway (untracked ACK-only packets), so nothing else changes.
+    pub fn skip_packet_numbers(&mut self, n: u64) {
+        self.next_pn = self.next_pn.saturating_add(n);
+    }
+
     /// The largest packet number the peer has acknowledged.
     pub fn largest_acked(&self) -> Option<u64> {
         self.largest_acked.get()
