@@ -812,15 +812,22 @@ impl Connection {
         }
     }
 
-    /// The peer answered our challenge from its new address: the flow follows it. The new
-    /// path is unknown, so the transport starts it afresh (from the challenge's round trip
-    /// if there is one), re-sending what was in flight towards the old address.
+    /// The peer answered our challenge from its new address: the flow follows it. A new
+    /// address is a new path, which the transport starts afresh (from the challenge's round
+    /// trip if there is one). A new port at the same address is a NAT rebinding on the same
+    /// path (RFC 9000 §9.4 lets its congestion state stand): congestion control, RTT and MTU
+    /// are kept. Either way what was in flight towards the old address is sent again.
     fn peer_validated(&mut self, now: Instant, v: Validated) {
         if v.target == self.peer || self.state != State::Established {
             return;
         }
+        let same_host = v.target.ip() == self.peer.ip();
         self.peer = v.target;
-        self.transport.on_path_change_with_rtt(now, v.rtt);
+        if same_host {
+            self.transport.resend_in_flight();
+        } else {
+            self.transport.on_path_change_with_rtt(now, v.rtt);
+        }
         self.events.push_back(ConnEvent::PeerMigrated(v.target));
     }
 

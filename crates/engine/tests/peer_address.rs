@@ -326,6 +326,45 @@ fn a_nat_rebinding_mid_transfer_moves_the_flow_once_the_new_address_answers() {
     assert_eq!(w.s.stats().paths, p);
 }
 
+/// A NAT rebinding changes the client's port, not its address: the server keeps its
+/// congestion window and RTT (the path is the same) instead of starting over from the
+/// initial window and the 333 ms guess.
+#[test]
+fn a_port_only_rebinding_keeps_the_congestion_state() {
+    let mut w = World::new();
+    let mut x = Transfer::new(2_000_000);
+    let mut rebound = false;
+    let mut before = None;
+    let mut after = None;
+    let until = w.now + Duration::from_secs(60);
+    w.run(until, &mut |_, _| Fate::Deliver, &mut |w| {
+        let done = x.pump(w);
+        let stats = w.s.connection_stats(w.sh).unwrap();
+        if w.s.locators(w.sh).unwrap().1 == loc(NAT1) {
+            before = Some(stats);
+        } else if after.is_none() {
+            after = Some(stats);
+        }
+        if !rebound && x.got_up.len() >= 600_000 {
+            w.rebind(NAT2, false);
+            rebound = true;
+        }
+        done
+    });
+    x.assert_exact();
+    let (before, after) = (
+        before.unwrap(),
+        after.expect("the server followed the client"),
+    );
+    assert!(
+        after.cwnd >= before.cwnd / 2 && after.cwnd > 4 * 12_000,
+        "cwnd {} before the move, {} after",
+        before.cwnd,
+        after.cwnd
+    );
+    assert_eq!(after.srtt, before.srtt);
+}
+
 #[test]
 fn with_the_old_mapping_alive_the_flow_moves_too_and_nothing_is_lost() {
     let (w, _, _) = rebinding_transfer(400_000, true);
