@@ -215,6 +215,11 @@ struct Pending {
     quiet: u32,
 }
 
+/// How many timeouts of a make-before-break RSYN a flow's FIN waits behind before the move
+/// is given up for the close (12: at one a second or more, a silent new path, not a lossy
+/// one: twelve losses in a row at 20% loss is one chance in 244 million).
+pub const FIN_WAITS_FOR_RSYN: u32 = 12;
+
 /// The [`ControlConfig`] of a connection, compactly.
 #[derive(Debug, Clone, Copy)]
 struct ControlTiming {
@@ -263,6 +268,15 @@ impl ReliableQueue {
     fn clear(&mut self) {
         *self = ReliableQueue::default();
     }
+
+    /// Takes `kind` out of the queue, keeping the others in order.
+    fn remove(&mut self, kind: Reliable) {
+        let mut rest = ReliableQueue::default();
+        for k in self.0.into_iter().flatten().filter(|k| *k != kind) {
+            rest.push_back(k);
+        }
+        *self = rest;
+    }
 }
 
 /// An answer to send once, not retransmitted.
@@ -287,6 +301,8 @@ pub(crate) enum ConnEvent {
     Finished,
     Datagram,
     Migrated(Locator),
+    /// The move to this locator was given up (another move, or the close, came first).
+    MoveAbandoned(Locator),
     PeerMigrated(Locator),
     PathValidationFailed(Locator),
     /// Server: the client asked for the flow to move to this migration agent.
@@ -1152,10 +1168,19 @@ impl Connection {
     /// make-before-break — the transport keeps running on the old path (sending data and
     /// acknowledging the peer's) until the RSYN-ACK, or the peer's data at `new_local`,
     /// validates the new one. Otherwise the transport freezes until then.
+    ///
+    /// A move already under way toward another locator is given up for this one
+    /// ([`ConnEvent::MoveAbandoned`]): a target that never answers (its path is dead) does
+    /// not pin the flow. The new RSYN has a higher verno, so it wins at the peer even if the
+    /// abandoned one got there.
     pub(crate) fn migrate(&mut self, new_local: Locator, old_path_usable: bool) -> bool {
-        if self.state != State::Established || self.moving_to.is_some() {
+        if self.state != State::Established
+            || self.rebinding_early
+            || self.moving_to.as_deref() == Some(&new_local)
+        {
             return false;
         }
+        self.abandon_move();
         self.moving_to = Some(Box::new(new_local));
         self.transport.set_frozen(!old_path_usable);
         self.send_reliable(Reliable::Rsyn);
@@ -1170,6 +1195,43 @@ impl Connection {
         if self.moving_to.is_some() {
             self.transport.set_frozen(true);
         }
+    }
+
+    /// A flow that is done does not need a new path: once its FIN waits behind an RSYN that
+    /// timed out [`FIN_WAITS_FOR_RSYN`] times unanswered while the old path works,
+    /// the move is given up and the FIN goes (it would wait as long as the old path lives).
+    /// Not an imported flow's re-bind: that RSYN is how the peer learns where the flow is.
+    /// Returns whether it gave the move up.
+    fn maybe_close_before_move(&mut self) -> bool {
+        let stuck = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.kind == Reliable::Rsyn && p.retries >= FIN_WAITS_FOR_RSYN);
+        if stuck && self.fin_queued && !self.transport.is_frozen() && !self.rebinding_early {
+            self.abandon_move();
+            return true;
+        }
+        false
+    }
+
+    /// Gives up the move under way: its RSYN stops (the next queued control packet goes) and
+    /// the flow stays on its current locator, for a FIN or another move to take over.
+    fn abandon_move(&mut self) {
+        let Some(to) = self.moving_to.take() else {
+            return;
+        };
+        self.queued.remove(Reliable::Rsyn);
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.kind == Reliable::Rsyn)
+        {
+            self.pending = None;
+            if let Some(next) = self.queued.pop_front() {
+                self.send_reliable(next);
+            }
+        }
+        self.events.push_back(ConnEvent::MoveAbandoned(*to));
     }
 
     /// The longest wait between retransmissions of an RSYN while the flow is otherwise
@@ -1328,6 +1390,7 @@ impl Connection {
             // The FIN says everything arrived: no separate delayed ACK for the peer's data.
             self.transport.cancel_pending_ack();
             self.send_reliable(Reliable::Fin);
+            self.maybe_close_before_move();
         }
         self.maybe_time_wait(now);
     }
@@ -1416,14 +1479,18 @@ impl Connection {
             }
             p.retries += 1;
             p.quiet += 1;
-            p.rto = p.rto.saturating_mul(2);
-            p.deadline = OptInstant::NONE; // send again on the next poll_transmit
-            if p.kind == Reliable::Rsyn && !self.transport.is_frozen() {
-                // Make-before-break: the new path is still silent. A PING on the old path
-                // asks the peer for an immediate answer, a sign of life that keeps this
-                // RSYN's backoff bounded (see `note_life_while_moving`) even when neither
-                // end has data to send.
-                self.transport.ping();
+            if !self.maybe_close_before_move()
+                && let Some(p) = self.pending.as_mut()
+            {
+                p.rto = p.rto.saturating_mul(2);
+                p.deadline = OptInstant::NONE; // send again on the next poll_transmit
+                if p.kind == Reliable::Rsyn && !self.transport.is_frozen() {
+                    // Make-before-break: the new path is still silent. A PING on the old
+                    // path asks the peer for an immediate answer, a sign of life that keeps
+                    // this RSYN's backoff bounded (see `note_life_while_moving`) even when
+                    // neither end has data to send.
+                    self.transport.ping();
+                }
             }
         }
         if self.state == State::Established
@@ -1687,12 +1754,12 @@ impl Connection {
         Some(out)
     }
 
-    /// Whether the endpoint may forget this flow.
     /// Whether a move of this end (an RSYN) is under way.
     pub(crate) fn is_moving(&self) -> bool {
         self.moving_to.is_some()
     }
 
+    /// Whether the endpoint may forget this flow.
     pub(crate) fn is_closed(&self) -> bool {
         self.state == State::Closed && self.answers.is_empty() && !self.flush_transport
     }

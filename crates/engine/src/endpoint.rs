@@ -117,6 +117,13 @@ pub enum Event {
     NamedDatagram(ListenerId),
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
+    /// A move to this local locator was given up before the peer confirmed it: the
+    /// application moved the connection elsewhere meanwhile ([`Endpoint::migrate`] again),
+    /// or the flow finished while the new path stayed silent (its FIN waits
+    /// [`FIN_WAITS_FOR_RSYN`](crate::connection::FIN_WAITS_FOR_RSYN) RSYN timeouts, not
+    /// for ever). The connection stays on its current locator unless the other move takes
+    /// it.
+    MoveAbandoned(ConnectionHandle, Locator),
     /// The peer moved to a new locator: by RSYN, or, seen at a new address (a NAT rebinding),
     /// once that address answered a path challenge (docs/protocol.md §4.2).
     PeerMigrated(ConnectionHandle, Locator),
@@ -922,8 +929,9 @@ impl Endpoint {
     }
 
     /// Moves a connection's local end to `new_local` (one of this endpoint's locators) with an
-    /// authenticated RSYN. Returns `false` if the connection is not established or already
-    /// moving.
+    /// authenticated RSYN. Returns `false` if the connection is not established, already
+    /// moving to `new_local`, or re-binding after an import. A move under way toward another
+    /// locator is given up for this one ([`Event::MoveAbandoned`]).
     ///
     /// While the current local locator is still one of [`Endpoint::locals`], the move is
     /// make-before-break: the stream keeps flowing on the old path until the new one is
@@ -940,6 +948,11 @@ impl Endpoint {
             self.touch(h);
         }
         started
+    }
+
+    /// Whether a move of `h`'s local end (its RSYN) is under way.
+    pub fn is_moving(&self, h: ConnectionHandle) -> bool {
+        self.conn_ref(h).is_some_and(Connection::is_moving)
     }
 
     /// Client: asks the server to move its end of `h` to the instance whose migration agent
@@ -1477,6 +1490,7 @@ impl Endpoint {
                 ConnEvent::Finished => Event::Finished(h),
                 ConnEvent::Datagram => Event::Datagram(h),
                 ConnEvent::Migrated(l) => Event::Migrated(h, l),
+                ConnEvent::MoveAbandoned(l) => Event::MoveAbandoned(h, l),
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
                 ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
                 ConnEvent::MoveAsked(l) => Event::MoveAsked(h, l),

@@ -11,10 +11,10 @@ mod support;
 use std::time::Duration;
 
 use serval_engine::Instant;
-use serval_engine::connection::CloseReason;
 use serval_engine::connection::protect::{
     DEFAULT_KEY_UPDATE_INTERVAL, FlowSecrets, KeyExchange, Protection, Protector, Space, Transcript,
 };
+use serval_engine::connection::{CloseReason, FIN_WAITS_FOR_RSYN};
 use serval_engine::endpoint::{ConnectionHandle, Endpoint, EndpointConfig, Event, Transmit};
 use serval_table::{Action, Target};
 use serval_wire::ext::{ControlFlags, ControlRepr};
@@ -749,7 +749,8 @@ fn a_move_keeps_the_old_path_until_the_new_one_answers() {
 }
 
 /// Even with nothing to send, the old path shows life: each retransmitted RSYN carries a PING
-/// on the old path, whose acknowledgement keeps the backoff bounded and the flow alive.
+/// on the old path, whose acknowledgement keeps the backoff bounded and the flow alive. The
+/// application may give the dead target up for another: the new move replaces it.
 #[test]
 fn a_quiet_flow_keeps_probing_the_old_path_while_it_moves() {
     let (mut net, h, _sh) = connected();
@@ -771,10 +772,76 @@ fn a_quiet_flow_keeps_probing_the_old_path_while_it_moves() {
             .iter()
             .any(|e| matches!(e, Event::Closed(..)))
     );
+    // Redirected: the RSYNs to A2 stop, and the move to A3 completes.
+    assert!(!net.eps[0].migrate(h, loc(A2)), "already going there");
+    net.eps[0].add_local(loc(A3));
+    assert!(net.eps[0].migrate(h, loc(A3)));
+    let redirected = net.now;
+    net.run_until(net.now + Duration::from_secs(3), &mut new_path_dead);
+    let client = events(&mut net.eps[0]);
+    assert!(
+        client.contains(&Event::MoveAbandoned(h, loc(A2))),
+        "{client:?}"
+    );
+    assert!(client.contains(&Event::Migrated(h, loc(A3))), "{client:?}");
+    assert_eq!(net.eps[0].locators(h).unwrap().0, loc(A3));
+    assert!(rsyn_times(&net, A2).iter().all(|t| *t <= redirected));
     assert!(
         !events(&mut net.eps[1])
             .iter()
             .any(|e| matches!(e, Event::Closed(..)))
+    );
+}
+
+/// A flow that finishes while it moves toward a dead new path closes: its FIN waits behind the
+/// RSYN only `FIN_WAITS_FOR_RSYN` timeouts of it (with the old path alive the RSYN would be
+/// retransmitted for as long as the old path lives: before, the close never came). Then the
+/// move is given up and the FIN goes on the old path.
+#[test]
+fn a_flow_that_finishes_mid_move_closes_on_its_old_path() {
+    let (mut net, h, sh) = connected();
+    net.eps[0].write(h, b"request").unwrap();
+    net.eps[0].add_local(loc(A2));
+    assert!(net.eps[0].migrate(h, loc(A2)));
+    let started = net.now;
+    let mut new_path_dead = |t: &Transmit| t.src == loc(A2) || t.dst == loc(A2);
+    net.run_until(net.now + Duration::from_millis(200), &mut new_path_dead);
+    let mut got = Vec::new();
+    read_all(&mut net.eps[1], sh, &mut got);
+    assert_eq!(got, b"request");
+    net.eps[1].write(sh, b"answer").unwrap();
+    net.eps[1].finish(sh).unwrap();
+    net.eps[0].finish(h).unwrap();
+    let mut got = Vec::new();
+    let mut ended = false;
+    for _ in 0..30 {
+        net.run_until(net.now + Duration::from_secs(1), &mut new_path_dead);
+        ended |= read_all(&mut net.eps[0], h, &mut got);
+    }
+    assert!(ended);
+    assert_eq!(got, b"answer");
+    let client = events(&mut net.eps[0]);
+    assert!(
+        client.contains(&Event::MoveAbandoned(h, loc(A2))),
+        "{client:?}"
+    );
+    assert!(
+        client.contains(&Event::Closed(h, CloseReason::Finished)),
+        "{client:?}"
+    );
+    // The FIN left from the old locator once the RSYN had timed out 12 times, a second or so
+    // apart.
+    let fin = net
+        .log
+        .iter()
+        .find(|(_, x)| x.src == loc(A) && flags(x) == Some(ControlFlags::FIN))
+        .map(|(t, _)| *t - started)
+        .expect("the client sent its FIN");
+    let rsyns = rsyn_times(&net, A2);
+    assert_eq!(rsyns.len() as u32, FIN_WAITS_FOR_RSYN, "{rsyns:?}");
+    assert!(
+        fin > Duration::from_secs(10) && fin < Duration::from_secs(16),
+        "FIN {fin:?} after the move began"
     );
 }
 

@@ -241,6 +241,12 @@ impl State {
                         to: local,
                     });
                 }
+                Event::MoveAbandoned(h, to) => {
+                    tracing::info!(%to, "a move was given up: the new path never answered while the old one worked");
+                    let _ = self
+                        .path_events
+                        .send(PathEvent::MoveAbandoned { stream: h, to });
+                }
                 ev @ (Event::PeerMigrated(..) | Event::MoveAsked(..) | Event::MoveRefused(..)) => {
                     self.on_move_event(ev);
                 }

@@ -83,6 +83,14 @@ pub enum PathEvent {
         /// Its new local locator.
         to: Locator,
     },
+    /// A move begun while the flow's path still worked (make-before-break) was given up: the
+    /// new path never answered, or the flow finished first. The flow stays where it was.
+    MoveAbandoned {
+        /// The flow.
+        stream: ConnectionHandle,
+        /// Where it was going.
+        to: Locator,
+    },
     /// A flow's address went away and it could not move: no usable local address reaches its
     /// peer, or a move was already under way. It moves when an address appears; otherwise
     /// it ends by its idle timeout.

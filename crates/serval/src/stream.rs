@@ -276,7 +276,9 @@ impl Stream {
     }
 
     /// Moves this end of the connection to `new_local`, one of the endpoint's locators, with an
-    /// authenticated RSYN. The stream keeps working; bytes in flight are retransmitted.
+    /// authenticated RSYN. The stream keeps working; bytes in flight are retransmitted. A move
+    /// under way toward another locator is given up for this one
+    /// ([`PathEvent::MoveAbandoned`](crate::PathEvent::MoveAbandoned)).
     pub fn migrate(&self, new_local: Locator) -> io::Result<()> {
         let mut st = self.inner.shared.lock();
         if !st.engine.locals().contains(&new_local) {
@@ -288,7 +290,7 @@ impl Stream {
         if !st.engine.migrate(self.inner.handle, new_local) {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
-                "connection not established or already migrating",
+                "connection not established, already moving there, or re-binding",
             ));
         }
         drop(st);

@@ -186,8 +186,10 @@ impl Host {
                     }
                     echo.extend_from_slice(&buf[..n]);
                 }
+                // One move at a time: a second would give the first up.
                 if let Some(&(at, to)) = migrate_at.get(*migrated)
                     && echo.len() >= at
+                    && !self.ep.is_moving(h)
                     && self.ep.migrate(h, to)
                 {
                     *migrated += 1;

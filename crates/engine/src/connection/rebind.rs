@@ -44,19 +44,7 @@ impl Connection {
                 self.queued.push_back(k);
             }
         }
-        // Drop a queued RSYN, keeping the others packed at the front.
-        let kinds: Vec<Reliable> = self
-            .queued
-            .0
-            .iter()
-            .flatten()
-            .copied()
-            .filter(|k| *k != Reliable::Rsyn)
-            .collect();
-        self.queued.clear();
-        for k in kinds {
-            self.queued.push_back(k);
-        }
+        self.queued.remove(Reliable::Rsyn);
         self.moving_to = Some(Box::new(self.local));
         // Whatever the exporter had in flight is resent from here, from the initial window.
         self.transport.on_path_change(now);
