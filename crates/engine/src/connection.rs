@@ -1145,16 +1145,7 @@ impl Connection {
         let Some(&new_local) = self.moving_to.take().as_deref() else {
             return;
         };
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.kind == Reliable::Rsyn)
-        {
-            self.pending = None;
-            if let Some(next) = self.queued.pop_front() {
-                self.send_reliable(next);
-            }
-        }
+        self.end_pending_rsyn();
         self.local = new_local;
         self.transport.set_frozen(false);
         if !self.take_early_rebind() {
@@ -1221,6 +1212,13 @@ impl Connection {
             return;
         };
         self.queued.remove(Reliable::Rsyn);
+        self.end_pending_rsyn();
+        self.events.push_back(ConnEvent::MoveAbandoned(*to));
+    }
+
+    /// An RSYN occupying the control channel leaves it (answered, or its move given up):
+    /// the next queued control packet goes.
+    fn end_pending_rsyn(&mut self) {
         if self
             .pending
             .as_ref()
@@ -1231,7 +1229,6 @@ impl Connection {
                 self.send_reliable(next);
             }
         }
-        self.events.push_back(ConnEvent::MoveAbandoned(*to));
     }
 
     /// The longest wait between retransmissions of an RSYN while the flow is otherwise
