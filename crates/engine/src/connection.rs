@@ -753,14 +753,8 @@ impl Connection {
         // The client sends data only once it has our SYN-ACK, so data from it completes the
         // handshake even if its ACK was lost (as a QUIC server treats the client's first
         // 1-RTT packet). It has to name both flowIDs, which only the SYN-ACK carried.
-        if self.state == State::SynRcvd
-            && stream
-            && let Some(p) = &self.pending
-            && p.kind == Reliable::SynAck
-        {
-            let ackno = p.verno.wrapping_add(1);
-            self.acked(Reliable::SynAck, ackno);
-            self.server_established(now);
+        if stream {
+            self.established_by_client(now);
         }
         // The packet number and the frames, now in clear.
         let payload = &packet[header_len..header_len + PN_LEN + body_len];
@@ -1026,6 +1020,10 @@ impl Connection {
             if f.contains(ControlFlags::ACK) {
                 self.on_rsyn_ack(now, ctl);
             } else {
+                // A client that moves at once may have its RSYN, sent from the new path,
+                // arrive before the ACK or data that completes the handshake on the old one:
+                // ignored, it waited a whole RSYN timeout (1 s).
+                self.established_by_client(now);
                 self.on_rsyn(now, remote, ctl);
             }
             return;
@@ -1068,6 +1066,20 @@ impl Connection {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Server: a packet of the client's that only a client holding our SYN-ACK can send
+    /// (sealed under the flow's keys, naming both flowIDs: data, or an RSYN) completes the
+    /// handshake if its ACK has not (lost, held for data, or overtaken on another path).
+    fn established_by_client(&mut self, now: Instant) {
+        if self.state == State::SynRcvd
+            && let Some(p) = &self.pending
+            && p.kind == Reliable::SynAck
+        {
+            let ackno = p.verno.wrapping_add(1);
+            self.acked(Reliable::SynAck, ackno);
+            self.server_established(now);
         }
     }
 

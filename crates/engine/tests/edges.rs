@@ -1002,3 +1002,43 @@ fn control_vernos_wrap_around() {
     assert!(!data.is_empty());
     assert!(data.iter().all(|t| t.dst == loc(NAT)));
 }
+
+/// A client that moves at once: its RSYN from the new path reaches the server before the
+/// ACK (or data) that completes the handshake on the old one. The RSYN, sealed under the
+/// flow's keys and naming both flowIDs, completes it itself: the server accepts the
+/// connection and answers at once. (It was ignored, and the move waited for the RSYN's
+/// retransmission a second later; the runtime's loopback tests saw it one run in two.)
+#[test]
+fn an_rsyn_that_overtakes_the_handshake_ack_completes_it() {
+    let now = Instant::ZERO;
+    let (mut a, mut b) = (endpoint(A, 1), endpoint(B, 2));
+    let l = b.listen(ServicePrefix::exact(svc("echo.test")), 0, 1);
+    let h = a.connect_via(now, svc("echo.test"), loc(B)).unwrap();
+    for t in drain(&mut a, now) {
+        b.handle_datagram(now, t.dst, t.src, &t.payload);
+    }
+    for t in drain(&mut b, now) {
+        a.handle_datagram(now, t.dst, t.src, &t.payload);
+    }
+    assert!(events(&mut a).contains(&Event::Connected(h)));
+    a.add_local(loc(A2));
+    assert!(a.migrate(h, loc(A2)));
+    // Only the RSYN reaches the server: the handshake ACK, on the old path, is late.
+    let out = drain(&mut a, now);
+    let rsyn: Vec<_> = out
+        .iter()
+        .filter(|t| flags(t) == Some(ControlFlags::RSYN))
+        .collect();
+    assert_eq!(rsyn.len(), 1, "{out:?}");
+    b.handle_datagram(now, rsyn[0].dst, rsyn[0].src, &rsyn[0].payload);
+    let sh = b.accept(l).expect("the RSYN completed the handshake");
+    assert_eq!(b.locators(sh).unwrap().1, loc(A2));
+    let answers = drain(&mut b, now);
+    let rsyn_ack = answers
+        .iter()
+        .find(|t| flags(t) == Some(ControlFlags::RSYN | ControlFlags::ACK))
+        .expect("answered at once");
+    assert_eq!(rsyn_ack.dst, loc(A2));
+    a.handle_datagram(now, rsyn_ack.dst, rsyn_ack.src, &rsyn_ack.payload);
+    assert!(events(&mut a).contains(&Event::Migrated(h, loc(A2))));
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serval::{Endpoint, Registration, ServiceId, ServicePrefix};
+use serval::{Endpoint, PathEvent, Registration, ServiceId, ServicePrefix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -147,6 +147,80 @@ async fn a_stream_survives_a_client_address_change() {
             Some(&new_loc),
             "server never saw the new locator"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A move given up for another before it completed (the application changed its mind) is
+/// reported as abandoned, and the second completes: the stream ends up at the second
+/// address with every byte. (The two `migrate` calls follow each other at once; should the
+/// driver complete the first move in between, on a preempted test thread, that connection
+/// shows two moves instead, and the test tries again, up to five times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_redirected_before_it_completed_is_reported_abandoned() {
+    timeout(LIMIT, async {
+        let server = bind("127.0.0.1:0").await;
+        let server_loc = server.local_locators()[0];
+        let mut listener = server
+            .listen(ServicePrefix::exact(svc("sink.test")))
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                let mut s = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    s.write_all(&got).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        let client = Endpoint::bind(&[
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.2:0".parse().unwrap(),
+            "127.0.0.3:0".parse().unwrap(),
+        ])
+        .await
+        .unwrap();
+        let (second, third) = (client.local_locators()[1], client.local_locators()[2]);
+        let mut events = client.path_events();
+        let data = pattern(200_000, 5);
+        for attempt in 0..5 {
+            let mut stream = client
+                .connect_via(svc("sink.test"), server_loc)
+                .await
+                .unwrap();
+            stream.write_all(&data[..1000]).await.unwrap();
+            stream.migrate(second).unwrap();
+            stream.migrate(third).unwrap();
+            let id = stream.id();
+            // The move to `third` completes (its RSYN may have to be sent again, a second
+            // later, if a burst filled the server's socket).
+            let (mut abandoned, mut moved_to) = (None, Vec::new());
+            while !moved_to.contains(&third) {
+                match events.recv().await.unwrap() {
+                    PathEvent::MoveAbandoned { stream: s, to } if s == id => abandoned = Some(to),
+                    PathEvent::Moved { stream: s, to } if s == id => moved_to.push(to),
+                    _ => {}
+                }
+            }
+            stream.write_all(&data[1000..]).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut echo = Vec::new();
+            stream.read_to_end(&mut echo).await.unwrap();
+            assert!(echo == data, "bytes differ");
+            assert_eq!(stream.local_locator().unwrap(), third);
+            match abandoned {
+                Some(to) => {
+                    assert_eq!(to, second);
+                    assert_eq!(moved_to, [third], "an abandoned move completed");
+                    return;
+                }
+                None => assert_eq!(moved_to, [second, third], "attempt {attempt}"),
+            }
+        }
+        panic!("the first move was never reported abandoned");
     })
     .await
     .expect("test timed out");
