@@ -242,7 +242,7 @@ impl State {
                     });
                 }
                 Event::MoveAbandoned(h, to) => {
-                    tracing::info!(%to, "a move was given up: the new path never answered while the old one worked");
+                    tracing::info!(%to, "a move was given up before the peer confirmed it");
                     let _ = self
                         .path_events
                         .send(PathEvent::MoveAbandoned { stream: h, to });

@@ -83,8 +83,10 @@ pub enum PathEvent {
         /// Its new local locator.
         to: Locator,
     },
-    /// A move begun while the flow's path still worked (make-before-break) was given up: the
-    /// new path never answered, or the flow finished first. The flow stays where it was.
+    /// A move was given up before the peer confirmed it: the flow was moved elsewhere
+    /// meanwhile ([`Stream::migrate`](crate::Stream::migrate) again), or it finished while
+    /// the new path stayed silent. The flow stays where it was unless the other move takes
+    /// it.
     MoveAbandoned {
         /// The flow.
         stream: ConnectionHandle,

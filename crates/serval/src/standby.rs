@@ -56,8 +56,9 @@ pub const DEFAULT_DETECT: Duration = Duration::from_millis(30);
 
 /// A primary that hears nothing from its standby for this long stops replicating: it drops
 /// what it held, moves its packet numbers out of the standby's way
-/// (`serval_engine::endpoint::Endpoint::standby_lost`) and continues alone. Far longer than any standby's detection time,
-/// so that a standby that took over has told the primary (or is dead) by then.
+/// (`serval_engine::endpoint::Endpoint::standby_lost`) and continues alone. Far longer than
+/// any standby's detection time, so that a standby that took over has told the primary (or
+/// is dead) by then.
 pub const STANDBY_LOST: Duration = Duration::from_secs(1);
 
 /// How long a standby waits for its primary's first word before giving up on the session
