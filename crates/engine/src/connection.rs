@@ -713,7 +713,7 @@ impl Connection {
             }
             return;
         }
-        if self.fenced(remote, repr) {
+        if self.fenced(now, remote, repr) {
             return;
         }
         let Some(protect) = self.protect.as_deref_mut() else {
@@ -1101,7 +1101,7 @@ impl Connection {
     /// (they would fill offsets the new host fills too) and its packets out of the replay
     /// window. A server never fences its client's old locator: a client moving make-before-
     /// break keeps sending there until its RSYN is answered.
-    fn fenced(&mut self, remote: Locator, repr: &SalRepr) -> bool {
+    fn fenced(&mut self, now: Instant, remote: Locator, repr: &SalRepr) -> bool {
         if self.role != Role::Client || remote == self.peer {
             return false;
         }
@@ -1111,6 +1111,10 @@ impl Connection {
         match self.paths.as_deref_mut() {
             Some(p) if p.is_left(remote) && !rsyn => {
                 p.stats.from_left_locator += 1;
+                // The server may still be waiting for our RSYN-ACK: answer it again.
+                if let Some(verno) = p.reanswer(now) {
+                    self.answers.push_back(Answer::RsynAck(verno));
+                }
                 true
             }
             _ => false,
@@ -1127,7 +1131,9 @@ impl Connection {
         let latest = self.peer_verno == Some(ctl.verno);
         if fresh || (latest && self.peer != remote) {
             let old = self.peer;
-            self.paths.get_or_insert_default().on_rsyn_move(old);
+            self.paths
+                .get_or_insert_default()
+                .on_rsyn_move(old, ctl.verno);
             self.peer = remote;
             self.transport.on_peer_moved(now);
             self.events.push_back(ConnEvent::PeerMigrated(remote));

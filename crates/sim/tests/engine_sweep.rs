@@ -787,6 +787,20 @@ fn issue_11_regression_seeds() {
         Move::Client,
         [461, 5808, 5809, 5810].into_iter(),
     );
+    // Seed 27252 of `migrate-both` (found by a 50 000-seed sweep): the client's RSYN-ACK to
+    // the server's new address was lost three times and the server's next RSYN once. The
+    // client, following the server, dropped everything from the server's old locator, where
+    // the server (moving make-before-break) still spoke, so the server heard nothing, backed
+    // its RSYN off and never moved. A packet from the old locator now draws the RSYN-ACK
+    // again.
+    check_with(
+        "migrate-both (regressions)",
+        lossy(0.05),
+        None,
+        60_000,
+        Move::Both,
+        [27251, 27252, 27253].into_iter(),
+    );
 }
 
 /// A move under heavy reordering: a fifth of the datagrams overtaken by 40 ms, with jitter

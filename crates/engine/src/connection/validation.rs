@@ -137,6 +137,10 @@ pub(crate) struct Validated {
 /// How many of the peer's locators before its RSYN moves a flow remembers.
 pub(crate) const LEFT_KEPT: usize = 4;
 
+/// Least time between two RSYN-ACKs sent again because the peer's old path still speaks
+/// ([`PathValidator::reanswer`]).
+pub(crate) const REANSWER_INTERVAL: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PathValidator {
     current: Option<Validation>,
@@ -148,17 +152,40 @@ pub(crate) struct PathValidator {
     /// flight from there (a make-before-break move keeps the old path going until it is
     /// confirmed) are the old path's, not a rebinding, and start no validation.
     rsyn_old: [Option<Locator>; LEFT_KEPT],
+    /// The verno of the RSYN that last moved the peer, and when a packet from a locator the
+    /// peer left last drew its RSYN-ACK again ([`reanswer`](Self::reanswer)).
+    followed: Option<u32>,
+    reanswered: Option<Instant>,
     pub(crate) stats: PathStats,
 }
 
 impl PathValidator {
+    /// A packet came from a locator the peer left (and was dropped unopened): a peer moving
+    /// make-before-break keeps sending there until our RSYN-ACK reaches it, so it may have
+    /// lost it, and with nothing else from us reaching it (we drop its old path's packets) it
+    /// would back its RSYN off for ever longer. Returns the verno to answer again, at most
+    /// once per [`REANSWER_INTERVAL`] (a forged packet from there draws one RSYN-ACK, to the
+    /// peer, no more often).
+    pub(crate) fn reanswer(&mut self, now: Instant) -> Option<u32> {
+        let verno = self.followed?;
+        if self
+            .reanswered
+            .is_some_and(|t| now.saturating_duration_since(t) < REANSWER_INTERVAL)
+        {
+            return None;
+        }
+        self.reanswered = Some(now);
+        Some(verno)
+    }
+
     /// Whether `remote` is a locator the peer left by one of its last [`LEFT_KEPT`] RSYNs.
     pub(crate) fn is_left(&self, remote: Locator) -> bool {
         self.rsyn_old.contains(&Some(remote))
     }
 
-    /// The peer moved by RSYN from `old`: its packets from there are the old path's.
-    pub(crate) fn on_rsyn_move(&mut self, old: Locator) {
+    /// The peer moved by RSYN (`verno`) from `old`: its packets from there are the old path's.
+    pub(crate) fn on_rsyn_move(&mut self, old: Locator, verno: u32) {
+        self.followed = Some(verno);
         self.rsyn_old.rotate_right(1);
         self.rsyn_old[0] = Some(old);
         if self.current.take().is_some() {
@@ -422,7 +449,7 @@ mod tests {
             None,
             "a reordered older packet moved nothing"
         );
-        v.on_rsyn_move(a);
+        v.on_rsyn_move(a, 7);
         v.on_packet_from_new_source(a, 1000, true, Duration::from_millis(100));
         assert_eq!(v.validating(), None, "the RSYN's old path is no rebinding");
         v.on_packet_from_new_source(b, 1000, true, Duration::from_millis(100));
