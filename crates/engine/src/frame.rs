@@ -431,19 +431,21 @@ pub fn write_path_response(out: &mut Vec<u8>, data: &[u8; PATH_DATA_LEN]) {
 
 /// Appends a MOVE_REQUEST frame.
 pub fn write_move_request(out: &mut Vec<u8>, to: &Locator) {
-    out.push(TYPE_MOVE_REQUEST);
-    let at = out.len();
-    out.resize(at + locator_len(to), 0);
-    emit_locator(to, &mut out[at..]);
+    write_type_and_locator(out, TYPE_MOVE_REQUEST, to);
 }
 
 /// Appends a MOVE_REFUSED frame.
 pub fn write_move_refused(out: &mut Vec<u8>, to: &Locator, why: MoveRefusal) {
-    out.push(TYPE_MOVE_REFUSED);
+    write_type_and_locator(out, TYPE_MOVE_REFUSED, to);
+    out.push(why.code());
+}
+
+/// Appends a frame type and a locator (docs/wire.md §4.4's encoding).
+fn write_type_and_locator(out: &mut Vec<u8>, ty: u8, to: &Locator) {
+    out.push(ty);
     let at = out.len();
     out.resize(at + locator_len(to), 0);
     emit_locator(to, &mut out[at..]);
-    out.push(why.code());
 }
 
 /// Appends a CLOSE frame.
