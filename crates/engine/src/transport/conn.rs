@@ -2066,9 +2066,7 @@ impl Transport {
     /// of the 333 ms initial guess keeps the pacer and the probe timeout at the new path's
     /// pace from the first packet.
     pub fn on_path_change_with_rtt(&mut self, now: Instant, rtt_sample: Option<Duration>) {
-        for p in self.sent.drain() {
-            self.requeue(&p.payload);
-        }
+        self.resend_in_flight();
         self.lost_pns.clear();
         self.mtu = PathMtu::new(*self.mtu.config());
         self.cc.on_mtu_update(self.mtu.current());
@@ -2079,11 +2077,7 @@ impl Transport {
         }
         self.pacer = Pacer::new(now);
         self.pacing_until = OptInstant::NONE;
-        self.pto_probes = 0;
         self.liveness_on_path_change();
-        if self.ack.pending {
-            self.ack.immediate = true;
-        }
     }
 
     /// Stream bytes this end holds: to send (written, not yet acknowledged) and received
