@@ -36,6 +36,10 @@ pub struct InstanceView {
     pub agent: Option<String>,
     /// The key the agent proves itself with, as `serval keygen` prints it.
     pub key: Option<String>,
+    /// Where a `serval expose` takes its hot standby's descriptor channel (`--standby-socket`;
+    /// none: it takes no standby of the translator's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_socket: Option<String>,
 }
 
 /// One live flow, as `GET /flows` and `serval flows` show it.

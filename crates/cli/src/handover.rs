@@ -74,8 +74,8 @@ const REPLY_LIMIT: Duration = Duration::from_secs(10);
 
 /// One end of the hand-over socket: frames out, frames and the descriptors that came with
 /// them in.
-struct Channel {
-    sock: UnixStream,
+pub(crate) struct Channel {
+    pub(crate) sock: UnixStream,
     /// Bytes received and not yet taken as frames.
     rbuf: Vec<u8>,
     /// Descriptors received, in order; a FLOW frame takes the oldest.
@@ -85,7 +85,7 @@ struct Channel {
 }
 
 impl Channel {
-    fn new(sock: UnixStream) -> Channel {
+    pub(crate) fn new(sock: UnixStream) -> Channel {
         Channel {
             sock,
             rbuf: Vec::new(),
@@ -95,7 +95,7 @@ impl Channel {
     }
 
     /// Sends one frame; `fd` goes with its first byte.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         ty: u8,
         body: &[u8],
@@ -131,8 +131,14 @@ impl Channel {
         Ok(())
     }
 
+    /// The oldest descriptor received and not yet taken: the one that came with the frame
+    /// just received, if it carried one.
+    pub(crate) fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
+    }
+
     /// The next frame, `None` at a clean end of the connection.
-    async fn recv(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
+    pub(crate) async fn recv(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
         loop {
             if self.rbuf.len() >= 5 {
                 let len =
@@ -185,25 +191,25 @@ impl Channel {
     }
 }
 
-fn flow_of(body: &[u8]) -> Option<(FlowId, &[u8])> {
+pub(crate) fn flow_of(body: &[u8]) -> Option<(FlowId, &[u8])> {
     let id = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
     Some((FlowId(id), &body[8..]))
 }
 
-fn with_flow(flow: FlowId, rest: &[u8]) -> Vec<u8> {
+pub(crate) fn with_flow(flow: FlowId, rest: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(8 + rest.len());
     b.extend_from_slice(&flow.0.to_be_bytes());
     b.extend_from_slice(rest);
     b
 }
 
-fn text(body: &[u8]) -> String {
+pub(crate) fn text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 
 /// Refuses a peer that is not this process's user: the snapshots that cross hold the flows'
 /// keys. (The socket file is also made readable and writable by its owner only.)
-fn same_user(sock: &UnixStream) -> Result<(), String> {
+pub(crate) fn same_user(sock: &UnixStream) -> Result<(), String> {
     let peer = sock
         .peer_cred()
         .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
@@ -529,28 +535,7 @@ pub fn serve(
     prefix: ServicePrefix,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Socket, String> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "--handover-socket {}: another process serves it",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| {
-            format!(
-                "--handover-socket {}: cannot remove the stale file: {e}",
-                path.display()
-            )
-        })?;
-    }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("--handover-socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("--handover-socket {}: {e}", path.display()))?;
-    let socket = Socket {
-        path: path.to_owned(),
-        removed: Arc::default(),
-    };
+    let (listener, socket) = bind_private(path, "--handover-socket")?;
     let removed = socket.removed.clone();
     let shown = path.display().to_string();
     tokio::spawn(async move {
@@ -577,6 +562,34 @@ pub fn serve(
         }
     });
     Ok(socket)
+}
+
+/// Binds a Unix socket at `path` that only this process's user may use (`flag` names it in
+/// errors). A stale socket file (nobody accepting) is replaced; a live one is an error.
+pub(crate) fn bind_private(path: &Path, flag: &str) -> Result<(UnixListener, Socket), String> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{flag} {}: another process serves it",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| {
+            format!(
+                "{flag} {}: cannot remove the stale file: {e}",
+                path.display()
+            )
+        })?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let socket = Socket {
+        path: path.to_owned(),
+        removed: Arc::default(),
+    };
+    Ok((listener, socket))
 }
 
 /// HELLO → WELCOME (or REFUSE) → GO, on the old process's side.
@@ -712,7 +725,7 @@ impl Taker {
             };
             match ty {
                 FLOW => {
-                    let fd = self.chan.fds.pop_front();
+                    let fd = self.chan.take_fd();
                     let Some((flow, snapshot)) = flow_of(&body) else {
                         note!("serval: expose: take-over: a FLOW frame without a flowID");
                         break;
@@ -807,7 +820,7 @@ fn adopt(
 
 /// The descriptor as a non-blocking TCP socket of this process's reactor; anything else is
 /// refused.
-fn backend_socket(fd: OwnedFd) -> Result<TcpStream, String> {
+pub(crate) fn backend_socket(fd: OwnedFd) -> Result<TcpStream, String> {
     let sock = socket2::Socket::from(fd);
     let is_tcp = sock.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
         && sock

@@ -20,21 +20,37 @@ pub enum Moves {
     Supported,
     /// They cannot move, and why (`serval expose`: the TCP side stays on this host).
     Unsupported(&'static str),
+    /// They cannot move (why), but a hot standby on this host may hold them: the migration
+    /// agent runs for its session and takes no flows moved in (`serval expose
+    /// --standby-socket`).
+    StandbyOnly(&'static str),
+}
+
+impl Moves {
+    /// Why flows cannot move here or from here, if they cannot.
+    fn refusal(self) -> Option<&'static str> {
+        match self {
+            Moves::Supported => None,
+            Moves::Unsupported(why) | Moves::StandbyOnly(why) => Some(why),
+        }
+    }
 }
 
 /// Starts the admin API on `--admin` (if given) and, with `--key`, the migration agent.
-/// Returns the agent, for the caller to keep.
+/// Returns the agent, for the caller to keep. `standby_socket` is what `GET /instance`
+/// shows as `serval expose`'s `--standby-socket`.
 pub async fn start(
     ep: &Endpoint,
     args: &crate::net::InstanceArgs,
     service: &str,
     moves: Moves,
+    standby_socket: Option<&std::path::Path>,
 ) -> Result<Option<Migrator>, String> {
     let Some(admin) = args.admin else {
         return Ok(None);
     };
     let migrator = match (&args.key, moves) {
-        (Some(key), Moves::Supported) => {
+        (Some(key), Moves::Supported | Moves::StandbyOnly(_)) => {
             let bind = match args.migrate_bind {
                 Some(b) => b,
                 None => SocketAddr::new(
@@ -50,6 +66,7 @@ pub async fn start(
                     key: key.clone(),
                     allowed: args.allow_moves_from.clone(),
                     bind,
+                    refuse_moves_in: moves.refusal().map(str::to_owned),
                 },
             )
             .await
@@ -69,6 +86,7 @@ pub async fn start(
         prefix: serval::ServicePrefix::parse(service).ok(),
         migrator: migrator.clone(),
         moves,
+        standby_socket: standby_socket.map(|p| p.display().to_string()),
         has_key: args.key.is_some(),
         moved_out: Arc::default(),
         failed_moves: Arc::default(),
@@ -95,6 +113,8 @@ struct Source {
     prefix: Option<serval::ServicePrefix>,
     migrator: Option<Migrator>,
     moves: Moves,
+    /// `serval expose --standby-socket`, for `GET /instance`.
+    standby_socket: Option<String>,
     has_key: bool,
     moved_out: Arc<AtomicU64>,
     failed_moves: Arc<AtomicU64>,
@@ -125,6 +145,7 @@ impl InstanceSource for Source {
                 .collect(),
             agent: self.migrator.as_ref().map(|m| m.locator().to_string()),
             key: self.migrator.as_ref().map(|m| m.public_key().to_line()),
+            standby_socket: self.standby_socket.clone(),
         }
     }
 
@@ -194,8 +215,8 @@ impl InstanceSource for Source {
     }
 
     fn migrate(&self, request: MigrateRequest) -> MigrateFuture {
-        let migrator = match (&self.migrator, self.moves) {
-            (_, Moves::Unsupported(why)) => return Box::pin(async move { Err(why.to_owned()) }),
+        let migrator = match (&self.migrator, self.moves.refusal()) {
+            (_, Some(why)) => return Box::pin(async move { Err(why.to_owned()) }),
             (None, _) if !self.has_key => {
                 return Box::pin(async {
                     Err(

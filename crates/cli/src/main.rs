@@ -14,6 +14,7 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod expose_standby;
 mod handover;
 mod instance;
 mod keygen;
@@ -279,10 +280,6 @@ fn main() -> ExitCode {
             )),
         },
         Command::Proxy(args) => translate::proxy(args),
-        Command::Expose(args) if args.instance.standby_of.is_some() => usage(
-            &"serval expose cannot be a hot standby: each of its streams is joined to a TCP \
-             connection to the backend on the primary's host, which no standby can take over",
-        ),
         Command::Expose(args) => translate::expose(args),
         Command::Ping(args) => ping::run(args),
         Command::Bench(args) => bench::run(args),

@@ -198,8 +198,14 @@ pub async fn listen(
     let mode = opts.mode;
     let ep = instance.endpoint(opts.lease).await?;
     // Kept for the life of the loop: the agent takes flows moved here.
-    let agent =
-        crate::instance::start(&ep, &instance, name, crate::instance::Moves::Supported).await?;
+    let agent = crate::instance::start(
+        &ep,
+        &instance,
+        name,
+        crate::instance::Moves::Supported,
+        None,
+    )
+    .await?;
     let mut events = ep.registrar_events();
     if let Some(d) = &opts.discover {
         ep.enable_discovery(d.clone())

@@ -74,6 +74,14 @@ pub struct ExposeArgs {
     /// process's locator by RSYN, as in a move between hosts.
     #[arg(long, value_name = "PATH")]
     pub take_over: Option<std::path::PathBuf>,
+    /// Serve a standby socket (a Unix socket, owner-only) at PATH, so that a `serval expose
+    /// --standby-of` on this host can be this process's hot standby: it receives every
+    /// backend connection's descriptor and a copy of every stream, and takes them all over
+    /// if this process dies. Streams are then served in replicated steps (the backend's
+    /// bytes are consumed from its socket only once the standby holds them).
+    #[arg(long, value_name = "PATH", requires_all = ["admin", "key"],
+          conflicts_with_all = ["handover_socket", "take_over"])]
+    pub standby_socket: Option<std::path::PathBuf>,
 }
 
 /// Runs `serval proxy`.
@@ -95,6 +103,12 @@ pub fn expose(args: ExposeArgs) -> ExitCode {
             "--to {}: expected HOST:PORT (the TCP backend)",
             args.to
         ));
+    }
+    if args.instance.standby_of.is_some() && args.take_over.is_some() {
+        return crate::usage(
+            &"--standby-of and --take-over: a standby takes its primary's connections over \
+              only when the primary dies",
+        );
     }
     crate::run_single(run_expose(prefix, args))
 }
@@ -253,17 +267,48 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         }
         Err(e) => return Err(e),
     };
+    const NO_MOVES: &str = "serval expose cannot move its flows to another host: each one's \
+         TCP connection to the backend stays on this host (it hands them to a new process on \
+         this host with --handover-socket / --take-over)";
     let _admin = crate::instance::start(
         &ep,
         &args.instance,
         &args.service,
-        crate::instance::Moves::Unsupported(
-            "serval expose cannot move its flows to another host: each one's TCP connection \
-             to the backend stays on this host (it hands them to a new process on this host \
-             with --handover-socket / --take-over)",
-        ),
+        match &args.standby_socket {
+            Some(_) => crate::instance::Moves::StandbyOnly(NO_MOVES),
+            None => crate::instance::Moves::Unsupported(NO_MOVES),
+        },
+        args.standby_socket.as_deref(),
     )
     .await?;
+    // As a primary: share each backend connection with a standby that attaches.
+    let backends = args
+        .standby_socket
+        .as_ref()
+        .map(|_| Arc::new(crate::expose_standby::Backends::default()));
+    let _standby_socket = match (&args.standby_socket, &backends) {
+        (Some(path), Some(b)) => Some(crate::expose_standby::serve(path, prefix, b.clone())?),
+        _ => None,
+    };
+    // As a standby: the primary's backend connections first, then its streams.
+    let (held, standby) = match args.instance.standby_of {
+        Some(primary) => {
+            let path = crate::expose_standby::socket_of(primary).await?;
+            let held = crate::expose_standby::stand_by(&path, prefix).await?;
+            let task = crate::instance::start_standby(&ep, &args.instance, primary).await?;
+            (Some(held), Some(task))
+        }
+        None => (None, None),
+    };
+    let standing_by = standby.is_some();
+    let standby = async move {
+        match standby {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(standby);
+    let mut standing_by = standing_by;
     let mut events = ep.registrar_events();
     let mut listener = args.instance.listen(&ep, &args.service, prefix)?;
     let name = args.service.clone();
@@ -318,15 +363,45 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         let next = async { (slot.await, listener.accept().await) };
         tokio::select! {
             Ok(ev) = events.recv() => note!("{}", crate::net::describe_event(&name, &ev)),
+            took = &mut standby, if standing_by => {
+                standing_by = false;
+                match took {
+                    Ok(Ok(t)) => {
+                        note!("{}", crate::instance::describe_takeover(&t));
+                        args.instance.register(&ep, None);
+                        if let Some(h) = &held {
+                            crate::expose_standby::after_takeover(h.clone());
+                        }
+                    }
+                    Ok(Err(e)) => return Err(format!("standby: {e}")),
+                    Err(e) => return Err(format!("standby: {e}")),
+                }
+            }
             (slot, accepted) = next => {
                 let Some(slot) = slot else { break };
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;
                 let client = stream.peer_locator().ok();
                 let backend = backend.clone();
                 let hook = handovers.hook();
+                let (held, backends) = (held.clone(), backends.clone());
                 conns.spawn(slot, Label("stream from", client), async move {
+                    // A stream that arrives with state was taken over from the primary.
+                    if let Some(state) = stream.take_app_state() {
+                        let Some(held) = held else {
+                            stream.abort();
+                            return Err("a stream arrived with state, and this expose takes \
+                                        none over"
+                                .into());
+                        };
+                        let (tcp, state) =
+                            crate::expose_standby::resume(&stream, &state, &held).await?;
+                        return splice(tcp, stream, state, Some(hook)).await;
+                    }
                     match connect_backend(&backend, connect_timeout).await {
-                        Ok(tcp) => splice(tcp, stream, SpliceState::new(), Some(hook)).await,
+                        Ok(tcp) => match backends {
+                            Some(b) => crate::expose_standby::splice(tcp, stream, b).await,
+                            None => splice(tcp, stream, SpliceState::new(), Some(hook)).await,
+                        },
                         Err(e) => {
                             stream.abort();
                             Err(e)
@@ -422,7 +497,7 @@ fn ready(addrs: &str) {
 }
 
 /// Connects to the backend, with a timeout; a failure is one readable line.
-async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, String> {
+pub(crate) async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, String> {
     match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
         Ok(Ok(tcp)) => Ok(tcp),
         Ok(Err(e)) => Err(format!("backend {backend}: {e}")),
@@ -552,6 +627,35 @@ impl SpliceState {
             up: Pump::new(),
             down: Pump::new(),
         }
+    }
+
+    /// Where a hot standby resumes a splice it took over from a dead primary (`expose
+    /// --standby-of`): nothing held toward the client (a step's output is in the stream),
+    /// `backend_eof` if the backend's end was read (its FIN is passed on again, which the
+    /// stream ignores if it went out already); `to_backend` still to write to the backend,
+    /// `client_eof` if the client's end was read, `backend_shut` if the backend socket was
+    /// shut down after it.
+    pub(crate) fn resumed(
+        backend_eof: bool,
+        to_backend: &[u8],
+        client_eof: bool,
+        backend_shut: bool,
+    ) -> Result<SpliceState, String> {
+        if backend_shut && (!client_eof || !to_backend.is_empty()) {
+            return Err(format!(
+                "the backend socket was shut down with {} byte(s) of the client's still to                  write{}",
+                to_backend.len(),
+                if client_eof {
+                    ""
+                } else {
+                    " and the client's end not read"
+                }
+            ));
+        }
+        Ok(SpliceState {
+            up: Pump::holding(&[], backend_eof, false),
+            down: Pump::holding(to_backend, client_eof, backend_shut),
+        })
     }
 
     /// `version u8 (1) | flags u8 | up length u32 | up bytes | down length u32 | down bytes`
@@ -690,7 +794,7 @@ async fn pumps<T>(
 /// directions have ended. A FIN on either side is passed on as a FIN; an error or reset on
 /// either side resets both and is returned. With a `hook`, the connection is handed to a new
 /// process when a hand-over starts (and splices on here if that one refuses it).
-async fn splice(
+pub(crate) async fn splice(
     tcp: TcpStream,
     stream: Stream,
     state: SpliceState,

@@ -183,6 +183,7 @@ impl State {
                 Event::Closed(h, reason) => {
                     if let Some(c) = self.conns.get_mut(&h) {
                         c.closed = Some(reason);
+                        c.replica.wake_waiting();
                         if let Some(tx) = c.connect.take() {
                             let _ = tx.send(Err(ConnectError::TimedOut(ServiceId::ZERO)));
                         }

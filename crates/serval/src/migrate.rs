@@ -100,6 +100,10 @@ pub struct MigrationConfig {
     pub allowed: Vec<PublicKey>,
     /// Where the agent's socket binds (port 0 picks one).
     pub bind: Locator,
+    /// Why this instance takes no flows moved in, if it takes none (`serval expose`: each
+    /// of its streams needs a TCP connection to the backend, which a snapshot does not
+    /// carry). The agent still serves standby sessions and moves flows out.
+    pub refuse_moves_in: Option<String>,
 }
 
 /// The time each phase of one flow's move took.
@@ -204,7 +208,13 @@ impl Migrator {
         let mut allowed = config.allowed.clone();
         allowed.push(config.key.public_key());
         // The listener holds the agent's endpoint open for as long as the task runs.
-        let task = tokio::spawn(serve(ep.clone(), config.key.clone(), allowed, listener));
+        let task = tokio::spawn(serve(
+            ep.clone(),
+            config.key.clone(),
+            allowed,
+            config.refuse_moves_in.clone(),
+            listener,
+        ));
         let asks = ep.take_move_asks();
         Ok(Migrator {
             inner: Arc::new_cyclic(|me| Inner {
@@ -710,9 +720,11 @@ async fn serve(
     ep: Endpoint,
     key: PrivateKey,
     allowed: Vec<PublicKey>,
+    refuse: Option<String>,
     mut listener: crate::ServiceListener,
 ) {
     let allowed = Arc::new(allowed);
+    let refuse: Option<Arc<str>> = refuse.map(Into::into);
     // Each agent stream's task, aborted with this one (when the Migrator goes): a kept stream
     // must not outlive the agent that answered it.
     let mut streams = tokio::task::JoinSet::new();
@@ -724,12 +736,12 @@ async fn serve(
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
         };
-        let (ep, key, allowed) = (ep.clone(), key.clone(), allowed.clone());
+        let (ep, key, allowed, refuse) = (ep.clone(), key.clone(), allowed.clone(), refuse.clone());
         streams.spawn(async move {
             let peer = stream
                 .peer_locator()
                 .map_or_else(|_| "?".into(), |p| p.to_string());
-            if let Err(e) = take_moves(ep, key, &allowed, stream).await {
+            if let Err(e) = take_moves(ep, key, &allowed, refuse.as_deref(), stream).await {
                 tracing::info!(%peer, error = %e, "migration agent stream ended");
             }
         });
@@ -740,6 +752,7 @@ async fn take_moves(
     ep: Endpoint,
     key: PrivateKey,
     allowed: &[PublicKey],
+    refuse: Option<&str>,
     mut stream: Stream,
 ) -> io::Result<()> {
     let mut challenge = [0u8; 32];
@@ -791,7 +804,10 @@ async fn take_moves(
         let mut snapshot = vec![0u8; len];
         timed(stream.read_exact(&mut snapshot)).await?;
         let started = StdInstant::now();
-        let checked = ep.check_import(&snapshot);
+        let checked = match refuse {
+            Some(why) => Err(why.to_owned()),
+            None => ep.check_import(&snapshot).map_err(|e| e.to_string()),
+        };
         let check = started.elapsed();
         if let Err(e) = checked {
             answer(

@@ -154,9 +154,24 @@ pub(crate) struct StreamReplica {
     pub(crate) dirty: bool,
     /// Output of the last steps not yet in the engine's send buffer.
     pub(crate) out: Vec<u8>,
+    /// Steps (commits) made so far.
+    pub(crate) steps: u64,
+    /// Steps covered by a checkpoint the standby confirmed.
+    pub(crate) confirmed: u64,
+    /// Tasks waiting in [`Stream::replicated`].
+    pub(crate) waiting: Vec<std::task::Waker>,
+    /// The standby took this stream over and this end let it go ([`Stream::taken_over`]).
+    pub(crate) taken_over: bool,
 }
 
 impl StreamReplica {
+    /// Wakes the tasks waiting for a confirmation (one came, or the standby went away).
+    pub(crate) fn wake_waiting(&mut self) {
+        for w in self.waiting.drain(..) {
+            w.wake();
+        }
+    }
+
     /// Moves what fits of the pending output into the connection's send buffer.
     pub(crate) fn drain(
         &mut self,
@@ -196,8 +211,8 @@ pub(crate) fn split_app_blob(blob: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
 pub(crate) struct Primary {
     /// Wakes the session task: a checkpoint is ready, or output is held.
     pub(crate) notify: Arc<Notify>,
-    /// Checkpoints taken at commits, for the session to send.
-    ready: Vec<(ConnectionHandle, Checkpoint)>,
+    /// Checkpoints taken at commits, for the session to send, with the steps each covers.
+    ready: Vec<(ConnectionHandle, Checkpoint, u64)>,
     /// Streams with a checkpoint on its way.
     in_flight: HashSet<ConnectionHandle>,
     /// What the last checkpoint taken of each stream carried: the next is a delta since it
@@ -209,7 +224,7 @@ pub(crate) struct Primary {
 impl Primary {
     /// Whether stream `h` could use a checkpoint now: none on its way or waiting to go.
     fn free(&self, h: ConnectionHandle) -> bool {
-        !self.in_flight.contains(&h) && !self.ready.iter().any(|(r, _)| *r == h)
+        !self.in_flight.contains(&h) && !self.ready.iter().any(|(r, _, _)| *r == h)
     }
 }
 
@@ -242,7 +257,7 @@ impl State {
         match engine.checkpoint(h, now, &slot.replica.app_blob(), p.covers.get(&h).copied()) {
             Ok(cp) => {
                 p.covers.insert(h, cp.cover);
-                p.ready.push((h, cp));
+                p.ready.push((h, cp, slot.replica.steps));
                 p.notify.notify_one();
                 true
             }
@@ -268,7 +283,8 @@ impl Stream {
     /// byte it read from this stream so far, and `output` what that produced, to send. A hot
     /// standby that takes the stream over resumes right after the last step: its application
     /// gets `app_state` (from [`take_app_state`](Self::take_app_state)), and the stream sends
-    /// whatever of `output` had not been sent. Returns once `output` is in the send buffer.
+    /// whatever of `output` had not been sent. Returns once `output` is in the send buffer
+    /// (at once when it is empty).
     ///
     /// Without a standby this is a `write_all` that also records the state (cheap). With one,
     /// a stream is replicated from its first commit (make it before reading anything), and
@@ -289,11 +305,18 @@ impl Stream {
             }
             slot.replica.state = Some(app_state.to_vec());
             slot.replica.dirty = false;
+            slot.replica.steps += 1;
             slot.replica.out.extend_from_slice(output);
             slot.replica.drain(engine, h);
             st.checkpoint_for_standby(h);
         }
         self.shared().wake.notify_one();
+        if output.is_empty() {
+            // A step that only records state waits for no earlier step's output: an
+            // application serving both directions records its reads while the other
+            // direction's output is held back by the peer.
+            return Ok(());
+        }
         // Backpressure: wait until the step's output is in the send buffer.
         std::future::poll_fn(|cx| {
             let mut st = self.shared().lock();
@@ -310,6 +333,53 @@ impl Stream {
                 return std::task::Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
             }
             slot.write = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether the hot standby took this stream over while this end was alive (it judged
+    /// the primary dead): the stream then reads as reset here, and its application must
+    /// leave whatever else the stream is tied to as it is, for the standby to continue
+    /// (`serval expose` leaves the backend connection open rather than resetting it).
+    pub fn taken_over(&self) -> bool {
+        let st = self.shared().lock();
+        st.conns
+            .get(&self.handle())
+            .is_some_and(|c| c.replica.taken_over)
+    }
+
+    /// How many steps ([`commit`](Self::commit)s) this stream has made: the number to give
+    /// [`replicated`](Self::replicated).
+    pub fn committed_steps(&self) -> u64 {
+        let st = self.shared().lock();
+        st.conns.get(&self.handle()).map_or(0, |c| c.replica.steps)
+    }
+
+    /// Waits until the hot standby holds this stream as of its first `step` steps (a
+    /// checkpoint it confirmed covers them); at once when no standby is attached, or once it
+    /// went away without taking the stream over. What a step produced may be acted on for
+    /// good then (`serval expose` consumes a backend's bytes from the socket only once the
+    /// step that sends them is replicated). Fails once the stream is closed (or taken over).
+    pub async fn replicated(&self, step: u64) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared().lock();
+            let attached = st.primary.is_some();
+            let Some(slot) = st.conns.get_mut(&self.handle()) else {
+                return std::task::Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            // Closed first: a stream the standby took over is no longer attached to it
+            // either, and nothing of it may be acted on here any more.
+            if let Some(reason) = &slot.closed {
+                return std::task::Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("the stream is closed ({reason:?})"),
+                )));
+            }
+            if !attached || slot.replica.confirmed >= step {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            slot.replica.waiting.push(cx.waker().clone());
             std::task::Poll::Pending
         })
         .await
@@ -482,6 +552,10 @@ pub(crate) async fn replicate_to(ep: Endpoint, stream: Stream) -> io::Result<()>
     {
         let mut st = ep.shared.lock();
         st.primary = None;
+        // Nothing waits for a standby's confirmation any more.
+        for slot in st.conns.values_mut() {
+            slot.replica.wake_waiting();
+        }
         if result.is_err() {
             st.engine.standby_lost();
         } else {
@@ -496,8 +570,8 @@ struct PrimarySession {
     ep: Endpoint,
     stream: Stream,
     notify: Arc<Notify>,
-    /// Checkpoints on their way, by sequence number.
-    sent: HashMap<u32, (ConnectionHandle, CommitMark)>,
+    /// Checkpoints on their way, by sequence number, with the steps each covers.
+    sent: HashMap<u32, (ConnectionHandle, CommitMark, u64)>,
     /// Streams the standby holds, with their flowIDs.
     replicated: HashMap<ConnectionHandle, FlowId>,
     next_seq: u32,
@@ -586,7 +660,7 @@ impl PrimarySession {
             .as_mut()
             .map(|p| std::mem::take(&mut p.ready))
             .unwrap_or_default();
-        for (h, cp) in ready {
+        for (h, cp, steps) in ready {
             let Some(info) = st.engine.connection_info(h) else {
                 continue;
             };
@@ -597,7 +671,7 @@ impl PrimarySession {
             out.extend_from_slice(&info.local_flow.0.to_be_bytes());
             out.extend_from_slice(&(cp.snapshot.len() as u32).to_be_bytes());
             out.extend_from_slice(&cp.snapshot);
-            self.sent.insert(seq, (h, cp.mark));
+            self.sent.insert(seq, (h, cp.mark, steps));
             self.replicated.insert(h, info.local_flow);
             if let Some(p) = st.primary.as_mut() {
                 p.in_flight.insert(h);
@@ -628,7 +702,7 @@ impl PrimarySession {
 
     /// The standby holds checkpoint `seq`: release the output it covers.
     fn confirmed(&mut self, seq: u32) {
-        let Some((h, mark)) = self.sent.remove(&seq) else {
+        let Some((h, mark, steps)) = self.sent.remove(&seq) else {
             return;
         };
         let mut st = self.ep.shared.lock();
@@ -636,8 +710,16 @@ impl PrimarySession {
         if let Some(p) = st.primary.as_mut() {
             p.in_flight.remove(&h);
         }
-        // Output held since that checkpoint needs the next one.
-        if st.engine.held(h) > 0 {
+        let later_steps = match st.conns.get_mut(&h) {
+            Some(slot) => {
+                slot.replica.confirmed = slot.replica.confirmed.max(steps);
+                slot.replica.wake_waiting();
+                slot.replica.steps > steps
+            }
+            None => false,
+        };
+        // Output held since that checkpoint, or steps made since, need the next one.
+        if later_steps || st.engine.held(h) > 0 {
             st.checkpoint_for_standby(h);
         }
         drop(st);
@@ -656,6 +738,8 @@ impl PrimarySession {
             }
             if let Some(slot) = st.conns.get_mut(&h) {
                 slot.closed = Some(serval_engine::endpoint::CloseReason::Reset);
+                slot.replica.taken_over = true;
+                slot.replica.wake_waiting();
                 for w in [slot.read.take(), slot.write.take(), slot.close.take()]
                     .into_iter()
                     .flatten()

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use serval_engine::endpoint::{CloseReason, ConnDatagramError, ConnectionHandle};
 use serval_engine::transport::conn::{ReadError, TransportStats, WriteError};
-use serval_wire::Locator;
+use serval_wire::{FlowId, Locator};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::endpoint::Shared;
@@ -273,6 +273,18 @@ impl Stream {
     /// The local locator the connection uses right now.
     pub fn local_locator(&self) -> io::Result<Locator> {
         self.inner.locators().map(|l| l.0)
+    }
+
+    /// This end's flowID: what `serval flows` lists it by, kept when the stream moves to
+    /// another host or a standby takes it over.
+    pub fn flow_id(&self) -> io::Result<FlowId> {
+        self.inner
+            .shared
+            .lock()
+            .engine
+            .connection_info(self.inner.handle)
+            .map(|c| c.local_flow)
+            .ok_or_else(|| closed_error(None))
     }
 
     /// Moves this end of the connection to `new_local`, one of the endpoint's locators, with an

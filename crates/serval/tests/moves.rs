@@ -122,6 +122,7 @@ async fn agent(ep: &Endpoint, key: &PrivateKey, bind: Locator) -> Migrator {
             key: key.clone(),
             allowed: Vec::new(),
             bind,
+            refuse_moves_in: None,
         },
     )
     .await
@@ -353,6 +354,7 @@ async fn a_kept_agent_stream_whose_agent_restarted_is_replaced() {
                         key: k.clone(),
                         allowed: Vec::new(),
                         bind: at,
+                        refuse_moves_in: None,
                     },
                 )
                 .await
@@ -428,6 +430,7 @@ async fn a_refused_or_unauthorised_move_leaves_the_stream_where_it_was() {
                 key: k.clone(),
                 allowed: Vec::new(),
                 bind: any,
+                refuse_moves_in: None,
             },
         )
         .await

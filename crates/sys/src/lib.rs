@@ -10,12 +10,15 @@
 //!   against (issue 10);
 //! * [`fdpass`]: taking ownership of file descriptors received over a Unix socket
 //!   (`SCM_RIGHTS`), for `serval expose`'s hand-over of its backend connections to a new
-//!   process (issue 10 item 5).
+//!   process (issue 10 item 5);
+//! * [`tcpcount`]: `TCP_INFO`'s byte counters, for `serval expose --standby-of` to learn what
+//!   a dead primary wrote to and read from its backend connections.
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod fdpass;
 pub mod repair;
+pub mod tcpcount;
 
 /// Hands freed heap memory back to the operating system (glibc's `malloc_trim(0)`); nothing
 /// on other allocators. Only pages that hold no live allocation are returned.

@@ -70,7 +70,7 @@ fn tcp_get<T: Copy + Default>(fd: RawFd, name: libc::c_int) -> io::Result<T> {
 }
 
 /// An `int`-valued ioctl (`SIOCINQ`, `SIOCOUTQ`, `SIOCOUTQNSD`).
-fn ioctl_int(fd: RawFd, request: libc::c_ulong) -> io::Result<usize> {
+pub(crate) fn ioctl_int(fd: RawFd, request: libc::c_ulong) -> io::Result<usize> {
     let mut v: libc::c_int = 0;
     // SAFETY: these requests write one `int` through the pointer, which is live.
     check(unsafe { libc::ioctl(fd, request as _, &mut v as *mut libc::c_int) })?;

@@ -539,6 +539,7 @@ fn serval_a(
                 key,
                 allowed: Vec::new(),
                 bind: (bind.ip(), 0).into(),
+                refuse_moves_in: None,
             },
         )
         .await?;
@@ -627,6 +628,7 @@ fn serval_b(
                 key,
                 allowed: Vec::new(),
                 bind: (bind.ip(), 0).into(),
+                refuse_moves_in: None,
             },
         )
         .await?;

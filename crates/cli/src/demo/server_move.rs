@@ -65,6 +65,7 @@ async fn server(
             key: key.clone(),
             allowed: Vec::new(),
             bind: loopback(1),
+            refuse_moves_in: None,
         },
     )
     .await
