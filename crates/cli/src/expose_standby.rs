@@ -80,6 +80,9 @@ const RELEASE_LIMIT: Duration = Duration::from_secs(2);
 const UNCLAIMED_LIMIT: Duration = Duration::from_secs(10);
 /// At most this many backend bytes per step.
 const CHUNK: usize = 256 * 1024;
+/// At most this many backend bytes peeked (and sent toward the client) ahead of those the
+/// standby confirmed.
+const AHEAD: u64 = 4 << 20;
 /// Client bytes read per step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -460,35 +463,86 @@ async fn to_backend(tcp: &TcpStream, stream: &Stream, p: &Mutex<Progress>) -> Re
 }
 
 /// Backend → client: peek, send as a step's output, consume from the socket once the
-/// standby holds the step.
+/// standby holds the step. Where the kernel has a peek offset, peeks run up to [`AHEAD`]
+/// bytes ahead of what is consumed, so that the standby's confirmations do not stop the
+/// stream; elsewhere each chunk waits for its own.
 async fn from_backend(tcp: &TcpStream, stream: &Stream, p: &Mutex<Progress>) -> Result<(), String> {
     let mut buf = vec![0u8; CHUNK];
+    // `SERVAL_NO_PEEK_OFFSET` takes the older kernels' way here too (for tests).
+    let ahead = std::env::var_os("SERVAL_NO_PEEK_OFFSET").is_none()
+        && serval_sys::tcpcount::set_peek_offset(tcp.as_fd(), 0).is_ok();
+    // Steps not yet confirmed, with the backend position each one ends at.
+    let mut steps: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    let mut consumed = 0u64;
     loop {
-        let n = tcp.peek(&mut buf).await.map_err(tcp_err)?;
-        if n == 0 {
-            lock(p).backend_eof = true;
-            step(stream, p, b"").await?;
+        // Consume what the standby holds.
+        let held = stream.replicated_steps();
+        let mut upto = consumed;
+        while let Some(&(step, end)) = steps.front() {
+            if step > held {
+                break;
+            }
+            upto = end;
+            steps.pop_front();
+        }
+        if upto > consumed {
+            discard(tcp, &mut buf, (upto - consumed) as usize)
+                .await
+                .map_err(tcp_err)?;
+            consumed = upto;
+        }
+        let (taken, ended) = {
+            let q = lock(p);
+            (q.from_backend, q.backend_eof)
+        };
+        let first = steps.front().map(|&(step, _)| step);
+        if let Some(step) = first
+            && (ended || !ahead || taken - consumed >= AHEAD)
+        {
+            // Nothing more to peek (or no room to): wait for the oldest step's turn.
+            stream.replicated(step).await.map_err(serval_err)?;
+            continue;
+        }
+        if ended {
+            // Everything sent is consumed: the socket closes with nothing unread.
             (&mut &*stream).shutdown().await.map_err(serval_err)?;
             return Ok(());
         }
-        lock(p).from_backend += n as u64;
-        step(stream, p, &buf[..n]).await?;
-        stream
-            .replicated(stream.committed_steps())
-            .await
-            .map_err(serval_err)?;
-        discard(tcp, &mut buf, n).await.map_err(tcp_err)?;
+        let peeked = match first {
+            None => tcp.peek(&mut buf).await.map_err(tcp_err)?,
+            Some(step) => tokio::select! {
+                n = tcp.peek(&mut buf) => n.map_err(tcp_err)?,
+                r = stream.replicated(step) => {
+                    r.map_err(serval_err)?;
+                    continue;
+                }
+            },
+        };
+        if peeked == 0 {
+            lock(p).backend_eof = true;
+            step(stream, p, b"").await?;
+        } else {
+            lock(p).from_backend += peeked as u64;
+            step(stream, p, &buf[..peeked]).await?;
+        }
+        steps.push_back((stream.committed_steps(), lock(p).from_backend));
     }
 }
 
-/// Reads and drops `n` bytes that are in `tcp`'s receive queue.
+/// Reads and drops `n` bytes that are in `tcp`'s receive queue (peeked already). Straight
+/// from the socket: a peek that found nothing beyond the peek offset cleared the reactor's
+/// readiness, though the queue is full of bytes to consume.
 async fn discard(tcp: &TcpStream, buf: &mut [u8], mut n: usize) -> io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
     while n > 0 {
         let want = n.min(buf.len());
-        match tcp.try_read(&mut buf[..want]) {
+        match std::io::Read::read(&mut &*sock, &mut buf[..want]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(k) => n -= k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tcp.readable().await?,
+            // Not there after all (only a wrong count could say so): let a caller's timeout
+            // run rather than spin.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }

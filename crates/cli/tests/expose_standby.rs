@@ -109,8 +109,12 @@ fn expose(
     admin: u16,
     key: &str,
     extra: &[&str],
+    no_peek_offset: bool,
 ) -> (Guard, std::sync::mpsc::Receiver<String>) {
     let mut cmd = serval();
+    if no_peek_offset {
+        cmd.env("SERVAL_NO_PEEK_OFFSET", "1");
+    }
     cmd.args(["expose", SERVICE, "--to", to, "--router", router])
         .args(["--bind", "127.0.0.1:0", "--key", key])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
@@ -131,6 +135,9 @@ fn wait_until(what: &str, limit: Duration, f: impl Fn() -> bool) {
 enum Failure {
     /// SIGKILL.
     Killed,
+    /// SIGKILL, the primary peeking its backend's bytes from the queue's start (as on
+    /// kernels without a TCP peek offset): one step in flight at a time.
+    KilledWithoutPeekOffset,
     /// SIGSTOP until its standby took over, then SIGCONT: alive after all, it must let the
     /// stream and its backend connection go untouched.
     Stalled,
@@ -155,8 +162,14 @@ fn transfer_across_a_takeover(failure: Failure) {
 
     let (p_admin, s_admin) = (free_port(), free_port());
     let socket = dir.path("standby.sock");
-    let (mut primary, primary_err) =
-        expose(&to, &router, p_admin, &key, &["--standby-socket", &socket]);
+    let (mut primary, primary_err) = expose(
+        &to,
+        &router,
+        p_admin,
+        &key,
+        &["--standby-socket", &socket],
+        matches!(failure, Failure::KilledWithoutPeekOffset),
+    );
     wait_line(&primary_err, "primary registration", |l| {
         l.contains("registered")
     });
@@ -168,6 +181,7 @@ fn transfer_across_a_takeover(failure: Failure) {
         &key,
         // Generous against false takeovers on a loaded machine running debug builds.
         &["--standby-of", &primary_at, "--standby-detect", "500"],
+        false,
     );
     wait_line(&primary_err, "the standby attaching", |l| {
         l.contains("a standby attached")
@@ -189,7 +203,7 @@ fn transfer_across_a_takeover(failure: Failure) {
         backend_got.load(Ordering::Relaxed),
     );
     match failure {
-        Failure::Killed => {
+        Failure::Killed | Failure::KilledWithoutPeekOffset => {
             primary.0.kill().unwrap();
             primary.0.wait().unwrap();
         }
@@ -256,6 +270,11 @@ fn a_primary_expose_killed_mid_transfer_leaves_both_ends_byte_exact_at_its_stand
 }
 
 #[test]
+fn the_same_without_a_peek_offset() {
+    transfer_across_a_takeover(Failure::KilledWithoutPeekOffset);
+}
+
+#[test]
 fn a_stalled_primary_expose_lets_its_standby_go_on_with_the_backend_connection() {
     transfer_across_a_takeover(Failure::Stalled);
 }
@@ -269,7 +288,7 @@ fn a_standby_of_an_expose_without_a_standby_socket_fails_with_one_line() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = l.local_addr().unwrap().to_string();
     let p_admin = free_port();
-    let (_primary, primary_err) = expose(&to, &router, p_admin, &key, &[]);
+    let (_primary, primary_err) = expose(&to, &router, p_admin, &key, &[], false);
     wait_line(&primary_err, "primary registration", |l| {
         l.contains("registered")
     });

@@ -356,6 +356,23 @@ impl Stream {
         st.conns.get(&self.handle()).map_or(0, |c| c.replica.steps)
     }
 
+    /// How many of this stream's steps the hot standby holds (a checkpoint it confirmed
+    /// covers them); all of them when no standby is attached. See
+    /// [`replicated`](Self::replicated).
+    pub fn replicated_steps(&self) -> u64 {
+        let st = self.shared().lock();
+        let attached = st.primary.is_some();
+        st.conns.get(&self.handle()).map_or(0, |c| {
+            // A stream taken over is no longer attached either: none of its later steps
+            // is this end's to act on.
+            if attached || c.closed.is_some() {
+                c.replica.confirmed
+            } else {
+                c.replica.steps
+            }
+        })
+    }
+
     /// Waits until the hot standby holds this stream as of its first `step` steps (a
     /// checkpoint it confirmed covers them); at once when no standby is attached, or once it
     /// went away without taking the stream over. What a step produced may be acted on for

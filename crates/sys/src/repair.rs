@@ -37,7 +37,12 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn set<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
+pub(crate) fn set<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: &T,
+) -> io::Result<()> {
     // SAFETY: `val` points to a live, initialised `T` of exactly the length passed, for the
     // duration of the call; the kernel only reads it.
     check(unsafe {

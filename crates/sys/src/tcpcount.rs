@@ -3,6 +3,8 @@
 //! learn which bytes it wrote and consumed after its last replicated step (issue 10; docs
 //! /moving-flows.md §3.4).
 //!
+//! Also `SO_PEEK_OFF` ([`set_peek_offset`]), for peeking ahead of what was consumed.
+//!
 //! **Why `unsafe` here:** `getsockopt(TCP_INFO)` fills a C struct; the `SIOCINQ`/`SIOCOUTQ`
 //! ioctls (`TIOCOUTQ`/`FIONREAD` in libc's names) are reached through [`crate::repair`]'s helper.
 
@@ -116,6 +118,16 @@ pub fn counts(fd: BorrowedFd<'_>) -> io::Result<Counts> {
     ))
 }
 
+/// Makes `MSG_PEEK` reads of `fd` continue where the last one ended (`SO_PEEK_OFF`; TCP has
+/// it since Linux 6.9, older kernels refuse it): bytes peeked once are not copied again, and
+/// a read that consumes bytes moves the offset back by as many. `serval expose` peeks its
+/// backend's bytes ahead of consuming them while a standby confirms them.
+pub fn set_peek_offset(fd: BorrowedFd<'_>, offset: u32) -> io::Result<()> {
+    let off = libc::c_int::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "peek offset too large"))?;
+    crate::repair::set(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, &off)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -160,5 +172,38 @@ mod tests {
         assert_eq!(c.read - base.read, 200);
         a.read_exact(&mut buf[..100]).unwrap();
         assert_eq!(counts(a.as_fd()).unwrap().read - base.read, 300);
+    }
+
+    /// With a peek offset, peeks walk forward and a consuming read walks it back.
+    #[test]
+    fn a_peek_offset_peeks_ahead_of_what_was_consumed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut b, _) = listener.accept().unwrap();
+        if let Err(e) = set_peek_offset(a.as_fd(), 0) {
+            // Kernels before 6.9: the caller peeks from the start instead.
+            println!("no SO_PEEK_OFF for TCP on this kernel ({e}): nothing to check");
+            return;
+        }
+        b.write_all(b"abcdef").unwrap();
+        let mut buf = [0u8; 3];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while a.peek(&mut [0u8; 6]).unwrap() < 6 {
+            assert!(std::time::Instant::now() < deadline);
+            set_peek_offset(a.as_fd(), 0).unwrap();
+        }
+        set_peek_offset(a.as_fd(), 0).unwrap();
+        assert_eq!(a.peek(&mut buf).unwrap(), 3);
+        assert_eq!(&buf, b"abc");
+        assert_eq!(a.peek(&mut buf).unwrap(), 3);
+        assert_eq!(&buf, b"def");
+        // Consuming two moves the offset back by two: the next peek starts past "def".
+        (&a).read_exact(&mut buf[..2]).unwrap();
+        assert_eq!(&buf[..2], b"ab");
+        b.write_all(b"gh").unwrap();
+        while a.peek(&mut buf).unwrap() == 0 {
+            assert!(std::time::Instant::now() < deadline);
+        }
+        assert_eq!(&buf[..2], b"gh");
     }
 }
