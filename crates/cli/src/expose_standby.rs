@@ -486,7 +486,7 @@ async fn from_backend(tcp: &TcpStream, stream: &Stream, p: &Mutex<Progress>) -> 
             steps.pop_front();
         }
         if upto > consumed {
-            discard(tcp, &mut buf, (upto - consumed) as usize)
+            discard(tcp, (upto - consumed) as usize)
                 .await
                 .map_err(tcp_err)?;
             consumed = upto;
@@ -529,14 +529,12 @@ async fn from_backend(tcp: &TcpStream, stream: &Stream, p: &Mutex<Progress>) -> 
     }
 }
 
-/// Reads and drops `n` bytes that are in `tcp`'s receive queue (peeked already). Straight
-/// from the socket: a peek that found nothing beyond the peek offset cleared the reactor's
-/// readiness, though the queue is full of bytes to consume.
-async fn discard(tcp: &TcpStream, buf: &mut [u8], mut n: usize) -> io::Result<()> {
-    let sock = socket2::SockRef::from(tcp);
+/// Drops `n` bytes that are in `tcp`'s receive queue (peeked already), without copying
+/// them. Straight from the socket: a peek that found nothing beyond the peek offset cleared
+/// the reactor's readiness, though the queue is full of bytes to consume.
+async fn discard(tcp: &TcpStream, mut n: usize) -> io::Result<()> {
     while n > 0 {
-        let want = n.min(buf.len());
-        match std::io::Read::read(&mut &*sock, &mut buf[..want]) {
+        match serval_sys::tcpcount::discard(tcp.as_fd(), n) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(k) => n -= k,
             // Not there after all (only a wrong count could say so): let a caller's timeout
@@ -804,8 +802,7 @@ async fn reconcile(p: &Progress, tcp: &TcpStream) -> Result<Resumed, String> {
             p.from_backend
         )
     })? as usize;
-    let mut buf = vec![0u8; CHUNK];
-    tokio::time::timeout(RELEASE_LIMIT, discard(tcp, &mut buf, unconsumed))
+    tokio::time::timeout(RELEASE_LIMIT, discard(tcp, unconsumed))
         .await
         .map_err(|_| "the backend bytes already sent were not in the socket".to_owned())?
         .map_err(|e| format!("the backend connection: {e}"))?;

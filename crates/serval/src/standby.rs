@@ -604,7 +604,7 @@ impl PrimarySession {
             let out = self.collect();
             if !out.is_empty() || spoke.elapsed() >= HEARTBEAT {
                 let out = if out.is_empty() {
-                    vec![P_HEARTBEAT]
+                    vec![vec![P_HEARTBEAT]]
                 } else {
                     out
                 };
@@ -612,14 +612,18 @@ impl PrimarySession {
                 // STANDBY_LOST, or the primary would hold its streams' output until the
                 // session stream's idle timeout.
                 let left = STANDBY_LOST.saturating_sub(self.heard.elapsed());
-                tokio::time::timeout(left, (&self.stream).write_all(&out))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the standby stopped taking checkpoints: continuing unreplicated",
-                        )
-                    })??;
+                let write = async {
+                    for piece in &out {
+                        (&self.stream).write_all(piece).await?;
+                    }
+                    io::Result::Ok(())
+                };
+                tokio::time::timeout(left, write).await.map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the standby stopped taking checkpoints: continuing unreplicated",
+                    )
+                })??;
                 spoke = StdInstant::now();
             }
             let notified = self.notify.notified();
@@ -654,8 +658,10 @@ impl PrimarySession {
         }
     }
 
-    /// Frames to send now: checkpoints ready or due, FORGETs of streams that ended.
-    fn collect(&mut self) -> Vec<u8> {
+    /// Frames to send now, in pieces to write one after the other (a checkpoint's snapshot
+    /// is written as it was taken, not copied behind its head first): checkpoints ready or
+    /// due, FORGETs of streams that ended.
+    fn collect(&mut self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut st = self.ep.shared.lock();
         // Streams holding output, and streams the standby does not hold yet.
@@ -683,11 +689,13 @@ impl PrimarySession {
             };
             let seq = self.next_seq;
             self.next_seq = self.next_seq.wrapping_add(1);
-            out.push(P_CHECKPOINT);
-            out.extend_from_slice(&seq.to_be_bytes());
-            out.extend_from_slice(&info.local_flow.0.to_be_bytes());
-            out.extend_from_slice(&(cp.snapshot.len() as u32).to_be_bytes());
-            out.extend_from_slice(&cp.snapshot);
+            let mut head = Vec::with_capacity(17);
+            head.push(P_CHECKPOINT);
+            head.extend_from_slice(&seq.to_be_bytes());
+            head.extend_from_slice(&info.local_flow.0.to_be_bytes());
+            head.extend_from_slice(&(cp.snapshot.len() as u32).to_be_bytes());
+            out.push(head);
+            out.push(cp.snapshot);
             self.sent.insert(seq, (h, cp.mark, steps));
             self.replicated.insert(h, info.local_flow);
             if let Some(p) = st.primary.as_mut() {
@@ -711,8 +719,9 @@ impl PrimarySession {
             if let Some(p) = st.primary.as_mut() {
                 p.covers.remove(&h);
             }
-            out.push(P_FORGET);
-            out.extend_from_slice(&flow.0.to_be_bytes());
+            let mut forget = vec![P_FORGET];
+            forget.extend_from_slice(&flow.0.to_be_bytes());
+            out.push(forget);
         }
         out
     }

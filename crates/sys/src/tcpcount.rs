@@ -128,6 +128,26 @@ pub fn set_peek_offset(fd: BorrowedFd<'_>, offset: u32) -> io::Result<()> {
     crate::repair::set(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, &off)
 }
 
+/// Drops up to `n` bytes from the head of `fd`'s receive queue without copying them
+/// (`recv(MSG_TRUNC)`, which TCP takes as "discard"); how many it dropped. Non-blocking:
+/// `WouldBlock` when the queue is empty.
+pub fn discard(fd: BorrowedFd<'_>, n: usize) -> io::Result<usize> {
+    // SAFETY: with MSG_TRUNC a TCP socket copies nothing into the buffer (a null pointer is
+    // never dereferenced); MSG_DONTWAIT keeps the call from blocking.
+    let r = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            n,
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -197,13 +217,18 @@ mod tests {
         assert_eq!(&buf, b"abc");
         assert_eq!(a.peek(&mut buf).unwrap(), 3);
         assert_eq!(&buf, b"def");
-        // Consuming two moves the offset back by two: the next peek starts past "def".
-        (&a).read_exact(&mut buf[..2]).unwrap();
-        assert_eq!(&buf[..2], b"ab");
+        // Consuming two (dropped, not copied) moves the offset back by two: the next peek
+        // starts past "def", and the next read at "c".
+        let base = counts(a.as_fd()).unwrap();
+        assert_eq!(discard(a.as_fd(), 2).unwrap(), 2);
+        assert_eq!(counts(a.as_fd()).unwrap().read - base.read, 2);
         b.write_all(b"gh").unwrap();
         while a.peek(&mut buf).unwrap() == 0 {
             assert!(std::time::Instant::now() < deadline);
         }
         assert_eq!(&buf[..2], b"gh");
+        let mut rest = [0u8; 6];
+        (&a).read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"cdefgh");
     }
 }
