@@ -31,13 +31,13 @@
 //!
 //! | Type | Frame | Direction | Body |
 //! |------|-------|-----------|------|
-//! | 1 | HELLO | standby → primary | version u16, the service prefix (text) |
-//! | 2 | WELCOME | primary → standby | version u16 |
-//! | 3 | REFUSE | primary → standby | why (text) |
-//! | 4 | BACKEND | primary → standby | flowID u64; the backend socket's descriptor attached |
-//! | 5 | FORGET | primary → standby | flowID u64: the connection ended, close your copy |
-//! | 6 | RELEASED | primary → standby | flowID u64: taken over, this process lets it be |
-//! | 7 | SYNCED | primary → standby | nothing: every live connection was sent |
+//! | 11 | HELLO | standby → primary | version u16, the service prefix (text) |
+//! | 12 | WELCOME | primary → standby | version u16 |
+//! | 13 | REFUSE | primary → standby | why (text) |
+//! | 14 | BACKEND | primary → standby | flowID u64; the backend socket's descriptor attached |
+//! | 15 | FORGET | primary → standby | flowID u64: the connection ended, close your copy |
+//! | 16 | RELEASED | primary → standby | flowID u64: taken over, this process lets it be |
+//! | 17 | SYNCED | primary → standby | nothing: every live connection was sent |
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -59,13 +59,15 @@ use crate::translate::SpliceState;
 /// and [`Progress`]'s encoding.
 const VERSION: u16 = 1;
 
-const HELLO: u8 = 1;
-const WELCOME: u8 = 2;
-const REFUSE: u8 = 3;
-const BACKEND: u8 = 4;
-const FORGET: u8 = 5;
-const RELEASED: u8 = 6;
-const SYNCED: u8 = 7;
+// Numbered apart from the hand-over's frames (1–9), so that a standby pointed at a hand-over
+// socket, or a `--take-over` pointed at a standby socket, is refused at its first frame.
+const HELLO: u8 = 11;
+const WELCOME: u8 = 12;
+const REFUSE: u8 = 13;
+const BACKEND: u8 = 14;
+const FORGET: u8 = 15;
+const RELEASED: u8 = 16;
+const SYNCED: u8 = 17;
 
 /// How long either side waits for the other's greeting.
 const HELLO_LIMIT: Duration = Duration::from_secs(5);
@@ -653,7 +655,15 @@ pub async fn stand_by(path: &Path, prefix: ServicePrefix) -> Result<Arc<Held>, S
                     return Err(format!("the primary refused this standby: {}", text(&why)));
                 }
                 Ok(Some((SYNCED, _))) => return Ok(()),
-                Ok(Some((ty, body))) => apply(&held, &mut chan, ty, &body)?,
+                Ok(Some((ty @ (BACKEND | FORGET | RELEASED), body))) => {
+                    apply(&held, &mut chan, ty, &body)?;
+                }
+                Ok(Some((ty, _))) => {
+                    return Err(format!(
+                        "frame {ty} on the standby socket {} (a hand-over socket?)",
+                        path.display()
+                    ));
+                }
                 Ok(None) => return Err("the primary closed the standby channel".to_owned()),
                 Err(e) => return Err(format!("standby socket: {e}")),
             }
