@@ -412,6 +412,21 @@ pub async fn start_standby(
     }))
 }
 
+/// A standby's task (from [`start_standby`]) as a future for a `select!`: its takeover, or
+/// why it could not stand by; never ready without one.
+pub async fn takeover(
+    task: Option<tokio::task::JoinHandle<std::io::Result<serval::Takeover>>>,
+) -> Result<serval::Takeover, String> {
+    match task {
+        Some(t) => match t.await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(format!("standby: {e}")),
+            Err(e) => Err(format!("standby: {e}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// One line on a standby's takeover.
 pub fn describe_takeover(t: &serval::Takeover) -> String {
     let mut line = format!(

@@ -241,14 +241,9 @@ pub async fn listen(
         Some(primary) => Some(crate::instance::start_standby(&ep, &instance, primary).await?),
         None => None,
     };
-    let standby = async move {
-        match standby {
-            Some(s) => s.await,
-            None => std::future::pending().await,
-        }
-    };
+    let mut standing_by = standby.is_some();
+    let standby = crate::instance::takeover(standby);
     tokio::pin!(standby);
-    let mut standing_by = instance.standby_of.is_some();
     // Open connections, so that a stop lets them finish (graceful drain).
     let mut open = tokio::task::JoinSet::new();
     loop {
@@ -256,14 +251,8 @@ pub async fn listen(
             Ok(ev) = events.recv() => note!("{}", describe_event(name, &ev)),
             took = &mut standby, if standing_by => {
                 standing_by = false;
-                match took {
-                    Ok(Ok(t)) => {
-                        note!("{}", crate::instance::describe_takeover(&t));
-                        instance.register(&ep, opts.lease);
-                    }
-                    Ok(Err(e)) => return Err(format!("standby: {e}")),
-                    Err(e) => return Err(format!("standby: {e}")),
-                }
+                note!("{}", crate::instance::describe_takeover(&took?));
+                instance.register(&ep, opts.lease);
             }
             accepted = listener.accept() => {
                 let stream = accepted.map_err(|e| format!("accept failed: {e}"))?;

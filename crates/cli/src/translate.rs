@@ -300,15 +300,9 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         }
         None => (None, None),
     };
-    let standing_by = standby.is_some();
-    let standby = async move {
-        match standby {
-            Some(s) => s.await,
-            None => std::future::pending().await,
-        }
-    };
+    let mut standing_by = standby.is_some();
+    let standby = crate::instance::takeover(standby);
     tokio::pin!(standby);
-    let mut standing_by = standing_by;
     let mut events = ep.registrar_events();
     let mut listener = args.instance.listen(&ep, &args.service, prefix)?;
     let name = args.service.clone();
@@ -365,16 +359,10 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
             Ok(ev) = events.recv() => note!("{}", crate::net::describe_event(&name, &ev)),
             took = &mut standby, if standing_by => {
                 standing_by = false;
-                match took {
-                    Ok(Ok(t)) => {
-                        note!("{}", crate::instance::describe_takeover(&t));
-                        args.instance.register(&ep, None);
-                        if let Some(h) = &held {
-                            crate::expose_standby::after_takeover(h.clone());
-                        }
-                    }
-                    Ok(Err(e)) => return Err(format!("standby: {e}")),
-                    Err(e) => return Err(format!("standby: {e}")),
+                note!("{}", crate::instance::describe_takeover(&took?));
+                args.instance.register(&ep, None);
+                if let Some(h) = &held {
+                    crate::expose_standby::after_takeover(h.clone());
                 }
             }
             (slot, accepted) = next => {
@@ -497,7 +485,7 @@ fn ready(addrs: &str) {
 }
 
 /// Connects to the backend, with a timeout; a failure is one readable line.
-pub(crate) async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, String> {
+async fn connect_backend(backend: &str, limit: Duration) -> Result<TcpStream, String> {
     match tokio::time::timeout(limit, TcpStream::connect(backend)).await {
         Ok(Ok(tcp)) => Ok(tcp),
         Ok(Err(e)) => Err(format!("backend {backend}: {e}")),
