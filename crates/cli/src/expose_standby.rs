@@ -288,18 +288,9 @@ async fn attach(
     let refusal = match same_user(&chan.sock) {
         Err(e) => Some(e),
         Ok(()) => match tokio::time::timeout(HELLO_LIMIT, chan.recv()).await {
-            Ok(Ok(Some((HELLO, body)))) => match body.get(..2) {
-                Some(v) if u16::from_be_bytes([v[0], v[1]]) != VERSION => Some(format!(
-                    "standby channel version {} asked, this process speaks {VERSION}",
-                    u16::from_be_bytes([v[0], v[1]])
-                )),
-                Some(_) => match ServicePrefix::parse(&text(&body[2..])) {
-                    Ok(p) if p == prefix => None,
-                    Ok(p) => Some(format!("this process serves {prefix}, not {p}")),
-                    Err(e) => Some(format!("bad service in HELLO: {e}")),
-                },
-                None => Some("a HELLO without its version".into()),
-            },
+            Ok(Ok(Some((HELLO, body)))) => {
+                crate::handover::hello_refusal(&body, "standby channel", VERSION, prefix)
+            }
             Ok(Ok(Some((ty, _)))) => Some(format!("expected HELLO, got frame {ty}")),
             Ok(Ok(None)) => return Err("the standby closed the channel before HELLO".into()),
             Ok(Err(e)) => return Err(format!("standby socket: {e}")),

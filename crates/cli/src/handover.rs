@@ -592,6 +592,30 @@ pub(crate) fn bind_private(path: &Path, flag: &str) -> Result<(UnixListener, Soc
     Ok((listener, socket))
 }
 
+/// Why a HELLO's body (`version u16 | service prefix`) of the `what` protocol is refused
+/// by a process speaking `version` for `prefix`; `None` if it is not.
+pub(crate) fn hello_refusal(
+    body: &[u8],
+    what: &str,
+    version: u16,
+    prefix: ServicePrefix,
+) -> Option<String> {
+    let Some((v, service)) = body.split_first_chunk::<2>() else {
+        return Some("a HELLO without its version".into());
+    };
+    let asked = u16::from_be_bytes(*v);
+    if asked != version {
+        return Some(format!(
+            "{what} version {asked} asked, this process speaks {version}"
+        ));
+    }
+    match ServicePrefix::parse(&text(service)) {
+        Ok(p) if p == prefix => None,
+        Ok(p) => Some(format!("this process serves {prefix}, not {p}")),
+        Err(e) => Some(format!("bad service in HELLO: {e}")),
+    }
+}
+
 /// HELLO → WELCOME (or REFUSE) → GO, on the old process's side.
 async fn greet(sock: UnixStream, prefix: ServicePrefix) -> Result<Arc<Giver>, String> {
     let mut chan = Channel::new(sock);
@@ -600,16 +624,8 @@ async fn greet(sock: UnixStream, prefix: ServicePrefix) -> Result<Arc<Giver>, St
         return Err(e);
     }
     let (ty, body) = chan.expect(HELLO_LIMIT, "HELLO").await?;
-    let refusal = match (ty, body.get(..2)) {
-        (HELLO, Some(v)) if u16::from_be_bytes([v[0], v[1]]) != VERSION => Some(format!(
-            "hand-over version {} asked, this process speaks {VERSION}",
-            u16::from_be_bytes([v[0], v[1]])
-        )),
-        (HELLO, Some(_)) => match ServicePrefix::parse(&text(&body[2..])) {
-            Ok(p) if p == prefix => None,
-            Ok(p) => Some(format!("this process serves {prefix}, not {p}")),
-            Err(e) => Some(format!("bad service in HELLO: {e}")),
-        },
+    let refusal = match ty {
+        HELLO => hello_refusal(&body, "hand-over", VERSION, prefix),
         _ => Some(format!("expected HELLO, got frame {ty}")),
     };
     if let Some(why) = refusal {
