@@ -549,6 +549,8 @@ async fn discard(tcp: &TcpStream, mut n: usize) -> io::Result<()> {
 pub struct Held {
     state: Mutex<HeldState>,
     changed: Notify,
+    /// Ends the channel's reader: this process stands by no more.
+    leave: Notify,
 }
 
 #[derive(Default)]
@@ -567,7 +569,7 @@ impl Held {
     }
 
     /// Takes `flow`'s backend socket once the primary cannot touch it any more: it let it
-    /// go, or its end of the channel closed. `None` if it never shared one, or after
+    /// go, or its end of the channel closed. Fails if it never shared one, or after
     /// [`RELEASE_LIMIT`].
     async fn claim(&self, flow: FlowId) -> Result<OwnedFd, String> {
         let wait = async {
@@ -594,14 +596,26 @@ impl Held {
             })?
     }
 
-    /// Resets every backend connection no stream claimed (their streams were not taken
-    /// over).
-    fn reset_unclaimed(&self) -> usize {
-        let fds: Vec<OwnedFd> = self.lock().fds.drain().map(|(_, fd)| fd).collect();
+    /// Lets go of every backend connection no stream claimed and leaves the channel. With
+    /// the primary gone their streams are lost (not taken over): they are reset, and how
+    /// many is returned. With the primary alive (it was taken for dead, and serves on) they
+    /// are its own, and only this process's copies close (`None`).
+    fn let_go_of_unclaimed(&self) -> Option<usize> {
+        let (fds, ended) = {
+            let mut st = self.lock();
+            (
+                st.fds.drain().map(|(_, fd)| fd).collect::<Vec<_>>(),
+                st.ended,
+            )
+        };
+        self.leave.notify_one();
+        if !ended {
+            return None;
+        }
         for fd in &fds {
             let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
         }
-        fds.len()
+        Some(fds.len())
     }
 }
 
@@ -671,10 +685,15 @@ pub async fn stand_by(path: &Path, prefix: ServicePrefix) -> Result<Arc<Held>, S
     let kept = held.clone();
     tokio::spawn(async move {
         loop {
-            let r = match chan.recv().await {
-                Ok(Some((ty, body))) => apply(&kept, &mut chan, ty, &body),
-                Ok(None) => Err("closed".to_owned()),
-                Err(e) => Err(e.to_string()),
+            let r = tokio::select! {
+                r = chan.recv() => match r {
+                    Ok(Some((ty, body))) => apply(&kept, &mut chan, ty, &body),
+                    Ok(None) => Err("closed".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                },
+                // Taken over, and every stream claimed what it could: nothing more to hold
+                // (a primary that serves on sees its standby go).
+                () = kept.leave.notified() => return,
             };
             if let Err(e) = r {
                 note!("serval: expose: the primary's standby channel ended ({e})");
@@ -714,15 +733,20 @@ fn apply(held: &Held, chan: &mut Channel, ty: u8, body: &[u8]) -> Result<(), Str
     Ok(())
 }
 
-/// After a takeover: resets, a while later, the backend connections no stream claimed.
+/// After a takeover: a while later, lets go of the backend connections no stream claimed
+/// (resetting them if the primary is gone) and leaves the channel.
 pub fn after_takeover(held: Arc<Held>) {
     tokio::spawn(async move {
         tokio::time::sleep(UNCLAIMED_LIMIT).await;
-        let n = held.reset_unclaimed();
-        if n > 0 {
-            note!(
-                "serval: expose: reset {n} backend connection(s) whose stream was not taken over"
-            );
+        match held.let_go_of_unclaimed() {
+            None => note!(
+                "serval: expose: left the standby channel (the primary serves on: its other \
+                 backend connections are its own)"
+            ),
+            Some(n) => note!(
+                "serval: expose: left the standby channel; reset {n} backend connection(s) \
+                 whose stream was not taken over"
+            ),
         }
     });
 }

@@ -87,13 +87,17 @@ fn backend(
     let t = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
         a.fetch_add(1, Ordering::Relaxed);
-        // A second connection would mean the translator reconnected: count it.
+        // A second connection during the transfer would mean the translator reconnected:
+        // count it. Later ones (a new client's) are echoed.
         let a2 = a.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {
-                if s.is_ok() {
-                    a2.fetch_add(1, Ordering::Relaxed);
-                }
+                let Ok(mut s) = s else { continue };
+                a2.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
             }
         });
         let _sender = paced_send(s.try_clone().unwrap(), backend_bytes());
@@ -110,7 +114,7 @@ fn expose(
     key: &str,
     extra: &[&str],
     no_peek_offset: bool,
-) -> (Guard, std::sync::mpsc::Receiver<String>) {
+) -> (Guard, String, std::sync::mpsc::Receiver<String>) {
     let mut cmd = serval();
     if no_peek_offset {
         cmd.env("SERVAL_NO_PEEK_OFFSET", "1");
@@ -119,8 +123,8 @@ fn expose(
         .args(["--bind", "127.0.0.1:0", "--key", key])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .args(extra);
-    let (guard, _addrs, err) = spawn_ready(cmd);
-    (guard, err)
+    let (guard, addrs, err) = spawn_ready(cmd);
+    (guard, addrs, err)
 }
 
 fn wait_until(what: &str, limit: Duration, f: impl Fn() -> bool) {
@@ -165,7 +169,7 @@ fn transfer_across_a_takeover(failure: Failure) {
 
     let (p_admin, s_admin) = (free_port(), free_port());
     let socket = dir.path("standby.sock");
-    let (mut primary, primary_err) = expose(
+    let (mut primary, primary_at_udp, primary_err) = expose(
         &to,
         &router,
         p_admin,
@@ -177,7 +181,7 @@ fn transfer_across_a_takeover(failure: Failure) {
         l.contains("registered")
     });
     let primary_at = format!("127.0.0.1:{p_admin}");
-    let (mut standby, standby_err) = expose(
+    let (mut standby, _, standby_err) = expose(
         &to,
         &router,
         s_admin,
@@ -286,6 +290,37 @@ fn transfer_across_a_takeover(failure: Failure) {
         1,
         "the backend connection was not the same one throughout"
     );
+    if let Failure::Stalled = failure {
+        // The primary serves on: a new connection through it, still open when the standby
+        // leaves the channel (10 s after its takeover), is the primary's own and must not
+        // be touched.
+        let mut cmd = serval();
+        cmd.args([
+            "proxy",
+            SERVICE,
+            "--listen",
+            "127.0.0.1:0",
+            "--via",
+            &primary_at_udp,
+        ]);
+        let (_proxy2, listen2, _) = spawn_ready(cmd);
+        let mut c = TcpStream::connect(&listen2).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut echo = |line: &[u8]| {
+            c.write_all(line).unwrap();
+            let mut back = vec![0u8; line.len()];
+            c.read_exact(&mut back).unwrap();
+            assert_eq!(back, line);
+        };
+        echo(b"before the standby leaves\n");
+        let leaving = |l: &str| l.contains("left the standby channel");
+        let left = match standby_lines.iter().find(|l| leaving(l)) {
+            Some(l) => l.clone(),
+            None => wait_line(&standby_err, "the standby leaving", leaving),
+        };
+        assert!(left.contains("the primary serves on"), "{left}");
+        echo(b"after the standby left\n");
+    }
 }
 
 #[test]
@@ -317,7 +352,7 @@ fn a_standby_of_an_expose_without_a_standby_socket_fails_with_one_line() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let to = l.local_addr().unwrap().to_string();
     let p_admin = free_port();
-    let (_primary, primary_err) = expose(&to, &router, p_admin, &key, &[], false);
+    let (_primary, _, primary_err) = expose(&to, &router, p_admin, &key, &[], false);
     wait_line(&primary_err, "primary registration", |l| {
         l.contains("registered")
     });
