@@ -658,19 +658,12 @@ pub struct Transport {
     state: State,
     frozen: bool,
 
+    /// The path's state: packet numbers and what they carried, acknowledgements, RTT,
+    /// congestion control, pacing, MTU search, probe timer (one path today).
+    path: path::Path,
+
     // Sending.
     send: SendBuffer,
-    sent: SentPackets<SentPayload>,
-    rtt: RttEstimator,
-    cc: CongestionController,
-    pacer: Pacer,
-    mtu: PathMtu,
-    /// When the pacer will next allow a packet that is waiting for it.
-    pacing_until: OptInstant,
-    /// Probe packets still to send after a probe timeout.
-    pto_probes: u8,
-    /// A keepalive PING is due.
-    ping_pending: bool,
     /// MAX_DATA must be (re)sent.
     max_data_pending: bool,
     /// MAX_DATA goes on the next packet sent for another reason: the announcement of this
@@ -678,20 +671,13 @@ pub struct Transport {
     window_unannounced: bool,
     /// Highest stream offset ever sent (to count retransmitted bytes).
     sent_high: u64,
-    /// Packet numbers declared lost recently (for spurious-loss counting).
-    lost_pns: RangeSet,
     /// Datagram queues, allocated on first use and freed when idle and empty.
     dgrams: Option<Box<Datagrams>>,
 
     // Receiving.
     recv: RecvBuffer,
-    ack: AckState,
     /// The silence probe of an end that receives ([`liveness`]).
     liveness: liveness::Liveness,
-
-    // Timers.
-    last_received: Instant,
-    last_sent: Instant,
 
     // Events.
     events: EventQueue,
@@ -703,11 +689,6 @@ pub struct Transport {
     /// The memory of empty buffers and queues was given back since the last activity (see
     /// [`IDLE_RELEASE`]).
     memory_released: bool,
-    /// More than one packet's worth of data waited at once at some point: the flow moves
-    /// enough for a path-MTU search to pay off. A short exchange (a request and a response
-    /// that each fit in one packet) never probes: on a 1500-byte path the probes and their
-    /// immediate acknowledgements would double its packets.
-    bulk: bool,
     /// PATH_CHALLENGE and PATH_RESPONSE frames received, waiting for the SAL (at most
     /// [`MAX_PATH_FRAMES`]; not part of a snapshot: the SAL takes them after every packet).
     path_frames: Vec<PathFrame>,
@@ -837,45 +818,17 @@ impl Transport {
         let config = config.normalized();
         let mut send = SendBuffer::new(config.send_buffer);
         send.set_initial_flow_limit(MIN_RECEIVE_WINDOW);
-        let mtu = PathMtu::new(MtuConfig {
-            base: config.base_udp_payload,
-            ..MtuConfig::new(config.max_udp_payload)
-        });
-        let mut sent = SentPackets::new();
-        // At least 8 probes per idle period, however long the run of losses.
-        sent.set_max_pto_interval(config.idle_timeout / 8);
         Transport {
             state: State::Open,
             frozen: false,
+            path: path::Path::new(&config, now),
             send,
-            sent,
-            rtt: RttEstimator::new(config.initial_rtt, config.max_ack_delay),
-            cc: CongestionController::new(config.congestion, config.base_udp_payload),
-            pacer: Pacer::new(now),
-            mtu,
-            pacing_until: OptInstant::NONE,
-            pto_probes: 0,
-            ping_pending: false,
             max_data_pending: false,
             window_unannounced: true,
             sent_high: 0,
-            lost_pns: RangeSet::with_max_ranges(64),
             dgrams: None,
             recv: RecvBuffer::new(config.receive_window),
-            ack: AckState {
-                received: RangeSet::with_max_ranges(MAX_RECEIVED_RANGES + 1),
-                dedup_floor: 0,
-                ack_floor: 0,
-                largest_at: now,
-                pending: false,
-                eliciting_since: 0,
-                immediate: false,
-                deadline: OptInstant::NONE,
-                ranges: Vec::new(),
-            },
             liveness: liveness::Liveness::default(),
-            last_received: now,
-            last_sent: now,
             events: EventQueue::default(),
             readable_armed: true,
             dgram_armed: true,
@@ -883,7 +836,6 @@ impl Transport {
             finished_reported: false,
             all_acked_reported: false,
             memory_released: true,
-            bulk: false,
             path_frames: Vec::new(),
             stats: Counters::default(),
             config: Settings::new(&config),
@@ -892,12 +844,12 @@ impl Transport {
 
     /// The configuration in force (after out-of-range values were adjusted).
     pub fn config(&self) -> TransportConfig {
-        let mtu = self.mtu.config();
+        let mtu = self.path.mtu.config();
         TransportConfig {
-            congestion: self.cc.algorithm(),
+            congestion: self.path.cc.algorithm(),
             send_buffer: self.send.capacity(),
             receive_window: self.recv.window(),
-            initial_rtt: self.rtt.initial(),
+            initial_rtt: self.path.rtt.initial(),
             max_ack_delay: self.config.max_ack_delay(),
             ack_eliciting_threshold: self.config.ack_eliciting_threshold,
             base_udp_payload: mtu.base,
@@ -968,10 +920,10 @@ impl Transport {
         self.stats.packets_received += 1;
         self.stats.bytes_received += (payload.len() + usize::from(self.config.sal_overhead)) as u64;
         self.liveness_on_received(now);
-        self.last_received = now;
+        self.path.last_received = now;
         self.memory_released = false;
 
-        if pn < self.ack.dedup_floor || self.ack.received.contains(pn) {
+        if pn < self.path.ack.dedup_floor || self.path.ack.received.contains(pn) {
             self.stats.duplicate_packets += 1;
             if eliciting {
                 self.on_eliciting_received(now, ping);
@@ -1040,17 +992,17 @@ impl Transport {
             return Ok(());
         }
 
-        let in_order = match self.ack.received.max() {
+        let in_order = match self.path.ack.received.max() {
             None => pn == 0,
             Some(max) => pn == max + 1,
         };
-        if self.ack.received.max().is_none_or(|max| pn > max) {
-            self.ack.largest_at = now;
+        if self.path.ack.received.max().is_none_or(|max| pn > max) {
+            self.path.ack.largest_at = now;
         }
-        self.ack.received.insert(pn..pn + 1);
-        while self.ack.received.len() > MAX_RECEIVED_RANGES {
-            if let Some(r) = self.ack.received.pop_min() {
-                self.ack.dedup_floor = self.ack.dedup_floor.max(r.end);
+        self.path.ack.received.insert(pn..pn + 1);
+        while self.path.ack.received.len() > MAX_RECEIVED_RANGES {
+            if let Some(r) = self.path.ack.received.pop_min() {
+                self.path.ack.dedup_floor = self.path.ack.dedup_floor.max(r.end);
             }
         }
         if eliciting {
@@ -1093,7 +1045,7 @@ impl Transport {
             return 0;
         }
         let start = out.len();
-        let pn = self.sent.next_packet_number();
+        let pn = self.path.sent.next_packet_number();
         out.extend_from_slice(&pn.to_be_bytes());
         for f in frames {
             f.write(out);
@@ -1107,17 +1059,17 @@ impl Transport {
             in_flight: false,
             mtu_probe: false,
         };
-        self.sent.on_sent(info, SentPayload::default());
+        self.path.sent.on_sent(info, SentPayload::default());
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
-        self.last_sent = now;
+        self.path.last_sent = now;
         len
     }
 
     /// Acknowledgement bookkeeping for an ack-eliciting packet (RFC 9000 §13.2.1–§13.2.2).
     /// `at_once`: the packet was out of order or carried a PING.
     fn on_eliciting_received(&mut self, now: Instant, at_once: bool) {
-        let ack = &mut self.ack;
+        let ack = &mut self.path.ack;
         ack.pending = true;
         ack.eliciting_since = ack.eliciting_since.saturating_add(1);
         if at_once || ack.eliciting_since >= self.config.ack_eliciting_threshold {
@@ -1133,18 +1085,26 @@ impl Transport {
         // Ranges are inclusive and below 2^62 (varints), so `hi + 1` cannot overflow.
         let ranges = ack.ranges.iter().map(|&(lo, hi)| lo..hi.saturating_add(1));
         let delay = Duration::from_micros(ack.delay_micros);
-        let in_flight_before = self.sent.bytes_in_flight();
-        let outcome = self.sent.on_ack(ranges.clone(), delay, now, &mut self.rtt);
+        let in_flight_before = self.path.sent.bytes_in_flight();
+        let outcome = self
+            .path
+            .sent
+            .on_ack(ranges.clone(), delay, now, &mut self.path.rtt);
         if outcome.acked_unsent {
             return Err(self.violation(now, TransportError::AckOfUnsentPacket));
         }
-        if !self.lost_pns.is_empty() {
+        if !self.path.lost_pns.is_empty() {
             for r in ranges {
-                let missing: u64 = self.lost_pns.gaps(r.clone()).map(|g| g.end - g.start).sum();
+                let missing: u64 = self
+                    .path
+                    .lost_pns
+                    .gaps(r.clone())
+                    .map(|g| g.end - g.start)
+                    .sum();
                 let overlap = (r.end - r.start) - missing;
                 if overlap > 0 {
                     self.stats.spurious_losses += overlap;
-                    self.lost_pns.remove(r);
+                    self.path.lost_pns.remove(r);
                 }
             }
         }
@@ -1152,33 +1112,33 @@ impl Transport {
 
         // RFC 9002 §7.8: the window was not the limit if it was not full and there was
         // nothing more to send.
-        let app_limited = in_flight_before.saturating_add(u64::from(self.mtu.current()))
-            < self.cc.window()
+        let app_limited = in_flight_before.saturating_add(u64::from(self.path.mtu.current()))
+            < self.path.cc.window()
             && !self.has_sendable();
         for p in outcome.newly_acked {
             if p.info.in_flight {
-                self.cc.on_ack(
+                self.path.cc.on_ack(
                     now,
                     p.info.time_sent,
                     u64::from(p.info.size),
-                    &self.rtt,
+                    &self.path.rtt,
                     app_limited,
                 );
             }
             if p.info.mtu_probe {
-                let before = self.mtu.current();
-                self.mtu.on_probe_acked(p.number);
-                if self.mtu.current() != before {
-                    self.cc.on_mtu_update(self.mtu.current());
+                let before = self.path.mtu.current();
+                self.path.mtu.on_probe_acked(p.number);
+                if self.path.mtu.current() != before {
+                    self.path.cc.on_mtu_update(self.path.mtu.current());
                 }
             } else {
-                self.mtu.on_packet_acked(p.number, p.info.size);
+                self.path.mtu.on_packet_acked(p.number, p.info.size);
             }
             for c in p.payload.chunks() {
                 self.send.on_acked(c.start..c.end, c.fin);
             }
             if let Some(largest) = p.payload.ack_largest() {
-                self.ack.ack_floor = self.ack.ack_floor.max(largest);
+                self.path.ack.ack_floor = self.path.ack.ack_floor.max(largest);
             }
         }
         if self.write_blocked && self.send.free() > 0 {
@@ -1201,34 +1161,35 @@ impl Transport {
         let mut black_hole = false;
         for p in &report.packets {
             if p.info.mtu_probe {
-                self.mtu.on_probe_lost(p.number);
+                self.path.mtu.on_probe_lost(p.number);
                 self.stats.mtu_probes_lost = self.stats.mtu_probes_lost.saturating_add(1);
                 continue;
             }
             if p.info.in_flight {
                 self.stats.packets_lost += 1;
                 self.stats.bytes_lost += u64::from(p.info.size);
-                self.lost_pns.insert(p.number..p.number + 1);
-                black_hole |= self.mtu.on_packet_lost(p.number, p.info.size);
+                self.path.lost_pns.insert(p.number..p.number + 1);
+                black_hole |= self.path.mtu.on_packet_lost(p.number, p.info.size);
             }
             self.requeue(&p.payload);
         }
         if black_hole {
             self.stats.black_holes = self.stats.black_holes.saturating_add(1);
-            self.cc.on_mtu_update(self.mtu.current());
+            self.path.cc.on_mtu_update(self.path.mtu.current());
         }
         if let Some(sent_time) = report.congestion_event.filter(|_| congestion) {
             // Losses of packets sent before the current recovery period began do not start
             // a new one (RFC 9002 §7.3.2); only new periods are counted.
-            if !self.cc.in_recovery(sent_time) || report.persistent_congestion {
+            if !self.path.cc.in_recovery(sent_time) || report.persistent_congestion {
                 self.stats.congestion_events = self.stats.congestion_events.saturating_add(1);
             }
-            self.cc
+            self.path
+                .cc
                 .on_congestion_event(now, sent_time, report.persistent_congestion);
             if report.persistent_congestion {
                 self.stats.persistent_congestion =
                     self.stats.persistent_congestion.saturating_add(1);
-                self.rtt.on_persistent_congestion();
+                self.path.rtt.on_persistent_congestion();
             }
         }
     }
@@ -1285,7 +1246,7 @@ impl Transport {
     /// [`TransportConfig::sal_overhead`] (a PMTU probe is exactly its probe size minus the
     /// overhead).
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
-        self.pacing_until = OptInstant::NONE;
+        self.path.pacing_until = OptInstant::NONE;
         if self.frozen {
             return 0;
         }
@@ -1295,15 +1256,15 @@ impl Transport {
             State::Closed(_) => return 0,
         }
         let sal = usize::from(self.config.sal_overhead);
-        let mtu = self.mtu.current();
+        let mtu = self.path.mtu.current();
         let max_payload = usize::from(mtu) - sal;
 
-        if self.pto_probes > 0 {
-            self.pto_probes -= 1;
+        if self.path.pto_probes > 0 {
+            self.path.pto_probes -= 1;
             // RFC 8899 black-hole hint (see `PathMtu::on_packet_lost`): from the second
             // consecutive timeout on, probe with base-size packets.
-            let limit = if self.sent.pto_count() >= 2 {
-                usize::from(self.mtu.config().base) - sal
+            let limit = if self.path.sent.pto_count() >= 2 {
+                usize::from(self.path.mtu.config().base) - sal
             } else {
                 max_payload
             };
@@ -1323,9 +1284,9 @@ impl Transport {
             );
         }
 
-        let window = self.cc.window();
-        let in_flight = self.sent.bytes_in_flight();
-        let srtt = self.rtt.smoothed();
+        let window = self.path.cc.window();
+        let in_flight = self.path.sent.bytes_in_flight();
+        let srtt = self.path.rtt.smoothed();
         let wants = self.has_sendable();
         let active = wants || self.send.acked_offset() < self.send.unsent_offset();
 
@@ -1336,13 +1297,13 @@ impl Transport {
         // so large (at least `PROBE_WINDOW_FACTOR` probes) that setting the probe's share aside
         // for it costs data little: then data stops short of that share until the probe is
         // out, so that a window-limited bulk transfer still probes.
-        if !self.bulk {
+        if !self.path.bulk {
             let waiting = self.send.end() - self.send.acked_offset();
             let dgrams = self.dgrams.as_ref().map_or(0, |d| d.out.len());
-            self.bulk = waiting > max_payload as u64 || dgrams > 1;
+            self.path.bulk = waiting > max_payload as u64 || dgrams > 1;
         }
-        let probe = if active && self.bulk {
-            self.mtu.next_probe_size(now).filter(|&s| s > mtu)
+        let probe = if active && self.path.bulk {
+            self.path.mtu.next_probe_size(now).filter(|&s| s > mtu)
         } else {
             None
         };
@@ -1353,7 +1314,7 @@ impl Transport {
             let room = in_flight + size64 <= window;
             let data_fits_too = in_flight + size64 + u64::from(mtu) <= window;
             if room && (!wants || large || data_fits_too) {
-                match self.pacer.delay(now, size64, mtu, window, srtt) {
+                match self.path.pacer.delay(now, size64, mtu, window, srtt) {
                     None => {
                         return self.emit(
                             now,
@@ -1365,7 +1326,7 @@ impl Transport {
                             },
                         );
                     }
-                    Some(t) => self.pacing_until = t.into(),
+                    Some(t) => self.path.pacing_until = t.into(),
                 }
             }
             if large {
@@ -1374,7 +1335,11 @@ impl Transport {
         }
 
         if wants && in_flight + reserve + u64::from(mtu) <= window {
-            match self.pacer.delay(now, u64::from(mtu), mtu, window, srtt) {
+            match self
+                .path
+                .pacer
+                .delay(now, u64::from(mtu), mtu, window, srtt)
+            {
                 None => {
                     let n = self.emit(
                         now,
@@ -1387,19 +1352,20 @@ impl Transport {
                         },
                     );
                     if n > 0 {
-                        self.pacing_until = OptInstant::NONE;
+                        self.path.pacing_until = OptInstant::NONE;
                         return n;
                     }
                 }
                 Some(t) => {
-                    self.pacing_until = self.pacing_until.get().map_or(t, |p| p.min(t)).into();
+                    self.path.pacing_until =
+                        self.path.pacing_until.get().map_or(t, |p| p.min(t)).into();
                 }
             }
         }
 
-        let ack_due = self.ack.pending
-            && (self.ack.immediate || self.ack.deadline.get().is_some_and(|d| d <= now));
-        if ack_due || self.ping_pending || self.max_data_pending {
+        let ack_due = self.path.ack.pending
+            && (self.path.ack.immediate || self.path.ack.deadline.get().is_some_and(|d| d <= now));
+        if ack_due || self.path.ping_pending || self.max_data_pending {
             let n = self.emit(
                 now,
                 out,
@@ -1419,6 +1385,7 @@ impl Transport {
     /// that carried some for retransmission (RFC 9002 §6.2.4).
     fn requeue_oldest_for_probe(&mut self) {
         let oldest = self
+            .path
             .sent
             .outstanding()
             .find(|(_, _, p)| p.n_chunks > 0)
@@ -1433,7 +1400,7 @@ impl Transport {
     /// Skips `n` packet numbers (see [`SentPackets::skip_packet_numbers`]): a primary that
     /// lost its standby moves past every number the standby may seal with (D9).
     pub fn skip_packet_numbers(&mut self, n: u64) {
-        self.sent.skip_packet_numbers(n);
+        self.path.sent.skip_packet_numbers(n);
     }
 
     /// Queues everything in flight for sending again at once, with no congestion response
@@ -1441,18 +1408,18 @@ impl Transport {
     /// output, dropped when it lost its standby), which would otherwise wait for a probe
     /// timeout backed off through the hold.
     pub fn resend_in_flight(&mut self) {
-        for p in self.sent.drain() {
+        for p in self.path.sent.drain() {
             self.requeue(&p.payload);
         }
-        self.pto_probes = 0;
-        if self.ack.pending {
-            self.ack.immediate = true;
+        self.path.pto_probes = 0;
+        if self.path.ack.pending {
+            self.path.ack.immediate = true;
         }
     }
 
     /// The largest of our packet numbers the peer has acknowledged.
     pub fn largest_acked(&self) -> Option<u64> {
-        self.sent.largest_acked()
+        self.path.sent.largest_acked()
     }
 
     /// Builds one packet into `out` per `opts` (plus whatever is pending: ACK, MAX_DATA,
@@ -1460,13 +1427,13 @@ impl Transport {
     fn emit(&mut self, now: Instant, out: &mut Vec<u8>, opts: Emit) -> usize {
         let start = out.len();
         let end = start + opts.max_payload;
-        let pn = self.sent.next_packet_number();
+        let pn = self.path.sent.next_packet_number();
         out.extend_from_slice(&pn.to_be_bytes());
         let mut payload = SentPayload::default();
         let mut eliciting = false;
 
         let probe = opts.mtu_probe.is_some();
-        if !probe && self.ack.pending {
+        if !probe && self.path.ack.pending {
             payload.set_ack(self.write_ack(now, out, end.saturating_sub(out.len())));
         }
         if !probe
@@ -1479,9 +1446,9 @@ impl Transport {
             payload.max_data = true;
             eliciting = true;
         }
-        if self.ping_pending || probe {
+        if self.path.ping_pending || probe {
             frame::write_ping(out);
-            self.ping_pending = false;
+            self.path.ping_pending = false;
             eliciting = true;
         }
         if opts.stream {
@@ -1513,17 +1480,17 @@ impl Transport {
             mtu_probe: opts.mtu_probe.is_some(),
         };
         if info.in_flight {
-            self.cc.on_packet_sent(now, u64::from(size));
-            self.pacer.on_sent(u64::from(size));
+            self.path.cc.on_packet_sent(now, u64::from(size));
+            self.path.pacer.on_sent(u64::from(size));
         }
-        self.sent.on_sent(info, payload);
+        self.path.sent.on_sent(info, payload);
         if let Some(probe) = opts.mtu_probe {
-            self.mtu.on_probe_sent(pn, probe);
+            self.path.mtu.on_probe_sent(pn, probe);
             self.stats.mtu_probes_sent = self.stats.mtu_probes_sent.saturating_add(1);
         }
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
-        self.last_sent = now;
+        self.path.last_sent = now;
         self.memory_released = false;
         len
     }
@@ -1531,7 +1498,7 @@ impl Transport {
     /// Writes an ACK frame of the received packet numbers, fitting in `room` bytes, and
     /// resets the acknowledgement state. Returns the largest acknowledged packet number.
     fn write_ack(&mut self, now: Instant, out: &mut Vec<u8>, room: usize) -> Option<u64> {
-        let ack = &mut self.ack;
+        let ack = &mut self.path.ack;
         let largest = ack.received.max()?;
         if room < ACK_HEADER_MAX {
             return None;
@@ -1645,11 +1612,12 @@ impl Transport {
         };
         let Closing { code, reason, .. } = *closing;
         let start = out.len();
-        let end = start + usize::from(self.mtu.current()) - usize::from(self.config.sal_overhead);
-        let pn = self.sent.next_packet_number();
+        let end =
+            start + usize::from(self.path.mtu.current()) - usize::from(self.config.sal_overhead);
+        let pn = self.path.sent.next_packet_number();
         out.extend_from_slice(&pn.to_be_bytes());
         let mut payload = SentPayload::default();
-        if self.ack.pending {
+        if self.path.ack.pending {
             payload.set_ack(self.write_ack(now, out, end.saturating_sub(out.len()) / 2));
         }
         // Type, code and length take at most 1 + 8 + 8 bytes.
@@ -1662,10 +1630,12 @@ impl Transport {
         let len = out.len() - start;
         let wire = len + usize::from(self.config.sal_overhead);
         let size = u16::try_from(wire).unwrap_or(u16::MAX);
-        self.sent.on_sent(SentInfo::ack_only(now, size), payload);
+        self.path
+            .sent
+            .on_sent(SentInfo::ack_only(now, size), payload);
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
-        self.last_sent = now;
+        self.path.last_sent = now;
         self.memory_released = false;
         len
     }
@@ -1675,7 +1645,7 @@ impl Transport {
 
     /// The idle deadline.
     fn idle_deadline(&self) -> Instant {
-        self.last_received + self.config.idle_timeout()
+        self.path.last_received + self.config.idle_timeout()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
@@ -1698,15 +1668,15 @@ impl Transport {
                 t = t.min(x);
             }
         };
-        consider(self.sent.next_timeout(&self.rtt));
-        if self.ack.pending && !self.ack.immediate {
-            consider(self.ack.deadline.get());
+        consider(self.path.sent.next_timeout(&self.path.rtt));
+        if self.path.ack.pending && !self.path.ack.immediate {
+            consider(self.path.ack.deadline.get());
         }
-        consider(self.pacing_until.get());
-        if !self.ping_pending {
-            consider(self.config.keepalive().map(|k| self.last_sent + k));
+        consider(self.path.pacing_until.get());
+        if !self.path.ping_pending {
+            consider(self.config.keepalive().map(|k| self.path.last_sent + k));
         }
-        consider(self.mtu.next_timeout());
+        consider(self.path.mtu.next_timeout());
         consider(self.memory_release_deadline());
         consider(self.silence_deadline());
         Some(t)
@@ -1725,10 +1695,10 @@ impl Transport {
     fn has_spare_capacity(&self) -> bool {
         self.send.has_spare_capacity()
             || self.recv.has_spare_capacity()
-            || self.sent.has_spare_capacity()
-            || self.ack.received.has_spare_capacity()
-            || self.ack.ranges.capacity() > 0
-            || self.lost_pns.has_spare_capacity()
+            || self.path.sent.has_spare_capacity()
+            || self.path.ack.received.has_spare_capacity()
+            || self.path.ack.ranges.capacity() > 0
+            || self.path.lost_pns.has_spare_capacity()
             || self
                 .dgrams
                 .as_ref()
@@ -1740,10 +1710,10 @@ impl Transport {
     pub(crate) fn release_memory(&mut self) {
         self.send.shrink_to_fit();
         self.recv.shrink_to_fit();
-        self.sent.release_memory();
-        self.ack.received.shrink_to_fit();
-        self.ack.ranges = Vec::new();
-        self.lost_pns.shrink_to_fit();
+        self.path.sent.release_memory();
+        self.path.ack.received.shrink_to_fit();
+        self.path.ack.ranges = Vec::new();
+        self.path.lost_pns.shrink_to_fit();
         if self
             .dgrams
             .as_ref()
@@ -1756,13 +1726,13 @@ impl Transport {
 
     /// When the transport last sent or received a packet.
     pub fn last_activity(&self) -> Instant {
-        self.last_sent.max(self.last_received)
+        self.path.last_sent.max(self.path.last_received)
     }
 
     /// When the transport last received a valid packet, or the SAL reported the peer's
     /// activity ([`on_peer_activity`](Self::on_peer_activity)): the peer's last sign of life.
     pub fn last_received(&self) -> Instant {
-        self.last_received
+        self.path.last_received
     }
 
     /// Sends a PING with the next packet: the peer acknowledges it at once, so its answer
@@ -1770,14 +1740,14 @@ impl Transport {
     /// Ignored unless the transport is open.
     pub fn ping(&mut self) {
         if self.state == State::Open {
-            self.ping_pending = true;
+            self.path.ping_pending = true;
         }
     }
 
     /// The current probe timeout period of the path, before backoff (RFC 9002 §6.2.1):
     /// the SAL scales its own retransmission timers from it.
     pub fn pto_period(&self) -> Duration {
-        self.rtt.pto_period()
+        self.path.rtt.pto_period()
     }
 
     /// Handles whatever timers expired at `now` (calling it early or twice is harmless).
@@ -1802,31 +1772,36 @@ impl Transport {
         if self.frozen {
             return;
         }
-        if self.sent.next_timeout(&self.rtt).is_some_and(|t| t <= now) {
-            match self.sent.on_timeout(now, &self.rtt) {
+        if self
+            .path
+            .sent
+            .next_timeout(&self.path.rtt)
+            .is_some_and(|t| t <= now)
+        {
+            match self.path.sent.on_timeout(now, &self.path.rtt) {
                 Some(Timeout::Lost(report)) => self.on_lost(now, report, true),
                 Some(Timeout::Probe) => {
                     self.stats.probe_timeouts = self.stats.probe_timeouts.saturating_add(1);
-                    self.pto_probes = PTO_PROBE_PACKETS;
+                    self.path.pto_probes = PTO_PROBE_PACKETS;
                 }
                 None => {}
             }
         }
-        if self.ack.pending && self.ack.deadline.get().is_some_and(|d| d <= now) {
-            self.ack.immediate = true;
+        if self.path.ack.pending && self.path.ack.deadline.get().is_some_and(|d| d <= now) {
+            self.path.ack.immediate = true;
         }
         if self
             .config
             .keepalive()
-            .is_some_and(|k| self.last_sent + k <= now)
+            .is_some_and(|k| self.path.last_sent + k <= now)
         {
-            self.ping_pending = true;
+            self.path.ping_pending = true;
         }
         self.liveness_on_timeout(now);
-        if self.mtu.next_timeout().is_some_and(|t| t <= now) {
+        if self.path.mtu.next_timeout().is_some_and(|t| t <= now) {
             // Leaves `SearchComplete` (disarming the raise timer); the probe goes out with
             // the next packet that may be sent.
-            let _ = self.mtu.next_probe_size(now);
+            let _ = self.path.mtu.next_probe_size(now);
         }
         if self.memory_release_deadline().is_some_and(|t| t <= now) {
             self.release_memory();
@@ -1907,8 +1882,10 @@ impl Transport {
 
     /// Largest datagram [`send_datagram`](Self::send_datagram) accepts on the current path.
     pub fn max_datagram_size(&self) -> usize {
-        let room =
-            usize::from(self.mtu.current()) - usize::from(self.config.sal_overhead) - PN_LEN - 1;
+        let room = usize::from(self.path.mtu.current())
+            - usize::from(self.config.sal_overhead)
+            - PN_LEN
+            - 1;
         // Largest `n` with `n + varint_len(n) <= room`.
         let mut n = room.saturating_sub(varint_len(room as u64));
         while n + 1 + varint_len(n as u64 + 1) <= room {
@@ -1954,7 +1931,7 @@ impl Transport {
         if self.state != State::Open {
             return;
         }
-        let deadline = now + self.rtt.pto_period().saturating_mul(3);
+        let deadline = now + self.path.rtt.pto_period().saturating_mul(3);
         self.state = State::Closing(Box::new(Closing {
             code,
             reason: reason.to_owned(),
@@ -1995,9 +1972,9 @@ impl Transport {
         if self.state != State::Open || !self.send.on_all_delivered() {
             return;
         }
-        drop(self.sent.drain());
-        self.pto_probes = 0;
-        self.lost_pns.clear();
+        drop(self.path.sent.drain());
+        self.path.pto_probes = 0;
+        self.path.lost_pns.clear();
         if !self.all_acked_reported {
             self.all_acked_reported = true;
             self.push_event(TransportEvent::AllAcked);
@@ -2014,10 +1991,10 @@ impl Transport {
     /// arrived: an acknowledgement still waiting for its delay would say nothing more, so it
     /// is not sent (a retransmission arriving later is acknowledged as usual).
     pub fn cancel_pending_ack(&mut self) {
-        self.ack.pending = false;
-        self.ack.immediate = false;
-        self.ack.eliciting_since = 0;
-        self.ack.deadline = OptInstant::NONE;
+        self.path.ack.pending = false;
+        self.path.ack.immediate = false;
+        self.path.ack.eliciting_since = 0;
+        self.path.ack.deadline = OptInstant::NONE;
     }
 
     /// Whether the transport is frozen (see [`set_frozen`](Self::set_frozen)).
@@ -2030,7 +2007,7 @@ impl Transport {
     /// payload but are activity all the same).
     pub fn on_peer_activity(&mut self, now: Instant) {
         self.liveness_on_received(now);
-        self.last_received = self.last_received.max(now);
+        self.path.last_received = self.path.last_received.max(now);
     }
 
     /// Freezes (or thaws) the transport while the SAL migrates the flow: nothing is sent;
@@ -2057,7 +2034,7 @@ impl Transport {
     /// prior knowledge stand for the initial RTT), and with the initial guess a packet lost
     /// right after the move waited a probe timeout of about a second.
     pub fn on_peer_moved(&mut self, now: Instant) {
-        let prior = self.rtt.has_sample().then(|| self.rtt.smoothed());
+        let prior = self.path.rtt.has_sample().then(|| self.path.rtt.smoothed());
         self.on_path_change_with_rtt(now, prior);
     }
 
@@ -2067,16 +2044,16 @@ impl Transport {
     /// pace from the first packet.
     pub fn on_path_change_with_rtt(&mut self, now: Instant, rtt_sample: Option<Duration>) {
         self.resend_in_flight();
-        self.lost_pns.clear();
-        self.mtu = PathMtu::new(*self.mtu.config());
-        self.cc.on_mtu_update(self.mtu.current());
-        self.cc.on_path_change();
-        self.rtt.reset();
+        self.path.lost_pns.clear();
+        self.path.mtu = PathMtu::new(*self.path.mtu.config());
+        self.path.cc.on_mtu_update(self.path.mtu.current());
+        self.path.cc.on_path_change();
+        self.path.rtt.reset();
         if let Some(sample) = rtt_sample {
-            self.rtt.update(sample, Duration::ZERO);
+            self.path.rtt.update(sample, Duration::ZERO);
         }
-        self.pacer = Pacer::new(now);
-        self.pacing_until = OptInstant::NONE;
+        self.path.pacer = Pacer::new(now);
+        self.path.pacing_until = OptInstant::NONE;
         self.liveness_on_path_change();
     }
 
@@ -2090,7 +2067,7 @@ impl Transport {
     /// Probe timeouts fired in a row with nothing acknowledged since (RFC 9002's
     /// `pto_count`): a path that stays silent counts up.
     pub fn pto_count(&self) -> u32 {
-        self.sent.pto_count()
+        self.path.sent.pto_count()
     }
 
     /// Counters and current values.
@@ -2122,11 +2099,11 @@ impl Transport {
             mtu_probes_lost: u64::from(c.mtu_probes_lost),
             black_holes: u64::from(c.black_holes),
             protocol_violations: u64::from(c.protocol_violations),
-            cwnd: self.cc.window(),
-            bytes_in_flight: self.sent.bytes_in_flight(),
-            srtt: self.rtt.smoothed(),
-            min_rtt: self.rtt.min(),
-            pmtu: self.mtu.current(),
+            cwnd: self.path.cc.window(),
+            bytes_in_flight: self.path.sent.bytes_in_flight(),
+            srtt: self.path.rtt.smoothed(),
+            min_rtt: self.path.rtt.min(),
+            pmtu: self.path.mtu.current(),
         }
     }
 }
@@ -2137,6 +2114,7 @@ fn datagram_frame_len(len: usize) -> usize {
 }
 
 mod liveness;
+mod path;
 mod snapshot;
 
 pub use liveness::{

@@ -230,8 +230,12 @@ impl Transport {
     /// `bytes` new stream bytes arrived: they count towards arming the silence probe (and
     /// measuring the RTT if there is no sample yet).
     pub(super) fn liveness_on_stream_data(&mut self, bytes: usize) {
-        if self.config.silence_probe && self.liveness.on_stream_data(bytes, self.rtt.has_sample()) {
-            self.ping_pending = true;
+        if self.config.silence_probe
+            && self
+                .liveness
+                .on_stream_data(bytes, self.path.rtt.has_sample())
+        {
+            self.path.ping_pending = true;
         }
     }
 
@@ -239,15 +243,15 @@ impl Transport {
     /// does (the callers check that the transport is open and not frozen). Nothing while a
     /// PING waits to be sent: a probe's wait starts when it leaves.
     pub(super) fn silence_deadline(&self) -> Option<Instant> {
-        if !self.config.silence_probe || (self.ping_pending && self.liveness.probing()) {
+        if !self.config.silence_probe || (self.path.ping_pending && self.liveness.probing()) {
             return None;
         }
         let last = Last {
-            received: self.last_received,
-            sent: self.last_sent,
+            received: self.path.last_received,
+            sent: self.path.last_sent,
         };
         self.liveness
-            .deadline(last, &self.rtt, self.recv.expects_more())
+            .deadline(last, &self.path.rtt, self.recv.expects_more())
     }
 
     /// Runs the silence probe's timer at `now`: a PING when one is due.
@@ -256,14 +260,14 @@ impl Transport {
             return;
         }
         let last = Last {
-            received: self.last_received,
-            sent: self.last_sent,
+            received: self.path.last_received,
+            sent: self.path.last_sent,
         };
         if self
             .liveness
-            .on_timeout(now, last, &self.rtt, self.recv.expects_more())
+            .on_timeout(now, last, &self.path.rtt, self.recv.expects_more())
         {
-            self.ping_pending = true;
+            self.path.ping_pending = true;
             self.stats.silence_probes = self.stats.silence_probes.saturating_add(1);
         }
     }
@@ -274,8 +278,8 @@ impl Transport {
         if !self.config.silence_probe {
             return;
         }
-        let gap = now.saturating_duration_since(self.last_received);
-        self.liveness.on_received(gap, &self.rtt);
+        let gap = now.saturating_duration_since(self.path.last_received);
+        self.liveness.on_received(gap, &self.path.rtt);
     }
 
     /// The path changed ([`on_path_change`](Transport::on_path_change)).

@@ -1,6 +1,7 @@
 //! Export and import of a [`Transport`] into the connection snapshot (docs/snapshot.md):
 //! the STREAM, DGRAM, TRANSPORT, PATH and COUNTERS blocks.
 
+use super::path::Path;
 use super::*;
 use crate::snapshot::{
     BlockReader, BlockWriter, SnapshotError, SnapshotReader, SnapshotWriter, StreamCover, block,
@@ -192,7 +193,7 @@ impl Transport {
 
         let mut b = w.body();
         b.u32(0); // path ID
-        b.section(path_section::TRANSPORT, |b| self.encode_path(b));
+        b.section(path_section::TRANSPORT, |b| self.path.encode(b));
         w.add(block::PATH, b)?;
 
         let mut b = w.body();
@@ -252,7 +253,7 @@ impl Transport {
             }
         }
         let mut s = section.ok_or(b.malformed("no transport section"))?;
-        let path = PathState::decode(&mut s)?;
+        let path = Path::decode(&mut s)?;
 
         let stats = match r.block(block::COUNTERS, now) {
             None => Counters::default(),
@@ -283,32 +284,21 @@ impl Transport {
             silence_probe: local.silence_probe,
             ..conn.settings
         };
-        let mut sent = path.sent;
-        sent.set_max_pto_interval(settings.idle_timeout() / 8);
+        let mut path = path;
+        path.sent.set_max_pto_interval(settings.idle_timeout() / 8);
 
         Ok(Transport {
             config: settings,
             state: conn.state,
             frozen: conn.frozen,
+            path,
             send,
-            sent,
-            rtt: path.rtt,
-            cc: path.cc,
-            pacer: path.pacer,
-            mtu: path.mtu,
-            pacing_until: path.pacing_until,
-            pto_probes: path.pto_probes,
-            ping_pending: path.ping_pending,
             max_data_pending,
             window_unannounced: true,
             sent_high,
-            lost_pns: path.lost_pns,
             dgrams,
             recv,
-            ack: path.ack,
             liveness: Default::default(),
-            last_received: path.last_received,
-            last_sent: path.last_sent,
             events: conn.events,
             readable_armed: conn.flags & 1 != 0,
             dgram_armed: conn.flags & 2 != 0,
@@ -316,7 +306,6 @@ impl Transport {
             finished_reported: conn.flags & 8 != 0,
             all_acked_reported: conn.flags & 16 != 0,
             memory_released: conn.flags & 32 != 0,
-            bulk: path.bulk,
             path_frames: Vec::new(),
             stats,
         })
@@ -365,31 +354,6 @@ impl Transport {
                 b.bytes(c.reason.as_bytes());
             }
         }
-    }
-
-    /// The transport section of the PATH block.
-    fn encode_path(&self, b: &mut BlockWriter) {
-        self.sent.encode(b, SentPayload::encode);
-        self.rtt.encode(b);
-        self.cc.encode(b);
-        self.pacer.encode(b);
-        self.mtu.encode(b);
-        b.opt_instant(self.pacing_until.get());
-        b.u8(self.pto_probes);
-        b.bool(self.ping_pending);
-        b.bool(self.bulk);
-        self.lost_pns.encode(b);
-        let a = &self.ack;
-        a.received.encode(b);
-        b.u64(a.dedup_floor);
-        b.u64(a.ack_floor);
-        b.instant(a.largest_at);
-        b.bool(a.pending);
-        b.u32(a.eliciting_since);
-        b.bool(a.immediate);
-        b.opt_instant(a.deadline.get());
-        b.instant(self.last_sent);
-        b.instant(self.last_received);
     }
 
     /// The COUNTERS block's body: the 64-bit counters, then the 32-bit ones, in the order
@@ -564,25 +528,34 @@ impl Connection {
     }
 }
 
-/// What the PATH block's transport section decodes to.
-struct PathState {
-    sent: SentPackets<SentPayload>,
-    rtt: RttEstimator,
-    cc: CongestionController,
-    pacer: Pacer,
-    mtu: PathMtu,
-    pacing_until: OptInstant,
-    pto_probes: u8,
-    ping_pending: bool,
-    bulk: bool,
-    lost_pns: RangeSet,
-    ack: AckState,
-    last_sent: Instant,
-    last_received: Instant,
-}
+impl Path {
+    /// The transport section of the PATH block.
+    fn encode(&self, b: &mut BlockWriter) {
+        self.sent.encode(b, SentPayload::encode);
+        self.rtt.encode(b);
+        self.cc.encode(b);
+        self.pacer.encode(b);
+        self.mtu.encode(b);
+        b.opt_instant(self.pacing_until.get());
+        b.u8(self.pto_probes);
+        b.bool(self.ping_pending);
+        b.bool(self.bulk);
+        self.lost_pns.encode(b);
+        let a = &self.ack;
+        a.received.encode(b);
+        b.u64(a.dedup_floor);
+        b.u64(a.ack_floor);
+        b.instant(a.largest_at);
+        b.bool(a.pending);
+        b.u32(a.eliciting_since);
+        b.bool(a.immediate);
+        b.opt_instant(a.deadline.get());
+        b.instant(self.last_sent);
+        b.instant(self.last_received);
+    }
 
-impl PathState {
-    fn decode(b: &mut BlockReader<'_>) -> Result<PathState, SnapshotError> {
+    /// Decodes the PATH block's transport section.
+    fn decode(b: &mut BlockReader<'_>) -> Result<Path, SnapshotError> {
         let sent = SentPackets::decode(b, SentPayload::decode)?;
         let rtt = RttEstimator::decode(b)?;
         let cc = CongestionController::decode(b)?;
@@ -610,7 +583,7 @@ impl PathState {
             deadline: b.opt_instant()?.into(),
             ranges: Vec::new(),
         };
-        Ok(PathState {
+        Ok(Path {
             sent,
             rtt,
             cc,
