@@ -396,7 +396,12 @@ impl Stream {
             if !attached || slot.replica.confirmed >= step {
                 return std::task::Poll::Ready(Ok(()));
             }
-            slot.replica.waiting.push(cx.waker().clone());
+            // A task polled again before a confirmation came (a `select!` that loops) is
+            // registered once.
+            let waiting = &mut slot.replica.waiting;
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
             std::task::Poll::Pending
         })
         .await
