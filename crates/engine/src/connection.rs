@@ -48,6 +48,7 @@
 
 pub mod identity;
 mod move_ask;
+pub mod multipath;
 pub mod protect;
 mod rebind;
 mod snapshot;
@@ -196,6 +197,8 @@ enum Reliable {
     SynAck,
     Rsyn,
     Fin,
+    /// JOIN|SYN: this end's other locators, for the peer to join paths to ([`multipath`]).
+    Addresses,
 }
 
 /// The outstanding reliable control packet.
@@ -301,6 +304,12 @@ pub(crate) enum ConnEvent {
     Finished,
     Datagram,
     Migrated(Locator),
+    /// The peer announced its other locators (multipath): the endpoint may join paths.
+    PeerAddresses,
+    /// A path joined the flow and was validated both ways (multipath).
+    PathUp(u32),
+    /// A path left the flow: removed, its join unanswered, or silent for the idle timeout.
+    PathDown(u32),
     /// The move to this locator was given up (another move, or the close, came first).
     MoveAbandoned(Locator),
     PeerMigrated(Locator),
@@ -368,6 +377,8 @@ pub(crate) struct Connection {
     rebinding_early: bool,
     /// A MOVE_REQUEST (client) or MOVE_REFUSED (server) to send ([`move_ask`]).
     move_frame: Option<Box<PathFrame>>,
+    /// The flow's paths other than path 0 ([`multipath`]), once it has any.
+    subpaths: Option<Box<multipath::Paths>>,
 }
 
 /// Everything a new connection needs from the endpoint.
@@ -581,6 +592,7 @@ impl Connection {
             paths: None,
             move_frame: None,
             rebinding_early: false,
+            subpaths: None,
         }
     }
 
@@ -713,7 +725,11 @@ impl Connection {
             }
             return;
         }
-        if self.fenced(now, remote, repr) {
+        let Some(path) = self.path_of(repr.dst_flow) else {
+            self.auth_failures += 1;
+            return;
+        };
+        if path == 0 && self.fenced(now, remote, repr) {
             return;
         }
         let Some(protect) = self.protect.as_deref_mut() else {
@@ -722,7 +738,7 @@ impl Connection {
         };
         let space = Space::of(repr.control.is_some());
         let largest_before = protect.largest_opened(space);
-        let (pn, body_len) = match protect.open(packet, header_len, space) {
+        let (pn, body_len) = match protect.open_on(packet, header_len, space, path) {
             Ok(opened) => opened,
             Err(OpenError::Replayed) => return,
             Err(_) => {
@@ -730,8 +746,27 @@ impl Connection {
                 return;
             }
         };
-        if repr.src_flow != self.peer_flow {
+        if let Some(ctl) = repr.control
+            && ctl.flags.contains(ControlFlags::JOIN)
+        {
+            self.transport.on_peer_activity(now);
+            let mut spare = self.take_spare_flow();
+            self.on_join(
+                now,
+                (local, remote),
+                (repr.src_flow, repr.dst_flow),
+                (ctl, &repr.source),
+                &mut spare,
+            );
+            self.restore_spare_flow(spare);
+            return;
+        }
+        if Some(repr.src_flow) != self.peer_flow_on(path) {
             self.auth_failures += 1;
+            return;
+        }
+        if path != 0 {
+            self.on_subpath_packet(now, path, repr, packet, header_len, body_len);
             return;
         }
         let is_syn_ack = repr
@@ -1063,6 +1098,9 @@ impl Connection {
                 Some(Reliable::Fin) if self.acked(Reliable::Fin, ctl.ackno) => {
                     self.fin_acked = true;
                     self.maybe_time_wait(now);
+                }
+                Some(Reliable::Addresses) => {
+                    self.acked(Reliable::Addresses, ctl.ackno);
                 }
                 _ => {}
             }
@@ -1420,14 +1458,18 @@ impl Connection {
             State::Established | State::TimeWait => self.transport.poll_timeout(),
             _ => None,
         };
-        let paths = match self.state {
-            State::Established => self.paths.as_deref().and_then(PathValidator::poll_timeout),
-            _ => None,
+        let (paths, joins) = match self.state {
+            State::Established => (
+                self.paths.as_deref().and_then(PathValidator::poll_timeout),
+                self.paths_timeout(),
+            ),
+            _ => (None, None),
         };
         [
             ctl,
             transport,
             paths,
+            joins,
             self.time_wait_until.get(),
             self.release_deadline(),
             self.held_ack.map(|(_, due)| due),
@@ -1517,6 +1559,9 @@ impl Connection {
                     .push_back(ConnEvent::PathValidationFailed(failed));
             }
         }
+        if self.state == State::Established {
+            self.expire_paths(now);
+        }
         if matches!(self.state, State::Established | State::TimeWait) {
             self.transport.handle_timeout(now);
             self.pump_transport(now);
@@ -1584,6 +1629,9 @@ impl Connection {
             }
             return route;
         }
+        if let Some(route) = self.poll_join_transmit(now, out) {
+            return Some(route);
+        }
         let flushing = self.state == State::Closed && self.flush_transport;
         if self.state == State::Closed && !flushing {
             return None;
@@ -1603,17 +1651,20 @@ impl Connection {
                 return None;
             }
             if self.transport.poll_transmit(now, out) > 0 {
-                let Some(protect) = self.protect.as_deref_mut() else {
-                    // Unreachable: a flow sends stream packets only once it has its keys.
+                let path = self.transport.current_path();
+                let route = self.address_for_path(path, out, base);
+                let (Some(route), Some(protect)) = (route, self.protect.as_deref_mut()) else {
+                    // Unreachable: a flow sends stream packets only once it has its keys, and
+                    // the transport has no path the SAL does not.
                     out.truncate(base);
                     return None;
                 };
                 // A key update waits for the peer to acknowledge the current phase.
-                protect.peer_acked(self.transport.largest_acked());
-                protect.seal(out, base, BASE_HEADER_LEN);
+                protect.peer_acked_on(path, self.transport.largest_acked_on(path));
+                protect.seal_on(path, out, base, BASE_HEADER_LEN);
                 // A stream packet completes the server's handshake: the held ACK is not needed.
                 self.held_ack = None;
-                return Some((self.local, self.peer));
+                return Some(route);
             }
             out.truncate(base);
             self.flush_transport = false;
@@ -1726,6 +1777,11 @@ impl Connection {
                 self.moving_to.as_deref().copied().unwrap_or(self.local),
             ),
             Reliable::Fin => (self.control_repr(ControlFlags::FIN, verno, 0), self.local),
+            Reliable::Addresses => {
+                let mut r = self.control_repr(ControlFlags::JOIN | ControlFlags::SYN, verno, 0);
+                r.source = self.announced_addresses();
+                (r, self.local)
+            }
         };
         self.emit_sealed_with(&repr, body, out)
             .then_some((src, self.peer))

@@ -33,6 +33,7 @@ pub use crate::connection::identity::{
     CERT_SYN_LEN, CertError, CertProblem, CertificateChain, IdentityError, PeerIdentity,
     ServerName, TrustAnchors,
 };
+pub use crate::connection::multipath::{AddPathError, JOIN_TRIES, PathSummary};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
@@ -43,6 +44,7 @@ mod delay;
 mod discovery;
 mod failover;
 mod inspect;
+mod multipath;
 mod ratelimit;
 mod registration;
 use crate::connection::{
@@ -50,6 +52,7 @@ use crate::connection::{
 };
 use crate::schedule::Schedule;
 pub use crate::transport::conn::DatagramError as ConnDatagramError;
+pub use crate::transport::conn::{MAX_PATHS, PathInfo};
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
@@ -117,6 +120,12 @@ pub enum Event {
     NamedDatagram(ListenerId),
     /// This end moved to a new local locator.
     Migrated(ConnectionHandle, Locator),
+    /// A path (its ID) joined the connection and was validated both ways: it carries
+    /// traffic now ([`Endpoint::add_path`], or the peer joined it).
+    PathUp(ConnectionHandle, u32),
+    /// A path (its ID) left the connection: removed by either end, its join unanswered, or
+    /// silent for the idle timeout while other paths worked.
+    PathDown(ConnectionHandle, u32),
     /// A move to this local locator was given up before the peer confirmed it: the
     /// application moved the connection elsewhere meanwhile ([`Endpoint::migrate`] again),
     /// or the flow finished while the new path stayed silent (its FIN waits
@@ -227,6 +236,15 @@ pub struct EndpointConfig {
     /// has a probe timeout too. Default off; the runtime turns it on when it follows the
     /// host (`FollowHost::Flows`).
     pub path_failover: bool,
+    /// Multipath (docs/moving-flows.md §2): a server announces its other local locators to
+    /// each client (JOIN|SYN); a client joins a path from each of its other local locators to
+    /// the peer locator that shares the longest prefix with it, once connected and again when
+    /// the server's announcement arrives. Default off: one path per flow, unless the
+    /// application adds paths ([`Endpoint::add_path`]).
+    pub multipath: bool,
+    /// With [`multipath`](Self::multipath): paths from these local locators are backups
+    /// (data only while no other path works).
+    pub backup_locals: Vec<Locator>,
     /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
     /// beyond it a source's SYNs are dropped silently and counted. Service routers set it
     /// (`RouterConfig`); default none.
@@ -258,6 +276,8 @@ impl Default for EndpointConfig {
             certificate: None,
             unix_time_origin: None,
             path_failover: false,
+            multipath: false,
+            backup_locals: Vec::new(),
         }
     }
 }
@@ -1127,6 +1147,10 @@ impl Endpoint {
             }
             return;
         }
+        self.offer_join_flow(h, repr.control);
+        let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {
+            return;
+        };
         c.handle_packet(now, local, remote, data, &repr);
         self.touch(h);
     }
@@ -1473,13 +1497,18 @@ impl Endpoint {
     }
 
     fn collect_events(&mut self, h: ConnectionHandle) {
+        self.settle_flows(h);
         let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {
             return;
         };
         let mut accepted = None;
+        let mut auto_join = false;
         while let Some(ev) = c.events.pop_front() {
             let ev = match ev {
-                ConnEvent::Connected => Event::Connected(h),
+                ConnEvent::Connected => {
+                    auto_join = true;
+                    Event::Connected(h)
+                }
                 ConnEvent::ConnectFailed(e) => Event::ConnectFailed(h, e),
                 ConnEvent::Accepted => {
                     accepted = c.listener;
@@ -1490,6 +1519,12 @@ impl Endpoint {
                 ConnEvent::Finished => Event::Finished(h),
                 ConnEvent::Datagram => Event::Datagram(h),
                 ConnEvent::Migrated(l) => Event::Migrated(h, l),
+                ConnEvent::PeerAddresses => {
+                    auto_join = true;
+                    continue;
+                }
+                ConnEvent::PathUp(id) => Event::PathUp(h, id),
+                ConnEvent::PathDown(id) => Event::PathDown(h, id),
                 ConnEvent::MoveAbandoned(l) => Event::MoveAbandoned(h, l),
                 ConnEvent::PeerMigrated(l) => Event::PeerMigrated(h, l),
                 ConnEvent::PathValidationFailed(l) => Event::PathValidationFailed(h, l),
@@ -1506,6 +1541,14 @@ impl Endpoint {
             if let Some(listener) = self.listeners.get_mut(&l) {
                 listener.queue.push_back(h);
                 self.events.push_back(Event::Incoming(l));
+            }
+        }
+        if self.config.multipath {
+            if accepted.is_some() {
+                self.announce_locals(h);
+            }
+            if auto_join {
+                self.auto_join(h);
             }
         }
         self.reap(h);
@@ -1526,8 +1569,12 @@ impl Endpoint {
         self.stats.replays += c.replays();
         let paths = c.path_stats();
         let exported = c.is_exported();
+        let aliases: Vec<_> = c.alias_flows().collect();
         self.stats.paths.add(&paths);
         self.forget_held(h, exported);
+        for alias in aliases {
+            self.flows.remove(alias);
+        }
         self.flows.remove(flow);
         self.half_open.remove(&key);
         let i = h.index();

@@ -242,6 +242,12 @@ impl State {
                         to: local,
                     });
                 }
+                Event::PathUp(stream, path) => {
+                    let _ = self.path_events.send(PathEvent::PathUp { stream, path });
+                }
+                Event::PathDown(stream, path) => {
+                    let _ = self.path_events.send(PathEvent::PathDown { stream, path });
+                }
                 Event::MoveAbandoned(h, to) => {
                     tracing::info!(%to, "a move was given up before the peer confirmed it");
                     let _ = self

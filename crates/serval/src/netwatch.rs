@@ -102,6 +102,20 @@ pub enum PathEvent {
         /// Its (dead) local locator.
         from: Locator,
     },
+    /// A path joined the flow and carries traffic (multipath).
+    PathUp {
+        /// The flow.
+        stream: ConnectionHandle,
+        /// The path's ID.
+        path: u32,
+    },
+    /// A path left the flow: removed, its join unanswered, or silent for the idle timeout.
+    PathDown {
+        /// The flow.
+        stream: ConnectionHandle,
+        /// The path's ID.
+        path: u32,
+    },
 }
 
 /// Starts following the host for `shared`, unless `follow` is off or rtnetlink cannot be

@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use rand::{RngExt, SeedableRng};
@@ -153,6 +154,14 @@ impl Ord for InFlight {
     }
 }
 
+/// Whose bandwidth queue a datagram joins: the node pair's, or an address pair's own when
+/// [`Network::set_path_link`] overrides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum QueueKey {
+    Nodes(NodeId, NodeId),
+    Path(IpAddr, IpAddr),
+}
+
 /// A simulated network of nodes; see the [crate docs](crate).
 pub struct Network<N> {
     now: Instant,
@@ -161,7 +170,11 @@ pub struct Network<N> {
     default_link: LinkConfig,
     links: HashMap<(NodeId, NodeId), LinkConfig>,
     partitioned: HashSet<(NodeId, NodeId)>,
-    busy_until: HashMap<(NodeId, NodeId), Instant>,
+    /// Per-(source IP, destination IP) link overrides.
+    path_links: HashMap<(IpAddr, IpAddr), LinkConfig>,
+    /// Cut (source IP, destination IP) pairs.
+    path_cuts: HashSet<(IpAddr, IpAddr)>,
+    busy_until: HashMap<QueueKey, Instant>,
     in_flight: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     rng: ChaCha8Rng,
@@ -179,6 +192,8 @@ impl<N: Node> Network<N> {
             default_link: link,
             links: HashMap::new(),
             partitioned: HashSet::new(),
+            path_links: HashMap::new(),
+            path_cuts: HashSet::new(),
             busy_until: HashMap::new(),
             in_flight: BinaryHeap::new(),
             seq: 0,
@@ -221,6 +236,44 @@ impl<N: Node> Network<N> {
             } else {
                 self.partitioned.remove(&pair);
             }
+        }
+    }
+
+    /// Sets the link for datagrams from IP address `src` to IP address `dst` (one direction;
+    /// ports are ignored), overriding the node-pair link ([`Network::set_link`] or the default)
+    /// for them.
+    ///
+    /// This models one path between multi-homed nodes: with client addresses 10.0.1.1 and
+    /// 10.0.2.1 and server addresses 10.0.1.2 and 10.0.2.2, the path 10.0.1.1 → 10.0.1.2 can
+    /// get its own delay, loss, MTU and bandwidth while 10.0.2.1 → 10.0.2.2 keeps another.
+    ///
+    /// Every [`LinkConfig`] field applies to the address pair as a whole. An overridden address
+    /// pair has its own bandwidth queue (serialization state and [`LinkConfig::queue_bytes`]
+    /// limit), separate from the node pair's and from every other address pair's, so two paths
+    /// limited to 100 Mbit/s each carry 200 Mbit/s together. A node-pair partition
+    /// ([`Network::set_partition`]) still drops these datagrams. Replaces any earlier override for
+    /// the same pair; datagrams already in flight keep the fate they were given.
+    pub fn set_path_link(&mut self, src: IpAddr, dst: IpAddr, link: LinkConfig) {
+        self.path_links.insert((src, dst), link);
+    }
+
+    /// Removes the [`Network::set_path_link`] override from `src` to `dst` (one direction), so
+    /// those datagrams use the node-pair link again. Does not heal a [`Network::set_path_cut`].
+    pub fn clear_path_link(&mut self, src: IpAddr, dst: IpAddr) {
+        self.path_links.remove(&(src, dst));
+    }
+
+    /// Cuts (`true`) or heals (`false`) the path from IP address `src` to IP address `dst` (one
+    /// direction; ports are ignored): while cut, every datagram from `src` to `dst` is silently
+    /// dropped and counted in [`SimStats::partitioned`]. Other address pairs between the same
+    /// nodes, and the reverse direction, are unaffected. Independent of
+    /// [`Network::set_path_link`]: a cut takes precedence over an override, and clearing the
+    /// override does not heal the cut.
+    pub fn set_path_cut(&mut self, src: IpAddr, dst: IpAddr, cut: bool) {
+        if cut {
+            self.path_cuts.insert((src, dst));
+        } else {
+            self.path_cuts.remove(&(src, dst));
         }
     }
 
@@ -337,11 +390,23 @@ impl<N: Node> Network<N> {
             self.stats.partitioned += 1;
             return;
         }
-        let link = self
-            .links
-            .get(&(from, to))
-            .unwrap_or(&self.default_link)
-            .clone();
+        let path = (dgram.src.ip(), dgram.dst.ip());
+        if self.path_cuts.contains(&path) {
+            self.stats.partitioned += 1;
+            return;
+        }
+        // An address-pair override replaces the node-pair link and brings its own queue; either
+        // way the random draws below happen in the same order.
+        let (link, queue) = match self.path_links.get(&path) {
+            Some(link) => (link.clone(), QueueKey::Path(path.0, path.1)),
+            None => (
+                self.links
+                    .get(&(from, to))
+                    .unwrap_or(&self.default_link)
+                    .clone(),
+                QueueKey::Nodes(from, to),
+            ),
+        };
         if dgram.payload.len() > link.mtu {
             self.stats.too_big += 1;
             return;
@@ -353,7 +418,7 @@ impl<N: Node> Network<N> {
         // Serialization: a datagram leaves when the link has finished the ones before it.
         let mut depart = self.now;
         if let Some(rate) = link.bandwidth.filter(|r| *r > 0) {
-            let busy = self.busy_until.entry((from, to)).or_insert(self.now);
+            let busy = self.busy_until.entry(queue).or_insert(self.now);
             let start = (*busy).max(self.now);
             let backlog = u128::from(rate) * (start - self.now).as_nanos() / 1_000_000_000;
             if backlog > link.queue_bytes as u128 {

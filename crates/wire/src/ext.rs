@@ -187,7 +187,7 @@ impl From<ExtType> for u8 {
 
 /// The flags of a CONTROL extension.
 ///
-/// Only the six defined bits can be held: [`ControlFlags::from_bits_truncate`] drops the others, so
+/// Only the seven defined bits can be held: [`ControlFlags::from_bits_truncate`] drops the others, so
 /// they are always sent as 0 and ignored on receipt.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ControlFlags(u16);
@@ -207,16 +207,20 @@ impl ControlFlags {
     pub const RST: ControlFlags = ControlFlags(0x0010);
     /// The sender has finished sending on the flow.
     pub const FIN: ControlFlags = ControlFlags(0x0020);
+    /// Joins a new path to the flow (with ACK: accepts the join); `verno` is the path ID
+    /// (multipath, docs/wire.md §16).
+    pub const JOIN: ControlFlags = ControlFlags(0x0040);
     /// Every defined flag.
-    pub const ALL: ControlFlags = ControlFlags(0x003f);
+    pub const ALL: ControlFlags = ControlFlags(0x007f);
 
-    const NAMES: [(ControlFlags, &'static str); 6] = [
+    const NAMES: [(ControlFlags, &'static str); 7] = [
         (Self::SYN, "SYN"),
         (Self::ACK, "ACK"),
         (Self::RSYN, "RSYN"),
         (Self::NACK, "NACK"),
         (Self::RST, "RST"),
         (Self::FIN, "FIN"),
+        (Self::JOIN, "JOIN"),
     ];
 
     /// The flags in `bits`, ignoring undefined bits.
@@ -760,7 +764,12 @@ mod tests {
         assert_eq!(f.to_string(), "SYN|ACK");
         assert_eq!(format!("{:?}", ControlFlags::EMPTY), "ControlFlags(-)");
         assert_eq!(ControlFlags::from_bits_truncate(0xffff), ControlFlags::ALL);
-        assert_eq!(ControlFlags::from_bits(0x0040), None);
+        assert_eq!(ControlFlags::from_bits(0x0080), None);
+        assert_eq!(ControlFlags::from_bits(0x0040), Some(ControlFlags::JOIN));
+        assert_eq!(
+            (ControlFlags::JOIN | ControlFlags::ACK).to_string(),
+            "ACK|JOIN"
+        );
         assert_eq!(ControlFlags::from_bits(0x0020), Some(ControlFlags::FIN));
         let mut g = f;
         g.remove(ControlFlags::SYN);

@@ -319,7 +319,7 @@ fn reserved_bits_and_optional_extensions_are_ignored() {
     // Reserved flag nibble, undefined CONTROL flag bits, SERVICE reserved byte.
     let mut b = build(&[&CONTROL_SYN, &NONCE], b"x");
     b[0] = 0x1f;
-    b[20 + 2..20 + 4].copy_from_slice(&0xffc1u16.to_be_bytes());
+    b[20 + 2..20 + 4].copy_from_slice(&0xff81u16.to_be_bytes());
     let r = check(&b).unwrap();
     assert_eq!(
         SalPacket::new_checked(&b[..]).unwrap().reserved_flags(),

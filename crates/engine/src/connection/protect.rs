@@ -455,9 +455,24 @@ pub struct Protector {
     tx_gen: u64,
     rx_gen: u64,
     update_interval: u64,
-    path: u32,
+    /// The data spaces of paths other than path 0 (multipath, docs/moving-flows.md §2): each
+    /// numbers its packets from 0, so each has its own replay window and phase bookkeeping.
+    extra: Vec<PathSpace>,
     /// Counters.
     pub stats: ProtectStats,
+}
+
+/// The protection state of one extra path's data space.
+#[derive(Clone, Debug, Default)]
+struct PathSpace {
+    id: u32,
+    replay: ReplayWindow,
+    /// The first packet number of the current receiving phase on this path.
+    rx_phase_start: u64,
+    /// The first packet number sealed on this path in the current sending phase.
+    tx_phase_first_pn: Option<u64>,
+    /// The largest packet number of ours on this path the peer has acknowledged.
+    peer_acked: Option<u64>,
 }
 
 impl core::fmt::Debug for Protector {
@@ -489,7 +504,7 @@ impl Protector {
             tx_gen: 0,
             rx_gen: 0,
             update_interval: update_interval.max(1),
-            path: 0,
+            extra: Vec::new(),
             secrets,
             stats: ProtectStats::default(),
         }
@@ -509,7 +524,36 @@ impl Protector {
     /// transport's packet number and payload. Sets the key phase bit, encrypts the payload in
     /// place (unless plaintext) and appends the tag.
     pub fn seal(&mut self, out: &mut Vec<u8>, base: usize, header_len: usize) {
-        self.seal_in(Space::Data, out, base, header_len);
+        self.seal_in(Space::Data, 0, out, base, header_len);
+    }
+
+    /// [`seal`](Self::seal) for a data packet of path `path`, numbered in that path's space
+    /// (the nonce carries the path ID). A path other than 0 must have been added
+    /// ([`add_path`](Self::add_path)).
+    pub fn seal_on(&mut self, path: u32, out: &mut Vec<u8>, base: usize, header_len: usize) {
+        self.seal_in(Space::Data, path, out, base, header_len);
+    }
+
+    /// Opens a data space for path `path` (not 0, which always exists); nothing if it exists.
+    pub fn add_path(&mut self, path: u32) {
+        if path != 0 && !self.extra.iter().any(|p| p.id == path) {
+            // Every packet of a new path is sent after it was added: one in the other phase
+            // than ours can only be the peer's next (rx_phase_start 0).
+            self.extra.push(PathSpace {
+                id: path,
+                ..PathSpace::default()
+            });
+        }
+    }
+
+    /// Forgets path `path`'s data space (path 0's stays): its packets no longer open.
+    pub fn remove_path(&mut self, path: u32) {
+        self.extra.retain(|p| p.id != path);
+    }
+
+    /// Whether path `path` has a data space.
+    pub fn has_path(&self, path: u32) -> bool {
+        path == 0 || self.extra.iter().any(|p| p.id == path)
     }
 
     /// Seals the control packet at `out[base..]`, a SAL header of `header_len` bytes (and
@@ -537,10 +581,17 @@ impl Protector {
         out.extend_from_slice(&self.control_pn.to_be_bytes());
         out.extend_from_slice(payload);
         self.control_pn = self.control_pn.saturating_add(1);
-        self.seal_in(Space::Control, out, base, header_len);
+        self.seal_in(Space::Control, 0, out, base, header_len);
     }
 
-    fn seal_in(&mut self, space: Space, out: &mut Vec<u8>, base: usize, header_len: usize) {
+    fn seal_in(
+        &mut self,
+        space: Space,
+        path: u32,
+        out: &mut Vec<u8>,
+        base: usize,
+        header_len: usize,
+    ) {
         if space == Space::Data {
             self.maybe_update();
         }
@@ -553,10 +604,24 @@ impl Protector {
         let mut pn = [0u8; PN_LEN];
         pn.copy_from_slice(&packet[header_len..ad_len]);
         let pn = u64::from_be_bytes(pn);
-        if space == Space::Data && self.tx_phase_first_pn.is_none() {
-            self.tx_phase_first_pn = Some(pn);
+        if space == Space::Data {
+            let first = if path == 0 {
+                &mut self.tx_phase_first_pn
+            } else {
+                match self.extra.iter_mut().find(|p| p.id == path) {
+                    Some(p) => &mut p.tx_phase_first_pn,
+                    None => {
+                        debug_assert!(false, "sealing on a path without a space");
+                        out.truncate(base);
+                        return;
+                    }
+                }
+            };
+            if first.is_none() {
+                *first = Some(pn);
+            }
         }
-        let nonce = self.tx_key.nonce(space.nonce_path(self.path), pn);
+        let nonce = self.tx_key.nonce(space.nonce_path(path), pn);
         let sealed = match self.secrets.protection {
             Protection::Encrypted => {
                 let (ad, body) = packet.split_at_mut(ad_len);
@@ -587,15 +652,30 @@ impl Protector {
         self.peer_acked = largest.max(self.peer_acked);
     }
 
+    /// [`peer_acked`](Self::peer_acked) for path `path`'s space.
+    pub fn peer_acked_on(&mut self, path: u32, largest: Option<u64>) {
+        if path == 0 {
+            self.peer_acked(largest);
+        } else if let Some(p) = self.extra.iter_mut().find(|p| p.id == path) {
+            p.peer_acked = largest.max(p.peer_acked);
+        }
+    }
+
     /// Starts a key update when the current phase has sealed enough packets and the peer has
     /// acknowledged one of them — proof it opened the phase (RFC 9001 §6.1's rule). Seeing the
     /// peer's packets in our phase is not enough: it may have reached that phase by an update
     /// of its own while ours was lost, and a second update of ours would then leave it two
     /// phases behind, unable to open anything we send.
     fn maybe_update(&mut self) {
-        let confirmed = self
-            .tx_phase_first_pn
-            .is_some_and(|first| self.peer_acked.is_some_and(|a| a >= first));
+        let acked = |first: Option<u64>, acked: Option<u64>| {
+            first.is_some_and(|first| acked.is_some_and(|a| a >= first))
+        };
+        // On any path: a packet of this phase acknowledged proves the peer opened the phase.
+        let confirmed = acked(self.tx_phase_first_pn, self.peer_acked)
+            || self
+                .extra
+                .iter()
+                .any(|p| acked(p.tx_phase_first_pn, p.peer_acked));
         // And both directions must be in the same generation: an update of the peer's that
         // we have not seen yet would otherwise put it two generations behind ours.
         if self.tx_in_phase >= self.update_interval && confirmed && self.tx_gen == self.rx_gen {
@@ -608,6 +688,9 @@ impl Protector {
         self.tx_key = PacketKey::new(&self.secrets.tx);
         self.tx_in_phase = 0;
         self.tx_phase_first_pn = None;
+        for p in &mut self.extra {
+            p.tx_phase_first_pn = None;
+        }
         self.tx_gen = self.tx_gen.wrapping_add(1);
         self.stats.key_updates += 1;
     }
@@ -616,6 +699,17 @@ impl Protector {
     /// newest the peer has sent that arrived (what may move a flow to a new peer address).
     pub fn largest_opened(&self, space: Space) -> Option<u64> {
         self.replay[space as usize].largest()
+    }
+
+    /// [`largest_opened`](Self::largest_opened) of path `path`'s data space.
+    pub fn largest_opened_on(&self, path: u32) -> Option<u64> {
+        if path == 0 {
+            return self.largest_opened(Space::Data);
+        }
+        self.extra
+            .iter()
+            .find(|p| p.id == path)
+            .and_then(|p| p.replay.largest())
     }
 
     /// The data of a PATH_CHALLENGE: a pseudo-random function under the flow's `control`
@@ -638,6 +732,31 @@ impl Protector {
         header_len: usize,
         space: Space,
     ) -> Result<(u64, usize), OpenError> {
+        self.open_on(packet, header_len, space, 0)
+    }
+
+    /// [`open`](Self::open) for a packet of path `path` (data packets; the control space is
+    /// one for every path, so `path` is ignored there). A data packet of a path without a space
+    /// ([`add_path`](Self::add_path)) is refused as forged.
+    pub fn open_on(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        space: Space,
+        path: u32,
+    ) -> Result<(u64, usize), OpenError> {
+        let path = if space == Space::Control { 0 } else { path };
+        let extra = if path == 0 {
+            None
+        } else {
+            match self.extra.iter().position(|p| p.id == path) {
+                Some(i) => Some(i),
+                None => {
+                    self.stats.forged += 1;
+                    return Err(OpenError::Forged);
+                }
+            }
+        };
         let s = space as usize;
         let ad_len = header_len + PN_LEN;
         if packet.len() < ad_len + TAG_LEN {
@@ -647,14 +766,18 @@ impl Protector {
         let mut pn = [0u8; PN_LEN];
         pn.copy_from_slice(&packet[header_len..ad_len]);
         let pn = u64::from_be_bytes(pn);
-        if self.replay[s].is_replay(pn) {
+        let (replay, phase_start) = match extra {
+            None => (&self.replay[s], self.rx_phase_start[s]),
+            Some(i) => (&self.extra[i].replay, self.extra[i].rx_phase_start),
+        };
+        if replay.is_replay(pn) {
             self.stats.replayed += 1;
             return Err(OpenError::Replayed);
         }
         let phase = packet[0] & KEY_PHASE != 0;
         // Which keys: the current phase's; the next phase's for a newer packet in the other
         // phase (the peer updated); the previous phase's for an older one (reordered).
-        let next = phase != self.secrets.rx.phase && pn >= self.rx_phase_start[s];
+        let next = phase != self.secrets.rx.phase && pn >= phase_start;
         let key = if phase == self.secrets.rx.phase {
             &self.rx_key
         } else if next {
@@ -668,7 +791,7 @@ impl Protector {
                 }
             }
         };
-        let nonce = key.nonce(space.nonce_path(self.path), pn);
+        let nonce = key.nonce(space.nonce_path(path), pn);
         let body_len = packet.len() - ad_len - TAG_LEN;
         let ok = match self.secrets.protection {
             Protection::Encrypted => {
@@ -694,7 +817,10 @@ impl Protector {
             self.stats.forged += 1;
             return Err(OpenError::Forged);
         }
-        self.replay[s].insert(pn);
+        match extra {
+            None => self.replay[s].insert(pn),
+            Some(i) => self.extra[i].replay.insert(pn),
+        }
         self.stats.opened += 1;
         if next {
             // The peer updated its keys: follow, and update ours too if it started it.
@@ -704,9 +830,19 @@ impl Protector {
             self.rx_next = PacketKey::new(&self.secrets.rx.next());
             // The other space's next packet belongs to the new phase too (an older one of the
             // old phase arriving after it fails to open and is recovered like a loss).
-            self.rx_phase_start[s] = pn;
-            let o = 1 - s;
-            self.rx_phase_start[o] = self.replay[o].largest().map_or(0, |l| l.saturating_add(1));
+            // Every space's next packet belongs to the new phase too, this packet's space from
+            // this packet on.
+            for o in 0..2 {
+                self.rx_phase_start[o] =
+                    self.replay[o].largest().map_or(0, |l| l.saturating_add(1));
+            }
+            for p in &mut self.extra {
+                p.rx_phase_start = p.replay.largest().map_or(0, |l| l.saturating_add(1));
+            }
+            match extra {
+                None => self.rx_phase_start[s] = pn,
+                Some(i) => self.extra[i].rx_phase_start = pn,
+            }
             self.stats.key_updates += 1;
             self.rx_gen = self.rx_gen.wrapping_add(1);
             if self.tx_gen < self.rx_gen {
@@ -801,7 +937,7 @@ impl Protector {
             tx_gen: p.tx_gen,
             rx_gen: p.rx_gen,
             update_interval: p.update_interval.max(1),
-            path: 0,
+            extra: Vec::new(),
             secrets: p.secrets,
             stats: ProtectStats::default(),
         }
@@ -1116,6 +1252,84 @@ pub(crate) mod tests {
             s.open(&mut p, hdr.len(), Space::Control),
             Err(OpenError::Replayed)
         );
+    }
+
+    /// Each path numbers its packets in a space of its own: the same packet number opens
+    /// once on each path, a replay on one path is refused there only, a packet sealed for one
+    /// path does not open as another's (the nonce carries the path ID), and a path without a
+    /// space (never added, or removed) opens nothing.
+    #[test]
+    fn paths_have_spaces_of_their_own() {
+        let (mut a, mut b) = pair(Protection::Encrypted, 1 << 20);
+        let sealed_on = |p: &mut Protector, path: u32, pn: u64| {
+            let mut out = SalRepr::new(Protocol::STREAM, FlowId(10), FlowId(20))
+                .to_bytes(&[])
+                .expect("header");
+            out.extend_from_slice(&pn.to_be_bytes());
+            out.extend_from_slice(b"payload");
+            p.seal_on(path, &mut out, 0, BASE_HEADER_LEN);
+            out
+        };
+        let open_on = |p: &mut Protector, path: u32, mut pkt: Vec<u8>| {
+            p.open_on(&mut pkt, BASE_HEADER_LEN, Space::Data, path)
+                .map(|(pn, _)| pn)
+        };
+        a.add_path(3);
+        b.add_path(3);
+        let on0 = sealed_on(&mut a, 0, 7);
+        let on3 = sealed_on(&mut a, 3, 7);
+        assert_ne!(on0, on3);
+        assert_eq!(open_on(&mut b, 3, on0.clone()), Err(OpenError::Forged));
+        assert_eq!(open_on(&mut b, 0, on3.clone()), Err(OpenError::Forged));
+        assert_eq!(open_on(&mut b, 0, on0.clone()), Ok(7));
+        assert_eq!(open_on(&mut b, 3, on3.clone()), Ok(7));
+        assert_eq!(open_on(&mut b, 3, on3.clone()), Err(OpenError::Replayed));
+        assert_eq!(open_on(&mut b, 0, on0), Err(OpenError::Replayed));
+        assert_eq!(b.largest_opened_on(3), Some(7));
+        assert_eq!(
+            open_on(&mut b, 5, sealed_on(&mut a, 3, 8)),
+            Err(OpenError::Forged)
+        );
+        b.remove_path(3);
+        assert!(!b.has_path(3) && b.has_path(0));
+        assert_eq!(
+            open_on(&mut b, 3, sealed_on(&mut a, 3, 9)),
+            Err(OpenError::Forged)
+        );
+    }
+
+    /// A key update is confirmed by an acknowledgement on any path, and the receiver follows
+    /// it on every path.
+    #[test]
+    fn key_updates_span_paths() {
+        let (mut a, mut b) = pair(Protection::Encrypted, 4);
+        a.add_path(1);
+        b.add_path(1);
+        let seal = |p: &mut Protector, path: u32, pn: u64| {
+            let mut out = SalRepr::new(Protocol::STREAM, FlowId(10), FlowId(20))
+                .to_bytes(&[])
+                .expect("header");
+            out.extend_from_slice(&pn.to_be_bytes());
+            p.seal_on(path, &mut out, 0, BASE_HEADER_LEN);
+            out
+        };
+        // Four packets on path 1, acknowledged there: the next seal updates.
+        for pn in 0..4 {
+            let mut pkt = seal(&mut a, 1, pn);
+            b.open_on(&mut pkt, BASE_HEADER_LEN, Space::Data, 1)
+                .expect("opens");
+        }
+        a.peer_acked_on(1, Some(3));
+        let mut pkt = seal(&mut a, 1, 4);
+        assert_eq!(a.stats.key_updates, 1);
+        b.open_on(&mut pkt, BASE_HEADER_LEN, Space::Data, 1)
+            .expect("opens");
+        // Its receiving keys followed, and its sending keys with them.
+        assert_eq!(b.stats.key_updates, 2);
+        // Path 0 of the new phase opens too.
+        let mut pkt = seal(&mut a, 0, 0);
+        b.open_on(&mut pkt, BASE_HEADER_LEN, Space::Data, 0)
+            .expect("opens");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum ExportError {
     /// ([`MAX_APP_STATE`](crate::endpoint::MAX_APP_STATE)).
     #[error("the application state ({0} bytes) is larger than a snapshot carries")]
     AppStateTooLarge(usize),
+    /// The connection runs several paths (multipath): a snapshot carries one. Remove the
+    /// others first ([`Endpoint::remove_path`](crate::Endpoint::remove_path)).
+    #[error("the connection runs {0} paths; a snapshot carries one")]
+    Multipath(usize),
     /// The snapshot could not be written (a block beyond the format's 32-bit lengths).
     #[error("snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
@@ -119,6 +123,8 @@ fn reliable_code(k: Option<Reliable>) -> u8 {
         Some(Reliable::SynAck) => 2,
         Some(Reliable::Rsyn) => 3,
         Some(Reliable::Fin) => 4,
+        // This host's addresses mean nothing where the snapshot goes: not carried.
+        Some(Reliable::Addresses) => 0,
     }
 }
 
@@ -157,7 +163,10 @@ impl Connection {
         if !matches!(self.state, State::Established | State::TimeWait) || self.protect.is_none() {
             return Err(ExportError::NotEstablished);
         }
-        Ok(())
+        match self.path_count() - 1 {
+            0 => Ok(()),
+            n => Err(ExportError::Multipath(n + 1)),
+        }
     }
 
     /// Undoes [`freeze_for_export`](Self::freeze_for_export): the move was aborted and this
@@ -235,6 +244,7 @@ impl Connection {
             | u8::from(self.flush_transport) << 3);
         match &self.pending {
             None => b.u8(0),
+            Some(p) if p.kind == Reliable::Addresses => b.u8(0),
             Some(p) => {
                 b.u8(reliable_code(Some(p.kind)));
                 b.u32(p.verno);
@@ -244,7 +254,10 @@ impl Connection {
                 b.u32(p.quiet);
             }
         }
-        for k in self.queued.0 {
+        // Packed at the front, without what is not carried.
+        let mut queued = self.queued;
+        queued.remove(Reliable::Addresses);
+        for k in queued.0 {
             b.u8(reliable_code(k));
         }
         let answers = self.answers.len().min(MAX_ANSWERS);
@@ -463,6 +476,7 @@ impl Connection {
             paths: None,
             rebinding_early: false,
             move_frame: None,
+            subpaths: None,
         };
         if c.state == State::Established {
             c.rebind(now);

@@ -499,7 +499,12 @@ pub struct TransportStats {
     /// Packets received whose stream data could not be buffered without fragmenting the
     /// receive buffer beyond its bound; they were not acknowledged.
     pub fragmented_drops: u64,
-    /// The congestion window, bytes.
+    /// Paths found failing (their probe timer fired while another path worked; multipath).
+    pub path_failures: u64,
+    /// Failing paths that answered again.
+    pub path_recoveries: u64,
+    /// The congestion window of the primary path, bytes. Per-path values:
+    /// [`Transport::paths`].
     pub cwnd: u64,
     /// Bytes in flight.
     pub bytes_in_flight: u64,
@@ -541,6 +546,9 @@ struct Counters {
     mtu_probes_lost: u32,
     black_holes: u32,
     protocol_violations: u32,
+    /// Not part of a snapshot (only a one-path transport is exported).
+    path_failures: u32,
+    path_recoveries: u32,
 }
 
 /// A stream range carried by a sent packet.
@@ -658,9 +666,13 @@ pub struct Transport {
     state: State,
     frozen: bool,
 
-    /// The path's state: packet numbers and what they carried, acknowledgements, RTT,
-    /// congestion control, pacing, MTU search, probe timer (one path today).
+    /// The state of the path being worked on: packet numbers and what they carried,
+    /// acknowledgements, RTT, congestion control, pacing, MTU search, probe timer. With one
+    /// path (the common case) it is the only one; with several ([`multipath`]) the others wait
+    /// in `others` and the one a packet, timer or transmission concerns is swapped in first.
     path: path::Path,
+    /// The connection's other paths (multipath), in no particular order.
+    others: path::OtherPaths,
 
     // Sending.
     send: SendBuffer,
@@ -822,6 +834,7 @@ impl Transport {
             state: State::Open,
             frozen: false,
             path: path::Path::new(&config, now),
+            others: path::OtherPaths::default(),
             send,
             max_data_pending: false,
             window_unannounced: true,
@@ -879,6 +892,22 @@ impl Transport {
     /// acknowledged but its frames are not processed again. See [`TransportError`] for
     /// which errors are fatal.
     pub fn handle_packet(&mut self, now: Instant, payload: &[u8]) -> Result<(), TransportError> {
+        self.handle_packet_on(now, 0, payload)
+    }
+
+    /// [`handle_packet`](Self::handle_packet) for a packet that arrived on path `path` (its
+    /// packet number and any ACK frame are of that path's space). A packet of a path the
+    /// transport does not have is dropped, changing nothing.
+    pub fn handle_packet_on(
+        &mut self,
+        now: Instant,
+        path: u32,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
+        if !self.focus(path) {
+            self.stats.malformed_packets += 1;
+            return Ok(());
+        }
         if self.state != State::Open {
             return Ok(());
         }
@@ -1044,6 +1073,8 @@ impl Transport {
         if self.state != State::Open || frames.is_empty() {
             return 0;
         }
+        // Path validation is the primary path's.
+        self.focus_primary();
         let start = out.len();
         let pn = self.path.sent.next_packet_number();
         out.extend_from_slice(&pn.to_be_bytes());
@@ -1115,14 +1146,19 @@ impl Transport {
         let app_limited = in_flight_before.saturating_add(u64::from(self.path.mtu.current()))
             < self.path.cc.window()
             && !self.has_sendable();
+        let coupling = self.coupling();
+        if !outcome.newly_acked.is_empty() {
+            self.on_path_acked();
+        }
         for p in outcome.newly_acked {
             if p.info.in_flight {
-                self.path.cc.on_ack(
+                self.path.cc.on_ack_coupled(
                     now,
                     p.info.time_sent,
                     u64::from(p.info.size),
                     &self.path.rtt,
                     app_limited,
+                    coupling,
                 );
             }
             if p.info.mtu_probe {
@@ -1246,13 +1282,26 @@ impl Transport {
     /// [`TransportConfig::sal_overhead`] (a PMTU probe is exactly its probe size minus the
     /// overhead).
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
+        if self.others.is_empty() {
+            return self.poll_transmit_path(now, out, true);
+        }
+        self.poll_transmit_multipath(now, out)
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit) on the path being worked on (`self.path`), with
+    /// stream data and datagrams only if `data` (else only what the path itself needs:
+    /// probes, acknowledgements, PINGs, window updates).
+    fn poll_transmit_path(&mut self, now: Instant, out: &mut Vec<u8>, data: bool) -> usize {
         self.path.pacing_until = OptInstant::NONE;
         if self.frozen {
             return 0;
         }
         match &self.state {
             State::Open => {}
-            State::Closing(_) => return self.emit_close(now, out),
+            State::Closing(_) => {
+                self.focus_primary();
+                return self.emit_close(now, out);
+            }
             State::Closed(_) => return 0,
         }
         let sal = usize::from(self.config.sal_overhead);
@@ -1268,7 +1317,7 @@ impl Transport {
             } else {
                 max_payload
             };
-            if !self.send.has_pending() {
+            if data && !self.send.has_pending() {
                 self.requeue_oldest_for_probe();
             }
             return self.emit(
@@ -1276,7 +1325,7 @@ impl Transport {
                 out,
                 Emit {
                     max_payload: limit,
-                    stream: true,
+                    stream: data,
                     datagrams: false,
                     force_eliciting: true,
                     mtu_probe: None,
@@ -1287,8 +1336,8 @@ impl Transport {
         let window = self.path.cc.window();
         let in_flight = self.path.sent.bytes_in_flight();
         let srtt = self.path.rtt.smoothed();
-        let wants = self.has_sendable();
-        let active = wants || self.send.acked_offset() < self.send.unsent_offset();
+        let wants = data && self.has_sendable();
+        let active = data && (wants || self.send.acked_offset() < self.send.unsent_offset());
 
         // Probe only while data moves (not for keepalives on an idle connection). A probe
         // never takes window room that application data could use: it goes out only when the
@@ -1400,6 +1449,7 @@ impl Transport {
     /// Skips `n` packet numbers (see [`SentPackets::skip_packet_numbers`]): a primary that
     /// lost its standby moves past every number the standby may seal with (D9).
     pub fn skip_packet_numbers(&mut self, n: u64) {
+        self.focus_primary();
         self.path.sent.skip_packet_numbers(n);
     }
 
@@ -1408,18 +1458,29 @@ impl Transport {
     /// output, dropped when it lost its standby), which would otherwise wait for a probe
     /// timeout backed off through the hold.
     pub fn resend_in_flight(&mut self) {
-        for p in self.path.sent.drain() {
-            self.requeue(&p.payload);
-        }
-        self.path.pto_probes = 0;
-        if self.path.ack.pending {
-            self.path.ack.immediate = true;
+        for i in 0..=self.others.len() {
+            let path = match i.checked_sub(1) {
+                None => &mut self.path,
+                Some(j) => &mut self.others[j],
+            };
+            for p in path.sent.drain() {
+                for c in p.payload.chunks() {
+                    self.send.on_lost(c.start..c.end, c.fin);
+                }
+                if p.payload.max_data && self.recv.fin_offset().is_none() {
+                    self.max_data_pending = true;
+                }
+            }
+            path.pto_probes = 0;
+            if path.ack.pending {
+                path.ack.immediate = true;
+            }
         }
     }
 
     /// The largest of our packet numbers the peer has acknowledged.
     pub fn largest_acked(&self) -> Option<u64> {
-        self.path.sent.largest_acked()
+        self.primary().sent.largest_acked()
     }
 
     /// Builds one packet into `out` per `opts` (plus whatever is pending: ACK, MAX_DATA,
@@ -1490,6 +1551,7 @@ impl Transport {
         }
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += wire as u64;
+        self.path.bytes_sent += wire as u64;
         self.path.last_sent = now;
         self.memory_released = false;
         len
@@ -1645,7 +1707,7 @@ impl Transport {
 
     /// The idle deadline.
     fn idle_deadline(&self) -> Instant {
-        self.path.last_received + self.config.idle_timeout()
+        self.last_received() + self.config.idle_timeout()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest of
@@ -1668,18 +1730,32 @@ impl Transport {
                 t = t.min(x);
             }
         };
-        consider(self.path.sent.next_timeout(&self.path.rtt));
-        if self.path.ack.pending && !self.path.ack.immediate {
-            consider(self.path.ack.deadline.get());
+        for p in core::iter::once(&self.path).chain(self.others.iter()) {
+            consider(self.path_timeout(p));
         }
-        consider(self.path.pacing_until.get());
-        if !self.path.ping_pending {
-            consider(self.config.keepalive().map(|k| self.path.last_sent + k));
-        }
-        consider(self.path.mtu.next_timeout());
         consider(self.memory_release_deadline());
         consider(self.silence_deadline());
         Some(t)
+    }
+
+    /// The earliest of path `p`'s own timers: loss detection or probe, delayed ACK, pacing
+    /// release, keepalive, PMTU raise.
+    fn path_timeout(&self, p: &path::Path) -> Option<Instant> {
+        let mut t = p.sent.next_timeout(&p.rtt);
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if p.ack.pending && !p.ack.immediate {
+            consider(p.ack.deadline.get());
+        }
+        consider(p.pacing_until.get());
+        if !p.ping_pending {
+            consider(self.config.keepalive().map(|k| p.last_sent + k));
+        }
+        consider(p.mtu.next_timeout());
+        t
     }
 
     /// When to give back the memory of empty buffers and queues (see [`IDLE_RELEASE`]), if
@@ -1695,10 +1771,14 @@ impl Transport {
     fn has_spare_capacity(&self) -> bool {
         self.send.has_spare_capacity()
             || self.recv.has_spare_capacity()
-            || self.path.sent.has_spare_capacity()
-            || self.path.ack.received.has_spare_capacity()
-            || self.path.ack.ranges.capacity() > 0
-            || self.path.lost_pns.has_spare_capacity()
+            || core::iter::once(&self.path)
+                .chain(self.others.iter())
+                .any(|p| {
+                    p.sent.has_spare_capacity()
+                        || p.ack.received.has_spare_capacity()
+                        || p.ack.ranges.capacity() > 0
+                        || p.lost_pns.has_spare_capacity()
+                })
             || self
                 .dgrams
                 .as_ref()
@@ -1710,10 +1790,12 @@ impl Transport {
     pub(crate) fn release_memory(&mut self) {
         self.send.shrink_to_fit();
         self.recv.shrink_to_fit();
-        self.path.sent.release_memory();
-        self.path.ack.received.shrink_to_fit();
-        self.path.ack.ranges = Vec::new();
-        self.path.lost_pns.shrink_to_fit();
+        for p in core::iter::once(&mut self.path).chain(self.others.iter_mut()) {
+            p.sent.release_memory();
+            p.ack.received.shrink_to_fit();
+            p.ack.ranges = Vec::new();
+            p.lost_pns.shrink_to_fit();
+        }
         if self
             .dgrams
             .as_ref()
@@ -1726,13 +1808,21 @@ impl Transport {
 
     /// When the transport last sent or received a packet.
     pub fn last_activity(&self) -> Instant {
-        self.path.last_sent.max(self.path.last_received)
+        core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .map(|p| p.last_sent.max(p.last_received))
+            .max()
+            .unwrap_or(self.path.last_received)
     }
 
     /// When the transport last received a valid packet, or the SAL reported the peer's
     /// activity ([`on_peer_activity`](Self::on_peer_activity)): the peer's last sign of life.
     pub fn last_received(&self) -> Instant {
-        self.path.last_received
+        core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .map(|p| p.last_received)
+            .max()
+            .unwrap_or(self.path.last_received)
     }
 
     /// Sends a PING with the next packet: the peer acknowledges it at once, so its answer
@@ -1740,6 +1830,7 @@ impl Transport {
     /// Ignored unless the transport is open.
     pub fn ping(&mut self) {
         if self.state == State::Open {
+            self.focus_primary();
             self.path.ping_pending = true;
         }
     }
@@ -1747,7 +1838,7 @@ impl Transport {
     /// The current probe timeout period of the path, before backoff (RFC 9002 §6.2.1):
     /// the SAL scales its own retransmission timers from it.
     pub fn pto_period(&self) -> Duration {
-        self.path.rtt.pto_period()
+        self.primary().rtt.pto_period()
     }
 
     /// Handles whatever timers expired at `now` (calling it early or twice is harmless).
@@ -1772,6 +1863,25 @@ impl Transport {
         if self.frozen {
             return;
         }
+        if self.others.is_empty() {
+            self.handle_path_timeout(now);
+        } else {
+            self.handle_timeout_multipath(now);
+        }
+        self.liveness_on_timeout(now);
+        if self.memory_release_deadline().is_some_and(|t| t <= now) {
+            self.release_memory();
+        }
+    }
+
+    /// The timers of the path being worked on (`self.path`) that expired at `now`.
+    fn handle_path_timeout(&mut self, now: Instant) {
+        // The pacer's release is re-armed by the next transmission attempt on the path. With
+        // one path that attempt comes at once; with several, the path may not be tried soon
+        // (it carries no data), and a release left in the past would fire for ever.
+        if self.path.pacing_until.get().is_some_and(|t| t <= now) {
+            self.path.pacing_until = OptInstant::NONE;
+        }
         if self
             .path
             .sent
@@ -1783,6 +1893,7 @@ impl Transport {
                 Some(Timeout::Probe) => {
                     self.stats.probe_timeouts = self.stats.probe_timeouts.saturating_add(1);
                     self.path.pto_probes = PTO_PROBE_PACKETS;
+                    self.on_path_probe_timeout();
                 }
                 None => {}
             }
@@ -1797,14 +1908,10 @@ impl Transport {
         {
             self.path.ping_pending = true;
         }
-        self.liveness_on_timeout(now);
         if self.path.mtu.next_timeout().is_some_and(|t| t <= now) {
             // Leaves `SearchComplete` (disarming the raise timer); the probe goes out with
             // the next packet that may be sent.
             let _ = self.path.mtu.next_probe_size(now);
-        }
-        if self.memory_release_deadline().is_some_and(|t| t <= now) {
-            self.release_memory();
         }
     }
 
@@ -1882,10 +1989,14 @@ impl Transport {
 
     /// Largest datagram [`send_datagram`](Self::send_datagram) accepts on the current path.
     pub fn max_datagram_size(&self) -> usize {
-        let room = usize::from(self.path.mtu.current())
-            - usize::from(self.config.sal_overhead)
-            - PN_LEN
-            - 1;
+        // With several paths a datagram may go on any: the smallest MTU.
+        let mtu = core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .filter(|p| p.usable)
+            .map(|p| p.mtu.current())
+            .min()
+            .unwrap_or(self.path.mtu.current());
+        let room = usize::from(mtu) - usize::from(self.config.sal_overhead) - PN_LEN - 1;
         // Largest `n` with `n + varint_len(n) <= room`.
         let mut n = room.saturating_sub(varint_len(room as u64));
         while n + 1 + varint_len(n as u64 + 1) <= room {
@@ -1931,7 +2042,7 @@ impl Transport {
         if self.state != State::Open {
             return;
         }
-        let deadline = now + self.path.rtt.pto_period().saturating_mul(3);
+        let deadline = now + self.primary().rtt.pto_period().saturating_mul(3);
         self.state = State::Closing(Box::new(Closing {
             code,
             reason: reason.to_owned(),
@@ -1972,9 +2083,11 @@ impl Transport {
         if self.state != State::Open || !self.send.on_all_delivered() {
             return;
         }
-        drop(self.path.sent.drain());
-        self.path.pto_probes = 0;
-        self.path.lost_pns.clear();
+        for p in core::iter::once(&mut self.path).chain(self.others.iter_mut()) {
+            drop(p.sent.drain());
+            p.pto_probes = 0;
+            p.lost_pns.clear();
+        }
         if !self.all_acked_reported {
             self.all_acked_reported = true;
             self.push_event(TransportEvent::AllAcked);
@@ -1991,10 +2104,13 @@ impl Transport {
     /// arrived: an acknowledgement still waiting for its delay would say nothing more, so it
     /// is not sent (a retransmission arriving later is acknowledged as usual).
     pub fn cancel_pending_ack(&mut self) {
-        self.path.ack.pending = false;
-        self.path.ack.immediate = false;
-        self.path.ack.eliciting_since = 0;
-        self.path.ack.deadline = OptInstant::NONE;
+        for path in core::iter::once(&mut self.path).chain(self.others.iter_mut()) {
+            let ack = &mut path.ack;
+            ack.pending = false;
+            ack.immediate = false;
+            ack.eliciting_since = 0;
+            ack.deadline = OptInstant::NONE;
+        }
     }
 
     /// Whether the transport is frozen (see [`set_frozen`](Self::set_frozen)).
@@ -2034,6 +2150,7 @@ impl Transport {
     /// prior knowledge stand for the initial RTT), and with the initial guess a packet lost
     /// right after the move waited a probe timeout of about a second.
     pub fn on_peer_moved(&mut self, now: Instant) {
+        self.focus_primary();
         let prior = self.path.rtt.has_sample().then(|| self.path.rtt.smoothed());
         self.on_path_change_with_rtt(now, prior);
     }
@@ -2044,6 +2161,8 @@ impl Transport {
     /// pace from the first packet.
     pub fn on_path_change_with_rtt(&mut self, now: Instant, rtt_sample: Option<Duration>) {
         self.resend_in_flight();
+        // A migration moves the primary path; the flow's other paths stay as they are.
+        self.focus_primary();
         self.path.lost_pns.clear();
         self.path.mtu = PathMtu::new(*self.path.mtu.config());
         self.path.cc.on_mtu_update(self.path.mtu.current());
@@ -2067,7 +2186,7 @@ impl Transport {
     /// Probe timeouts fired in a row with nothing acknowledged since (RFC 9002's
     /// `pto_count`): a path that stays silent counts up.
     pub fn pto_count(&self) -> u32 {
-        self.path.sent.pto_count()
+        self.primary().sent.pto_count()
     }
 
     /// Counters and current values.
@@ -2099,11 +2218,13 @@ impl Transport {
             mtu_probes_lost: u64::from(c.mtu_probes_lost),
             black_holes: u64::from(c.black_holes),
             protocol_violations: u64::from(c.protocol_violations),
-            cwnd: self.path.cc.window(),
-            bytes_in_flight: self.path.sent.bytes_in_flight(),
-            srtt: self.path.rtt.smoothed(),
-            min_rtt: self.path.rtt.min(),
-            pmtu: self.path.mtu.current(),
+            path_failures: u64::from(c.path_failures),
+            path_recoveries: u64::from(c.path_recoveries),
+            cwnd: self.primary().cc.window(),
+            bytes_in_flight: self.primary().sent.bytes_in_flight(),
+            srtt: self.primary().rtt.smoothed(),
+            min_rtt: self.primary().rtt.min(),
+            pmtu: self.primary().mtu.current(),
         }
     }
 }
@@ -2114,6 +2235,8 @@ fn datagram_frame_len(len: usize) -> usize {
 }
 
 mod liveness;
+mod multipath;
+pub use multipath::{MAX_PATHS, PathInfo};
 mod path;
 mod snapshot;
 

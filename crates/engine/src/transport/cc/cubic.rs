@@ -22,7 +22,7 @@
 
 use core::time::Duration;
 
-use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
+use super::{Coupling, MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
 use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::rtt::RttEstimator;
@@ -160,6 +160,22 @@ impl Cubic {
         rtt: &RttEstimator,
         app_limited: bool,
     ) {
+        self.on_ack_coupled(now, sent_time, bytes, rtt, app_limited, None);
+    }
+
+    /// See
+    /// [`CongestionController::on_ack_coupled`](super::CongestionController::on_ack_coupled):
+    /// RFC 6356 defines LIA over Reno, so here the coupling caps CUBIC's increase by LIA's,
+    /// and the Reno-friendly estimate `W_est` grows at the coupled Reno rate.
+    pub fn on_ack_coupled(
+        &mut self,
+        now: Instant,
+        sent_time: Instant,
+        bytes: u64,
+        rtt: &RttEstimator,
+        app_limited: bool,
+        coupling: Option<Coupling>,
+    ) {
         self.last_activity = now.into();
         self.idle_threshold = Nanos::of(rtt.smoothed());
         if self.recovery.contains(sent_time) {
@@ -197,14 +213,22 @@ impl Cubic {
             C * d * d * d * mss + self.w_max
         };
 
+        // RFC 6356 §3 when coupled: Reno's increase `acked * mss / cwnd` becomes
+        // `acked * mss / max(cwnd, cwnd_total / alpha)`. Uncoupled, the divisor is `cwnd`.
+        let reno_divisor = match coupling {
+            Some(c) => self.cwnd.max(c.coupled_window() as f64),
+            None => self.cwnd,
+        };
+
         // §4.3: W_est += α * segments_acked / cwnd (in segments), i.e. α * acked * mss / cwnd
         // bytes; α becomes 1 once W_est has reached the window before the last reduction.
+        // When coupled, W_est follows the coupled Reno increase instead.
         let alpha = if self.w_est >= self.cwnd_prior {
             1.0
         } else {
             ALPHA
         };
-        self.w_est += alpha * acked * mss / self.cwnd;
+        self.w_est += alpha * acked * mss / reno_divisor;
 
         let next = if w_cubic(t) < self.w_est {
             // Reno-friendly region: cwnd = W_est. (Taking the max keeps an ACK from ever
@@ -216,6 +240,11 @@ impl Cubic {
             let srtt = rtt.smoothed().as_secs_f64();
             let target = w_cubic(t + srtt).clamp(self.cwnd, 1.5 * self.cwnd);
             self.cwnd + (target - self.cwnd) * acked / self.cwnd
+        };
+        // Coupled: no more than LIA's increase for this ACK.
+        let next = match coupling {
+            Some(_) => next.min(self.cwnd + acked * mss / reno_divisor),
+            None => next,
         };
         self.cwnd = next.min(MAX_WINDOW as f64);
     }

@@ -36,6 +36,16 @@
 //!    the packet size, and [`on_path_change`](CongestionController::on_path_change) when the
 //!    flow moves to a new path.
 //!
+//! # Multipath
+//!
+//! A connection sending over several paths at once keeps one controller per path and, to be
+//! no more aggressive than one single-path flow on a shared bottleneck, couples their
+//! increases with RFC 6356's Linked Increases Algorithm ([`Coupling`]): on each
+//! acknowledgement for a path it builds a [`Coupling`] from every path carrying data
+//! ([`Coupling::lia`]) and calls
+//! [`on_ack_coupled`](CongestionController::on_ack_coupled) instead of `on_ack`. Everything
+//! else (losses, MTU updates, path changes) stays per path.
+//!
 //! # What must not be reported as congestion
 //!
 //! - Loss of a path-MTU probe (RFC 9000 §14.4: it "is therefore not a reliable indication of
@@ -46,9 +56,11 @@
 //!   apart; the caller must simply not call `on_congestion_event` for them (and typically
 //!   calls `on_path_change` instead).
 
+mod coupled;
 mod cubic;
 mod new_reno;
 
+pub use coupled::Coupling;
 pub use cubic::Cubic;
 pub use new_reno::NewReno;
 
@@ -177,6 +189,41 @@ impl CongestionController {
         app_limited: bool,
     ) {
         dispatch!(self, cc => cc.on_ack(now, sent_time, bytes, rtt, app_limited))
+    }
+
+    /// `on_ack` with the increase in congestion avoidance limited by LIA's (`coupling` None =
+    /// exactly [`on_ack`](Self::on_ack)).
+    ///
+    /// `coupling` comes from [`Coupling::lia`] over every path carrying data, this one
+    /// included. Everything but the increase in congestion avoidance is as in `on_ack`: slow
+    /// start, recovery periods, application-limited ACKs, and the response to loss
+    /// ([`on_congestion_event`](Self::on_congestion_event)) stay per path (RFC 6356 §3 couples
+    /// only the increase).
+    ///
+    /// - NewReno: one maximum datagram size of growth per `max(cwnd_i, cwnd_total / alpha)`
+    ///   bytes acknowledged, with the same byte counting as the uncoupled controller; this is
+    ///   RFC 6356's `min(alpha * bytes * mss / cwnd_total, bytes * mss / cwnd_i)` without
+    ///   losing fractions to rounding.
+    /// - CUBIC: RFC 6356 defines LIA over Reno only. With CUBIC the coupling caps CUBIC's
+    ///   increase by LIA's: each ACK grows the window by what CUBIC computes (RFC 9438 §4.2 to
+    ///   §4.5), but by at most `bytes * mss / max(cwnd_i, cwnd_total / alpha)`. The
+    ///   Reno-friendly estimate `W_est` (§4.3) follows the coupled Reno increase too, so it
+    ///   does not run ahead of the window while coupled. A coupled CUBIC path is thus never
+    ///   more aggressive than a coupled Reno path with the same window, and is gentler where
+    ///   CUBIC's curve is flat (around `W_max`); the price is that, while coupled, CUBIC's
+    ///   faster probing of large bandwidth-delay products is given up.
+    pub fn on_ack_coupled(
+        &mut self,
+        now: Instant,
+        sent_time: Instant,
+        bytes: u64,
+        rtt: &RttEstimator,
+        app_limited: bool,
+        coupling: Option<Coupling>,
+    ) {
+        dispatch!(self, cc => {
+            cc.on_ack_coupled(now, sent_time, bytes, rtt, app_limited, coupling)
+        })
     }
 
     /// Processes a congestion event: one or more in-flight packets declared lost, the most

@@ -1,6 +1,7 @@
 //! NewReno congestion control (RFC 9002 §7, pseudocode in Appendix B).
 
-use super::{MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
+use super::coupled::growth_divisor;
+use super::{Coupling, MAX_WINDOW, Recovery, clamp_mss, initial_window, minimum_window};
 use crate::Instant;
 use crate::snapshot::{BlockReader, BlockWriter, SnapshotError};
 use crate::transport::OptInstant;
@@ -61,11 +62,25 @@ impl NewReno {
     /// See [`CongestionController::on_ack`](super::CongestionController::on_ack).
     pub fn on_ack(
         &mut self,
+        now: Instant,
+        sent_time: Instant,
+        bytes: u64,
+        rtt: &RttEstimator,
+        app_limited: bool,
+    ) {
+        self.on_ack_coupled(now, sent_time, bytes, rtt, app_limited, None);
+    }
+
+    /// See
+    /// [`CongestionController::on_ack_coupled`](super::CongestionController::on_ack_coupled).
+    pub fn on_ack_coupled(
+        &mut self,
         _now: Instant,
         sent_time: Instant,
         bytes: u64,
         _rtt: &RttEstimator,
         app_limited: bool,
+        coupling: Option<Coupling>,
     ) {
         // Appendix B.5: "Do not increase congestion_window in recovery period"; §7.8: nor when
         // the window is not fully used.
@@ -79,10 +94,13 @@ impl NewReno {
             // §7.3.3: "increase the congestion window by one maximum datagram size for each
             // congestion window acknowledged". Counting acknowledged bytes (rather than adding
             // mss * bytes / window per ACK) avoids losing the fractions to rounding.
+            // RFC 6356 §3, when coupled: one datagram per max(window, cwnd_total / alpha)
+            // bytes, i.e. min(alpha * bytes * mss / cwnd_total, bytes * mss / window).
+            let per_datagram = growth_divisor(self.window, coupling);
             self.bytes_acked = self.bytes_acked.saturating_add(bytes);
-            if self.bytes_acked >= self.window {
-                let windows = self.bytes_acked / self.window;
-                self.bytes_acked %= self.window;
+            if self.bytes_acked >= per_datagram {
+                let windows = self.bytes_acked / per_datagram;
+                self.bytes_acked %= per_datagram;
                 let growth = windows.saturating_mul(u64::from(self.mss));
                 self.window = self.window.saturating_add(growth).min(MAX_WINDOW);
             }

@@ -413,3 +413,542 @@ fn cubic_clock_stops_while_application_limited_or_idle() {
     // Without the correction, 30 s on the cubic clock would have blown the window up.
     assert!(reference < 400 * u64::from(MSS));
 }
+
+// ---- Coupled (multipath) congestion control: RFC 6356 LIA ----
+
+/// One path of a multipath connection in [`Multi`]: window-limited rounds as in [`Flow`], and
+/// optionally a deterministic loss rate (every `loss_every`-th packet of the path is lost).
+struct SimPath {
+    cc: CongestionController,
+    rtt: RttEstimator,
+    path_rtt: Duration,
+    round_start: Instant,
+    /// Packets sent in the current round, and how many of them have been acknowledged or lost.
+    packets: u64,
+    done: u64,
+    loss_every: u64,
+    /// Packets of this path acknowledged or lost so far.
+    count: u64,
+    /// Bytes acknowledged so far.
+    delivered: u64,
+}
+
+impl SimPath {
+    fn start_round(&mut self, at: Instant) {
+        self.round_start = at;
+        self.packets = self.cc.window().div_ceil(u64::from(MSS));
+        self.done = 0;
+        for _ in 0..self.packets {
+            self.cc.on_packet_sent(at, u64::from(MSS));
+        }
+    }
+
+    /// When the next ACK of the round arrives: ACKs are spread evenly over the round.
+    fn next_event(&self) -> Instant {
+        let nanos = self.path_rtt.as_nanos() * u128::from(self.done + 1) / u128::from(self.packets);
+        self.round_start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+}
+
+/// A multipath connection: one controller per path, all paths sending at once, every ACK
+/// delivered in time order, each ACK coupled by LIA over all paths (or not).
+struct Multi {
+    paths: Vec<SimPath>,
+    coupled: bool,
+    now: Instant,
+}
+
+impl Multi {
+    /// Fresh controllers (slow start) on paths with the given RTTs and loss intervals.
+    fn new(alg: CongestionAlgorithm, paths: &[(Duration, u64)], coupled: bool) -> Multi {
+        let flows = paths
+            .iter()
+            .map(|&(rtt, loss_every)| (Flow::new(alg, rtt), loss_every))
+            .collect();
+        Multi::from_flows(flows, coupled)
+    }
+
+    /// Continues the given single-path flows as the paths of one connection.
+    fn from_flows(flows: Vec<(Flow, u64)>, coupled: bool) -> Multi {
+        let now = flows
+            .iter()
+            .map(|(f, _)| f.now)
+            .max()
+            .unwrap_or(Instant::ZERO);
+        let paths = flows
+            .into_iter()
+            .map(|(f, loss_every)| {
+                let mut p = SimPath {
+                    cc: f.cc,
+                    rtt: f.rtt,
+                    path_rtt: f.path_rtt,
+                    round_start: now,
+                    packets: 0,
+                    done: 0,
+                    loss_every,
+                    count: 0,
+                    delivered: 0,
+                };
+                p.start_round(now);
+                p
+            })
+            .collect();
+        Multi {
+            paths,
+            coupled,
+            now,
+        }
+    }
+
+    fn coupling(&self) -> Option<Coupling> {
+        if !self.coupled {
+            return None;
+        }
+        Coupling::lia(self.paths.iter().map(|p| (p.cc.window(), p.rtt.smoothed())))
+    }
+
+    fn total_window(&self) -> u64 {
+        self.paths.iter().map(|p| p.cc.window()).sum()
+    }
+
+    /// Delivers the next ACK (or loss) in time order; returns the path, its window before and
+    /// after, and the coupling used.
+    fn step(&mut self) -> (usize, u64, u64, Option<Coupling>) {
+        let (i, at) = self
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.next_event()))
+            .min_by_key(|&(i, at)| (at, i))
+            .expect("at least one path");
+        self.now = at;
+        let coupling = self.coupling();
+        let p = &mut self.paths[i];
+        let before = p.cc.window();
+        p.count += 1;
+        p.done += 1;
+        if p.count.is_multiple_of(p.loss_every) {
+            p.cc.on_congestion_event(at, p.round_start, false);
+        } else {
+            p.cc.on_ack_coupled(at, p.round_start, u64::from(MSS), &p.rtt, false, coupling);
+            p.delivered += u64::from(MSS);
+        }
+        let after = p.cc.window();
+        if p.done == p.packets {
+            p.start_round(at);
+        }
+        (i, before, after, coupling)
+    }
+
+    /// Runs for `d` of virtual time.
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    fn delivered(&self) -> Vec<u64> {
+        self.paths.iter().map(|p| p.delivered).collect()
+    }
+}
+
+const NO_LOSS: u64 = u64::MAX;
+
+/// A controller of `alg` in congestion avoidance at about `window` bytes (slow start, one
+/// loss, and the round in recovery), as the flow that got it there.
+fn in_congestion_avoidance(alg: CongestionAlgorithm, rtt: Duration, window: u64) -> Flow {
+    let mut f = Flow::new(alg, rtt);
+    f.grow_then_lose(window);
+    assert!(!f.cc.in_slow_start());
+    f
+}
+
+/// RFC 6356 §3's alpha in floating point, for comparison.
+fn reference_alpha(paths: &[(u64, Duration)]) -> f64 {
+    let total: f64 = paths.iter().map(|&(w, _)| w as f64).sum();
+    let max = paths
+        .iter()
+        .map(|&(w, r)| w as f64 / (r.as_secs_f64() * r.as_secs_f64()))
+        .fold(0.0, f64::max);
+    let sum: f64 = paths.iter().map(|&(w, r)| w as f64 / r.as_secs_f64()).sum();
+    total * max / (sum * sum)
+}
+
+#[test]
+fn lia_alpha_closed_forms() {
+    // n identical paths: alpha = n w * (w / r^2) / (n w / r)^2 = 1/n, exactly, and the
+    // coupled window cwnd_total / alpha is n^2 w.
+    for n in 2..=6u64 {
+        for (w, r) in [
+            (12_000, ms(50)),
+            (1_000_000, ms(3)),
+            (2_400, Duration::from_micros(1)),
+            (MAX_WINDOW, ms(600_000)),
+        ] {
+            let c = Coupling::lia((0..n).map(|_| (w, r))).unwrap();
+            assert_eq!(c.total_window(), n * w);
+            assert_eq!(c.coupled_window(), n * n * w, "n = {n}, w = {w}, r = {r:?}");
+            assert_eq!(c.alpha(), 1.0 / n as f64);
+        }
+    }
+    // Equal RTTs: alpha = max_i w_i / cwnd_total, so cwnd_total / alpha = total^2 / max.
+    let c = Coupling::lia([(10_000, ms(20)), (30_000, ms(20))]).unwrap();
+    assert_eq!(c.total_window(), 40_000);
+    assert_eq!(c.coupled_window(), 53_333); // 40000^2 / 30000, rounded
+    assert!((c.alpha() - 0.75).abs() < 1e-4);
+    // Equal windows, RTTs r1 < r2: alpha = 2 r2^2 / (r1 + r2)^2 = 2 * 900 / 1600.
+    let c = Coupling::lia([(12_000, ms(10)), (12_000, ms(30))]).unwrap();
+    assert_eq!(c.coupled_window(), 21_333); // 24000 / 1.125, rounded
+    // The general formula, against floating point.
+    let cases: [&[(u64, Duration)]; 4] = [
+        &[(12_000, ms(10)), (24_000, ms(30))],
+        &[(2_400, ms(1)), (1_000_000, ms(1_000))],
+        &[(50_000, ms(80)), (70_000, ms(45)), (3_000, ms(7))],
+        &[
+            (MAX_WINDOW, ms(100)),
+            (MAX_WINDOW / 3, ms(250)),
+            (2_400, ms(600_000)),
+        ],
+    ];
+    for paths in cases {
+        // The coupled window is cwnd_total / alpha rounded to whole bytes.
+        let c = Coupling::lia(paths.iter().copied()).unwrap();
+        let expected = c.total_window() as f64 / reference_alpha(paths);
+        let got = c.coupled_window() as f64;
+        assert!(
+            (got - expected).abs() <= 0.5 + 1e-9 * expected,
+            "{paths:?}: {got} vs {expected}"
+        );
+    }
+}
+
+#[test]
+fn lia_needs_two_paths() {
+    assert_eq!(Coupling::lia([]), None);
+    assert_eq!(Coupling::lia([(12_000, ms(50))]), None);
+    assert!(Coupling::lia([(12_000, ms(50)), (12_000, ms(50))]).is_some());
+}
+
+#[test]
+fn lia_zero_rtt_and_zero_window_are_handled() {
+    // A zero RTT counts as 1 µs.
+    let zero = Coupling::lia([(12_000, Duration::ZERO), (12_000, Duration::from_micros(1))]);
+    assert_eq!(zero.unwrap().alpha(), 0.5);
+    let c = Coupling::lia([(12_000, Duration::ZERO), (12_000, Duration::ZERO)]).unwrap();
+    assert_eq!(c.alpha(), 0.5);
+    // A zero window counts as one byte; nothing divides by zero.
+    let c = Coupling::lia([(0, Duration::ZERO), (0, Duration::ZERO)]).unwrap();
+    assert_eq!((c.total_window(), c.coupled_window()), (2, 4));
+    // RTTs beyond the clamp (about 6.4 days) all count alike.
+    let c = Coupling::lia([
+        (12_000, Duration::MAX),
+        (12_000, Duration::from_secs(1 << 30)),
+    ]);
+    assert_eq!(c.unwrap().alpha(), 0.5);
+}
+
+/// `on_ack_coupled` without a coupling is `on_ack`, bit for bit, through slow start,
+/// congestion avoidance, losses and application-limited periods.
+#[test]
+fn on_ack_coupled_without_coupling_is_on_ack() {
+    for alg in both() {
+        let mut plain = Flow::new(alg, ms(40));
+        let mut other = CongestionController::new(alg, MSS);
+        for round in 0..60u32 {
+            let app_limited = round % 17 == 16;
+            let reference = &mut plain;
+            let mut acks = Vec::new();
+            let sent = reference.now;
+            reference.round_with(app_limited, |at, _, _| acks.push(at));
+            for _ in &acks {
+                other.on_packet_sent(sent, u64::from(MSS));
+            }
+            for at in acks {
+                other.on_ack_coupled(at, sent, u64::from(MSS), &reference.rtt, app_limited, None);
+            }
+            if round % 13 == 12 {
+                reference.loss(false);
+                other.on_congestion_event(reference.now, reference.last_sent, false);
+            }
+            assert_eq!(reference.cc, other, "{alg:?} round {round}");
+        }
+        assert!(!plain.cc.in_slow_start());
+    }
+}
+
+/// RFC 6356 §3 couples only congestion avoidance: slow start grows as uncoupled, however
+/// small alpha is.
+#[test]
+fn coupled_slow_start_is_unaffected() {
+    // Eight identical paths: alpha = 1/8, and cwnd_total / alpha = 64 windows, so congestion
+    // avoidance would grow 64 times slower than uncoupled.
+    let strong = Coupling::lia((0..8).map(|_| (12_000, ms(50)))).unwrap();
+    assert_eq!(strong.coupled_window(), 64 * 12_000);
+    for alg in both() {
+        let mut f = Flow::new(alg, ms(50));
+        let mut coupled = f.cc.clone();
+        for _ in 0..6 {
+            let sent = f.now;
+            let mut acks = Vec::new();
+            f.round_with(false, |at, _, _| acks.push(at));
+            for _ in &acks {
+                coupled.on_packet_sent(sent, u64::from(MSS));
+            }
+            for at in acks {
+                coupled.on_ack_coupled(at, sent, u64::from(MSS), &f.rtt, false, Some(strong));
+            }
+            assert!(f.cc.in_slow_start());
+            assert_eq!(f.cc, coupled, "{alg:?}");
+        }
+        // The loss response is per path too.
+        f.loss(false);
+        coupled.on_congestion_event(f.now, f.last_sent, false);
+        assert_eq!(f.cc, coupled, "{alg:?}");
+    }
+}
+
+/// Two identical paths in congestion avoidance: alpha = 1/2, so together they grow by
+/// alpha = 1/2 datagram per RTT (RFC 6356 §3: "grow the total window by approximately
+/// alpha*MSS per RTT"), where two uncoupled Reno flows grow by two. (Half, not one: a loss
+/// halves only one path, a quarter of the total, so the equilibrium under a common loss rate
+/// is one Reno flow's — see `coupled_paths_on_a_shared_bottleneck_take_one_flows_share`.)
+#[test]
+fn coupled_growth_of_two_equal_paths() {
+    let rounds = 40u32;
+    let run = |coupled: bool| {
+        let flows = (0..2)
+            .map(|_| {
+                let f = in_congestion_avoidance(CongestionAlgorithm::NewReno, ms(50), 100 * 1200);
+                (f, NO_LOSS)
+            })
+            .collect();
+        let mut m = Multi::from_flows(flows, coupled);
+        let w0 = m.total_window();
+        if coupled {
+            let c = m.coupling().unwrap();
+            assert_eq!(c.alpha(), 0.5);
+        }
+        m.run_for(ms(50) * rounds);
+        (m.total_window() - w0) as f64 / f64::from(MSS) / f64::from(rounds)
+    };
+    let coupled = run(true);
+    let uncoupled = run(false);
+    assert!(
+        (0.4..=0.6).contains(&coupled),
+        "coupled: {coupled} datagrams per RTT"
+    );
+    assert!(
+        (1.9..=2.1).contains(&uncoupled),
+        "uncoupled: {uncoupled} datagrams per RTT"
+    );
+}
+
+/// With CUBIC, the coupling caps each ACK's increase by LIA's, even far out on the convex
+/// part of the curve where uncoupled CUBIC grows much faster than Reno.
+#[test]
+fn coupled_cubic_growth_is_capped_by_lia() {
+    let run = |coupled: bool| {
+        let flows = [ms(100), ms(100)]
+            .into_iter()
+            .map(|rtt| {
+                let mut f = in_congestion_avoidance(CongestionAlgorithm::Cubic, rtt, 300 * 1200);
+                for _ in 0..120 {
+                    f.round(); // 12 s, well past K (about 6 s): convex
+                }
+                (f, NO_LOSS)
+            })
+            .collect();
+        let mut m = Multi::from_flows(flows, coupled);
+        let w0 = m.total_window();
+        let end = m.now + ms(2_000);
+        while m.now < end {
+            let (i, before, after, coupling) = m.step();
+            if let Some(c) = coupling {
+                // LIA: at most bytes * mss / max(cwnd_i, cwnd_total / alpha), plus one byte
+                // for the window's truncation to whole bytes.
+                let divisor = before.max(c.coupled_window());
+                let cap = u64::from(MSS) * u64::from(MSS) / divisor + 1;
+                assert!(
+                    after - before <= cap,
+                    "path {i}: {before} -> {after}, cap {cap}"
+                );
+            }
+        }
+        (m.total_window() - w0) as f64 / f64::from(MSS) / 20.0
+    };
+    let coupled = run(true);
+    let uncoupled = run(false);
+    assert!(coupled <= 0.55, "coupled: {coupled} datagrams per RTT");
+    assert!(
+        uncoupled > 10.0 * coupled,
+        "uncoupled: {uncoupled} datagrams per RTT"
+    );
+}
+
+/// Each ACK on path i grows it by the same amount per byte whatever its RTT, so a path with a
+/// lower RTT, acknowledging more bytes per second, grows faster.
+#[test]
+fn coupled_lower_rtt_path_grows_faster() {
+    for alg in both() {
+        let flows = [ms(10), ms(30)]
+            .into_iter()
+            .map(|rtt| (in_congestion_avoidance(alg, rtt, 50 * 1200), NO_LOSS))
+            .collect();
+        let mut m = Multi::from_flows(flows, true);
+        let w0: Vec<u64> = m.paths.iter().map(|p| p.cc.window()).collect();
+        m.run_for(ms(1_000));
+        let fast = m.paths[0].cc.window() - w0[0];
+        let slow = m.paths[1].cc.window() - w0[1];
+        assert!(
+            fast > 2 * slow,
+            "{alg:?}: fast path +{fast}, slow path +{slow}"
+        );
+    }
+}
+
+/// Throughput (bytes per second) of each path of a connection over `secs` seconds after a
+/// warm-up.
+fn throughput(m: &mut Multi, warmup_secs: u64, secs: u64) -> Vec<f64> {
+    m.run_for(Duration::from_secs(warmup_secs));
+    let start = m.delivered();
+    m.run_for(Duration::from_secs(secs));
+    m.delivered()
+        .iter()
+        .zip(start)
+        .map(|(end, start)| (end - start) as f64 / secs as f64)
+        .collect()
+}
+
+/// On a shared bottleneck every path sees the same loss rate. Two coupled paths then take
+/// about what one single-path flow takes (RFC 6356 goal 2, "do no harm"), where two
+/// uncoupled ones take about twice as much.
+#[test]
+fn coupled_paths_on_a_shared_bottleneck_take_one_flows_share() {
+    let loss_every = 300;
+    for alg in both() {
+        let single = throughput(
+            &mut Multi::new(alg, &[(ms(50), loss_every)], false),
+            20,
+            200,
+        )[0];
+        let total = |coupled| -> f64 {
+            let mut m = Multi::new(alg, &[(ms(50), loss_every), (ms(50), loss_every)], coupled);
+            throughput(&mut m, 20, 200).iter().sum()
+        };
+        let coupled = total(true) / single;
+        let uncoupled = total(false) / single;
+        assert!(
+            (0.8..=1.25).contains(&coupled),
+            "{alg:?}: coupled takes {coupled} single flows"
+        );
+        assert!(
+            uncoupled > 1.7,
+            "{alg:?}: uncoupled takes {uncoupled} single flows"
+        );
+    }
+}
+
+/// Every path gets the same increase per acknowledged byte while its decrease follows its own
+/// loss rate, so LIA moves traffic to the less congested path, much more than uncoupled
+/// flows (whose windows only go as 1/sqrt(p)).
+#[test]
+fn coupled_traffic_moves_to_the_less_congested_path() {
+    let share = |coupled| {
+        let mut m = Multi::new(
+            CongestionAlgorithm::NewReno,
+            &[(ms(50), 1_000), (ms(50), 100)],
+            coupled,
+        );
+        let t = throughput(&mut m, 20, 200);
+        t[0] / (t[0] + t[1])
+    };
+    let coupled = share(true);
+    let uncoupled = share(false);
+    assert!(
+        coupled > 0.85,
+        "coupled: {coupled} on the less congested path"
+    );
+    assert!(
+        coupled > uncoupled + 0.05,
+        "coupled {coupled} vs uncoupled {uncoupled}"
+    );
+}
+
+/// At a common loss rate, LIA's equilibrium gives every path the same window, so the path
+/// with the lower RTT carries the larger share of the traffic.
+#[test]
+fn coupled_lower_rtt_path_gets_the_larger_share() {
+    for alg in both() {
+        let mut m = Multi::new(alg, &[(ms(10), 300), (ms(80), 300)], true);
+        let t = throughput(&mut m, 20, 200);
+        assert!(t[0] > 3.0 * t[1], "{alg:?}: {t:?}");
+    }
+}
+
+mod lia_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any windows and RTTs, however extreme: no panic, and within the clamps the result is
+        /// the formula's up to rounding; the coupling then drives a controller without overflow.
+        #[test]
+        fn lia_never_overflows(
+            paths in prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just(0u64),
+                        Just(u64::MAX),
+                        Just(MAX_WINDOW),
+                        128u64..=MAX_WINDOW,
+                        any::<u64>(),
+                    ],
+                    prop_oneof![
+                        Just(Duration::ZERO),
+                        Just(Duration::MAX),
+                        (1u64..=1u64 << 39).prop_map(Duration::from_micros),
+                        (0u64..u64::MAX, 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+                    ],
+                ),
+                0..10,
+            ),
+            bytes in prop_oneof![Just(u64::MAX), 0u64..1 << 50],
+        ) {
+            let c = Coupling::lia(paths.iter().copied());
+            prop_assert_eq!(c.is_some(), paths.len() >= 2);
+            let Some(c) = c else { return Ok(()) };
+            let n = paths.len() as u64;
+            let clamped: Vec<(u64, Duration)> = paths
+                .iter()
+                .map(|&(w, r)| {
+                    let micros = u64::try_from(r.as_micros()).unwrap_or(u64::MAX).clamp(1, 1 << 39);
+                    (w.clamp(1, MAX_WINDOW), Duration::from_micros(micros))
+                })
+                .collect();
+            prop_assert_eq!(c.total_window(), clamped.iter().map(|p| p.0).sum::<u64>());
+            // alpha >= 1/n: the coupled window is at most n * cwnd_total (plus rounding).
+            prop_assert!(c.coupled_window() >= 1);
+            prop_assert!(c.coupled_window() <= n * c.total_window() + n);
+            let expected = c.total_window() as f64 / reference_alpha(&clamped);
+            let got = c.coupled_window() as f64;
+            prop_assert!(
+                (got - expected).abs() <= 1.0 + expected * 1e-4,
+                "coupled window {} vs {}", got, expected
+            );
+            for alg in both() {
+                let mut cc = CongestionController::new(alg, MSS);
+                let rtt = RttEstimator::default();
+                let t = Instant::ZERO + ms(1);
+                cc.on_congestion_event(t, t, false);
+                for i in 1..4u64 {
+                    let at = t + ms(i);
+                    cc.on_ack_coupled(at, at, bytes, &rtt, false, Some(c));
+                    prop_assert!(cc.window() <= MAX_WINDOW);
+                }
+            }
+        }
+    }
+}

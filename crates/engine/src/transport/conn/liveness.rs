@@ -230,12 +230,14 @@ impl Transport {
     /// `bytes` new stream bytes arrived: they count towards arming the silence probe (and
     /// measuring the RTT if there is no sample yet).
     pub(super) fn liveness_on_stream_data(&mut self, bytes: usize) {
+        // The probe is the primary path's (with several paths, silence of the whole peer is
+        // what it watches; the other paths have their own probe timers).
         if self.config.silence_probe
             && self
                 .liveness
-                .on_stream_data(bytes, self.path.rtt.has_sample())
+                .on_stream_data(bytes, self.primary().rtt.has_sample())
         {
-            self.path.ping_pending = true;
+            self.primary_mut().ping_pending = true;
         }
     }
 
@@ -243,15 +245,16 @@ impl Transport {
     /// does (the callers check that the transport is open and not frozen). Nothing while a
     /// PING waits to be sent: a probe's wait starts when it leaves.
     pub(super) fn silence_deadline(&self) -> Option<Instant> {
-        if !self.config.silence_probe || (self.path.ping_pending && self.liveness.probing()) {
+        let p = self.primary();
+        if !self.config.silence_probe || (p.ping_pending && self.liveness.probing()) {
             return None;
         }
         let last = Last {
-            received: self.path.last_received,
-            sent: self.path.last_sent,
+            received: self.last_received(),
+            sent: p.last_sent,
         };
         self.liveness
-            .deadline(last, &self.path.rtt, self.recv.expects_more())
+            .deadline(last, &p.rtt, self.recv.expects_more())
     }
 
     /// Runs the silence probe's timer at `now`: a PING when one is due.
@@ -259,8 +262,9 @@ impl Transport {
         if self.silence_deadline().is_none() {
             return;
         }
+        self.focus_primary();
         let last = Last {
-            received: self.path.last_received,
+            received: self.last_received(),
             sent: self.path.last_sent,
         };
         if self
@@ -278,8 +282,12 @@ impl Transport {
         if !self.config.silence_probe {
             return;
         }
-        let gap = now.saturating_duration_since(self.path.last_received);
-        self.liveness.on_received(gap, &self.path.rtt);
+        let gap = now.saturating_duration_since(self.last_received());
+        let rtt = match self.primary_index() {
+            None => &self.path.rtt,
+            Some(i) => &self.others[i].rtt,
+        };
+        self.liveness.on_received(gap, rtt);
     }
 
     /// The path changed ([`on_path_change`](Transport::on_path_change)).

@@ -13,6 +13,16 @@ use super::{
 /// One path of a transport.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Path {
+    /// The path's ID: 0 for the flow's first path, then as the SAL numbers the paths it
+    /// joins (docs/moving-flows.md §2). Not in a snapshot (only path 0 is exported).
+    pub(super) id: u32,
+    /// The SAL validated the path in both directions: data may be scheduled on it.
+    pub(super) usable: bool,
+    /// Used for data only when no other usable path works.
+    pub(super) backup: bool,
+    /// Its probe timer fired with another path working: what it carried was sent again on
+    /// the others, and it carries no data until an acknowledgement arrives on it.
+    pub(super) failed: bool,
     pub(super) sent: SentPackets<SentPayload>,
     pub(super) rtt: RttEstimator,
     pub(super) cc: CongestionController,
@@ -35,16 +45,27 @@ pub(super) struct Path {
     pub(super) ack: AckState,
     pub(super) last_sent: Instant,
     pub(super) last_received: Instant,
+    /// Bytes sent on the path (UDP payload). Not in a snapshot.
+    pub(super) bytes_sent: u64,
 }
 
 impl Path {
     /// A path nothing was sent or received on yet, at `now`, for a normalized `config`:
     /// packet numbers from 0, the MTU at the base size with a search pending.
     pub(super) fn new(config: &TransportConfig, now: Instant) -> Path {
+        Path::with_id(0, config, now)
+    }
+
+    /// [`new`](Self::new) for path `id`, usable at once only if it is path 0.
+    pub(super) fn with_id(id: u32, config: &TransportConfig, now: Instant) -> Path {
         let mut sent = SentPackets::new();
         // At least 8 probes per idle period, however long the run of losses.
         sent.set_max_pto_interval(config.idle_timeout / 8);
         Path {
+            id,
+            usable: id == 0,
+            backup: false,
+            failed: false,
             sent,
             rtt: RttEstimator::new(config.initial_rtt, config.max_ack_delay),
             cc: CongestionController::new(config.congestion, config.base_udp_payload),
@@ -71,6 +92,49 @@ impl Path {
             },
             last_sent: now,
             last_received: now,
+            bytes_sent: 0,
         }
+    }
+
+    /// Whether new data may be scheduled on the path at all.
+    pub(super) fn carries_data(&self) -> bool {
+        self.usable && !self.failed
+    }
+}
+
+/// A transport's paths other than the one worked on: nothing but a null pointer for the
+/// one-path connections that are nearly all of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+// A thin pointer (8 bytes) where a `Vec` would take 24 in every transport.
+#[allow(clippy::box_collection)]
+pub(super) struct OtherPaths(Option<Box<Vec<Path>>>);
+
+impl OtherPaths {
+    pub(super) fn push(&mut self, p: Path) {
+        self.0.get_or_insert_default().push(p);
+    }
+
+    /// Removes the `i`th path (the last takes its place), if there is one; frees the list
+    /// when it empties.
+    pub(super) fn swap_remove(&mut self, i: usize) -> Option<Path> {
+        let v = self.0.as_mut().filter(|v| i < v.len())?;
+        let p = v.swap_remove(i);
+        if v.is_empty() {
+            self.0 = None;
+        }
+        Some(p)
+    }
+}
+
+impl core::ops::Deref for OtherPaths {
+    type Target = [Path];
+    fn deref(&self) -> &[Path] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl core::ops::DerefMut for OtherPaths {
+    fn deref_mut(&mut self) -> &mut [Path] {
+        self.0.as_deref_mut().map_or(&mut [], Vec::as_mut_slice)
     }
 }

@@ -193,7 +193,7 @@ impl Transport {
 
         let mut b = w.body();
         b.u32(0); // path ID
-        b.section(path_section::TRANSPORT, |b| self.path.encode(b));
+        b.section(path_section::TRANSPORT, |b| self.primary().encode(b));
         w.add(block::PATH, b)?;
 
         let mut b = w.body();
@@ -292,6 +292,7 @@ impl Transport {
             state: conn.state,
             frozen: conn.frozen,
             path,
+            others: super::path::OtherPaths::default(),
             send,
             max_data_pending,
             window_unannounced: true,
@@ -584,6 +585,10 @@ impl Path {
             ranges: Vec::new(),
         };
         Ok(Path {
+            id: 0,
+            usable: true,
+            backup: false,
+            failed: false,
             sent,
             rtt,
             cc,
@@ -597,6 +602,7 @@ impl Path {
             ack,
             last_sent: b.instant()?,
             last_received: b.instant()?,
+            bytes_sent: 0,
         })
     }
 }
