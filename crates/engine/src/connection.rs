@@ -1204,6 +1204,7 @@ impl Connection {
         self.end_pending_rsyn();
         self.local = new_local;
         self.transport.set_frozen(false);
+        self.transport.set_path_usable(0, true);
         if !self.take_early_rebind() {
             self.transport.on_path_change_with_rtt(now, rtt_sample);
         }
@@ -1229,9 +1230,20 @@ impl Connection {
         }
         self.abandon_move();
         self.moving_to = Some(Box::new(new_local));
-        self.transport.set_frozen(!old_path_usable);
+        self.hold_primary(!old_path_usable);
         self.send_reliable(Reliable::Rsyn);
         true
+    }
+
+    /// Stops (or resumes) sending on path 0 while it moves: with another path working, only
+    /// path 0 pauses (its data goes out on the others); alone, the whole transport freezes.
+    fn hold_primary(&mut self, hold: bool) {
+        if self.has_active_subpath() {
+            self.transport.set_frozen(false);
+            self.transport.set_path_usable(0, !hold);
+        } else {
+            self.transport.set_frozen(hold);
+        }
     }
 
     /// The endpoint no longer holds our current local locator. Mid-move, nothing more can go
@@ -1240,7 +1252,7 @@ impl Connection {
     /// keeps its locator until the application migrates it.
     pub(crate) fn local_removed(&mut self) {
         if self.moving_to.is_some() {
-            self.transport.set_frozen(true);
+            self.hold_primary(true);
         }
     }
 

@@ -537,18 +537,28 @@ impl Endpoint {
     pub fn add_local(&mut self, loc: Locator) {
         if !self.locals.contains(&loc) {
             self.locals.push(loc);
+            if self.config.multipath {
+                self.join_from_new_local();
+            }
         }
         self.locals_changed();
     }
 
     /// Removes a local locator; flows using it keep it until migrated. A flow already moving
-    /// away from it stops sending on it and waits for its new path to be validated.
+    /// away from it stops sending on it and waits for its new path to be validated. With
+    /// multipath, the paths from it (other than a flow's first) are removed at once, what they
+    /// carried going out on the others.
     pub fn remove_local(&mut self, loc: &Locator) {
         self.locals.retain(|l| l != loc);
+        let mut gone = Vec::new();
         for c in self.conns.iter_mut().flatten() {
+            gone.extend(c.local_gone(*loc));
             if c.local == *loc {
                 c.local_removed();
             }
+        }
+        for flow in gone {
+            self.flows.remove(flow);
         }
         self.locals_changed();
     }

@@ -601,3 +601,44 @@ fn multipath_endpoints_join_by_themselves() {
         }
     }
 }
+
+/// The host loses its second address mid-transfer (the runtime's `remove_local`): the path
+/// from it goes at once, at both ends, and its data with it to path 0; the address comes back
+/// (`add_local`) and a new path joins from it by itself.
+#[test]
+fn addresses_that_come_and_go_take_their_paths_with_them() {
+    let rate = 2_500_000;
+    let mut s = setup_with(
+        6,
+        [limited(rate, 10), limited(rate, 10)],
+        0,
+        6 << 20,
+        None,
+        Some(false),
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
+        .unwrap();
+    assert_eq!(s.net.node(s.client).paths_up, 1);
+    // (The client's first join, toward the server's first address before its announcement
+    // came, was given up: a PathDown already.)
+    let down_before = s.net.node(s.client).paths_down;
+    let gone_at = s.net.now();
+    s.net.node_mut(s.client).ep.remove_local(&loc(C2));
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(0)).paths_down == 1)
+        .unwrap();
+    assert!(s.net.now() - gone_at < Duration::from_millis(100));
+    assert_eq!(s.net.node(s.client).paths_down, down_before + 1);
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 3 << 20)
+        .unwrap();
+    s.net.node_mut(s.client).ep.add_local(loc(C2));
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).paths_up == 2)
+        .unwrap();
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+    let gap = s.longest_gap();
+    assert!(gap < Duration::from_millis(200), "gap {gap:?}");
+}

@@ -230,6 +230,26 @@ impl Connection {
         }
     }
 
+    /// Whether a path other than path 0 carries traffic.
+    pub(crate) fn has_active_subpath(&self) -> bool {
+        self.sub().iter().any(|p| p.stage == Stage::Active)
+    }
+
+    /// The endpoint no longer holds `local`: the paths from it (not path 0, which moves by
+    /// RSYN) are removed, what they carried going out on the others, and the peer is told.
+    /// Returns their flowIDs for the endpoint to forget.
+    pub(crate) fn local_gone(&mut self, local: Locator) -> Vec<FlowId> {
+        let ids: Vec<u32> = self
+            .sub()
+            .iter()
+            .filter(|p| p.local == local)
+            .map(|p| p.id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove_path(id))
+            .collect()
+    }
+
     /// Whether a path (any stage) runs from `local` to `remote`.
     pub(crate) fn has_route(&self, local: Locator, remote: Locator) -> bool {
         (self.local == local && self.peer == remote)

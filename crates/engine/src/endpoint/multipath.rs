@@ -138,6 +138,24 @@ impl Endpoint {
         }
     }
 
+    /// A local locator appeared: every established client connection joins a path from it
+    /// (see [`auto_join`](Self::auto_join)).
+    pub(super) fn join_from_new_local(&mut self) {
+        let handles: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_deref()?;
+                (c.role == Role::Client && c.state == State::Established).then(|| self.handle_at(i))
+            })
+            .collect();
+        for h in handles {
+            self.auto_join(h);
+            self.touch(h);
+        }
+    }
+
     /// Before a packet reaches connection `h`: a JOIN from the peer gets a flowID set aside
     /// for the path it may open.
     pub(super) fn offer_join_flow(&mut self, h: ConnectionHandle, ctl: Option<ControlRepr>) {

@@ -2160,9 +2160,15 @@ impl Transport {
     /// of the 333 ms initial guess keeps the pacer and the probe timeout at the new path's
     /// pace from the first packet.
     pub fn on_path_change_with_rtt(&mut self, now: Instant, rtt_sample: Option<Duration>) {
-        self.resend_in_flight();
         // A migration moves the primary path; the flow's other paths stay as they are.
         self.focus_primary();
+        for p in self.path.sent.drain() {
+            self.requeue(&p.payload);
+        }
+        self.path.pto_probes = 0;
+        if self.path.ack.pending {
+            self.path.ack.immediate = true;
+        }
         self.path.lost_pns.clear();
         self.path.mtu = PathMtu::new(*self.path.mtu.config());
         self.path.cc.on_mtu_update(self.path.mtu.current());

@@ -176,11 +176,18 @@ impl Transport {
 
     /// Marks path `id` usable (validated both ways) or not; a path made usable sends a PING at
     /// once, so that the peer sees it work too.
+    /// Made unusable (its SAL moves it), what it had in flight is queued again for the
+    /// others.
     pub fn set_path_usable(&mut self, id: u32, usable: bool) {
         if self.focus(id) && self.path.usable != usable {
             self.path.usable = usable;
             if usable {
                 self.path.ping_pending = true;
+            } else {
+                for p in self.path.sent.drain() {
+                    self.requeue(&p.payload);
+                }
+                self.path.pto_probes = 0;
             }
         }
     }
