@@ -1730,7 +1730,8 @@ impl Transport {
                 t = t.min(x);
             }
         };
-        for p in core::iter::once(&self.path).chain(self.others.iter()) {
+        consider(self.path_timeout(&self.path));
+        for p in self.others.iter() {
             consider(self.path_timeout(p));
         }
         consider(self.memory_release_deadline());
@@ -1769,16 +1770,16 @@ impl Transport {
 
     /// Whether [`release_memory`](Self::release_memory) would give back anything.
     fn has_spare_capacity(&self) -> bool {
+        let spare = |p: &path::Path| {
+            p.sent.has_spare_capacity()
+                || p.ack.received.has_spare_capacity()
+                || p.ack.ranges.capacity() > 0
+                || p.lost_pns.has_spare_capacity()
+        };
         self.send.has_spare_capacity()
             || self.recv.has_spare_capacity()
-            || core::iter::once(&self.path)
-                .chain(self.others.iter())
-                .any(|p| {
-                    p.sent.has_spare_capacity()
-                        || p.ack.received.has_spare_capacity()
-                        || p.ack.ranges.capacity() > 0
-                        || p.lost_pns.has_spare_capacity()
-                })
+            || spare(&self.path)
+            || self.others.iter().any(spare)
             || self
                 .dgrams
                 .as_ref()
@@ -1808,6 +1809,9 @@ impl Transport {
 
     /// When the transport last sent or received a packet.
     pub fn last_activity(&self) -> Instant {
+        if self.others.is_empty() {
+            return self.path.last_sent.max(self.path.last_received);
+        }
         core::iter::once(&self.path)
             .chain(self.others.iter())
             .map(|p| p.last_sent.max(p.last_received))
@@ -1818,6 +1822,9 @@ impl Transport {
     /// When the transport last received a valid packet, or the SAL reported the peer's
     /// activity ([`on_peer_activity`](Self::on_peer_activity)): the peer's last sign of life.
     pub fn last_received(&self) -> Instant {
+        if self.others.is_empty() {
+            return self.path.last_received;
+        }
         core::iter::once(&self.path)
             .chain(self.others.iter())
             .map(|p| p.last_received)

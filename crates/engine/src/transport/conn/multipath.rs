@@ -101,6 +101,9 @@ impl Transport {
 
     /// The flow's primary path: path 0, or the lowest-numbered path once path 0 is gone.
     pub(super) fn primary(&self) -> &Path {
+        if self.others.is_empty() {
+            return &self.path;
+        }
         core::iter::once(&self.path)
             .chain(self.others.iter())
             .min_by_key(|p| p.id)
@@ -109,6 +112,9 @@ impl Transport {
 
     /// Where the primary path is: `None` in `self.path`, `Some(i)` in `self.others[i]`.
     pub(super) fn primary_index(&self) -> Option<usize> {
+        if self.others.is_empty() {
+            return None;
+        }
         let id = self.primary().id;
         if self.path.id == id {
             return None;
@@ -126,6 +132,9 @@ impl Transport {
 
     /// Makes the primary path the one worked on.
     pub(super) fn focus_primary(&mut self) {
+        if self.others.is_empty() {
+            return;
+        }
         let id = self.primary().id;
         self.focus(id);
     }
