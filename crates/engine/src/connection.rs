@@ -829,7 +829,10 @@ impl Connection {
         wire_len: usize,
         may_start: bool,
     ) {
-        if remote != self.peer && self.state == State::Established {
+        // A packet of path 0 (a control packet) may come over another path's locators when
+        // path 0 fails: that is no new address of the peer's.
+        if remote != self.peer && self.state == State::Established && !self.is_subpath_peer(remote)
+        {
             let interval = self.transport.pto_period();
             self.paths
                 .get_or_insert_default()
@@ -1614,9 +1617,7 @@ impl Connection {
                 verno,
                 peer_verno.wrapping_add(1),
             );
-            let route = self
-                .emit_sealed(&repr, out)
-                .then_some((self.local, self.peer));
+            let route = self.emit_sealed(&repr, out).then_some(self.control_route());
             if let Some(p) = &mut self.pending {
                 p.deadline = (now + Duration::from_nanos(rto)).into();
             }
@@ -1795,8 +1796,12 @@ impl Connection {
                 (r, self.local)
             }
         };
-        self.emit_sealed_with(&repr, body, out)
-            .then_some((src, self.peer))
+        let route = if src == self.local {
+            self.control_route()
+        } else {
+            (src, self.peer)
+        };
+        self.emit_sealed_with(&repr, body, out).then_some(route)
     }
 
     fn emit_answer(&mut self, a: Answer, out: &mut Vec<u8>) -> Option<(Locator, Locator)> {
@@ -1807,8 +1812,7 @@ impl Connection {
             }
             Answer::Rst => self.control_repr(ControlFlags::RST, 0, 0),
         };
-        self.emit_sealed(&repr, out)
-            .then_some((self.local, self.peer))
+        self.emit_sealed(&repr, out).then_some(self.control_route())
     }
 
     /// An RST for a SYN-ACK that another server sent to this client connection's SYN (a SYN

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serval_engine::Instant;
-use serval_engine::endpoint::{ConnectionHandle, Endpoint, EndpointConfig, Event};
+use serval_engine::endpoint::{CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event};
 use serval_sim::{Datagram, LinkConfig, Network, Node, NodeId};
 use serval_table::ServiceTable;
 use serval_wire::{Locator, ServiceId, ServicePrefix};
@@ -48,6 +48,7 @@ struct Host {
     got: Vec<u8>,
     eof: bool,
     closed: bool,
+    close_reason: Option<CloseReason>,
     paths_up: u32,
     paths_down: u32,
     /// When each byte count was reached (for gaps): (time, bytes received so far).
@@ -69,6 +70,7 @@ impl Host {
             got: Vec::new(),
             eof: false,
             closed: false,
+            close_reason: None,
             paths_up: 0,
             paths_down: 0,
             progress: Vec::new(),
@@ -86,7 +88,10 @@ impl Host {
                     self.conn = self.ep.accept(l);
                     self.connected = self.conn.is_some();
                 }
-                Event::Closed(h, _) if Some(h) == self.conn => self.closed = true,
+                Event::Closed(h, r) if Some(h) == self.conn => {
+                    self.closed = true;
+                    self.close_reason = Some(r);
+                }
                 Event::PathUp(..) => self.paths_up += 1,
                 Event::PathDown(..) => self.paths_down += 1,
                 _ => {}
@@ -362,6 +367,22 @@ fn a_dead_path_costs_a_short_gap() {
     let gap = s.longest_gap();
     eprintln!("longest gap {gap:?}");
     assert!(gap < Duration::from_millis(500), "gap {gap:?}");
+    // The close (control packets, path 0's flowIDs) goes over the working path: both ends
+    // finish cleanly, soon.
+    let done = s.net.now();
+    s.net
+        .run_until(10_000_000, |n| {
+            n.node(NodeId(0)).closed && n.node(NodeId(1)).closed
+        })
+        .unwrap();
+    assert!(
+        s.net.now() - done < Duration::from_secs(2),
+        "{:?}",
+        s.net.now() - done
+    );
+    for h in [s.net.node(s.client), s.net.node(s.server)] {
+        assert_eq!(h.close_reason, Some(CloseReason::Finished), "{}", h.name);
+    }
 }
 
 /// A backup path carries no data while the primary works, and everything once it dies.

@@ -230,6 +230,30 @@ impl Connection {
         }
     }
 
+    /// Where a control packet of the flow goes (it always carries path 0's flowIDs): path 0's
+    /// locators, unless path 0 is failing or paused and another path works — then that
+    /// path's, so that a FIN or an announcement does not wait on a dead path.
+    pub(crate) fn control_route(&self) -> (Locator, Locator) {
+        let primary = (self.local, self.peer);
+        if !self.has_active_subpath() {
+            return primary;
+        }
+        let info = self.transport.paths();
+        let works = |id: u32| info.iter().any(|i| i.id == id && i.usable && !i.failed);
+        if works(0) {
+            return primary;
+        }
+        self.sub()
+            .iter()
+            .find(|p| p.stage == Stage::Active && works(p.id))
+            .map_or(primary, |p| (p.local, p.peer))
+    }
+
+    /// Whether `remote` is the peer's locator on one of the flow's other paths.
+    pub(crate) fn is_subpath_peer(&self, remote: Locator) -> bool {
+        self.sub().iter().any(|p| p.peer == remote)
+    }
+
     /// Whether a path other than path 0 carries traffic.
     pub(crate) fn has_active_subpath(&self) -> bool {
         self.sub().iter().any(|p| p.stage == Stage::Active)
