@@ -750,15 +750,12 @@ impl Connection {
             && ctl.flags.contains(ControlFlags::JOIN)
         {
             self.transport.on_peer_activity(now);
-            let mut spare = self.take_spare_flow();
             self.on_join(
                 now,
                 (local, remote),
                 (repr.src_flow, repr.dst_flow),
                 (ctl, &repr.source),
-                &mut spare,
             );
-            self.restore_spare_flow(spare);
             return;
         }
         if Some(repr.src_flow) != self.peer_flow_on(path) {

@@ -1157,10 +1157,6 @@ impl Endpoint {
             }
             return;
         }
-        self.offer_join_flow(h, repr.control);
-        let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {
-            return;
-        };
         c.handle_packet(now, local, remote, data, &repr);
         self.touch(h);
     }

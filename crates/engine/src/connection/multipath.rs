@@ -59,8 +59,6 @@ enum Stage {
 pub(crate) struct Paths {
     /// The paths other than path 0.
     list: Vec<SubPath>,
-    /// A flowID the endpoint set aside for a path the peer may be joining.
-    spare_flow: Option<FlowId>,
     /// FlowIDs of paths gone, for the endpoint to forget.
     retired: Vec<FlowId>,
     /// Paths this end removed, whose removal the peer is still to be told (one JOIN|FIN
@@ -138,48 +136,44 @@ impl Connection {
             .map_or(&mut [], |m| &mut m.list)
     }
 
-    /// Whether a flowID set aside for a JOIN would be taken (none is waiting already).
-    pub(crate) fn wants_spare_flow(&self) -> bool {
-        self.state == State::Established
-            && self
-                .subpaths
-                .as_deref()
-                .is_none_or(|m| m.spare_flow.is_none())
-    }
-
-    /// Sets aside `flow` for the path a JOIN about to be handled may open.
-    pub(crate) fn set_spare_flow(&mut self, flow: FlowId) {
-        self.mp().spare_flow = Some(flow);
-    }
-
-    /// The flowIDs the endpoint should forget: those of paths gone, and a set-aside one no
-    /// JOIN took.
-    pub(crate) fn take_unused_flows(&mut self) -> Vec<FlowId> {
-        let Some(m) = self.subpaths.as_deref_mut() else {
-            return Vec::new();
-        };
-        let mut v = core::mem::take(&mut m.retired);
-        v.extend(m.spare_flow.take());
-        v
-    }
-
-    /// Takes the flowID set aside for a JOIN.
-    pub(crate) fn take_spare_flow(&mut self) -> Option<FlowId> {
+    /// The flowIDs of paths gone, for the endpoint to forget.
+    pub(crate) fn take_retired_flows(&mut self) -> Vec<FlowId> {
         self.subpaths
             .as_deref_mut()
-            .and_then(|m| m.spare_flow.take())
+            .map(|m| core::mem::take(&mut m.retired))
+            .unwrap_or_default()
     }
 
-    /// Gives back the flowID set aside for a JOIN, unused.
-    pub(crate) fn restore_spare_flow(&mut self, flow: Option<FlowId>) {
-        if let Some(m) = self.subpaths.as_deref_mut() {
-            m.spare_flow = flow;
+    /// Paths the peer joined that wait for a flowID of ours (the endpoint allocates them,
+    /// [`grant_flow`](Self::grant_flow)).
+    pub(crate) fn paths_wanting_flow(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sub()
+            .iter()
+            .filter(|p| p.local_flow.is_none())
+            .map(|p| p.id)
+    }
+
+    /// Our flowID for path `id`, which the peer joined: its JOIN|ACK goes out from it.
+    pub(crate) fn grant_flow(&mut self, id: u32, flow: FlowId) -> bool {
+        match self
+            .sub_mut()
+            .iter_mut()
+            .find(|p| p.id == id && p.local_flow.is_none())
+        {
+            Some(p) => {
+                p.local_flow = flow;
+                true
+            }
+            None => false,
         }
     }
 
     /// Every flowID of ours the flow uses besides `local_flow` (the endpoint's aliases).
     pub(crate) fn alias_flows(&self) -> impl Iterator<Item = FlowId> + '_ {
-        self.sub().iter().map(|p| p.local_flow)
+        self.sub()
+            .iter()
+            .map(|p| p.local_flow)
+            .filter(|f| !f.is_none())
     }
 
     /// Announces our other locators to the peer (JOIN|SYN, reliable), for it to join paths
@@ -367,7 +361,11 @@ impl Connection {
         if let Some(protect) = self.protect.as_deref_mut() {
             protect.remove_path(id);
         }
-        self.events.push_back(ConnEvent::PathDown(id));
+        // The application heard of the path if it asked for it or saw it come up; a join of
+        // the peer's that never completed goes quietly.
+        if !matches!(p.stage, Stage::Answering { .. }) {
+            self.events.push_back(ConnEvent::PathDown(id));
+        }
         Some(p.local_flow)
     }
 
@@ -405,16 +403,17 @@ impl Connection {
         v
     }
 
-    /// A JOIN (from the peer) or JOIN|ACK (answering ours), authentic: `dst` is the flowID
-    /// it was sent to, `src` the sender's, `spare` a flowID the endpoint set aside for a new
-    /// path of ours (taken if used). The packet arrived at `local` from `remote`.
+    /// A packet of the JOIN family, authentic: a JOIN (the peer joins a path: it gets our
+    /// flowID once the endpoint grants one, [`grant_flow`](Self::grant_flow)), a JOIN|ACK
+    /// (answering ours), a JOIN|FIN (the peer removed a path) or a JOIN|SYN (the peer's
+    /// locators, in `source`). `dst` is the flowID it was sent to, `src` the sender's; it
+    /// arrived at `local` from `remote`.
     pub(crate) fn on_join(
         &mut self,
         now: Instant,
         (local, remote): (Locator, Locator),
         (src, dst): (FlowId, FlowId),
         (ctl, source): (ControlRepr, &[Locator]),
-        spare: &mut Option<FlowId>,
     ) {
         if self.state != State::Established {
             return;
@@ -500,9 +499,6 @@ impl Connection {
         if self.sub().len() + 1 >= max {
             return;
         }
-        let Some(flow) = spare.take() else {
-            return;
-        };
         if let Some(protect) = self.protect.as_deref_mut() {
             protect.add_path(id);
         }
@@ -511,7 +507,8 @@ impl Connection {
         self.transport.set_path_backup(id, backup);
         self.mp().list.push(SubPath {
             id,
-            local_flow: flow,
+            // Granted by the endpoint once this packet is handled.
+            local_flow: FlowId::NONE,
             peer_flow: src,
             local,
             peer: remote,
@@ -613,7 +610,7 @@ impl Connection {
         let peer_flow = self.peer_flow;
         let p = self.sub_mut().iter_mut().find(|p| match p.stage {
             Stage::Joining { next, .. } => next <= now,
-            Stage::Answering { ack_due, .. } => ack_due,
+            Stage::Answering { ack_due, .. } => ack_due && !p.local_flow.is_none(),
             Stage::Active => false,
         })?;
         let (flags, dst) = match &mut p.stage {

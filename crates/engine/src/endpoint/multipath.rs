@@ -4,7 +4,6 @@
 //! them to the connection, so demultiplexing stays by flowID alone).
 
 use serval_wire::Locator;
-use serval_wire::ext::{ControlFlags, ControlRepr};
 
 use super::{ConnectionHandle, Endpoint};
 use crate::connection::multipath::{AddPathError, PathSummary};
@@ -156,30 +155,22 @@ impl Endpoint {
         }
     }
 
-    /// Before a packet reaches connection `h`: a JOIN from the peer gets a flowID set aside
-    /// for the path it may open.
-    pub(super) fn offer_join_flow(&mut self, h: ConnectionHandle, ctl: Option<ControlRepr>) {
-        let join = ctl.is_some_and(|c| {
-            c.flags.contains(ControlFlags::JOIN)
-                && !c.flags.intersects(ControlFlags::ACK | ControlFlags::FIN)
-        });
-        if !join || !self.conn_ref(h).is_some_and(|c| c.wants_spare_flow()) {
-            return;
-        }
-        let flow = self.flows.allocate(&mut self.rng, h);
-        if let Some(c) = self.conn(h) {
-            c.set_spare_flow(flow);
-        }
-    }
-
-    /// After connection `h` ran: forgets the flowIDs of paths it dropped and a set-aside
-    /// flowID it did not take.
+    /// After connection `h` ran: forgets the flowIDs of paths it dropped, and gives a flowID
+    /// to each path the peer just joined (allocated only for a JOIN that opened).
     pub(super) fn settle_flows(&mut self, h: ConnectionHandle) {
         let Some(c) = self.conn(h) else {
             return;
         };
-        for flow in c.take_unused_flows() {
+        let gone = c.take_retired_flows();
+        let wanting: Vec<u32> = c.paths_wanting_flow().collect();
+        for flow in gone {
             self.flows.remove(flow);
+        }
+        for id in wanting {
+            let flow = self.flows.allocate(&mut self.rng, h);
+            if !self.conn(h).is_some_and(|c| c.grant_flow(id, flow)) {
+                self.flows.remove(flow);
+            }
         }
     }
 }
