@@ -581,10 +581,22 @@ fn removing_a_path_tells_the_peer() {
         .run_until(10_000_000, |n| n.node(NodeId(0)).paths_down == 1)
         .unwrap();
     assert!(s.net.now() - removed_at < Duration::from_millis(100));
-    s.run(Duration::from_secs(60)).unwrap();
-    s.check_bytes();
     let server = s.net.node(s.server);
     assert_eq!(server.ep.paths(server.conn.unwrap()).len(), 1);
+    // The same two locators again: a new path, with a new ID (an ID is never reused: its
+    // packet numbers start from 0 again, and its nonces carry the ID).
+    let again = s
+        .net
+        .node_mut(s.client)
+        .ep
+        .add_path(h, loc(C2), loc(S2), false)
+        .unwrap();
+    assert!(again > paths[1].id, "{again} after {}", paths[1].id);
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(0)).paths_up == 2)
+        .unwrap();
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
 }
 
 /// With multipath on at both ends and nothing asked of the application, the server announces

@@ -68,6 +68,11 @@ pub(crate) struct Paths {
     announce: Vec<Locator>,
     /// The peer's other locators, as it announced them.
     peer_addresses: Vec<Locator>,
+    /// The highest path ID this end has used, and the highest the peer has joined: an ID is
+    /// never used twice in a flow (a path's packet numbers start from 0, and its nonces carry
+    /// its ID: a second path with an old ID would repeat nonces under the same key).
+    last_own_id: u32,
+    last_peer_id: u32,
 }
 
 /// Most locators one JOIN|SYN announces (and a peer's announcement keeps).
@@ -318,13 +323,13 @@ impl Connection {
             Role::Client => 1,
             Role::Server => 2,
         };
-        let id = self
-            .sub()
-            .iter()
-            .map(|p| p.id)
-            .filter(|id| id % 2 == parity % 2)
-            .max()
-            .map_or(parity, |m| m + 2);
+        let last = self.subpaths.as_deref().map_or(0, |m| m.last_own_id);
+        let id = if last == 0 {
+            parity
+        } else {
+            last.checked_add(2).ok_or(AddPathError::TooMany(max))?
+        };
+        self.mp().last_own_id = id;
         let rto = self.transport.pto_period().max(Duration::from_millis(10));
         self.mp().list.push(SubPath {
             id,
@@ -496,9 +501,13 @@ impl Connection {
             return;
         }
         let max = crate::transport::conn::MAX_PATHS;
-        if self.sub().len() + 1 >= max {
+        // A new path has a higher ID than any the peer joined before (IDs are never reused:
+        // our packets on it would repeat the old path's nonces).
+        let last = self.subpaths.as_deref().map_or(0, |m| m.last_peer_id);
+        if self.sub().len() + 1 >= max || id <= last {
             return;
         }
+        self.mp().last_peer_id = id;
         if let Some(protect) = self.protect.as_deref_mut() {
             protect.add_path(id);
         }
