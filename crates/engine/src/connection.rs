@@ -749,6 +749,10 @@ impl Connection {
         if let Some(ctl) = repr.control
             && ctl.flags.contains(ControlFlags::JOIN)
         {
+            // Only a client holding our SYN-ACK can seal a packet to our flowID: its JOIN
+            // (from a new flowID of its own) completes the handshake if its ACK has not (held
+            // for its first data, or lost).
+            self.established_by_client(now);
             self.transport.on_peer_activity(now);
             self.on_join(
                 now,

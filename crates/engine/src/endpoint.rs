@@ -242,8 +242,9 @@ pub struct EndpointConfig {
     /// the server's announcement arrives. Default off: one path per flow, unless the
     /// application adds paths ([`Endpoint::add_path`]).
     pub multipath: bool,
-    /// With [`multipath`](Self::multipath): paths from these local locators are backups
-    /// (data only while no other path works).
+    /// Paths from or to these local locators are backups (data only while no other path
+    /// works): those this end joins from them (with [`multipath`](Self::multipath)), and
+    /// those the peer joins to them.
     pub backup_locals: Vec<Locator>,
     /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
     /// beyond it a source's SYNs are dropped silently and counted. Service routers set it

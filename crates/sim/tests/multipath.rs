@@ -51,6 +51,9 @@ struct Host {
     close_reason: Option<CloseReason>,
     paths_up: u32,
     paths_down: u32,
+    /// When this end connected (or accepted) and when its first PathUp came.
+    connected_at: Option<Instant>,
+    first_path_up: Option<Instant>,
     /// When each byte count was reached (for gaps): (time, bytes received so far).
     progress: Vec<(Instant, usize)>,
 }
@@ -73,6 +76,8 @@ impl Host {
             close_reason: None,
             paths_up: 0,
             paths_down: 0,
+            connected_at: None,
+            first_path_up: None,
             progress: Vec::new(),
         }
     }
@@ -83,16 +88,23 @@ impl Host {
                 eprintln!("{now:?} {} {ev:?}", self.name);
             }
             match ev {
-                Event::Connected(_) => self.connected = true,
+                Event::Connected(_) => {
+                    self.connected = true;
+                    self.connected_at = Some(now);
+                }
                 Event::Incoming(l) => {
                     self.conn = self.ep.accept(l);
                     self.connected = self.conn.is_some();
+                    self.connected_at = Some(now);
                 }
                 Event::Closed(h, r) if Some(h) == self.conn => {
                     self.closed = true;
                     self.close_reason = Some(r);
                 }
-                Event::PathUp(..) => self.paths_up += 1,
+                Event::PathUp(..) => {
+                    self.paths_up += 1;
+                    self.first_path_up.get_or_insert(now);
+                }
                 Event::PathDown(..) => self.paths_down += 1,
                 _ => {}
             }
@@ -340,6 +352,15 @@ fn two_paths_stripe_a_download() {
     );
     two.run(Duration::from_secs(60)).unwrap();
     two.check_bytes();
+    // The client joined as it connected, its handshake ACK still held for data (up to 1 ms):
+    // its JOIN completes the server's handshake, and the path is up within a few round trips
+    // (not after the JOIN's one-second retransmission).
+    let c = two.net.node(two.client);
+    let took = c.first_path_up.unwrap() - c.connected_at.unwrap();
+    assert!(
+        took < Duration::from_millis(200),
+        "path up {took:?} after connecting"
+    );
     let (t1, t2) = (one.finish_time(), two.finish_time());
     let ratio = t1.as_nanos() as f64 / t2.as_nanos() as f64;
     eprintln!("one path {t1:?}, two paths {t2:?}: {ratio:.2}x");
@@ -619,6 +640,14 @@ fn multipath_endpoints_join_by_themselves() {
         s.check_bytes();
         let (c, sv) = (s.net.node(s.client), s.net.node(s.server));
         assert_eq!((c.paths_up, sv.paths_up), (1, 1), "backup {backup}");
+        // The client joins as it connects, its handshake ACK still held for data: its JOIN
+        // completes the server's handshake, and the path is up within a few round trips
+        // (not after the JOIN's one-second retransmission).
+        let took = c.first_path_up.unwrap() - c.connected_at.unwrap();
+        assert!(
+            took < Duration::from_millis(200),
+            "path up {took:?} after connecting"
+        );
         let paths = c.ep.paths(c.conn.unwrap());
         assert_eq!(paths.len(), 2, "{paths:?}");
         assert_eq!((paths[1].local, paths[1].remote), (loc(C2), loc(S2)));
@@ -674,4 +703,26 @@ fn addresses_that_come_and_go_take_their_paths_with_them() {
     s.check_bytes();
     let gap = s.longest_gap();
     assert!(gap < Duration::from_millis(200), "gap {gap:?}");
+}
+
+/// A join that overtakes the handshake's ACK (the second path is faster than the first):
+/// the JOIN, sealed to the server's flowID, completes the server's handshake itself, and the
+/// path is up within a few round trips instead of after the JOIN's retransmission.
+#[test]
+fn a_join_that_overtakes_the_handshake_ack_completes_it() {
+    let mut s = setup(
+        7,
+        [limited(2_500_000, 20), limited(2_500_000, 2)],
+        64 << 10,
+        256 << 10,
+        Some(false),
+    );
+    s.run(Duration::from_secs(30)).unwrap();
+    s.check_bytes();
+    let c = s.net.node(s.client);
+    let took = c.first_path_up.unwrap() - c.connected_at.unwrap();
+    assert!(
+        took < Duration::from_millis(100),
+        "path up {took:?} after connecting"
+    );
 }

@@ -158,19 +158,15 @@ impl Connection {
             .map(|p| p.id)
     }
 
-    /// Our flowID for path `id`, which the peer joined: its JOIN|ACK goes out from it.
-    pub(crate) fn grant_flow(&mut self, id: u32, flow: FlowId) -> bool {
-        match self
+    /// Our flowID for path `id`, which the peer joined: its JOIN|ACK goes out from it. Returns
+    /// the path's local locator, `None` if there is no such path waiting.
+    pub(crate) fn grant_flow(&mut self, id: u32, flow: FlowId) -> Option<Locator> {
+        let p = self
             .sub_mut()
             .iter_mut()
-            .find(|p| p.id == id && p.local_flow.is_none())
-        {
-            Some(p) => {
-                p.local_flow = flow;
-                true
-            }
-            None => false,
-        }
+            .find(|p| p.id == id && p.local_flow.is_none())?;
+        p.local_flow = flow;
+        Some(p.local)
     }
 
     /// Every flowID of ours the flow uses besides `local_flow` (the endpoint's aliases).

@@ -156,7 +156,8 @@ impl Endpoint {
     }
 
     /// After connection `h` ran: forgets the flowIDs of paths it dropped, and gives a flowID
-    /// to each path the peer just joined (allocated only for a JOIN that opened).
+    /// to each path the peer just joined (allocated only for a JOIN that opened), marking it a
+    /// backup if it reached one of [`backup_locals`](super::EndpointConfig::backup_locals).
     pub(super) fn settle_flows(&mut self, h: ConnectionHandle) {
         let Some(c) = self.conn(h) else {
             return;
@@ -168,8 +169,18 @@ impl Endpoint {
         }
         for id in wanting {
             let flow = self.flows.allocate(&mut self.rng, h);
-            if !self.conn(h).is_some_and(|c| c.grant_flow(id, flow)) {
-                self.flows.remove(flow);
+            match self.conn(h).and_then(|c| c.grant_flow(id, flow)) {
+                // A path to one of our backup locators is a backup here too, whatever the
+                // joiner asked.
+                Some(local) if self.config.backup_locals.contains(&local) => {
+                    if let Some(c) = self.conn(h) {
+                        c.set_path_backup(id, true);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.flows.remove(flow);
+                }
             }
         }
     }
