@@ -59,7 +59,7 @@ local KEYSHARE_GROUPS = { [1] = "X25519" }
 local IDENTITY_KINDS = { [1] = "Ed25519" }
 
 local FLAG_NAMES = { { 0x0001, "SYN" }, { 0x0002, "ACK" }, { 0x0004, "RSYN" }, { 0x0008, "NACK" },
-    { 0x0010, "RST" }, { 0x0020, "FIN" } }
+    { 0x0010, "RST" }, { 0x0020, "FIN" }, { 0x0040, "JOIN" } }
 
 -- COOKIE (5) exists only in the 76- and 140-byte forms.
 local REG_TYPES = { [1] = "REGISTER", [2] = "UNREGISTER", [3] = "ACK", [4] = "REJECT", [5] = "COOKIE" }
@@ -112,7 +112,8 @@ local f = {
     flag_nack = ProtoField.bool("serval.flags.nack", "NACK", 16, nil, 0x0008),
     flag_rst = ProtoField.bool("serval.flags.rst", "RST", 16, nil, 0x0010),
     flag_fin = ProtoField.bool("serval.flags.fin", "FIN", 16, nil, 0x0020),
-    flag_reserved = ProtoField.uint16("serval.flags.reserved", "Reserved", base.HEX, nil, 0xffc0),
+    flag_join = ProtoField.bool("serval.flags.join", "JOIN", 16, nil, 0x0040),
+    flag_reserved = ProtoField.uint16("serval.flags.reserved", "Reserved", base.HEX, nil, 0xff80),
     verno = ProtoField.uint32("serval.verno", "Verification Number (verno)", base.DEC),
     ackno = ProtoField.uint32("serval.ackno", "Acknowledgement Number (ackno)", base.DEC),
 
@@ -491,7 +492,7 @@ local function render_ext(tvb, tree, x, info)
         local bits = tvb(body, 2):uint()
         local ft = t:add(f.flags, tvb(body, 2))
         ft:append_text(" (" .. flag_names(bits) .. ")")
-        for _, k in ipairs({ "flag_syn", "flag_ack", "flag_rsyn", "flag_nack", "flag_rst", "flag_fin",
+        for _, k in ipairs({ "flag_syn", "flag_ack", "flag_rsyn", "flag_nack", "flag_rst", "flag_fin", "flag_join",
             "flag_reserved" }) do
             ft:add(f[k], tvb(body, 2))
         end

@@ -1850,7 +1850,7 @@ fn tshark_agrees_with_serval_wire_on_valid_and_malformed_packets() {
         assert_eq!(row.num("serval.dst_flowid"), repr.dst_flow.0);
         match repr.control {
             Some(c) => {
-                assert_eq!(row.num("serval.flags") & 0x3f, u64::from(c.flags.bits()));
+                assert_eq!(row.num("serval.flags") & 0x7f, u64::from(c.flags.bits()));
                 assert_eq!(row.num("serval.verno"), u64::from(c.verno));
                 assert_eq!(row.num("serval.ackno"), u64::from(c.ackno));
             }
