@@ -65,6 +65,48 @@ pub struct FlowView {
     pub rtt_us: u64,
     /// How many times the flow's server end moved between hosts.
     pub moves: u32,
+    /// Its paths, path 0 (the flow's own) first: one unless it runs several (multipath).
+    /// Absent from an instance that predates multipath.
+    #[serde(default)]
+    pub paths: Vec<PathView>,
+}
+
+/// One path of a flow ([`FlowView::paths`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathView {
+    /// The path's ID (0: the flow's first path).
+    pub id: u32,
+    /// This end's locator on the path.
+    pub local: String,
+    /// The peer's locator on the path.
+    pub remote: String,
+    /// Joined and validated both ways (path 0 always is); a path still joining is not.
+    pub active: bool,
+    /// Carries data only while no other path works.
+    pub backup: bool,
+    /// Its probe timer fired while another path worked: no data goes on it until it answers.
+    pub failed: bool,
+    /// Smoothed round-trip time on the path, in microseconds.
+    pub rtt_us: u64,
+    /// Congestion window, in bytes.
+    pub cwnd: u64,
+    /// Bytes sent on the path (packets, headers included).
+    pub bytes_sent: u64,
+}
+
+impl PathView {
+    /// `joining`, `failed`, `backup` or `active`: the first that holds, in that order.
+    pub fn state(&self) -> &'static str {
+        if !self.active {
+            "joining"
+        } else if self.failed {
+            "failed"
+        } else if self.backup {
+            "backup"
+        } else {
+            "active"
+        }
+    }
 }
 
 /// `POST /migrate`: which flows go where.

@@ -8,7 +8,6 @@
 //! came back, so a migration or a failover shows as a dip in `--json` and `--plot`.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,7 +126,7 @@ struct Plan {
     json: bool,
     plot: Option<(PathBuf, PlotFormat)>,
     interval: Duration,
-    bind: Option<SocketAddr>,
+    locals: crate::net::Locals,
     endpoint: serval::EndpointConfig,
     follow: serval::FollowHost,
     reconnect: bool,
@@ -214,7 +213,7 @@ fn check(args: &BenchArgs) -> Result<Plan, String> {
         json: args.json,
         plot,
         interval: Duration::from_millis(args.interval_ms),
-        bind: args.hop.bind,
+        locals: args.hop.locals()?,
         endpoint: args.hop.endpoint_config(),
         follow: args.hop.follow(),
         reconnect: args.reconnect,
@@ -391,7 +390,7 @@ struct Change {
 
 /// Connects, runs the streams, samples them, and gathers the report.
 async fn bench(plan: &Plan, hop: NextHop) -> Result<Report, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone(), plan.follow).await?;
+    let ep = crate::net::client(&hop, &plan.locals, plan.endpoint.clone(), plan.follow).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
 

@@ -1,6 +1,6 @@
 //! `serval demo`: a router, instances and clients on loopback, with a timeline.
 //!
-//! Seven steps, each judged PASS or FAIL from what actually happened:
+//! Eight steps, each judged PASS or FAIL from what actually happened:
 //!
 //! 1. connect by name: one connection to `web.demo` through the router;
 //! 2. weighted spread: many connections over two instances of weights 3 and 1;
@@ -15,14 +15,18 @@
 //!    with its count (`demo/server_move.rs`); the numbering must continue, not restart;
 //! 7. hot standby takeover: the primary P of the line-numbering service is SIGKILLed
 //!    mid-stream and its hot standby S takes the stream over (`demo/standby.rs`); the client
-//!    must not reconnect, and no line may be lost or answered twice.
+//!    must not reconnect, and no line may be lost or answered twice;
+//! 8. link dies mid-transfer: a multipath client bound to 127.0.0.1 and 127.0.0.2 loses
+//!    127.0.0.2 in the middle of a transfer (`demo/multipath.rs`); the path from it goes, its
+//!    data moves to the other path, and every byte must come back once, in order.
 //!
-//! The router, v1, v2, the migration instance and S1/S2 run in this process; A and B
-//! (`serval listen --echo`), P and S (`serval listen --number`) are child processes of this
-//! same binary, killed when the demo ends, passes, fails or is interrupted (and, should the
-//! demo itself be killed, by the kernel: `--exit-with-parent`).
+//! The router, v1, v2, the migration instance, S1/S2 and the echo instance of step 8 run in
+//! this process; A and B (`serval listen --echo`), P and S (`serval listen --number`) are
+//! child processes of this same binary, killed when the demo ends, passes, fails or is
+//! interrupted (and, should the demo itself be killed, by the kernel: `--exit-with-parent`).
 
 mod instances;
+mod multipath;
 mod server_move;
 mod standby;
 mod steps;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serval::{ConnectionState, Endpoint, FlowId, Locator, MigrationConfig, Migrator, PublicKey};
 use serval_admin::instance::{
     FlowMoveView, FlowView, InstanceSource, InstanceView, MigrateFuture, MigrateReport,
-    MigrateRequest,
+    MigrateRequest, PathView,
 };
 use serval_admin::{Client, Metric};
 
@@ -172,6 +172,25 @@ impl InstanceSource for Source {
                 bytes_received: c.stats.stream_bytes_received,
                 rtt_us: c.stats.srtt.as_micros() as u64,
                 moves: c.moves,
+                paths: self
+                    .ep
+                    .flow_paths(c.handle)
+                    .into_iter()
+                    .map(|p| {
+                        let t = p.transport;
+                        PathView {
+                            id: p.id,
+                            local: p.local.to_string(),
+                            remote: p.remote.to_string(),
+                            active: p.active,
+                            backup: t.is_some_and(|t| t.backup),
+                            failed: t.is_some_and(|t| t.failed),
+                            rtt_us: t.map_or(0, |t| t.srtt.as_micros() as u64),
+                            cwnd: t.map_or(0, |t| t.cwnd),
+                            bytes_sent: t.map_or(0, |t| t.bytes_sent),
+                        }
+                    })
+                    .collect(),
             })
             .collect()
     }
@@ -327,8 +346,35 @@ pub fn flows(admin: SocketAddr) -> ExitCode {
             format!("{:.2}ms", f.rtt_us as f64 / 1000.0),
             f.moves
         );
+        // A flow on several paths: a line for each, under the flow's.
+        if f.paths.len() > 1 {
+            for p in &f.paths {
+                println!("{}", path_line(p));
+            }
+        }
     }
     ExitCode::SUCCESS
+}
+
+/// One path of a flow as `serval flows` shows it, under the flow's line: its ID, locators
+/// (under LOCAL and PEER), state (under STATE), bytes sent on it (packets, headers included;
+/// under SENT), round-trip time (under RTT) and congestion window.
+fn path_line(p: &PathView) -> String {
+    format!(
+        "{:<16}  {:<24}  {:<6}  {:<21}  {:<21}  {:<12}  {:>12}  {:>12}  {:>9}  cwnd {}",
+        format!("  path {}", p.id),
+        "",
+        "",
+        p.local,
+        p.remote,
+        p.state(),
+        p.bytes_sent,
+        "",
+        format!("{:.2}ms", p.rtt_us as f64 / 1000.0),
+        p.cwnd
+    )
+    .trim_end()
+    .to_string()
 }
 
 fn ms(us: u64) -> String {

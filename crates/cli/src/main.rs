@@ -54,6 +54,12 @@ enum Command {
         service: String,
         #[command(flatten)]
         instance: net::InstanceArgs,
+        /// A --bind address whose paths are backups: this instance sends on them only while
+        /// no other path of the connection works. Repeatable. (With several --bind
+        /// addresses, the instance tells each client its other addresses, and a client with
+        /// several joins a path to them.)
+        #[arg(long, value_name = "ADDR")]
+        backup: Vec<std::net::SocketAddr>,
         /// Echo each stream back instead of printing it.
         #[arg(long)]
         echo: bool,
@@ -146,6 +152,9 @@ enum Command {
     ///
     /// Each line: flowID, service, role, local and peer locator, state, stream bytes sent and
     /// received, smoothed RTT, and how many times the flow's server end moved between hosts.
+    /// A flow on several paths (multipath: several --bind addresses) is followed by a line for
+    /// each path: its ID, local and peer locator, state (active, backup, failed or joining),
+    /// bytes sent on it (packets), RTT and congestion window.
     Flows {
         /// The instance's admin address (`serval listen … --admin ADDR`).
         #[arg(long, value_name = "ADDR")]
@@ -225,6 +234,7 @@ fn main() -> ExitCode {
         Command::Listen {
             service,
             instance,
+            backup,
             echo,
             number,
             move_on_stop,
@@ -234,6 +244,10 @@ fn main() -> ExitCode {
             exit_with_parent,
         } => match ServicePrefix::parse(&service) {
             Ok(prefix) => {
+                let locals = match net::Locals::new(&instance.bind, &backup) {
+                    Ok(l) => l,
+                    Err(e) => return usage(&e),
+                };
                 if exit_with_parent && let Err(e) = die_with_parent() {
                     return usage(&e);
                 }
@@ -251,6 +265,7 @@ fn main() -> ExitCode {
                     }),
                     lease: lease_ms.map(std::time::Duration::from_millis),
                     move_on_stop,
+                    locals,
                 };
                 run(net::listen(&service, prefix, instance, opts))
             }
@@ -265,19 +280,21 @@ fn main() -> ExitCode {
         } => match (
             ServiceId::parse(&service),
             Duration::try_from_secs_f64(connect_timeout),
+            hop.locals(),
         ) {
-            (Ok(id), Ok(limit)) => {
+            (Ok(id), Ok(limit), Ok(locals)) => {
                 let limit = (!limit.is_zero()).then_some(limit);
                 let move_to = move_to.map(|to| net::MoveTo {
                     to,
                     after: move_after,
                 });
-                run(net::cat(&service, id, &hop, limit, move_to))
+                run(net::cat(&service, id, &hop, &locals, limit, move_to))
             }
-            (Err(e), _) => usage(&e),
-            (_, Err(_)) => usage(&format!(
+            (Err(e), _, _) => usage(&e),
+            (_, Err(_), _) => usage(&format!(
                 "--connect-timeout must be a number of seconds >= 0, not {connect_timeout}"
             )),
+            (_, _, Err(e)) => usage(&e),
         },
         Command::Proxy(args) => translate::proxy(args),
         Command::Expose(args) => translate::expose(args),

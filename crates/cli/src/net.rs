@@ -83,8 +83,15 @@ pub struct InstanceArgs {
 
 impl InstanceArgs {
     /// Binds the endpoint and, with `--router`, starts registering there (with `lease`, or
-    /// the default lease of 3 s).
-    pub async fn endpoint(&self, lease: Option<Duration>) -> Result<Endpoint, String> {
+    /// the default lease of 3 s). With `locals` (`serval listen`: its `--bind` addresses
+    /// and `--backup`s, [`Locals`]) several addresses make the endpoint multipath; without
+    /// (`serval expose`, whose streams move by export, one path each) it binds `--bind` as
+    /// given, one path per flow.
+    pub async fn endpoint(
+        &self,
+        lease: Option<Duration>,
+        locals: Option<&Locals>,
+    ) -> Result<Endpoint, String> {
         let config = serval::EndpointConfig {
             // The instance key that signs registrations also proves the instance's identity
             // to clients that ask (--peer-key, --self-certifying, --ca).
@@ -97,9 +104,12 @@ impl InstanceArgs {
         } else {
             serval::FollowHost::Flows
         };
-        let ep = Endpoint::bind_following(&self.bind, config, follow)
-            .await
-            .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?;
+        let ep = match locals {
+            Some(locals) => locals.bind(config, follow).await?,
+            None => Endpoint::bind_following(&self.bind, config, follow)
+                .await
+                .map_err(|e| format!("cannot bind {}: {e}", list(&self.bind)))?,
+        };
         if let Some(key) = &self.key {
             ep.set_registration_key(Some(key.clone()));
         }
@@ -174,6 +184,84 @@ pub struct ListenOptions {
     pub lease: Option<Duration>,
     /// On a stop, move open streams to the instance with this admin address.
     pub move_on_stop: Option<SocketAddr>,
+    /// The `--bind` addresses and which are `--backup`s.
+    pub locals: Locals,
+}
+
+/// The local addresses a command binds (`--bind`, repeatable) and those of them whose paths
+/// are backups (`--backup`), checked. With several, the endpoint is multipath: a client
+/// joins a path from each of its addresses to its server, a server tells its clients its
+/// other addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Locals {
+    /// What to bind, the regular addresses first: a connection's first path runs from the
+    /// first address of its family, and that path is never a backup.
+    addrs: Vec<SocketAddr>,
+    /// Which of `addrs` are backups.
+    backup: Vec<SocketAddr>,
+}
+
+impl Locals {
+    /// `--bind` and `--backup` as given; an error (for [`crate::usage`]) when a `--backup`
+    /// is not one of the `--bind` addresses, is a wildcard, or leaves no regular address.
+    pub fn new(bind: &[SocketAddr], backup: &[SocketAddr]) -> Result<Locals, String> {
+        for b in backup {
+            if !bind.contains(b) {
+                return Err(format!(
+                    "--backup {b} is not one of the --bind addresses ({})",
+                    if bind.is_empty() {
+                        "none given".to_string()
+                    } else {
+                        list(bind)
+                    }
+                ));
+            }
+            if b.ip().is_unspecified() {
+                return Err(format!(
+                    "--backup {b}: a backup needs a specific local address, not a wildcard"
+                ));
+            }
+        }
+        let (backups, mut addrs): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            bind.iter().partition(|a| backup.contains(a));
+        if addrs.is_empty() && !backups.is_empty() {
+            return Err(format!(
+                "every --bind address is a --backup ({}): leave at least one for regular \
+                 traffic",
+                list(&backups)
+            ));
+        }
+        addrs.extend(&backups);
+        Ok(Locals {
+            addrs,
+            backup: backups,
+        })
+    }
+
+    /// The addresses to bind, regular ones first (none: the command's default).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Whether the endpoint runs several paths per connection: more than one address.
+    pub fn multipath(&self) -> bool {
+        self.addrs.len() > 1
+    }
+
+    /// Binds an endpoint on these addresses (at least one) with `config`, multipath with
+    /// several and their backups as [`serval::EndpointConfig::backup_locals`] (one bound on
+    /// port 0 stands for whatever port its socket gets).
+    pub async fn bind(
+        &self,
+        mut config: serval::EndpointConfig,
+        follow: serval::FollowHost,
+    ) -> Result<Endpoint, String> {
+        config.multipath = self.multipath();
+        config.backup_locals = self.backup.clone();
+        Endpoint::bind_following(&self.addrs, config, follow)
+            .await
+            .map_err(|e| format!("cannot bind {}: {e}", list(&self.addrs)))
+    }
 }
 
 /// Where `serval cat` sends its SYN.
@@ -196,7 +284,7 @@ pub async fn listen(
     opts: ListenOptions,
 ) -> Result<(), String> {
     let mode = opts.mode;
-    let ep = instance.endpoint(opts.lease).await?;
+    let ep = instance.endpoint(opts.lease, Some(&opts.locals)).await?;
     // Kept for the life of the loop: the agent takes flows moved here.
     let agent = crate::instance::start(
         &ep,
@@ -367,9 +455,20 @@ pub struct HopArgs {
         value_delimiter = ','
     )]
     pub router: Vec<SocketAddr>,
-    /// Local UDP address to bind (default: any address of the next hop's family).
-    #[arg(long = "bind", value_name = "ADDR", env = "SERVAL_BIND")]
-    pub bind: Option<SocketAddr>,
+    /// Local UDP address to bind (default: any address of the next hop's family). Repeat
+    /// it (or comma-separate) to use several: each connection then runs a path from each
+    /// (multipath), and carries on over the others when one dies.
+    #[arg(
+        long = "bind",
+        value_name = "ADDR",
+        env = "SERVAL_BIND",
+        value_delimiter = ','
+    )]
+    pub bind: Vec<SocketAddr>,
+    /// A --bind address whose paths are backups: they carry data only while no other path
+    /// works. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub backup: Vec<SocketAddr>,
     /// Routerless mode: find the service on the local network by multicasting the SYN
     /// (group 239.255.86.76); fails after --discover-timeout if no instance answers. Bind
     /// a specific address to choose the interface.
@@ -435,6 +534,11 @@ impl HopArgs {
         }
     }
 
+    /// `--bind` and `--backup`, checked ([`Locals::new`]).
+    pub fn locals(&self) -> Result<Locals, String> {
+        Locals::new(&self.bind, &self.backup)
+    }
+
     /// Whether the endpoint follows the host's changes (`--no-auto-migrate` says not).
     pub fn follow(&self) -> serval::FollowHost {
         if self.no_auto_migrate {
@@ -470,13 +574,13 @@ pub fn endpoint_config(plaintext: bool) -> serval::EndpointConfig {
     }
 }
 
-/// A client endpoint for reaching services through `hop`: bound to `bind` (default: any
-/// address of the next hop's family), in the discovery group if `hop` says so, configured by
-/// `config` ([`HopArgs::endpoint_config`]), following the host's changes as `follow` says
-/// ([`HopArgs::follow`]).
+/// A client endpoint for reaching services through `hop`: bound to `locals` (default: any
+/// address of the next hop's family; several make it multipath), in the discovery group if
+/// `hop` says so, configured by `config` ([`HopArgs::endpoint_config`]), following the
+/// host's changes as `follow` says ([`HopArgs::follow`]).
 pub async fn client(
     hop: &NextHop,
-    bind: Option<SocketAddr>,
+    locals: &Locals,
     config: serval::EndpointConfig,
     follow: serval::FollowHost,
 ) -> Result<Endpoint, String> {
@@ -485,16 +589,18 @@ pub async fn client(
         NextHop::Routers(rs) => rs.first().is_none_or(SocketAddr::is_ipv4),
         NextHop::Discover(_) => true,
     };
-    let local = bind.unwrap_or_else(|| {
-        if v4 {
+    let ep = if locals.addrs().is_empty() {
+        let local = if v4 {
             SocketAddr::from(([0, 0, 0, 0], 0))
         } else {
             SocketAddr::from(([0u16; 8], 0))
-        }
-    });
-    let ep = Endpoint::bind_following(&[local], config, follow)
-        .await
-        .map_err(|e| format!("cannot bind {local}: {e}"))?;
+        };
+        Endpoint::bind_following(&[local], config, follow)
+            .await
+            .map_err(|e| format!("cannot bind {local}: {e}"))?
+    } else {
+        locals.bind(config, follow).await?
+    };
     if let NextHop::Discover(d) = hop {
         ep.enable_discovery(d.clone())
             .map_err(|e| format!("cannot join the discovery group: {e}"))?;
@@ -584,18 +690,20 @@ pub struct MoveTo {
     pub after: u64,
 }
 
-/// Connects to `service` (typed by the user as `name`) through `hop`, giving up after
-/// `connect_timeout` without an answer, sends stdin, prints what comes back; with `move_to`,
-/// asks the server to move its end of the stream part way.
+/// Connects to `service` (typed by the user as `name`) through `hop` from `locals` (several:
+/// a path from each), giving up after `connect_timeout` without an answer, sends stdin,
+/// prints what comes back; with `move_to`, asks the server to move its end of the stream
+/// part way.
 pub async fn cat(
     name: &str,
     service: ServiceId,
     hop: &HopArgs,
+    locals: &Locals,
     connect_timeout: Option<Duration>,
     move_to: Option<MoveTo>,
 ) -> Result<(), String> {
     let next = hop.next_hop();
-    let ep = client(&next, hop.bind, hop.endpoint_config(), hop.follow()).await?;
+    let ep = client(&next, locals, hop.endpoint_config(), hop.follow()).await?;
     let connecting = connect(&ep, name, service, &next);
     let stream = match connect_timeout {
         None => connecting.await?,

@@ -4,7 +4,6 @@
 //! changes (failover, a new weight, a migration of the service), the output shows it.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +62,7 @@ struct Plan {
     interval: Duration,
     size: usize,
     timeout: Duration,
-    bind: Option<SocketAddr>,
+    locals: crate::net::Locals,
     endpoint: serval::EndpointConfig,
     follow: serval::FollowHost,
 }
@@ -114,7 +113,7 @@ fn check(args: &PingArgs) -> Result<Plan, String> {
         interval,
         size: args.size,
         timeout,
-        bind: args.hop.bind,
+        locals: args.hop.locals()?,
         endpoint: args.hop.endpoint_config(),
         follow: args.hop.follow(),
     })
@@ -197,7 +196,7 @@ impl Tally {
 /// Sends the probes on schedule, prints each outcome as it comes and the summary at the end
 /// (after COUNT probes or on SIGINT/SIGTERM). Returns whether every probe answered.
 async fn ping(plan: Plan, hop: NextHop) -> Result<bool, String> {
-    let ep = crate::net::client(&hop, plan.bind, plan.endpoint.clone(), plan.follow).await?;
+    let ep = crate::net::client(&hop, &plan.locals, plan.endpoint.clone(), plan.follow).await?;
     let hop = Arc::new(hop);
     let name: Arc<str> = plan.name.as_str().into();
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));

@@ -86,9 +86,10 @@ pub struct ExposeArgs {
 
 /// Runs `serval proxy`.
 pub fn proxy(args: ProxyArgs) -> ExitCode {
-    match ServiceId::parse(&args.service) {
-        Ok(id) => crate::run_single(run_proxy(id, args)),
-        Err(e) => crate::usage(&e),
+    match (ServiceId::parse(&args.service), args.hop.locals()) {
+        (Ok(id), Ok(locals)) => crate::run_single(run_proxy(id, args, locals)),
+        (Err(e), _) => crate::usage(&e),
+        (_, Err(e)) => crate::usage(&e),
     }
 }
 
@@ -186,7 +187,11 @@ impl Connections {
     }
 }
 
-async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
+async fn run_proxy(
+    service: ServiceId,
+    args: ProxyArgs,
+    locals: crate::net::Locals,
+) -> Result<(), String> {
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -195,13 +200,7 @@ async fn run_proxy(service: ServiceId, args: ProxyArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let hop = args.hop.next_hop();
     let ep = Arc::new(
-        crate::net::client(
-            &hop,
-            args.hop.bind,
-            args.hop.endpoint_config(),
-            args.hop.follow(),
-        )
-        .await?,
+        crate::net::client(&hop, &locals, args.hop.endpoint_config(), args.hop.follow()).await?,
     );
     let hop = Arc::new(hop);
     let name: Arc<str> = args.service.into();
@@ -257,7 +256,7 @@ async fn run_expose(prefix: ServicePrefix, args: ExposeArgs) -> Result<(), Strin
         Some(path) => Some(crate::handover::connect(path, prefix).await?),
         None => None,
     };
-    let ep = match args.instance.endpoint(None).await {
+    let ep = match args.instance.endpoint(None, None).await {
         Ok(ep) => ep,
         Err(e) if taker.is_some() && e.contains("in use") => {
             return Err(format!(

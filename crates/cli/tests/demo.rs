@@ -136,6 +136,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         "migration",
         "stateful server move",
         "hot standby takeover",
+        "link dies mid-transfer",
     ] {
         let row = out
             .iter()
@@ -144,7 +145,7 @@ fn demo_runs_every_step_and_every_step_holds() {
         assert!(row.contains("PASS"), "{step} did not hold: {row}\n{text}");
     }
     assert!(
-        out.iter().any(|l| l.starts_with("all 7 steps held in")),
+        out.iter().any(|l| l.starts_with("all 8 steps held in")),
         "{text}"
     );
 
@@ -211,6 +212,25 @@ fn demo_runs_every_step_and_every_step_holds() {
     );
     assert!(done.contains("now from S ("), "{done}");
     assert!(done.contains("which ended cleanly"), "{done}");
+
+    // 8: the multipath client joined a second path by itself, lost it mid-transfer when its
+    // address went away, and every byte came back once, in order, over the path left.
+    let joined = line_with(&out, "joined a second path by itself");
+    let second = &joined[joined.find("its paths: 0 ").unwrap()..];
+    assert!(second.contains("; "), "one path: {joined}");
+    assert!(second.contains(" 127.0.0.2:"), "{joined}");
+    let died = line_with(&out, "as if its link died");
+    assert!(died.contains("from it had sent"), "{died}");
+    let now = line_with(&out, "the client's paths now: 0 ");
+    assert!(!now.contains("; "), "the second path is still there: {now}");
+    let across = line_with(&out, "bytes came back across the link's death");
+    assert!(across.contains("4194304 of 4194304"), "{across}");
+    assert!(across.contains("each once and in order"), "{across}");
+    assert!(across.contains("longest receive gap after it "), "{across}");
+    assert!(
+        at("as if its link died") > at("joined a second path"),
+        "{text}"
+    );
 
     // Every child instance was killed and reaped before the demo exited.
     assert_no_instance_left(&router_address(&out));

@@ -479,6 +479,36 @@ impl Endpoint {
         self.shared.lock().engine.locals().to_vec()
     }
 
+    /// Stops using the local locator `local`, as when its address leaves the host or its
+    /// link goes down, while its socket stays bound: it leaves
+    /// [`Endpoint::usable_locators`], the paths from it (multipath; not a flow's first path)
+    /// are removed at once, what they carried going out on each flow's other paths and the
+    /// peer told, and [`Endpoint::path_events`] reports
+    /// [`PathEvent::AddressRemoved`] then a [`PathEvent::PathDown`] for each such path. A
+    /// flow whose first path runs from `local` keeps it until it moves
+    /// ([`Stream::migrate`]). For an application that knows of a dead link before the host
+    /// does (and for demonstrations of one: `serval demo`). Returns whether `local` was
+    /// usable.
+    pub fn remove_local(&self, local: Locator) -> bool {
+        let mut st = self.shared.lock();
+        if !st.engine.locals().contains(&local) {
+            return false;
+        }
+        st.engine.remove_local(&local);
+        let _ = st.path_events.send(PathEvent::AddressRemoved(local));
+        st.dispatch();
+        drop(st);
+        self.shared.wake.notify_one();
+        true
+    }
+
+    /// The paths of flow `stream` ([`Stream::id`]; [`Endpoint::flows`] lists them), as
+    /// [`Stream::paths`] shows them, for an observer that does not hold the stream (an admin
+    /// API). Empty for a flow that is gone.
+    pub fn flow_paths(&self, stream: ConnectionHandle) -> Vec<crate::PathSummary> {
+        self.shared.lock().engine.paths(stream)
+    }
+
     /// Path events of every flow of this endpoint: local addresses that became usable or
     /// went away, flows moving, moved, or left without a usable address. Nothing is required
     /// of the application: flows move by themselves; this is for those who want to know.

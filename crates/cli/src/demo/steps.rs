@@ -1,4 +1,5 @@
-//! The demo's first five steps (the sixth is in `server_move.rs`, the seventh in `standby.rs`).
+//! The demo's first five steps (the sixth is in `server_move.rs`, the seventh in `standby.rs`,
+//! the eighth in `multipath.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +45,7 @@ fn all_failed(why: &str) -> Vec<Outcome> {
         STEP_MIGRATE,
         super::server_move::STEP,
         super::standby::STEP,
+        super::multipath::STEP,
     ]
     .into_iter()
     .map(|s| Outcome::fail(s, why))
@@ -95,6 +97,7 @@ pub async fn all(tl: Arc<Timeline>) -> Vec<Outcome> {
     out.push(migrate(&tl, &router, raddr).await);
     out.push(super::server_move::run(&tl, &router, raddr, LEASE).await);
     out.push(super::standby::run(&tl, &router, raddr, LEASE).await);
+    out.push(super::multipath::run(&tl, &router, raddr, LEASE).await);
     out
 }
 
