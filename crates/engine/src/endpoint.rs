@@ -244,7 +244,8 @@ pub struct EndpointConfig {
     pub multipath: bool,
     /// Paths from or to these local locators are backups (data only while no other path
     /// works): those this end joins from them (with [`multipath`](Self::multipath)), and
-    /// those the peer joins to them.
+    /// those the peer joins to them. A locator with port 0 stands for every port of its
+    /// address (a socket bound to port 0 gets its port only when bound).
     pub backup_locals: Vec<Locator>,
     /// Per-source limit on the SYNs this endpoint handles (forwards, NACKs, holds or accepts);
     /// beyond it a source's SYNs are dropped silently and counted. Service routers set it

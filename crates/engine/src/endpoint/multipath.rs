@@ -122,7 +122,7 @@ impl Endpoint {
                 continue;
             };
             if !c.has_route(local, remote) {
-                joins.push((local, remote, self.config.backup_locals.contains(&local)));
+                joins.push((local, remote, self.is_backup_local(local)));
             }
         }
         for (local, remote, backup) in joins {
@@ -135,6 +135,16 @@ impl Endpoint {
                 self.flows.remove(flow);
             }
         }
+    }
+
+    /// Whether paths from or to our `local` are backups: it is one of
+    /// [`backup_locals`](super::EndpointConfig::backup_locals), or one of them names its
+    /// address with port 0 (any port).
+    fn is_backup_local(&self, local: Locator) -> bool {
+        self.config
+            .backup_locals
+            .iter()
+            .any(|b| *b == local || (b.port() == 0 && b.ip() == local.ip()))
     }
 
     /// A local locator appeared: every established client connection joins a path from it
@@ -172,7 +182,7 @@ impl Endpoint {
             match self.conn(h).and_then(|c| c.grant_flow(id, flow)) {
                 // A path to one of our backup locators is a backup here too, whatever the
                 // joiner asked.
-                Some(local) if self.config.backup_locals.contains(&local) => {
+                Some(local) if self.is_backup_local(local) => {
                     if let Some(c) = self.conn(h) {
                         c.set_path_backup(id, true);
                     }
