@@ -51,6 +51,7 @@ struct Host {
     close_reason: Option<CloseReason>,
     paths_up: u32,
     paths_down: u32,
+    moved: u32,
     /// When this end connected (or accepted) and when its first PathUp came.
     connected_at: Option<Instant>,
     first_path_up: Option<Instant>,
@@ -76,6 +77,7 @@ impl Host {
             close_reason: None,
             paths_up: 0,
             paths_down: 0,
+            moved: 0,
             connected_at: None,
             first_path_up: None,
             progress: Vec::new(),
@@ -106,6 +108,7 @@ impl Host {
                     self.first_path_up.get_or_insert(now);
                 }
                 Event::PathDown(..) => self.paths_down += 1,
+                Event::Migrated(..) => self.moved += 1,
                 _ => {}
             }
         }
@@ -219,6 +222,9 @@ fn setup_with(
     config.transport.idle_timeout = Duration::from_secs(60);
     if let Some(backup) = auto {
         config.multipath = true;
+        // As the runtime has it when it follows the host: a silent path moves the flow,
+        // unless another path works.
+        config.path_failover = true;
         if backup {
             config.backup_locals = vec![loc(C2)];
         }
@@ -725,4 +731,39 @@ fn a_join_that_overtakes_the_handshake_ack_completes_it() {
         took < Duration::from_millis(100),
         "path up {took:?} after connecting"
     );
+}
+
+/// Path 0 goes silent (cut both ways, links "up") on a multipath flow whose endpoints would
+/// move a flow off a silent path: the flow goes on over path 1, path 0 is not moved there
+/// (that would only stack a second path on the same locators), and both ends close cleanly.
+#[test]
+fn a_silent_first_path_is_not_moved_while_another_works() {
+    let rate = 2_500_000;
+    let mut s = setup_with(
+        8,
+        [limited(rate, 10), limited(rate, 10)],
+        256 << 10,
+        4 << 20,
+        None,
+        Some(false),
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
+        .unwrap();
+    assert_eq!(s.net.node(s.client).paths_up, 1);
+    s.cut_path(0, true);
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+    s.net
+        .run_until(10_000_000, |n| {
+            n.node(NodeId(0)).closed && n.node(NodeId(1)).closed
+        })
+        .unwrap();
+    for h in [s.net.node(s.client), s.net.node(s.server)] {
+        assert_eq!(h.moved, 0, "{} moved path 0", h.name);
+        assert_eq!(h.ep.stats().path_failovers, 0, "{} tried to move path 0", h.name);
+        assert_eq!(h.close_reason, Some(CloseReason::Finished), "{}", h.name);
+    }
+    let gap = s.longest_gap();
+    assert!(gap < Duration::from_millis(300), "gap {gap:?}");
 }

@@ -249,6 +249,17 @@ impl Connection {
         self.sub().iter().any(|p| p.peer == remote)
     }
 
+    /// Whether a path other than path 0 is active and not failing.
+    pub(crate) fn has_working_subpath(&self) -> bool {
+        if !self.has_active_subpath() {
+            return false;
+        }
+        let info = self.transport.paths();
+        self.sub().iter().any(|p| {
+            p.stage == Stage::Active && info.iter().any(|i| i.id == p.id && i.usable && !i.failed)
+        })
+    }
+
     /// Whether a path other than path 0 carries traffic.
     pub(crate) fn has_active_subpath(&self) -> bool {
         self.sub().iter().any(|p| p.stage == Stage::Active)

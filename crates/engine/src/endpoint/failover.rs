@@ -10,7 +10,8 @@
 //! number of (shorter) probe timeouts; the move is then the same.
 //! If that move fails too, the next silence tries the next locator, round robin.
 //!
-//! Off unless [`EndpointConfig::path_failover`](super::EndpointConfig::path_failover) is set.
+//! Off unless [`EndpointConfig::path_failover`](super::EndpointConfig::path_failover) is set,
+//! and not while another path of the flow works (multipath: the flow goes on there).
 
 use super::{ConnectionHandle, Endpoint};
 use crate::connection::State;
@@ -31,10 +32,13 @@ impl Endpoint {
         let Some(c) = self.conn_ref(h) else {
             return false;
         };
+        // With another path working (multipath), the flow goes on there: its first path is
+        // failing, not the flow, and it comes back by itself if it answers again.
         if c.state != State::Established
             || c.is_exported()
             || c.is_moving()
             || c.transport.is_frozen()
+            || c.has_working_subpath()
             || (c.transport.pto_count() < STALE_PTOS && !c.transport.is_path_silent())
         {
             return false;
