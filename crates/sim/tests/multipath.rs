@@ -761,7 +761,12 @@ fn a_silent_first_path_is_not_moved_while_another_works() {
         .unwrap();
     for h in [s.net.node(s.client), s.net.node(s.server)] {
         assert_eq!(h.moved, 0, "{} moved path 0", h.name);
-        assert_eq!(h.ep.stats().path_failovers, 0, "{} tried to move path 0", h.name);
+        assert_eq!(
+            h.ep.stats().path_failovers,
+            0,
+            "{} tried to move path 0",
+            h.name
+        );
         assert_eq!(h.close_reason, Some(CloseReason::Finished), "{}", h.name);
     }
     let gap = s.longest_gap();
