@@ -393,7 +393,10 @@ fn a_dead_path_costs_a_short_gap() {
     s.check_bytes();
     let gap = s.longest_gap();
     eprintln!("longest gap {gap:?}");
-    assert!(gap < Duration::from_millis(500), "gap {gap:?}");
+    // About one probe period of path 0 (RTT 20 ms + the peer's ACK delay), counted from its
+    // oldest packet in flight, not from its latest (a sender still scheduling data on it
+    // would push that back until its window filled: 127 ms here before).
+    assert!(gap < Duration::from_millis(100), "gap {gap:?}");
     // The close (control packets, path 0's flowIDs) goes over the working path: both ends
     // finish cleanly, soon.
     let done = s.net.now();

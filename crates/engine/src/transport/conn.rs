@@ -1756,6 +1756,7 @@ impl Transport {
             consider(self.config.keepalive().map(|k| p.last_sent + k));
         }
         consider(p.mtu.next_timeout());
+        consider(self.stall_deadline(p));
         t
     }
 
@@ -1883,6 +1884,9 @@ impl Transport {
 
     /// The timers of the path being worked on (`self.path`) that expired at `now`.
     fn handle_path_timeout(&mut self, now: Instant) {
+        if self.stall_deadline(&self.path).is_some_and(|t| t <= now) {
+            self.on_path_probe_timeout();
+        }
         // The pacer's release is re-armed by the next transmission attempt on the path. With
         // one path that attempt comes at once; with several, the path may not be tried soon
         // (it carries no data), and a release left in the past would fire for ever.

@@ -258,6 +258,25 @@ impl Transport {
         }
     }
 
+    /// Multipath: when path `p` counts as stalled — the oldest packet it has in flight sent a
+    /// probe period ago and still neither acknowledged nor declared lost — while another path
+    /// carries data. Its probe timer cannot tell: that timer runs from the latest packet sent,
+    /// and a sender that goes on scheduling data on a silent path (its RTT lowest, its window
+    /// not yet full) keeps pushing it back. `None` with one path.
+    pub(super) fn stall_deadline(&self, p: &Path) -> Option<Instant> {
+        if self.others.is_empty() || !p.carries_data() {
+            return None;
+        }
+        let other_works = core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .any(|q| q.id != p.id && q.carries_data());
+        if !other_works {
+            return None;
+        }
+        let (_, oldest, _) = p.sent.outstanding().find(|(_, info, _)| info.in_flight)?;
+        Some(oldest.time_sent + p.rtt.pto_period())
+    }
+
     /// An acknowledgement arrived on the path worked on: if it was failing, it works again.
     pub(super) fn on_path_acked(&mut self) {
         if self.path.failed {
