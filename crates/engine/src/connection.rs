@@ -831,7 +831,9 @@ impl Connection {
         may_start: bool,
     ) {
         // A packet of path 0 (a control packet) may come over another path's locators when
-        // path 0 fails: that is no new address of the peer's.
+        // path 0 fails at the peer: that is no new address of the peer's, and our control
+        // packets follow it back that way.
+        self.note_control_route(local, remote);
         if remote != self.peer && self.state == State::Established && !self.is_subpath_peer(remote)
         {
             let interval = self.transport.pto_period();

@@ -68,6 +68,10 @@ pub(crate) struct Paths {
     announce: Vec<Locator>,
     /// The peer's other locators, as it announced them.
     peer_addresses: Vec<Locator>,
+    /// The route (our locator, the peer's) the peer's latest packet of path 0 came by, when
+    /// that was another path's locators: the peer found path 0 failing, so our control
+    /// packets go back that way too.
+    control_via: Option<(Locator, Locator)>,
     /// The highest path ID this end has used, and the highest the peer has joined: an ID is
     /// never used twice in a flow (a path's packet numbers start from 0, and its nonces carry
     /// its ID: a second path with an old ID would repeat nonces under the same key).
@@ -233,6 +237,9 @@ impl Connection {
         if !self.has_active_subpath() {
             return primary;
         }
+        if let Some(via) = self.subpaths.as_deref().and_then(|m| m.control_via) {
+            return via;
+        }
         let info = self.transport.paths();
         let works = |id: u32| info.iter().any(|i| i.id == id && i.usable && !i.failed);
         if works(0) {
@@ -242,6 +249,24 @@ impl Connection {
             .iter()
             .find(|p| p.stage == Stage::Active && works(p.id))
             .map_or(primary, |p| (p.local, p.peer))
+    }
+
+    /// A packet of path 0 arrived at `local` from `remote`: by path 0's own locators, or by
+    /// another path's (the peer routes its control packets around a failing path 0, and so
+    /// do we from now on, until one comes by path 0 again).
+    pub(crate) fn note_control_route(&mut self, local: Locator, remote: Locator) {
+        let Some(m) = self.subpaths.as_deref_mut() else {
+            return;
+        };
+        if remote == self.peer {
+            m.control_via = None;
+        } else if m
+            .list
+            .iter()
+            .any(|p| p.peer == remote && p.stage == Stage::Active)
+        {
+            m.control_via = Some((local, remote));
+        }
     }
 
     /// Whether `remote` is the peer's locator on one of the flow's other paths.
