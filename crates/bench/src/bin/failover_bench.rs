@@ -14,10 +14,13 @@
 //! from 10.78.1.1 can only take link 1. The server sends a counting byte pattern at a steady
 //! rate ([`CHUNK`] bytes every millisecond, ~65 Mbit/s); the client reads and checks every
 //! byte, and after [`WARMUP`] sets link 1 down itself (`ip link set vm1c down`) and measures,
-//! for [`AFTER`], the longest time between two reads (from the moment of the link-down). Each
-//! repetition builds the namespaces afresh. MPTCP: `IPPROTO_MPTCP` sockets, `ip mptcp limits
-//! set subflows 2 add_addr_accepted 2` on both hosts, and `ip mptcp endpoint add 10.78.2.1
-//! dev vm2c subflow` on the client, so the second subflow exists before the link goes down.
+//! for [`AFTER`], the longest time between two reads (from the moment of the link-down), and
+//! when it began. It also reports the longest gap over as long a window before the failure
+//! (from [`BASE_FROM`]): the paced stream's own jitter on this machine, the floor under the
+//! figure after. Each repetition builds the namespaces afresh. MPTCP: `IPPROTO_MPTCP`
+//! sockets, `ip mptcp limits set subflows 2 add_addr_accepted 2` on both hosts, and `ip mptcp
+//! endpoint add 10.78.2.1 dev vm2c subflow` on the client, so the second subflow exists before
+//! the link goes down.
 //!
 //! quinn has no failover of its own: its client application moves the connection to link 2
 //! with `Endpoint::rebind` (a new UDP socket on 10.78.2.1), and the server follows after
@@ -29,11 +32,34 @@
 //! `--silent` drops everything on link 1 with nftables, both ways, instead of setting it down:
 //! the link and its addresses stay up, so no host event tells anyone (issue 11's silent loss).
 //!
+//! Serval runs twice: `serval`, one path that moves (the runtime follows the host; the server
+//! on 10.78.0.1), and `serval-mp`, **multipath** (issue 11 item 3): both ends bound to an
+//! address on each link (the server to 10.78.1.2 and 10.78.2.2) with
+//! `EndpointConfig::multipath`, the client connected over link 1 and its path over link 2
+//! joined (and checked up) before the measurement starts, as MPTCP's second subflow is. When
+//! link 1 dies the stream carries on over the path that is already there. The client tables
+//! route strictly by source (`from 10.78.N.1`: a default via link N, then `unreachable`), so
+//! a path from the link-2 address never takes link 1 even to the server's link-1 address.
+//!
+//! `stripe` measures striping (issue 11): both links shaped to `--rate` (100 Mbit/s) each way
+//! with `tc qdisc ... tbf` on all four veth ends, the server sending as fast as it can, the
+//! client counting what arrives over [`STRIPE_MEASURE`] after [`STRIPE_WARMUP`]; one path
+//! (`serval`: the client bound to link 1 only; `mptcp-1`: no second endpoint) against both
+//! (`serval-mp`; `mptcp-2`: `ip mptcp endpoint add 10.78.2.1 dev vm2c subflow`), with the
+//! bytes each client link received (its `rx_bytes`) over the same window.
+//!
 //! ```sh
 //! cargo build --release -p serval-bench --bin failover-bench
 //! sudo target/release/failover-bench run --reps 5
 //! sudo target/release/failover-bench run --reps 5 --silent
+//! sudo target/release/failover-bench stripe --reps 5
 //! ```
+//!
+//! Diagnosis: `FAILOVER_TRACE=1` prints, on one clock (Unix microseconds), when the client
+//! broke link 1, each of its reads that came more than 2 ms after the previous one, and every
+//! change of the Serval server's paths (locators, failed, probe timeouts) with its lost and
+//! retransmitted counts; `FAILOVER_PLAINTEXT=1` runs `serval-mp` unencrypted (authenticated
+//! only) so that the Wireshark dissector (contrib/wireshark) can read its frames.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -50,13 +76,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Bytes the server writes per millisecond.
 const CHUNK: usize = 8 << 10;
-/// Steady transfer before the link goes down.
-const WARMUP: Duration = Duration::from_secs(1);
+/// Steady transfer before the link goes down: long enough for the baseline gap (from
+/// [`BASE_FROM`]) to be measured over as long a window as the gap after ([`AFTER`]).
+const WARMUP: Duration = Duration::from_millis(3200);
 /// How long the client keeps reading after the link went down.
 const AFTER: Duration = Duration::from_secs(3);
+/// The baseline gap is measured from this long after the start until the link goes down.
+const BASE_FROM: Duration = Duration::from_millis(200);
 const SERVICE: &str = "failover.bench";
 const SERVER: &str = "10.78.0.1";
 const IPPROTO_MPTCP: i32 = 262;
+/// Striping: bulk transfer before the measurement window opens (slow start, the join).
+const STRIPE_WARMUP: Duration = Duration::from_secs(1);
+/// Striping: the measurement window.
+const STRIPE_MEASURE: Duration = Duration::from_secs(3);
+/// Bytes a bulk sender writes per call.
+const BULK_CHUNK: usize = 64 << 10;
+/// The Serval multipath server's addresses, one on each link.
+const SERVER_LINKS: [&str; 2] = ["10.78.1.2", "10.78.2.2"];
+/// Failover stacks, in the order they run in each repetition.
+const FAILOVER_STACKS: &str = "serval,serval-mp,mptcp,quinn";
+/// Striping stacks: one path, then both, for each.
+const STRIPE_STACKS: &str = "serval,serval-mp,mptcp-1,mptcp-2";
 
 #[derive(Parser)]
 #[command(about = "Link-down failover gap: Serval against MPTCP and quinn")]
@@ -76,11 +117,39 @@ enum Cmd {
         /// ways, while the link and its addresses stay up.
         #[arg(long)]
         silent: bool,
+        /// Stacks to run, comma-separated: `serval` (one path that moves), `serval-mp`
+        /// (multipath, both paths up before the failure), `mptcp`, `quinn`.
+        #[arg(long, value_delimiter = ',', default_value = FAILOVER_STACKS)]
+        stacks: Vec<String>,
+    },
+    /// Striping: bulk throughput over one path and over both, each link shaped (tc tbf).
+    Stripe {
+        /// Repetitions of each stack.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Each link's rate, each way (a tc rate).
+        #[arg(long, default_value = "100mbit")]
+        rate: String,
+        /// Stacks to run, comma-separated: `serval` (one path), `serval-mp` (both),
+        /// `mptcp-1` (one subflow), `mptcp-2` (two).
+        #[arg(long, value_delimiter = ',', default_value = STRIPE_STACKS)]
+        stacks: Vec<String>,
     },
     /// Serve one Serval stream (inside the server namespace).
-    ServeServal,
+    ServeServal {
+        /// Bound to an address on each link, multipath on (else on 10.78.0.1, one path).
+        #[arg(long)]
+        multipath: bool,
+        /// Send as fast as possible instead of at the paced rate.
+        #[arg(long)]
+        bulk: bool,
+    },
     /// Serve one MPTCP connection (inside the server namespace).
-    ServeMptcp,
+    ServeMptcp {
+        /// Send as fast as possible instead of at the paced rate.
+        #[arg(long)]
+        bulk: bool,
+    },
     /// Serve one quinn connection (inside the server namespace); its certificate goes to
     /// CERT.
     ServeQuinn {
@@ -89,7 +158,7 @@ enum Cmd {
     },
     /// Receive, take link 1 down, print the gap (inside the client namespace).
     Client {
-        /// `serval`, `mptcp` or `quinn`.
+        /// `serval`, `serval-mp`, `mptcp` or `quinn`.
         stack: String,
         /// The client's end of link 1.
         link1: String,
@@ -100,14 +169,24 @@ enum Cmd {
         #[arg(long)]
         cert: Option<std::path::PathBuf>,
     },
+    /// Receive a bulk transfer, print its rate over the window (inside the client namespace).
+    StripeClient {
+        /// `serval`, `serval-mp`, `mptcp-1` or `mptcp-2`.
+        stack: String,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { reps, silent } => run(reps, silent),
-        Cmd::ServeServal => rt().block_on(serve_serval()),
-        Cmd::ServeMptcp => serve_mptcp(),
+        Cmd::Run {
+            reps,
+            silent,
+            stacks,
+        } => run(reps, silent, &stacks),
+        Cmd::Stripe { reps, rate, stacks } => stripe(reps, &rate, &stacks),
+        Cmd::ServeServal { multipath, bulk } => rt().block_on(serve_serval(multipath, bulk)),
+        Cmd::ServeMptcp { bulk } => serve_mptcp(bulk),
         Cmd::ServeQuinn { cert } => rt().block_on(serve_quinn(&cert)),
         Cmd::Client {
             stack,
@@ -116,15 +195,39 @@ fn main() {
             cert,
         } => {
             let r = match (stack.as_str(), cert) {
-                ("serval", _) => rt().block_on(client_serval(&link1, silent)),
+                ("serval", _) => rt().block_on(client_serval(&link1, silent, false)),
+                ("serval-mp", _) => rt().block_on(client_serval(&link1, silent, true)),
                 ("quinn", Some(cert)) => rt().block_on(client_quinn(&link1, silent, &cert)),
                 ("quinn", None) => Err("quinn needs --cert".into()),
                 _ => client_mptcp(&link1, silent),
             };
             match r {
-                Ok((gap, bytes)) => println!("gap_us={} bytes={bytes}", gap.as_micros()),
+                Ok(g) => println!(
+                    "gap_us={} gap_at_us={} base_us={} bytes={}",
+                    g.gap.as_micros(),
+                    g.gap_at.as_micros(),
+                    g.base.as_micros(),
+                    g.bytes
+                ),
                 Err(e) => {
                     eprintln!("client: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::StripeClient { stack } => {
+            let r = match stack.as_str() {
+                "serval" => rt().block_on(stripe_client_serval(false)),
+                "serval-mp" => rt().block_on(stripe_client_serval(true)),
+                _ => stripe_client_mptcp(),
+            };
+            match r {
+                Ok(w) => println!(
+                    "bytes={} secs={} link1={} link2={}",
+                    w.bytes, w.secs, w.link_rx[0], w.link_rx[1]
+                ),
+                Err(e) => {
+                    eprintln!("stripe client: {e}");
                     std::process::exit(1);
                 }
             }
@@ -139,16 +242,29 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Checks received bytes against the counting pattern and keeps the longest gap after the
-/// link went down.
+/// Checks received bytes against the counting pattern and keeps the longest gaps between two
+/// reads: over [`AFTER`] after the link went down (`gap`, the figure of the tables, with when
+/// it began: `gap_at` after the failure), and before it (`base`, from [`BASE_FROM`] to the
+/// failure: the stream's own jitter, the floor under `gap`). A `gap` that began long after
+/// the failure and is no longer than `base` is the machine's, not the failover's.
 struct Meter {
     start: Instant,
     down_at: Option<Instant>,
     last: Instant,
     gap: Duration,
+    gap_at: Duration,
+    base: Duration,
     bytes: u64,
     link1: String,
     silent: bool,
+}
+
+/// What a failover client measured.
+struct Gaps {
+    gap: Duration,
+    gap_at: Duration,
+    base: Duration,
+    bytes: u64,
 }
 
 impl Meter {
@@ -159,9 +275,20 @@ impl Meter {
             down_at: None,
             last: now,
             gap: Duration::ZERO,
+            gap_at: Duration::ZERO,
+            base: Duration::ZERO,
             bytes: 0,
             link1: link1.to_string(),
             silent,
+        }
+    }
+
+    fn gaps(&self) -> Gaps {
+        Gaps {
+            gap: self.gap,
+            gap_at: self.gap_at,
+            base: self.base,
+            bytes: self.bytes,
         }
     }
 
@@ -174,8 +301,26 @@ impl Meter {
             }
         }
         self.bytes += data.len() as u64;
-        if self.down_at.is_some() {
-            self.gap = self.gap.max(now - self.last);
+        let since = now - self.last;
+        match self.down_at {
+            Some(d) => {
+                if since > self.gap {
+                    self.gap = since;
+                    self.gap_at = self.last - d;
+                }
+                if since > Duration::from_millis(2) && std::env::var_os("FAILOVER_TRACE").is_some()
+                {
+                    eprintln!(
+                        "  client t={} read {} bytes after {since:?} without, {:?} after the \
+                         failure",
+                        unix_us(),
+                        data.len(),
+                        now - d
+                    );
+                }
+            }
+            None if self.last - self.start >= BASE_FROM => self.base = self.base.max(since),
+            None => {}
         }
         self.last = now;
         if self.down_at.is_none() && now - self.start >= WARMUP {
@@ -193,6 +338,9 @@ impl Meter {
             let t = Instant::now();
             self.down_at = Some(t);
             self.last = t;
+            if std::env::var_os("FAILOVER_TRACE").is_some() {
+                eprintln!("  client t={} link 1 broken", unix_us());
+            }
         }
         Ok(self.down_at.is_some_and(|d| now - d >= AFTER))
     }
@@ -222,15 +370,104 @@ fn silence(link: &str) -> Result<(), String> {
     }
 }
 
-async fn serve_serval() {
-    let ep = serval::Endpoint::bind(&[format!("{SERVER}:54324").parse().unwrap()])
-        .await
-        .unwrap();
+/// Multipath on (both ends of `serval-mp`). Diagnosis: `FAILOVER_PLAINTEXT=1` leaves the
+/// stream unencrypted (authenticated only), for the Wireshark dissector to read its frames.
+fn multipath_config() -> serval::EndpointConfig {
+    let mut c = serval::EndpointConfig {
+        multipath: true,
+        ..serval::EndpointConfig::default()
+    };
+    if std::env::var_os("FAILOVER_PLAINTEXT").is_some() {
+        c.protection = serval_engine::endpoint::Protection::Plaintext;
+    }
+    c
+}
+
+async fn serve_serval(multipath: bool, bulk: bool) {
+    let ep = if multipath {
+        let binds: Vec<SocketAddr> = SERVER_LINKS
+            .iter()
+            .map(|a| format!("{a}:54324").parse().unwrap())
+            .collect();
+        serval::Endpoint::bind_with(&binds, multipath_config()).await
+    } else {
+        serval::Endpoint::bind(&[format!("{SERVER}:54324").parse().unwrap()]).await
+    }
+    .unwrap();
     let service = serval::ServiceId::from_name(SERVICE).unwrap();
     let mut l = ep.listen(serval::ServicePrefix::exact(service)).unwrap();
     println!("ready");
     let mut s = l.accept().await.unwrap();
-    send_pattern(&mut s).await;
+    if bulk {
+        send_bulk(&mut s).await;
+    } else if std::env::var_os("FAILOVER_TRACE").is_some() {
+        let mut w = &s;
+        tokio::select! {
+            () = send_pattern(&mut w) => {}
+            () = trace_paths(&s) => {}
+        }
+    } else {
+        send_pattern(&mut s).await;
+    }
+}
+
+/// Microseconds since the Unix epoch: a clock both processes share, for the traces.
+fn unix_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+/// Diagnosis (`FAILOVER_TRACE=1`): prints, on stderr, every change of the sender's paths
+/// (locators, usable, failed, probe timeouts in a row), sampled every millisecond.
+async fn trace_paths(s: &serval::Stream) {
+    let mut last = String::new();
+    loop {
+        let now: Vec<String> = s
+            .paths()
+            .iter()
+            .map(|p| {
+                let t = p.transport;
+                format!(
+                    "{}:{}->{} usable={} failed={} ptos={}",
+                    p.id,
+                    p.local,
+                    p.remote,
+                    t.is_some_and(|t| t.usable),
+                    t.is_some_and(|t| t.failed),
+                    t.map_or(0, |t| t.pto_count),
+                )
+            })
+            .collect();
+        let st = s.stats().ok();
+        let now = format!(
+            "{} || lost={:?} retransmitted={:?} ptos={:?}",
+            now.join(" | "),
+            st.as_ref().map(|t| t.packets_lost),
+            st.as_ref().map(|t| t.retransmitted_bytes),
+            st.as_ref().map(|t| t.probe_timeouts)
+        );
+        if now != last {
+            eprintln!("  server t={} {now}", unix_us());
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Writes the counting pattern as fast as the stream takes it, until the write fails.
+async fn send_bulk(s: &mut (impl tokio::io::AsyncWrite + Unpin)) {
+    let mut n: u64 = 0;
+    let mut chunk = vec![0u8; BULK_CHUNK];
+    loop {
+        for b in chunk.iter_mut() {
+            *b = n as u8;
+            n += 1;
+        }
+        if s.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes the counting pattern, [`CHUNK`] bytes every millisecond, until the write fails.
@@ -250,27 +487,18 @@ async fn send_pattern(s: &mut (impl tokio::io::AsyncWrite + Unpin)) {
     }
 }
 
-async fn client_serval(link1: &str, silent: bool) -> Result<(Duration, u64), String> {
-    let ep = serval::Endpoint::bind(&[
-        "10.78.1.1:0".parse().unwrap(),
-        "10.78.2.1:0".parse().unwrap(),
-    ])
-    .await
-    .map_err(|e| e.to_string())?;
-    let service = serval::ServiceId::from_name(SERVICE).unwrap();
-    let mut s = ep
-        .connect_via(service, format!("{SERVER}:54324").parse().unwrap())
-        .await
-        .map_err(|e| e.to_string())?;
+async fn client_serval(link1: &str, silent: bool, multipath: bool) -> Result<Gaps, String> {
+    let (ep, mut s) = connect_serval(&[1, 2], multipath).await?;
     let mut m = Meter::new(link1, silent);
     let mut buf = vec![0u8; 64 << 10];
     // When the move started and ended, relative to the link-down (stderr, for diagnosis).
     let mut events = ep.path_events();
     let mut moves = Vec::new();
+    let mut paths_before = Vec::new();
     loop {
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
             .await
-            .map_err(|_| "stalled 20 s".to_string())?
+            .map_err(|_| format!("stalled 20 s; paths {:?}", s.paths()))?
             .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("server ended".into());
@@ -280,11 +508,83 @@ async fn client_serval(link1: &str, silent: bool) -> Result<(Duration, u64), Str
                 moves.push((d.elapsed(), e));
             }
         }
+        if m.down_at.is_none() {
+            paths_before = s.paths();
+            if multipath && paths_before.iter().filter(|p| p.active).count() < 2 {
+                return Err(format!(
+                    "one path left before the failure: {paths_before:?}"
+                ));
+            }
+        }
         if m.got(&buf[..n])? {
             eprintln!("serval path events after the link-down (as seen by the reader): {moves:?}");
-            return Ok((m.gap, m.bytes));
+            if multipath {
+                let brief = |v: &[serval::PathSummary]| {
+                    v.iter()
+                        .map(|p| {
+                            let t = p.transport;
+                            format!(
+                                "{}:{}->{} sent={} srtt={:?} failed={}",
+                                p.id,
+                                p.local,
+                                p.remote,
+                                t.map_or(0, |t| t.bytes_sent),
+                                t.map(|t| t.srtt),
+                                t.is_some_and(|t| t.failed)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                eprintln!(
+                    "  paths before the failure {:?}; after {:?}",
+                    brief(&paths_before),
+                    brief(&s.paths())
+                );
+            }
+            return Ok(m.gaps());
         }
     }
+}
+
+/// A Serval client bound to 10.78.N.1 for each N of `links`, connected to the server: one
+/// path to 10.78.0.1, or with `multipath` to 10.78.1.2 with a path over link 2 joined too
+/// (waited for, at most 5 s).
+async fn connect_serval(
+    links: &[u8],
+    multipath: bool,
+) -> Result<(serval::Endpoint, serval::Stream), String> {
+    let binds: Vec<SocketAddr> = links
+        .iter()
+        .map(|n| format!("10.78.{n}.1:0").parse().unwrap())
+        .collect();
+    let (config, to) = if multipath {
+        (multipath_config(), format!("{}:54324", SERVER_LINKS[0]))
+    } else {
+        (serval::EndpointConfig::default(), format!("{SERVER}:54324"))
+    };
+    let ep = serval::Endpoint::bind_with(&binds, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let service = serval::ServiceId::from_name(SERVICE).unwrap();
+    let s = ep
+        .connect_via(service, to.parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    if multipath {
+        let link2: std::net::IpAddr = "10.78.2.1".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s
+            .paths()
+            .iter()
+            .any(|p| p.active && p.local.ip() == link2 && p.transport.is_some_and(|t| t.usable))
+        {
+            if Instant::now() > deadline {
+                return Err(format!("no path over link 2 after 5 s: {:?}", s.paths()));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    Ok((ep, s))
 }
 
 /// quinn's server: one connection, one unidirectional stream of the pattern at the same rate
@@ -303,11 +603,7 @@ fn quinn_silence(conn: &quinn::Connection) -> Duration {
     (conn.rtt() * 3).max(Duration::from_millis(10))
 }
 
-async fn client_quinn(
-    link1: &str,
-    silent: bool,
-    cert: &std::path::Path,
-) -> Result<(Duration, u64), String> {
+async fn client_quinn(link1: &str, silent: bool, cert: &std::path::Path) -> Result<Gaps, String> {
     let ep = quinn_setup::quinn_client("10.78.1.1:0".parse().unwrap(), cert)
         .map_err(|e| e.to_string())?;
     let conn = ep
@@ -338,7 +634,7 @@ async fn client_quinn(
         };
         let was_down = m.down_at.is_some();
         if m.got(&buf[..n])? {
-            return Ok((m.gap, m.bytes));
+            return Ok(m.gaps());
         }
         // A link-down the application is told of at once: it moves right away.
         if !was_down && m.down_at.is_some() && !silent && !rebound {
@@ -356,7 +652,7 @@ fn mptcp_socket() -> std::io::Result<Socket> {
     )
 }
 
-fn serve_mptcp() {
+fn serve_mptcp(bulk: bool) {
     let s = mptcp_socket().unwrap();
     s.set_reuse_address(true).unwrap();
     let at: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
@@ -366,6 +662,18 @@ fn serve_mptcp() {
     let (c, _) = s.accept().unwrap();
     let mut c = std::net::TcpStream::from(c);
     let mut n: u64 = 0;
+    if bulk {
+        let mut chunk = vec![0u8; BULK_CHUNK];
+        loop {
+            for b in chunk.iter_mut() {
+                *b = n as u8;
+                n += 1;
+            }
+            if c.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    }
     let mut chunk = vec![0u8; CHUNK];
     let start = Instant::now();
     let mut k = 0u32;
@@ -385,7 +693,7 @@ fn serve_mptcp() {
     }
 }
 
-fn client_mptcp(link1: &str, silent: bool) -> Result<(Duration, u64), String> {
+fn client_mptcp(link1: &str, silent: bool) -> Result<Gaps, String> {
     let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
     let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
     s.bind(&from.into()).map_err(|e| e.to_string())?;
@@ -402,7 +710,128 @@ fn client_mptcp(link1: &str, silent: bool) -> Result<(Duration, u64), String> {
             return Err("server ended".into());
         }
         if m.got(&buf[..n])? {
-            return Ok((m.gap, m.bytes));
+            return Ok(m.gaps());
+        }
+    }
+}
+
+/// What a striping client measured over its window.
+struct Window {
+    /// Stream bytes received in the window.
+    bytes: u64,
+    secs: f64,
+    /// Bytes each client link received in the window (all of it: headers, ACKs of nothing).
+    link_rx: [u64; 2],
+}
+
+/// Bytes link `n`'s client end has received (its kernel counter).
+fn link_rx(n: u8) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/vm{n}c/statistics/rx_bytes"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Checks bulk bytes against the counting pattern and counts those of the window
+/// ([`STRIPE_MEASURE`] after [`STRIPE_WARMUP`]).
+struct BulkMeter {
+    start: Instant,
+    bytes: u64,
+    /// When the window opened: the bytes and link counters then.
+    opened: Option<(Instant, u64, [u64; 2])>,
+}
+
+impl BulkMeter {
+    fn new() -> BulkMeter {
+        BulkMeter {
+            start: Instant::now(),
+            bytes: 0,
+            opened: None,
+        }
+    }
+
+    /// Accounts for `data`; returns the window once it is over.
+    fn got(&mut self, data: &[u8]) -> Result<Option<Window>, String> {
+        for (i, b) in data.iter().enumerate() {
+            if *b != (self.bytes + i as u64) as u8 {
+                return Err(format!("byte {} differs", self.bytes + i as u64));
+            }
+        }
+        self.bytes += data.len() as u64;
+        let now = Instant::now();
+        match self.opened {
+            None if now - self.start >= STRIPE_WARMUP => {
+                self.opened = Some((now, self.bytes, [link_rx(1), link_rx(2)]));
+            }
+            Some((at, bytes, rx)) if now - at >= STRIPE_MEASURE => {
+                return Ok(Some(Window {
+                    bytes: self.bytes - bytes,
+                    secs: (now - at).as_secs_f64(),
+                    link_rx: [link_rx(1) - rx[0], link_rx(2) - rx[1]],
+                }));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+}
+
+/// Serval striping client: one path over link 1 (bound there only), or multipath over both.
+async fn stripe_client_serval(multipath: bool) -> Result<Window, String> {
+    let links: &[u8] = if multipath { &[1, 2] } else { &[1] };
+    let (_ep, mut s) = connect_serval(links, multipath).await?;
+    let mut m = BulkMeter::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .map_err(|_| format!("stalled 10 s; paths {:?}", s.paths()))?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("server ended".into());
+        }
+        if let Some(w) = m.got(&buf[..n])? {
+            if multipath {
+                eprintln!(
+                    "  paths at the end: {:?}",
+                    s.paths()
+                        .iter()
+                        .map(|p| format!(
+                            "{}:{}->{} srtt={:?} cwnd={:?}",
+                            p.id,
+                            p.local,
+                            p.remote,
+                            p.transport.map(|t| t.srtt),
+                            p.transport.map(|t| t.cwnd)
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            }
+            return Ok(w);
+        }
+    }
+}
+
+/// MPTCP striping client, from 10.78.1.1; whether a second subflow joins is the topology's
+/// (`ip mptcp endpoint`).
+fn stripe_client_mptcp() -> Result<Window, String> {
+    let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
+    let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
+    s.bind(&from.into()).map_err(|e| e.to_string())?;
+    let to: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
+    s.connect(&to.into()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut c = std::net::TcpStream::from(s);
+    let mut m = BulkMeter::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = c.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("server ended".into());
+        }
+        if let Some(w) = m.got(&buf[..n])? {
+            return Ok(w);
         }
     }
 }
@@ -424,7 +853,9 @@ struct Topology {
 }
 
 impl Topology {
-    fn new() -> Topology {
+    /// The namespaces and links; with `subflow`, the client's MPTCP endpoint on link 2;
+    /// with `rate`, a tbf qdisc of that rate on each of the four veth ends.
+    fn new(subflow: bool, rate: Option<&str>) -> Topology {
         let id = std::process::id();
         let t = Topology {
             client: format!("fbc{id}"),
@@ -467,20 +898,53 @@ impl Topology {
                 "table",
                 &table,
             ]);
-        }
-        let _ = Command::new("ip")
-            .args([
+            // Strictly by source: anything else from 10.78.N.1 (a Serval path to the server's
+            // address on either link) takes link N, or nothing once link N is down.
+            ip(&[
+                "-n", c, "route", "add", "default", "via", &as_, "dev", &vc, "table", &table,
+            ]);
+            ip(&[
                 "-n",
                 c,
-                "mptcp",
-                "endpoint",
+                "route",
                 "add",
-                "10.78.2.1",
-                "dev",
-                "vm2c",
-                "subflow",
-            ])
-            .status();
+                "unreachable",
+                "default",
+                "metric",
+                "4096",
+                "table",
+                &table,
+            ]);
+            if let Some(rate) = rate {
+                for (ns, dev) in [(c, &vc), (s, &vs)] {
+                    let out = Command::new("tc")
+                        .args(["-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate"])
+                        .args([rate, "burst", "64kb", "latency", "20ms"])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "tc on {dev}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        if subflow {
+            let _ = Command::new("ip")
+                .args([
+                    "-n",
+                    c,
+                    "mptcp",
+                    "endpoint",
+                    "add",
+                    "10.78.2.1",
+                    "dev",
+                    "vm2c",
+                    "subflow",
+                ])
+                .status();
+        }
         // Both links' carrier up before anything runs.
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -510,17 +974,18 @@ impl Drop for Topology {
 }
 
 /// One repetition: returns the client's gap.
-fn once(stack: &str, silent: bool) -> Result<Duration, String> {
-    let t = Topology::new();
+fn once(stack: &str, silent: bool) -> Result<Gaps, String> {
+    let t = Topology::new(true, None);
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let me = me.to_string_lossy().to_string();
     let cert = std::env::temp_dir().join(format!("failover-bench-{}.der", std::process::id()));
     let cert_s = cert.to_string_lossy().to_string();
-    let mut serve = vec![match stack {
-        "serval" => "serve-serval",
-        "quinn" => "serve-quinn",
-        _ => "serve-mptcp",
-    }];
+    let mut serve = match stack {
+        "serval" => vec!["serve-serval"],
+        "serval-mp" => vec!["serve-serval", "--multipath"],
+        "quinn" => vec!["serve-quinn"],
+        _ => vec!["serve-mptcp"],
+    };
     if stack == "quinn" {
         serve.push(&cert_s);
     }
@@ -559,45 +1024,189 @@ fn once(stack: &str, silent: bool) -> Result<Duration, String> {
             String::from_utf8_lossy(&client.stderr)
         ));
     }
-    let us: u64 = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("gap_us="))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no gap in {text:?}"))?;
-    Ok(Duration::from_micros(us))
+    let field = |k: &str| -> Result<u64, String> {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {k} in {text:?}"))
+    };
+    Ok(Gaps {
+        gap: Duration::from_micros(field("gap_us=")?),
+        gap_at: Duration::from_micros(field("gap_at_us=")?),
+        base: Duration::from_micros(field("base_us=")?),
+        bytes: field("bytes=")?,
+    })
 }
 
-fn run(reps: usize, silent: bool) {
-    let mut gaps: Vec<(&str, Vec<Duration>)> = vec![
-        ("serval", Vec::new()),
-        ("mptcp", Vec::new()),
-        ("quinn", Vec::new()),
-    ];
+/// The median of `v` (sorted here; the upper one of an even count).
+fn median<T: Copy + PartialOrd>(v: &mut [T]) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn run(reps: usize, silent: bool, stacks: &[String]) {
+    let mut runs: Vec<(&str, Vec<Gaps>)> =
+        stacks.iter().map(|s| (s.as_str(), Vec::new())).collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for rep in 0..reps {
-        for (stack, v) in gaps.iter_mut() {
+        for (stack, v) in runs.iter_mut() {
             match once(stack, silent) {
                 Ok(g) => {
-                    eprintln!("rep {rep} {stack}: {g:.1?}");
+                    eprintln!(
+                        "rep {rep} {stack}: gap {:.1} ms (began {:.1} ms after the failure), \
+                         before {:.1} ms",
+                        ms(g.gap),
+                        ms(g.gap_at),
+                        ms(g.base)
+                    );
                     v.push(g);
                 }
                 Err(e) => eprintln!("rep {rep} {stack}: {e}"),
             }
         }
     }
-    println!("| stack | reps | median gap | min | max |");
-    println!("|---|---|---|---|---|");
-    for (stack, mut v) in gaps {
+    let column = |v: &[Gaps], f: fn(&Gaps) -> Duration| {
+        let mut c: Vec<f64> = v.iter().map(|g| ms(f(g))).collect();
+        let m = median(&mut c);
+        (m, c[0], c[c.len() - 1])
+    };
+    let mptcp = runs
+        .iter()
+        .find(|(s, v)| *s == "mptcp" && !v.is_empty())
+        .map(|(_, v)| column(v, |g| g.gap).0);
+    println!(
+        "| stack | reps | median gap (3 s after) | min–max | ÷ MPTCP's median | when each began \
+         (ms after the failure) | median gap before the failure | min–max |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (stack, v) in &runs {
         if v.is_empty() {
-            println!("| {stack} | 0 | – | – | – |");
+            println!("| {stack} | 0 | – | – | – | – | – | – |");
             continue;
         }
-        v.sort();
+        let (g, g0, g1) = column(v, |g| g.gap);
+        let at: Vec<String> = v.iter().map(|g| format!("{:.0}", ms(g.gap_at))).collect();
+        let (b, b0, b1) = column(v, |g| g.base);
+        let ratio = mptcp.map_or("–".to_string(), |p| format!("{:.3}×", g / p));
         println!(
-            "| {stack} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            "| {stack} | {} | {g:.1} ms | {g0:.1}–{g1:.1} | {ratio} | {} | {b:.1} ms | \
+             {b0:.1}–{b1:.1} |",
             v.len(),
-            v[v.len() / 2].as_secs_f64() * 1e3,
-            v[0].as_secs_f64() * 1e3,
-            v[v.len() - 1].as_secs_f64() * 1e3
+            at.join(", ")
+        );
+    }
+}
+
+/// One striping repetition of `stack` on links shaped to `rate`: what the client measured.
+fn stripe_once(stack: &str, rate: &str) -> Result<Window, String> {
+    let t = Topology::new(stack == "mptcp-2", Some(rate));
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let me = me.to_string_lossy().to_string();
+    let serve: &[&str] = match stack {
+        "serval" => &["serve-serval", "--bulk"],
+        "serval-mp" => &["serve-serval", "--multipath", "--bulk"],
+        _ => &["serve-mptcp", "--bulk"],
+    };
+    let mut server: Child = Command::new("ip")
+        .args(["netns", "exec", &t.server, &me])
+        .args(serve)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 6];
+    let mut out = server.stdout.take().unwrap();
+    let started = out.read_exact(&mut ready).map_err(|e| e.to_string());
+    let client = started.and_then(|()| {
+        Command::new("ip")
+            .args(["netns", "exec", &t.client, &me, "stripe-client", stack])
+            .output()
+            .map_err(|e| e.to_string())
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let client = client?;
+    let text = String::from_utf8_lossy(&client.stdout).to_string();
+    let diag = String::from_utf8_lossy(&client.stderr);
+    if !client.status.success() {
+        return Err(format!("{stack} client failed: {text}{diag}"));
+    }
+    if !diag.is_empty() {
+        eprint!("{diag}");
+    }
+    let field = |k: &str| -> Result<f64, String> {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {k} in {text:?}"))
+    };
+    Ok(Window {
+        bytes: field("bytes=")? as u64,
+        secs: field("secs=")?,
+        link_rx: [field("link1=")? as u64, field("link2=")? as u64],
+    })
+}
+
+fn stripe(reps: usize, rate: &str, stacks: &[String]) {
+    let mbps = |w: &Window| w.bytes as f64 * 8.0 / w.secs / 1e6;
+    let mut runs: Vec<(&str, Vec<Window>)> =
+        stacks.iter().map(|s| (s.as_str(), Vec::new())).collect();
+    for rep in 0..reps {
+        for (stack, v) in runs.iter_mut() {
+            match stripe_once(stack, rate) {
+                Ok(w) => {
+                    let total = (w.link_rx[0] + w.link_rx[1]).max(1) as f64;
+                    eprintln!(
+                        "rep {rep} {stack}: {:.1} Mbit/s, link 1 / link 2 {:.0}% / {:.0}%",
+                        mbps(&w),
+                        w.link_rx[0] as f64 * 100.0 / total,
+                        w.link_rx[1] as f64 * 100.0 / total
+                    );
+                    v.push(w);
+                }
+                Err(e) => eprintln!("rep {rep} {stack}: {e}"),
+            }
+        }
+    }
+    // One path's median, per stack family, for the ratio.
+    let one_path = |family: &str, runs: &[(&str, Vec<Window>)]| {
+        let one = if family == "serval" {
+            "serval"
+        } else {
+            "mptcp-1"
+        };
+        runs.iter()
+            .find(|(s, v)| *s == one && !v.is_empty())
+            .map(|(_, v)| median(&mut v.iter().map(mbps).collect::<Vec<_>>()))
+    };
+    println!(
+        "| stack | reps | median Mbit/s | min | max | median ÷ one path's | link 1 / link 2 share \
+         (median) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (stack, v) in &runs {
+        if v.is_empty() {
+            println!("| {stack} | 0 | – | – | – | – | – |");
+            continue;
+        }
+        let mut rates: Vec<f64> = v.iter().map(mbps).collect();
+        let m = median(&mut rates);
+        let family = if stack.starts_with("serval") {
+            "serval"
+        } else {
+            "mptcp"
+        };
+        let ratio = one_path(family, &runs).map_or("–".into(), |o| format!("{:.2}×", m / o));
+        let mut share: Vec<f64> = v
+            .iter()
+            .map(|w| w.link_rx[0] as f64 * 100.0 / (w.link_rx[0] + w.link_rx[1]).max(1) as f64)
+            .collect();
+        let share = median(&mut share);
+        println!(
+            "| {stack} | {} | {m:.1} | {:.1} | {:.1} | {ratio} | {share:.0}% / {:.0}% |",
+            v.len(),
+            rates[0],
+            rates[rates.len() - 1],
+            100.0 - share
         );
     }
 }
