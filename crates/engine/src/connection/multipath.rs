@@ -96,7 +96,7 @@ pub(crate) struct SubPath {
     stage: Stage,
 }
 
-/// A path of the flow, as [`Endpoint::paths`](crate::Endpoint::paths) reports it.
+/// A path of the flow, as [`Endpoint::paths`](crate::endpoint::Endpoint::paths) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathSummary {
     /// The path's ID (0: the flow's first path).
@@ -111,7 +111,7 @@ pub struct PathSummary {
     pub transport: Option<crate::transport::conn::PathInfo>,
 }
 
-/// Why [`Endpoint::add_path`](crate::Endpoint::add_path) refused.
+/// Why [`Endpoint::add_path`](crate::endpoint::Endpoint::add_path) refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AddPathError {
     /// The connection is not established (or closing, or moving between hosts).

@@ -45,7 +45,7 @@ pub enum ExportError {
     #[error("the application state ({0} bytes) is larger than a snapshot carries")]
     AppStateTooLarge(usize),
     /// The connection runs several paths (multipath): a snapshot carries one. Remove the
-    /// others first ([`Endpoint::remove_path`](crate::Endpoint::remove_path)).
+    /// others first ([`Endpoint::remove_path`](crate::endpoint::Endpoint::remove_path)).
     #[error("the connection runs {0} paths; a snapshot carries one")]
     Multipath(usize),
     /// The snapshot could not be written (a block beyond the format's 32-bit lengths).
