@@ -516,6 +516,16 @@ async fn client(
         .into_inner()
         .expect("link 1 broke during the transfer");
     let elapsed = start.elapsed();
+    if matches!(failure, Failure::LinkDown) {
+        // Link 1's address went: path 0 moves off it by RSYN, which may complete after the
+        // transfer did (it finished over link 2 meanwhile). Wait for the move, bounded.
+        let deadline = tokio::time::Instant::now() + SETUP_LIMIT;
+        while !s.paths().iter().all(|p| link_of(p.local) == 2)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let paths_after = s.paths();
     let closed = timeout(CLOSE_LIMIT, s.closed()).await;
     while let Ok(e) = events.try_recv() {
