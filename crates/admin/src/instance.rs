@@ -92,6 +92,10 @@ pub struct PathView {
     pub cwnd: u64,
     /// Bytes sent on the path (packets, headers included).
     pub bytes_sent: u64,
+    /// Packets sent on the path that copied another path's data (the redundant scheduler).
+    /// Absent from an instance that predates it.
+    #[serde(default)]
+    pub copies_sent: u64,
 }
 
 impl PathView {

@@ -188,6 +188,7 @@ impl InstanceSource for Source {
                             rtt_us: t.map_or(0, |t| t.srtt.as_micros() as u64),
                             cwnd: t.map_or(0, |t| t.cwnd),
                             bytes_sent: t.map_or(0, |t| t.bytes_sent),
+                            copies_sent: t.map_or(0, |t| t.copies_sent),
                         }
                     })
                     .collect(),
@@ -358,10 +359,16 @@ pub fn flows(admin: SocketAddr) -> ExitCode {
 
 /// One path of a flow as `serval flows` shows it, under the flow's line: its ID, locators
 /// (under LOCAL and PEER), state (under STATE), bytes sent on it (packets, headers included;
-/// under SENT), round-trip time (under RTT) and congestion window.
+/// under SENT), round-trip time (under RTT), congestion window and, if it sent any, the
+/// copies of other paths' packets it carried (the redundant scheduler).
 fn path_line(p: &PathView) -> String {
+    let copies = if p.copies_sent > 0 {
+        format!("  copies {}", p.copies_sent)
+    } else {
+        String::new()
+    };
     format!(
-        "{:<16}  {:<24}  {:<6}  {:<21}  {:<21}  {:<12}  {:>12}  {:>12}  {:>9}  cwnd {}",
+        "{:<16}  {:<24}  {:<6}  {:<21}  {:<21}  {:<12}  {:>12}  {:>12}  {:>9}  cwnd {}{copies}",
         format!("  path {}", p.id),
         "",
         "",

@@ -60,6 +60,10 @@ enum Command {
         /// several joins a path to them.)
         #[arg(long, value_name = "ADDR")]
         backup: Vec<std::net::SocketAddr>,
+        /// How a connection with several paths spreads what this instance sends:
+        /// lowest-rtt (default) or redundant (every packet of data on every path with room).
+        #[arg(long, value_name = "NAME")]
+        scheduler: Option<serval::Scheduler>,
         /// Echo each stream back instead of printing it.
         #[arg(long)]
         echo: bool,
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
             service,
             instance,
             backup,
+            scheduler,
             echo,
             number,
             move_on_stop,
@@ -244,7 +249,7 @@ fn main() -> ExitCode {
             exit_with_parent,
         } => match ServicePrefix::parse(&service) {
             Ok(prefix) => {
-                let locals = match net::Locals::new(&instance.bind, &backup) {
+                let locals = match net::Locals::new(&instance.bind, &backup, scheduler) {
                     Ok(l) => l,
                     Err(e) => return usage(&e),
                 };

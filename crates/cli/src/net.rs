@@ -199,12 +199,28 @@ pub struct Locals {
     addrs: Vec<SocketAddr>,
     /// Which of `addrs` are backups.
     backup: Vec<SocketAddr>,
+    /// How each connection spreads its data over its paths (`--scheduler`).
+    scheduler: serval::Scheduler,
 }
 
 impl Locals {
-    /// `--bind` and `--backup` as given; an error (for [`crate::usage`]) when a `--backup`
-    /// is not one of the `--bind` addresses, is a wildcard, or leaves no regular address.
-    pub fn new(bind: &[SocketAddr], backup: &[SocketAddr]) -> Result<Locals, String> {
+    /// `--bind`, `--backup` and `--scheduler` as given; an error (for [`crate::usage`]) when
+    /// a `--backup` is not one of the `--bind` addresses, is a wildcard, or leaves no regular
+    /// address, or when a scheduler is asked for with fewer than two addresses (one path:
+    /// nothing to schedule).
+    pub fn new(
+        bind: &[SocketAddr],
+        backup: &[SocketAddr],
+        scheduler: Option<serval::Scheduler>,
+    ) -> Result<Locals, String> {
+        if let Some(s) = scheduler
+            && bind.len() < 2
+        {
+            return Err(format!(
+                "--scheduler {s} needs several --bind addresses (a connection runs one path \
+                 per address)"
+            ));
+        }
         for b in backup {
             if !bind.contains(b) {
                 return Err(format!(
@@ -235,6 +251,7 @@ impl Locals {
         Ok(Locals {
             addrs,
             backup: backups,
+            scheduler: scheduler.unwrap_or_default(),
         })
     }
 
@@ -258,6 +275,7 @@ impl Locals {
     ) -> Result<Endpoint, String> {
         config.multipath = self.multipath();
         config.backup_locals = self.backup.clone();
+        config.transport.scheduler = self.scheduler;
         Endpoint::bind_following(&self.addrs, config, follow)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", list(&self.addrs)))
@@ -469,6 +487,12 @@ pub struct HopArgs {
     /// works. Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub backup: Vec<SocketAddr>,
+    /// How a connection with several paths (several --bind) spreads its data: lowest-rtt
+    /// (default; the fastest path with room, then the next) or redundant (every packet of
+    /// data on every path that has room: small latency-sensitive writes ride out a lossy or
+    /// dying path).
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<serval::Scheduler>,
     /// Routerless mode: find the service on the local network by multicasting the SYN
     /// (group 239.255.86.76); fails after --discover-timeout if no instance answers. Bind
     /// a specific address to choose the interface.
@@ -534,9 +558,9 @@ impl HopArgs {
         }
     }
 
-    /// `--bind` and `--backup`, checked ([`Locals::new`]).
+    /// `--bind`, `--backup` and `--scheduler`, checked ([`Locals::new`]).
     pub fn locals(&self) -> Result<Locals, String> {
-        Locals::new(&self.bind, &self.backup)
+        Locals::new(&self.bind, &self.backup, self.scheduler)
     }
 
     /// Whether the endpoint follows the host's changes (`--no-auto-migrate` says not).

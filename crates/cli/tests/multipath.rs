@@ -1,7 +1,8 @@
 //! Multipath on the command line, on loopback (no root): `serval listen`, `serval cat`,
 //! `serval bench` and `serval proxy` bound to 127.0.0.1 and 127.0.0.2 (both loopback on
 //! Linux) run a path from each address, `serval flows` shows each path of a flow, `--backup`
-//! makes a path a backup, and a `--backup` that is not a `--bind` address is refused.
+//! makes a path a backup, `--scheduler redundant` sends copies, and a `--backup` that is not
+//! a `--bind` address (or a scheduler with one address) is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
@@ -247,6 +248,95 @@ fn a_backup_address_of_the_instance_makes_the_paths_to_it_backups() {
         &["--bind", "127.0.0.1:0", "--bind", "127.0.0.2:0"],
         ("127.0.0.2:", "127.0.0.2:", "backup"),
     );
+}
+
+/// `--scheduler redundant` at both ends: small writes go out on both paths (the instance's
+/// path lines count the copies it sent), and the echo is still byte-exact.
+#[test]
+fn the_redundant_scheduler_sends_copies_and_the_bytes_arrive_once() {
+    let (_listen, addr, admin) = echo_on_two(&["--scheduler", "redundant"]);
+    let mut cmd = serval();
+    cmd.args(["cat", "paths.test", "--via", &addr])
+        .args(["--bind", "127.0.0.1:0", "--bind", "127.0.0.2:0"])
+        .args(["--scheduler", "redundant"]);
+    let (cat, mut stdin) = start(cmd);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Small writes, 1 KiB every 10 ms, until the copies showed (or the test gave up).
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let chunk: Vec<u8> = (0..1024u32).map(|j| (i * 7 + j) as u8).collect();
+                stdin.write_all(&chunk).unwrap();
+                sent.extend_from_slice(&chunk);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sent
+        })
+    };
+    let deadline = Instant::now() + LIMIT;
+    let copies = loop {
+        let copies: Vec<u64> = flows(&admin)
+            .iter()
+            .flat_map(|f| f.paths.iter())
+            .filter_map(|p| {
+                let at = p.iter().position(|c| c == "copies")?;
+                p.get(at + 1)?.parse().ok()
+            })
+            .collect();
+        if copies.iter().any(|&c| c > 0) || Instant::now() >= deadline {
+            break copies;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = writer.join().unwrap();
+    let (code, out, err) = cat.finish();
+    assert!(
+        copies.iter().any(|&c| c > 0),
+        "no path of the instance sent a copy within {LIMIT:?}: {:?}",
+        flows(&admin)
+    );
+    assert_eq!(code, Some(0), "cat failed: {err}");
+    assert_eq!(out.len(), sent.len(), "{err}");
+    assert!(out == sent, "the echo differs from what was sent");
+}
+
+/// A scheduler with one address is refused in one line: one path has nothing to schedule.
+#[test]
+fn a_scheduler_without_several_addresses_is_one_line_and_exit_2() {
+    for args in [
+        &["cat", "x.test", "--via", "127.0.0.1:9"][..],
+        &["listen", "x.test", "--bind", "127.0.0.1:0"][..],
+    ] {
+        let mut cmd = serval();
+        cmd.args(args).args(["--scheduler", "redundant"]);
+        cmd.env_remove("SERVAL_BIND");
+        let out = output_within(cmd, b"", Duration::from_secs(20));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("--scheduler redundant needs several --bind addresses"),
+            "{args:?}: {err}"
+        );
+    }
+    let mut cmd = serval();
+    cmd.args([
+        "cat",
+        "x.test",
+        "--via",
+        "127.0.0.1:9",
+        "--scheduler",
+        "fastest",
+    ]);
+    let out = output_within(cmd, b"", Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown scheduler \"fastest\""), "{err}");
 }
 
 #[test]

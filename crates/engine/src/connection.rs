@@ -674,6 +674,18 @@ impl Connection {
     }
 
     /// The pending packet of `kind` was acknowledged by `ackno`; frees the channel.
+    /// How long ago the pending control packet of `kind` was sent, if it was sent once only
+    /// (an answer to a retransmitted one may be to an earlier copy: Karn's rule): the round
+    /// trip its answer, arriving `now`, measures.
+    fn round_trip_of(&self, kind: Reliable, now: Instant) -> Option<Duration> {
+        let p = self
+            .pending
+            .as_ref()
+            .filter(|p| p.kind == kind && p.retries == 0)?;
+        let sent = p.deadline.get()?.checked_sub(Duration::from_nanos(p.rto))?;
+        (now >= sent).then(|| now - sent)
+    }
+
     fn acked(&mut self, kind: Reliable, ackno: u32) -> bool {
         match &self.pending {
             Some(p) if p.kind == kind && p.verno.wrapping_add(1) == ackno => {
@@ -988,6 +1000,7 @@ impl Connection {
             self.auth_failures += 1;
             return;
         };
+        let handshake_rtt = self.round_trip_of(Reliable::Syn, now);
         let payload_len = match protect.open(packet, header_len, Space::Control) {
             Ok((_, len)) if self.acked(Reliable::Syn, ctl.ackno) => len,
             _ => {
@@ -1032,6 +1045,9 @@ impl Connection {
         self.state = State::Established;
         // The handshake may have taken several retransmissions: start the idle clock now.
         self.transport.on_peer_activity(now);
+        if let Some(rtt) = handshake_rtt {
+            self.transport.on_handshake_rtt(rtt);
+        }
         if self.ctl.handshake_ack_delay == 0 {
             self.answers.push_back(Answer::Ack(ctl.verno));
         } else {
@@ -1098,8 +1114,14 @@ impl Connection {
         }
         if f.contains(ControlFlags::ACK) {
             match self.pending.as_ref().map(|p| p.kind) {
-                Some(Reliable::SynAck) if self.acked(Reliable::SynAck, ctl.ackno) => {
-                    self.server_established(now);
+                Some(Reliable::SynAck) => {
+                    let rtt = self.round_trip_of(Reliable::SynAck, now);
+                    if self.acked(Reliable::SynAck, ctl.ackno) {
+                        if let Some(rtt) = rtt {
+                            self.transport.on_handshake_rtt(rtt);
+                        }
+                        self.server_established(now);
+                    }
                 }
                 Some(Reliable::Fin) if self.acked(Reliable::Fin, ctl.ackno) => {
                     self.fin_acked = true;
@@ -1189,12 +1211,8 @@ impl Connection {
         if self.moving_to.is_none() {
             return;
         }
-        // The RSYN's round trip is a sample of the new path, unless the RSYN was retransmitted
-        // (the answer may then be to an earlier copy: Karn's rule).
-        let rtt_sample = self.pending.as_ref().and_then(|p| {
-            let sent = p.deadline.get()?.checked_sub(Duration::from_nanos(p.rto))?;
-            (p.kind == Reliable::Rsyn && p.retries == 0 && now >= sent).then(|| now - sent)
-        });
+        // The RSYN's round trip is a sample of the new path.
+        let rtt_sample = self.round_trip_of(Reliable::Rsyn, now);
         if !self.acked(Reliable::Rsyn, ctl.ackno) {
             return;
         }

@@ -52,7 +52,7 @@ use crate::connection::{
 };
 use crate::schedule::Schedule;
 pub use crate::transport::conn::DatagramError as ConnDatagramError;
-pub use crate::transport::conn::{MAX_PATHS, PathInfo};
+pub use crate::transport::conn::{MAX_PATHS, PathInfo, Scheduler, UnknownScheduler};
 use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteError};
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).

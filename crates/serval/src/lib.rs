@@ -56,7 +56,7 @@ pub use migrate::{
     Migrator, Phases, REBIND_LIMIT,
 };
 pub use moving::{DRAIN_LIMIT, DRAIN_TARGET, ExportedStream, MoveFailed};
-pub use multipath::{AddPathError, MAX_PATHS, PathInfo, PathSummary};
+pub use multipath::{AddPathError, MAX_PATHS, PathInfo, PathSummary, Scheduler, UnknownScheduler};
 pub use netwatch::{FollowHost, PathEvent};
 pub use registration::{REQUEST_QUEUE, RegistrationRequests, RegistrationStatus};
 pub use serval_engine::connection::ConnectError;

@@ -28,7 +28,7 @@ use serval_wire::Locator;
 use crate::stream::Stream;
 
 pub use serval_engine::connection::multipath::{AddPathError, PathSummary};
-pub use serval_engine::transport::conn::{MAX_PATHS, PathInfo};
+pub use serval_engine::transport::conn::{MAX_PATHS, PathInfo, Scheduler, UnknownScheduler};
 
 impl Stream {
     /// Joins a new path to this stream, from `local` (one of the endpoint's locators:
@@ -100,6 +100,28 @@ impl Stream {
             self.shared().wake.notify_one();
         }
         done
+    }
+
+    /// Chooses how this stream's data spreads over its paths, from its next packet on:
+    /// [`Scheduler::Redundant`] for small latency-sensitive writes (each goes out on every
+    /// path), [`Scheduler::LowestRtt`] (the default, or
+    /// [`EndpointConfig::transport`](crate::EndpointConfig::transport)'s) for bulk. Returns
+    /// false if the stream is closed.
+    pub fn set_scheduler(&self, scheduler: Scheduler) -> bool {
+        let done = self
+            .shared()
+            .lock()
+            .engine
+            .set_scheduler(self.handle(), scheduler);
+        if done {
+            self.shared().wake.notify_one();
+        }
+        done
+    }
+
+    /// This stream's scheduler (`None` once the stream is closed).
+    pub fn scheduler(&self) -> Option<Scheduler> {
+        self.shared().lock().engine.scheduler(self.handle())
     }
 
     /// This stream's paths, path 0 first: those this end joined (still joining, or active)

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serval_engine::Instant;
-use serval_engine::endpoint::{CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event};
+use serval_engine::endpoint::{
+    CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event, Scheduler,
+};
 use serval_sim::{Datagram, LinkConfig, Network, Node, NodeId};
 use serval_table::ServiceTable;
 use serval_wire::{Locator, ServiceId, ServicePrefix};
@@ -57,6 +59,9 @@ struct Host {
     first_path_up: Option<Instant>,
     /// When each byte count was reached (for gaps): (time, bytes received so far).
     progress: Vec<(Instant, usize)>,
+    /// Timed writes: `out` is released up to each byte count at its time (all of it at
+    /// once when empty).
+    releases: Vec<(Instant, usize)>,
 }
 
 impl Host {
@@ -81,7 +86,20 @@ impl Host {
             connected_at: None,
             first_path_up: None,
             progress: Vec::new(),
+            releases: Vec::new(),
         }
+    }
+
+    /// How much of `out` may be written at `now`.
+    fn released(&self, now: Instant) -> usize {
+        if self.releases.is_empty() {
+            return self.out.len();
+        }
+        self.releases
+            .iter()
+            .take_while(|&&(t, _)| t <= now)
+            .last()
+            .map_or(0, |&(_, n)| n)
     }
 
     fn run_app(&mut self, now: Instant) {
@@ -129,8 +147,9 @@ impl Host {
         if let Some((l, r, backup)) = self.join.take() {
             self.ep.add_path(h, l, r, backup).unwrap();
         }
-        while self.written < self.out.len() {
-            match self.ep.write(h, &self.out[self.written..]) {
+        let released = self.released(now);
+        while self.written < released {
+            match self.ep.write(h, &self.out[self.written..released]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => self.written += n,
             }
@@ -167,7 +186,15 @@ impl Node for Host {
         })
     }
     fn poll_timeout(&self) -> Option<Instant> {
-        self.ep.poll_timeout()
+        let release = self
+            .releases
+            .iter()
+            .find(|&&(_, n)| n > self.written)
+            .map(|&(t, _)| t);
+        match (self.ep.poll_timeout(), release) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
     fn handle_timeout(&mut self, now: Instant) {
         self.ep.handle_timeout(now);
@@ -217,9 +244,23 @@ fn setup_with(
     join: Option<bool>,
     auto: Option<bool>,
 ) -> Setup {
+    build(seed, paths, up, down, join, auto, Scheduler::LowestRtt)
+}
+
+/// [`setup_with`], both ends scheduling with `scheduler`.
+fn build(
+    seed: u64,
+    paths: [LinkConfig; 2],
+    up: usize,
+    down: usize,
+    join: Option<bool>,
+    auto: Option<bool>,
+    scheduler: Scheduler,
+) -> Setup {
     let service = ServiceId::from_name("multipath.sim").unwrap();
     let mut config = EndpointConfig::default();
     config.transport.idle_timeout = Duration::from_secs(60);
+    config.transport.scheduler = scheduler;
     if let Some(backup) = auto {
         config.multipath = true;
         // As the runtime has it when it follows the host: a silent path moves the flow,
@@ -482,6 +523,17 @@ fn sweep(
     during: impl Fn(&mut Setup),
     joined: bool,
 ) -> Vec<String> {
+    sweep_scheduled(name, paths, during, joined, Scheduler::LowestRtt)
+}
+
+/// [`sweep`], both ends scheduling with `scheduler`.
+fn sweep_scheduled(
+    name: &str,
+    paths: impl Fn(u64) -> [LinkConfig; 2],
+    during: impl Fn(&mut Setup),
+    joined: bool,
+    scheduler: Scheduler,
+) -> Vec<String> {
     let mut failed = Vec::new();
     let mut virtual_time = Duration::ZERO;
     let mut without_join = 0;
@@ -492,7 +544,8 @@ fn sweep(
         .unwrap_or(0);
     for seed in first..first + seeds() {
         let (up, down) = (64 << 10, 512 << 10);
-        let mut s = setup(seed, paths(seed), up, down, Some(seed.is_multiple_of(3)));
+        let join = Some(seed.is_multiple_of(3));
+        let mut s = build(seed, paths(seed), up, down, join, None, scheduler);
         let half = s.net.run_until(20_000_000, |n| {
             let c = n.node(NodeId(1));
             c.got.len() >= down / 2 || c.closed
@@ -552,6 +605,28 @@ fn sweep_rough_asymmetric_paths() {
         |_| {},
         true,
     );
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// [`sweep_rough_asymmetric_paths`] and [`sweep_a_path_dies`] with the redundant scheduler at
+/// both ends: every byte goes out on both paths while both have room, and still arrives
+/// once and in order.
+#[test]
+fn sweep_redundant() {
+    let mut failed = sweep_scheduled(
+        "redundant-rough",
+        |seed| [rough(seed, 10, 0.03), rough(seed + 1, 60, 0.05)],
+        |_| {},
+        true,
+        Scheduler::Redundant,
+    );
+    failed.extend(sweep_scheduled(
+        "redundant-dies",
+        |seed| [rough(seed, 10, 0.02), rough(seed + 1, 25, 0.02)],
+        |s| s.cut_path(0, true),
+        true,
+        Scheduler::Redundant,
+    ));
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
@@ -774,4 +849,105 @@ fn a_silent_first_path_is_not_moved_while_another_works() {
     }
     let gap = s.longest_gap();
     assert!(gap < Duration::from_millis(300), "gap {gap:?}");
+}
+
+/// Small writes (300 bytes, ten a second) from the client over two paths: path 0 of 10 ms
+/// one way that loses 20% of its packets each way, path 1 of 25 ms that loses nothing. With
+/// the lowest-RTT scheduler every write goes on path 0 and a lost one waits for its loss to be
+/// noticed; with the redundant scheduler a copy goes on path 1 too, so that every write
+/// arrives within path 1's delay. Returns the writes' delays (written to all bytes read by
+/// the server), sorted.
+fn small_write_delays(seed: u64, scheduler: Scheduler) -> Vec<Duration> {
+    let lossy = LinkConfig {
+        delay: Duration::from_millis(10),
+        loss: 0.2,
+        ..LinkConfig::default()
+    };
+    let clean = LinkConfig {
+        delay: Duration::from_millis(25),
+        ..LinkConfig::default()
+    };
+    let (n, size) = (100, 300);
+    let mut s = setup(seed, [lossy, clean], n * size, 0, Some(false));
+    let start = Instant::ZERO + Duration::from_secs(2);
+    let times: Vec<Instant> = (0..n)
+        .map(|i| start + Duration::from_millis(100) * i as u32)
+        .collect();
+    let client = s.net.node_mut(s.client);
+    client.releases = times
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (t, (i + 1) * size))
+        .collect();
+    s.net
+        .run_until(10_000_000, |n| {
+            n.node(NodeId(1)).paths_up == 1 || n.now() >= start
+        })
+        .unwrap();
+    assert!(
+        s.net.now() < start,
+        "the second path is not up before the writes begin"
+    );
+    let h = s.net.node(s.client).conn.unwrap();
+    assert!(s.net.node_mut(s.client).ep.set_scheduler(h, scheduler));
+
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+    let server = s.net.node(s.server);
+    let mut delays: Vec<Duration> = times
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let (at, _) = server
+                .progress
+                .iter()
+                .find(|&&(_, got)| got >= (i + 1) * size)
+                .unwrap();
+            *at - t
+        })
+        .collect();
+    delays.sort();
+    let copies = s
+        .net
+        .node(s.client)
+        .ep
+        .connection_stats(h)
+        .map_or(0, |t| t.redundant_packets);
+    eprintln!(
+        "{scheduler}: median {:?}, max {:?}, {copies} copies",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    if scheduler == Scheduler::LowestRtt {
+        assert_eq!(copies, 0);
+    } else {
+        // A path without room in its window at that moment skips its copy (path 0's window
+        // is small: it loses a fifth of its packets).
+        assert!(copies >= n as u64 * 9 / 10, "{copies} copies of {n} writes");
+    }
+    delays
+}
+
+/// What the redundant scheduler buys: no write waits for a loss to be noticed.
+#[test]
+fn redundant_writes_ride_out_a_lossy_path() {
+    for seed in 0..5 {
+        let redundant = small_write_delays(seed, Scheduler::Redundant);
+        let lowest = small_write_delays(seed, Scheduler::LowestRtt);
+        // Path 1's 25 ms, and a little for the receiver's processing.
+        let bound = Duration::from_millis(27);
+        assert!(
+            *redundant.last().unwrap() <= bound,
+            "seed {seed}: redundant {redundant:?}"
+        );
+        // Without copies, the 20% of writes lost on path 0 take a loss timer or a probe
+        // (> 25 ms); the test would prove nothing if they did not.
+        let late = lowest.iter().filter(|&&d| d > bound).count();
+        assert!(
+            late >= 5,
+            "seed {seed}: lowest-rtt had {late} late writes: {lowest:?}"
+        );
+        // Copies cost the writes that path 0 delivered nothing.
+        assert!(redundant[redundant.len() / 2] <= Duration::from_millis(11));
+    }
 }

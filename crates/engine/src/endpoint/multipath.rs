@@ -8,6 +8,7 @@ use serval_wire::Locator;
 use super::{ConnectionHandle, Endpoint};
 use crate::connection::multipath::{AddPathError, PathSummary};
 use crate::connection::{Role, State};
+use crate::transport::conn::Scheduler;
 
 impl Endpoint {
     /// Joins a new path to connection `h`, from our locator `local` (one of
@@ -68,6 +69,24 @@ impl Endpoint {
             self.touch(h);
         }
         done
+    }
+
+    /// Sets connection `h`'s scheduler (how its data spreads over its paths) from its next
+    /// packet on. Returns whether there was such a connection.
+    pub fn set_scheduler(&mut self, h: ConnectionHandle, scheduler: Scheduler) -> bool {
+        let done = self.conn(h).is_some_and(|c| {
+            c.transport.set_scheduler(scheduler);
+            true
+        });
+        if done {
+            self.touch(h);
+        }
+        done
+    }
+
+    /// Connection `h`'s scheduler (`None`: no such connection).
+    pub fn scheduler(&self, h: ConnectionHandle) -> Option<Scheduler> {
+        self.conn_ref(h).map(|c| c.transport.scheduler())
     }
 
     /// Connection `h`'s paths, path 0 first, with their transport state.

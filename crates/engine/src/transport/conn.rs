@@ -221,6 +221,9 @@ pub struct TransportConfig {
     /// Most datagrams queued each way: sent but not yet transmitted, and received but not
     /// yet read (more received are dropped). Default 256.
     pub datagram_queue: usize,
+    /// How a connection with several paths spreads its data over them. Host policy, like
+    /// `keepalive` (each end schedules what it sends). Default [`Scheduler::LowestRtt`].
+    pub scheduler: Scheduler,
 }
 
 impl Default for TransportConfig {
@@ -239,6 +242,7 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(30),
             silence_probe: false,
             datagram_queue: 256,
+            scheduler: Scheduler::LowestRtt,
         }
     }
 }
@@ -287,6 +291,8 @@ struct Settings {
     sal_overhead: u16,
     /// [`TransportConfig::silence_probe`].
     silence_probe: bool,
+    /// [`TransportConfig::scheduler`] (or as [`Transport::set_scheduler`] changed it).
+    scheduler: Scheduler,
 }
 
 impl Settings {
@@ -300,6 +306,7 @@ impl Settings {
             ack_eliciting_threshold: c.ack_eliciting_threshold,
             sal_overhead: c.sal_overhead,
             silence_probe: c.silence_probe,
+            scheduler: c.scheduler,
         }
     }
 
@@ -503,6 +510,9 @@ pub struct TransportStats {
     pub path_failures: u64,
     /// Failing paths that answered again.
     pub path_recoveries: u64,
+    /// Copies of data packets sent on other paths ([`Scheduler::Redundant`]) while the
+    /// connection had several paths; counted in `packets_sent` too.
+    pub redundant_packets: u64,
     /// The congestion window of the primary path, bytes. Per-path values:
     /// [`Transport::paths`].
     pub cwnd: u64,
@@ -821,6 +831,9 @@ struct Emit {
     force_eliciting: bool,
     /// Pad to exactly this payload size and mark as a PMTU probe of `mtu_probe` bytes.
     mtu_probe: Option<u16>,
+    /// Copy what is still unacknowledged of this packet's stream chunks
+    /// ([`Scheduler::Redundant`]).
+    copy: Option<SentPayload>,
 }
 
 impl Transport {
@@ -872,6 +885,7 @@ impl Transport {
             idle_timeout: self.config.idle_timeout(),
             silence_probe: self.config.silence_probe,
             datagram_queue: self.config.datagram_queue(),
+            scheduler: self.config.scheduler,
         }
     }
 
@@ -1329,6 +1343,7 @@ impl Transport {
                     datagrams: false,
                     force_eliciting: true,
                     mtu_probe: None,
+                    copy: None,
                 },
             );
         }
@@ -1511,6 +1526,9 @@ impl Transport {
             frame::write_ping(out);
             self.path.ping_pending = false;
             eliciting = true;
+        }
+        if let Some(of) = &opts.copy {
+            eliciting |= self.write_copy(out, end, of, &mut payload);
         }
         if opts.stream {
             eliciting |= self.write_stream_frames(out, end, &mut payload, opts.datagrams);
@@ -2166,6 +2184,17 @@ impl Transport {
         self.on_path_change_with_rtt(now, prior);
     }
 
+    /// The SAL's handshake took `rtt` (its SYN or SYN-ACK, sent once, to the answer): the
+    /// first RTT sample of path 0, if it has none yet. Without it a second path, whose join
+    /// gives it a sample at once, would look faster to the scheduler than a path 0 that has
+    /// carried nothing yet (and still counts the 333 ms initial guess).
+    pub fn on_handshake_rtt(&mut self, rtt: Duration) {
+        let p = self.primary_mut();
+        if !p.rtt.has_sample() {
+            p.rtt.update(rtt, Duration::ZERO);
+        }
+    }
+
     /// [`on_path_change`](Self::on_path_change), with an RTT sample of the new path taken by
     /// the layer below (the SAL times its RSYN until the RSYN-ACK). Starting from it instead
     /// of the 333 ms initial guess keeps the pacer and the probe timeout at the new path's
@@ -2237,6 +2266,7 @@ impl Transport {
             protocol_violations: u64::from(c.protocol_violations),
             path_failures: u64::from(c.path_failures),
             path_recoveries: u64::from(c.path_recoveries),
+            redundant_packets: self.others.copies_sent_total(),
             cwnd: self.primary().cc.window(),
             bytes_in_flight: self.primary().sent.bytes_in_flight(),
             srtt: self.primary().rtt.smoothed(),
@@ -2255,6 +2285,8 @@ mod liveness;
 mod multipath;
 pub use multipath::{MAX_PATHS, PathInfo};
 mod path;
+mod scheduler;
+pub use scheduler::{Scheduler, UnknownScheduler};
 mod snapshot;
 
 pub use liveness::{

@@ -283,6 +283,17 @@ impl SendBuffer {
         ))
     }
 
+    /// The parts of `range` sent and not acknowledged (for a copy of a packet on another
+    /// path: what the peer may still lack).
+    pub fn unacked(&self, range: Range<u64>) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.acked.gaps(self.clamp_sent(range))
+    }
+
+    /// Whether the peer acknowledged the FIN.
+    pub fn fin_acked(&self) -> bool {
+        self.fin.acked
+    }
+
     /// The peer acknowledged a chunk: `range` and, if `fin`, the FIN. Parts already
     /// acknowledged, or never sent, are ignored.
     pub fn on_acked(&mut self, range: Range<u64>, fin: bool) {

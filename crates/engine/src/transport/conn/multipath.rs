@@ -63,10 +63,14 @@ pub struct PathInfo {
     pub last_received: Instant,
     /// Bytes sent on the path (UDP payload, SAL header included).
     pub bytes_sent: u64,
+    /// Packets sent on the path that copied another path's data
+    /// ([`Scheduler::Redundant`](super::Scheduler::Redundant)), while the connection had
+    /// several paths.
+    pub copies_sent: u64,
 }
 
 impl PathInfo {
-    fn of(p: &Path) -> PathInfo {
+    fn of(p: &Path, copies_sent: u64) -> PathInfo {
         PathInfo {
             id: p.id,
             usable: p.usable,
@@ -79,6 +83,7 @@ impl PathInfo {
             pto_count: p.sent.pto_count(),
             last_received: p.last_received,
             bytes_sent: p.bytes_sent,
+            copies_sent,
         }
     }
 }
@@ -153,6 +158,11 @@ impl Transport {
         let prior = &self.primary().rtt;
         if prior.has_sample() {
             p.rtt.update(prior.smoothed(), Duration::ZERO);
+        } else {
+            // The scheduler compares the paths' RTTs: a primary that has carried nothing yet
+            // (and whose handshake gave no sample) measures its own with a PING, or the new
+            // path, measured as it comes up, would look faster whatever it is.
+            self.primary_mut().ping_pending = true;
         }
         self.others.push(p);
         true
@@ -212,7 +222,7 @@ impl Transport {
     pub fn paths(&self) -> Vec<PathInfo> {
         let mut v: Vec<PathInfo> = core::iter::once(&self.path)
             .chain(self.others.iter())
-            .map(PathInfo::of)
+            .map(|p| PathInfo::of(p, self.others.copies_sent(p.id)))
             .collect();
         v.sort_by_key(|p| p.id);
         v
@@ -296,44 +306,6 @@ impl Transport {
                 .filter(|p| p.carries_data() && p.rtt.has_sample())
                 .map(|p| (p.cc.window(), p.rtt.smoothed())),
         )
-    }
-
-    /// [`poll_transmit`](Self::poll_transmit) with several paths: tries the paths in
-    /// scheduling order — those that may carry data first, lowest smoothed RTT first (a
-    /// backup only while no other usable path works), then the rest for what they owe
-    /// themselves — and returns the first packet any of them builds. A path that owes
-    /// something now (an acknowledgement due, a probe, a PING) goes before all of them: a
-    /// path that always has data to send must not starve another's acknowledgements, whose
-    /// sender would take the silence for a failure.
-    pub(super) fn poll_transmit_multipath(&mut self, now: Instant, out: &mut Vec<u8>) -> usize {
-        let mut order = [(0u32, false, false, Duration::ZERO); MAX_PATHS];
-        let mut n = 0;
-        let primary_works = core::iter::once(&self.path)
-            .chain(self.others.iter())
-            .any(|p| p.carries_data() && !p.backup);
-        for p in core::iter::once(&self.path).chain(self.others.iter()) {
-            if !p.usable || n == MAX_PATHS {
-                continue;
-            }
-            let data = p.carries_data() && (!p.backup || !primary_works);
-            let owes = p.pto_probes > 0
-                || p.ping_pending
-                || (p.ack.pending
-                    && (p.ack.immediate || p.ack.deadline.get().is_some_and(|d| d <= now)));
-            order[n] = (p.id, data, owes, p.rtt.smoothed());
-            n += 1;
-        }
-        let order = &mut order[..n];
-        order.sort_by_key(|&(id, data, owes, srtt)| (!owes, !data, srtt, id));
-        for &(id, data, _, _) in order.iter() {
-            if self.focus(id) {
-                let len = self.poll_transmit_path(now, out, data);
-                if len > 0 {
-                    return len;
-                }
-            }
-        }
-        0
     }
 
     /// [`handle_timeout`](Self::handle_timeout)'s per-path timers, for every path.

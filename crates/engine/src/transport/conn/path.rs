@@ -105,36 +105,80 @@ impl Path {
 /// A transport's paths other than the one worked on: nothing but a null pointer for the
 /// one-path connections that are nearly all of them.
 #[derive(Clone, Debug, Default, PartialEq)]
-// A thin pointer (8 bytes) where a `Vec` would take 24 in every transport.
-#[allow(clippy::box_collection)]
-pub(super) struct OtherPaths(Option<Box<Vec<Path>>>);
+pub(super) struct OtherPaths(Option<Box<Others>>);
+
+/// What a transport with several paths keeps beside the one worked on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Others {
+    /// The other paths, in no particular order.
+    paths: Vec<Path>,
+    /// Copies still to send of the last data packet (the redundant scheduler).
+    pub(super) copies: Option<super::scheduler::Copies>,
+    /// Copies each path sent, by path ID (kept here rather than in every path: a path's
+    /// state has no byte to spare, and copies need two paths).
+    copies_sent: Vec<(u32, u64)>,
+}
 
 impl OtherPaths {
     pub(super) fn push(&mut self, p: Path) {
-        self.0.get_or_insert_default().push(p);
+        self.0.get_or_insert_default().paths.push(p);
     }
 
     /// Removes the `i`th path (the last takes its place), if there is one; frees the list
     /// when it empties.
     pub(super) fn swap_remove(&mut self, i: usize) -> Option<Path> {
-        let v = self.0.as_mut().filter(|v| i < v.len())?;
-        let p = v.swap_remove(i);
-        if v.is_empty() {
+        let o = self.0.as_mut().filter(|o| i < o.paths.len())?;
+        let p = o.paths.swap_remove(i);
+        if o.paths.is_empty() {
             self.0 = None;
         }
         Some(p)
+    }
+
+    /// What the scheduler keeps beside the paths (`None` with one path).
+    pub(super) fn extra(&mut self) -> Option<&mut Others> {
+        self.0.as_deref_mut()
+    }
+
+    /// How many copies all paths sent while the transport had several paths.
+    pub(super) fn copies_sent_total(&self) -> u64 {
+        self.0
+            .as_deref()
+            .map_or(0, |o| o.copies_sent.iter().map(|&(_, n)| n).sum())
+    }
+
+    /// How many copies path `id` sent while the transport had several paths.
+    pub(super) fn copies_sent(&self, id: u32) -> u64 {
+        self.0.as_deref().map_or(0, |o| {
+            o.copies_sent
+                .iter()
+                .find(|&&(p, _)| p == id)
+                .map_or(0, |&(_, n)| n)
+        })
+    }
+}
+
+impl Others {
+    /// Path `id` sent a copy.
+    pub(super) fn count_copy(&mut self, id: u32) {
+        match self.copies_sent.iter_mut().find(|(p, _)| *p == id) {
+            Some((_, n)) => *n += 1,
+            None => self.copies_sent.push((id, 1)),
+        }
     }
 }
 
 impl core::ops::Deref for OtherPaths {
     type Target = [Path];
     fn deref(&self) -> &[Path] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+        self.0.as_deref().map_or(&[], |o| o.paths.as_slice())
     }
 }
 
 impl core::ops::DerefMut for OtherPaths {
     fn deref_mut(&mut self) -> &mut [Path] {
-        self.0.as_deref_mut().map_or(&mut [], Vec::as_mut_slice)
+        self.0
+            .as_deref_mut()
+            .map_or(&mut [], |o| o.paths.as_mut_slice())
     }
 }

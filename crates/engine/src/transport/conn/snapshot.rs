@@ -206,9 +206,9 @@ impl Transport {
     /// export is 5 ms ahead of `now`.
     ///
     /// The connection's state, and every setting the peer relies on (windows, ACK delay,
-    /// congestion algorithm, MTU bounds, SAL overhead), come from the snapshot. Four
+    /// congestion algorithm, MTU bounds, SAL overhead), come from the snapshot. Five
     /// settings are this host's policy and come from `config` instead: `keepalive`,
-    /// `idle_timeout`, `datagram_queue` and `silence_probe` (so importing with the
+    /// `idle_timeout`, `datagram_queue`, `silence_probe` and `scheduler` (so importing with the
     /// exporter's [`config`](Self::config) restores the transport exactly, but for the
     /// silence probe's state, which starts unarmed).
     ///
@@ -273,6 +273,7 @@ impl Transport {
             idle_timeout: config.idle_timeout,
             datagram_queue: config.datagram_queue,
             silence_probe: config.silence_probe,
+            scheduler: config.scheduler,
             ..TransportConfig::default()
         }
         .normalized();
@@ -282,6 +283,7 @@ impl Transport {
             keepalive: local.keepalive,
             datagram_queue: local.datagram_queue,
             silence_probe: local.silence_probe,
+            scheduler: local.scheduler,
             ..conn.settings
         };
         let mut path = path;
@@ -454,8 +456,9 @@ impl Connection {
             datagram_queue: b.u32()?,
             ack_eliciting_threshold: b.u32()?,
             sal_overhead: b.u16()?,
-            // Host policy: the importer's configuration sets it.
+            // Host policy: the importer's configuration sets them.
             silence_probe: false,
+            scheduler: super::Scheduler::LowestRtt,
         };
         b.check(
             settings.max_ack_delay() <= MAX_MAX_ACK_DELAY && settings.ack_eliciting_threshold >= 1,

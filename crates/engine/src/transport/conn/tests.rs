@@ -1699,6 +1699,7 @@ fn config_reads_back_as_given() {
             idle_timeout: Duration::from_secs(3),
             silence_probe: true,
             datagram_queue: 3,
+            scheduler: Scheduler::Redundant,
         },
     ];
     for c in configs {
