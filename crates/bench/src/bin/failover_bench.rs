@@ -53,7 +53,12 @@
 //! sudo target/release/failover-bench run --reps 5
 //! sudo target/release/failover-bench run --reps 5 --silent
 //! sudo target/release/failover-bench stripe --reps 5
+//! sudo target/release/failover-bench lossy --reps 5
 //! ```
+//!
+//! `lossy` (`failover_lossy.rs`) times small request/response messages over both paths while
+//! link 1 drops a share of its packets at random: Serval's lowest-RTT and redundant
+//! schedulers against MPTCP.
 //!
 //! Diagnosis: `FAILOVER_TRACE=1` prints, on one clock (Unix microseconds), when the client
 //! broke link 1, each of its reads that came more than 2 ms after the previous one, and every
@@ -69,6 +74,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+#[path = "../failover_lossy.rs"]
+mod lossy;
 #[path = "../quinn_setup.rs"]
 mod quinn_setup;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -135,6 +142,37 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = STRIPE_STACKS)]
         stacks: Vec<String>,
     },
+    /// Small writes over two paths, one of them lossy: each message's echo delay,
+    /// Serval's schedulers against MPTCP (see `failover_lossy.rs`).
+    Lossy {
+        /// Repetitions of each stack.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Percent of packets dropped on link 1, each way.
+        #[arg(long, default_value_t = 20)]
+        loss: u32,
+        /// Stacks to run, comma-separated: `serval-mp` (lowest-RTT), `serval-red`
+        /// (redundant), `mptcp`.
+        #[arg(long, value_delimiter = ',', default_value = lossy::STACKS)]
+        stacks: Vec<String>,
+    },
+    /// Echo one stream (inside the server namespace): `serval` or `mptcp`.
+    LossyServe {
+        stack: String,
+        /// Serval: the redundant scheduler.
+        #[arg(long)]
+        redundant: bool,
+    },
+    /// Send the messages, time their echoes (inside the client namespace).
+    LossyClient {
+        /// `serval-mp`, `serval-red` or `mptcp`.
+        stack: String,
+        /// The client's end of link 1.
+        link1: String,
+        /// Percent of packets dropped on link 1, each way.
+        #[arg(long)]
+        loss: u32,
+    },
     /// Serve one Serval stream (inside the server namespace).
     ServeServal {
         /// Bound to an address on each link, multipath on (else on 10.78.0.1, one path).
@@ -185,6 +223,25 @@ fn main() {
             stacks,
         } => run(reps, silent, &stacks),
         Cmd::Stripe { reps, rate, stacks } => stripe(reps, &rate, &stacks),
+        Cmd::Lossy { reps, loss, stacks } => lossy::run(reps, loss, &stacks),
+        Cmd::LossyServe { stack, redundant } => match stack.as_str() {
+            "serval" => rt().block_on(lossy::serve_serval(redundant)),
+            _ => lossy::serve_mptcp(),
+        },
+        Cmd::LossyClient { stack, link1, loss } => {
+            let r = match stack.as_str() {
+                "serval-mp" => rt().block_on(lossy::client_serval(&link1, loss, false)),
+                "serval-red" => rt().block_on(lossy::client_serval(&link1, loss, true)),
+                _ => lossy::client_mptcp(&link1, loss),
+            };
+            match r {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("lossy client: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::ServeServal { multipath, bulk } => rt().block_on(serve_serval(multipath, bulk)),
         Cmd::ServeMptcp { bulk } => serve_mptcp(bulk),
         Cmd::ServeQuinn { cert } => rt().block_on(serve_quinn(&cert)),
@@ -547,42 +604,60 @@ async fn client_serval(link1: &str, silent: bool, multipath: bool) -> Result<Gap
 }
 
 /// A Serval client bound to 10.78.N.1 for each N of `links`, connected to the server: one
-/// path to 10.78.0.1, or with `multipath` to 10.78.1.2 with a path over link 2 joined too
-/// (waited for, at most 5 s).
+/// path to 10.78.0.1, or with `multipath` as [`connect_serval_with`].
 async fn connect_serval(
     links: &[u8],
     multipath: bool,
 ) -> Result<(serval::Endpoint, serval::Stream), String> {
-    let binds: Vec<SocketAddr> = links
-        .iter()
-        .map(|n| format!("10.78.{n}.1:0").parse().unwrap())
-        .collect();
-    let (config, to) = if multipath {
-        (multipath_config(), format!("{}:54324", SERVER_LINKS[0]))
-    } else {
-        (serval::EndpointConfig::default(), format!("{SERVER}:54324"))
-    };
-    let ep = serval::Endpoint::bind_with(&binds, config)
+    if multipath {
+        return connect_serval_with(links, multipath_config()).await;
+    }
+    let ep = serval::Endpoint::bind_with(&client_binds(links), serval::EndpointConfig::default())
         .await
         .map_err(|e| e.to_string())?;
     let service = serval::ServiceId::from_name(SERVICE).unwrap();
     let s = ep
+        .connect_via(service, format!("{SERVER}:54324").parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((ep, s))
+}
+
+/// 10.78.N.1, port 0, for each N of `links`.
+fn client_binds(links: &[u8]) -> Vec<SocketAddr> {
+    links
+        .iter()
+        .map(|n| format!("10.78.{n}.1:0").parse().unwrap())
+        .collect()
+}
+
+/// A multipath Serval client (`config`) bound to 10.78.N.1 for each N of `links`, connected
+/// to the server's link-1 address, with a path over link 2 joined too (waited for, at most
+/// 5 s).
+async fn connect_serval_with(
+    links: &[u8],
+    config: serval::EndpointConfig,
+) -> Result<(serval::Endpoint, serval::Stream), String> {
+    let ep = serval::Endpoint::bind_with(&client_binds(links), config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let service = serval::ServiceId::from_name(SERVICE).unwrap();
+    let to = format!("{}:54324", SERVER_LINKS[0]);
+    let s = ep
         .connect_via(service, to.parse().unwrap())
         .await
         .map_err(|e| e.to_string())?;
-    if multipath {
-        let link2: std::net::IpAddr = "10.78.2.1".parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !s
-            .paths()
-            .iter()
-            .any(|p| p.active && p.local.ip() == link2 && p.transport.is_some_and(|t| t.usable))
-        {
-            if Instant::now() > deadline {
-                return Err(format!("no path over link 2 after 5 s: {:?}", s.paths()));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    let link2: std::net::IpAddr = "10.78.2.1".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s
+        .paths()
+        .iter()
+        .any(|p| p.active && p.local.ip() == link2 && p.transport.is_some_and(|t| t.usable))
+    {
+        if Instant::now() > deadline {
+            return Err(format!("no path over link 2 after 5 s: {:?}", s.paths()));
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok((ep, s))
 }
