@@ -16,13 +16,16 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{SERVER, SERVER_LINKS, SERVICE, Topology, connect_serval_with, median, mptcp_socket};
+use super::{
+    SERVER, SERVER_LINKS, SERVICE, Topology, connect_serval_with, field, median, mptcp_socket,
+    run_pair,
+};
 
 /// Bytes per message.
 pub const MESSAGE: usize = 300;
@@ -307,56 +310,19 @@ fn wait_subflows(n: usize, limit: Duration) -> Result<(), String> {
 /// One repetition of `stack`: the client's percentiles (p50, p99, max).
 fn once(stack: &str, loss: u32) -> Result<[Duration; 3], String> {
     let t = Topology::new(stack == "mptcp", None);
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let me = me.to_string_lossy().to_string();
     let serve: &[&str] = match stack {
         "serval-mp" => &["lossy-serve", "serval"],
         "serval-red" => &["lossy-serve", "serval", "--redundant"],
         _ => &["lossy-serve", "mptcp"],
     };
-    let mut server: Child = Command::new("ip")
-        .args(["netns", "exec", &t.server, &me])
-        .args(serve)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut ready = [0u8; 6];
-    let mut out = server.stdout.take().unwrap();
-    let started = out.read_exact(&mut ready).map_err(|e| e.to_string());
     let loss = loss.to_string();
-    let client = started.and_then(|()| {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.client,
-                &me,
-                "lossy-client",
-                stack,
-                &t.link1,
-            ])
-            .args(["--loss", &loss])
-            .output()
-            .map_err(|e| e.to_string())
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    let client = client?;
-    let text = String::from_utf8_lossy(&client.stdout).to_string();
-    if !client.status.success() {
-        return Err(format!(
-            "{stack} client failed: {text}{}",
-            String::from_utf8_lossy(&client.stderr)
-        ));
-    }
-    let field = |k: &str| -> Result<Duration, String> {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_micros)
-            .ok_or_else(|| format!("no {k} in {text:?}"))
-    };
-    Ok([field("p50_us=")?, field("p99_us=")?, field("max_us=")?])
+    let text = run_pair(
+        &t,
+        serve,
+        &["lossy-client", stack, &t.link1, "--loss", &loss],
+    )?;
+    let us = |k: &str| field(&text, k).map(|v| Duration::from_micros(v as u64));
+    Ok([us("p50_us=")?, us("p99_us=")?, us("max_us=")?])
 }
 
 /// Every repetition of every stack, then the table.

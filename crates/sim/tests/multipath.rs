@@ -231,24 +231,13 @@ struct Setup {
 /// Client and server with two addresses each; `paths[i]` is path i's link (both
 /// directions); the client joins path 2 (as a backup if `backup`) when `join`.
 fn setup(seed: u64, paths: [LinkConfig; 2], up: usize, down: usize, join: Option<bool>) -> Setup {
-    setup_with(seed, paths, up, down, join, None)
+    setup_with(seed, paths, up, down, join, None, Scheduler::LowestRtt)
 }
 
 /// [`setup`], with both endpoints' [`EndpointConfig::multipath`] on when `auto` is given (the
-/// client's second address a backup if `auto` is `Some(true)`).
+/// client's second address a backup if `auto` is `Some(true)`), both scheduling with
+/// `scheduler`.
 fn setup_with(
-    seed: u64,
-    paths: [LinkConfig; 2],
-    up: usize,
-    down: usize,
-    join: Option<bool>,
-    auto: Option<bool>,
-) -> Setup {
-    build(seed, paths, up, down, join, auto, Scheduler::LowestRtt)
-}
-
-/// [`setup_with`], both ends scheduling with `scheduler`.
-fn build(
     seed: u64,
     paths: [LinkConfig; 2],
     up: usize,
@@ -545,7 +534,7 @@ fn sweep_scheduled(
     for seed in first..first + seeds() {
         let (up, down) = (64 << 10, 512 << 10);
         let join = Some(seed.is_multiple_of(3));
-        let mut s = build(seed, paths(seed), up, down, join, None, scheduler);
+        let mut s = setup_with(seed, paths(seed), up, down, join, None, scheduler);
         let half = s.net.run_until(20_000_000, |n| {
             let c = n.node(NodeId(1));
             c.got.len() >= down / 2 || c.closed
@@ -719,6 +708,7 @@ fn multipath_endpoints_join_by_themselves() {
             4 << 20,
             None,
             Some(backup),
+            Scheduler::LowestRtt,
         );
         s.run(Duration::from_secs(60)).unwrap();
         s.check_bytes();
@@ -761,6 +751,7 @@ fn addresses_that_come_and_go_take_their_paths_with_them() {
         6 << 20,
         None,
         Some(false),
+        Scheduler::LowestRtt,
     );
     s.net
         .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
@@ -824,6 +815,7 @@ fn a_silent_first_path_is_not_moved_while_another_works() {
         4 << 20,
         None,
         Some(false),
+        Scheduler::LowestRtt,
     );
     s.net
         .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)

@@ -1048,11 +1048,54 @@ impl Drop for Topology {
     }
 }
 
+/// Runs `serve` (this program's arguments) in the server namespace until it prints
+/// "ready", then `client` in the client namespace, and kills the server. Returns the client's
+/// stdout; its stderr is printed (diagnosis) when it succeeds and part of the error when not.
+fn run_pair(t: &Topology, serve: &[&str], client: &[&str]) -> Result<String, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut server: Child = Command::new("ip")
+        .args(["netns", "exec", &t.server])
+        .arg(&me)
+        .args(serve)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 6];
+    let mut out = server.stdout.take().unwrap();
+    let started = out.read_exact(&mut ready).map_err(|e| e.to_string());
+    let run = started.and_then(|()| {
+        Command::new("ip")
+            .args(["netns", "exec", &t.client])
+            .arg(&me)
+            .args(client)
+            .output()
+            .map_err(|e| e.to_string())
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let run = run?;
+    let text = String::from_utf8_lossy(&run.stdout).to_string();
+    let diag = String::from_utf8_lossy(&run.stderr);
+    if !run.status.success() {
+        return Err(format!("{} failed: {text}{diag}", client.join(" ")));
+    }
+    if !diag.is_empty() {
+        eprint!("  {diag}");
+    }
+    Ok(text)
+}
+
+/// The number after `key` (`key` ends with `=`) in a client's output line.
+fn field(text: &str, key: &str) -> Result<f64, String> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no {key} in {text:?}"))
+}
+
 /// One repetition: returns the client's gap.
 fn once(stack: &str, silent: bool) -> Result<Gaps, String> {
     let t = Topology::new(true, None);
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let me = me.to_string_lossy().to_string();
     let cert = std::env::temp_dir().join(format!("failover-bench-{}.der", std::process::id()));
     let cert_s = cert.to_string_lossy().to_string();
     let mut serve = match stack {
@@ -1061,55 +1104,23 @@ fn once(stack: &str, silent: bool) -> Result<Gaps, String> {
         "quinn" => vec!["serve-quinn"],
         _ => vec!["serve-mptcp"],
     };
+    let mut client = vec!["client", stack, &t.link1];
+    if silent {
+        client.push("--silent");
+    }
     if stack == "quinn" {
         serve.push(&cert_s);
+        client.extend(["--cert", &cert_s]);
     }
-    let mut server: Child = Command::new("ip")
-        .args(["netns", "exec", &t.server, &me])
-        .args(&serve)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut ready = [0u8; 6];
-    let mut out = server.stdout.take().unwrap();
-    out.read_exact(&mut ready).map_err(|e| e.to_string())?;
-    let mut args = vec!["netns", "exec", &t.client, &me, "client", stack, &t.link1];
-    if silent {
-        args.push("--silent");
-    }
-    if stack == "quinn" {
-        args.extend(["--cert", &cert_s]);
-    }
-    let client = Command::new("ip")
-        .args(&args)
-        .output()
-        .map_err(|e| e.to_string())?;
+    let text = run_pair(&t, &serve, &client);
     let _ = std::fs::remove_file(&cert);
-    let _ = server.kill();
-    let _ = server.wait();
-    let text = String::from_utf8_lossy(&client.stdout).to_string();
-    let diag = String::from_utf8_lossy(&client.stderr);
-    if client.status.success() && !diag.is_empty() {
-        eprint!("  {diag}");
-    }
-    if !client.status.success() {
-        return Err(format!(
-            "{stack} client failed: {}{}",
-            text,
-            String::from_utf8_lossy(&client.stderr)
-        ));
-    }
-    let field = |k: &str| -> Result<u64, String> {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no {k} in {text:?}"))
-    };
+    let text = text?;
+    let us = |k: &str| field(&text, k).map(|v| Duration::from_micros(v as u64));
     Ok(Gaps {
-        gap: Duration::from_micros(field("gap_us=")?),
-        gap_at: Duration::from_micros(field("gap_at_us=")?),
-        base: Duration::from_micros(field("base_us=")?),
-        bytes: field("bytes=")?,
+        gap: us("gap_us=")?,
+        gap_at: us("gap_at_us=")?,
+        base: us("base_us=")?,
+        bytes: field(&text, "bytes=")? as u64,
     })
 }
 
@@ -1175,49 +1186,19 @@ fn run(reps: usize, silent: bool, stacks: &[String]) {
 /// One striping repetition of `stack` on links shaped to `rate`: what the client measured.
 fn stripe_once(stack: &str, rate: &str) -> Result<Window, String> {
     let t = Topology::new(stack == "mptcp-2", Some(rate));
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let me = me.to_string_lossy().to_string();
     let serve: &[&str] = match stack {
         "serval" => &["serve-serval", "--bulk"],
         "serval-mp" => &["serve-serval", "--multipath", "--bulk"],
         _ => &["serve-mptcp", "--bulk"],
     };
-    let mut server: Child = Command::new("ip")
-        .args(["netns", "exec", &t.server, &me])
-        .args(serve)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut ready = [0u8; 6];
-    let mut out = server.stdout.take().unwrap();
-    let started = out.read_exact(&mut ready).map_err(|e| e.to_string());
-    let client = started.and_then(|()| {
-        Command::new("ip")
-            .args(["netns", "exec", &t.client, &me, "stripe-client", stack])
-            .output()
-            .map_err(|e| e.to_string())
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    let client = client?;
-    let text = String::from_utf8_lossy(&client.stdout).to_string();
-    let diag = String::from_utf8_lossy(&client.stderr);
-    if !client.status.success() {
-        return Err(format!("{stack} client failed: {text}{diag}"));
-    }
-    if !diag.is_empty() {
-        eprint!("{diag}");
-    }
-    let field = |k: &str| -> Result<f64, String> {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no {k} in {text:?}"))
-    };
+    let text = run_pair(&t, serve, &["stripe-client", stack])?;
     Ok(Window {
-        bytes: field("bytes=")? as u64,
-        secs: field("secs=")?,
-        link_rx: [field("link1=")? as u64, field("link2=")? as u64],
+        bytes: field(&text, "bytes=")? as u64,
+        secs: field(&text, "secs=")?,
+        link_rx: [
+            field(&text, "link1=")? as u64,
+            field(&text, "link2=")? as u64,
+        ],
     })
 }
 

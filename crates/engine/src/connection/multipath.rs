@@ -240,14 +240,12 @@ impl Connection {
         if let Some(via) = self.subpaths.as_deref().and_then(|m| m.control_via) {
             return via;
         }
-        let info = self.transport.paths();
-        let works = |id: u32| info.iter().any(|i| i.id == id && i.usable && !i.failed);
-        if works(0) {
+        if self.transport.path_works(0) {
             return primary;
         }
         self.sub()
             .iter()
-            .find(|p| p.stage == Stage::Active && works(p.id))
+            .find(|p| p.stage == Stage::Active && self.transport.path_works(p.id))
             .map_or(primary, |p| (p.local, p.peer))
     }
 
@@ -279,10 +277,9 @@ impl Connection {
         if !self.has_active_subpath() {
             return false;
         }
-        let info = self.transport.paths();
-        self.sub().iter().any(|p| {
-            p.stage == Stage::Active && info.iter().any(|i| i.id == p.id && i.usable && !i.failed)
-        })
+        self.sub()
+            .iter()
+            .any(|p| p.stage == Stage::Active && self.transport.path_works(p.id))
     }
 
     /// Whether a path other than path 0 carries traffic.
@@ -519,7 +516,7 @@ impl Connection {
         if !theirs || id == 0 || dst != self.local_flow || src.is_none() {
             return;
         }
-        let idle = self.transport.config().idle_timeout;
+        let idle = self.transport.idle_timeout();
         if let Some(p) = self.sub_mut().iter_mut().find(|p| p.id == id) {
             // A retransmitted JOIN (our answer was lost): answer again, from the same
             // path. Another flowID or source for a known path ID is not that.
@@ -686,17 +683,17 @@ impl Connection {
     /// joiner never used, and removes paths that failed for good (silent for the idle
     /// timeout). Their flowIDs wait in `retired` for the endpoint to forget.
     pub(crate) fn expire_paths(&mut self, now: Instant) {
-        let idle = self.transport.config().idle_timeout;
-        let info = self.transport.paths();
+        let idle = self.transport.idle_timeout();
         let dead: Vec<u32> = self
             .sub()
             .iter()
             .filter(|p| match p.stage {
                 Stage::Joining { next, tries, .. } => tries >= JOIN_TRIES && next <= now,
                 Stage::Answering { until, .. } => until <= now,
-                Stage::Active => info
-                    .iter()
-                    .any(|i| i.id == p.id && i.failed && i.last_received + idle <= now),
+                Stage::Active => self
+                    .transport
+                    .path_info(p.id)
+                    .is_some_and(|i| i.failed && i.last_received + idle <= now),
             })
             .map(|p| p.id)
             .collect();

@@ -178,6 +178,9 @@ impl Transport {
         for p in self.path.sent.drain() {
             self.requeue(&p.payload);
         }
+        if let Some(extra) = self.others.extra() {
+            extra.forget(id);
+        }
         // Bring another path into place and drop this one.
         match self.others.swap_remove(0) {
             Some(next) => {
@@ -226,6 +229,27 @@ impl Transport {
             .collect();
         v.sort_by_key(|p| p.id);
         v
+    }
+
+    /// Path `id`'s state, if the transport has it (as [`paths`](Self::paths) reports it,
+    /// without building the list).
+    pub fn path_info(&self, id: u32) -> Option<PathInfo> {
+        core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .find(|p| p.id == id)
+            .map(|p| PathInfo::of(p, self.others.copies_sent(id)))
+    }
+
+    /// Whether path `id` is usable and not failing: data may go on it.
+    pub fn path_works(&self, id: u32) -> bool {
+        core::iter::once(&self.path)
+            .chain(self.others.iter())
+            .any(|p| p.id == id && p.carries_data())
+    }
+
+    /// The idle timeout in force.
+    pub fn idle_timeout(&self) -> Duration {
+        self.config.idle_timeout()
     }
 
     /// The path of the packet [`poll_transmit`](Self::poll_transmit) last built (or that

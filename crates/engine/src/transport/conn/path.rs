@@ -114,9 +114,11 @@ pub(super) struct Others {
     paths: Vec<Path>,
     /// Copies still to send of the last data packet (the redundant scheduler).
     pub(super) copies: Option<super::scheduler::Copies>,
-    /// Copies each path sent, by path ID (kept here rather than in every path: a path's
-    /// state has no byte to spare, and copies need two paths).
+    /// Copies each path still there sent, by path ID (kept here rather than in every path:
+    /// a path's state has no byte to spare, and copies need two paths).
     copies_sent: Vec<(u32, u64)>,
+    /// Copies sent by every path, gone ones included.
+    copies_total: u64,
 }
 
 impl OtherPaths {
@@ -142,9 +144,7 @@ impl OtherPaths {
 
     /// How many copies all paths sent while the transport had several paths.
     pub(super) fn copies_sent_total(&self) -> u64 {
-        self.0
-            .as_deref()
-            .map_or(0, |o| o.copies_sent.iter().map(|&(_, n)| n).sum())
+        self.0.as_deref().map_or(0, |o| o.copies_total)
     }
 
     /// How many copies path `id` sent while the transport had several paths.
@@ -161,10 +161,16 @@ impl OtherPaths {
 impl Others {
     /// Path `id` sent a copy.
     pub(super) fn count_copy(&mut self, id: u32) {
+        self.copies_total += 1;
         match self.copies_sent.iter_mut().find(|(p, _)| *p == id) {
             Some((_, n)) => *n += 1,
             None => self.copies_sent.push((id, 1)),
         }
+    }
+
+    /// Path `id` is gone: its own count goes (the total keeps its copies).
+    pub(super) fn forget(&mut self, id: u32) {
+        self.copies_sent.retain(|&(p, _)| p != id);
     }
 }
 
