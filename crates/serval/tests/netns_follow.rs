@@ -18,6 +18,9 @@
 //!   flow moves to the new address.
 //! * `wildcard_server_follows_its_renumbering`: the same on the server's side, while the
 //!   client's address stays.
+//! * `both_ends_move_at_once`: the client and the server, each on the wildcard address, move
+//!   their ends to their link-2 addresses in the same instant (make before break), then both
+//!   old addresses are deleted.
 //!
 //! Each checks the bytes on both sides, that the server accepted one stream and saw its
 //! client (or the client its server) move, the client's path events, and a clean close. It
@@ -678,6 +681,279 @@ fn wildcard_server_follows_its_renumbering() {
         "the client follows its server"
     );
     assert_eq!(s.peers.len(), 1, "the client's address stayed");
+    drop(hosts);
+}
+
+/// The server's side of starting both moves of [`both_ends_move_at_once`] together: the
+/// client wakes it (`wake`); it says it is there (`arrived`) and blocks, its runtime with it,
+/// until the client says go (`go`); each then calls `migrate` before its runtime can receive
+/// the other's RSYN. Every wait is bounded.
+struct ServerCue {
+    wake: Arc<tokio::sync::Notify>,
+    arrived: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+/// How long either end waits for the other at the start of the moves.
+const CUE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The server of [`both_ends_move_at_once`]: an echo on the wildcard address that moves its
+/// end of the stream to 10.78.2.2 when the client says so ([`Together`]). Returns the client
+/// locators it saw, its own, and how the stream closed.
+async fn serve_and_move(
+    ready: std::sync::mpsc::Sender<()>,
+    data: Arc<Vec<u8>>,
+    cue: ServerCue,
+) -> Result<ServerReport, String> {
+    let ep = Endpoint::bind(&["0.0.0.0:54324".parse().unwrap()])
+        .await
+        .map_err(|e| format!("server bind: {e}"))?;
+    let mut listener = ep
+        .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
+        .map_err(|e| format!("listen: {e}"))?;
+    let (old, new): (SocketAddr, SocketAddr) = (
+        "10.78.1.2:54324".parse().unwrap(),
+        "10.78.2.2:54324".parse().unwrap(),
+    );
+    usable(&ep, &[old, new]).await?;
+    let _ = ready.send(());
+    let (mut received, mut peers, mut locals) = (0usize, Vec::new(), Vec::new());
+    let echo = async {
+        let mut s = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut moved = false;
+        loop {
+            let (p, l) = (s.peer_locator(), s.local_locator());
+            let (p, l) = (p.map_err(|e| e.to_string())?, l.map_err(|e| e.to_string())?);
+            if peers.last() != Some(&p) {
+                peers.push(p);
+            }
+            if locals.last() != Some(&l) {
+                locals.push(l);
+            }
+            let n = tokio::select! {
+                r = s.read(&mut buf) => r.map_err(|e| format!("server read: {e}"))?,
+                () = cue.wake.notified(), if !moved => {
+                    let _ = cue.arrived.send(());
+                    cue.go
+                        .recv_timeout(CUE_LIMIT)
+                        .map_err(|_| "server: no go from the client".to_string())?;
+                    s.migrate(new).map_err(|e| format!("server migrate: {e}"))?;
+                    moved = true;
+                    continue;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            let want = data.get(received..received + n).ok_or("more than sent")?;
+            if let Some(i) = first_difference(&buf[..n], want) {
+                return Err(format!("server: byte {} differs", received + i));
+            }
+            received += n;
+            s.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("server write: {e}"))?;
+        }
+        s.shutdown()
+            .await
+            .map_err(|e| format!("server shutdown: {e}"))?;
+        Ok::<_, String>(s)
+    };
+    let s = timeout(LIMIT, echo).await.map_err(|_| {
+        format!("server timed out: received {received}, peers {peers:?}, locals {locals:?}")
+    })??;
+    let closed = timeout(CLOSE_LIMIT, s.closed())
+        .await
+        .map_err(|_| "server: the flow did not close".to_string())?;
+    Ok(ServerReport {
+        received,
+        peers,
+        locals,
+        closed,
+    })
+}
+
+/// Waits (at most 10 s) until every one of `want` is a usable locator of `ep`.
+async fn usable(ep: &Endpoint, want: &[SocketAddr]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !want.iter().all(|w| ep.usable_locators().contains(w)) {
+        if Instant::now() > deadline {
+            return Err(format!("{want:?} never usable: {:?}", ep.usable_locators()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Both ends move in the same instant, each to its link-2 address (issue 11: "both ends change
+/// address at the same time"): the client and the server, each bound to the wildcard address,
+/// start their moves together once a third of an echo has come back (each RSYN goes toward the
+/// other's locator of the moment, both still there: make before break), and once both moves
+/// completed both old addresses are deleted at once. Every byte is echoed once, in order; the
+/// flow ends between the two new addresses and closes cleanly. (Both ends *losing* their
+/// addresses at the same instant is not survived: neither RSYN can reach the other; see
+/// docs/protocol.md §4.)
+#[test]
+fn both_ends_move_at_once() {
+    if !serval_testkit::require_netns("both_ends_move_at_once") {
+        return;
+    }
+    let hosts = Hosts::new("b");
+    let data = Arc::new(pattern(TOTAL / 4, 0xb07e_0b07));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let cue = ServerCue {
+        wake: wake.clone(),
+        arrived: arrived_tx,
+        go: go_rx,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let data = data.clone();
+        in_netns(&hosts.server, move || serve_and_move(ready_tx, data, cue))
+    };
+    if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        panic!("server did not start: {:?}", server.join());
+    }
+    let (cns, clink) = (hosts.client.clone(), hosts.link1.clone());
+    let (sns, sdev) = (hosts.server.clone(), hosts.server_link1.clone());
+    let total = data.len();
+    let client = in_netns(&hosts.client, move || async move {
+        let ep = Endpoint::bind(&["0.0.0.0:0".parse().unwrap()])
+            .await
+            .expect("client bind");
+        let port = ep.local_locators()[0].port();
+        let (old, new): (SocketAddr, SocketAddr) =
+            (([10, 78, 1, 1], port).into(), ([10, 78, 2, 1], port).into());
+        usable(&ep, &[old, new])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let service = ServiceId::from_name(SERVICE).unwrap();
+        let mut s = timeout(
+            Duration::from_secs(20),
+            ep.connect_via(service, "10.78.1.2:54324".parse().unwrap()),
+        )
+        .await
+        .expect("connect timed out")
+        .expect("connect by name");
+        let before = (s.local_locator().unwrap(), s.peer_locator().unwrap());
+        // Blocks of 64 KiB, each echoed before the next is written.
+        let (mut echoed, mut moved_at, mut deleted_at) = (0usize, None, None);
+        let mut buf = vec![0u8; 64 << 10];
+        let transfer = async {
+            for block in data.chunks(64 << 10) {
+                s.write_all(block)
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
+                let end = echoed + block.len();
+                while echoed < end {
+                    let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+                    let want = data.get(echoed..echoed + n).ok_or("more than sent")?;
+                    if n == 0 || first_difference(&buf[..n], want).is_some() {
+                        return Err(format!("echo wrong after {echoed} bytes"));
+                    }
+                    echoed += n;
+                }
+                if moved_at.is_none() && echoed >= data.len() / 3 {
+                    // Both moves start in the same instant.
+                    wake.notify_one();
+                    arrived
+                        .recv_timeout(CUE_LIMIT)
+                        .map_err(|_| "the server never got ready to move".to_string())?;
+                    let _ = go.send(());
+                    s.migrate(new).map_err(|e| format!("client migrate: {e}"))?;
+                    moved_at = Some(echoed);
+                }
+                let both_moved = s.local_locator().is_ok_and(|l| l == new)
+                    && s.peer_locator()
+                        .is_ok_and(|p| p.ip().to_string() == "10.78.2.2");
+                if deleted_at.is_none() && both_moved {
+                    ip(&["-n", &cns, "addr", "del", "10.78.1.1/24", "dev", &clink]);
+                    ip(&["-n", &sns, "addr", "del", "10.78.1.2/24", "dev", &sdev]);
+                    deleted_at = Some(echoed);
+                }
+            }
+            s.shutdown().await.map_err(|e| format!("shutdown: {e}"))
+        };
+        match timeout(LIMIT, transfer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!(
+                "{e} (local {:?}, peer {:?})",
+                s.local_locator(),
+                s.peer_locator()
+            ),
+            Err(_) => panic!(
+                "timed out after {echoed} bytes (local {:?}, peer {:?})",
+                s.local_locator(),
+                s.peer_locator()
+            ),
+        }
+        let after = (s.local_locator().unwrap(), s.peer_locator().unwrap());
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.expect("read to the end");
+        let closed = timeout(CLOSE_LIMIT, s.closed())
+            .await
+            .expect("client: the flow did not close");
+        (
+            before,
+            after,
+            echoed,
+            moved_at,
+            deleted_at,
+            rest.len(),
+            closed,
+        )
+    });
+    let (before, after, echoed, moved_at, deleted_at, extra, closed) = client
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let s = server
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "client {before:?} -> {after:?}; moved at {moved_at:?} bytes echoed, old addresses \
+         deleted at {deleted_at:?}; server saw client {:?} from {:?}",
+        s.peers, s.locals
+    );
+    assert_eq!(echoed, total, "every byte echoed once, in order");
+    assert_eq!(extra, 0, "nothing after the echo");
+    assert_eq!(s.received, total, "the server got every byte once");
+    assert!(
+        before.0.ip().is_unspecified(),
+        "a wildcard client: {before:?}"
+    );
+    assert_eq!(before.1.ip().to_string(), "10.78.1.2");
+    assert_eq!(after.0.ip().to_string(), "10.78.2.1", "the client moved");
+    assert_eq!(
+        after.1.ip().to_string(),
+        "10.78.2.2",
+        "it follows its server's move"
+    );
+    assert!(
+        deleted_at.is_some_and(|d| d < total),
+        "both moves completed and the old addresses went mid-transfer ({deleted_at:?})"
+    );
+    assert_eq!(
+        s.peers
+            .iter()
+            .map(|p| p.ip().to_string())
+            .collect::<Vec<_>>(),
+        ["10.78.1.1", "10.78.2.1"],
+        "the server saw its client move once"
+    );
+    assert_eq!(
+        s.locals.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        ["10.78.1.2:54324", "10.78.2.2:54324"],
+        "the server's end moved once"
+    );
+    assert_eq!(closed, CloseReason::Finished, "client closed cleanly");
+    assert_eq!(s.closed, CloseReason::Finished, "server closed cleanly");
     drop(hosts);
 }
 
