@@ -199,6 +199,8 @@ enum Reliable {
     Fin,
     /// JOIN|SYN: this end's other locators, for the peer to join paths to ([`multipath`]).
     Addresses,
+    /// JOIN|RSYN: a path's backup flag, changed after its join ([`multipath`]).
+    Priority,
 }
 
 /// The outstanding reliable control packet.
@@ -1130,6 +1132,9 @@ impl Connection {
                 Some(Reliable::Addresses) => {
                     self.acked(Reliable::Addresses, ctl.ackno);
                 }
+                Some(Reliable::Priority) if self.acked(Reliable::Priority, ctl.ackno) => {
+                    self.priority_acked();
+                }
                 _ => {}
             }
         }
@@ -1815,6 +1820,11 @@ impl Connection {
                 let mut r = self.control_repr(ControlFlags::JOIN | ControlFlags::SYN, verno, 0);
                 r.source = self.announced_addresses();
                 (r, self.local)
+            }
+            Reliable::Priority => {
+                let ackno = self.priority_to_send()?;
+                let flags = ControlFlags::JOIN | ControlFlags::RSYN;
+                (self.control_repr(flags, verno, ackno), self.local)
             }
         };
         let route = if src == self.local {

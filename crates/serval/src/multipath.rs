@@ -89,9 +89,8 @@ impl Stream {
     }
 
     /// Marks path `id` of this stream as a backup (it carries data only while no other path
-    /// works) or as a regular path, for what this end sends. The peer schedules its own
-    /// data: it learns that a path is a backup only from the join (`add_path`'s `backup`, or
-    /// a `backup_locals` address), not from a later change. Returns whether the stream had
+    /// works) or as a regular path, at both ends: this end's scheduling changes at once, and
+    /// the peer's once it hears of it (a reliable JOIN|RSYN). Returns whether the stream had
     /// such a path.
     pub fn set_path_backup(&self, id: u32, backup: bool) -> bool {
         let done = self

@@ -619,6 +619,26 @@ fn sweep_redundant() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
+/// The client makes its second path a backup halfway (JOIN|RSYN to the server, under loss);
+/// every byte still arrives.
+#[test]
+fn sweep_a_path_made_backup() {
+    let failed = sweep(
+        "made-backup",
+        |seed| [rough(seed, 10, 0.03), rough(seed + 1, 20, 0.03)],
+        |s| {
+            let c = s.net.node_mut(s.client);
+            if let Some(h) = c.conn
+                && let Some(p) = c.ep.paths(h).get(1).map(|p| p.id)
+            {
+                c.ep.set_path_backup(h, p, true);
+            }
+        },
+        true,
+    );
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
 /// Path 1 dies halfway (cut both ways, the engines not told); every byte still arrives.
 #[test]
 fn sweep_a_path_dies() {
@@ -942,4 +962,79 @@ fn redundant_writes_ride_out_a_lossy_path() {
         // Copies cost the writes that path 0 delivered nothing.
         assert!(redundant[redundant.len() / 2] <= Duration::from_millis(11));
     }
+}
+
+/// A backup flag changed after the join reaches the peer (JOIN|RSYN): the client makes its
+/// second path a backup mid-download, and the server, the sender, stops putting data on it;
+/// made regular again, the path carries data again.
+#[test]
+fn a_backup_flag_changed_later_reaches_the_peer() {
+    let rate = 2_500_000;
+    let mut s = setup(
+        9,
+        [limited(rate, 10), limited(rate, 10)],
+        0,
+        8 << 20,
+        Some(false),
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
+        .unwrap();
+    let h = s.net.node(s.client).conn.unwrap();
+    let id = s.net.node(s.client).ep.paths(h)[1].id;
+    // What the server has of that path: (backup, bytes sent on it).
+    let server_side = |s: &Setup| {
+        let sv = s.net.node(s.server);
+        let p = sv.ep.paths(sv.conn.unwrap());
+        let t = p.iter().find(|p| p.id == id).unwrap().transport.unwrap();
+        (t.backup, t.bytes_sent)
+    };
+    let (backup, striped) = server_side(&s);
+    assert!(!backup);
+    assert!(
+        striped > 256 << 10,
+        "the path carried data first: {striped}"
+    );
+    for make_backup in [true, false] {
+        let at = s.net.now();
+        assert!(
+            s.net
+                .node_mut(s.client)
+                .ep
+                .set_path_backup(h, id, make_backup)
+        );
+        s.net
+            .run_until(10_000_000, |n| {
+                let sv = n.node(NodeId(0));
+                sv.ep
+                    .paths(sv.conn.unwrap())
+                    .iter()
+                    .any(|p| p.id == id && p.transport.is_some_and(|t| t.backup == make_backup))
+            })
+            .unwrap();
+        // One round trip, and the reliable control channel's ACK delay at most.
+        assert!(
+            s.net.now() - at < Duration::from_millis(100),
+            "{:?}",
+            s.net.now() - at
+        );
+        let (_, before) = server_side(&s);
+        let target = s.net.node(s.client).got.len() + (2 << 20);
+        s.net
+            .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= target)
+            .unwrap();
+        let (_, after) = server_side(&s);
+        if make_backup {
+            // Its ACKs of the client's PINGs and what was in flight at the change, at most.
+            assert!(
+                after - before < 64 << 10,
+                "{} bytes on a backup",
+                after - before
+            );
+        } else {
+            assert!(after - before > 256 << 10, "{} bytes after", after - before);
+        }
+    }
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
 }

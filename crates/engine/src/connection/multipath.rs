@@ -38,6 +38,12 @@ pub const JOIN_TRIES: u8 = 6;
 /// In a JOIN's `ackno`: the joiner asks that the path be a backup at both ends.
 const JOIN_BACKUP: u32 = 1;
 
+/// A JOIN|RSYN's `ackno`: the path ID in the low 31 bits, this bit set for a backup.
+const PRIORITY_BACKUP: u32 = 1 << 31;
+
+/// Path IDs stay below this (a JOIN|RSYN carries one in 31 bits).
+const MAX_PATH_ID: u32 = PRIORITY_BACKUP - 1;
+
 /// Where a path other than path 0 stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -77,6 +83,10 @@ pub(crate) struct Paths {
     /// its ID: a second path with an old ID would repeat nonces under the same key).
     last_own_id: u32,
     last_peer_id: u32,
+    /// Backup flags changed after the join, to tell the peer (JOIN|RSYN, reliable, one at a
+    /// time, the first in flight): (path ID, backup). At most one entry per path besides the
+    /// first.
+    priorities: Vec<(u32, bool)>,
 }
 
 /// Most locators one JOIN|SYN announces (and a peer's announcement keeps).
@@ -356,7 +366,9 @@ impl Connection {
         let id = if last == 0 {
             parity
         } else {
-            last.checked_add(2).ok_or(AddPathError::TooMany(max))?
+            last.checked_add(2)
+                .filter(|&id| id <= MAX_PATH_ID)
+                .ok_or(AddPathError::TooMany(max))?
         };
         self.mp().last_own_id = id;
         let rto = self.transport.pto_period().max(Duration::from_millis(10));
@@ -408,9 +420,49 @@ impl Connection {
         let Some(p) = self.sub_mut().iter_mut().find(|p| p.id == id) else {
             return false;
         };
+        let changed = p.backup != backup;
+        // A JOIN not yet sent carries the flag itself; once the peer may know the path, it
+        // is told (JOIN|RSYN).
+        let peer_knows = !matches!(p.stage, Stage::Joining { tries: 0, .. });
         p.backup = backup;
         self.transport.set_path_backup(id, backup);
+        if changed && peer_knows && self.state == State::Established {
+            let queue = &mut self.mp().priorities;
+            match queue.iter_mut().skip(1).find(|(q, _)| *q == id) {
+                Some(entry) => entry.1 = backup,
+                None => queue.push((id, backup)),
+            }
+            self.send_reliable(super::Reliable::Priority);
+        }
         true
+    }
+
+    /// The `ackno` of the JOIN|RSYN in flight: the first change not yet acknowledged.
+    pub(crate) fn priority_to_send(&self) -> Option<u32> {
+        let &(id, backup) = self.subpaths.as_deref()?.priorities.first()?;
+        Some(id | if backup { PRIORITY_BACKUP } else { 0 })
+    }
+
+    /// The peer acknowledged our JOIN|RSYN: the next change, if any, goes out.
+    pub(crate) fn priority_acked(&mut self) {
+        let queue = &mut self.mp().priorities;
+        if !queue.is_empty() {
+            queue.remove(0);
+        }
+        if !queue.is_empty() {
+            self.send_reliable(super::Reliable::Priority);
+        }
+    }
+
+    /// The peer changed a path's backup flag (JOIN|RSYN, `ackno` as
+    /// [`priority_to_send`](Self::priority_to_send) makes it): so does our scheduler. A path
+    /// we do not have (gone, or not yet joined here) is ignored.
+    fn on_priority(&mut self, ackno: u32) {
+        let (id, backup) = (ackno & MAX_PATH_ID, ackno & PRIORITY_BACKUP != 0);
+        if let Some(p) = self.sub_mut().iter_mut().find(|p| p.id == id) {
+            p.backup = backup;
+            self.transport.set_path_backup(id, backup);
+        }
     }
 
     /// The flow's paths, path 0 first.
@@ -452,10 +504,20 @@ impl Connection {
         if self.state != State::Established {
             return;
         }
-        let flow_level = ctl.flags.intersects(ControlFlags::SYN | ControlFlags::FIN);
+        let flow_level = ctl
+            .flags
+            .intersects(ControlFlags::SYN | ControlFlags::FIN | ControlFlags::RSYN);
         if flow_level && (src != self.peer_flow || dst != self.local_flow) {
-            // Announcements and removals travel on path 0's flowIDs.
+            // Announcements, priorities and removals travel on path 0's flowIDs.
             self.auth_failures += 1;
+            return;
+        }
+        if ctl.flags.contains(ControlFlags::RSYN) {
+            // A path's new backup flag, on the reliable control channel.
+            if self.fresh(ctl.verno) {
+                self.on_priority(ctl.ackno);
+            }
+            self.answers.push_back(super::Answer::Ack(ctl.verno));
             return;
         }
         if ctl.flags.contains(ControlFlags::SYN) {
@@ -533,7 +595,7 @@ impl Connection {
         // A new path has a higher ID than any the peer joined before (IDs are never reused:
         // our packets on it would repeat the old path's nonces).
         let last = self.subpaths.as_deref().map_or(0, |m| m.last_peer_id);
-        if self.sub().len() + 1 >= max || id <= last {
+        if self.sub().len() + 1 >= max || id <= last || id > MAX_PATH_ID {
             return;
         }
         self.mp().last_peer_id = id;

@@ -123,8 +123,9 @@ fn reliable_code(k: Option<Reliable>) -> u8 {
         Some(Reliable::SynAck) => 2,
         Some(Reliable::Rsyn) => 3,
         Some(Reliable::Fin) => 4,
-        // This host's addresses mean nothing where the snapshot goes: not carried.
-        Some(Reliable::Addresses) => 0,
+        // This host's addresses mean nothing where the snapshot goes, and a flow with other
+        // paths is not exported: not carried.
+        Some(Reliable::Addresses | Reliable::Priority) => 0,
     }
 }
 
@@ -244,7 +245,7 @@ impl Connection {
             | u8::from(self.flush_transport) << 3);
         match &self.pending {
             None => b.u8(0),
-            Some(p) if p.kind == Reliable::Addresses => b.u8(0),
+            Some(p) if matches!(p.kind, Reliable::Addresses | Reliable::Priority) => b.u8(0),
             Some(p) => {
                 b.u8(reliable_code(Some(p.kind)));
                 b.u32(p.verno);
@@ -257,6 +258,7 @@ impl Connection {
         // Packed at the front, without what is not carried.
         let mut queued = self.queued;
         queued.remove(Reliable::Addresses);
+        queued.remove(Reliable::Priority);
         for k in queued.0 {
             b.u8(reliable_code(k));
         }

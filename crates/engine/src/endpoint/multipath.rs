@@ -61,9 +61,9 @@ impl Endpoint {
         true
     }
 
-    /// Marks path `id` of connection `h` as a backup (or not), for what this end sends; the
-    /// peer learns a backup only from the join's backup bit, not from a later change.
-    /// Returns whether there was such a path.
+    /// Marks path `id` of connection `h` as a backup (or not), at both ends: this end's
+    /// scheduling changes at once, and the peer is told (JOIN|RSYN, reliable). Returns
+    /// whether there was such a path.
     pub fn set_path_backup(&mut self, h: ConnectionHandle, id: u32, backup: bool) -> bool {
         let done = self.conn(h).is_some_and(|c| c.set_path_backup(id, backup));
         if done {
