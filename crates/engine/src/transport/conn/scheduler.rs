@@ -206,6 +206,13 @@ impl Transport {
             copies.n -= 1;
             let id = copies.to[usize::from(copies.n)];
             let of = copies.of;
+            if !self.copy_has_data(&of) {
+                // Acknowledged since (by the path that carried it): no copy for anyone.
+                if let Some(extra) = self.others.extra() {
+                    extra.copies = None;
+                }
+                return 0;
+            }
             if !self.focus(id) || !self.path.carries_data() {
                 continue;
             }
@@ -237,6 +244,18 @@ impl Transport {
                 return len;
             }
         }
+    }
+
+    /// Whether a copy of `of` would carry anything ([`write_copy`](Self::write_copy)): bytes
+    /// of its chunks still unacknowledged, or a lone FIN still unacknowledged.
+    fn copy_has_data(&self, of: &SentPayload) -> bool {
+        of.chunks().any(|c| {
+            if c.start == c.end {
+                c.fin && !self.send.fin_acked()
+            } else {
+                self.send.unacked(c.start..c.end).next().is_some()
+            }
+        })
     }
 
     /// Writes into `out`, up to `end`, the parts of `of`'s stream chunks not yet
