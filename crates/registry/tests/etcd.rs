@@ -737,8 +737,13 @@ async fn a_watch_behind_compaction_lists_again() {
         next_change(&mut sub, Duration::from_secs(10), "reset after compaction").await,
         Change::Reset(vec![r2])
     );
+    // Usually the resumed watch is refused as compacted (`compactions`); on a loaded machine
+    // the resumed watch may instead fail to open within the request timeout, and the
+    // replica lists at once. Either way it listed again: the Reset above is a list made
+    // after B's writes (a watch resumed from before them would have delivered r2's put and
+    // r1's deletion as events, which the compaction has removed from etcd's history).
     let stats = a.stats();
-    assert!(stats.compactions >= 1 && stats.relists >= 1, "{stats:?}");
+    assert!(stats.relists >= 1, "{stats:?}");
     assert_eq!(a.health(), Health::Synced);
     // And it keeps following.
     b.delete(&r2.key()).await.unwrap();
