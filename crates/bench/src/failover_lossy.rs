@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    SERVER, SERVER_LINKS, SERVICE, Topology, connect_serval_with, field, median, mptcp_socket,
-    run_pair,
+    SERVER_LINKS, SERVICE, Topology, accept_mptcp, connect_mptcp, connect_serval_with, field,
+    median, run_pair,
 };
 
 /// Bytes per message.
@@ -86,15 +86,8 @@ pub async fn serve_serval(redundant: bool) {
 
 /// MPTCP's echo server (inside the server namespace).
 pub fn serve_mptcp() {
-    let s = mptcp_socket().unwrap();
-    s.set_reuse_address(true).unwrap();
-    let at: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
-    s.bind(&at.into()).unwrap();
-    s.listen(1).unwrap();
-    println!("ready");
-    let (c, _) = s.accept().unwrap();
-    c.set_tcp_nodelay(true).unwrap();
-    let mut c = std::net::TcpStream::from(c);
+    let (_listener, mut c) = accept_mptcp();
+    c.set_nodelay(true).unwrap();
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match c.read(&mut buf) {
@@ -228,15 +221,8 @@ pub async fn client_serval(link1: &str, loss: u32, redundant: bool) -> Result<St
 
 /// [`client_serval`] for MPTCP.
 pub fn client_mptcp(link1: &str, loss: u32) -> Result<String, String> {
-    let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
-    let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
-    s.bind(&from.into()).map_err(|e| e.to_string())?;
-    let to: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
-    s.connect(&to.into()).map_err(|e| e.to_string())?;
-    s.set_tcp_nodelay(true).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    let mut c = std::net::TcpStream::from(s);
+    let mut c = connect_mptcp(Duration::from_secs(20))?;
+    c.set_nodelay(true).map_err(|e| e.to_string())?;
     // The second subflow joins by itself (`ip mptcp endpoint`) once the connection is fully
     // established, which takes data: one exchange first. Then give it the time Serval's
     // client waits for its path at most, and start the loss when it is there.

@@ -62,11 +62,16 @@ struct ServerReport {
     closed: CloseReason,
 }
 
+/// Where the server of [`both_ends_move_at_once`] moves its end.
+const SERVER_MOVES_TO: &str = "10.78.2.2:54324";
+
 /// Accepts one stream on `bind`, checks what arrives against the pattern, echoes it back.
+/// With a `cue`, moves its end of the stream to [`SERVER_MOVES_TO`] when the client says so.
 async fn serve(
     bind: SocketAddr,
     ready: std::sync::mpsc::Sender<()>,
     data: Arc<Vec<u8>>,
+    cue: Option<ServerCue>,
 ) -> Result<ServerReport, String> {
     let ep = Endpoint::bind(&[bind])
         .await
@@ -74,17 +79,16 @@ async fn serve(
     let mut listener = ep
         .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
         .map_err(|e| format!("listen: {e}"))?;
+    let move_to: SocketAddr = SERVER_MOVES_TO.parse().unwrap();
     if bind.ip().is_unspecified() {
         // A link's carrier (IFF_RUNNING) can follow its set-up by a moment: wait for the
-        // address the client will reach to be usable, so the server's flow names it.
-        let want: SocketAddr = (([10, 78, 1, 2]), bind.port()).into();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ep.usable_locators().contains(&want) {
-            if Instant::now() > deadline {
-                return Err(format!("{want} never usable: {:?}", ep.usable_locators()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // address the client will reach (and the one the server moves to) to be usable, so
+        // that the server's flow names it.
+        let mut want = vec![SocketAddr::from(([10, 78, 1, 2], bind.port()))];
+        if cue.is_some() {
+            want.push(move_to);
         }
+        usable(&ep, &want).await?;
     }
     let _ = ready.send(());
     let mut received = 0usize;
@@ -96,6 +100,7 @@ async fn serve(
             .await
             .map_err(|e| format!("accept: {e}"))?;
         let mut buf = vec![0u8; 64 << 10];
+        let mut cue = cue.as_ref();
         loop {
             let p = s.peer_locator().map_err(|e| e.to_string())?;
             if peers.last() != Some(&p) {
@@ -105,10 +110,21 @@ async fn serve(
             if locals.last() != Some(&l) {
                 locals.push(l);
             }
-            let n = s
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("server read: {e}"))?;
+            let read = match cue {
+                None => s.read(&mut buf).await,
+                Some(c) => tokio::select! {
+                    r = s.read(&mut buf) => r,
+                    () = c.wake.notified() => {
+                        let _ = c.arrived.send(());
+                        c.go.recv_timeout(CUE_LIMIT)
+                            .map_err(|_| "server: no go from the client".to_string())?;
+                        s.migrate(move_to).map_err(|e| format!("server migrate: {e}"))?;
+                        cue = None;
+                        continue;
+                    }
+                },
+            };
+            let n = read.map_err(|e| format!("server read: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -289,7 +305,7 @@ fn run(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = {
         let (data, bind) = (data.clone(), server_bind.parse().unwrap());
-        in_netns(&hosts.server, move || serve(bind, ready_tx, data))
+        in_netns(&hosts.server, move || serve(bind, ready_tx, data, None))
     };
     match ready_rx.recv_timeout(Duration::from_secs(10)) {
         Ok(()) => {}
@@ -697,86 +713,6 @@ struct ServerCue {
 /// How long either end waits for the other at the start of the moves.
 const CUE_LIMIT: Duration = Duration::from_secs(5);
 
-/// The server of [`both_ends_move_at_once`]: an echo on the wildcard address that moves its
-/// end of the stream to 10.78.2.2 when the client says so ([`Together`]). Returns the client
-/// locators it saw, its own, and how the stream closed.
-async fn serve_and_move(
-    ready: std::sync::mpsc::Sender<()>,
-    data: Arc<Vec<u8>>,
-    cue: ServerCue,
-) -> Result<ServerReport, String> {
-    let ep = Endpoint::bind(&["0.0.0.0:54324".parse().unwrap()])
-        .await
-        .map_err(|e| format!("server bind: {e}"))?;
-    let mut listener = ep
-        .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
-        .map_err(|e| format!("listen: {e}"))?;
-    let (old, new): (SocketAddr, SocketAddr) = (
-        "10.78.1.2:54324".parse().unwrap(),
-        "10.78.2.2:54324".parse().unwrap(),
-    );
-    usable(&ep, &[old, new]).await?;
-    let _ = ready.send(());
-    let (mut received, mut peers, mut locals) = (0usize, Vec::new(), Vec::new());
-    let echo = async {
-        let mut s = listener
-            .accept()
-            .await
-            .map_err(|e| format!("accept: {e}"))?;
-        let mut buf = vec![0u8; 64 << 10];
-        let mut moved = false;
-        loop {
-            let (p, l) = (s.peer_locator(), s.local_locator());
-            let (p, l) = (p.map_err(|e| e.to_string())?, l.map_err(|e| e.to_string())?);
-            if peers.last() != Some(&p) {
-                peers.push(p);
-            }
-            if locals.last() != Some(&l) {
-                locals.push(l);
-            }
-            let n = tokio::select! {
-                r = s.read(&mut buf) => r.map_err(|e| format!("server read: {e}"))?,
-                () = cue.wake.notified(), if !moved => {
-                    let _ = cue.arrived.send(());
-                    cue.go
-                        .recv_timeout(CUE_LIMIT)
-                        .map_err(|_| "server: no go from the client".to_string())?;
-                    s.migrate(new).map_err(|e| format!("server migrate: {e}"))?;
-                    moved = true;
-                    continue;
-                }
-            };
-            if n == 0 {
-                break;
-            }
-            let want = data.get(received..received + n).ok_or("more than sent")?;
-            if let Some(i) = first_difference(&buf[..n], want) {
-                return Err(format!("server: byte {} differs", received + i));
-            }
-            received += n;
-            s.write_all(&buf[..n])
-                .await
-                .map_err(|e| format!("server write: {e}"))?;
-        }
-        s.shutdown()
-            .await
-            .map_err(|e| format!("server shutdown: {e}"))?;
-        Ok::<_, String>(s)
-    };
-    let s = timeout(LIMIT, echo).await.map_err(|_| {
-        format!("server timed out: received {received}, peers {peers:?}, locals {locals:?}")
-    })??;
-    let closed = timeout(CLOSE_LIMIT, s.closed())
-        .await
-        .map_err(|_| "server: the flow did not close".to_string())?;
-    Ok(ServerReport {
-        received,
-        peers,
-        locals,
-        closed,
-    })
-}
-
 /// Waits (at most 10 s) until every one of `want` is a usable locator of `ep`.
 async fn usable(ep: &Endpoint, want: &[SocketAddr]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -815,7 +751,10 @@ fn both_ends_move_at_once() {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = {
         let data = data.clone();
-        in_netns(&hosts.server, move || serve_and_move(ready_tx, data, cue))
+        let bind = "0.0.0.0:54324".parse().unwrap();
+        in_netns(&hosts.server, move || {
+            serve(bind, ready_tx, data, Some(cue))
+        })
     };
     if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
         panic!("server did not start: {:?}", server.join());
@@ -949,7 +888,7 @@ fn both_ends_move_at_once() {
     );
     assert_eq!(
         s.locals.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        ["10.78.1.2:54324", "10.78.2.2:54324"],
+        ["10.78.1.2:54324", SERVER_MOVES_TO],
         "the server's end moved once"
     );
     assert_eq!(closed, CloseReason::Finished, "client closed cleanly");

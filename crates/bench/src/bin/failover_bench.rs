@@ -727,7 +727,10 @@ fn mptcp_socket() -> std::io::Result<Socket> {
     )
 }
 
-fn serve_mptcp(bulk: bool) {
+/// The MPTCP server's one connection (inside the server namespace): listens on the
+/// server's address, prints "ready", accepts. Returns the listener too, which must live as
+/// long as the connection: the client's further subflows join through it.
+fn accept_mptcp() -> (Socket, std::net::TcpStream) {
     let s = mptcp_socket().unwrap();
     s.set_reuse_address(true).unwrap();
     let at: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
@@ -735,7 +738,24 @@ fn serve_mptcp(bulk: bool) {
     s.listen(1).unwrap();
     println!("ready");
     let (c, _) = s.accept().unwrap();
-    let mut c = std::net::TcpStream::from(c);
+    (s, std::net::TcpStream::from(c))
+}
+
+/// An MPTCP client connection from 10.78.1.1 to the server, reads bounded by `read_timeout`
+/// (whether a second subflow joins is the topology's: `ip mptcp endpoint`).
+fn connect_mptcp(read_timeout: Duration) -> Result<std::net::TcpStream, String> {
+    let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
+    let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
+    s.bind(&from.into()).map_err(|e| e.to_string())?;
+    let to: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
+    s.connect(&to.into()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(read_timeout))
+        .map_err(|e| e.to_string())?;
+    Ok(std::net::TcpStream::from(s))
+}
+
+fn serve_mptcp(bulk: bool) {
+    let (_listener, mut c) = accept_mptcp();
     let mut n: u64 = 0;
     if bulk {
         let mut chunk = vec![0u8; BULK_CHUNK];
@@ -769,14 +789,7 @@ fn serve_mptcp(bulk: bool) {
 }
 
 fn client_mptcp(link1: &str, silent: bool) -> Result<Gaps, String> {
-    let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
-    let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
-    s.bind(&from.into()).map_err(|e| e.to_string())?;
-    let to: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
-    s.connect(&to.into()).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    let mut c = std::net::TcpStream::from(s);
+    let mut c = connect_mptcp(Duration::from_secs(20))?;
     let mut m = Meter::new(link1, silent);
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -890,14 +903,7 @@ async fn stripe_client_serval(multipath: bool) -> Result<Window, String> {
 /// MPTCP striping client, from 10.78.1.1; whether a second subflow joins is the topology's
 /// (`ip mptcp endpoint`).
 fn stripe_client_mptcp() -> Result<Window, String> {
-    let s = mptcp_socket().map_err(|e| format!("MPTCP socket: {e}"))?;
-    let from: SocketAddr = "10.78.1.1:0".parse().unwrap();
-    s.bind(&from.into()).map_err(|e| e.to_string())?;
-    let to: SocketAddr = format!("{SERVER}:5201").parse().unwrap();
-    s.connect(&to.into()).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut c = std::net::TcpStream::from(s);
+    let mut c = connect_mptcp(Duration::from_secs(10))?;
     let mut m = BulkMeter::new();
     let mut buf = vec![0u8; 256 << 10];
     loop {
