@@ -16,7 +16,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     SERVER_LINKS, SERVICE, Topology, accept_mptcp, connect_mptcp, connect_serval_with, field,
-    median, run_pair,
+    median, nft, run_pair,
 };
 
 /// Bytes per message.
@@ -104,23 +104,11 @@ pub fn serve_mptcp() {
 /// Drops `loss` percent of the packets on `link`, each way, at random (nftables, in this
 /// namespace).
 fn lose(link: &str, loss: u32) -> Result<(), String> {
-    let script = format!(
+    nft(&format!(
         "table inet lossy {{\n chain out {{ type filter hook output priority 0; oifname \
          \"{link}\" numgen random mod 100 < {loss} drop; }}\n chain in {{ type filter hook \
          input priority 0; iifname \"{link}\" numgen random mod 100 < {loss} drop; }}\n}}\n"
-    );
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft: {e}"))?;
-    if let Some(mut i) = child.stdin.take() {
-        i.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
-    }
-    match child.wait() {
-        Ok(st) if st.success() => Ok(()),
-        _ => Err("nft failed".into()),
-    }
+    ))
 }
 
 /// The message `i` (its bytes say which it is, so that the echo is checked).

@@ -405,12 +405,16 @@ impl Meter {
 
 /// Drops everything on `link` both ways (nftables, in this namespace); the link stays up.
 fn silence(link: &str) -> Result<(), String> {
-    use std::io::Write as _;
-    let script = format!(
+    nft(&format!(
         "table inet silent {{\n chain out {{ type filter hook output priority 0; oifname \
          \"{link}\" drop; }}\n chain in {{ type filter hook input priority 0; iifname \
          \"{link}\" drop; }}\n}}\n"
-    );
+    ))
+}
+
+/// Loads an nftables `script` in this namespace.
+fn nft(script: &str) -> Result<(), String> {
+    use std::io::Write as _;
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -419,11 +423,9 @@ fn silence(link: &str) -> Result<(), String> {
     if let Some(mut i) = child.stdin.take() {
         i.write_all(script.as_bytes()).map_err(|e| e.to_string())?;
     }
-    let st = child.wait().map_err(|e| e.to_string())?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err("nft failed".into())
+    match child.wait() {
+        Ok(st) if st.success() => Ok(()),
+        _ => Err("nft failed".into()),
     }
 }
 
