@@ -212,11 +212,32 @@ fn listen_and_cat_on_two_addresses_run_two_paths_and_the_bytes_arrive_intact() {
     let active = flow.paths.iter().filter(|p| p[4] == "active").count();
     assert!(active >= 2, "{flow:?}");
     for p in [p0, p1] {
-        assert!(p[5].parse::<u64>().unwrap() > 0, "no bytes sent: {flow:?}");
         assert!(p[6].ends_with("ms"), "{flow:?}");
         assert_eq!(p[7], "cwnd", "{flow:?}");
         assert!(p[8].parse::<u64>().unwrap() > 0, "{flow:?}");
     }
+    // Every stream byte the flow had sent went on one of its paths (their counts are of
+    // packets, headers included). Not necessarily on both: the lowest-RTT scheduler puts data
+    // on the path it measures fastest and on the next only when that one's window is full,
+    // which on an unloaded loopback it rarely is (and a joined path, measured by its first
+    // PING, often looks faster than path 0, measured by the handshake). Striping under load
+    // is tested where the links are shaped (crates/serval/tests/netns_multipath.rs).
+    let on_paths: u64 = flow
+        .paths
+        .iter()
+        .map(|p| p[5].parse::<u64>().unwrap())
+        .sum();
+    let stream: u64 = flow
+        .line
+        .split_whitespace()
+        .nth(6)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        on_paths >= stream,
+        "{on_paths} bytes on the paths: {flow:?}"
+    );
 }
 
 #[test]
