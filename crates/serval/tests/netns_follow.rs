@@ -41,7 +41,7 @@ use serval::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use support::{Hosts, first_difference, in_netns, ip, pattern};
+use support::{Hosts, first_difference, in_netns, ip, pattern, usable};
 
 /// Bytes the client sends (and gets back).
 const TOTAL: usize = 24 << 20;
@@ -88,7 +88,7 @@ async fn serve(
         if cue.is_some() {
             want.push(move_to);
         }
-        usable(&ep, &want).await?;
+        usable(&ep, &want, Duration::from_secs(10)).await?;
     }
     let _ = ready.send(());
     let mut received = 0usize;
@@ -713,18 +713,6 @@ struct ServerCue {
 /// How long either end waits for the other at the start of the moves.
 const CUE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Waits (at most 10 s) until every one of `want` is a usable locator of `ep`.
-async fn usable(ep: &Endpoint, want: &[SocketAddr]) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !want.iter().all(|w| ep.usable_locators().contains(w)) {
-        if Instant::now() > deadline {
-            return Err(format!("{want:?} never usable: {:?}", ep.usable_locators()));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
 /// Both ends move in the same instant, each to its link-2 address (issue 11: "both ends change
 /// address at the same time"): the client and the server, each bound to the wildcard address,
 /// start their moves together once a third of an echo has come back (each RSYN goes toward the
@@ -769,7 +757,7 @@ fn both_ends_move_at_once() {
         let port = ep.local_locators()[0].port();
         let (old, new): (SocketAddr, SocketAddr) =
             (([10, 78, 1, 1], port).into(), ([10, 78, 2, 1], port).into());
-        usable(&ep, &[old, new])
+        usable(&ep, &[old, new], Duration::from_secs(10))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let service = ServiceId::from_name(SERVICE).unwrap();

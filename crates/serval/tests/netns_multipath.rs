@@ -47,7 +47,7 @@ mod support;
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +58,7 @@ use serval::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use support::{first_difference, in_netns, ip, pattern};
+use support::{delete_netns, first_difference, in_netns, ip, pattern, usable};
 
 /// Bytes each end sends (and the other receives).
 const TOTAL: usize = 8 << 20;
@@ -163,13 +163,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its ends of the veth pairs, which deletes the pairs.
-        for ns in [&self.client, &self.server] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
+        delete_netns(&[&self.client, &self.server]);
     }
 }
 
@@ -188,21 +182,6 @@ fn config() -> EndpointConfig {
         multipath: true,
         ..EndpointConfig::default()
     }
-}
-
-/// Waits until every one of `want` is a usable locator of `ep`.
-async fn usable(ep: &Endpoint, want: &[SocketAddr]) -> Result<(), String> {
-    let deadline = Instant::now() + SETUP_LIMIT;
-    while !want.iter().all(|w| ep.usable_locators().contains(w)) {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{want:?} never all usable: {:?}",
-                ep.usable_locators()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }
 
 /// What both threads share.
@@ -323,7 +302,7 @@ async fn serve(
     let ep = Endpoint::bind_with(&binds, config())
         .await
         .map_err(|e| format!("server bind: {e}"))?;
-    usable(&ep, &binds).await?;
+    usable(&ep, &binds, SETUP_LIMIT).await?;
     let mut listener = ep
         .listen(ServicePrefix::exact(ServiceId::from_name(SERVICE).unwrap()))
         .map_err(|e| format!("listen: {e}"))?;
@@ -424,7 +403,9 @@ async fn client(
         .await
         .expect("client bind");
     let locals = ep.local_locators();
-    usable(&ep, &locals).await.unwrap_or_else(|e| panic!("{e}"));
+    usable(&ep, &locals, SETUP_LIMIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut events = ep.path_events();
     let service = ServiceId::from_name(SERVICE).unwrap();
     let server: SocketAddr = (addr(1, 2), PORT).into();

@@ -102,14 +102,38 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its ends of the veth pairs, which deletes the pairs.
-        for ns in [&self.client, &self.server] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
+        delete_netns(&[&self.client, &self.server]);
     }
+}
+
+/// Deletes the namespaces `names`, ignoring any that is gone: their ends of veth pairs go with
+/// them, which deletes the pairs.
+pub fn delete_netns(names: &[&str]) {
+    for ns in names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Waits, at most `limit`, until every one of `want` is a usable locator of `ep`.
+pub async fn usable(
+    ep: &serval::Endpoint,
+    want: &[std::net::SocketAddr],
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    while !want.iter().all(|w| ep.usable_locators().contains(w)) {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{want:?} never all usable: {:?}",
+                ep.usable_locators()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// Packets `dev` in namespace `ns` dropped on transmit (a veth drops what it sends while its
