@@ -520,6 +520,12 @@ pub struct HopArgs {
     /// by name (not by serviceID): the name is what the certificate must name.
     #[arg(long, value_name = "FILE", env = "SERVAL_CA", conflicts_with = "self_certifying", value_parser = read_trust_anchors)]
     pub ca: Option<serval::TrustAnchors>,
+    /// With --ca: certificate revocation lists (PEM "X509 CRL" blocks, the current one of each
+    /// CA) to check the instance's chain against. A certificate its issuer revoked fails the
+    /// connect, and so does a list past its nextUpdate; a certificate whose issuer has no list
+    /// here is accepted.
+    #[arg(long, value_name = "FILE", requires = "ca", value_parser = read_revocation_lists)]
+    pub crl: Option<serval::RevocationLists>,
     /// Require the instance to prove it holds the key the serviceID commits to (a
     /// self-certifying ID, as `serval id --key` prints it): no CA and no pinned key needed.
     #[arg(long)]
@@ -537,6 +543,12 @@ fn read_trust_anchors(file: &str) -> Result<serval::TrustAnchors, String> {
     serval::TrustAnchors::from_pem(&pem).map_err(|e| format!("CA file {file}: {e}"))
 }
 
+/// `--crl`'s value: the revocation lists of a PEM file.
+fn read_revocation_lists(file: &str) -> Result<serval::RevocationLists, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read CRL file {file}: {e}"))?;
+    serval::RevocationLists::from_pem(&pem).map_err(|e| format!("CRL file {file}: {e}"))
+}
+
 /// `--peer-key`'s value: a public key line.
 fn parse_public_key(text: &str) -> Result<serval::PublicKey, String> {
     serval::PublicKey::parse_line(text).map_err(|e| e.to_string())
@@ -549,7 +561,10 @@ impl HopArgs {
         let peer_identity = match (self.peer_key, self.self_certifying, &self.ca) {
             (Some(key), _, _) => Some(serval::PeerIdentity::Key(key)),
             (None, true, _) => Some(serval::PeerIdentity::SelfCertifying),
-            (None, false, Some(anchors)) => Some(serval::PeerIdentity::Ca(anchors.clone())),
+            (None, false, Some(anchors)) => Some(serval::PeerIdentity::Ca(match &self.crl {
+                Some(lists) => anchors.clone().with_revocations(lists.clone()),
+                None => anchors.clone(),
+            })),
             (None, false, None) => None,
         };
         serval::EndpointConfig {

@@ -1,15 +1,20 @@
 //! Server certificates checked against a CA file (issue 12 item 2), with the real binary on
 //! loopback: `serval listen --key K --cert CHAIN.pem` registered with a router, `serval cat
 //! --ca CA.pem`. A chain from a trusted CA for the name connects; another CA, another name, or
-//! an instance without a chain fails the connect with one clear line and a non-zero exit; a
-//! bad file is refused at start in one line.
+//! an instance without a chain fails the connect with one clear line and a non-zero exit, and
+//! so does a certificate on the CA's revocation list (`--crl`); a bad file is refused at start
+//! in one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 mod support;
 
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ED25519};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ED25519, RevokedCertParams, SerialNumber,
+    SignatureAlgorithm,
+};
 use support::{Dir, cat_hello, instance, keygen, one_line_failure, output_within, router, serval};
 
 /// A CA: its certificate and key.
@@ -17,11 +22,42 @@ struct Ca(rcgen::Certificate, KeyPair);
 
 impl Ca {
     fn new(name: &str) -> Ca {
-        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        Ca::with_key(name, &PKCS_ED25519)
+    }
+
+    /// A CA whose own key is of `alg`.
+    fn with_key(name: &str, alg: &'static SignatureAlgorithm) -> Ca {
+        let key = KeyPair::generate_for(alg).unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         Ca(p.self_signed(&key).unwrap(), key)
+    }
+
+    /// Writes to `file` this CA's revocation list of the serial numbers `revoked`, valid
+    /// from 2026 to 2100.
+    fn revoke(&self, revoked: &[u64], file: &str) {
+        let at = rcgen::date_time_ymd(2026, 1, 1);
+        let crl = CertificateRevocationListParams {
+            this_update: at,
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: SerialNumber::from(1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&n| RevokedCertParams {
+                    serial_number: SerialNumber::from(n),
+                    revocation_time: at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.0, &self.1)
+        .unwrap();
+        std::fs::write(file, crl.pem().unwrap()).unwrap();
     }
 
     /// Writes this CA's certificate to `file`.
@@ -31,16 +67,20 @@ impl Ca {
 
     /// Writes to `file` a certificate for `names` of the key in the `serval keygen` file `key`.
     fn issue(&self, key: &str, names: &[&str], file: &str) {
+        self.issue_serial(key, names, 1, file);
+    }
+
+    /// [`issue`](Self::issue) with serial number `serial`.
+    fn issue_serial(&self, key: &str, names: &[&str], serial: u64, file: &str) {
         // A serval key file is PKCS#8 under its own PEM label.
         let text = std::fs::read_to_string(key)
             .unwrap()
             .replace("SERVAL PRIVATE KEY", "PRIVATE KEY");
         let leaf_key = KeyPair::from_pem(&text).unwrap();
         let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&leaf_key, &self.0, &self.1)
-            .unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.serial_number = Some(SerialNumber::from(serial));
+        let cert = params.signed_by(&leaf_key, &self.0, &self.1).unwrap();
         std::fs::write(file, cert.pem()).unwrap();
     }
 }
@@ -96,6 +136,45 @@ fn a_certificate_from_the_trusted_ca_for_the_name_connects_and_nothing_else_does
     one_line_failure(
         cat_hello("who.test", &naddr, &["--ca", &ca_file]),
         "no certificate chain",
+    );
+}
+
+#[test]
+fn a_revoked_certificate_fails_the_connect_and_a_listed_other_does_not() {
+    let dir = Dir::new("crl");
+    let (key, ca_file, cert) = (dir.path("k"), dir.path("ca.pem"), dir.path("cert.pem"));
+    let (revoking, sparing) = (dir.path("revoking.crl"), dir.path("sparing.crl"));
+    keygen(&key);
+    // A CA signing with ECDSA P-256, as most private CAs do.
+    let ca = Ca::with_key("test CA", &rcgen::PKCS_ECDSA_P256_SHA256);
+    ca.write(&ca_file);
+    ca.issue_serial(&key, &["who.test"], 42, &cert);
+    ca.revoke(&[41, 42], &revoking);
+    ca.revoke(&[41, 43], &sparing);
+    let (_i, addr) = instance(
+        "who.test",
+        None,
+        &["--echo", "--key", &key, "--cert", &cert],
+    );
+    for extra in [&[][..], &["--crl", &sparing][..]] {
+        let mut args = vec!["--ca", &ca_file];
+        args.extend_from_slice(extra);
+        let (code, out, err) = cat_hello("who.test", &addr, &args);
+        assert_eq!(code, Some(0), "{extra:?}: {err}");
+        assert_eq!(out, "hello");
+    }
+    one_line_failure(
+        cat_hello("who.test", &addr, &["--ca", &ca_file, "--crl", &revoking]),
+        "holds a revoked certificate",
+    );
+    // --crl needs --ca; a file without a list is a usage error naming --crl.
+    let (code, _, err) = cat_hello("who.test", &addr, &["--crl", &revoking]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = cat_hello("who.test", &addr, &["--ca", &ca_file, "--crl", &ca_file]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--crl") && err.contains("no revocation list"),
+        "{err}"
     );
 }
 

@@ -31,7 +31,7 @@ pub use crate::connection::CloseReason;
 pub use crate::connection::ExportError;
 pub use crate::connection::identity::{
     CERT_SYN_LEN, CertError, CertProblem, CertificateChain, IdentityError, PeerIdentity,
-    ServerName, TrustAnchors,
+    RevocationLists, ServerName, TrustAnchors,
 };
 pub use crate::connection::multipath::{AddPathError, JOIN_TRIES, PathSummary};
 pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};

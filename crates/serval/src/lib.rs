@@ -65,7 +65,8 @@ pub use serval_engine::endpoint::ConnectionHandle;
 pub use serval_engine::endpoint::NamedDatagram;
 pub use serval_engine::endpoint::{
     CERT_SYN_LEN, CertError, CertProblem, CertificateChain, CloseReason, EndpointConfig,
-    IdentityError, PeerIdentity, Protection, ServerName, SynCookies, SynRateLimit, TrustAnchors,
+    IdentityError, PeerIdentity, Protection, RevocationLists, ServerName, SynCookies, SynRateLimit,
+    TrustAnchors,
 };
 pub use serval_engine::endpoint::{
     ConnectionInfo, EndpointStats, MAX_APP_STATE, RegistrationRequest,

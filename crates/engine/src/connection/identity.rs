@@ -35,7 +35,7 @@ use crate::frame::PN_LEN;
 
 pub use self::x509::{
     CERT_SYN_LEN, CertError, CertProblem, CertificateChain, MAX_CHAIN_BLOCK, MAX_CHAIN_CERTS,
-    ServerName, TrustAnchors,
+    RevocationLists, ServerName, TrustAnchors,
 };
 
 /// What a signature of the server's covers, before the transcript hash.

@@ -20,10 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, DnsName, TrustAnchor, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, DnsName, TrustAnchor, UnixTime,
+};
 use serval_keys::PublicKey;
 use serval_wire::ServiceId;
-use webpki::{EndEntityCert, KeyUsage};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+};
 
 use super::SYN_ACK_WITH_IDENTITY;
 
@@ -49,10 +54,24 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
-/// Only Ed25519 signs in a chain the client accepts: the leaf holds the instance's Ed25519 key,
-/// and a private CA for such keys has no reason to use anything else.
-static ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] =
-    &[webpki::ring::ED25519];
+/// The signatures a client accepts from the CAs of a chain and of a revocation list: Ed25519,
+/// ECDSA on P-256 and P-384, and RSA (PKCS#1 v1.5 and PSS, 2048 to 8192 bits), as CAs issue
+/// them. The leaf's own key is always the instance's Ed25519 key (checked apart); an RSA CA's
+/// 256-byte and longer signatures make a chain harder to fit in [`MAX_CHAIN_BLOCK`], which the
+/// server checks when it starts.
+static ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ED25519,
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ECDSA_P384_SHA384,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA384,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA512,
+    webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
 
 /// What is wrong with a certificate file or a server name given to the engine (configuration,
 /// not a peer's answer: see [`IdentityError`](super::IdentityError) for those).
@@ -93,11 +112,131 @@ pub enum CertError {
     /// The name is not a DNS name a certificate can be checked against.
     #[error("{0:?} is not a DNS name a certificate can be checked against")]
     BadName(String),
+    /// The PEM text holds no certificate revocation list.
+    #[error("no revocation list in it (expected PEM \"BEGIN X509 CRL\" blocks)")]
+    NoRevocationList,
+    /// A PEM block or the DER of a revocation list does not parse.
+    #[error("revocation list {index} does not parse: {reason}")]
+    MalformedRevocationList {
+        /// Which list, counting from 1.
+        index: usize,
+        /// What the parser said.
+        reason: String,
+    },
+    /// Two lists of the same scope from one CA: which one is current is not said by the files.
+    #[error(
+        "revocation lists {first} and {second} both come from one CA (for the same scope): keep \
+         only its newest"
+    )]
+    DuplicateRevocationList {
+        /// The earlier list, counting from 1.
+        first: usize,
+        /// The later one.
+        second: usize,
+    },
 }
 
-/// The CAs a client trusts to certify servers' names (`--ca FILE`).
+/// The CAs a client trusts to certify servers' names (`--ca FILE`), and the certificates they
+/// have revoked ([`with_revocations`](TrustAnchors::with_revocations), `--crl FILE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustAnchors(Arc<[TrustAnchor<'static>]>);
+pub struct TrustAnchors {
+    anchors: Arc<[TrustAnchor<'static>]>,
+    revocations: RevocationLists,
+}
+
+/// Certificate revocation lists (X.509 CRLs, RFC 5280 §5) a client checks a server's chain
+/// against (`--crl FILE`).
+///
+/// Every certificate of the chain, the leaf and the intermediates, is checked against the list
+/// its issuer signed: a revoked one fails the connect. A list past its nextUpdate fails it too
+/// (its issuer's current word is unknown: fetch a fresh one). A certificate whose issuer has
+/// no list here is accepted, as without `--crl`. One list per CA (and scope): two would leave
+/// open which is current, so they are refused when loaded.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationLists(Arc<[Arc<RevocationList>]>);
+
+/// One list: its DER (for equality) and the same, parsed.
+#[derive(Debug)]
+struct RevocationList {
+    der: Vec<u8>,
+    parsed: CertRevocationList<'static>,
+}
+
+impl PartialEq for RevocationLists {
+    fn eq(&self, other: &RevocationLists) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|(a, b)| a.der == b.der)
+    }
+}
+
+impl Eq for RevocationLists {}
+
+impl RevocationLists {
+    /// The lists of the `X509 CRL` blocks of a PEM file.
+    pub fn from_pem(pem: &[u8]) -> Result<RevocationLists, CertError> {
+        let der = CertificateRevocationListDer::pem_slice_iter(pem)
+            .enumerate()
+            .map(|(i, c)| {
+                c.map(|c| c.as_ref().to_vec())
+                    .map_err(|e| CertError::MalformedRevocationList {
+                        index: i + 1,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RevocationLists::from_der(&der)
+    }
+
+    /// DER-encoded lists (at least one, one per CA and scope).
+    pub fn from_der(der: &[Vec<u8>]) -> Result<RevocationLists, CertError> {
+        if der.is_empty() {
+            return Err(CertError::NoRevocationList);
+        }
+        let mut lists: Vec<Arc<RevocationList>> = Vec::with_capacity(der.len());
+        for (i, d) in der.iter().enumerate() {
+            let parsed: CertRevocationList<'static> = OwnedCertRevocationList::from_der(d)
+                .map_err(|e| CertError::MalformedRevocationList {
+                    index: i + 1,
+                    reason: format!("{e:?}"),
+                })?
+                .into();
+            let scope = |l: &CertRevocationList<'_>| {
+                (
+                    l.issuer().to_vec(),
+                    l.issuing_distribution_point().map(<[u8]>::to_vec),
+                )
+            };
+            if let Some(first) = lists
+                .iter()
+                .position(|l| scope(&l.parsed) == scope(&parsed))
+            {
+                return Err(CertError::DuplicateRevocationList {
+                    first: first + 1,
+                    second: i + 1,
+                });
+            }
+            lists.push(Arc::new(RevocationList {
+                der: d.clone(),
+                parsed,
+            }));
+        }
+        Ok(RevocationLists(lists.into()))
+    }
+
+    /// How many lists there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl TrustAnchors {
     /// The anchors of the `CERTIFICATE` blocks of a PEM file (one or more CA certificates).
@@ -123,17 +262,31 @@ impl TrustAnchors {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(TrustAnchors(anchors.into()))
+        Ok(TrustAnchors {
+            anchors: anchors.into(),
+            revocations: RevocationLists::default(),
+        })
+    }
+
+    /// These anchors, checking chains against `lists` (instead of any given before).
+    pub fn with_revocations(mut self, lists: RevocationLists) -> TrustAnchors {
+        self.revocations = lists;
+        self
     }
 
     /// How many anchors there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.anchors.len()
     }
 
     /// Whether there are none (never, once built).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.anchors.is_empty()
+    }
+
+    /// The revocation lists chains are checked against.
+    pub fn revocations(&self) -> &RevocationLists {
+        &self.revocations
     }
 }
 
@@ -262,6 +415,20 @@ pub enum CertProblem {
     /// The leaf's extended key usage excludes server authentication.
     #[error("the server's certificate is not for server authentication")]
     NotServerAuth,
+    /// A certificate of the chain is on its issuer's revocation list (`--crl`).
+    #[error("the server's certificate chain holds a revoked certificate (--crl)")]
+    Revoked,
+    /// The revocation list of a certificate's issuer is past its nextUpdate.
+    #[error(
+        "the revocation list (--crl) for the server's chain expired at UNIX time {next_update} \
+         (now {now}): fetch a fresh one"
+    )]
+    RevocationListExpired {
+        /// The list's nextUpdate, UNIX seconds.
+        next_update: u64,
+        /// The time checked at, UNIX seconds.
+        now: u64,
+    },
     /// The leaf certifies another key than the one that signed the handshake.
     #[error("the server's certificate is for another key than the {0} that signed the handshake")]
     LeafKeyMismatch(PublicKey),
@@ -294,13 +461,21 @@ pub(crate) fn verify(
     let certs = parse_block(block).ok_or(CertProblem::Malformed)?;
     let (leaf, intermediates) = certs.split_first().ok_or(CertProblem::Malformed)?;
     let leaf = EndEntityCert::try_from(leaf).map_err(|_| CertProblem::Malformed)?;
+    let lists: Vec<&CertRevocationList<'static>> =
+        anchors.revocations.0.iter().map(|l| &l.parsed).collect();
+    let revocation = RevocationOptionsBuilder::new(&lists).ok().map(|b| {
+        b.with_depth(RevocationCheckDepth::Chain)
+            .with_status_policy(UnknownStatusPolicy::Allow)
+            .with_expiration_policy(ExpirationPolicy::Enforce)
+            .build()
+    });
     leaf.verify_for_usage(
         ALGORITHMS,
-        &anchors.0,
+        &anchors.anchors,
         intermediates,
         UnixTime::since_unix_epoch(now),
         KeyUsage::server_auth(),
-        None,
+        revocation,
         None,
     )
     .map_err(|e| problem(e, now))?;
@@ -350,6 +525,11 @@ fn problem(e: webpki::Error, now: Duration) -> CertProblem {
             now,
         },
         webpki::Error::RequiredEkuNotFoundContext(_) => CertProblem::NotServerAuth,
+        webpki::Error::CertRevoked => CertProblem::Revoked,
+        webpki::Error::CrlExpired { next_update, .. } => CertProblem::RevocationListExpired {
+            next_update: next_update.as_secs(),
+            now,
+        },
         webpki::Error::BadDer | webpki::Error::BadDerTime => CertProblem::Malformed,
         other => CertProblem::Other(format!("{other:?}")),
     }
@@ -380,12 +560,14 @@ fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
     Ok(certs)
 }
 
-/// Certificates for tests, made with rcgen (Ed25519 throughout).
+/// Certificates and revocation lists for tests, made with rcgen (Ed25519 unless a test asks
+/// for another CA key).
 #[cfg(test)]
 pub(crate) mod testca {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        PKCS_ED25519,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ED25519,
+        RevokedCertParams, SerialNumber, SignatureAlgorithm,
     };
     use serval_keys::PrivateKey;
 
@@ -398,18 +580,59 @@ pub(crate) mod testca {
     impl Ca {
         /// A new self-signed root.
         pub(crate) fn root(name: &str) -> Ca {
-            let key = KeyPair::generate_for(&PKCS_ED25519).expect("key");
-            let cert = ca_params(name).self_signed(&key).expect("root");
+            Ca::root_with(name, &PKCS_ED25519)
+        }
+
+        /// A new self-signed root whose key is of `alg`.
+        pub(crate) fn root_with(name: &str, alg: &'static SignatureAlgorithm) -> Ca {
+            let key = KeyPair::generate_for(alg).expect("key");
+            let cert = ca_params(name, 1).self_signed(&key).expect("root");
             Ca { cert, key }
         }
 
         /// A new intermediate CA under this one.
         pub(crate) fn intermediate(&self, name: &str) -> Ca {
-            let key = KeyPair::generate_for(&PKCS_ED25519).expect("key");
-            let cert = ca_params(name)
+            self.intermediate_with(name, &PKCS_ED25519, 2)
+        }
+
+        /// A new intermediate CA under this one, its key of `alg`, with serial `serial`.
+        pub(crate) fn intermediate_with(
+            &self,
+            name: &str,
+            alg: &'static SignatureAlgorithm,
+            serial: u64,
+        ) -> Ca {
+            let key = KeyPair::generate_for(alg).expect("key");
+            let cert = ca_params(name, serial)
                 .signed_by(&key, &self.cert, &self.key)
                 .expect("intermediate");
             Ca { cert, key }
+        }
+
+        /// This CA's revocation list of the serial numbers `revoked`, valid from `this_update`
+        /// to `next_update` (years, January 1st), PEM.
+        pub(crate) fn crl(&self, revoked: &[u64], this_update: i32, next_update: i32) -> String {
+            let revoked_certs = revoked
+                .iter()
+                .map(|&n| RevokedCertParams {
+                    serial_number: SerialNumber::from(n),
+                    revocation_time: rcgen::date_time_ymd(this_update, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect();
+            CertificateRevocationListParams {
+                this_update: rcgen::date_time_ymd(this_update, 1, 1),
+                next_update: rcgen::date_time_ymd(next_update, 1, 1),
+                crl_number: SerialNumber::from(1),
+                issuing_distribution_point: None,
+                revoked_certs,
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&self.cert, &self.key)
+            .expect("CRL")
+            .pem()
+            .expect("PEM")
         }
 
         /// This CA's certificate, DER.
@@ -449,10 +672,16 @@ pub(crate) mod testca {
         }
     }
 
-    fn ca_params(name: &str) -> CertificateParams {
+    fn ca_params(name: &str, serial: u64) -> CertificateParams {
         let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.serial_number = Some(SerialNumber::from(serial));
         p
     }
 
@@ -584,6 +813,105 @@ mod tests {
             verify(&a, Some(&n), None, good.block(), &pk),
             Err(CertProblem::NoClock)
         );
+    }
+
+    #[test]
+    fn cas_signing_with_ecdsa_are_accepted_too() {
+        let k = instance_key();
+        for (root_alg, mid_alg) in [
+            (
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            (
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            (&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ED25519),
+        ] {
+            let root = Ca::root_with("root", root_alg);
+            let mid = root.intermediate_with("intermediate", mid_alg, 2);
+            let leaf = mid.leaf(&k, &["web.example.com"]);
+            let chain = CertificateChain::from_der(&[leaf, mid.der()], &k.public_key())
+                .expect("an ECDSA chain fits");
+            assert_eq!(
+                check(&anchors(&root), "web.example.com", &chain, &k.public_key()),
+                Ok(()),
+                "{root_alg:?} root, {mid_alg:?} intermediate"
+            );
+        }
+    }
+
+    #[test]
+    fn revoked_certificates_and_stale_lists_are_refused() {
+        let root = Ca::root("root");
+        let mid = root.intermediate_with("intermediate", &rcgen::PKCS_ED25519, 7);
+        let k = instance_key();
+        let leaf = mid.leaf_with(&k, &["web.example.com"], |p| {
+            p.serial_number = Some(rcgen::SerialNumber::from(42));
+        });
+        let chain = CertificateChain::from_der(&[leaf, mid.der()], &k.public_key()).unwrap();
+        let with = |pems: &[String]| {
+            let lists = RevocationLists::from_pem(pems.concat().as_bytes()).expect("CRLs");
+            anchors(&root).with_revocations(lists)
+        };
+        let run = |a: &TrustAnchors| check(a, "web.example.com", &chain, &k.public_key());
+        // Lists that revoke other serials, or come from a CA not in the chain: accepted.
+        let other = Ca::root("another root");
+        assert_eq!(
+            run(&with(&[
+                mid.crl(&[41, 43], 2026, 2027),
+                other.crl(&[42, 7], 2026, 2027)
+            ])),
+            Ok(())
+        );
+        // The leaf revoked by the intermediate; the intermediate revoked by the root.
+        assert_eq!(
+            run(&with(&[mid.crl(&[41, 42], 2026, 2027)])),
+            Err(CertProblem::Revoked)
+        );
+        assert_eq!(
+            run(&with(&[root.crl(&[7], 2026, 2027)])),
+            Err(CertProblem::Revoked)
+        );
+        // A list past its nextUpdate says nothing current: refused, with the times.
+        assert_eq!(
+            run(&with(&[mid.crl(&[], 2024, 2025)])),
+            Err(CertProblem::RevocationListExpired {
+                next_update: 1_735_689_600,
+                now: NOW.as_secs()
+            })
+        );
+        // Several lists in one PEM file, the revoking one last.
+        assert_eq!(
+            run(&with(&[
+                root.crl(&[], 2026, 2027),
+                mid.crl(&[42], 2026, 2027)
+            ])),
+            Err(CertProblem::Revoked)
+        );
+        // Two lists from one CA: which is current is unknown, so they are refused.
+        let twice = [
+            mid.crl(&[], 2026, 2027),
+            root.crl(&[], 2026, 2027),
+            mid.crl(&[42], 2026, 2027),
+        ];
+        assert_eq!(
+            RevocationLists::from_pem(twice.concat().as_bytes()),
+            Err(CertError::DuplicateRevocationList {
+                first: 1,
+                second: 3
+            })
+        );
+        // A file without a list, or with a broken one.
+        assert_eq!(
+            RevocationLists::from_pem(root.cert.pem().as_bytes()),
+            Err(CertError::NoRevocationList)
+        );
+        assert!(matches!(
+            RevocationLists::from_der(&[vec![0x30, 3, 1, 2, 3]]),
+            Err(CertError::MalformedRevocationList { index: 1, .. })
+        ));
     }
 
     #[test]
