@@ -201,6 +201,8 @@ enum Reliable {
     Addresses,
     /// JOIN|RSYN: a path's backup flag, changed after its join ([`multipath`]).
     Priority,
+    /// JOIN|FIN: a path this end removed ([`multipath`]).
+    Removal,
 }
 
 /// The outstanding reliable control packet.
@@ -250,9 +252,10 @@ impl ControlTiming {
 }
 
 /// Reliable control packets waiting for the channel, in order; each kind at most once (one
-/// queued twice would say nothing new: its content is taken when it is sent).
+/// queued twice would say nothing new: its content is taken when it is sent). Room for every
+/// kind an established flow sends (RSYN, FIN, JOIN|SYN, JOIN|RSYN, JOIN|FIN).
 #[derive(Debug, Clone, Copy, Default)]
-struct ReliableQueue([Option<Reliable>; 4]);
+struct ReliableQueue([Option<Reliable>; 5]);
 
 impl ReliableQueue {
     fn push_back(&mut self, kind: Reliable) {
@@ -1135,6 +1138,9 @@ impl Connection {
                 Some(Reliable::Priority) if self.acked(Reliable::Priority, ctl.ackno) => {
                     self.priority_acked();
                 }
+                Some(Reliable::Removal) if self.acked(Reliable::Removal, ctl.ackno) => {
+                    self.removal_acked();
+                }
                 _ => {}
             }
         }
@@ -1824,6 +1830,11 @@ impl Connection {
             Reliable::Priority => {
                 let ackno = self.priority_to_send()?;
                 let flags = ControlFlags::JOIN | ControlFlags::RSYN;
+                (self.control_repr(flags, verno, ackno), self.local)
+            }
+            Reliable::Removal => {
+                let ackno = self.removal_to_send()?;
+                let flags = ControlFlags::JOIN | ControlFlags::FIN;
                 (self.control_repr(flags, verno, ackno), self.local)
             }
         };

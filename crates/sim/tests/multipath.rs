@@ -713,6 +713,48 @@ fn removing_a_path_tells_the_peer() {
     s.check_bytes();
 }
 
+/// A JOIN|FIN is reliable: with path 0 cut from client to server when the client removes
+/// the second path, the first JOIN|FIN is lost, and a retransmission tells the server soon
+/// after the cut heals, long before it could find the path silent by itself.
+#[test]
+fn a_lost_removal_is_sent_again() {
+    let mut s = setup(
+        6,
+        [limited(2_500_000, 10), limited(2_500_000, 10)],
+        1 << 20,
+        2 << 20,
+        Some(false),
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
+        .unwrap();
+    let h = s.net.node(s.client).conn.unwrap();
+    let paths = s.net.node(s.client).ep.paths(h);
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    s.net.set_path_cut(ip(C1), ip(S1), true);
+    assert!(s.net.node_mut(s.client).ep.remove_path(h, paths[1].id));
+    let heal = s.net.now() + Duration::from_millis(300);
+    s.net.run_until(10_000_000, |n| n.now() >= heal).unwrap();
+    assert_eq!(
+        s.net.node(s.server).paths_down,
+        0,
+        "the first JOIN|FIN was lost"
+    );
+    s.net.set_path_cut(ip(C1), ip(S1), false);
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(0)).paths_down == 1)
+        .unwrap();
+    let took = s.net.now() - heal;
+    assert!(
+        took < Duration::from_millis(800),
+        "told {took:?} after the cut healed"
+    );
+    let server = s.net.node(s.server);
+    assert_eq!(server.ep.paths(server.conn.unwrap()).len(), 1);
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+}
+
 /// With multipath on at both ends and nothing asked of the application, the server announces
 /// its second address and the client joins a path to it from its own second address (the
 /// one sharing the longest prefix); the cross pairs are never tried. A backup local makes a

@@ -67,8 +67,8 @@ pub(crate) struct Paths {
     list: Vec<SubPath>,
     /// FlowIDs of paths gone, for the endpoint to forget.
     retired: Vec<FlowId>,
-    /// Paths this end removed, whose removal the peer is still to be told (one JOIN|FIN
-    /// each, not retransmitted: a lost one leaves the peer to find the path silent).
+    /// Paths this end removed, whose removal the peer is still to be told (JOIN|FIN,
+    /// reliable, one at a time, the first in flight).
     abandoned: Vec<u32>,
     /// Our other locators, announced to the peer (JOIN|SYN).
     announce: Vec<Locator>,
@@ -394,8 +394,27 @@ impl Connection {
     pub(crate) fn remove_path(&mut self, id: u32) -> Option<FlowId> {
         let flow = self.drop_path(id)?;
         // An active or joining path: the peer has (or is about to have) it too.
-        self.mp().abandoned.push(id);
+        if self.state == State::Established {
+            self.mp().abandoned.push(id);
+            self.send_reliable(super::Reliable::Removal);
+        }
         Some(flow)
+    }
+
+    /// The `ackno` of the JOIN|FIN in flight: the first removed path not yet acknowledged.
+    pub(crate) fn removal_to_send(&self) -> Option<u32> {
+        self.subpaths.as_deref()?.abandoned.first().copied()
+    }
+
+    /// The peer acknowledged our JOIN|FIN: the next removal, if any, goes out.
+    pub(crate) fn removal_acked(&mut self) {
+        let queue = &mut self.mp().abandoned;
+        if !queue.is_empty() {
+            queue.remove(0);
+        }
+        if !queue.is_empty() {
+            self.send_reliable(super::Reliable::Removal);
+        }
     }
 
     /// Removes path `id` without telling the peer (it told us, or it never answered).
@@ -520,6 +539,19 @@ impl Connection {
             self.answers.push_back(super::Answer::Ack(ctl.verno));
             return;
         }
+        if ctl.flags.contains(ControlFlags::FIN) {
+            // The peer removed a path, on the reliable control channel: so do we (path 0 is
+            // the flow's, never removed so).
+            let id = ctl.ackno & MAX_PATH_ID;
+            if self.fresh(ctl.verno)
+                && id != 0
+                && let Some(flow) = self.drop_path(id)
+            {
+                self.mp().retired.push(flow);
+            }
+            self.answers.push_back(super::Answer::Ack(ctl.verno));
+            return;
+        }
         if ctl.flags.contains(ControlFlags::SYN) {
             // An announcement of the peer's locators, on the reliable control channel.
             if self.fresh(ctl.verno) {
@@ -537,15 +569,6 @@ impl Connection {
             return;
         }
         let id = ctl.verno;
-        if ctl.flags.contains(ControlFlags::FIN) {
-            // The peer removed the path: so do we (path 0 is the flow's, never removed so).
-            if id != 0
-                && let Some(flow) = self.drop_path(id)
-            {
-                self.mp().retired.push(flow);
-            }
-            return;
-        }
         if ctl.flags.contains(ControlFlags::ACK) {
             // Our join's answer: it came back over the path, to the flowID we chose for it.
             let Some(p) = self
@@ -696,16 +719,6 @@ impl Connection {
     ) -> Option<(Locator, Locator)> {
         if self.state != State::Established {
             return None;
-        }
-        if let Some(id) = self.subpaths.as_deref_mut().and_then(|m| m.abandoned.pop()) {
-            let mut repr = SalRepr::new(Protocol::NONE, self.local_flow, self.peer_flow);
-            repr.control = Some(ControlRepr {
-                flags: ControlFlags::JOIN | ControlFlags::FIN,
-                verno: id,
-                ackno: 0,
-            });
-            let route = (self.local, self.peer);
-            return self.emit_sealed(&repr, out).then_some(route);
         }
         let peer_flow = self.peer_flow;
         let p = self.sub_mut().iter_mut().find(|p| match p.stage {

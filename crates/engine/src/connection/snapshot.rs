@@ -125,9 +125,12 @@ fn reliable_code(k: Option<Reliable>) -> u8 {
         Some(Reliable::Fin) => 4,
         // This host's addresses mean nothing where the snapshot goes, and a flow with other
         // paths is not exported: not carried.
-        Some(Reliable::Addresses | Reliable::Priority) => 0,
+        Some(Reliable::Addresses | Reliable::Priority | Reliable::Removal) => 0,
     }
 }
+
+/// Queued reliable control packets a snapshot has room for (one byte each).
+const QUEUED_SLOTS: usize = 4;
 
 fn decode_reliable(r: &BlockReader<'_>, code: u8) -> Result<Option<Reliable>, SnapshotError> {
     Ok(match code {
@@ -245,7 +248,14 @@ impl Connection {
             | u8::from(self.flush_transport) << 3);
         match &self.pending {
             None => b.u8(0),
-            Some(p) if matches!(p.kind, Reliable::Addresses | Reliable::Priority) => b.u8(0),
+            Some(p)
+                if matches!(
+                    p.kind,
+                    Reliable::Addresses | Reliable::Priority | Reliable::Removal
+                ) =>
+            {
+                b.u8(0)
+            }
             Some(p) => {
                 b.u8(reliable_code(Some(p.kind)));
                 b.u32(p.verno);
@@ -259,7 +269,9 @@ impl Connection {
         let mut queued = self.queued;
         queued.remove(Reliable::Addresses);
         queued.remove(Reliable::Priority);
-        for k in queued.0 {
+        queued.remove(Reliable::Removal);
+        // What is left is at most an RSYN and a FIN.
+        for k in queued.0.into_iter().take(QUEUED_SLOTS) {
             b.u8(reliable_code(k));
         }
         let answers = self.answers.len().min(MAX_ANSWERS);
@@ -385,7 +397,7 @@ impl Connection {
             }
         };
         let mut queued = ReliableQueue::default();
-        for slot in 0..queued.0.len() {
+        for slot in 0..QUEUED_SLOTS {
             let code = b.u8()?;
             let k = decode_reliable(&b, code)?;
             b.check(
