@@ -2184,15 +2184,13 @@ impl Transport {
         self.on_path_change_with_rtt(now, prior);
     }
 
-    /// The SAL's handshake took `rtt` (its SYN or SYN-ACK, sent once, to the answer): the
-    /// first RTT sample of path 0, if it has none yet. Without it a second path, whose join
-    /// gives it a sample at once, would look faster to the scheduler than a path 0 that has
-    /// carried nothing yet (and still counts the 333 ms initial guess).
+    /// The SAL's handshake took `rtt` (its SYN or SYN-ACK, sent once, to the answer): path
+    /// 0's provisional RTT, if it has no sample yet, until its first own sample replaces it
+    /// (the handshake's round trip includes the peer's key exchange). Without it a second
+    /// path, whose join gives it a sample at once, would look faster to the scheduler than a
+    /// path 0 that has carried nothing yet (and still counts the 333 ms initial guess).
     pub fn on_handshake_rtt(&mut self, rtt: Duration) {
-        let p = self.primary_mut();
-        if !p.rtt.has_sample() {
-            p.rtt.update(rtt, Duration::ZERO);
-        }
+        self.primary_mut().rtt.provisional(rtt);
     }
 
     /// [`on_path_change`](Self::on_path_change), with an RTT sample of the new path taken by

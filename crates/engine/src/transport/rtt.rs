@@ -58,8 +58,21 @@ pub struct RttEstimator {
     var: Nanos,
     /// Minimum sample seen, not adjusted for ACK delay (§5.2).
     min: Nanos,
-    /// Whether any sample has been taken.
-    has_sample: bool,
+    /// What the estimate rests on.
+    sample: Sample,
+}
+
+/// What an estimate rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sample {
+    /// Nothing: the initial RTT.
+    None,
+    /// One round trip measured outside the transport (the handshake's, which includes the
+    /// peer's key exchange; or another path's, for a path just joined): used until the first
+    /// sample of the transport's own, which then starts the estimate afresh.
+    Provisional,
+    /// The transport's own samples.
+    Measured,
 }
 
 impl Default for RttEstimator {
@@ -80,7 +93,7 @@ impl RttEstimator {
             smoothed: Nanos::of(initial_rtt),
             var: Nanos::of(initial_rtt / 2),
             min: Nanos::of(initial_rtt),
-            has_sample: false,
+            sample: Sample::None,
         }
     }
 
@@ -110,7 +123,24 @@ impl RttEstimator {
 
     /// Whether at least one sample has been taken.
     pub fn has_sample(&self) -> bool {
-        self.has_sample
+        self.sample != Sample::None
+    }
+
+    /// Whether the estimate rests on the transport's own samples (not only on a
+    /// [`provisional`](Self::provisional) one).
+    pub fn is_measured(&self) -> bool {
+        self.sample == Sample::Measured
+    }
+
+    /// Starts the estimate from a round trip measured outside the transport, if it has no
+    /// sample yet (RFC 9002 §5.3's first-sample rule). The transport's first own sample then
+    /// replaces it rather than being averaged with it: a handshake's round trip includes the
+    /// peer's key exchange, and a path's differs from another path's.
+    pub fn provisional(&mut self, rtt: Duration) {
+        if self.sample == Sample::None {
+            self.update(rtt, Duration::ZERO);
+            self.sample = Sample::Provisional;
+        }
     }
 
     /// `latest_rtt`: the most recent sample (the initial RTT before any).
@@ -149,9 +179,9 @@ impl RttEstimator {
     ///   `smoothed_rtt = 7/8 smoothed_rtt + 1/8 adjusted_rtt`.
     pub fn update(&mut self, latest_rtt: Duration, ack_delay: Duration) {
         self.latest = Nanos::of(latest_rtt);
-        if !self.has_sample {
+        if self.sample != Sample::Measured {
             // §5.3: "min_rtt = latest_rtt; smoothed_rtt = latest_rtt; rttvar = latest_rtt / 2".
-            self.has_sample = true;
+            self.sample = Sample::Measured;
             self.min = Nanos::of(latest_rtt);
             self.smoothed = Nanos::of(latest_rtt);
             self.var = Nanos::of(latest_rtt / 2);
@@ -175,7 +205,7 @@ impl RttEstimator {
     /// "Endpoints SHOULD set the min_rtt to the newest RTT sample after persistent congestion
     /// is established").
     pub fn on_persistent_congestion(&mut self) {
-        if self.has_sample {
+        if self.has_sample() {
             self.min = self.latest;
         }
     }
@@ -213,7 +243,8 @@ impl RttEstimator {
         ] {
             w.duration(d.get());
         }
-        w.bool(self.has_sample);
+        // A provisional estimate travels as measured (the snapshot's layout has one bit).
+        w.bool(self.has_sample());
     }
 
     /// Reads what [`encode`](Self::encode) wrote; a `max_ack_delay` beyond
@@ -232,7 +263,11 @@ impl RttEstimator {
             smoothed,
             var,
             min,
-            has_sample: r.bool()?,
+            sample: if r.bool()? {
+                Sample::Measured
+            } else {
+                Sample::None
+            },
         })
     }
 }
@@ -249,6 +284,25 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A provisional sample (the handshake's) stands until the first own sample, which
+    /// replaces it instead of being averaged with it; later provisional ones change nothing.
+    #[test]
+    fn a_provisional_sample_gives_way_to_the_first_own_one() {
+        let mut r = RttEstimator::default();
+        r.provisional(ms(100));
+        assert!(r.has_sample() && !r.is_measured());
+        assert_eq!((r.smoothed(), r.min()), (ms(100), ms(100)));
+        r.provisional(ms(5));
+        assert_eq!(r.smoothed(), ms(100));
+        r.update(ms(10), Duration::ZERO);
+        assert!(r.is_measured());
+        assert_eq!((r.smoothed(), r.var(), r.min()), (ms(10), ms(5), ms(10)));
+        // Measured from then on: averaged, and no provisional sample overrides it.
+        r.provisional(ms(100));
+        r.update(ms(18), Duration::ZERO);
+        assert_eq!(r.smoothed(), ms(11));
     }
 
     #[test]

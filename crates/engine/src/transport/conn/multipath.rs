@@ -154,14 +154,17 @@ impl Transport {
         let config = self.config();
         let mut p = Path::with_id(id, &config, now);
         // Start from what the flow knows of its paths' round trip rather than the 333 ms
-        // guess: a second path to the same peer is most likely about as far.
+        // guess (a second path to the same peer is most likely about as far), provisionally:
+        // the path's own first sample replaces it.
         let prior = &self.primary().rtt;
         if prior.has_sample() {
-            p.rtt.update(prior.smoothed(), Duration::ZERO);
-        } else {
+            p.rtt.provisional(prior.smoothed());
+        }
+        if !prior.is_measured() {
             // The scheduler compares the paths' RTTs: a primary that has carried nothing yet
-            // (and whose handshake gave no sample) measures its own with a PING, or the new
-            // path, measured as it comes up, would look faster whatever it is.
+            // (its estimate is the handshake's, which includes the peer's key exchange, or
+            // none) measures its own with a PING, or the new path, measured by a bare PING as
+            // it comes up, would look faster whatever it is.
             self.primary_mut().ping_pending = true;
         }
         self.others.push(p);
