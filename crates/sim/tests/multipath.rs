@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serval_engine::Instant;
 use serval_engine::endpoint::{
-    CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event, Scheduler,
+    CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event, PathSummary, Scheduler,
 };
 use serval_sim::{Datagram, LinkConfig, Network, Node, NodeId};
 use serval_table::ServiceTable;
@@ -670,13 +670,11 @@ fn sweep_a_path_dies_and_comes_back() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
-/// The client removes the second path mid-transfer: what it carried goes on path 0, the
-/// server hears of the removal (its own PathDown, well before any timeout), and the bytes
-/// arrive exactly.
-#[test]
-fn removing_a_path_tells_the_peer() {
+/// A transfer of seed `seed` over two 20 Mbit/s paths, run until the server has 1 MiB of
+/// the client's 2 MiB: the setup, the client's connection and its two paths.
+fn two_paths_midway(seed: u64) -> (Setup, ConnectionHandle, Vec<PathSummary>) {
     let mut s = setup(
-        4,
+        seed,
         [limited(2_500_000, 10), limited(2_500_000, 10)],
         1 << 20,
         2 << 20,
@@ -688,6 +686,15 @@ fn removing_a_path_tells_the_peer() {
     let h = s.net.node(s.client).conn.unwrap();
     let paths = s.net.node(s.client).ep.paths(h);
     assert_eq!(paths.len(), 2, "{paths:?}");
+    (s, h, paths)
+}
+
+/// The client removes the second path mid-transfer: what it carried goes on path 0, the
+/// server hears of the removal (its own PathDown, well before any timeout), and the bytes
+/// arrive exactly.
+#[test]
+fn removing_a_path_tells_the_peer() {
+    let (mut s, h, paths) = two_paths_midway(4);
     let removed_at = s.net.now();
     assert!(s.net.node_mut(s.client).ep.remove_path(h, paths[1].id));
     assert!(!s.net.node_mut(s.client).ep.remove_path(h, paths[1].id));
@@ -718,19 +725,7 @@ fn removing_a_path_tells_the_peer() {
 /// after the cut heals, long before it could find the path silent by itself.
 #[test]
 fn a_lost_removal_is_sent_again() {
-    let mut s = setup(
-        6,
-        [limited(2_500_000, 10), limited(2_500_000, 10)],
-        1 << 20,
-        2 << 20,
-        Some(false),
-    );
-    s.net
-        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 1 << 20)
-        .unwrap();
-    let h = s.net.node(s.client).conn.unwrap();
-    let paths = s.net.node(s.client).ep.paths(h);
-    assert_eq!(paths.len(), 2, "{paths:?}");
+    let (mut s, h, paths) = two_paths_midway(6);
     s.net.set_path_cut(ip(C1), ip(S1), true);
     assert!(s.net.node_mut(s.client).ep.remove_path(h, paths[1].id));
     let heal = s.net.now() + Duration::from_millis(300);

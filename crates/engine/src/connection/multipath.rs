@@ -89,6 +89,15 @@ pub(crate) struct Paths {
     priorities: Vec<(u32, bool)>,
 }
 
+/// Takes the acknowledged head off a queue of reliable JOIN packets' contents; whether another
+/// waits to be sent.
+fn next_after_ack<T>(queue: &mut Vec<T>) -> bool {
+    if !queue.is_empty() {
+        queue.remove(0);
+    }
+    !queue.is_empty()
+}
+
 /// Most locators one JOIN|SYN announces (and a peer's announcement keeps).
 pub const MAX_ANNOUNCED: usize = 8;
 
@@ -408,11 +417,7 @@ impl Connection {
 
     /// The peer acknowledged our JOIN|FIN: the next removal, if any, goes out.
     pub(crate) fn removal_acked(&mut self) {
-        let queue = &mut self.mp().abandoned;
-        if !queue.is_empty() {
-            queue.remove(0);
-        }
-        if !queue.is_empty() {
+        if next_after_ack(&mut self.mp().abandoned) {
             self.send_reliable(super::Reliable::Removal);
         }
     }
@@ -464,11 +469,7 @@ impl Connection {
 
     /// The peer acknowledged our JOIN|RSYN: the next change, if any, goes out.
     pub(crate) fn priority_acked(&mut self) {
-        let queue = &mut self.mp().priorities;
-        if !queue.is_empty() {
-            queue.remove(0);
-        }
-        if !queue.is_empty() {
+        if next_after_ack(&mut self.mp().priorities) {
             self.send_reliable(super::Reliable::Priority);
         }
     }
