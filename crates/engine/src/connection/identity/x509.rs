@@ -153,7 +153,7 @@ pub struct TrustAnchors {
 /// no list here is accepted, as without `--crl`. One list per CA (and scope): two would leave
 /// open which is current, so they are refused when loaded.
 #[derive(Debug, Clone, Default)]
-pub struct RevocationLists(Arc<[Arc<RevocationList>]>);
+pub struct RevocationLists(Arc<[RevocationList]>);
 
 /// One list: its DER (for equality) and the same, parsed.
 #[derive(Debug)]
@@ -196,7 +196,7 @@ impl RevocationLists {
         if der.is_empty() {
             return Err(CertError::NoRevocationList);
         }
-        let mut lists: Vec<Arc<RevocationList>> = Vec::with_capacity(der.len());
+        let mut lists: Vec<RevocationList> = Vec::with_capacity(der.len());
         for (i, d) in der.iter().enumerate() {
             let parsed: CertRevocationList<'static> = OwnedCertRevocationList::from_der(d)
                 .map_err(|e| CertError::MalformedRevocationList {
@@ -219,10 +219,10 @@ impl RevocationLists {
                     second: i + 1,
                 });
             }
-            lists.push(Arc::new(RevocationList {
+            lists.push(RevocationList {
                 der: d.clone(),
                 parsed,
-            }));
+            });
         }
         Ok(RevocationLists(lists.into()))
     }
@@ -526,6 +526,9 @@ fn problem(e: webpki::Error, now: Duration) -> CertProblem {
         },
         webpki::Error::RequiredEkuNotFoundContext(_) => CertProblem::NotServerAuth,
         webpki::Error::CertRevoked => CertProblem::Revoked,
+        webpki::Error::InvalidCrlSignatureForPublicKey => {
+            CertProblem::Other("a revocation list (--crl) is not signed by its CA's key".into())
+        }
         webpki::Error::CrlExpired { next_update, .. } => CertProblem::RevocationListExpired {
             next_update: next_update.as_secs(),
             now,
@@ -873,6 +876,14 @@ mod tests {
         assert_eq!(
             run(&with(&[root.crl(&[7], 2026, 2027)])),
             Err(CertProblem::Revoked)
+        );
+        // A list in the intermediate's name but signed by another key: refused.
+        let impostor = Ca::root("intermediate");
+        assert_eq!(
+            run(&with(&[impostor.crl(&[], 2026, 2027)])),
+            Err(CertProblem::Other(
+                "a revocation list (--crl) is not signed by its CA's key".into()
+            ))
         );
         // A list past its nextUpdate says nothing current: refused, with the times.
         assert_eq!(
