@@ -48,6 +48,11 @@ pub const DRAIN_LIMIT: Duration = Duration::from_millis(50);
 /// bound for that case: the drain looks after every batch of packets, not on this timer.
 pub const DRAIN_STALL: Duration = Duration::from_millis(10);
 
+/// Longest a hand-over waits for the peer to acknowledge the removal of the stream's other
+/// paths (a snapshot carries one path). Past it the stream moves anyway: the peer then finds
+/// those paths silent and drops them.
+pub const COLLAPSE_LIMIT: Duration = Duration::from_millis(500);
+
 impl ExportedStream {
     /// The snapshot (docs/snapshot.md), for [`Endpoint::import`] on the importing host. It
     /// holds the flow's keys: carry it only over a protected channel.
@@ -258,6 +263,31 @@ impl Stream {
         }
     }
 
+    /// Before a hand-over's freeze: a snapshot carries one path, so the stream's other paths
+    /// are removed (what they had in flight goes out on path 0) and the peer is told, and this
+    /// waits, up to [`COLLAPSE_LIMIT`], for it to acknowledge, so that it stops sending on
+    /// them before the stream leaves this host. Looks after every batch of packets the
+    /// endpoint handled, as the drain does.
+    async fn collapse_paths(&self) {
+        let others: Vec<u32> = self.paths().iter().skip(1).map(|p| p.id).collect();
+        if others.is_empty() {
+            return;
+        }
+        for id in others {
+            self.remove_path(id);
+        }
+        let told = std::future::poll_fn(|cx| {
+            let mut st = self.shared().lock();
+            if st.engine.removals_pending(self.handle()) {
+                st.drains.push(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        });
+        let _ = tokio::time::timeout(COLLAPSE_LIMIT, told).await;
+    }
+
     /// The drain's look at the send backlog: `None` once it is at most [`DRAIN_TARGET`] (or
     /// the connection is gone), `Some(true)` if it shrank below `before` (which then becomes
     /// it), `Some(false)` if it did not.
@@ -321,6 +351,7 @@ impl Stream {
                 ),
             });
         };
+        self.collapse_paths().await;
         let drained = self.drain_before_freeze().await;
         let mut exported = self.export(app_state)?;
         exported.drained = drained;

@@ -75,9 +75,9 @@ impl Stream {
     /// Removes path `id` from this stream (one that [`Stream::add_path`] returned, or one the
     /// peer joined: see [`Stream::paths`]); what it had in flight goes out on the other paths
     /// and the stream carries on there. The endpoint reports
-    /// [`PathEvent::PathDown`](crate::PathEvent::PathDown). The peer is not told: it finds the
-    /// path silent (its probe timer), sends what it had in flight there on its other paths,
-    /// and drops the path after its idle timeout.
+    /// [`PathEvent::PathDown`](crate::PathEvent::PathDown), and the peer is told (a JOIN|FIN,
+    /// retransmitted until it is acknowledged): it removes the path too and sends what it had
+    /// in flight there on its other paths.
     /// Returns whether the stream had such a path; path 0, the stream's own, cannot be
     /// removed (false): to leave its local locator, [`Stream::migrate`] the stream.
     pub fn remove_path(&self, id: u32) -> bool {

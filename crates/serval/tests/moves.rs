@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serval::{
-    Endpoint, FlowId, Locator, MigrationConfig, Migrator, PrivateKey, ServiceId, ServicePrefix,
-    Stream,
+    Endpoint, FlowId, Locator, MigrationConfig, Migrator, PathEvent, PrivateKey, ServiceId,
+    ServicePrefix, Stream,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Semaphore;
@@ -255,6 +255,84 @@ async fn a_stateful_stream_moves_back_and_forth_mid_transfer_and_the_numbering_c
             assert_eq!(at_new[0].moves, moves);
         }
         run.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A stream with two paths moves too: the hand-over removes the second path first (the
+/// client is told by a JOIN|FIN and acknowledges it), since a snapshot carries one path. At
+/// the new host the stream runs on one path, and the numbering goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_two_paths_moves_on_one() {
+    timeout(Duration::from_secs(90), async {
+        let k = key();
+        let a = instance(&k).await;
+        let b = instance(&k).await;
+        let client = Endpoint::bind(&[
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.2:0".parse().unwrap(),
+        ])
+        .await
+        .unwrap();
+        let server_loc = a.ep.local_locators()[0];
+        let stream = client
+            .connect_via(ServiceId::from_name(NAME).unwrap(), server_loc)
+            .await
+            .unwrap();
+        let mut events = client.path_events();
+        let id = stream
+            .add_path(client.local_locators()[1], server_loc, false)
+            .unwrap();
+        loop {
+            match timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("the second path comes up")
+                .unwrap()
+            {
+                PathEvent::PathUp { stream: s, path } if s == stream.id() && path == id => break,
+                PathEvent::PathDown { stream: s, .. } if s == stream.id() => {
+                    panic!("the join failed")
+                }
+                _ => {}
+            }
+        }
+        let stream = Arc::new(stream);
+        let (tx, mut progress) = tokio::sync::watch::channel(0);
+        let lines = 100_000;
+        let run = tokio::spawn(client_run(
+            stream.clone(),
+            lines,
+            tx,
+            Arc::new(Semaphore::new(1)),
+        ));
+        timeout(
+            Duration::from_secs(30),
+            progress.wait_for(|p| *p >= lines / 4),
+        )
+        .await
+        .expect("progress")
+        .unwrap();
+        assert_eq!(stream.paths().len(), 2, "two paths before the move");
+        let report = a
+            .agent
+            .move_flows(&[], b.agent.locator(), b.agent.public_key())
+            .await
+            .unwrap();
+        assert_eq!(report.len(), 1, "one flow to move: {report:?}");
+        report[0].result.as_ref().expect("moved");
+        let at_new = b.ep.flows();
+        assert_eq!(at_new.len(), 1);
+        assert_eq!(at_new[0].moves, 1);
+        // The client heard of the removal: its stream runs on path 0 alone, now to B.
+        let paths = stream.paths();
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        run.await.unwrap();
+        assert_eq!(
+            stream.peer_locator().unwrap(),
+            b.ep.local_locators()[0],
+            "the stream ended at the new host"
+        );
     })
     .await
     .expect("bounded");

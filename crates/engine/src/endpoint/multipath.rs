@@ -61,6 +61,13 @@ impl Endpoint {
         true
     }
 
+    /// Whether connection `h` has removed paths whose removal the peer has not acknowledged
+    /// yet (a JOIN|FIN queued or in flight).
+    pub fn removals_pending(&self, h: ConnectionHandle) -> bool {
+        self.conn_ref(h)
+            .is_some_and(|c| c.removal_to_send().is_some())
+    }
+
     /// Marks path `id` of connection `h` as a backup (or not), at both ends: this end's
     /// scheduling changes at once, and the peer is told (JOIN|RSYN, reliable). Returns
     /// whether there was such a path.
