@@ -335,6 +335,9 @@ pub struct EndpointStats {
     /// Datagrams a connection produced while holding its output for a standby, dropped
     /// because it held [`MAX_HELD_DATAGRAMS`] already (the standby stopped confirming).
     pub held_drops: u64,
+    /// Paths the peer joined to a connection replicated to a standby, refused (JOIN|FIN): its
+    /// checkpoints carry one path.
+    pub joins_refused: u64,
     /// Datagrams received on the discovery group ([`Endpoint::handle_discovery_datagram`];
     /// also counted in `received`).
     pub discovery_received: u64,

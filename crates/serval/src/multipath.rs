@@ -66,6 +66,7 @@ impl Stream {
                     AddPathError::NotEstablished => io::ErrorKind::NotConnected,
                     AddPathError::Exists => io::ErrorKind::AlreadyExists,
                     AddPathError::TooMany(_) => io::ErrorKind::QuotaExceeded,
+                    AddPathError::Replicated => io::ErrorKind::Unsupported,
                 };
                 Err(io::Error::new(kind, e))
             }

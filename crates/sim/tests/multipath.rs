@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use serval_engine::Instant;
 use serval_engine::endpoint::{
-    CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event, PathSummary, Scheduler,
+    AddPathError, CloseReason, ConnectionHandle, Endpoint, EndpointConfig, Event, PathSummary,
+    Scheduler,
 };
 use serval_sim::{Datagram, LinkConfig, Network, Node, NodeId};
 use serval_table::ServiceTable;
@@ -746,6 +747,66 @@ fn a_lost_removal_is_sent_again() {
     );
     let server = s.net.node(s.server);
     assert_eq!(server.ep.paths(server.conn.unwrap()).len(), 1);
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+}
+
+/// A connection replicated to a hot standby keeps one path (a checkpoint carries one): the
+/// server refuses the client's join with a JOIN|FIN, the client reports the path down soon,
+/// the server refuses to add one itself, and the transfer completes on path 0.
+#[test]
+fn a_replicated_connection_refuses_a_second_path() {
+    let mut s = setup(
+        7,
+        [limited(2_500_000, 10), limited(2_500_000, 10)],
+        256 << 10,
+        256 << 10,
+        None,
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(1)).got.len() >= 64 << 10)
+        .unwrap();
+    let now = s.net.now();
+    let server = s.net.node_mut(s.server);
+    let hs = server.conn.unwrap();
+    server.ep.set_output_hold(true);
+    let cp = server
+        .ep
+        .checkpoint(hs, now, b"", None)
+        .expect("checkpoint");
+    server.ep.commit(hs, cp.mark);
+    assert_eq!(
+        server.ep.add_path(hs, loc(S2), loc(C2), false),
+        Err(AddPathError::Replicated)
+    );
+    let h = s.net.node(s.client).conn.unwrap();
+    let asked = s.net.now();
+    let id = s
+        .net
+        .node_mut(s.client)
+        .ep
+        .add_path(h, loc(C2), loc(S2), false)
+        .unwrap();
+    // The standby confirms a checkpoint every 10 ms, releasing what the server held (its
+    // JOIN|FIN among it).
+    while s.net.node(s.client).paths_down == 0 && s.net.now() - asked < Duration::from_secs(5) {
+        let next = s.net.now() + Duration::from_millis(10);
+        s.net.run_until(10_000_000, |n| n.now() >= next).unwrap();
+        let now = s.net.now();
+        let server = s.net.node_mut(s.server);
+        if let Ok(cp) = server.ep.checkpoint(hs, now, b"", None) {
+            server.ep.commit(hs, cp.mark);
+        }
+    }
+    let took = s.net.now() - asked;
+    assert!(took < Duration::from_millis(500), "refused after {took:?}");
+    let (c, sv) = (s.net.node(s.client), s.net.node(s.server));
+    assert_eq!(c.paths_up, 0, "path {id} never came up");
+    assert_eq!(c.ep.paths(h).len(), 1);
+    assert_eq!(sv.ep.paths(hs).len(), 1);
+    assert_eq!(sv.ep.stats().joins_refused, 1);
+    // The standby goes: nothing is held any more, and the transfer ends on path 0.
+    s.net.node_mut(s.server).ep.set_output_hold(false);
     s.run(Duration::from_secs(60)).unwrap();
     s.check_bytes();
 }

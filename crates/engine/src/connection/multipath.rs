@@ -145,6 +145,9 @@ pub enum AddPathError {
     /// The local locator is not one of the endpoint's.
     #[error("{0} is not a local locator of this endpoint")]
     NotLocal(Locator),
+    /// The connection is copied to a hot standby, whose checkpoints carry one path.
+    #[error("the connection is replicated to a standby, which mirrors one path")]
+    Replicated,
 }
 
 impl Connection {

@@ -111,6 +111,11 @@ impl OutputHold {
 
 /// Output commit (module docs): hold, checkpoint, commit.
 impl Endpoint {
+    /// Whether connection `h` is replicated to a standby (checkpointed while holding is on).
+    pub(super) fn is_replicated(&self, h: ConnectionHandle) -> bool {
+        self.hold.on && self.hold.replicated.contains(&h)
+    }
+
     /// Turns holding on or off. On: from its next [`checkpoint`](Self::checkpoint) on, a
     /// connection holds what it sends until a [`commit`](Self::commit) releases it (a
     /// connection never checkpointed is not replicated, and holds nothing). Off: everything held is

@@ -33,6 +33,9 @@ impl Endpoint {
         {
             return Err(AddPathError::NotEstablished);
         }
+        if self.is_replicated(h) {
+            return Err(AddPathError::Replicated);
+        }
         let flow = self.flows.allocate(&mut self.rng, h);
         let Some(c) = self.conn(h) else {
             self.flows.remove(flow);
@@ -203,6 +206,19 @@ impl Endpoint {
         let wanting: Vec<u32> = c.paths_wanting_flow().collect();
         for flow in gone {
             self.flows.remove(flow);
+        }
+        if self.is_replicated(h) && !wanting.is_empty() {
+            // A hot standby's checkpoints carry one path: a replicated connection that took
+            // another could no longer be checkpointed, and its held output would never be
+            // released. The joins are refused, and the joiner told (JOIN|FIN).
+            if let Some(c) = self.conn(h) {
+                for id in wanting {
+                    c.remove_path(id);
+                }
+            }
+            self.stats.joins_refused += 1;
+            self.touch(h);
+            return;
         }
         for id in wanting {
             let flow = self.flows.allocate(&mut self.rng, h);
