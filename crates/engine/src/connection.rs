@@ -267,6 +267,15 @@ impl ReliableQueue {
         }
     }
 
+    /// Puts `kind` first (taking it out of where it was). There is always room: the queue
+    /// holds each kind once, and the kind being sent is never queued.
+    fn push_front(&mut self, kind: Reliable) {
+        self.remove(kind);
+        debug_assert!(self.0[self.0.len() - 1].is_none(), "a full reliable queue");
+        self.0.rotate_right(1);
+        self.0[0] = Some(kind);
+    }
+
     fn pop_front(&mut self) -> Option<Reliable> {
         let first = self.0[0].take();
         self.0.rotate_left(1);
@@ -662,9 +671,24 @@ impl Connection {
 
     /// Queues a reliable control packet, sending it now if the channel is free.
     fn send_reliable(&mut self, kind: Reliable) {
-        if self.pending.is_some() {
-            self.queued.push_back(kind);
-            return;
+        if let Some(p) = &self.pending {
+            // A move never waits behind the multipath family's packets (one sent on a path
+            // that just died would hold it until the channel gives up): the RSYN takes the
+            // channel, and the packet it displaced goes out again right after it, with a new
+            // verno (its content is taken when it is sent; the peer takes it twice harmlessly).
+            if kind == Reliable::Rsyn
+                && matches!(
+                    p.kind,
+                    Reliable::Addresses | Reliable::Priority | Reliable::Removal
+                )
+            {
+                let displaced = p.kind;
+                self.pending = None;
+                self.queued.push_front(displaced);
+            } else {
+                self.queued.push_back(kind);
+                return;
+            }
         }
         let verno = self.next_verno;
         self.next_verno = self.next_verno.wrapping_add(1);
@@ -1897,6 +1921,19 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_displaced_packet_goes_first_once() {
+        let mut q = ReliableQueue::default();
+        q.push_back(Reliable::Fin);
+        q.push_back(Reliable::Priority);
+        q.push_front(Reliable::Removal);
+        q.push_front(Reliable::Priority);
+        assert_eq!(q.pop_front(), Some(Reliable::Priority));
+        assert_eq!(q.pop_front(), Some(Reliable::Removal));
+        assert_eq!(q.pop_front(), Some(Reliable::Fin));
+        assert_eq!(q.pop_front(), None);
+    }
 
     #[test]
     fn reliable_queue_is_in_order_and_holds_each_kind_once() {

@@ -751,6 +751,42 @@ fn a_lost_removal_is_sent_again() {
     s.check_bytes();
 }
 
+/// A move never waits behind a JOIN|FIN: with path 0 cut, the client removes path 1 (its
+/// JOIN|FIN, sent on path 0, goes unanswered) and moves path 0 to its second address; the
+/// RSYN takes the control channel at once, the move completes, the removal is told after it,
+/// and the bytes arrive.
+#[test]
+fn a_move_is_not_held_up_by_an_unanswered_removal() {
+    let (mut s, h, paths) = two_paths_midway(8);
+    for (a, b) in [(C1, S1), (S1, C1)] {
+        s.net.set_path_cut(ip(a), ip(b), true);
+    }
+    assert!(s.net.node_mut(s.client).ep.remove_path(h, paths[1].id));
+    let later = s.net.now() + Duration::from_millis(50);
+    s.net.run_until(10_000_000, |n| n.now() >= later).unwrap();
+    // The client's second address reaches the server's first one now.
+    for (a, b) in [(C2, S1), (S1, C2)] {
+        s.net.set_path_cut(ip(a), ip(b), false);
+    }
+    let asked = s.net.now();
+    assert!(s.net.node_mut(s.client).ep.migrate(h, loc(C2)));
+    s.net
+        .run_until(10_000_000, |n| {
+            n.node(NodeId(1)).moved == 1 || n.now() - asked > Duration::from_secs(20)
+        })
+        .unwrap();
+    let took = s.net.now() - asked;
+    assert!(
+        took < Duration::from_secs(1),
+        "moved {took:?} after it was asked"
+    );
+    s.net
+        .run_until(10_000_000, |n| n.node(NodeId(0)).paths_down == 1)
+        .unwrap();
+    s.run(Duration::from_secs(60)).unwrap();
+    s.check_bytes();
+}
+
 /// A connection replicated to a hot standby keeps one path (a checkpoint carries one): the
 /// server refuses the client's join with a JOIN|FIN, the client reports the path down soon,
 /// the server refuses to add one itself, and the transfer completes on path 0.
