@@ -207,7 +207,7 @@ impl Endpoint {
         for flow in gone {
             self.flows.remove(flow);
         }
-        if self.is_replicated(h) && !wanting.is_empty() {
+        if !wanting.is_empty() && self.is_replicated(h) {
             // A hot standby's checkpoints carry one path: a replicated connection that took
             // another could no longer be checkpointed, and its held output would never be
             // released. The joins are refused, and the joiner told (JOIN|FIN).

@@ -178,16 +178,9 @@ impl Eq for RevocationLists {}
 impl RevocationLists {
     /// The lists of the `X509 CRL` blocks of a PEM file.
     pub fn from_pem(pem: &[u8]) -> Result<RevocationLists, CertError> {
-        let der = CertificateRevocationListDer::pem_slice_iter(pem)
-            .enumerate()
-            .map(|(i, c)| {
-                c.map(|c| c.as_ref().to_vec())
-                    .map_err(|e| CertError::MalformedRevocationList {
-                        index: i + 1,
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let der = pem_blocks::<CertificateRevocationListDer<'_>>(pem, |index, reason| {
+            CertError::MalformedRevocationList { index, reason }
+        })?;
         RevocationLists::from_der(&der)
     }
 
@@ -547,20 +540,29 @@ fn ed25519_spki(key: &PublicKey) -> [u8; 44] {
 
 /// The DER of every `CERTIFICATE` block of `pem`, in order.
 fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .enumerate()
-        .map(|(i, c)| {
-            c.map(|c| c.as_ref().to_vec())
-                .map_err(|e| CertError::Malformed {
-                    index: i + 1,
-                    reason: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let certs = pem_blocks::<CertificateDer<'_>>(pem, |index, reason| CertError::Malformed {
+        index,
+        reason,
+    })?;
     if certs.is_empty() {
         return Err(CertError::Empty);
     }
     Ok(certs)
+}
+
+/// The DER of every PEM block of kind `T` in `pem`, in order; `malformed` names a block that
+/// does not parse (counting from 1) and why.
+fn pem_blocks<T: PemObject + AsRef<[u8]>>(
+    pem: &[u8],
+    malformed: impl Fn(usize, String) -> CertError,
+) -> Result<Vec<Vec<u8>>, CertError> {
+    T::pem_slice_iter(pem)
+        .enumerate()
+        .map(|(i, c)| {
+            c.map(|c| c.as_ref().to_vec())
+                .map_err(|e| malformed(i + 1, e.to_string()))
+        })
+        .collect()
 }
 
 /// Certificates and revocation lists for tests, made with rcgen (Ed25519 unless a test asks
