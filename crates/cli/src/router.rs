@@ -87,6 +87,10 @@ pub struct RouterArgs {
     /// many); more are dropped and counted (`router_syns_rate_limited`). 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     syn_rate: u32,
+    /// Keep an index of the service table by each ID's first 64 bits: lookups in tables of
+    /// about a million rules 2–3× faster, for up to about 65 bytes more memory per rule.
+    #[arg(long)]
+    anchor_index: bool,
     /// A TOML file whose keys are these flags' long names (`listen = ["0.0.0.0:54324"]`,
     /// `registry = "etcd://…"`, `min-ttl-ms = 2000`, …). Flags and environment variables given
     /// as well take precedence over it.
@@ -113,6 +117,7 @@ struct RouterFile {
     delay_queue: Option<u64>,
     delay_timeout_ms: Option<u64>,
     syn_rate: Option<u32>,
+    anchor_index: Option<bool>,
 }
 
 /// `parent = "ADDR"` or `parent = ["ADDR", …]` in the config file.
@@ -206,6 +211,9 @@ pub fn apply_config_file(args: &mut RouterArgs, matches: &ArgMatches) -> Result<
     if let Some(v) = file.delay_timeout_ms.filter(|_| unset("delay_timeout_ms")) {
         args.delay_timeout_ms = positive("delay-timeout-ms", v)?;
     }
+    if let Some(v) = file.anchor_index.filter(|_| unset("anchor_index")) {
+        args.anchor_index = v;
+    }
     if let Some(v) = file.syn_rate.filter(|_| unset("syn_rate")) {
         args.syn_rate = v;
     }
@@ -237,6 +245,7 @@ fn config(args: &RouterArgs, policy: Policy) -> Result<RouterConfig, String> {
     let mut config = RouterConfig::new(args.listen.clone());
     config.policy = policy;
     config.authorize = args.authorize.clone();
+    config.anchor_index = args.anchor_index;
     config.endpoint.delay_queue = usize::try_from(args.delay_queue).unwrap_or(usize::MAX);
     config.endpoint.delay_timeout = Duration::from_millis(args.delay_timeout_ms);
     config.endpoint.syn_rate_limit = (args.syn_rate > 0).then(|| serval::SynRateLimit {

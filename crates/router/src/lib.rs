@@ -108,6 +108,9 @@ pub struct RouterConfig {
     /// registry (with etcd, every router on it enforces the union it sees). Empty: every
     /// prefix open.
     pub authorize: Vec<(ServicePrefix, PublicKey)>,
+    /// Keep the service table's anchor index ([`serval_table::ServiceTable::set_anchor_index`]):
+    /// lookups in tables of a million rules 2–3× faster, for up to about 65 bytes more per rule.
+    pub anchor_index: bool,
 }
 
 impl RouterConfig {
@@ -127,6 +130,7 @@ impl RouterConfig {
             parents: Vec::new(),
             announce: Vec::new(),
             authorize: Vec::new(),
+            anchor_index: false,
         }
     }
 
@@ -416,6 +420,9 @@ impl Router {
             })?;
         let locators = endpoint.local_locators();
         let requests = endpoint.serve_registrations();
+        if config.anchor_index {
+            endpoint.table().set_anchor_index(true);
+        }
         let mut table_sync = TableSync::new(endpoint.table().clone());
         for p in &config.announce {
             table_sync.add_authoritative(*p);

@@ -587,3 +587,50 @@ async fn a_flooding_address_is_rate_limited_and_others_still_served() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_with_the_anchor_index_routes_by_name_among_a_thousand_rules() {
+    // `serval router --anchor-index`: with 1 000 static rules the table holds an anchor index,
+    // and names are still resolved by their longest match: a registered name reaches its
+    // instance, a name under a static domain rule is forwarded there.
+    bounded(async {
+        let mut config = RouterConfig::new(vec![any_port()]);
+        config.anchor_index = true;
+        let r = Router::bind(config).await.unwrap();
+        let rl = r.locators()[0];
+        let sink: Locator = "127.0.0.1:9".parse().unwrap();
+        for i in 0..1000 {
+            let p = ServicePrefix::from_domain(&format!("d{i}.bulk.test")).unwrap();
+            r.endpoint()
+                .add_rule(
+                    p,
+                    serval_table::Target::new(serval_table::Action::Forward(sink), 0, 1),
+                )
+                .unwrap();
+        }
+        let web = instance(rl, "web.test", 1, LeaseConfig::default()).await;
+        wait_for(Duration::from_secs(5), "the registration", || {
+            registered_at(&r, exact("web.test")).len() == 1
+        })
+        .await;
+        let snap = r.table();
+        assert!(
+            snap.has_anchor_index(),
+            "{} entries and no index",
+            snap.len()
+        );
+        let r7 = snap.resolve(&svc("x.d7.bulk.test"), 1).unwrap();
+        assert_eq!(
+            (r7.prefix.len(), r7.action),
+            (96, serval_table::Action::Forward(sink))
+        );
+        let client = endpoint().await;
+        client.set_default_route(rl);
+        for _ in 0..20 {
+            let s = client.connect(svc("web.test")).await.unwrap();
+            assert_eq!(s.peer_locator().unwrap(), web.local_locators()[0]);
+        }
+        assert_eq!(r.stats().syns_forwarded, 20);
+    })
+    .await;
+}

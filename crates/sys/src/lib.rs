@@ -12,7 +12,9 @@
 //!   (`SCM_RIGHTS`), for `serval expose`'s hand-over of its backend connections to a new
 //!   process (issue 10 item 5);
 //! * [`tcpcount`]: `TCP_INFO`'s byte counters, for `serval expose --standby-of` to learn what
-//!   a dead primary wrote to and read from its backend connections.
+//!   a dead primary wrote to and read from its backend connections;
+//! * [`prefetch`]: the CPU's prefetch hint, for lookups that overlap their cache misses
+//!   (`serval_table`'s batched longest-prefix match).
 #![allow(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -38,3 +40,20 @@ pub fn trim_heap() {
 /// Other allocators (musl, other systems) return memory their own way.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_heap() {}
+
+/// Asks the CPU to start loading the cache line that holds `*r` (into every cache level), and
+/// returns at once. A hint only: it never faults, changes no state a program can observe
+/// except timing, and does nothing on targets without such an instruction here.
+#[inline(always)]
+pub fn prefetch<T: ?Sized>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 takes any address, valid or not, and neither reads memory into the
+    // program nor faults; `r` is a valid reference besides. SSE is in every x86-64 CPU.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+            (r as *const T).cast::<i8>(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}

@@ -22,9 +22,10 @@
 //! rule on name-like rule sets. Prefixes whose length is not a multiple of 8 live in the node
 //! whose stride contains them, in a 255-slot bitmap ordered so that the longest match for a byte
 //! is its highest set bit. Lookups allocate nothing, never recurse and never backtrack; a batch
-//! lookup advances 16 lookups in lockstep so their cache misses overlap. An opt-in *leaf index*
-//! ([`PrefixMap::with_leaf_index`]) answers lookups that end at a leaf with hash probes instead
-//! of a walk, at a cost on every change that the service table does not pay. See [`prefix_map`].
+//! lookup interleaves 16 lookups with prefetches so their cache misses overlap. An opt-in
+//! *anchor index* ([`PrefixMap::with_anchor_index`]) starts a lookup at bit 64 with one hash
+//! probe instead of walking the levels above, for about 65 bytes per rule more. See
+//! [`prefix_map`].
 //!
 //! # Why snapshots
 //!

@@ -228,11 +228,11 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Maps large enough that the leaf index (when on) is built and doubles, with rules of every
+    /// Maps large enough that the anchor index (when on) is built and rebuilt, with rules of every
     /// length (odd ones under shared chunk prefixes), the `/0` default, and removals in a random
     /// order,
     /// against the oracle at every stage, including a clone taken at the largest size; with and
-    /// without the leaf index.
+    /// without the anchor index.
     #[test]
     fn large_maps_grow_shrink_and_agree(
         prefixes in prop::collection::vec(any_prefix(), 300..1500),
@@ -240,7 +240,7 @@ proptest! {
         salt in any::<u64>(),
         indexed in any::<bool>(),
     ) {
-        let mut map = if indexed { PrefixMap::with_leaf_index() } else { PrefixMap::new() };
+        let mut map = if indexed { PrefixMap::with_anchor_index() } else { PrefixMap::new() };
         let mut oracle = BitTrie::new();
         map.insert(ServicePrefix::DEFAULT, u32::MAX);
         oracle.insert(ServicePrefix::DEFAULT, u32::MAX);
@@ -491,15 +491,34 @@ fn heap_bytes_grows_with_content() {
     assert!(full < empty + 100 * 400, "{full}");
 }
 
-/// Name-like prefixes: mostly lengths that many rules share (exact `/256` IDs, whole 32-bit
-/// chunks), so the leaf index probes them, plus a few of any length, which it leaves to the trie.
+/// Prefixes that crowd a few anchors (first 64 bits): mostly name-like lengths (exact `/256`
+/// IDs, whole 32-bit chunks), some of any length, and many shorter than 64 bits under the same
+/// anchors, so that changes split and collapse nodes above, at and below bit 64, and boundary
+/// items turn from leaves into nodes and back.
 fn indexed_prefix() -> impl Strategy<Value = ServicePrefix> {
+    const ANCHORS: [u64; 4] = [
+        0x5e57_0000_0000_0000,
+        0x5e57_0000_0000_0001,
+        0x5e57_0000_8000_0000,
+        0xa000_0000_0000_0000,
+    ];
     let len = prop_oneof![
         4 => Just(256u16),
         3 => (1..=7u16).prop_map(|c| c * 32),
-        1 => 0..=256u16,
+        2 => 0..=256u16,
+        2 => 0..64u16,
     ];
-    (any_id(), len).prop_map(|(id, len)| ServicePrefix::new(id, len))
+    let anchor = prop_oneof![
+        3 => (0..ANCHORS.len()).prop_map(|i| Some(ANCHORS[i])),
+        1 => Just(None),
+    ];
+    (any_id(), anchor, len).prop_map(|(id, anchor, len)| {
+        let mut w = id.words();
+        if let Some(a) = anchor {
+            w[0] = a;
+        }
+        ServicePrefix::new(ServiceId::from_words(w), len)
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -538,17 +557,18 @@ fn lookups_agree(map: &PrefixMap<u32>, oracle: &BitTrie<u32>, ids: &[ServiceId])
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
-    /// The leaf index in front of the trie: maps past the size where the index is built (and
-    /// past its doublings), with lookups interleaved with inserts, value replacements and
-    /// removals — each of which can turn a leaf into a node's prefix or a node back into a leaf
-    /// — against the oracle at every step, and snapshots that must never change.
+    /// The anchor index in front of the trie: maps past the size where the index is built (and
+    /// past its rebuilds), with lookups interleaved with inserts, value replacements and
+    /// removals — each of which can move a boundary item or turn it from a leaf into a node and
+    /// back — against the oracle at every step, and snapshots (which share the index and its
+    /// marks) that must never change.
     #[test]
-    fn leaf_index_agrees_with_interleaved_changes(
-        base in prop::collection::vec(indexed_prefix(), 60..900),
+    fn anchor_index_agrees_with_interleaved_changes(
+        base in prop::collection::vec(indexed_prefix(), 200..900),
         steps in prop::collection::vec(any_step(), 1..400),
         salt in any::<u64>(),
     ) {
-        let mut map = PrefixMap::with_leaf_index();
+        let mut map = PrefixMap::with_anchor_index();
         let mut oracle = BitTrie::new();
         for (i, p) in base.iter().enumerate() {
             prop_assert_eq!(map.insert(*p, i as u32), oracle.insert(*p, i as u32));
@@ -594,11 +614,11 @@ proptest! {
 }
 
 #[test]
-fn leaf_index_holds_every_leaf_of_a_name_like_table() {
-    // 20 000 exact IDs and domain prefixes under a few top-level chunks: every leaf indexed
-    // (no probe run overflowed), and lookups through the index agree with the exact rules.
-    let mut m = PrefixMap::with_leaf_index();
-    m.insert(ServicePrefix::DEFAULT, 0u32);
+fn anchor_index_holds_every_boundary_item_of_a_name_like_table() {
+    // 20 000 exact IDs and domain prefixes under a few top-level chunks, built in one pass:
+    // every anchor indexed (no probe run overflowed), and lookups through the index agree with
+    // the exact rules, singly and in batches; then a change marks its anchor only.
+    let mut rules = vec![(ServicePrefix::DEFAULT, 0u32)];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut ids = Vec::new();
     for i in 1..20_000u32 {
@@ -609,13 +629,24 @@ fn leaf_index_holds_every_leaf_of_a_name_like_table() {
         w[0] = (w[0] & 0x0000_0003_ffff_ffff) | (0x5e57_0000_0000_0000 + (u64::from(i % 4) << 32));
         let id = ServiceId::from_words(w);
         let len = if i % 3 == 0 { 64 } else { 256 };
-        m.insert(ServicePrefix::new(id, len), i);
+        rules.push((ServicePrefix::new(id, len), i));
         ids.push((id, len, i));
     }
+    let mut m = PrefixMap::with_anchor_index();
+    m.extend(rules);
     m.check_invariants().unwrap();
-    assert_eq!(m.unindexed_leaves(), Some(0));
-    for (id, len, i) in ids {
-        let (p, v) = m.longest_match(&id).unwrap();
-        assert_eq!((p.len(), *v), (len, i), "{id}");
+    assert_eq!(m.unindexed_anchors(), Some(0));
+    let all: Vec<ServiceId> = ids.iter().map(|(id, _, _)| *id).collect();
+    let mut batch = vec![None; all.len()];
+    m.longest_match_batch(&all, &mut batch);
+    for ((id, len, i), b) in ids.iter().zip(batch) {
+        let (p, v) = m.longest_match(id).unwrap();
+        assert_eq!((p.len(), *v), (*len, *i), "{id}");
+        assert_eq!(b, Some(i), "batch {id}");
     }
+    let (id, len, _) = ids[7];
+    m.insert(ServicePrefix::new(id, len), 99);
+    m.check_invariants().unwrap();
+    assert_eq!(m.unindexed_anchors(), Some(1));
+    assert_eq!(m.longest_match(&id).map(|(_, v)| *v), Some(99));
 }

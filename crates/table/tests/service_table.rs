@@ -287,3 +287,54 @@ fn concurrent_readers_see_whole_batches() {
     });
     assert_eq!(t.snapshot().len() % 2, 0);
 }
+
+#[test]
+fn an_anchor_index_turned_on_later_resolves_as_the_plain_table() {
+    // Two tables with the same 2 000 rules (domains and exact names, an `/0` default); one
+    // turns its anchor index on after the load and keeps changing. Every name resolves the same
+    // through both, before and after the changes.
+    let plain = ServiceTable::new();
+    let indexed = ServiceTable::new();
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("s{}.d{}.test", i % 7, i))
+        .collect();
+    for t in [&plain, &indexed] {
+        t.update(|tx| {
+            tx.add_target(ServicePrefix::DEFAULT, Target::new(fwd(1), 0, 1))
+                .unwrap();
+            for (i, n) in names.iter().enumerate() {
+                let domain = n.split_once('.').unwrap().1;
+                tx.add_target(prefix(&format!("{domain}/*")), Target::new(fwd(2), 0, 1))
+                    .unwrap();
+                if i % 2 == 0 {
+                    tx.add_target(prefix(n), Target::new(fwd(3), 0, 1)).unwrap();
+                }
+            }
+        });
+    }
+    assert!(!indexed.snapshot().has_anchor_index());
+    indexed.set_anchor_index(true);
+    assert!(indexed.snapshot().has_anchor_index());
+    let agree = |what: &str| {
+        let (a, b) = (plain.snapshot(), indexed.snapshot());
+        for n in &names {
+            let id = name(n);
+            assert_eq!(a.resolve(&id, 9), b.resolve(&id, 9), "{what}: {n}");
+        }
+        assert_eq!(
+            a.resolve(&name("other.example"), 9),
+            b.resolve(&name("other.example"), 9)
+        );
+    };
+    agree("after turning it on");
+    for t in [&plain, &indexed] {
+        for n in names.iter().step_by(3) {
+            t.add_target(prefix(n), Target::new(fwd(4), 0, 2)).unwrap();
+        }
+        for n in names.iter().step_by(5) {
+            t.remove_prefix(&prefix(n));
+        }
+    }
+    agree("after changes");
+    assert!(indexed.snapshot().has_anchor_index());
+}

@@ -56,9 +56,9 @@ struct Args {
     /// Repetitions per count and part.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// The table part uses `ServiceTable::with_leaf_index` (issue 14's opt-in leaf index).
+    /// The table part uses `ServiceTable::with_anchor_index` (issue 14's opt-in anchor index).
     #[arg(long)]
-    leaf_index: bool,
+    anchor_index: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,7 +123,7 @@ fn run(args: &Args) -> Result<()> {
             for rep in 0..args.reps {
                 let (bytes, t) = match part {
                     Part::Router => router(n, args)?,
-                    Part::Table => table(n, args.leaf_index),
+                    Part::Table => table(n, args.anchor_index),
                     Part::Registry => registry(n)?,
                 };
                 let b = bytes as f64 / n as f64;
@@ -150,12 +150,12 @@ fn run(args: &Args) -> Result<()> {
 }
 
 /// The service table alone: one FORWARD target per prefix, added one at a time.
-fn table(n: usize, leaf_index: bool) -> (i64, Duration) {
+fn table(n: usize, anchor_index: bool) -> (i64, Duration) {
     let locator = SocketAddr::from(([127, 0, 0, 1], 40000));
     let before = live_heap();
     let t0 = Instant::now();
-    let table = if leaf_index {
-        ServiceTable::with_leaf_index()
+    let table = if anchor_index {
+        ServiceTable::with_anchor_index()
     } else {
         ServiceTable::new()
     };

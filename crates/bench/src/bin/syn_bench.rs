@@ -65,9 +65,9 @@ struct Common {
     /// Client threads opening TCP connections (tcp-accept).
     #[arg(long, default_value_t = 2)]
     clients: usize,
-    /// The engine's table keeps the opt-in leaf index (`ServiceTable::with_leaf_index`).
+    /// The engine's table keeps the opt-in anchor index (`ServiceTable::with_anchor_index`).
     #[arg(long)]
-    leaf_index: bool,
+    anchor_index: bool,
 }
 
 /// One measurement: events per wall-clock second, and per second of the measured thread's CPU.
@@ -183,9 +183,9 @@ fn service(i: u32) -> ServiceId {
 }
 
 /// A table with `n` services, each served by three weighted instances at `sinks`.
-fn table(n: u32, sinks: &[Locator; 3], leaf_index: bool) -> Result<Arc<ServiceTable>, String> {
-    let t = Arc::new(if leaf_index {
-        ServiceTable::with_leaf_index()
+fn table(n: u32, sinks: &[Locator; 3], anchor_index: bool) -> Result<Arc<ServiceTable>, String> {
+    let t = Arc::new(if anchor_index {
+        ServiceTable::with_anchor_index()
     } else {
         ServiceTable::new()
     });
@@ -253,7 +253,7 @@ fn engine(c: &Common) -> Result<Rate, String> {
     let mut router = Endpoint::new(
         EndpointConfig::default(),
         [7; 32],
-        table(c.services, &sinks, c.leaf_index)?,
+        table(c.services, &sinks, c.anchor_index)?,
         vec![router_loc],
     );
     let syns = syns(c.syns, c.services, client)?;

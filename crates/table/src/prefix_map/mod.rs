@@ -42,27 +42,29 @@
 //! # Lookups
 //!
 //! [`PrefixMap::longest_match`] allocates nothing, never recurses and makes one dependent load
-//! per level. [`PrefixMap::longest_match_batch`] advances groups of 16 lookups in lockstep: each
-//! round first touches every lane's next node (one load per cache line of its header, in a tight
-//! loop, so that those independent misses are in flight together), then advances every lane one
-//! level. (Interleaving lanes asynchronously, AMAC-style, measured slower: without a prefetch
-//! instruction, which safe Rust lacks, its touches are loads spread among the work and overlap
-//! less.)
+//! per level. [`PrefixMap::longest_match_batch`] interleaves 16 lookups (AMAC): each step of a
+//! lookup ends by issuing a prefetch of what its next step reads (a node's header, the child
+//! slot it picks, the child; the one `unsafe` instruction lives in `serval_sys::prefetch`) and
+//! hands over to the next lookup, so the misses of 16 lookups are in flight together, and a
+//! lookup that finishes makes room for the next ID at once. (An earlier lockstep version, with
+//! plain loads as touches, measured ~25% slower at 1M rules.)
 //!
-//! # Leaf index (opt-in)
+//! # Anchor index (opt-in)
 //!
-//! [`PrefixMap::with_leaf_index`] adds a persistent hash table from each leaf's (prefix, length)
-//! to the leaf itself (see `leaf_index.rs`). A leaf has nothing beneath it, so a leaf that
-//! contains an ID is that ID's longest match: a lookup first probes the most populated leaf
-//! lengths in parallel (one slot and then the leaf, instead of a dependent miss per level) and
-//! walks the trie only when no indexed leaf contains the ID. Every change keeps the index exact
-//! (a leaf that a change turns into a node's prefix, or a node that collapses into a leaf, is
-//! re-indexed), which is what it costs: measured at 1M rules, single lookups ~1.3× faster, but
-//! registrations ~2× slower and ~35 B more per rule, because each published change copies an
-//! index shard whose slots each hold a reference-counted leaf. The service table therefore does
-//! not use it (BENCHMARKS.md, issue 14).
+//! [`PrefixMap::with_anchor_index`] adds a flat hash table from the first 64 bits of an ID (its
+//! anchor) to the first trie item on its path at or below bit 64 (see `anchor_index.rs`). Only
+//! prefixes shorter than 64 bits lie above that item, so any match found under it is the longest
+//! one: a lookup probes the table once and walks from there, skipping the levels above (four or
+//! five dependent misses at 1M name-like rules), and walks from the root only when that finds
+//! nothing. The table is never changed in place, so clones share it for free: a change marks its
+//! anchor in a shared bit filter (those lookups walk from the root), and the map builds a new
+//! table once as many anchors are marked as it held prefixes at the last build, or at the end of
+//! a batch ([`PrefixMap::begin_batch`]) that marked more than that. It costs about 65 bytes per
+//! anchor, which is why the service table does not use it by default (BENCHMARKS.md, issue 14).
+//! (It replaces an earlier leaf index, a persistent hash table of the trie's leaves, which was
+//! slower to look up and made every change about twice as dear.)
 
-mod leaf_index;
+mod anchor_index;
 mod node;
 mod prefixes;
 
@@ -71,7 +73,7 @@ use std::sync::Arc;
 
 use serval_wire::{ServiceId, ServicePrefix};
 
-use leaf_index::{LeafIndex, MIN_LEAVES, PROBES, Probe};
+use anchor_index::{ANCHOR, AnchorIndex, MIN_PREFIXES, Start};
 use node::{Builder, Child, DynNode, Head, Leaf, Slot, View, class_for};
 use prefixes::{next_set, slot_prefix};
 
@@ -165,19 +167,31 @@ fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
     }
 }
 
-/// Loads one word from each cache line of a node's header that [`visit_node`] will read, so
-/// that those misses start now.
+/// Walks from node `n` down the path of `w`, recording matches in `best`.
 #[inline(always)]
-fn touch_node<V>(n: &DynNode<V>) {
-    std::hint::black_box(n.head.key[0]);
-    std::hint::black_box(n.head.cbits[3]);
-    std::hint::black_box(n.head.prefixes.len());
+fn walk<'a, V>(n: &'a DynNode<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
+    let mut n = n;
+    loop {
+        match visit_node(n, w, best) {
+            Some(Some(Child::Node(c))) => n = c,
+            Some(Some(Child::Leaf(l))) => {
+                visit_leaf(l, w, best);
+                return;
+            }
+            _ => return,
+        }
+    }
 }
 
-/// Where one lookup of a batch stands: the next node or leaf to examine, or nothing.
+/// Where one lookup of a batch stands: the next memory it reads, whose load has been started.
 enum Cursor<'a, V> {
+    /// A node whose header is on its way.
     Node(&'a DynNode<V>),
+    /// A child slot (in its parent's allocation) on its way.
+    Slot(&'a Slot<V>),
+    /// A leaf on its way.
     Leaf(&'a Leaf<V>),
+    /// Finished (or never started).
     Done,
 }
 
@@ -188,126 +202,180 @@ impl<V> Clone for Cursor<'_, V> {
 }
 impl<V> Copy for Cursor<'_, V> {}
 
-/// Longest-prefix-match values of `ids` into `out` (same length), in groups of [`LANES`]
-/// lookups advanced in lockstep. Each round first touches the memory every lane will read next
-/// (a tight loop of independent loads, so their misses are in flight together), then advances
-/// every lane one level.
-fn batch<'a, V>(root: &'a DynNode<V>, ids: &[ServiceId], out: &mut [Option<&'a V>]) {
-    for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
-        let n = ids.len().min(LANES);
-        let mut words = [[0u64; 4]; LANES];
-        let mut cur = [Cursor::Done; LANES];
-        let mut best: [Option<(u16, &'a V)>; LANES] = [None; LANES];
-        for i in 0..n {
-            words[i] = ids[i].words();
-            cur[i] = Cursor::Node(root);
-        }
-        let mut live = n;
-        while live > 0 {
-            for c in &cur[..n] {
-                match *c {
-                    Cursor::Node(node) => touch_node(node),
-                    Cursor::Leaf(l) => {
-                        std::hint::black_box(l.len);
-                    }
-                    Cursor::Done => {}
-                }
-            }
-            live = 0;
-            for i in 0..n {
-                cur[i] = match cur[i] {
-                    Cursor::Node(node) => match visit_node(node, &words[i], &mut best[i]) {
-                        Some(Some(Child::Node(c))) => Cursor::Node(c),
-                        Some(Some(Child::Leaf(l))) => Cursor::Leaf(l),
-                        _ => Cursor::Done,
-                    },
-                    Cursor::Leaf(l) => {
-                        visit_leaf(l, &words[i], &mut best[i]);
-                        Cursor::Done
-                    }
-                    Cursor::Done => Cursor::Done,
-                };
-                live += usize::from(!matches!(cur[i], Cursor::Done));
-            }
-        }
-        for (o, b) in out.iter_mut().zip(&best[..n]) {
-            *o = b.map(|(_, v)| v);
+/// Starts the loads of the cache lines of a node's header that [`visit_node`] reads.
+#[inline(always)]
+fn prefetch_node<V>(n: &DynNode<V>) {
+    // The header spans up to three cache lines: key, child bitmap, prefix bitmap and values.
+    serval_sys::prefetch(&n.head.key);
+    serval_sys::prefetch(&n.head.cbits);
+    serval_sys::prefetch(n.head.prefixes.tail());
+}
+
+/// Starts the loads of what [`visit_leaf`] reads: the key and length, which may straddle two
+/// cache lines.
+#[inline(always)]
+fn prefetch_leaf<V>(l: &Leaf<V>) {
+    serval_sys::prefetch(&l.key[0]);
+    serval_sys::prefetch(&l.len);
+}
+
+/// One lookup of a batch: its index in the input, key, cursor and best match so far.
+struct Lane<'a, V> {
+    at: usize,
+    words: Key,
+    cur: Cursor<'a, V>,
+    best: Option<(u16, &'a V)>,
+    /// Whether the walk started at a boundary item (and must go back to the root if it finds
+    /// nothing there).
+    anchored: bool,
+}
+
+impl<V> Clone for Lane<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Lane<'_, V> {}
+
+impl<'a, V> Lane<'a, V> {
+    /// A lookup of `words` (input `at`) that walks from `from`, whose load has been started.
+    #[inline(always)]
+    fn new(at: usize, words: Key, from: Cursor<'a, V>, anchored: bool) -> Self {
+        Lane {
+            at,
+            words,
+            cur: from,
+            best: None,
+            anchored,
         }
     }
 }
 
-/// The leaves of a trie, collected (see [`PrefixMap::leaves`]).
-struct Leaves<'a, V>(std::vec::IntoIter<&'a Arc<Leaf<V>>>);
+/// IDs whose anchor-index probes are in flight together (see [`anchored_batch`]).
+const PROBE_GROUP: usize = 32;
 
-impl<'a, V> Iterator for Leaves<'a, V> {
-    type Item = &'a Arc<Leaf<V>>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.0.next()
-    }
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.0.size_hint()
-    }
-}
-
-impl<V> ExactSizeIterator for Leaves<'_, V> {}
-
-/// [`batch`] with the leaf index in front: in groups of [`LANES`], first every lane's hash slots
-/// are touched (one load each, independent, so their misses overlap), then every lane's
-/// candidate leaf, then the candidates are verified; the lanes left unanswered walk the trie
-/// together.
-fn indexed_batch<'a, V>(
+/// Longest-prefix-match values of `ids` into `out` (same length); see
+/// [`PrefixMap::longest_match_batch`].
+fn batch<'a, V>(
     root: &'a DynNode<V>,
-    ix: &'a LeafIndex<V>,
+    ix: Option<&'a AnchorIndex<V>>,
     ids: &[ServiceId],
     out: &mut [Option<&'a V>],
 ) {
-    let lens = ix.probe_lengths();
-    for (ids, out) in ids.chunks(LANES).zip(out.chunks_mut(LANES)) {
-        let n = ids.len().min(LANES);
-        let mut probes: [[Option<Probe<'a, V>>; PROBES]; LANES] = [[None; PROBES]; LANES];
-        for (i, id) in ids.iter().enumerate().take(n) {
-            let w = id.words();
-            for (p, &len) in probes[i].iter_mut().zip(lens) {
-                *p = Some(ix.probe(&masked(&w, len), len));
+    prefetch_node(root);
+    match ix {
+        Some(ix) => anchored_batch(root, ix, ids, out),
+        None => walk_batch(
+            root,
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| Lane::new(i, id.words(), Cursor::Node(root), false)),
+            out,
+        ),
+    }
+}
+
+/// [`batch`] through the anchor index, in groups of [`PROBE_GROUP`] IDs advanced in lockstep:
+/// first every ID's filter word and home slot are prefetched, then every ID's boundary item is
+/// looked up and prefetched, then every leaf item is checked; the IDs left (a node item, a leaf
+/// that does not contain them, no item) walk together in [`walk_batch`].
+fn anchored_batch<'a, V>(
+    root: &'a DynNode<V>,
+    ix: &'a AnchorIndex<V>,
+    ids: &[ServiceId],
+    out: &mut [Option<&'a V>],
+) {
+    for (g, ids) in ids.chunks(PROBE_GROUP).enumerate() {
+        let base = g * PROBE_GROUP;
+        let mut words = [[0u64; 4]; PROBE_GROUP];
+        let mut hashes = [0u64; PROBE_GROUP];
+        for (i, id) in ids.iter().enumerate() {
+            words[i] = id.words();
+            hashes[i] = anchor_index::hash(words[i][0]);
+            ix.prefetch(hashes[i]);
+        }
+        let mut starts: [Option<Start<'a, V>>; PROBE_GROUP] = [None; PROBE_GROUP];
+        for i in 0..ids.len() {
+            starts[i] = ix.get(words[i][0], hashes[i]);
+            match starts[i] {
+                Some(Start::Node(n)) => prefetch_node(n),
+                Some(Start::Leaf(l)) => prefetch_leaf(l),
+                None => {}
             }
         }
-        // A tight loop of independent loads, so that the misses are in flight together.
-        for p in probes[..n].iter().flatten().flatten() {
-            p.touch();
-        }
-        let mut cand: [[Option<&'a Arc<Leaf<V>>>; PROBES]; LANES] = [[None; PROBES]; LANES];
-        for i in 0..n {
-            for (c, p) in cand[i].iter_mut().zip(&probes[i]) {
-                *c = p.and_then(|p| p.candidate());
-                if let Some(l) = c {
-                    std::hint::black_box(l.len);
+        let mut rest = [Lane::new(0, [0; 4], Cursor::Done, false); PROBE_GROUP];
+        let mut left = 0;
+        for i in 0..ids.len() {
+            let lane = match starts[i] {
+                Some(Start::Leaf(l)) if prefix_eq(&l.key, &words[i], l.len) => {
+                    out[base + i] = Some(&l.value);
+                    continue;
                 }
-            }
+                Some(Start::Node(n)) => Lane::new(base + i, words[i], Cursor::Node(n), true),
+                // No item, or a leaf item that does not contain the ID: only prefixes above
+                // bit 64 can.
+                _ => Lane::new(base + i, words[i], Cursor::Node(root), false),
+            };
+            rest[left] = lane;
+            left += 1;
         }
-        let mut miss_ids = [ServiceId([0; 32]); LANES];
-        let mut miss_at = [0usize; LANES];
-        let mut misses = 0;
-        for i in 0..n {
-            let w = ids[i].words();
-            let hit = cand[i]
-                .iter()
-                .flatten()
-                // Any leaf containing the ID is its longest match (nothing lies beneath a leaf).
-                .find(|l| prefix_eq(&l.key, &w, l.len));
-            match hit {
-                Some(l) => out[i] = Some(&l.value),
-                None => {
-                    miss_ids[misses] = ids[i];
-                    miss_at[misses] = i;
-                    misses += 1;
+        walk_batch(root, rest[..left].iter().copied(), out);
+    }
+}
+
+/// Runs `jobs` (lanes whose first load has been started) to their end with [`LANES`] of them
+/// interleaved (AMAC, Kocberber et al., VLDB 2015): every step of a walk ends by prefetching what
+/// its next step reads (a node's header, the child slot it picks, the child) and moves on to the
+/// next lane, so each lane's miss is in flight while the others work; a lane that finishes takes
+/// the next job at once. Writes each result to `out[lane.at]`.
+fn walk_batch<'a, V>(
+    root: &'a DynNode<V>,
+    mut jobs: impl Iterator<Item = Lane<'a, V>>,
+    out: &mut [Option<&'a V>],
+) {
+    let mut lanes = [Lane::new(0, [0; 4], Cursor::Done, false); LANES];
+    let mut live = 0;
+    for (lane, job) in lanes.iter_mut().zip(&mut jobs) {
+        *lane = job;
+        live += 1;
+    }
+    while live > 0 {
+        for lane in lanes.iter_mut() {
+            lane.cur = match lane.cur {
+                Cursor::Done => continue,
+                Cursor::Node(n) => match visit_node(n, &lane.words, &mut lane.best) {
+                    Some(s) => {
+                        serval_sys::prefetch(s);
+                        Cursor::Slot(s)
+                    }
+                    None => Cursor::Done,
+                },
+                Cursor::Slot(Some(Child::Node(c))) => {
+                    prefetch_node(c);
+                    Cursor::Node(c)
                 }
-            }
-        }
-        if misses > 0 {
-            let mut miss_out: [Option<&'a V>; LANES] = [None; LANES];
-            batch(root, &miss_ids[..misses], &mut miss_out[..misses]);
-            for (&i, v) in miss_at[..misses].iter().zip(miss_out) {
-                out[i] = v;
+                Cursor::Slot(Some(Child::Leaf(l))) => {
+                    prefetch_leaf(l);
+                    Cursor::Leaf(l)
+                }
+                Cursor::Slot(None) => Cursor::Done,
+                Cursor::Leaf(l) => {
+                    visit_leaf(l, &lane.words, &mut lane.best);
+                    Cursor::Done
+                }
+            };
+            if let Cursor::Done = lane.cur {
+                if lane.anchored && lane.best.is_none() {
+                    // Nothing at or below bit 64: the match, if any, is above the boundary.
+                    lane.anchored = false;
+                    lane.cur = Cursor::Node(root);
+                    continue;
+                }
+                out[lane.at] = lane.best.map(|(_, v)| v);
+                match jobs.next() {
+                    Some(job) => *lane = job,
+                    None => live -= 1,
+                }
             }
         }
     }
@@ -337,11 +405,14 @@ pub struct PrefixMap<V> {
     /// A node at depth 0, present iff the map is non-empty.
     root: Option<Child<V>>,
     len: usize,
-    /// The trie's leaves by (prefix, length), once the map holds [`MIN_LEAVES`] prefixes:
-    /// every entry is a current leaf of `root` (the same `Arc`), see `leaf_index.rs`.
-    index: Option<LeafIndex<V>>,
-    /// Whether this map keeps a leaf index (see [`PrefixMap::with_leaf_index`]).
+    /// Whether this map keeps an anchor index (see [`PrefixMap::with_anchor_index`]).
     indexed: bool,
+    /// Boundary items by anchor, once the map holds [`MIN_PREFIXES`] prefixes (see
+    /// `anchor_index.rs`); `None` below that, and while [`Extend`] runs.
+    anchors: Option<AnchorIndex<V>>,
+    /// Set between [`PrefixMap::begin_batch`] and [`PrefixMap::end_batch`]: changes mark the
+    /// anchor index but never rebuild it.
+    batching: bool,
 }
 
 impl<V> Clone for PrefixMap<V> {
@@ -350,8 +421,9 @@ impl<V> Clone for PrefixMap<V> {
         PrefixMap {
             root: self.root.clone(),
             len: self.len,
-            index: self.index.clone(),
             indexed: self.indexed,
+            anchors: self.anchors.clone(),
+            batching: false,
         }
     }
 }
@@ -361,8 +433,9 @@ impl<V> Default for PrefixMap<V> {
         PrefixMap {
             root: None,
             len: 0,
-            index: None,
             indexed: false,
+            anchors: None,
+            batching: false,
         }
     }
 }
@@ -373,18 +446,28 @@ impl<V> PrefixMap<V> {
         Self::default()
     }
 
-    /// An empty map that keeps a *leaf index* once it holds 64 prefixes: a persistent hash
-    /// table from each trie leaf's prefix to the leaf, probed at the (at most four) most
-    /// populated leaf lengths before the trie is walked. Lookups whose longest match is a leaf
-    /// of such a length take one round of parallel hash probes and the leaf instead of a walk of
-    /// dependent misses; every change also updates the index, which (at 1M rules) costs about
-    /// as much again as the change to the trie, and about 35 bytes per rule. See
-    /// `leaf_index.rs` and BENCHMARKS.md (issue 14) for the measured trade.
-    pub fn with_leaf_index() -> Self {
+    /// An empty map that keeps an *anchor index* once it holds 256 prefixes: a flat hash
+    /// table from the first 64 bits of an ID to the first trie item on its path at or below bit
+    /// 64, so that a lookup starts there (one probe) instead of walking the levels above. The
+    /// table is built in one pass and shared by clones; a change only marks its anchor in a
+    /// filter (those lookups walk from the root) and the table is rebuilt once a quarter of the
+    /// map has changed. It costs about 34 bytes per rule (BENCHMARKS.md, issue 14), which is
+    /// why it is not the default. See `anchor_index.rs`.
+    pub fn with_anchor_index() -> Self {
         PrefixMap {
             indexed: true,
             ..Self::default()
         }
+    }
+
+    /// Turns the anchor index (see [`PrefixMap::with_anchor_index`]) on, building it now if the
+    /// map is large enough, or off, dropping it.
+    pub fn set_anchor_index(&mut self, on: bool) {
+        self.indexed = on;
+        self.anchors = match (&self.root, on && self.len >= MIN_PREFIXES) {
+            (Some(r), true) => Some(AnchorIndex::build(r, self.len)),
+            _ => None,
+        };
     }
 
     /// Number of prefixes in the map.
@@ -420,39 +503,6 @@ impl<V> PrefixMap<V> {
         }
     }
 
-    /// The trie's leaf for exactly (`key`, `len`), if that prefix is held as a leaf.
-    fn leaf(&self, key: &Key, len: u16) -> Option<&Arc<Leaf<V>>> {
-        let mut cur = self.root.as_ref()?;
-        loop {
-            match cur {
-                Child::Leaf(l) => return (l.len == len && l.key == *key).then_some(l),
-                Child::Node(n) => {
-                    let h = &n.head;
-                    if h.depth + 8 > len || !prefix_eq(&h.key, key, h.depth) {
-                        return None;
-                    }
-                    cur = n
-                        .slots
-                        .get(h.child_rank(byte_at(key, h.depth))?)?
-                        .as_ref()?;
-                }
-            }
-        }
-    }
-
-    /// Every leaf of the trie.
-    fn leaves(&self) -> Leaves<'_, V> {
-        let mut stack: Vec<&Child<V>> = self.root.iter().collect();
-        let mut all = Vec::new();
-        while let Some(c) = stack.pop() {
-            match c {
-                Child::Leaf(l) => all.push(l),
-                Child::Node(n) => stack.extend(n.slots.iter().flatten()),
-            }
-        }
-        Leaves(all.into_iter())
-    }
-
     /// Whether exactly `p` is in the map.
     pub fn contains_key(&self, p: &ServicePrefix) -> bool {
         self.get(p).is_some()
@@ -467,20 +517,19 @@ impl<V> PrefixMap<V> {
             return None;
         };
         let w = id.words();
-        if let Some(l) = self.index.as_ref().and_then(|ix| ix.lookup(&w)) {
-            return Some((ServicePrefix::new(*id, l.len), &l.value));
-        }
-        let mut n: &DynNode<V> = root;
         let mut best = None;
-        loop {
-            match visit_node(n, &w, &mut best) {
-                Some(Some(Child::Node(c))) => n = c,
-                Some(Some(Child::Leaf(l))) => {
-                    visit_leaf(l, &w, &mut best);
-                    break;
-                }
-                _ => break,
+        if let Some(start) = self
+            .anchors
+            .as_ref()
+            .and_then(|ix| ix.get(w[0], anchor_index::hash(w[0])))
+        {
+            match start {
+                Start::Node(n) => walk(n, &w, &mut best),
+                Start::Leaf(l) => visit_leaf(l, &w, &mut best),
             }
+        }
+        if best.is_none() {
+            walk(root, &w, &mut best);
         }
         best.map(|(len, v)| (ServicePrefix::new(*id, len), v))
     }
@@ -488,10 +537,9 @@ impl<V> PrefixMap<V> {
     /// Longest-prefix-match values for many IDs: `out[i]` is the value of the longest prefix
     /// containing `ids[i]`, as [`longest_match`](Self::longest_match) would give.
     ///
-    /// Lookups run in groups of 16. With the leaf index, each group first starts the loads of
-    /// every lane's hash slots, then of every candidate leaf, then verifies them, so that the
-    /// cache misses of independent lookups overlap; the lanes the index does not answer walk the
-    /// trie together, one level per round, each round starting with the loads of every lane.
+    /// Sixteen lookups are interleaved, each issuing a prefetch for its next step before the
+    /// next lookup takes a step, so that their cache misses overlap (see the
+    /// [module docs](self)); with the anchor index, each starts with its anchor's probe.
     ///
     /// # Panics
     /// If `out.len() != ids.len()`.
@@ -501,9 +549,8 @@ impl<V> PrefixMap<V> {
             out.len(),
             "longest_match_batch: ids and out differ in length"
         );
-        match (&self.root, &self.index) {
-            (Some(Child::Node(root)), Some(ix)) => indexed_batch(root, ix, ids, out),
-            (Some(Child::Node(root)), None) => batch(root, ids, out),
+        match &self.root {
+            Some(Child::Node(root)) => batch(root, self.anchors.as_ref(), ids, out),
             _ => out.fill(None),
         }
     }
@@ -546,7 +593,7 @@ impl<V> PrefixMap<V> {
                 stack.extend(slots.iter().flatten());
             }
         }
-        total + self.index.as_ref().map_or(0, |ix| ix.heap_bytes(alloc))
+        total + self.anchors.as_ref().map_or(0, |ix| ix.heap_bytes(alloc))
     }
 
     /// Checks the trie's structural invariants; for tests.
@@ -626,40 +673,61 @@ impl<V> PrefixMap<V> {
                 self.len
             ));
         }
-        self.check_index()
+        self.check_anchors()
     }
 
-    /// The leaf index holds only current leaves of the trie (the same allocation, so the same
-    /// value), and exists once the map is large enough.
-    fn check_index(&self) -> Result<(), String> {
-        let Some(ix) = &self.index else {
-            return if self.indexed && self.len >= MIN_LEAVES {
-                Err(format!("{} prefixes and no leaf index", self.len))
+    /// Every entry of the anchor index whose anchor is not marked is the current boundary item
+    /// of its anchor (the same allocation), and the index exists exactly when the map is large
+    /// enough.
+    fn check_anchors(&self) -> Result<(), String> {
+        let (Some(ix), Some(root)) = (&self.anchors, &self.root) else {
+            return if self.indexed && self.len >= MIN_PREFIXES {
+                Err(format!("{} prefixes and no anchor index", self.len))
             } else {
                 Ok(())
             };
         };
-        ix.check()?;
-        for l in ix.leaves() {
-            match self.leaf(&l.key, l.len) {
-                Some(t) if Arc::ptr_eq(t, l) => {}
-                _ => {
-                    return Err(format!(
-                        "index holds {}, which is not a current leaf",
-                        to_prefix(&l.key, l.len)
-                    ));
-                }
+        if self.len < MIN_PREFIXES {
+            return Err(format!("an anchor index with only {} prefixes", self.len));
+        }
+        for (a, item) in ix.entries() {
+            if ix.is_marked(a) {
+                continue;
+            }
+            let same = match (anchor_index::boundary_of(root, &[a, 0, 0, 0]), item) {
+                (Some(Child::Node(x)), Child::Node(y)) => Arc::ptr_eq(x, y),
+                (Some(Child::Leaf(x)), Child::Leaf(y)) => Arc::ptr_eq(x, y),
+                _ => false,
+            };
+            if !same {
+                return Err(format!(
+                    "anchor {a:016x} is unmarked but its entry is not the trie's boundary item"
+                ));
             }
         }
         Ok(())
     }
 
-    /// Leaves of the trie that the leaf index does not hold (it may skip a leaf whose hash
-    /// slots are full; lookups of it then walk the trie). `None` without an index. For tests.
+    /// Boundary items of the trie (see `anchor_index.rs`) that a lookup through the anchor index
+    /// does not reach: left out of the table, or behind a mark. `None` without an index. For
+    /// tests.
     #[doc(hidden)]
-    pub fn unindexed_leaves(&self) -> Option<usize> {
-        let ix = self.index.as_ref()?;
-        Some(self.leaves().len() - ix.len())
+    pub fn unindexed_anchors(&self) -> Option<usize> {
+        let (ix, root) = (self.anchors.as_ref()?, self.root.as_ref()?);
+        let mut items = Vec::new();
+        anchor_index::collect(root, &mut items);
+        Some(
+            items
+                .iter()
+                .filter(
+                    |(a, item)| match (ix.get(*a, anchor_index::hash(*a)), item) {
+                        (Some(Start::Node(x)), Child::Node(y)) => !std::ptr::eq(x, &**y),
+                        (Some(Start::Leaf(x)), Child::Leaf(y)) => !std::ptr::eq(x, &**y),
+                        _ => true,
+                    },
+                )
+                .count(),
+        )
     }
 }
 
@@ -672,31 +740,46 @@ impl<V: Clone> PrefixMap<V> {
         if self.root.is_none() {
             self.root = Some(Child::build(Builder::new([0; 4], 0)));
         }
-        let mut displaced = None;
-        let old = insert_in(&mut self.root, &key, p.len(), v, &mut displaced);
+        let old = insert_in(&mut self.root, &key, p.len(), v);
         if old.is_none() {
             self.len += 1;
         }
-        if self.indexed && self.index.is_none() && self.len >= MIN_LEAVES {
-            self.index = Some(LeafIndex::build(self.leaves()));
-        } else if self.index.is_some() {
-            if let Some((k, len)) = displaced {
-                self.reindex(&k, len);
-            }
-            self.reindex(&key, p.len());
-        }
+        self.anchor_changed(&key, p.len());
         old
     }
 
-    /// Brings the index entry of (`key`, `len`) in line with the trie: the prefix's leaf if it
-    /// is one, nothing otherwise.
-    fn reindex(&mut self, key: &Key, len: u16) {
-        let leaf = self.leaf(key, len).cloned();
-        if let Some(ix) = &mut self.index {
-            match leaf {
-                Some(l) => ix.insert(l),
-                None => ix.remove(key, len),
-            }
+    /// Starts a batch of changes: until [`PrefixMap::end_batch`], changes only mark the anchor
+    /// index (lookups of their anchors walk the trie) and never rebuild it, so a bulk load or a
+    /// resync builds it once. Without an anchor index, nothing changes.
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// Ends a batch: builds the anchor index anew if the batch marked more anchors than it
+    /// tolerates (or the map has grown large enough to have one).
+    pub fn end_batch(&mut self) {
+        self.batching = false;
+        let rebuild = match &self.anchors {
+            Some(ix) => ix.stale(),
+            None => self.indexed && self.len >= MIN_PREFIXES,
+        };
+        if rebuild {
+            self.anchors = self.root.as_ref().map(|r| AnchorIndex::build(r, self.len));
+        }
+    }
+
+    /// Keeps the anchor index exact after a change of the prefix (`key`, `len`): marks its anchor
+    /// if the change could have moved a boundary item, and builds the table anew once enough
+    /// anchors are marked (or the map first grows large enough to have one).
+    fn anchor_changed(&mut self, key: &Key, len: u16) {
+        let rebuild = match &mut self.anchors {
+            Some(ix) => len >= ANCHOR && ix.mark(key[0]),
+            None => self.indexed && self.len >= MIN_PREFIXES,
+        };
+        if self.len < MIN_PREFIXES {
+            self.anchors = None;
+        } else if rebuild && !self.batching {
+            self.anchors = self.root.as_ref().map(|r| AnchorIndex::build(r, self.len));
         }
     }
 
@@ -708,34 +791,18 @@ impl<V: Clone> PrefixMap<V> {
             return None;
         }
         let key = p.id().words();
-        let mut created = None;
-        let old = remove_in(&mut self.root, &key, p.len(), &mut created);
+        let old = remove_in(&mut self.root, &key, p.len());
         if old.is_some() {
             self.len -= 1;
         }
-        if self.len == 0 {
-            self.index = None;
-        } else if self.index.is_some() {
-            self.reindex(&key, p.len());
-            if let Some((k, len)) = created {
-                self.reindex(&k, len);
-            }
-        }
+        self.anchor_changed(&key, p.len());
         old
     }
 }
 
 /// Inserts under the node in `slot`, whose key agrees with `key` on its first `depth` bits, with
 /// `len >= depth`. Moves the node to a larger size class when it runs out of room.
-///
-/// A leaf that becomes one of a new node's prefixes is reported in `displaced`.
-fn insert_in<V: Clone>(
-    slot: &mut Option<Child<V>>,
-    key: &Key,
-    len: u16,
-    v: V,
-    displaced: &mut Option<(Key, u16)>,
-) -> Option<V> {
+fn insert_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16, v: V) -> Option<V> {
     let Some((head, slots)) = slot.as_mut().and_then(Child::node_mut) else {
         debug_assert!(false, "insert_in called on a leaf");
         return None;
@@ -773,7 +840,7 @@ fn insert_in<V: Clone>(
                     _ => None,
                 };
             }
-            Found::Below => return insert_in(child, key, len, v, displaced),
+            Found::Below => return insert_in(child, key, len, v),
             Found::Split(k, l) => (k, l),
         };
         let existing = child.take()?;
@@ -782,9 +849,6 @@ fn insert_in<V: Clone>(
         let diverge = common_len(&other_key, key).min(other_len).min(len);
         let depth = diverge & !7;
         let mut mid = Builder::new(masked(key, depth), depth);
-        if other_len < depth + 8 && matches!(existing, Child::Leaf(_)) {
-            *displaced = Some((other_key, other_len));
-        }
         add_to(&mut mid, existing);
         add_to(
             &mut mid,
@@ -846,14 +910,7 @@ fn add_to<V: Clone>(mid: &mut Builder<V>, c: Child<V>) {
 /// with `len >= depth`; then restores the node's canonical form: a non-root node left with fewer
 /// than two items is replaced by its only item (a leaf or its only child), an empty root is
 /// dropped, and a node with fewer children moves to the size class that fits.
-///
-/// A leaf made of a collapsed node's last prefix is reported in `created`.
-fn remove_in<V: Clone>(
-    slot: &mut Option<Child<V>>,
-    key: &Key,
-    len: u16,
-    created: &mut Option<(Key, u16)>,
-) -> Option<V> {
+fn remove_in<V: Clone>(slot: &mut Option<Child<V>>, key: &Key, len: u16) -> Option<V> {
     let (head, slots) = slot.as_mut().and_then(Child::node_mut)?;
     let rel = len - head.depth;
     let b = byte_at(key, head.depth);
@@ -871,7 +928,7 @@ fn remove_in<V: Clone>(
                 }
             },
             View::Node(h, _) if h.depth <= len && prefix_eq(&h.key, key, h.depth) => {
-                remove_in(child, key, len, created)?
+                remove_in(child, key, len)?
             }
             _ => return None,
         };
@@ -900,7 +957,6 @@ fn remove_in<V: Clone>(
         head.prefixes.drain().next().map(|(i, value)| {
             let (rel, bits) = slot_prefix(i);
             let key = with_byte(&head.key, head.depth, bits);
-            *created = Some((key, head.depth + rel));
             Child::Leaf(Arc::new(Leaf {
                 key,
                 len: head.depth + rel,
@@ -1006,10 +1062,13 @@ impl<V: Clone> FromIterator<(ServicePrefix, V)> for PrefixMap<V> {
 }
 
 impl<V: Clone> Extend<(ServicePrefix, V)> for PrefixMap<V> {
+    /// Inserts every pair, as one batch ([`PrefixMap::begin_batch`]).
     fn extend<I: IntoIterator<Item = (ServicePrefix, V)>>(&mut self, iter: I) {
+        self.begin_batch();
         for (p, v) in iter {
             self.insert(p, v);
         }
+        self.end_batch();
     }
 }
 

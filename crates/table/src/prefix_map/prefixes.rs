@@ -163,6 +163,13 @@ impl<V> Default for Prefixes<V> {
 }
 
 impl<V> Prefixes<V> {
+    /// The field a lookup reads last (the values' address and length), for prefetching.
+    #[inline(always)]
+    #[allow(clippy::borrowed_box)] // the field itself (in the node's header), not the values
+    pub(super) fn tail(&self) -> &Box<[V]> {
+        &self.values
+    }
+
     /// The longest prefix containing `byte`: its relative length and value.
     #[inline(always)]
     pub(super) fn longest(&self, byte: u8) -> Option<(u16, &V)> {
