@@ -440,28 +440,39 @@ fn dense_nodes_grow_and_shrink() {
 
 #[test]
 fn batch_matches_single_for_odd_sizes() {
-    let m: PrefixMap<u32> = (0..200u32)
+    // 400 rules (past the anchor index's threshold), plain and indexed, and batches of sizes
+    // around the lane count, the probe group and the pending lanes (so that every pipeline
+    // stage runs partly filled).
+    let rules: Vec<(ServicePrefix, u32)> = (0..400u32)
         .map(|i| {
             let mut b = [0u8; 32];
             b[..4].copy_from_slice(&(i.wrapping_mul(0x9e37_79b9)).to_be_bytes());
+            b[8] = i as u8;
             (
-                ServicePrefix::new(ServiceId(b), [16, 24, 32, 256][i as usize % 4]),
+                ServicePrefix::new(ServiceId(b), [16, 24, 32, 256, 64, 72][i as usize % 6]),
                 i,
             )
         })
         .collect();
-    for n in [0usize, 1, 15, 16, 17, 33] {
-        let ids: Vec<ServiceId> = (0..n)
-            .map(|i| {
-                let mut b = [0u8; 32];
-                b[..4].copy_from_slice(&((i as u32).wrapping_mul(0x9e37_79b9)).to_be_bytes());
-                ServiceId(b)
-            })
-            .collect();
-        let mut out = vec![None; n];
-        m.longest_match_batch(&ids, &mut out);
-        for (i, o) in ids.iter().zip(&out) {
-            assert_eq!(*o, m.longest_match(i).map(|(_, v)| v));
+    let plain: PrefixMap<u32> = rules.iter().copied().collect();
+    let mut indexed = PrefixMap::with_anchor_index();
+    indexed.extend(rules.iter().copied());
+    assert_eq!(indexed.unindexed_anchors(), Some(0));
+    for m in [&plain, &indexed] {
+        for n in [0usize, 1, 15, 16, 17, 33, 64, 65, 200, 399] {
+            let ids: Vec<ServiceId> = (0..n)
+                .map(|i| {
+                    let mut b = [0u8; 32];
+                    b[..4].copy_from_slice(&((i as u32).wrapping_mul(0x9e37_79b9)).to_be_bytes());
+                    b[8] = (i % 3) as u8;
+                    ServiceId(b)
+                })
+                .collect();
+            let mut out = vec![None; n];
+            m.longest_match_batch(&ids, &mut out);
+            for (i, o) in ids.iter().zip(&out) {
+                assert_eq!(*o, plain.longest_match(i).map(|(_, v)| v), "{n}: {i}");
+            }
         }
     }
 }

@@ -59,7 +59,9 @@
 //! nothing. The table is never changed in place, so clones share it for free: a change marks its
 //! anchor in a shared bit filter (those lookups walk from the root), and the map builds a new
 //! table once as many anchors are marked as it held prefixes at the last build, or at the end of
-//! a batch ([`PrefixMap::begin_batch`]) that marked more than that. It costs about 65 bytes per
+//! a batch ([`PrefixMap::begin_batch`]) that marked more than that. Batched lookups through it
+//! are software-pipelined: one group of IDs checks its leaves while the next probes its slots
+//! and the one after hashes its anchors, so each load starts a round before it is needed. It costs about 65 bytes per
 //! anchor, which is why the service table does not use it by default (BENCHMARKS.md, issue 14).
 //! (It replaces an earlier leaf index, a persistent hash table of the trie's leaves, which was
 //! slower to look up and made every change about twice as dear.)
@@ -80,7 +82,7 @@ use prefixes::{next_set, slot_prefix};
 /// A serviceID or prefix as four big-endian words (word 0 holds bits 0..64).
 type Key = [u64; 4];
 
-/// Lookups advanced in lockstep by [`PrefixMap::longest_match_batch`].
+/// Walks interleaved by [`PrefixMap::longest_match_batch`].
 const LANES: usize = 16;
 
 /// Mask of the bits of word `i` that lie below bit `len`.
@@ -251,8 +253,8 @@ impl<'a, V> Lane<'a, V> {
     }
 }
 
-/// IDs whose anchor-index probes are in flight together (see [`anchored_batch`]).
-const PROBE_GROUP: usize = 32;
+/// IDs per stage of the anchor-index pipeline (see [`anchored_batch`]).
+const PROBE_GROUP: usize = 16;
 
 /// Longest-prefix-match values of `ids` into `out` (same length); see
 /// [`PrefixMap::longest_match_batch`].
@@ -275,52 +277,71 @@ fn batch<'a, V>(
     }
 }
 
-/// [`batch`] through the anchor index, in groups of [`PROBE_GROUP`] IDs advanced in lockstep:
-/// first every ID's filter word and home slot are prefetched, then every ID's boundary item is
-/// looked up and prefetched, then every leaf item is checked; the IDs left (a node item, a leaf
-/// that does not contain them, no item) walk together in [`walk_batch`].
+/// Lanes the IDs that [`anchored_batch`] could not answer at their anchor wait in before they
+/// walk together.
+const PENDING: usize = 64;
+
+/// [`batch`] through the anchor index, software-pipelined over groups of [`PROBE_GROUP`] IDs:
+/// each round checks the leaves of one group, probes the slots of the next (prefetching the
+/// items they hold) and hashes the one after (prefetching its filter words and home slots), so
+/// every load was started a whole round before it is needed. The IDs left (a node item, a leaf
+/// that does not contain them, no item) gather in [`PENDING`] lanes that walk together in
+/// [`walk_batch`].
 fn anchored_batch<'a, V>(
     root: &'a DynNode<V>,
     ix: &'a AnchorIndex<V>,
     ids: &[ServiceId],
     out: &mut [Option<&'a V>],
 ) {
-    for (g, ids) in ids.chunks(PROBE_GROUP).enumerate() {
-        let base = g * PROBE_GROUP;
-        let mut words = [[0u64; 4]; PROBE_GROUP];
-        let mut hashes = [0u64; PROBE_GROUP];
-        for (i, id) in ids.iter().enumerate() {
-            words[i] = id.words();
-            hashes[i] = anchor_index::hash(words[i][0]);
-            ix.prefetch(hashes[i]);
-        }
-        let mut starts: [Option<Start<'a, V>>; PROBE_GROUP] = [None; PROBE_GROUP];
-        for i in 0..ids.len() {
-            starts[i] = ix.get(words[i][0], hashes[i]);
-            match starts[i] {
-                Some(Start::Node(n)) => prefetch_node(n),
-                Some(Start::Leaf(l)) => prefetch_leaf(l),
-                None => {}
+    let groups = ids.len().div_ceil(PROBE_GROUP);
+    let group = |g: usize| g * PROBE_GROUP..((g + 1) * PROBE_GROUP).min(ids.len());
+    let mut words = [[[0u64; 4]; PROBE_GROUP]; 3];
+    let mut hashes = [[0u64; PROBE_GROUP]; 3];
+    let mut starts: [[Option<Start<'a, V>>; PROBE_GROUP]; 3] = [[None; PROBE_GROUP]; 3];
+    let mut pending = [Lane::new(0, [0; 4], Cursor::Done, false); PENDING];
+    let mut waiting = 0;
+    for round in 0..groups + 2 {
+        if let Some(g) = round.checked_sub(2) {
+            let (w, st) = (&words[g % 3], &starts[g % 3]);
+            if waiting + PROBE_GROUP > PENDING {
+                walk_batch(root, pending[..waiting].iter().copied(), out);
+                waiting = 0;
+            }
+            for (i, at) in group(g).enumerate() {
+                pending[waiting] = match st[i] {
+                    Some(Start::Leaf(l)) if prefix_eq(&l.key, &w[i], l.len) => {
+                        out[at] = Some(&l.value);
+                        continue;
+                    }
+                    Some(Start::Node(n)) => Lane::new(at, w[i], Cursor::Node(n), true),
+                    // No item, or a leaf item that does not contain the ID: only prefixes
+                    // above bit 64 can.
+                    _ => Lane::new(at, w[i], Cursor::Node(root), false),
+                };
+                waiting += 1;
             }
         }
-        let mut rest = [Lane::new(0, [0; 4], Cursor::Done, false); PROBE_GROUP];
-        let mut left = 0;
-        for i in 0..ids.len() {
-            let lane = match starts[i] {
-                Some(Start::Leaf(l)) if prefix_eq(&l.key, &words[i], l.len) => {
-                    out[base + i] = Some(&l.value);
-                    continue;
+        if let Some(g) = round.checked_sub(1).filter(|&g| g < groups) {
+            let s = g % 3;
+            for i in 0..group(g).len() {
+                starts[s][i] = ix.get(words[s][i][0], hashes[s][i]);
+                match starts[s][i] {
+                    Some(Start::Node(n)) => prefetch_node(n),
+                    Some(Start::Leaf(l)) => prefetch_leaf(l),
+                    None => {}
                 }
-                Some(Start::Node(n)) => Lane::new(base + i, words[i], Cursor::Node(n), true),
-                // No item, or a leaf item that does not contain the ID: only prefixes above
-                // bit 64 can.
-                _ => Lane::new(base + i, words[i], Cursor::Node(root), false),
-            };
-            rest[left] = lane;
-            left += 1;
+            }
         }
-        walk_batch(root, rest[..left].iter().copied(), out);
+        if round < groups {
+            let s = round % 3;
+            for (i, at) in group(round).enumerate() {
+                words[s][i] = ids[at].words();
+                hashes[s][i] = anchor_index::hash(words[s][i][0]);
+                ix.prefetch(hashes[s][i]);
+            }
+        }
     }
+    walk_batch(root, pending[..waiting].iter().copied(), out);
 }
 
 /// Runs `jobs` (lanes whose first load has been started) to their end with [`LANES`] of them
