@@ -77,7 +77,9 @@ impl<V> Copy for Start<'_, V> {}
 
 /// The built table and the marks of anchors changed since.
 pub(super) struct AnchorIndex<V> {
-    slots: Arc<[Slot<V>]>,
+    /// Boxed (not an `Arc<[_]>`) so that the slots stay in the allocation that was advised to
+    /// use huge pages before it was written (see [`place`]).
+    slots: Arc<Box<[Slot<V>]>>,
     dirty: Arc<[AtomicU64]>,
     /// Anchors this map marked since the table was built (an upper bound on the distinct ones).
     marked: usize,
@@ -120,7 +122,7 @@ impl<V> AnchorIndex<V> {
         let budget = prefixes.max(MIN_PREFIXES);
         let words = (budget * FILTER_BITS_PER_MARK).next_power_of_two() / 64;
         AnchorIndex {
-            slots: slots.into(),
+            slots: Arc::new(slots),
             dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
             marked: 0,
             budget,
@@ -203,19 +205,23 @@ impl<V> AnchorIndex<V> {
     /// Heap bytes of the table and filter, charged by `alloc` per allocation.
     pub(super) fn heap_bytes(&self, alloc: impl Fn(usize) -> usize) -> usize {
         let arc = 2 * core::mem::size_of::<usize>();
-        alloc(arc + core::mem::size_of_val::<[Slot<V>]>(&self.slots))
+        alloc(arc + core::mem::size_of::<Box<[Slot<V>]>>())
+            + alloc(core::mem::size_of_val::<[Slot<V>]>(&self.slots))
             + alloc(arc + core::mem::size_of_val::<[AtomicU64]>(&self.dirty))
     }
 }
 
-/// A table of `cap` slots holding `items` by linear probing, and how many found no slot.
-fn place<V>(items: &[(u64, &Child<V>)], cap: usize) -> (Vec<Slot<V>>, usize) {
-    let mut slots: Vec<Slot<V>> = (0..cap)
-        .map(|_| Slot {
-            anchor: 0,
-            item: None,
-        })
-        .collect();
+/// A table of `cap` slots holding `items` by linear probing, and how many found no slot. The
+/// table's memory is advised to use huge pages before it is first written: it is read at random,
+/// and at a million anchors (64 MB) nearly every probe would otherwise miss the TLB.
+fn place<V>(items: &[(u64, &Child<V>)], cap: usize) -> (Box<[Slot<V>]>, usize) {
+    let mut slots: Vec<Slot<V>> = Vec::with_capacity(cap);
+    serval_sys::advise_huge_pages(slots.spare_capacity_mut());
+    slots.extend((0..cap).map(|_| Slot {
+        anchor: 0,
+        item: None,
+    }));
+    let mut slots = slots.into_boxed_slice();
     let mut left_out = 0;
     for &(anchor, item) in items {
         let home = home(hash(anchor), cap);
