@@ -35,7 +35,9 @@
 //! as many slots as anchors, the home slot picked by a multiply-shift of a mix of the anchor (no
 //! power-of-two rounding). IDs are hash outputs already; a crafted set of anchors can lengthen
 //! probes but never change a result, and probes stop at [`MAX_PROBE`] slots, past which an
-//! anchor is simply not indexed (its lookups walk the trie).
+//! anchor is simply not indexed (its lookups walk the trie). The array is advised to use
+//! transparent huge pages before it is first written (`serval_sys::advise_huge_pages`): it is
+//! read at random, and at a million anchors its 64 MB would otherwise cost a TLB miss per probe.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
