@@ -77,6 +77,25 @@ impl<V> Clone for Start<'_, V> {
 }
 impl<V> Copy for Start<'_, V> {}
 
+impl<'a, V> Start<'a, V> {
+    /// A lookup's start at `c`.
+    fn of(c: &'a Child<V>) -> Self {
+        match c {
+            Child::Node(n) => Start::Node(n),
+            Child::Leaf(l) => Start::Leaf(l),
+        }
+    }
+
+    /// Whether this is `c` itself (the same allocation).
+    pub(super) fn is(self, c: &Child<V>) -> bool {
+        match (self, c) {
+            (Start::Node(x), Child::Node(y)) => std::ptr::eq(x, &**y),
+            (Start::Leaf(x), Child::Leaf(y)) => std::ptr::eq(x, &**y),
+            _ => false,
+        }
+    }
+}
+
 /// The built table and the marks of anchors changed since.
 pub(super) struct AnchorIndex<V> {
     /// Boxed (not an `Arc<[_]>`) so that the slots stay in the allocation that was advised to
@@ -131,14 +150,13 @@ impl<V> AnchorIndex<V> {
         }
     }
 
-    /// Marks `anchor` changed. Returns whether the map should rebuild the table.
-    pub(super) fn mark(&mut self, anchor: u64) -> bool {
+    /// Marks `anchor` changed.
+    pub(super) fn mark(&mut self, anchor: u64) {
         let (w, bit) = self.filter_bit(hash(anchor));
         // Relaxed: the change this mark covers reaches other threads only through the map's
         // publication (an atomic swap with release and acquire), which orders this store too.
         self.dirty[w].fetch_or(bit, Ordering::Relaxed);
         self.marked += 1;
-        self.stale()
     }
 
     /// Whether more anchors are marked than the table tolerates.
@@ -175,12 +193,7 @@ impl<V> AnchorIndex<V> {
             let s = &self.slots[i];
             match &s.item {
                 None => return None,
-                Some(c) if s.anchor == anchor => {
-                    return Some(match c {
-                        Child::Node(n) => Start::Node(n),
-                        Child::Leaf(l) => Start::Leaf(l),
-                    });
-                }
+                Some(c) if s.anchor == anchor => return Some(Start::of(c)),
                 Some(_) => {}
             }
             i += 1;
@@ -191,11 +204,11 @@ impl<V> AnchorIndex<V> {
         None
     }
 
-    /// Every indexed anchor with its item, for invariant checks.
-    pub(super) fn entries(&self) -> impl Iterator<Item = (u64, &Child<V>)> {
+    /// Every indexed anchor with where its lookups start, for invariant checks.
+    pub(super) fn entries(&self) -> impl Iterator<Item = (u64, Start<'_, V>)> {
         self.slots
             .iter()
-            .filter_map(|s| s.item.as_ref().map(|c| (s.anchor, c)))
+            .filter_map(|s| s.item.as_ref().map(|c| (s.anchor, Start::of(c))))
     }
 
     /// Whether `anchor` is marked (or shares a filter bit with a marked anchor).

@@ -240,6 +240,15 @@ impl<V> Clone for Lane<'_, V> {
 impl<V> Copy for Lane<'_, V> {}
 
 impl<'a, V> Lane<'a, V> {
+    /// A lane with no lookup.
+    const IDLE: Self = Lane {
+        at: 0,
+        words: [0; 4],
+        cur: Cursor::Done,
+        best: None,
+        anchored: false,
+    };
+
     /// A lookup of `words` (input `at`) that walks from `from`, whose load has been started.
     #[inline(always)]
     fn new(at: usize, words: Key, from: Cursor<'a, V>, anchored: bool) -> Self {
@@ -298,7 +307,7 @@ fn anchored_batch<'a, V>(
     let mut words = [[[0u64; 4]; PROBE_GROUP]; 3];
     let mut hashes = [[0u64; PROBE_GROUP]; 3];
     let mut starts: [[Option<Start<'a, V>>; PROBE_GROUP]; 3] = [[None; PROBE_GROUP]; 3];
-    let mut pending = [Lane::new(0, [0; 4], Cursor::Done, false); PENDING];
+    let mut pending = [Lane::IDLE; PENDING];
     let mut waiting = 0;
     for round in 0..groups + 2 {
         if let Some(g) = round.checked_sub(2) {
@@ -354,7 +363,7 @@ fn walk_batch<'a, V>(
     mut jobs: impl Iterator<Item = Lane<'a, V>>,
     out: &mut [Option<&'a V>],
 ) {
-    let mut lanes = [Lane::new(0, [0; 4], Cursor::Done, false); LANES];
+    let mut lanes = [Lane::IDLE; LANES];
     let mut live = 0;
     for (lane, job) in lanes.iter_mut().zip(&mut jobs) {
         *lane = job;
@@ -485,10 +494,24 @@ impl<V> PrefixMap<V> {
     /// map is large enough, or off, dropping it.
     pub fn set_anchor_index(&mut self, on: bool) {
         self.indexed = on;
-        self.anchors = match (&self.root, on && self.len >= MIN_PREFIXES) {
-            (Some(r), true) => Some(AnchorIndex::build(r, self.len)),
-            _ => None,
+        self.anchors = None;
+        self.settle_anchors();
+    }
+
+    /// Brings the anchor index in line with the map's size and marks: none below
+    /// [`MIN_PREFIXES`] prefixes (or when off), a new one when there is none yet or more anchors
+    /// are marked than it tolerates.
+    fn settle_anchors(&mut self) {
+        let want = self.indexed && self.len >= MIN_PREFIXES;
+        let build = match &self.anchors {
+            Some(ix) => want && ix.stale(),
+            None => want,
         };
+        if !want {
+            self.anchors = None;
+        } else if build {
+            self.anchors = self.root.as_ref().map(|r| AnchorIndex::build(r, self.len));
+        }
     }
 
     /// Number of prefixes in the map.
@@ -715,12 +738,7 @@ impl<V> PrefixMap<V> {
             if ix.is_marked(a) {
                 continue;
             }
-            let same = match (anchor_index::boundary_of(root, &[a, 0, 0, 0]), item) {
-                (Some(Child::Node(x)), Child::Node(y)) => Arc::ptr_eq(x, y),
-                (Some(Child::Leaf(x)), Child::Leaf(y)) => Arc::ptr_eq(x, y),
-                _ => false,
-            };
-            if !same {
+            if !anchor_index::boundary_of(root, &[a, 0, 0, 0]).is_some_and(|b| item.is(b)) {
                 return Err(format!(
                     "anchor {a:016x} is unmarked but its entry is not the trie's boundary item"
                 ));
@@ -740,13 +758,10 @@ impl<V> PrefixMap<V> {
         Some(
             items
                 .iter()
-                .filter(
-                    |(a, item)| match (ix.get(*a, anchor_index::hash(*a)), item) {
-                        (Some(Start::Node(x)), Child::Node(y)) => !std::ptr::eq(x, &**y),
-                        (Some(Start::Leaf(x)), Child::Leaf(y)) => !std::ptr::eq(x, &**y),
-                        _ => true,
-                    },
-                )
+                .filter(|(a, item)| {
+                    !ix.get(*a, anchor_index::hash(*a))
+                        .is_some_and(|s| s.is(item))
+                })
                 .count(),
         )
     }
@@ -780,27 +795,20 @@ impl<V: Clone> PrefixMap<V> {
     /// tolerates (or the map has grown large enough to have one).
     pub fn end_batch(&mut self) {
         self.batching = false;
-        let rebuild = match &self.anchors {
-            Some(ix) => ix.stale(),
-            None => self.indexed && self.len >= MIN_PREFIXES,
-        };
-        if rebuild {
-            self.anchors = self.root.as_ref().map(|r| AnchorIndex::build(r, self.len));
-        }
+        self.settle_anchors();
     }
 
     /// Keeps the anchor index exact after a change of the prefix (`key`, `len`): marks its anchor
     /// if the change could have moved a boundary item, and builds the table anew once enough
     /// anchors are marked (or the map first grows large enough to have one).
     fn anchor_changed(&mut self, key: &Key, len: u16) {
-        let rebuild = match &mut self.anchors {
-            Some(ix) => len >= ANCHOR && ix.mark(key[0]),
-            None => self.indexed && self.len >= MIN_PREFIXES,
-        };
-        if self.len < MIN_PREFIXES {
-            self.anchors = None;
-        } else if rebuild && !self.batching {
-            self.anchors = self.root.as_ref().map(|r| AnchorIndex::build(r, self.len));
+        if let Some(ix) = &mut self.anchors
+            && len >= ANCHOR
+        {
+            ix.mark(key[0]);
+        }
+        if !self.batching || self.len < MIN_PREFIXES {
+            self.settle_anchors();
         }
     }
 
