@@ -55,7 +55,7 @@ pub mod prefix_map;
 pub mod service;
 
 pub use flow::FlowTable;
-pub use prefix_map::PrefixMap;
+pub use prefix_map::{Match, PrefixMap};
 pub use service::{
     Action, ListenerId, Resolution, ServiceTable, TableError, TableSnapshot, TableTx, Target,
 };

@@ -134,7 +134,11 @@ fn check_same(map: &PrefixMap<u32>, oracle: &BitTrie<u32>, probes: &[ServiceId])
             want,
             "LPM of {id}"
         );
-        assert_eq!(b.copied(), want.map(|(_, v)| v), "batch LPM of {id}");
+        assert_eq!(
+            b.map(|(len, v)| (len, *v)),
+            want.map(|(p, v)| (p.len(), v)),
+            "batch LPM of {id}"
+        );
         // Exact gets of near misses agree too.
         for len in [0, 8, 31, 32, 64, 255, 256] {
             let p = ServicePrefix::new(*id, len);
@@ -301,7 +305,7 @@ fn empty_map() {
     assert_eq!(m.longest_match(&ServiceId::ZERO), None);
     assert_eq!(m.get(&ServicePrefix::DEFAULT), None);
     assert_eq!(m.iter().next(), None);
-    let mut out = [Some(&0u8)];
+    let mut out = [Some((0, &0u8))];
     m.longest_match_batch(&[ServiceId::ZERO], &mut out);
     assert_eq!(out, [None]);
     m.check_invariants().unwrap();
@@ -471,7 +475,11 @@ fn batch_matches_single_for_odd_sizes() {
             let mut out = vec![None; n];
             m.longest_match_batch(&ids, &mut out);
             for (i, o) in ids.iter().zip(&out) {
-                assert_eq!(*o, plain.longest_match(i).map(|(_, v)| v), "{n}: {i}");
+                assert_eq!(
+                    *o,
+                    plain.longest_match(i).map(|(p, v)| (p.len(), v)),
+                    "{n}: {i}"
+                );
             }
         }
     }
@@ -561,7 +569,11 @@ fn lookups_agree(map: &PrefixMap<u32>, oracle: &BitTrie<u32>, ids: &[ServiceId])
             want,
             "LPM of {id}"
         );
-        assert_eq!(b.copied(), want.map(|(_, v)| v), "batch LPM of {id}");
+        assert_eq!(
+            b.map(|(len, v)| (len, *v)),
+            want.map(|(p, v)| (p.len(), v)),
+            "batch LPM of {id}"
+        );
     }
 }
 
@@ -653,7 +665,7 @@ fn anchor_index_holds_every_boundary_item_of_a_name_like_table() {
     for ((id, len, i), b) in ids.iter().zip(batch) {
         let (p, v) = m.longest_match(id).unwrap();
         assert_eq!((p.len(), *v), (*len, *i), "{id}");
-        assert_eq!(b, Some(i), "batch {id}");
+        assert_eq!(b, Some((*len, i)), "batch {id}");
     }
     let (id, len, _) = ids[7];
     m.insert(ServicePrefix::new(id, len), 99);

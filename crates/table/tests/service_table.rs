@@ -338,3 +338,86 @@ fn an_anchor_index_turned_on_later_resolves_as_the_plain_table() {
     agree("after changes");
     assert!(indexed.snapshot().has_anchor_index());
 }
+
+/// A table of names under a few domains, each with up to four targets of two priorities and
+/// varied weights, plus domain rules and a default for some.
+fn varied_table(anchor_index: bool) -> ServiceTable {
+    let t = if anchor_index {
+        ServiceTable::with_anchor_index()
+    } else {
+        ServiceTable::new()
+    };
+    t.update(|tx| {
+        for d in 0..4 {
+            tx.add_target(prefix(&format!("d{d}.test/*")), Target::new(fwd(200), 1, 1))?;
+        }
+        for i in 0..3000u32 {
+            let p = ServicePrefix::exact(name(&format!("s{i}.d{}.test", i % 5)));
+            for k in 0..=(i % 4) {
+                let t = Target::new(fwd((i + k) as u8), k % 2, 1 + (i * 7 + k) % 5);
+                tx.add_target(p, t)?;
+            }
+        }
+        Ok::<_, TableError>(())
+    })
+    .unwrap();
+    t
+}
+
+#[test]
+fn resolve_batch_agrees_with_resolve() {
+    for anchor_index in [false, true] {
+        let t = varied_table(anchor_index);
+        let snap = t.snapshot();
+        assert_eq!(snap.has_anchor_index(), anchor_index);
+        // Exact names, names only a domain rule covers (d0..d3), names nothing covers (d4,
+        // d9), every one under several flow keys.
+        let ids: Vec<ServiceId> = (0..3400u32)
+            .map(|i| name(&format!("s{}.d{}.test", i % 3200, i % 10)))
+            .collect();
+        let keys: Vec<u64> = (0..ids.len() as u64)
+            .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        for size in [1, 2, 63, 64, 65, 1000, ids.len()] {
+            let mut out = vec![None; ids.len()];
+            for ((i, k), o) in ids
+                .chunks(size)
+                .zip(keys.chunks(size))
+                .zip(out.chunks_mut(size))
+            {
+                snap.resolve_batch(i, k, o);
+            }
+            for ((id, k), o) in ids.iter().zip(&keys).zip(&out) {
+                assert_eq!(*o, snap.resolve(id, *k), "{id} {k} (batches of {size})");
+            }
+            assert!(
+                out.iter().any(Option::is_none),
+                "some names resolve to nothing"
+            );
+            assert!(
+                out.iter().flatten().any(|r| r.prefix.len() == 64),
+                "some resolve through a domain rule"
+            );
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "differ in length")]
+fn resolve_batch_rejects_mismatched_lengths() {
+    ServiceTable::new()
+        .snapshot()
+        .resolve_batch(&[ServiceId::ZERO], &[1, 2], &mut [None]);
+}
+
+#[test]
+fn a_snapshot_knows_whether_it_is_current() {
+    let t = ServiceTable::new();
+    let before = t.snapshot();
+    assert!(before.is_current(&t));
+    t.add_target(prefix("x.test"), Target::new(fwd(1), 0, 1))
+        .unwrap();
+    assert!(!before.is_current(&t));
+    assert!(t.snapshot().is_current(&t));
+    assert!(!t.snapshot().is_current(&ServiceTable::new()));
+}

@@ -82,6 +82,10 @@ use prefixes::{next_set, slot_prefix};
 /// A serviceID or prefix as four big-endian words (word 0 holds bits 0..64).
 type Key = [u64; 4];
 
+/// A longest match found by [`PrefixMap::longest_match_batch`]: the matching prefix's length
+/// (its bits are the looked-up ID's first ones) and its value.
+pub type Match<'a, V> = (u16, &'a V);
+
 /// Walks interleaved by [`PrefixMap::longest_match_batch`].
 const LANES: usize = 16;
 
@@ -148,7 +152,7 @@ fn to_prefix(k: &Key, len: u16) -> ServicePrefix {
 fn visit_node<'a, V>(
     n: &'a DynNode<V>,
     w: &Key,
-    best: &mut Option<(u16, &'a V)>,
+    best: &mut Option<Match<'a, V>>,
 ) -> Option<&'a Slot<V>> {
     let h = &n.head;
     if !prefix_eq(&h.key, w, h.depth) {
@@ -163,7 +167,7 @@ fn visit_node<'a, V>(
 
 /// Examines leaf `l` for `w`: records it in `best` if it contains `w`.
 #[inline(always)]
-fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
+fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<Match<'a, V>>) {
     if prefix_eq(&l.key, w, l.len) {
         *best = Some((l.len, &l.value));
     }
@@ -171,7 +175,7 @@ fn visit_leaf<'a, V>(l: &'a Leaf<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
 
 /// Walks from node `n` down the path of `w`, recording matches in `best`.
 #[inline(always)]
-fn walk<'a, V>(n: &'a DynNode<V>, w: &Key, best: &mut Option<(u16, &'a V)>) {
+fn walk<'a, V>(n: &'a DynNode<V>, w: &Key, best: &mut Option<Match<'a, V>>) {
     let mut n = n;
     loop {
         match visit_node(n, w, best) {
@@ -213,12 +217,13 @@ fn prefetch_node<V>(n: &DynNode<V>) {
     serval_sys::prefetch(n.head.prefixes.tail());
 }
 
-/// Starts the loads of what [`visit_leaf`] reads: the key and length, which may straddle two
-/// cache lines.
+/// Starts the loads of what [`visit_leaf`] reads, the key and length, and of the value that
+/// the caller reads next: they may straddle two cache lines.
 #[inline(always)]
 fn prefetch_leaf<V>(l: &Leaf<V>) {
     serval_sys::prefetch(&l.key[0]);
     serval_sys::prefetch(&l.len);
+    serval_sys::prefetch(&l.value);
 }
 
 /// One lookup of a batch: its index in the input, key, cursor and best match so far.
@@ -226,7 +231,7 @@ struct Lane<'a, V> {
     at: usize,
     words: Key,
     cur: Cursor<'a, V>,
-    best: Option<(u16, &'a V)>,
+    best: Option<Match<'a, V>>,
     /// Whether the walk started at a boundary item (and must go back to the root if it finds
     /// nothing there).
     anchored: bool,
@@ -271,7 +276,7 @@ fn batch<'a, V>(
     root: &'a DynNode<V>,
     ix: Option<&'a AnchorIndex<V>>,
     ids: &[ServiceId],
-    out: &mut [Option<&'a V>],
+    out: &mut [Option<Match<'a, V>>],
 ) {
     prefetch_node(root);
     match ix {
@@ -300,7 +305,7 @@ fn anchored_batch<'a, V>(
     root: &'a DynNode<V>,
     ix: &'a AnchorIndex<V>,
     ids: &[ServiceId],
-    out: &mut [Option<&'a V>],
+    out: &mut [Option<Match<'a, V>>],
 ) {
     let groups = ids.len().div_ceil(PROBE_GROUP);
     let group = |g: usize| g * PROBE_GROUP..((g + 1) * PROBE_GROUP).min(ids.len());
@@ -319,7 +324,7 @@ fn anchored_batch<'a, V>(
             for (i, at) in group(g).enumerate() {
                 pending[waiting] = match st[i] {
                     Some(Start::Leaf(l)) if prefix_eq(&l.key, &w[i], l.len) => {
-                        out[at] = Some(&l.value);
+                        out[at] = Some((l.len, &l.value));
                         continue;
                     }
                     Some(Start::Node(n)) => Lane::new(at, w[i], Cursor::Node(n), true),
@@ -361,7 +366,7 @@ fn anchored_batch<'a, V>(
 fn walk_batch<'a, V>(
     root: &'a DynNode<V>,
     mut jobs: impl Iterator<Item = Lane<'a, V>>,
-    out: &mut [Option<&'a V>],
+    out: &mut [Option<Match<'a, V>>],
 ) {
     let mut lanes = [Lane::IDLE; LANES];
     let mut live = 0;
@@ -401,7 +406,7 @@ fn walk_batch<'a, V>(
                     lane.cur = Cursor::Node(root);
                     continue;
                 }
-                out[lane.at] = lane.best.map(|(_, v)| v);
+                out[lane.at] = lane.best;
                 match jobs.next() {
                     Some(job) => *lane = job,
                     None => live -= 1,
@@ -578,8 +583,8 @@ impl<V> PrefixMap<V> {
         best.map(|(len, v)| (ServicePrefix::new(*id, len), v))
     }
 
-    /// Longest-prefix-match values for many IDs: `out[i]` is the value of the longest prefix
-    /// containing `ids[i]`, as [`longest_match`](Self::longest_match) would give.
+    /// Longest prefix matches for many IDs: `out[i]` is the length of the longest prefix
+    /// containing `ids[i]` with its value, as [`longest_match`](Self::longest_match) would give.
     ///
     /// Sixteen lookups are interleaved, each issuing a prefetch for its next step before the
     /// next lookup takes a step, so that their cache misses overlap (see the
@@ -587,7 +592,7 @@ impl<V> PrefixMap<V> {
     ///
     /// # Panics
     /// If `out.len() != ids.len()`.
-    pub fn longest_match_batch<'a>(&'a self, ids: &[ServiceId], out: &mut [Option<&'a V>]) {
+    pub fn longest_match_batch<'a>(&'a self, ids: &[ServiceId], out: &mut [Option<Match<'a, V>>]) {
         assert_eq!(
             ids.len(),
             out.len(),
