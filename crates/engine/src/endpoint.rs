@@ -38,6 +38,7 @@ pub use crate::connection::protect::{DEFAULT_KEY_UPDATE_INTERVAL, Protection};
 pub use crate::connection::validation::PathStats;
 use crate::registrar::{Registrar, RegistrarEvent};
 
+mod batch;
 mod commit;
 mod cookie;
 mod delay;
@@ -57,6 +58,7 @@ use crate::transport::conn::{ReadError, TransportConfig, TransportStats, WriteEr
 
 /// How much longer an IPv6 header is than an IPv4 one (40 against 20 bytes).
 const IPV6_EXTRA_HEADER: u16 = 20;
+pub use batch::Datagram;
 pub use commit::{Checkpoint, CommitMark, MAX_HELD_DATAGRAMS, STANDBY_PN_JUMP};
 pub use cookie::{COOKIE_PERIOD, SynCookies};
 pub use delay::{DEFAULT_DELAY_TIMEOUT, HeldSyn, HeldSynId, ReleaseError, Verdict};
@@ -478,6 +480,8 @@ pub struct Endpoint {
     imported: VecDeque<u128>,
     /// Output held for a standby (docs/moving-flows.md §3.3).
     hold: commit::OutputHold,
+    /// The SYNs of the batch being handled, resolved ahead.
+    ahead: batch::Ahead,
 }
 
 /// How many export IDs an endpoint remembers to refuse a snapshot imported twice
@@ -525,6 +529,7 @@ impl Endpoint {
             syn_limiter: ratelimit::SynLimiter::default(),
             imported: VecDeque::new(),
             hold: commit::OutputHold::default(),
+            ahead: batch::Ahead::default(),
         }
     }
 
@@ -1068,7 +1073,8 @@ impl Endpoint {
     }
 
     /// Handles one received UDP datagram, opening a protected packet in place: `data` holds
-    /// garbage afterwards.
+    /// garbage afterwards. A receiver with several datagrams at once hands them over together
+    /// with [`handle_datagrams_mut`](Self::handle_datagrams_mut).
     pub fn handle_datagram_mut(
         &mut self,
         now: Instant,
@@ -1217,7 +1223,7 @@ impl Endpoint {
         }
         // The flow key makes every router (and retransmission) choose the same instance.
         let flow_key = flow_key(repr.src_flow, &nonce);
-        let resolved = self.table.snapshot().resolve(&service.id, flow_key);
+        let resolved = self.resolve_syn(&service.id, flow_key);
         let action = resolved.as_ref().map(|r| r.action);
         match action {
             Some(Action::Demux(listener))

@@ -11,7 +11,7 @@ use quinn_udp::{RecvMeta, Transmit as UdpTransmit, UdpSocketState};
 use serval_engine::Instant;
 use serval_engine::connection::ConnectError;
 use serval_engine::endpoint::{
-    CloseReason, ConnectionHandle, Endpoint as Engine, EndpointConfig, Event, ServerName,
+    CloseReason, ConnectionHandle, Datagram, Endpoint as Engine, EndpointConfig, Event, ServerName,
 };
 use serval_engine::transport::conn::TransportConfig;
 use serval_table::{Action, ListenerId, ServiceTable, Target};
@@ -835,14 +835,23 @@ pub(crate) async fn receive(weak: std::sync::Weak<Shared>, sock: Arc<Socket>) {
         let mut more = {
             let mut st = shared.lock();
             let now = st.now();
+            // One batch for the engine, so that it resolves the SYNs among them together.
+            // Opened in place: the buffers are refilled by the next receive anyway.
+            let segments = meta[..n]
+                .iter()
+                .map(|m| m.len.div_ceil(m.stride.max(1)))
+                .sum();
+            let mut batch = Vec::with_capacity(segments);
             for (m, buf) in meta.iter().zip(&mut bufs).take(n) {
                 let stride = m.stride.max(1);
                 let local = sock.arrived_at(m, st.engine.locals());
-                // Opened in place: the buffer is refilled by the next receive anyway.
-                for dgram in buf[..m.len].chunks_mut(stride) {
-                    st.engine.handle_datagram_mut(now, local, m.addr, dgram);
-                }
+                batch.extend(buf[..m.len].chunks_mut(stride).map(|data| Datagram {
+                    local,
+                    remote: m.addr,
+                    data,
+                }));
             }
+            st.engine.handle_datagrams_mut(now, &mut batch);
             st.dispatch();
             // Answer at once from this task (ACKs, handshake replies, data the ACKs released)
             // rather than waking the driver for it: one task switch less per round trip.

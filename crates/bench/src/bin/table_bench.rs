@@ -332,7 +332,7 @@ fn measure_serval(
         for chunk in keys.chunks(args.batch) {
             let out = &mut out[..chunk.len()];
             map.longest_match_batch(black_box(chunk), out);
-            for v in out.iter().flatten() {
+            for (_, v) in out.iter().flatten() {
                 sum = sum.wrapping_add(u64::from(**v));
             }
         }
