@@ -1323,9 +1323,11 @@ impl Endpoint {
         service.hop_limit -= 1;
         repr.service = Some(service);
         repr.source.push(local);
-        let Ok(pkt) = SalPacket::new_checked(data) else {
+        // `data` was validated when it arrived; its payload is all this needs.
+        let pkt = SalPacket::new_unchecked(data);
+        if pkt.check_len().is_err() {
             return;
-        };
+        }
         match repr.to_bytes(pkt.payload()) {
             Ok(payload) => {
                 let src = self.local_for(&next).unwrap_or(local);

@@ -80,7 +80,10 @@ impl Ahead {
 /// flow, the SYN flag alone, a SERVICE and a NONCE extension. Whatever else it holds is
 /// checked when it is handled; a datagram this admits wrongly costs one lookup, no more.
 fn syn_route(data: &[u8]) -> Option<(ServiceId, u64)> {
-    let pkt = SalPacket::new_checked(data).ok()?;
+    // Only the lengths the header accessors need: the whole header is validated when the
+    // datagram is handled, and a malformed extension merely ends this walk early.
+    let pkt = SalPacket::new_unchecked(data);
+    pkt.check_len().ok()?;
     if pkt.protocol() == Protocol::REGISTRATION || !pkt.dst_flow().is_none() {
         return None;
     }
