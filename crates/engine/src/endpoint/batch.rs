@@ -106,7 +106,10 @@ fn syn_route(data: &[u8]) -> Option<(ServiceId, u64)> {
 impl Endpoint {
     /// Handles a batch of received datagrams, in order, as
     /// [`handle_datagram_mut`](Self::handle_datagram_mut) would one by one; the services of
-    /// the batch's SYNs are looked up together first (see the [module docs](self)).
+    /// the batch's SYNs are looked up together first ([`TableSnapshot::resolve_batch`]), so
+    /// that in a large table their cache misses overlap. Each SYN uses its own resolution as
+    /// it is handled; if the table changes during the batch, the SYNs not yet handled resolve
+    /// again against the new version.
     pub fn handle_datagrams_mut(&mut self, now: Instant, batch: &mut [Datagram<'_>]) {
         self.resolve_ahead(batch);
         for d in batch.iter_mut() {
