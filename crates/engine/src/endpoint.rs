@@ -1083,11 +1083,18 @@ impl Endpoint {
         data: &mut [u8],
     ) {
         self.stats.received += 1;
-        let Ok(pkt) = SalPacket::new_checked(&data[..]) else {
+        // The base header here; the extensions are validated by `SalRepr::parse` below, in the
+        // walk that reads them (a packet without extensions has none to validate).
+        let pkt = SalPacket::new_unchecked(&data[..]);
+        if pkt.check_base().is_err() {
             self.stats.malformed += 1;
             return;
-        };
+        }
         if pkt.protocol() == Protocol::REGISTRATION {
+            if pkt.validate().is_err() {
+                self.stats.malformed += 1;
+                return;
+            }
             self.handle_registration(now, local, remote, &pkt);
             return;
         }
@@ -1103,16 +1110,18 @@ impl Endpoint {
             }
             return;
         }
-        let Some(&h) = self.flows.get(dst) else {
-            self.stats.unknown_flow += 1;
-            return;
-        };
+        // Parsed (so validated) before the flow is looked up: a malformed packet counts as
+        // malformed whichever flow it names.
         let Ok(repr) = (if pkt.has_extensions() {
             SalRepr::parse(&pkt)
         } else {
             Ok(SalRepr::new(pkt.protocol(), pkt.src_flow(), dst))
         }) else {
             self.stats.malformed += 1;
+            return;
+        };
+        let Some(&h) = self.flows.get(dst) else {
+            self.stats.unknown_flow += 1;
             return;
         };
         let Some(c) = slot_mut(&mut self.conns, &self.generations, h) else {

@@ -201,13 +201,21 @@ impl<T: AsRef<[u8]>> SalPacket<T> {
         self.walk(|_| ())
     }
 
-    /// [`validate`](Self::validate), handing each extension to `visit` in order.
-    fn walk<'a>(&'a self, mut visit: impl FnMut(Extension<'a>)) -> Result<(), WireError> {
+    /// Checks the base header alone: the version is [`VERSION`], then everything
+    /// [`check_len`](Self::check_len) checks. What [`validate`](Self::validate) checks first;
+    /// a receiver that will [`SalRepr::parse`] the packet anyway (which validates the extensions
+    /// in the same walk that reads them) needs no more to decide where the packet goes.
+    pub fn check_base(&self) -> Result<(), WireError> {
         let first = *self.buffer.as_ref().first().ok_or(WireError::Truncated)?;
         if first >> 4 != VERSION {
             return Err(WireError::BadVersion(first >> 4));
         }
-        self.check_len()?;
+        self.check_len()
+    }
+
+    /// [`validate`](Self::validate), handing each extension to `visit` in order.
+    fn walk<'a>(&'a self, mut visit: impl FnMut(Extension<'a>)) -> Result<(), WireError> {
+        self.check_base()?;
         // Bit `t & 0x0f` is set once known type `t` (0x81..=0x86, 0x88) has been seen.
         let mut seen = 0u16;
         let mut auth_seen = false;

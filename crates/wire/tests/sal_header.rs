@@ -302,6 +302,11 @@ fn check(bytes: &[u8]) -> Result<SalRepr, WireError> {
             .as_ref()
             .err()
     );
+    // `check_base` is validation's first half: whenever it refuses, validation refuses with
+    // the same error.
+    if let Err(e) = SalPacket::new_unchecked(bytes).check_base() {
+        assert_eq!(r.as_ref().err(), Some(&e));
+    }
     r?
 }
 
