@@ -237,17 +237,20 @@ mod tests {
         std::iter::from_fn(|| e.poll_transmit(Instant::ZERO)).collect()
     }
 
-    fn handle_batch(e: &mut Endpoint, dgrams: &[Vec<u8>]) {
-        let mut copies: Vec<Vec<u8>> = dgrams.to_vec();
-        let mut batch: Vec<Datagram<'_>> = copies
-            .iter_mut()
+    /// `bufs` as datagrams from `CLIENT` to `ROUTER`.
+    fn datagrams(bufs: &mut [Vec<u8>]) -> Vec<Datagram<'_>> {
+        bufs.iter_mut()
             .map(|d| Datagram {
                 local: ROUTER,
                 remote: CLIENT,
                 data: d,
             })
-            .collect();
-        e.handle_datagrams_mut(Instant::ZERO, &mut batch);
+            .collect()
+    }
+
+    fn handle_batch(e: &mut Endpoint, dgrams: &[Vec<u8>]) {
+        let mut copies = dgrams.to_vec();
+        e.handle_datagrams_mut(Instant::ZERO, &mut datagrams(&mut copies));
     }
 
     /// SYNs for known services, a prefix rule, unknown services (NACKed), retransmissions,
@@ -318,16 +321,8 @@ mod tests {
     fn a_syn_after_a_table_change_sees_the_new_table() {
         let t = table(100, false);
         let mut e = router(Arc::clone(&t));
-        let syns: Vec<Vec<u8>> = (0..8).map(|i| syn(service(5), 1000 + i)).collect();
-        let mut copies = syns.clone();
-        let batch: Vec<Datagram<'_>> = copies
-            .iter_mut()
-            .map(|d| Datagram {
-                local: ROUTER,
-                remote: CLIENT,
-                data: d,
-            })
-            .collect();
+        let mut syns: Vec<Vec<u8>> = (0..8).map(|i| syn(service(5), 1000 + i)).collect();
+        let batch = datagrams(&mut syns);
         e.resolve_ahead(&batch);
         assert_eq!(e.ahead.ids.len(), 8, "all eight resolved ahead");
         // The service moves while the batch is handled (as a registration in it would).
@@ -347,36 +342,13 @@ mod tests {
     #[test]
     fn only_syns_are_resolved_ahead() {
         let mut e = router(table(10, false));
-        let mut data = syn(service(1), 7);
-        let mut ack = data.clone();
-        {
-            let mut pkt = SalPacket::new_checked(&mut ack[..]).unwrap();
-            pkt.set_dst_flow(FlowId(99));
-        }
-        let mut garbage = vec![0u8; 3];
-        let mut second = syn(service(2), 8);
-        let batch = [
-            Datagram {
-                local: ROUTER,
-                remote: CLIENT,
-                data: &mut data,
-            },
-            Datagram {
-                local: ROUTER,
-                remote: CLIENT,
-                data: &mut ack,
-            },
-            Datagram {
-                local: ROUTER,
-                remote: CLIENT,
-                data: &mut garbage,
-            },
-            Datagram {
-                local: ROUTER,
-                remote: CLIENT,
-                data: &mut second,
-            },
-        ];
+        let first = syn(service(1), 7);
+        let mut ack = first.clone();
+        SalPacket::new_checked(&mut ack[..])
+            .unwrap()
+            .set_dst_flow(FlowId(99));
+        let mut bufs = [first, ack, vec![0u8; 3], syn(service(2), 8)];
+        let batch = datagrams(&mut bufs);
         e.resolve_ahead(&batch);
         assert_eq!(e.ahead.ids, [service(1), service(2)]);
         assert!(e.ahead.found.iter().all(Option::is_some));
